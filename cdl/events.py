@@ -1,0 +1,206 @@
+"""Events and their envelope (CloudEvents Kafka binary binding).
+
+An :class:`Event` is a protobuf payload plus its CloudEvents attributes. On
+Kafka the payload is the record value and the attributes travel as headers:
+``ce_id``, ``ce_type``, ``ce_source``, ``ce_time``, ``ce_specversion``,
+``content-type`` and the W3C ``traceparent``. This module knows nothing of any
+Kafka client: it turns events into ``(key, value, headers)`` and back.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError as ProtoDecodeError
+from google.protobuf.message import Message
+
+from cdl.errors import DecodeError
+from cdl.v1 import events_pb2
+
+__all__ = [
+    "CONTENT_JSON",
+    "CONTENT_PROTOBUF",
+    "EVENT_TYPES",
+    "Event",
+    "Headers",
+    "Topics",
+    "decode",
+    "encode",
+    "new_traceparent",
+]
+
+CONTENT_PROTOBUF = "application/protobuf"
+CONTENT_JSON = "application/json"
+SPECVERSION = "1.0"
+
+Headers = Sequence[tuple[str, bytes | str | None]]
+
+
+class Topics:
+    """Kafka topic names."""
+
+    DATA_RAW = "data.raw"
+    DATA_DEADLETTER = "data.deadletter"
+    DATA_UPDATED = "data.updated"
+    DATA_FEEDBACK = "data.feedback"
+    TUNING_COMPLETED = "tuning.completed"
+    MODEL_TRAINED = "model.trained"
+    MODEL_COMPRESSED = "model.compressed"
+    MODEL_DEPLOYED = "model.deployed"
+    INFERENCE_LOGGED = "inference.logged"
+
+    #: partitions per topic created by the local stack
+    PARTITIONS: Mapping[str, int] = {
+        DATA_RAW: 3,
+        DATA_DEADLETTER: 1,
+        DATA_UPDATED: 1,
+        DATA_FEEDBACK: 1,
+        TUNING_COMPLETED: 1,
+        MODEL_TRAINED: 1,
+        MODEL_COMPRESSED: 1,
+        MODEL_DEPLOYED: 1,
+        INFERENCE_LOGGED: 3,
+    }
+
+
+#: ce_type of each payload (and back)
+EVENT_TYPES: dict[str, type[Message]] = {
+    "dev.cdl.record.v1": events_pb2.Record,
+    "dev.cdl.feedback.v1": events_pb2.Feedback,
+    "dev.cdl.data.updated.v1": events_pb2.DataUpdated,
+    "dev.cdl.tuning.completed.v1": events_pb2.TuningCompleted,
+    "dev.cdl.model.trained.v1": events_pb2.ModelTrained,
+    "dev.cdl.model.compressed.v1": events_pb2.ModelCompressed,
+    "dev.cdl.model.deployed.v1": events_pb2.ModelDeployed,
+    "dev.cdl.inference.logged.v1": events_pb2.InferenceLogged,
+}
+_TYPE_OF: dict[str, str] = {cls.DESCRIPTOR.full_name: t for t, cls in EVENT_TYPES.items()}
+
+
+def new_traceparent() -> str:
+    """A fresh W3C traceparent (version 00, sampled)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def _child_traceparent(parent: str) -> str:
+    parts = parent.split("-")
+    if len(parts) != 4:
+        return new_traceparent()
+    return f"00-{parts[1]}-{secrets.token_hex(8)}-{parts[3]}"
+
+
+@dataclass(frozen=True)
+class Event:
+    """A payload with its CloudEvents attributes."""
+
+    payload: Message
+    source: str
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    type: str = ""
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    traceparent: str = field(default_factory=new_traceparent)
+    key: str | None = None
+    content_type: str = CONTENT_PROTOBUF
+
+    def __post_init__(self) -> None:
+        if not self.type:
+            name = self.payload.DESCRIPTOR.full_name
+            if name not in _TYPE_OF:
+                raise ValueError(f"no ce_type registered for {name}")
+            object.__setattr__(self, "type", _TYPE_OF[name])
+
+    def caused(self, payload: Message, source: str, key: str | None = None, id: str | None = None) -> Event:
+        """A follow-up event in the same trace (its id can be made deterministic)."""
+        return Event(
+            payload=payload,
+            source=source,
+            id=id or str(uuid.uuid4()),
+            traceparent=_child_traceparent(self.traceparent),
+            key=key,
+        )
+
+
+def encode(event: Event) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    """``(key, value, headers)`` for a Kafka producer."""
+    if event.content_type == CONTENT_JSON:
+        value = json_format.MessageToJson(event.payload, preserving_proto_field_name=True).encode()
+    else:
+        value = event.payload.SerializeToString(deterministic=True)
+    headers = [
+        ("ce_specversion", SPECVERSION.encode()),
+        ("ce_id", event.id.encode()),
+        ("ce_type", event.type.encode()),
+        ("ce_source", event.source.encode()),
+        ("ce_time", event.time.isoformat().replace("+00:00", "Z").encode()),
+        ("content-type", event.content_type.encode()),
+        ("traceparent", event.traceparent.encode()),
+    ]
+    key = event.key.encode() if event.key is not None else None
+    return key, value, headers
+
+
+def header_dict(headers: Headers | None) -> dict[str, str]:
+    """Kafka headers as a dict of str (last one wins; undecodable values dropped)."""
+    out: dict[str, str] = {}
+    for name, raw in headers or ():
+        if raw is None:
+            continue
+        try:
+            out[name] = raw.decode() if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            continue
+    return out
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise DecodeError("ce_time is not RFC 3339", ce_time=text) from exc
+
+
+def decode(key: bytes | None, value: bytes | None, headers: Headers | None) -> Event:
+    """The :class:`Event` in a Kafka record; :class:`DecodeError` says why not."""
+    h = header_dict(headers)
+    missing = [n for n in ("ce_id", "ce_type", "ce_source", "ce_specversion") if not h.get(n)]
+    if missing:
+        raise DecodeError("missing CloudEvents headers", missing=missing)
+    if h["ce_specversion"] != SPECVERSION:
+        raise DecodeError("unsupported ce_specversion", ce_specversion=h["ce_specversion"])
+    cls = EVENT_TYPES.get(h["ce_type"])
+    if cls is None:
+        raise DecodeError("unknown ce_type", ce_type=h["ce_type"])
+    if value is None:
+        raise DecodeError("empty record value", ce_id=h["ce_id"])
+    content_type = h.get("content-type", CONTENT_PROTOBUF).split(";")[0].strip()
+    payload = cls()
+    try:
+        if content_type == CONTENT_JSON:
+            json_format.Parse(value.decode(), payload)
+        elif content_type in (CONTENT_PROTOBUF, "application/x-protobuf"):
+            payload.ParseFromString(value)
+        else:
+            raise DecodeError("unsupported content-type", content_type=content_type)
+    except (ProtoDecodeError, json_format.ParseError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"payload is not a valid {cls.DESCRIPTOR.full_name}: {exc}", ce_id=h["ce_id"]) from exc
+    return Event(
+        payload=payload,
+        source=h["ce_source"],
+        id=h["ce_id"],
+        type=h["ce_type"],
+        time=_parse_time(h["ce_time"]) if h.get("ce_time") else datetime.now(UTC),
+        traceparent=h.get("traceparent") or new_traceparent(),
+        key=key.decode(errors="replace") if key is not None else None,
+        content_type=content_type,
+    )
+
+
+def source_name(service: str) -> str:
+    """The ce_source of a service instance (``/cdl/<service>/<host>``)."""
+    return f"/cdl/{service}/{os.uname().nodename}"

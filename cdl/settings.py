@@ -1,0 +1,135 @@
+"""Settings: one pydantic-settings class per service, all built on one base.
+
+Connection fields (Kafka, object store, Triton) that are not set in the
+environment are read from the local stack's state file written by
+``cdl stack up``, so a service started next to a local stack needs no
+configuration at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "ServiceSettings",
+    "StackSettings",
+    "cdl_home",
+    "default_state_dir",
+    "read_stack_state",
+]
+
+
+def cdl_home() -> Path:
+    """Where cdl caches what it installs (``$CDL_HOME``, default ``~/.cache/cdl``)."""
+    env = os.environ.get("CDL_HOME")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cdl"
+
+
+def default_state_dir() -> Path:
+    """Where the local stack keeps its data, logs and state file."""
+    env = os.environ.get("CDL_STATE_DIR")
+    return Path(env) if env else cdl_home() / "stack"
+
+
+def read_stack_state(state_dir: Path | None = None) -> dict[str, Any]:
+    """The local stack's state file, or ``{}`` when no stack was started there."""
+    path = (state_dir or default_state_dir()) / "stack.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    return data
+
+
+class StackSettings(BaseSettings):
+    """Settings of the local stack (``cdl stack``); env prefix ``CDL_STACK_``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CDL_STACK_", extra="ignore", use_attribute_docstrings=True
+    )
+
+    state_dir: Path = default_state_dir()
+    """Data, logs and the state file of the stack."""
+    home: Path = cdl_home()
+    """Cache of installed components (Kafka jars, MinIO, Triton)."""
+    host: str = "127.0.0.1"
+    """Address every component binds to (loopback only by default)."""
+    kafka_port: int = 0
+    """Kafka broker port; 0 picks a free one."""
+    kafka_version: str = "4.1.1"
+    """Apache Kafka version whose jars set-up placed under ``home``."""
+    kafka_heap: str = "512m"
+    """Maximum JVM heap of the broker."""
+    minio_port: int = 0
+    """MinIO S3 API port; 0 picks a free one."""
+    minio_access_key: str = "cdl-admin"
+    """MinIO root user."""
+    minio_secret_key: str = "cdl-admin-secret"
+    """MinIO root password."""
+    triton_servers: int = 1
+    """How many Triton servers to start."""
+    triton_base_port: int = 0
+    """First Triton port (each server takes three: gRPC, HTTP, metrics); 0 picks free ones."""
+    start_timeout_s: float = 90.0
+    """How long each component may take to become healthy."""
+    stop_timeout_s: float = 20.0
+    """How long each component gets to exit after SIGTERM before SIGKILL."""
+
+
+class ServiceSettings(BaseSettings):
+    """Connection settings every cdl service shares; env prefix ``CDL_``.
+
+    Each service subclasses this with its own prefix (``CDL_INGEST_`` ...).
+    Connection fields left empty fall back to the generic ``CDL_<FIELD>``
+    variable, then to the local stack's state file.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CDL_", extra="ignore", use_attribute_docstrings=True
+    )
+
+    kafka_bootstrap: str = ""
+    """Kafka bootstrap servers, ``host:port[,host:port]``."""
+    s3_endpoint: str = ""
+    """Object store endpoint, ``host:port`` (MinIO)."""
+    s3_access_key: str = ""
+    """Object store access key."""
+    s3_secret_key: str = ""
+    """Object store secret key."""
+    s3_secure: bool = False
+    """Use TLS towards the object store."""
+    triton_grpc: list[str] = []
+    """Triton gRPC endpoints, ``host:port``."""
+    metrics_port: int = 0
+    """Prometheus metrics port; 0 picks a free one."""
+    log_level: str = "INFO"
+    """Log level of the service."""
+    state_dir: Path = default_state_dir()
+    """Local stack state directory to read endpoints from."""
+
+    @model_validator(mode="after")
+    def _fill_from_stack(self) -> ServiceSettings:
+        state = read_stack_state(self.state_dir)
+        kafka = state.get("kafka", {})
+        minio = state.get("minio", {})
+        fallbacks: dict[str, Any] = {
+            "kafka_bootstrap": kafka.get("bootstrap", ""),
+            "s3_endpoint": minio.get("endpoint", ""),
+            "s3_access_key": minio.get("access_key", ""),
+            "s3_secret_key": minio.get("secret_key", ""),
+        }
+        for field, from_state in fallbacks.items():
+            if not getattr(self, field):
+                setattr(self, field, os.environ.get(f"CDL_{field.upper()}") or from_state)
+        if not self.triton_grpc:
+            self.triton_grpc = [t["grpc"] for t in state.get("triton", [])]
+        return self

@@ -1,0 +1,236 @@
+"""The local stack: real Kafka (KRaft), MinIO and Triton servers on loopback.
+
+``LocalStack(settings).up()`` starts what is not running yet, waits until each
+component is healthy, creates cdl's topics and buckets, and writes
+``<state_dir>/stack.json`` (endpoints, pids) for services and tests.
+``down()`` stops exactly the processes recorded there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cdl.errors import StackError
+from cdl.settings import StackSettings
+from cdl.stack._components import (
+    Component,
+    KafkaComponent,
+    MinioComponent,
+    TritonComponent,
+    ensure_triton_install,
+)
+from cdl.stack._procs import ProcInfo, free_port, group_members, is_alive, spawn, stop
+
+__all__ = ["LocalStack", "ProgressFn", "ensure_triton_install"]
+
+#: called as progress(component, phase, detail); phase in starting/healthy/ready/failed/stopped
+ProgressFn = Callable[[str, str, str], None]
+
+
+def _noop(component: str, phase: str, detail: str) -> None:
+    return None
+
+
+class LocalStack:
+    """Start, inspect and stop the local stack recorded under ``settings.state_dir``."""
+
+    def __init__(self, settings: StackSettings | None = None) -> None:
+        self.settings = settings or StackSettings()
+        self.state_dir = Path(self.settings.state_dir)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / "stack.json"
+
+    def read_state(self) -> dict[str, Any]:
+        try:
+            state: dict[str, Any] = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        return state
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        os.replace(tmp, self.state_path)
+
+    # ------------------------------------------------------------------ components
+    def _port(self, configured: int) -> int:
+        return configured or free_port(self.settings.host)
+
+    def _components(self, previous: dict[str, Any]) -> list[Component]:
+        s, d = self.settings, self.state_dir
+
+        def old_ports(name: str) -> dict[str, int]:
+            return dict(previous.get("ports", {}).get(name, {}))
+
+        kafka_ports = old_ports("kafka") or {
+            "broker": self._port(s.kafka_port),
+            "controller": free_port(s.host),
+        }
+        minio_ports = old_ports("minio") or {"api": self._port(s.minio_port), "console": free_port(s.host)}
+        comps: list[Component] = [
+            KafkaComponent("kafka", d / "kafka", kafka_ports, settings=s),
+            MinioComponent("minio", d / "minio", minio_ports, settings=s),
+        ]
+        for i in range(s.triton_servers):
+            name = f"triton-{i}"
+            base = s.triton_base_port + 3 * i if s.triton_base_port else 0
+            ports = old_ports(name) or {
+                "grpc": base or free_port(s.host),
+                "http": base + 1 if base else free_port(s.host),
+                "metrics": base + 2 if base else free_port(s.host),
+            }
+            comps.append(
+                TritonComponent(name, d / name, ports, settings=s, s3_endpoint=f"{s.host}:{minio_ports['api']}")
+            )
+        return comps
+
+    # ------------------------------------------------------------------ up
+    def up(self, progress: ProgressFn = _noop) -> dict[str, Any]:
+        """Start every component that is not already running; returns the state."""
+        previous = self.read_state()
+        running = {n for n, p in previous.get("procs", {}).items() if is_alive(ProcInfo(**p))}
+        comps = self._components(previous if running else {})
+        state: dict[str, Any] = {
+            "state_dir": str(self.state_dir),
+            "ports": {c.name: c.ports for c in comps},
+            "procs": {n: p for n, p in previous.get("procs", {}).items() if n in running},
+            "started_at": previous.get("started_at") if running else time.time(),
+        }
+        try:
+            # Kafka and MinIO first (Triton reads its repository from MinIO)
+            first = [c for c in comps if not isinstance(c, TritonComponent)]
+            tritons = [c for c in comps if isinstance(c, TritonComponent)]
+            self._start(first, running, state, progress)
+            self._provision(state, progress)
+            self._start(tritons, running, state, progress)
+        except BaseException:
+            self._write_state(state)
+            raise
+        return state
+
+    def _start(
+        self, comps: list[Component], running: set[str], state: dict[str, Any], progress: ProgressFn
+    ) -> None:
+        for comp in comps:
+            if comp.name in running:
+                progress(comp.name, "healthy", "already running")
+                continue
+            progress(comp.name, "starting", str(comp.log_path))
+            comp.prepare()
+            proc, info = spawn(comp.argv(), comp.log_path, env=comp.env(), cwd=comp.workdir)
+            self._children[comp.name] = proc
+            state["procs"][comp.name] = info.to_json()
+            self._write_state(state)
+        for comp in comps:
+            self._wait_healthy(comp, ProcInfo(**state["procs"][comp.name]), progress)
+            desc = comp.describe()
+            if isinstance(comp, TritonComponent):
+                state["triton"] = [t for t in state.get("triton", []) if t["grpc"] != desc["grpc"]] + [desc]
+            else:
+                state[comp.name] = desc
+            self._write_state(state)
+
+    def _wait_healthy(self, comp: Component, info: ProcInfo, progress: ProgressFn) -> None:
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        start = time.monotonic()
+        while time.monotonic() < deadline:
+            if comp.healthy():
+                progress(comp.name, "healthy", f"{time.monotonic() - start:.1f}s")
+                return
+            if not is_alive(info):
+                progress(comp.name, "failed", "exited")
+                raise StackError(f"{comp.name} exited during start", log=str(comp.log_path), tail=_tail(comp.log_path))
+            time.sleep(0.25)
+        progress(comp.name, "failed", "timeout")
+        raise StackError(
+            f"{comp.name} not healthy after {self.settings.start_timeout_s}s",
+            log=str(comp.log_path),
+            tail=_tail(comp.log_path),
+        )
+
+    def _provision(self, state: dict[str, Any], progress: ProgressFn) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        from cdl.events import Topics
+        from cdl.store import BUCKETS, ObjectStore
+
+        admin = AdminClient({"bootstrap.servers": state["kafka"]["bootstrap"]})
+        existing = set(admin.list_topics(timeout=10).topics)
+        wanted = [
+            NewTopic(t, num_partitions=n, replication_factor=1)
+            for t, n in Topics.PARTITIONS.items()
+            if t not in existing
+        ]
+        if wanted:
+            for topic, fut in admin.create_topics(wanted, operation_timeout=30).items():
+                try:
+                    fut.result(timeout=30)
+                except Exception as exc:  # noqa: BLE001
+                    if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                        raise StackError("creating topic failed", topic=topic, error=str(exc)) from exc
+        progress("kafka", "ready", f"{len(Topics.PARTITIONS)} topics")
+        m = state["minio"]
+        ObjectStore(m["endpoint"], m["access_key"], m["secret_key"]).ensure_buckets(*BUCKETS)
+        progress("minio", "ready", f"{len(BUCKETS)} buckets")
+
+    # ------------------------------------------------------------------ down
+    def down(self, progress: ProgressFn = _noop) -> list[str]:
+        """Stop every process recorded in the state file; returns the names stopped."""
+        state = self.read_state()
+        stopped = []
+        procs = state.get("procs", {})
+        # reverse start order: Triton, MinIO, then Kafka last
+        for name in sorted(procs, key=lambda n: (n.startswith("triton"), n != "minio"), reverse=True):
+            info = ProcInfo(**procs[name])
+            if stop(info, self.settings.stop_timeout_s):
+                stopped.append(name)
+                progress(name, "stopped", f"pid {info.pid}")
+            child = self._children.pop(name, None)
+            if child is not None:
+                child.wait(timeout=5)
+        if self.state_path.exists():
+            state["procs"] = {}
+            state["stopped_at"] = time.time()
+            self._write_state(state)
+        return stopped
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> list[dict[str, Any]]:
+        """One row per recorded component: name, pid, running, healthy, endpoint."""
+        state = self.read_state()
+        rows = []
+        comps = {c.name: c for c in self._components(state)} if state.get("ports") else {}
+        for name, proc in state.get("procs", {}).items():
+            info = ProcInfo(**proc)
+            alive = is_alive(info)
+            comp = comps.get(name)
+            rows.append(
+                {
+                    "name": name,
+                    "pid": info.pid,
+                    "running": alive,
+                    "healthy": bool(alive and comp is not None and comp.healthy()),
+                    "endpoint": ", ".join(f"{k}={v}" for k, v in (comp.ports if comp else {}).items()),
+                    "processes": len(group_members(info.pid)),
+                    "log": str(comp.log_path) if comp else "",
+                }
+            )
+        return rows
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return ""

@@ -1,0 +1,321 @@
+"""The local stack's components: how each is prepared, started and checked."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import os
+import shutil
+import sys
+import sysconfig
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdl.errors import ConfigError
+from cdl.settings import StackSettings
+
+__all__ = ["Component", "KafkaComponent", "MinioComponent", "TritonComponent", "triton_install_dir"]
+
+
+@dataclass
+class Component:
+    """One server of the local stack."""
+
+    name: str
+    workdir: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def prepare(self) -> None:
+        """Create directories and config files (idempotent)."""
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def healthy(self) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What clients need to reach the component (written to the state file)."""
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+
+def _http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= int(resp.status) < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+@dataclass
+class KafkaComponent(Component):
+    settings: StackSettings = field(default_factory=StackSettings)
+
+    @property
+    def libs(self) -> Path:
+        return self.settings.home / f"kafka-{self.settings.kafka_version}" / "libs"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.settings.host}:{self.ports['broker']}"
+
+    def _properties(self) -> str:
+        h, broker, ctl = self.settings.host, self.ports["broker"], self.ports["controller"]
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@{h}:{ctl}",
+                f"listeners=PLAINTEXT://{h}:{broker},CONTROLLER://{h}:{ctl}",
+                f"advertised.listeners=PLAINTEXT://{h}:{broker}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                f"log.dirs={self.workdir / 'data'}",
+                "num.partitions=1",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=4",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=true",
+                "log.retention.hours=168",
+                "",
+            ]
+        )
+
+    def prepare(self) -> None:
+        if not self.libs.is_dir() or not any(self.libs.glob("kafka_2.13-*.jar")):
+            raise ConfigError("Kafka jars are missing; run scripts/setup.sh", path=str(self.libs))
+        if shutil.which("java") is None:
+            raise ConfigError("java is not on PATH; Kafka needs Java 17+")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        props = self.workdir / "server.properties"
+        props.write_text(self._properties())
+        (self.workdir / "log4j2.properties").write_text(
+            "\n".join(
+                [
+                    "status = warn",
+                    "appender.console.type = Console",
+                    "appender.console.name = STDOUT",
+                    "appender.console.layout.type = PatternLayout",
+                    "appender.console.layout.pattern = [%d] %p %m (%c)%n",
+                    "rootLogger.level = WARN",
+                    "rootLogger.appenderRef.stdout.ref = STDOUT",
+                    "logger.kafka.name = kafka.server.KafkaRaftServer",
+                    "logger.kafka.level = INFO",
+                    "",
+                ]
+            )
+        )
+        if not (self.workdir / "data" / "meta.properties").exists():
+            import subprocess
+
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            result = subprocess.run(
+                self._java("kafka.tools.StorageTool")
+                + ["format", "-t", cluster_id, "-c", str(props), "--ignore-formatted"],
+                capture_output=True,
+                text=True,
+                env=self.env(),
+                check=False,
+            )
+            if result.returncode != 0:
+                raise ConfigError(
+                    "formatting Kafka storage failed", stderr=result.stderr[-2000:], stdout=result.stdout[-500:]
+                )
+
+    def _java(self, main: str) -> list[str]:
+        return [
+            "java",
+            f"-Xmx{self.settings.kafka_heap}",
+            "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1" if main != "kafka.Kafka" else "-XX:+UseStringDeduplication",
+            f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
+            "-Djava.awt.headless=true",
+            "-cp",
+            f"{self.libs}/*",
+            main,
+        ]
+
+    def argv(self) -> list[str]:
+        return self._java("kafka.Kafka") + [str(self.workdir / "server.properties")]
+
+    def healthy(self) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            # log_level 0: connection refusals while the broker boots are expected
+            admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 1000, "log_level": 0})
+            md = admin.list_topics(timeout=1.0)
+        except Exception:  # noqa: BLE001 - any failure means "not yet"
+            return False
+        return bool(md.brokers)
+
+    def describe(self) -> dict[str, Any]:
+        return {"bootstrap": self.bootstrap, "version": self.settings.kafka_version}
+
+
+# --------------------------------------------------------------------------- MinIO
+
+
+@dataclass
+class MinioComponent(Component):
+    settings: StackSettings = field(default_factory=StackSettings)
+
+    @property
+    def binary(self) -> Path:
+        return self.settings.home / "bin" / "minio"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.settings.host}:{self.ports['api']}"
+
+    def prepare(self) -> None:
+        if not self.binary.exists():
+            raise ConfigError("MinIO binary is missing; run scripts/setup.sh", path=str(self.binary))
+        (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+
+    def argv(self) -> list[str]:
+        return [
+            str(self.binary),
+            "server",
+            str(self.workdir / "data"),
+            "--address",
+            self.endpoint,
+            "--console-address",
+            f"{self.settings.host}:{self.ports['console']}",
+            "--quiet",
+        ]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "MINIO_ROOT_USER": self.settings.minio_access_key,
+                "MINIO_ROOT_PASSWORD": self.settings.minio_secret_key,
+                "MINIO_BROWSER": "off",
+                "MINIO_UPDATE": "off",
+            }
+        )
+        return env
+
+    def healthy(self) -> bool:
+        return _http_ok(f"http://{self.endpoint}/minio/health/live")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "access_key": self.settings.minio_access_key,
+            "secret_key": self.settings.minio_secret_key,
+        }
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+def triton_install_dir(home: Path) -> Path:
+    """Where set-up places the writable copy of pytriton's Triton server."""
+    return home / "triton"
+
+
+def _pytriton_root() -> Path:
+    # find_spec does not import pytriton (importing it pulls in gevent).
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("nvidia-pytriton is not installed; run scripts/setup.sh")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def ensure_triton_install(home: Path) -> Path:
+    """Copy the Triton server of the nvidia-pytriton wheel to a writable place, once."""
+    dest = triton_install_dir(home)
+    stub_dir = dest / "backends" / "python"
+    stub = stub_dir / "triton_python_backend_stub"
+    if (dest / "bin" / "tritonserver").exists() and stub.exists():
+        return dest
+    src = _pytriton_root() / "tritonserver"
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy2(tmp / "python_backend_stubs" / ver / "triton_python_backend_stub", tmp / "backends" / "python")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+@dataclass
+class TritonComponent(Component):
+    """A Triton server reading its model repository straight from MinIO (``s3://``)."""
+
+    settings: StackSettings = field(default_factory=StackSettings)
+    s3_endpoint: str = ""
+
+    @property
+    def repository(self) -> str:
+        return f"s3://{self.s3_endpoint}/cdl-triton"
+
+    def prepare(self) -> None:
+        ensure_triton_install(self.settings.home)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def argv(self) -> list[str]:
+        install = triton_install_dir(self.settings.home)
+        h = self.settings.host
+        return [
+            str(install / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={install / 'backends'}",
+            "--model-control-mode=explicit",
+            "--strict-readiness=true",
+            f"--grpc-address={h}",
+            f"--grpc-port={self.ports['grpc']}",
+            f"--http-address={h}",
+            f"--http-port={self.ports['http']}",
+            f"--metrics-address={h}",
+            f"--metrics-port={self.ports['metrics']}",
+            "--exit-timeout-secs=5",
+            "--log-verbose=0",
+        ]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = _pytriton_root().parent / "nvidia_pytriton.libs"
+        # The python backend stub loads libpython: it must be this interpreter's.
+        libdir = str(sysconfig.get_config_var("LIBDIR") or "")
+        paths = [str(libs), libdir, env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in paths if p)
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env["AWS_ACCESS_KEY_ID"] = self.settings.minio_access_key
+        env["AWS_SECRET_ACCESS_KEY"] = self.settings.minio_secret_key
+        env["AWS_DEFAULT_REGION"] = "us-east-1"
+        return env
+
+    def healthy(self) -> bool:
+        return _http_ok(f"http://{self.settings.host}:{self.ports['http']}/v2/health/ready")
+
+    def describe(self) -> dict[str, Any]:
+        h = self.settings.host
+        return {
+            "grpc": f"{h}:{self.ports['grpc']}",
+            "http": f"{h}:{self.ports['http']}",
+            "metrics": f"{h}:{self.ports['metrics']}",
+            "repository": self.repository,
+        }

@@ -1,0 +1,115 @@
+"""Start, identify and stop the local stack's processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ProcInfo", "free_port", "group_members", "is_alive", "spawn", "stop"]
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """A process the stack started: its pid and its kernel start time (pid reuse guard)."""
+
+    pid: int
+    start_ticks: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "start_ticks": self.start_ticks}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm may contain spaces; fields after the closing paren are space separated
+    rest = raw[raw.rindex(")") + 2 :].split()
+    return rest  # rest[0] is state (field 3), rest[19] is starttime (field 22)
+
+
+def _start_ticks(pid: int) -> int:
+    st = _stat(pid)
+    return int(st[19]) if st else -1
+
+
+def is_alive(info: ProcInfo) -> bool:
+    """True while the very process we started runs (a zombie counts as gone)."""
+    st = _stat(info.pid)
+    if st is None or st[0] in ("Z", "X"):
+        return False
+    return int(st[19]) == info.start_ticks
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of live processes in process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        st = _stat(int(entry.name))
+        if st is not None and st[0] not in ("Z", "X") and int(st[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def spawn(
+    argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> tuple[subprocess.Popen[bytes], ProcInfo]:
+    """Start ``argv`` in its own session (so its children can be stopped together)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return proc, ProcInfo(proc.pid, _start_ticks(proc.pid))
+
+
+def stop(info: ProcInfo, timeout_s: float) -> bool:
+    """SIGTERM the process group of ``info``, then SIGKILL what is left.
+
+    Returns True when something of ours was running. Only signals the group when
+    the leader is still the process we started, or when its group still has members.
+    """
+    ours = is_alive(info)
+    members = group_members(info.pid)
+    if not ours and not members:
+        return False
+    _signal_group(info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not is_alive(info) and not group_members(info.pid):
+            return True
+        time.sleep(0.1)
+    _signal_group(info.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (is_alive(info) or group_members(info.pid)):
+        time.sleep(0.1)
+    return True
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

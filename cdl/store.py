@@ -1,0 +1,122 @@
+"""Object store access (S3 API, MinIO) for every cdl component."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from cdl.errors import NotFoundError, UnavailableError
+
+__all__ = ["BUCKETS", "ObjectInfo", "ObjectStore", "parse_uri"]
+
+#: buckets of the storage layout (see DESIGN.md)
+BUCKETS = ("cdl-datasets", "cdl-models", "cdl-triton")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    bucket: str
+    key: str
+    size: int
+    etag: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {uri!r}")
+    return bucket, key
+
+
+class ObjectStore:
+    """Bytes and JSON in buckets; errors mapped onto cdl's hierarchy."""
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, secure: bool = False) -> None:
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=60.0),
+            maxsize=16,
+            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        )
+        self._client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, http_client=http)
+        self.endpoint = endpoint
+
+    @property
+    def client(self) -> Minio:
+        return self._client
+
+    def ensure_buckets(self, *buckets: str) -> None:
+        for bucket in buckets or BUCKETS:
+            try:
+                if not self._client.bucket_exists(bucket):
+                    self._client.make_bucket(bucket)
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
+
+    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        try:
+            self._client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
+        return f"s3://{bucket}/{key}"
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        try:
+            resp = self._client.get_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                raise NotFoundError("object not found", uri=f"s3://{bucket}/{key}") from exc
+            raise
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
+        try:
+            return bytes(resp.read())
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def put_json(self, bucket: str, key: str, doc: Any) -> str:
+        data = json.dumps(doc, indent=2, sort_keys=True).encode()
+        return self.put_bytes(bucket, key, data, content_type="application/json")
+
+    def get_json(self, bucket: str, key: str) -> Any:
+        return json.loads(self.get_bytes(bucket, key))
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self._client.stat_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                return False
+            raise
+        return True
+
+    def list(self, bucket: str, prefix: str = "", recursive: bool = True) -> Iterator[ObjectInfo]:
+        try:
+            for obj in self._client.list_objects(bucket, prefix=prefix, recursive=recursive):
+                if obj.object_name is None or obj.is_dir:
+                    continue
+                yield ObjectInfo(bucket, obj.object_name, int(obj.size or 0), str(obj.etag or ""))
+        except S3Error as exc:
+            if exc.code == "NoSuchBucket":
+                raise NotFoundError("bucket not found", bucket=bucket) from exc
+            raise
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._client.remove_object(bucket, key)
