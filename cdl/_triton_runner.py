@@ -33,9 +33,7 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
-        self.out_dtypes = {
-            o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
-        }
+        self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
 
     def execute(self, requests):
         # Dynamic batching hands over several requests: run them as one batch.

@@ -17,8 +17,8 @@ __all__ = [
     "PermanentError",
     "RetryableError",
     "StackError",
-    "UnavailableError",
     "UnauthenticatedError",
+    "UnavailableError",
 ]
 
 

@@ -115,12 +115,12 @@ class Event:
                 raise ValueError(f"no ce_type registered for {name}")
             object.__setattr__(self, "type", _TYPE_OF[name])
 
-    def caused(self, payload: Message, source: str, key: str | None = None, id: str | None = None) -> Event:
+    def caused(self, payload: Message, source: str, key: str | None = None, event_id: str | None = None) -> Event:
         """A follow-up event in the same trace (its id can be made deterministic)."""
         return Event(
             payload=payload,
             source=source,
-            id=id or str(uuid.uuid4()),
+            id=event_id or str(uuid.uuid4()),
             traceparent=_child_traceparent(self.traceparent),
             key=key,
         )

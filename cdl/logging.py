@@ -18,17 +18,16 @@ from typing import Any, TextIO
 
 __all__ = ["StructLogger", "configure_logging", "get_logger"]
 
-_SERVICE = "cdl"
+_STATE = {"service": "cdl"}
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
-            "service": _SERVICE,
+            "service": _STATE["service"],
             "logger": record.name,
             "msg": record.getMessage(),
         }
@@ -68,8 +67,7 @@ class StructLogger:
 
 def configure_logging(service: str, level: str = "INFO", stream: TextIO | None = None) -> None:
     """Send JSON log lines for ``service`` to ``stream`` (stderr by default)."""
-    global _SERVICE
-    _SERVICE = service
+    _STATE["service"] = service
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_JsonFormatter())
     root = logging.getLogger()

@@ -53,9 +53,7 @@ def read_stack_state(state_dir: Path | None = None) -> dict[str, Any]:
 class StackSettings(BaseSettings):
     """Settings of the local stack (``cdl stack``); env prefix ``CDL_STACK_``."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="CDL_STACK_", extra="ignore", use_attribute_docstrings=True
-    )
+    model_config = SettingsConfigDict(env_prefix="CDL_STACK_", extra="ignore", use_attribute_docstrings=True)
 
     state_dir: Path = default_state_dir()
     """Data, logs and the state file of the stack."""
@@ -93,9 +91,7 @@ class ServiceSettings(BaseSettings):
     variable, then to the local stack's state file.
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix="CDL_", extra="ignore", use_attribute_docstrings=True
-    )
+    model_config = SettingsConfigDict(env_prefix="CDL_", extra="ignore", use_attribute_docstrings=True)
 
     kafka_bootstrap: str = ""
     """Kafka bootstrap servers, ``host:port[,host:port]``."""

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class LocalStack:
         self.settings = settings or StackSettings()
         self.state_dir = Path(self.settings.state_dir)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        #: components the last ``up()`` found already running (and left alone)
+        self.reused: list[str] = []
 
     # ------------------------------------------------------------------ state
     @property
@@ -101,6 +103,7 @@ class LocalStack:
         previous = self.read_state()
         running = {n for n, p in previous.get("procs", {}).items() if is_alive(ProcInfo(**p))}
         comps = self._components(previous if running else {})
+        self.reused = sorted(running)
         state: dict[str, Any] = {
             "state_dir": str(self.state_dir),
             "ports": {c.name: c.ports for c in comps},
@@ -120,7 +123,7 @@ class LocalStack:
         return state
 
     def _start(
-        self, comps: list[Component], running: set[str], state: dict[str, Any], progress: ProgressFn
+        self, comps: Sequence[Component], running: set[str], state: dict[str, Any], progress: ProgressFn
     ) -> None:
         for comp in comps:
             if comp.name in running:
@@ -160,7 +163,8 @@ class LocalStack:
         )
 
     def _provision(self, state: dict[str, Any], progress: ProgressFn) -> None:
-        from confluent_kafka.admin import AdminClient, NewTopic
+        from confluent_kafka.admin import AdminClient
+        from confluent_kafka.cimpl import NewTopic
 
         from cdl.events import Topics
         from cdl.store import BUCKETS, ObjectStore
@@ -176,7 +180,7 @@ class LocalStack:
             for topic, fut in admin.create_topics(wanted, operation_timeout=30).items():
                 try:
                     fut.result(timeout=30)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     if "TOPIC_ALREADY_EXISTS" not in str(exc):
                         raise StackError("creating topic failed", topic=topic, error=str(exc)) from exc
         progress("kafka", "ready", f"{len(Topics.PARTITIONS)} topics")

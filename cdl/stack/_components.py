@@ -129,8 +129,15 @@ class KafkaComponent(Component):
 
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             result = subprocess.run(
-                self._java("kafka.tools.StorageTool")
-                + ["format", "-t", cluster_id, "-c", str(props), "--ignore-formatted"],
+                [
+                    *self._java("kafka.tools.StorageTool"),
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(props),
+                    "--ignore-formatted",
+                ],
                 capture_output=True,
                 text=True,
                 env=self.env(),
@@ -155,7 +162,7 @@ class KafkaComponent(Component):
         ]
 
     def argv(self) -> list[str]:
-        return self._java("kafka.Kafka") + [str(self.workdir / "server.properties")]
+        return [*self._java("kafka.Kafka"), str(self.workdir / "server.properties")]
 
     def healthy(self) -> bool:
         from confluent_kafka.admin import AdminClient

@@ -1,0 +1,344 @@
+"""Kafka transport: an idempotent producer and an at-least-once consumer loop.
+
+The loop decodes each record into an :class:`~cdl.events.Event`, skips events
+whose ``ce_id`` its group already handled, calls the handler, produces the
+events the handler returned, waits for the broker to acknowledge them, marks
+the event handled and only then commits the offset. Retryable errors are
+retried with exponential backoff; permanent failures and undecodable records go
+to the dead-letter topic with the original key, value and headers plus a
+``cdl-reason`` header. SIGTERM/SIGINT stop the loop after the current record.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import Consumer as _Consumer
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Producer as _Producer
+
+from cdl.dedupe import MemoryProcessedStore, ProcessedStore
+from cdl.errors import CdlError, DecodeError, UnavailableError
+from cdl.events import Event, Topics, decode, encode
+from cdl.logging import get_logger
+from cdl.observability import EVENTS, HANDLER_SECONDS
+
+__all__ = [
+    "DLQ_HEADERS",
+    "ConsumerLoop",
+    "Delivery",
+    "Outgoing",
+    "Producer",
+    "RecordContext",
+]
+
+log = get_logger(__name__)
+
+#: headers added to a dead-lettered record
+DLQ_HEADERS = ("cdl-reason", "cdl-error", "cdl-origin-topic", "cdl-origin-partition", "cdl-origin-offset", "cdl-group")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    topic: str
+    partition: int
+    offset: int
+
+
+class Producer:
+    """Idempotent (``acks=all``) producer; ``flush`` raises when anything failed."""
+
+    def __init__(self, bootstrap: str, client_id: str = "cdl", **config: Any) -> None:
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "message.timeout.ms": 30000,
+        }
+        conf.update(config)
+        self._producer = _Producer(conf)
+        self._errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            with self._lock:
+                self._errors.append(f"{msg.topic()}: {err}")
+
+    def send_raw(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+    ) -> None:
+        cb = on_delivery or self._on_delivery
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=list(headers or []), on_delivery=cb)
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # queue full: serve callbacks, then try again
+
+    def send(self, topic: str, event: Event) -> None:
+        key, value, headers = encode(event)
+        self.send_raw(topic, value, key, headers)
+
+    def publish(self, topic: str, event: Event, timeout_s: float = 30.0) -> Delivery:
+        """Send one event and wait for the broker's acknowledgement."""
+        result: list[Delivery | str] = []
+
+        def done(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                result.append(str(err))
+            else:
+                result.append(Delivery(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)))
+
+        key, value, headers = encode(event)
+        self.send_raw(topic, value, key, headers, on_delivery=done)
+        self._producer.flush(timeout_s)
+        if not result:
+            raise UnavailableError("broker did not acknowledge in time", topic=topic, ce_id=event.id)
+        outcome = result[0]
+        if isinstance(outcome, str):
+            raise UnavailableError("produce failed", topic=topic, error=outcome)
+        return outcome
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every sent record is acknowledged; raise if any was not."""
+        remaining = self._producer.flush(timeout_s)
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if remaining:
+            raise UnavailableError("records not acknowledged in time", remaining=remaining)
+        if errors:
+            raise UnavailableError("produce failed", errors=errors[:5])
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        self._producer.poll(timeout_s)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """An event a handler wants published once its input is handled."""
+
+    topic: str
+    event: Event
+
+
+@dataclass(frozen=True)
+class RecordContext:
+    """Where the record being handled came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+Handler = Callable[[Event, RecordContext], Sequence[Outgoing] | None]
+
+
+def _as_bytes(value: object) -> bytes | None:
+    if value is None:
+        return None
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+class ConsumerLoop:
+    """At-least-once, idempotent handling of one consumer group's topics."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        group_id: str,
+        topics: Sequence[str],
+        handler: Handler,
+        producer: Producer,
+        processed: ProcessedStore | None = None,
+        deadletter_topic: str = Topics.DATA_DEADLETTER,
+        max_retries: int = 5,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 10.0,
+        poll_timeout_s: float = 0.5,
+        consumer_config: dict[str, Any] | None = None,
+    ) -> None:
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "max.poll.interval.ms": 600000,
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 1000,
+        }
+        conf.update(consumer_config or {})
+        self.group_id = group_id
+        self.topics = list(topics)
+        self._consumer = _Consumer(conf)
+        self._handler = handler
+        self._producer = producer
+        self._processed = processed or MemoryProcessedStore()
+        self._deadletter = deadletter_topic
+        self._max_retries = max_retries
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._poll_timeout_s = poll_timeout_s
+        self._stop = threading.Event()
+        self.handled = 0
+        self.deadlettered = 0
+        self.skipped = 0
+
+    # -------------------------------------------------------------- control
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        def _handler(signum: int, frame: FrameType | None) -> None:
+            log.info("stopping on signal", signal=signum, group=self.group_id)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+    def run(self, max_records: int | None = None, idle_timeout_s: float | None = None) -> None:
+        """Consume until stopped (or ``max_records`` handled / idle for ``idle_timeout_s``)."""
+        self._consumer.subscribe(self.topics)
+        seen = 0
+        last = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                msg = self._consumer.poll(self._poll_timeout_s)
+                if msg is None:
+                    if idle_timeout_s is not None:
+                        if not self._consumer.assignment():
+                            last = time.monotonic()  # idle time counts once partitions are ours
+                        elif time.monotonic() - last > idle_timeout_s:
+                            return
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error", error=str(err), group=self.group_id)
+                    continue
+                self._process(msg)
+                seen += 1
+                last = time.monotonic()
+                if max_records is not None and seen >= max_records:
+                    return
+        finally:
+            self._consumer.close()
+
+    # -------------------------------------------------------------- one record
+    def _process(self, msg: Message) -> None:
+        ctx = RecordContext(
+            topic=str(msg.topic()),
+            partition=int(msg.partition() or 0),
+            offset=int(msg.offset() or 0),
+            key=_as_bytes(msg.key()),
+            value=_as_bytes(msg.value()),
+            headers=[(str(k), v) for k, v in list(msg.headers() or []) if isinstance(v, bytes)],
+        )
+        try:
+            event = decode(ctx.key, ctx.value, ctx.headers)
+        except DecodeError as exc:
+            self._dead_letter(ctx, exc, "undecodable")
+            self._commit(msg)
+            return
+        if self._processed.seen(self.group_id, event.id):
+            EVENTS.labels(ctx.topic, self.group_id, "duplicate").inc()
+            self.skipped += 1
+            log.info("duplicate event skipped", ce_id=event.id, topic=ctx.topic, group=self.group_id)
+            self._commit(msg)
+            return
+        attempt = 0
+        while True:
+            try:
+                with HANDLER_SECONDS.labels(self.group_id).time():
+                    outputs = self._handler(event, ctx) or []
+                    for out in outputs:
+                        self._producer.send(out.topic, out.event)
+                    self._producer.flush()
+                break
+            except CdlError as exc:
+                if exc.retryable and attempt < self._max_retries and not self._stop.is_set():
+                    attempt += 1
+                    self._backoff(attempt, exc, event)
+                    continue
+                reason = "retries exhausted" if exc.retryable else "permanent failure"
+                self._dead_letter(ctx, exc, reason)
+                self._processed.mark(self.group_id, event.id)
+                self._commit(msg)
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug in a handler must not stop the stream
+                if attempt < self._max_retries and not self._stop.is_set():
+                    attempt += 1
+                    self._backoff(attempt, exc, event)
+                    continue
+                self._dead_letter(ctx, exc, "handler crashed")
+                self._processed.mark(self.group_id, event.id)
+                self._commit(msg)
+                return
+        self._processed.mark(self.group_id, event.id)
+        self._commit(msg)
+        self.handled += 1
+        EVENTS.labels(ctx.topic, self.group_id, "handled").inc()
+
+    def _backoff(self, attempt: int, exc: BaseException, event: Event) -> None:
+        delay = min(self._max_backoff_s, self._backoff_s * 2 ** (attempt - 1))
+        EVENTS.labels("", self.group_id, "retried").inc()
+        log.warning("handler failed, retrying", ce_id=event.id, attempt=attempt, delay_s=delay, error=str(exc))
+        self._stop.wait(delay)
+
+    def _dead_letter(self, ctx: RecordContext, exc: BaseException, reason: str) -> None:
+        headers = [
+            *list(ctx.headers),
+            ("cdl-reason", f"{reason}: {exc}".encode()),
+            ("cdl-error", type(exc).__name__.encode()),
+            ("cdl-origin-topic", ctx.topic.encode()),
+            ("cdl-origin-partition", str(ctx.partition).encode()),
+            ("cdl-origin-offset", str(ctx.offset).encode()),
+            ("cdl-group", self.group_id.encode()),
+        ]
+        self._producer.send_raw(self._deadletter, ctx.value, ctx.key, headers)
+        self._producer.flush()
+        self.deadlettered += 1
+        EVENTS.labels(ctx.topic, self.group_id, "deadlettered").inc()
+        log.warning(
+            "record dead-lettered",
+            reason=reason,
+            error=str(exc),
+            topic=ctx.topic,
+            partition=ctx.partition,
+            offset=ctx.offset,
+            group=self.group_id,
+        )
+
+    def _commit(self, msg: Message) -> None:
+        tp = TopicPartition(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0) + 1)
+        for attempt in range(5):
+            try:
+                self._consumer.commit(offsets=[tp], asynchronous=False)
+                return
+            except KafkaException as exc:
+                log.warning("offset commit failed", attempt=attempt, error=str(exc))
+                time.sleep(0.2 * (attempt + 1))
+        raise UnavailableError("offset commit failed", topic=tp.topic, partition=tp.partition)

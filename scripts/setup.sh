@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) set-up of everything cdl needs, into caches outside
+# the checkout ($CDL_HOME, default ~/.cache/cdl). A second run installs nothing.
+#   - Python environment from uv.lock            -> $CDL_HOME/venv
+#   - Apache Kafka broker jars (Maven Central)   -> $CDL_HOME/kafka-<version>/libs
+#   - MinIO server (go install, pinned)          -> $CDL_HOME/bin/minio
+#   - Triton server from the nvidia-pytriton wheel -> $CDL_HOME/triton
+#   - PostgreSQL server (Debian)                 -> /usr/lib/postgresql
+#   - buf, the protobuf linter (npm)             -> $CDL_HOME/node
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+mkdir -p "$CDL_HOME/bin" "$CDL_HOME/logs"
+t0=$(date +%s)
+step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+ok() { printf '    %s\n' "$*"; }
+
+apt_updated=0
+apt_install() {
+  if [[ $apt_updated == 0 ]]; then apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+step "Python environment (uv, Python 3.11)"
+PY=${CDL_PYTHON:-$(command -v python3.11 || command -v python3)}
+if ! command -v uv >/dev/null 2>&1; then
+  "$PY" -m pip install -q --disable-pip-version-check uv
+fi
+UV=$(command -v uv || echo "$("$PY" -c 'import sysconfig;print(sysconfig.get_path("scripts"))')/uv")
+"$UV" sync --locked --python "$PY" -q
+ok "venv: $CDL_VENV ($("$CDL_VENV/bin/python" --version))"
+
+step "Java (Kafka runs on Java 17+)"
+if ! command -v java >/dev/null 2>&1; then apt_install openjdk-17-jre-headless; fi
+ok "$(java -version 2>&1 | head -1)"
+
+step "Apache Kafka $CDL_KAFKA_VERSION jars"
+kafka_libs="$CDL_HOME/kafka-$CDL_KAFKA_VERSION/libs"
+if [[ ! -f "$kafka_libs/kafka_2.13-$CDL_KAFKA_VERSION.jar" ]]; then
+  if ! command -v mvn >/dev/null 2>&1; then apt_install maven; fi
+  rm -rf "$kafka_libs.tmp"
+  mvn -q -B -f deploy/kafka/pom.xml -Dkafka.version="$CDL_KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$kafka_libs.tmp"
+  mv "$kafka_libs.tmp" "$kafka_libs"
+fi
+ok "$(ls "$kafka_libs" | wc -l) jars in $kafka_libs"
+
+step "MinIO server ($CDL_MINIO_VERSION)"
+if [[ ! -x "$CDL_HOME/bin/minio" || "$(cat "$CDL_HOME/bin/minio.version" 2>/dev/null)" != "$CDL_MINIO_VERSION" ]]; then
+  if ! command -v go >/dev/null 2>&1; then apt_install golang-go; fi
+  echo "    building MinIO from the Go module proxy (several minutes on 2 cores, once)"
+  GOBIN="$CDL_HOME/bin" GOFLAGS=-buildvcs=false go install "github.com/minio/minio@$CDL_MINIO_VERSION"
+  echo "$CDL_MINIO_VERSION" > "$CDL_HOME/bin/minio.version"
+fi
+ok "$CDL_HOME/bin/minio"
+
+step "Triton Inference Server (from nvidia-pytriton)"
+"$CDL_VENV/bin/python" -c "from pathlib import Path; from cdl.stack import ensure_triton_install; print('    ' + str(ensure_triton_install(Path('$CDL_HOME'))))"
+
+step "PostgreSQL server"
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then apt_install postgresql; fi
+ok "$(ls -d /usr/lib/postgresql/*/bin | head -1)"
+
+step "buf (protobuf lint)"
+if [[ ! -x "$CDL_HOME/node/node_modules/.bin/buf" ]]; then
+  if command -v npm >/dev/null 2>&1; then
+    npm install --silent --no-audit --no-fund --prefix "$CDL_HOME/node" @bufbuild/buf@1 >/dev/null 2>&1 \
+      || echo "    buf did not install; proto lint will be skipped"
+  fi
+fi
+[[ -x "$CDL_HOME/node/node_modules/.bin/buf" ]] && ok "$("$CDL_HOME/node/node_modules/.bin/buf" --version)"
+
+step "done in $(( $(date +%s) - t0 ))s; the cdl command is $CDL_VENV/bin/cdl"

@@ -1,0 +1,90 @@
+"""Test tiers: unit (pure logic), integration (real servers), e2e (the CLI).
+
+The local stack (real Kafka, MinIO and Triton) is started once per test
+session. Where it cannot start, tests that need it fail under CI (CI=true)
+and are skipped with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cdl.errors import CdlError
+from cdl.settings import StackSettings
+from cdl.stack import LocalStack
+from cdl.store import ObjectStore
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = str(item.path)
+        if f"{os.sep}integration{os.sep}" in path:
+            item.add_marker(pytest.mark.integration)
+        elif f"{os.sep}e2e{os.sep}" in path:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The session's local stack: its state (endpoints) as written to stack.json."""
+    state_dir = tmp_path_factory.mktemp("stack")
+    settings = StackSettings(state_dir=state_dir, triton_servers=1)
+    local = LocalStack(settings)
+    try:
+        state = local.up()
+    except CdlError as exc:
+        local.down()
+        message = f"local stack did not start: {exc} (run scripts/setup.sh)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    os.environ["CDL_STATE_DIR"] = str(state_dir)
+    try:
+        yield state
+    finally:
+        local.down()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(stack: dict[str, Any]) -> str:
+    return str(stack["kafka"]["bootstrap"])
+
+
+@pytest.fixture(scope="session")
+def object_store(stack: dict[str, Any]) -> ObjectStore:
+    m = stack["minio"]
+    return ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+
+
+@pytest.fixture(scope="session")
+def triton_grpc(stack: dict[str, Any]) -> str:
+    return str(stack["triton"][0]["grpc"])
+
+
+@pytest.fixture
+def topic_factory(kafka_bootstrap: str) -> Any:
+    """Creates fresh topics (unique names) so tests never see each other's records."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+    def make(prefix: str = "t", partitions: int = 1) -> str:
+        name = f"test.{prefix}.{uuid.uuid4().hex[:10]}"
+        futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+        futures[name].result(timeout=30)
+        return name
+
+    return make
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

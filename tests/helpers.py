@@ -1,0 +1,50 @@
+"""Helpers shared by tests (reading topics back)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer
+
+
+@dataclass
+class Rec:
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    partition: int
+    offset: int
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list[Rec]:
+    """Read a topic from the start until ``expected`` records arrived (or time ran out)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-reader-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[Rec] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            headers = {k: v for k, v in (msg.headers() or []) if isinstance(v, bytes)}
+            out.append(Rec(msg.key(), msg.value(), headers, msg.partition() or 0, msg.offset() or 0))
+        # linger briefly to catch records beyond `expected`
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            msg = consumer.poll(0.2)
+            if msg is not None and not msg.error():
+                headers = {k: v for k, v in (msg.headers() or []) if isinstance(v, bytes)}
+                out.append(Rec(msg.key(), msg.value(), headers, msg.partition() or 0, msg.offset() or 0))
+    finally:
+        consumer.close()
+    return out

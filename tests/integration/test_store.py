@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from cdl.errors import NotFoundError
+from cdl.store import BUCKETS, ObjectStore, parse_uri
+
+
+def test_put_get_list_overwrite(object_store: ObjectStore) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    uri = object_store.put_bytes("cdl-datasets", f"{prefix}/shards/a.bin", b"first")
+    assert uri == f"s3://cdl-datasets/{prefix}/shards/a.bin"
+    assert parse_uri(uri) == ("cdl-datasets", f"{prefix}/shards/a.bin")
+    object_store.put_json("cdl-datasets", f"{prefix}/versions/1.json", {"version": 1, "shards": ["a"]})
+
+    assert object_store.get_bytes("cdl-datasets", f"{prefix}/shards/a.bin") == b"first"
+    assert object_store.get_json("cdl-datasets", f"{prefix}/versions/1.json") == {"version": 1, "shards": ["a"]}
+
+    listed = sorted(o.key for o in object_store.list("cdl-datasets", prefix=f"{prefix}/"))
+    assert listed == [f"{prefix}/shards/a.bin", f"{prefix}/versions/1.json"]
+
+    # overwrite (a replay rewrites the same object)
+    object_store.put_bytes("cdl-datasets", f"{prefix}/shards/a.bin", b"second, longer")
+    assert object_store.get_bytes("cdl-datasets", f"{prefix}/shards/a.bin") == b"second, longer"
+    [info] = [o for o in object_store.list("cdl-datasets", prefix=f"{prefix}/shards/")]
+    assert info.size == len(b"second, longer")
+    assert object_store.exists("cdl-datasets", f"{prefix}/shards/a.bin")
+
+
+def test_missing_objects_raise_not_found(object_store: ObjectStore) -> None:
+    with pytest.raises(NotFoundError, match="object not found"):
+        object_store.get_bytes("cdl-models", f"nope-{uuid.uuid4().hex}")
+    assert not object_store.exists("cdl-models", f"nope-{uuid.uuid4().hex}")
+
+
+def test_the_stack_created_the_layout_buckets(object_store: ObjectStore) -> None:
+    for bucket in BUCKETS:
+        assert object_store.client.bucket_exists(bucket)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cdl import errors
+from cdl.dedupe import SqliteProcessedStore
+from cdl.settings import ServiceSettings
+from cdl.triton import Backend, ModelSpec, TensorSpec, render_config
+
+
+def test_every_error_names_a_real_grpc_status() -> None:
+    classes = [getattr(errors, n) for n in errors.__all__]
+    for cls in classes:
+        assert hasattr(grpc.StatusCode, cls.grpc_code), cls
+    assert errors.InvalidInputError("x").grpc_code == "INVALID_ARGUMENT"
+    assert errors.UnavailableError("x").retryable
+    assert not errors.InvalidInputError("x").retryable
+    assert str(errors.NotFoundError("no dataset", name="d")) == "no dataset (name='d')"
+
+
+def test_processed_store_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "p.sqlite"
+    store = SqliteProcessedStore(path)
+    assert not store.seen("g", "e1")
+    store.mark("g", "e1")
+    store.close()
+    again = SqliteProcessedStore(path)
+    assert again.seen("g", "e1")
+    assert not again.seen("other-group", "e1")
+
+
+def test_service_settings_fall_back_to_env_then_stack_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "stack.json").write_text(
+        json.dumps(
+            {
+                "kafka": {"bootstrap": "127.0.0.1:1111"},
+                "minio": {"endpoint": "127.0.0.1:2222", "access_key": "a", "secret_key": "b"},
+                "triton": [{"grpc": "127.0.0.1:3333"}],
+            }
+        )
+    )
+    monkeypatch.delenv("CDL_KAFKA_BOOTSTRAP", raising=False)
+    s = ServiceSettings(state_dir=tmp_path)
+    assert (s.kafka_bootstrap, s.s3_endpoint, s.triton_grpc) == ("127.0.0.1:1111", "127.0.0.1:2222", ["127.0.0.1:3333"])
+    monkeypatch.setenv("CDL_KAFKA_BOOTSTRAP", "10.0.0.1:9092")
+    assert ServiceSettings(state_dir=tmp_path).kafka_bootstrap == "10.0.0.1:9092"
+
+
+def test_triton_config_for_both_backends() -> None:
+    spec = ModelSpec(
+        "digits",
+        (TensorSpec("input", "float32", (1, 8, 8)),),
+        (TensorSpec("logits", "float32", (10,)),),
+        max_batch_size=32,
+    )
+    py = render_config(spec)
+    assert 'backend: "python"' in py
+    assert "max_batch_size: 32" in py
+    assert "dims: [ 1, 8, 8 ]" in py and "TYPE_FP32" in py and "dynamic_batching" in py
+    ort = render_config(ModelSpec(spec.name, spec.inputs, spec.outputs, backend=Backend.ONNXRUNTIME))
+    assert 'platform: "onnxruntime_onnx"' in ort and "backend:" not in ort
+    with pytest.raises(ValueError, match="unsupported tensor dtype"):
+        _ = TensorSpec("x", "complex64", (1,)).triton_type
