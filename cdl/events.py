@@ -29,7 +29,9 @@ __all__ = [
     "EVENT_TYPES",
     "Event",
     "Headers",
+    "OutRecord",
     "Topics",
+    "dead_letter",
     "decode",
     "encode",
     "new_traceparent",
@@ -143,6 +145,52 @@ def encode(event: Event) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
     ]
     key = event.key.encode() if event.key is not None else None
     return key, value, headers
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    """A record to produce, already encoded (dead letters, state snapshots, events)."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def of(cls, topic: str, event: Event) -> OutRecord:
+        key, value, headers = encode(event)
+        return cls(topic, value, key, tuple(headers))
+
+
+def dead_letter(
+    topic: str,
+    value: bytes | None,
+    key: bytes | None,
+    headers: Headers | None,
+    *,
+    reason: str,
+    error: str,
+    origin_topic: str,
+    partition: int,
+    offset: int,
+    group: str,
+) -> OutRecord:
+    """A dead letter: the original key, value and headers plus why and from where."""
+    kept = tuple((n, v if isinstance(v, bytes) else str(v).encode()) for n, v in headers or () if v is not None)
+    return OutRecord(
+        topic,
+        value,
+        key,
+        (
+            *kept,
+            ("cdl-reason", reason.encode()),
+            ("cdl-error", error.encode()),
+            ("cdl-origin-topic", origin_topic.encode()),
+            ("cdl-origin-partition", str(partition).encode()),
+            ("cdl-origin-offset", str(offset).encode()),
+            ("cdl-group", group.encode()),
+        ),
+    )
 
 
 def header_dict(headers: Headers | None) -> dict[str, str]:

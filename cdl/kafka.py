@@ -11,13 +11,14 @@ to the dead-letter topic with the original key, value and headers plus a
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -25,7 +26,7 @@ from confluent_kafka import Producer as _Producer
 
 from cdl.dedupe import MemoryProcessedStore, ProcessedStore
 from cdl.errors import CdlError, DecodeError, UnavailableError
-from cdl.events import Event, Topics, decode, encode
+from cdl.events import Event, OutRecord, Topics, dead_letter, decode, encode
 from cdl.logging import get_logger
 from cdl.observability import EVENTS, HANDLER_SECONDS
 
@@ -36,6 +37,8 @@ __all__ = [
     "Outgoing",
     "Producer",
     "RecordContext",
+    "TransactionalLoop",
+    "read_latest",
 ]
 
 log = get_logger(__name__)
@@ -309,16 +312,19 @@ class ConsumerLoop:
         self._stop.wait(delay)
 
     def _dead_letter(self, ctx: RecordContext, exc: BaseException, reason: str) -> None:
-        headers = [
-            *list(ctx.headers),
-            ("cdl-reason", f"{reason}: {exc}".encode()),
-            ("cdl-error", type(exc).__name__.encode()),
-            ("cdl-origin-topic", ctx.topic.encode()),
-            ("cdl-origin-partition", str(ctx.partition).encode()),
-            ("cdl-origin-offset", str(ctx.offset).encode()),
-            ("cdl-group", self.group_id.encode()),
-        ]
-        self._producer.send_raw(self._deadletter, ctx.value, ctx.key, headers)
+        out = dead_letter(
+            self._deadletter,
+            ctx.value,
+            ctx.key,
+            ctx.headers,
+            reason=f"{reason}: {exc}",
+            error=type(exc).__name__,
+            origin_topic=ctx.topic,
+            partition=ctx.partition,
+            offset=ctx.offset,
+            group=self.group_id,
+        )
+        self._producer.send_raw(out.topic, out.value, out.key, out.headers)
         self._producer.flush()
         self.deadlettered += 1
         EVENTS.labels(ctx.topic, self.group_id, "deadlettered").inc()
@@ -342,3 +348,188 @@ class ConsumerLoop:
                 log.warning("offset commit failed", attempt=attempt, error=str(exc))
                 time.sleep(0.2 * (attempt + 1))
         raise UnavailableError("offset commit failed", topic=tp.topic, partition=tp.partition)
+
+
+class BatchProcessor(Protocol):
+    """What :class:`TransactionalLoop` drives (see ``services/ingest/processor.py``)."""
+
+    def on_record(
+        self, partition: int, offset: int, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+    ) -> None: ...
+
+    def wants_flush(self) -> bool: ...
+
+    def flush(self, now: float | None = None) -> list[OutRecord]: ...
+
+
+class TransactionalLoop:
+    """Consume in batches; publish each flush's records and the input offsets in one transaction.
+
+    Exactly-once from the consumer's point of view: after a crash the next
+    instance (same ``transactional_id``) fences the old one, aborts its open
+    transaction and resumes from the offsets of the last committed flush, whose
+    records (dead letters, events, state snapshot) are all visible or none is.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        group_id: str,
+        topics: Sequence[str],
+        transactional_id: str,
+        processor: BatchProcessor,
+        flush_interval_s: float = 1.0,
+        batch_size: int = 1000,
+        consumer_config: dict[str, Any] | None = None,
+        producer_config: dict[str, Any] | None = None,
+    ) -> None:
+        conf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 1000,
+        }
+        conf.update(consumer_config or {})
+        self._consumer = _Consumer(conf)
+        pconf: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "transactional.id": transactional_id,
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "transaction.timeout.ms": 60000,
+        }
+        pconf.update(producer_config or {})
+        self._producer = _Producer(pconf)
+        self._topics = list(topics)
+        self._processor = processor
+        self._flush_interval_s = flush_interval_s
+        self._batch_size = batch_size
+        self._stop = threading.Event()
+        self._last_positions: dict[tuple[str, int], int] = {}
+        self._initialised = False
+        self.transactions = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def _handler(signum: int, frame: FrameType | None) -> None:
+            self.stop()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+    def init(self) -> None:
+        """Fence older instances with the same transactional id and abort their open transaction."""
+        self._producer.init_transactions(30)
+        self._initialised = True
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        if not self._initialised:
+            self.init()
+        self._consumer.subscribe(self._topics, on_revoke=self._on_revoke)
+        last_flush = time.monotonic()
+        try:
+            while not self._stop.is_set() and not (until is not None and until()):
+                for msg in self._consumer.consume(self._batch_size, 0.2):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error", error=str(err))
+                        continue
+                    self._processor.on_record(
+                        int(msg.partition() or 0),
+                        int(msg.offset() or 0),
+                        _as_bytes(msg.key()),
+                        _as_bytes(msg.value()),
+                        [(str(k), v) for k, v in list(msg.headers() or []) if isinstance(v, bytes)],
+                    )
+                if self._processor.wants_flush() or time.monotonic() - last_flush >= self._flush_interval_s:
+                    self.commit()
+                    last_flush = time.monotonic()
+            self.commit()
+        finally:
+            self._consumer.close()
+            self._producer.flush(10)
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.commit()
+
+    def commit(self) -> None:
+        """Flush the processor and commit its records with the consumed offsets."""
+        records = self._processor.flush()
+        assignment = self._consumer.assignment()
+        positions = [tp for tp in self._consumer.position(assignment) if tp.offset >= 0] if assignment else []
+        moved = any(self._last_positions.get((tp.topic, tp.partition)) != tp.offset for tp in positions)
+        if not records and not moved:
+            return
+        self._producer.begin_transaction()
+        try:
+            for rec in records:
+                self._produce(rec)
+            if positions:
+                self._producer.send_offsets_to_transaction(positions, self._consumer.consumer_group_metadata(), 30)
+            self._producer.commit_transaction(60)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if err is not None and hasattr(err, "txn_requires_abort") and err.txn_requires_abort():
+                self._producer.abort_transaction(30)
+            # in-memory state may be ahead of what Kafka holds: stop; a restart recovers
+            raise UnavailableError("transaction failed; restart to recover", error=str(exc)) from exc
+        self._last_positions = {(tp.topic, tp.partition): tp.offset for tp in positions}
+        self.transactions += 1
+
+    def _produce(self, rec: OutRecord) -> None:
+        while True:
+            try:
+                self._producer.produce(rec.topic, value=rec.value, key=rec.key, headers=list(rec.headers))
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+
+def read_latest(bootstrap: str, topic: str, key: bytes, timeout_s: float = 30.0) -> bytes | None:
+    """The newest committed value for ``key`` in ``topic`` (read from start to end)."""
+    consumer = _Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"cdl-reader-{os.getpid()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        md = consumer.list_topics(topic, timeout=10)
+        meta = md.topics.get(topic)
+        if meta is None or meta.error is not None:
+            return None
+        latest: bytes | None = None
+        ends: dict[int, int] = {}
+        tps = []
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                tps.append(TopicPartition(topic, p, low))
+        if not tps:
+            return None
+        consumer.assign(tps)
+        deadline = time.monotonic() + timeout_s
+        quiet = 0
+        # read until the partitions stay quiet: the last records of a transactional
+        # topic are commit markers, never delivered, so positions stop below the end
+        while quiet < 2:
+            if time.monotonic() > deadline:
+                raise UnavailableError("timed out reading state topic", topic=topic)
+            batch = consumer.consume(500, 0.5)
+            quiet = 0 if batch else quiet + 1
+            for msg in batch:
+                if msg.error() is None and msg.key() == key:
+                    latest = _as_bytes(msg.value())
+        return latest
+    finally:
+        consumer.close()

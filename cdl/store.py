@@ -13,6 +13,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from cdl.errors import NotFoundError, UnavailableError
+from cdl.settings import ServiceSettings
 
 __all__ = ["BUCKETS", "ObjectInfo", "ObjectStore", "parse_uri"]
 
@@ -53,6 +54,10 @@ class ObjectStore:
         )
         self._client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, http_client=http)
         self.endpoint = endpoint
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> ObjectStore:
+        return cls(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_secure)
 
     @property
     def client(self) -> Minio:

@@ -1,0 +1,235 @@
+"""Datasets: registered specs, the shard format and version manifests.
+
+Shared by ingest (writes) and trainer/tuner (read).
+
+Storage layout (bucket ``cdl-datasets``)::
+
+    <dataset>/dataset.json                              registered spec
+    <dataset>/shards/p<partition>-<first>-<last>.npz    immutable shard
+    <dataset>/versions/<n>.json                         manifest of version n
+
+Shard format: an uncompressed-header ``.npz`` (numpy zip, no pickled objects)
+with equal-length columns
+
+====== =================== =====================================================
+column dtype               meaning
+====== =================== =====================================================
+id     unicode ``<U``      record id
+label  int16               index into the spec's ``labels``
+split  uint8               0 = train, 1 = holdout (stable hash of the id)
+offset int64               Kafka offset in ``data.raw`` (partition in the name)
+x      spec dtype          ``[n, *input_shape]`` features (tensor datasets)
+text   unicode ``<U``      cleaned text (text datasets)
+====== =================== =====================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cdl.errors import ConflictError, InvalidInputError, NotFoundError
+from cdl.store import ObjectStore
+
+__all__ = [
+    "DATASETS_BUCKET",
+    "DatasetSpec",
+    "DatasetVersion",
+    "Shard",
+    "Task",
+    "decode_shard",
+    "encode_shard",
+    "holdout_member",
+    "load_version",
+    "read_manifest",
+]
+
+DATASETS_BUCKET = "cdl-datasets"
+_TENSOR_DTYPES = ("float32", "float64", "uint8", "int64")
+
+
+class Task(StrEnum):
+    TABULAR = "tabular_classification"
+    IMAGE = "image_classification"
+    TEXT = "text_classification"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: its schema, cleaning rules, retrain policy and split."""
+
+    name: str
+    task: Task
+    labels: tuple[str, ...]
+    input_shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    min_text_length: int = 0
+    lowercase_text: bool = False
+    min_new_records: int = 1000
+    max_interval_s: float = 0.0
+    holdout_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            problems.append("name must be non-empty and use only letters, digits, '-', '_' and '.'")
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or any(not lab for lab in self.labels):
+            problems.append("labels must be at least two distinct non-empty strings")
+        if self.task is Task.TEXT:
+            if self.input_shape:
+                problems.append("text datasets take no input_shape")
+        else:
+            if not self.input_shape or any(d <= 0 for d in self.input_shape):
+                problems.append("tensor datasets need a positive input_shape")
+            if self.dtype not in _TENSOR_DTYPES:
+                problems.append(f"dtype must be one of {', '.join(_TENSOR_DTYPES)}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            problems.append("holdout_fraction must be between 0 and 1")
+        if self.min_new_records <= 0 and self.max_interval_s <= 0:
+            problems.append("the retrain policy needs min_new_records > 0 or max_interval_s > 0")
+        if self.min_new_records < 0 or self.max_interval_s < 0 or self.min_text_length < 0:
+            problems.append("policy and cleaning numbers must not be negative")
+        if problems:
+            raise InvalidInputError("invalid dataset spec: " + "; ".join(problems), dataset=self.name)
+
+    @property
+    def schema_hash(self) -> str:
+        """Hash of what records must look like (task, shape, dtype, labels)."""
+        schema: dict[str, Any] = {"task": self.task.value, "labels": list(self.labels)}
+        if self.task is not Task.TEXT:
+            schema |= {"input_shape": list(self.input_shape), "dtype": self.dtype}
+        return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:16]
+
+    def label_index(self, label: str) -> int:
+        return self.labels.index(label)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["task"] = self.task.value
+        doc["labels"] = list(self.labels)
+        doc["input_shape"] = list(self.input_shape)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> DatasetSpec:
+        fields = dict(doc)
+        fields["task"] = Task(fields["task"])
+        fields["labels"] = tuple(fields["labels"])
+        fields["input_shape"] = tuple(int(d) for d in fields.get("input_shape", ()))
+        return cls(**fields)
+
+
+def holdout_member(dataset: str, record_id: str, fraction: float) -> bool:
+    """Stable split: the same id is in the holdout in every version."""
+    digest = hashlib.blake2b(f"{dataset}\x00{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def encode_shard(columns: Mapping[str, npt.NDArray[Any]]) -> bytes:
+    """Serialize shard columns (see the module docstring) to ``.npz`` bytes."""
+    lengths = {len(v) for v in columns.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"shard columns differ in length: { {k: len(v) for k, v in columns.items()} }")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in columns.items()})
+    return buf.getvalue()
+
+
+def decode_shard(data: bytes) -> dict[str, npt.NDArray[Any]]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A shard as a manifest lists it."""
+
+    key: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    records: int
+    train: int
+    holdout: int
+    label_histogram: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def key_for(dataset: str, partition: int, first: int, last: int) -> str:
+        return f"{dataset}/shards/p{partition:03d}-{first:012d}-{last:012d}.npz"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Shard:
+        return cls(**dict(doc))
+
+
+# --------------------------------------------------------------------------- versions
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    """A version loaded for training: features/texts, label indices and split."""
+
+    spec: DatasetSpec
+    version: int
+    manifest: dict[str, Any]
+    ids: npt.NDArray[np.str_]
+    labels: npt.NDArray[np.int64]
+    split: npt.NDArray[np.uint8]
+    x: npt.NDArray[Any] | None
+    text: npt.NDArray[np.str_] | None
+
+    def subset(self, holdout: bool) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+        mask = self.split == (1 if holdout else 0)
+        data = self.x if self.x is not None else self.text
+        assert data is not None
+        return data[mask], self.labels[mask]
+
+
+def read_manifest(store: ObjectStore, dataset: str, version: int) -> dict[str, Any]:
+    doc: dict[str, Any] = store.get_json(DATASETS_BUCKET, f"{dataset}/versions/{version}.json")
+    return doc
+
+
+def iter_shards(store: ObjectStore, manifest: Mapping[str, Any]) -> Iterator[dict[str, npt.NDArray[Any]]]:
+    for entry in manifest["shards"]:
+        yield decode_shard(store.get_bytes(DATASETS_BUCKET, entry["key"]))
+
+
+def load_version(store: ObjectStore, dataset: str, version: int) -> DatasetVersion:
+    """Read a version's manifest and every shard it lists."""
+    manifest = read_manifest(store, dataset, version)
+    spec = DatasetSpec.from_json(manifest["spec"])
+    parts = list(iter_shards(store, manifest))
+    if not parts:
+        raise NotFoundError("version has no shards", dataset=dataset, version=version)
+
+    def cat(name: str) -> npt.NDArray[Any]:
+        return np.concatenate([p[name] for p in parts])
+
+    total = sum(len(p["id"]) for p in parts)
+    if total != manifest["total_records"]:
+        raise ConflictError("manifest and shards disagree", dataset=dataset, version=version)
+    return DatasetVersion(
+        spec=spec,
+        version=version,
+        manifest=manifest,
+        ids=cat("id"),
+        labels=cat("label").astype(np.int64),
+        split=cat("split"),
+        x=cat("x") if "x" in parts[0] else None,
+        text=cat("text") if "text" in parts[0] else None,
+    )

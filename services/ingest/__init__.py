@@ -1,0 +1,1 @@
+"""The ingest service: records from Kafka and gRPC into validated, versioned datasets."""

@@ -1,0 +1,137 @@
+"""Wiring of the ingest service: clients are built here and passed in."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from cdl.events import Topics, source_name
+from cdl.kafka import Producer, TransactionalLoop, read_latest
+from cdl.logging import configure_logging, get_logger
+from cdl.observability import HttpEndpoint, serve_http
+from cdl.rpc import ErrorInterceptor, add_health
+from cdl.store import BUCKETS, ObjectStore
+from cdl.v1 import ingest_pb2_grpc
+from services.ingest.grpc_api import IngestServicer
+from services.ingest.processor import STATE_KEY, IngestProcessor
+from services.ingest.registry import DatasetRegistry
+from services.ingest.settings import IngestSettings
+
+__all__ = ["IngestApp", "main"]
+
+log = get_logger(__name__)
+
+
+class IngestApp:
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self.source = source_name("ingest")
+        self.store = ObjectStore(
+            settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_secure
+        )
+        self.registry = DatasetRegistry(self.store)
+        self.producer = Producer(settings.kafka_bootstrap, client_id="cdl-ingest-grpc")
+        self.processor = IngestProcessor(
+            registry=self.registry,
+            store=self.store,
+            source=self.source,
+            state_topic=settings.state_topic,
+            shard_max_records=settings.shard_max_records,
+            group=settings.group_id,
+        )
+        self.loop = TransactionalLoop(
+            bootstrap=settings.kafka_bootstrap,
+            group_id=settings.group_id,
+            topics=[Topics.DATA_RAW],
+            transactional_id=f"{settings.group_id}-{settings.instance}",
+            processor=self.processor,
+            flush_interval_s=settings.flush_interval_s,
+            batch_size=settings.batch_size,
+        )
+        self.server: grpc.Server | None = None
+        self.http: HttpEndpoint | None = None
+        self.grpc_port = 0
+        self._ready = threading.Event()
+
+    def _ensure_topics(self) -> None:
+        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+        existing = set(admin.list_topics(timeout=10).topics)
+        wanted = [
+            NewTopic(t, num_partitions=n, replication_factor=1)
+            for t, n in Topics.PARTITIONS.items()
+            if t not in existing
+        ]
+        if self.settings.state_topic not in existing:
+            wanted.append(
+                NewTopic(self.settings.state_topic, 1, 1, config={"cleanup.policy": "compact", "segment.ms": "600000"})
+            )
+        for topic, fut in admin.create_topics(wanted).items() if wanted else []:
+            try:
+                fut.result(30)
+            except Exception as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
+            log.info("topic created", topic=topic)
+
+    def start(self) -> None:
+        """Recover state, start gRPC and the metrics endpoint (the stream runs in ``run``)."""
+        self.store.ensure_buckets(*BUCKETS)
+        self._ensure_topics()
+        self.loop.init()  # fence a previous instance, abort its open transaction
+        self.processor.recover(read_latest(self.settings.kafka_bootstrap, self.settings.state_topic, STATE_KEY))
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.settings.grpc_workers), interceptors=[ErrorInterceptor()]
+        )
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(
+            IngestServicer(self.registry, self.producer, self.source), server
+        )
+        add_health(server, ["cdl.v1.IngestService"])
+        self.grpc_port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        server.start()
+        self.server = server
+        self.http = serve_http(self.settings.metrics_port, health=self._health)
+        self._write_endpoints()
+        log.info("ingest started", grpc_port=self.grpc_port, metrics_port=self.http.port)
+
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        return self._ready.is_set(), {"transactions": self.loop.transactions}
+
+    def _write_endpoints(self) -> None:
+        path = Path(self.settings.state_dir) / "services" / "ingest.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert self.http is not None
+        doc = {"grpc": f"{self.settings.grpc_host}:{self.grpc_port}", "metrics": f"127.0.0.1:{self.http.port}"}
+        path.write_text(json.dumps(doc))
+
+    def run(self) -> None:
+        self._ready.set()
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._ready.clear()
+        if self.server is not None:
+            self.server.stop(grace=2).wait()
+            self.server = None
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+        self.producer.flush(10)
+
+
+def main() -> None:
+    settings = IngestSettings()
+    configure_logging("ingest", settings.log_level)
+    app = IngestApp(settings)
+    app.loop.install_signal_handlers()
+    app.start()
+    app.run()

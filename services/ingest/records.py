@@ -1,0 +1,192 @@
+"""Parsing, validation and cleaning of incoming records (pure logic).
+
+A record arrives as JSON (default) or as a protobuf ``cdl.v1.Record`` (when the
+``content-type`` header says ``application/protobuf``). JSON records look like::
+
+    {"dataset": "digits", "id": "r-1", "features": [0.0, 3.0, ...], "label": "7"}
+    {"dataset": "reviews", "id": "r-2", "text": "great value", "label": "pos"}
+
+``features`` is flat (``prod(input_shape)`` numbers) or nested in the shape;
+``label`` is a string or an integer (compared as its string).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf.message import DecodeError as ProtoDecodeError
+
+from cdl.datasets import DatasetSpec, Task, holdout_member
+from cdl.errors import InvalidInputError
+from cdl.v1 import events_pb2
+
+__all__ = ["CleanRecord", "RawRecord", "Reason", "RecordError", "clean", "parse"]
+
+
+class Reason(StrEnum):
+    """Why a record was rejected (the dead-letter reason code and metric label)."""
+
+    MALFORMED = "malformed"
+    UNKNOWN_DATASET = "unknown_dataset"
+    MISSING_ID = "missing_id"
+    BAD_SHAPE = "bad_shape"
+    BAD_DTYPE = "bad_dtype"
+    NON_FINITE = "non_finite"
+    UNKNOWN_LABEL = "unknown_label"
+    UNLABELLED = "unlabelled"
+    TEXT_TOO_SHORT = "text_too_short"
+    DUPLICATE_ID = "duplicate_id"
+
+
+class RecordError(InvalidInputError):
+    """A record that breaks its dataset's rules; ``reason`` is a :class:`Reason`."""
+
+    def __init__(self, reason: Reason, message: str, **context: object) -> None:
+        super().__init__(f"{reason.value}: {message}", **context)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    dataset: str
+    id: str
+    features: Any  # list / nested list of numbers, or a numpy array (protobuf)
+    shape: tuple[int, ...] | None  # given shape (protobuf Tensor), None for JSON
+    text: str | None
+    label: str
+
+
+@dataclass(frozen=True)
+class CleanRecord:
+    dataset: str
+    id: str
+    label: int
+    holdout: bool
+    x: npt.NDArray[Any] | None
+    text: str | None
+
+
+def parse(value: bytes | None, content_type: str) -> RawRecord:
+    """Decode one record; :class:`RecordError` (MALFORMED) says why not."""
+    if value is None:
+        raise RecordError(Reason.MALFORMED, "empty record")
+    if content_type.startswith(("application/protobuf", "application/x-protobuf")):
+        return _parse_proto(value)
+    return _parse_json(value)
+
+
+def _parse_json(value: bytes) -> RawRecord:
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(Reason.MALFORMED, f"not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise RecordError(Reason.MALFORMED, "a record must be a JSON object")
+    dataset, rid, label = doc.get("dataset"), doc.get("id"), doc.get("label", "")
+    if not isinstance(dataset, str) or not dataset:
+        raise RecordError(Reason.MALFORMED, "field 'dataset' must be a non-empty string")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    if not isinstance(rid, str) or not rid:
+        raise RecordError(Reason.MISSING_ID, "field 'id' must be a non-empty string", dataset=dataset)
+    if label is None:
+        label = ""
+    if isinstance(label, int) and not isinstance(label, bool):
+        label = str(label)
+    if not isinstance(label, str):
+        raise RecordError(Reason.MALFORMED, "field 'label' must be a string or an integer", dataset=dataset)
+    text = doc.get("text")
+    if text is not None and not isinstance(text, str):
+        raise RecordError(Reason.BAD_DTYPE, "field 'text' must be a string", dataset=dataset)
+    return RawRecord(dataset, rid, doc.get("features"), None, text, label)
+
+
+def _parse_proto(value: bytes) -> RawRecord:
+    rec = events_pb2.Record()
+    try:
+        rec.ParseFromString(value)
+    except ProtoDecodeError as exc:
+        raise RecordError(Reason.MALFORMED, f"not a cdl.v1.Record: {exc}") from exc
+    if not rec.dataset:
+        raise RecordError(Reason.MALFORMED, "field 'dataset' is empty")
+    if not rec.id:
+        raise RecordError(Reason.MISSING_ID, "field 'id' is empty", dataset=rec.dataset)
+    which = rec.WhichOneof("input")
+    if which == "tensor":
+        values = np.asarray(rec.tensor.values, dtype=np.float64)
+        return RawRecord(rec.dataset, rec.id, values, tuple(rec.tensor.shape), None, rec.label)
+    if which == "text":
+        return RawRecord(rec.dataset, rec.id, None, None, rec.text, rec.label)
+    return RawRecord(rec.dataset, rec.id, None, None, None, rec.label)
+
+
+_INT_RANGES = {"uint8": (0, 255), "int64": (-(2**63), 2**63 - 1)}
+
+
+def clean(raw: RawRecord, spec: DatasetSpec) -> CleanRecord:
+    """Validate ``raw`` against ``spec`` and apply its cleaning rules."""
+    ctx = {"dataset": raw.dataset, "id": raw.id}
+    if not raw.label:
+        raise RecordError(Reason.UNLABELLED, "record has no label (late labels are not supported yet)", **ctx)
+    if raw.label not in spec.labels:
+        raise RecordError(Reason.UNKNOWN_LABEL, f"label {raw.label!r} is not one of the dataset's labels", **ctx)
+    label = spec.label_index(raw.label)
+    holdout = holdout_member(spec.name, raw.id, spec.holdout_fraction)
+    if spec.task is Task.TEXT:
+        if raw.text is None:
+            raise RecordError(Reason.BAD_DTYPE, "a text dataset needs field 'text'", **ctx)
+        text = " ".join(raw.text.split())
+        if spec.lowercase_text:
+            text = text.lower()
+        if len(text) < spec.min_text_length:
+            raise RecordError(
+                Reason.TEXT_TOO_SHORT, f"text has {len(text)} characters, needs {spec.min_text_length}", **ctx
+            )
+        return CleanRecord(raw.dataset, raw.id, label, holdout, None, text)
+    return CleanRecord(raw.dataset, raw.id, label, holdout, _tensor(raw, spec, ctx), None)
+
+
+def _tensor(raw: RawRecord, spec: DatasetSpec, ctx: dict[str, Any]) -> npt.NDArray[Any]:
+    if raw.features is None:
+        raise RecordError(Reason.BAD_SHAPE, "a tensor dataset needs field 'features'", **ctx)
+    if isinstance(raw.features, np.ndarray):
+        arr = raw.features
+    else:
+        if not isinstance(raw.features, list):
+            raise RecordError(Reason.BAD_DTYPE, "field 'features' must be a list of numbers", **ctx)
+        try:
+            arr = np.asarray(raw.features, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            detail = str(exc).split("\n")[0]
+            reason = Reason.BAD_SHAPE if "inhomogeneous" in detail else Reason.BAD_DTYPE
+            raise RecordError(reason, f"features are not numbers of one shape: {detail}", **ctx) from exc
+        if _has_bool(raw.features):
+            raise RecordError(Reason.BAD_DTYPE, "features must be numbers, not booleans", **ctx)
+    size = math.prod(spec.input_shape)
+    if raw.shape is not None and raw.shape and tuple(raw.shape) != spec.input_shape:
+        raise RecordError(Reason.BAD_SHAPE, f"shape {list(raw.shape)} != {list(spec.input_shape)}", **ctx)
+    if arr.ndim > 1 and arr.shape != spec.input_shape:
+        raise RecordError(Reason.BAD_SHAPE, f"shape {list(arr.shape)} != {list(spec.input_shape)}", **ctx)
+    if arr.size != size:
+        raise RecordError(Reason.BAD_SHAPE, f"{arr.size} values, expected {size} {list(spec.input_shape)}", **ctx)
+    if not np.all(np.isfinite(arr)):
+        raise RecordError(Reason.NON_FINITE, "features contain NaN or infinity", **ctx)
+    if spec.dtype in _INT_RANGES:
+        lo, hi = _INT_RANGES[spec.dtype]
+        if not np.all(arr == np.round(arr)) or arr.min() < lo or arr.max() > hi:
+            raise RecordError(Reason.BAD_DTYPE, f"features must be {spec.dtype} integers in [{lo}, {hi}]", **ctx)
+    return arr.reshape(spec.input_shape).astype(spec.dtype)
+
+
+def _has_bool(values: Any) -> bool:
+    if isinstance(values, bool):
+        return True
+    if isinstance(values, list):
+        return any(_has_bool(v) for v in values[:1]) or any(isinstance(v, bool) for v in values)
+    return False

@@ -1,0 +1,34 @@
+"""Settings of the ingest service (env prefix ``CDL_INGEST_``)."""
+
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from cdl.settings import ServiceSettings
+
+__all__ = ["IngestSettings"]
+
+
+class IngestSettings(ServiceSettings):
+    """Ingest: the data.raw stream processor and the IngestService gRPC API."""
+
+    model_config = SettingsConfigDict(env_prefix="CDL_INGEST_", extra="ignore", use_attribute_docstrings=True)
+
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds to."""
+    grpc_port: int = 0
+    """IngestService port; 0 picks a free one."""
+    group_id: str = "cdl-ingest"
+    """Consumer group over data.raw."""
+    instance: str = "0"
+    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    state_topic: str = "cdl.ingest.state"
+    """Compacted topic holding the ingest state snapshot."""
+    flush_interval_s: float = 1.0
+    """How often buffered records become shards and the retrain policy is checked."""
+    shard_max_records: int = 5000
+    """Flush early when this many valid records are buffered."""
+    batch_size: int = 1000
+    """Records fetched from Kafka per consume call."""
+    grpc_workers: int = 8
+    """Threads serving gRPC requests."""
