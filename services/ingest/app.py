@@ -43,13 +43,16 @@ class IngestApp:
             store=self.store,
             source=self.source,
             state_topic=settings.state_topic,
+            raw_topic=settings.raw_topic,
+            deadletter_topic=settings.deadletter_topic,
+            updated_topic=settings.updated_topic,
             shard_max_records=settings.shard_max_records,
             group=settings.group_id,
         )
         self.loop = TransactionalLoop(
             bootstrap=settings.kafka_bootstrap,
             group_id=settings.group_id,
-            topics=[Topics.DATA_RAW],
+            topics=[settings.raw_topic],
             transactional_id=f"{settings.group_id}-{settings.instance}",
             processor=self.processor,
             flush_interval_s=settings.flush_interval_s,
@@ -68,6 +71,9 @@ class IngestApp:
             for t, n in Topics.PARTITIONS.items()
             if t not in existing
         ]
+        for topic in (self.settings.raw_topic, self.settings.deadletter_topic, self.settings.updated_topic):
+            if topic not in existing and topic not in Topics.PARTITIONS:
+                wanted.append(NewTopic(topic, num_partitions=3 if topic == self.settings.raw_topic else 1))
         if self.settings.state_topic not in existing:
             wanted.append(
                 NewTopic(self.settings.state_topic, 1, 1, config={"cleanup.policy": "compact", "segment.ms": "600000"})
@@ -90,7 +96,7 @@ class IngestApp:
             futures.ThreadPoolExecutor(max_workers=self.settings.grpc_workers), interceptors=[ErrorInterceptor()]
         )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(
-            IngestServicer(self.registry, self.producer, self.source), server
+            IngestServicer(self.registry, self.producer, self.source, self.settings.raw_topic), server
         )
         add_health(server, ["cdl.v1.IngestService"])
         self.grpc_port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")

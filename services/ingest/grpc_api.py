@@ -10,7 +10,7 @@ from confluent_kafka import KafkaError, Message
 
 from cdl.datasets import DatasetSpec, Task
 from cdl.errors import InvalidInputError
-from cdl.events import CONTENT_PROTOBUF, Event, Topics, encode
+from cdl.events import CONTENT_PROTOBUF, Event, encode
 from cdl.kafka import Producer
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 from services.ingest.records import Reason, RecordError, clean, parse
@@ -57,7 +57,8 @@ def spec_to_proto(s: DatasetSpec) -> ingest_pb2.DatasetSpec:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, registry: DatasetRegistry, producer: Producer, source: str) -> None:
+    def __init__(self, registry: DatasetRegistry, producer: Producer, source: str, raw_topic: str) -> None:
+        self._raw_topic = raw_topic
         self._registry = registry
         self._producer = producer
         self._source = source
@@ -118,7 +119,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 continue
             event = Event(record, source=self._source, key=record.dataset)
             key, _, headers = encode(event)
-            self._producer.send_raw(Topics.DATA_RAW, value, key, headers, on_delivery=delivered(ack))  # type: ignore[arg-type]
+            self._producer.send_raw(self._raw_topic, value, key, headers, on_delivery=delivered(ack))  # type: ignore[arg-type]
             pending += 1
         if pending:
             self._producer.flush()

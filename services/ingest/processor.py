@@ -55,6 +55,7 @@ class IngestProcessor:
         store: ObjectStore,
         source: str,
         state_topic: str,
+        raw_topic: str = Topics.DATA_RAW,
         deadletter_topic: str = Topics.DATA_DEADLETTER,
         updated_topic: str = Topics.DATA_UPDATED,
         shard_max_records: int = 5000,
@@ -64,6 +65,7 @@ class IngestProcessor:
         self._store = store
         self._source = source
         self._state_topic = state_topic
+        self._raw_topic = raw_topic
         self._deadletter_topic = deadletter_topic
         self._updated_topic = updated_topic
         self._shard_max = shard_max_records
@@ -113,7 +115,7 @@ class IngestProcessor:
                     headers,
                     reason=str(exc),
                     error=exc.reason.value,
-                    origin_topic=Topics.DATA_RAW,
+                    origin_topic=self._raw_topic,
                     partition=partition,
                     offset=offset,
                     group=self._group,
@@ -183,7 +185,7 @@ class IngestProcessor:
         spec = self._registry.get(name)
         ds = self.state.datasets[name]
         version = ds.version + 1
-        manifest = build_manifest(spec, ds, version, now)
+        manifest = build_manifest(spec, ds, version, now, self._raw_topic)
         uri = self._store.put_json(DATASETS_BUCKET, f"{name}/versions/{version}.json", manifest)
         msg = events_pb2.DataUpdated(
             dataset=name,

@@ -22,6 +22,12 @@ class IngestSettings(ServiceSettings):
     """Consumer group over data.raw."""
     instance: str = "0"
     """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    raw_topic: str = "data.raw"
+    """Topic records arrive on."""
+    deadletter_topic: str = "data.deadletter"
+    """Topic rejected records go to."""
+    updated_topic: str = "data.updated"
+    """Topic dataset versions are announced on."""
     state_topic: str = "cdl.ingest.state"
     """Compacted topic holding the ingest state snapshot."""
     flush_interval_s: float = 1.0

@@ -81,7 +81,9 @@ def policy_due(spec: DatasetSpec, state: DatasetState, now: float) -> bool:
     return spec.max_interval_s > 0 and now - state.last_version_at >= spec.max_interval_s
 
 
-def build_manifest(spec: DatasetSpec, state: DatasetState, version: int, now: float) -> dict[str, Any]:
+def build_manifest(
+    spec: DatasetSpec, state: DatasetState, version: int, now: float, raw_topic: str = Topics.DATA_RAW
+) -> dict[str, Any]:
     """The manifest of ``version``: every committed shard, the new ones marked."""
     histogram: Counter[str] = Counter()
     new_histogram: Counter[str] = Counter()
@@ -110,7 +112,6 @@ def build_manifest(spec: DatasetSpec, state: DatasetState, version: int, now: fl
         "label_histogram": dict(sorted(histogram.items())),
         "new_label_histogram": dict(sorted(new_histogram.items())),
         "offset_ranges": [
-            {"topic": Topics.DATA_RAW, "partition": p, "first": lo, "last": hi}
-            for p, (lo, hi) in sorted(ranges.items())
+            {"topic": raw_topic, "partition": p, "first": lo, "last": hi} for p, (lo, hi) in sorted(ranges.items())
         ],
     }
