@@ -8,7 +8,7 @@ Storage layout (bucket ``cdl-datasets``)::
     <dataset>/shards/p<partition>-<first>-<last>.npz    immutable shard
     <dataset>/versions/<n>.json                         manifest of version n
 
-Shard format: an uncompressed-header ``.npz`` (numpy zip, no pickled objects)
+Shard format: an uncompressed ``.npz`` (numpy zip, no pickled objects)
 with equal-length columns
 
 ====== =================== =====================================================
@@ -50,6 +50,7 @@ __all__ = [
     "holdout_member",
     "load_version",
     "read_manifest",
+    "unit_hash",
 ]
 
 DATASETS_BUCKET = "cdl-datasets"
@@ -127,10 +128,14 @@ class DatasetSpec:
         return cls(**fields)
 
 
+def unit_hash(data: bytes) -> float:
+    """A stable hash of ``data`` mapped to [0, 1)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") / 2**64
+
+
 def holdout_member(dataset: str, record_id: str, fraction: float) -> bool:
     """Stable split: the same id is in the holdout in every version."""
-    digest = hashlib.blake2b(f"{dataset}\x00{record_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
+    return unit_hash(f"{dataset}\x00{record_id}".encode()) < fraction
 
 
 # --------------------------------------------------------------------------- shards
@@ -142,7 +147,7 @@ def encode_shard(columns: Mapping[str, npt.NDArray[Any]]) -> bytes:
     if len(lengths) != 1:
         raise ValueError(f"shard columns differ in length: { {k: len(v) for k, v in columns.items()} }")
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in columns.items()})
+    np.savez(buf, **{k: np.asarray(v) for k, v in columns.items()})
     return buf.getvalue()
 
 

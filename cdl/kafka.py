@@ -353,8 +353,9 @@ class ConsumerLoop:
 class BatchProcessor(Protocol):
     """What :class:`TransactionalLoop` drives (see ``services/ingest/processor.py``)."""
 
-    def on_record(
-        self, partition: int, offset: int, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+    def on_batch(
+        self,
+        batch: Sequence[tuple[int, int, bytes | None, bytes | None, Sequence[tuple[str, bytes]] | None]],
     ) -> None: ...
 
     def wants_flush(self) -> bool: ...
@@ -412,6 +413,8 @@ class TransactionalLoop:
         self._last_positions: dict[tuple[str, int], int] = {}
         self._initialised = False
         self.transactions = 0
+        #: set while the group has given this loop its partitions
+        self.assigned = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
@@ -431,23 +434,21 @@ class TransactionalLoop:
     def run(self, until: Callable[[], bool] | None = None) -> None:
         if not self._initialised:
             self.init()
-        self._consumer.subscribe(self._topics, on_revoke=self._on_revoke)
+        self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_flush = time.monotonic()
         try:
             while not self._stop.is_set() and not (until is not None and until()):
-                for msg in self._consumer.consume(self._batch_size, 0.2):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error", error=str(err))
-                        continue
-                    self._processor.on_record(
-                        int(msg.partition() or 0),
-                        int(msg.offset() or 0),
-                        _as_bytes(msg.key()),
-                        _as_bytes(msg.value()),
-                        [(str(k), v) for k, v in list(msg.headers() or []) if isinstance(v, bytes)],
-                    )
+                msgs = self._consumer.consume(self._batch_size, 0.2)
+                # hot path: confluent-kafka already hands out bytes and ints
+                batch = [
+                    (m.partition(), m.offset(), m.key(), m.value(), m.headers()) for m in msgs if m.error() is None
+                ]
+                for m in msgs:
+                    err = m.error()
+                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error", error=str(err))
+                if batch:
+                    self._processor.on_batch(batch)  # type: ignore[arg-type]
                 if self._processor.wants_flush() or time.monotonic() - last_flush >= self._flush_interval_s:
                     self.commit()
                     last_flush = time.monotonic()
@@ -456,7 +457,12 @@ class TransactionalLoop:
             self._consumer.close()
             self._producer.flush(10)
 
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned.set()
+        log.info("partitions assigned", partitions=[f"{tp.topic}[{tp.partition}]" for tp in partitions])
+
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned.clear()
         self.commit()
 
     def commit(self) -> None:

@@ -107,7 +107,8 @@ class IngestApp:
         log.info("ingest started", grpc_port=self.grpc_port, metrics_port=self.http.port)
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
-        return self._ready.is_set(), {"transactions": self.loop.transactions}
+        ready = self._ready.is_set() and self.loop.assigned.is_set()
+        return ready, {"transactions": self.loop.transactions, "assigned": self.loop.assigned.is_set()}
 
     def _write_endpoints(self) -> None:
         path = Path(self.settings.state_dir) / "services" / "ingest.json"

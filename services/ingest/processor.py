@@ -13,17 +13,20 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+import orjson
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
-from cdl.datasets import DATASETS_BUCKET, Shard, Task, decode_shard, encode_shard
-from cdl.events import Event, OutRecord, Topics, dead_letter, header_dict
+from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard, encode_shard
+from cdl.events import CONTENT_JSON, Event, OutRecord, Topics, dead_letter, header_dict
 from cdl.logging import get_logger
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
-from services.ingest.records import CleanRecord, Reason, RecordError, clean, parse
+from services.ingest.records import CleanRecord, FastBatch, Reason, RecordError, clean, clean_json_batch, parse
 from services.ingest.registry import DatasetRegistry
 from services.ingest.versioning import IngestState, build_manifest, policy_due
 
@@ -43,8 +46,40 @@ PENDING = Gauge("cdl_ingest_pending_records", "Valid records not yet in a versio
 class _Buffer:
     first: int = -1
     last: int = -1
-    records: list[CleanRecord] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    splits: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    x: list[npt.NDArray[Any]] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+    def add(self, rec: CleanRecord, offset: int) -> None:
+        if self.first < 0 or offset < self.first:
+            self.first = offset
+        self.last = max(self.last, offset)
+        self.ids.append(rec.id)
+        self.labels.append(rec.label)
+        self.splits.append(1 if rec.holdout else 0)
+        self.offsets.append(offset)
+        if rec.text is not None:
+            self.text.append(rec.text)
+        if rec.x is not None:
+            self.x.append(rec.x.reshape(1, *rec.x.shape))
+
+    def extend(
+        self, ids: list[str], labels: list[int], splits: list[int], offsets: list[int], x: npt.NDArray[Any]
+    ) -> None:
+        lo, hi = min(offsets), max(offsets)
+        self.first = lo if self.first < 0 else min(self.first, lo)
+        self.last = max(self.last, hi)
+        self.ids.extend(ids)
+        self.labels.extend(labels)
+        self.splits.extend(splits)
+        self.offsets.extend(offsets)
+        self.x.append(x)
+
+
+Incoming = tuple[int, int, bytes | None, bytes | None, Sequence[tuple[str, bytes]] | None]
 
 
 class IngestProcessor:
@@ -75,6 +110,8 @@ class IngestProcessor:
         self._buffers: dict[tuple[str, int], _Buffer] = {}
         self._dead: list[OutRecord] = []
         self._buffered = 0
+        self._pending: dict[str, int] = {}
+        self._version_due = False
         self._dirty = False
 
     # ---------------------------------------------------------------- recovery
@@ -92,10 +129,69 @@ class IngestProcessor:
         )
 
     # ---------------------------------------------------------------- records
-    def on_record(
-        self, partition: int, offset: int, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
-    ) -> None:
-        content_type = header_dict(headers).get("content-type", "application/json")
+    def on_batch(self, batch: Sequence[Incoming]) -> None:
+        """Validate a batch of ``data.raw`` records: buffer the good, dead-letter the rest."""
+        loads = orjson.loads
+        groups: dict[str, list[int]] = defaultdict(list)
+        docs: dict[int, dict[str, Any]] = {}
+        slow: list[int] = []
+        for i, (_, _, _, value, headers) in enumerate(batch):
+            if value is None or (headers and header_dict(headers).get("content-type", CONTENT_JSON) != CONTENT_JSON):
+                slow.append(i)
+                continue
+            try:
+                doc = loads(value)
+            except orjson.JSONDecodeError:
+                slow.append(i)
+                continue
+            name = doc.get("dataset") if type(doc) is dict else None
+            if type(name) is not str:
+                slow.append(i)
+                continue
+            groups[name].append(i)
+            docs[i] = doc
+        for name, idxs in groups.items():
+            spec = self._registry.lookup(name)
+            if spec is None or spec.task is Task.TEXT:
+                slow.extend(idxs)
+                continue
+            fast = clean_json_batch([docs[i] for i in idxs], [batch[i][3] or b"" for i in idxs], spec)
+            slow.extend(idxs[j] for j in fast.undecided)
+            self._keep_fast(spec, batch, [idxs[j] for j in fast.rows], fast)
+        for i in sorted(slow):
+            self._one(batch[i])
+
+    def _keep_fast(self, spec: DatasetSpec, batch: Sequence[Incoming], idx: list[int], fast: FastBatch) -> None:
+        seen = self._seen[spec.name]
+        keep_rows: dict[int, list[int]] = defaultdict(list)
+        for row, i in enumerate(idx):
+            rid = fast.ids[row]
+            if rid in seen:
+                err = RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=spec.name, id=rid)
+                self._reject(batch[i], err, spec.name)
+                continue
+            seen.add(rid)
+            keep_rows[batch[i][0]].append(row)
+        kept = 0
+        for partition, rows in keep_rows.items():
+            buf = self._buffers.setdefault((spec.name, partition), _Buffer())
+            buf.extend(
+                [fast.ids[r] for r in rows],
+                [fast.labels[r] for r in rows],
+                [fast.holdout[r] for r in rows],
+                [batch[idx[r]][1] for r in rows],
+                fast.x[rows],
+            )
+            kept += len(rows)
+        self._buffered += kept
+        self._note_pending(spec, kept)
+        if kept:
+            RECORDS.labels(spec.name, "accepted").inc(kept)
+
+    def _one(self, incoming: Incoming) -> None:
+        """The careful path: one record, with the precise reason when it is rejected."""
+        partition, offset, _, value, headers = incoming
+        content_type = header_dict(headers).get("content-type", CONTENT_JSON) if headers else CONTENT_JSON
         dataset = "?"
         try:
             raw = parse(value, content_type)
@@ -107,35 +203,43 @@ class IngestProcessor:
             if rec.id in self._seen[rec.dataset]:
                 raise RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=rec.dataset, id=rec.id)
         except RecordError as exc:
-            self._dead.append(
-                dead_letter(
-                    self._deadletter_topic,
-                    value,
-                    key,
-                    headers,
-                    reason=str(exc),
-                    error=exc.reason.value,
-                    origin_topic=self._raw_topic,
-                    partition=partition,
-                    offset=offset,
-                    group=self._group,
-                )
-            )
-            REJECTED.labels(exc.reason.value).inc()
-            RECORDS.labels(dataset, "rejected").inc()
+            self._reject(incoming, exc, dataset)
             return
         self._seen[rec.dataset].add(rec.id)
-        buf = self._buffers.setdefault((rec.dataset, partition), _Buffer())
-        if buf.first < 0:
-            buf.first = offset
-        buf.last = offset
-        buf.records.append(rec)
-        buf.offsets.append(offset)
+        self._buffers.setdefault((rec.dataset, partition), _Buffer()).add(rec, offset)
         self._buffered += 1
+        self._note_pending(spec, 1)
         RECORDS.labels(rec.dataset, "accepted").inc()
 
+    def _reject(self, incoming: Incoming, exc: RecordError, dataset: str) -> None:
+        partition, offset, key, value, headers = incoming
+        self._dead.append(
+            dead_letter(
+                self._deadletter_topic,
+                value,
+                key,
+                headers,
+                reason=str(exc),
+                error=exc.reason.value,
+                origin_topic=self._raw_topic,
+                partition=partition,
+                offset=offset,
+                group=self._group,
+            )
+        )
+        REJECTED.labels(exc.reason.value).inc()
+        RECORDS.labels(dataset, "rejected").inc()
+
     def wants_flush(self) -> bool:
-        return self._buffered >= self._shard_max or len(self._dead) >= 10000
+        return self._version_due or self._buffered >= self._shard_max or len(self._dead) >= 10000
+
+    def _note_pending(self, spec: DatasetSpec, n: int) -> None:
+        """Flush as soon as a count policy is reached (freshness), not at the next interval."""
+        self._pending[spec.name] = self._pending.get(spec.name, 0) + n
+        ds = self.state.datasets.get(spec.name)
+        committed = ds.new_records if ds is not None else 0
+        if spec.min_new_records > 0 and committed + self._pending[spec.name] >= spec.min_new_records:
+            self._version_due = True
 
     # ---------------------------------------------------------------- flush
     def flush(self, now: float | None = None) -> list[OutRecord]:
@@ -145,11 +249,13 @@ class IngestProcessor:
         self._dead.clear()
         changed = bool(out)
         for (dataset, partition), buf in sorted(self._buffers.items()):
-            if buf.records:
+            if buf.ids:
                 self._write_shard(dataset, partition, buf)
                 changed = True
         self._buffers.clear()
         self._buffered = 0
+        self._pending.clear()
+        self._version_due = False
         for name, ds in sorted(self.state.datasets.items()):
             spec = self._registry.lookup(name)
             if spec is not None and policy_due(spec, ds, now):
@@ -163,22 +269,22 @@ class IngestProcessor:
 
     def _write_shard(self, dataset: str, partition: int, buf: _Buffer) -> None:
         spec = self._registry.get(dataset)
-        recs = buf.records
-        columns = {
-            "id": np.array([r.id for r in recs]),
-            "label": np.array([r.label for r in recs], dtype=np.int16),
-            "split": np.array([1 if r.holdout else 0 for r in recs], dtype=np.uint8),
+        columns: dict[str, npt.NDArray[Any]] = {
+            "id": np.array(buf.ids),
+            "label": np.array(buf.labels, dtype=np.int16),
+            "split": np.array(buf.splits, dtype=np.uint8),
             "offset": np.array(buf.offsets, dtype=np.int64),
         }
         if spec.task is Task.TEXT:
-            columns["text"] = np.array([r.text or "" for r in recs])
+            columns["text"] = np.array(buf.text)
         else:
-            columns["x"] = np.stack([r.x for r in recs if r.x is not None]).astype(spec.dtype)
+            columns["x"] = np.concatenate(buf.x).astype(spec.dtype, copy=False)
         key = Shard.key_for(dataset, partition, buf.first, buf.last)
         self._store.put_bytes(DATASETS_BUCKET, key, encode_shard(columns))
+        n = len(buf.ids)
         holdout = int(columns["split"].sum())
-        hist = Counter(spec.labels[r.label] for r in recs)
-        shard = Shard(key, partition, buf.first, buf.last, len(recs), len(recs) - holdout, holdout, dict(hist))
+        hist = Counter(spec.labels[i] for i in buf.labels)
+        shard = Shard(key, partition, buf.first, buf.last, n, n - holdout, holdout, dict(hist))
         self.state.dataset(dataset).shards.append(shard)
 
     def _commit_version(self, name: str, now: float) -> OutRecord:

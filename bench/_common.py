@@ -1,0 +1,45 @@
+"""Shared helpers for the benchmarks: a private local stack and the RESULT line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cdl.settings import StackSettings
+from cdl.stack import LocalStack
+
+
+@contextlib.contextmanager
+def private_stack(triton_servers: int = 1) -> Iterator[dict[str, Any]]:
+    """Start a stack of our own (fresh state dir) and stop it afterwards."""
+    with tempfile.TemporaryDirectory(prefix="cdl-bench-") as tmp:
+        stack = LocalStack(StackSettings(state_dir=Path(tmp), triton_servers=triton_servers))
+        try:
+            state = stack.up()
+            os.environ["CDL_STATE_DIR"] = tmp
+            yield state
+        finally:
+            stack.down()
+
+
+def machine() -> str:
+    cpus = os.cpu_count() or 0
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()} {cpus} cores {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def result(name: str, value: float, baseline: float, *, op: str, goal: float, unit: str = "") -> str:
+    ratio = value / baseline if baseline else float("nan")
+    ok = ratio >= goal if op == ">=" else ratio <= goal
+    line = (
+        f"RESULT {name} value={value:.6g} baseline={baseline:.6g} ratio={ratio:.4f} goal={op}{goal} "
+        f"pass={'true' if ok else 'false'}"
+    )
+    if unit:
+        line += f" unit={unit}"
+    return line

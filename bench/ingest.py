@@ -1,0 +1,136 @@
+"""bench/ingest: validated records per second end to end, against a bare producer.
+
+Both sides send the same pre-encoded JSON records (scikit-learn digits: 64
+features and a label) to the same broker in the same run:
+
+- baseline: a bare confluent-kafka producer writing them to a topic (produce + flush);
+- cdl: produce them to ``data.raw`` with the ingest service running, until the
+  dataset version holding all of them is announced on ``data.updated``
+  (validated, dead-letter checked, sharded in MinIO, manifest written).
+
+Goal (DESIGN.md): cdl >= 0.5 x baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import Consumer, Producer
+from sklearn.datasets import load_digits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import machine, private_stack, result
+from cdl.events import decode
+from cdl.stack._procs import free_port
+from cdl.v1 import ingest_pb2, ingest_pb2_grpc
+
+N = int(os.environ.get("CDL_BENCH_INGEST_RECORDS", "200000"))
+
+
+def records(dataset: str) -> list[bytes]:
+    digits = load_digits()
+    x, y = digits.data, digits.target
+    out = []
+    for i in range(N):
+        j = i % len(x)
+        doc = {"dataset": dataset, "id": f"d{i}", "features": x[j].tolist(), "label": str(y[j])}
+        out.append(json.dumps(doc).encode())
+    return out
+
+
+def bare_producer(bootstrap: str, topic: str, values: list[bytes]) -> float:
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "compression.type": "lz4", "acks": "all"})
+    start = time.perf_counter()
+    for v in values:
+        while True:
+            try:
+                p.produce(topic, v)
+                break
+            except BufferError:
+                p.poll(0.01)
+    p.flush()
+    return len(values) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    with private_stack() as state:
+        bootstrap = state["kafka"]["bootstrap"]
+        name = f"bench-{uuid.uuid4().hex[:6]}"
+        values = records(name)
+        print(f"machine: {machine()}; {N} records of {np.mean([len(v) for v in values]):.0f} bytes")
+
+        base = bare_producer(bootstrap, f"bench.bare.{name}", values)
+        print(f"bare confluent-kafka producer: {base:,.0f} records/s")
+
+        grpc_port, metrics_port = free_port(), free_port()
+        env = dict(
+            os.environ,
+            CDL_INGEST_GRPC_PORT=str(grpc_port),
+            CDL_INGEST_METRICS_PORT=str(metrics_port),
+            CDL_INGEST_LOG_LEVEL="WARNING",
+            PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        )
+        log = open(Path(os.environ["CDL_STATE_DIR"]) / "ingest.log", "wb")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "services.ingest"]
+        if os.environ.get("CDL_BENCH_PROFILE"):
+            cmd = [sys.executable, "-m", "cProfile", "-o", os.environ["CDL_BENCH_PROFILE"], "-m", "services.ingest"]
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+        try:
+            for _ in range(300):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=1):
+                        break
+                except OSError:
+                    time.sleep(0.2)
+            import grpc
+
+            spec = ingest_pb2.DatasetSpec(
+                name=name,
+                task=ingest_pb2.TASK_IMAGE_CLASSIFICATION,
+                input_shape=[64],
+                dtype="float32",
+                labels=[str(i) for i in range(10)],
+                policy=ingest_pb2.RetrainPolicy(min_new_records=N),
+                holdout_fraction=0.2,
+            )
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+                ingest_pb2_grpc.IngestServiceStub(ch).RegisterDataset(ingest_pb2.RegisterDatasetRequest(spec=spec))
+            watcher = Consumer(
+                {"bootstrap.servers": bootstrap, "group.id": f"bench-{name}", "auto.offset.reset": "latest"}
+            )
+            watcher.subscribe(["data.updated"])
+            watcher.poll(1.0)
+            start = time.perf_counter()
+            bare_producer(bootstrap, "data.raw", values)
+            produced = time.perf_counter() - start
+            total = 0
+            while total < N and time.perf_counter() - start < 600:
+                msg = watcher.poll(0.5)
+                if msg is None or msg.error():
+                    continue
+                ev = decode(msg.key(), msg.value(), msg.headers())
+                if ev.payload.dataset == name:  # type: ignore[attr-defined]
+                    total = ev.payload.total_records  # type: ignore[attr-defined]
+            elapsed = time.perf_counter() - start
+            watcher.close()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        if total < N:
+            raise SystemExit(f"ingest did not version all records in time ({total}/{N})")
+        cdl = N / elapsed
+        print(f"cdl ingest end to end: {cdl:,.0f} records/s ({elapsed:.1f}s; producing took {produced:.1f}s)")
+        print(result("ingest_records_per_s", cdl, base, op=">=", goal=0.5, unit="records/s"))
+
+
+if __name__ == "__main__":
+    main()
