@@ -18,7 +18,7 @@ from cdl.stack import LocalStack
 def private_stack(triton_servers: int = 1) -> Iterator[dict[str, Any]]:
     """Start a stack of our own (fresh state dir) and stop it afterwards."""
     with tempfile.TemporaryDirectory(prefix="cdl-bench-") as tmp:
-        stack = LocalStack(StackSettings(state_dir=Path(tmp), triton_servers=triton_servers))
+        stack = LocalStack(StackSettings(state_dir=Path(tmp), triton_servers=triton_servers, services=[]))
         try:
             state = stack.up()
             os.environ["CDL_STATE_DIR"] = tmp

@@ -22,6 +22,8 @@ __all__ = ["app", "main"]
 app = typer.Typer(help="cdl: continuous deep learning over Kafka, MinIO and Triton.", no_args_is_help=True)
 stack_app = typer.Typer(help="Start, inspect and stop the local stack.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+dataset_app = typer.Typer(help="Register and inspect datasets (through the ingest service).", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
 console = Console()
 
 StateDir = Annotated[
@@ -61,6 +63,10 @@ def stack_up(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Stay in the foreground with a live view; Ctrl-C stops the stack.")
     ] = False,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="With --follow: register 'digits' and stream its records into data.raw.")
+    ] = False,
+    demo_rate: Annotated[float, typer.Option(help="Records per second of the demo feed.")] = 100.0,
 ) -> None:
     """Start Kafka (KRaft), MinIO and Triton on free ports and wait until each is healthy."""
     overrides: dict[str, Any] = {}
@@ -77,7 +83,7 @@ def stack_up(
             if component not in tasks:
                 tasks[component] = progress.add_task(f"{component}: {phase}", total=1)
             colour = {"healthy": "green", "ready": "green", "failed": "red", "starting": "yellow"}.get(phase, "white")
-            done = phase in ("ready", "failed") or (phase == "healthy" and component.startswith("triton"))
+            done = phase in ("ready", "failed") or (phase == "healthy" and component not in ("kafka", "minio"))
             progress.update(
                 tasks[component], description=f"{component}: [{colour}]{phase}[/] {detail}", completed=1 if done else 0
             )
@@ -95,9 +101,22 @@ def stack_up(
     for t in state.get("triton", []):
         console.print(f"  triton   grpc {t['grpc']}  http {t['http']}  repository {t['repository']}")
     if follow:
+        feed = None
         try:
+            if demo:
+                from cdl.demo import DigitsFeed, register_digits
+
+                ingest = state.get("services", {}).get("ingest", {}).get("grpc")
+                if not ingest:
+                    console.print("[red]--demo needs the ingest service in the stack[/]")
+                    raise typer.Exit(1)
+                register_digits(ingest)
+                feed = DigitsFeed(state["kafka"]["bootstrap"], rate=demo_rate).start()
+                console.print(f"demo: streaming digits into data.raw at {demo_rate:.0f} records/s")
             _watch(stack, interval=2.0)
         finally:
+            if feed is not None:
+                feed.stop()
             stopped = stack.down()
             console.print(f"stopped: {', '.join(stopped) or 'nothing'}")
 
@@ -150,7 +169,14 @@ def _watch(stack: LocalStack, interval: float) -> None:
         objects.add_column("objects", justify="right")
         for name, n in snap.objects.items():
             objects.add_row(name, str(n))
-        parts: list[Any] = [_status_table(snap.components), topics, objects]
+        datasets = Table(title="datasets (newest version)")
+        for col in ("dataset", "version", "records", "new", "holdout", "shards"):
+            datasets.add_column(col, justify="left" if col == "dataset" else "right")
+        for d in snap.datasets:
+            datasets.add_row(
+                *(str(d.get(c, "-")) for c in ("dataset", "version", "records", "new", "holdout", "shards"))
+            )
+        parts: list[Any] = [_status_table(snap.components), topics, objects, datasets]
         if snap.errors:
             parts.append(Panel("\n".join(snap.errors), title="errors", style="red"))
         parts.append("[dim]Ctrl-C to stop[/]")
@@ -165,6 +191,106 @@ def _watch(stack: LocalStack, interval: float) -> None:
         pass
     finally:
         observer.close()
+
+
+IngestEndpoint = Annotated[
+    str | None, typer.Option("--ingest", help="Ingest gRPC endpoint host:port (default: from the local stack).")
+]
+
+
+def _ingest_endpoint(endpoint: str | None, state_dir: Path | None) -> str:
+    if endpoint:
+        return endpoint
+    found = _stack(state_dir).read_state().get("services", {}).get("ingest", {}).get("grpc")
+    if not found:
+        console.print("[red]no ingest endpoint: start the stack (cdl stack up) or pass --ingest[/]")
+        raise typer.Exit(1)
+    return str(found)
+
+
+def _rpc_error(exc: Exception) -> typer.Exit:
+    import grpc
+
+    if isinstance(exc, grpc.RpcError):
+        console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
+    else:
+        console.print(f"[red]error[/]: {exc}")
+    return typer.Exit(1)
+
+
+@dataset_app.command("register")
+def dataset_register(  # noqa: PLR0917 - typer maps parameters to options
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    task: Annotated[str, typer.Option(help="tabular | image | text")] = "tabular",
+    labels: Annotated[str, typer.Option(help="Comma-separated label set.")] = "",
+    shape: Annotated[str, typer.Option(help="Input shape without batch, e.g. 1,8,8 (tensor tasks).")] = "",
+    dtype: Annotated[str, typer.Option(help="float32 | float64 | uint8 | int64")] = "float32",
+    min_new_records: Annotated[int, typer.Option(help="Version after this many new valid records (0: off).")] = 1000,
+    max_interval_s: Annotated[float, typer.Option(help="Or after this many seconds with new records (0: off).")] = 0.0,
+    holdout: Annotated[float, typer.Option(help="Holdout fraction (stable hash of the record id).")] = 0.2,
+    min_text_length: Annotated[int, typer.Option(help="Text datasets: shortest accepted text.")] = 0,
+    lowercase: Annotated[bool, typer.Option(help="Text datasets: lowercase the text.")] = False,
+    ingest: IngestEndpoint = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Register a dataset (or update its policy); its schema cannot change once registered."""
+    import grpc
+
+    from cdl.v1 import ingest_pb2, ingest_pb2_grpc
+
+    tasks = {
+        "tabular": ingest_pb2.TASK_TABULAR_CLASSIFICATION,
+        "image": ingest_pb2.TASK_IMAGE_CLASSIFICATION,
+        "text": ingest_pb2.TASK_TEXT_CLASSIFICATION,
+    }
+    if task not in tasks:
+        console.print(f"[red]--task must be one of {', '.join(tasks)}[/]")
+        raise typer.Exit(2)
+    spec = ingest_pb2.DatasetSpec(
+        name=name,
+        task=tasks[task],
+        input_shape=[int(d) for d in shape.split(",") if d.strip()],
+        dtype=dtype,
+        labels=[lab.strip() for lab in labels.split(",") if lab.strip()],
+        cleaning=ingest_pb2.CleaningRules(min_text_length=min_text_length, lowercase_text=lowercase),
+        policy=ingest_pb2.RetrainPolicy(min_new_records=min_new_records, max_interval_s=max_interval_s),
+        holdout_fraction=holdout,
+    )
+    try:
+        with grpc.insecure_channel(_ingest_endpoint(ingest, state_dir)) as ch:
+            resp = ingest_pb2_grpc.IngestServiceStub(ch).RegisterDataset(
+                ingest_pb2.RegisterDatasetRequest(spec=spec), timeout=10
+            )
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from exc
+    verb = "registered" if resp.created else "updated"
+    console.print(f"[green]{verb}[/] {name} (schema {resp.dataset.schema_hash})")
+
+
+@dataset_app.command("show")
+def dataset_show(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    ingest: IngestEndpoint = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Show a dataset's spec and its newest version."""
+    import grpc
+    from google.protobuf import json_format
+
+    from cdl.v1 import ingest_pb2, ingest_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(_ingest_endpoint(ingest, state_dir)) as ch:
+            resp = ingest_pb2_grpc.IngestServiceStub(ch).GetDataset(ingest_pb2.GetDatasetRequest(name=name), timeout=10)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from exc
+    ds = resp.dataset
+    table = Table(title=f"dataset {name}", show_header=False)
+    table.add_row("schema hash", ds.schema_hash)
+    table.add_row("latest version", str(ds.latest_version))
+    for key, value in json_format.MessageToDict(ds.spec, preserving_proto_field_name=True).items():
+        table.add_row(key, str(value))
+    console.print(table)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The session's local stack: its state (endpoints) as written to stack.json."""
     state_dir = tmp_path_factory.mktemp("stack")
-    settings = StackSettings(state_dir=state_dir, triton_servers=1)
+    settings = StackSettings(state_dir=state_dir, triton_servers=1, services=[])
     local = LocalStack(settings)
     try:
         state = local.up()

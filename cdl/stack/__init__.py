@@ -22,6 +22,7 @@ from cdl.stack._components import (
     Component,
     KafkaComponent,
     MinioComponent,
+    ServiceComponent,
     TritonComponent,
     ensure_triton_install,
 )
@@ -95,6 +96,9 @@ class LocalStack:
             comps.append(
                 TritonComponent(name, d / name, ports, settings=s, s3_endpoint=f"{s.host}:{minio_ports['api']}")
             )
+        for name in s.services:
+            ports = old_ports(name) or {"grpc": free_port(s.host), "metrics": free_port(s.host)}
+            comps.append(ServiceComponent(name, d / name, ports, settings=s))
         return comps
 
     # ------------------------------------------------------------------ up
@@ -112,11 +116,14 @@ class LocalStack:
         }
         try:
             # Kafka and MinIO first (Triton reads its repository from MinIO)
-            first = [c for c in comps if not isinstance(c, TritonComponent)]
+            servers = [c for c in comps if isinstance(c, KafkaComponent | MinioComponent)]
             tritons = [c for c in comps if isinstance(c, TritonComponent)]
-            self._start(first, running, state, progress)
+            services = [c for c in comps if isinstance(c, ServiceComponent)]
+            self._start(servers, running, state, progress)
             self._provision(state, progress)
             self._start(tritons, running, state, progress)
+            self._write_state(state)  # services read their endpoints from the state file
+            self._start(services, running, state, progress)
         except BaseException:
             self._write_state(state)
             raise
@@ -140,6 +147,8 @@ class LocalStack:
             desc = comp.describe()
             if isinstance(comp, TritonComponent):
                 state["triton"] = [t for t in state.get("triton", []) if t["grpc"] != desc["grpc"]] + [desc]
+            elif isinstance(comp, ServiceComponent):
+                state.setdefault("services", {})[comp.name] = desc
             else:
                 state[comp.name] = desc
             self._write_state(state)
@@ -194,8 +203,9 @@ class LocalStack:
         state = self.read_state()
         stopped = []
         procs = state.get("procs", {})
-        # reverse start order: Triton, MinIO, then Kafka last
-        for name in sorted(procs, key=lambda n: (n.startswith("triton"), n != "minio"), reverse=True):
+        # reverse start order: services, Triton, MinIO, then Kafka last
+        rank = {"kafka": 3, "minio": 2}
+        for name in sorted(procs, key=lambda n: rank.get(n, 1 if n.startswith("triton-") else 0)):
             info = ProcInfo(**procs[name])
             if stop(info, self.settings.stop_timeout_s):
                 stopped.append(name)

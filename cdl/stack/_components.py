@@ -18,7 +18,14 @@ from typing import Any
 from cdl.errors import ConfigError
 from cdl.settings import StackSettings
 
-__all__ = ["Component", "KafkaComponent", "MinioComponent", "TritonComponent", "triton_install_dir"]
+__all__ = [
+    "Component",
+    "KafkaComponent",
+    "MinioComponent",
+    "ServiceComponent",
+    "TritonComponent",
+    "triton_install_dir",
+]
 
 
 @dataclass
@@ -326,3 +333,37 @@ class TritonComponent(Component):
             "metrics": f"{h}:{self.ports['metrics']}",
             "repository": self.repository,
         }
+
+
+# --------------------------------------------------------------------------- cdl services
+
+
+@dataclass
+class ServiceComponent(Component):
+    """A cdl service process (``python -m services.<name>``) wired to this stack."""
+
+    settings: StackSettings = field(default_factory=StackSettings)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", f"services.{self.name}"]
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        prefix = f"CDL_{self.name.upper()}_"
+        env["CDL_STATE_DIR"] = str(self.settings.state_dir)
+        env[prefix + "METRICS_PORT"] = str(self.ports["metrics"])
+        if "grpc" in self.ports:
+            env[prefix + "GRPC_PORT"] = str(self.ports["grpc"])
+        root = str(Path(__file__).resolve().parent.parent.parent)
+        env["PYTHONPATH"] = f"{root}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else root
+        return env
+
+    def prepare(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def healthy(self) -> bool:
+        return _http_ok(f"http://{self.settings.host}:{self.ports['metrics']}/readyz")
+
+    def describe(self) -> dict[str, Any]:
+        h = self.settings.host
+        return {k: f"{h}:{v}" for k, v in self.ports.items()}

@@ -16,6 +16,7 @@ class Snapshot:
     components: list[dict[str, Any]]
     topics: dict[str, int] = field(default_factory=dict)
     objects: dict[str, int] = field(default_factory=dict)
+    datasets: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -55,6 +56,31 @@ class StackObserver:
     def object_counts(self) -> dict[str, int]:
         return {b: sum(1 for _ in self._store.list(b)) for b in BUCKETS}
 
+    def datasets(self) -> list[dict[str, Any]]:
+        """Each registered dataset with its newest version's counts."""
+        from cdl.datasets import DATASETS_BUCKET
+
+        rows = []
+        names = sorted(
+            {o.key.split("/")[0] for o in self._store.list(DATASETS_BUCKET) if o.key.endswith("/dataset.json")}
+        )
+        for name in names:
+            versions = [
+                int(o.key.rsplit("/", 1)[1].split(".")[0])
+                for o in self._store.list(DATASETS_BUCKET, prefix=f"{name}/versions/")
+            ]
+            row: dict[str, Any] = {"dataset": name, "version": max(versions, default=0)}
+            if versions:
+                m = self._store.get_json(DATASETS_BUCKET, f"{name}/versions/{row['version']}.json")
+                row |= {
+                    "records": m["total_records"],
+                    "new": m["new_records"],
+                    "holdout": m["holdout_records"],
+                    "shards": len(m["shards"]),
+                }
+            rows.append(row)
+        return rows
+
     def snapshot(self, components: list[dict[str, Any]]) -> Snapshot:
         snap = Snapshot(components)
         try:
@@ -63,6 +89,7 @@ class StackObserver:
             snap.errors.append(f"kafka: {exc}")
         try:
             snap.objects = self.object_counts()
+            snap.datasets = self.datasets()
         except Exception as exc:  # noqa: BLE001
             snap.errors.append(f"minio: {exc}")
         return snap

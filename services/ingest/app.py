@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -103,19 +101,11 @@ class IngestApp:
         server.start()
         self.server = server
         self.http = serve_http(self.settings.metrics_port, health=self._health)
-        self._write_endpoints()
         log.info("ingest started", grpc_port=self.grpc_port, metrics_port=self.http.port)
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
         ready = self._ready.is_set() and self.loop.assigned.is_set()
         return ready, {"transactions": self.loop.transactions, "assigned": self.loop.assigned.is_set()}
-
-    def _write_endpoints(self) -> None:
-        path = Path(self.settings.state_dir) / "services" / "ingest.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        assert self.http is not None
-        doc = {"grpc": f"{self.settings.grpc_host}:{self.grpc_port}", "metrics": f"127.0.0.1:{self.http.port}"}
-        path.write_text(json.dumps(doc))
 
     def run(self) -> None:
         self._ready.set()

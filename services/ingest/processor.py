@@ -112,6 +112,8 @@ class IngestProcessor:
         self._buffered = 0
         self._pending: dict[str, int] = {}
         self._version_due = False
+        self._last_time_check = 0.0
+        self._first_seen: dict[str, float] = {}
         self._dirty = False
 
     # ---------------------------------------------------------------- recovery
@@ -231,11 +233,26 @@ class IngestProcessor:
         RECORDS.labels(dataset, "rejected").inc()
 
     def wants_flush(self) -> bool:
-        return self._version_due or self._buffered >= self._shard_max or len(self._dead) >= 10000
+        """Flush now: a version is due (by count or by time) or the buffers are full."""
+        if self._version_due or self._buffered >= self._shard_max or len(self._dead) >= 10000:
+            return True
+        now = time.monotonic()
+        if now - self._last_time_check < 0.5:
+            return False
+        self._last_time_check = now
+        wall = time.time()
+        for name in set(self._pending) | {n for n, d in self.state.datasets.items() if d.pending}:
+            spec = self._registry.lookup(name)
+            ds = self.state.datasets.get(name)
+            last = ds.last_version_at if ds is not None else self._first_seen.get(name, wall)
+            if spec is not None and spec.max_interval_s > 0 and wall - last >= spec.max_interval_s:
+                return True
+        return False
 
     def _note_pending(self, spec: DatasetSpec, n: int) -> None:
         """Flush as soon as a count policy is reached (freshness), not at the next interval."""
         self._pending[spec.name] = self._pending.get(spec.name, 0) + n
+        self._first_seen.setdefault(spec.name, time.time())
         ds = self.state.datasets.get(spec.name)
         committed = ds.new_records if ds is not None else 0
         if spec.min_new_records > 0 and committed + self._pending[spec.name] >= spec.min_new_records:
@@ -285,7 +302,7 @@ class IngestProcessor:
         holdout = int(columns["split"].sum())
         hist = Counter(spec.labels[i] for i in buf.labels)
         shard = Shard(key, partition, buf.first, buf.last, n, n - holdout, holdout, dict(hist))
-        self.state.dataset(dataset).shards.append(shard)
+        self.state.dataset(dataset, self._first_seen.get(dataset)).shards.append(shard)
 
     def _commit_version(self, name: str, now: float) -> OutRecord:
         spec = self._registry.get(name)

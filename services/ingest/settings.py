@@ -30,8 +30,9 @@ class IngestSettings(ServiceSettings):
     """Topic dataset versions are announced on."""
     state_topic: str = "cdl.ingest.state"
     """Compacted topic holding the ingest state snapshot."""
-    flush_interval_s: float = 1.0
-    """How often buffered records become shards and the retrain policy is checked."""
+    flush_interval_s: float = 10.0
+    """Longest time valid records and dead letters wait in memory before a flush (a version
+    that falls due by count or time flushes at once)."""
     shard_max_records: int = 5000
     """Flush early when this many valid records are buffered."""
     batch_size: int = 1000

@@ -58,9 +58,10 @@ class IngestState:
     datasets: dict[str, DatasetState] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
-    def dataset(self, name: str) -> DatasetState:
+    def dataset(self, name: str, first_seen: float | None = None) -> DatasetState:
+        """The dataset's state; a new dataset's time policy counts from its first record."""
         if name not in self.datasets:
-            self.datasets[name] = DatasetState(last_version_at=time.time())
+            self.datasets[name] = DatasetState(last_version_at=first_seen or time.time())
         return self.datasets[name]
 
     def to_json(self) -> dict[str, Any]:
