@@ -219,7 +219,7 @@ def _rpc_error(exc: Exception) -> typer.Exit:
 
 
 @dataset_app.command("register")
-def dataset_register(  # noqa: PLR0917 - typer maps parameters to options
+def dataset_register(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
     task: Annotated[str, typer.Option(help="tabular | image | text")] = "tabular",
     labels: Annotated[str, typer.Option(help="Comma-separated label set.")] = "",

@@ -34,6 +34,7 @@ __all__ = [
     "DLQ_HEADERS",
     "ConsumerLoop",
     "Delivery",
+    "JobLoop",
     "Outgoing",
     "Producer",
     "RecordContext",
@@ -539,3 +540,226 @@ def read_latest(bootstrap: str, topic: str, key: bytes, timeout_s: float = 30.0)
         return latest
     finally:
         consumer.close()
+
+
+@dataclass
+class _Pending:
+    event: Event
+    ctx: RecordContext
+
+
+class JobLoop:
+    """Long jobs from events, one at a time, exactly once.
+
+    Events are decoded and coalesced by ``key(event)``: of several pending
+    events with one key only the newest is handled (a backlog of dataset
+    versions trains once, on the newest). While a job runs in a worker thread
+    the loop pauses its partitions and keeps polling, so a long job causes no
+    rebalance whatever ``max.poll.interval.ms`` is. When the job returns, its
+    outputs and the consumed offsets (never past an event still pending) are
+    committed in one transaction. Undecodable events and jobs that fail for
+    good are dead-lettered in the same way.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        group_id: str,
+        topics: Sequence[str],
+        transactional_id: str,
+        job: Callable[[Event, RecordContext], Sequence[OutRecord]],
+        key: Callable[[Event], str],
+        deadletter_topic: str = Topics.DATA_DEADLETTER,
+        max_retries: int = 3,
+        backoff_s: float = 1.0,
+    ) -> None:
+        self._consumer = _Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "session.timeout.ms": 10000,
+                "heartbeat.interval.ms": 1000,
+            }
+        )
+        self._producer = _Producer(
+            {"bootstrap.servers": bootstrap, "transactional.id": transactional_id, "transaction.timeout.ms": 60000}
+        )
+        self.group_id = group_id
+        self._topics = list(topics)
+        self._job = job
+        self._key = key
+        self._deadletter = deadletter_topic
+        self._max_retries = max_retries
+        self._backoff_s = backoff_s
+        self._pending: dict[str, _Pending] = {}
+        self._dead: list[OutRecord] = []
+        self._stop = threading.Event()
+        self.assigned = threading.Event()
+        self.busy = threading.Event()
+        self.jobs_done = 0
+        self.coalesced = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def _handler(signum: int, frame: FrameType | None) -> None:
+            self.stop()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+    def init(self) -> None:
+        self._producer.init_transactions(30)
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        self.init()
+        self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self._stop.is_set() and not (until is not None and until()):
+                for msg in self._consumer.consume(100, 0.3):
+                    self._take(msg)
+                if self._pending:
+                    self._run_one()
+                elif self._dead:
+                    self._commit([])
+        finally:
+            self._consumer.close()
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned.set()
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned.clear()
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._pending = {k: p for k, p in self._pending.items() if (p.ctx.topic, p.ctx.partition) not in gone}
+
+    def _take(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error", error=str(err))
+            return
+        ctx = RecordContext(
+            topic=str(msg.topic()),
+            partition=int(msg.partition() or 0),
+            offset=int(msg.offset() or 0),
+            key=_as_bytes(msg.key()),
+            value=_as_bytes(msg.value()),
+            headers=[(str(k), v) for k, v in list(msg.headers() or []) if isinstance(v, bytes)],
+        )
+        try:
+            event = decode(ctx.key, ctx.value, ctx.headers)
+        except DecodeError as exc:
+            self._dead.append(self._dead_letter(ctx, f"undecodable: {exc}", type(exc).__name__))
+            return
+        key = self._key(event)
+        if key in self._pending:
+            self.coalesced += 1
+            log.info("event coalesced", key=key, dropped=self._pending[key].event.id, newest=event.id)
+        self._pending[key] = _Pending(event, ctx)
+
+    def _dead_letter(self, ctx: RecordContext, reason: str, error: str) -> OutRecord:
+        EVENTS.labels(ctx.topic, self.group_id, "deadlettered").inc()
+        return dead_letter(
+            self._deadletter,
+            ctx.value,
+            ctx.key,
+            ctx.headers,
+            reason=reason,
+            error=error,
+            origin_topic=ctx.topic,
+            partition=ctx.partition,
+            offset=ctx.offset,
+            group=self.group_id,
+        )
+
+    def _run_one(self) -> None:
+        key = min(self._pending, key=lambda k: (self._pending[k].ctx.partition, self._pending[k].ctx.offset))
+        item = self._pending[key]
+        outputs: list[OutRecord] = []
+        attempt = 0
+        while True:
+            error: BaseException | None = None
+            try:
+                outputs = list(self._in_worker(item))
+            except BaseException as exc:  # noqa: BLE001 - decided below
+                error = exc
+            if error is None:
+                break
+            retryable = not isinstance(error, CdlError) or error.retryable
+            if retryable and attempt < self._max_retries and not self._stop.is_set():
+                attempt += 1
+                log.warning("job failed, retrying", key=key, attempt=attempt, error=str(error))
+                self._stop.wait(self._backoff_s * attempt)
+                continue
+            if self._stop.is_set() and retryable:
+                return  # leave it uncommitted: the next run takes it again
+            kind = "permanent failure" if not retryable else "retries exhausted"
+            log.error("job failed", key=key, error=str(error))
+            outputs = [self._dead_letter(item.ctx, f"{kind}: {error}", type(error).__name__)]
+            break
+        if self._pending.get(key) is item:
+            del self._pending[key]
+        self._commit(outputs)
+        self.jobs_done += 1
+
+    def _in_worker(self, item: _Pending) -> Sequence[OutRecord]:
+        """Run the job in a thread; pause and keep polling meanwhile (no rebalance)."""
+        result: list[Sequence[OutRecord]] = []
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                result.append(self._job(item.event, item.ctx))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the loop thread
+                failure.append(exc)
+
+        assignment = self._consumer.assignment()
+        self._consumer.pause(assignment)
+        self.busy.set()
+        worker = threading.Thread(target=work, name="cdl-job", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                msg = self._consumer.poll(0.2)  # paused: serves the group, returns nothing
+                if msg is not None:
+                    self._take(msg)
+                worker.join(0.05)
+        finally:
+            self.busy.clear()
+            self._consumer.resume(self._consumer.assignment())
+        if failure:
+            raise failure[0]
+        return result[0]
+
+    def _commit(self, outputs: Sequence[OutRecord]) -> None:
+        records = [*self._dead, *outputs]
+        assignment = self._consumer.assignment()
+        positions = [tp for tp in self._consumer.position(assignment) if tp.offset >= 0] if assignment else []
+        # never commit past an event that is still pending
+        floor: dict[tuple[str, int], int] = {}
+        for p in self._pending.values():
+            k = (p.ctx.topic, p.ctx.partition)
+            floor[k] = min(floor.get(k, p.ctx.offset), p.ctx.offset)
+        offsets = [
+            TopicPartition(tp.topic, tp.partition, min(tp.offset, floor.get((tp.topic, tp.partition), tp.offset)))
+            for tp in positions
+        ]
+        self._producer.begin_transaction()
+        try:
+            for rec in records:
+                self._producer.produce(rec.topic, value=rec.value, key=rec.key, headers=list(rec.headers))
+            if offsets:
+                self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 30)
+            self._producer.commit_transaction(60)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if err is not None and hasattr(err, "txn_requires_abort") and err.txn_requires_abort():
+                self._producer.abort_transaction(30)
+            raise UnavailableError("transaction failed; restart to recover", error=str(exc)) from exc
+        self._dead.clear()

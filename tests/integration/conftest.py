@@ -135,3 +135,49 @@ def ingest_factory(stack: dict[str, Any], ingest_topics: dict[str, str], tmp_pat
 
 def state_json(path: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
+
+
+@pytest.fixture
+def trainer_topics(kafka_bootstrap: str) -> dict[str, str]:
+    uid = uuid.uuid4().hex[:8]
+    topics = {
+        "updated": f"test.updated.{uid}",
+        "tuning": f"test.tuning.{uid}",
+        "trained": f"test.trained.{uid}",
+        "deadletter": f"test.dlq.{uid}",
+    }
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for fut in admin.create_topics(
+        [NewTopic(t, num_partitions=1, replication_factor=1) for t in topics.values()]
+    ).values():
+        fut.result(30)
+    topics["group"] = f"cdl-trainer-{uid}"
+    return topics
+
+
+@pytest.fixture
+def trainer_factory(stack: dict[str, Any], trainer_topics: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    started: list[ServiceProcess] = []
+
+    def make(**overrides: str) -> ServiceProcess:
+        env = dict(os.environ)
+        env.update(
+            {
+                "CDL_STATE_DIR": stack["state_dir"],
+                "CDL_TRAINER_METRICS_PORT": str(free_port()),
+                "CDL_TRAINER_UPDATED_TOPIC": trainer_topics["updated"],
+                "CDL_TRAINER_TUNING_TOPIC": trainer_topics["tuning"],
+                "CDL_TRAINER_TRAINED_TOPIC": trainer_topics["trained"],
+                "CDL_TRAINER_DEADLETTER_TOPIC": trainer_topics["deadletter"],
+                "CDL_TRAINER_GROUP_ID": trainer_topics["group"],
+                "PYTHONPATH": str(ROOT),
+            }
+        )
+        env.update({f"CDL_TRAINER_{k.upper()}": v for k, v in overrides.items()})
+        svc = ServiceProcess("trainer", env, tmp_path / f"trainer-{len(started)}.log")
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in started:
+        svc.stop()

@@ -1,0 +1,1 @@
+"""The ML core shared by trainer and tuner: models, preprocessing, the training loop."""

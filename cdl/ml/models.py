@@ -1,0 +1,152 @@
+"""Model families: MLP (tabular), CNN (images), a hashed-token text classifier."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import nn
+
+from cdl.datasets import Task
+
+__all__ = ["DEFAULTS", "Family", "ModelConfig", "build_model", "family_for"]
+
+
+class Family(StrEnum):
+    MLP = "mlp"
+    CNN = "cnn"
+    TEXT = "text"
+
+
+def family_for(task: Task) -> Family:
+    return {Task.TABULAR: Family.MLP, Task.IMAGE: Family.CNN, Task.TEXT: Family.TEXT}[task]
+
+
+#: default hyperparameters per family (the tuner searches around these)
+DEFAULTS: Mapping[Family, Mapping[str, Any]] = {
+    Family.MLP: {
+        "hidden": 128,
+        "layers": 2,
+        "dropout": 0.1,
+        "lr": 3e-3,
+        "weight_decay": 1e-4,
+        "batch_size": 64,
+        "epochs": 30,
+    },
+    Family.CNN: {"channels": 32, "dropout": 0.2, "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 30},
+    Family.TEXT: {
+        "embed_dim": 64,
+        "buckets": 2**15,
+        "ngrams": 2,
+        "dropout": 0.1,
+        "lr": 5e-3,
+        "weight_decay": 0.0,
+        "batch_size": 64,
+        "epochs": 20,
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model (stored with every checkpoint)."""
+
+    family: Family
+    input_shape: tuple[int, ...]
+    num_classes: int
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["family"] = self.family.value
+        doc["input_shape"] = list(self.input_shape)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ModelConfig:
+        return cls(Family(doc["family"]), tuple(doc["input_shape"]), int(doc["num_classes"]), dict(doc["hparams"]))
+
+    def architecture(self) -> dict[str, Any]:
+        """What must match for a warm start (shapes of every weight)."""
+        keys = {"hidden", "layers", "channels", "embed_dim", "buckets"}
+        return {
+            "family": self.family.value,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            **{k: v for k, v in sorted(self.hparams.items()) if k in keys},
+        }
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, hidden: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
+        blocks.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+class CNN(nn.Module):
+    """Two conv blocks and a linear head; works for small images such as 8x8 digits."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, channels: int, dropout: float) -> None:
+        super().__init__()
+        c, h, w = in_shape if len(in_shape) == 3 else (1, *in_shape)
+        self.in_shape = (c, h, w)
+        self.features = nn.Sequential(
+            nn.Conv2d(c, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels * 2, 3, padding=1),
+            nn.BatchNorm2d(channels * 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2) if min(h, w) >= 4 else nn.Identity(),
+        )
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, c, h, w)).numel()
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], *self.in_shape)
+        out: torch.Tensor = self.head(self.features(x))
+        return out
+
+
+class TextClassifier(nn.Module):
+    """Hashed unigram/bigram ids -> EmbeddingBag (mean) -> linear."""
+
+    def __init__(self, buckets: int, embed_dim: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(buckets, embed_dim, mode="mean", padding_idx=0)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc(self.dropout(self.embedding(ids)))
+        return out
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    hp = {**DEFAULTS[config.family], **config.hparams}
+    if config.family is Family.MLP:
+        return MLP(
+            math.prod(config.input_shape),
+            config.num_classes,
+            int(hp["hidden"]),
+            int(hp["layers"]),
+            float(hp["dropout"]),
+        )
+    if config.family is Family.CNN:
+        return CNN(config.input_shape, config.num_classes, int(hp["channels"]), float(hp["dropout"]))
+    return TextClassifier(int(hp["buckets"]), int(hp["embed_dim"]), config.num_classes, float(hp["dropout"]))

@@ -1,0 +1,152 @@
+"""The model registry in the object store (bucket ``cdl-models``).
+
+Layout::
+
+    <model>/<version>/claim.json            dataset version this model version is for
+    <model>/<version>/model.safetensors     weights
+    <model>/<version>/model.json            ModelConfig (family, shapes, hyperparameters)
+    <model>/<version>/preprocessing.json    fitted preprocessing (transformation registry)
+    <model>/<version>/metrics.json          per-epoch metrics, holdout scores
+    <model>/<version>/lineage.json          dataset version + offsets, parent, hyperparameters, code, device
+    <model>/<version>/result.json           written last: the verdict (the version is complete)
+    <model>/claims/d<dataset version>.json  index: dataset version -> model version
+    <model>/champion.json                   newest accepted version
+    <model>/serving.json                    version the gateway serves (set by the gateway)
+    <model>/hyperparameters.json            newest tuned hyperparameters and their source
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from cdl.errors import NotFoundError
+from cdl.ml.models import ModelConfig, build_model
+from cdl.ml.preprocess import Preprocessor
+from cdl.store import ObjectStore
+
+__all__ = ["MODELS_BUCKET", "LoadedModel", "ModelRegistry"]
+
+MODELS_BUCKET = "cdl-models"
+_VERSION_DIR = re.compile(r"^[^/]+/(\d+)/claim\.json$")
+
+
+@dataclass
+class LoadedModel:
+    version: int
+    config: ModelConfig
+    preprocessor: Preprocessor
+    module: torch.nn.Module
+
+
+class ModelRegistry:
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ versions
+    def versions(self, model: str) -> list[int]:
+        found = []
+        for obj in self._store.list(MODELS_BUCKET, prefix=f"{model}/"):
+            m = _VERSION_DIR.match(obj.key)
+            if m:
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def claim(self, model: str, dataset: str, dataset_version: int) -> tuple[int, bool]:
+        """The model version for ``dataset_version``: the one claimed before, or the next one.
+
+        Returns ``(version, new)``. A redelivered event gets the same version, so
+        versions are monotonic and never duplicated.
+        """
+        with self._lock:
+            index = f"{model}/claims/d{dataset_version:09d}.json"
+            if self._store.exists(MODELS_BUCKET, index):
+                return int(self._store.get_json(MODELS_BUCKET, index)["version"]), False
+            version = max(self.versions(model), default=0) + 1
+            doc = {"model": model, "version": version, "dataset": dataset, "dataset_version": dataset_version}
+            self._store.put_json(MODELS_BUCKET, f"{model}/{version}/claim.json", doc)
+            self._store.put_json(MODELS_BUCKET, index, doc)
+            return version, True
+
+    # ------------------------------------------------------------------ artifacts
+    def save(
+        self,
+        model: str,
+        version: int,
+        *,
+        state: dict[str, torch.Tensor],
+        config: ModelConfig,
+        preprocessor: Preprocessor,
+        metrics: dict[str, Any],
+        lineage: dict[str, Any],
+        result: dict[str, Any],
+    ) -> str:
+        prefix = f"{model}/{version}"
+        weights = safetensors.torch.save({k: v.contiguous() for k, v in state.items()})
+        uri = self._store.put_bytes(MODELS_BUCKET, f"{prefix}/model.safetensors", weights)
+        self._store.put_json(MODELS_BUCKET, f"{prefix}/model.json", config.to_json())
+        self._store.put_json(MODELS_BUCKET, f"{prefix}/preprocessing.json", preprocessor.to_json())
+        self._store.put_json(MODELS_BUCKET, f"{prefix}/metrics.json", metrics)
+        self._store.put_json(MODELS_BUCKET, f"{prefix}/lineage.json", lineage)
+        self._store.put_json(MODELS_BUCKET, f"{prefix}/result.json", {**result, "checkpoint_uri": uri})
+        return uri
+
+    def result(self, model: str, version: int) -> dict[str, Any] | None:
+        key = f"{model}/{version}/result.json"
+        if not self._store.exists(MODELS_BUCKET, key):
+            return None
+        doc: dict[str, Any] = self._store.get_json(MODELS_BUCKET, key)
+        return doc
+
+    def document(self, model: str, version: int, name: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._store.get_json(MODELS_BUCKET, f"{model}/{version}/{name}.json")
+        return doc
+
+    def config(self, model: str, version: int) -> ModelConfig:
+        return ModelConfig.from_json(self.document(model, version, "model"))
+
+    def load(self, model: str, version: int) -> LoadedModel:
+        config = self.config(model, version)
+        pre = Preprocessor.from_json(self.document(model, version, "preprocessing"))
+        module = build_model(config)
+        state = safetensors.torch.load(self._store.get_bytes(MODELS_BUCKET, f"{model}/{version}/model.safetensors"))
+        module.load_state_dict(state)
+        module.eval()
+        return LoadedModel(version, config, pre, module)
+
+    # ------------------------------------------------------------------ pointers
+    def _pointer(self, model: str, name: str) -> int | None:
+        try:
+            return int(self._store.get_json(MODELS_BUCKET, f"{model}/{name}.json")["version"])
+        except NotFoundError:
+            return None
+
+    def champion(self, model: str) -> int | None:
+        return self._pointer(model, "champion")
+
+    def serving(self, model: str) -> int | None:
+        return self._pointer(model, "serving")
+
+    def set_champion(self, model: str, version: int) -> None:
+        current = self.champion(model)
+        if current is None or version > current:
+            self._store.put_json(MODELS_BUCKET, f"{model}/champion.json", {"version": version})
+
+    def set_serving(self, model: str, version: int) -> None:
+        self._store.put_json(MODELS_BUCKET, f"{model}/serving.json", {"version": version})
+
+    def hyperparameters(self, model: str) -> tuple[dict[str, Any], str] | None:
+        try:
+            doc = self._store.get_json(MODELS_BUCKET, f"{model}/hyperparameters.json")
+        except NotFoundError:
+            return None
+        return dict(doc["params"]), str(doc["source"])
+
+    def set_hyperparameters(self, model: str, params: dict[str, Any], source: str) -> None:
+        self._store.put_json(MODELS_BUCKET, f"{model}/hyperparameters.json", {"params": params, "source": source})

@@ -1,0 +1,1 @@
+"""The trainer service: retrain on every data.updated, warm-started and gated."""

@@ -1,0 +1,42 @@
+"""Settings of the trainer service (env prefix ``CDL_TRAINER_``)."""
+
+from __future__ import annotations
+
+from pydantic_settings import SettingsConfigDict
+
+from cdl.settings import ServiceSettings
+
+__all__ = ["TrainerSettings"]
+
+
+class TrainerSettings(ServiceSettings):
+    """Trainer: consumes data.updated and tuning.completed, publishes model.trained."""
+
+    model_config = SettingsConfigDict(env_prefix="CDL_TRAINER_", extra="ignore", use_attribute_docstrings=True)
+
+    group_id: str = "cdl-trainer"
+    """Consumer group over data.updated and tuning.completed."""
+    instance: str = "0"
+    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    updated_topic: str = "data.updated"
+    """Topic announcing dataset versions."""
+    tuning_topic: str = "tuning.completed"
+    """Topic announcing tuned hyperparameters."""
+    trained_topic: str = "model.trained"
+    """Topic the verdicts go to."""
+    deadletter_topic: str = "data.deadletter"
+    """Topic for events that cannot be handled."""
+    device: str = "auto"
+    """"auto" (CUDA with bf16 autocast when present), "cpu" or "cuda"."""
+    tolerance: float = 0.005
+    """A challenger is accepted when its holdout accuracy >= champion's - tolerance."""
+    min_accuracy_over_chance: float = 0.1
+    """Without a champion, accept when holdout accuracy >= 1/classes + this."""
+    val_fraction: float = 0.1
+    """Part of the train split held out for early stopping (the holdout is kept for the gate)."""
+    seed: int = 0
+    """Seed of every training (deterministic runs)."""
+    max_epochs: int = 0
+    """Cap on epochs whatever the hyperparameters say (0: no cap)."""
+    code_version: str = ""
+    """Recorded in lineage; default: git commit of the checkout, else the package version."""

@@ -1,0 +1,278 @@
+"""Training one dataset version into a gated model version (transport-free)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import Counter, Histogram
+
+from cdl.datasets import DatasetVersion, Task, load_version
+from cdl.errors import InvalidInputError
+from cdl.events import Event, OutRecord
+from cdl.logging import get_logger
+from cdl.ml.models import DEFAULTS, Family, ModelConfig, build_model, family_for
+from cdl.ml.preprocess import Preprocessor
+from cdl.ml.train import TrainConfig, evaluate, pick_device, train
+from cdl.registry import ModelRegistry
+from cdl.store import ObjectStore
+from cdl.v1 import events_pb2
+from services.trainer.settings import TrainerSettings
+
+__all__ = ["Trainer", "code_version"]
+
+log = get_logger(__name__)
+
+TRAININGS = Counter("cdl_trainer_trainings_total", "Finished trainings by verdict", ["model", "verdict"])
+TRAIN_SECONDS = Histogram("cdl_trainer_training_seconds", "Training time", buckets=(1, 5, 15, 60, 300, 1800, 7200))
+
+
+def code_version() -> str:
+    root = Path(__file__).resolve().parent.parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        return f"git:{sha}"
+    except (OSError, subprocess.CalledProcessError):
+        from importlib.metadata import version
+
+        return f"cdl:{version('cdl')}"
+
+
+def _features(data: DatasetVersion, mask: npt.NDArray[np.bool_]) -> npt.NDArray[Any]:
+    source = data.x if data.x is not None else data.text
+    assert source is not None
+    return source[mask]
+
+
+class Trainer:
+    def __init__(self, settings: TrainerSettings, store: ObjectStore, registry: ModelRegistry, source: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.source = source
+        self.code_version = settings.code_version or code_version()
+
+    # ------------------------------------------------------------------ events
+    def handle(self, event: Event) -> list[OutRecord]:
+        if isinstance(event.payload, events_pb2.TuningCompleted):
+            return self.on_tuning(event.payload)
+        if isinstance(event.payload, events_pb2.DataUpdated):
+            return [self.on_data_updated(event)]
+        raise InvalidInputError("trainer cannot handle this event type", ce_type=event.type)
+
+    def on_tuning(self, done: events_pb2.TuningCompleted) -> list[OutRecord]:
+        import json
+
+        params = {k: json.loads(v) for k, v in done.best_params.items()}
+        self.registry.set_hyperparameters(done.model, params, f"tuning:{done.study}")
+        log.info("tuned hyperparameters recorded", model=done.model, study=done.study, params=params)
+        return []
+
+    def on_data_updated(self, event: Event) -> OutRecord:
+        update = event.payload
+        assert isinstance(update, events_pb2.DataUpdated)
+        model = update.dataset
+        version, new = self.registry.claim(model, update.dataset, update.version)
+        done = self.registry.result(model, version)
+        if done is not None:  # trained before a crash, its event never committed: publish it now
+            log.info("model version already trained", model=model, version=version)
+            return self._event(event, model, version)
+        log.info("training", model=model, version=version, dataset_version=update.version, new_claim=new)
+        self.train_version(model, version, update)
+        return self._event(event, model, version)
+
+    def _event(self, cause: Event, model: str, version: int) -> OutRecord:
+        result = self.registry.result(model, version)
+        lineage = self.registry.document(model, version, "lineage")
+        assert result is not None
+        msg = events_pb2.ModelTrained(
+            model=model,
+            version=version,
+            checkpoint_uri=result["checkpoint_uri"],
+            verdict=events_pb2.VERDICT_ACCEPTED if result["accepted"] else events_pb2.VERDICT_REJECTED,
+            reason=result["reason"],
+            challenger_score=result["challenger_accuracy"],
+            champion_score=result["champion_accuracy"] if result["champion_accuracy"] is not None else 0.0,
+            family=result["family"],
+        )
+        for k, v in result["metrics"].items():
+            msg.metrics[k] = float(v)
+        lin = msg.lineage
+        lin.dataset = lineage["dataset"]
+        lin.dataset_version = lineage["dataset_version"]
+        for r in lineage["offset_ranges"]:
+            lin.offset_ranges.add(topic=r["topic"], partition=r["partition"], first=r["first"], last=r["last"])
+        lin.parent_version = lineage["parent_version"] or 0
+        for k, v in lineage["hyperparameters"].items():
+            lin.hyperparameters[k] = str(v)
+        lin.hyperparameters_source = lineage["hyperparameters_source"]
+        lin.code_version = lineage["code_version"]
+        lin.device = lineage["device"]
+        lin.duration_s = lineage["duration_s"]
+        return OutRecord.of(
+            self.settings.trained_topic, cause.caused(msg, self.source, key=model, event_id=f"{model}/v{version}")
+        )
+
+    # ------------------------------------------------------------------ training
+    def train_version(self, model: str, version: int, update: events_pb2.DataUpdated) -> None:
+        start = time.perf_counter()
+        data = load_version(self.store, update.dataset, update.version)
+        spec = data.spec
+        family = family_for(spec.task)
+        tuned = self.registry.hyperparameters(model)
+        hparams = {**DEFAULTS[family], **(tuned[0] if tuned else {})}
+        hp_source = tuned[1] if tuned else "defaults"
+        config = ModelConfig(family, spec.input_shape, len(spec.labels), hparams)
+
+        train_mask = data.split == 0
+        hold_mask = data.split == 1
+        x_all, y_all = _features(data, train_mask), data.labels[train_mask]
+        x_hold, y_hold = _features(data, hold_mask), data.labels[hold_mask]
+        if len(x_all) < 2 or len(x_hold) < 1:
+            raise InvalidInputError("dataset version too small to train and evaluate", dataset=spec.name)
+        pre = self._fit_preprocessor(family, spec.task, x_all, hparams)
+        rng = np.random.default_rng(self.settings.seed)
+        order = rng.permutation(len(x_all))
+        n_val = max(1, int(len(order) * self.settings.val_fraction))
+        val_idx, tr_idx = order[:n_val], order[n_val:]
+        xt, xv, xh = pre.transform(x_all[tr_idx]), pre.transform(x_all[val_idx]), pre.transform(x_hold)
+
+        module = build_model(config)
+        parent = self._warm_start(model, config, module)
+        epochs = int(hparams["epochs"])
+        if self.settings.max_epochs:
+            epochs = min(epochs, self.settings.max_epochs)
+        cfg = TrainConfig(
+            epochs=epochs,
+            batch_size=int(hparams["batch_size"]),
+            lr=float(hparams["lr"]),
+            weight_decay=float(hparams["weight_decay"]),
+            seed=self.settings.seed,
+            device=self.settings.device,
+        )
+        with TRAIN_SECONDS.time():
+            result = train(module, xt, y_all[tr_idx], xv, y_all[val_idx], cfg)
+        device = pick_device(self.settings.device)
+        hold_loss, hold_acc = evaluate(module, xh, y_hold, device)
+
+        champion = self.registry.champion(model)
+        champ_acc: float | None = None
+        if champion is not None:
+            champ = self.registry.load(model, champion)
+            _, champ_acc = evaluate(champ.module, champ.preprocessor.transform(x_hold), y_hold, device)
+        accepted, reason = self._gate(hold_acc, champ_acc, champion, len(spec.labels))
+        duration = time.perf_counter() - start
+        lineage = {
+            "model": model,
+            "version": version,
+            "dataset": spec.name,
+            "dataset_version": update.version,
+            "manifest_uri": update.manifest_uri,
+            "schema_hash": spec.schema_hash,
+            "offset_ranges": data.manifest["offset_ranges"],
+            "parent_version": parent,
+            "warm_start": parent is not None,
+            "hyperparameters": hparams,
+            "hyperparameters_source": hp_source,
+            "code_version": self.code_version,
+            "device": result.device,
+            "duration_s": round(duration, 3),
+            "seed": self.settings.seed,
+        }
+        metrics = {
+            "epochs": [m.to_json() for m in result.history],
+            "best_epoch": result.best_epoch,
+            "holdout_loss": hold_loss,
+            "holdout_accuracy": hold_acc,
+            "champion_version": champion,
+            "champion_accuracy": champ_acc,
+            "samples_per_s": result.samples_per_s,
+        }
+        summary = {
+            "holdout_accuracy": hold_acc,
+            "holdout_loss": hold_loss,
+            "val_accuracy": result.history[result.best_epoch - 1].val_accuracy if result.best_epoch else math.nan,
+            "epochs": float(len(result.history)),
+            "train_samples": float(len(tr_idx)),
+            "holdout_samples": float(len(x_hold)),
+            "samples_per_s": result.samples_per_s,
+        }
+        self.registry.save(
+            model,
+            version,
+            state=result.best_state,
+            config=config,
+            preprocessor=pre,
+            metrics=metrics,
+            lineage=lineage,
+            result={
+                "accepted": accepted,
+                "reason": reason,
+                "challenger_accuracy": hold_acc,
+                "champion_accuracy": champ_acc,
+                "champion_version": champion,
+                "family": family.value,
+                "metrics": summary,
+            },
+        )
+        if accepted:
+            self.registry.set_champion(model, version)
+        TRAININGS.labels(model, "accepted" if accepted else "rejected").inc()
+        log.info(
+            "model version trained",
+            model=model,
+            version=version,
+            accepted=accepted,
+            reason=reason,
+            holdout_accuracy=round(hold_acc, 4),
+            parent=parent,
+            device=result.device,
+            seconds=round(duration, 2),
+        )
+
+    def _fit_preprocessor(
+        self, family: Family, task: Task, x: npt.NDArray[Any], hparams: dict[str, Any]
+    ) -> Preprocessor:
+        if family is Family.TEXT:
+            return Preprocessor.for_text(int(hparams["buckets"]), int(hparams["ngrams"]))
+        return Preprocessor.fit_tensor(x, per_feature=task is Task.TABULAR)
+
+    def _warm_start(self, model: str, config: ModelConfig, module: Any) -> int | None:
+        parent = self.registry.serving(model) or self.registry.champion(model)
+        if parent is None:
+            return None
+        try:
+            parent_config = self.registry.config(model, parent)
+        except Exception:  # noqa: BLE001 - a broken parent means: start from scratch
+            log.warning("parent model unreadable; training from scratch", model=model, parent=parent)
+            return None
+        if parent_config.architecture() != config.architecture():
+            log.info("architecture changed; training from scratch", model=model, parent=parent)
+            return None
+        module.load_state_dict(self.registry.load(model, parent).module.state_dict())
+        return parent
+
+    def _gate(
+        self, challenger: float, champion: float | None, champion_version: int | None, classes: int
+    ) -> tuple[bool, str]:
+        if champion is None:
+            floor = 1.0 / classes + self.settings.min_accuracy_over_chance
+            if challenger >= floor:
+                return True, f"first accepted version: holdout accuracy {challenger:.4f} >= {floor:.4f}"
+            return False, f"holdout accuracy {challenger:.4f} is below {floor:.4f} (chance + margin)"
+        if challenger >= champion - self.settings.tolerance:
+            return True, (
+                f"challenger {challenger:.4f} >= champion v{champion_version} {champion:.4f} "
+                f"- tolerance {self.settings.tolerance}"
+            )
+        return False, (
+            f"challenger {challenger:.4f} < champion v{champion_version} {champion:.4f} "
+            f"- tolerance {self.settings.tolerance}"
+        )

@@ -1,0 +1,139 @@
+"""The trainer service as a real process against real Kafka and MinIO."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+import uuid
+from typing import Any
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from cdl.datasets import holdout_member
+from cdl.events import decode
+from cdl.registry import ModelRegistry
+from cdl.store import ObjectStore
+from cdl.v1 import events_pb2
+from tests.datasets import DatasetWriter, digits_spec
+from tests.helpers import read_topic
+
+DIGITS = load_digits()
+X = DIGITS.data.reshape(-1, 1, 8, 8).astype(np.float32)
+Y = [str(int(t)) for t in DIGITS.target]
+
+
+def _trained(bootstrap: str, topic: str, expected: int, timeout_s: float = 120) -> list[events_pb2.ModelTrained]:
+    recs = read_topic(bootstrap, topic, expected, timeout_s)
+    return [decode(r.key, r.value, list(r.headers.items())).payload for r in recs]  # type: ignore[misc]
+
+
+def _status(svc: Any) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{svc.metrics}/readyz", timeout=2) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def _wait_training(svc: Any, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _status(svc).get("training"):
+            return
+        time.sleep(0.1)
+    raise AssertionError("trainer never started training")
+
+
+def test_first_version_from_scratch_second_warm_starts_with_lineage(
+    trainer_factory: Any, trainer_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    name = f"digits-{uuid.uuid4().hex[:6]}"
+    writer = DatasetWriter(object_store, kafka_bootstrap, trainer_topics["updated"], digits_spec(name))
+    trainer_factory().start()
+    writer.publish(writer.version(X[:1400], Y[:1400], [f"a{i}" for i in range(1400)]))
+    [first] = _trained(kafka_bootstrap, trainer_topics["trained"], 1)
+    assert (first.model, first.version, first.verdict) == (name, 1, events_pb2.VERDICT_ACCEPTED)
+    assert first.lineage.parent_version == 0 and first.lineage.dataset_version == 1
+    assert first.lineage.hyperparameters_source == "defaults"
+    assert first.lineage.device == "cpu" and first.lineage.code_version
+    assert first.family == "cnn"
+    # scikit-learn's digits: the CNN reaches >= 0.95 on the holdout
+    assert first.metrics["holdout_accuracy"] >= 0.95, first.metrics
+    assert first.checkpoint_uri == f"s3://cdl-models/{name}/1/model.safetensors"
+
+    writer.publish(writer.version(X[1400:], Y[1400:], [f"b{i}" for i in range(len(X) - 1400)]))
+    trained = _trained(kafka_bootstrap, trainer_topics["trained"], 2)
+    second = trained[1]
+    assert second.version == 2 and second.lineage.dataset_version == 2
+    assert second.lineage.parent_version == 1  # warm-started from the champion
+    assert second.verdict == events_pb2.VERDICT_ACCEPTED, second.reason
+    registry = ModelRegistry(object_store)
+    lineage = registry.document(name, 2, "lineage")
+    assert lineage["warm_start"] is True and lineage["offset_ranges"]
+    assert registry.champion(name) == 2
+    loaded = registry.load(name, 2)
+    assert loaded.config.family.value == "cnn" and loaded.preprocessor.kind == "standardize"
+    metrics = registry.document(name, 2, "metrics")
+    assert len(metrics["epochs"]) >= 1 and "val_accuracy" in metrics["epochs"][0]
+
+
+def test_challenger_on_shuffled_labels_is_rejected_with_the_reason(
+    trainer_factory: Any, trainer_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    name = f"shuffled-{uuid.uuid4().hex[:6]}"
+    writer = DatasetWriter(object_store, kafka_bootstrap, trainer_topics["updated"], digits_spec(name))
+    trainer_factory().start()
+    writer.publish(writer.version(X, Y, [f"a{i}" for i in range(len(X))]))
+    [first] = _trained(kafka_bootstrap, trainer_topics["trained"], 1)
+    assert first.verdict == events_pb2.VERDICT_ACCEPTED
+    # four times as much new data whose training labels are shuffled (holdout labels stay true)
+    rng = np.random.default_rng(7)
+    ids = [f"s{k}-{i}" for k in range(4) for i in range(len(X))]
+    xs = np.concatenate([X] * 4)
+    ys = [Y[i % len(X)] if holdout_member(name, rid, 0.2) else str(rng.integers(10)) for i, rid in enumerate(ids)]
+    writer.publish(writer.version(xs, ys, ids))
+    second = _trained(kafka_bootstrap, trainer_topics["trained"], 2)[1]
+    assert second.verdict == events_pb2.VERDICT_REJECTED
+    assert second.challenger_score < second.champion_score - 0.005
+    assert f"< champion v1 {second.champion_score:.4f}" in second.reason
+    assert ModelRegistry(object_store).champion(name) == 1  # the champion stays
+
+
+def test_backlog_during_a_training_coalesces_to_the_newest(
+    trainer_factory: Any, trainer_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    name = f"backlog-{uuid.uuid4().hex[:6]}"
+    writer = DatasetWriter(object_store, kafka_bootstrap, trainer_topics["updated"], digits_spec(name))
+    versions = [
+        writer.version(X[i * 400 : (i + 1) * 400], Y[i * 400 : (i + 1) * 400], [f"r{i}-{j}" for j in range(400)])
+        for i in range(4)
+    ]
+    svc = trainer_factory(max_epochs="15").start()
+    writer.publish(versions[0])
+    _wait_training(svc)
+    for v in versions[1:]:  # three more arrive while the first trains
+        writer.publish(v)
+    _trained(kafka_bootstrap, trainer_topics["trained"], 2, timeout_s=90)
+    time.sleep(3)  # room for a (wrong) third training to show up
+    trained = _trained(kafka_bootstrap, trainer_topics["trained"], 3, timeout_s=3)
+    assert [(t.version, t.lineage.dataset_version) for t in trained] == [(1, 1), (2, 4)]
+    assert _status(svc)["coalesced"] == 2
+
+
+def test_kill_9_mid_training_trains_the_version_once_and_publishes_once(
+    trainer_factory: Any, trainer_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    name = f"kill-{uuid.uuid4().hex[:6]}"
+    writer = DatasetWriter(object_store, kafka_bootstrap, trainer_topics["updated"], digits_spec(name))
+    svc = trainer_factory().start()
+    writer.publish(writer.version(X, Y, [f"a{i}" for i in range(len(X))]))
+    _wait_training(svc)
+    time.sleep(1.0)
+    svc.kill()
+    registry = ModelRegistry(object_store)
+    assert registry.versions(name) == [1] and registry.result(name, 1) is None  # claimed, not finished
+    trainer_factory().start()
+    _trained(kafka_bootstrap, trainer_topics["trained"], 1, timeout_s=90)
+    time.sleep(2)
+    trained = _trained(kafka_bootstrap, trainer_topics["trained"], 2, timeout_s=3)
+    assert [(t.model, t.version) for t in trained] == [(name, 1)]
+    assert registry.versions(name) == [1] and registry.result(name, 1) is not None
