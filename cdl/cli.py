@@ -159,9 +159,9 @@ def _watch(stack: LocalStack, interval: float) -> None:
 
     def render() -> Group:
         snap = observer.snapshot(stack.status())
-        topics = Table(title="topics (records)")
+        topics = Table(title="topics (log end offsets; transactional topics count commit markers too)")
         topics.add_column("topic")
-        topics.add_column("records", justify="right")
+        topics.add_column("offsets", justify="right")
         for name, n in snap.topics.items():
             topics.add_row(name, str(n))
         objects = Table(title="object store")
@@ -176,7 +176,13 @@ def _watch(stack: LocalStack, interval: float) -> None:
             datasets.add_row(
                 *(str(d.get(c, "-")) for c in ("dataset", "version", "records", "new", "holdout", "shards"))
             )
-        parts: list[Any] = [_status_table(snap.components), topics, objects, datasets]
+        models = Table(title="models (newest version)")
+        mcols = ("model", "version", "verdict", "accuracy", "champion")
+        for col in mcols:
+            models.add_column(col, justify="left" if col in ("model", "verdict") else "right")
+        for m in snap.models:
+            models.add_row(*(str(m.get(c, "-")) for c in mcols))
+        parts: list[Any] = [_status_table(snap.components), topics, objects, datasets, models]
         if snap.errors:
             parts.append(Panel("\n".join(snap.errors), title="errors", style="red"))
         parts.append("[dim]Ctrl-C to stop[/]")

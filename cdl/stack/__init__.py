@@ -96,8 +96,11 @@ class LocalStack:
             comps.append(
                 TritonComponent(name, d / name, ports, settings=s, s3_endpoint=f"{s.host}:{minio_ports['api']}")
             )
+        grpc_services = {"ingest", "gateway"}
         for name in s.services:
-            ports = old_ports(name) or {"grpc": free_port(s.host), "metrics": free_port(s.host)}
+            ports = old_ports(name) or {"metrics": free_port(s.host)}
+            if name in grpc_services and "grpc" not in ports:
+                ports["grpc"] = free_port(s.host)
             comps.append(ServiceComponent(name, d / name, ports, settings=s))
         return comps
 

@@ -17,6 +17,7 @@ class Snapshot:
     topics: dict[str, int] = field(default_factory=dict)
     objects: dict[str, int] = field(default_factory=dict)
     datasets: list[dict[str, Any]] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -81,6 +82,26 @@ class StackObserver:
             rows.append(row)
         return rows
 
+    def models(self) -> list[dict[str, Any]]:
+        """Each model with its newest version's verdict and the champion."""
+        from cdl.registry import MODELS_BUCKET, ModelRegistry
+
+        registry = ModelRegistry(self._store)
+        names = sorted({o.key.split("/")[0] for o in self._store.list(MODELS_BUCKET) if o.key.endswith("/claim.json")})
+        rows = []
+        for name in names:
+            versions = registry.versions(name)
+            newest = versions[-1] if versions else 0
+            result = registry.result(name, newest) if newest else None
+            row: dict[str, Any] = {"model": name, "version": newest, "champion": registry.champion(name) or "-"}
+            if result is None:
+                row["verdict"] = "training"
+            else:
+                row["verdict"] = "accepted" if result["accepted"] else "rejected"
+                row["accuracy"] = f"{result['challenger_accuracy']:.4f}"
+            rows.append(row)
+        return rows
+
     def snapshot(self, components: list[dict[str, Any]]) -> Snapshot:
         snap = Snapshot(components)
         try:
@@ -90,6 +111,7 @@ class StackObserver:
         try:
             snap.objects = self.object_counts()
             snap.datasets = self.datasets()
+            snap.models = self.models()
         except Exception as exc:  # noqa: BLE001
             snap.errors.append(f"minio: {exc}")
         return snap
