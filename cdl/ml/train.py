@@ -107,6 +107,7 @@ def train(
     device = pick_device(cfg.device)
     model.to(device)
     xt, yt = _tensor(x_train, device), _tensor(y_train.astype(np.int64), device)
+    xv, yv = _tensor(x_val, device), _tensor(np.asarray(y_val, dtype=np.int64), device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     use_amp = cfg.amp and device.type == "cuda"
@@ -132,7 +133,7 @@ def train(
         train_loss = float(total) / n
         seconds = time.perf_counter() - t0
         seen += n
-        val_loss, val_acc = evaluate(model, x_val, y_val, device, use_amp)
+        val_loss, val_acc = _evaluate_tensors(model, xv, yv, use_amp)
         metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, seconds, n / seconds)
         result.history.append(metrics)
         if val_loss < best_val - 1e-6:
@@ -152,6 +153,21 @@ def train(
     result.samples_per_s = seen / train_time if train_time else 0.0
     model.load_state_dict(result.best_state)
     return result
+
+
+@torch.no_grad()
+def _evaluate_tensors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> tuple[float, float]:
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        for i in range(0, len(x), 1024):
+            logits = model(x[i : i + 1024]).float()
+            loss += nn.functional.cross_entropy(logits, y[i : i + 1024], reduction="sum")
+            correct += (logits.argmax(1) == y[i : i + 1024]).sum()
+    return float(loss) / len(x), float(correct) / len(x)
 
 
 @torch.no_grad()
