@@ -573,7 +573,9 @@ class JobLoop:
         deadletter_topic: str = Topics.DATA_DEADLETTER,
         max_retries: int = 3,
         backoff_s: float = 1.0,
+        processed: ProcessedStore | None = None,
     ) -> None:
+        self._processed = processed or MemoryProcessedStore()
         self._consumer = _Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -657,6 +659,10 @@ class JobLoop:
         except DecodeError as exc:
             self._dead.append(self._dead_letter(ctx, f"undecodable: {exc}", type(exc).__name__))
             return
+        if self._processed.seen(self.group_id, event.id):
+            EVENTS.labels(ctx.topic, self.group_id, "duplicate").inc()
+            log.info("duplicate event skipped", ce_id=event.id, topic=ctx.topic)
+            return
         key = self._key(event)
         if key in self._pending:
             self.coalesced += 1
@@ -706,6 +712,7 @@ class JobLoop:
         if self._pending.get(key) is item:
             del self._pending[key]
         self._commit(outputs)
+        self._processed.mark(self.group_id, item.event.id)
         self.jobs_done += 1
 
     def _in_worker(self, item: _Pending) -> Sequence[OutRecord]:

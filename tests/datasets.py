@@ -29,7 +29,7 @@ class DatasetWriter:
             registry=self.registry,
             store=store,
             source="/cdl/test",
-            state_topic="unused",
+            state_topic=f"{updated_topic}.unused-state",
             updated_topic=updated_topic,
             shard_max_records=10**9,
         )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
+from cdl.dedupe import SqliteProcessedStore
 from cdl.events import Event, source_name
 from cdl.kafka import JobLoop
 from cdl.logging import configure_logging, get_logger
@@ -41,6 +43,7 @@ class TrainerApp:
             job=lambda event, ctx: self.trainer.handle(event),
             key=coalesce_key,
             deadletter_topic=settings.deadletter_topic,
+            processed=SqliteProcessedStore(Path(settings.state_dir) / "trainer" / f"{settings.group_id}.sqlite"),
         )
         self.http: HttpEndpoint | None = None
         self._ready = threading.Event()

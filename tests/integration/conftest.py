@@ -105,79 +105,84 @@ def ingest_topics(kafka_bootstrap: str) -> dict[str, str]:
 
 @pytest.fixture
 def ingest_factory(stack: dict[str, Any], ingest_topics: dict[str, str], tmp_path: Path) -> Iterator[Any]:
-    started: list[ServiceProcess] = []
+    settings = {f"{k}_topic": v for k, v in ingest_topics.items() if k != "group"}
+    settings |= {"group_id": ingest_topics["group"], "flush_interval_s": "0.5", "grpc_port": "0"}
+    factory = ServiceFactory("ingest", stack, tmp_path, settings)
 
     def make(**overrides: str) -> ServiceProcess:
-        env = dict(os.environ)
-        env.update(
-            {
-                "CDL_STATE_DIR": stack["state_dir"],
-                "CDL_INGEST_GRPC_PORT": str(free_port()),
-                "CDL_INGEST_METRICS_PORT": str(free_port()),
-                "CDL_INGEST_RAW_TOPIC": ingest_topics["raw"],
-                "CDL_INGEST_DEADLETTER_TOPIC": ingest_topics["deadletter"],
-                "CDL_INGEST_UPDATED_TOPIC": ingest_topics["updated"],
-                "CDL_INGEST_STATE_TOPIC": ingest_topics["state"],
-                "CDL_INGEST_GROUP_ID": ingest_topics["group"],
-                "CDL_INGEST_FLUSH_INTERVAL_S": "0.5",
-                "PYTHONPATH": str(ROOT),
-            }
-        )
-        env.update({f"CDL_INGEST_{k.upper()}": v for k, v in overrides.items()})
-        svc = ServiceProcess("ingest", env, tmp_path / f"ingest-{len(started)}.log")
-        started.append(svc)
+        svc = factory(grpc_port=str(free_port()), **overrides)
+        svc.grpc = f"127.0.0.1:{svc.env['CDL_INGEST_GRPC_PORT']}"
         return svc
 
     yield make
-    for svc in started:
-        svc.stop()
+    factory.stop_all()
 
 
 def state_json(path: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-@pytest.fixture
-def trainer_topics(kafka_bootstrap: str) -> dict[str, str]:
-    uid = uuid.uuid4().hex[:8]
-    topics = {
-        "updated": f"test.updated.{uid}",
-        "tuning": f"test.tuning.{uid}",
-        "trained": f"test.trained.{uid}",
-        "deadletter": f"test.dlq.{uid}",
-    }
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    for fut in admin.create_topics(
-        [NewTopic(t, num_partitions=1, replication_factor=1) for t in topics.values()]
-    ).values():
+def create_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in names]).values():
         fut.result(30)
-    topics["group"] = f"cdl-trainer-{uid}"
+
+
+class ServiceFactory:
+    """Starts instances of one service with the test's topics; stops them all at the end."""
+
+    def __init__(self, name: str, stack: dict[str, Any], tmp_path: Path, settings: dict[str, str]) -> None:
+        self.name = name
+        self.stack = stack
+        self.tmp_path = tmp_path
+        self.settings = settings
+        self.started: list[ServiceProcess] = []
+
+    def __call__(self, **overrides: str) -> ServiceProcess:
+        prefix = f"CDL_{self.name.upper()}_"
+        env = dict(os.environ)
+        env.update({"CDL_STATE_DIR": self.stack["state_dir"], "PYTHONPATH": str(ROOT)})
+        env[prefix + "METRICS_PORT"] = str(free_port())
+        env.update({prefix + k.upper(): v for k, v in {**self.settings, **overrides}.items()})
+        svc = ServiceProcess(self.name, env, self.tmp_path / f"{self.name}-{len(self.started)}.log")
+        self.started.append(svc)
+        return svc
+
+    def stop_all(self) -> None:
+        for svc in self.started:
+            svc.stop()
+
+
+def _topics(bootstrap: str, service: str, kinds: list[str]) -> dict[str, str]:
+    uid = uuid.uuid4().hex[:8]
+    topics = {kind: f"test.{kind}.{uid}" for kind in kinds}
+    create_topics(bootstrap, list(topics.values()))
+    topics["group"] = f"cdl-{service}-{uid}"
     return topics
 
 
 @pytest.fixture
+def trainer_topics(kafka_bootstrap: str) -> dict[str, str]:
+    return _topics(kafka_bootstrap, "trainer", ["updated", "tuning", "trained", "deadletter"])
+
+
+@pytest.fixture
 def trainer_factory(stack: dict[str, Any], trainer_topics: dict[str, str], tmp_path: Path) -> Iterator[Any]:
-    started: list[ServiceProcess] = []
+    settings = {f"{k}_topic": v for k, v in trainer_topics.items() if k != "group"}
+    factory = ServiceFactory("trainer", stack, tmp_path, {**settings, "group_id": trainer_topics["group"]})
+    yield factory
+    factory.stop_all()
 
-    def make(**overrides: str) -> ServiceProcess:
-        env = dict(os.environ)
-        env.update(
-            {
-                "CDL_STATE_DIR": stack["state_dir"],
-                "CDL_TRAINER_METRICS_PORT": str(free_port()),
-                "CDL_TRAINER_UPDATED_TOPIC": trainer_topics["updated"],
-                "CDL_TRAINER_TUNING_TOPIC": trainer_topics["tuning"],
-                "CDL_TRAINER_TRAINED_TOPIC": trainer_topics["trained"],
-                "CDL_TRAINER_DEADLETTER_TOPIC": trainer_topics["deadletter"],
-                "CDL_TRAINER_GROUP_ID": trainer_topics["group"],
-                "PYTHONPATH": str(ROOT),
-            }
-        )
-        env.update({f"CDL_TRAINER_{k.upper()}": v for k, v in overrides.items()})
-        svc = ServiceProcess("trainer", env, tmp_path / f"trainer-{len(started)}.log")
-        started.append(svc)
-        return svc
 
-    yield make
-    for svc in started:
-        svc.stop()
+@pytest.fixture
+def compressor_topics(kafka_bootstrap: str) -> dict[str, str]:
+    return _topics(kafka_bootstrap, "compressor", ["trained", "compressed", "deadletter"])
+
+
+@pytest.fixture
+def compressor_factory(stack: dict[str, Any], compressor_topics: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    settings = {f"{k}_topic": v for k, v in compressor_topics.items() if k != "group"}
+    settings |= {"group_id": compressor_topics["group"], "latency_runs": "50"}
+    factory = ServiceFactory("compressor", stack, tmp_path, settings)
+    yield factory
+    factory.stop_all()

@@ -1,0 +1,1 @@
+"""The compressor service: ONNX export, quantised/pruned variants, Triton repository entries."""

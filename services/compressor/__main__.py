@@ -1,0 +1,3 @@
+from services.compressor.app import main
+
+main()

@@ -1,0 +1,212 @@
+"""Compressing one accepted model version into a Triton repository entry (transport-free)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from prometheus_client import Counter
+
+from cdl.datasets import load_version
+from cdl.errors import CdlError, PermanentError
+from cdl.events import Event, OutRecord
+from cdl.logging import get_logger
+from cdl.ml.models import Family
+from cdl.registry import MODELS_BUCKET, ModelRegistry
+from cdl.store import ObjectStore
+from cdl.triton import TRITON_BUCKET, Backend, ModelSpec, TensorSpec, write_entry
+from cdl.v1 import events_pb2
+from services.compressor.settings import CompressorSettings
+from services.compressor.variants import (
+    INPUT,
+    OUTPUT,
+    Measured,
+    Served,
+    export_onnx,
+    fp16_variant,
+    int8_dynamic_variant,
+    int8_static_variant,
+    measure,
+    parity,
+    served_input,
+    slim,
+)
+
+__all__ = ["Compressor", "choose"]
+
+log = get_logger(__name__)
+
+COMPRESSIONS = Counter("cdl_compressor_versions_total", "Compressed model versions by outcome", ["outcome"])
+
+
+def choose(variants: list[Measured], budget: float, objective: str) -> tuple[Measured, list[str]]:
+    """The best variant within ``budget`` accuracy of FP32 by ``objective``; also the names within budget."""
+    fp32 = next(v for v in variants if v.name == "fp32")
+    floor = fp32.accuracy - budget - 1e-12
+    ok = [v for v in variants if v.accuracy >= floor]
+    names = [v.name for v in ok]
+    if objective == "gpu":
+        preferred = [v for v in ok if v.name == "fp16"]
+        return (preferred[0] if preferred else fp32), names
+    if objective == "cpu_latency":
+        return min(ok, key=lambda v: (v.latency_p50_ms_b32, v.size_bytes)), names
+    # size: the smallest variant that does not serve batches slower than FP32 (+10%)
+    fast_enough = [v for v in ok if v.latency_p50_ms_b32 <= fp32.latency_p50_ms_b32 * 1.1] or [fp32]
+    return min(fast_enough, key=lambda v: (v.size_bytes, v.latency_p50_ms_b32)), names
+
+
+class Compressor:
+    def __init__(self, settings: CompressorSettings, store: ObjectStore, registry: ModelRegistry, source: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.source = source
+
+    def handle(self, event: Event) -> list[OutRecord]:
+        trained = event.payload
+        if not isinstance(trained, events_pb2.ModelTrained):
+            raise PermanentError("compressor cannot handle this event type", ce_type=event.type)
+        if trained.verdict != events_pb2.VERDICT_ACCEPTED:
+            log.info("rejected version not compressed", model=trained.model, version=trained.version)
+            return []
+        model, version = trained.model, trained.version
+        key = f"{model}/{version}/compression.json"
+        if self.store.exists(MODELS_BUCKET, key):  # done before a crash; publish the same result
+            return [self._event(event, self.store.get_json(MODELS_BUCKET, key))]
+        try:
+            doc = self.compress(trained)
+        except CdlError as exc:
+            doc = self._failure(model, version, str(exc))
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            doc = self._failure(model, version, f"{type(exc).__name__}: {exc}")
+        self.store.put_json(MODELS_BUCKET, key, doc)
+        COMPRESSIONS.labels("ok" if doc["ok"] else "failed").inc()
+        return [self._event(event, doc)]
+
+    def _failure(self, model: str, version: int, reason: str) -> dict[str, Any]:
+        log.error("compression failed", model=model, version=version, reason=reason)
+        return {"model": model, "version": version, "ok": False, "reason": reason, "variants": [], "chosen": ""}
+
+    def _event(self, cause: Event, doc: dict[str, Any]) -> OutRecord:
+        msg = events_pb2.ModelCompressed(
+            model=doc["model"],
+            version=doc["version"],
+            chosen_variant=doc["chosen"],
+            triton_repository_path=doc.get("triton_repository_path", ""),
+            ok=doc["ok"],
+            reason=doc["reason"],
+        )
+        for v in doc["variants"]:
+            msg.variants.add(
+                name=v["name"],
+                uri=v["uri"],
+                size_bytes=v["size_bytes"],
+                latency_p50_ms_b1=v["latency_p50_ms_b1"],
+                latency_p99_ms_b1=v["latency_p99_ms_b1"],
+                latency_p50_ms_b32=v["latency_p50_ms_b32"],
+                latency_p99_ms_b32=v["latency_p99_ms_b32"],
+                accuracy=v["accuracy"],
+                within_budget=v["within_budget"],
+                error=v.get("error", ""),
+            )
+        event_id = f"{doc['model']}/v{doc['version']}"
+        return OutRecord.of(
+            self.settings.compressed_topic, cause.caused(msg, self.source, key=doc["model"], event_id=event_id)
+        )
+
+    # ------------------------------------------------------------------ the work
+    def compress(self, trained: events_pb2.ModelTrained) -> dict[str, Any]:
+        start = time.perf_counter()
+        model, version = trained.model, trained.version
+        try:
+            loaded = self.registry.load(model, version)
+        except CdlError as exc:
+            raise PermanentError(f"checkpoint unreadable: {exc}", model=model, version=version) from exc
+        except Exception as exc:  # corrupt safetensors / shapes: a clear reason, not a crash
+            raise PermanentError(
+                f"checkpoint unreadable: {type(exc).__name__}: {exc}", model=model, version=version
+            ) from exc
+        config, pre = loaded.config, loaded.preprocessor
+        lineage = self.registry.document(model, version, "lineage")
+        data = load_version(self.store, lineage["dataset"], int(lineage["dataset_version"]))
+        x_hold, y_hold = data.subset(holdout=True)
+        x_train, _ = data.subset(holdout=False)
+        xh = served_input(config, pre, x_hold)
+        served = Served(loaded.module, config, pre).eval()
+
+        fp32 = export_onnx(served, xh)
+        rng = np.random.default_rng(0)
+        sample = xh[rng.permutation(len(xh))[: self.settings.parity_samples]]
+        max_diff = parity(fp32, served, sample, self.settings.parity_tolerance)
+        with torch.no_grad():
+            reference = served(torch.from_numpy(xh)).numpy().argmax(1)
+
+        builders: dict[str, Any] = {
+            "fp32": lambda: slim(fp32),
+            "int8-dynamic": lambda: slim(int8_dynamic_variant(fp32)),
+            "fp16": lambda: slim(fp16_variant(fp32)),
+        }
+        if config.family is not Family.TEXT:
+            calib = served_input(
+                config, pre, x_train[rng.permutation(len(x_train))[: self.settings.calibration_samples]]
+            )
+            builders["int8-static"] = lambda: slim(int8_static_variant(fp32, calib))
+        measured: list[Measured] = []
+        blobs: dict[str, bytes] = {}
+        errors: dict[str, str] = {}
+        for name, build in builders.items():
+            try:
+                blob = build()
+                measured.append(measure(name, blob, xh, y_hold, reference, self.settings.latency_runs))
+                blobs[name] = blob
+            except Exception as exc:  # noqa: BLE001 - one variant failing does not fail the version
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                log.warning("variant failed", model=model, version=version, variant=name, error=errors[name])
+        chosen, within = choose(measured, self.settings.accuracy_budget, self.settings.objective)
+
+        uris = {}
+        for name, blob in blobs.items():
+            uris[name] = self.store.put_bytes(MODELS_BUCKET, f"{model}/{version}/variants/{name}.onnx", blob)
+        spec = ModelSpec(
+            name=model,
+            inputs=(TensorSpec(INPUT, "int64" if config.family is Family.TEXT else "float32", tuple(xh.shape[1:])),),
+            outputs=(TensorSpec(OUTPUT, "float32", (config.num_classes,)),),
+            max_batch_size=self.settings.max_batch_size,
+            backend=Backend(self.settings.triton_backend),
+        )
+        repo = write_entry(self.store, spec, version, blobs[chosen.name])
+        fp32_m = next(v for v in measured if v.name == "fp32")
+        variants = [{**m.to_json(), "uri": uris[m.name], "within_budget": m.name in within} for m in measured] + [
+            {"name": n, "uri": "", "error": e, "within_budget": False, **_EMPTY} for n, e in errors.items()
+        ]
+        doc = {
+            "model": model,
+            "version": version,
+            "ok": True,
+            "reason": (
+                f"chose {chosen.name} by {self.settings.objective}: {chosen.size_bytes} bytes "
+                f"({chosen.size_bytes / fp32_m.size_bytes:.2f}x fp32), accuracy {chosen.accuracy:.4f} "
+                f"(fp32 {fp32_m.accuracy:.4f}, budget {self.settings.accuracy_budget})"
+            ),
+            "chosen": chosen.name,
+            "triton_repository_path": repo,
+            "triton_bucket": TRITON_BUCKET,
+            "parity_max_abs_diff": max_diff,
+            "variants": variants,
+            "duration_s": round(time.perf_counter() - start, 3),
+        }
+        log.info("model version compressed", model=model, version=version, chosen=chosen.name, reason=doc["reason"])
+        return doc
+
+
+_EMPTY: dict[str, Any] = {
+    "size_bytes": 0,
+    "accuracy": 0.0,
+    "latency_p50_ms_b1": 0.0,
+    "latency_p99_ms_b1": 0.0,
+    "latency_p50_ms_b32": 0.0,
+    "latency_p99_ms_b32": 0.0,
+    "top1_agreement": 0.0,
+}

@@ -1,0 +1,48 @@
+"""Settings of the compressor service (env prefix ``CDL_COMPRESSOR_``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic_settings import SettingsConfigDict
+
+from cdl.settings import ServiceSettings
+
+__all__ = ["CompressorSettings"]
+
+
+class CompressorSettings(ServiceSettings):
+    """Compressor: consumes model.trained (accepted), publishes model.compressed."""
+
+    model_config = SettingsConfigDict(env_prefix="CDL_COMPRESSOR_", extra="ignore", use_attribute_docstrings=True)
+
+    group_id: str = "cdl-compressor"
+    """Consumer group over model.trained."""
+    instance: str = "0"
+    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    trained_topic: str = "model.trained"
+    """Topic with the trainer's verdicts."""
+    compressed_topic: str = "model.compressed"
+    """Topic the variant tables go to."""
+    deadletter_topic: str = "data.deadletter"
+    """Topic for events that cannot be handled."""
+    parity_tolerance: float = 1e-3
+    """Largest allowed |ONNX - PyTorch| logit difference on holdout samples."""
+    parity_samples: int = 256
+    """Holdout samples used for the parity check."""
+    accuracy_budget: float = 0.005
+    """A variant may lose at most this much holdout accuracy against FP32 (0.005 = 0.5 point)."""
+    objective: Literal["size", "cpu_latency", "gpu"] = "size"
+    """What the best variant minimises: file size, CPU latency, or GPU serving (prefers FP16)."""
+    calibration_samples: int = 256
+    """Training samples used to calibrate static INT8."""
+    latency_runs: int = 200
+    """Timed runs per batch size for the latency figures."""
+    prune: bool = False
+    """Also build a magnitude-pruned variant (with a short fine-tune)."""
+    prune_amount: float = 0.5
+    """Fraction of weights pruned in the pruned variant."""
+    triton_backend: Literal["python", "onnxruntime"] = "python"
+    """Repository entry kind: the python-backend ONNX Runtime runner (local Triton) or onnxruntime_onnx."""
+    max_batch_size: int = 64
+    """max_batch_size of the Triton entry."""
