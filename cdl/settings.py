@@ -75,7 +75,7 @@ class StackSettings(BaseSettings):
     """MinIO root password."""
     triton_servers: int = 1
     """How many Triton servers to start."""
-    services: list[str] = ["ingest", "trainer"]
+    services: list[str] = ["ingest", "trainer", "compressor"]
     """cdl services to start after the servers (``python -m services.<name>``)."""
     triton_base_port: int = 0
     """First Triton port (each server takes three: gRPC, HTTP, metrics); 0 picks free ones."""

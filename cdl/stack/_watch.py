@@ -99,6 +99,10 @@ class StackObserver:
             else:
                 row["verdict"] = "accepted" if result["accepted"] else "rejected"
                 row["accuracy"] = f"{result['challenger_accuracy']:.4f}"
+            compressed = [v for v in versions[-5:] if self._store.exists(MODELS_BUCKET, f"{name}/{v}/compression.json")]
+            if compressed:
+                doc = self._store.get_json(MODELS_BUCKET, f"{name}/{compressed[-1]}/compression.json")
+                row["compressed"] = f"v{compressed[-1]} {doc['chosen'] or 'failed'}"
             rows.append(row)
         return rows
 

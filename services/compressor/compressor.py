@@ -153,6 +153,7 @@ class Compressor:
                 config, pre, x_train[rng.permutation(len(x_train))[: self.settings.calibration_samples]]
             )
             builders["int8-static"] = lambda: slim(int8_static_variant(fp32, calib))
+            builders["int8-static-qop"] = lambda: slim(int8_static_variant(fp32, calib, operator_format=True))
         measured: list[Measured] = []
         blobs: dict[str, bytes] = {}
         errors: dict[str, str] = {}

@@ -32,12 +32,12 @@ def test_stack_up_then_down_leaves_nothing_running(tmp_path: Path) -> None:
         assert "stack healthy" in up.stdout
         state = json.loads((state_dir / "stack.json").read_text())
         procs = {name: ProcInfo(**p) for name, p in state["procs"].items()}
-        assert set(procs) == {"kafka", "minio", "triton-0", "ingest", "trainer"}
+        assert set(procs) == {"kafka", "minio", "triton-0", "ingest", "trainer", "compressor"}
         assert all(is_alive(p) for p in procs.values())
 
         status = _cdl("stack", "status", state_dir=state_dir)
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 5
+        assert status.stdout.count("healthy") == 6
 
         # up again is a no-op: same processes
         again = _cdl("stack", "up", state_dir=state_dir)

@@ -72,7 +72,7 @@ def test_variants_are_measured_and_the_chosen_one_serves_in_triton(
     assert done.ok, done.reason
     assert (done.model, done.version) == (name, model_trained.version)
     variants = {v.name: v for v in done.variants}
-    assert set(variants) == {"fp32", "int8-dynamic", "int8-static", "fp16"}
+    assert set(variants) == {"fp32", "int8-dynamic", "int8-static", "int8-static-qop", "fp16"}
     for v in variants.values():
         assert v.size_bytes > 0 and v.latency_p50_ms_b1 > 0 and v.latency_p99_ms_b32 >= v.latency_p50_ms_b32 > 0
         assert 0.9 < v.accuracy <= 1.0 and v.uri.startswith(f"s3://cdl-models/{name}/")
@@ -121,7 +121,7 @@ def test_redelivery_publishes_one_event_and_rewrites_the_same_objects(
     version = model_trained.version
     before = {
         v: object_store.get_bytes(MODELS_BUCKET, f"{name}/{version}/variants/{v}.onnx")
-        for v in ("fp32", "int8-dynamic", "int8-static", "fp16")
+        for v in ("fp32", "int8-dynamic", "int8-static", "int8-static-qop", "fp16")
     }
     object_store.delete(MODELS_BUCKET, f"{name}/{version}/compression.json")
     Compressor(CompressorSettings(latency_runs=20), object_store, ModelRegistry(object_store), "/t").handle(event)
