@@ -364,14 +364,10 @@ class BatchProcessor(Protocol):
     def flush(self, now: float | None = None) -> list[OutRecord]: ...
 
 
-class TransactionalLoop:
-    """Consume in batches; publish each flush's records and the input offsets in one transaction.
-
-    Exactly-once from the consumer's point of view: after a crash the next
-    instance (same ``transactional_id``) fences the old one, aborts its open
-    transaction and resumes from the offsets of the last committed flush, whose
-    records (dead letters, events, state snapshot) are all visible or none is.
-    """
+class _TransactionalBase:
+    """What the transactional loops share: a read_committed consumer without auto
+    commit, a transactional producer, stop/signal handling, and one transaction
+    that publishes records together with consumer offsets."""
 
     def __init__(
         self,
@@ -380,9 +376,6 @@ class TransactionalLoop:
         group_id: str,
         topics: Sequence[str],
         transactional_id: str,
-        processor: BatchProcessor,
-        flush_interval_s: float = 1.0,
-        batch_size: int = 1000,
         consumer_config: dict[str, Any] | None = None,
         producer_config: dict[str, Any] | None = None,
     ) -> None:
@@ -406,14 +399,10 @@ class TransactionalLoop:
         }
         pconf.update(producer_config or {})
         self._producer = _Producer(pconf)
+        self.group_id = group_id
         self._topics = list(topics)
-        self._processor = processor
-        self._flush_interval_s = flush_interval_s
-        self._batch_size = batch_size
         self._stop = threading.Event()
-        self._last_positions: dict[tuple[str, int], int] = {}
         self._initialised = False
-        self.transactions = 0
         #: set while the group has given this loop its partitions
         self.assigned = threading.Event()
 
@@ -422,6 +411,7 @@ class TransactionalLoop:
 
     def install_signal_handlers(self) -> None:
         def _handler(signum: int, frame: FrameType | None) -> None:
+            log.info("stopping on signal", signal=signum, group=self.group_id)
             self.stop()
 
         signal.signal(signal.SIGTERM, _handler)
@@ -429,12 +419,74 @@ class TransactionalLoop:
 
     def init(self) -> None:
         """Fence older instances with the same transactional id and abort their open transaction."""
-        self._producer.init_transactions(30)
-        self._initialised = True
+        if not self._initialised:
+            self._producer.init_transactions(30)
+            self._initialised = True
+
+    def _positions(self) -> list[TopicPartition]:
+        assignment = self._consumer.assignment()
+        return [tp for tp in self._consumer.position(assignment) if tp.offset >= 0] if assignment else []
+
+    def _transact(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition]) -> None:
+        """Publish ``records`` and commit ``offsets`` atomically; on failure the caller must restart."""
+        self._producer.begin_transaction()
+        try:
+            for rec in records:
+                while True:
+                    try:
+                        self._producer.produce(rec.topic, value=rec.value, key=rec.key, headers=list(rec.headers))
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+            if offsets:
+                self._producer.send_offsets_to_transaction(list(offsets), self._consumer.consumer_group_metadata(), 30)
+            self._producer.commit_transaction(60)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if err is not None and hasattr(err, "txn_requires_abort") and err.txn_requires_abort():
+                self._producer.abort_transaction(30)
+            # in-memory state may be ahead of what Kafka holds: stop; a restart recovers
+            raise UnavailableError("transaction failed; restart to recover", error=str(exc)) from exc
+
+
+class TransactionalLoop(_TransactionalBase):
+    """Consume in batches; publish each flush's records and the input offsets in one transaction.
+
+    Exactly-once from the consumer's point of view: after a crash the next
+    instance (same ``transactional_id``) fences the old one, aborts its open
+    transaction and resumes from the offsets of the last committed flush, whose
+    records (dead letters, events, state snapshot) are all visible or none is.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        group_id: str,
+        topics: Sequence[str],
+        transactional_id: str,
+        processor: BatchProcessor,
+        flush_interval_s: float = 1.0,
+        batch_size: int = 1000,
+        consumer_config: dict[str, Any] | None = None,
+        producer_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            bootstrap=bootstrap,
+            group_id=group_id,
+            topics=topics,
+            transactional_id=transactional_id,
+            consumer_config=consumer_config,
+            producer_config=producer_config,
+        )
+        self._processor = processor
+        self._flush_interval_s = flush_interval_s
+        self._batch_size = batch_size
+        self._last_positions: dict[tuple[str, int], int] = {}
+        self.transactions = 0
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
-        if not self._initialised:
-            self.init()
+        self.init()
         self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_flush = time.monotonic()
         try:
@@ -469,34 +521,13 @@ class TransactionalLoop:
     def commit(self) -> None:
         """Flush the processor and commit its records with the consumed offsets."""
         records = self._processor.flush()
-        assignment = self._consumer.assignment()
-        positions = [tp for tp in self._consumer.position(assignment) if tp.offset >= 0] if assignment else []
+        positions = self._positions()
         moved = any(self._last_positions.get((tp.topic, tp.partition)) != tp.offset for tp in positions)
         if not records and not moved:
             return
-        self._producer.begin_transaction()
-        try:
-            for rec in records:
-                self._produce(rec)
-            if positions:
-                self._producer.send_offsets_to_transaction(positions, self._consumer.consumer_group_metadata(), 30)
-            self._producer.commit_transaction(60)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if err is not None and hasattr(err, "txn_requires_abort") and err.txn_requires_abort():
-                self._producer.abort_transaction(30)
-            # in-memory state may be ahead of what Kafka holds: stop; a restart recovers
-            raise UnavailableError("transaction failed; restart to recover", error=str(exc)) from exc
+        self._transact(records, positions)
         self._last_positions = {(tp.topic, tp.partition): tp.offset for tp in positions}
         self.transactions += 1
-
-    def _produce(self, rec: OutRecord) -> None:
-        while True:
-            try:
-                self._producer.produce(rec.topic, value=rec.value, key=rec.key, headers=list(rec.headers))
-                return
-            except BufferError:
-                self._producer.poll(0.05)
 
 
 def read_latest(bootstrap: str, topic: str, key: bytes, timeout_s: float = 30.0) -> bytes | None:
@@ -548,7 +579,7 @@ class _Pending:
     ctx: RecordContext
 
 
-class JobLoop:
+class JobLoop(_TransactionalBase):
     """Long jobs from events, one at a time, exactly once.
 
     Events are decoded and coalesced by ``key(event)``: of several pending
@@ -575,23 +606,8 @@ class JobLoop:
         backoff_s: float = 1.0,
         processed: ProcessedStore | None = None,
     ) -> None:
+        super().__init__(bootstrap=bootstrap, group_id=group_id, topics=topics, transactional_id=transactional_id)
         self._processed = processed or MemoryProcessedStore()
-        self._consumer = _Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "session.timeout.ms": 10000,
-                "heartbeat.interval.ms": 1000,
-            }
-        )
-        self._producer = _Producer(
-            {"bootstrap.servers": bootstrap, "transactional.id": transactional_id, "transaction.timeout.ms": 60000}
-        )
-        self.group_id = group_id
-        self._topics = list(topics)
         self._job = job
         self._key = key
         self._deadletter = deadletter_topic
@@ -599,24 +615,9 @@ class JobLoop:
         self._backoff_s = backoff_s
         self._pending: dict[str, _Pending] = {}
         self._dead: list[OutRecord] = []
-        self._stop = threading.Event()
-        self.assigned = threading.Event()
         self.busy = threading.Event()
         self.jobs_done = 0
         self.coalesced = 0
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def install_signal_handlers(self) -> None:
-        def _handler(signum: int, frame: FrameType | None) -> None:
-            self.stop()
-
-        signal.signal(signal.SIGTERM, _handler)
-        signal.signal(signal.SIGINT, _handler)
-
-    def init(self) -> None:
-        self._producer.init_transactions(30)
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         self.init()
@@ -745,9 +746,6 @@ class JobLoop:
         return result[0]
 
     def _commit(self, outputs: Sequence[OutRecord]) -> None:
-        records = [*self._dead, *outputs]
-        assignment = self._consumer.assignment()
-        positions = [tp for tp in self._consumer.position(assignment) if tp.offset >= 0] if assignment else []
         # never commit past an event that is still pending
         floor: dict[tuple[str, int], int] = {}
         for p in self._pending.values():
@@ -755,18 +753,7 @@ class JobLoop:
             floor[k] = min(floor.get(k, p.ctx.offset), p.ctx.offset)
         offsets = [
             TopicPartition(tp.topic, tp.partition, min(tp.offset, floor.get((tp.topic, tp.partition), tp.offset)))
-            for tp in positions
+            for tp in self._positions()
         ]
-        self._producer.begin_transaction()
-        try:
-            for rec in records:
-                self._producer.produce(rec.topic, value=rec.value, key=rec.key, headers=list(rec.headers))
-            if offsets:
-                self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(), 30)
-            self._producer.commit_transaction(60)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if err is not None and hasattr(err, "txn_requires_abort") and err.txn_requires_abort():
-                self._producer.abort_transaction(30)
-            raise UnavailableError("transaction failed; restart to recover", error=str(exc)) from exc
+        self._transact([*self._dead, *outputs], offsets)
         self._dead.clear()

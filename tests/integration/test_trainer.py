@@ -37,7 +37,7 @@ def _status(svc: Any) -> dict[str, Any]:
 def _wait_training(svc: Any, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if _status(svc).get("training"):
+        if _status(svc).get("busy"):
             return
         time.sleep(0.1)
     raise AssertionError("trainer never started training")
