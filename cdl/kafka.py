@@ -151,6 +151,17 @@ class RecordContext:
     value: bytes | None
     headers: list[tuple[str, bytes]]
 
+    @classmethod
+    def of(cls, msg: Message) -> RecordContext:
+        return cls(
+            topic=str(msg.topic()),
+            partition=int(msg.partition() or 0),
+            offset=int(msg.offset() or 0),
+            key=_as_bytes(msg.key()),
+            value=_as_bytes(msg.value()),
+            headers=[(str(k), v) for k, v in list(msg.headers() or []) if isinstance(v, bytes)],
+        )
+
 
 Handler = Callable[[Event, RecordContext], Sequence[Outgoing] | None]
 
@@ -253,14 +264,7 @@ class ConsumerLoop:
 
     # -------------------------------------------------------------- one record
     def _process(self, msg: Message) -> None:
-        ctx = RecordContext(
-            topic=str(msg.topic()),
-            partition=int(msg.partition() or 0),
-            offset=int(msg.offset() or 0),
-            key=_as_bytes(msg.key()),
-            value=_as_bytes(msg.value()),
-            headers=[(str(k), v) for k, v in list(msg.headers() or []) if isinstance(v, bytes)],
-        )
+        ctx = RecordContext.of(msg)
         try:
             event = decode(ctx.key, ctx.value, ctx.headers)
         except DecodeError as exc:
@@ -647,14 +651,7 @@ class JobLoop(_TransactionalBase):
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error", error=str(err))
             return
-        ctx = RecordContext(
-            topic=str(msg.topic()),
-            partition=int(msg.partition() or 0),
-            offset=int(msg.offset() or 0),
-            key=_as_bytes(msg.key()),
-            value=_as_bytes(msg.value()),
-            headers=[(str(k), v) for k, v in list(msg.headers() or []) if isinstance(v, bytes)],
-        )
+        ctx = RecordContext.of(msg)
         try:
             event = decode(ctx.key, ctx.value, ctx.headers)
         except DecodeError as exc:
