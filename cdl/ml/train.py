@@ -89,6 +89,14 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel (one kernel for all parameters) where this torch build has it."""
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _tensor(a: npt.NDArray[Any], device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
@@ -108,7 +116,7 @@ def train(
     model.to(device)
     xt, yt = _tensor(x_train, device), _tensor(y_train.astype(np.int64), device)
     xv, yv = _tensor(x_val, device), _tensor(np.asarray(y_val, dtype=np.int64), device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _adamw(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
     use_amp = cfg.amp and device.type == "cuda"
     n = len(xt)
