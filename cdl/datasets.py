@@ -170,8 +170,9 @@ class Shard:
     label_histogram: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
-    def key_for(dataset: str, partition: int, first: int, last: int) -> str:
-        return f"{dataset}/shards/p{partition:03d}-{first:012d}-{last:012d}.npz"
+    def key_for(dataset: str, partition: int, first: int, last: int, unlabelled: bool = False) -> str:
+        folder = "unlabelled" if unlabelled else "shards"
+        return f"{dataset}/{folder}/p{partition:03d}-{first:012d}-{last:012d}.npz"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

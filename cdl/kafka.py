@@ -361,6 +361,7 @@ class BatchProcessor(Protocol):
     def on_batch(
         self,
         batch: Sequence[tuple[int, int, bytes | None, bytes | None, Sequence[tuple[str, bytes]] | None]],
+        topic: str,
     ) -> None: ...
 
     def wants_flush(self) -> bool: ...
@@ -497,15 +498,17 @@ class TransactionalLoop(_TransactionalBase):
             while not self._stop.is_set() and not (until is not None and until()):
                 msgs = self._consumer.consume(self._batch_size, 0.2)
                 # hot path: confluent-kafka already hands out bytes and ints
-                batch = [
-                    (m.partition(), m.offset(), m.key(), m.value(), m.headers()) for m in msgs if m.error() is None
-                ]
+                batches: dict[str, list[Any]] = {}
                 for m in msgs:
                     err = m.error()
-                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                    if err is None:
+                        batches.setdefault(str(m.topic()), []).append(
+                            (m.partition(), m.offset(), m.key(), m.value(), m.headers())
+                        )
+                    elif err.code() != KafkaError._PARTITION_EOF:
                         log.warning("consumer error", error=str(err))
-                if batch:
-                    self._processor.on_batch(batch)  # type: ignore[arg-type]
+                for topic, batch in batches.items():
+                    self._processor.on_batch(batch, topic)
                 if self._processor.wants_flush() or time.monotonic() - last_flush >= self._flush_interval_s:
                     self.commit()
                     last_flush = time.monotonic()

@@ -42,6 +42,7 @@ class IngestApp:
             source=self.source,
             state_topic=settings.state_topic,
             raw_topic=settings.raw_topic,
+            feedback_topic=settings.feedback_topic,
             deadletter_topic=settings.deadletter_topic,
             updated_topic=settings.updated_topic,
             shard_max_records=settings.shard_max_records,
@@ -50,7 +51,7 @@ class IngestApp:
         self.loop = TransactionalLoop(
             bootstrap=settings.kafka_bootstrap,
             group_id=settings.group_id,
-            topics=[settings.raw_topic],
+            topics=[settings.raw_topic, settings.feedback_topic],
             transactional_id=f"{settings.group_id}-{settings.instance}",
             processor=self.processor,
             flush_interval_s=settings.flush_interval_s,
@@ -69,7 +70,8 @@ class IngestApp:
             for t, n in Topics.PARTITIONS.items()
             if t not in existing
         ]
-        for topic in (self.settings.raw_topic, self.settings.deadletter_topic, self.settings.updated_topic):
+        s = self.settings
+        for topic in (s.raw_topic, s.feedback_topic, s.deadletter_topic, s.updated_topic):
             if topic not in existing and topic not in Topics.PARTITIONS:
                 wanted.append(NewTopic(topic, num_partitions=3 if topic == self.settings.raw_topic else 1))
         if self.settings.state_topic not in existing:

@@ -111,7 +111,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 spec = self._registry.lookup(record.dataset)
                 if spec is None:
                     raise RecordError(Reason.UNKNOWN_DATASET, "dataset is not registered", dataset=record.dataset)
-                clean(parse(value, CONTENT_PROTOBUF), spec)
+                clean(parse(value, CONTENT_PROTOBUF), spec, allow_unlabelled=True)
             except RecordError as exc:
                 ack.accepted = False
                 ack.code = "INVALID_ARGUMENT"

@@ -26,7 +26,16 @@ from cdl.events import CONTENT_JSON, Event, OutRecord, Topics, dead_letter, head
 from cdl.logging import get_logger
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
-from services.ingest.records import CleanRecord, FastBatch, Reason, RecordError, clean, clean_json_batch, parse
+from services.ingest.records import (
+    CleanRecord,
+    FastBatch,
+    Reason,
+    RecordError,
+    clean,
+    clean_json_batch,
+    parse,
+    parse_feedback,
+)
 from services.ingest.registry import DatasetRegistry
 from services.ingest.versioning import IngestState, build_manifest, policy_due
 
@@ -91,6 +100,7 @@ class IngestProcessor:
         source: str,
         state_topic: str,
         raw_topic: str = Topics.DATA_RAW,
+        feedback_topic: str = Topics.DATA_FEEDBACK,
         deadletter_topic: str = Topics.DATA_DEADLETTER,
         updated_topic: str = Topics.DATA_UPDATED,
         shard_max_records: int = 5000,
@@ -101,6 +111,10 @@ class IngestProcessor:
         self._source = source
         self._state_topic = state_topic
         self._raw_topic = raw_topic
+        self._feedback_topic = feedback_topic
+        #: unlabelled records waiting for data.feedback: dataset -> id -> (partition, offset, record)
+        self._waiting: dict[str, dict[str, tuple[int, int, CleanRecord]]] = defaultdict(dict)
+        self._unlabelled: dict[tuple[str, int], _Buffer] = {}
         self._deadletter_topic = deadletter_topic
         self._updated_topic = updated_topic
         self._shard_max = shard_max_records
@@ -121,18 +135,36 @@ class IngestProcessor:
         """Restore the state of the last committed transaction; rebuild the seen ids."""
         self.state = IngestState.from_json(json.loads(snapshot)) if snapshot else IngestState()
         self._seen.clear()
+        self._waiting.clear()
         for name, ds in self.state.datasets.items():
             for shard in ds.shards:
                 cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
                 self._seen[name].update(str(i) for i in cols["id"])
+            labelled = set(self._seen[name])
+            for shard in ds.unlabelled:
+                cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
+                for j, rid in enumerate(str(i) for i in cols["id"]):
+                    self._seen[name].add(rid)
+                    if rid not in labelled:
+                        x = cols["x"][j] if "x" in cols else None
+                        text = str(cols["text"][j]) if "text" in cols else None
+                        rec = CleanRecord(name, rid, -1, bool(cols["split"][j]), x, text)
+                        self._waiting[name][rid] = (shard.partition, int(cols["offset"][j]), rec)
         log.info(
             "ingest state recovered",
             datasets={n: {"version": d.version, "shards": len(d.shards)} for n, d in self.state.datasets.items()},
         )
 
     # ---------------------------------------------------------------- records
-    def on_batch(self, batch: Sequence[Incoming]) -> None:
-        """Validate a batch of ``data.raw`` records: buffer the good, dead-letter the rest."""
+    def on_batch(self, batch: Sequence[Incoming], topic: str | None = None) -> None:
+        """Validate a batch of ``data.raw`` records: buffer the good, dead-letter the rest.
+
+        A batch from the feedback topic labels records that arrived unlabelled.
+        """
+        if topic is not None and topic == self._feedback_topic:
+            for incoming in batch:
+                self._feedback(incoming)
+            return
         loads = orjson.loads
         groups: dict[str, list[int]] = defaultdict(list)
         docs: dict[int, dict[str, Any]] = {}
@@ -201,19 +233,51 @@ class IngestProcessor:
             spec = self._registry.lookup(raw.dataset)
             if spec is None:
                 raise RecordError(Reason.UNKNOWN_DATASET, "dataset is not registered", dataset=raw.dataset)
-            rec = clean(raw, spec)
+            rec = clean(raw, spec, allow_unlabelled=True)
             if rec.id in self._seen[rec.dataset]:
                 raise RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=rec.dataset, id=rec.id)
         except RecordError as exc:
             self._reject(incoming, exc, dataset)
             return
         self._seen[rec.dataset].add(rec.id)
+        if rec.label < 0:  # waits for its label on data.feedback
+            self._waiting[rec.dataset][rec.id] = (partition, offset, rec)
+            self._unlabelled.setdefault((rec.dataset, partition), _Buffer()).add(rec, offset)
+            RECORDS.labels(rec.dataset, "unlabelled").inc()
+            return
         self._buffers.setdefault((rec.dataset, partition), _Buffer()).add(rec, offset)
         self._buffered += 1
         self._note_pending(spec, 1)
         RECORDS.labels(rec.dataset, "accepted").inc()
 
-    def _reject(self, incoming: Incoming, exc: RecordError, dataset: str) -> None:
+    def _feedback(self, incoming: Incoming) -> None:
+        """A late label: the waiting record becomes a labelled record at its original offset."""
+        _, _, _, value, headers = incoming
+        content_type = header_dict(headers).get("content-type", CONTENT_JSON) if headers else CONTENT_JSON
+        dataset = "?"
+        try:
+            dataset, rid, label = parse_feedback(value, content_type)
+            spec = self._registry.lookup(dataset)
+            if spec is None:
+                raise RecordError(Reason.UNKNOWN_DATASET, "dataset is not registered", dataset=dataset)
+            if label not in spec.labels:
+                raise RecordError(Reason.UNKNOWN_LABEL, f"label {label!r} is not one of the dataset's labels")
+            waiting = self._waiting[dataset].get(rid)
+            if waiting is None:
+                reason = Reason.ALREADY_LABELLED if rid in self._seen[dataset] else Reason.UNKNOWN_RECORD
+                raise RecordError(reason, "no unlabelled record with this id is waiting", dataset=dataset, id=rid)
+        except RecordError as exc:
+            self._reject(incoming, exc, dataset, origin=self._feedback_topic)
+            return
+        partition, offset, rec = waiting
+        del self._waiting[dataset][rid]
+        labelled = CleanRecord(rec.dataset, rec.id, spec.label_index(label), rec.holdout, rec.x, rec.text)
+        self._buffers.setdefault((dataset, partition), _Buffer()).add(labelled, offset)
+        self._buffered += 1
+        self._note_pending(spec, 1)
+        RECORDS.labels(dataset, "labelled_later").inc()
+
+    def _reject(self, incoming: Incoming, exc: RecordError, dataset: str, origin: str | None = None) -> None:
         partition, offset, key, value, headers = incoming
         self._dead.append(
             dead_letter(
@@ -223,7 +287,7 @@ class IngestProcessor:
                 headers,
                 reason=str(exc),
                 error=exc.reason.value,
-                origin_topic=self._raw_topic,
+                origin_topic=origin or self._raw_topic,
                 partition=partition,
                 offset=offset,
                 group=self._group,
@@ -270,6 +334,11 @@ class IngestProcessor:
                 self._write_shard(dataset, partition, buf)
                 changed = True
         self._buffers.clear()
+        for (dataset, partition), buf in sorted(self._unlabelled.items()):
+            if buf.ids:
+                self._write_shard(dataset, partition, buf, unlabelled=True)
+                changed = True
+        self._unlabelled.clear()
         self._buffered = 0
         self._pending.clear()
         self._version_due = False
@@ -284,7 +353,7 @@ class IngestProcessor:
             self._dirty = False
         return out
 
-    def _write_shard(self, dataset: str, partition: int, buf: _Buffer) -> None:
+    def _write_shard(self, dataset: str, partition: int, buf: _Buffer, unlabelled: bool = False) -> None:
         spec = self._registry.get(dataset)
         columns: dict[str, npt.NDArray[Any]] = {
             "id": np.array(buf.ids),
@@ -296,13 +365,14 @@ class IngestProcessor:
             columns["text"] = np.array(buf.text)
         else:
             columns["x"] = np.concatenate(buf.x).astype(spec.dtype, copy=False)
-        key = Shard.key_for(dataset, partition, buf.first, buf.last)
+        key = Shard.key_for(dataset, partition, buf.first, buf.last, unlabelled=unlabelled)
         self._store.put_bytes(DATASETS_BUCKET, key, encode_shard(columns))
         n = len(buf.ids)
         holdout = int(columns["split"].sum())
-        hist = Counter(spec.labels[i] for i in buf.labels)
+        hist = Counter(spec.labels[i] for i in buf.labels if i >= 0)
         shard = Shard(key, partition, buf.first, buf.last, n, n - holdout, holdout, dict(hist))
-        self.state.dataset(dataset, self._first_seen.get(dataset)).shards.append(shard)
+        ds = self.state.dataset(dataset, self._first_seen.get(dataset))
+        (ds.unlabelled if unlabelled else ds.shards).append(shard)
 
     def _commit_version(self, name: str, now: float) -> OutRecord:
         spec = self._registry.get(name)

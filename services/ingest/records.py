@@ -26,7 +26,17 @@ from cdl.datasets import DatasetSpec, Task, holdout_member, unit_hash
 from cdl.errors import InvalidInputError
 from cdl.v1 import events_pb2
 
-__all__ = ["CleanRecord", "FastBatch", "RawRecord", "Reason", "RecordError", "clean", "clean_json_batch", "parse"]
+__all__ = [
+    "CleanRecord",
+    "FastBatch",
+    "RawRecord",
+    "Reason",
+    "RecordError",
+    "clean",
+    "clean_json_batch",
+    "parse",
+    "parse_feedback",
+]
 
 
 class Reason(StrEnum):
@@ -42,6 +52,8 @@ class Reason(StrEnum):
     UNLABELLED = "unlabelled"
     TEXT_TOO_SHORT = "text_too_short"
     DUPLICATE_ID = "duplicate_id"
+    UNKNOWN_RECORD = "unknown_record"
+    ALREADY_LABELLED = "already_labelled"
 
 
 class RecordError(InvalidInputError):
@@ -109,6 +121,35 @@ def _parse_json(value: bytes) -> RawRecord:
     return RawRecord(dataset, rid, doc.get("features"), None, text, label)
 
 
+def parse_feedback(value: bytes | None, content_type: str) -> tuple[str, str, str]:
+    """``(dataset, record_id, label)`` of a ``data.feedback`` record (JSON or protobuf ``Feedback``)."""
+    if value is None:
+        raise RecordError(Reason.MALFORMED, "empty feedback")
+    fields: tuple[Any, Any, Any]
+    if content_type.startswith(("application/protobuf", "application/x-protobuf")):
+        fb = events_pb2.Feedback()
+        try:
+            fb.ParseFromString(value)
+        except ProtoDecodeError as exc:
+            raise RecordError(Reason.MALFORMED, f"not a cdl.v1.Feedback: {exc}") from exc
+        fields = (fb.dataset, fb.record_id, fb.label)
+    else:
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise RecordError(Reason.MALFORMED, f"not JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise RecordError(Reason.MALFORMED, "feedback must be a JSON object")
+        label = doc.get("label")
+        if isinstance(label, int) and not isinstance(label, bool):
+            label = str(label)
+        fields = (doc.get("dataset"), doc.get("record_id"), label)
+    if not all(isinstance(v, str) and v for v in fields):
+        raise RecordError(Reason.MALFORMED, "feedback needs non-empty 'dataset', 'record_id' and 'label'")
+    dataset, rid, label = fields
+    return str(dataset), str(rid), str(label)
+
+
 def _parse_proto(value: bytes) -> RawRecord:
     rec = events_pb2.Record()
     try:
@@ -131,14 +172,18 @@ def _parse_proto(value: bytes) -> RawRecord:
 _INT_RANGES = {"uint8": (0, 255), "int64": (-(2**63), 2**63 - 1)}
 
 
-def clean(raw: RawRecord, spec: DatasetSpec) -> CleanRecord:
-    """Validate ``raw`` against ``spec`` and apply its cleaning rules."""
+def clean(raw: RawRecord, spec: DatasetSpec, allow_unlabelled: bool = False) -> CleanRecord:
+    """Validate ``raw`` against ``spec`` and apply its cleaning rules.
+
+    An unlabelled record (empty label) gets ``label = -1`` when
+    ``allow_unlabelled``; its label may come later through ``data.feedback``.
+    """
     ctx = {"dataset": raw.dataset, "id": raw.id}
-    if not raw.label:
-        raise RecordError(Reason.UNLABELLED, "record has no label (late labels are not supported yet)", **ctx)
-    if raw.label not in spec.labels:
+    if not raw.label and not allow_unlabelled:
+        raise RecordError(Reason.UNLABELLED, "record has no label", **ctx)
+    if raw.label and raw.label not in spec.labels:
         raise RecordError(Reason.UNKNOWN_LABEL, f"label {raw.label!r} is not one of the dataset's labels", **ctx)
-    label = spec.label_index(raw.label)
+    label = spec.label_index(raw.label) if raw.label else -1
     holdout = holdout_member(spec.name, raw.id, spec.holdout_fraction)
     if spec.task is Task.TEXT:
         if raw.text is None:

@@ -24,6 +24,8 @@ class IngestSettings(ServiceSettings):
     """Instance name; the transactional id is ``<group_id>-<instance>``."""
     raw_topic: str = "data.raw"
     """Topic records arrive on."""
+    feedback_topic: str = "data.feedback"
+    """Topic late labels arrive on (dataset, record_id, label)."""
     deadletter_topic: str = "data.deadletter"
     """Topic rejected records go to."""
     updated_topic: str = "data.updated"

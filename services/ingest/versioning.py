@@ -26,6 +26,7 @@ class DatasetState:
     last_version_at: float = 0.0
     shards: list[Shard] = field(default_factory=list)
     versioned_shards: int = 0  # shards[:versioned_shards] are in the latest version
+    unlabelled: list[Shard] = field(default_factory=list)  # records waiting for a label (data.feedback)
 
     @property
     def pending(self) -> list[Shard]:
@@ -41,6 +42,7 @@ class DatasetState:
             "last_version_at": self.last_version_at,
             "versioned_shards": self.versioned_shards,
             "shards": [s.to_json() for s in self.shards],
+            "unlabelled": [s.to_json() for s in self.unlabelled],
         }
 
     @classmethod
@@ -50,6 +52,7 @@ class DatasetState:
             last_version_at=float(doc["last_version_at"]),
             shards=[Shard.from_json(s) for s in doc["shards"]],
             versioned_shards=int(doc["versioned_shards"]),
+            unlabelled=[Shard.from_json(s) for s in doc.get("unlabelled", [])],
         )
 
 

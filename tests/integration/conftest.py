@@ -89,12 +89,14 @@ def ingest_topics(kafka_bootstrap: str) -> dict[str, str]:
         "deadletter": f"test.dlq.{uid}",
         "updated": f"test.updated.{uid}",
         "state": f"test.ingest-state.{uid}",
+        "feedback": f"test.feedback.{uid}",
     }
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     new = [
         NewTopic(topics["raw"], num_partitions=3, replication_factor=1),
         NewTopic(topics["deadletter"], num_partitions=1, replication_factor=1),
         NewTopic(topics["updated"], num_partitions=1, replication_factor=1),
+        NewTopic(topics["feedback"], num_partitions=1, replication_factor=1),
         NewTopic(topics["state"], num_partitions=1, replication_factor=1, config={"cleanup.policy": "compact"}),
     ]
     for fut in admin.create_topics(new).values():

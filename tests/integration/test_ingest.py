@@ -290,3 +290,50 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(
     dead_offsets = [(d.headers["cdl-origin-partition"], d.headers["cdl-origin-offset"]) for d in dead]
     assert len(dead_offsets) == len(set(dead_offsets)) == expected_bad  # each bad record dead-lettered once
     assert last.total_records + sum(s["records"] for s in final["shards"][final["versioned_shards"] :]) == good
+
+
+def test_late_labels_from_data_feedback(
+    ingest_factory: Any, ingest_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    svc = ingest_factory().start()
+    name = f"late-{uuid.uuid4().hex[:6]}"
+    _register(svc, name, min_new_records=4)
+    producer = KProducer({"bootstrap.servers": kafka_bootstrap})
+    raw, feedback = ingest_topics["raw"], ingest_topics["feedback"]
+    for i in range(3):
+        producer.produce(raw, _json(name, f"l{i}", [i, 0, 0, 0], "a"))
+    for i in range(2):  # unlabelled: they wait for a label
+        producer.produce(raw, json.dumps({"dataset": name, "id": f"u{i}", "features": [9, 9, 9, i]}).encode())
+    producer.flush()
+    time.sleep(1.5)
+
+    def label(rid: str, lab: str) -> None:
+        producer.produce(feedback, json.dumps({"dataset": name, "record_id": rid, "label": lab}).encode())
+
+    label("u0", "b")
+    label("nope", "a")  # unknown record
+    label("l1", "b")  # already labelled
+    label("u1", "zebra")  # unknown label
+    producer.flush()
+    [first] = _updates(kafka_bootstrap, ingest_topics["updated"], 1)
+    assert (first.total_records, dict(first.label_histogram)) == (4, {"a": 3, "b": 1})
+    data = load_version(object_store, name, 1)
+    assert "u0" in set(data.ids) and "u1" not in set(data.ids)
+    dead = read_topic(kafka_bootstrap, ingest_topics["deadletter"], expected=3)
+    assert sorted(d.headers["cdl-error"].decode() for d in dead) == [
+        "already_labelled",
+        "unknown_label",
+        "unknown_record",
+    ]
+    assert all(d.headers["cdl-origin-topic"].decode() == feedback for d in dead)
+
+    # the waiting record survives a restart and takes its label afterwards
+    svc.stop()
+    ingest_factory().start()
+    label("u1", "c")
+    for i in range(3, 6):
+        producer.produce(raw, _json(name, f"l{i}", [i, 0, 0, 0], "a"))
+    producer.flush()
+    second = _updates(kafka_bootstrap, ingest_topics["updated"], 2)[1]
+    assert (second.version, second.total_records) == (2, 8)
+    assert dict(second.label_histogram) == {"a": 6, "b": 1, "c": 1}
