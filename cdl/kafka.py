@@ -39,6 +39,7 @@ __all__ = [
     "Producer",
     "RecordContext",
     "TransactionalLoop",
+    "consumer_conf",
     "read_latest",
 ]
 
@@ -46,6 +47,20 @@ log = get_logger(__name__)
 
 #: headers added to a dead-lettered record
 DLQ_HEADERS = ("cdl-reason", "cdl-error", "cdl-origin-topic", "cdl-origin-partition", "cdl-origin-offset", "cdl-group")
+
+
+def consumer_conf(bootstrap: str, group_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Consumer settings every cdl loop uses: manual commits, read_committed, from the earliest offset."""
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "session.timeout.ms": 10000,
+        "heartbeat.interval.ms": 1000,
+        **(extra or {}),
+    }
 
 
 @dataclass(frozen=True)
@@ -191,17 +206,7 @@ class ConsumerLoop:
         poll_timeout_s: float = 0.5,
         consumer_config: dict[str, Any] | None = None,
     ) -> None:
-        conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "max.poll.interval.ms": 600000,
-            "session.timeout.ms": 10000,
-            "heartbeat.interval.ms": 1000,
-        }
-        conf.update(consumer_config or {})
+        conf = consumer_conf(bootstrap, group_id, {"max.poll.interval.ms": 600000, **(consumer_config or {})})
         self.group_id = group_id
         self.topics = list(topics)
         self._consumer = _Consumer(conf)
@@ -384,17 +389,7 @@ class _TransactionalBase:
         consumer_config: dict[str, Any] | None = None,
         producer_config: dict[str, Any] | None = None,
     ) -> None:
-        conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "session.timeout.ms": 10000,
-            "heartbeat.interval.ms": 1000,
-        }
-        conf.update(consumer_config or {})
-        self._consumer = _Consumer(conf)
+        self._consumer = _Consumer(consumer_conf(bootstrap, group_id, consumer_config))
         pconf: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "transactional.id": transactional_id,

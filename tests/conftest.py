@@ -19,8 +19,7 @@ from cdl.errors import CdlError
 from cdl.settings import StackSettings
 from cdl.stack import LocalStack
 from cdl.store import ObjectStore
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from tests.helpers import IN_CI
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

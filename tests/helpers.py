@@ -1,10 +1,14 @@
-"""Helpers shared by tests (reading topics back)."""
+"""Helpers shared by tests (reading topics back, running the cdl command line)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from confluent_kafka import Consumer
 
@@ -48,3 +52,14 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
     finally:
         consumer.close()
     return out
+
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def run_cdl(*args: str, state_dir: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """The `cdl` command line as a user runs it, against the stack in ``state_dir``."""
+    env = dict(os.environ, CDL_STATE_DIR=str(state_dir), COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "cdl.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )

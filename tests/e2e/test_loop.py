@@ -7,9 +7,6 @@ Triton repository entry that serves."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,28 +16,19 @@ from confluent_kafka import Producer
 from sklearn.datasets import load_digits
 
 from cdl.events import decode
-from tests.helpers import read_topic
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _cdl(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, CDL_STATE_DIR=str(state_dir), COLUMNS="200")
-    return subprocess.run(
-        [sys.executable, "-m", "cdl.cli", *args], env=env, capture_output=True, text=True, timeout=180, check=False
-    )
+from tests.helpers import IN_CI, read_topic, run_cdl
 
 
 def test_records_become_a_served_model_by_themselves(tmp_path: Path) -> None:
     state_dir = tmp_path / "stack"
-    up = _cdl("stack", "up", state_dir=state_dir)
+    up = run_cdl("stack", "up", state_dir=state_dir)
     if up.returncode != 0 and "run scripts/setup.sh" in up.stdout and not IN_CI:
         pytest.skip(up.stdout)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads((state_dir / "stack.json").read_text())
         assert set(state["services"]) == {"ingest", "trainer", "compressor"}
-        reg = _cdl(
+        reg = run_cdl(
             "dataset", "register", "digits", "--task", "image", "--shape", "1,8,8",
             "--labels", ",".join(str(i) for i in range(10)), "--min-new-records", "1500",
             state_dir=state_dir,
@@ -63,7 +51,7 @@ def test_records_become_a_served_model_by_themselves(tmp_path: Path) -> None:
         assert verdict.lineage.dataset_version == 1  # type: ignore[attr-defined]
         assert verdict.metrics["holdout_accuracy"] >= 0.9  # type: ignore[attr-defined]
 
-        show = _cdl("dataset", "show", "digits", state_dir=state_dir)
+        show = run_cdl("dataset", "show", "digits", state_dir=state_dir)
         assert show.returncode == 0 and "latest version" in show.stdout
 
         client = tgrpc.InferenceServerClient(state["triton"][0]["grpc"])
@@ -74,5 +62,5 @@ def test_records_become_a_served_model_by_themselves(tmp_path: Path) -> None:
         predicted = client.infer("digits", [inp]).as_numpy("logits").argmax(1)
         assert (predicted == digits.target[:64]).mean() >= 0.9
     finally:
-        down = _cdl("stack", "down", state_dir=state_dir)
+        down = run_cdl("stack", "down", state_dir=state_dir)
         assert down.returncode == 0, down.stdout

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cdl.stack._procs import ProcInfo, group_members, is_alive
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _cdl(*args: str, state_dir: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, CDL_STATE_DIR=str(state_dir), COLUMNS="200")
-    return subprocess.run(
-        [sys.executable, "-m", "cdl.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+from tests.helpers import IN_CI, run_cdl
 
 
 def test_stack_up_then_down_leaves_nothing_running(tmp_path: Path) -> None:
     state_dir = tmp_path / "stack"
-    up = _cdl("stack", "up", state_dir=state_dir)
+    up = run_cdl("stack", "up", state_dir=state_dir)
     if up.returncode != 0 and "run scripts/setup.sh" in up.stdout and not IN_CI:
         pytest.skip(up.stdout)
     try:
@@ -35,19 +24,19 @@ def test_stack_up_then_down_leaves_nothing_running(tmp_path: Path) -> None:
         assert set(procs) == {"kafka", "minio", "triton-0", "ingest", "trainer", "compressor"}
         assert all(is_alive(p) for p in procs.values())
 
-        status = _cdl("stack", "status", state_dir=state_dir)
+        status = run_cdl("stack", "status", state_dir=state_dir)
         assert status.returncode == 0, status.stdout
         assert status.stdout.count("healthy") == 6
 
         # up again is a no-op: same processes
-        again = _cdl("stack", "up", state_dir=state_dir)
+        again = run_cdl("stack", "up", state_dir=state_dir)
         assert again.returncode == 0 and "already running" in again.stdout
         assert json.loads((state_dir / "stack.json").read_text())["procs"] == state["procs"]
     finally:
-        down = _cdl("stack", "down", state_dir=state_dir)
+        down = run_cdl("stack", "down", state_dir=state_dir)
     assert down.returncode == 0, down.stdout + down.stderr
     for name, info in procs.items():
         assert not is_alive(info), name
         assert group_members(info.pid) == [], f"{name} left processes behind"
-    after = _cdl("stack", "status", state_dir=state_dir)
+    after = run_cdl("stack", "status", state_dir=state_dir)
     assert after.returncode == 1
