@@ -51,6 +51,7 @@ __all__ = [
     "load_version",
     "read_manifest",
     "unit_hash",
+    "unit_hashes",
 ]
 
 DATASETS_BUCKET = "cdl-datasets"
@@ -128,9 +129,35 @@ class DatasetSpec:
         return cls(**fields)
 
 
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
 def unit_hash(data: bytes) -> float:
-    """A stable hash of ``data`` mapped to [0, 1)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") / 2**64
+    """A stable hash of ``data`` (64-bit FNV-1a, top 53 bits) mapped to [0, 1)."""
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & _MASK64
+    return (h >> 11) / 2**53
+
+
+def unit_hashes(keys: list[bytes]) -> npt.NDArray[np.float64]:
+    """:func:`unit_hash` of many keys at once (vectorised over the keys)."""
+    if not keys:
+        return np.zeros(0, dtype=np.float64)
+    lens = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
+    width = int(lens.max())
+    mat = np.zeros((len(keys), width), dtype=np.uint8)
+    flat = np.frombuffer(b"".join(k.ljust(width, b"\x00") for k in keys), dtype=np.uint8)
+    mat[:] = flat.reshape(len(keys), width)
+    h = np.full(len(keys), _FNV_OFFSET, dtype=np.uint64)
+    prime = np.uint64(_FNV_PRIME)
+    with np.errstate(over="ignore"):
+        for col in range(width):
+            nxt = (h ^ mat[:, col].astype(np.uint64)) * prime
+            h = np.where(col < lens, nxt, h)
+    return (h >> np.uint64(11)).astype(np.float64) / 2**53
 
 
 def holdout_member(dataset: str, record_id: str, fraction: float) -> bool:
@@ -175,7 +202,17 @@ class Shard:
         return f"{dataset}/{folder}/p{partition:03d}-{first:012d}-{last:012d}.npz"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # written for every shard at every flush: no dataclasses.asdict (deep copies)
+        return {
+            "key": self.key,
+            "partition": self.partition,
+            "first_offset": self.first_offset,
+            "last_offset": self.last_offset,
+            "records": self.records,
+            "train": self.train,
+            "holdout": self.holdout,
+            "label_histogram": dict(self.label_histogram),
+        }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Shard:

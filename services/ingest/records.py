@@ -22,7 +22,7 @@ import numpy.typing as npt
 import orjson
 from google.protobuf.message import DecodeError as ProtoDecodeError
 
-from cdl.datasets import DatasetSpec, Task, holdout_member, unit_hash
+from cdl.datasets import DatasetSpec, Task, holdout_member, unit_hashes
 from cdl.errors import InvalidInputError
 from cdl.v1 import events_pb2
 
@@ -266,33 +266,49 @@ def clean_json_batch(docs: list[dict[str, Any]], values: list[bytes], spec: Data
     ids: list[str] = []
     labels: list[int] = []
     undecided: list[int] = []
-    for i, doc in enumerate(docs):
-        f = doc.get("features")
-        rid = doc.get("id")
-        lab = doc.get("label")
-        li = labmap.get(lab, -1) if type(lab) is str else -1
-        if (
-            li >= 0
-            and type(rid) is str
-            and rid
-            and type(f) is list
-            and len(f) == size
-            and type(f[0]) is not list
-            and b"true" not in values[i]
-            and b"false" not in values[i]
-        ):
-            rows.append(i)
-            feats.append(f)
-            ids.append(rid)
-            labels.append(li)
-        else:
-            undecided.append(i)
+    arr: npt.NDArray[Any] | None = None
+    # optimistic: every record is plain (the usual case) -> a handful of C-level passes
+    try:
+        ids = [d["id"] for d in docs]
+        labels = [labmap[d["label"]] for d in docs]
+        feats = [d["features"] for d in docs]
+        if all(type(r) is str and r for r in ids) and not any(b"true" in v or b"false" in v for v in values):
+            candidate = np.array(feats, dtype=np.float64)
+            if candidate.shape == (len(docs), size):
+                arr = candidate
+                rows = list(range(len(docs)))
+    except (KeyError, TypeError, ValueError):
+        arr = None
+    if arr is None:
+        rows, feats, ids, labels = [], [], [], []
+        for i, doc in enumerate(docs):
+            f = doc.get("features")
+            rid = doc.get("id")
+            lab = doc.get("label")
+            li = labmap.get(lab, -1) if type(lab) is str else -1
+            if (
+                li >= 0
+                and type(rid) is str
+                and rid
+                and type(f) is list
+                and len(f) == size
+                and type(f[0]) is not list
+                and b"true" not in values[i]
+                and b"false" not in values[i]
+            ):
+                rows.append(i)
+                feats.append(f)
+                ids.append(rid)
+                labels.append(li)
+            else:
+                undecided.append(i)
     if not rows:
         return FastBatch([], [], [], [], np.empty((0, *spec.input_shape), dtype=spec.dtype), undecided)
-    try:
-        arr = np.array(feats, dtype=np.float64)
-    except (TypeError, ValueError):
-        return FastBatch([], [], [], [], np.empty((0, *spec.input_shape), dtype=spec.dtype), undecided + rows)
+    if arr is None:
+        try:
+            arr = np.array(feats, dtype=np.float64)
+        except (TypeError, ValueError):
+            return FastBatch([], [], [], [], np.empty((0, *spec.input_shape), dtype=spec.dtype), undecided + rows)
     ok = np.isfinite(arr).all(axis=1)
     if spec.dtype in _INT_RANGES:
         lo, hi = _INT_RANGES[spec.dtype]
@@ -306,7 +322,6 @@ def clean_json_batch(docs: list[dict[str, Any]], values: list[bytes], spec: Data
         labels = [labels[j] for j in keep]
         arr = arr[ok]
     prefix = f"{spec.name}\x00".encode()
-    threshold = spec.holdout_fraction
-    holdout = [1 if unit_hash(prefix + rid.encode()) < threshold else 0 for rid in ids]
+    holdout = (unit_hashes([prefix + rid.encode() for rid in ids]) < spec.holdout_fraction).astype(int).tolist()
     x = arr.reshape(-1, *spec.input_shape).astype(spec.dtype, copy=False)
     return FastBatch(rows, ids, labels, holdout, x, undecided)
