@@ -135,10 +135,16 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
 def unit_hash(data: bytes) -> float:
-    """A stable hash of ``data`` (64-bit FNV-1a, top 53 bits) mapped to [0, 1)."""
+    """A stable hash of ``data`` mapped to [0, 1): 64-bit FNV-1a, then the
+    MurmurHash3 finaliser (so similar ids spread evenly), top 53 bits."""
     h = _FNV_OFFSET
     for byte in data:
         h = ((h ^ byte) * _FNV_PRIME) & _MASK64
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & _MASK64
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & _MASK64
+    h ^= h >> 33
     return (h >> 11) / 2**53
 
 
@@ -157,6 +163,12 @@ def unit_hashes(keys: list[bytes]) -> npt.NDArray[np.float64]:
         for col in range(width):
             nxt = (h ^ mat[:, col].astype(np.uint64)) * prime
             h = np.where(col < lens, nxt, h)
+    with np.errstate(over="ignore"):
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
     return (h >> np.uint64(11)).astype(np.float64) / 2**53
 
 

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 
 @dataclass
@@ -32,9 +32,14 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
             "enable.auto.commit": False,
         }
     )
-    consumer.subscribe([topic])
-    out: list[Rec] = []
+    # assign (no group join, so no rebalance delay): every partition from the start
     deadline = time.monotonic() + timeout_s
+    partitions: list[int] = []
+    while not partitions and time.monotonic() < deadline + 10:
+        meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+        partitions = sorted(meta.partitions) if meta is not None and meta.error is None else []
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    out: list[Rec] = []
     try:
         while len(out) < expected and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
