@@ -38,5 +38,7 @@ class TrainerSettings(ServiceSettings):
     """Seed of every training (deterministic runs)."""
     max_epochs: int = 0
     """Cap on epochs whatever the hyperparameters say (0: no cap)."""
+    patience: int = 6
+    """Early stopping: epochs without a better validation loss before stopping (0: never stop early)."""
     code_version: str = ""
     """Recorded in lineage; default: git commit of the checkout, else the package version."""

@@ -156,6 +156,7 @@ class Trainer:
             weight_decay=float(hparams["weight_decay"]),
             seed=self.settings.seed,
             device=self.settings.device,
+            patience=self.settings.patience,
         )
         with TRAIN_SECONDS.time():
             result = train(module, xt, y_all[tr_idx], xv, y_all[val_idx], cfg)

@@ -103,11 +103,11 @@ def test_backlog_during_a_training_coalesces_to_the_newest(
 ) -> None:
     name = f"backlog-{uuid.uuid4().hex[:6]}"
     writer = DatasetWriter(object_store, kafka_bootstrap, trainer_topics["updated"], digits_spec(name))
-    versions = [
-        writer.version(X[i * 400 : (i + 1) * 400], Y[i * 400 : (i + 1) * 400], [f"r{i}-{j}" for j in range(400)])
-        for i in range(4)
-    ]
-    svc = trainer_factory(max_epochs="15").start()
+    # a first version big enough that its training lasts seconds, then three small ones
+    first = writer.version(np.concatenate([X, X]), Y + Y, [f"a{i}" for i in range(2 * len(X))])
+    extra = [writer.version(X[:100], Y[:100], [f"r{k}-{j}" for j in range(100)]) for k in range(3)]
+    versions = [first, *extra]
+    svc = trainer_factory(patience="0").start()
     writer.publish(versions[0])
     _wait_training(svc)
     for v in versions[1:]:  # three more arrive while the first trains
