@@ -38,10 +38,6 @@ class CompressorSettings(ServiceSettings):
     """Training samples used to calibrate static INT8."""
     latency_runs: int = 200
     """Timed runs per batch size for the latency figures."""
-    prune: bool = False
-    """Also build a magnitude-pruned variant (with a short fine-tune)."""
-    prune_amount: float = 0.5
-    """Fraction of weights pruned in the pruned variant."""
     triton_backend: Literal["python", "onnxruntime"] = "python"
     """Repository entry kind: the python-backend ONNX Runtime runner (local Triton) or onnxruntime_onnx."""
     max_batch_size: int = 64
