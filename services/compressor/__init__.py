@@ -1,1 +1,1 @@
-"""The compressor service: ONNX export, quantised/pruned variants, Triton repository entries."""
+"""The compressor service: ONNX export, quantised and FP16 variants, Triton repository entries."""
