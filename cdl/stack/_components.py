@@ -134,7 +134,9 @@ class KafkaComponent(Component):
         if not (self.workdir / "data" / "meta.properties").exists():
             import subprocess
 
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # the storage tool would read "-…" as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             result = subprocess.run(
                 [
                     *self._java("kafka.tools.StorageTool"),
