@@ -19,7 +19,7 @@ from cdl.logging import get_logger
 from cdl.ml.models import DEFAULTS, Family, ModelConfig, build_model, family_for
 from cdl.ml.preprocess import Preprocessor
 from cdl.ml.train import TrainConfig, evaluate, pick_device, train
-from cdl.registry import ModelRegistry
+from cdl.registry import LoadedModel, ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.trainer.settings import TrainerSettings
@@ -145,7 +145,8 @@ class Trainer:
         xt, xv, xh = pre.transform(x_all[tr_idx]), pre.transform(x_all[val_idx]), pre.transform(x_hold)
 
         module = build_model(config)
-        parent = self._warm_start(model, config, module)
+        warm = self._warm_start(model, config, module)
+        parent = warm.version if warm is not None else None
         epochs = int(hparams["epochs"])
         if self.settings.max_epochs:
             epochs = min(epochs, self.settings.max_epochs)
@@ -166,7 +167,8 @@ class Trainer:
         champion = self.registry.champion(model)
         champ_acc: float | None = None
         if champion is not None:
-            champ = self.registry.load(model, champion)
+            # usually the model we warm-started from: do not read it twice
+            champ = warm if warm is not None and warm.version == champion else self.registry.load(model, champion)
             _, champ_acc = evaluate(champ.module, champ.preprocessor.transform(x_hold), y_hold, device)
         accepted, reason = self._gate(hold_acc, champ_acc, champion, len(spec.labels))
         duration = time.perf_counter() - start
@@ -245,7 +247,7 @@ class Trainer:
             return Preprocessor.for_text(int(hparams["buckets"]), int(hparams["ngrams"]))
         return Preprocessor.fit_tensor(x, per_feature=task is Task.TABULAR)
 
-    def _warm_start(self, model: str, config: ModelConfig, module: Any) -> int | None:
+    def _warm_start(self, model: str, config: ModelConfig, module: Any) -> LoadedModel | None:
         parent = self.registry.serving(model) or self.registry.champion(model)
         if parent is None:
             return None
@@ -257,8 +259,9 @@ class Trainer:
         if parent_config.architecture() != config.architecture():
             log.info("architecture changed; training from scratch", model=model, parent=parent)
             return None
-        module.load_state_dict(self.registry.load(model, parent).module.state_dict())
-        return parent
+        loaded = self.registry.load(model, parent)
+        module.load_state_dict(loaded.module.state_dict())  # copies: the parent's module stays as it was
+        return loaded
 
     def _gate(
         self, challenger: float, champion: float | None, champion_version: int | None, classes: int
