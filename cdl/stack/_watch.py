@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +11,9 @@ from cdl.events import Topics
 from cdl.store import BUCKETS, ObjectStore
 
 __all__ = ["Snapshot", "StackObserver"]
+
+_DATASET_VERSION = re.compile(r"^([^/]+)/versions/(\d+)\.json$")
+_MODEL_FILE = re.compile(r"^([^/]+)/(\d+)/(claim|compression)\.json$")
 
 
 @dataclass
@@ -54,24 +59,20 @@ class StackObserver:
             counts[name] = total
         return counts
 
-    def object_counts(self) -> dict[str, int]:
-        return {b: sum(1 for _ in self._store.list(b)) for b in BUCKETS}
-
-    def datasets(self) -> list[dict[str, Any]]:
-        """Each registered dataset with its newest version's counts."""
+    def datasets(self, keys: list[str]) -> list[dict[str, Any]]:
+        """Each registered dataset with its newest version's counts (``keys``: the bucket's listing)."""
         from cdl.datasets import DATASETS_BUCKET
 
+        names = sorted({k.split("/")[0] for k in keys if k.endswith("/dataset.json")})
+        versions: dict[str, list[int]] = defaultdict(list)
+        for k in keys:
+            m = _DATASET_VERSION.match(k)
+            if m:
+                versions[m.group(1)].append(int(m.group(2)))
         rows = []
-        names = sorted(
-            {o.key.split("/")[0] for o in self._store.list(DATASETS_BUCKET) if o.key.endswith("/dataset.json")}
-        )
         for name in names:
-            versions = [
-                int(o.key.rsplit("/", 1)[1].split(".")[0])
-                for o in self._store.list(DATASETS_BUCKET, prefix=f"{name}/versions/")
-            ]
-            row: dict[str, Any] = {"dataset": name, "version": max(versions, default=0)}
-            if versions:
+            row: dict[str, Any] = {"dataset": name, "version": max(versions[name], default=0)}
+            if versions[name]:
                 m = self._store.get_json(DATASETS_BUCKET, f"{name}/versions/{row['version']}.json")
                 row |= {
                     "records": m["total_records"],
@@ -82,40 +83,50 @@ class StackObserver:
             rows.append(row)
         return rows
 
-    def models(self) -> list[dict[str, Any]]:
-        """Each model with its newest version's verdict and the champion."""
+    def models(self, keys: list[str]) -> list[dict[str, Any]]:
+        """Each model with its newest version's verdict, the champion and the newest compression."""
         from cdl.registry import MODELS_BUCKET, ModelRegistry
 
         registry = ModelRegistry(self._store)
-        names = sorted({o.key.split("/")[0] for o in self._store.list(MODELS_BUCKET) if o.key.endswith("/claim.json")})
+        versions: dict[str, list[int]] = defaultdict(list)
+        compressed: dict[str, list[int]] = defaultdict(list)
+        for k in keys:
+            m = _MODEL_FILE.match(k)
+            if m and m.group(3) == "claim":
+                versions[m.group(1)].append(int(m.group(2)))
+            elif m and m.group(3) == "compression":
+                compressed[m.group(1)].append(int(m.group(2)))
         rows = []
-        for name in names:
-            versions = registry.versions(name)
-            newest = versions[-1] if versions else 0
-            result = registry.result(name, newest) if newest else None
+        for name in sorted(versions):
+            newest = max(versions[name])
+            result = registry.result(name, newest)
             row: dict[str, Any] = {"model": name, "version": newest, "champion": registry.champion(name) or "-"}
             if result is None:
                 row["verdict"] = "training"
             else:
                 row["verdict"] = "accepted" if result["accepted"] else "rejected"
                 row["accuracy"] = f"{result['challenger_accuracy']:.4f}"
-            compressed = [v for v in versions[-5:] if self._store.exists(MODELS_BUCKET, f"{name}/{v}/compression.json")]
-            if compressed:
-                doc = self._store.get_json(MODELS_BUCKET, f"{name}/{compressed[-1]}/compression.json")
-                row["compressed"] = f"v{compressed[-1]} {doc['chosen'] or 'failed'}"
+            if compressed[name]:
+                last = max(compressed[name])
+                doc = self._store.get_json(MODELS_BUCKET, f"{name}/{last}/compression.json")
+                row["compressed"] = f"v{last} {doc['chosen'] or 'failed'}"
             rows.append(row)
         return rows
 
     def snapshot(self, components: list[dict[str, Any]]) -> Snapshot:
+        from cdl.datasets import DATASETS_BUCKET
+        from cdl.registry import MODELS_BUCKET
+
         snap = Snapshot(components)
         try:
             snap.topics = self.topic_counts()
         except Exception as exc:  # noqa: BLE001 - shown to the user, view goes on
             snap.errors.append(f"kafka: {exc}")
         try:
-            snap.objects = self.object_counts()
-            snap.datasets = self.datasets()
-            snap.models = self.models()
+            keys = {b: [o.key for o in self._store.list(b)] for b in BUCKETS}  # one listing per bucket
+            snap.objects = {b: len(k) for b, k in keys.items()}
+            snap.datasets = self.datasets(keys[DATASETS_BUCKET])
+            snap.models = self.models(keys[MODELS_BUCKET])
         except Exception as exc:  # noqa: BLE001
             snap.errors.append(f"minio: {exc}")
         return snap
