@@ -128,7 +128,6 @@ class IngestProcessor:
         self._version_due = False
         self._last_time_check = 0.0
         self._first_seen: dict[str, float] = {}
-        self._dirty = False
 
     # ---------------------------------------------------------------- recovery
     def recover(self, snapshot: bytes | None) -> None:
@@ -374,9 +373,8 @@ class IngestProcessor:
                 out.append(self._commit_version(name, now))
                 changed = True
             PENDING.labels(name).set(ds.new_records)
-        if changed or self._dirty:
+        if changed:
             out.append(OutRecord(self._state_topic, json.dumps(self.state.to_json()).encode(), STATE_KEY))
-            self._dirty = False
         return out
 
     def _write_shard(self, dataset: str, partition: int, buf: _Buffer, unlabelled: bool = False) -> None:
