@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
@@ -31,7 +31,6 @@ from cdl.logging import get_logger
 from cdl.observability import EVENTS, HANDLER_SECONDS
 
 __all__ = [
-    "DLQ_HEADERS",
     "ConsumerLoop",
     "Delivery",
     "JobLoop",
@@ -40,13 +39,57 @@ __all__ = [
     "RecordContext",
     "TransactionalLoop",
     "consumer_conf",
+    "ensure_topics",
     "read_latest",
 ]
 
 log = get_logger(__name__)
 
-#: headers added to a dead-lettered record
-DLQ_HEADERS = ("cdl-reason", "cdl-error", "cdl-origin-topic", "cdl-origin-partition", "cdl-origin-offset", "cdl-group")
+
+def _produce(
+    producer: _Producer,
+    topic: str,
+    value: bytes | None,
+    key: bytes | None,
+    headers: Sequence[tuple[str, bytes]] | None,
+    on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+) -> None:
+    """Produce, serving delivery callbacks while librdkafka's queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, headers=list(headers or []), on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+def ensure_topics(
+    bootstrap: str, partitions: Mapping[str, int], configs: Mapping[str, Mapping[str, str]] | None = None
+) -> list[str]:
+    """Create the topics of ``partitions`` that do not exist yet (replication 1); returns those created.
+
+    ``configs`` gives topic settings such as ``cleanup.policy``. A topic that
+    appears concurrently counts as existing; any other failure raises.
+    """
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = [
+        NewTopic(t, num_partitions=n, replication_factor=1, config=dict((configs or {}).get(t, {})))
+        for t, n in partitions.items()
+        if t not in existing
+    ]
+    created = []
+    for topic, fut in admin.create_topics(wanted, operation_timeout=30).items() if wanted else []:
+        try:
+            fut.result(timeout=30)
+            created.append(topic)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise UnavailableError("creating topic failed", topic=topic, error=str(exc)) from exc
+    return created
 
 
 def consumer_conf(bootstrap: str, group_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -101,13 +144,7 @@ class Producer:
         headers: Sequence[tuple[str, bytes]] | None = None,
         on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
-        cb = on_delivery or self._on_delivery
-        while True:
-            try:
-                self._producer.produce(topic, value=value, key=key, headers=list(headers or []), on_delivery=cb)
-                return
-            except BufferError:
-                self._producer.poll(0.05)  # queue full: serve callbacks, then try again
+        _produce(self._producer, topic, value, key, headers, on_delivery or self._on_delivery)
 
     def send(self, topic: str, event: Event) -> None:
         key, value, headers = encode(event)
@@ -187,7 +224,25 @@ def _as_bytes(value: object) -> bytes | None:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-class ConsumerLoop:
+class _Stoppable:
+    """Stop after the current record, on request or on SIGTERM/SIGINT."""
+
+    group_id: str
+    _stop: threading.Event
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def _handler(signum: int, frame: FrameType | None) -> None:
+            log.info("stopping on signal", signal=signum, group=self.group_id)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+
+class ConsumerLoop(_Stoppable):
     """At-least-once, idempotent handling of one consumer group's topics."""
 
     def __init__(
@@ -222,22 +277,6 @@ class ConsumerLoop:
         self.handled = 0
         self.deadlettered = 0
         self.skipped = 0
-
-    # -------------------------------------------------------------- control
-    def stop(self) -> None:
-        self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def install_signal_handlers(self) -> None:
-        def _handler(signum: int, frame: FrameType | None) -> None:
-            log.info("stopping on signal", signal=signum, group=self.group_id)
-            self.stop()
-
-        signal.signal(signal.SIGTERM, _handler)
-        signal.signal(signal.SIGINT, _handler)
 
     def run(self, max_records: int | None = None, idle_timeout_s: float | None = None) -> None:
         """Consume until stopped (or ``max_records`` handled / idle for ``idle_timeout_s``)."""
@@ -374,7 +413,7 @@ class BatchProcessor(Protocol):
     def flush(self, now: float | None = None) -> list[OutRecord]: ...
 
 
-class _TransactionalBase:
+class _TransactionalBase(_Stoppable):
     """What the transactional loops share: a read_committed consumer without auto
     commit, a transactional producer, stop/signal handling, and one transaction
     that publishes records together with consumer offsets."""
@@ -406,17 +445,6 @@ class _TransactionalBase:
         #: set while the group has given this loop its partitions
         self.assigned = threading.Event()
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    def install_signal_handlers(self) -> None:
-        def _handler(signum: int, frame: FrameType | None) -> None:
-            log.info("stopping on signal", signal=signum, group=self.group_id)
-            self.stop()
-
-        signal.signal(signal.SIGTERM, _handler)
-        signal.signal(signal.SIGINT, _handler)
-
     def init(self) -> None:
         """Fence older instances with the same transactional id and abort their open transaction."""
         if not self._initialised:
@@ -432,12 +460,7 @@ class _TransactionalBase:
         self._producer.begin_transaction()
         try:
             for rec in records:
-                while True:
-                    try:
-                        self._producer.produce(rec.topic, value=rec.value, key=rec.key, headers=list(rec.headers))
-                        break
-                    except BufferError:
-                        self._producer.poll(0.05)
+                _produce(self._producer, rec.topic, rec.value, rec.key, rec.headers)
             if offsets:
                 self._producer.send_offsets_to_transaction(list(offsets), self._consumer.consumer_group_metadata(), 30)
             self._producer.commit_transaction(60)
@@ -548,12 +571,10 @@ def read_latest(bootstrap: str, topic: str, key: bytes, timeout_s: float = 30.0)
         if meta is None or meta.error is not None:
             return None
         latest: bytes | None = None
-        ends: dict[int, int] = {}
         tps = []
         for p in meta.partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             if high > low:
-                ends[p] = high
                 tps.append(TopicPartition(topic, p, low))
         if not tps:
             return None

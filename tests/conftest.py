@@ -71,14 +71,11 @@ def triton_grpc(stack: dict[str, Any]) -> str:
 @pytest.fixture
 def topic_factory(kafka_bootstrap: str) -> Any:
     """Creates fresh topics (unique names) so tests never see each other's records."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    from cdl.kafka import ensure_topics
 
     def make(prefix: str = "t", partitions: int = 1) -> str:
         name = f"test.{prefix}.{uuid.uuid4().hex[:10]}"
-        futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-        futures[name].result(timeout=30)
+        assert ensure_topics(kafka_bootstrap, {name: partitions}) == [name]
         return name
 
     return make

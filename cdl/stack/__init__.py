@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cdl.errors import StackError
+from cdl.errors import StackError, UnavailableError
 from cdl.settings import StackSettings
 from cdl.stack._components import (
     Component,
@@ -175,26 +175,14 @@ class LocalStack:
         )
 
     def _provision(self, state: dict[str, Any], progress: ProgressFn) -> None:
-        from confluent_kafka.admin import AdminClient
-        from confluent_kafka.cimpl import NewTopic
-
         from cdl.events import Topics
+        from cdl.kafka import ensure_topics
         from cdl.store import BUCKETS, ObjectStore
 
-        admin = AdminClient({"bootstrap.servers": state["kafka"]["bootstrap"]})
-        existing = set(admin.list_topics(timeout=10).topics)
-        wanted = [
-            NewTopic(t, num_partitions=n, replication_factor=1)
-            for t, n in Topics.PARTITIONS.items()
-            if t not in existing
-        ]
-        if wanted:
-            for topic, fut in admin.create_topics(wanted, operation_timeout=30).items():
-                try:
-                    fut.result(timeout=30)
-                except Exception as exc:
-                    if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                        raise StackError("creating topic failed", topic=topic, error=str(exc)) from exc
+        try:
+            ensure_topics(state["kafka"]["bootstrap"], Topics.PARTITIONS)
+        except UnavailableError as exc:
+            raise StackError(exc.message, **exc.context) from exc
         progress("kafka", "ready", f"{len(Topics.PARTITIONS)} topics")
         m = state["minio"]
         ObjectStore(m["endpoint"], m["access_key"], m["secret_key"]).ensure_buckets(*BUCKETS)

@@ -7,11 +7,9 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
 
 from cdl.events import Topics, source_name
-from cdl.kafka import Producer, TransactionalLoop, read_latest
+from cdl.kafka import Producer, TransactionalLoop, ensure_topics, read_latest
 from cdl.logging import configure_logging, get_logger
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.rpc import ErrorInterceptor, add_health
@@ -63,27 +61,13 @@ class IngestApp:
         self._ready = threading.Event()
 
     def _ensure_topics(self) -> None:
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
-        existing = set(admin.list_topics(timeout=10).topics)
-        wanted = [
-            NewTopic(t, num_partitions=n, replication_factor=1)
-            for t, n in Topics.PARTITIONS.items()
-            if t not in existing
-        ]
         s = self.settings
+        partitions = dict(Topics.PARTITIONS)
         for topic in (s.raw_topic, s.feedback_topic, s.deadletter_topic, s.updated_topic):
-            if topic not in existing and topic not in Topics.PARTITIONS:
-                wanted.append(NewTopic(topic, num_partitions=3 if topic == self.settings.raw_topic else 1))
-        if self.settings.state_topic not in existing:
-            wanted.append(
-                NewTopic(self.settings.state_topic, 1, 1, config={"cleanup.policy": "compact", "segment.ms": "600000"})
-            )
-        for topic, fut in admin.create_topics(wanted).items() if wanted else []:
-            try:
-                fut.result(30)
-            except Exception as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise
+            partitions.setdefault(topic, 3 if topic == s.raw_topic else 1)
+        partitions[s.state_topic] = 1
+        compacted = {s.state_topic: {"cleanup.policy": "compact", "segment.ms": "600000"}}
+        for topic in ensure_topics(s.kafka_bootstrap, partitions, compacted):
             log.info("topic created", topic=topic)
 
     def start(self) -> None:

@@ -17,9 +17,8 @@ from typing import Any
 
 import grpc
 import pytest
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
 
+from cdl.kafka import ensure_topics
 from cdl.stack._procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -91,16 +90,8 @@ def ingest_topics(kafka_bootstrap: str) -> dict[str, str]:
         "state": f"test.ingest-state.{uid}",
         "feedback": f"test.feedback.{uid}",
     }
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    new = [
-        NewTopic(topics["raw"], num_partitions=3, replication_factor=1),
-        NewTopic(topics["deadletter"], num_partitions=1, replication_factor=1),
-        NewTopic(topics["updated"], num_partitions=1, replication_factor=1),
-        NewTopic(topics["feedback"], num_partitions=1, replication_factor=1),
-        NewTopic(topics["state"], num_partitions=1, replication_factor=1, config={"cleanup.policy": "compact"}),
-    ]
-    for fut in admin.create_topics(new).values():
-        fut.result(30)
+    partitions = {t: 3 if kind == "raw" else 1 for kind, t in topics.items()}
+    ensure_topics(kafka_bootstrap, partitions, {topics["state"]: {"cleanup.policy": "compact"}})
     topics["group"] = f"cdl-ingest-{uid}"
     return topics
 
@@ -122,12 +113,6 @@ def ingest_factory(stack: dict[str, Any], ingest_topics: dict[str, str], tmp_pat
 
 def state_json(path: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
-
-
-def create_topics(bootstrap: str, names: list[str]) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for fut in admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in names]).values():
-        fut.result(30)
 
 
 class ServiceFactory:
@@ -158,7 +143,7 @@ class ServiceFactory:
 def _topics(bootstrap: str, service: str, kinds: list[str]) -> dict[str, str]:
     uid = uuid.uuid4().hex[:8]
     topics = {kind: f"test.{kind}.{uid}" for kind in kinds}
-    create_topics(bootstrap, list(topics.values()))
+    ensure_topics(bootstrap, dict.fromkeys(topics.values(), 1))
     topics["group"] = f"cdl-{service}-{uid}"
     return topics
 
