@@ -51,7 +51,6 @@ __all__ = [
     "load_version",
     "read_manifest",
     "unit_hash",
-    "unit_hashes",
 ]
 
 DATASETS_BUCKET = "cdl-datasets"
@@ -146,30 +145,6 @@ def unit_hash(data: bytes) -> float:
     h = (h * 0xC4CEB9FE1A85EC53) & _MASK64
     h ^= h >> 33
     return (h >> 11) / 2**53
-
-
-def unit_hashes(keys: list[bytes]) -> npt.NDArray[np.float64]:
-    """:func:`unit_hash` of many keys at once (vectorised over the keys)."""
-    if not keys:
-        return np.zeros(0, dtype=np.float64)
-    lens = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
-    width = int(lens.max())
-    mat = np.zeros((len(keys), width), dtype=np.uint8)
-    flat = np.frombuffer(b"".join(k.ljust(width, b"\x00") for k in keys), dtype=np.uint8)
-    mat[:] = flat.reshape(len(keys), width)
-    h = np.full(len(keys), _FNV_OFFSET, dtype=np.uint64)
-    prime = np.uint64(_FNV_PRIME)
-    with np.errstate(over="ignore"):
-        for col in range(width):
-            nxt = (h ^ mat[:, col].astype(np.uint64)) * prime
-            h = np.where(col < lens, nxt, h)
-    with np.errstate(over="ignore"):
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xFF51AFD7ED558CCD)
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xC4CEB9FE1A85EC53)
-        h ^= h >> np.uint64(33)
-    return (h >> np.uint64(11)).astype(np.float64) / 2**53
 
 
 def holdout_member(dataset: str, record_id: str, fraction: float) -> bool:

@@ -29,6 +29,8 @@ __all__ = [
     "EVENT_TYPES",
     "Event",
     "Headers",
+    "InBatch",
+    "InRecord",
     "OutRecord",
     "Topics",
     "dead_letter",
@@ -160,6 +162,41 @@ class OutRecord:
     def of(cls, topic: str, event: Event) -> OutRecord:
         key, value, headers = encode(event)
         return cls(topic, value, key, tuple(headers))
+
+
+#: one consumed record: partition, offset, key, value, headers
+InRecord = tuple[int, int, bytes | None, bytes | None, Headers | None]
+
+
+@dataclass(slots=True)
+class InBatch:
+    """Records consumed from one topic, by column: the stream's hot path makes
+    no object per record (see :class:`cdl.kafka.TransactionalLoop`)."""
+
+    topic: str
+    partitions: list[int]
+    offsets: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    headers: list[Headers | None]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def row(self, i: int) -> InRecord:
+        return self.partitions[i], self.offsets[i], self.keys[i], self.values[i], self.headers[i]
+
+    @classmethod
+    def of(cls, topic: str, rows: Sequence[InRecord]) -> InBatch:
+        """A batch from records given one by one (tests, tools)."""
+        return cls(
+            topic,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            [r[4] for r in rows],
+        )
 
 
 def dead_letter(

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -26,7 +26,7 @@ from confluent_kafka import Producer as _Producer
 
 from cdl.dedupe import MemoryProcessedStore, ProcessedStore
 from cdl.errors import CdlError, DecodeError, UnavailableError
-from cdl.events import Event, OutRecord, Topics, dead_letter, decode, encode
+from cdl.events import Event, Headers, InBatch, OutRecord, Topics, dead_letter, decode, encode
 from cdl.logging import get_logger
 from cdl.observability import EVENTS, HANDLER_SECONDS
 
@@ -102,6 +102,9 @@ def consumer_conf(bootstrap: str, group_id: str, extra: dict[str, Any] | None = 
         "isolation.level": "read_committed",
         "session.timeout.ms": 10000,
         "heartbeat.interval.ms": 1000,
+        # librdkafka pauses fetching for a whole second (the default) whenever its local
+        # queue is over its threshold: a consumer that catches up would then idle
+        "fetch.queue.backoff.ms": 20,
         **(extra or {}),
     }
 
@@ -402,11 +405,7 @@ class ConsumerLoop(_Stoppable):
 class BatchProcessor(Protocol):
     """What :class:`TransactionalLoop` drives (see ``services/ingest/processor.py``)."""
 
-    def on_batch(
-        self,
-        batch: Sequence[tuple[int, int, bytes | None, bytes | None, Sequence[tuple[str, bytes]] | None]],
-        topic: str,
-    ) -> None: ...
+    def on_batch(self, batch: InBatch) -> None: ...
 
     def wants_flush(self) -> bool: ...
 
@@ -514,19 +513,11 @@ class TransactionalLoop(_TransactionalBase):
         last_flush = time.monotonic()
         try:
             while not self._stop.is_set() and not (until is not None and until()):
-                msgs = self._consumer.consume(self._batch_size, 0.2)
-                # hot path: confluent-kafka already hands out bytes and ints
-                batches: dict[str, list[Any]] = {}
-                for m in msgs:
-                    err = m.error()
-                    if err is None:
-                        batches.setdefault(str(m.topic()), []).append(
-                            (m.partition(), m.offset(), m.key(), m.value(), m.headers())
-                        )
-                    elif err.code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error", error=str(err))
-                for topic, batch in batches.items():
-                    self._processor.on_batch(batch, topic)
+                # a short wait: consume() holds a partial batch until the timeout
+                msgs = self._consumer.consume(self._batch_size, 0.05)
+                if msgs:
+                    for batch in _columns(msgs):
+                        self._processor.on_batch(batch)
                 if self._processor.wants_flush() or time.monotonic() - last_flush >= self._flush_interval_s:
                     self.commit()
                     last_flush = time.monotonic()
@@ -553,6 +544,39 @@ class TransactionalLoop(_TransactionalBase):
         self._transact(records, positions)
         self._last_positions = {(tp.topic, tp.partition): tp.offset for tp in positions}
         self.transactions += 1
+
+
+def _columns(msgs: list[Message]) -> list[InBatch]:
+    """Consumed messages as one :class:`InBatch` per topic (errors logged, EOF events dropped).
+
+    The hot path: a handful of list comprehensions, no Python object per record.
+    """
+    errors = [m.error() for m in msgs]
+    if errors.count(None) != len(errors):
+        for err in errors:
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error", error=str(err))
+        msgs = [m for m, err in zip(msgs, errors, strict=True) if err is None]
+    if not msgs:
+        return []
+    topics = [m.topic() for m in msgs]
+    groups = (
+        [msgs]
+        if topics.count(topics[0]) == len(topics)
+        else [[m for m, t in zip(msgs, topics, strict=True) if t == topic] for topic in dict.fromkeys(topics)]
+    )
+    # a consumed message always has a partition and an offset; headers are a list of tuples
+    return [
+        InBatch(
+            str(group[0].topic()),
+            cast(list[int], [m.partition() for m in group]),
+            cast(list[int], [m.offset() for m in group]),
+            [m.key() for m in group],
+            [m.value() for m in group],
+            cast(list[Headers | None], [m.headers() for m in group]),
+        )
+        for group in groups
+    ]
 
 
 def read_latest(bootstrap: str, topic: str, key: bytes, timeout_s: float = 30.0) -> bytes | None:

@@ -19,6 +19,7 @@ __all__ = ["BUCKETS", "ObjectInfo", "ObjectStore", "parse_uri"]
 
 #: buckets of the storage layout (see DESIGN.md)
 BUCKETS = ("cdl-datasets", "cdl-models", "cdl-triton")
+_MIN_PART, _MAX_PART = 5 * 2**20, 5 * 2**30
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ class ObjectStore:
 
     def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         try:
-            self._client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+            # one PUT up to 5 GiB (minio-py would split anything over 5 MiB into a multipart upload)
+            part = min(max(len(data), _MIN_PART), _MAX_PART)
+            self._client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type, part_size=part)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
         return f"s3://{bucket}/{key}"

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cdl.datasets import DatasetSpec, Task
-from cdl.events import OutRecord
+from cdl.events import InBatch, OutRecord
 from cdl.kafka import Producer
 from cdl.store import ObjectStore
 from services.ingest.processor import IngestProcessor
@@ -48,7 +48,7 @@ class DatasetWriter:
                 doc["features"] = np.asarray(item).reshape(-1).tolist()
             batch.append((0, self._offset + i, None, json.dumps(doc).encode(), None))
         self._offset += len(batch)
-        self.processor.on_batch(batch)
+        self.processor.on_batch(InBatch.of("data.raw", batch))
         ds = self.processor.state.dataset(self.spec.name)
         ds.last_version_at = 0.0  # make the time policy due now
         out = [r for r in self.processor.flush() if r.topic == self.updated_topic]

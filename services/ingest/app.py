@@ -109,6 +109,7 @@ class IngestApp:
             self.http.close()
             self.http = None
         self.producer.flush(10)
+        self.processor.close()
 
 
 def main() -> None:

@@ -9,9 +9,10 @@ the state snapshot) in one transaction with the input offsets.
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,19 +23,19 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
 from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard, encode_shard
-from cdl.events import CONTENT_JSON, Event, OutRecord, Topics, dead_letter, header_dict
+from cdl.events import CONTENT_JSON, Event, Headers, InBatch, InRecord, OutRecord, Topics, dead_letter, header_dict
 from cdl.logging import get_logger
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
+from services.ingest import fastscan
 from services.ingest.records import (
     CleanRecord,
-    FastBatch,
     Reason,
     RecordError,
     clean,
-    clean_json_batch,
     parse,
     parse_feedback,
+    tensor_rows_ok,
 )
 from services.ingest.registry import DatasetRegistry
 from services.ingest.versioning import IngestState, build_manifest, policy_due
@@ -88,7 +89,21 @@ class _Buffer:
         self.x.append(x)
 
 
-Incoming = tuple[int, int, bytes | None, bytes | None, Sequence[tuple[str, bytes]] | None]
+_PROTOBUF_TYPES = ("application/protobuf", "application/x-protobuf")
+
+
+def _content_type(headers: Headers | None) -> str:
+    return header_dict(headers).get("content-type", CONTENT_JSON) if headers else CONTENT_JSON
+
+
+def _dataset_of(value: bytes) -> str | None:
+    """The ``dataset`` field of a JSON record, or None (the careful path will say why)."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    name = doc.get("dataset") if type(doc) is dict else None
+    return name if type(name) is str and name else None
 
 
 class IngestProcessor:
@@ -103,7 +118,7 @@ class IngestProcessor:
         feedback_topic: str = Topics.DATA_FEEDBACK,
         deadletter_topic: str = Topics.DATA_DEADLETTER,
         updated_topic: str = Topics.DATA_UPDATED,
-        shard_max_records: int = 5000,
+        shard_max_records: int = 20000,
         group: str = "cdl-ingest",
     ) -> None:
         self._registry = registry
@@ -123,7 +138,10 @@ class IngestProcessor:
         self._seen: dict[str, set[str]] = defaultdict(set)
         self._buffers: dict[tuple[str, int], _Buffer] = {}
         self._dead: list[OutRecord] = []
-        self._buffered = 0
+        #: shards being written in the background; the next flush waits for them
+        self._writes: list[Future[str]] = []
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-shards")
+        self._sealed = False
         self._pending: dict[str, int] = {}
         self._version_due = False
         self._last_time_check = 0.0
@@ -155,102 +173,136 @@ class IngestProcessor:
         )
 
     # ---------------------------------------------------------------- records
-    def on_batch(self, batch: Sequence[Incoming], topic: str | None = None) -> None:
+    def on_batch(self, batch: InBatch) -> None:
         """Validate a batch of ``data.raw`` records: buffer the good, dead-letter the rest.
 
         A batch from the feedback topic labels records that arrived unlabelled.
+        Plain JSON records of tensor datasets take the C fast path
+        (:mod:`services.ingest.fastscan`); whatever it leaves undecided takes
+        the careful path, one record at a time, which names the reason.
         """
-        if topic is not None and topic == self._feedback_topic:
-            for incoming in batch:
-                self._feedback(incoming)
+        if batch.topic == self._feedback_topic:
+            for i in range(len(batch)):
+                self._feedback(batch.row(i))
             return
-        loads = orjson.loads
-        groups: dict[str, list[int]] = defaultdict(list)
-        docs: dict[int, dict[str, Any]] = {}
-        slow: list[int] = []
-        parsed: list[Any] | None = None
-        if all(b[4] is None and b[3] is not None for b in batch):  # plain JSON, as most producers send
-            try:
-                parsed = [loads(b[3] or b"") for b in batch]
-            except orjson.JSONDecodeError:
-                parsed = None
-        if parsed is not None:
-            names = [d.get("dataset") if type(d) is dict else None for d in parsed]
-            first = names[0] if names else None
-            if type(first) is str and names.count(first) == len(names):
-                groups[first] = list(range(len(batch)))
-                docs = dict(enumerate(parsed))
-            else:
-                for i, (name, doc) in enumerate(zip(names, parsed, strict=True)):
-                    if type(name) is str:
-                        groups[name].append(i)
-                        docs[i] = doc
-                    else:
-                        slow.append(i)
+        n = len(batch)
+        values, headers = batch.values, batch.headers
+        if headers.count(None) == n and values.count(None) == 0:  # as most producers send
+            eligible = list(range(n))
         else:
-            for i, (_, _, _, value, headers) in enumerate(batch):
-                content_type = header_dict(headers).get("content-type", CONTENT_JSON) if headers else CONTENT_JSON
-                if value is None or content_type != CONTENT_JSON:
-                    slow.append(i)
-                    continue
-                try:
-                    doc = loads(value)
-                except orjson.JSONDecodeError:
-                    slow.append(i)
-                    continue
-                name = doc.get("dataset") if type(doc) is dict else None
-                if type(name) is not str:
-                    slow.append(i)
-                    continue
-                groups[name].append(i)
-                docs[i] = doc
-        for name, idxs in groups.items():
-            spec = self._registry.lookup(name)
-            if spec is None or spec.task is Task.TEXT:
-                slow.extend(idxs)
-                continue
-            fast = clean_json_batch([docs[i] for i in idxs], [batch[i][3] or b"" for i in idxs], spec)
-            slow.extend(idxs[j] for j in fast.undecided)
-            self._keep_fast(spec, batch, [idxs[j] for j in fast.rows], fast)
+            eligible = [
+                i
+                for i in range(n)
+                if values[i] is not None and not _content_type(headers[i]).startswith(_PROTOBUF_TYPES)
+            ]
+        chosen = set(eligible)
+        slow: list[int] = [i for i in range(n) if i not in chosen] if len(eligible) != n else []
+        if eligible:
+            slow.extend(self._fast(batch, eligible))
         for i in sorted(slow):
-            self._one(batch[i])
+            self._one(batch.row(i))
+        self._seal_full()
 
-    def _keep_fast(self, spec: DatasetSpec, batch: Sequence[Incoming], idx: list[int], fast: FastBatch) -> None:
+    def _seal_full(self) -> None:
+        """Write every buffer that holds a shard's worth of records, in the background.
+
+        The stream goes on meanwhile; the shard enters the state now and the
+        next flush waits for the write before its transaction commits.
+        """
+        for key in [k for k, buf in self._buffers.items() if len(buf.ids) >= self._shard_max]:
+            dataset, partition = key
+            n = self._write_shard(dataset, partition, self._buffers.pop(key))
+            self._pending[dataset] = self._pending.get(dataset, 0) - n  # now counted in the state
+            self._sealed = True
+
+    def _fast(self, batch: InBatch, eligible: list[int]) -> list[int]:
+        """Scan JSON records in C, one dataset at a time; returns the records left undecided."""
+        values = [batch.values[i] or b"" for i in eligible]
+        joined = fastscan.JsonBatch(values)
+        index = np.asarray(eligible, dtype=np.int64)
+        pending = np.arange(len(values), dtype=np.int64)
+        undecided: list[int] = []
+        name = _dataset_of(values[0])
+        while len(pending):
+            spec = self._registry.lookup(name) if name else None
+            if spec is None or spec.task is Task.TEXT:  # the careful path names the reason
+                undecided.append(int(index[pending[0]]))
+                pending = pending[1:]
+                name = _dataset_of(values[pending[0]]) if len(pending) else None
+                continue
+            sc = fastscan.scan(joined, pending, spec.name, spec.labels, math.prod(spec.input_shape))
+            if sc is None:  # no C scanner here: everything takes the careful path
+                undecided.extend(index[pending].tolist())
+                break
+            accepted = sc.status == fastscan.ACCEPTED
+            undecided.extend(index[pending[sc.status == fastscan.UNDECIDED]].tolist())
+            if sc.ids:
+                x = sc.x[accepted]
+                ok = tensor_rows_ok(x, spec)
+                rows = index[pending[accepted]]
+                ids, labels, split = sc.ids, sc.labels[accepted], sc.split[accepted]
+                if not ok.all():
+                    undecided.extend(rows[~ok].tolist())
+                    ids = [rid for rid, good in zip(ids, ok.tolist(), strict=True) if good]
+                    rows, labels, split, x = rows[ok], labels[ok], split[ok], x[ok]
+                self._keep_fast(spec, batch, rows.tolist(), ids, labels, split < spec.holdout_fraction, x)
+            others = sc.status == fastscan.OTHER_DATASET
+            pending = pending[others]
+            name = sc.other[int(np.flatnonzero(others)[0])] if len(pending) else None
+        return undecided
+
+    def _keep_fast(
+        self,
+        spec: DatasetSpec,
+        batch: InBatch,
+        rows: list[int],
+        ids: list[str],
+        labels: npt.NDArray[np.int32],
+        holdout: npt.NDArray[np.bool_],
+        x: npt.NDArray[np.float64],
+    ) -> None:
         seen = self._seen[spec.name]
-        rows_by_partition: dict[int, list[int]] = defaultdict(list)
-        if len(set(fast.ids)) == len(fast.ids) and seen.isdisjoint(fast.ids):  # the usual case: no duplicates
-            seen.update(fast.ids)
-            for row, i in enumerate(idx):
-                rows_by_partition[batch[i][0]].append(row)
-        else:
-            for row, i in enumerate(idx):
-                rid = fast.ids[row]
+        if len(set(ids)) != len(ids) or not seen.isdisjoint(ids):
+            keep: list[int] = []
+            for j, rid in enumerate(ids):
                 if rid in seen:
                     err = RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=spec.name, id=rid)
-                    self._reject(batch[i], err, spec.name)
+                    self._reject(batch.row(rows[j]), err, spec.name)
                     continue
                 seen.add(rid)
-                rows_by_partition[batch[i][0]].append(row)
-        kept = 0
-        for partition, rows in rows_by_partition.items():
-            buf = self._buffers.setdefault((spec.name, partition), _Buffer())
-            buf.extend(
-                [fast.ids[r] for r in rows],
-                [fast.labels[r] for r in rows],
-                [fast.holdout[r] for r in rows],
-                [batch[idx[r]][1] for r in rows],
-                fast.x[rows],
-            )
-            kept += len(rows)
-        self._buffered += kept
-        if kept:
-            self._note_pending(spec, kept)
-            RECORDS.labels(spec.name, "accepted").inc(kept)
+                keep.append(j)
+            rows, ids = [rows[j] for j in keep], [ids[j] for j in keep]
+            labels, holdout, x = labels[keep], holdout[keep], x[keep]
+        else:  # the usual case: no duplicates
+            seen.update(ids)
+        if not rows:
+            return
+        partitions = [batch.partitions[i] for i in rows]
+        offsets = [batch.offsets[i] for i in rows]
+        x = x.reshape(-1, *spec.input_shape).astype(spec.dtype, copy=False)
+        if partitions.count(partitions[0]) == len(partitions):  # one partition: no regrouping
+            buf = self._buffers.setdefault((spec.name, partitions[0]), _Buffer())
+            buf.extend(ids, labels.tolist(), holdout.tolist(), offsets, x)
+        else:
+            parts = np.asarray(partitions)
+            for p in np.unique(parts).tolist():
+                sel = np.flatnonzero(parts == p)
+                picked = sel.tolist()
+                buf = self._buffers.setdefault((spec.name, p), _Buffer())
+                buf.extend(
+                    [ids[j] for j in picked],
+                    labels[sel].tolist(),
+                    holdout[sel].tolist(),
+                    [offsets[j] for j in picked],
+                    x[sel],
+                )
+        self._note_pending(spec, len(rows))
+        RECORDS.labels(spec.name, "accepted").inc(len(rows))
 
-    def _one(self, incoming: Incoming) -> None:
+    def _one(self, incoming: InRecord) -> None:
         """The careful path: one record, with the precise reason when it is rejected."""
         partition, offset, _, value, headers = incoming
-        content_type = header_dict(headers).get("content-type", CONTENT_JSON) if headers else CONTENT_JSON
+        content_type = _content_type(headers)
         dataset = "?"
         try:
             raw = parse(value, content_type)
@@ -271,14 +323,13 @@ class IngestProcessor:
             RECORDS.labels(rec.dataset, "unlabelled").inc()
             return
         self._buffers.setdefault((rec.dataset, partition), _Buffer()).add(rec, offset)
-        self._buffered += 1
         self._note_pending(spec, 1)
         RECORDS.labels(rec.dataset, "accepted").inc()
 
-    def _feedback(self, incoming: Incoming) -> None:
+    def _feedback(self, incoming: InRecord) -> None:
         """A late label: the waiting record becomes a labelled record at its original offset."""
         _, _, _, value, headers = incoming
-        content_type = header_dict(headers).get("content-type", CONTENT_JSON) if headers else CONTENT_JSON
+        content_type = _content_type(headers)
         dataset = "?"
         try:
             dataset, rid, label = parse_feedback(value, content_type)
@@ -298,11 +349,10 @@ class IngestProcessor:
         del self._waiting[dataset][rid]
         labelled = CleanRecord(rec.dataset, rec.id, spec.label_index(label), rec.holdout, rec.x, rec.text)
         self._buffers.setdefault((dataset, partition), _Buffer()).add(labelled, offset)
-        self._buffered += 1
         self._note_pending(spec, 1)
         RECORDS.labels(dataset, "labelled_later").inc()
 
-    def _reject(self, incoming: Incoming, exc: RecordError, dataset: str, origin: str | None = None) -> None:
+    def _reject(self, incoming: InRecord, exc: RecordError, dataset: str, origin: str | None = None) -> None:
         partition, offset, key, value, headers = incoming
         self._dead.append(
             dead_letter(
@@ -322,8 +372,8 @@ class IngestProcessor:
         RECORDS.labels(dataset, "rejected").inc()
 
     def wants_flush(self) -> bool:
-        """Flush now: a version is due (by count or by time) or the buffers are full."""
-        if self._version_due or self._buffered >= self._shard_max or len(self._dead) >= 10000:
+        """Flush now: a version is due (by count or by time) or many dead letters wait."""
+        if self._version_due or len(self._dead) >= 10000:
             return True
         now = time.monotonic()
         if now - self._last_time_check < 0.5:
@@ -353,7 +403,8 @@ class IngestProcessor:
         now = time.time() if now is None else now
         out: list[OutRecord] = list(self._dead)
         self._dead.clear()
-        changed = bool(out)
+        changed = bool(out) or self._sealed
+        self._sealed = False
         for (dataset, partition), buf in sorted(self._buffers.items()):
             if buf.ids:
                 self._write_shard(dataset, partition, buf)
@@ -364,7 +415,7 @@ class IngestProcessor:
                 self._write_shard(dataset, partition, buf, unlabelled=True)
                 changed = True
         self._unlabelled.clear()
-        self._buffered = 0
+        self._wait_for_writes()
         self._pending.clear()
         self._version_due = False
         for name, ds in sorted(self.state.datasets.items()):
@@ -377,7 +428,18 @@ class IngestProcessor:
             out.append(OutRecord(self._state_topic, json.dumps(self.state.to_json()).encode(), STATE_KEY))
         return out
 
-    def _write_shard(self, dataset: str, partition: int, buf: _Buffer, unlabelled: bool = False) -> None:
+    def _wait_for_writes(self) -> None:
+        """Every shard the state names must be in MinIO before the state is committed."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()  # a failed write raises: the transaction must not commit
+
+    def close(self) -> None:
+        """Finish (or give up on) background shard writes."""
+        self._writer.shutdown(wait=True)
+
+    def _write_shard(self, dataset: str, partition: int, buf: _Buffer, unlabelled: bool = False) -> int:
+        """Record the shard in the state and write it in the background; returns its record count."""
         spec = self._registry.get(dataset)
         columns: dict[str, npt.NDArray[Any]] = {
             "id": np.array(buf.ids),
@@ -390,13 +452,20 @@ class IngestProcessor:
         else:
             columns["x"] = np.concatenate(buf.x).astype(spec.dtype, copy=False)
         key = Shard.key_for(dataset, partition, buf.first, buf.last, unlabelled=unlabelled)
-        self._store.put_bytes(DATASETS_BUCKET, key, encode_shard(columns))
+        if len(self._writes) >= 4:  # bound the memory held by writes in flight
+            self._writes.pop(0).result()
+        self._writes.append(self._writer.submit(self._put_shard, key, columns))
         n = len(buf.ids)
         holdout = int(columns["split"].sum())
-        hist = Counter(spec.labels[i] for i in buf.labels if i >= 0)
-        shard = Shard(key, partition, buf.first, buf.last, n, n - holdout, holdout, dict(hist))
+        counts = np.bincount(columns["label"][columns["label"] >= 0], minlength=len(spec.labels)).tolist()
+        hist = {label: c for label, c in zip(spec.labels, counts, strict=False) if c}
+        shard = Shard(key, partition, buf.first, buf.last, n, n - holdout, holdout, hist)
         ds = self.state.dataset(dataset, self._first_seen.get(dataset))
         (ds.unlabelled if unlabelled else ds.shards).append(shard)
+        return n
+
+    def _put_shard(self, key: str, columns: dict[str, npt.NDArray[Any]]) -> str:
+        return self._store.put_bytes(DATASETS_BUCKET, key, encode_shard(columns))
 
     def _commit_version(self, name: str, now: float) -> OutRecord:
         spec = self._registry.get(name)

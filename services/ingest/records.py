@@ -22,20 +22,19 @@ import numpy.typing as npt
 import orjson
 from google.protobuf.message import DecodeError as ProtoDecodeError
 
-from cdl.datasets import DatasetSpec, Task, holdout_member, unit_hashes
+from cdl.datasets import DatasetSpec, Task, holdout_member
 from cdl.errors import InvalidInputError
 from cdl.v1 import events_pb2
 
 __all__ = [
     "CleanRecord",
-    "FastBatch",
     "RawRecord",
     "Reason",
     "RecordError",
     "clean",
-    "clean_json_batch",
     "parse",
     "parse_feedback",
+    "tensor_rows_ok",
 ]
 
 
@@ -224,10 +223,9 @@ def _tensor(raw: RawRecord, spec: DatasetSpec, ctx: dict[str, Any]) -> npt.NDArr
         raise RecordError(Reason.BAD_SHAPE, f"{arr.size} values, expected {size} {list(spec.input_shape)}", **ctx)
     if not np.all(np.isfinite(arr)):
         raise RecordError(Reason.NON_FINITE, "features contain NaN or infinity", **ctx)
-    if spec.dtype in _INT_RANGES:
+    if not tensor_rows_ok(arr.reshape(1, -1).astype(np.float64, copy=False), spec)[0]:
         lo, hi = _INT_RANGES[spec.dtype]
-        if not np.all(arr == np.round(arr)) or arr.min() < lo or arr.max() > hi:
-            raise RecordError(Reason.BAD_DTYPE, f"features must be {spec.dtype} integers in [{lo}, {hi}]", **ctx)
+        raise RecordError(Reason.BAD_DTYPE, f"features must be {spec.dtype} integers in [{lo}, {hi}]", **ctx)
     return arr.reshape(spec.input_shape).astype(spec.dtype)
 
 
@@ -239,89 +237,10 @@ def _has_bool(values: Any) -> bool:
     return False
 
 
-@dataclass(slots=True)
-class FastBatch:
-    """What :func:`clean_json_batch` accepted (``rows`` index its input) and what it left."""
-
-    rows: list[int]
-    ids: list[str]
-    labels: list[int]
-    holdout: list[int]
-    x: npt.NDArray[Any]
-    undecided: list[int]
-
-
-def clean_json_batch(docs: list[dict[str, Any]], values: list[bytes], spec: DatasetSpec) -> FastBatch:
-    """Validate many decoded JSON records of one tensor dataset at once (the stream's fast path).
-
-    Records the vectorised checks cannot accept outright (anything unusual:
-    nested features, booleans, wrong sizes, unknown labels, non-finite values)
-    are returned in ``undecided`` for :func:`parse` + :func:`clean`, which name
-    the precise reason.
-    """
-    size = math.prod(spec.input_shape)
-    labmap = {lab: i for i, lab in enumerate(spec.labels)}
-    rows: list[int] = []
-    feats: list[Any] = []
-    ids: list[str] = []
-    labels: list[int] = []
-    undecided: list[int] = []
-    arr: npt.NDArray[Any] | None = None
-    # optimistic: every record is plain (the usual case) -> a handful of C-level passes
-    try:
-        ids = [d["id"] for d in docs]
-        labels = [labmap[d["label"]] for d in docs]
-        feats = [d["features"] for d in docs]
-        if all(type(r) is str and r for r in ids) and not any(b"true" in v or b"false" in v for v in values):
-            candidate = np.array(feats, dtype=np.float64)
-            if candidate.shape == (len(docs), size):
-                arr = candidate
-                rows = list(range(len(docs)))
-    except (KeyError, TypeError, ValueError):
-        arr = None
-    if arr is None:
-        rows, feats, ids, labels = [], [], [], []
-        for i, doc in enumerate(docs):
-            f = doc.get("features")
-            rid = doc.get("id")
-            lab = doc.get("label")
-            li = labmap.get(lab, -1) if type(lab) is str else -1
-            if (
-                li >= 0
-                and type(rid) is str
-                and rid
-                and type(f) is list
-                and len(f) == size
-                and type(f[0]) is not list
-                and b"true" not in values[i]
-                and b"false" not in values[i]
-            ):
-                rows.append(i)
-                feats.append(f)
-                ids.append(rid)
-                labels.append(li)
-            else:
-                undecided.append(i)
-    if not rows:
-        return FastBatch([], [], [], [], np.empty((0, *spec.input_shape), dtype=spec.dtype), undecided)
-    if arr is None:
-        try:
-            arr = np.array(feats, dtype=np.float64)
-        except (TypeError, ValueError):
-            return FastBatch([], [], [], [], np.empty((0, *spec.input_shape), dtype=spec.dtype), undecided + rows)
-    ok = np.isfinite(arr).all(axis=1)
+def tensor_rows_ok(x: npt.NDArray[np.float64], spec: DatasetSpec) -> npt.NDArray[np.bool_]:
+    """Per row of ``x`` (records' features, float64): finite and inside ``spec.dtype``'s range."""
+    ok: npt.NDArray[np.bool_] = np.isfinite(x).all(axis=1)
     if spec.dtype in _INT_RANGES:
         lo, hi = _INT_RANGES[spec.dtype]
-        ok &= ((arr == np.round(arr)) & (arr >= lo) & (arr <= hi)).all(axis=1)
-    if not ok.all():
-        bad = np.flatnonzero(~ok).tolist()
-        undecided.extend(rows[j] for j in bad)
-        keep = np.flatnonzero(ok).tolist()
-        rows = [rows[j] for j in keep]
-        ids = [ids[j] for j in keep]
-        labels = [labels[j] for j in keep]
-        arr = arr[ok]
-    prefix = f"{spec.name}\x00".encode()
-    holdout = (unit_hashes([prefix + rid.encode() for rid in ids]) < spec.holdout_fraction).astype(int).tolist()
-    x = arr.reshape(-1, *spec.input_shape).astype(spec.dtype, copy=False)
-    return FastBatch(rows, ids, labels, holdout, x, undecided)
+        ok &= ((x == np.round(x)) & (x >= lo) & (x <= hi)).all(axis=1)
+    return ok

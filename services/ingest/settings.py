@@ -35,9 +35,10 @@ class IngestSettings(ServiceSettings):
     flush_interval_s: float = 10.0
     """Longest time valid records and dead letters wait in memory before a flush (a version
     that falls due by count or time flushes at once)."""
-    shard_max_records: int = 5000
-    """Flush early when this many valid records are buffered."""
-    batch_size: int = 1000
+    shard_max_records: int = 20000
+    """Records per shard: a partition's buffer holding this many is written to MinIO in the
+    background while the stream goes on; the next flush waits for it before committing."""
+    batch_size: int = 2000
     """Records fetched from Kafka per consume call."""
     grpc_workers: int = 8
     """Threads serving gRPC requests."""

@@ -67,12 +67,10 @@ def test_triton_config_for_both_backends() -> None:
         _ = TensorSpec("x", "complex64", (1,)).triton_type
 
 
-def test_split_hash_is_stable_vectorised_and_fair() -> None:
-    from cdl.datasets import holdout_member, unit_hash, unit_hashes
+def test_split_hash_is_stable_and_fair() -> None:
+    from cdl.datasets import holdout_member, unit_hash
 
-    keys = [f"digits\x00r{i}".encode() for i in range(5000)] + [b"x\x00", b"y\x00" + b"z" * 50]
-    vector = unit_hashes(keys)
-    assert all(abs(unit_hash(k) - v) < 1e-15 for k, v in zip(keys, vector, strict=True))
-    assert 0.18 < float((vector[:5000] < 0.2).mean()) < 0.22
+    hashes = [unit_hash(f"digits\x00r{i}".encode()) for i in range(5000)]
+    assert 0.18 < sum(h < 0.2 for h in hashes) / len(hashes) < 0.22
     assert holdout_member("digits", "r1", 0.2) == (unit_hash(b"digits\x00r1") < 0.2)
     assert unit_hash(b"digits\x00r1") == unit_hash(b"digits\x00r1")  # no per-process salt

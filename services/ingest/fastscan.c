@@ -1,0 +1,344 @@
+/*
+ * Fast path of the ingest stream: scan many JSON records of one tensor dataset
+ * in one call (loaded with ctypes by services/ingest/fastscan.py).
+ *
+ * A record is accepted only when it is plainly valid:
+ *
+ *   {"dataset": "<name>", "id": "<non-empty>", "features": [n1, ..., nK], "label": "<one of labels>", ...}
+ *
+ * with K == size, every feature a finite JSON number, strings ASCII without
+ * escapes, no key given twice, no "text" key, other keys holding any valid
+ * JSON value, nothing after the object. Anything else is left "undecided"
+ * (status 1) for the careful Python path, which names the precise reason; a
+ * record of another dataset gets status 2. The scan never rejects a record by
+ * itself, so it can only make the stream faster, never change a verdict.
+ *
+ * For accepted records it writes the features (float64), the label index, the
+ * split hash (FNV-1a 64 of "<dataset>\0<id>" with the murmur3 finaliser, as
+ * cdl.datasets.unit_hash) and the id (NUL-separated, in order of acceptance).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { ACCEPTED = 0, UNDECIDED = 1, OTHER_DATASET = 2 };
+enum { MAX_DEPTH = 64, MAX_NUMBER_CHARS = 63 };
+
+typedef struct {
+    const unsigned char *p;
+    const unsigned char *end;
+} cursor;
+
+static const double POW10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+                               1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+
+static void skip_ws(cursor *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r')) c->p++;
+}
+
+static int is_digit(unsigned char ch) { return ch >= '0' && ch <= '9'; }
+
+/* A string without escapes, control characters or non-ASCII bytes; its span. */
+static int scan_string(cursor *c, const unsigned char **s, int64_t *len) {
+    if (c->p >= c->end || *c->p != '"') return -1;
+    const unsigned char *start = ++c->p;
+    while (c->p < c->end) {
+        unsigned char ch = *c->p;
+        if (ch == '"') {
+            *s = start;
+            *len = c->p - start;
+            c->p++;
+            return 0;
+        }
+        if (ch == '\\' || ch < 0x20 || ch >= 0x80) return -1;
+        c->p++;
+    }
+    return -1;
+}
+
+/* A JSON number (strict grammar) as a finite double. */
+static int scan_number(cursor *c, double *out) {
+    const unsigned char *p = c->p, *end = c->end, *start = c->p;
+    int neg = 0, digits = 0, inexact = 0, plain_int = 1;
+    uint64_t m = 0;
+    int64_t exp10 = 0;
+    if (p < end && *p == '-') {
+        neg = 1;
+        p++;
+    }
+    if (p >= end) return -1;
+    if (*p == '0') {
+        p++;
+    } else if (*p >= '1' && *p <= '9') {
+        while (p < end && is_digit(*p)) {
+            if (digits < 19) {
+                m = m * 10 + (uint64_t)(*p - '0');
+                digits++;
+            } else {
+                exp10++;
+                inexact = 1;
+            }
+            p++;
+        }
+    } else {
+        return -1;
+    }
+    if (p < end && *p == '.') {
+        plain_int = 0;
+        p++;
+        if (p >= end || !is_digit(*p)) return -1;
+        while (p < end && is_digit(*p)) {
+            if (digits < 19) {
+                m = m * 10 + (uint64_t)(*p - '0');
+                digits++;
+                exp10--;
+            } else if (*p != '0') {
+                inexact = 1;
+            }
+            p++;
+        }
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        plain_int = 0;
+        p++;
+        int eneg = 0;
+        int64_t e = 0;
+        if (p < end && (*p == '+' || *p == '-')) {
+            eneg = *p == '-';
+            p++;
+        }
+        if (p >= end || !is_digit(*p)) return -1;
+        while (p < end && is_digit(*p)) {
+            if (e < 100000) e = e * 10 + (*p - '0');
+            p++;
+        }
+        exp10 += eneg ? -e : e;
+    }
+    double d;
+    if (plain_int && m == 0) {
+        d = 0.0; /* "-0" is the integer 0 */
+    } else if (!inexact && m <= (UINT64_C(1) << 53) && exp10 >= -22 && exp10 <= 22) {
+        d = (double)m; /* exact operands: one correctly rounded operation (Clinger's fast path) */
+        d = exp10 < 0 ? d / POW10[-exp10] : d * POW10[exp10];
+        if (neg) d = -d;
+    } else {
+        char tmp[MAX_NUMBER_CHARS + 1];
+        size_t n = (size_t)(p - start);
+        if (n > MAX_NUMBER_CHARS) return -1;
+        memcpy(tmp, start, n);
+        tmp[n] = '\0';
+        d = strtod(tmp, NULL);
+    }
+    if (!isfinite(d)) return -1;
+    *out = d;
+    c->p = p;
+    return 0;
+}
+
+static int skip_value(cursor *c, int depth);
+
+/* After an item of an array or object: 1 after a comma (another item follows),
+ * 0 after the closing bracket, -1 for anything else. */
+static int next_item(cursor *c, unsigned char close) {
+    skip_ws(c);
+    if (c->p >= c->end) return -1;
+    if (*c->p == ',') {
+        c->p++;
+        skip_ws(c);
+        return 1;
+    }
+    if (*c->p == close) {
+        c->p++;
+        return 0;
+    }
+    return -1;
+}
+
+static int skip_literal(cursor *c, const char *lit) {
+    size_t n = strlen(lit);
+    if ((size_t)(c->end - c->p) < n || memcmp(c->p, lit, n) != 0) return -1;
+    c->p += n;
+    return 0;
+}
+
+static int skip_container(cursor *c, int depth, unsigned char close, int object) {
+    c->p++; /* the opening bracket */
+    skip_ws(c);
+    if (c->p < c->end && *c->p == close) {
+        c->p++;
+        return 0;
+    }
+    for (;;) {
+        if (object) {
+            const unsigned char *s;
+            int64_t len;
+            if (scan_string(c, &s, &len) != 0) return -1;
+            skip_ws(c);
+            if (c->p >= c->end || *c->p != ':') return -1;
+            c->p++;
+            skip_ws(c);
+        }
+        if (skip_value(c, depth + 1) != 0) return -1;
+        int more = next_item(c, close);
+        if (more <= 0) return more;
+    }
+}
+
+/* Any JSON value, validated, not kept. */
+static int skip_value(cursor *c, int depth) {
+    if (depth > MAX_DEPTH || c->p >= c->end) return -1;
+    const unsigned char *s;
+    int64_t len;
+    double d;
+    switch (*c->p) {
+        case '"':
+            return scan_string(c, &s, &len);
+        case '{':
+            return skip_container(c, depth, '}', 1);
+        case '[':
+            return skip_container(c, depth, ']', 0);
+        case 't':
+            return skip_literal(c, "true");
+        case 'f':
+            return skip_literal(c, "false");
+        case 'n':
+            return skip_literal(c, "null");
+        default:
+            return scan_number(c, &d);
+    }
+}
+
+/* A flat array of exactly `size` numbers into `row`. */
+static int scan_features(cursor *c, int64_t size, double *row) {
+    if (c->p >= c->end || *c->p != '[') return -1;
+    c->p++;
+    skip_ws(c);
+    int64_t k = 0;
+    if (c->p < c->end && *c->p == ']') {
+        c->p++;
+        return size == 0 ? 0 : -1;
+    }
+    for (;;) {
+        if (k >= size) return -1;
+        if (scan_number(c, &row[k]) != 0) return -1;
+        k++;
+        int more = next_item(c, ']');
+        if (more < 0) return -1;
+        if (more == 0) return k == size ? 0 : -1;
+    }
+}
+
+static int key_is(const unsigned char *s, int64_t len, const char *name) {
+    return (size_t)len == strlen(name) && memcmp(s, name, (size_t)len) == 0;
+}
+
+static double unit_hash(const char *dataset, int64_t dataset_len, const unsigned char *id, int64_t id_len) {
+    uint64_t h = UINT64_C(0xCBF29CE484222325);
+    const uint64_t prime = UINT64_C(0x100000001B3);
+    for (int64_t i = 0; i < dataset_len; i++) h = (h ^ (unsigned char)dataset[i]) * prime;
+    h = (h ^ 0) * prime;
+    for (int64_t i = 0; i < id_len; i++) h = (h ^ id[i]) * prime;
+    h ^= h >> 33;
+    h *= UINT64_C(0xFF51AFD7ED558CCD);
+    h ^= h >> 33;
+    h *= UINT64_C(0xC4CEB9FE1A85EC53);
+    h ^= h >> 33;
+    return (double)(h >> 11) / 9007199254740992.0; /* 2**53 */
+}
+
+/* One record: ACCEPTED (outputs written), UNDECIDED or OTHER_DATASET (with its span). */
+static int scan_record(cursor *c, const char *dataset, int64_t dataset_len, const char *labels,
+                       const int64_t *label_bounds, int64_t n_labels, int64_t size, double *row, int32_t *label_out,
+                       const unsigned char **id, int64_t *id_len, const unsigned char **ds, int64_t *ds_len) {
+    int have_ds = 0, have_id = 0, have_features = 0, have_label = 0;
+    int32_t label = -1;
+    skip_ws(c);
+    if (c->p >= c->end || *c->p != '{') return UNDECIDED;
+    c->p++;
+    skip_ws(c);
+    if (c->p < c->end && *c->p == '}') return UNDECIDED;
+    for (;;) {
+        const unsigned char *key;
+        int64_t klen;
+        if (scan_string(c, &key, &klen) != 0) return UNDECIDED;
+        skip_ws(c);
+        if (c->p >= c->end || *c->p != ':') return UNDECIDED;
+        c->p++;
+        skip_ws(c);
+        if (key_is(key, klen, "dataset")) {
+            if (have_ds || scan_string(c, ds, ds_len) != 0) return UNDECIDED;
+            have_ds = 1;
+            if (*ds_len == 0) return UNDECIDED;
+            if (*ds_len != dataset_len || memcmp(*ds, dataset, (size_t)dataset_len) != 0) return OTHER_DATASET;
+        } else if (key_is(key, klen, "id")) {
+            if (have_id || scan_string(c, id, id_len) != 0 || *id_len == 0) return UNDECIDED;
+            have_id = 1;
+        } else if (key_is(key, klen, "features")) {
+            if (have_features || scan_features(c, size, row) != 0) return UNDECIDED;
+            have_features = 1;
+        } else if (key_is(key, klen, "label")) {
+            const unsigned char *s;
+            int64_t len;
+            if (have_label || scan_string(c, &s, &len) != 0) return UNDECIDED;
+            have_label = 1;
+            for (int64_t j = 0; j < n_labels; j++) {
+                int64_t lo = label_bounds[j], n = label_bounds[j + 1] - lo;
+                if (n == len && memcmp(labels + lo, s, (size_t)len) == 0) {
+                    label = (int32_t)j;
+                    break;
+                }
+            }
+            if (label < 0) return UNDECIDED;
+        } else if (key_is(key, klen, "text")) {
+            return UNDECIDED;
+        } else if (skip_value(c, 1) != 0) {
+            return UNDECIDED;
+        }
+        int more = next_item(c, '}');
+        if (more < 0) return UNDECIDED;
+        if (more == 0) break;
+    }
+    skip_ws(c);
+    if (c->p != c->end) return UNDECIDED;
+    if (!(have_ds && have_id && have_features && have_label)) return UNDECIDED;
+    *label_out = label;
+    return ACCEPTED;
+}
+
+/*
+ * Scan the records `which[0..n)` of `buf` (record r spans bounds[r]..bounds[r+1]).
+ * Per scanned record k: status[k]; when accepted, x[k*size..], label_out[k],
+ * split_out[k], and its id appended to ids_out (NUL-terminated; *ids_used
+ * says how many bytes were written); when of
+ * another dataset, ds_span[2k], ds_span[2k+1] hold its dataset's offset and
+ * length in buf. Returns the number accepted.
+ */
+int64_t cdl_scan_json(const unsigned char *buf, const int64_t *bounds, const int64_t *which, int64_t n,
+                      const char *dataset, int64_t dataset_len, const char *labels, const int64_t *label_bounds,
+                      int64_t n_labels, int64_t size, double *x, int32_t *label_out, double *split_out,
+                      char *ids_out, int64_t *ids_used, int8_t *status, int64_t *ds_span) {
+    int64_t accepted = 0;
+    char *ids = ids_out;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t r = which[k];
+        cursor c = {buf + bounds[r], buf + bounds[r + 1]};
+        const unsigned char *id = NULL, *ds = NULL;
+        int64_t id_len = 0, ds_len = 0;
+        int st = scan_record(&c, dataset, dataset_len, labels, label_bounds, n_labels, size, x + k * size,
+                             &label_out[k], &id, &id_len, &ds, &ds_len);
+        status[k] = (int8_t)st;
+        if (st == OTHER_DATASET) {
+            ds_span[2 * k] = ds - buf;
+            ds_span[2 * k + 1] = ds_len;
+        } else if (st == ACCEPTED) {
+            split_out[k] = unit_hash(dataset, dataset_len, id, id_len);
+            memcpy(ids, id, (size_t)id_len);
+            ids += id_len;
+            *ids++ = '\0';
+            accepted++;
+        }
+    }
+    *ids_used = ids - ids_out;
+    return accepted;
+}

@@ -1,0 +1,183 @@
+"""The ingest stream's fast path: plain JSON records scanned in C (``fastscan.c``).
+
+The C scanner is compiled once per source version with the system C compiler
+into ``$CDL_HOME/native/`` and loaded with ctypes (no Python build step). It
+accepts only plainly valid records and leaves every other one to the careful
+Python path (:func:`services.ingest.records.parse` + ``clean``), which names
+the reason; so it changes speed, never a verdict. Without a C compiler the
+stream runs on the careful path alone (correct, slower) and says so in the log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cdl.logging import get_logger
+from cdl.settings import cdl_home
+
+__all__ = ["ACCEPTED", "OTHER_DATASET", "UNDECIDED", "JsonBatch", "Scan", "available", "scan"]
+
+log = get_logger(__name__)
+
+ACCEPTED, UNDECIDED, OTHER_DATASET = 0, 1, 2
+
+_SOURCE = Path(__file__).with_name("fastscan.c")
+
+_i64p = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
+_f64p = np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")
+_i32p = np.ctypeslib.ndpointer(dtype=np.int32, flags="C_CONTIGUOUS")
+_i8p = np.ctypeslib.ndpointer(dtype=np.int8, flags="C_CONTIGUOUS")
+
+
+def _build(target: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [cc, "-O2", "-std=c99", "-Wall", "-Werror", "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
+        for old in target.parent.glob("fastscan-*.so"):  # builds of earlier source versions
+            if old != target:
+                old.unlink(missing_ok=True)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    """Build (once per source version) and load the scanner; None when that is impossible."""
+    if os.environ.get("CDL_INGEST_NO_FASTSCAN"):
+        return None
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    target = cdl_home() / "native" / f"fastscan-{digest}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        log.warning("JSON fast path unavailable; every record takes the careful path", error=detail)
+        return None
+    fn = lib.cdl_scan_json
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [
+        ctypes.c_char_p,  # buf
+        _i64p,  # bounds
+        _i64p,  # which
+        ctypes.c_int64,  # n
+        ctypes.c_char_p,  # dataset
+        ctypes.c_int64,
+        ctypes.c_char_p,  # labels
+        _i64p,  # label bounds
+        ctypes.c_int64,
+        ctypes.c_int64,  # size
+        _f64p,  # x
+        _i32p,  # label_out
+        _f64p,  # split_out
+        ctypes.c_char_p,  # ids_out
+        _i64p,  # ids_used
+        _i8p,  # status
+        _i64p,  # ds_span
+    ]
+    return lib
+
+
+def available() -> bool:
+    """Whether the C scanner could be built and loaded."""
+    return _load() is not None
+
+
+class JsonBatch:
+    """Record values joined once, so that several scans (one per dataset) share them."""
+
+    __slots__ = ("bounds", "buf", "n")
+
+    def __init__(self, values: list[bytes]) -> None:
+        self.n = len(values)
+        self.buf = b"".join(values)
+        self.bounds = np.zeros(self.n + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=self.n), out=self.bounds[1:])
+
+
+@dataclass(slots=True)
+class Scan:
+    """Per scanned record (in ``which`` order): its status; for accepted ones
+    (``status == ACCEPTED``) the features row, label index and split hash; ``ids``
+    lists the accepted ids in order; ``other`` maps records of another dataset to its name."""
+
+    status: npt.NDArray[np.int8]
+    x: npt.NDArray[np.float64]
+    labels: npt.NDArray[np.int32]
+    split: npt.NDArray[np.float64]
+    ids: list[str]
+    other: dict[int, str]
+
+
+def scan(
+    batch: JsonBatch, which: npt.NDArray[np.int64], dataset: str, labels: tuple[str, ...], size: int
+) -> Scan | None:
+    """Scan records ``which`` of ``batch`` as records of ``dataset``; None without the C scanner."""
+    lib = _load()
+    if lib is None:
+        return None
+    n = len(which)
+    which = np.ascontiguousarray(which, dtype=np.int64)
+    name = dataset.encode()
+    label_bytes = [lab.encode() for lab in labels]
+    label_bounds = np.zeros(len(labels) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in label_bytes], out=label_bounds[1:])
+    x = np.empty((n, size), dtype=np.float64)
+    out_labels = np.full(n, -1, dtype=np.int32)
+    split = np.zeros(n, dtype=np.float64)
+    status = np.empty(n, dtype=np.int8)
+    spans = np.zeros(2 * n, dtype=np.int64)
+    ids_out = ctypes.create_string_buffer(len(batch.buf) + n + 1)
+    used = np.zeros(1, dtype=np.int64)
+    accepted = lib.cdl_scan_json(
+        batch.buf,
+        batch.bounds,
+        which,
+        n,
+        name,
+        len(name),
+        b"".join(label_bytes),
+        label_bounds,
+        len(labels),
+        size,
+        x,
+        out_labels,
+        split,
+        ids_out,
+        used,
+        status,
+        spans,
+    )
+    ids: list[str] = []
+    if accepted:
+        # one decode and one split for the whole batch; ids are ASCII, NUL-terminated
+        ids = ctypes.string_at(ids_out, int(used[0]) - 1).decode("ascii").split("\x00")
+    other: dict[int, str] = {}
+    for k in np.flatnonzero(status == OTHER_DATASET).tolist():
+        lo, ln = int(spans[2 * k]), int(spans[2 * k + 1])
+        other[k] = batch.buf[lo : lo + ln].decode("ascii")
+    return Scan(status, x, out_labels, split, ids, other)

@@ -1,0 +1,152 @@
+"""The C fast path of ingest never changes a verdict: what it accepts, the careful path accepts the same way."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from cdl.datasets import DatasetSpec, Task, holdout_member, unit_hash
+from services.ingest import fastscan
+from services.ingest.records import RecordError, clean, parse
+
+SPEC = DatasetSpec(
+    name="fs",
+    task=Task.TABULAR,
+    labels=("a", "b", "7"),
+    input_shape=(4,),
+    dtype="float64",  # so that values compare exactly, not after rounding to float32
+    holdout_fraction=0.3,
+)
+
+GOOD = [
+    b'{"dataset":"fs","id":"r1","features":[1,2.5,-3e2,0.1],"label":"a"}',
+    b' {"label":"b" , "features":[ 0 , -0 , 1E5 , 4.000000000000000000001 ],"id":"r2","dataset":"fs"}\n',
+    b'{"dataset":"fs","id":"r3","features":[18446744073709551616,0.1e-320,1.7976931348623157e308,-0.0],"label":"7"}',
+    b'{"dataset":"fs","id":"r4","features":[1,2,3,4],"label":"a","extra":{"k":[1,{"z":null}],"t":true,"f":false}}',
+    b'{"dataset":"fs","id":"r5","features":[0.30000000000000004,1e-7,123456789012345678,5e22],"label":"a"}',
+]
+
+LEFT_TO_CAREFUL = [
+    b'{"dataset":"fs","id":"u1","features":[1,2,3],"label":"a"}',  # too few values
+    b'{"dataset":"fs","id":"u2","features":[1,2,3,4,5],"label":"a"}',  # too many
+    b'{"dataset":"fs","id":"u3","features":[1,true,3,4],"label":"a"}',  # boolean
+    b'{"dataset":"fs","id":"u4","features":[1,2,3,1e400],"label":"a"}',  # infinite
+    b'{"dataset":"fs","id":"u5","features":[1,2,3,NaN],"label":"a"}',  # not JSON
+    b'{"dataset":"fs","id":"u6","features":[1,2,3,4],"label":"zz"}',  # unknown label
+    b'{"dataset":"fs","id":"u7","features":[1,2,3,4],"label":"a"} x',  # trailing bytes
+    b'{"dataset":"fs","id":"u8","features":[1,2,3,4],"label":"a","e":[1,,2]}',  # bad skipped value
+    b'{"dataset":"fs","id":"u9","features":[01,2,3,4],"label":"a"}',  # leading zero
+    b'{"dataset":"fs","id":"","features":[1,2,3,4],"label":"a"}',  # empty id
+    b'{"dataset":"fs","id":7,"features":[1,2,3,4],"label":"a"}',  # integer id
+    b'{"dataset":"fs","id":"v1","features":[1,2,3,4],"label":7}',  # integer label
+    b'{"dataset":"fs","id":"v2","features":[1,2,3,4]}',  # unlabelled
+    b'{"dataset":"fs","id":"v3","features":[1,2,3,4],"label":null}',
+    b'{"dataset":"fs","id":"v4","features":[[1,2],[3,4]],"label":"a"}',  # nested
+    b'{"dataset":"fs","id":"v5","features":[1,2,3,4],"label":"a","label":"b"}',  # key twice
+    b'{"dataset":"fs","id":"v\\u00e9","features":[1,2,3,4],"label":"a"}',  # escape
+    '{"dataset":"fs","id":"vé","features":[1,2,3,4],"label":"a"}'.encode(),  # non-ASCII
+    b'{"dataset":"fs","id":"v6","features":[1,2,3,4],"label":"a","text":"hi"}',
+    b'{"dataset":"fs","id":"v7","features":"1,2,3,4","label":"a"}',
+    b'{"dataset":"fs","id":"v8","features":[1,2,3,4],"label":"a"',  # truncated
+    b"[1,2,3]",
+    b"",
+    b"\xff\xfe",
+    b'{"dataset":"fs","id":"v9","features":[1,2,3,-],"label":"a"}',
+    b'{"dataset":"fs","id":"w1","features":[1.,2,3,4],"label":"a"}',
+    b'{"dataset":"fs","id":"w2","features":[1,2,3,.5],"label":"a"}',
+    b'{"dataset":"fs","id":"w3","features":[1,2,3,4e],"label":"a"}',
+]
+
+
+Verdict = tuple[str, int, bool, list[float]]
+
+
+def _careful(value: bytes, spec: DatasetSpec = SPEC) -> Verdict | None:
+    try:
+        rec = clean(parse(value, "application/json"), spec)
+    except RecordError:
+        return None
+    assert rec.x is not None
+    return rec.id, rec.label, rec.holdout, rec.x.astype(np.float64).reshape(-1).tolist()
+
+
+def _fast(values: list[bytes], spec: DatasetSpec = SPEC) -> tuple[fastscan.Scan, list[Verdict]]:
+    sc = fastscan.scan(fastscan.JsonBatch(values), np.arange(len(values)), spec.name, spec.labels, 4)
+    assert sc is not None
+    accepted = np.flatnonzero(sc.status == fastscan.ACCEPTED).tolist()
+    assert len(accepted) == len(sc.ids)
+    out = [
+        (rid, int(sc.labels[k]), bool(sc.split[k] < spec.holdout_fraction), sc.x[k].tolist())
+        for rid, k in zip(sc.ids, accepted, strict=True)
+    ]
+    return sc, out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _scanner() -> None:
+    # the machine this project runs on has a C compiler: no compiler is a failure here
+    assert fastscan.available(), "the C scanner did not build"
+
+
+def test_plain_records_are_accepted_exactly_as_the_careful_path_would() -> None:
+    sc, out = _fast(GOOD)
+    assert (sc.status == fastscan.ACCEPTED).all()
+    for value, got in zip(GOOD, out, strict=True):
+        want = _careful(value)
+        assert want is not None
+        assert got[:3] == want[:3]
+        assert np.array_equal(got[3], want[3])
+
+
+def test_anything_unusual_is_left_to_the_careful_path() -> None:
+    sc, out = _fast(LEFT_TO_CAREFUL)
+    assert out == []
+    assert (sc.status == fastscan.UNDECIDED).all(), [v for v, s in zip(LEFT_TO_CAREFUL, sc.status, strict=True) if s]
+
+
+def test_other_datasets_are_named_for_a_second_scan() -> None:
+    values = [GOOD[0], b'{"dataset":"other","id":"o1","features":[1],"label":"x"}', GOOD[3]]
+    sc, out = _fast(values)
+    assert sc.status.tolist() == [fastscan.ACCEPTED, fastscan.OTHER_DATASET, fastscan.ACCEPTED]
+    assert sc.other == {1: "other"}
+    assert [o[0] for o in out] == ["r1", "r4"]
+
+
+def test_split_hash_is_the_datasets_hash() -> None:
+    values = [
+        json.dumps({"dataset": "fs", "id": f"id-{i}", "features": [i, 0, 0, 0], "label": "a"}).encode()
+        for i in range(2000)
+    ]
+    sc, out = _fast(values)
+    assert len(out) == 2000
+    for i, (rid, _, holdout, _) in enumerate(out):
+        assert sc.split[i] == unit_hash(f"fs\x00{rid}".encode())
+        assert holdout == holdout_member("fs", rid, SPEC.holdout_fraction)
+
+
+def test_random_mutations_never_change_a_verdict() -> None:
+    rng = random.Random(7)
+    alphabet = b' ,:[]{}"-+.eE0123456789abtrufnl\\'
+    values: list[bytes] = []
+    for _ in range(3000):
+        base = bytearray(rng.choice(GOOD))
+        for _ in range(rng.randint(1, 3)):
+            op, pos = rng.random(), rng.randrange(len(base) + 1)
+            if op < 0.4 and pos < len(base):
+                base[pos] = rng.choice(alphabet)
+            elif op < 0.7:
+                base.insert(pos, rng.choice(alphabet))
+            elif pos < len(base):
+                del base[pos]
+        values.append(bytes(base))
+    sc, out = _fast(values)
+    accepted = np.flatnonzero(sc.status == fastscan.ACCEPTED).tolist()
+    assert accepted, "no mutation survived: the test exercises nothing"
+    for k, got in zip(accepted, out, strict=True):
+        want = _careful(values[k])
+        assert want is not None, values[k]
+        assert got[:3] == want[:3], values[k]
+        assert np.array_equal(got[3], want[3]), values[k]
