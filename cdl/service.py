@@ -4,6 +4,7 @@ metrics endpoint, and SIGTERM handling. Services only provide the job."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,9 +17,24 @@ from cdl.logging import get_logger
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.settings import ServiceSettings
 
-__all__ = ["JobService"]
+__all__ = ["JobService", "settle_gc"]
 
 log = get_logger(__name__)
+
+
+def settle_gc() -> None:
+    """Tune the cyclic garbage collector for a long-running stream, after start-up.
+
+    A stream allocates a Python object per consumed message; with CPython's
+    default thresholds (a young collection every 700 allocations) the collector
+    took ~15% of ingest's time re-walking what was alive. Objects alive now
+    (modules, clients, recovered state) are frozen out of collections, and young
+    collections run every 50,000 allocations. Garbage is still freed by
+    reference counting as before; only cycles wait a little longer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _no_coalescing(event: Event) -> str:

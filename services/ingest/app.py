@@ -13,6 +13,7 @@ from cdl.kafka import Producer, TransactionalLoop, ensure_topics, read_latest
 from cdl.logging import configure_logging, get_logger
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.rpc import ErrorInterceptor, add_health
+from cdl.service import settle_gc
 from cdl.store import BUCKETS, ObjectStore
 from cdl.v1 import ingest_pb2_grpc
 from services.ingest.grpc_api import IngestServicer
@@ -118,4 +119,5 @@ def main() -> None:
     app = IngestApp(settings)
     app.loop.install_signal_handlers()
     app.start()
+    settle_gc()
     app.run()

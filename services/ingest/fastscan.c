@@ -13,10 +13,12 @@
  * record of another dataset gets status 2. The scan never rejects a record by
  * itself, so it can only make the stream faster, never change a verdict.
  *
- * For accepted records it writes the features (float64), the label index, the
- * split hash (FNV-1a 64 of "<dataset>\0<id>" with the murmur3 finaliser, as
- * cdl.datasets.unit_hash) and the id (NUL-separated, in order of acceptance).
+ * For accepted records it writes the features in the dataset's dtype (a value
+ * that does not fit it leaves the record undecided), the label index, the
+ * holdout flag (split hash: FNV-1a 64 of "<dataset>\0<id>" with the murmur3
+ * finaliser, as cdl.datasets.unit_hash) and the id (NUL-separated).
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -119,8 +121,16 @@ static int scan_number(cursor *c, double *out) {
     if (plain_int && m == 0) {
         d = 0.0; /* "-0" is the integer 0 */
     } else if (!inexact && m <= (UINT64_C(1) << 53) && exp10 >= -22 && exp10 <= 22) {
+        while (exp10 < 0 && m % 10 == 0) { /* "13.0" is 13: no division */
+            m /= 10;
+            exp10++;
+        }
         d = (double)m; /* exact operands: one correctly rounded operation (Clinger's fast path) */
-        d = exp10 < 0 ? d / POW10[-exp10] : d * POW10[exp10];
+        if (exp10 < 0) {
+            d /= POW10[-exp10];
+        } else if (exp10 > 0) {
+            d *= POW10[exp10];
+        }
         if (neg) d = -d;
     } else {
         char tmp[MAX_NUMBER_CHARS + 1];
@@ -306,18 +316,66 @@ static int scan_record(cursor *c, const char *dataset, int64_t dataset_len, cons
     return ACCEPTED;
 }
 
+/* dtype codes shared with fastscan.py */
+enum { DT_FLOAT32 = 0, DT_FLOAT64 = 1, DT_UINT8 = 2, DT_INT64 = 3 };
+
+/* The row in the dataset's dtype at out[k]; 0 when a value does not fit it (the careful path decides). */
+static int store_row(const double *row, int64_t size, int dtype, void *out, int64_t k) {
+    switch (dtype) {
+        case DT_FLOAT32: {
+            float *o = (float *)out + k * size;
+            int finite = 1; /* no early exit: the loop vectorises */
+            for (int64_t i = 0; i < size; i++) {
+                o[i] = (float)row[i];
+                finite &= fabsf(o[i]) <= FLT_MAX; /* false for an overflow to infinity */
+            }
+            return finite;
+        }
+        case DT_FLOAT64:
+            memcpy((double *)out + k * size, row, (size_t)size * sizeof(double));
+            return 1;
+        case DT_UINT8: {
+            uint8_t *o = (uint8_t *)out + k * size;
+            int fits = 1; /* no early exit: the loop vectorises */
+            for (int64_t i = 0; i < size; i++) {
+                double c = row[i] < 0.0 ? 0.0 : (row[i] > 255.0 ? 255.0 : row[i]); /* NaN never gets here */
+                int v = (int)c;
+                fits &= (c == row[i]) & ((double)v == c); /* in range and whole */
+                o[i] = (uint8_t)v;
+            }
+            return fits;
+        }
+        case DT_INT64: {
+            int64_t *o = (int64_t *)out + k * size;
+            for (int64_t i = 0; i < size; i++) {
+                if (!(row[i] >= -9223372036854775808.0 && row[i] < 9223372036854775808.0 && row[i] == floor(row[i])))
+                    return 0;
+                o[i] = (int64_t)row[i];
+            }
+            return 1;
+        }
+        default:
+            return 0;
+    }
+}
+
 /*
- * Scan the records `which[0..n)` of `buf` (record r spans bounds[r]..bounds[r+1]).
- * Per scanned record k: status[k]; when accepted, x[k*size..], label_out[k],
- * split_out[k], and its id appended to ids_out (NUL-terminated; *ids_used
- * says how many bytes were written); when of
- * another dataset, ds_span[2k], ds_span[2k+1] hold its dataset's offset and
- * length in buf. Returns the number accepted.
+ * Scan the records `which[0..n)` of `buf` (record r spans bounds[r]..bounds[r+1])
+ * as records of `dataset`, whose features are `size` values of `dtype`.
+ * Per scanned record k: status[k]; for another dataset, ds_span[2k], ds_span[2k+1]
+ * hold that dataset's offset and length in buf. Accepted records are written
+ * compactly, in order: row j of x_out (dtype), label_out[j], holdout_out[j] (1 when
+ * the split hash is below holdout_fraction) and the id appended to ids_out
+ * (NUL-terminated; *ids_used says how many bytes). Returns the number accepted,
+ * or -1 when memory ran out.
  */
 int64_t cdl_scan_json(const unsigned char *buf, const int64_t *bounds, const int64_t *which, int64_t n,
                       const char *dataset, int64_t dataset_len, const char *labels, const int64_t *label_bounds,
-                      int64_t n_labels, int64_t size, double *x, int32_t *label_out, double *split_out,
-                      char *ids_out, int64_t *ids_used, int8_t *status, int64_t *ds_span) {
+                      int64_t n_labels, int64_t size, int dtype, double holdout_fraction, void *x_out,
+                      int32_t *label_out, uint8_t *holdout_out, char *ids_out, int64_t *ids_used, int8_t *status,
+                      int64_t *ds_span) {
+    double *row = malloc((size_t)(size > 0 ? size : 1) * sizeof(double));
+    if (row == NULL) return -1;
     int64_t accepted = 0;
     char *ids = ids_out;
     for (int64_t k = 0; k < n; k++) {
@@ -325,20 +383,24 @@ int64_t cdl_scan_json(const unsigned char *buf, const int64_t *bounds, const int
         cursor c = {buf + bounds[r], buf + bounds[r + 1]};
         const unsigned char *id = NULL, *ds = NULL;
         int64_t id_len = 0, ds_len = 0;
-        int st = scan_record(&c, dataset, dataset_len, labels, label_bounds, n_labels, size, x + k * size,
-                             &label_out[k], &id, &id_len, &ds, &ds_len);
+        int32_t label = -1;
+        int st = scan_record(&c, dataset, dataset_len, labels, label_bounds, n_labels, size, row, &label, &id,
+                             &id_len, &ds, &ds_len);
+        if (st == ACCEPTED && !store_row(row, size, dtype, x_out, accepted)) st = UNDECIDED;
         status[k] = (int8_t)st;
         if (st == OTHER_DATASET) {
             ds_span[2 * k] = ds - buf;
             ds_span[2 * k + 1] = ds_len;
         } else if (st == ACCEPTED) {
-            split_out[k] = unit_hash(dataset, dataset_len, id, id_len);
+            label_out[accepted] = label;
+            holdout_out[accepted] = unit_hash(dataset, dataset_len, id, id_len) < holdout_fraction;
             memcpy(ids, id, (size_t)id_len);
             ids += id_len;
             *ids++ = '\0';
             accepted++;
         }
     }
+    free(row);
     *ids_used = ids - ids_out;
     return accepted;
 }

@@ -13,16 +13,19 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from cdl.datasets import DatasetSpec
 from cdl.logging import get_logger
 from cdl.settings import cdl_home
 
@@ -33,11 +36,13 @@ log = get_logger(__name__)
 ACCEPTED, UNDECIDED, OTHER_DATASET = 0, 1, 2
 
 _SOURCE = Path(__file__).with_name("fastscan.c")
+_CFLAGS = ("-O3", "-std=c99", "-Wall", "-Werror", "-shared", "-fPIC")
 
 _i64p = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
 _f64p = np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")
 _i32p = np.ctypeslib.ndpointer(dtype=np.int32, flags="C_CONTIGUOUS")
 _i8p = np.ctypeslib.ndpointer(dtype=np.int8, flags="C_CONTIGUOUS")
+_u8p = np.ctypeslib.ndpointer(dtype=np.uint8, flags="C_CONTIGUOUS")
 
 
 def _build(target: Path) -> None:
@@ -49,7 +54,7 @@ def _build(target: Path) -> None:
     os.close(fd)
     try:
         subprocess.run(
-            [cc, "-O2", "-std=c99", "-Wall", "-Werror", "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"],
+            [cc, *_CFLAGS, "-o", tmp, str(_SOURCE), "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -68,7 +73,7 @@ def _load() -> ctypes.CDLL | None:
     """Build (once per source version) and load the scanner; None when that is impossible."""
     if os.environ.get("CDL_INGEST_NO_FASTSCAN"):
         return None
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:16]
     target = cdl_home() / "native" / f"fastscan-{digest}.so"
     try:
         if not target.exists():
@@ -91,10 +96,12 @@ def _load() -> ctypes.CDLL | None:
         _i64p,  # label bounds
         ctypes.c_int64,
         ctypes.c_int64,  # size
-        _f64p,  # x
+        ctypes.c_int,  # dtype code
+        ctypes.c_double,  # holdout fraction
+        ctypes.c_void_p,  # x_out
         _i32p,  # label_out
-        _f64p,  # split_out
-        ctypes.c_char_p,  # ids_out
+        _u8p,  # holdout_out
+        _u8p,  # ids_out
         _i64p,  # ids_used
         _i8p,  # status
         _i64p,  # ds_span
@@ -121,63 +128,78 @@ class JsonBatch:
 
 @dataclass(slots=True)
 class Scan:
-    """Per scanned record (in ``which`` order): its status; for accepted ones
-    (``status == ACCEPTED``) the features row, label index and split hash; ``ids``
-    lists the accepted ids in order; ``other`` maps records of another dataset to its name."""
+    """Per scanned record (in ``which`` order) its ``status``; ``other`` maps records of
+    another dataset to its name. The accepted records, compactly and in order: features
+    ``x`` (the dataset's dtype and shape), label indices, holdout flags and ids."""
 
     status: npt.NDArray[np.int8]
-    x: npt.NDArray[np.float64]
+    x: npt.NDArray[Any]
     labels: npt.NDArray[np.int32]
-    split: npt.NDArray[np.float64]
+    holdout: npt.NDArray[np.bool_]
     ids: list[str]
     other: dict[int, str]
 
 
-def scan(
-    batch: JsonBatch, which: npt.NDArray[np.int64], dataset: str, labels: tuple[str, ...], size: int
-) -> Scan | None:
-    """Scan records ``which`` of ``batch`` as records of ``dataset``; None without the C scanner."""
+#: the dtypes the scanner writes (codes shared with fastscan.c)
+_DTYPES = {"float32": 0, "float64": 1, "uint8": 2, "int64": 3}
+
+
+def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec) -> Scan | None:
+    """Scan records ``which`` of ``batch`` as records of ``spec``; None without the C scanner
+    (or for a dtype it does not write)."""
     lib = _load()
-    if lib is None:
+    if lib is None or spec.dtype not in _DTYPES:
         return None
     n = len(which)
     which = np.ascontiguousarray(which, dtype=np.int64)
-    name = dataset.encode()
-    label_bytes = [lab.encode() for lab in labels]
-    label_bounds = np.zeros(len(labels) + 1, dtype=np.int64)
+    name = spec.name.encode()
+    label_bytes = [lab.encode() for lab in spec.labels]
+    label_bounds = np.zeros(len(label_bytes) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in label_bytes], out=label_bounds[1:])
-    x = np.empty((n, size), dtype=np.float64)
-    out_labels = np.full(n, -1, dtype=np.int32)
-    split = np.zeros(n, dtype=np.float64)
+    size = math.prod(spec.input_shape)
+    x = np.empty((n, size), dtype=spec.dtype)
+    labels = np.empty(n, dtype=np.int32)
+    holdout = np.empty(n, dtype=np.uint8)
     status = np.empty(n, dtype=np.int8)
     spans = np.zeros(2 * n, dtype=np.int64)
-    ids_out = ctypes.create_string_buffer(len(batch.buf) + n + 1)
+    ids_out = np.empty(len(batch.buf) + n + 1, dtype=np.uint8)  # ids are no longer than their records
     used = np.zeros(1, dtype=np.int64)
-    accepted = lib.cdl_scan_json(
-        batch.buf,
-        batch.bounds,
-        which,
-        n,
-        name,
-        len(name),
-        b"".join(label_bytes),
-        label_bounds,
-        len(labels),
-        size,
-        x,
-        out_labels,
-        split,
-        ids_out,
-        used,
-        status,
-        spans,
+    accepted = int(
+        lib.cdl_scan_json(
+            batch.buf,
+            batch.bounds,
+            which,
+            n,
+            name,
+            len(name),
+            b"".join(label_bytes),
+            label_bounds,
+            len(label_bytes),
+            size,
+            _DTYPES[spec.dtype],
+            spec.holdout_fraction,
+            x.ctypes.data,
+            labels,
+            holdout,
+            ids_out,
+            used,
+            status,
+            spans,
+        )
     )
-    ids: list[str] = []
-    if accepted:
-        # one decode and one split for the whole batch; ids are ASCII, NUL-terminated
-        ids = ctypes.string_at(ids_out, int(used[0]) - 1).decode("ascii").split("\x00")
+    if accepted < 0:
+        raise MemoryError("fast JSON scan: out of memory")
+    # one decode and one split for the whole batch; ids are ASCII, NUL-terminated
+    ids = ids_out[: int(used[0]) - 1].tobytes().decode("ascii").split("\x00") if accepted else []
     other: dict[int, str] = {}
     for k in np.flatnonzero(status == OTHER_DATASET).tolist():
         lo, ln = int(spans[2 * k]), int(spans[2 * k + 1])
         other[k] = batch.buf[lo : lo + ln].decode("ascii")
-    return Scan(status, x, out_labels, split, ids, other)
+    return Scan(
+        status,
+        x[:accepted].reshape(accepted, *spec.input_shape),
+        labels[:accepted],
+        holdout[:accepted].view(np.bool_),
+        ids,
+        other,
+    )

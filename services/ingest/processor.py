@@ -9,7 +9,6 @@ the state snapshot) in one transaction with the input offsets.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +34,6 @@ from services.ingest.records import (
     clean,
     parse,
     parse_feedback,
-    tensor_rows_ok,
 )
 from services.ingest.registry import DatasetRegistry
 from services.ingest.versioning import IngestState, build_manifest, policy_due
@@ -54,39 +52,44 @@ PENDING = Gauge("cdl_ingest_pending_records", "Valid records not yet in a versio
 
 @dataclass
 class _Buffer:
+    """Valid records of one dataset and partition, waiting to become a shard.
+
+    Columns are kept as chunks (one per batch) and joined once, when written.
+    """
+
     first: int = -1
     last: int = -1
     ids: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    splits: list[int] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
+    labels: list[npt.NDArray[Any]] = field(default_factory=list)
+    splits: list[npt.NDArray[Any]] = field(default_factory=list)
+    offsets: list[npt.NDArray[Any]] = field(default_factory=list)
     x: list[npt.NDArray[Any]] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
 
     def add(self, rec: CleanRecord, offset: int) -> None:
-        if self.first < 0 or offset < self.first:
-            self.first = offset
-        self.last = max(self.last, offset)
-        self.ids.append(rec.id)
-        self.labels.append(rec.label)
-        self.splits.append(1 if rec.holdout else 0)
-        self.offsets.append(offset)
+        """One record (the careful path)."""
+        x = None if rec.x is None else rec.x.reshape(1, *rec.x.shape)
+        self.extend([rec.id], np.array([rec.label]), np.array([rec.holdout]), np.array([offset]), x)
         if rec.text is not None:
             self.text.append(rec.text)
-        if rec.x is not None:
-            self.x.append(rec.x.reshape(1, *rec.x.shape))
 
     def extend(
-        self, ids: list[str], labels: list[int], splits: list[int], offsets: list[int], x: npt.NDArray[Any]
+        self,
+        ids: list[str],
+        labels: npt.NDArray[Any],
+        splits: npt.NDArray[Any],
+        offsets: npt.NDArray[Any],
+        x: npt.NDArray[Any] | None,
     ) -> None:
-        lo, hi = min(offsets), max(offsets)
+        lo, hi = int(offsets.min()), int(offsets.max())
         self.first = lo if self.first < 0 else min(self.first, lo)
         self.last = max(self.last, hi)
         self.ids.extend(ids)
-        self.labels.extend(labels)
-        self.splits.extend(splits)
-        self.offsets.extend(offsets)
-        self.x.append(x)
+        self.labels.append(labels)
+        self.splits.append(splits)
+        self.offsets.append(offsets)
+        if x is not None:
+            self.x.append(x)
 
 
 _PROTOBUF_TYPES = ("application/protobuf", "application/x-protobuf")
@@ -230,22 +233,14 @@ class IngestProcessor:
                 pending = pending[1:]
                 name = _dataset_of(values[pending[0]]) if len(pending) else None
                 continue
-            sc = fastscan.scan(joined, pending, spec.name, spec.labels, math.prod(spec.input_shape))
+            sc = fastscan.scan(joined, pending, spec)
             if sc is None:  # no C scanner here: everything takes the careful path
                 undecided.extend(index[pending].tolist())
                 break
-            accepted = sc.status == fastscan.ACCEPTED
             undecided.extend(index[pending[sc.status == fastscan.UNDECIDED]].tolist())
             if sc.ids:
-                x = sc.x[accepted]
-                ok = tensor_rows_ok(x, spec)
-                rows = index[pending[accepted]]
-                ids, labels, split = sc.ids, sc.labels[accepted], sc.split[accepted]
-                if not ok.all():
-                    undecided.extend(rows[~ok].tolist())
-                    ids = [rid for rid, good in zip(ids, ok.tolist(), strict=True) if good]
-                    rows, labels, split, x = rows[ok], labels[ok], split[ok], x[ok]
-                self._keep_fast(spec, batch, rows.tolist(), ids, labels, split < spec.holdout_fraction, x)
+                rows = index[pending[sc.status == fastscan.ACCEPTED]]
+                self._keep_fast(spec, batch, rows, sc.ids, sc.labels, sc.holdout, sc.x)
             others = sc.status == fastscan.OTHER_DATASET
             pending = pending[others]
             name = sc.other[int(np.flatnonzero(others)[0])] if len(pending) else None
@@ -255,49 +250,42 @@ class IngestProcessor:
         self,
         spec: DatasetSpec,
         batch: InBatch,
-        rows: list[int],
+        rows: npt.NDArray[np.int64],
         ids: list[str],
         labels: npt.NDArray[np.int32],
         holdout: npt.NDArray[np.bool_],
-        x: npt.NDArray[np.float64],
+        x: npt.NDArray[Any],
     ) -> None:
+        """Buffer records the fast path accepted (``rows`` index ``batch``), but not twice."""
         seen = self._seen[spec.name]
         if len(set(ids)) != len(ids) or not seen.isdisjoint(ids):
             keep: list[int] = []
             for j, rid in enumerate(ids):
                 if rid in seen:
                     err = RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=spec.name, id=rid)
-                    self._reject(batch.row(rows[j]), err, spec.name)
+                    self._reject(batch.row(int(rows[j])), err, spec.name)
                     continue
                 seen.add(rid)
                 keep.append(j)
-            rows, ids = [rows[j] for j in keep], [ids[j] for j in keep]
+            rows, ids = rows[keep], [ids[j] for j in keep]
             labels, holdout, x = labels[keep], holdout[keep], x[keep]
         else:  # the usual case: no duplicates
             seen.update(ids)
-        if not rows:
+        if not ids:
             return
-        partitions = [batch.partitions[i] for i in rows]
-        offsets = [batch.offsets[i] for i in rows]
-        x = x.reshape(-1, *spec.input_shape).astype(spec.dtype, copy=False)
-        if partitions.count(partitions[0]) == len(partitions):  # one partition: no regrouping
-            buf = self._buffers.setdefault((spec.name, partitions[0]), _Buffer())
-            buf.extend(ids, labels.tolist(), holdout.tolist(), offsets, x)
+        partitions = np.asarray(batch.partitions)[rows]
+        offsets = np.asarray(batch.offsets, dtype=np.int64)[rows]
+        first = int(partitions[0])
+        if (partitions == first).all():  # one partition: no regrouping
+            self._buffers.setdefault((spec.name, first), _Buffer()).extend(ids, labels, holdout, offsets, x)
         else:
-            parts = np.asarray(partitions)
-            for p in np.unique(parts).tolist():
-                sel = np.flatnonzero(parts == p)
-                picked = sel.tolist()
-                buf = self._buffers.setdefault((spec.name, p), _Buffer())
-                buf.extend(
-                    [ids[j] for j in picked],
-                    labels[sel].tolist(),
-                    holdout[sel].tolist(),
-                    [offsets[j] for j in picked],
-                    x[sel],
+            for p in np.unique(partitions).tolist():
+                sel = np.flatnonzero(partitions == p)
+                self._buffers.setdefault((spec.name, p), _Buffer()).extend(
+                    [ids[j] for j in sel.tolist()], labels[sel], holdout[sel], offsets[sel], x[sel]
                 )
-        self._note_pending(spec, len(rows))
-        RECORDS.labels(spec.name, "accepted").inc(len(rows))
+        self._note_pending(spec, len(ids))
+        RECORDS.labels(spec.name, "accepted").inc(len(ids))
 
     def _one(self, incoming: InRecord) -> None:
         """The careful path: one record, with the precise reason when it is rejected."""
@@ -443,9 +431,9 @@ class IngestProcessor:
         spec = self._registry.get(dataset)
         columns: dict[str, npt.NDArray[Any]] = {
             "id": np.array(buf.ids),
-            "label": np.array(buf.labels, dtype=np.int16),
-            "split": np.array(buf.splits, dtype=np.uint8),
-            "offset": np.array(buf.offsets, dtype=np.int64),
+            "label": np.concatenate(buf.labels).astype(np.int16),
+            "split": np.concatenate(buf.splits).astype(np.uint8),
+            "offset": np.concatenate(buf.offsets).astype(np.int64),
         }
         if spec.task is Task.TEXT:
             columns["text"] = np.array(buf.text)

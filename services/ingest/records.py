@@ -34,7 +34,6 @@ __all__ = [
     "clean",
     "parse",
     "parse_feedback",
-    "tensor_rows_ok",
 ]
 
 
@@ -223,10 +222,15 @@ def _tensor(raw: RawRecord, spec: DatasetSpec, ctx: dict[str, Any]) -> npt.NDArr
         raise RecordError(Reason.BAD_SHAPE, f"{arr.size} values, expected {size} {list(spec.input_shape)}", **ctx)
     if not np.all(np.isfinite(arr)):
         raise RecordError(Reason.NON_FINITE, "features contain NaN or infinity", **ctx)
-    if not tensor_rows_ok(arr.reshape(1, -1).astype(np.float64, copy=False), spec)[0]:
+    if spec.dtype in _INT_RANGES:
         lo, hi = _INT_RANGES[spec.dtype]
-        raise RecordError(Reason.BAD_DTYPE, f"features must be {spec.dtype} integers in [{lo}, {hi}]", **ctx)
-    return arr.reshape(spec.input_shape).astype(spec.dtype)
+        if not np.all(arr == np.round(arr)) or arr.min() < lo or arr.max() > hi:
+            raise RecordError(Reason.BAD_DTYPE, f"features must be {spec.dtype} integers in [{lo}, {hi}]", **ctx)
+    with np.errstate(over="ignore"):  # an overflow is reported below, as a reason
+        out = arr.reshape(spec.input_shape).astype(spec.dtype)
+    if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
+        raise RecordError(Reason.NON_FINITE, f"features overflow {spec.dtype}", **ctx)
+    return out
 
 
 def _has_bool(values: Any) -> bool:
@@ -235,12 +239,3 @@ def _has_bool(values: Any) -> bool:
     if isinstance(values, list):
         return any(_has_bool(v) for v in values)
     return False
-
-
-def tensor_rows_ok(x: npt.NDArray[np.float64], spec: DatasetSpec) -> npt.NDArray[np.bool_]:
-    """Per row of ``x`` (records' features, float64): finite and inside ``spec.dtype``'s range."""
-    ok: npt.NDArray[np.bool_] = np.isfinite(x).all(axis=1)
-    if spec.dtype in _INT_RANGES:
-        lo, hi = _INT_RANGES[spec.dtype]
-        ok &= ((x == np.round(x)) & (x >= lo) & (x <= hi)).all(axis=1)
-    return ok

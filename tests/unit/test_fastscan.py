@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from cdl.datasets import DatasetSpec, Task, holdout_member, unit_hash
+from cdl.datasets import DatasetSpec, Task, holdout_member
 from services.ingest import fastscan
 from services.ingest.records import RecordError, clean, parse
 
@@ -70,18 +70,17 @@ def _careful(value: bytes, spec: DatasetSpec = SPEC) -> Verdict | None:
     except RecordError:
         return None
     assert rec.x is not None
-    return rec.id, rec.label, rec.holdout, rec.x.astype(np.float64).reshape(-1).tolist()
+    assert rec.x.dtype == np.dtype(spec.dtype)
+    return rec.id, rec.label, rec.holdout, rec.x.reshape(-1).tolist()
 
 
 def _fast(values: list[bytes], spec: DatasetSpec = SPEC) -> tuple[fastscan.Scan, list[Verdict]]:
-    sc = fastscan.scan(fastscan.JsonBatch(values), np.arange(len(values)), spec.name, spec.labels, 4)
+    sc = fastscan.scan(fastscan.JsonBatch(values), np.arange(len(values)), spec)
     assert sc is not None
-    accepted = np.flatnonzero(sc.status == fastscan.ACCEPTED).tolist()
-    assert len(accepted) == len(sc.ids)
-    out = [
-        (rid, int(sc.labels[k]), bool(sc.split[k] < spec.holdout_fraction), sc.x[k].tolist())
-        for rid, k in zip(sc.ids, accepted, strict=True)
-    ]
+    n = int((sc.status == fastscan.ACCEPTED).sum())
+    assert len(sc.ids) == len(sc.labels) == len(sc.holdout) == len(sc.x) == n
+    assert sc.x.dtype == np.dtype(spec.dtype) and sc.x.shape[1:] == spec.input_shape
+    out = [(rid, int(sc.labels[j]), bool(sc.holdout[j]), sc.x[j].reshape(-1).tolist()) for j, rid in enumerate(sc.ids)]
     return sc, out
 
 
@@ -115,16 +114,36 @@ def test_other_datasets_are_named_for_a_second_scan() -> None:
     assert [o[0] for o in out] == ["r1", "r4"]
 
 
-def test_split_hash_is_the_datasets_hash() -> None:
+def test_split_is_the_datasets_hash() -> None:
     values = [
         json.dumps({"dataset": "fs", "id": f"id-{i}", "features": [i, 0, 0, 0], "label": "a"}).encode()
         for i in range(2000)
     ]
-    sc, out = _fast(values)
+    _, out = _fast(values)
     assert len(out) == 2000
-    for i, (rid, _, holdout, _) in enumerate(out):
-        assert sc.split[i] == unit_hash(f"fs\x00{rid}".encode())
+    for rid, _, holdout, _ in out:
         assert holdout == holdout_member("fs", rid, SPEC.holdout_fraction)
+    assert 0.25 < sum(o[2] for o in out) / len(out) < 0.35
+
+
+@pytest.mark.parametrize(
+    ("dtype", "accepted", "undecided"),
+    [
+        ("uint8", [b"[0,1,254,255]", b"[0.0,1e1,2,3]"], [b"[-1,0,0,0]", b"[256,0,0,0]", b"[0.5,0,0,0]"]),
+        ("int64", [b"[-5,0,9007199254740992,3]"], [b"[0.5,0,0,0]", b"[1e19,0,0,0]"]),
+        ("float32", [b"[0.1,-2.5,3e38,1e-50]"], [b"[1e39,0,0,0]", b"[-1e300,0,0,0]"]),
+    ],
+)
+def test_values_are_written_in_the_datasets_dtype(dtype: str, accepted: list[bytes], undecided: list[bytes]) -> None:
+    spec = DatasetSpec(name="fs", task=Task.TABULAR, labels=("a", "b"), input_shape=(2, 2), dtype=dtype)
+    values = [b'{"dataset":"fs","id":"i%d","label":"a","features":%s}' % (i, f) for i, f in enumerate(accepted)]
+    values += [b'{"dataset":"fs","id":"u%d","label":"a","features":%s}' % (i, f) for i, f in enumerate(undecided)]
+    sc, out = _fast(values, spec)
+    assert sc.status.tolist() == [fastscan.ACCEPTED] * len(accepted) + [fastscan.UNDECIDED] * len(undecided)
+    for value, got in zip(values, out, strict=False):
+        assert got == _careful(value, spec)
+    for value in values[len(accepted) :]:
+        assert _careful(value, spec) is None  # the careful path rejects what does not fit the dtype
 
 
 def test_random_mutations_never_change_a_verdict() -> None:
