@@ -10,13 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cdl.settings import StackSettings
-from cdl.stack import LocalStack
-
 
 @contextlib.contextmanager
 def private_stack(triton_servers: int = 1) -> Iterator[dict[str, Any]]:
     """Start a stack of our own (fresh state dir) and stop it afterwards."""
+    # imported here: the trainer benchmark runs on machines without the stack's clients
+    from cdl.settings import StackSettings
+    from cdl.stack import LocalStack
+
     with tempfile.TemporaryDirectory(prefix="cdl-bench-") as tmp:
         stack = LocalStack(StackSettings(state_dir=Path(tmp), triton_servers=triton_servers, services=[]))
         try:

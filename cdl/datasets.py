@@ -31,13 +31,15 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from cdl.errors import ConflictError, InvalidInputError, NotFoundError
-from cdl.store import ObjectStore
+
+if TYPE_CHECKING:  # only annotations: the ML code imports this module without the object store client
+    from cdl.store import ObjectStore
 
 __all__ = [
     "DATASETS_BUCKET",
