@@ -37,10 +37,12 @@ from cdl.events import decode
 from cdl.stack._procs import free_port
 from cdl.v1 import ingest_pb2, ingest_pb2_grpc
 
-N = int(os.environ.get("CDL_BENCH_INGEST_RECORDS", "200000"))
+#: records per measurement: long enough for a steady rate (each side runs 1-4 s)
+N = int(os.environ.get("CDL_BENCH_INGEST_RECORDS", "500000"))
 #: baseline and cdl alternate this many times; medians count (single runs on a
 #: shared 2-core machine vary by +-20%)
 ROUNDS = int(os.environ.get("CDL_BENCH_INGEST_ROUNDS", "3"))
+SETTLE_S = 2.0
 
 
 def records(dataset: str) -> list[bytes]:
@@ -139,7 +141,9 @@ def main() -> None:
                 values = records(name)
                 if r == 0:
                     print(f"machine: {machine()}; {N} records of {np.mean([len(v) for v in values]):.0f} bytes")
+                time.sleep(SETTLE_S)  # let the previous round's background work (shard writes, GC) end
                 base = bare_producer(bootstrap, f"bench.bare.{name}", values)
+                time.sleep(SETTLE_S)
                 cdl, produced = cdl_round(bootstrap, grpc_port, values, name)
                 bases.append(base)
                 cdls.append(cdl)

@@ -179,6 +179,8 @@ class InBatch:
     keys: list[bytes | None]
     values: list[bytes | None]
     headers: list[Headers | None]
+    #: the consumer had nothing more to give: whoever defers work should do it now
+    caught_up: bool = False
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -517,6 +517,7 @@ class TransactionalLoop(_TransactionalBase):
                 msgs = self._consumer.consume(self._batch_size, 0.05)
                 if msgs:
                     for batch in _columns(msgs):
+                        batch.caught_up = len(msgs) < self._batch_size
                         self._processor.on_batch(batch)
                 if self._processor.wants_flush() or time.monotonic() - last_flush >= self._flush_interval_s:
                     self.commit()

@@ -60,7 +60,7 @@ static int scan_string(cursor *c, const unsigned char **s, int64_t *len) {
 }
 
 /* A JSON number (strict grammar) as a finite double. */
-static int scan_number(cursor *c, double *out) {
+static inline __attribute__((always_inline)) int scan_number(cursor *c, double *out) {
     const unsigned char *p = c->p, *end = c->end, *start = c->p;
     int neg = 0, digits = 0, inexact = 0, plain_int = 1;
     uint64_t m = 0;
@@ -129,7 +129,7 @@ static int scan_number(cursor *c, double *out) {
         if (exp10 < 0) {
             d /= POW10[-exp10];
         } else if (exp10 > 0) {
-            d *= POW10[exp10];
+            d *= POW10[exp10]; /* at most 2^53 * 1e22: finite */
         }
         if (neg) d = -d;
     } else {
@@ -139,8 +139,8 @@ static int scan_number(cursor *c, double *out) {
         memcpy(tmp, start, n);
         tmp[n] = '\0';
         d = strtod(tmp, NULL);
+        if (!isfinite(d)) return -1;
     }
-    if (!isfinite(d)) return -1;
     *out = d;
     c->p = p;
     return 0;
@@ -150,7 +150,7 @@ static int skip_value(cursor *c, int depth);
 
 /* After an item of an array or object: 1 after a comma (another item follows),
  * 0 after the closing bracket, -1 for anything else. */
-static int next_item(cursor *c, unsigned char close) {
+static inline __attribute__((always_inline)) int next_item(cursor *c, unsigned char close) {
     skip_ws(c);
     if (c->p >= c->end) return -1;
     if (*c->p == ',') {

@@ -93,6 +93,8 @@ class _Buffer:
 
 
 _PROTOBUF_TYPES = ("application/protobuf", "application/x-protobuf")
+#: what a batch's scan gives: per dataset (spec, accepted rows, scan), and the undecided rows
+_Scanned = tuple[list[tuple[DatasetSpec, npt.NDArray[np.int64], fastscan.Scan]], list[int]]
 
 
 def _content_type(headers: Headers | None) -> str:
@@ -144,6 +146,9 @@ class IngestProcessor:
         #: shards being written in the background; the next flush waits for them
         self._writes: list[Future[str]] = []
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-shards")
+        #: the batch being scanned in the scan thread: (batch, rows for the careful path, scan)
+        self._inflight: tuple[InBatch, list[int], Future[_Scanned] | None] | None = None
+        self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-scan")
         self._sealed = False
         self._pending: dict[str, int] = {}
         self._version_due = False
@@ -183,8 +188,14 @@ class IngestProcessor:
         Plain JSON records of tensor datasets take the C fast path
         (:mod:`services.ingest.fastscan`); whatever it leaves undecided takes
         the careful path, one record at a time, which names the reason.
+
+        Pipelined by one batch: this batch is scanned in a worker thread (the C
+        scan runs without the GIL) while the previous one is finished here.
+        Batches are finished strictly in order, and :meth:`wants_flush` and
+        :meth:`flush` finish whatever is still in flight first.
         """
         if batch.topic == self._feedback_topic:
+            self._finish_inflight()  # labels apply to records consumed before them
             for i in range(len(batch)):
                 self._feedback(batch.row(i))
             return
@@ -200,8 +211,23 @@ class IngestProcessor:
             ]
         chosen = set(eligible)
         slow: list[int] = [i for i in range(n) if i not in chosen] if len(eligible) != n else []
-        if eligible:
-            slow.extend(self._fast(batch, eligible))
+        scanning = self._scanner.submit(self._scan, batch, eligible) if eligible else None
+        self._finish_inflight()
+        self._inflight = (batch, slow, scanning)
+        if batch.caught_up:  # nothing else to overlap with: finish now (a version may be due)
+            self._finish_inflight()
+
+    def _finish_inflight(self) -> None:
+        """Buffer the scanned batch in flight, then take its careful path."""
+        if self._inflight is None:
+            return
+        batch, slow, scanning = self._inflight
+        self._inflight = None
+        if scanning is not None:
+            accepted, undecided = scanning.result()
+            for spec, rows, sc in accepted:
+                self._keep_fast(spec, batch, rows, sc.ids, sc.labels, sc.holdout, sc.x)
+            slow = slow + undecided
         for i in sorted(slow):
             self._one(batch.row(i))
         self._seal_full()
@@ -218,12 +244,16 @@ class IngestProcessor:
             self._pending[dataset] = self._pending.get(dataset, 0) - n  # now counted in the state
             self._sealed = True
 
-    def _fast(self, batch: InBatch, eligible: list[int]) -> list[int]:
-        """Scan JSON records in C, one dataset at a time; returns the records left undecided."""
+    def _scan(self, batch: InBatch, eligible: list[int]) -> _Scanned:
+        """Scan JSON records in C, one dataset at a time (in the scan thread; no state is touched).
+
+        Returns, per dataset, the rows of ``batch`` accepted and their scan; and the rows left undecided.
+        """
         values = [batch.values[i] or b"" for i in eligible]
         joined = fastscan.JsonBatch(values)
         index = np.asarray(eligible, dtype=np.int64)
         pending = np.arange(len(values), dtype=np.int64)
+        accepted: list[tuple[DatasetSpec, npt.NDArray[np.int64], fastscan.Scan]] = []
         undecided: list[int] = []
         name = _dataset_of(values[0])
         while len(pending):
@@ -239,12 +269,11 @@ class IngestProcessor:
                 break
             undecided.extend(index[pending[sc.status == fastscan.UNDECIDED]].tolist())
             if sc.ids:
-                rows = index[pending[sc.status == fastscan.ACCEPTED]]
-                self._keep_fast(spec, batch, rows, sc.ids, sc.labels, sc.holdout, sc.x)
+                accepted.append((spec, index[pending[sc.status == fastscan.ACCEPTED]], sc))
             others = sc.status == fastscan.OTHER_DATASET
             pending = pending[others]
             name = sc.other[int(np.flatnonzero(others)[0])] if len(pending) else None
-        return undecided
+        return accepted, undecided
 
     def _keep_fast(
         self,
@@ -360,7 +389,13 @@ class IngestProcessor:
         RECORDS.labels(dataset, "rejected").inc()
 
     def wants_flush(self) -> bool:
-        """Flush now: a version is due (by count or by time) or many dead letters wait."""
+        """Flush now: a version is due (by count or by time) or many dead letters wait.
+
+        A batch whose scan has ended is finished here, so the last batch of a burst
+        waits for no further input.
+        """
+        if self._inflight is not None and (self._inflight[2] is None or self._inflight[2].done()):
+            self._finish_inflight()
         if self._version_due or len(self._dead) >= 10000:
             return True
         now = time.monotonic()
@@ -388,6 +423,7 @@ class IngestProcessor:
     # ---------------------------------------------------------------- flush
     def flush(self, now: float | None = None) -> list[OutRecord]:
         """Write buffered shards, commit due versions; return what the transaction must publish."""
+        self._finish_inflight()
         now = time.time() if now is None else now
         out: list[OutRecord] = list(self._dead)
         self._dead.clear()
@@ -423,7 +459,8 @@ class IngestProcessor:
             write.result()  # a failed write raises: the transaction must not commit
 
     def close(self) -> None:
-        """Finish (or give up on) background shard writes."""
+        """Finish (or give up on) background scans and shard writes."""
+        self._scanner.shutdown(wait=True)
         self._writer.shutdown(wait=True)
 
     def _write_shard(self, dataset: str, partition: int, buf: _Buffer, unlabelled: bool = False) -> int:

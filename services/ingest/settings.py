@@ -40,5 +40,10 @@ class IngestSettings(ServiceSettings):
     background while the stream goes on; the next flush waits for it before committing."""
     batch_size: int = 2000
     """Records fetched from Kafka per consume call."""
+    fetch_min_bytes: int = 1 << 20
+    """The broker answers a fetch once it has this many bytes (or after ``fetch_wait_ms``): fewer,
+    larger fetches cost the broker and the consumer less CPU while records trickle in."""
+    fetch_wait_ms: int = 100
+    """Longest time the broker holds a fetch waiting for ``fetch_min_bytes``."""
     grpc_workers: int = 8
     """Threads serving gRPC requests."""

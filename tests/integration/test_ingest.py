@@ -244,9 +244,13 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(
     """20,000 records, ≥ 5 versions, a kill -9 in the middle: every record is in a
     version or dead-lettered, exactly once; every version is published once and
     its manifest agrees with its shards."""
-    svc = ingest_factory(shard_max_records="1500").start()
+    # a version holds at least min_new_records and at most about two batches more (the
+    # batch that reached the count and the one scanned meanwhile): small batches, so that
+    # 20,000 records make at least 5 versions
+    settings = {"shard_max_records": "1500", "batch_size": "500"}
+    svc = ingest_factory(**settings).start()
     name = f"kill-{uuid.uuid4().hex[:6]}"
-    _register(svc, name, min_new_records=3000)
+    _register(svc, name, min_new_records=2500)
     total, bad_every = 20000, 97
     producer = KProducer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 20})
     rng = np.random.default_rng(1)
@@ -265,7 +269,7 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(
             svc.kill()
         producer.poll(0)
     producer.flush()
-    ingest_factory(shard_max_records="1500").start()
+    ingest_factory(**settings).start()
     good = total - expected_bad
 
     # wait until every good record is committed (in a version, or pending below the count policy)
