@@ -9,7 +9,9 @@ features and a label) to the same broker in the same run:
   (validated, dead-letter checked, sharded in MinIO, manifest written).
 
 The two alternate ``CDL_BENCH_INGEST_ROUNDS`` times (3) against one running
-ingest service, each round with a fresh dataset; the medians count.
+ingest service, each round with a fresh dataset; the medians count. The
+dataset is registered as float32 (as the demo does); ``CDL_BENCH_INGEST_DTYPE``
+picks another dtype (e.g. uint8, which digits' 0-16 intensities fit).
 
 Goal (DESIGN.md): cdl >= 0.5 x baseline.
 """

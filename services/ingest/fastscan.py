@@ -39,7 +39,6 @@ _SOURCE = Path(__file__).with_name("fastscan.c")
 _CFLAGS = ("-O3", "-std=c99", "-Wall", "-Werror", "-shared", "-fPIC")
 
 _i64p = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
-_f64p = np.ctypeslib.ndpointer(dtype=np.float64, flags="C_CONTIGUOUS")
 _i32p = np.ctypeslib.ndpointer(dtype=np.int32, flags="C_CONTIGUOUS")
 _i8p = np.ctypeslib.ndpointer(dtype=np.int8, flags="C_CONTIGUOUS")
 _u8p = np.ctypeslib.ndpointer(dtype=np.uint8, flags="C_CONTIGUOUS")
@@ -117,13 +116,13 @@ def available() -> bool:
 class JsonBatch:
     """Record values joined once, so that several scans (one per dataset) share them."""
 
-    __slots__ = ("bounds", "buf", "n")
+    __slots__ = ("bounds", "buf")
 
     def __init__(self, values: list[bytes]) -> None:
-        self.n = len(values)
+        n = len(values)
         self.buf = b"".join(values)
-        self.bounds = np.zeros(self.n + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=self.n), out=self.bounds[1:])
+        self.bounds = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=n), out=self.bounds[1:])
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ from services.ingest.records import (
     Reason,
     RecordError,
     clean,
+    is_protobuf,
     parse,
     parse_feedback,
 )
@@ -92,7 +93,6 @@ class _Buffer:
             self.x.append(x)
 
 
-_PROTOBUF_TYPES = ("application/protobuf", "application/x-protobuf")
 #: what a batch's scan gives: per dataset (spec, accepted rows, scan), and the undecided rows
 _Scanned = tuple[list[tuple[DatasetSpec, npt.NDArray[np.int64], fastscan.Scan]], list[int]]
 
@@ -204,13 +204,11 @@ class IngestProcessor:
         if headers.count(None) == n and values.count(None) == 0:  # as most producers send
             eligible = list(range(n))
         else:
-            eligible = [
-                i
-                for i in range(n)
-                if values[i] is not None and not _content_type(headers[i]).startswith(_PROTOBUF_TYPES)
-            ]
-        chosen = set(eligible)
-        slow: list[int] = [i for i in range(n) if i not in chosen] if len(eligible) != n else []
+            eligible = [i for i in range(n) if values[i] is not None and not is_protobuf(_content_type(headers[i]))]
+        slow: list[int] = []
+        if len(eligible) != n:
+            chosen = set(eligible)
+            slow = [i for i in range(n) if i not in chosen]
         scanning = self._scanner.submit(self._scan, batch, eligible) if eligible else None
         self._finish_inflight()
         self._inflight = (batch, slow, scanning)

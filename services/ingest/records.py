@@ -32,6 +32,7 @@ __all__ = [
     "Reason",
     "RecordError",
     "clean",
+    "is_protobuf",
     "parse",
     "parse_feedback",
 ]
@@ -82,11 +83,16 @@ class CleanRecord:
     text: str | None
 
 
+def is_protobuf(content_type: str) -> bool:
+    """Whether a record's ``content-type`` header says protobuf (anything else is JSON)."""
+    return content_type.startswith(("application/protobuf", "application/x-protobuf"))
+
+
 def parse(value: bytes | None, content_type: str) -> RawRecord:
     """Decode one record; :class:`RecordError` (MALFORMED) says why not."""
     if value is None:
         raise RecordError(Reason.MALFORMED, "empty record")
-    if content_type.startswith(("application/protobuf", "application/x-protobuf")):
+    if is_protobuf(content_type):
         return _parse_proto(value)
     return _parse_json(value)
 
@@ -124,7 +130,7 @@ def parse_feedback(value: bytes | None, content_type: str) -> tuple[str, str, st
     if value is None:
         raise RecordError(Reason.MALFORMED, "empty feedback")
     fields: tuple[Any, Any, Any]
-    if content_type.startswith(("application/protobuf", "application/x-protobuf")):
+    if is_protobuf(content_type):
         fb = events_pb2.Feedback()
         try:
             fb.ParseFromString(value)
