@@ -44,3 +44,33 @@ def result(name: str, value: float, baseline: float, *, op: str, goal: float, un
     if unit:
         line += f" unit={unit}"
     return line
+
+
+def cpu_usage(groups: dict[str, int]) -> dict[str, tuple[float, int]]:
+    """CPU seconds (user + system) and minor page faults so far, per named process group.
+
+    ``groups`` maps a name to a process-group leader's pid; every live member counts.
+    Differences between two calls say where a measured interval's CPU went.
+    """
+    from cdl.stack._procs import _stat, group_members
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, tuple[float, int]] = {}
+    for name, pgid in groups.items():
+        cpu, faults = 0.0, 0
+        for pid in group_members(pgid) or [pgid]:
+            st = _stat(pid)
+            if st is not None:  # rest[7] minflt (field 10), rest[11..12] utime, stime (fields 14, 15)
+                cpu += (int(st[11]) + int(st[12])) / tick
+                faults += int(st[7])
+        out[name] = (cpu, faults)
+    return out
+
+
+def cpu_report(before: dict[str, tuple[float, int]], after: dict[str, tuple[float, int]]) -> str:
+    """``name 1.23s cpu (45k faults), ...`` for the interval between two :func:`cpu_usage` calls."""
+    parts = []
+    for name, (cpu, faults) in after.items():
+        cpu0, faults0 = before.get(name, (0.0, 0))
+        parts.append(f"{name} {cpu - cpu0:.2f}s ({(faults - faults0) / 1000:.0f}k faults)")
+    return ", ".join(parts)

@@ -34,7 +34,7 @@ from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import machine, private_stack, result
+from bench._common import cpu_report, cpu_usage, machine, private_stack, result
 from cdl.events import decode
 from cdl.stack._procs import free_port
 from cdl.v1 import ingest_pb2, ingest_pb2_grpc
@@ -127,7 +127,9 @@ def main() -> None:
         cmd = [sys.executable, "-m", "services.ingest"]
         if os.environ.get("CDL_BENCH_PROFILE"):
             cmd = [sys.executable, "-m", "cProfile", "-o", os.environ["CDL_BENCH_PROFILE"], "-m", "services.ingest"]
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+        pids = {"ingest": proc.pid, **{n: p["pid"] for n, p in state["procs"].items() if not n.startswith("triton")}}
+        pids["bench producer"] = os.getpid()
         bases: list[float] = []
         cdls: list[float] = []
         try:
@@ -146,13 +148,16 @@ def main() -> None:
                 time.sleep(SETTLE_S)  # let the previous round's background work (shard writes, GC) end
                 base = bare_producer(bootstrap, f"bench.bare.{name}", values)
                 time.sleep(SETTLE_S)
+                before = cpu_usage(pids)
                 cdl, produced = cdl_round(bootstrap, grpc_port, values, name)
+                cpu = cpu_report(before, cpu_usage(pids))
                 bases.append(base)
                 cdls.append(cdl)
                 print(
                     f"round {r + 1}: bare producer {base:,.0f} records/s; cdl end to end {cdl:,.0f} records/s "
                     f"({N / cdl:.2f}s; producing took {produced:.2f}s); ratio {cdl / base:.2f}"
                 )
+                print(f"  cpu during the cdl round: {cpu}")
         finally:
             proc.terminate()
             proc.wait(30)

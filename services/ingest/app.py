@@ -13,7 +13,7 @@ from cdl.kafka import Producer, TransactionalLoop, ensure_topics, read_latest
 from cdl.logging import configure_logging, get_logger
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.rpc import ErrorInterceptor, add_health
-from cdl.service import settle_gc
+from cdl.service import keep_freed_memory, settle_gc
 from cdl.store import BUCKETS, ObjectStore
 from cdl.v1 import ingest_pb2_grpc
 from services.ingest.grpc_api import IngestServicer
@@ -117,6 +117,7 @@ class IngestApp:
 def main() -> None:
     settings = IngestSettings()
     configure_logging("ingest", settings.log_level)
+    keep_freed_memory()  # batches and shards reuse pages instead of faulting fresh ones in
     app = IngestApp(settings)
     app.loop.install_signal_handlers()
     app.start()

@@ -239,6 +239,74 @@ static int scan_features(cursor *c, int64_t size, double *row) {
     }
 }
 
+/*
+ * The common case of the features array, without a bounds check per character:
+ * "[" then `size` numbers -?(0|[1-9][0-9]*)(.[0-9]+)? of at most 15 digits,
+ * separated by "," and spaces, then "]". It relies on the byte after the batch
+ * buffer being NUL (a Python bytes object always ends so): every loop stops at
+ * a byte that cannot continue a number, so it may look past the record's end
+ * but never past the buffer, and the array must end within the record. On any
+ * other shape it returns -1 without moving the cursor, and scan_features
+ * decides. A 15-digit mantissa (< 2^53) divided by 10^k (k <= 15) is one
+ * correctly rounded operation on exact operands, the value scan_number gives.
+ */
+static inline __attribute__((always_inline)) int fast_number(const unsigned char **pp, double *out) {
+    const unsigned char *p = *pp;
+    int neg = 0, nd = 1, frac = 0;
+    if (*p == '-') {
+        neg = 1;
+        p++;
+    }
+    unsigned d = (unsigned)*p - '0';
+    if (d > 9) return -1;
+    uint64_t m = d;
+    p++;
+    if (d == 0) {
+        if ((unsigned)*p - '0' <= 9) return -1; /* a leading zero */
+    } else {
+        while ((d = (unsigned)*p - '0') <= 9) {
+            if (++nd > 15) return -1;
+            m = m * 10 + d;
+            p++;
+        }
+    }
+    if (*p == '.') {
+        p++;
+        while ((d = (unsigned)*p - '0') <= 9) {
+            if (++nd > 15) return -1;
+            m = m * 10 + d;
+            frac++;
+            p++;
+        }
+        if (frac == 0) return -1;
+    }
+    if ((*p | 0x20) == 'e') return -1; /* exponents: the general path */
+    double v = (double)m;
+    if (frac) v /= POW10[frac];
+    if (neg && (frac || m)) v = -v; /* "-0" is the integer 0, "-0.0" the float -0.0 */
+    *out = v;
+    *pp = p;
+    return 0;
+}
+
+static int scan_features_fast(cursor *c, int64_t size, double *row) {
+    const unsigned char *p = c->p;
+    if (*p != '[' || size <= 0) return -1;
+    p++;
+    while (*p == ' ') p++;
+    for (int64_t k = 0;;) {
+        if (fast_number(&p, &row[k]) != 0) return -1;
+        while (*p == ' ') p++;
+        if (++k == size) break;
+        if (*p != ',') return -1;
+        p++;
+        while (*p == ' ') p++;
+    }
+    if (*p != ']' || p >= c->end) return -1;
+    c->p = p + 1;
+    return 0;
+}
+
 static int key_is(const unsigned char *s, int64_t len, const char *name) {
     return (size_t)len == strlen(name) && memcmp(s, name, (size_t)len) == 0;
 }
@@ -285,7 +353,8 @@ static int scan_record(cursor *c, const char *dataset, int64_t dataset_len, cons
             if (have_id || scan_string(c, id, id_len) != 0 || *id_len == 0) return UNDECIDED;
             have_id = 1;
         } else if (key_is(key, klen, "features")) {
-            if (have_features || scan_features(c, size, row) != 0) return UNDECIDED;
+            if (have_features) return UNDECIDED;
+            if (scan_features_fast(c, size, row) != 0 && scan_features(c, size, row) != 0) return UNDECIDED;
             have_features = 1;
         } else if (key_is(key, klen, "label")) {
             const unsigned char *s;

@@ -114,7 +114,11 @@ def available() -> bool:
 
 
 class JsonBatch:
-    """Record values joined once, so that several scans (one per dataset) share them."""
+    """Record values joined once, so that several scans (one per dataset) share them.
+
+    ``buf`` is a bytes object, which CPython always ends with a NUL byte past its
+    length: the scanner's features fast path relies on that sentinel.
+    """
 
     __slots__ = ("bounds", "buf")
 

@@ -27,6 +27,12 @@ GOOD = [
     b'{"dataset":"fs","id":"r3","features":[18446744073709551616,0.1e-320,1.7976931348623157e308,-0.0],"label":"7"}',
     b'{"dataset":"fs","id":"r4","features":[1,2,3,4],"label":"a","extra":{"k":[1,{"z":null}],"t":true,"f":false}}',
     b'{"dataset":"fs","id":"r5","features":[0.30000000000000004,1e-7,123456789012345678,5e22],"label":"a"}',
+    # shapes the features fast path takes (plain decimals) or hands back to the general scan
+    b'{"dataset":"fs","id":"r6","features":[0.0, 13.0, -0.0, -0],"label":"a"}',
+    b'{"dataset":"fs","id":"r7","features":[123456789012345,0.12345678901234,-99999999999999.9,0.1],"label":"b"}',
+    b'{"dataset":"fs","id":"r8","features":[1234567890123456,0.000000000000001,7, 8],"label":"b"}',
+    b'{"dataset":"fs","id":"r9","features":[ 1 , 2 ,3,   4 ],"label":"a"}',
+    b'{"dataset":"fs","id":"s1","features":[1,\t2,3,4\n],"label":"a"}',
 ]
 
 LEFT_TO_CAREFUL = [
@@ -104,6 +110,30 @@ def test_anything_unusual_is_left_to_the_careful_path() -> None:
     sc, out = _fast(LEFT_TO_CAREFUL)
     assert out == []
     assert (sc.status == fastscan.UNDECIDED).all(), [v for v, s in zip(LEFT_TO_CAREFUL, sc.status, strict=True) if s]
+
+
+def test_features_end_within_their_own_record() -> None:
+    # the features fast path reads on past a record's end (up to the buffer's NUL); the
+    # record boundary still decides: none of these may borrow bytes from its neighbour
+    values = [
+        b'{"dataset":"fs","id":"b1","features":[1,2,3,4',
+        b'5],"label":"a"}',
+        b'{"dataset":"fs","id":"b2","features":[1,2,3,4',
+        b'],"label":"a"}',
+        b'{"dataset":"fs","id":"b3","features":[1,2,3,',
+        b"4]",
+        GOOD[5],
+    ]
+    sc, out = _fast(values)
+    assert sc.status.tolist() == [fastscan.UNDECIDED] * 6 + [fastscan.ACCEPTED]
+    assert [o[0] for o in out] == ["r6"]
+
+
+def test_negative_zero_keeps_its_sign() -> None:
+    _, out = _fast([GOOD[5]])
+    want = _careful(GOOD[5])
+    assert want is not None
+    assert np.signbit(out[0][3]).tolist() == np.signbit(want[3]).tolist() == [False, False, True, False]
 
 
 def test_other_datasets_are_named_for_a_second_scan() -> None:
