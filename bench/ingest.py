@@ -146,7 +146,9 @@ def main() -> None:
                 if r == 0:
                     print(f"machine: {machine()}; {N} records of {np.mean([len(v) for v in values]):.0f} bytes")
                 time.sleep(SETTLE_S)  # let the previous round's background work (shard writes, GC) end
+                before = cpu_usage(pids)
                 base = bare_producer(bootstrap, f"bench.bare.{name}", values)
+                bare_cpu = cpu_report(before, cpu_usage(pids))
                 time.sleep(SETTLE_S)
                 before = cpu_usage(pids)
                 cdl, produced = cdl_round(bootstrap, grpc_port, values, name)
@@ -157,7 +159,8 @@ def main() -> None:
                     f"round {r + 1}: bare producer {base:,.0f} records/s; cdl end to end {cdl:,.0f} records/s "
                     f"({N / cdl:.2f}s; producing took {produced:.2f}s); ratio {cdl / base:.2f}"
                 )
-                print(f"  cpu during the cdl round: {cpu}")
+                print(f"  cpu during the bare round: {bare_cpu}")
+                print(f"  cpu during the cdl round:  {cpu}")
         finally:
             proc.terminate()
             proc.wait(30)

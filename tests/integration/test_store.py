@@ -35,6 +35,21 @@ def test_missing_objects_raise_not_found(object_store: ObjectStore) -> None:
     assert not object_store.exists("cdl-models", f"nope-{uuid.uuid4().hex}")
 
 
+def test_writes_to_a_missing_bucket_raise_not_found(object_store: ObjectStore) -> None:
+    with pytest.raises(NotFoundError, match="bucket not found"):
+        object_store.put_bytes(f"nope-{uuid.uuid4().hex[:8]}", "a.bin", b"x")
+
+
+def test_large_objects_are_one_put(object_store: ObjectStore) -> None:
+    data = bytes(range(256)) * (24 * 2**12)  # 24 MiB: minio-py alone would split it into parts
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    object_store.put_bytes("cdl-datasets", f"{prefix}/big.bin", data)
+    [info] = object_store.list("cdl-datasets", prefix=f"{prefix}/")
+    assert info.size == len(data)
+    assert "-" not in info.etag  # a multipart upload's ETag ends in -<number of parts>
+    assert object_store.get_bytes("cdl-datasets", f"{prefix}/big.bin") == data
+
+
 def test_the_stack_created_the_layout_buckets(object_store: ObjectStore) -> None:
     for bucket in BUCKETS:
         assert object_store.client.bucket_exists(bucket)
