@@ -15,7 +15,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
+import numpy as np
+import numpy.typing as npt
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError as ProtoDecodeError
 from google.protobuf.message import Message
@@ -168,30 +171,105 @@ class OutRecord:
 InRecord = tuple[int, int, bytes | None, bytes | None, Headers | None]
 
 
-@dataclass(slots=True)
 class InBatch:
-    """Records consumed from one topic, by column: the stream's hot path makes
-    no object per record (see :class:`cdl.kafka.TransactionalLoop`)."""
+    """Records consumed from one topic, by column: the stream's hot path makes no
+    object per record (see :class:`cdl.kafka.TransactionalLoop`).
 
-    topic: str
-    partitions: list[int]
-    offsets: list[int]
-    keys: list[bytes | None]
-    values: list[bytes | None]
-    headers: list[Headers | None]
-    #: the consumer had nothing more to give: whoever defers work should do it now
-    caught_up: bool = False
+    Values are joined in one buffer, record ``i`` spanning
+    ``data[bounds[i]:bounds[i + 1]]`` (``null_values[i]`` marks a record without
+    a value); keys and headers are lists only when some record has them.
+    """
+
+    __slots__ = ("bounds", "caught_up", "data", "headers", "keys", "null_values", "offsets", "partitions", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        partitions: npt.NDArray[np.int32],
+        offsets: npt.NDArray[np.int64],
+        data: bytes,
+        bounds: npt.NDArray[np.int64],
+        *,
+        null_values: npt.NDArray[np.bool_] | None = None,
+        keys: list[bytes | None] | None = None,
+        headers: list[Headers | None] | None = None,
+        caught_up: bool = False,
+    ) -> None:
+        self.topic = topic
+        self.partitions = partitions
+        self.offsets = offsets
+        self.data = data
+        self.bounds = bounds
+        self.null_values = null_values
+        self.keys = keys
+        self.headers = headers
+        #: the consumer had nothing more to give: whoever defers work should do it now
+        self.caught_up = caught_up
 
     def __len__(self) -> int:
         return len(self.offsets)
 
+    @property
+    def plain(self) -> bool:
+        """Every record has a value and none has headers (as most producers send)."""
+        return self.null_values is None and self.headers is None
+
+    def value(self, i: int) -> bytes | None:
+        if self.null_values is not None and self.null_values[i]:
+            return None
+        return self.data[self.bounds[i] : self.bounds[i + 1]]
+
+    def header(self, i: int) -> Headers | None:
+        return self.headers[i] if self.headers is not None else None
+
     def row(self, i: int) -> InRecord:
-        return self.partitions[i], self.offsets[i], self.keys[i], self.values[i], self.headers[i]
+        key = self.keys[i] if self.keys is not None else None
+        return int(self.partitions[i]), int(self.offsets[i]), key, self.value(i), self.header(i)
+
+    def select(self, rows: npt.NDArray[np.int64], topic: str | None = None) -> InBatch:
+        """The records ``rows`` as a batch of their own."""
+        idx = rows.tolist()
+        return InBatch.from_values(
+            topic or self.topic,
+            self.partitions[rows],
+            self.offsets[rows],
+            [self.keys[i] for i in idx] if self.keys is not None else None,
+            [self.value(i) for i in idx],
+            [self.headers[i] for i in idx] if self.headers is not None else None,
+        )
+
+    @classmethod
+    def from_values(
+        cls,
+        topic: str,
+        partitions: Sequence[int] | npt.NDArray[np.int32],
+        offsets: Sequence[int] | npt.NDArray[np.int64],
+        keys: list[bytes | None] | None,
+        values: list[bytes | None],
+        headers: list[Headers | None] | None,
+    ) -> InBatch:
+        """A batch from per-record columns (confluent-kafka's messages, tests, tools)."""
+        n = len(values)
+        nulls = values.count(None)
+        data = b"".join(values if not nulls else [v or b"" for v in values])  # type: ignore[arg-type]
+        bounds = np.zeros(n + 1, dtype=np.int64)
+        lengths = map(len, cast(list[bytes], values)) if not nulls else (len(v) if v is not None else 0 for v in values)
+        np.cumsum(np.fromiter(lengths, dtype=np.int64, count=n), out=bounds[1:])
+        return cls(
+            topic,
+            np.asarray(partitions, dtype=np.int32),
+            np.asarray(offsets, dtype=np.int64),
+            data,
+            bounds,
+            null_values=np.fromiter((v is None for v in values), dtype=bool, count=n) if nulls else None,
+            keys=keys if keys is not None and keys.count(None) != n else None,
+            headers=headers if headers is not None and headers.count(None) != n else None,
+        )
 
     @classmethod
     def of(cls, topic: str, rows: Sequence[InRecord]) -> InBatch:
         """A batch from records given one by one (tests, tools)."""
-        return cls(
+        return cls.from_values(
             topic,
             [r[0] for r in rows],
             [r[1] for r in rows],

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -27,6 +27,8 @@ from confluent_kafka import Producer as _Producer
 from cdl.dedupe import MemoryProcessedStore, ProcessedStore
 from cdl.errors import CdlError, DecodeError, UnavailableError
 from cdl.events import Event, Headers, InBatch, OutRecord, Topics, dead_letter, decode, encode
+from cdl.kafka_native import NativeConsumer
+from cdl.kafka_native import available as native_available
 from cdl.logging import get_logger
 from cdl.observability import EVENTS, HANDLER_SECONDS
 
@@ -412,7 +414,22 @@ class BatchProcessor(Protocol):
     def flush(self, now: float | None = None) -> list[OutRecord]: ...
 
 
-class _TransactionalBase(_Stoppable):
+class _GroupConsumer(Protocol):
+    """What a transaction needs of a consumer (confluent-kafka's, or :class:`NativeConsumer`)."""
+
+    def assignment(self) -> list[TopicPartition]: ...
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]: ...
+
+    def consumer_group_metadata(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_GroupConsumer)
+
+
+class _TransactionalBase(_Stoppable, Generic[_C]):
     """What the transactional loops share: a read_committed consumer without auto
     commit, a transactional producer, stop/signal handling, and one transaction
     that publishes records together with consumer offsets."""
@@ -420,14 +437,14 @@ class _TransactionalBase(_Stoppable):
     def __init__(
         self,
         *,
+        consumer: _C,
         bootstrap: str,
         group_id: str,
         topics: Sequence[str],
         transactional_id: str,
-        consumer_config: dict[str, Any] | None = None,
         producer_config: dict[str, Any] | None = None,
     ) -> None:
-        self._consumer = _Consumer(consumer_conf(bootstrap, group_id, consumer_config))
+        self._consumer = consumer
         pconf: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "transactional.id": transactional_id,
@@ -471,13 +488,16 @@ class _TransactionalBase(_Stoppable):
             raise UnavailableError("transaction failed; restart to recover", error=str(exc)) from exc
 
 
-class TransactionalLoop(_TransactionalBase):
+class TransactionalLoop(_TransactionalBase[_Consumer | NativeConsumer]):
     """Consume in batches; publish each flush's records and the input offsets in one transaction.
 
     Exactly-once from the consumer's point of view: after a crash the next
     instance (same ``transactional_id``) fences the old one, aborts its open
     transaction and resumes from the offsets of the last committed flush, whose
     records (dead letters, events, state snapshot) are all visible or none is.
+
+    Records arrive by column from :class:`~cdl.kafka_native.NativeConsumer`
+    where it is available (``columnar``), else from confluent-kafka's consumer.
     """
 
     def __init__(
@@ -492,15 +512,18 @@ class TransactionalLoop(_TransactionalBase):
         batch_size: int = 1000,
         consumer_config: dict[str, Any] | None = None,
         producer_config: dict[str, Any] | None = None,
+        columnar: bool = True,
     ) -> None:
+        conf = consumer_conf(bootstrap, group_id, consumer_config)
         super().__init__(
+            consumer=NativeConsumer(conf, batch_size) if columnar and native_available() else _Consumer(conf),
             bootstrap=bootstrap,
             group_id=group_id,
             topics=topics,
             transactional_id=transactional_id,
-            consumer_config=consumer_config,
             producer_config=producer_config,
         )
+        log.info("transactional loop", consumer=type(self._consumer).__name__, topics=list(topics))
         self._processor = processor
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
@@ -514,11 +537,14 @@ class TransactionalLoop(_TransactionalBase):
         try:
             while not self._stop.is_set() and not (until is not None and until()):
                 # a short wait: consume() holds a partial batch until the timeout
-                msgs = self._consumer.consume(self._batch_size, 0.05)
-                if msgs:
-                    for batch in _columns(msgs):
-                        batch.caught_up = len(msgs) < self._batch_size
-                        self._processor.on_batch(batch)
+                if isinstance(self._consumer, NativeConsumer):
+                    n, batches = self._consumer.consume_batches(self._batch_size, 0.05)
+                else:
+                    msgs = self._consumer.consume(self._batch_size, 0.05)
+                    n, batches = len(msgs), _columns(msgs)
+                for batch in batches:
+                    batch.caught_up = n < self._batch_size
+                    self._processor.on_batch(batch)
                 if self._processor.wants_flush() or time.monotonic() - last_flush >= self._flush_interval_s:
                     self.commit()
                     last_flush = time.monotonic()
@@ -568,7 +594,7 @@ def _columns(msgs: list[Message]) -> list[InBatch]:
     )
     # a consumed message always has a partition and an offset; headers are a list of tuples
     return [
-        InBatch(
+        InBatch.from_values(
             str(group[0].topic()),
             cast(list[int], [m.partition() for m in group]),
             cast(list[int], [m.offset() for m in group]),
@@ -627,7 +653,7 @@ class _Pending:
     ctx: RecordContext
 
 
-class JobLoop(_TransactionalBase):
+class JobLoop(_TransactionalBase[_Consumer]):
     """Long jobs from events, one at a time, exactly once.
 
     Events are decoded and coalesced by ``key(event)``: of several pending
@@ -654,7 +680,13 @@ class JobLoop(_TransactionalBase):
         backoff_s: float = 1.0,
         processed: ProcessedStore | None = None,
     ) -> None:
-        super().__init__(bootstrap=bootstrap, group_id=group_id, topics=topics, transactional_id=transactional_id)
+        super().__init__(
+            consumer=_Consumer(consumer_conf(bootstrap, group_id)),
+            bootstrap=bootstrap,
+            group_id=group_id,
+            topics=topics,
+            transactional_id=transactional_id,
+        )
         self._processed = processed or MemoryProcessedStore()
         self._job = job
         self._key = key

@@ -5,7 +5,7 @@
 #   - Apache Kafka broker jars (Maven Central)   -> $CDL_HOME/kafka-<version>/libs
 #   - MinIO server (go install, pinned)          -> $CDL_HOME/bin/minio
 #   - Triton server from the nvidia-pytriton wheel -> $CDL_HOME/triton
-#   - ingest's C JSON scanner (gcc)              -> $CDL_HOME/native
+#   - C helpers: ingest's JSON scanner, the columnar Kafka consumer (gcc) -> $CDL_HOME/native
 #   - PostgreSQL server (Debian)                 -> /usr/lib/postgresql
 #   - buf, the protobuf linter (npm)             -> $CDL_HOME/node
 set -euo pipefail
@@ -58,10 +58,12 @@ ok "$CDL_HOME/bin/minio"
 step "Triton Inference Server (from nvidia-pytriton)"
 "$CDL_VENV/bin/python" -c "from pathlib import Path; from cdl.stack import ensure_triton_install; print('    ' + str(ensure_triton_install(Path('$CDL_HOME'))))"
 
-step "Ingest's JSON fast path (C, built once per source version)"
+step "C helpers: ingest's JSON scanner, the columnar Kafka consumer (built once per source version)"
 if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then apt_install gcc libc6-dev; fi
 "$CDL_VENV/bin/python" -c "from services.ingest import fastscan; assert fastscan.available(), 'C scanner did not build'"
+"$CDL_VENV/bin/python" -c "from cdl import kafka_native; assert kafka_native.available(), 'columnar consumer did not build'"
 ok "$(ls "$CDL_HOME"/native/fastscan-*.so | tail -1)"
+ok "$(ls "$CDL_HOME"/native/rdbatch-*.so | tail -1)"
 
 step "PostgreSQL server"
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then apt_install postgresql; fi

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,18 +21,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cdl import native
 from cdl.datasets import DatasetSpec
-from cdl.logging import get_logger
-from cdl.settings import cdl_home
 
 __all__ = ["ACCEPTED", "OTHER_DATASET", "UNDECIDED", "JsonBatch", "Scan", "available", "scan"]
-
-log = get_logger(__name__)
 
 ACCEPTED, UNDECIDED, OTHER_DATASET = 0, 1, 2
 
 _SOURCE = Path(__file__).with_name("fastscan.c")
-_CFLAGS = ("-O3", "-std=c99", "-Wall", "-Werror", "-shared", "-fPIC")
 
 _i64p = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
 _i32p = np.ctypeslib.ndpointer(dtype=np.int32, flags="C_CONTIGUOUS")
@@ -44,43 +36,13 @@ _i8p = np.ctypeslib.ndpointer(dtype=np.int8, flags="C_CONTIGUOUS")
 _u8p = np.ctypeslib.ndpointer(dtype=np.uint8, flags="C_CONTIGUOUS")
 
 
-def _build(target: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [cc, *_CFLAGS, "-o", tmp, str(_SOURCE), "-lm"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
-        for old in target.parent.glob("fastscan-*.so"):  # builds of earlier source versions
-            if old != target:
-                old.unlink(missing_ok=True)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @functools.cache
 def _load() -> ctypes.CDLL | None:
     """Build (once per source version) and load the scanner; None when that is impossible."""
     if os.environ.get("CDL_INGEST_NO_FASTSCAN"):
         return None
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:16]
-    target = cdl_home() / "native" / f"fastscan-{digest}.so"
-    try:
-        if not target.exists():
-            _build(target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
-        log.warning("JSON fast path unavailable; every record takes the careful path", error=detail)
+    lib = native.load(_SOURCE)
+    if lib is None:
         return None
     fn = lib.cdl_scan_json
     fn.restype = ctypes.c_int64
@@ -114,7 +76,8 @@ def available() -> bool:
 
 
 class JsonBatch:
-    """Record values joined once, so that several scans (one per dataset) share them.
+    """Record values in one buffer (record ``r`` spans ``buf[bounds[r]:bounds[r + 1]]``),
+    shared by several scans (one per dataset).
 
     ``buf`` is a bytes object, which CPython always ends with a NUL byte past its
     length: the scanner's features fast path relies on that sentinel.
@@ -122,11 +85,18 @@ class JsonBatch:
 
     __slots__ = ("bounds", "buf")
 
-    def __init__(self, values: list[bytes]) -> None:
+    def __init__(self, buf: bytes, bounds: npt.NDArray[np.int64]) -> None:
+        if type(buf) is not bytes:  # the NUL sentinel is a property of bytes objects
+            raise TypeError("JsonBatch needs a bytes buffer")
+        self.buf = buf
+        self.bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+
+    @classmethod
+    def of(cls, values: list[bytes]) -> JsonBatch:
         n = len(values)
-        self.buf = b"".join(values)
-        self.bounds = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=n), out=self.bounds[1:])
+        bounds = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=n), out=bounds[1:])
+        return cls(b"".join(values), bounds)
 
 
 @dataclass(slots=True)

@@ -200,16 +200,23 @@ class IngestProcessor:
                 self._feedback(batch.row(i))
             return
         n = len(batch)
-        values, headers = batch.values, batch.headers
-        if headers.count(None) == n and values.count(None) == 0:  # as most producers send
-            eligible = list(range(n))
+        if batch.plain:  # as most producers send
+            eligible = np.arange(n, dtype=np.int64)
         else:
-            eligible = [i for i in range(n) if values[i] is not None and not is_protobuf(_content_type(headers[i]))]
+            nulls = batch.null_values
+            eligible = np.asarray(
+                [
+                    i
+                    for i in range(n)
+                    if not (nulls is not None and nulls[i]) and not is_protobuf(_content_type(batch.header(i)))
+                ],
+                dtype=np.int64,
+            )
         slow: list[int] = []
         if len(eligible) != n:
-            chosen = set(eligible)
+            chosen = set(eligible.tolist())
             slow = [i for i in range(n) if i not in chosen]
-        scanning = self._scanner.submit(self._scan, batch, eligible) if eligible else None
+        scanning = self._scanner.submit(self._scan, batch, eligible) if len(eligible) else None
         self._finish_inflight()
         self._inflight = (batch, slow, scanning)
         if batch.caught_up:  # nothing else to overlap with: finish now (a version may be due)
@@ -242,35 +249,33 @@ class IngestProcessor:
             self._pending[dataset] = self._pending.get(dataset, 0) - n  # now counted in the state
             self._sealed = True
 
-    def _scan(self, batch: InBatch, eligible: list[int]) -> _Scanned:
+    def _scan(self, batch: InBatch, eligible: npt.NDArray[np.int64]) -> _Scanned:
         """Scan JSON records in C, one dataset at a time (in the scan thread; no state is touched).
 
         Returns, per dataset, the rows of ``batch`` accepted and their scan; and the rows left undecided.
         """
-        values = [batch.values[i] or b"" for i in eligible]
-        joined = fastscan.JsonBatch(values)
-        index = np.asarray(eligible, dtype=np.int64)
-        pending = np.arange(len(values), dtype=np.int64)
+        joined = fastscan.JsonBatch(batch.data, batch.bounds)  # the batch's own buffer, not a copy
+        pending = eligible
         accepted: list[tuple[DatasetSpec, npt.NDArray[np.int64], fastscan.Scan]] = []
         undecided: list[int] = []
-        name = _dataset_of(values[0])
+        name = _dataset_of(batch.value(int(pending[0])) or b"")
         while len(pending):
             spec = self._registry.lookup(name) if name else None
             if spec is None or spec.task is Task.TEXT:  # the careful path names the reason
-                undecided.append(int(index[pending[0]]))
+                undecided.append(int(pending[0]))
                 pending = pending[1:]
-                name = _dataset_of(values[pending[0]]) if len(pending) else None
+                name = _dataset_of(batch.value(int(pending[0])) or b"") if len(pending) else None
                 continue
             sc = fastscan.scan(joined, pending, spec)
             if sc is None:  # no C scanner here: everything takes the careful path
-                undecided.extend(index[pending].tolist())
+                undecided.extend(pending.tolist())
                 break
-            undecided.extend(index[pending[sc.status == fastscan.UNDECIDED]].tolist())
+            undecided.extend(pending[sc.status == fastscan.UNDECIDED].tolist())
             if sc.ids:
-                accepted.append((spec, index[pending[sc.status == fastscan.ACCEPTED]], sc))
+                accepted.append((spec, pending[sc.status == fastscan.ACCEPTED], sc))
             others = sc.status == fastscan.OTHER_DATASET
+            name = sc.other[int(np.flatnonzero(others)[0])] if others.any() else None
             pending = pending[others]
-            name = sc.other[int(np.flatnonzero(others)[0])] if len(pending) else None
         return accepted, undecided
 
     def _keep_fast(
@@ -300,8 +305,8 @@ class IngestProcessor:
             seen.update(ids)
         if not ids:
             return
-        partitions = np.asarray(batch.partitions)[rows]
-        offsets = np.asarray(batch.offsets, dtype=np.int64)[rows]
+        partitions = batch.partitions[rows]
+        offsets = batch.offsets[rows]
         first = int(partitions[0])
         if (partitions == first).all():  # one partition: no regrouping
             self._buffers.setdefault((spec.name, first), _Buffer()).extend(ids, labels, holdout, offsets, x)

@@ -81,7 +81,7 @@ def _careful(value: bytes, spec: DatasetSpec = SPEC) -> Verdict | None:
 
 
 def _fast(values: list[bytes], spec: DatasetSpec = SPEC) -> tuple[fastscan.Scan, list[Verdict]]:
-    sc = fastscan.scan(fastscan.JsonBatch(values), np.arange(len(values)), spec)
+    sc = fastscan.scan(fastscan.JsonBatch.of(values), np.arange(len(values)), spec)
     assert sc is not None
     n = int((sc.status == fastscan.ACCEPTED).sum())
     assert len(sc.ids) == len(sc.labels) == len(sc.holdout) == len(sc.x) == n
