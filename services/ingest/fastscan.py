@@ -103,13 +103,15 @@ class JsonBatch:
 class Scan:
     """Per scanned record (in ``which`` order) its ``status``; ``other`` maps records of
     another dataset to its name. The accepted records, compactly and in order: features
-    ``x`` (the dataset's dtype and shape), label indices, holdout flags and ids."""
+    ``x`` (the dataset's dtype and shape), label indices, holdout flags and ids, both as
+    str (``ids``) and as a fixed-width unicode column (``id_column``, as shards store them)."""
 
     status: npt.NDArray[np.int8]
     x: npt.NDArray[Any]
     labels: npt.NDArray[np.int32]
     holdout: npt.NDArray[np.bool_]
     ids: list[str]
+    id_column: npt.NDArray[np.str_]
     other: dict[int, str]
 
 
@@ -163,7 +165,8 @@ def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec) -> S
     if accepted < 0:
         raise MemoryError("fast JSON scan: out of memory")
     # one decode and one split for the whole batch; ids are ASCII, NUL-terminated
-    ids = ids_out[: int(used[0]) - 1].tobytes().decode("ascii").split("\x00") if accepted else []
+    blob = ids_out[: int(used[0])]
+    ids = blob[:-1].tobytes().decode("ascii").split("\x00") if accepted else []
     other: dict[int, str] = {}
     for k in np.flatnonzero(status == OTHER_DATASET).tolist():
         lo, ln = int(spans[2 * k]), int(spans[2 * k + 1])
@@ -174,5 +177,23 @@ def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec) -> S
         labels[:accepted],
         holdout[:accepted].view(np.bool_),
         ids,
+        _id_column(blob, accepted),
         other,
     )
+
+
+def _id_column(blob: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.str_]:
+    """NUL-terminated ASCII ids as a ``<U{longest}`` array, without a Python object per id."""
+    if n == 0:
+        return np.empty(0, dtype="<U1")
+    ends = np.flatnonzero(blob == 0)
+    starts = np.empty(n, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts
+    width = max(int(lengths.max()), 1)
+    cols = np.arange(width)
+    chars = blob[np.minimum(starts[:, None] + cols, len(blob) - 1)].astype(np.uint32)
+    chars[cols >= lengths[:, None]] = 0  # past an id's end: the padding a <U column has
+    column: npt.NDArray[np.str_] = chars.view(f"<U{width}").reshape(n)
+    return column

@@ -60,7 +60,8 @@ class _Buffer:
 
     first: int = -1
     last: int = -1
-    ids: list[str] = field(default_factory=list)
+    count: int = 0
+    ids: list[npt.NDArray[np.str_]] = field(default_factory=list)
     labels: list[npt.NDArray[Any]] = field(default_factory=list)
     splits: list[npt.NDArray[Any]] = field(default_factory=list)
     offsets: list[npt.NDArray[Any]] = field(default_factory=list)
@@ -70,13 +71,13 @@ class _Buffer:
     def add(self, rec: CleanRecord, offset: int) -> None:
         """One record (the careful path)."""
         x = None if rec.x is None else rec.x.reshape(1, *rec.x.shape)
-        self.extend([rec.id], np.array([rec.label]), np.array([rec.holdout]), np.array([offset]), x)
+        self.extend(np.array([rec.id]), np.array([rec.label]), np.array([rec.holdout]), np.array([offset]), x)
         if rec.text is not None:
             self.text.append(rec.text)
 
     def extend(
         self,
-        ids: list[str],
+        ids: npt.NDArray[np.str_],
         labels: npt.NDArray[Any],
         splits: npt.NDArray[Any],
         offsets: npt.NDArray[Any],
@@ -85,7 +86,8 @@ class _Buffer:
         lo, hi = int(offsets.min()), int(offsets.max())
         self.first = lo if self.first < 0 else min(self.first, lo)
         self.last = max(self.last, hi)
-        self.ids.extend(ids)
+        self.count += len(ids)
+        self.ids.append(ids)
         self.labels.append(labels)
         self.splits.append(splits)
         self.offsets.append(offsets)
@@ -231,7 +233,7 @@ class IngestProcessor:
         if scanning is not None:
             accepted, undecided = scanning.result()
             for spec, rows, sc in accepted:
-                self._keep_fast(spec, batch, rows, sc.ids, sc.labels, sc.holdout, sc.x)
+                self._keep_fast(spec, batch, rows, sc)
             slow = slow + undecided
         for i in sorted(slow):
             self._one(batch.row(i))
@@ -243,7 +245,7 @@ class IngestProcessor:
         The stream goes on meanwhile; the shard enters the state now and the
         next flush waits for the write before its transaction commits.
         """
-        for key in [k for k, buf in self._buffers.items() if len(buf.ids) >= self._shard_max]:
+        for key in [k for k, buf in self._buffers.items() if buf.count >= self._shard_max]:
             dataset, partition = key
             n = self._write_shard(dataset, partition, self._buffers.pop(key))
             self._pending[dataset] = self._pending.get(dataset, 0) - n  # now counted in the state
@@ -278,19 +280,18 @@ class IngestProcessor:
             pending = pending[others]
         return accepted, undecided
 
-    def _keep_fast(
-        self,
-        spec: DatasetSpec,
-        batch: InBatch,
-        rows: npt.NDArray[np.int64],
-        ids: list[str],
-        labels: npt.NDArray[np.int32],
-        holdout: npt.NDArray[np.bool_],
-        x: npt.NDArray[Any],
-    ) -> None:
+    def _keep_fast(self, spec: DatasetSpec, batch: InBatch, rows: npt.NDArray[np.int64], sc: fastscan.Scan) -> None:
         """Buffer records the fast path accepted (``rows`` index ``batch``), but not twice."""
+        ids, column, labels, holdout, x = sc.ids, sc.id_column, sc.labels, sc.holdout, sc.x
         seen = self._seen[spec.name]
-        if len(set(ids)) != len(ids) or not seen.isdisjoint(ids):
+        before = len(seen)
+        fresh = seen.isdisjoint(ids)
+        if fresh:  # the usual case; two passes over the set, not three
+            seen.update(ids)
+            if len(seen) - before != len(ids):  # an id twice within the batch: undo, go one by one
+                seen.difference_update(ids)
+                fresh = False
+        if not fresh:
             keep: list[int] = []
             for j, rid in enumerate(ids):
                 if rid in seen:
@@ -299,22 +300,20 @@ class IngestProcessor:
                     continue
                 seen.add(rid)
                 keep.append(j)
-            rows, ids = rows[keep], [ids[j] for j in keep]
+            rows, ids, column = rows[keep], [ids[j] for j in keep], column[keep]
             labels, holdout, x = labels[keep], holdout[keep], x[keep]
-        else:  # the usual case: no duplicates
-            seen.update(ids)
         if not ids:
             return
         partitions = batch.partitions[rows]
         offsets = batch.offsets[rows]
         first = int(partitions[0])
         if (partitions == first).all():  # one partition: no regrouping
-            self._buffers.setdefault((spec.name, first), _Buffer()).extend(ids, labels, holdout, offsets, x)
+            self._buffers.setdefault((spec.name, first), _Buffer()).extend(column, labels, holdout, offsets, x)
         else:
             for p in np.unique(partitions).tolist():
                 sel = np.flatnonzero(partitions == p)
                 self._buffers.setdefault((spec.name, p), _Buffer()).extend(
-                    [ids[j] for j in sel.tolist()], labels[sel], holdout[sel], offsets[sel], x[sel]
+                    column[sel], labels[sel], holdout[sel], offsets[sel], x[sel]
                 )
         self._note_pending(spec, len(ids))
         RECORDS.labels(spec.name, "accepted").inc(len(ids))
@@ -433,12 +432,12 @@ class IngestProcessor:
         changed = bool(out) or self._sealed
         self._sealed = False
         for (dataset, partition), buf in sorted(self._buffers.items()):
-            if buf.ids:
+            if buf.count:
                 self._write_shard(dataset, partition, buf)
                 changed = True
         self._buffers.clear()
         for (dataset, partition), buf in sorted(self._unlabelled.items()):
-            if buf.ids:
+            if buf.count:
                 self._write_shard(dataset, partition, buf, unlabelled=True)
                 changed = True
         self._unlabelled.clear()
@@ -470,7 +469,7 @@ class IngestProcessor:
         """Record the shard in the state and write it in the background; returns its record count."""
         spec = self._registry.get(dataset)
         columns: dict[str, npt.NDArray[Any]] = {
-            "id": np.array(buf.ids),
+            "id": np.concatenate(buf.ids),
             "label": np.concatenate(buf.labels).astype(np.int16),
             "split": np.concatenate(buf.splits).astype(np.uint8),
             "offset": np.concatenate(buf.offsets).astype(np.int64),
@@ -483,7 +482,7 @@ class IngestProcessor:
         if len(self._writes) >= 4:  # bound the memory held by writes in flight
             self._writes.pop(0).result()
         self._writes.append(self._writer.submit(self._put_shard, key, columns))
-        n = len(buf.ids)
+        n = buf.count
         holdout = int(columns["split"].sum())
         counts = np.bincount(columns["label"][columns["label"] >= 0], minlength=len(spec.labels)).tolist()
         hist = {label: c for label, c in zip(spec.labels, counts, strict=False) if c}

@@ -199,3 +199,16 @@ def test_random_mutations_never_change_a_verdict() -> None:
         assert want is not None, values[k]
         assert got[:3] == want[:3], values[k]
         assert np.array_equal(got[3], want[3]), values[k]
+
+
+def test_the_id_column_holds_the_ids_as_shards_store_them() -> None:
+    values = [
+        b'{"dataset":"fs","id":"%s","features":[1,2,3,4],"label":"a"}' % rid
+        for rid in (b"a", b"longer-id-0123456789", b"x", b"7")
+    ]
+    sc, _ = _fast(values)
+    assert sc.id_column.tolist() == sc.ids == ["a", "longer-id-0123456789", "x", "7"]
+    assert sc.id_column.dtype == np.dtype("<U20")
+    assert np.array_equal(sc.id_column, np.array(sc.ids))  # what np.array(list of ids) would store
+    empty, _ = _fast([b"not json"])
+    assert empty.id_column.shape == (0,)
