@@ -468,30 +468,32 @@ class IngestProcessor:
     def _write_shard(self, dataset: str, partition: int, buf: _Buffer, unlabelled: bool = False) -> int:
         """Record the shard in the state and write it in the background; returns its record count."""
         spec = self._registry.get(dataset)
-        columns: dict[str, npt.NDArray[Any]] = {
+        labels = np.concatenate(buf.labels).astype(np.int16)
+        splits = np.concatenate(buf.splits).astype(np.uint8)
+        columns: dict[str, npt.NDArray[Any] | list[npt.NDArray[Any]]] = {
             "id": np.concatenate(buf.ids),
-            "label": np.concatenate(buf.labels).astype(np.int16),
-            "split": np.concatenate(buf.splits).astype(np.uint8),
+            "label": labels,
+            "split": splits,
             "offset": np.concatenate(buf.offsets).astype(np.int64),
         }
         if spec.task is Task.TEXT:
             columns["text"] = np.array(buf.text)
-        else:
-            columns["x"] = np.concatenate(buf.x).astype(spec.dtype, copy=False)
+        else:  # the features' chunks are written one after the other, not joined first
+            columns["x"] = [chunk.astype(spec.dtype, copy=False) for chunk in buf.x]
         key = Shard.key_for(dataset, partition, buf.first, buf.last, unlabelled=unlabelled)
         if len(self._writes) >= 4:  # bound the memory held by writes in flight
             self._writes.pop(0).result()
         self._writes.append(self._writer.submit(self._put_shard, key, columns))
         n = buf.count
-        holdout = int(columns["split"].sum())
-        counts = np.bincount(columns["label"][columns["label"] >= 0], minlength=len(spec.labels)).tolist()
+        holdout = int(splits.sum())
+        counts = np.bincount(labels[labels >= 0], minlength=len(spec.labels)).tolist()
         hist = {label: c for label, c in zip(spec.labels, counts, strict=False) if c}
         shard = Shard(key, partition, buf.first, buf.last, n, n - holdout, holdout, hist)
         ds = self.state.dataset(dataset, self._first_seen.get(dataset))
         (ds.unlabelled if unlabelled else ds.shards).append(shard)
         return n
 
-    def _put_shard(self, key: str, columns: dict[str, npt.NDArray[Any]]) -> str:
+    def _put_shard(self, key: str, columns: dict[str, npt.NDArray[Any] | list[npt.NDArray[Any]]]) -> str:
         return self._store.put_bytes(DATASETS_BUCKET, key, encode_shard(columns))
 
     def _commit_version(self, name: str, now: float) -> OutRecord:

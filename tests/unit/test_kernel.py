@@ -74,3 +74,32 @@ def test_split_hash_is_stable_and_fair() -> None:
     assert 0.18 < sum(h < 0.2 for h in hashes) / len(hashes) < 0.22
     assert holdout_member("digits", "r1", 0.2) == (unit_hash(b"digits\x00r1") < 0.2)
     assert unit_hash(b"digits\x00r1") == unit_hash(b"digits\x00r1")  # no per-process salt
+
+
+def test_shards_are_what_np_savez_writes_and_chunks_need_no_join() -> None:
+    import io
+
+    import numpy as np
+
+    from cdl.datasets import decode_shard, encode_shard
+
+    rng = np.random.default_rng(0)
+    x = [rng.random((n, 2, 3)).astype(np.float32) for n in (5, 0, 7)]
+    cols = {
+        "id": np.array([f"r{i}" for i in range(12)]),
+        "label": np.arange(12, dtype=np.int16),
+        "split": (np.arange(12) % 2).astype(np.uint8),
+        "offset": np.arange(100, 112, dtype=np.int64),
+    }
+    ours = encode_shard({**cols, "x": x, "ids2": [np.array(["a"] * 6), np.array(["longer"] * 6)]})
+    ref = io.BytesIO()
+    np.savez(ref, **cols, x=np.concatenate(x), ids2=np.array(["a"] * 6 + ["longer"] * 6))
+    assert len(ours) == len(ref.getvalue())
+    got, want = decode_shard(ours), decode_shard(ref.getvalue())
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and np.array_equal(got[name], want[name]), name
+    with np.load(io.BytesIO(ours), allow_pickle=False) as npz:  # numpy reads it back, CRCs included
+        assert npz["x"].shape == (12, 2, 3)
+    with pytest.raises(ValueError, match="differ in length"):
+        encode_shard({"a": np.arange(3), "b": [np.arange(2), np.arange(2)]})
