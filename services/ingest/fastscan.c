@@ -473,3 +473,145 @@ int64_t cdl_scan_json(const unsigned char *buf, const int64_t *bounds, const int
     *ids_used = ids - ids_out;
     return accepted;
 }
+
+/*
+ * The ids a dataset has taken: an open-addressing hash set over an arena of id
+ * bytes (about 30 bytes per id, where a Python set of str takes over 100).
+ * Filled in stream order by the processor's thread only, so the first of two
+ * records with one id is the one kept, whichever path took it.
+ */
+typedef struct {
+    uint64_t hash; /* never 0; 0 marks an empty slot */
+    int64_t at;    /* arena offset of the id: <int32 length><bytes> */
+} id_slot;
+
+typedef struct {
+    id_slot *slots;
+    int64_t cap, count; /* cap: a power of two */
+    unsigned char *arena;
+    int64_t arena_len, arena_cap;
+} idset;
+
+static uint64_t id_hash(const unsigned char *s, int64_t n) {
+    uint64_t h = UINT64_C(0xCBF29CE484222325);
+    for (int64_t i = 0; i < n; i++) h = (h ^ s[i]) * UINT64_C(0x100000001B3);
+    h ^= h >> 33;
+    h *= UINT64_C(0xFF51AFD7ED558CCD);
+    h ^= h >> 33;
+    return h | 1;
+}
+
+idset *cdl_idset_new(void) { return calloc(1, sizeof(idset)); }
+
+void cdl_idset_free(idset *s) {
+    if (s == NULL) return;
+    free(s->slots);
+    free(s->arena);
+    free(s);
+}
+
+int64_t cdl_idset_len(const idset *s) { return s->count; }
+
+static int id_equal(const idset *s, int64_t at, const unsigned char *id, int64_t n) {
+    int32_t len;
+    memcpy(&len, s->arena + at, 4);
+    return len == n && memcmp(s->arena + at + 4, id, (size_t)n) == 0;
+}
+
+static int64_t find_slot(const idset *s, uint64_t h, const unsigned char *id, int64_t n, int *found) {
+    int64_t mask = s->cap - 1, i = (int64_t)(h & (uint64_t)mask);
+    for (;;) {
+        if (s->slots[i].hash == 0) {
+            *found = 0;
+            return i;
+        }
+        if (s->slots[i].hash == h && id_equal(s, s->slots[i].at, id, n)) {
+            *found = 1;
+            return i;
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+/* Room for `more` ids at a load of at most 3/4. */
+static int reserve(idset *s, int64_t more) {
+    int64_t cap = s->cap ? s->cap : 1024;
+    while ((s->count + more) * 4 > cap * 3) cap *= 2;
+    if (cap == s->cap) return 0;
+    id_slot *slots = calloc((size_t)cap, sizeof(id_slot));
+    if (slots == NULL) return -1;
+    for (int64_t i = 0; i < s->cap; i++) {
+        if (s->slots[i].hash == 0) continue;
+        int64_t j = (int64_t)(s->slots[i].hash & (uint64_t)(cap - 1));
+        while (slots[j].hash != 0) j = (j + 1) & (cap - 1);
+        slots[j] = s->slots[i];
+    }
+    free(s->slots);
+    s->slots = slots;
+    s->cap = cap;
+    return 0;
+}
+
+/* 1 when the id is in the set. */
+int cdl_idset_contains(const idset *s, const unsigned char *id, int64_t n) {
+    if (s->count == 0) return 0;
+    int found;
+    find_slot(s, id_hash(id, n), id, n, &found);
+    return found;
+}
+
+/*
+ * Add the ids buf[starts[k]..starts[k]+lengths[k]) in order; fresh[k] = 1 when
+ * id k was not in the set before (it is now), 0 when it was (also when an
+ * earlier id of the same call was the same). The table is far larger than the
+ * caches, so every id costs a miss: hashes are computed first and each slot is
+ * prefetched a few ids ahead. Returns how many were fresh, or -1 when memory
+ * ran out (the set then holds the ids before k).
+ */
+int64_t cdl_idset_add_many(idset *s, const unsigned char *buf, const int64_t *starts, const int64_t *lengths, int64_t n,
+                           uint8_t *fresh) {
+    if (reserve(s, n) != 0) return -1;
+    uint64_t *hashes = malloc((size_t)(n > 0 ? n : 1) * sizeof(uint64_t));
+    if (hashes == NULL) return -1;
+    int64_t total = 0;
+    for (int64_t k = 0; k < n; k++) {
+        if (lengths[k] > INT32_MAX) {
+            free(hashes);
+            return -1;
+        }
+        hashes[k] = id_hash(buf + starts[k], lengths[k]);
+        total += 4 + lengths[k];
+    }
+    if (s->arena_len + total > s->arena_cap) {
+        int64_t cap = s->arena_cap ? s->arena_cap : 1 << 20;
+        while (cap < s->arena_len + total) cap *= 2;
+        unsigned char *arena = realloc(s->arena, (size_t)cap);
+        if (arena == NULL) {
+            free(hashes);
+            return -1;
+        }
+        s->arena = arena;
+        s->arena_cap = cap;
+    }
+    const int64_t ahead = 16, mask = s->cap - 1;
+    int64_t added = 0;
+    for (int64_t k = 0; k < n; k++) {
+        if (k + ahead < n) __builtin_prefetch(&s->slots[hashes[k + ahead] & (uint64_t)mask], 1);
+        const unsigned char *id = buf + starts[k];
+        int64_t len = lengths[k];
+        int found;
+        int64_t i = find_slot(s, hashes[k], id, len, &found);
+        fresh[k] = (uint8_t)!found;
+        if (found) continue;
+        int32_t len32 = (int32_t)len;
+        memcpy(s->arena + s->arena_len, &len32, 4);
+        memcpy(s->arena + s->arena_len + 4, id, (size_t)len);
+        s->slots[i].hash = hashes[k];
+        s->slots[i].at = s->arena_len;
+        s->arena_len += 4 + len;
+        s->count++;
+        added++;
+    }
+    free(hashes);
+    return added;
+}

@@ -24,7 +24,7 @@ import numpy.typing as npt
 from cdl import native
 from cdl.datasets import DatasetSpec
 
-__all__ = ["ACCEPTED", "OTHER_DATASET", "UNDECIDED", "JsonBatch", "Scan", "available", "scan"]
+__all__ = ["ACCEPTED", "OTHER_DATASET", "UNDECIDED", "IdSet", "JsonBatch", "Scan", "available", "scan"]
 
 ACCEPTED, UNDECIDED, OTHER_DATASET = 0, 1, 2
 
@@ -67,6 +67,16 @@ def _load() -> ctypes.CDLL | None:
         _i8p,  # status
         _i64p,  # ds_span
     ]
+    idset = ctypes.c_void_p
+    for name, res, args in (
+        ("cdl_idset_new", idset, []),
+        ("cdl_idset_free", None, [idset]),
+        ("cdl_idset_len", ctypes.c_int64, [idset]),
+        ("cdl_idset_contains", ctypes.c_int, [idset, ctypes.c_char_p, ctypes.c_int64]),
+        ("cdl_idset_add_many", ctypes.c_int64, [idset, ctypes.c_char_p, _i64p, _i64p, ctypes.c_int64, _u8p]),
+    ):
+        getattr(lib, name).restype = res
+        getattr(lib, name).argtypes = args
     return lib
 
 
@@ -103,16 +113,27 @@ class JsonBatch:
 class Scan:
     """Per scanned record (in ``which`` order) its ``status``; ``other`` maps records of
     another dataset to its name. The accepted records, compactly and in order: features
-    ``x`` (the dataset's dtype and shape), label indices, holdout flags and ids, both as
-    str (``ids``) and as a fixed-width unicode column (``id_column``, as shards store them)."""
+    ``x`` (the dataset's dtype and shape), label indices, holdout flags and ids: as a
+    fixed-width unicode column (``id_column``, as shards store them) and as bytes
+    (``id_bytes[id_starts[k]:id_starts[k] + id_lengths[k]]``, for :class:`IdSet`)."""
 
     status: npt.NDArray[np.int8]
     x: npt.NDArray[Any]
     labels: npt.NDArray[np.int32]
     holdout: npt.NDArray[np.bool_]
-    ids: list[str]
     id_column: npt.NDArray[np.str_]
+    id_bytes: bytes
+    id_starts: npt.NDArray[np.int64]
+    id_lengths: npt.NDArray[np.int64]
     other: dict[int, str]
+
+    @property
+    def ids(self) -> list[str]:
+        return [self.id_at(k) for k in range(len(self.id_starts))]
+
+    def id_at(self, k: int) -> str:
+        lo = int(self.id_starts[k])
+        return self.id_bytes[lo : lo + int(self.id_lengths[k])].decode("ascii")
 
 
 #: the dtypes the scanner writes (codes shared with fastscan.c)
@@ -164,9 +185,7 @@ def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec) -> S
     )
     if accepted < 0:
         raise MemoryError("fast JSON scan: out of memory")
-    # one decode and one split for the whole batch; ids are ASCII, NUL-terminated
-    blob = ids_out[: int(used[0])]
-    ids = blob[:-1].tobytes().decode("ascii").split("\x00") if accepted else []
+    blob = ids_out[: int(used[0])]  # ASCII ids, each NUL-terminated
     other: dict[int, str] = {}
     for k in np.flatnonzero(status == OTHER_DATASET).tolist():
         lo, ln = int(spans[2 * k]), int(spans[2 * k + 1])
@@ -176,16 +195,19 @@ def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec) -> S
         x[:accepted].reshape(accepted, *spec.input_shape),
         labels[:accepted],
         holdout[:accepted].view(np.bool_),
-        ids,
-        _id_column(blob, accepted),
+        *_id_columns(blob, accepted),
         other,
     )
 
 
-def _id_column(blob: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.str_]:
-    """NUL-terminated ASCII ids as a ``<U{longest}`` array, without a Python object per id."""
+def _id_columns(
+    blob: npt.NDArray[np.uint8], n: int
+) -> tuple[npt.NDArray[np.str_], bytes, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """NUL-terminated ASCII ids as a ``<U{longest}`` array (no Python object per id),
+    and as bytes with each id's start and length."""
     if n == 0:
-        return np.empty(0, dtype="<U1")
+        none = np.empty(0, dtype=np.int64)
+        return np.empty(0, dtype="<U1"), b"", none, none
     ends = np.flatnonzero(blob == 0)
     starts = np.empty(n, dtype=np.int64)
     starts[0] = 0
@@ -196,4 +218,69 @@ def _id_column(blob: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.str_]:
     chars = blob[np.minimum(starts[:, None] + cols, len(blob) - 1)].astype(np.uint32)
     chars[cols >= lengths[:, None]] = 0  # past an id's end: the padding a <U column has
     column: npt.NDArray[np.str_] = chars.view(f"<U{width}").reshape(n)
-    return column
+    return column, blob.tobytes(), starts, lengths
+
+
+class IdSet:
+    """The ids a dataset has taken, in C (~30 bytes per id; a Python set of str takes
+    over 100), or a Python set where the C helper is unavailable."""
+
+    def __init__(self) -> None:
+        lib = _load()
+        self._lib = lib
+        self._h = lib.cdl_idset_new() if lib is not None else None
+        self._py: set[str] | None = set() if lib is None else None
+        if lib is not None and not self._h:
+            raise MemoryError("id set: out of memory")
+
+    def __del__(self) -> None:
+        if getattr(self, "_h", None) and self._lib is not None:
+            self._lib.cdl_idset_free(self._h)
+            self._h = None
+
+    def __len__(self) -> int:
+        if self._py is not None:
+            return len(self._py)
+        assert self._lib is not None
+        return int(self._lib.cdl_idset_len(self._h))
+
+    def __contains__(self, rid: str) -> bool:
+        if self._py is not None:
+            return rid in self._py
+        assert self._lib is not None
+        raw = rid.encode()
+        return bool(self._lib.cdl_idset_contains(self._h, raw, len(raw)))
+
+    def add(self, rid: str) -> bool:
+        """Add ``rid``; True when it was not there before."""
+        return bool(self.add_all([rid])[0])
+
+    def add_all(self, ids: list[str]) -> npt.NDArray[np.bool_]:
+        """Add ``ids`` in order; per id, whether it was new (a repeat within ``ids`` is not)."""
+        if self._py is not None:
+            fresh = np.zeros(len(ids), dtype=bool)
+            for k, rid in enumerate(ids):
+                if rid not in self._py:
+                    self._py.add(rid)
+                    fresh[k] = True
+            return fresh
+        raw = [rid.encode() for rid in ids]
+        lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+        starts = np.zeros(len(raw), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        return self.add_bytes(b"".join(raw), starts, lengths)
+
+    def add_bytes(
+        self, buf: bytes, starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.bool_]:
+        """Add the ids ``buf[starts[k]:starts[k] + lengths[k]]`` (UTF-8) in order; per id, whether it was new."""
+        n = len(starts)
+        if self._py is not None:
+            return self.add_all([buf[int(a) : int(a) + int(b)].decode() for a, b in zip(starts, lengths, strict=True)])
+        assert self._lib is not None
+        fresh = np.zeros(n, dtype=np.uint8)
+        starts = np.ascontiguousarray(starts, dtype=np.int64)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        if self._lib.cdl_idset_add_many(self._h, buf, starts, lengths, n, fresh) < 0:
+            raise MemoryError("id set: out of memory")
+        return fresh.view(np.bool_)

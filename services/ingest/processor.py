@@ -142,7 +142,8 @@ class IngestProcessor:
         self._shard_max = shard_max_records
         self._group = group
         self.state = IngestState()
-        self._seen: dict[str, set[str]] = defaultdict(set)
+        #: per dataset, every id taken so far (C hash set; see fastscan.IdSet)
+        self._seen: dict[str, fastscan.IdSet] = defaultdict(fastscan.IdSet)
         self._buffers: dict[tuple[str, int], _Buffer] = {}
         self._dead: list[OutRecord] = []
         #: shards being written in the background; the next flush waits for them
@@ -166,17 +167,17 @@ class IngestProcessor:
         for name, ds in self.state.datasets.items():
             for shard in ds.shards:
                 cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
-                self._seen[name].update(str(i) for i in cols["id"])
-            labelled = set(self._seen[name])
+                self._seen[name].add_all(cols["id"].tolist())
             for shard in ds.unlabelled:
                 cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
-                for j, rid in enumerate(str(i) for i in cols["id"]):
-                    self._seen[name].add(rid)
-                    if rid not in labelled:
-                        x = cols["x"][j] if "x" in cols else None
-                        text = str(cols["text"][j]) if "text" in cols else None
-                        rec = CleanRecord(name, rid, -1, bool(cols["split"][j]), x, text)
-                        self._waiting[name][rid] = (shard.partition, int(cols["offset"][j]), rec)
+                ids = cols["id"].tolist()
+                # an id not taken by a labelled shard still waits for its label
+                for j in np.flatnonzero(self._seen[name].add_all(ids)).tolist():
+                    rid = ids[j]
+                    x = cols["x"][j] if "x" in cols else None
+                    text = str(cols["text"][j]) if "text" in cols else None
+                    rec = CleanRecord(name, rid, -1, bool(cols["split"][j]), x, text)
+                    self._waiting[name][rid] = (shard.partition, int(cols["offset"][j]), rec)
         log.info(
             "ingest state recovered",
             datasets={n: {"version": d.version, "shards": len(d.shards)} for n, d in self.state.datasets.items()},
@@ -282,27 +283,17 @@ class IngestProcessor:
 
     def _keep_fast(self, spec: DatasetSpec, batch: InBatch, rows: npt.NDArray[np.int64], sc: fastscan.Scan) -> None:
         """Buffer records the fast path accepted (``rows`` index ``batch``), but not twice."""
-        ids, column, labels, holdout, x = sc.ids, sc.id_column, sc.labels, sc.holdout, sc.x
-        seen = self._seen[spec.name]
-        before = len(seen)
-        fresh = seen.isdisjoint(ids)
-        if fresh:  # the usual case; two passes over the set, not three
-            seen.update(ids)
-            if len(seen) - before != len(ids):  # an id twice within the batch: undo, go one by one
-                seen.difference_update(ids)
-                fresh = False
-        if not fresh:
-            keep: list[int] = []
-            for j, rid in enumerate(ids):
-                if rid in seen:
-                    err = RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=spec.name, id=rid)
-                    self._reject(batch.row(int(rows[j])), err, spec.name)
-                    continue
-                seen.add(rid)
-                keep.append(j)
-            rows, ids, column = rows[keep], [ids[j] for j in keep], column[keep]
-            labels, holdout, x = labels[keep], holdout[keep], x[keep]
-        if not ids:
+        column, labels, holdout, x = sc.id_column, sc.labels, sc.holdout, sc.x
+        # in stream order: the first record with an id is kept, any later one rejected
+        fresh = self._seen[spec.name].add_bytes(sc.id_bytes, sc.id_starts, sc.id_lengths)
+        if not fresh.all():
+            for j in np.flatnonzero(~fresh).tolist():
+                rid = sc.id_at(j)
+                err = RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=spec.name, id=rid)
+                self._reject(batch.row(int(rows[j])), err, spec.name)
+            rows, column = rows[fresh], column[fresh]
+            labels, holdout, x = labels[fresh], holdout[fresh], x[fresh]
+        if not len(rows):
             return
         partitions = batch.partitions[rows]
         offsets = batch.offsets[rows]
@@ -315,8 +306,8 @@ class IngestProcessor:
                 self._buffers.setdefault((spec.name, p), _Buffer()).extend(
                     column[sel], labels[sel], holdout[sel], offsets[sel], x[sel]
                 )
-        self._note_pending(spec, len(ids))
-        RECORDS.labels(spec.name, "accepted").inc(len(ids))
+        self._note_pending(spec, len(rows))
+        RECORDS.labels(spec.name, "accepted").inc(len(rows))
 
     def _one(self, incoming: InRecord) -> None:
         """The careful path: one record, with the precise reason when it is rejected."""

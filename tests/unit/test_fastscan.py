@@ -212,3 +212,27 @@ def test_the_id_column_holds_the_ids_as_shards_store_them() -> None:
     assert np.array_equal(sc.id_column, np.array(sc.ids))  # what np.array(list of ids) would store
     empty, _ = _fast([b"not json"])
     assert empty.id_column.shape == (0,)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["C", "python-fallback"])
+def test_id_set_keeps_the_first_of_each_id(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native:
+        monkeypatch.setattr(fastscan, "_load", lambda: None)
+    ids = fastscan.IdSet()
+    assert len(ids) == 0 and "a" not in ids
+    assert ids.add("a") and not ids.add("a")
+    fresh = ids.add_all(["b", "a", "c", "b", "é", ""])
+    assert fresh.tolist() == [True, False, True, False, True, True]
+    assert len(ids) == 5 and "é" in ids and "" in ids and "d" not in ids
+    many = [f"id-{i}" for i in range(50_000)]  # grows the table and the arena several times
+    assert ids.add_all(many).all() and not ids.add_all(many[::-1]).any()
+    assert len(ids) == 50_005 and all(rid in ids for rid in many[::997])
+
+
+def test_scanned_ids_go_into_the_id_set_in_stream_order() -> None:
+    values = [b'{"dataset":"fs","id":"%s","features":[1,2,3,4],"label":"a"}' % rid for rid in (b"p", b"q", b"p", b"r")]
+    sc, _ = _fast(values)
+    ids = fastscan.IdSet()
+    ids.add("r")
+    assert ids.add_bytes(sc.id_bytes, sc.id_starts, sc.id_lengths).tolist() == [True, True, False, False]
+    assert [sc.id_at(k) for k in range(4)] == sc.ids == ["p", "q", "p", "r"]
