@@ -203,22 +203,20 @@ class IngestProcessor:
                 self._feedback(batch.row(i))
             return
         n = len(batch)
+        slow: list[int] = []
         if batch.plain:  # as most producers send
             eligible = np.arange(n, dtype=np.int64)
-        else:
+        else:  # JSON records (a value, no protobuf content-type) may be scanned; the rest go the careful way
             nulls = batch.null_values
-            eligible = np.asarray(
-                [
-                    i
+            json_rows = np.fromiter(
+                (
+                    not (nulls is not None and nulls[i]) and not is_protobuf(_content_type(batch.header(i)))
                     for i in range(n)
-                    if not (nulls is not None and nulls[i]) and not is_protobuf(_content_type(batch.header(i)))
-                ],
-                dtype=np.int64,
+                ),
+                dtype=bool,
+                count=n,
             )
-        slow: list[int] = []
-        if len(eligible) != n:
-            chosen = set(eligible.tolist())
-            slow = [i for i in range(n) if i not in chosen]
+            eligible, slow = np.flatnonzero(json_rows), np.flatnonzero(~json_rows).tolist()
         scanning = self._scanner.submit(self._scan, batch, eligible) if len(eligible) else None
         self._finish_inflight()
         self._inflight = (batch, slow, scanning)
@@ -274,7 +272,7 @@ class IngestProcessor:
                 undecided.extend(pending.tolist())
                 break
             undecided.extend(pending[sc.status == fastscan.UNDECIDED].tolist())
-            if sc.ids:
+            if len(sc.id_starts):  # (sc.ids would make a str per record)
                 accepted.append((spec, pending[sc.status == fastscan.ACCEPTED], sc))
             others = sc.status == fastscan.OTHER_DATASET
             name = sc.other[int(np.flatnonzero(others)[0])] if others.any() else None
