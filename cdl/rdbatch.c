@@ -214,24 +214,13 @@ int64_t cdl_consumer_consume(consumer *c, int64_t max, int timeout_ms, int32_t *
     if (c->msgs == NULL) return -1;
     ssize_t got = rd_kafka_consume_batch_queue(c->queue, timeout_ms, c->msgs, (size_t)max);
     if (got < 0) return 0;
-    size_t need = 0, need_aux = 0;
-    for (ssize_t i = 0; i < got; i++) {
-        rd_kafka_message_t *m = c->msgs[i];
-        need += m->len;
-        need_aux += 16 + m->key_len;
-        rd_kafka_headers_t *h = NULL;
-        if (m->err == 0 && rd_kafka_message_headers(m, &h) == 0) {
-            const char *name;
-            const void *value;
-            size_t size;
-            for (size_t j = 0; rd_kafka_header_get_all(h, j, &name, &value, &size) == 0; j++)
-                need_aux += 16 + strlen(name) + size;
-        }
-    }
+    size_t need = 0;
+    for (ssize_t i = 0; i < got; i++) need += c->msgs[i]->len;
     unsigned char *data = grow(c->data, &c->data_cap, need + 1);
     if (data == NULL) return -1;
     c->data = data;
-    unsigned char *aux = grow(c->aux, &c->aux_cap, need_aux + 1);
+    /* keys and headers are rare: aux grows as they come (each message's headers are read once) */
+    unsigned char *aux = grow(c->aux, &c->aux_cap, 1);
     if (aux == NULL) return -1;
     c->aux = aux;
     size_t used = 0, aux_used = 0;
@@ -262,6 +251,8 @@ int64_t cdl_consumer_consume(consumer *c, int64_t max, int timeout_ms, int32_t *
         }
         aux_off[n] = (int64_t)aux_used;
         if (m->key != NULL) {
+            if ((aux = grow(c->aux, &c->aux_cap, aux_used + 8 + m->key_len)) == NULL) return -1;
+            c->aux = aux;
             f |= FLAG_KEY;
             int64_t len = (int64_t)m->key_len;
             memcpy(aux + aux_used, &len, 8);
@@ -275,9 +266,13 @@ int64_t cdl_consumer_consume(consumer *c, int64_t max, int timeout_ms, int32_t *
             size_t size;
             size_t count_at = aux_used;
             int64_t count = 0;
+            if ((aux = grow(c->aux, &c->aux_cap, aux_used + 8)) == NULL) return -1;
+            c->aux = aux;
             aux_used += 8;
             for (size_t j = 0; rd_kafka_header_get_all(h, j, &name, &value, &size) == 0; j++) {
                 int64_t nlen = (int64_t)strlen(name), vlen = value == NULL ? -1 : (int64_t)size;
+                if ((aux = grow(c->aux, &c->aux_cap, aux_used + 16 + (size_t)nlen + size)) == NULL) return -1;
+                c->aux = aux;
                 memcpy(aux + aux_used, &nlen, 8);
                 memcpy(aux + aux_used + 8, name, (size_t)nlen);
                 aux_used += 8 + (size_t)nlen;
