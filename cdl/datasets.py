@@ -25,6 +25,7 @@ text   unicode ``<U``      cleaned text (text datasets)
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -53,6 +54,7 @@ __all__ = [
     "holdout_member",
     "load_version",
     "read_manifest",
+    "shard_parts",
     "unit_hash",
 ]
 
@@ -158,14 +160,73 @@ def holdout_member(dataset: str, record_id: str, fraction: float) -> bool:
 # --------------------------------------------------------------------------- shards
 
 
-def encode_shard(columns: Mapping[str, npt.NDArray[Any] | Sequence[npt.NDArray[Any]]]) -> bytes:
-    """Serialize shard columns (see the module docstring) to ``.npz`` bytes.
+class _Parts(io.RawIOBase):
+    """A seekable sink for :mod:`zipfile` that keeps what it is given instead of copying it.
 
-    The bytes are what ``np.savez`` writes (a stored zip of ``.npy`` files). A
-    column may be given as chunks of one dtype, joined along the first axis:
-    they are written one after the other, never concatenated, and no array is
-    copied on the way but into the zip itself (a shard of float32 digits is
-    ~5 MiB: ``np.savez`` made three copies of it).
+    Large writes (the columns' data, which a stored zip passes through
+    unchanged) are kept by reference; small ones (headers) are copied, so the
+    header zipfile rewrites in place once it knows the CRC and sizes can be
+    patched. The bytes are ``b"".join(parts)``.
+    """
+
+    _BY_REFERENCE = 1 << 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytearray | memoryview] = []
+        self._starts: list[int] = []
+        self._pos = 0
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence] + pos
+        return self._pos
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self._pos == self._size:  # appending
+            if n >= self._BY_REFERENCE:
+                self.parts.append(view)
+            elif self.parts and isinstance(self.parts[-1], bytearray):
+                self.parts[-1] += view
+                self._size += n
+                self._pos += n
+                return n
+            else:
+                self.parts.append(bytearray(view))
+            self._starts.append(self._size)
+            self._size += n
+            self._pos += n
+            return n
+        # rewriting what was written: only ever a header, which was copied
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        part, at = self.parts[i], self._pos - self._starts[i]
+        if not isinstance(part, bytearray) or at + n > len(part):
+            raise io.UnsupportedOperation("only copied bytes can be rewritten")
+        part[at : at + n] = view
+        self._pos += n
+        return n
+
+
+def shard_parts(columns: Mapping[str, npt.NDArray[Any] | Sequence[npt.NDArray[Any]]]) -> list[bytearray | memoryview]:
+    """Serialize shard columns (see the module docstring) as ``.npz`` bytes in parts.
+
+    ``b"".join(parts)`` is what ``np.savez`` writes (a stored zip of ``.npy``
+    files). A column may be given as chunks of one dtype, joined along the first
+    axis. The columns' data is not copied at all: the parts refer to the arrays
+    (which must not change until the parts are written out) and the zip's
+    headers are the only new bytes. A shard of float32 digits is ~5 MiB;
+    ``np.savez`` made three copies of it.
     """
     parts: dict[str, list[npt.NDArray[Any]]] = {
         name: [np.asarray(c) for c in col] if isinstance(col, list | tuple) else [np.asarray(col)]
@@ -177,8 +238,8 @@ def encode_shard(columns: Mapping[str, npt.NDArray[Any] | Sequence[npt.NDArray[A
     lengths = {name: sum(len(c) for c in chunks) for name, chunks in parts.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"shard columns differ in length: {lengths}")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    sink = _Parts()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, chunks in parts.items():
             first = chunks[0]
             header = {
@@ -190,7 +251,12 @@ def encode_shard(columns: Mapping[str, npt.NDArray[Any] | Sequence[npt.NDArray[A
                 np.lib.format.write_array_header_1_0(f, header)  # type: ignore[no-untyped-call]
                 for chunk in chunks:
                     f.write(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data)
-    return buf.getvalue()
+    return sink.parts
+
+
+def encode_shard(columns: Mapping[str, npt.NDArray[Any] | Sequence[npt.NDArray[Any]]]) -> bytes:
+    """Serialize shard columns to ``.npz`` bytes (:func:`shard_parts`, joined)."""
+    return b"".join(shard_parts(columns))
 
 
 def decode_shard(data: bytes) -> dict[str, npt.NDArray[Any]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -75,8 +75,17 @@ class ObjectStore:
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
 
-    def put_bytes(self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+    def put_bytes(
+        self,
+        bucket: str,
+        key: str,
+        data: bytes | Sequence[bytes | bytearray | memoryview],
+        content_type: str = "application/octet-stream",
+    ) -> str:
         """Write ``data`` as one object (a replay overwrites it with the same bytes).
+
+        ``data`` may come in parts (e.g. :func:`cdl.datasets.shard_parts`): they
+        are sent one after the other, never joined.
 
         One presigned PUT: its signature covers the request but not the body
         (``UNSIGNED-PAYLOAD``, what S3 clients send over TLS). minio-py's own
@@ -87,7 +96,10 @@ class ObjectStore:
         """
         try:
             url = self._client.presigned_put_object(bucket, key, expires=timedelta(minutes=15))
-            resp = self._http.request("PUT", url, body=data, headers={"Content-Type": content_type})
+            parts: list[Any] = [data] if isinstance(data, bytes) else list(data)  # urllib3 sends any buffer
+            size = sum(memoryview(p).nbytes for p in parts)
+            headers = {"Content-Type": content_type, "Content-Length": str(size)}
+            resp = self._http.request("PUT", url, body=parts, headers=headers)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
         except S3Error as exc:  # the bucket's region is looked up once, on first use

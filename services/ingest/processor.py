@@ -21,7 +21,7 @@ import orjson
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
-from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard, encode_shard
+from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard, shard_parts
 from cdl.events import CONTENT_JSON, Event, Headers, InBatch, InRecord, OutRecord, Topics, dead_letter, header_dict
 from cdl.logging import get_logger
 from cdl.store import ObjectStore
@@ -483,7 +483,7 @@ class IngestProcessor:
         return n
 
     def _put_shard(self, key: str, columns: dict[str, npt.NDArray[Any] | list[npt.NDArray[Any]]]) -> str:
-        return self._store.put_bytes(DATASETS_BUCKET, key, encode_shard(columns))
+        return self._store.put_bytes(DATASETS_BUCKET, key, shard_parts(columns))
 
     def _commit_version(self, name: str, now: float) -> OutRecord:
         spec = self._registry.get(name)

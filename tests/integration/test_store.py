@@ -50,6 +50,16 @@ def test_large_objects_are_one_put(object_store: ObjectStore) -> None:
     assert object_store.get_bytes("cdl-datasets", f"{prefix}/big.bin") == data
 
 
+def test_an_object_may_be_written_in_parts(object_store: ObjectStore) -> None:
+    import numpy as np
+
+    big = np.arange(100_000, dtype=np.int64)
+    parts = [b"head", memoryview(big).cast("B"), bytearray(b"tail"), b""]
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    object_store.put_bytes("cdl-datasets", f"{prefix}/parts.bin", parts)
+    assert object_store.get_bytes("cdl-datasets", f"{prefix}/parts.bin") == b"head" + big.tobytes() + b"tail"
+
+
 def test_the_stack_created_the_layout_buckets(object_store: ObjectStore) -> None:
     for bucket in BUCKETS:
         assert object_store.client.bucket_exists(bucket)

@@ -103,3 +103,20 @@ def test_shards_are_what_np_savez_writes_and_chunks_need_no_join() -> None:
         assert npz["x"].shape == (12, 2, 3)
     with pytest.raises(ValueError, match="differ in length"):
         encode_shard({"a": np.arange(3), "b": [np.arange(2), np.arange(2)]})
+
+
+def test_shard_parts_refer_to_the_columns_instead_of_copying_them() -> None:
+    import numpy as np
+
+    from cdl.datasets import decode_shard, encode_shard, shard_parts
+
+    x = [np.full((3000, 8), i, dtype=np.float32) for i in range(3)]  # 96 KiB chunks
+    cols = {"id": np.array([f"r{i}" for i in range(9000)]), "label": np.zeros(9000, dtype=np.int16), "x": x}
+    parts = shard_parts(cols)
+    assert b"".join(parts) == encode_shard(cols)
+    for chunk in x:  # each chunk is sent from where it lies
+        assert any(
+            isinstance(p, memoryview) and np.shares_memory(np.frombuffer(p, dtype=np.uint8), chunk) for p in parts
+        )
+    got = decode_shard(b"".join(parts))
+    assert np.array_equal(got["x"], np.concatenate(x)) and got["id"][-1] == "r8999"
