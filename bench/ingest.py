@@ -16,6 +16,11 @@ ingest service, the broker, MinIO and the producer (this process). The
 dataset is registered as float32 (as the demo does); ``CDL_BENCH_INGEST_DTYPE``
 picks another dtype (e.g. uint8, which digits' 0-16 intensities fit).
 
+After the rounds, ``CDL_BENCH_INGEST_ALONE`` (2) more rounds measure the
+ingest service by itself: it is stopped (SIGSTOP) while the producer writes
+all N records, then resumed to version the backlog with the machine to
+itself; they print its rate and CPU seconds, for diagnosis, not the result.
+
 Goal (DESIGN.md): cdl >= 0.5 x baseline.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +53,11 @@ N = int(os.environ.get("CDL_BENCH_INGEST_RECORDS", "500000"))
 #: baseline and cdl alternate this many times; medians count (single runs on a
 #: shared 2-core machine vary by +-20%)
 ROUNDS = int(os.environ.get("CDL_BENCH_INGEST_ROUNDS", "5"))
+#: rounds of the ingest service by itself, on a backlog (diagnosis only)
+ALONE_ROUNDS = int(os.environ.get("CDL_BENCH_INGEST_ALONE", "2"))
 SETTLE_S = 2.0
+#: the producers' compression (both sides); cdl's own producers use lz4
+COMPRESSION = os.environ.get("CDL_BENCH_INGEST_COMPRESSION", "lz4")
 
 
 def records(dataset: str) -> list[bytes]:
@@ -62,7 +72,7 @@ def records(dataset: str) -> list[bytes]:
 
 
 def bare_producer(bootstrap: str, topic: str, values: list[bytes]) -> float:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "compression.type": "lz4", "acks": "all"})
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "compression.type": COMPRESSION, "acks": "all"})
     start = time.perf_counter()
     for v in values:
         while True:
@@ -75,10 +85,14 @@ def bare_producer(bootstrap: str, topic: str, values: list[bytes]) -> float:
     return len(values) / (time.perf_counter() - start)
 
 
-def cdl_round(bootstrap: str, grpc_port: int, values: list[bytes], name: str) -> tuple[float, float]:
+def cdl_round(
+    bootstrap: str, grpc_port: int, values: list[bytes], name: str, stopped: int | None = None
+) -> tuple[float, float]:
     """Register ``name``, produce its records to data.raw, wait for the version holding them all.
 
-    Returns (records/s end to end, seconds spent producing).
+    Returns (records/s end to end, seconds spent producing). With ``stopped``
+    (the ingest service's pid), the service is stopped while the records are
+    produced and the time counts from when it is resumed.
     """
     import grpc
 
@@ -97,8 +111,15 @@ def cdl_round(bootstrap: str, grpc_port: int, values: list[bytes], name: str) ->
     watcher.subscribe(["data.updated"])
     while not watcher.assignment():
         watcher.poll(0.1)
+    if stopped is not None:
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            bare_producer(bootstrap, "data.raw", values)
+        finally:
+            os.kill(stopped, signal.SIGCONT)
     start = time.perf_counter()
-    bare_producer(bootstrap, "data.raw", values)
+    if stopped is None:
+        bare_producer(bootstrap, "data.raw", values)
     produced = time.perf_counter() - start
     total = 0
     while total < len(values) and time.perf_counter() - start < 600:
@@ -167,6 +188,16 @@ def main() -> None:
                 )
                 print(f"  cpu during the bare round: {bare_cpu}")
                 print(f"  cpu during the cdl round:  {cpu}")
+            for _ in range(ALONE_ROUNDS):
+                name = f"bench-{uuid.uuid4().hex[:6]}"
+                values = records(name)
+                time.sleep(SETTLE_S)
+                before = cpu_usage({"ingest": proc.pid})
+                alone, _ = cdl_round(bootstrap, grpc_port, values, name, stopped=proc.pid)
+                print(
+                    f"ingest alone on a backlog of {N} records: {alone:,.0f} records/s ({N / alone:.2f}s); "
+                    f"{cpu_report(before, cpu_usage({'ingest': proc.pid}))}"
+                )
         finally:
             proc.terminate()
             proc.wait(30)
