@@ -195,25 +195,18 @@ class _Parts(io.RawIOBase):
         view = memoryview(data).cast("B")
         n = len(view)
         if self._pos == self._size:  # appending
-            if n >= self._BY_REFERENCE:
-                self.parts.append(view)
-            elif self.parts and isinstance(self.parts[-1], bytearray):
-                self.parts[-1] += view
-                self._size += n
-                self._pos += n
-                return n
+            if n < self._BY_REFERENCE and self.parts and isinstance(self.parts[-1], bytearray):
+                self.parts[-1] += view  # small writes share one copied part
             else:
-                self.parts.append(bytearray(view))
-            self._starts.append(self._size)
+                self._starts.append(self._size)
+                self.parts.append(view if n >= self._BY_REFERENCE else bytearray(view))
             self._size += n
-            self._pos += n
-            return n
-        # rewriting what was written: only ever a header, which was copied
-        i = bisect.bisect_right(self._starts, self._pos) - 1
-        part, at = self.parts[i], self._pos - self._starts[i]
-        if not isinstance(part, bytearray) or at + n > len(part):
-            raise io.UnsupportedOperation("only copied bytes can be rewritten")
-        part[at : at + n] = view
+        else:  # rewriting what was written: only ever a header, which was copied
+            i = bisect.bisect_right(self._starts, self._pos) - 1
+            part, at = self.parts[i], self._pos - self._starts[i]
+            if not isinstance(part, bytearray) or at + n > len(part):
+                raise io.UnsupportedOperation("only copied bytes can be rewritten")
+            part[at : at + n] = view
         self._pos += n
         return n
 
@@ -228,19 +221,19 @@ def shard_parts(columns: Mapping[str, npt.NDArray[Any] | Sequence[npt.NDArray[An
     headers are the only new bytes. A shard of float32 digits is ~5 MiB;
     ``np.savez`` made three copies of it.
     """
-    parts: dict[str, list[npt.NDArray[Any]]] = {
+    chunks_of: dict[str, list[npt.NDArray[Any]]] = {
         name: [np.asarray(c) for c in col] if isinstance(col, list | tuple) else [np.asarray(col)]
         for name, col in columns.items()
     }
-    for name, chunks in parts.items():
+    for name, chunks in chunks_of.items():
         if len({c.dtype for c in chunks}) > 1 or len({c.shape[1:] for c in chunks}) > 1:
-            parts[name] = [np.concatenate(chunks)]  # e.g. id chunks of different widths
-    lengths = {name: sum(len(c) for c in chunks) for name, chunks in parts.items()}
+            chunks_of[name] = [np.concatenate(chunks)]  # e.g. id chunks of different widths
+    lengths = {name: sum(len(c) for c in chunks) for name, chunks in chunks_of.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"shard columns differ in length: {lengths}")
     sink = _Parts()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, chunks in parts.items():
+        for name, chunks in chunks_of.items():
             first = chunks[0]
             header = {
                 "descr": np.lib.format.dtype_to_descr(first.dtype),  # type: ignore[no-untyped-call]

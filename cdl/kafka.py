@@ -488,7 +488,17 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
             raise UnavailableError("transaction failed; restart to recover", error=str(exc)) from exc
 
 
-class TransactionalLoop(_TransactionalBase[_Consumer | NativeConsumer]):
+class _BatchConsumer(_Consumer):
+    """confluent-kafka's consumer, handing over batches as :class:`NativeConsumer` does
+    (the loop's consumer where the columnar one is not available)."""
+
+    def consume_batches(self, max_records: int, timeout_s: float) -> tuple[int, list[InBatch]]:
+        """Up to ``max_records`` messages, one :class:`InBatch` per topic; and how many in all."""
+        msgs = self.consume(max_records, timeout_s)
+        return len(msgs), _columns(msgs)
+
+
+class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
     """Consume in batches; publish each flush's records and the input offsets in one transaction.
 
     Exactly-once from the consumer's point of view: after a crash the next
@@ -516,14 +526,15 @@ class TransactionalLoop(_TransactionalBase[_Consumer | NativeConsumer]):
     ) -> None:
         conf = consumer_conf(bootstrap, group_id, consumer_config)
         super().__init__(
-            consumer=NativeConsumer(conf, batch_size) if columnar and native_available() else _Consumer(conf),
+            consumer=NativeConsumer(conf, batch_size) if columnar and native_available() else _BatchConsumer(conf),
             bootstrap=bootstrap,
             group_id=group_id,
             topics=topics,
             transactional_id=transactional_id,
             producer_config=producer_config,
         )
-        log.info("transactional loop", consumer=type(self._consumer).__name__, topics=list(topics))
+        consumer = "NativeConsumer" if isinstance(self._consumer, NativeConsumer) else "Consumer"  # confluent-kafka's
+        log.info("transactional loop", consumer=consumer, topics=list(topics))
         self._processor = processor
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
@@ -537,11 +548,7 @@ class TransactionalLoop(_TransactionalBase[_Consumer | NativeConsumer]):
         try:
             while not self._stop.is_set() and not (until is not None and until()):
                 # a short wait: consume() holds a partial batch until the timeout
-                if isinstance(self._consumer, NativeConsumer):
-                    n, batches = self._consumer.consume_batches(self._batch_size, 0.05)
-                else:
-                    msgs = self._consumer.consume(self._batch_size, 0.05)
-                    n, batches = len(msgs), _columns(msgs)
+                n, batches = self._consumer.consume_batches(self._batch_size, 0.05)
                 for batch in batches:
                     batch.caught_up = n < self._batch_size
                     self._processor.on_batch(batch)
