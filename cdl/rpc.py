@@ -1,14 +1,23 @@
 """gRPC transport helpers: the error interceptor and health service.
 
 The interceptor is the one place where cdl's error hierarchy becomes gRPC
-status codes: a servicer raises :class:`~cdl.errors.CdlError` subclasses and
-the caller sees the matching code with the error's message as details.
+status codes, for all four kinds of rpc (unary and streaming, on either side):
+
+- a servicer's own ``context.abort(code, details)`` (or ``abort_with_status``)
+  reaches the caller unchanged;
+- a raised :class:`~cdl.errors.CdlError` subclass reaches the caller as its
+  :attr:`~cdl.errors.CdlError.grpc_code` with the error's message as details;
+- anything else is logged with its traceback and reaches the caller as
+  ``INTERNAL`` with a generic message naming only the exception's class.
+
+For server-streaming rpcs the mapping also covers errors raised while the
+response stream is being produced, after some messages have been sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeAlias
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,9 +25,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cdl.errors import CdlError
 from cdl.logging import get_logger
 
-__all__ = ["AsyncErrorInterceptor", "ErrorInterceptor", "add_health", "status_code"]
+__all__ = ["ErrorInterceptor", "add_health", "status_code"]
 
 log = get_logger(__name__)
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Behavior: TypeAlias = Callable[[Any, Any], Any]
 
 
 def status_code(exc: BaseException) -> grpc.StatusCode:
@@ -28,42 +40,91 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _wrap_sync(behavior: Callable[..., Any]) -> Callable[..., Any]:
+class _Context:
+    """The servicer's view of its :class:`grpc.ServicerContext`, noting whether it aborted.
+
+    grpc's synchronous ``abort`` records the status on the call and raises a
+    plain ``Exception``, which cannot be told from an application error by its
+    type; this proxy remembers that the servicer aborted, so the interceptor
+    lets grpc send the servicer's status instead of replacing it. Everything
+    else is the real context's.
+    """
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+        self.aborted = False
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        self.aborted = True
+        self._context.abort(code, details)
+
+    def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        self.aborted = True
+        self._context.abort_with_status(status)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _fail(method: str, context: grpc.ServicerContext, view: _Context, exc: Exception) -> None:
+    """Set the rpc's status for ``exc`` raised by a servicer (via ``context.abort``, which raises).
+
+    Returns, for the caller to re-raise ``exc``, only where the status is
+    already settled: the servicer aborted, or the call is over.
+    """
+    if view.aborted:
+        return  # the servicer's own abort: grpc already holds its status
+    if isinstance(exc, CdlError):
+        context.abort(status_code(exc), str(exc))
+    if isinstance(exc, grpc.RpcError) and not context.is_active():
+        return  # the call is over (e.g. the client cancelled its request stream)
+    log.exception("unhandled error in rpc", method=method, error=type(exc).__name__)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+def _wrap_unary_response(method: str, behavior: Behavior) -> Behavior:
     def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+        view = _Context(context)
         try:
-            return behavior(request, context)
-        except CdlError as exc:
-            context.abort(status_code(exc), str(exc))
+            return behavior(request, view)
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError):  # already aborted
-                raise
-            log.exception("unhandled error in rpc")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            _fail(method, context, view, exc)
+            raise
 
     return wrapper
 
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        view = _Context(context)
+        try:
+            yield from behavior(request, view)
+        except Exception as exc:
+            _fail(method, context, view, exc)
+            raise
+
+    return wrapper
 
 
-def _rewrap(handler: Handler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Handler:
+def _rewrap(method: str, handler: Handler) -> Handler:
+    """The same handler with its behavior wrapped, whichever of the four kinds it is."""
+    common: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return grpc.unary_unary_rpc_method_handler(_wrap_unary_response(method, handler.unary_unary), **common)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(_wrap_stream_response(method, handler.unary_stream), **common)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap(handler.stream_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return grpc.stream_unary_rpc_method_handler(_wrap_unary_response(method, handler.stream_unary), **common)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(_wrap_stream_response(method, handler.stream_stream), **common)
     return handler
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps :class:`CdlError` to status codes for unary and client-streaming rpcs (sync server)."""
+    """Maps servicer errors to gRPC status codes on every rpc of a (sync) server; see the module doc."""
 
     def intercept_service(
         self,
@@ -73,36 +134,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        return _rewrap(handler, _wrap_sync)
-
-
-def _wrap_async(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            return await behavior(request, context)
-        except CdlError as exc:
-            await context.abort(status_code(exc), str(exc))
-        except Exception as exc:
-            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "AbortError":
-                raise
-            log.exception("unhandled error in rpc")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-
-    return wrapper
-
-
-class AsyncErrorInterceptor(grpc.aio.ServerInterceptor):
-    """The same mapping for ``grpc.aio`` servers."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return _rewrap(handler, _wrap_async)
+        return _rewrap(handler_call_details.method, handler)
 
 
 def add_health(server: grpc.Server | grpc.aio.Server, services: Iterable[str]) -> health.HealthServicer:
