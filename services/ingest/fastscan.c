@@ -16,7 +16,10 @@
  * For accepted records it writes the features in the dataset's dtype (a value
  * that does not fit it leaves the record undecided), the label index, the
  * holdout flag (split hash: FNV-1a 64 of "<dataset>\0<id>" with the murmur3
- * finaliser, as cdl.datasets.unit_hash) and the id (NUL-separated).
+ * finaliser, as cdl.datasets.unit_hash) and the id (NUL-separated). An id
+ * longer than the caller's limit leaves its record undecided, so the ids a
+ * scan writes, and the id column built from them, stay bounded whatever a
+ * batch holds.
  */
 #include <float.h>
 #include <math.h>
@@ -327,8 +330,9 @@ static double unit_hash(const char *dataset, int64_t dataset_len, const unsigned
 
 /* One record: ACCEPTED (outputs written), UNDECIDED or OTHER_DATASET (with its span). */
 static int scan_record(cursor *c, const char *dataset, int64_t dataset_len, const char *labels,
-                       const int64_t *label_bounds, int64_t n_labels, int64_t size, double *row, int32_t *label_out,
-                       const unsigned char **id, int64_t *id_len, const unsigned char **ds, int64_t *ds_len) {
+                       const int64_t *label_bounds, int64_t n_labels, int64_t size, int64_t max_id_len, double *row,
+                       int32_t *label_out, const unsigned char **id, int64_t *id_len, const unsigned char **ds,
+                       int64_t *ds_len) {
     int have_ds = 0, have_id = 0, have_features = 0, have_label = 0;
     int32_t label = -1;
     skip_ws(c);
@@ -350,7 +354,7 @@ static int scan_record(cursor *c, const char *dataset, int64_t dataset_len, cons
             if (*ds_len == 0) return UNDECIDED;
             if (*ds_len != dataset_len || memcmp(*ds, dataset, (size_t)dataset_len) != 0) return OTHER_DATASET;
         } else if (key_is(key, klen, "id")) {
-            if (have_id || scan_string(c, id, id_len) != 0 || *id_len == 0) return UNDECIDED;
+            if (have_id || scan_string(c, id, id_len) != 0 || *id_len == 0 || *id_len > max_id_len) return UNDECIDED;
             have_id = 1;
         } else if (key_is(key, klen, "features")) {
             if (have_features) return UNDECIDED;
@@ -430,17 +434,19 @@ static int store_row(const double *row, int64_t size, int dtype, void *out, int6
 
 /*
  * Scan the records `which[0..n)` of `buf` (record r spans bounds[r]..bounds[r+1])
- * as records of `dataset`, whose features are `size` values of `dtype`.
+ * as records of `dataset`, whose features are `size` values of `dtype`; a record
+ * whose id is longer than `max_id_len` bytes is left undecided.
  * Per scanned record k: status[k]; for another dataset, ds_span[2k], ds_span[2k+1]
  * hold that dataset's offset and length in buf. Accepted records are written
  * compactly, in order: row j of x_out (dtype), label_out[j], holdout_out[j] (1 when
  * the split hash is below holdout_fraction) and the id appended to ids_out
- * (NUL-terminated; *ids_used says how many bytes). Returns the number accepted,
- * or -1 when memory ran out.
+ * (NUL-terminated; *ids_used says how many bytes; ids_out must hold the smaller of
+ * the scanned records' total length and n * (max_id_len + 1), plus one). Returns
+ * the number accepted, or -1 when memory ran out.
  */
 int64_t cdl_scan_json(const unsigned char *buf, const int64_t *bounds, const int64_t *which, int64_t n,
                       const char *dataset, int64_t dataset_len, const char *labels, const int64_t *label_bounds,
-                      int64_t n_labels, int64_t size, int dtype, double holdout_fraction, void *x_out,
+                      int64_t n_labels, int64_t size, int dtype, double holdout_fraction, int64_t max_id_len, void *x_out,
                       int32_t *label_out, uint8_t *holdout_out, char *ids_out, int64_t *ids_used, int8_t *status,
                       int64_t *ds_span) {
     double *row = malloc((size_t)(size > 0 ? size : 1) * sizeof(double));
@@ -453,8 +459,8 @@ int64_t cdl_scan_json(const unsigned char *buf, const int64_t *bounds, const int
         const unsigned char *id = NULL, *ds = NULL;
         int64_t id_len = 0, ds_len = 0;
         int32_t label = -1;
-        int st = scan_record(&c, dataset, dataset_len, labels, label_bounds, n_labels, size, row, &label, &id,
-                             &id_len, &ds, &ds_len);
+        int st = scan_record(&c, dataset, dataset_len, labels, label_bounds, n_labels, size, max_id_len, row, &label,
+                             &id, &id_len, &ds, &ds_len);
         if (st == ACCEPTED && !store_row(row, size, dtype, x_out, accepted)) st = UNDECIDED;
         status[k] = (int8_t)st;
         if (st == OTHER_DATASET) {
@@ -472,6 +478,23 @@ int64_t cdl_scan_json(const unsigned char *buf, const int64_t *bounds, const int
     free(row);
     *ids_used = ids - ids_out;
     return accepted;
+}
+
+/*
+ * The ids of a scan (ASCII, from cdl_scan_json's ids_out) as a fixed-width
+ * UCS-4 column out[n][width] (what numpy's "<U{width}" holds): id k is
+ * blob[starts[k]..starts[k]+lengths[k]), zero-padded. Nothing but the column
+ * is allocated, however the lengths vary.
+ */
+void cdl_ids_ucs4(const unsigned char *blob, const int64_t *starts, const int64_t *lengths, int64_t n, int64_t width,
+                  uint32_t *out) {
+    for (int64_t k = 0; k < n; k++) {
+        uint32_t *o = out + k * width;
+        const unsigned char *s = blob + starts[k];
+        int64_t len = lengths[k] < width ? lengths[k] : width;
+        for (int64_t i = 0; i < len; i++) o[i] = s[i];
+        for (int64_t i = len; i < width; i++) o[i] = 0;
+    }
 }
 
 /*

@@ -5,7 +5,13 @@ into ``$CDL_HOME/native/`` and loaded with ctypes (no Python build step). It
 accepts only plainly valid records and leaves every other one to the careful
 Python path (:func:`services.ingest.records.parse` + ``clean``), which names
 the reason; so it changes speed, never a verdict. Without a C compiler the
-stream runs on the careful path alone (correct, slower) and says so in the log.
+stream runs on the careful path alone (correct, slower) and says so in the log
+(``CDL_INGEST_NO_FASTSCAN=1`` forces that). Memory per scan is bounded by the
+batch and ``max_id_bytes``: a longer id leaves its record to the careful path.
+
+``CDL_FASTSCAN_LIB=<path>`` loads a prebuilt scanner instead of building one:
+the fuzz test's hook for a build with AddressSanitizer and UBSan
+(``tests/unit/test_fastscan_fuzz.py``, ``docs/native.md``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ _i64p = np.ctypeslib.ndpointer(dtype=np.int64, flags="C_CONTIGUOUS")
 _i32p = np.ctypeslib.ndpointer(dtype=np.int32, flags="C_CONTIGUOUS")
 _i8p = np.ctypeslib.ndpointer(dtype=np.int8, flags="C_CONTIGUOUS")
 _u8p = np.ctypeslib.ndpointer(dtype=np.uint8, flags="C_CONTIGUOUS")
+_u32p = np.ctypeslib.ndpointer(dtype=np.uint32, flags="C_CONTIGUOUS")
 
 
 @functools.cache
@@ -41,7 +48,8 @@ def _load() -> ctypes.CDLL | None:
     """Build (once per source version) and load the scanner; None when that is impossible."""
     if os.environ.get("CDL_INGEST_NO_FASTSCAN"):
         return None
-    lib = native.load(_SOURCE)
+    prebuilt = os.environ.get("CDL_FASTSCAN_LIB")
+    lib = ctypes.CDLL(prebuilt) if prebuilt else native.load(_SOURCE)
     if lib is None:
         return None
     fn = lib.cdl_scan_json
@@ -59,6 +67,7 @@ def _load() -> ctypes.CDLL | None:
         ctypes.c_int64,  # size
         ctypes.c_int,  # dtype code
         ctypes.c_double,  # holdout fraction
+        ctypes.c_int64,  # max id length
         ctypes.c_void_p,  # x_out
         _i32p,  # label_out
         _u8p,  # holdout_out
@@ -74,6 +83,7 @@ def _load() -> ctypes.CDLL | None:
         ("cdl_idset_len", ctypes.c_int64, [idset]),
         ("cdl_idset_contains", ctypes.c_int, [idset, ctypes.c_char_p, ctypes.c_int64]),
         ("cdl_idset_add_many", ctypes.c_int64, [idset, ctypes.c_char_p, _i64p, _i64p, ctypes.c_int64, _u8p]),
+        ("cdl_ids_ucs4", None, [_u8p, _i64p, _i64p, ctypes.c_int64, ctypes.c_int64, _u32p]),
     ):
         getattr(lib, name).restype = res
         getattr(lib, name).argtypes = args
@@ -140,9 +150,14 @@ class Scan:
 _DTYPES = {"float32": 0, "float64": 1, "uint8": 2, "int64": 3}
 
 
-def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec) -> Scan | None:
+def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec, max_id_bytes: int = 256) -> Scan | None:
     """Scan records ``which`` of ``batch`` as records of ``spec``; None without the C scanner
-    (or for a dtype it does not write)."""
+    (or for a dtype it does not write).
+
+    A record whose id is longer than ``max_id_bytes`` bytes is left undecided (the careful
+    path rejects it with its reason), so the id column costs at most
+    ``len(which) * max_id_bytes * 4`` bytes.
+    """
     lib = _load()
     if lib is None or spec.dtype not in _DTYPES:
         return None
@@ -158,7 +173,10 @@ def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec) -> S
     holdout = np.empty(n, dtype=np.uint8)
     status = np.empty(n, dtype=np.int8)
     spans = np.zeros(2 * n, dtype=np.int64)
-    ids_out = np.empty(len(batch.buf) + n + 1, dtype=np.uint8)  # ids are no longer than their records
+    max_id_bytes = max(int(max_id_bytes), 0)
+    scanned = int((batch.bounds[which + 1] - batch.bounds[which]).sum()) if n else 0
+    # each id is no longer than its record, nor than max_id_bytes; plus its NUL
+    ids_out = np.empty(min(scanned + n, n * (max_id_bytes + 1)) + 1, dtype=np.uint8)
     used = np.zeros(1, dtype=np.int64)
     accepted = int(
         lib.cdl_scan_json(
@@ -174,6 +192,7 @@ def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec) -> S
             size,
             _DTYPES[spec.dtype],
             spec.holdout_fraction,
+            max_id_bytes,
             x.ctypes.data,
             labels,
             holdout,
@@ -195,16 +214,17 @@ def scan(batch: JsonBatch, which: npt.NDArray[np.int64], spec: DatasetSpec) -> S
         x[:accepted].reshape(accepted, *spec.input_shape),
         labels[:accepted],
         holdout[:accepted].view(np.bool_),
-        *_id_columns(blob, accepted),
+        *_id_columns(lib, blob, accepted),
         other,
     )
 
 
 def _id_columns(
-    blob: npt.NDArray[np.uint8], n: int
+    lib: ctypes.CDLL, blob: npt.NDArray[np.uint8], n: int
 ) -> tuple[npt.NDArray[np.str_], bytes, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """NUL-terminated ASCII ids as a ``<U{longest}`` array (no Python object per id),
-    and as bytes with each id's start and length."""
+    """NUL-terminated ASCII ids as a ``<U{longest}`` array (no Python object per id; nothing
+    allocated but the column itself, ``n * longest * 4`` bytes), and as bytes with each id's
+    start and length."""
     if n == 0:
         none = np.empty(0, dtype=np.int64)
         return np.empty(0, dtype="<U1"), b"", none, none
@@ -214,9 +234,8 @@ def _id_columns(
     starts[1:] = ends[:-1] + 1
     lengths = ends - starts
     width = max(int(lengths.max()), 1)
-    cols = np.arange(width)
-    chars = blob[np.minimum(starts[:, None] + cols, len(blob) - 1)].astype(np.uint32)
-    chars[cols >= lengths[:, None]] = 0  # past an id's end: the padding a <U column has
+    chars = np.empty((n, width), dtype=np.uint32)  # UCS-4, zero-padded past each id's end: a <U column
+    lib.cdl_ids_ucs4(blob, starts, lengths, n, width, chars)
     column: npt.NDArray[np.str_] = chars.view(f"<U{width}").reshape(n)
     return column, blob.tobytes(), starts, lengths
 

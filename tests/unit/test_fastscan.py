@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -236,3 +237,44 @@ def test_scanned_ids_go_into_the_id_set_in_stream_order() -> None:
     ids.add("r")
     assert ids.add_bytes(sc.id_bytes, sc.id_starts, sc.id_lengths).tolist() == [True, True, False, False]
     assert [sc.id_at(k) for k in range(4)] == sc.ids == ["p", "q", "p", "r"]
+
+
+def test_an_id_over_the_limit_is_left_to_the_careful_path() -> None:
+    def rec(rid: bytes) -> bytes:
+        return b'{"dataset":"fs","id":"%s","features":[1,2,3,4],"label":"a"}' % rid
+
+    values = [rec(b"i" * n) for n in (1, 255, 256, 257, 50_000)]
+    sc, out = _fast(values)
+    assert sc.status.tolist() == [fastscan.ACCEPTED] * 3 + [fastscan.UNDECIDED] * 2
+    assert [len(o[0]) for o in out] == [1, 255, 256]
+    assert sc.id_column.dtype == np.dtype("<U256")
+    tight = fastscan.scan(fastscan.JsonBatch.of(values), np.arange(len(values)), SPEC, max_id_bytes=8)
+    assert tight is not None
+    assert tight.status.tolist() == [fastscan.ACCEPTED] + [fastscan.UNDECIDED] * 4
+    assert tight.ids == ["i"] and tight.id_column.dtype == np.dtype("<U1")
+
+
+def test_one_huge_id_in_a_large_batch_costs_no_more_memory() -> None:
+    # the id column was once n x longest id x 12 bytes: ~6 GB for one 50 kB id among 10,000 records
+    values = [b'{"dataset":"fs","id":"r%d","features":[1,2,3,4],"label":"a"}' % i for i in range(10_000)]
+    values[5000] = b'{"dataset":"fs","id":"%s","features":[1,2,3,4],"label":"a"}' % (b"x" * 50_000)
+    batch = fastscan.JsonBatch.of(values)
+    tracemalloc.start()
+    try:
+        sc = fastscan.scan(batch, np.arange(len(values)), SPEC)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sc is not None
+    assert sc.status[5000] == fastscan.UNDECIDED and (np.delete(sc.status, 5000) == fastscan.ACCEPTED).all()
+    assert sc.id_column.dtype == np.dtype("<U5") and sc.id_column[5000] == "r5001"
+    assert peak < 8 * 2**20, f"a scan of 10,000 small records took {peak / 2**20:.1f} MiB"
+
+
+def test_the_id_column_pads_ids_of_mixed_lengths() -> None:
+    rids = [b"a" * n for n in (256, 1, 0, 17, 256, 2)]
+    values = [b'{"dataset":"fs","id":"%s","features":[1,2,3,4],"label":"b"}' % r for r in rids]
+    sc, _ = _fast(values)
+    want = [r.decode() for r in rids if r]
+    assert sc.id_column.tolist() == sc.ids == want
+    assert np.array_equal(sc.id_column, np.array(want))
