@@ -1,59 +1,185 @@
 """C helpers built on first use and loaded with ctypes (no Python build step).
 
-Each source is compiled once per version (source, flags and link inputs hashed)
-with the system C compiler into ``$CDL_HOME/native/`` and cached there;
-``scripts/setup.sh`` builds them ahead of time. Without a compiler, ``load``
-returns None and the caller takes its pure-Python path, saying so in the log.
+Each source is compiled with the system C compiler into
+``$CDL_HOME/native/<stem>-<hash>.so`` and cached there; ``scripts/setup.sh``
+builds them ahead of time. The hash covers everything that changes the
+binary: the source, the flags, the compiler (its path and ``--version``), the
+link inputs (a file by path, size and modification time) and the caller's
+``key`` (e.g. the Python and confluent-kafka versions), so environments that
+share one ``CDL_HOME`` each get their own build and none rebuilds or deletes
+another's. Only temp files of builds that died and builds unused for
+:data:`PRUNE_AFTER_S` are removed.
+
+A helper that cannot be built or loaded is a warning (with the compiler's
+output) and ``load`` returns None: the caller takes its pure-Python path. With
+``CDL_NATIVE_REQUIRED=1`` (set by ``scripts/setup.sh``; the default when
+``CI=true``) it is an error instead: :class:`NativeBuildError`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cdl.errors import ConfigError
 from cdl.logging import get_logger
 from cdl.settings import cdl_home
 
-__all__ = ["load"]
+__all__ = ["CFLAGS", "PRUNE_AFTER_S", "NativeBuildError", "build", "fallback", "load", "required"]
 
 log = get_logger(__name__)
 
 CFLAGS = ("-O3", "-std=c99", "-Wall", "-Werror", "-shared", "-fPIC")
+#: a cached build nobody loaded for this long is removed (each load marks its file used)
+PRUNE_AFTER_S = 30 * 86400
+#: a temp file this old belongs to a build that died (a live build takes seconds)
+_STALE_TMP_S = 3600
+_TMP_SUFFIX = ".so.tmp"
 
 
-def _build(source: Path, target: Path, link: Sequence[str]) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
+class NativeBuildError(ConfigError):
+    """A C helper could not be built or loaded where it is required (``CDL_NATIVE_REQUIRED``)."""
+
+
+def required() -> bool:
+    """Whether a helper that cannot be built is an error rather than a fallback.
+
+    ``CDL_NATIVE_REQUIRED=1`` (or ``0``) says so; unset, it is required under CI (``CI=true``).
+    """
+    value = os.environ.get("CDL_NATIVE_REQUIRED")
+    if value is None:
+        value = os.environ.get("CI", "")
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def fallback(message: str, **context: object) -> None:
+    """A helper is unavailable: a warning (its caller takes the pure-Python path), or
+    :class:`NativeBuildError` when :func:`required`."""
+    if required():
+        raise NativeBuildError(message, **context)
+    log.warning(f"{message}; the pure-Python path runs instead", **context)
+
+
+def _compiler_argv() -> list[str]:
+    cc = os.environ.get("CC")
+    argv = shlex.split(cc) if cc else [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not argv or not argv[0]:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
+    found = shutil.which(argv[0])
+    if found is None:
+        raise FileNotFoundError(f"C compiler {argv[0]!r} not found")
+    return [os.path.realpath(found), *argv[1:]]
+
+
+@functools.cache
+def _compiler_version(argv: tuple[str, ...]) -> str:
+    out = subprocess.run([*argv, "--version"], capture_output=True, text=True, check=False, timeout=60)
+    return out.stdout + out.stderr
+
+
+def _link_inputs(link: Sequence[str]) -> list[str]:
+    """The link arguments, each file among them with its size and modification time."""
+    out = []
+    for arg in link:
+        path = Path(arg)
+        if not arg.startswith("-") and path.is_file():
+            st = path.stat()
+            out.append(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        else:
+            out.append(arg)
+    return out
+
+
+def _fingerprint(source: Path, flags: Sequence[str], link: Sequence[str], key: str) -> str:
+    argv = _compiler_argv()
+    parts = [
+        source.read_bytes(),
+        "\0".join(flags).encode(),
+        "\0".join(_link_inputs(link)).encode(),
+        "\0".join(argv).encode(),
+        _compiler_version(tuple(argv)).encode(),
+        key.encode(),
+    ]
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def build(source: Path, target: Path, link: Sequence[str] = ("-lm",), flags: Sequence[str] = CFLAGS) -> None:
+    """Compile ``source`` into the shared library ``target`` (atomically: concurrent builders race harmlessly).
+
+    Raises :class:`NativeBuildError` with the compiler's output when it fails.
+    """
+    argv = _compiler_argv()
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=_TMP_SUFFIX, dir=target.parent)
     os.close(fd)
+    cmd = [*argv, *flags, "-o", tmp, str(source), *link]
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, str(source), *link], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
-        for old in target.parent.glob(f"{source.stem}-*.so"):  # builds of earlier versions
-            if old != target:
-                old.unlink(missing_ok=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+        if done.returncode != 0:
+            output = (done.stderr or done.stdout).strip()
+            raise NativeBuildError(
+                f"building {source.name} failed (exit {done.returncode}):\n{output}", command=shlex.join(cmd)
+            )
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def load(source: Path, link: Sequence[str] = ("-lm",)) -> ctypes.CDLL | None:
-    """Build ``source`` (once per version) and load it; None when that is impossible."""
-    digest = hashlib.sha256(source.read_bytes() + " ".join([*CFLAGS, *link]).encode()).hexdigest()[:16]
-    target = cdl_home() / "native" / f"{source.stem}-{digest}.so"
+def _prune(folder: Path, keep: Path) -> None:
+    """Remove temp files of builds that died, and builds nobody loaded for :data:`PRUNE_AFTER_S`."""
+    now = time.time()
+    for path in folder.iterdir():
+        try:
+            age = now - path.stat().st_mtime
+            stale_tmp = path.name.endswith(_TMP_SUFFIX) and age > _STALE_TMP_S
+            unused = path.suffix == ".so" and path != keep and age > PRUNE_AFTER_S
+            if stale_tmp or unused:
+                path.unlink()
+        except OSError:  # another environment removed or replaced it meanwhile
+            continue
+
+
+def load(source: Path, link: Sequence[str] = ("-lm",), key: str = "") -> ctypes.CDLL | None:
+    """Build ``source`` (once per build fingerprint, see the module docstring) and load it.
+
+    None, with a warning, when that is impossible; :class:`NativeBuildError` (with the
+    compiler's output) instead when :func:`required`.
+    """
     try:
+        target = cdl_home() / "native" / f"{source.stem}-{_fingerprint(source, CFLAGS, link, key)}.so"
         if not target.exists():
-            _build(source, target, link)
-        return ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
-        log.warning("native helper unavailable; the pure-Python path runs instead", source=source.name, error=detail)
+            build(source, target, link)
+        lib = ctypes.CDLL(str(target))
+    except NativeBuildError as exc:
+        if required():
+            raise
+        log.warning(
+            "native helper unavailable; the pure-Python path runs instead",
+            source=source.name,
+            error=exc.message,
+            **exc.context,
+        )
         return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        fallback(f"native helper {source.name} unavailable: {exc}")
+        return None
+    try:
+        os.utime(target)  # in use: not pruned
+        _prune(target.parent, target)
+    except OSError:
+        pass
+    return lib

@@ -60,10 +60,16 @@ step "Triton Inference Server (from nvidia-pytriton)"
 
 step "C helpers: ingest's JSON scanner, the columnar Kafka consumer (built once per source version)"
 if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then apt_install gcc libc6-dev; fi
-"$CDL_VENV/bin/python" -c "from services.ingest import fastscan; assert fastscan.available(), 'C scanner did not build'"
-"$CDL_VENV/bin/python" -c "from cdl import kafka_native; assert kafka_native.available(), 'columnar consumer did not build'"
-ok "$(ls "$CDL_HOME"/native/fastscan-*.so | tail -1)"
-ok "$(ls "$CDL_HOME"/native/rdbatch-*.so | tail -1)"
+# required: a build that fails (e.g. a new warning under -Werror) stops set-up here with the
+# compiler's output, rather than leaving the services on the slow path (docs/native.md)
+CDL_NATIVE_REQUIRED=1 "$CDL_VENV/bin/python" -c "
+from services.ingest import fastscan
+from cdl import kafka_native
+assert fastscan.available(), 'C scanner did not build'
+assert kafka_native.available(), 'columnar consumer did not build'
+print('    ' + fastscan._load()._name)
+print('    ' + kafka_native._load()._name)
+"
 
 step "PostgreSQL server"
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then apt_install postgresql; fi
