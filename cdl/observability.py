@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 
-__all__ = ["EVENTS", "HANDLER_SECONDS", "HttpEndpoint", "serve_http"]
+__all__ = ["CONSUME_ERRORS", "EVENTS", "HANDLER_SECONDS", "HttpEndpoint", "count_consume_error", "serve_http"]
 
 #: events seen by consumer loops, by topic, group and outcome
 EVENTS = Counter(
@@ -29,6 +29,20 @@ HANDLER_SECONDS = Histogram(
     ["group"],
     buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 60, 300, 1800),
 )
+
+#: errors a Kafka consumer reported instead of a record, by librdkafka's error name
+CONSUME_ERRORS = Counter(
+    "cdl_kafka_consume_errors_total",
+    "Errors Kafka consumers reported while consuming (end-of-partition events are not errors)",
+    ["code"],
+)
+
+
+def count_consume_error(code: str, count: int = 1) -> None:
+    """Count ``count`` consume errors of ``code``: librdkafka's error name, as ``KafkaError.name()``
+    gives it (e.g. ``_TRANSPORT``, ``UNKNOWN_TOPIC_OR_PART``)."""
+    CONSUME_ERRORS.labels(code=code).inc(count)
+
 
 HealthFn = Callable[[], tuple[bool, dict[str, object]]]
 
