@@ -1,16 +1,28 @@
-"""Kafka transport: an idempotent producer and an at-least-once consumer loop.
+"""Kafka transport: an idempotent producer and the two exactly-once loops.
 
-The loop decodes each record into an :class:`~cdl.events.Event`, skips events
-whose ``ce_id`` its group already handled, calls the handler, produces the
-events the handler returned, waits for the broker to acknowledge them, marks
-the event handled and only then commits the offset. Retryable errors are
-retried with exponential backoff; permanent failures and undecodable records go
-to the dead-letter topic with the original key, value and headers plus a
-``cdl-reason`` header. SIGTERM/SIGINT stop the loop after the current record.
+- :class:`TransactionalLoop` consumes a stream in batches and publishes, every
+  flush, what its processor returns together with the consumed offsets in one
+  Kafka transaction (ingest).
+- :class:`JobLoop` runs one long job per event (trainer, compressor) and
+  commits the job's outputs with the event's offset in one transaction.
+
+Failures follow one policy (:mod:`cdl.failure`). A transaction that fails is
+retried in place with the same records and offsets (they are still exactly
+what the loop's in-memory state accounts for); one that cannot be committed
+— the broker stays away, the producer is fenced, the group took the
+partitions away — ends the loop's *session*: the consumer is closed without
+committing anything, a new consumer and producer are made, the transactional
+id is initialised again (which aborts or completes whatever the broker still
+holds open) and the loop's state is rebuilt from what Kafka committed
+(``on_restore``), then it goes on from the committed offsets. No offset is
+ever committed past a record whose effects were not committed with it: the
+revoke hook that commits on a rebalance is disarmed before a failed session's
+consumer is closed. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -23,20 +35,20 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka import Producer as _Producer
+from prometheus_client import Counter as PromCounter
 
 from cdl.dedupe import MemoryProcessedStore, ProcessedStore
-from cdl.errors import CdlError, DecodeError, UnavailableError
+from cdl.errors import DecodeError, UnavailableError
 from cdl.events import Event, Headers, InBatch, OutRecord, Topics, dead_letter, decode, encode
+from cdl.failure import DEFAULT_POLICY, DeadLetterReason, FailurePolicy, Verdict
 from cdl.kafka_native import NativeConsumer
 from cdl.kafka_native import available as native_available
 from cdl.logging import get_logger
-from cdl.observability import EVENTS, HANDLER_SECONDS
+from cdl.observability import EVENTS, HANDLER_SECONDS, count_consume_error
 
 __all__ = [
-    "ConsumerLoop",
-    "Delivery",
+    "FencedError",
     "JobLoop",
-    "Outgoing",
     "Producer",
     "RecordContext",
     "TransactionalLoop",
@@ -46,6 +58,19 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+SESSIONS = PromCounter(
+    "cdl_loop_sessions_restarted_total", "Loop sessions ended by a failure and started again in place", ["group"]
+)
+TXN_RETRIES = PromCounter("cdl_loop_transaction_retries_total", "Transactions tried again after a failure", ["group"])
+
+
+class FencedError(UnavailableError):
+    """Another instance with the same transactional id took over (repeatedly): this one must stop."""
+
+
+class _SessionLostError(Exception):
+    """The loop cannot go on with its consumer and producer: start a new session."""
 
 
 def _produce(
@@ -111,13 +136,6 @@ def consumer_conf(bootstrap: str, group_id: str, extra: dict[str, Any] | None = 
     }
 
 
-@dataclass(frozen=True)
-class Delivery:
-    topic: str
-    partition: int
-    offset: int
-
-
 class Producer:
     """Idempotent (``acks=all``) producer; ``flush`` raises when anything failed."""
 
@@ -155,26 +173,6 @@ class Producer:
         key, value, headers = encode(event)
         self.send_raw(topic, value, key, headers)
 
-    def publish(self, topic: str, event: Event, timeout_s: float = 30.0) -> Delivery:
-        """Send one event and wait for the broker's acknowledgement."""
-        result: list[Delivery | str] = []
-
-        def done(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                result.append(str(err))
-            else:
-                result.append(Delivery(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)))
-
-        key, value, headers = encode(event)
-        self.send_raw(topic, value, key, headers, on_delivery=done)
-        self._producer.flush(timeout_s)
-        if not result:
-            raise UnavailableError("broker did not acknowledge in time", topic=topic, ce_id=event.id)
-        outcome = result[0]
-        if isinstance(outcome, str):
-            raise UnavailableError("produce failed", topic=topic, error=outcome)
-        return outcome
-
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every sent record is acknowledged; raise if any was not."""
         remaining = self._producer.flush(timeout_s)
@@ -187,14 +185,6 @@ class Producer:
 
     def poll(self, timeout_s: float = 0.0) -> None:
         self._producer.poll(timeout_s)
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """An event a handler wants published once its input is handled."""
-
-    topic: str
-    event: Event
 
 
 @dataclass(frozen=True)
@@ -218,9 +208,6 @@ class RecordContext:
             value=_as_bytes(msg.value()),
             headers=[(str(k), v) for k, v in list(msg.headers() or []) if isinstance(v, bytes)],
         )
-
-
-Handler = Callable[[Event, RecordContext], Sequence[Outgoing] | None]
 
 
 def _as_bytes(value: object) -> bytes | None:
@@ -247,161 +234,12 @@ class _Stoppable:
         signal.signal(signal.SIGINT, _handler)
 
 
-class ConsumerLoop(_Stoppable):
-    """At-least-once, idempotent handling of one consumer group's topics."""
-
-    def __init__(
-        self,
-        *,
-        bootstrap: str,
-        group_id: str,
-        topics: Sequence[str],
-        handler: Handler,
-        producer: Producer,
-        processed: ProcessedStore | None = None,
-        deadletter_topic: str = Topics.DATA_DEADLETTER,
-        max_retries: int = 5,
-        backoff_s: float = 0.2,
-        max_backoff_s: float = 10.0,
-        poll_timeout_s: float = 0.5,
-        consumer_config: dict[str, Any] | None = None,
-    ) -> None:
-        conf = consumer_conf(bootstrap, group_id, {"max.poll.interval.ms": 600000, **(consumer_config or {})})
-        self.group_id = group_id
-        self.topics = list(topics)
-        self._consumer = _Consumer(conf)
-        self._handler = handler
-        self._producer = producer
-        self._processed = processed or MemoryProcessedStore()
-        self._deadletter = deadletter_topic
-        self._max_retries = max_retries
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
-        self._poll_timeout_s = poll_timeout_s
-        self._stop = threading.Event()
-        self.handled = 0
-        self.deadlettered = 0
-        self.skipped = 0
-
-    def run(self, max_records: int | None = None, idle_timeout_s: float | None = None) -> None:
-        """Consume until stopped (or ``max_records`` handled / idle for ``idle_timeout_s``)."""
-        self._consumer.subscribe(self.topics)
-        seen = 0
-        last = time.monotonic()
-        try:
-            while not self._stop.is_set():
-                msg = self._consumer.poll(self._poll_timeout_s)
-                if msg is None:
-                    if idle_timeout_s is not None:
-                        if not self._consumer.assignment():
-                            last = time.monotonic()  # idle time counts once partitions are ours
-                        elif time.monotonic() - last > idle_timeout_s:
-                            return
-                    continue
-                err = msg.error()
-                if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error", error=str(err), group=self.group_id)
-                    continue
-                self._process(msg)
-                seen += 1
-                last = time.monotonic()
-                if max_records is not None and seen >= max_records:
-                    return
-        finally:
-            self._consumer.close()
-
-    # -------------------------------------------------------------- one record
-    def _process(self, msg: Message) -> None:
-        ctx = RecordContext.of(msg)
-        try:
-            event = decode(ctx.key, ctx.value, ctx.headers)
-        except DecodeError as exc:
-            self._dead_letter(ctx, exc, "undecodable")
-            self._commit(msg)
-            return
-        if self._processed.seen(self.group_id, event.id):
-            EVENTS.labels(ctx.topic, self.group_id, "duplicate").inc()
-            self.skipped += 1
-            log.info("duplicate event skipped", ce_id=event.id, topic=ctx.topic, group=self.group_id)
-            self._commit(msg)
-            return
-        attempt = 0
-        while True:
-            try:
-                with HANDLER_SECONDS.labels(self.group_id).time():
-                    outputs = self._handler(event, ctx) or []
-                    for out in outputs:
-                        self._producer.send(out.topic, out.event)
-                    self._producer.flush()
-                break
-            except CdlError as exc:
-                if exc.retryable and attempt < self._max_retries and not self._stop.is_set():
-                    attempt += 1
-                    self._backoff(attempt, exc, event)
-                    continue
-                reason = "retries exhausted" if exc.retryable else "permanent failure"
-                self._dead_letter(ctx, exc, reason)
-                self._processed.mark(self.group_id, event.id)
-                self._commit(msg)
-                return
-            except Exception as exc:  # noqa: BLE001 - a bug in a handler must not stop the stream
-                if attempt < self._max_retries and not self._stop.is_set():
-                    attempt += 1
-                    self._backoff(attempt, exc, event)
-                    continue
-                self._dead_letter(ctx, exc, "handler crashed")
-                self._processed.mark(self.group_id, event.id)
-                self._commit(msg)
-                return
-        self._processed.mark(self.group_id, event.id)
-        self._commit(msg)
-        self.handled += 1
-        EVENTS.labels(ctx.topic, self.group_id, "handled").inc()
-
-    def _backoff(self, attempt: int, exc: BaseException, event: Event) -> None:
-        delay = min(self._max_backoff_s, self._backoff_s * 2 ** (attempt - 1))
-        EVENTS.labels("", self.group_id, "retried").inc()
-        log.warning("handler failed, retrying", ce_id=event.id, attempt=attempt, delay_s=delay, error=str(exc))
-        self._stop.wait(delay)
-
-    def _dead_letter(self, ctx: RecordContext, exc: BaseException, reason: str) -> None:
-        out = dead_letter(
-            self._deadletter,
-            ctx.value,
-            ctx.key,
-            ctx.headers,
-            reason=f"{reason}: {exc}",
-            error=type(exc).__name__,
-            origin_topic=ctx.topic,
-            partition=ctx.partition,
-            offset=ctx.offset,
-            group=self.group_id,
-        )
-        self._producer.send_raw(out.topic, out.value, out.key, out.headers)
-        self._producer.flush()
-        self.deadlettered += 1
-        EVENTS.labels(ctx.topic, self.group_id, "deadlettered").inc()
-        log.warning(
-            "record dead-lettered",
-            reason=reason,
-            error=str(exc),
-            topic=ctx.topic,
-            partition=ctx.partition,
-            offset=ctx.offset,
-            group=self.group_id,
-        )
-
-    def _commit(self, msg: Message) -> None:
-        tp = TopicPartition(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0) + 1)
-        for attempt in range(5):
-            try:
-                self._consumer.commit(offsets=[tp], asynchronous=False)
-                return
-            except KafkaException as exc:
-                log.warning("offset commit failed", attempt=attempt, error=str(exc))
-                time.sleep(0.2 * (attempt + 1))
-        raise UnavailableError("offset commit failed", topic=tp.topic, partition=tp.partition)
+def _consumer_error(err: KafkaError, group: str) -> None:
+    """Log and count a consumer error (end-of-partition events are not errors)."""
+    if err.code() == KafkaError._PARTITION_EOF:
+        return
+    count_consume_error(str(err.name()))
+    log.warning("consumer error", error=str(err), group=group, fatal=err.fatal())
 
 
 class BatchProcessor(Protocol):
@@ -415,7 +253,14 @@ class BatchProcessor(Protocol):
 
 
 class _GroupConsumer(Protocol):
-    """What a transaction needs of a consumer (confluent-kafka's, or :class:`NativeConsumer`)."""
+    """What a session needs of a consumer (confluent-kafka's, or :class:`NativeConsumer`)."""
+
+    def subscribe(
+        self,
+        topics: list[str],
+        on_assign: Callable[[Any, list[TopicPartition]], None] = ...,
+        on_revoke: Callable[[Any, list[TopicPartition]], None] = ...,
+    ) -> None: ...
 
     def assignment(self) -> list[TopicPartition]: ...
 
@@ -428,74 +273,256 @@ class _GroupConsumer(Protocol):
 
 _C = TypeVar("_C", bound=_GroupConsumer)
 
+#: producer errors that mean another producer with our transactional id took over
+_FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+
+
+def _kafka_error(exc: BaseException) -> KafkaError | None:
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return err if isinstance(err, KafkaError) else None
+
 
 class _TransactionalBase(_Stoppable, Generic[_C]):
-    """What the transactional loops share: a read_committed consumer without auto
-    commit, a transactional producer, stop/signal handling, and one transaction
-    that publishes records together with consumer offsets."""
+    """What the transactional loops share: sessions (a read_committed consumer without
+    auto commit and a transactional producer), stop/signal handling, and one
+    transaction that publishes records together with consumer offsets.
+
+    A session starts with :meth:`init` (fence older instances, abort what they
+    left open), then ``on_restore`` (rebuild in-memory state from what Kafka
+    committed), then subscribes. A failure that the session cannot get past
+    ends it and :meth:`run` starts a new one after a backoff; see the module
+    docstring.
+    """
+
+    #: fenced this many times within ``_FENCE_WINDOW_S``: another live instance owns the id
+    _FENCE_LIMIT, _FENCE_WINDOW_S = 3, 600.0
 
     def __init__(
         self,
         *,
-        consumer: _C,
+        make_consumer: Callable[[], _C],
         bootstrap: str,
         group_id: str,
         topics: Sequence[str],
         transactional_id: str,
         producer_config: dict[str, Any] | None = None,
+        policy: FailurePolicy | None = None,
+        on_restore: Callable[[], None] | None = None,
     ) -> None:
-        self._consumer = consumer
-        pconf: dict[str, Any] = {
+        self._make_consumer = make_consumer
+        self._pconf: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "transactional.id": transactional_id,
             "linger.ms": 5,
             "compression.type": "lz4",
             "transaction.timeout.ms": 60000,
+            **(producer_config or {}),
         }
-        pconf.update(producer_config or {})
-        self._producer = _Producer(pconf)
+        self._consumer = make_consumer()
+        self._producer = _Producer(self._pconf)
+        self._policy = policy or DEFAULT_POLICY
+        self._on_restore = on_restore
         self.group_id = group_id
         self._topics = list(topics)
         self._stop = threading.Event()
         self._initialised = False
+        #: rebalance hooks may commit only while the session is healthy
+        self._armed = False
+        self._fenced_at: list[float] = []
         #: set while the group has given this loop its partitions
         self.assigned = threading.Event()
+        #: sessions ended by a failure and started again
+        self.restarts = 0
+        self.transactions = 0
 
+    # ------------------------------------------------------------------ sessions
     def init(self) -> None:
-        """Fence older instances with the same transactional id and abort their open transaction."""
-        if not self._initialised:
-            self._producer.init_transactions(30)
-            self._initialised = True
+        """Fence older instances with the same transactional id and abort their open transaction.
 
+        Waits (with the policy's backoff) while the broker cannot be reached.
+        """
+        attempt = 0
+        while not self._initialised:
+            try:
+                self._producer.init_transactions(30)
+                self._initialised = True
+            except KafkaException as exc:
+                err = _kafka_error(exc)
+                if err is not None and err.fatal():
+                    raise self._lost("initialising transactions failed", exc) from exc
+                attempt += 1
+                if self._stop.is_set():
+                    raise UnavailableError("stopped while initialising transactions", error=str(exc)) from exc
+                log.warning("initialising transactions failed, retrying", group=self.group_id, error=str(exc))
+                self._stop.wait(self._policy.delay(attempt))
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Run sessions until stopped (or ``until()``); a failed session is followed by a new one."""
+        failures = 0
+        while True:
+            done_before = self.transactions
+            try:
+                self.init()
+                if self._on_restore is not None:
+                    self._on_restore()
+                self._armed = True
+                self._consumer.subscribe(self._topics, on_assign=self._assigned_cb, on_revoke=self._revoked_cb)
+                self._serve(until)
+                self._close()
+                return
+            except FencedError:
+                self._abandon(rebuild=False)
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure ends the session; a new one recovers
+                stopping = self._stop.is_set() or (until is not None and until())
+                self._abandon(rebuild=not stopping)
+                if stopping:
+                    log.warning("stopped after a failure; what was not committed is consumed again", error=str(exc))
+                    return
+                failures = 1 if self.transactions > done_before else failures + 1
+                delay = self._policy.delay(failures)
+                self.restarts += 1
+                SESSIONS.labels(self.group_id).inc()
+                log.error(
+                    "loop session failed; starting a new one from what Kafka committed",
+                    group=self.group_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                    attempt=failures,
+                    delay_s=delay,
+                )
+                self._stop.wait(delay)
+
+    def _serve(self, until: Callable[[], bool] | None) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """A session's orderly end (stopped or ``until``)."""
+        self._consumer.close()
+        self._armed = False
+        self._producer.flush(10)
+
+    def _reset_session(self) -> None:
+        """Forget what the failed session held in memory (overridden by the loops)."""
+
+    def _abandon(self, rebuild: bool) -> None:
+        """End a failed session without committing anything; with ``rebuild``, make new clients."""
+        self._armed = False  # first: closing the consumer runs the revoke hook
+        self.assigned.clear()
+        try:
+            self._consumer.close()
+        except Exception as exc:  # noqa: BLE001 - the session is over either way
+            log.warning("closing the consumer of a failed session", error=str(exc))
+        try:  # what the old producer still holds is aborted by the next init_transactions
+            self._producer.purge()
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.warning("purging the producer of a failed session", error=str(exc))
+        self._reset_session()
+        if rebuild:
+            self._producer = _Producer(self._pconf)
+            self._initialised = False
+            self._consumer = self._make_consumer()
+
+    def _assigned_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned.set()
+        log.info("partitions assigned", partitions=[f"{tp.topic}[{tp.partition}]" for tp in partitions])
+
+    def _revoked_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        self.assigned.clear()
+        if self._armed:
+            try:
+                self._on_revoked(partitions)
+            except BaseException:
+                self._armed = False  # the session is failing: nothing more may commit
+                raise
+
+    def _on_revoked(self, partitions: list[TopicPartition]) -> None:
+        """Partitions are about to go to another member (overridden by the loops)."""
+
+    # ------------------------------------------------------------------ transactions
     def _positions(self) -> list[TopicPartition]:
         assignment = self._consumer.assignment()
         return [tp for tp in self._consumer.position(assignment) if tp.offset >= 0] if assignment else []
 
+    def _lost(self, what: str, exc: BaseException) -> Exception:
+        """The exception that ends this session (a :class:`FencedError` when fenced too often)."""
+        err = _kafka_error(exc)
+        if err is not None and err.code() in _FENCED_CODES:
+            now = time.monotonic()
+            self._fenced_at = [t for t in self._fenced_at if now - t < self._FENCE_WINDOW_S] + [now]
+            if len(self._fenced_at) >= self._FENCE_LIMIT:
+                return FencedError(
+                    "fenced repeatedly: another instance uses this transactional id", group=self.group_id
+                )
+        return _SessionLostError(f"{what}: {exc}")
+
+    def _retrying(self, call: Callable[[], None], deadline: float) -> None:
+        """``call`` again while it fails with a retriable error (its outcome was unknown)."""
+        attempt = 0
+        while True:
+            try:
+                call()
+                return
+            except KafkaException as exc:
+                err = _kafka_error(exc)
+                if (
+                    err is None
+                    or not err.retriable()
+                    or err.fatal()
+                    or err.txn_requires_abort()
+                    or time.monotonic() > deadline
+                    or self._stop.is_set()
+                ):
+                    raise
+                attempt += 1
+                TXN_RETRIES.labels(self.group_id).inc()
+                log.warning("transaction step failed, retrying", group=self.group_id, error=str(err))
+                self._stop.wait(self._policy.delay(attempt))
+
     def _transact(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition]) -> None:
-        """Publish ``records`` and commit ``offsets`` atomically; on failure the caller must restart."""
-        self._producer.begin_transaction()
-        try:
-            for rec in records:
-                _produce(self._producer, rec.topic, rec.value, rec.key, rec.headers)
-            if offsets:
-                self._producer.send_offsets_to_transaction(list(offsets), self._consumer.consumer_group_metadata(), 30)
-            self._producer.commit_transaction(60)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if err is not None and hasattr(err, "txn_requires_abort") and err.txn_requires_abort():
-                self._producer.abort_transaction(30)
-            # in-memory state may be ahead of what Kafka holds: stop; a restart recovers
-            raise UnavailableError("transaction failed; restart to recover", error=str(exc)) from exc
+        """Publish ``records`` and commit ``offsets`` atomically.
+
+        Retried in place (the same records and offsets) while the failure is
+        one Kafka lets a transaction recover from and the policy's
+        ``transaction_retry_s`` has not run out; otherwise the session ends.
+        """
+        deadline = time.monotonic() + self._policy.transaction_retry_s
+        attempt = 0
+        while True:
+            try:
+                self._producer.begin_transaction()
+                for rec in records:
+                    _produce(self._producer, rec.topic, rec.value, rec.key, rec.headers)
+                if offsets:
+                    metadata = self._consumer.consumer_group_metadata()
+                    send = functools.partial(self._producer.send_offsets_to_transaction, list(offsets), metadata, 30)
+                    self._retrying(send, deadline)
+                self._retrying(lambda: self._producer.commit_transaction(30), deadline)
+                self.transactions += 1
+                return
+            except KafkaException as exc:
+                err = _kafka_error(exc)
+                if err is None or not err.txn_requires_abort() or time.monotonic() > deadline or self._stop.is_set():
+                    raise self._lost("transaction failed", exc) from exc
+                attempt += 1
+                TXN_RETRIES.labels(self.group_id).inc()
+                log.warning("transaction aborted, trying it again", group=self.group_id, error=str(err))
+                try:
+                    self._retrying(lambda: self._producer.abort_transaction(30), deadline)
+                except KafkaException as abort_exc:
+                    raise self._lost("aborting a transaction failed", abort_exc) from abort_exc
+                self._stop.wait(self._policy.delay(attempt))
 
 
 class _BatchConsumer(_Consumer):
     """confluent-kafka's consumer, handing over batches as :class:`NativeConsumer` does
     (the loop's consumer where the columnar one is not available)."""
 
+    group = ""
+
     def consume_batches(self, max_records: int, timeout_s: float) -> tuple[int, list[InBatch]]:
         """Up to ``max_records`` messages, one :class:`InBatch` per topic; and how many in all."""
         msgs = self.consume(max_records, timeout_s)
-        return len(msgs), _columns(msgs)
+        return len(msgs), _columns(msgs, self.group)
 
 
 class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
@@ -505,6 +532,10 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
     instance (same ``transactional_id``) fences the old one, aborts its open
     transaction and resumes from the offsets of the last committed flush, whose
     records (dead letters, events, state snapshot) are all visible or none is.
+    A failure inside the process (the processor raised, a transaction could
+    not be committed, the broker went away for longer than the policy's
+    ``transaction_retry_s``) does the same in place: ``on_restore`` must put
+    the processor back to the last committed state.
 
     Records arrive by column from :class:`~cdl.kafka_native.NativeConsumer`
     where it is available (``columnar``), else from confluent-kafka's consumer.
@@ -518,55 +549,55 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
         topics: Sequence[str],
         transactional_id: str,
         processor: BatchProcessor,
+        on_restore: Callable[[], None] | None = None,
         flush_interval_s: float = 1.0,
         batch_size: int = 1000,
         consumer_config: dict[str, Any] | None = None,
         producer_config: dict[str, Any] | None = None,
         columnar: bool = True,
+        policy: FailurePolicy | None = None,
     ) -> None:
         conf = consumer_conf(bootstrap, group_id, consumer_config)
+        native = columnar and native_available()
+
+        def make_consumer() -> _BatchConsumer | NativeConsumer:
+            return NativeConsumer(conf, batch_size) if native else _BatchConsumer(conf)
+
         super().__init__(
-            consumer=NativeConsumer(conf, batch_size) if columnar and native_available() else _BatchConsumer(conf),
+            make_consumer=make_consumer,
             bootstrap=bootstrap,
             group_id=group_id,
             topics=topics,
             transactional_id=transactional_id,
             producer_config=producer_config,
+            policy=policy,
+            on_restore=on_restore,
         )
-        consumer = "NativeConsumer" if isinstance(self._consumer, NativeConsumer) else "Consumer"  # confluent-kafka's
+        consumer = "NativeConsumer" if native else "Consumer"  # confluent-kafka's
         log.info("transactional loop", consumer=consumer, topics=list(topics))
         self._processor = processor
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self._last_positions: dict[tuple[str, int], int] = {}
-        self.transactions = 0
 
-    def run(self, until: Callable[[], bool] | None = None) -> None:
-        self.init()
-        self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+    def _serve(self, until: Callable[[], bool] | None) -> None:
         last_flush = time.monotonic()
-        try:
-            while not self._stop.is_set() and not (until is not None and until()):
-                # a short wait: consume() holds a partial batch until the timeout
-                n, batches = self._consumer.consume_batches(self._batch_size, 0.05)
-                for batch in batches:
-                    batch.caught_up = n < self._batch_size
-                    self._processor.on_batch(batch)
-                if self._processor.wants_flush() or time.monotonic() - last_flush >= self._flush_interval_s:
-                    self.commit()
-                    last_flush = time.monotonic()
-            self.commit()
-        finally:
-            self._consumer.close()
-            self._producer.flush(10)
-
-    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned.set()
-        log.info("partitions assigned", partitions=[f"{tp.topic}[{tp.partition}]" for tp in partitions])
-
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned.clear()
+        while not self._stop.is_set() and not (until is not None and until()):
+            # a short wait: consume() holds a partial batch until the timeout
+            n, batches = self._consumer.consume_batches(self._batch_size, 0.05)
+            for batch in batches:
+                batch.caught_up = n < self._batch_size
+                self._processor.on_batch(batch)
+            if self._processor.wants_flush() or time.monotonic() - last_flush >= self._flush_interval_s:
+                self.commit()
+                last_flush = time.monotonic()
         self.commit()
+
+    def _reset_session(self) -> None:
+        self._last_positions = {}
+
+    def _on_revoked(self, partitions: list[TopicPartition]) -> None:
+        self.commit()  # what was consumed from them, while they are still ours
 
     def commit(self) -> None:
         """Flush the processor and commit its records with the consumed offsets."""
@@ -577,10 +608,9 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
             return
         self._transact(records, positions)
         self._last_positions = {(tp.topic, tp.partition): tp.offset for tp in positions}
-        self.transactions += 1
 
 
-def _columns(msgs: list[Message]) -> list[InBatch]:
+def _columns(msgs: list[Message], group: str) -> list[InBatch]:
     """Consumed messages as one :class:`InBatch` per topic (errors logged, EOF events dropped).
 
     The hot path: a handful of list comprehensions, no Python object per record.
@@ -588,8 +618,8 @@ def _columns(msgs: list[Message]) -> list[InBatch]:
     errors = [m.error() for m in msgs]
     if errors.count(None) != len(errors):
         for err in errors:
-            if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error", error=str(err))
+            if err is not None:
+                _consumer_error(err, group)
         msgs = [m for m, err in zip(msgs, errors, strict=True) if err is None]
     if not msgs:
         return []
@@ -669,8 +699,14 @@ class JobLoop(_TransactionalBase[_Consumer]):
     the loop pauses its partitions and keeps polling, so a long job causes no
     rebalance whatever ``max.poll.interval.ms`` is. When the job returns, its
     outputs and the consumed offsets (never past an event still pending) are
-    committed in one transaction. Undecodable events and jobs that fail for
-    good are dead-lettered in the same way.
+    committed in one transaction. A job that fails is tried again or
+    dead-lettered as the failure policy says (:mod:`cdl.failure`); undecodable
+    events are dead-lettered in the same transaction as the next commit.
+
+    When a session fails, what it had consumed but not committed is consumed
+    again by the next one, so a job may run twice: jobs are idempotent on
+    their natural keys (a dataset version claims one model version), and the
+    processed-id store skips events whose outputs were committed.
     """
 
     def __init__(
@@ -683,62 +719,55 @@ class JobLoop(_TransactionalBase[_Consumer]):
         job: Callable[[Event, RecordContext], Sequence[OutRecord]],
         key: Callable[[Event], str],
         deadletter_topic: str = Topics.DATA_DEADLETTER,
-        max_retries: int = 3,
-        backoff_s: float = 1.0,
+        policy: FailurePolicy | None = None,
         processed: ProcessedStore | None = None,
     ) -> None:
+        conf = consumer_conf(bootstrap, group_id)
         super().__init__(
-            consumer=_Consumer(consumer_conf(bootstrap, group_id)),
+            make_consumer=lambda: _Consumer(conf),
             bootstrap=bootstrap,
             group_id=group_id,
             topics=topics,
             transactional_id=transactional_id,
+            policy=policy,
         )
         self._processed = processed or MemoryProcessedStore()
         self._job = job
         self._key = key
         self._deadletter = deadletter_topic
-        self._max_retries = max_retries
-        self._backoff_s = backoff_s
         self._pending: dict[str, _Pending] = {}
         self._dead: list[OutRecord] = []
         self.busy = threading.Event()
         self.jobs_done = 0
         self.coalesced = 0
 
-    def run(self, until: Callable[[], bool] | None = None) -> None:
-        self.init()
-        self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
-        try:
-            while not self._stop.is_set() and not (until is not None and until()):
-                for msg in self._consumer.consume(100, 0.3):
-                    self._take(msg)
-                if self._pending:
-                    self._run_one()
-                elif self._dead:
-                    self._commit([])
-        finally:
-            self._consumer.close()
+    def _serve(self, until: Callable[[], bool] | None) -> None:
+        while not self._stop.is_set() and not (until is not None and until()):
+            for msg in self._consumer.consume(100, 0.3):
+                self._take(msg)
+            if self._pending:
+                self._run_one()
+            elif self._dead:
+                self._commit([])
 
-    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned.set()
+    def _reset_session(self) -> None:
+        self._pending.clear()
+        self._dead.clear()
 
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.assigned.clear()
+    def _on_revoked(self, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._pending = {k: p for k, p in self._pending.items() if (p.ctx.topic, p.ctx.partition) not in gone}
 
     def _take(self, msg: Message) -> None:
         err = msg.error()
         if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error", error=str(err))
+            _consumer_error(err, self.group_id)
             return
         ctx = RecordContext.of(msg)
         try:
             event = decode(ctx.key, ctx.value, ctx.headers)
         except DecodeError as exc:
-            self._dead.append(self._dead_letter(ctx, f"undecodable: {exc}", type(exc).__name__))
+            self._dead.append(self._dead_letter(ctx, f"{DeadLetterReason.UNDECODABLE}: {exc}", type(exc).__name__))
             return
         if self._processed.seen(self.group_id, event.id):
             EVENTS.labels(ctx.topic, self.group_id, "duplicate").inc()
@@ -771,25 +800,27 @@ class JobLoop(_TransactionalBase[_Consumer]):
         outputs: list[OutRecord] = []
         attempt = 0
         while True:
-            error: BaseException | None = None
+            attempt += 1
             try:
-                outputs = list(self._in_worker(item))
-            except BaseException as exc:  # noqa: BLE001 - decided below
-                error = exc
-            if error is None:
+                with HANDLER_SECONDS.labels(self.group_id).time():
+                    outputs = list(self._in_worker(item))
+                EVENTS.labels(item.ctx.topic, self.group_id, "handled").inc()
                 break
-            retryable = not isinstance(error, CdlError) or error.retryable
-            if retryable and attempt < self._max_retries and not self._stop.is_set():
-                attempt += 1
-                log.warning("job failed, retrying", key=key, attempt=attempt, error=str(error))
-                self._stop.wait(self._backoff_s * attempt)
-                continue
-            if self._stop.is_set() and retryable:
-                return  # leave it uncommitted: the next run takes it again
-            kind = "permanent failure" if not retryable else "retries exhausted"
-            log.error("job failed", key=key, error=str(error))
-            outputs = [self._dead_letter(item.ctx, f"{kind}: {error}", type(error).__name__)]
-            break
+            except _SessionLostError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the policy decides
+                if self._stop.is_set():
+                    return  # left uncommitted: the next run takes it again
+                verdict, reason = self._policy.verdict(exc, attempt)
+                if verdict is Verdict.RETRY:
+                    delay = self._policy.delay(attempt)
+                    EVENTS.labels(item.ctx.topic, self.group_id, "retried").inc()
+                    log.warning("job failed, retrying", key=key, attempt=attempt, delay_s=delay, error=str(exc))
+                    self._stop.wait(delay)
+                    continue
+                log.error("job failed", key=key, attempt=attempt, reason=str(reason), error=str(exc))
+                outputs = [self._dead_letter(item.ctx, f"{reason}: {exc}", type(exc).__name__)]
+                break
         if self._pending.get(key) is item:
             del self._pending[key]
         self._commit(outputs)

@@ -1,5 +1,5 @@
-"""Triton model repository entries: config.pbtxt rendering, writing to MinIO,
-syncing to a server's local repository, and model control.
+"""Triton model repository entries: config.pbtxt rendering and writing to MinIO
+(Triton reads its repository from there, ``s3://``).
 
 Layout (DESIGN.md): ``cdl-triton/<model>/config.pbtxt`` and
 ``cdl-triton/<model>/<n>/model.onnx`` (+ ``model.py`` for the python backend).
@@ -7,11 +7,9 @@ Layout (DESIGN.md): ``cdl-triton/<model>/config.pbtxt`` and
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
-from pathlib import Path
 
 from cdl.store import ObjectStore
 
@@ -22,7 +20,6 @@ __all__ = [
     "TensorSpec",
     "render_config",
     "runner_source",
-    "sync_model",
     "write_entry",
 ]
 
@@ -114,32 +111,3 @@ def write_entry(store: ObjectStore, spec: ModelSpec, version: int, onnx_bytes: b
         store.put_bytes(TRITON_BUCKET, f"{prefix}/model.py", runner_source().encode(), "text/x-python")
     store.put_bytes(TRITON_BUCKET, f"{spec.name}/config.pbtxt", render_config(spec).encode(), "text/plain")
     return f"s3://{TRITON_BUCKET}/{prefix}/"
-
-
-def sync_model(store: ObjectStore, model: str, repository: Path) -> Path:
-    """Mirror ``cdl-triton/<model>/`` into a server's local repository directory.
-
-    Files are written to a temporary directory and swapped in, so Triton never
-    reads a half-written entry.
-    """
-    dest = repository / model
-    tmp = repository / f".{model}.sync"
-    shutil.rmtree(tmp, ignore_errors=True)
-    found = False
-    for obj in store.list(TRITON_BUCKET, prefix=f"{model}/"):
-        rel = obj.key[len(model) + 1 :]
-        target = tmp / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(store.get_bytes(TRITON_BUCKET, obj.key))
-        found = True
-    if not found:
-        from cdl.errors import NotFoundError
-
-        raise NotFoundError("no Triton repository entry", model=model)
-    old = repository / f".{model}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest

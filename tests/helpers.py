@@ -22,7 +22,14 @@ class Rec:
     offset: int
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list[Rec]:
+def read_committed(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list[Rec]:
+    """:func:`read_topic` as a cdl consumer reads: records of aborted transactions left out."""
+    return read_topic(bootstrap, topic, expected, timeout_s, isolation="read_committed")
+
+
+def read_topic(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0, isolation: str = "read_uncommitted"
+) -> list[Rec]:
     """Read a topic from the start until ``expected`` records arrived (or time ran out)."""
     consumer = Consumer(
         {
@@ -30,6 +37,7 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
             "group.id": f"test-reader-{uuid.uuid4().hex}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
+            "isolation.level": isolation,
         }
     )
     # assign (no group join, so no rebalance delay): every partition from the start

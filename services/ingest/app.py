@@ -53,6 +53,7 @@ class IngestApp:
             topics=[settings.raw_topic, settings.feedback_topic],
             transactional_id=f"{settings.group_id}-{settings.instance}",
             processor=self.processor,
+            on_restore=self._restore,
             flush_interval_s=settings.flush_interval_s,
             batch_size=settings.batch_size,
             consumer_config={"fetch.min.bytes": settings.fetch_min_bytes, "fetch.wait.max.ms": settings.fetch_wait_ms},
@@ -72,12 +73,19 @@ class IngestApp:
         for topic in ensure_topics(s.kafka_bootstrap, partitions, compacted):
             log.info("topic created", topic=topic)
 
+    def _restore(self) -> None:
+        """The processor's state as the last committed transaction left it.
+
+        The loop calls this at the start of every session, after fencing any
+        older instance (so that transaction is settled): at start-up and after
+        a failure it recovers from in place.
+        """
+        self.processor.restore(read_latest(self.settings.kafka_bootstrap, self.settings.state_topic, STATE_KEY))
+
     def start(self) -> None:
-        """Recover state, start gRPC and the metrics endpoint (the stream runs in ``run``)."""
+        """Start gRPC and the metrics endpoint (the stream, which recovers its state first, runs in ``run``)."""
         self.store.ensure_buckets(*BUCKETS)
         self._ensure_topics()
-        self.loop.init()  # fence a previous instance, abort its open transaction
-        self.processor.recover(read_latest(self.settings.kafka_bootstrap, self.settings.state_topic, STATE_KEY))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.settings.grpc_workers), interceptors=[ErrorInterceptor()]
         )

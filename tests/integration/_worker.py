@@ -1,8 +1,8 @@
-"""A consumer process for the crash test: handles events from `src`, publishes to `out`.
+"""A job process for the crash test: handles events from `src`, publishes to `out`.
 
 argv: bootstrap group src out processed_db calls_log crash|ok
 In `crash` mode it records the call and then kills itself with SIGKILL before
-its output is produced or its offset committed.
+its output is committed.
 """
 
 from __future__ import annotations
@@ -10,36 +10,41 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from cdl.dedupe import SqliteProcessedStore
-from cdl.events import Event
-from cdl.kafka import ConsumerLoop, Outgoing, Producer, RecordContext
+from cdl.events import Event, OutRecord
+from cdl.kafka import JobLoop, RecordContext
 from cdl.v1 import events_pb2
 
 
 def main() -> None:
     bootstrap, group, src, out, db, calls, mode = sys.argv[1:8]
+    last = [time.monotonic()]
 
-    def handler(event: Event, ctx: RecordContext) -> list[Outgoing]:
+    def job(event: Event, ctx: RecordContext) -> list[OutRecord]:
         with open(calls, "a") as f:
             f.write(event.id + "\n")
         if mode == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
+        last[0] = time.monotonic()
         version = event.payload.version  # type: ignore[attr-defined]
-        return [Outgoing(out, event.caused(events_pb2.ModelTrained(model="m", version=version), source="/w"))]
+        return [OutRecord.of(out, event.caused(events_pb2.ModelTrained(model="m", version=version), source="/w"))]
 
-    loop = ConsumerLoop(
+    loop = JobLoop(
         bootstrap=bootstrap,
         group_id=group,
         topics=[src],
-        handler=handler,
-        producer=Producer(bootstrap),
+        transactional_id=f"tx-{group}",
+        job=job,
+        key=lambda e: e.id,
         processed=SqliteProcessedStore(Path(db)),
     )
     loop.install_signal_handlers()
-    loop.run(idle_timeout_s=4)
-    print(f"handled={loop.handled} skipped={loop.skipped} deadlettered={loop.deadlettered}")
+    # done once partitions are ours and nothing new came for a few seconds
+    loop.run(until=lambda: loop.assigned.is_set() and time.monotonic() - last[0] > 6)
+    print(f"jobs={loop.jobs_done}")
 
 
 if __name__ == "__main__":
