@@ -1,0 +1,122 @@
+"""bench/soak: the demo feed for a long run; do the services' memory and the ingest snapshot stay flat?
+
+A private local stack with the ingest, trainer and compressor services; the
+digits demo feed (``cdl stack up --demo``'s) streams ``CDL_BENCH_SOAK_RATE``
+records/s (100) for ``CDL_BENCH_SOAK_S`` seconds (1,800: 30 minutes). After
+``CDL_BENCH_SOAK_WARMUP_S`` (180 s: the first versions trained and compressed,
+every code path used once) each service's resident memory is the baseline;
+at the end it is measured again, with the size of the ingest state snapshot
+(the record every ingest transaction writes) at both points.
+
+Not in CI (it takes half an hour). Prints, per service, its RSS at start,
+after warm-up and at the end, then ``RESULT soak_rss_growth`` for the service
+that grew the most (goal: end RSS <= 1.2 x its RSS after warm-up) and, before
+it, ``RESULT soak_snapshot_growth`` (goal <= 1.2 as well).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from bench._common import machine, result
+
+DURATION_S = float(os.environ.get("CDL_BENCH_SOAK_S", "1800"))
+WARMUP_S = float(os.environ.get("CDL_BENCH_SOAK_WARMUP_S", "180"))
+RATE = float(os.environ.get("CDL_BENCH_SOAK_RATE", "100"))
+SERVICES = ["ingest", "trainer", "compressor"]
+
+
+def _rss_mib(pgid: int) -> float:
+    """Resident memory of a process group (the service and any children), MiB."""
+    from cdl.stack._procs import group_members
+
+    total = 0
+    for pid in group_members(pgid) or [pgid]:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return total / 1024
+
+
+def _snapshot_bytes(bootstrap: str) -> int:
+    from cdl.kafka import read_latest
+    from services.ingest.processor import STATE_KEY
+
+    snap = read_latest(bootstrap, "cdl.ingest.state", STATE_KEY)
+    return len(snap or b"")
+
+
+def _versions(state_dir: Path) -> str:
+    logs = {name: state_dir / name / f"{name}.log" for name in SERVICES}
+    counts = []
+    for name, path in logs.items():
+        text = path.read_text(errors="replace") if path.exists() else ""
+        marker = {"ingest": "dataset version committed", "trainer": "model version trained", "compressor": "compressed"}
+        counts.append(f"{name} {text.count(marker[name])}")
+    return ", ".join(counts)
+
+
+def main() -> None:
+    import tempfile
+
+    from cdl.demo import DigitsFeed, register_digits
+    from cdl.settings import StackSettings
+    from cdl.stack import LocalStack
+
+    print(f"machine: {machine()}; {DURATION_S:.0f} s at {RATE:.0f} records/s, warm-up {WARMUP_S:.0f} s")
+    with tempfile.TemporaryDirectory(prefix="cdl-soak-") as tmp:
+        stack = LocalStack(StackSettings(state_dir=Path(tmp), triton_servers=1, services=SERVICES))
+        try:
+            state: dict[str, Any] = stack.up()
+            bootstrap = state["kafka"]["bootstrap"]
+            pids = {name: int(state["procs"][name]["pid"]) for name in SERVICES}
+            register_digits(state["services"]["ingest"]["grpc"])
+            start_rss = {n: _rss_mib(p) for n, p in pids.items()}
+            feed = DigitsFeed(bootstrap, rate=RATE).start()
+            warm_rss: dict[str, float] = {}
+            warm_snap = 0
+            t0 = time.monotonic()
+            with Progress(
+                TextColumn("[bold]soak"), BarColumn(), TextColumn("{task.description}"), TimeRemainingColumn()
+            ) as progress:
+                task = progress.add_task("", total=DURATION_S)
+                while (elapsed := time.monotonic() - t0) < DURATION_S:
+                    if not warm_rss and elapsed >= WARMUP_S:
+                        warm_rss = {n: _rss_mib(p) for n, p in pids.items()}
+                        warm_snap = _snapshot_bytes(bootstrap)
+                    rss = " ".join(f"{n} {_rss_mib(p):.0f}M" for n, p in pids.items())
+                    progress.update(task, completed=elapsed, description=f"{feed.sent} sent; RSS {rss}")
+                    time.sleep(5)
+            feed.stop()
+            end_rss = {n: _rss_mib(p) for n, p in pids.items()}
+            end_snap = _snapshot_bytes(bootstrap)
+            print(f"records sent: {feed.sent}; versions/trainings/compressions in logs: {_versions(Path(tmp))}")
+        finally:
+            stack.down()
+    for name in SERVICES:
+        print(
+            f"{name:10s} RSS start {start_rss[name]:7.1f} MiB  after warm-up {warm_rss[name]:7.1f} MiB  "
+            f"end {end_rss[name]:7.1f} MiB  ({end_rss[name] / warm_rss[name]:.3f}x)"
+        )
+    print(f"ingest snapshot: {warm_snap} bytes after warm-up, {end_snap} bytes at the end")
+    for name in SERVICES:
+        print(result(f"soak_rss_growth_{name}", end_rss[name], warm_rss[name], op="<=", goal=1.2, unit="MiB"))
+    print(result("soak_snapshot_growth", end_snap, warm_snap, op="<=", goal=1.2, unit="bytes"))
+    worst = max(SERVICES, key=lambda n: end_rss[n] / warm_rss[n])
+    print(f"(worst: {worst})")
+    print(result("soak_rss_growth", end_rss[worst], warm_rss[worst], op="<=", goal=1.2, unit="MiB"))
+
+
+if __name__ == "__main__":
+    main()
