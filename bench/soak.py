@@ -62,7 +62,11 @@ def _versions(state_dir: Path) -> str:
     counts = []
     for name, path in logs.items():
         text = path.read_text(errors="replace") if path.exists() else ""
-        marker = {"ingest": "dataset version committed", "trainer": "model version trained", "compressor": "compressed"}
+        marker = {
+            "ingest": "dataset version committed",
+            "trainer": "model version trained",
+            "compressor": "model version compressed",
+        }
         counts.append(f"{name} {text.count(marker[name])}")
     return ", ".join(counts)
 
