@@ -7,9 +7,20 @@
  * this consumer's group metadata as the serialized bytes librdkafka writes).
  *
  * librdkafka's public, stable C API is declared here (its header does not ship
- * with the wheel): opaque handles, and the two public structs whose fields we read.
+ * with the wheel): opaque handles, and the public structs whose fields we read
+ * (rd_kafka_message_t, rd_kafka_topic_partition_t, rd_kafka_topic_partition_list_t),
+ * as rdkafka.h declares them in every release from 2.6.0 to 2.16 (checked: the
+ * declarations are identical over that range). kafka_native.py checks
+ * rd_kafka_version() against that range before building this file and uses
+ * confluent-kafka's consumer for any other version.
+ *
+ * Nothing consumed is dropped silently: consume errors are counted by code for
+ * the caller (who logs them and counts them in Prometheus), and where memory
+ * runs out mid-batch the whole batch is released and -1 returned, so that the
+ * caller raises and recovers from the committed offsets.
  */
 #define _POSIX_C_SOURCE 200809L /* strdup, ssize_t */
+#include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,6 +70,8 @@ enum {
     ERR__PARTITION_EOF = -191,
 };
 
+int rd_kafka_version(void);
+
 rd_kafka_conf_t *rd_kafka_conf_new(void);
 void rd_kafka_conf_destroy(rd_kafka_conf_t *conf);
 int rd_kafka_conf_set(rd_kafka_conf_t *conf, const char *name, const char *value, char *errstr, size_t errstr_size);
@@ -96,9 +109,12 @@ rd_kafka_error_t *rd_kafka_consumer_group_metadata_write(const rd_kafka_consumer
                                                          void **bufferp, size_t *sizep);
 void rd_kafka_error_destroy(rd_kafka_error_t *error);
 const char *rd_kafka_err2str(rd_kafka_resp_err_t err);
+const char *rd_kafka_err2name(rd_kafka_resp_err_t err);
 void rd_kafka_mem_free(rd_kafka_t *rk, void *ptr);
 
-enum { MAX_TOPICS = 32, FLAG_NULL_VALUE = 1, FLAG_KEY = 2, FLAG_HEADERS = 4 };
+enum { FLAG_NULL_VALUE = 1, FLAG_KEY = 2, FLAG_HEADERS = 4 };
+/* topic indices travel as int16; distinct error codes kept between two cdl_consumer_errors calls */
+enum { MAX_TOPIC_NAMES = 32767, MAX_ERROR_CODES = 32, DETAIL_LEN = 512 };
 
 /* the Python side's rebalance hook: 1 = partitions assigned, 0 = about to be revoked */
 typedef void (*rebalance_hook)(int assigned);
@@ -107,14 +123,20 @@ typedef struct {
     rd_kafka_t *rk;
     rd_kafka_queue_t *queue;
     rebalance_hook hook;
-    char *topics[MAX_TOPICS];
-    int n_topics;
+    /* every topic name seen (subscribed, matched by a regex subscription, assigned); a record's
+     * and a position's topic is an index into it. It only grows: indices stay valid. */
+    char **names;
+    int n_names, names_cap;
     rd_kafka_message_t **msgs;
     size_t msgs_cap;
     unsigned char *data, *aux;
     size_t data_cap, aux_cap, data_len, aux_len;
-    int64_t errors;
-    rd_kafka_resp_err_t last_error;
+    /* consume errors since the caller last asked: per code, how many; the last one's text */
+    rd_kafka_resp_err_t error_codes[MAX_ERROR_CODES];
+    int64_t error_counts[MAX_ERROR_CODES];
+    int n_error_codes;
+    char last_detail[DETAIL_LEN];
+    int last_errno;
 } consumer;
 
 static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *parts, void *opaque) {
@@ -139,10 +161,52 @@ static void rebalance(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_pa
     if (error) rd_kafka_error_destroy(error);
 }
 
+/* The index of topic `name`, added when new; -1 when memory ran out (or the table is full). */
 static int topic_index(consumer *c, const char *name) {
-    for (int i = 0; i < c->n_topics; i++)
-        if (strcmp(c->topics[i], name) == 0) return i;
-    return -1;
+    for (int i = c->n_names - 1; i >= 0; i--)
+        if (strcmp(c->names[i], name) == 0) return i;
+    if (c->n_names >= MAX_TOPIC_NAMES) return -1;
+    if (c->n_names == c->names_cap) {
+        int cap = c->names_cap ? 2 * c->names_cap : 16;
+        char **names = realloc(c->names, (size_t)cap * sizeof(char *));
+        if (names == NULL) return -1;
+        c->names = names;
+        c->names_cap = cap;
+    }
+    char *copy = strdup(name);
+    if (copy == NULL) return -1;
+    c->names[c->n_names] = copy;
+    return c->n_names++;
+}
+
+/* Topic names seen so far (indices 0..n-1 of records and positions). */
+int cdl_consumer_topic_count(consumer *c) { return c->n_names; }
+
+const char *cdl_consumer_topic_name(consumer *c, int i) { return i >= 0 && i < c->n_names ? c->names[i] : NULL; }
+
+static void count_error(consumer *c, const rd_kafka_message_t *m) {
+    int i = 0;
+    while (i < c->n_error_codes && c->error_codes[i] != m->err) i++;
+    if (i == c->n_error_codes) {
+        if (i == MAX_ERROR_CODES) {
+            i--; /* (not expected between two calls) counted with the last code kept */
+        } else {
+            c->error_codes[i] = m->err;
+            c->error_counts[i] = 0;
+            c->n_error_codes++;
+        }
+    }
+    c->error_counts[i]++;
+    /* an error message's payload, where there is one, is its description (rd_kafka_message_errstr) */
+    const char *text = rd_kafka_err2str(m->err);
+    size_t len = strlen(text);
+    if (m->payload != NULL && m->len > 0) {
+        text = m->payload;
+        len = m->len;
+    }
+    if (len >= DETAIL_LEN) len = DETAIL_LEN - 1;
+    memcpy(c->last_detail, text, len);
+    c->last_detail[len] = '\0';
 }
 
 static void *grow(void *p, size_t *cap, size_t need) {
@@ -184,18 +248,25 @@ consumer *cdl_consumer_new(const char **keys, const char **values, int n, rebala
     return c;
 }
 
+/* Subscribe to `topics`: names, or regular expressions where they start with '^'. */
 int cdl_consumer_subscribe(consumer *c, const char **topics, int n) {
-    if (n > MAX_TOPICS) return -1;
     rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(n);
-    for (int i = 0; i < c->n_topics; i++) free(c->topics[i]);
-    c->n_topics = 0;
+    if (list == NULL) return -1;
     for (int i = 0; i < n; i++) {
         rd_kafka_topic_partition_list_add(list, topics[i], -1);
-        c->topics[c->n_topics++] = strdup(topics[i]);
+        if (topics[i][0] != '^' && topic_index(c, topics[i]) < 0) { /* names first, in order */
+            rd_kafka_topic_partition_list_destroy(list);
+            return -1;
+        }
     }
     rd_kafka_resp_err_t err = rd_kafka_subscribe(c->rk, list);
     rd_kafka_topic_partition_list_destroy(list);
     return err;
+}
+
+/* Release messages from..got-1 of the last consume (what a failed copy leaves). */
+static void release(consumer *c, ssize_t from, ssize_t got) {
+    for (ssize_t i = from; i < got; i++) rd_kafka_message_destroy(c->msgs[i]);
 }
 
 /*
@@ -203,25 +274,41 @@ int cdl_consumer_subscribe(consumer *c, const char **topics, int n) {
  * its value is data[bounds[i]..bounds[i+1]) (flags FLAG_NULL_VALUE for none),
  * its key (FLAG_KEY) and headers (FLAG_HEADERS) are in aux at aux_off[i]: the
  * key as <int64 length><bytes>, then the headers as <int64 count> and per header
- * <int64 name length><name><int64 value length, -1 for none><value>. Errors
- * other than end-of-partition are counted (cdl_consumer_errors) and skipped.
- * Returns the number of records, or -1 when memory ran out (nothing is lost:
- * the caller stops).
+ * <int64 name length><name><int64 value length, -1 for none><value>; its topic
+ * is topic[i], an index of cdl_consumer_topic_name. Errors other than
+ * end-of-partition are counted by code (cdl_consumer_errors) and skipped.
+ * Returns the number of records; -1 when memory ran out, the whole batch then
+ * released: the consumer's positions are past records never handed over, so
+ * the caller must not commit them but recover from the committed offsets;
+ * -2 when librdkafka failed (errno in cdl_consumer_errno), nothing consumed.
  */
 int64_t cdl_consumer_consume(consumer *c, int64_t max, int timeout_ms, int32_t *partitions, int64_t *offsets,
                              int16_t *topic, int64_t *bounds, int64_t *aux_off, int8_t *flags) {
-    c->msgs = grow(c->msgs, &c->msgs_cap, (size_t)max * sizeof(rd_kafka_message_t *));
-    if (c->msgs == NULL) return -1;
+    c->data_len = c->aux_len = 0;
+    rd_kafka_message_t **msgs = grow(c->msgs, &c->msgs_cap, (size_t)max * sizeof(rd_kafka_message_t *));
+    if (msgs == NULL) return -1; /* nothing consumed yet */
+    c->msgs = msgs;
+    errno = 0;
     ssize_t got = rd_kafka_consume_batch_queue(c->queue, timeout_ms, c->msgs, (size_t)max);
-    if (got < 0) return 0;
+    if (got < 0) {
+        c->last_errno = errno;
+        return -2;
+    }
     size_t need = 0;
-    for (ssize_t i = 0; i < got; i++) need += c->msgs[i]->len;
+    for (ssize_t i = 0; i < got; i++)
+        if (c->msgs[i]->err == 0) need += c->msgs[i]->len;
     unsigned char *data = grow(c->data, &c->data_cap, need + 1);
-    if (data == NULL) return -1;
+    if (data == NULL) {
+        release(c, 0, got);
+        return -1;
+    }
     c->data = data;
     /* keys and headers are rare: aux grows as they come (each message's headers are read once) */
     unsigned char *aux = grow(c->aux, &c->aux_cap, 1);
-    if (aux == NULL) return -1;
+    if (aux == NULL) {
+        release(c, 0, got);
+        return -1;
+    }
     c->aux = aux;
     size_t used = 0, aux_used = 0;
     int64_t n = 0;
@@ -231,16 +318,17 @@ int64_t cdl_consumer_consume(consumer *c, int64_t max, int timeout_ms, int32_t *
     for (ssize_t i = 0; i < got; i++) {
         rd_kafka_message_t *m = c->msgs[i];
         if (m->err != 0) {
-            if (m->err != ERR__PARTITION_EOF) {
-                c->errors++;
-                c->last_error = m->err;
-            }
+            if (m->err != ERR__PARTITION_EOF) count_error(c, m);
             rd_kafka_message_destroy(m);
             continue;
         }
         if (m->rkt != last_rkt) {
-            last_rkt = m->rkt;
             last_topic = topic_index(c, rd_kafka_topic_name(m->rkt));
+            if (last_topic < 0) {
+                release(c, i, got);
+                return -1;
+            }
+            last_rkt = m->rkt;
         }
         int8_t f = 0;
         if (m->payload == NULL) {
@@ -251,7 +339,10 @@ int64_t cdl_consumer_consume(consumer *c, int64_t max, int timeout_ms, int32_t *
         }
         aux_off[n] = (int64_t)aux_used;
         if (m->key != NULL) {
-            if ((aux = grow(c->aux, &c->aux_cap, aux_used + 8 + m->key_len)) == NULL) return -1;
+            if ((aux = grow(c->aux, &c->aux_cap, aux_used + 8 + m->key_len)) == NULL) {
+                release(c, i, got);
+                return -1;
+            }
             c->aux = aux;
             f |= FLAG_KEY;
             int64_t len = (int64_t)m->key_len;
@@ -266,12 +357,18 @@ int64_t cdl_consumer_consume(consumer *c, int64_t max, int timeout_ms, int32_t *
             size_t size;
             size_t count_at = aux_used;
             int64_t count = 0;
-            if ((aux = grow(c->aux, &c->aux_cap, aux_used + 8)) == NULL) return -1;
+            if ((aux = grow(c->aux, &c->aux_cap, aux_used + 8)) == NULL) {
+                release(c, i, got);
+                return -1;
+            }
             c->aux = aux;
             aux_used += 8;
             for (size_t j = 0; rd_kafka_header_get_all(h, j, &name, &value, &size) == 0; j++) {
                 int64_t nlen = (int64_t)strlen(name), vlen = value == NULL ? -1 : (int64_t)size;
-                if ((aux = grow(c->aux, &c->aux_cap, aux_used + 16 + (size_t)nlen + size)) == NULL) return -1;
+                if ((aux = grow(c->aux, &c->aux_cap, aux_used + 16 + (size_t)nlen + size)) == NULL) {
+                    release(c, i, got);
+                    return -1;
+                }
                 c->aux = aux;
                 memcpy(aux + aux_used, &nlen, 8);
                 memcpy(aux + aux_used + 8, name, (size_t)nlen);
@@ -311,22 +408,39 @@ const unsigned char *cdl_consumer_aux(consumer *c, int64_t *len) {
     return c->aux;
 }
 
-/* Errors skipped since the last call, and the last one's description. */
-int64_t cdl_consumer_errors(consumer *c, const char **last) {
-    int64_t n = c->errors;
-    *last = rd_kafka_err2str(c->last_error);
-    c->errors = 0;
+/*
+ * Consume errors since the last call: up to `cap` distinct codes with their
+ * counts (how many codes is returned) and the last error's description (valid
+ * until the next consume).
+ */
+int cdl_consumer_errors(consumer *c, int32_t *codes, int64_t *counts, int cap, const char **last) {
+    int n = c->n_error_codes < cap ? c->n_error_codes : cap;
+    for (int i = 0; i < n; i++) {
+        codes[i] = c->error_codes[i];
+        counts[i] = c->error_counts[i];
+    }
+    *last = c->last_detail;
+    c->n_error_codes = 0;
     return n;
 }
 
-/* The assigned partitions (as subscribed-topic indices) with their positions (-1001 when none yet). */
+/* errno of the last consume that returned -2. */
+int cdl_consumer_errno(consumer *c) { return c->last_errno; }
+
+/* The assigned partitions (topics as cdl_consumer_topic_name indices) with their positions
+ * (-1001 when none yet); -1 when they cannot be read. */
 int cdl_consumer_positions(consumer *c, int16_t *topic, int32_t *partitions, int64_t *offsets, int cap) {
     rd_kafka_topic_partition_list_t *list = NULL;
     if (rd_kafka_assignment(c->rk, &list) != 0 || list == NULL) return -1;
     rd_kafka_position(c->rk, list);
     int n = 0;
     for (int i = 0; i < list->cnt && n < cap; i++) {
-        topic[n] = (int16_t)topic_index(c, list->elems[i].topic);
+        int t = topic_index(c, list->elems[i].topic);
+        if (t < 0) {
+            rd_kafka_topic_partition_list_destroy(list);
+            return -1;
+        }
+        topic[n] = (int16_t)t;
         partitions[n] = list->elems[i].partition;
         offsets[n] = list->elems[i].offset;
         n++;
@@ -359,7 +473,8 @@ void cdl_consumer_close(consumer *c) {
     rd_kafka_consumer_close(c->rk);
     rd_kafka_queue_destroy(c->queue);
     rd_kafka_destroy(c->rk);
-    for (int i = 0; i < c->n_topics; i++) free(c->topics[i]);
+    for (int i = 0; i < c->n_names; i++) free(c->names[i]);
+    free(c->names);
     free(c->msgs);
     free(c->data);
     free(c->aux);
@@ -367,3 +482,8 @@ void cdl_consumer_close(consumer *c) {
 }
 
 const char *cdl_err2str(int err) { return rd_kafka_err2str(err); }
+
+const char *cdl_err2name(int err) { return rd_kafka_err2name(err); }
+
+/* The linked librdkafka's version (0xMMmmrrpp), what its declarations above were checked against. */
+int cdl_rdkafka_version(void) { return rd_kafka_version(); }

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka import Producer as RawProducer
+from prometheus_client import REGISTRY
 
 from cdl.events import InBatch, OutRecord
 from cdl.kafka import TransactionalLoop, consumer_conf
@@ -138,3 +139,70 @@ def test_transactional_loop_commits_the_same_way_with_either_consumer(
     committed = check.committed([TopicPartition(src, 0), TopicPartition(src, 1)], timeout=10)
     check.close()
     assert sorted(tp.offset for tp in committed) == [250, 250]
+
+
+def _consume_all(native: NativeConsumer, total: int, timeout_s: float = 60) -> list[Row]:
+    got: list[Row] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < total and time.monotonic() < deadline:
+        n, batches = native.consume_batches(64, 0.2)
+        assert n == sum(len(x) for x in batches)
+        for batch in batches:
+            got.extend(_rows_from_batch(batch))
+    return got
+
+
+def test_a_pattern_subscription_labels_each_record_with_its_own_topic(kafka_bootstrap: str, topic_factory) -> None:
+    tag = uuid.uuid4().hex[:8]
+    a, b = topic_factory(f"rx{tag}", partitions=2), topic_factory(f"rx{tag}")
+    other = topic_factory("rx-other")  # not matched
+    p = RawProducer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(120):
+        p.produce(a, f"{a}/{i}".encode(), partition=i % 2)
+        if i % 2:
+            p.produce(b, f"{b}/{i}".encode())
+    p.produce(other, b"never")
+    p.flush(30)
+
+    native = NativeConsumer(consumer_conf(kafka_bootstrap, f"g-{uuid.uuid4().hex[:6]}"), max_batch=50)
+    native.subscribe([f"^test\\.rx{tag}\\..*"])
+    got = _consume_all(native, 180)
+    positions = {(tp.topic, tp.partition): tp.offset for tp in native.position(native.assignment())}
+    native.close()
+
+    assert len(got) == 180
+    assert all(value is not None and value.decode().rsplit("/", 1)[0] == topic for topic, *_, value, _ in got)
+    assert {r[0] for r in got} == {a, b}
+    assert positions == {(a, 0): 60, (a, 1): 60, (b, 0): 60}
+
+    # a name next to a pattern
+    mixed = NativeConsumer(consumer_conf(kafka_bootstrap, f"g-{uuid.uuid4().hex[:6]}"), max_batch=50)
+    mixed.subscribe([other, f"^test\\.rx{tag}\\..*"])
+    got = _consume_all(mixed, 181)
+    mixed.close()
+    assert len(got) == 181
+    assert sorted({r[0] for r in got}) == sorted({a, b, other})
+    assert all(r[4] == b"never" if r[0] == other else r[4].decode().startswith(r[0] + "/") for r in got)
+
+
+def _errors(code: str) -> float:
+    return REGISTRY.get_sample_value("cdl_kafka_consume_errors_total", {"code": code}) or 0.0
+
+
+def test_consume_errors_are_counted_and_the_stream_goes_on(kafka_bootstrap: str, topic_factory) -> None:
+    present, missing = topic_factory("errs"), f"test.missing.{uuid.uuid4().hex[:10]}"
+    p = RawProducer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(20):
+        p.produce(present, f"r{i}".encode())
+    p.flush(30)
+    before = _errors("UNKNOWN_TOPIC_OR_PART")
+    native = NativeConsumer(consumer_conf(kafka_bootstrap, f"g-{uuid.uuid4().hex[:6]}"), max_batch=50)
+    native.subscribe([present, missing])  # a topic that does not exist: librdkafka reports an error
+    got: list[Row] = []
+    deadline = time.monotonic() + 30
+    while (len(got) < 20 or _errors("UNKNOWN_TOPIC_OR_PART") == before) and time.monotonic() < deadline:
+        for batch in native.consume_batches(64, 0.2)[1]:
+            got.extend(_rows_from_batch(batch))
+    native.close()
+    assert sorted(r[4] or b"" for r in got) == sorted(f"r{i}".encode() for i in range(20))
+    assert _errors("UNKNOWN_TOPIC_OR_PART") > before, "the error was not counted"

@@ -6,8 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
+import confluent_kafka
 import pytest
 
 from cdl import native
@@ -148,3 +151,34 @@ def test_only_stale_temp_files_and_long_unused_builds_are_pruned(tmp_path: Path,
     left = {p.name for p in folder.iterdir()}
     assert other_env.name in left and live_tmp.name in left
     assert unused.name not in left and dead_tmp.name not in left
+
+
+@pytest.fixture
+def kafka_native() -> Iterator[ModuleType]:
+    from cdl import kafka_native as module
+
+    module._load.cache_clear()
+    try:
+        yield module
+    finally:
+        module._load.cache_clear()
+
+
+def test_the_bundled_librdkafka_is_a_version_the_columnar_consumer_was_written_for(kafka_native: ModuleType) -> None:
+    version = confluent_kafka.libversion()[1]
+    assert kafka_native._supported(version), f"bundled librdkafka {confluent_kafka.libversion()[0]}: check rdbatch.c"
+    assert kafka_native.available()
+
+
+def test_another_librdkafka_falls_back_to_confluent_kafkas_consumer(
+    kafka_native: ModuleType, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(kafka_native, "LIBRDKAFKA_VERSIONS", ((2, 99), (2, 100)))
+    with caplog.at_level(logging.WARNING, logger="cdl.kafka_native"):
+        assert not kafka_native.available()
+    assert "is not a version rdbatch.c was written for (2.99-2.100)" in caplog.text
+    assert not (Path(os.environ["CDL_HOME"]) / "native").exists(), "nothing is built against it"
+    kafka_native._load.cache_clear()
+    monkeypatch.setenv("CDL_NATIVE_REQUIRED", "1")
+    with pytest.raises(native.NativeBuildError, match=r"not a version rdbatch\.c was written for"):
+        kafka_native.available()
