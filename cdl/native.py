@@ -116,12 +116,19 @@ def _fingerprint(source: Path, flags: Sequence[str], link: Sequence[str], key: s
     return h.hexdigest()[:16]
 
 
-def build(source: Path, target: Path, link: Sequence[str] = ("-lm",), flags: Sequence[str] = CFLAGS) -> None:
-    """Compile ``source`` into the shared library ``target`` (atomically: concurrent builders race harmlessly).
+def build(
+    source: Path,
+    target: Path,
+    link: Sequence[str] = ("-lm",),
+    flags: Sequence[str] = CFLAGS,
+    compiler: Sequence[str] | None = None,
+) -> None:
+    """Compile ``source`` into the shared library ``target`` (atomically: concurrent builders race
+    harmlessly) with ``compiler`` (default: ``$CC``, else ``cc`` or ``gcc``).
 
     Raises :class:`NativeBuildError` with the compiler's output when it fails.
     """
-    argv = _compiler_argv()
+    argv = list(compiler) if compiler else _compiler_argv()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=_TMP_SUFFIX, dir=target.parent)
     os.close(fd)
