@@ -6,6 +6,9 @@ Storage layout (bucket ``cdl-datasets``)::
 
     <dataset>/dataset.json                              registered spec
     <dataset>/shards/p<partition>-<first>-<last>.npz    immutable shard
+    <dataset>/shards/p<partition>-<first>-<last>-m<digest>.npz
+                                                        immutable shard merged from smaller ones
+    <dataset>/unlabelled/p<partition>-<first>-<last>.npz  records waiting for a label (ingest's)
     <dataset>/versions/<n>.json                         manifest of version n
 
 Shard format: an uncompressed ``.npz`` (numpy zip, no pickled objects)
@@ -32,6 +35,7 @@ import json
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +86,11 @@ class DatasetSpec:
     min_new_records: int = 1000
     max_interval_s: float = 0.0
     holdout_fraction: float = 0.2
+    #: the dataset's own input limits (0: the ingest service's); they may tighten the
+    #: service's limits, never loosen them, and are not part of the schema
+    max_record_bytes: int = 0
+    max_id_bytes: int = 0
+    max_text_chars: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -103,6 +112,8 @@ class DatasetSpec:
             problems.append("the retrain policy needs min_new_records > 0 or max_interval_s > 0")
         if self.min_new_records < 0 or self.max_interval_s < 0 or self.min_text_length < 0:
             problems.append("policy and cleaning numbers must not be negative")
+        if min(self.max_record_bytes, self.max_id_bytes, self.max_text_chars) < 0:
+            problems.append("limits must not be negative (0 = the service's)")
         if problems:
             raise InvalidInputError("invalid dataset spec: " + "; ".join(problems), dataset=self.name)
 
@@ -126,7 +137,10 @@ class DatasetSpec:
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> DatasetSpec:
-        fields = dict(doc)
+        """A spec from :meth:`to_json`'s document; fields it does not know are ignored, missing
+        ones take their defaults (documents written before a field existed still load)."""
+        known = {f.name for f in dataclass_fields(cls)}
+        fields = {k: v for k, v in doc.items() if k in known}
         fields["task"] = Task(fields["task"])
         fields["labels"] = tuple(fields["labels"])
         fields["input_shape"] = tuple(int(d) for d in fields.get("input_shape", ()))
@@ -274,6 +288,16 @@ class Shard:
     def key_for(dataset: str, partition: int, first: int, last: int, unlabelled: bool = False) -> str:
         folder = "unlabelled" if unlabelled else "shards"
         return f"{dataset}/{folder}/p{partition:03d}-{first:012d}-{last:012d}.npz"
+
+    @staticmethod
+    def merged_key(dataset: str, partition: int, first: int, last: int, inputs: Sequence[str]) -> str:
+        """The key of a shard merged from the shards ``inputs`` (in that order).
+
+        Named by what it holds: the same inputs give the same key (and the same
+        bytes), other inputs another key, never the key of a shard written by a flush.
+        """
+        digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
+        return f"{dataset}/shards/p{partition:03d}-{first:012d}-{last:012d}-m{digest}.npz"
 
     def to_json(self) -> dict[str, Any]:
         # written for every shard at every flush: no dataclasses.asdict (deep copies)

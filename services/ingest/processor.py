@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,10 @@ from cdl.logging import get_logger
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.ingest import fastscan
+from services.ingest.compaction import CompactionPolicy, ManifestRefs, Merged, merge, plan, sweep
 from services.ingest.records import (
     CleanRecord,
+    Limits,
     Reason,
     RecordError,
     clean,
@@ -37,7 +39,8 @@ from services.ingest.records import (
     parse_feedback,
 )
 from services.ingest.registry import DatasetRegistry
-from services.ingest.versioning import IngestState, build_manifest, policy_due
+from services.ingest.settings import IngestSettings
+from services.ingest.versioning import IngestState, build_manifest, manifest_key, policy_due
 
 __all__ = ["STATE_KEY", "IngestProcessor"]
 
@@ -49,6 +52,16 @@ RECORDS = PromCounter("cdl_ingest_records_total", "Records seen by ingest", ["da
 REJECTED = PromCounter("cdl_ingest_rejected_total", "Records dead-lettered by ingest, by reason", ["reason"])
 VERSIONS = PromCounter("cdl_ingest_versions_total", "Dataset versions committed", ["dataset"])
 PENDING = Gauge("cdl_ingest_pending_records", "Valid records not yet in a version", ["dataset"])
+MERGED = PromCounter("cdl_ingest_shards_merged_total", "Small shards merged into larger ones", ["dataset"])
+SWEPT = PromCounter("cdl_ingest_objects_swept_total", "Unreferenced shard objects removed", ["dataset"])
+
+#: a text shard is written once its column, padded to its longest text, takes this many bytes
+_TEXT_SHARD_BYTES = 64 << 20
+#: what a dead letter keeps of a rejected record's key, and of its reason
+_DEAD_KEY_BYTES = 1 << 12
+_DEAD_REASON_CHARS = 1000
+#: headers are kept on a dead letter up to this many bytes in all
+_DEAD_HEADER_BYTES = 1 << 16
 
 
 @dataclass
@@ -67,6 +80,7 @@ class _Buffer:
     offsets: list[npt.NDArray[Any]] = field(default_factory=list)
     x: list[npt.NDArray[Any]] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    text_width: int = 0  # the longest text: the shard's text column is padded to it
 
     def add(self, rec: CleanRecord, offset: int) -> None:
         """One record (the careful path)."""
@@ -74,6 +88,12 @@ class _Buffer:
         self.extend(np.array([rec.id]), np.array([rec.label]), np.array([rec.holdout]), np.array([offset]), x)
         if rec.text is not None:
             self.text.append(rec.text)
+            self.text_width = max(self.text_width, len(rec.text))
+
+    @property
+    def full_text(self) -> bool:
+        """Its text column, padded as a shard stores it, takes a shard's worth of bytes."""
+        return self.count * self.text_width * 4 >= _TEXT_SHARD_BYTES
 
     def extend(
         self,
@@ -95,8 +115,23 @@ class _Buffer:
             self.x.append(x)
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """An unlabelled record waiting for its label, and the unlabelled shard holding it
+    (None until its buffer is written)."""
+
+    partition: int
+    offset: int
+    rec: CleanRecord
+    shard: str | None = None
+
+
 #: what a batch's scan gives: per dataset (spec, accepted rows, scan), and the undecided rows
 _Scanned = tuple[list[tuple[DatasetSpec, npt.NDArray[np.int64], fastscan.Scan]], list[int]]
+
+
+def _keys(shards: list[Shard]) -> tuple[str, ...]:
+    return tuple(s.key for s in shards)
 
 
 def _content_type(headers: Headers | None) -> str:
@@ -114,6 +149,12 @@ def _dataset_of(value: bytes) -> str | None:
 
 
 class IngestProcessor:
+    """Validates ``data.raw`` records, buffers the good ones as shards, commits versions.
+
+    Everything it holds between two flushes is either committed already or
+    rebuilt from the committed state (:meth:`restore`) when a transaction fails.
+    """
+
     def __init__(
         self,
         *,
@@ -127,6 +168,10 @@ class IngestProcessor:
         updated_topic: str = Topics.DATA_UPDATED,
         shard_max_records: int = 20000,
         group: str = "cdl-ingest",
+        limits: Limits | None = None,
+        deadletter_max_value_bytes: int = 900_000,
+        deadletter_flush_bytes: int = 64 << 20,
+        compaction: CompactionPolicy | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -134,36 +179,97 @@ class IngestProcessor:
         self._state_topic = state_topic
         self._raw_topic = raw_topic
         self._feedback_topic = feedback_topic
-        #: unlabelled records waiting for data.feedback: dataset -> id -> (partition, offset, record)
-        self._waiting: dict[str, dict[str, tuple[int, int, CleanRecord]]] = defaultdict(dict)
-        self._unlabelled: dict[tuple[str, int], _Buffer] = {}
         self._deadletter_topic = deadletter_topic
         self._updated_topic = updated_topic
         self._shard_max = shard_max_records
         self._group = group
+        self._limits = limits or Limits()
+        self._dead_value_max = deadletter_max_value_bytes
+        self._dead_flush_bytes = deadletter_flush_bytes
+        self._compaction = compaction or CompactionPolicy(target_records=shard_max_records)
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-shards")
+        self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-scan")
+        #: compaction and the sweep, one job at a time (see services/ingest/compaction.py)
+        self._housekeeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-housekeeping")
+        self._manifest_refs = ManifestRefs()
         self.state = IngestState()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Hold nothing but an empty state: what a freshly constructed processor holds."""
+        self.state = IngestState()
+        #: unlabelled records waiting for data.feedback: dataset -> id -> where it is
+        self._waiting: dict[str, dict[str, _Waiting]] = defaultdict(dict)
+        #: per unlabelled shard, how many of its records still wait (a shard without any is dropped)
+        self._waiting_in: Counter[str] = Counter()
+        self._unlabelled: dict[tuple[str, int], _Buffer] = {}
         #: per dataset, every id taken so far (C hash set; see fastscan.IdSet)
         self._seen: dict[str, fastscan.IdSet] = defaultdict(fastscan.IdSet)
         self._buffers: dict[tuple[str, int], _Buffer] = {}
         self._dead: list[OutRecord] = []
+        self._dead_bytes = 0
         #: shards being written in the background; the next flush waits for them
         self._writes: list[Future[str]] = []
-        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-shards")
         #: the batch being scanned in the scan thread: (batch, rows for the careful path, scan)
         self._inflight: tuple[InBatch, list[int], Future[_Scanned] | None] | None = None
-        self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-scan")
         self._sealed = False
         self._pending: dict[str, int] = {}
         self._version_due = False
         self._last_time_check = 0.0
         self._first_seen: dict[str, float] = {}
+        #: the housekeeping job in flight, and merged shards waiting for the dataset's next version
+        self._housekeeping: Future[tuple[list[Merged], list[tuple[str, ...]]]] | None = None
+        self._merges: dict[str, list[Merged]] = defaultdict(list)
+        #: groups of shards (their keys) a job could not merge: not tried again
+        self._unmergeable: set[tuple[str, ...]] = set()
+        self._next_sweep = time.monotonic() + self._compaction.sweep_interval_s
+
+    @classmethod
+    def from_settings(
+        cls, settings: IngestSettings, *, registry: DatasetRegistry, store: ObjectStore, source: str
+    ) -> IngestProcessor:
+        """A processor configured by the service's settings."""
+        return cls(
+            registry=registry,
+            store=store,
+            source=source,
+            state_topic=settings.state_topic,
+            raw_topic=settings.raw_topic,
+            feedback_topic=settings.feedback_topic,
+            deadletter_topic=settings.deadletter_topic,
+            updated_topic=settings.updated_topic,
+            shard_max_records=settings.shard_max_records,
+            group=settings.group_id,
+            limits=Limits(
+                record_bytes=settings.max_record_bytes,
+                id_bytes=settings.max_id_bytes,
+                text_chars=settings.max_text_chars,
+                label_bytes=settings.max_label_bytes,
+            ),
+            deadletter_max_value_bytes=settings.deadletter_max_value_bytes,
+            deadletter_flush_bytes=settings.deadletter_flush_bytes,
+            compaction=CompactionPolicy(
+                min_shards=settings.compact_min_shards,
+                target_records=settings.compact_target_records or settings.shard_max_records,
+                target_bytes=settings.compact_target_bytes,
+                grace_s=settings.gc_grace_s,
+                sweep_interval_s=settings.gc_interval_s,
+            ),
+        )
 
     # ---------------------------------------------------------------- recovery
     def recover(self, snapshot: bytes | None) -> None:
-        """Restore the state of the last committed transaction; rebuild the seen ids."""
-        self.state = IngestState.from_json(json.loads(snapshot)) if snapshot else IngestState()
+        """Restore the state of the last committed transaction; rebuild the seen ids.
+
+        The latest version's shards are read from its manifest (a snapshot names
+        it), every committed shard's ids go into the seen-id sets, and the records
+        of the unlabelled shards that no labelled shard took wait for their labels.
+        """
+        doc = json.loads(snapshot) if snapshot else None
+        self.state = IngestState.from_json(doc, self._read_manifest) if doc else IngestState()
         self._seen.clear()
         self._waiting.clear()
+        self._waiting_in.clear()
         for name, ds in self.state.datasets.items():
             for shard in ds.shards:
                 cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
@@ -177,11 +283,39 @@ class IngestProcessor:
                     x = cols["x"][j] if "x" in cols else None
                     text = str(cols["text"][j]) if "text" in cols else None
                     rec = CleanRecord(name, rid, -1, bool(cols["split"][j]), x, text)
-                    self._waiting[name][rid] = (shard.partition, int(cols["offset"][j]), rec)
+                    self._waiting[name][rid] = _Waiting(shard.partition, int(cols["offset"][j]), rec, shard.key)
+                    self._waiting_in[shard.key] += 1
         log.info(
             "ingest state recovered",
-            datasets={n: {"version": d.version, "shards": len(d.shards)} for n, d in self.state.datasets.items()},
+            datasets={
+                n: {"version": d.version, "shards": len(d.versioned), "pending": len(d.pending)}
+                for n, d in self.state.datasets.items()
+            },
         )
+
+    def _read_manifest(self, key: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._store.get_json(DATASETS_BUCKET, key)
+        return doc
+
+    def restore(self, snapshot: bytes | None) -> None:
+        """Drop everything not committed, then recover from ``snapshot`` as :meth:`recover` does.
+
+        For the loop after a transaction that failed or was aborted, with the
+        latest committed snapshot: the batch in the scan thread is waited for
+        and discarded, so are the shard writes in flight (their results and
+        errors ignored) and the housekeeping job (its merged shards are never
+        used; the sweep removes them later); buffers, waiting dead letters,
+        counters and merged shards not yet in a version are dropped. Afterwards
+        the processor behaves exactly as a new one given ``recover(snapshot)``.
+        """
+        pending: list[Future[Any]] = list(self._writes)
+        if self._inflight is not None and self._inflight[2] is not None:
+            pending.append(self._inflight[2])
+        if self._housekeeping is not None:
+            pending.append(self._housekeeping)
+        wait(pending)  # their outcomes, failures included, are dropped with them
+        self._reset()
+        self.recover(snapshot)
 
     # ---------------------------------------------------------------- records
     def on_batch(self, batch: InBatch) -> None:
@@ -204,18 +338,22 @@ class IngestProcessor:
             return
         n = len(batch)
         slow: list[int] = []
-        if batch.plain:  # as most producers send
+        # a record over the size limit is never scanned: the careful path rejects it unparsed
+        big = np.diff(batch.bounds) > self._limits.record_bytes
+        if batch.plain and not big.any():  # as most producers send
             eligible = np.arange(n, dtype=np.int64)
         else:  # JSON records (a value, no protobuf content-type) may be scanned; the rest go the careful way
             nulls = batch.null_values
-            json_rows = np.fromiter(
-                (
-                    not (nulls is not None and nulls[i]) and not is_protobuf(_content_type(batch.header(i)))
-                    for i in range(n)
-                ),
-                dtype=bool,
-                count=n,
-            )
+            json_rows = ~big
+            if not batch.plain:
+                json_rows &= np.fromiter(
+                    (
+                        not (nulls is not None and nulls[i]) and not is_protobuf(_content_type(batch.header(i)))
+                        for i in range(n)
+                    ),
+                    dtype=bool,
+                    count=n,
+                )
             eligible, slow = np.flatnonzero(json_rows), np.flatnonzero(~json_rows).tolist()
         scanning = self._scanner.submit(self._scan, batch, eligible) if len(eligible) else None
         self._finish_inflight()
@@ -244,7 +382,7 @@ class IngestProcessor:
         The stream goes on meanwhile; the shard enters the state now and the
         next flush waits for the write before its transaction commits.
         """
-        for key in [k for k, buf in self._buffers.items() if buf.count >= self._shard_max]:
+        for key in [k for k, buf in self._buffers.items() if buf.count >= self._shard_max or buf.full_text]:
             dataset, partition = key
             n = self._write_shard(dataset, partition, self._buffers.pop(key))
             self._pending[dataset] = self._pending.get(dataset, 0) - n  # now counted in the state
@@ -267,7 +405,7 @@ class IngestProcessor:
                 pending = pending[1:]
                 name = _dataset_of(batch.value(int(pending[0])) or b"") if len(pending) else None
                 continue
-            sc = fastscan.scan(joined, pending, spec)
+            sc = fastscan.scan(joined, pending, spec, max_id_bytes=self._limits.for_spec(spec).id_bytes)
             if sc is None:  # no C scanner here: everything takes the careful path
                 undecided.extend(pending.tolist())
                 break
@@ -282,11 +420,24 @@ class IngestProcessor:
     def _keep_fast(self, spec: DatasetSpec, batch: InBatch, rows: npt.NDArray[np.int64], sc: fastscan.Scan) -> None:
         """Buffer records the fast path accepted (``rows`` index ``batch``), but not twice."""
         column, labels, holdout, x = sc.id_column, sc.labels, sc.holdout, sc.x
+        starts, lengths = sc.id_starts, sc.id_lengths
+        limit = self._limits.for_spec(spec).record_bytes
+        if limit < self._limits.record_bytes:  # the dataset's own, tighter size limit
+            fits = batch.bounds[rows + 1] - batch.bounds[rows] <= limit
+            if not fits.all():
+                for j in np.flatnonzero(~fits).tolist():
+                    incoming = batch.row(int(rows[j]))
+                    size = len(incoming[3] or b"")
+                    err = RecordError(Reason.RECORD_TOO_LARGE, f"record is {size} bytes, the limit is {limit}")
+                    self._reject(incoming, err, spec.name)
+                rows, column, starts, lengths = rows[fits], column[fits], starts[fits], lengths[fits]
+                labels, holdout, x = labels[fits], holdout[fits], x[fits]
         # in stream order: the first record with an id is kept, any later one rejected
-        fresh = self._seen[spec.name].add_bytes(sc.id_bytes, sc.id_starts, sc.id_lengths)
+        fresh = self._seen[spec.name].add_bytes(sc.id_bytes, starts, lengths)
         if not fresh.all():
             for j in np.flatnonzero(~fresh).tolist():
-                rid = sc.id_at(j)
+                lo = int(starts[j])
+                rid = sc.id_bytes[lo : lo + int(lengths[j])].decode("ascii")
                 err = RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=spec.name, id=rid)
                 self._reject(batch.row(int(rows[j])), err, spec.name)
             rows, column = rows[fresh], column[fresh]
@@ -311,14 +462,17 @@ class IngestProcessor:
         """The careful path: one record, with the precise reason when it is rejected."""
         partition, offset, _, value, headers = incoming
         content_type = _content_type(headers)
-        dataset = "?"
+        dataset = "?"  # the metrics' label: only registered names, whatever records say
         try:
+            self._limits.check_size(value)  # before anything is parsed
             raw = parse(value, content_type)
-            dataset = raw.dataset
             spec = self._registry.lookup(raw.dataset)
             if spec is None:
-                raise RecordError(Reason.UNKNOWN_DATASET, "dataset is not registered", dataset=raw.dataset)
-            rec = clean(raw, spec, allow_unlabelled=True)
+                raise RecordError(Reason.UNKNOWN_DATASET, "dataset is not registered", dataset=raw.dataset[:200])
+            dataset = spec.name
+            limits = self._limits.for_spec(spec)
+            limits.check_size(value)
+            rec = clean(raw, spec, allow_unlabelled=True, limits=limits)
             if rec.id in self._seen[rec.dataset]:
                 raise RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=rec.dataset, id=rec.id)
         except RecordError as exc:
@@ -326,7 +480,7 @@ class IngestProcessor:
             return
         self._seen[rec.dataset].add(rec.id)
         if rec.label < 0:  # waits for its label on data.feedback
-            self._waiting[rec.dataset][rec.id] = (partition, offset, rec)
+            self._waiting[rec.dataset][rec.id] = _Waiting(partition, offset, rec)
             self._unlabelled.setdefault((rec.dataset, partition), _Buffer()).add(rec, offset)
             RECORDS.labels(rec.dataset, "unlabelled").inc()
             return
@@ -338,37 +492,57 @@ class IngestProcessor:
         """A late label: the waiting record becomes a labelled record at its original offset."""
         _, _, _, value, headers = incoming
         content_type = _content_type(headers)
-        dataset = "?"
+        dataset = "?"  # the metrics' label: only registered names
         try:
-            dataset, rid, label = parse_feedback(value, content_type)
-            spec = self._registry.lookup(dataset)
+            self._limits.check_size(value)
+            name, rid, label = parse_feedback(value, content_type)
+            self._limits.check_label(label)
+            spec = self._registry.lookup(name)
             if spec is None:
-                raise RecordError(Reason.UNKNOWN_DATASET, "dataset is not registered", dataset=dataset)
+                raise RecordError(Reason.UNKNOWN_DATASET, "dataset is not registered", dataset=name[:200])
+            dataset = spec.name
+            self._limits.for_spec(spec).check_id(rid)
             if label not in spec.labels:
                 raise RecordError(Reason.UNKNOWN_LABEL, f"label {label!r} is not one of the dataset's labels")
-            waiting = self._waiting[dataset].get(rid)
+            waiting = self._waiting[dataset].pop(rid, None)
             if waiting is None:
                 reason = Reason.ALREADY_LABELLED if rid in self._seen[dataset] else Reason.UNKNOWN_RECORD
                 raise RecordError(reason, "no unlabelled record with this id is waiting", dataset=dataset, id=rid)
         except RecordError as exc:
             self._reject(incoming, exc, dataset, origin=self._feedback_topic)
             return
-        partition, offset, rec = waiting
-        del self._waiting[dataset][rid]
+        partition, offset, rec = waiting.partition, waiting.offset, waiting.rec
+        if waiting.shard is not None:
+            self._waiting_in[waiting.shard] -= 1
         labelled = CleanRecord(rec.dataset, rec.id, spec.label_index(label), rec.holdout, rec.x, rec.text)
         self._buffers.setdefault((dataset, partition), _Buffer()).add(labelled, offset)
         self._note_pending(spec, 1)
         RECORDS.labels(dataset, "labelled_later").inc()
 
     def _reject(self, incoming: InRecord, exc: RecordError, dataset: str, origin: str | None = None) -> None:
+        """Dead-letter a record: its key, value and headers as they came, cut down to what a
+        Kafka record can carry whatever the record held (the reason says what was cut)."""
         partition, offset, key, value, headers = incoming
+        reason = str(exc)
+        if len(reason) > _DEAD_REASON_CHARS:
+            reason = reason[:_DEAD_REASON_CHARS] + "..."
+        if value is not None and len(value) > self._dead_value_max:
+            reason += f" (the dead letter keeps the first {self._dead_value_max} of {len(value)} bytes)"
+            value = value[: self._dead_value_max]
+        if key is not None and len(key) > _DEAD_KEY_BYTES:
+            reason += f" (the key is cut to {_DEAD_KEY_BYTES} of {len(key)} bytes)"
+            key = key[:_DEAD_KEY_BYTES]
+        if headers and sum(len(n) + len(v or b"") for n, v in headers) > _DEAD_HEADER_BYTES:
+            reason += f" (its headers, over {_DEAD_HEADER_BYTES} bytes, are left out)"
+            headers = None
+        self._dead_bytes += len(value or b"") + len(key or b"") + len(reason) + 256
         self._dead.append(
             dead_letter(
                 self._deadletter_topic,
                 value,
                 key,
                 headers,
-                reason=str(exc),
+                reason=reason,
                 error=exc.reason.value,
                 origin_topic=origin or self._raw_topic,
                 partition=partition,
@@ -380,14 +554,15 @@ class IngestProcessor:
         RECORDS.labels(dataset, "rejected").inc()
 
     def wants_flush(self) -> bool:
-        """Flush now: a version is due (by count or by time) or many dead letters wait.
+        """Flush now: a version is due (by count or by time) or many dead letters wait
+        (10,000, or ``deadletter_flush_bytes``).
 
         A batch whose scan has ended is finished here, so the last batch of a burst
         waits for no further input.
         """
         if self._inflight is not None and (self._inflight[2] is None or self._inflight[2].done()):
             self._finish_inflight()
-        if self._version_due or len(self._dead) >= 10000:
+        if self._version_due or len(self._dead) >= 10000 or self._dead_bytes >= self._dead_flush_bytes:
             return True
         now = time.monotonic()
         if now - self._last_time_check < 0.5:
@@ -413,11 +588,19 @@ class IngestProcessor:
 
     # ---------------------------------------------------------------- flush
     def flush(self, now: float | None = None) -> list[OutRecord]:
-        """Write buffered shards, commit due versions; return what the transaction must publish."""
+        """Write buffered shards, commit due versions; return what the transaction must publish.
+
+        Also hands the housekeeping (merging small shards, sweeping unreferenced
+        objects) to its background thread, and takes what a finished job merged.
+        """
         self._finish_inflight()
+        self._take_housekeeping()
+        # when a sweep is due, what the committed state names (this flush only adds to it until here)
+        keep = self.state.referenced() if self._sweep_due() else None
         now = time.time() if now is None else now
         out: list[OutRecord] = list(self._dead)
         self._dead.clear()
+        self._dead_bytes = 0
         changed = bool(out) or self._sealed
         self._sealed = False
         for (dataset, partition), buf in sorted(self._buffers.items()):
@@ -430,6 +613,7 @@ class IngestProcessor:
                 self._write_shard(dataset, partition, buf, unlabelled=True)
                 changed = True
         self._unlabelled.clear()
+        changed |= self._drop_labelled_out()
         self._wait_for_writes()
         self._pending.clear()
         self._version_due = False
@@ -441,7 +625,90 @@ class IngestProcessor:
             PENDING.labels(name).set(ds.new_records)
         if changed:
             out.append(OutRecord(self._state_topic, json.dumps(self.state.to_json()).encode(), STATE_KEY))
+        self._start_housekeeping(None if keep is None else keep | self.state.referenced())
         return out
+
+    def _drop_labelled_out(self) -> bool:
+        """Leave unlabelled shards none of whose records still waits out of the state
+        (their records are in labelled shards now); whether any was left out."""
+        dropped = False
+        for ds in self.state.datasets.values():
+            kept = [s for s in ds.unlabelled if self._waiting_in.get(s.key, 0) > 0]
+            if len(kept) != len(ds.unlabelled):
+                for gone in {s.key for s in ds.unlabelled} - {s.key for s in kept}:
+                    self._waiting_in.pop(gone, None)
+                ds.unlabelled = kept
+                dropped = True
+        return dropped
+
+    # ---------------------------------------------------------------- housekeeping
+    def _take_housekeeping(self) -> None:
+        """Keep what a finished housekeeping job merged, for each dataset's next version."""
+        job = self._housekeeping
+        if job is None or not job.done():
+            return
+        self._housekeeping = None
+        try:
+            merged, unmergeable = job.result()
+        except Exception as exc:  # noqa: BLE001 - housekeeping never stops the stream; the next job tries again
+            log.warning("ingest housekeeping failed", error=str(exc))
+            return
+        for m in merged:
+            self._merges[m.dataset].append(m)
+        self._unmergeable.update(unmergeable)
+
+    def _sweep_due(self) -> bool:
+        """A sweep can start at this flush: its interval has passed and no job runs."""
+        interval = self._compaction.sweep_interval_s
+        return self._housekeeping is None and interval > 0 and time.monotonic() >= self._next_sweep
+
+    def _start_housekeeping(self, keep: set[str] | None) -> None:
+        """Start a job when none runs and there is work: merges for datasets with none waiting,
+        and a sweep when ``keep`` is given (see :meth:`_sweep_due`).
+
+        ``keep`` holds every key the committed state and the state being built
+        name; merged shards waiting for a version are added. Objects written after
+        this call are newer than the sweep's cut-off, so none of them is swept.
+        """
+        if self._housekeeping is not None:
+            return
+        policy = self._compaction
+        work = [
+            (name, groups)
+            for name, ds in sorted(self.state.datasets.items())
+            if not self._merges.get(name)
+            and (groups := [g for g in plan(ds.versioned, policy) if _keys(g) not in self._unmergeable])
+        ]
+        datasets: list[str] = []
+        if keep is not None:
+            self._next_sweep = time.monotonic() + policy.sweep_interval_s
+            keep = keep | {m.shard.key for ms in self._merges.values() for m in ms}
+            datasets = sorted(self.state.datasets)
+        if not work and not datasets:
+            return
+        cutoff = time.time() - policy.grace_s
+        self._housekeeping = self._housekeeper.submit(self._housekeep, work, datasets, keep or set(), cutoff)
+
+    def _housekeep(
+        self, work: list[tuple[str, list[list[Shard]]]], datasets: list[str], keep: set[str], cutoff: float
+    ) -> tuple[list[Merged], list[tuple[str, ...]]]:
+        """The housekeeping job (in its thread; no state is touched): merge, then sweep.
+
+        Returns the merged shards, and the groups that could not be merged (not planned again).
+        """
+        merged: list[Merged] = []
+        unmergeable: list[tuple[str, ...]] = []
+        for name, groups in work:
+            for group in groups:
+                m = merge(self._store, name, group, self._compaction)
+                if m is None:
+                    unmergeable.append(_keys(group))
+                    continue
+                merged.append(m)
+                MERGED.labels(name).inc(len(m.inputs))
+        for name in datasets:
+            SWEPT.labels(name).inc(len(sweep(self._store, name, keep, cutoff, self._manifest_refs)))
+        return merged, unmergeable
 
     def _wait_for_writes(self) -> None:
         """Every shard the state names must be in MinIO before the state is committed."""
@@ -450,17 +717,19 @@ class IngestProcessor:
             write.result()  # a failed write raises: the transaction must not commit
 
     def close(self) -> None:
-        """Finish (or give up on) background scans and shard writes."""
+        """Finish (or give up on) background scans, shard writes and housekeeping."""
         self._scanner.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        self._housekeeper.shutdown(wait=True, cancel_futures=True)
 
     def _write_shard(self, dataset: str, partition: int, buf: _Buffer, unlabelled: bool = False) -> int:
         """Record the shard in the state and write it in the background; returns its record count."""
         spec = self._registry.get(dataset)
         labels = np.concatenate(buf.labels).astype(np.int16)
         splits = np.concatenate(buf.splits).astype(np.uint8)
+        ids = np.concatenate(buf.ids)
         columns: dict[str, npt.NDArray[Any] | list[npt.NDArray[Any]]] = {
-            "id": np.concatenate(buf.ids),
+            "id": ids,
             "label": labels,
             "split": splits,
             "offset": np.concatenate(buf.offsets).astype(np.int64),
@@ -470,6 +739,13 @@ class IngestProcessor:
         else:  # the features' chunks are written one after the other, not joined first
             columns["x"] = [chunk.astype(spec.dtype, copy=False) for chunk in buf.x]
         key = Shard.key_for(dataset, partition, buf.first, buf.last, unlabelled=unlabelled)
+        if unlabelled:  # which of its records still wait, so that it can be dropped once none does
+            waiting = self._waiting[dataset]
+            for rid in ids.tolist():
+                w = waiting.get(rid)
+                if w is not None and w.shard is None:
+                    w.shard = key
+                    self._waiting_in[key] += 1
         if len(self._writes) >= 4:  # bound the memory held by writes in flight
             self._writes.pop(0).result()
         self._writes.append(self._writer.submit(self._put_shard, key, columns))
@@ -479,7 +755,7 @@ class IngestProcessor:
         hist = {label: c for label, c in zip(spec.labels, counts, strict=False) if c}
         shard = Shard(key, partition, buf.first, buf.last, n, n - holdout, holdout, hist)
         ds = self.state.dataset(dataset, self._first_seen.get(dataset))
-        (ds.unlabelled if unlabelled else ds.shards).append(shard)
+        (ds.unlabelled if unlabelled else ds.pending).append(shard)
         return n
 
     def _put_shard(self, key: str, columns: dict[str, npt.NDArray[Any] | list[npt.NDArray[Any]]]) -> str:
@@ -488,9 +764,12 @@ class IngestProcessor:
     def _commit_version(self, name: str, now: float) -> OutRecord:
         spec = self._registry.get(name)
         ds = self.state.datasets[name]
+        for m in self._merges.pop(name, []):  # merged shards take their inputs' place from this version on
+            ds.replace_versioned(m.inputs, m.shard)
         version = ds.version + 1
         manifest = build_manifest(spec, ds, version, now, self._raw_topic)
-        uri = self._store.put_json(DATASETS_BUCKET, f"{name}/versions/{version}.json", manifest)
+        # written (with every shard it names) before the transaction that publishes it commits
+        uri = self._store.put_json(DATASETS_BUCKET, manifest_key(name, version), manifest)
         msg = events_pb2.DataUpdated(
             dataset=name,
             version=version,
@@ -507,7 +786,7 @@ class IngestProcessor:
             msg.label_histogram[label] = n
         msg.created_at.FromSeconds(int(now))
         ds.version = version
-        ds.versioned_shards = len(ds.shards)
+        ds.versioned, ds.pending = ds.shards, []
         ds.last_version_at = now
         VERSIONS.labels(name).inc()
         log.info(

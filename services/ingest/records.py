@@ -8,12 +8,16 @@ A record arrives as JSON (default) or as a protobuf ``cdl.v1.Record`` (when the
 
 ``features`` is flat (``prod(input_shape)`` numbers) or nested in the shape;
 ``label`` is a string or an integer (compared as its string).
+
+Hostile input is bounded by :class:`Limits` (record size, id, text and label
+length): a record over a limit is rejected with its own reason before anything
+proportional to it is built, whatever it holds.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -28,6 +32,7 @@ from cdl.v1 import events_pb2
 
 __all__ = [
     "CleanRecord",
+    "Limits",
     "RawRecord",
     "Reason",
     "RecordError",
@@ -53,6 +58,10 @@ class Reason(StrEnum):
     DUPLICATE_ID = "duplicate_id"
     UNKNOWN_RECORD = "unknown_record"
     ALREADY_LABELLED = "already_labelled"
+    RECORD_TOO_LARGE = "record_too_large"
+    ID_TOO_LONG = "id_too_long"
+    TEXT_TOO_LONG = "text_too_long"
+    LABEL_TOO_LONG = "label_too_long"
 
 
 class RecordError(InvalidInputError):
@@ -61,6 +70,57 @@ class RecordError(InvalidInputError):
     def __init__(self, reason: Reason, message: str, **context: object) -> None:
         super().__init__(f"{reason.value}: {message}", **context)
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The largest record ingest takes: a record over any limit is dead-lettered with its reason.
+
+    The defaults are the service's (``IngestSettings``); a dataset may tighten
+    them (``DatasetSpec.max_record_bytes`` and the like, 0 = the service's),
+    never loosen them: the service's limits are what bounds its memory.
+    """
+
+    record_bytes: int = 1 << 20
+    """Largest record value in bytes (``record_too_large``); checked before it is parsed."""
+    id_bytes: int = 256
+    """Longest record id in UTF-8 bytes (``id_too_long``); also bounds the shards' id column."""
+    text_chars: int = 1 << 16
+    """Longest text in characters, before cleaning (``text_too_long``)."""
+    label_bytes: int = 256
+    """Longest label in UTF-8 bytes (``label_too_long``; a dataset's labels are shorter)."""
+
+    def for_spec(self, spec: DatasetSpec) -> Limits:
+        """These limits, tightened by ``spec``'s own (0 there keeps a limit as it is)."""
+        tighter = {
+            "record_bytes": spec.max_record_bytes,
+            "id_bytes": spec.max_id_bytes,
+            "text_chars": spec.max_text_chars,
+        }
+        changes = {k: v for k, v in tighter.items() if 0 < v < getattr(self, k)}
+        return replace(self, **changes) if changes else self
+
+    def check_size(self, value: bytes | None) -> None:
+        """:class:`RecordError` (RECORD_TOO_LARGE) when ``value`` is over ``record_bytes``."""
+        if value is not None and len(value) > self.record_bytes:
+            raise RecordError(
+                Reason.RECORD_TOO_LARGE, f"record is {len(value)} bytes, the limit is {self.record_bytes}"
+            )
+
+    def check_id(self, rid: str) -> None:
+        """:class:`RecordError` (ID_TOO_LONG) when ``rid`` is over ``id_bytes`` (UTF-8)."""
+        # a character is at most 4 bytes: most ids are decided without encoding them
+        if len(rid) * 4 > self.id_bytes and len(rid.encode()) > self.id_bytes:
+            raise RecordError(
+                Reason.ID_TOO_LONG, f"id is {len(rid.encode())} bytes, the limit is {self.id_bytes}", id=rid[:64]
+            )
+
+    def check_label(self, label: str) -> None:
+        """:class:`RecordError` (LABEL_TOO_LONG) when ``label`` is over ``label_bytes`` (UTF-8)."""
+        if len(label) * 4 > self.label_bytes and len(label.encode()) > self.label_bytes:
+            raise RecordError(
+                Reason.LABEL_TOO_LONG, f"label is {len(label.encode())} bytes, the limit is {self.label_bytes}"
+            )
 
 
 @dataclass(slots=True)
@@ -173,15 +233,24 @@ def _parse_proto(value: bytes) -> RawRecord:
     return RawRecord(rec.dataset, rec.id, None, None, None, rec.label)
 
 
+_DEFAULT_LIMITS = Limits()
+
 _INT_RANGES = {"uint8": (0, 255), "int64": (-(2**63), 2**63 - 1)}
 
 
-def clean(raw: RawRecord, spec: DatasetSpec, allow_unlabelled: bool = False) -> CleanRecord:
+def clean(
+    raw: RawRecord, spec: DatasetSpec, allow_unlabelled: bool = False, limits: Limits | None = None
+) -> CleanRecord:
     """Validate ``raw`` against ``spec`` and apply its cleaning rules.
 
     An unlabelled record (empty label) gets ``label = -1`` when
     ``allow_unlabelled``; its label may come later through ``data.feedback``.
+    ``limits`` (default :class:`Limits`, tightened by ``spec``) bound the id,
+    label and text; the record's size is the caller's to check, before parsing.
     """
+    lim = (limits or _DEFAULT_LIMITS).for_spec(spec)
+    lim.check_id(raw.id)
+    lim.check_label(raw.label)
     ctx = {"dataset": raw.dataset, "id": raw.id}
     if not raw.label and not allow_unlabelled:
         raise RecordError(Reason.UNLABELLED, "record has no label", **ctx)
@@ -192,6 +261,10 @@ def clean(raw: RawRecord, spec: DatasetSpec, allow_unlabelled: bool = False) -> 
     if spec.task is Task.TEXT:
         if raw.text is None:
             raise RecordError(Reason.BAD_DTYPE, "a text dataset needs field 'text'", **ctx)
+        if len(raw.text) > lim.text_chars:
+            raise RecordError(
+                Reason.TEXT_TOO_LONG, f"text has {len(raw.text)} characters, the limit is {lim.text_chars}", **ctx
+            )
         text = " ".join(raw.text.split())
         if spec.lowercase_text:
             text = text.lower()

@@ -1,9 +1,17 @@
-"""The dataset registry: specs stored in the object store, cached in memory."""
+"""The dataset registry: specs stored in the object store, cached in memory.
+
+Names that are not registered are remembered as unknown for a while (a
+negative cache with a TTL), so that a flood of records for unknown datasets
+costs no object-store read per record; :meth:`DatasetRegistry.register`
+forgets them at once.
+"""
 
 from __future__ import annotations
 
 import re
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from cdl.datasets import DATASETS_BUCKET, DatasetSpec
@@ -13,15 +21,30 @@ from cdl.store import ObjectStore
 __all__ = ["DatasetRegistry"]
 
 _VERSION_KEY = re.compile(r"/versions/(\d+)\.json$")
+#: a dataset name (see DatasetSpec): anything else is unknown without asking the store
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 class DatasetRegistry:
     """Register and look up datasets. Registrations live in MinIO, so they survive restarts."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        unknown_ttl_s: float = 30.0,
+        max_unknown: int = 10000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self._cache: dict[str, DatasetSpec] = {}
         self._lock = threading.Lock()
+        #: names found unregistered: name -> when (``clock``); at most ``max_unknown``, oldest first
+        self._unknown: dict[str, float] = {}
+        self._unknown_ttl_s = unknown_ttl_s
+        self._max_unknown = max_unknown
+        self._clock = clock
+        #: bumped by every registration: a lookup that began before one does not cache its miss
+        self._generation = 0
 
     def register(self, spec: DatasetSpec) -> tuple[DatasetSpec, bool]:
         """Store ``spec``. Returns ``(spec, created)``.
@@ -44,6 +67,8 @@ class DatasetRegistry:
             if existing != spec:
                 self._store.put_json(DATASETS_BUCKET, f"{spec.name}/dataset.json", spec.to_json())
             self._cache[spec.name] = spec
+            self._unknown.pop(spec.name, None)
+            self._generation += 1
             return spec, existing is None
 
     def get(self, name: str, refresh: bool = False) -> DatasetSpec:
@@ -55,11 +80,42 @@ class DatasetRegistry:
             return spec
 
     def lookup(self, name: str) -> DatasetSpec | None:
-        """The spec, re-reading the store once for names not seen yet; None if unknown."""
+        """The spec, or None if ``name`` is not registered.
+
+        A name not seen yet is looked up in the store (outside the lock); one
+        found missing is answered from memory for ``unknown_ttl_s``.
+        """
+        with self._lock:
+            spec = self._cache.get(name)
+            if spec is not None:
+                return spec
+            if not _NAME.fullmatch(name):
+                return None
+            since = self._unknown.get(name)
+            if since is not None and self._clock() - since < self._unknown_ttl_s:
+                return None
+            generation = self._generation
         try:
-            return self.get(name)
+            spec = self._load(name)
         except NotFoundError:
-            return None
+            with self._lock:
+                if generation == self._generation:  # no registration raced this read
+                    self._remember_unknown(name)
+                return self._cache.get(name)
+        with self._lock:
+            self._unknown.pop(name, None)
+            return self._cache.setdefault(name, spec)
+
+    def _remember_unknown(self, name: str) -> None:
+        """Note ``name`` as unknown now (the lock is held); the oldest notes go first when full."""
+        now = self._clock()
+        self._unknown.pop(name, None)
+        if len(self._unknown) >= self._max_unknown:
+            for old in [n for n, t in self._unknown.items() if now - t >= self._unknown_ttl_s]:
+                del self._unknown[old]
+            while len(self._unknown) >= self._max_unknown:
+                del self._unknown[next(iter(self._unknown))]
+        self._unknown[name] = now
 
     def _load(self, name: str) -> DatasetSpec:
         if not name or "/" in name:

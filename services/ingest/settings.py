@@ -49,3 +49,35 @@ class IngestSettings(ServiceSettings):
     """Longest time the broker holds a fetch waiting for ``fetch_min_bytes``."""
     grpc_workers: int = 8
     """Threads serving gRPC requests."""
+    max_record_bytes: int = 1 << 20
+    """Largest record value (bytes) ingest takes; a larger one is dead-lettered
+    (``record_too_large``) without being parsed. A dataset may set a lower limit."""
+    max_id_bytes: int = 256
+    """Longest record id (UTF-8 bytes); a longer one is dead-lettered (``id_too_long``).
+    A dataset may set a lower limit."""
+    max_text_chars: int = 1 << 16
+    """Longest text (characters, before cleaning) of a text record; a longer one is
+    dead-lettered (``text_too_long``). A dataset may set a lower limit."""
+    max_label_bytes: int = 256
+    """Longest label (UTF-8 bytes) of a record or a late label (``label_too_long``)."""
+    deadletter_max_value_bytes: int = 900_000
+    """A dead letter keeps at most this many bytes of the rejected value (its reason says
+    when it was cut): below librdkafka's default ``message.max.bytes`` (1,000,000), so a
+    dead letter of any record can be produced."""
+    deadletter_flush_bytes: int = 64 << 20
+    """Flush once the dead letters waiting in memory hold this many bytes (or 10,000 wait)."""
+    unknown_dataset_ttl_s: float = 30.0
+    """How long a dataset name found unregistered is answered as unknown from memory (no
+    object-store read per record of a flood for unknown datasets); registering it ends that."""
+    compact_min_shards: int = 8
+    """Merge a partition's small shards of the latest version once it has this many
+    (0: never); later versions name the merged shard instead."""
+    compact_target_records: int = 0
+    """Records a merged shard holds at most; 0 = ``shard_max_records``."""
+    compact_target_bytes: int = 64 << 20
+    """Bytes a merged shard's columns take in memory at most."""
+    gc_grace_s: float = 3600.0
+    """Age an object under a dataset's shards/ or unlabelled/ that no manifest and no
+    committed state names must have before the sweep removes it."""
+    gc_interval_s: float = 600.0
+    """Time between two sweeps for such objects (0: never sweep)."""

@@ -281,12 +281,16 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(
     # wait until every good record is committed (in a version, or pending below the count policy)
     deadline = time.monotonic() + 120
     final: dict[str, Any] = {}
+
+    def committed_records(ds: dict[str, Any]) -> int:  # the latest version's, and those pending
+        return int(ds["versioned"]["records"]) + sum(s["records"] for s in ds["pending"]) if ds else 0
+
     while time.monotonic() < deadline:
         snapshots = read_topic(kafka_bootstrap, ingest_topics["state"], expected=10**6, timeout_s=2)
         final = json.loads(snapshots[-1].value)["datasets"][name] if snapshots else {}
-        if final and sum(s["records"] for s in final["shards"]) == good:
+        if committed_records(final) == good:
             break
-    committed = sum(s["records"] for s in final["shards"])
+    committed = committed_records(final)
     assert committed == good, (committed, good)
     versions = _updates(kafka_bootstrap, ingest_topics["updated"], expected=10**6, timeout_s=3)
     numbers = [v.version for v in versions]
@@ -299,7 +303,11 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(
     dead = read_topic(kafka_bootstrap, ingest_topics["deadletter"], expected=expected_bad, timeout_s=30)
     dead_offsets = [(d.headers["cdl-origin-partition"], d.headers["cdl-origin-offset"]) for d in dead]
     assert len(dead_offsets) == len(set(dead_offsets)) == expected_bad  # each bad record dead-lettered once
-    assert last.total_records + sum(s["records"] for s in final["shards"][final["versioned_shards"] :]) == good
+    assert (
+        final["versioned"]["records"] == last.total_records
+        and final["manifest"] == f"{name}/versions/{last.version}.json"
+    )
+    assert last.total_records + sum(s["records"] for s in final["pending"]) == good
 
 
 def test_late_labels_from_data_feedback(

@@ -1,0 +1,468 @@
+"""Ingest's domain logic without servers: limits, the unknown-dataset cache, the bounded
+state snapshot, compaction planning and the processor's in-place restore.
+
+The processor runs here against a small in-memory stand-in for the object store
+(pure logic only: what it stores is what it was given); tests/integration runs
+the same code against MinIO and Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard, load_version
+from cdl.errors import ConflictError, InvalidInputError, NotFoundError
+from cdl.events import InBatch, OutRecord
+from cdl.store import ObjectInfo
+from services.ingest import fastscan
+from services.ingest.compaction import CompactionPolicy, plan
+from services.ingest.processor import STATE_KEY, IngestProcessor
+from services.ingest.records import Limits, RawRecord, Reason, RecordError, clean
+from services.ingest.registry import DatasetRegistry
+from services.ingest.versioning import DatasetState, IngestState
+
+TAB = DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=30)
+TXT = DatasetSpec(name="txt", task=Task.TEXT, labels=("a", "b"), min_new_records=1000)
+
+
+class FakeStore:
+    """Objects in a dict (thread-safe enough for the processor's writer threads)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.gets: list[str] = []
+        self._lock = threading.Lock()
+
+    def put_bytes(self, bucket: str, key: str, data: Any, content_type: str = "") -> str:
+        body = data if isinstance(data, bytes) else b"".join(bytes(p) for p in data)
+        with self._lock:
+            self.objects[key] = body
+        return f"s3://{bucket}/{key}"
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        with self._lock:
+            self.gets.append(key)
+            if key not in self.objects:
+                raise NotFoundError("object not found", key=key)
+            return self.objects[key]
+
+    def put_json(self, bucket: str, key: str, doc: Any) -> str:
+        return self.put_bytes(bucket, key, json.dumps(doc).encode())
+
+    def get_json(self, bucket: str, key: str) -> Any:
+        return json.loads(self.get_bytes(bucket, key))
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return key in self.objects
+
+    def list(self, bucket: str, prefix: str = "", recursive: bool = True) -> Iterator[ObjectInfo]:
+        for key in sorted(self.objects):
+            if key.startswith(prefix):
+                yield ObjectInfo(bucket, key, len(self.objects[key]), str(hash(self.objects[key])))
+
+    def delete(self, bucket: str, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+def _processor(store: FakeStore, *specs: DatasetSpec, **kw: Any) -> IngestProcessor:
+    registry = DatasetRegistry(store)  # type: ignore[arg-type]
+    for spec in specs:
+        registry.register(spec)
+    kw.setdefault("compaction", CompactionPolicy(min_shards=0, sweep_interval_s=0))
+    return IngestProcessor(registry=registry, store=store, source="/test", state_topic="state", **kw)  # type: ignore[arg-type]
+
+
+def _rec(rid: str, value: float = 1.0, label: str | None = "a", dataset: str = "tab") -> bytes:
+    doc: dict[str, Any] = {"dataset": dataset, "id": rid, "features": [value, 2, 3, 4]}
+    if label is not None:
+        doc["label"] = label
+    return json.dumps(doc).encode()
+
+
+def _batch(values: list[bytes], first_offset: int, partition: int = 0, caught_up: bool = True) -> InBatch:
+    n = len(values)
+    batch = InBatch.from_values("data.raw", [partition] * n, range(first_offset, first_offset + n), None, values, None)
+    batch.caught_up = caught_up
+    return batch
+
+
+def _by_topic(out: list[OutRecord]) -> dict[str, list[OutRecord]]:
+    topics: dict[str, list[OutRecord]] = {}
+    for rec in out:
+        topics.setdefault(rec.topic, []).append(rec)
+    return topics
+
+
+def _snapshot(out: list[OutRecord]) -> bytes:
+    [state] = [r for r in out if r.key == STATE_KEY]
+    assert state.value is not None
+    return state.value
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_limits_reject_long_ids_labels_and_texts_with_their_reasons() -> None:
+    lim = Limits(record_bytes=100, id_bytes=8, text_chars=10, label_bytes=4)
+    with pytest.raises(RecordError) as info:
+        lim.check_size(b"x" * 101)
+    assert info.value.reason is Reason.RECORD_TOO_LARGE and "101 bytes" in str(info.value)
+    lim.check_size(b"x" * 100)
+    lim.check_size(None)
+    with pytest.raises(RecordError) as info:
+        lim.check_id("é" * 5)  # 5 characters, 10 UTF-8 bytes
+    assert info.value.reason is Reason.ID_TOO_LONG
+    lim.check_id("12345678")
+    spec = DatasetSpec(name="t", task=Task.TEXT, labels=("ab", "cdefg"))
+    with pytest.raises(RecordError) as info:
+        clean(RawRecord("t", "r1", None, None, "short", "cdefg"), spec, limits=lim)
+    assert info.value.reason is Reason.LABEL_TOO_LONG  # before unknown_label: the label is not echoed
+    with pytest.raises(RecordError) as info:
+        clean(RawRecord("t", "r1", None, None, "x" * 11, "ab"), spec, limits=lim)
+    assert info.value.reason is Reason.TEXT_TOO_LONG
+    assert clean(RawRecord("t", "r1", None, None, "x" * 10, "ab"), spec, limits=lim).text == "x" * 10
+    with pytest.raises(RecordError) as info:  # the default limits apply without any given
+        clean(RawRecord("t", "i" * 257, None, None, "text", "ab"), spec)
+    assert info.value.reason is Reason.ID_TOO_LONG
+    assert len(str(info.value)) < 400  # the id is not echoed whole
+
+
+def test_a_dataset_may_tighten_limits_never_loosen_them() -> None:
+    base = Limits(record_bytes=1000, id_bytes=64, text_chars=100)
+    assert base.for_spec(TAB) is base
+    spec = DatasetSpec(
+        name="t", task=Task.TEXT, labels=("a", "b"), max_record_bytes=500, max_id_bytes=128, max_text_chars=10
+    )
+    assert base.for_spec(spec) == Limits(record_bytes=500, id_bytes=64, text_chars=10, label_bytes=256)
+    with pytest.raises(InvalidInputError):
+        DatasetSpec(name="t", task=Task.TEXT, labels=("a", "b"), max_id_bytes=-1)
+
+
+def test_limits_are_not_part_of_the_schema_and_old_specs_still_load() -> None:
+    old = {k: v for k, v in TAB.to_json().items() if not k.startswith("max_") or k == "max_interval_s"}
+    assert DatasetSpec.from_json(old) == TAB
+    assert DatasetSpec.from_json({**TAB.to_json(), "a_field_from_the_future": 1}) == TAB
+    tight = DatasetSpec.from_json({**old, "max_id_bytes": 16})
+    assert tight.max_id_bytes == 16 and tight.schema_hash == TAB.schema_hash
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_unknown_dataset_names_are_remembered_for_a_while() -> None:
+    store, clock = FakeStore(), _Clock()
+    registry = DatasetRegistry(store, unknown_ttl_s=30.0, clock=clock)  # type: ignore[arg-type]
+    for _ in range(1000):
+        assert registry.lookup("nope") is None
+    assert store.gets == ["nope/dataset.json"]  # one read for the whole flood
+    clock.t += 29.0
+    assert registry.lookup("nope") is None and len(store.gets) == 1
+    clock.t += 2.0  # past the TTL: asked again
+    assert registry.lookup("nope") is None and len(store.gets) == 2
+    for bad in ("", "a/b", "x" * 201, "sp ace", "nul\x00"):  # never a name: the store is not asked
+        assert registry.lookup(bad) is None
+    assert len(store.gets) == 2
+    spec = DatasetSpec(name="nope", task=Task.TABULAR, labels=("a", "b"), input_shape=(2,))
+    registry.register(spec)  # registering ends it at once
+    assert registry.lookup("nope") == spec
+
+
+def test_a_registration_during_a_miss_is_not_hidden_by_it() -> None:
+    store, clock = FakeStore(), _Clock()
+    registry = DatasetRegistry(store, clock=clock)  # type: ignore[arg-type]
+    spec = DatasetSpec(name="late", task=Task.TABULAR, labels=("a", "b"), input_shape=(2,))
+    real_get = store.get_bytes
+    raced: list[bool] = []
+
+    def get_then_register(bucket: str, key: str) -> bytes:
+        try:
+            return real_get(bucket, key)
+        finally:
+            if not raced:
+                raced.append(True)
+                registry.register(spec)  # lands while the lookup's read is under way
+
+    store.get_bytes = get_then_register  # type: ignore[method-assign]
+    assert registry.lookup("late") == spec  # the registration wins, and no miss is remembered
+    assert registry.lookup("late") == spec
+
+
+def test_the_unknown_cache_is_bounded() -> None:
+    store, clock = FakeStore(), _Clock()
+    registry = DatasetRegistry(store, max_unknown=100, clock=clock)  # type: ignore[arg-type]
+    for i in range(1000):
+        assert registry.lookup(f"n{i}") is None
+    assert len(registry._unknown) <= 100
+    assert "n999" in registry._unknown  # the newest are kept
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _shard(key: str, records: int, partition: int = 0, first: int = 0) -> Shard:
+    return Shard(f"d/shards/{key}", partition, first, first + records - 1, records, records, 0, {"a": records})
+
+
+def test_the_snapshot_names_the_manifest_not_every_shard() -> None:
+    manifests: dict[str, dict[str, Any]] = {}
+    ds = DatasetState(version=0, last_version_at=1.0)
+    for v in range(1, 101):  # 100 versions of 3 shards each
+        ds.pending = [_shard(f"v{v}-{p}", 5, p, v * 10) for p in range(3)]
+        manifests[f"d/versions/{v}.json"] = {"version": v, "shards": [{**s.to_json(), "new": True} for s in ds.shards]}
+        ds.version, ds.versioned, ds.pending = v, ds.shards, []
+    ds.pending = [_shard("p-0", 2)]
+    state = IngestState(datasets={"d": ds})
+    doc = json.loads(json.dumps(state.to_json()))
+    assert len(json.dumps(doc)) < 1000  # 301 shards committed
+    again = IngestState.from_json(doc, manifests.__getitem__)
+    assert again.datasets["d"].versioned == ds.versioned and again.datasets["d"].pending == ds.pending
+    manifests["d/versions/100.json"]["shards"].pop()  # a manifest that disagrees is not taken
+    with pytest.raises(ConflictError):
+        IngestState.from_json(doc, manifests.__getitem__)
+
+
+def test_snapshots_of_the_first_format_still_load() -> None:
+    shards = [_shard(f"s{i}", 4, first=i * 4) for i in range(5)]
+    doc = {
+        "datasets": {
+            "d": {
+                "version": 2,
+                "last_version_at": 5.0,
+                "versioned_shards": 3,
+                "shards": [s.to_json() for s in shards],
+                "unlabelled": [],
+            }
+        }
+    }
+    ds = IngestState.from_json(doc).datasets["d"]
+    assert (ds.version, ds.versioned, ds.pending, ds.new_records) == (2, shards[:3], shards[3:], 8)
+
+
+def test_compaction_plans_runs_of_small_shards_per_partition() -> None:
+    shards = [_shard(f"a{i}", 10, 0, i * 10) for i in range(5)] + [_shard("big", 900, 0, 50)]
+    shards += [_shard(f"b{i}", 10, 1, i * 10) for i in range(3)] + [_shard("a5", 10, 0, 950)]
+    policy = CompactionPolicy(min_shards=4, target_records=1000)
+    groups = [[s.key.rsplit("/", 1)[1] for s in g] for g in plan(shards, policy)]
+    assert groups == [["a0", "a1", "a2", "a3", "a4"]]  # not across the big one; partition 1 has too few
+    assert plan(shards, CompactionPolicy(min_shards=4, target_records=25))[0] == shards[0:2]
+    assert plan(shards, CompactionPolicy(min_shards=0)) == []
+    ds = DatasetState(versioned=list(shards))
+    merged = _shard("m", 50)
+    assert ds.replace_versioned([s.key for s in shards[:5]], merged)
+    assert ds.versioned == [merged, *shards[5:]]
+    assert not ds.replace_versioned([shards[0].key], merged)  # gone already: nothing changes
+
+
+# --------------------------------------------------------------------------- the processor
+
+
+def test_hostile_records_are_dead_lettered_within_bounded_memory() -> None:
+    store = FakeStore()
+    p = _processor(store, TAB, TXT, deadletter_max_value_bytes=50_000)
+    p.recover(None)
+    good = [_rec(f"g{i}", float(i)) for i in range(5000)]
+    long_id = _rec("i" * 50_000)
+    huge = b'{"dataset":"tab","id":"h","features":[' + b"1," * 1_000_000 + b'1],"label":"a"}'
+    long_text = json.dumps({"dataset": "txt", "id": "t", "text": "w " * 40_000, "label": "a"}).encode()
+    long_label = _rec("l", label="x" * 1000)
+    unknown = _rec("u", dataset="n" * 150)
+    values = [*good[:2500], long_id, huge, long_text, long_label, unknown, *good[2500:]]
+    tracemalloc.start()
+    try:
+        p.on_batch(_batch(values, 0))
+        out = p.flush()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the batch itself is ~2.5 MB; one 50 kB id in a 5000-record id column alone would be 1 GB
+    assert peak < 60 << 20, peak
+    dead = _by_topic(out)["data.deadletter"]
+    reasons = {dict(d.headers)["cdl-error"].decode(): d for d in dead}
+    assert set(reasons) == {"id_too_long", "record_too_large", "text_too_long", "label_too_long", "unknown_dataset"}
+    big = reasons["record_too_large"]
+    assert big.value == huge[:50_000]
+    assert b"keeps the first 50000 of" in dict(big.headers)["cdl-reason"]
+    assert all(len(dict(d.headers)["cdl-reason"]) < 1200 for d in dead)
+    assert sum(s.records for s in p.state.datasets["tab"].shards) == 5000
+
+
+def test_a_dataset_s_own_limits_apply_on_the_fast_path() -> None:
+    spec = DatasetSpec(
+        name="tight", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), max_id_bytes=4, max_record_bytes=80
+    )
+    p = _processor(FakeStore(), spec)
+    p.recover(None)
+    values = [_rec("ok1", dataset="tight"), _rec("toolong", dataset="tight"), _rec("ok2", 1.25, dataset="tight")]
+    values.append(
+        json.dumps({"dataset": "tight", "id": "big", "features": [1.5] * 4, "label": "a", "pad": "x" * 80}).encode()
+    )
+    p.on_batch(_batch(values, 0))
+    dead = _by_topic(p.flush())["data.deadletter"]
+    assert sorted(dict(d.headers)["cdl-error"].decode() for d in dead) == ["id_too_long", "record_too_large"]
+    assert sum(s.records for s in p.state.datasets["tight"].shards) == 2
+
+
+def test_dead_letters_waiting_are_bounded_by_bytes() -> None:
+    p = _processor(FakeStore(), TAB, deadletter_flush_bytes=100_000)
+    p.recover(None)
+    p.on_batch(_batch([b"{not json" + b" " * 1000] * 50, 0))
+    assert not p.wants_flush()
+    p.on_batch(_batch([b"{not json" + b" " * 1000] * 100, 50))
+    assert p.wants_flush()
+    p.flush()
+    assert not p.wants_flush()
+
+
+def _feed(p: IngestProcessor, start: int, n: int, partition: int = 0) -> None:
+    values = [_rec(f"r{i}", float(i), label=None if i % 7 == 0 else "ab"[i % 2]) for i in range(start, start + n)]
+    values.append(b"{broken")
+    p.on_batch(_batch(values, start, partition, caught_up=False))  # left in flight in the scan thread
+
+
+def _comparable(out: list[OutRecord]) -> list[tuple[str, bytes | None, tuple[tuple[str, bytes], ...]]]:
+    """What a flush publishes, less the event headers that name the moment (ce_time, traceparent)."""
+    return [(r.topic, r.value, tuple(h for h in r.headers if h[0] not in ("ce_time", "traceparent"))) for r in out]
+
+
+def test_restore_drops_what_was_not_committed_and_equals_a_fresh_recovery() -> None:
+    store = FakeStore()
+    p = _processor(store, TAB, shard_max_records=40)
+    p.recover(None)
+    _feed(p, 0, 50)
+    committed = _snapshot(p.flush(now=100.0))
+    # then work that never commits: a full shard written in the background, buffers, dead
+    # letters, a label for a waiting record, a version written and a batch still in flight
+    _feed(p, 51, 45)
+    p.on_batch(
+        InBatch.from_values("data.feedback", [0], [0], None, [b'{"dataset":"tab","record_id":"r7","label":"a"}'], None)
+    )
+    aborted = p.flush(now=101.0)
+    assert any(r.topic == "data.updated" for r in aborted)
+    _feed(p, 97, 30)
+    assert p._inflight is not None
+    p.restore(committed)
+
+    fresh = _processor(store, TAB, shard_max_records=40)
+    fresh.recover(committed)
+    for proc in (p, fresh):
+        _feed(proc, 51, 45)
+        _feed(proc, 97, 30)
+    a, b = p.flush(now=102.0), fresh.flush(now=102.0)
+    assert _comparable(a) == _comparable(b)
+    assert json.loads(committed)["datasets"]["tab"]["version"] == 1
+    assert json.loads(_snapshot(a))["datasets"]["tab"]["version"] == 2  # the aborted version 2, made again
+    assert len(p._seen["tab"]) == len(fresh._seen["tab"]) and p._waiting.keys() == fresh._waiting.keys()
+    assert sorted(p._waiting["tab"]) == sorted(fresh._waiting["tab"])
+    p.close()
+    fresh.close()
+
+
+def test_restore_after_a_failed_shard_write() -> None:
+    store = FakeStore()
+    p = _processor(store, TAB, shard_max_records=10)
+    p.restore(None)  # restore works on a new processor too (the loop's first session)
+    real_put = store.put_bytes
+
+    def failing_put(bucket: str, key: str, data: Any, content_type: str = "") -> str:
+        raise OSError("object store down")
+
+    store.put_bytes = failing_put  # type: ignore[method-assign]
+    _feed(p, 0, 25)
+    with pytest.raises(OSError):
+        p.flush()
+    store.put_bytes = real_put  # type: ignore[method-assign]
+    p.restore(None)
+    _feed(p, 0, 25)
+    out = p.flush()
+    assert sum(s.records for s in p.state.datasets["tab"].shards) == 25 - 4  # 4 of them wait for labels
+    assert len(_by_topic(out)["data.deadletter"]) == 1
+    p.close()
+
+
+def test_many_versions_keep_the_snapshot_small_and_compaction_keeps_their_content() -> None:
+    store = FakeStore()
+    spec = DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=6)
+    p = _processor(store, spec, compaction=CompactionPolicy(min_shards=4, target_records=1000, sweep_interval_s=0))
+    p.recover(None)
+    sizes, offset = [], 0
+    for _ in range(60):
+        for partition in (0, 1):
+            values = [_rec(f"r{offset + k}", float(offset + k), "ab"[k % 2]) for k in range(3)]
+            p.on_batch(_batch(values, offset, partition))
+            offset += 3
+        out = p.flush()
+        sizes.append(len(_snapshot(out)))
+        if p._housekeeping is not None:
+            p._housekeeping.result()
+    assert p.state.datasets["tab"].version >= 55
+    assert max(sizes) < 1200, sizes
+    versions = p.state.datasets["tab"].version
+    merged = [k for k in store.objects if "-m" in k]
+    assert merged, "nothing was merged"
+    latest = store.get_json(DATASETS_BUCKET, f"tab/versions/{versions}.json")
+    assert len(latest["shards"]) < 30  # 120 flush shards, most of them merged
+    seen: set[str] = set()
+    for v in range(1, versions + 1):
+        data = load_version(store, "tab", v)  # type: ignore[arg-type]
+        ids = [str(i) for i in data.ids]
+        assert len(ids) == len(set(ids)) and seen <= set(ids)  # versions grow, nothing twice
+        seen = set(ids)
+        assert data.x is not None
+        for rid, x, label in zip(ids, data.x, data.labels, strict=True):
+            k = int(rid[1:])
+            assert x[0] == float(k) and "ab"[label] == "ab"[k % 3 % 2]
+    assert seen == {f"r{k}" for k in range(offset)}
+    for key in merged:  # a merged shard holds exactly its inputs' records
+        cols = decode_shard(store.objects[key])
+        assert len(cols["id"]) == len(set(cols["id"].tolist()))
+    # recovery from the last snapshot reads the latest manifest, merged shards and all
+    again = _processor(store, spec)
+    again.recover(_snapshot(out))
+    assert again.state.datasets["tab"].versioned == p.state.datasets["tab"].versioned
+    assert len(again._seen["tab"]) == offset
+    p.close()
+    again.close()
+
+
+def test_unlabelled_shards_whose_records_all_got_labels_leave_the_state() -> None:
+    store = FakeStore()
+    p = _processor(store, TAB)
+    p.recover(None)
+    p.on_batch(_batch([_rec("u1", label=None), _rec("u2", label=None), _rec("l1")], 0))
+    p.flush()
+    assert len(p.state.datasets["tab"].unlabelled) == 1
+    fb = [json.dumps({"dataset": "tab", "record_id": r, "label": "b"}).encode() for r in ("u1", "u2")]
+    p.on_batch(InBatch.from_values("data.feedback", [0, 0], [0, 1], None, list(fb), None))
+    snap = _snapshot(p.flush())
+    assert p.state.datasets["tab"].unlabelled == []
+    assert json.loads(snap)["datasets"]["tab"]["unlabelled"] == []
+    assert sum(s.records for s in p.state.datasets["tab"].shards) == 3
+    p.close()
+
+
+def test_the_id_set_is_not_fooled_by_a_rejected_long_id() -> None:
+    """A record rejected for its size takes no id: a later good record with that id is kept."""
+    spec = DatasetSpec(name="s", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), max_record_bytes=90)
+    p = _processor(FakeStore(), spec)
+    p.recover(None)
+    big = json.dumps({"dataset": "s", "id": "same", "features": [1, 2, 3, 4], "label": "a", "x": "y" * 60}).encode()
+    p.on_batch(_batch([big, _rec("same", dataset="s")], 0))
+    p.flush()
+    assert sum(s.records for s in p.state.datasets["s"].shards) == 1
+    if fastscan.available():
+        assert len(p._seen["s"]) == 1
+    p.close()
