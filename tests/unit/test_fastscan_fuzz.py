@@ -42,6 +42,7 @@ from cdl import native
 from cdl.datasets import DatasetSpec, Task
 from services.ingest import fastscan
 from services.ingest.records import RecordError, clean, parse
+from tests.helpers import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
 #: hypothesis examples per run (each a batch of up to 12 records), in this process and under the sanitizers
@@ -434,7 +435,7 @@ def sanitized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     """The scanner built with ASan + UBSan, and the environment a process that loads it needs."""
     found = _sanitizer_runtime()
     if isinstance(found, str):
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if IN_CI:
             pytest.fail(f"the sanitizer fuzz test cannot run in CI: {found}")
         pytest.skip(found)
     gcc, libasan = found
