@@ -33,19 +33,10 @@ class IngestApp:
         self.store = ObjectStore(
             settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_secure
         )
-        self.registry = DatasetRegistry(self.store)
+        self.registry = DatasetRegistry(self.store, unknown_ttl_s=settings.unknown_dataset_ttl_s)
         self.producer = Producer(settings.kafka_bootstrap, client_id="cdl-ingest-grpc")
-        self.processor = IngestProcessor(
-            registry=self.registry,
-            store=self.store,
-            source=self.source,
-            state_topic=settings.state_topic,
-            raw_topic=settings.raw_topic,
-            feedback_topic=settings.feedback_topic,
-            deadletter_topic=settings.deadletter_topic,
-            updated_topic=settings.updated_topic,
-            shard_max_records=settings.shard_max_records,
-            group=settings.group_id,
+        self.processor = IngestProcessor.from_settings(
+            settings, registry=self.registry, store=self.store, source=self.source
         )
         self.loop = TransactionalLoop(
             bootstrap=settings.kafka_bootstrap,
