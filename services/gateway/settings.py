@@ -1,0 +1,95 @@
+"""Settings of the gateway service (env prefix ``CDL_GATEWAY_``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic_settings import SettingsConfigDict
+
+from cdl.settings import ServiceSettings
+
+__all__ = ["GatewaySettings", "RolloutMode"]
+
+RolloutMode = Literal["canary", "shadow", "manual"]
+
+
+class GatewaySettings(ServiceSettings):
+    """Gateway: the Open Inference Protocol endpoint in front of the Triton servers, and rollouts."""
+
+    model_config = SettingsConfigDict(env_prefix="CDL_GATEWAY_", extra="ignore", use_attribute_docstrings=True)
+
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds to."""
+    grpc_port: int = 0
+    """Port of the inference, ModelAdmin and health services; 0 picks a free one."""
+    processes: int = 1
+    """Gateway processes sharing the port (SO_REUSEPORT); process 0 drives rollouts, the others follow."""
+    group_id: str = "cdl-gateway"
+    """Consumer group over model.compressed."""
+    instance: str = "0"
+    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    compressed_topic: str = "model.compressed"
+    """Topic new model versions arrive on."""
+    deployed_topic: str = "model.deployed"
+    """Topic rollout transitions are published to."""
+    logged_topic: str = "inference.logged"
+    """Topic served requests are logged to."""
+    health_topic: str = "model.health"
+    """Topic the monitor publishes per-version health on (read for rollback on accuracy)."""
+    deadletter_topic: str = "data.deadletter"
+    """Topic undecodable or failed rollout events go to."""
+
+    # ------------------------------------------------------------- access
+    api_key_hashes: list[str] = []
+    """SHA-256 hex digests of the API keys allowed to call inference (and ingest); empty: no check."""
+    admin_key_hashes: list[str] = []
+    """SHA-256 hex digests of the keys allowed to call ModelAdmin; empty: the inference keys."""
+    tls_cert_file: str = ""
+    """PEM certificate chain for TLS; empty: plaintext."""
+    tls_key_file: str = ""
+    """PEM private key for TLS."""
+    max_message_bytes: int = 16 << 20
+    """Largest request or response message; a larger one is refused (RESOURCE_EXHAUSTED)."""
+    default_timeout_s: float = 10.0
+    """Deadline given to a request forwarded to Triton when the client set none."""
+
+    # ------------------------------------------------------------- inference log
+    log_sample: float = 1.0
+    """Fraction of requests logged to inference.logged (1: all)."""
+    log_inputs_max_bytes: int = 4096
+    """Inputs up to this size travel in the log record; larger ones as a SHA-256 digest."""
+    log_queue: int = 10000
+    """Log records waiting for Kafka at most; past that they are dropped and counted."""
+
+    # ------------------------------------------------------------- rollouts
+    rollout_mode: RolloutMode = "canary"
+    """How a new version is rolled out: canary (a share of live traffic, stepping up),
+    shadow (mirrored requests, answers compared) or manual (waits for Approve)."""
+    rollout_modes: dict[str, RolloutMode] = {}
+    """Per-model rollout mode, overriding ``rollout_mode`` (JSON: {"digits": "shadow"})."""
+    canary_steps: list[float] = [0.1, 0.25, 0.5, 1.0]
+    """Traffic shares a canary goes through before it is promoted."""
+    shadow_share: float = 1.0
+    """Share of live requests mirrored to a shadow candidate."""
+    min_samples: int = 20
+    """Candidate requests needed at each step before it may step up or be promoted."""
+    step_min_s: float = 1.0
+    """Shortest time at one canary step."""
+    max_error_rate: float = 0.05
+    """A candidate whose error rate exceeds the stable version's by more than this is rolled back."""
+    max_errors: int = 3
+    """Candidate errors that roll it back at once, whatever the sample count (fast rollback)."""
+    max_latency_ratio: float = 2.0
+    """A candidate whose p99 latency exceeds this multiple of the stable version's is rolled back."""
+    min_agreement: float = 0.9
+    """Shadow: top-1 agreement with the stable version needed for promotion."""
+    max_accuracy_drop: float = 0.02
+    """A candidate whose accuracy on feedback (model.health) is lower by more than this is rolled back."""
+    min_feedback: int = 50
+    """Feedback count per version needed before accuracy decides."""
+    warmup_requests: int = 5
+    """Requests shaped like the model's inputs sent to a loaded version before it takes traffic."""
+    health_interval_s: float = 1.0
+    """How often each Triton server's readiness is checked."""
+    load_timeout_s: float = 120.0
+    """Longest time a Triton load of a version may take."""
