@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The session's local stack: its state (endpoints) as written to stack.json."""
     state_dir = tmp_path_factory.mktemp("stack")
-    settings = StackSettings(state_dir=state_dir, triton_servers=1, services=[])
+    settings = StackSettings(state_dir=state_dir, triton_servers=2, services=[])
     local = LocalStack(settings)
     try:
         state = local.up()
@@ -66,6 +66,12 @@ def object_store(stack: dict[str, Any]) -> ObjectStore:
 @pytest.fixture(scope="session")
 def triton_grpc(stack: dict[str, Any]) -> str:
     return str(stack["triton"][0]["grpc"])
+
+
+@pytest.fixture(scope="session")
+def triton_grpcs(stack: dict[str, Any]) -> list[str]:
+    """Both Triton servers of the session's stack (the gateway's tests balance over them)."""
+    return [str(t["grpc"]) for t in stack["triton"]]
 
 
 @pytest.fixture

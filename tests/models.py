@@ -1,0 +1,55 @@
+"""Tiny ONNX models written as Triton repository entries, for tests that need something to serve."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from onnx import TensorProto, helper, numpy_helper
+
+from cdl.store import ObjectStore
+from cdl.triton import ModelSpec, TensorSpec, write_entry
+
+
+def affine_onnx(w: npt.NDArray[np.float32], b: npt.NDArray[np.float32], repeat: int = 1) -> bytes:
+    """``output = input @ w + b`` (``repeat`` > 1 adds that many extra square matmuls of zeros
+    folded back in, to make a slower model with the same answers)."""
+    nodes = [helper.make_node("MatMul", ["input", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["out0"])]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")]
+    last = "out0"
+    if repeat > 1:
+        big = np.zeros((w.shape[1], w.shape[1]), dtype=np.float32)
+        inits.append(numpy_helper.from_array(big, "Z"))
+        for k in range(repeat):
+            nodes.append(helper.make_node("MatMul", [last, "Z"], [f"z{k}"]))
+            nodes.append(helper.make_node("Add", [last, f"z{k}"], [f"out{k + 1}"]))
+            last = f"out{k + 1}"
+    nodes.append(helper.make_node("Identity", [last], ["output"]))
+    graph = helper.make_graph(
+        nodes,
+        "affine",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", w.shape[0]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", w.shape[1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def write_affine(
+    store: ObjectStore,
+    name: str,
+    version: int,
+    w: npt.NDArray[np.float32],
+    b: npt.NDArray[np.float32],
+    repeat: int = 1,
+    max_batch_size: int = 16,
+) -> str:
+    """Write version ``version`` of an affine model as a repository entry; returns its URI."""
+    spec = ModelSpec(
+        name,
+        (TensorSpec("input", "float32", (w.shape[0],)),),
+        (TensorSpec("output", "float32", (w.shape[1],)),),
+        max_batch_size,
+    )
+    return write_entry(store, spec, version, affine_onnx(w, b, repeat))
