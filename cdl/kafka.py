@@ -240,6 +240,8 @@ def _consumer_error(err: KafkaError, group: str) -> None:
         return
     count_consume_error(str(err.name()))
     log.warning("consumer error", error=str(err), group=group, fatal=err.fatal())
+    if err.fatal():  # the consumer cannot go on: a new session makes a new one
+        raise _SessionLostError(f"fatal consumer error: {err}")
 
 
 class BatchProcessor(Protocol):
@@ -275,6 +277,10 @@ _C = TypeVar("_C", bound=_GroupConsumer)
 
 #: producer errors that mean another producer with our transactional id took over
 _FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+#: offset-commit errors that mean this member's generation is over (its partitions were lost)
+_GROUP_GONE_CODES = frozenset(
+    {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID, KafkaError.FENCED_INSTANCE_ID}
+)
 
 
 def _kafka_error(exc: BaseException) -> KafkaError | None:
@@ -315,7 +321,9 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
             "transactional.id": transactional_id,
             "linger.ms": 5,
             "compression.type": "lz4",
-            "transaction.timeout.ms": 60000,
+            # well above the policy's transaction_retry_s (60 s), so a transaction retried through
+            # an outage is never timed out (and its producer fenced) by the coordinator meanwhile
+            "transaction.timeout.ms": 180000,
             **(producer_config or {}),
         }
         self._consumer = make_consumer()
@@ -329,6 +337,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
         #: rebalance hooks may commit only while the session is healthy
         self._armed = False
         self._fenced_at: list[float] = []
+        self._troubled = False
         #: set while the group has given this loop its partitions
         self.assigned = threading.Event()
         #: sessions ended by a failure and started again
@@ -443,10 +452,15 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
         assignment = self._consumer.assignment()
         return [tp for tp in self._consumer.position(assignment) if tp.offset >= 0] if assignment else []
 
-    def _lost(self, what: str, exc: BaseException) -> Exception:
-        """The exception that ends this session (a :class:`FencedError` when fenced too often)."""
+    def _lost(self, what: str, exc: BaseException, troubled: bool = False) -> Exception:
+        """The exception that ends this session (a :class:`FencedError` when fenced too often).
+
+        A fence that follows failed tries of the same transaction (``troubled``) is the
+        coordinator timing the transaction out during an outage, not another instance:
+        it is not counted.
+        """
         err = _kafka_error(exc)
-        if err is not None and err.code() in _FENCED_CODES:
+        if err is not None and err.code() in _FENCED_CODES and not troubled:
             now = time.monotonic()
             self._fenced_at = [t for t in self._fenced_at if now - t < self._FENCE_WINDOW_S] + [now]
             if len(self._fenced_at) >= self._FENCE_LIMIT:
@@ -455,17 +469,19 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
                 )
         return _SessionLostError(f"{what}: {exc}")
 
-    def _retrying(self, call: Callable[[], None], deadline: float) -> None:
-        """``call`` again while it fails with a retriable error (its outcome was unknown)."""
+    def _retrying(self, call: Callable[[float], None], deadline: float) -> None:
+        """``call(timeout)`` again while it fails with a retriable error (its outcome was unknown);
+        each try's timeout ends at ``deadline`` at the latest."""
         attempt = 0
         while True:
             try:
-                call()
+                call(max(1.0, min(30.0, deadline - time.monotonic())))
                 return
             except KafkaException as exc:
                 err = _kafka_error(exc)
                 if (
                     err is None
+                    or err.code() in _GROUP_GONE_CODES
                     or not err.retriable()
                     or err.fatal()
                     or err.txn_requires_abort()
@@ -474,6 +490,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
                 ):
                     raise
                 attempt += 1
+                self._troubled = True
                 TXN_RETRIES.labels(self.group_id).inc()
                 log.warning("transaction step failed, retrying", group=self.group_id, error=str(err))
                 self._stop.wait(self._policy.delay(attempt))
@@ -487,6 +504,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
         """
         deadline = time.monotonic() + self._policy.transaction_retry_s
         attempt = 0
+        self._troubled = False
         while True:
             try:
                 self._producer.begin_transaction()
@@ -494,22 +512,29 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
                     _produce(self._producer, rec.topic, rec.value, rec.key, rec.headers)
                 if offsets:
                     metadata = self._consumer.consumer_group_metadata()
-                    send = functools.partial(self._producer.send_offsets_to_transaction, list(offsets), metadata, 30)
+                    send = functools.partial(self._producer.send_offsets_to_transaction, list(offsets), metadata)
                     self._retrying(send, deadline)
-                self._retrying(lambda: self._producer.commit_transaction(30), deadline)
+                self._retrying(self._producer.commit_transaction, deadline)
                 self.transactions += 1
                 return
             except KafkaException as exc:
                 err = _kafka_error(exc)
-                if err is None or not err.txn_requires_abort() or time.monotonic() > deadline or self._stop.is_set():
-                    raise self._lost("transaction failed", exc) from exc
+                if (
+                    err is None
+                    or err.code() in _GROUP_GONE_CODES  # the group moved on: these offsets can never commit
+                    or not err.txn_requires_abort()
+                    or time.monotonic() > deadline
+                    or self._stop.is_set()
+                ):
+                    raise self._lost("transaction failed", exc, self._troubled) from exc
                 attempt += 1
+                self._troubled = True
                 TXN_RETRIES.labels(self.group_id).inc()
                 log.warning("transaction aborted, trying it again", group=self.group_id, error=str(err))
                 try:
-                    self._retrying(lambda: self._producer.abort_transaction(30), deadline)
+                    self._retrying(self._producer.abort_transaction, deadline)
                 except KafkaException as abort_exc:
-                    raise self._lost("aborting a transaction failed", abort_exc) from abort_exc
+                    raise self._lost("aborting a transaction failed", abort_exc, True) from abort_exc
                 self._stop.wait(self._policy.delay(attempt))
 
 
@@ -561,7 +586,11 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
         native = columnar and native_available()
 
         def make_consumer() -> _BatchConsumer | NativeConsumer:
-            return NativeConsumer(conf, batch_size) if native else _BatchConsumer(conf)
+            if native:
+                return NativeConsumer(conf, batch_size)
+            consumer = _BatchConsumer(conf)
+            consumer.group = group_id
+            return consumer
 
         super().__init__(
             make_consumer=make_consumer,
@@ -643,42 +672,58 @@ def _columns(msgs: list[Message], group: str) -> list[InBatch]:
     ]
 
 
-def read_latest(bootstrap: str, topic: str, key: bytes, timeout_s: float = 30.0) -> bytes | None:
-    """The newest committed value for ``key`` in ``topic`` (read from start to end)."""
+def read_latest(bootstrap: str, topic: str, key: bytes, timeout_s: float = 60.0) -> bytes | None:
+    """The newest committed value for ``key`` in ``topic``, read from the start to the end.
+
+    "The end" is what the broker says it is: every partition is read until the
+    consumer reports end-of-partition (for ``read_committed``, the last stable
+    offset), never until "nothing came for a while" — right after a broker
+    restart the first fetch may take seconds, and a snapshot read short would
+    be an older state. Raises :class:`UnavailableError` when the broker cannot
+    be reached or the end is not reached within ``timeout_s``.
+    """
     consumer = _Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"cdl-reader-{os.getpid()}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "auto.offset.reset": "error",
         }
     )
     try:
-        md = consumer.list_topics(topic, timeout=10)
-        meta = md.topics.get(topic)
-        if meta is None or meta.error is not None:
-            return None
-        latest: bytes | None = None
-        tps = []
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                tps.append(TopicPartition(topic, p, low))
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None:
+                return None
+            tps = []
+            for p in meta.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                if high > low:
+                    tps.append(TopicPartition(topic, p, low))
+        except KafkaException as exc:
+            raise UnavailableError("cannot read the state topic", topic=topic, error=str(exc)) from exc
         if not tps:
             return None
         consumer.assign(tps)
+        unfinished = {tp.partition for tp in tps}
+        latest: bytes | None = None
         deadline = time.monotonic() + timeout_s
-        quiet = 0
-        # read until the partitions stay quiet: the last records of a transactional
-        # topic are commit markers, never delivered, so positions stop below the end
-        while quiet < 2:
+        while unfinished:
             if time.monotonic() > deadline:
-                raise UnavailableError("timed out reading state topic", topic=topic)
-            batch = consumer.consume(500, 0.5)
-            quiet = 0 if batch else quiet + 1
-            for msg in batch:
-                if msg.error() is None and msg.key() == key:
-                    latest = _as_bytes(msg.value())
+                raise UnavailableError("timed out reading state topic", topic=topic, partitions=sorted(unfinished))
+            for msg in consumer.consume(500, 0.5):
+                err = msg.error()
+                if err is None:
+                    if msg.key() == key:
+                        latest = _as_bytes(msg.value())
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    unfinished.discard(int(msg.partition() or 0))
+                elif err.fatal():
+                    raise UnavailableError("reading the state topic failed", topic=topic, error=str(err))
+                else:  # informational (the broker is reconnecting): the deadline decides
+                    log.warning("reading the state topic", topic=topic, error=str(err))
         return latest
     finally:
         consumer.close()
@@ -736,7 +781,8 @@ class JobLoop(_TransactionalBase[_Consumer]):
         self._key = key
         self._deadletter = deadletter_topic
         self._pending: dict[str, _Pending] = {}
-        self._dead: list[OutRecord] = []
+        #: dead letters waiting for the next commit, with the partition they came from
+        self._dead: list[tuple[tuple[str, int], OutRecord]] = []
         self.busy = threading.Event()
         self.jobs_done = 0
         self.coalesced = 0
@@ -755,8 +801,15 @@ class JobLoop(_TransactionalBase[_Consumer]):
         self._dead.clear()
 
     def _on_revoked(self, partitions: list[TopicPartition]) -> None:
+        # what came from them is consumed again by their next owner (offsets were not committed)
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._pending = {k: p for k, p in self._pending.items() if (p.ctx.topic, p.ctx.partition) not in gone}
+        self._dead = [(tp, rec) for tp, rec in self._dead if tp not in gone]
+
+    def _assigned_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        super()._assigned_cb(consumer, partitions)
+        if self.busy.is_set():  # assigned while a job runs: keep them paused until it ends
+            self._consumer.pause(partitions)
 
     def _take(self, msg: Message) -> None:
         err = msg.error()
@@ -767,7 +820,8 @@ class JobLoop(_TransactionalBase[_Consumer]):
         try:
             event = decode(ctx.key, ctx.value, ctx.headers)
         except DecodeError as exc:
-            self._dead.append(self._dead_letter(ctx, f"{DeadLetterReason.UNDECODABLE}: {exc}", type(exc).__name__))
+            reason = f"{DeadLetterReason.UNDECODABLE}: {exc}"
+            self._dead.append(((ctx.topic, ctx.partition), self._dead_letter(ctx, reason, type(exc).__name__)))
             return
         if self._processed.seen(self.group_id, event.id):
             EVENTS.labels(ctx.topic, self.group_id, "duplicate").inc()
@@ -849,6 +903,10 @@ class JobLoop(_TransactionalBase[_Consumer]):
                 if msg is not None:
                     self._take(msg)
                 worker.join(0.05)
+        except BaseException as exc:
+            # the session cannot go on; the job must not run twice at once: wait for it first
+            worker.join()
+            raise _SessionLostError(f"consuming during a job failed: {exc}") from exc
         finally:
             self.busy.clear()
             self._consumer.resume(self._consumer.assignment())
@@ -866,5 +924,5 @@ class JobLoop(_TransactionalBase[_Consumer]):
             TopicPartition(tp.topic, tp.partition, min(tp.offset, floor.get((tp.topic, tp.partition), tp.offset)))
             for tp in self._positions()
         ]
-        self._transact([*self._dead, *outputs], offsets)
+        self._transact([*(rec for _, rec in self._dead), *outputs], offsets)
         self._dead.clear()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cdl.v1 import events_pb2 as cdl_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63\x64l/v1/admin.proto\x12\x06\x63\x64l.v1\x1a\x13\x63\x64l/v1/events.proto\"t\n\x12ModelVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.cdl.v1.RolloutState\x12\x18\n\x10traffic_fraction\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"c\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\x03\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.cdl.v1.ModelVersionStatus\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.cdl.v1.ModelStatus\"%\n\x14RolloutStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x15RolloutStatusResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.cdl.v1.ModelStatus\"0\n\x0ePromoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"6\n\x0fPromoteResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.cdl.v1.ModelStatus\"0\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x10RollbackResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.cdl.v1.ModelStatus\"B\n\x0e\x41pproveRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08\x61pprover\x18\x03 \x01(\t\"6\n\x0f\x41pproveResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.cdl.v1.ModelStatus2\xd6\x02\n\nModelAdmin\x12\x43\n\nListModels\x12\x19.cdl.v1.ListModelsRequest\x1a\x1a.cdl.v1.ListModelsResponse\x12L\n\rRolloutStatus\x12\x1c.cdl.v1.RolloutStatusRequest\x1a\x1d.cdl.v1.RolloutStatusResponse\x12:\n\x07Promote\x12\x16.cdl.v1.PromoteRequest\x1a\x17.cdl.v1.PromoteResponse\x12=\n\x08Rollback\x12\x17.cdl.v1.RollbackRequest\x1a\x18.cdl.v1.RollbackResponse\x12:\n\x07\x41pprove\x12\x16.cdl.v1.ApproveRequest\x1a\x17.cdl.v1.ApproveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x63\x64l/v1/admin.proto\x12\x06\x63\x64l.v1\x1a\x13\x63\x64l/v1/events.proto\"t\n\x12ModelVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.cdl.v1.RolloutState\x12\x18\n\x10traffic_fraction\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"q\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\x03\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.cdl.v1.ModelVersionStatus\x12\x0c\n\x04mode\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.cdl.v1.ModelStatus\"%\n\x14RolloutStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\x15RolloutStatusResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.cdl.v1.ModelStatus\"0\n\x0ePromoteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"6\n\x0fPromoteResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.cdl.v1.ModelStatus\"0\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x10RollbackResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.cdl.v1.ModelStatus\"B\n\x0e\x41pproveRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08\x61pprover\x18\x03 \x01(\t\"6\n\x0f\x41pproveResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.cdl.v1.ModelStatus\"<\n\x11SetTrafficRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x10traffic_fraction\x18\x02 \x01(\x01\"9\n\x12SetTrafficResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.cdl.v1.ModelStatus2\x9b\x03\n\nModelAdmin\x12\x43\n\nListModels\x12\x19.cdl.v1.ListModelsRequest\x1a\x1a.cdl.v1.ListModelsResponse\x12L\n\rRolloutStatus\x12\x1c.cdl.v1.RolloutStatusRequest\x1a\x1d.cdl.v1.RolloutStatusResponse\x12:\n\x07Promote\x12\x16.cdl.v1.PromoteRequest\x1a\x17.cdl.v1.PromoteResponse\x12=\n\x08Rollback\x12\x17.cdl.v1.RollbackRequest\x1a\x18.cdl.v1.RollbackResponse\x12:\n\x07\x41pprove\x12\x16.cdl.v1.ApproveRequest\x1a\x17.cdl.v1.ApproveResponse\x12\x43\n\nSetTraffic\x12\x19.cdl.v1.SetTrafficRequest\x1a\x1a.cdl.v1.SetTrafficResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,27 +35,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELVERSIONSTATUS']._serialized_start=51
   _globals['_MODELVERSIONSTATUS']._serialized_end=167
   _globals['_MODELSTATUS']._serialized_start=169
-  _globals['_MODELSTATUS']._serialized_end=268
-  _globals['_LISTMODELSREQUEST']._serialized_start=270
-  _globals['_LISTMODELSREQUEST']._serialized_end=289
-  _globals['_LISTMODELSRESPONSE']._serialized_start=291
-  _globals['_LISTMODELSRESPONSE']._serialized_end=348
-  _globals['_ROLLOUTSTATUSREQUEST']._serialized_start=350
-  _globals['_ROLLOUTSTATUSREQUEST']._serialized_end=387
-  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_start=389
-  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_end=449
-  _globals['_PROMOTEREQUEST']._serialized_start=451
-  _globals['_PROMOTEREQUEST']._serialized_end=499
-  _globals['_PROMOTERESPONSE']._serialized_start=501
-  _globals['_PROMOTERESPONSE']._serialized_end=555
-  _globals['_ROLLBACKREQUEST']._serialized_start=557
-  _globals['_ROLLBACKREQUEST']._serialized_end=605
-  _globals['_ROLLBACKRESPONSE']._serialized_start=607
-  _globals['_ROLLBACKRESPONSE']._serialized_end=662
-  _globals['_APPROVEREQUEST']._serialized_start=664
-  _globals['_APPROVEREQUEST']._serialized_end=730
-  _globals['_APPROVERESPONSE']._serialized_start=732
-  _globals['_APPROVERESPONSE']._serialized_end=786
-  _globals['_MODELADMIN']._serialized_start=789
-  _globals['_MODELADMIN']._serialized_end=1131
+  _globals['_MODELSTATUS']._serialized_end=282
+  _globals['_LISTMODELSREQUEST']._serialized_start=284
+  _globals['_LISTMODELSREQUEST']._serialized_end=303
+  _globals['_LISTMODELSRESPONSE']._serialized_start=305
+  _globals['_LISTMODELSRESPONSE']._serialized_end=362
+  _globals['_ROLLOUTSTATUSREQUEST']._serialized_start=364
+  _globals['_ROLLOUTSTATUSREQUEST']._serialized_end=401
+  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_start=403
+  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_end=463
+  _globals['_PROMOTEREQUEST']._serialized_start=465
+  _globals['_PROMOTEREQUEST']._serialized_end=513
+  _globals['_PROMOTERESPONSE']._serialized_start=515
+  _globals['_PROMOTERESPONSE']._serialized_end=569
+  _globals['_ROLLBACKREQUEST']._serialized_start=571
+  _globals['_ROLLBACKREQUEST']._serialized_end=619
+  _globals['_ROLLBACKRESPONSE']._serialized_start=621
+  _globals['_ROLLBACKRESPONSE']._serialized_end=676
+  _globals['_APPROVEREQUEST']._serialized_start=678
+  _globals['_APPROVEREQUEST']._serialized_end=744
+  _globals['_APPROVERESPONSE']._serialized_start=746
+  _globals['_APPROVERESPONSE']._serialized_end=800
+  _globals['_SETTRAFFICREQUEST']._serialized_start=802
+  _globals['_SETTRAFFICREQUEST']._serialized_end=862
+  _globals['_SETTRAFFICRESPONSE']._serialized_start=864
+  _globals['_SETTRAFFICRESPONSE']._serialized_end=921
+  _globals['_MODELADMIN']._serialized_start=924
+  _globals['_MODELADMIN']._serialized_end=1335
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,11 @@ class ModelAdminStub:
                 request_serializer=cdl_dot_v1_dot_admin__pb2.ApproveRequest.SerializeToString,
                 response_deserializer=cdl_dot_v1_dot_admin__pb2.ApproveResponse.FromString,
                 _registered_method=True)
+        self.SetTraffic = channel.unary_unary(
+                '/cdl.v1.ModelAdmin/SetTraffic',
+                request_serializer=cdl_dot_v1_dot_admin__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=cdl_dot_v1_dot_admin__pb2.SetTrafficResponse.FromString,
+                _registered_method=True)
 
 
 class ModelAdminServicer:
@@ -94,6 +99,12 @@ class ModelAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTraffic(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_ModelAdminServicer_to_server(servicer, server):
                     servicer.Approve,
                     request_deserializer=cdl_dot_v1_dot_admin__pb2.ApproveRequest.FromString,
                     response_serializer=cdl_dot_v1_dot_admin__pb2.ApproveResponse.SerializeToString,
+            ),
+            'SetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraffic,
+                    request_deserializer=cdl_dot_v1_dot_admin__pb2.SetTrafficRequest.FromString,
+                    response_serializer=cdl_dot_v1_dot_admin__pb2.SetTrafficResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class ModelAdmin:
             '/cdl.v1.ModelAdmin/Approve',
             cdl_dot_v1_dot_admin__pb2.ApproveRequest.SerializeToString,
             cdl_dot_v1_dot_admin__pb2.ApproveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdl.v1.ModelAdmin/SetTraffic',
+            cdl_dot_v1_dot_admin__pb2.SetTrafficRequest.SerializeToString,
+            cdl_dot_v1_dot_admin__pb2.SetTrafficResponse.FromString,
             options,
             channel_credentials,
             insecure,

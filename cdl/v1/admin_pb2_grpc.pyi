@@ -36,6 +36,7 @@ class ModelAdminStub:
     Promote: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteRequest, _admin_pb2.PromoteResponse]
     Rollback: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RollbackRequest, _admin_pb2.RollbackResponse]
     Approve: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ApproveRequest, _admin_pb2.ApproveResponse]
+    SetTraffic: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetTrafficRequest, _admin_pb2.SetTrafficResponse]
 
 @_typing.type_check_only
 class ModelAdminAsyncStub(ModelAdminStub):
@@ -45,6 +46,7 @@ class ModelAdminAsyncStub(ModelAdminStub):
     Promote: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteRequest, _admin_pb2.PromoteResponse]  # type: ignore[assignment]
     Rollback: _aio.UnaryUnaryMultiCallable[_admin_pb2.RollbackRequest, _admin_pb2.RollbackResponse]  # type: ignore[assignment]
     Approve: _aio.UnaryUnaryMultiCallable[_admin_pb2.ApproveRequest, _admin_pb2.ApproveResponse]  # type: ignore[assignment]
+    SetTraffic: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetTrafficRequest, _admin_pb2.SetTrafficResponse]  # type: ignore[assignment]
 
 class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -81,5 +83,12 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ApproveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ApproveResponse, _abc.Awaitable[_admin_pb2.ApproveResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetTraffic(
+        self,
+        request: _admin_pb2.SetTrafficRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetTrafficResponse, _abc.Awaitable[_admin_pb2.SetTrafficResponse]]: ...
 
 def add_ModelAdminServicer_to_server(servicer: ModelAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
