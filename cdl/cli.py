@@ -299,6 +299,205 @@ def dataset_show(
     console.print(table)
 
 
+# --------------------------------------------------------------------------- the gateway
+
+GatewayEndpoint = Annotated[
+    str | None, typer.Option("--gateway", help="Gateway gRPC endpoint host:port (default: from the local stack).")
+]
+ApiKey = Annotated[
+    str | None, typer.Option("--key", envvar="CDL_API_KEY", help="API key (default: the local stack's).")
+]
+
+
+def _gateway(endpoint: str | None, key: str | None, state_dir: Path | None) -> tuple[str, list[tuple[str, str]]]:
+    """The gateway's endpoint and the call metadata carrying the API key."""
+    state = _stack(state_dir).read_state()
+    found = endpoint or state.get("services", {}).get("gateway", {}).get("grpc")
+    if not found:
+        console.print("[red]no gateway endpoint: start the stack (cdl stack up) or pass --gateway[/]")
+        raise typer.Exit(1)
+    key = key or state.get("api_key")
+    return str(found), [("authorization", f"Bearer {key}")] if key else []
+
+
+def _admin_call(endpoint: str | None, key: str | None, state_dir: Path | None, method: str, request: Any) -> Any:
+    import grpc
+
+    from cdl.v1 import admin_pb2_grpc
+
+    target, metadata = _gateway(endpoint, key, state_dir)
+    try:
+        with grpc.insecure_channel(target) as ch:
+            return getattr(admin_pb2_grpc.ModelAdminStub(ch), method)(request, timeout=30, metadata=metadata)
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from exc
+
+
+def _models_table(statuses: list[Any]) -> Table:
+    from cdl.v1 import events_pb2
+
+    table = Table(title="models at the gateway")
+    for col in ("model", "serving", "mode", "version", "state", "traffic", "reason"):
+        table.add_column(col)
+    for st in statuses:
+        rows = list(st.versions) or [None]
+        for i, v in enumerate(rows):
+            head = (st.model, str(st.serving_version or "-"), st.mode or "-") if i == 0 else ("", "", "")
+            if v is None:
+                table.add_row(*head, "-", "-", "-", "")
+                continue
+            state = events_pb2.RolloutState.Name(v.state).removeprefix("ROLLOUT_STATE_").lower()
+            table.add_row(*head, str(v.version), state, f"{v.traffic_fraction:.0%}", v.reason)
+    return table
+
+
+def _print_status(status: Any, as_json: bool) -> None:
+    from google.protobuf import json_format
+
+    if as_json:
+        console.print_json(json_format.MessageToJson(status, preserving_proto_field_name=True))
+    else:
+        console.print(_models_table([status]))
+
+
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@app.command("models")
+def models_cmd(
+    model: Annotated[str | None, typer.Argument(help="One model (default: all).")] = None,
+    as_json: AsJson = False,
+    gateway: GatewayEndpoint = None,
+    key: ApiKey = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Models at the gateway: serving version, candidate, rollout state and traffic."""
+    from google.protobuf import json_format
+
+    from cdl.v1 import admin_pb2
+
+    if model:
+        resp = _admin_call(gateway, key, state_dir, "RolloutStatus", admin_pb2.RolloutStatusRequest(model=model))
+        _print_status(resp.status, as_json)
+        return
+    listed = _admin_call(gateway, key, state_dir, "ListModels", admin_pb2.ListModelsRequest())
+    if as_json:
+        console.print_json(json_format.MessageToJson(listed, preserving_proto_field_name=True))
+    else:
+        console.print(_models_table(list(listed.models)))
+
+
+@app.command("approve")
+def approve_cmd(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="The version awaiting approval.")],
+    approver: Annotated[str, typer.Option(help="Who approves (recorded in model.deployed).")] = "cli",
+    as_json: AsJson = False,
+    gateway: GatewayEndpoint = None,
+    key: ApiKey = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Approve a version that waits for manual approval; its rollout goes on."""
+    from cdl.v1 import admin_pb2
+
+    req = admin_pb2.ApproveRequest(model=model, version=version, approver=approver)
+    _print_status(_admin_call(gateway, key, state_dir, "Approve", req).status, as_json)
+
+
+@app.command("rollback")
+def rollback_cmd(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in model.deployed).")] = "rolled back from the cli",
+    as_json: AsJson = False,
+    gateway: GatewayEndpoint = None,
+    key: ApiKey = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Roll the model's candidate back: its traffic goes to 0 at once and it is unloaded."""
+    from cdl.v1 import admin_pb2
+
+    req = admin_pb2.RollbackRequest(model=model, reason=reason)
+    _print_status(_admin_call(gateway, key, state_dir, "Rollback", req).status, as_json)
+
+
+@app.command("traffic")
+def traffic_cmd(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    share: Annotated[float, typer.Argument(help="The candidate's share of live requests, 0..1.")],
+    as_json: AsJson = False,
+    gateway: GatewayEndpoint = None,
+    key: ApiKey = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Pin the candidate's share of live traffic."""
+    from cdl.v1 import admin_pb2
+
+    if not 0.0 <= share <= 1.0:
+        console.print("[red]the share must be between 0 and 1[/]")
+        raise typer.Exit(2)
+    req = admin_pb2.SetTrafficRequest(model=model, traffic_fraction=share)
+    _print_status(_admin_call(gateway, key, state_dir, "SetTraffic", req).status, as_json)
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    inputs: Annotated[Path, typer.Argument(help="A .npy array or a JSON file (a list of numbers, or a list of rows).")],
+    version: Annotated[str, typer.Option(help="A version (default: what the gateway serves).")] = "",
+    as_json: AsJson = False,
+    gateway: GatewayEndpoint = None,
+    key: ApiKey = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Send inputs through the gateway; prints each row's top class and score."""
+    import json
+
+    import numpy as np
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+    target, metadata = _gateway(gateway, key, state_dir)
+    headers = dict(metadata)
+    try:
+        x = np.load(inputs) if inputs.suffix == ".npy" else np.asarray(json.loads(inputs.read_text()))
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]cannot read {inputs}[/]: {exc}")
+        raise typer.Exit(2) from exc
+    client = tgrpc.InferenceServerClient(target)
+    try:
+        meta = client.get_model_metadata(model, version, headers=headers)
+        spec = meta.inputs[0]
+        want = list(spec.shape[1:])
+        x = x.astype(tgrpc.triton_to_np_dtype(spec.datatype))
+        if x.ndim == 1 or list(x.shape) == [d for d in want if d > 0]:
+            x = x.reshape(1, *[d if d > 0 else -1 for d in want]) if want else x.reshape(1, -1)
+        elif x.ndim == len(want):
+            x = x.reshape(x.shape[0], *[d if d > 0 else -1 for d in want])
+        inp = tgrpc.InferInput(spec.name, list(x.shape), np_to_triton_dtype(x.dtype))
+        inp.set_data_from_numpy(x)
+        result = client.infer(model, [inp], model_version=version, headers=headers)
+    except InferenceServerException as exc:
+        console.print(f"[red]{exc.status() or 'error'}[/]: {exc.message()}")
+        raise typer.Exit(1) from exc
+    finally:
+        client.close()
+    out = result.as_numpy(meta.outputs[0].name)
+    logits = out.reshape(out.shape[0], -1)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    rows = [{"class": int(p.argmax()), "score": float(p.max())} for p in probs]
+    served = result.get_response().model_version
+    if as_json:
+        console.print_json(json.dumps({"model": model, "version": served, "predictions": rows}))
+        return
+    table = Table(title=f"{model} v{served}")
+    for col in ("row", "class", "score"):
+        table.add_column(col)
+    for i, r in enumerate(rows):
+        table.add_row(str(i), str(r["class"]), f"{r['score']:.3f}")
+    console.print(table)
+
+
 def main() -> None:
     app()
 
