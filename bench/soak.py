@@ -85,7 +85,7 @@ def main() -> None:
             state: dict[str, Any] = stack.up()
             bootstrap = state["kafka"]["bootstrap"]
             pids = {name: int(state["procs"][name]["pid"]) for name in SERVICES}
-            register_digits(state["services"]["ingest"]["grpc"])
+            register_digits(state["services"]["ingest"]["grpc"], api_key=state.get("api_key"))
             start_rss = {n: _rss_mib(p) for n, p in pids.items()}
             feed = DigitsFeed(bootstrap, rate=RATE).start()
             warm_rss: dict[str, float] = {}

@@ -110,7 +110,7 @@ def stack_up(
                 if not ingest:
                     console.print("[red]--demo needs the ingest service in the stack[/]")
                     raise typer.Exit(1)
-                register_digits(ingest)
+                register_digits(ingest, api_key=state.get("api_key"))
                 feed = DigitsFeed(state["kafka"]["bootstrap"], rate=demo_rate).start()
                 console.print(f"demo: streaming digits into data.raw at {demo_rate:.0f} records/s")
             _watch(stack, interval=2.0)
@@ -204,6 +204,14 @@ IngestEndpoint = Annotated[
 ]
 
 
+def _ingest_metadata(state_dir: Path | None) -> tuple[tuple[str, str | bytes], ...]:
+    """The API key of the local stack (or CDL_API_KEY) as call metadata."""
+    import os
+
+    key = os.environ.get("CDL_API_KEY") or _stack(state_dir).read_state().get("api_key")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 def _ingest_endpoint(endpoint: str | None, state_dir: Path | None) -> str:
     if endpoint:
         return endpoint
@@ -265,7 +273,7 @@ def dataset_register(
     try:
         with grpc.insecure_channel(_ingest_endpoint(ingest, state_dir)) as ch:
             resp = ingest_pb2_grpc.IngestServiceStub(ch).RegisterDataset(
-                ingest_pb2.RegisterDatasetRequest(spec=spec), timeout=10
+                ingest_pb2.RegisterDatasetRequest(spec=spec), timeout=10, metadata=_ingest_metadata(state_dir)
             )
     except grpc.RpcError as exc:
         raise _rpc_error(exc) from exc
@@ -287,7 +295,9 @@ def dataset_show(
 
     try:
         with grpc.insecure_channel(_ingest_endpoint(ingest, state_dir)) as ch:
-            resp = ingest_pb2_grpc.IngestServiceStub(ch).GetDataset(ingest_pb2.GetDatasetRequest(name=name), timeout=10)
+            resp = ingest_pb2_grpc.IngestServiceStub(ch).GetDataset(
+                ingest_pb2.GetDatasetRequest(name=name), timeout=10, metadata=_ingest_metadata(state_dir)
+            )
     except grpc.RpcError as exc:
         raise _rpc_error(exc) from exc
     ds = resp.dataset
@@ -309,7 +319,9 @@ ApiKey = Annotated[
 ]
 
 
-def _gateway(endpoint: str | None, key: str | None, state_dir: Path | None) -> tuple[str, list[tuple[str, str]]]:
+def _gateway(
+    endpoint: str | None, key: str | None, state_dir: Path | None
+) -> tuple[str, tuple[tuple[str, str | bytes], ...]]:
     """The gateway's endpoint and the call metadata carrying the API key."""
     state = _stack(state_dir).read_state()
     found = endpoint or state.get("services", {}).get("gateway", {}).get("grpc")
@@ -317,7 +329,7 @@ def _gateway(endpoint: str | None, key: str | None, state_dir: Path | None) -> t
         console.print("[red]no gateway endpoint: start the stack (cdl stack up) or pass --gateway[/]")
         raise typer.Exit(1)
     key = key or state.get("api_key")
-    return str(found), [("authorization", f"Bearer {key}")] if key else []
+    return str(found), (("authorization", f"Bearer {key}"),) if key else ()
 
 
 def _admin_call(endpoint: str | None, key: str | None, state_dir: Path | None, method: str, request: Any) -> Any:
@@ -457,7 +469,7 @@ def predict_cmd(
     from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
     target, metadata = _gateway(gateway, key, state_dir)
-    headers = dict(metadata)
+    headers = {k: v if isinstance(v, str) else v.decode() for k, v in metadata}
     try:
         x = np.load(inputs) if inputs.suffix == ".npy" else np.asarray(json.loads(inputs.read_text()))
     except (OSError, ValueError) as exc:

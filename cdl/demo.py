@@ -22,7 +22,9 @@ __all__ = ["DigitsFeed", "register_digits"]
 DIGITS = "digits"
 
 
-def register_digits(ingest_endpoint: str, min_new_records: int = 500, max_interval_s: float = 30.0) -> bool:
+def register_digits(
+    ingest_endpoint: str, min_new_records: int = 500, max_interval_s: float = 30.0, api_key: str | None = None
+) -> bool:
     """Register the ``digits`` dataset (8x8 grey images, labels 0-9); True if it was new."""
     spec = ingest_pb2.DatasetSpec(
         name=DIGITS,
@@ -35,7 +37,9 @@ def register_digits(ingest_endpoint: str, min_new_records: int = 500, max_interv
     )
     with grpc.insecure_channel(ingest_endpoint) as channel:
         resp = ingest_pb2_grpc.IngestServiceStub(channel).RegisterDataset(
-            ingest_pb2.RegisterDatasetRequest(spec=spec), timeout=10
+            ingest_pb2.RegisterDatasetRequest(spec=spec),
+            timeout=10,
+            metadata=(("authorization", f"Bearer {api_key}"),) if api_key else None,
         )
     return bool(resp.created)
 

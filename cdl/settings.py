@@ -77,6 +77,9 @@ class StackSettings(BaseSettings):
     """How many Triton servers to start."""
     services: list[str] = ["ingest", "trainer", "compressor"]
     """cdl services to start after the servers (``python -m services.<name>``)."""
+    api_key: str = ""
+    """API key the stack's gRPC APIs (gateway, ingest) accept; empty: one is generated at the
+    first start, kept in ``stack.json`` (``api_key``) and reused by later starts."""
     triton_base_port: int = 0
     """First Triton port (each server takes three: gRPC, HTTP, metrics); 0 picks free ones."""
     start_timeout_s: float = 90.0
@@ -105,6 +108,9 @@ class ServiceSettings(BaseSettings):
     """Object store secret key."""
     s3_secure: bool = False
     """Use TLS towards the object store."""
+    api_key_hashes: list[str] = []
+    """SHA-256 hex digests of the API keys this service's gRPC API accepts (``authorization:
+    Bearer <key>``); empty: no key needed. The local stack generates one key for all."""
     triton_grpc: list[str] = []
     """Triton gRPC endpoints, ``host:port``."""
     metrics_port: int = 0

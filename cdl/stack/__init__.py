@@ -8,8 +8,10 @@ component is healthy, creates cdl's topics and buckets, and writes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -70,7 +72,7 @@ class LocalStack:
     def _port(self, configured: int) -> int:
         return configured or free_port(self.settings.host)
 
-    def _components(self, previous: dict[str, Any]) -> list[Component]:
+    def _components(self, previous: dict[str, Any], api_key: str = "") -> list[Component]:
         s, d = self.settings, self.state_dir
 
         def old_ports(name: str) -> dict[str, int]:
@@ -101,7 +103,8 @@ class LocalStack:
             ports = old_ports(name) or {"metrics": free_port(s.host)}
             if name in grpc_services and "grpc" not in ports:
                 ports["grpc"] = free_port(s.host)
-            comps.append(ServiceComponent(name, d / name, ports, settings=s))
+            key_hash = hashlib.sha256(api_key.encode()).hexdigest() if api_key and name in grpc_services else ""
+            comps.append(ServiceComponent(name, d / name, ports, settings=s, api_key_hash=key_hash))
         return comps
 
     # ------------------------------------------------------------------ up
@@ -109,10 +112,12 @@ class LocalStack:
         """Start every component that is not already running; returns the state."""
         previous = self.read_state()
         running = {n for n, p in previous.get("procs", {}).items() if is_alive(ProcInfo(**p))}
-        comps = self._components(previous if running else {})
+        api_key = self.settings.api_key or previous.get("api_key") or secrets.token_urlsafe(24)
+        comps = self._components(previous if running else {}, api_key)
         self.reused = sorted(running)
         state: dict[str, Any] = {
             "state_dir": str(self.state_dir),
+            "api_key": api_key,
             "ports": {c.name: c.ports for c in comps},
             "procs": {n: p for n, p in previous.get("procs", {}).items() if n in running},
             "started_at": previous.get("started_at") if running else time.time(),

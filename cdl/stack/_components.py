@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -349,6 +350,8 @@ class ServiceComponent(Component):
     """A cdl service process (``python -m services.<name>``) wired to this stack."""
 
     settings: StackSettings = field(default_factory=StackSettings)
+    #: SHA-256 of the stack's API key, for services with a gRPC API ("" for none)
+    api_key_hash: str = ""
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", f"services.{self.name}"]
@@ -360,6 +363,8 @@ class ServiceComponent(Component):
         env[prefix + "METRICS_PORT"] = str(self.ports["metrics"])
         if "grpc" in self.ports:
             env[prefix + "GRPC_PORT"] = str(self.ports["grpc"])
+        if self.api_key_hash:
+            env[prefix + "API_KEY_HASHES"] = json.dumps([self.api_key_hash])
         root = str(Path(__file__).resolve().parent.parent.parent)
         env["PYTHONPATH"] = f"{root}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else root
         return env

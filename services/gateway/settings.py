@@ -40,10 +40,9 @@ class GatewaySettings(ServiceSettings):
     """Topic undecodable or failed rollout events go to."""
 
     # ------------------------------------------------------------- access
-    api_key_hashes: list[str] = []
-    """SHA-256 hex digests of the API keys allowed to call inference (and ingest); empty: no check."""
     admin_key_hashes: list[str] = []
-    """SHA-256 hex digests of the keys allowed to call ModelAdmin; empty: the inference keys."""
+    """SHA-256 hex digests of the keys allowed to call ModelAdmin; empty: the inference keys
+    (``api_key_hashes``, shared by every service)."""
     tls_cert_file: str = ""
     """PEM certificate chain for TLS; empty: plaintext."""
     tls_key_file: str = ""

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from cdl.auth import ApiKeys, AuthInterceptor
 from cdl.events import Topics, source_name
 from cdl.kafka import Producer, TransactionalLoop, ensure_topics, read_latest
 from cdl.logging import configure_logging, get_logger
@@ -78,7 +79,8 @@ class IngestApp:
         self.store.ensure_buckets(*BUCKETS)
         self._ensure_topics()
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.settings.grpc_workers), interceptors=[ErrorInterceptor()]
+            futures.ThreadPoolExecutor(max_workers=self.settings.grpc_workers),
+            interceptors=[AuthInterceptor(ApiKeys(self.settings.api_key_hashes)), ErrorInterceptor()],
         )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(
             IngestServicer(self.registry, self.producer, self.source, self.settings.raw_topic), server

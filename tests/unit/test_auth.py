@@ -1,0 +1,78 @@
+"""API keys and the sync auth interceptor, on a real in-process gRPC server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+
+from cdl.auth import ApiKeys, AuthInterceptor, bearer, hash_key
+
+KEY = "s3cret-key"
+
+
+def test_keys_are_checked_against_digests_and_admin_keys_apart() -> None:
+    keys = ApiKeys([hash_key(KEY)], admin_hashes=[hash_key("admin")])
+    assert keys.allowed(KEY) and not keys.allowed("other") and not keys.allowed(None)
+    assert keys.allowed("admin", admin=True) and not keys.allowed(KEY, admin=True)
+    assert keys.allowed(KEY)  # the cached verdict is the same
+    assert ApiKeys([]).allowed(None) and ApiKeys([]).open
+    assert ApiKeys([hash_key(KEY)]).allowed(KEY, admin=True)  # no admin keys: the inference keys
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ([("authorization", f"Bearer {KEY}")], KEY),
+        ([("authorization", f"bearer  {KEY} ")], KEY),
+        ([("authorization", KEY)], None),
+        ([("authorization", "Basic abc")], None),
+        ([("x-other", "1")], None),
+        (None, None),
+    ],
+)
+def test_bearer(metadata: list[tuple[str, str]] | None, expected: str | None) -> None:
+    assert bearer(metadata) == expected
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return request
+
+    def total(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return b"".join(requests)
+
+    handler = grpc.method_handlers_generic_handler(
+        "t.S",
+        {"Echo": grpc.unary_unary_rpc_method_handler(echo), "Join": grpc.stream_unary_rpc_method_handler(total)},
+    )
+    health = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    srv = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[AuthInterceptor(ApiKeys([hash_key(KEY)]))])
+    srv.add_generic_rpc_handlers((handler, health))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield f"127.0.0.1:{port}"
+    srv.stop(0)
+
+
+def test_interceptor_refuses_unary_and_streaming_calls_without_the_key(server: str) -> None:
+    with grpc.insecure_channel(server) as ch:
+        echo = ch.unary_unary("/t.S/Echo")
+        join = ch.stream_unary("/t.S/Join")
+        good = (("authorization", f"Bearer {KEY}"),)
+        assert echo(b"hi", metadata=good, timeout=5) == b"hi"
+        assert join(iter([b"a", b"b"]), metadata=good, timeout=5) == b"ab"
+        for metadata in [(), (("authorization", "Bearer wrong"),)]:
+            with pytest.raises(grpc.RpcError) as unary:
+                echo(b"hi", metadata=metadata, timeout=5)
+            assert unary.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as stream:
+                join(iter([b"a"]), metadata=metadata, timeout=5)
+            assert stream.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # the health service stays open
+        assert ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5) == b""
