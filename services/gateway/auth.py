@@ -1,0 +1,91 @@
+"""API keys: ``authorization: Bearer <key>`` metadata checked against SHA-256 digests (pure logic).
+
+Settings hold only the keys' SHA-256 hex digests (:func:`hash_key` makes
+one), never the keys. A presented key is hashed and compared with every
+allowed digest in constant time (:func:`hmac.compare_digest`, no early exit);
+a key once verified is remembered in a small dict keyed by the metadata value,
+so the hot path does not hash per request. Only verified keys are remembered
+(so callers cannot grow it with wrong ones), and at most ``_CACHE_MAX``
+distinct values (past that the cache starts over).
+
+An empty digest list means no check: the endpoint is open. Admin calls use
+the admin digests, or the inference digests where no admin digest is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Sequence
+
+__all__ = ["ApiKeys", "bearer", "hash_key"]
+
+_CACHE_MAX = 256
+_INFER = 1
+_ADMIN = 2
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest of ``key``, as settings store it."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The value of the ``authorization`` metadata entry (None when there is none)."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
+class ApiKeys:
+    """The keys allowed to call inference and admin rpcs; see the module docstring."""
+
+    def __init__(self, hashes: Sequence[str], admin_hashes: Sequence[str] = ()) -> None:
+        self._infer = tuple(h.strip().lower().encode() for h in hashes if h.strip())
+        admin = tuple(h.strip().lower().encode() for h in admin_hashes if h.strip())
+        self._admin = admin or self._infer
+        self._verified: dict[str, int] = {}
+
+    @property
+    def open(self) -> bool:
+        """No key is needed for inference."""
+        return not self._infer
+
+    @property
+    def admin_open(self) -> bool:
+        """No key is needed for admin calls."""
+        return not self._admin
+
+    def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, admin: bool = False) -> bool:
+        """Whether ``metadata`` (a call's invocation metadata) carries a key allowed for the call."""
+        allowed = self._admin if admin else self._infer
+        if not allowed:
+            return True
+        header = bearer(metadata)
+        if header is None:
+            return False
+        roles = self._verified.get(header)
+        if roles is None:
+            roles = self._verify(header)
+            if not roles:
+                return False
+            if len(self._verified) >= _CACHE_MAX:
+                self._verified = {}
+            self._verified[header] = roles
+        return bool(roles & (_ADMIN if admin else _INFER))
+
+    def _verify(self, header: str) -> int:
+        scheme, _, key = header.strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            return 0
+        digest = hash_key(key).encode()
+        roles = 0
+        for h in self._infer:
+            if hmac.compare_digest(digest, h):
+                roles |= _INFER
+        for h in self._admin:
+            if hmac.compare_digest(digest, h):
+                roles |= _ADMIN
+        return roles
