@@ -40,9 +40,11 @@ from cdl.errors import InvalidInputError
 __all__ = [
     "InputMeta",
     "encode_string_field",
+    "first_output",
     "id_field",
     "inputs",
     "name_version",
+    "raw_inputs",
     "route_fields",
     "version_field",
     "with_fields",
@@ -312,3 +314,42 @@ def inputs(data: bytes) -> list[InputMeta]:
         InputMeta(name, dtype, shape, raw[i] if i < len(raw) else None, contents)
         for i, (name, dtype, shape, contents) in enumerate(tensors)
     ]
+
+
+def raw_inputs(data: bytes) -> list[memoryview]:
+    """The ``raw_input_contents`` entries of a serialized ``ModelInferRequest``, in order (views, no copy)."""
+    view = memoryview(data)
+    out: list[memoryview] = []
+    end = len(data)
+    pos = 0
+    while pos < end:
+        tag, pos = _tag(data, pos, end)
+        if tag == 0x3A:
+            start, pos = _length(data, pos, end)
+            out.append(view[start:pos])
+        else:
+            pos = _skip(data, pos, end, tag)
+    return out
+
+
+def first_output(data: bytes) -> tuple[str, tuple[int, ...], memoryview] | None:
+    """Datatype, shape and raw bytes (a view, no copy) of the first output of a serialized
+    ``ModelInferResponse`` (``outputs`` = 5, ``raw_output_contents`` = 6); None when it has no
+    output or no raw contents for it."""
+    tensor: tuple[str, str, tuple[int, ...], bool] | None = None
+    raw: tuple[int, int] | None = None
+    end = len(data)
+    pos = 0
+    while pos < end and (tensor is None or raw is None):
+        tag, pos = _tag(data, pos, end)
+        if tag == 0x2A and tensor is None:
+            start, pos = _length(data, pos, end)
+            tensor = _tensor(data, start, pos)
+        elif tag == 0x32 and raw is None:
+            raw = _length(data, pos, end)
+            pos = raw[1]
+        else:
+            pos = _skip(data, pos, end, tag)
+    if tensor is None or raw is None:
+        return None
+    return tensor[1], tensor[2], memoryview(data)[raw[0] : raw[1]]

@@ -1,0 +1,201 @@
+"""The gateway's inference log (services/gateway/inference_log.py) with a fake producer.
+
+Records are built from real ``ModelInferRequest`` / ``ModelInferResponse`` bytes and read back
+through ``cdl.events.decode`` as the monitor reads them; sampling, the bounded queue (drops
+counted while the producer is stuck) and unacknowledged records are checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cdl.events import decode
+from cdl.v1 import events_pb2
+from cdl.v1 import open_inference_pb2 as pb
+from services.gateway.inference_log import LOG_DROPPED, InferenceLog, build_record, top_labels
+
+
+class FakeProducer:
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = fail
+        self._callbacks: list[Callable[[Any, Any], None]] = []
+        self.lock = threading.Lock()
+
+    def send_raw(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        on_delivery: Callable[[Any, Any], None] | None = None,
+    ) -> None:
+        self.gate.wait()
+        with self.lock:
+            self.sent.append((topic, value, key, list(headers or [])))
+            if on_delivery is not None:
+                self._callbacks.append(on_delivery)
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        with self.lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb("MSG_TIMED_OUT" if self.fail else None, None)
+
+
+def _request(x: np.ndarray[Any, Any], request_id: str = "r1") -> bytes:
+    req = pb.ModelInferRequest(model_name="affine", model_version="2", id=request_id)
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.astype("<f4").tobytes())
+    return req.SerializeToString()
+
+
+def _response(y: np.ndarray[Any, Any], datatype: str = "FP32", request_id: str = "r1") -> bytes:
+    resp = pb.ModelInferResponse(model_name="affine", model_version="2", id=request_id)
+    resp.outputs.add(name="output", datatype=datatype, shape=list(y.shape))
+    resp.raw_output_contents.append(y.tobytes())
+    return resp.SerializeToString()
+
+
+def _wait(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def _dropped(reason: str) -> float:
+    return float(LOG_DROPPED.labels(reason=reason)._value.get())
+
+
+def test_top_labels_of_a_real_response() -> None:
+    y = np.array([[0.1, 0.7, 0.2], [3.0, -1.0, 2.5]], dtype="<f4")
+    labels, scores = top_labels(_response(y)) or ([], [])
+    assert labels == [1, 0]
+    assert scores == pytest.approx([0.7, 3.0])
+    # other numeric datatypes; a 1-d output is one row
+    assert top_labels(_response(np.array([1, 9, 3], dtype="<i8"), "INT64")) == ([1], [9.0])
+    assert top_labels(_response(np.array([[1, 2], [5, 0]], dtype="<f8"), "FP64")) == ([1, 0], [2.0, 5.0])
+    assert top_labels(_response(np.array([[0.5, 0.25]], dtype="<f2"), "FP16")) == ([0], [0.5])
+    # nothing numeric to decode
+    assert top_labels(_response(np.array([1, 2], dtype="<f4"), "BYTES")) is None
+    assert top_labels(pb.ModelInferResponse(model_name="m").SerializeToString()) is None
+    assert top_labels(b"\x0a\x05ab") is None  # malformed
+    odd = pb.ModelInferResponse()
+    odd.outputs.add(name="o", datatype="FP32", shape=[2, 3])
+    odd.raw_output_contents.append(b"\x00" * 7)  # not whole floats
+    assert top_labels(odd.SerializeToString()) is None
+
+
+def test_record_fields() -> None:
+    x = np.arange(8, dtype="<f4").reshape(2, 4)
+    request = _request(x)
+    response = _response(np.array([[0.0, 1.0], [2.0, 1.0]], dtype="<f4"))
+    rec = build_record(("affine", 2, "r1", request, response, 0.0025, "OK", 1_700_000_000.5), 4096)
+    assert rec.request_id == "r1" and rec.model == "affine" and rec.version == 2
+    assert rec.inputs_digest == hashlib.sha256(x.tobytes()).hexdigest()
+    assert rec.inputs_sample == request  # a self-describing ModelInferRequest
+    sample = pb.ModelInferRequest.FromString(rec.inputs_sample)
+    assert np.frombuffer(sample.raw_input_contents[0], "<f4").reshape(tuple(sample.inputs[0].shape)).tolist() == (
+        x.tolist()
+    )
+    assert list(rec.predicted_labels) == ["1", "0"]
+    assert rec.latency_ms == pytest.approx(2.5)
+    assert rec.time.seconds == 1_700_000_000 and rec.time.nanos == 500_000_000
+    # large inputs: only the digest
+    big = build_record(("affine", 2, "r2", request, response, 0.001, "OK", 0.0), len(request) - 1)
+    assert big.inputs_sample == b"" and big.inputs_digest == rec.inputs_digest
+    # a failed request has no predicted labels
+    failed = build_record(("affine", 2, "r3", request, b"", 0.001, "UNAVAILABLE", 0.0), 4096)
+    assert list(failed.predicted_labels) == []
+    # typed contents (no raw inputs): the digest is of the whole request
+    typed = pb.ModelInferRequest(model_name="affine")
+    typed.inputs.add(name="input", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    data = typed.SerializeToString()
+    assert build_record(("affine", 1, "", data, b"", 0, "OK", 0), 0).inputs_digest == hashlib.sha256(data).hexdigest()
+
+
+def test_no_producer_means_off() -> None:
+    logger = InferenceLog(None, "inference.logged")
+    assert not logger.enabled
+    logger.offer("m", 1, "r", b"x", b"y", 0.001, "OK")
+    assert logger.pending() == 0
+    logger.close()
+
+
+def test_records_reach_the_producer_as_events() -> None:
+    producer = FakeProducer()
+    logger = InferenceLog(producer, "inference.logged", source="/cdl/gateway/test")
+    x = np.ones((1, 4), dtype="<f4")
+    y = np.array([[0.0, 0.0, 5.0]], dtype="<f4")
+    for i in range(20):
+        logger.offer("affine", 2, f"r{i}", _request(x, f"r{i}"), _response(y, request_id=f"r{i}"), 0.001, "OK")
+    _wait(lambda: len(producer.sent) == 20)
+    logger.close()
+    topic, value, key, headers = producer.sent[0]
+    assert topic == "inference.logged" and key == b"r0"
+    event = decode(key, value, headers)
+    assert event.type == "dev.cdl.inference.logged.v1" and event.source == "/cdl/gateway/test"
+    assert isinstance(event.payload, events_pb2.InferenceLogged)
+    assert event.payload.request_id == "r0" and list(event.payload.predicted_labels) == ["2"]
+    assert [decode(k, v, h).payload.request_id for _, v, k, h in producer.sent] == [f"r{i}" for i in range(20)]  # type: ignore[attr-defined]
+
+
+def test_sampling_is_even() -> None:
+    producer = FakeProducer()
+    logger = InferenceLog(producer, "t", sample=0.25)
+    for i in range(100):
+        logger.offer("m", 1, str(i), b"", b"", 0.0, "OK")
+    _wait(lambda: len(producer.sent) == 25)
+    time.sleep(0.05)
+    logger.close()
+    assert len(producer.sent) == 25
+    assert InferenceLog(producer, "t", sample=0.0).enabled is False
+
+
+def test_full_queue_drops_and_counts_without_blocking() -> None:
+    producer = FakeProducer()
+    producer.gate.clear()  # Kafka stuck: the thread blocks in send_raw
+    logger = InferenceLog(producer, "t", queue_size=50)
+    before = _dropped("full")
+    start = time.perf_counter()
+    for i in range(1000):
+        logger.offer("m", 1, str(i), b"", b"", 0.0, "OK")
+    assert time.perf_counter() - start < 0.5  # the hot path never waits for Kafka
+    assert logger.pending() <= 50
+    # one record may be in the thread's hands, blocked in send_raw
+    assert 1000 - 51 <= _dropped("full") - before <= 1000 - 50
+    producer.gate.set()
+    _wait(lambda: logger.pending() == 0)
+    logger.close()
+    assert 50 <= len(producer.sent) <= 51
+
+
+def test_unacknowledged_records_are_counted() -> None:
+    producer = FakeProducer(fail=True)
+    logger = InferenceLog(producer, "t")
+    before = _dropped("kafka")
+    for i in range(10):
+        logger.offer("m", 1, str(i), b"", b"", 0.0, "OK")
+    _wait(lambda: _dropped("kafka") - before == 10)
+    logger.close()
+
+
+def test_a_bad_record_does_not_stop_the_log() -> None:
+    producer = FakeProducer()
+    logger = InferenceLog(producer, "t")
+    logger.offer("m", 1, "bad", b"\x0a\x05ab", b"\xff\xff", 0.0, "OK")  # malformed bytes: still logged
+    logger.offer("m", 1, "\udfff", b"", b"", 0.0, "OK")  # not encodable: dropped, counted
+    logger.offer("m", 1, "good", b"", b"", 0.0, "OK")
+    _wait(lambda: len(producer.sent) == 2)
+    logger.close()
+    assert [s[2] for s in producer.sent] == [b"bad", b"good"]
