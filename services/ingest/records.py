@@ -235,7 +235,10 @@ def _parse_proto(value: bytes) -> RawRecord:
 
 _DEFAULT_LIMITS = Limits()
 
-_INT_RANGES = {"uint8": (0, 255), "int64": (-(2**63), 2**63 - 1)}
+#: integer dtypes: the smallest value and the first value past the largest, both exact as
+#: float64 (features are read as 64-bit floats, here as in the fast path, so a value must be
+#: in [lo, end) as a float: 2**63 - 1 reads as 2**63, which int64 cannot hold)
+_INT_RANGES = {"uint8": (0.0, 256.0), "int64": (-(2.0**63), 2.0**63)}
 
 
 def clean(
@@ -302,9 +305,13 @@ def _tensor(raw: RawRecord, spec: DatasetSpec, ctx: dict[str, Any]) -> npt.NDArr
     if not np.all(np.isfinite(arr)):
         raise RecordError(Reason.NON_FINITE, "features contain NaN or infinity", **ctx)
     if spec.dtype in _INT_RANGES:
-        lo, hi = _INT_RANGES[spec.dtype]
-        if not np.all(arr == np.round(arr)) or arr.min() < lo or arr.max() > hi:
-            raise RecordError(Reason.BAD_DTYPE, f"features must be {spec.dtype} integers in [{lo}, {hi}]", **ctx)
+        lo, end = _INT_RANGES[spec.dtype]
+        if not np.all(arr == np.round(arr)) or arr.min() < lo or arr.max() >= end:
+            raise RecordError(
+                Reason.BAD_DTYPE,
+                f"features must be {spec.dtype} integers, read as 64-bit floats in [{lo:.0f}, {end:.0f})",
+                **ctx,
+            )
     with np.errstate(over="ignore"):  # an overflow is reported below, as a reason
         out = arr.reshape(spec.input_shape).astype(spec.dtype)
     if out.dtype.kind == "f" and not np.all(np.isfinite(out)):

@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard, load_version
+from cdl.datasets import (
+    DATASETS_BUCKET,
+    DatasetSpec,
+    Shard,
+    Task,
+    decode_shard,
+    load_version,
+)
 from cdl.errors import ConflictError, InvalidInputError, NotFoundError
 from cdl.events import InBatch, OutRecord
 from cdl.store import ObjectInfo
@@ -32,18 +42,28 @@ TXT = DatasetSpec(name="txt", task=Task.TEXT, labels=("a", "b"), min_new_records
 
 
 class FakeStore:
-    """Objects in a dict (thread-safe enough for the processor's writer threads)."""
+    """Objects in a dict (thread-safe enough for the processor's writer threads), with the
+    time each was last written (``client.list_objects`` gives it, as MinIO's does)."""
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        self.mtimes: dict[str, float] = {}
         self.gets: list[str] = []
         self._lock = threading.Lock()
+        self.client = SimpleNamespace(list_objects=self._list_objects)
 
     def put_bytes(self, bucket: str, key: str, data: Any, content_type: str = "") -> str:
         body = data if isinstance(data, bytes) else b"".join(bytes(p) for p in data)
         with self._lock:
             self.objects[key] = body
+            self.mtimes[key] = time.time()
         return f"s3://{bucket}/{key}"
+
+    def _list_objects(self, bucket: str, prefix: str = "", recursive: bool = True) -> Iterator[SimpleNamespace]:
+        for key in sorted(self.objects):
+            if key.startswith(prefix):
+                when = datetime.fromtimestamp(self.mtimes[key], UTC)
+                yield SimpleNamespace(object_name=key, is_dir=False, last_modified=when)
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
         with self._lock:
@@ -465,4 +485,42 @@ def test_the_id_set_is_not_fooled_by_a_rejected_long_id() -> None:
     assert sum(s.records for s in p.state.datasets["s"].shards) == 1
     if fastscan.available():
         assert len(p._seen["s"]) == 1
+    p.close()
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+def test_int64_features_are_range_checked_exactly() -> None:
+    """Features are read as 64-bit floats (on both paths): 2**63 - 1 reads as 2**63, which
+    int64 cannot hold; both were taken and wrapped to -2**63 by a float comparison."""
+    spec = DatasetSpec(name="i64", task=Task.TABULAR, labels=("a", "b"), input_shape=(2,), dtype="int64")
+
+    def careful(v: int) -> Any:
+        return clean(RawRecord("i64", "r", [v, 0], None, None, "a"), spec).x
+
+    for v in (2**63, 2**63 - 1, 2**64, -(2**63) - 4096):
+        with pytest.raises(RecordError) as info:
+            careful(v)
+        assert info.value.reason is Reason.BAD_DTYPE, v
+    assert careful(-(2**63)).tolist() == [-(2**63), 0]
+    assert careful(2**63 - 1024).tolist() == [2**63 - 1024, 0]  # the largest float64 below 2**63
+    u8 = DatasetSpec(name="u8", task=Task.TABULAR, labels=("a", "b"), input_shape=(2,), dtype="uint8")
+    with pytest.raises(RecordError):
+        clean(RawRecord("u8", "r", [256, 0], None, None, "a"), u8)
+    assert clean(RawRecord("u8", "r", [255, 0], None, None, "a"), u8).x.tolist() == [255, 0]  # type: ignore[union-attr]
+    # through the processor: the fast path leaves them undecided, the careful path rejects them
+    p = _processor(FakeStore(), spec)
+    p.recover(None)
+    values = [
+        b'{"dataset":"i64","id":"%d","features":[%d,1],"label":"a"}' % (i, v)
+        for i, v in enumerate((2**63, 2**63 - 1, 2**63 - 1024, -(2**63)))
+    ]
+    p.on_batch(_batch(values, 0))
+    dead = _by_topic(p.flush())["data.deadletter"]
+    assert sorted(d.value for d in dead) == sorted(values[:2])  # type: ignore[type-var]
+    assert {dict(d.headers)["cdl-error"] for d in dead} == {b"bad_dtype"}
+    [shard] = p.state.datasets["i64"].pending
+    cols = decode_shard(p._store.get_bytes(DATASETS_BUCKET, shard.key))
+    assert sorted(cols["x"][:, 0].tolist()) == [-(2**63), 2**63 - 1024]
     p.close()
