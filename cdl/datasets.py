@@ -32,11 +32,13 @@ import bisect
 import hashlib
 import io
 import json
+import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from enum import StrEnum
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +55,7 @@ __all__ = [
     "DatasetVersion",
     "Shard",
     "Task",
+    "check_dataset_name",
     "decode_shard",
     "encode_shard",
     "holdout_member",
@@ -60,10 +63,26 @@ __all__ = [
     "read_manifest",
     "shard_parts",
     "unit_hash",
+    "valid_dataset_name",
 ]
 
 DATASETS_BUCKET = "cdl-datasets"
 _TENSOR_DTYPES = ("float32", "float64", "uint8", "int64")
+#: what a dataset name may be: ASCII letters, digits, '.', '_' and '-', at most 200 characters
+#: (it is part of every object key; ingest answers any other name as unknown without a read)
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+_NAME_RULE = "1 to 200 ASCII letters, digits, '.', '_' or '-' (not '.' or '..')"
+
+
+def valid_dataset_name(name: str) -> bool:
+    """Whether ``name`` can be a dataset's name (the one rule, at registration and at lookup)."""
+    return _NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
+def check_dataset_name(name: str) -> None:
+    """:class:`~cdl.errors.InvalidInputError` unless :func:`valid_dataset_name`."""
+    if not valid_dataset_name(name):
+        raise InvalidInputError(f"invalid dataset name: it must be {_NAME_RULE}", dataset=name[:200])
 
 
 class Task(StrEnum):
@@ -94,8 +113,8 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            problems.append("name must be non-empty and use only letters, digits, '-', '_' and '.'")
+        if not valid_dataset_name(self.name):
+            problems.append(f"name must be {_NAME_RULE}")
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or any(not lab for lab in self.labels):
             problems.append("labels must be at least two distinct non-empty strings")
         if self.task is Task.TEXT:
@@ -115,7 +134,12 @@ class DatasetSpec:
         if min(self.max_record_bytes, self.max_id_bytes, self.max_text_chars) < 0:
             problems.append("limits must not be negative (0 = the service's)")
         if problems:
-            raise InvalidInputError("invalid dataset spec: " + "; ".join(problems), dataset=self.name)
+            raise InvalidInputError("invalid dataset spec: " + "; ".join(problems), dataset=self.name[:200])
+
+    @cached_property
+    def longest_label_bytes(self) -> int:
+        """The UTF-8 length of the spec's longest label."""
+        return max(len(label.encode()) for label in self.labels)
 
     @property
     def schema_hash(self) -> str:

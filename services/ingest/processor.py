@@ -422,14 +422,25 @@ class IngestProcessor:
         column, labels, holdout, x = sc.id_column, sc.labels, sc.holdout, sc.x
         starts, lengths = sc.id_starts, sc.id_lengths
         limit = self._limits.for_spec(spec).record_bytes
-        if limit < self._limits.record_bytes:  # the dataset's own, tighter size limit
+        long_labels = spec.longest_label_bytes > self._limits.label_bytes  # (registered before the check)
+        if limit < self._limits.record_bytes or long_labels:  # the dataset's own size limit, or such labels
             fits = batch.bounds[rows + 1] - batch.bounds[rows] <= limit
-            if not fits.all():
-                for j in np.flatnonzero(~fits).tolist():
+            too_long = np.zeros(len(rows), dtype=bool)
+            if long_labels:  # as the careful path would, after the size: label_too_long
+                bad = [i for i, lab in enumerate(spec.labels) if len(lab.encode()) > self._limits.label_bytes]
+                too_long = fits & np.isin(labels, bad)
+            if not fits.all() or too_long.any():
+                for j in np.flatnonzero(~fits | too_long).tolist():
                     incoming = batch.row(int(rows[j]))
                     size = len(incoming[3] or b"")
-                    err = RecordError(Reason.RECORD_TOO_LARGE, f"record is {size} bytes, the limit is {limit}")
+                    if fits[j]:
+                        nbytes = len(spec.labels[int(labels[j])].encode())
+                        detail = f"label is {nbytes} bytes, the limit is {self._limits.label_bytes}"
+                        err = RecordError(Reason.LABEL_TOO_LONG, detail)
+                    else:
+                        err = RecordError(Reason.RECORD_TOO_LARGE, f"record is {size} bytes, the limit is {limit}")
                     self._reject(incoming, err, spec.name)
+                fits &= ~too_long
                 rows, column, starts, lengths = rows[fits], column[fits], starts[fits], lengths[fits]
                 labels, holdout, x = labels[fits], holdout[fits], x[fits]
         # in stream order: the first record with an id is kept, any later one rejected
@@ -501,7 +512,9 @@ class IngestProcessor:
             if spec is None:
                 raise RecordError(Reason.UNKNOWN_DATASET, "dataset is not registered", dataset=name[:200])
             dataset = spec.name
-            self._limits.for_spec(spec).check_id(rid)
+            limits = self._limits.for_spec(spec)
+            limits.check_size(value)  # the dataset's own size limit
+            limits.check_id(rid)
             if label not in spec.labels:
                 raise RecordError(Reason.UNKNOWN_LABEL, f"label {label!r} is not one of the dataset's labels")
             waiting = self._waiting[dataset].pop(rid, None)

@@ -14,15 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cdl.datasets import DATASETS_BUCKET, DatasetSpec
-from cdl.errors import ConflictError, NotFoundError
+from cdl.datasets import DATASETS_BUCKET, DatasetSpec, check_dataset_name, valid_dataset_name
+from cdl.errors import ConflictError, InvalidInputError, NotFoundError
 from cdl.store import ObjectStore
 
 __all__ = ["DatasetRegistry"]
 
 _VERSION_KEY = re.compile(r"/versions/(\d+)\.json$")
-#: a dataset name (see DatasetSpec): anything else is unknown without asking the store
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 class DatasetRegistry:
@@ -34,8 +32,11 @@ class DatasetRegistry:
         unknown_ttl_s: float = 30.0,
         max_unknown: int = 10000,
         clock: Callable[[], float] = time.monotonic,
+        max_label_bytes: int = 256,
     ) -> None:
         self._store = store
+        #: the longest label (UTF-8 bytes) a registration may have: ingest's label limit
+        self._max_label_bytes = max_label_bytes
         self._cache: dict[str, DatasetSpec] = {}
         self._lock = threading.Lock()
         #: names found unregistered: name -> when (``clock``); at most ``max_unknown``, oldest first
@@ -51,7 +52,17 @@ class DatasetRegistry:
 
         Re-registering the same schema may change cleaning, policy and split
         settings; a different schema (task, shape, dtype, labels) is a conflict.
+        A name that is not :func:`~cdl.datasets.valid_dataset_name` (DatasetSpec
+        refuses it already) or a label over ``max_label_bytes`` (which every record
+        would be dead-lettered for) is invalid input.
         """
+        check_dataset_name(spec.name)
+        if spec.longest_label_bytes > self._max_label_bytes:
+            raise InvalidInputError(
+                f"invalid dataset spec: a label is {spec.longest_label_bytes} bytes, "
+                f"ingest takes labels of at most {self._max_label_bytes} (UTF-8)",
+                dataset=spec.name,
+            )
         with self._lock:
             try:
                 existing = self._load(spec.name)
@@ -89,7 +100,7 @@ class DatasetRegistry:
             spec = self._cache.get(name)
             if spec is not None:
                 return spec
-            if not _NAME.fullmatch(name):
+            if not valid_dataset_name(name):  # never registered: no read
                 return None
             since = self._unknown.get(name)
             if since is not None and self._clock() - since < self._unknown_ttl_s:
@@ -118,8 +129,8 @@ class DatasetRegistry:
         self._unknown[name] = now
 
     def _load(self, name: str) -> DatasetSpec:
-        if not name or "/" in name:
-            raise NotFoundError("dataset not registered", dataset=name)
+        if not valid_dataset_name(name):
+            raise NotFoundError("dataset not registered", dataset=name[:200])
         doc: dict[str, Any] = self._store.get_json(DATASETS_BUCKET, f"{name}/dataset.json")
         return DatasetSpec.from_json(doc)
 

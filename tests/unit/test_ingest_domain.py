@@ -24,8 +24,10 @@ from cdl.datasets import (
     DatasetSpec,
     Shard,
     Task,
+    check_dataset_name,
     decode_shard,
     load_version,
+    valid_dataset_name,
 )
 from cdl.errors import ConflictError, InvalidInputError, NotFoundError
 from cdl.events import InBatch, OutRecord
@@ -33,7 +35,7 @@ from cdl.store import ObjectInfo
 from services.ingest import fastscan
 from services.ingest.compaction import CompactionPolicy, plan
 from services.ingest.processor import STATE_KEY, IngestProcessor
-from services.ingest.records import Limits, RawRecord, Reason, RecordError, clean
+from services.ingest.records import Limits, RawRecord, Reason, RecordError, clean, parse
 from services.ingest.registry import DatasetRegistry
 from services.ingest.versioning import DatasetState, IngestState
 
@@ -193,7 +195,7 @@ def test_unknown_dataset_names_are_remembered_for_a_while() -> None:
     assert registry.lookup("nope") is None and len(store.gets) == 1
     clock.t += 2.0  # past the TTL: asked again
     assert registry.lookup("nope") is None and len(store.gets) == 2
-    for bad in ("", "a/b", "x" * 201, "sp ace", "nul\x00"):  # never a name: the store is not asked
+    for bad in ("", "a/b", "x" * 201, "sp ace", "nul\x00", "données", ".."):  # never a name: the store is not asked
         assert registry.lookup(bad) is None
     assert len(store.gets) == 2
     spec = DatasetSpec(name="nope", task=Task.TABULAR, labels=("a", "b"), input_shape=(2,))
@@ -523,4 +525,76 @@ def test_int64_features_are_range_checked_exactly() -> None:
     [shard] = p.state.datasets["i64"].pending
     cols = decode_shard(p._store.get_bytes(DATASETS_BUCKET, shard.key))
     assert sorted(cols["x"][:, 0].tolist()) == [-(2**63), 2**63 - 1024]
+    p.close()
+
+
+def test_one_dataset_name_rule_at_registration_and_lookup() -> None:
+    for good in ("a", "digits", "a.b-c_D9", "x" * 200, "..a"):
+        assert valid_dataset_name(good)
+        check_dataset_name(good)
+        DatasetSpec(name=good, task=Task.TEXT, labels=("a", "b"))
+    for bad in ("", "données", "x" * 201, "a/b", "sp ace", ".", "..", "nul\x00", "\uff46ull"):
+        assert not valid_dataset_name(bad)
+        with pytest.raises(InvalidInputError) as info:
+            DatasetSpec(name=bad, task=Task.TEXT, labels=("a", "b"))
+        assert "ASCII" in str(info.value)
+    store = FakeStore()
+    registry = DatasetRegistry(store)  # type: ignore[arg-type]
+    # a dataset.json written under a name the rule refuses (before the rule) is never read
+    store.put_json(DATASETS_BUCKET, "données/dataset.json", {**TXT.to_json(), "name": "données"})
+    assert registry.lookup("données") is None and store.gets == []
+    with pytest.raises(NotFoundError):
+        registry.get("données")
+
+
+def test_labels_over_the_label_limit_are_refused_at_registration() -> None:
+    registry = DatasetRegistry(FakeStore(), max_label_bytes=8)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError) as info:
+        registry.register(DatasetSpec(name="l", task=Task.TEXT, labels=("short", "é" * 5)))  # 10 bytes
+    assert "10 bytes" in str(info.value) and registry.lookup("l") is None
+    registry.register(DatasetSpec(name="l", task=Task.TEXT, labels=("short", "é" * 4)))
+    with pytest.raises(InvalidInputError):  # the default: the service's default label limit
+        DatasetRegistry(FakeStore()).register(DatasetSpec(name="l", task=Task.TEXT, labels=("a", "b" * 257)))  # type: ignore[arg-type]
+
+
+def test_the_fast_path_rejects_a_registered_label_over_the_limit() -> None:
+    """A label registered before the check (or under a looser limit) is dead-lettered on the
+    fast path as on the careful one (label_too_long), the other records taken as before."""
+    long = "l" * 40
+    spec = DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", long), input_shape=(4,), min_new_records=30)
+    store = FakeStore()
+    registry = DatasetRegistry(store, max_label_bytes=256)  # type: ignore[arg-type]
+    registry.register(spec)
+    p = IngestProcessor(
+        registry=registry,
+        store=store,
+        source="/t",
+        state_topic="state",
+        limits=Limits(label_bytes=16),  # type: ignore[arg-type]
+        compaction=CompactionPolicy(min_shards=0, sweep_interval_s=0),
+    )
+    p.recover(None)
+    values = [_rec(f"r{i}", float(i), label="a" if i % 3 else long) for i in range(30)]
+    p.on_batch(_batch(values, 0))
+    dead = _by_topic(p.flush())["data.deadletter"]
+    assert sorted(int(json.loads(d.value or b"")["id"][1:]) for d in dead) == list(range(0, 30, 3))
+    assert {dict(d.headers)["cdl-error"] for d in dead} == {b"label_too_long"}
+    careful = p._limits  # the careful path's verdict is the same
+    with pytest.raises(RecordError) as info:
+        clean(parse(values[0], "application/json"), spec, limits=careful)
+    assert info.value.reason is Reason.LABEL_TOO_LONG
+    assert sum(s.records for s in p.state.datasets["tab"].shards) == 20
+    p.close()
+
+
+def test_late_labels_take_the_dataset_s_own_size_limit() -> None:
+    spec = DatasetSpec(name="s", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), max_record_bytes=100)
+    p = _processor(FakeStore(), spec)
+    p.recover(None)
+    p.on_batch(_batch([_rec("u", dataset="s", label=None)], 0))
+    big = json.dumps({"dataset": "s", "record_id": "u", "label": "a", "pad": "x" * 100}).encode()
+    p.on_batch(InBatch.from_values("data.feedback", [0], [0], None, [big], None))
+    [dead] = _by_topic(p.flush())["data.deadletter"]
+    assert dict(dead.headers)["cdl-error"] == b"record_too_large"
+    assert "u" in p._waiting["s"]  # still waiting: a label that fits may come
     p.close()
