@@ -346,7 +346,11 @@ class Shard:
 
 @dataclass(frozen=True)
 class DatasetVersion:
-    """A version loaded for training: features/texts, label indices and split."""
+    """A version loaded for training: features/texts, label indices and split.
+
+    ``text`` is an object array of Python strings (each as long as it is), not a
+    ``<U`` array, which would pad every text to the version's longest.
+    """
 
     spec: DatasetSpec
     version: int
@@ -355,7 +359,7 @@ class DatasetVersion:
     labels: npt.NDArray[np.int64]
     split: npt.NDArray[np.uint8]
     x: npt.NDArray[Any] | None
-    text: npt.NDArray[np.str_] | None
+    text: npt.NDArray[np.object_] | None
 
     def subset(self, holdout: bool) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
         mask = self.split == (1 if holdout else 0)
@@ -375,17 +379,25 @@ def iter_shards(store: ObjectStore, manifest: Mapping[str, Any]) -> Iterator[dic
 
 
 def load_version(store: ObjectStore, dataset: str, version: int) -> DatasetVersion:
-    """Read a version's manifest and every shard it lists."""
+    """Read a version's manifest and every shard it lists.
+
+    Shards are read one at a time; a text column becomes Python strings as its
+    shard is read (see :class:`DatasetVersion`), so a version costs what its
+    texts hold, not records x its longest text.
+    """
     manifest = read_manifest(store, dataset, version)
     spec = DatasetSpec.from_json(manifest["spec"])
-    parts = list(iter_shards(store, manifest))
-    if not parts:
+    columns: dict[str, list[npt.NDArray[Any]]] = {}
+    for part in iter_shards(store, manifest):
+        for name, col in part.items():
+            columns.setdefault(name, []).append(col.astype(object) if name == "text" else col)
+    if not columns:
         raise NotFoundError("version has no shards", dataset=dataset, version=version)
 
     def cat(name: str) -> npt.NDArray[Any]:
-        return np.concatenate([p[name] for p in parts])
+        return np.concatenate(columns[name])
 
-    total = sum(len(p["id"]) for p in parts)
+    total = sum(len(c) for c in columns["id"])
     if total != manifest["total_records"]:
         raise ConflictError("manifest and shards disagree", dataset=dataset, version=version)
     return DatasetVersion(
@@ -395,6 +407,6 @@ def load_version(store: ObjectStore, dataset: str, version: int) -> DatasetVersi
         ids=cat("id"),
         labels=cat("label").astype(np.int64),
         split=cat("split"),
-        x=cat("x") if "x" in parts[0] else None,
-        text=cat("text") if "text" in parts[0] else None,
+        x=cat("x") if "x" in columns else None,
+        text=cat("text") if "text" in columns else None,
     )

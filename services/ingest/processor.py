@@ -55,8 +55,6 @@ PENDING = Gauge("cdl_ingest_pending_records", "Valid records not yet in a versio
 MERGED = PromCounter("cdl_ingest_shards_merged_total", "Small shards merged into larger ones", ["dataset"])
 SWEPT = PromCounter("cdl_ingest_objects_swept_total", "Unreferenced shard objects removed", ["dataset"])
 
-#: a text shard is written once its column, padded to its longest text, takes this many bytes
-_TEXT_SHARD_BYTES = 64 << 20
 #: what a dead letter keeps of a rejected record's key, and of its reason
 _DEAD_KEY_BYTES = 1 << 12
 _DEAD_REASON_CHARS = 1000
@@ -90,10 +88,13 @@ class _Buffer:
             self.text.append(rec.text)
             self.text_width = max(self.text_width, len(rec.text))
 
-    @property
-    def full_text(self) -> bool:
-        """Its text column, padded as a shard stores it, takes a shard's worth of bytes."""
-        return self.count * self.text_width * 4 >= _TEXT_SHARD_BYTES
+    def takes(self, text: str | None, text_bytes: int) -> bool:
+        """Whether one more record (with ``text``) keeps the text column, padded to its
+        longest text as a shard's ``<U`` column is (4 bytes a character), within
+        ``text_bytes``. An empty buffer takes any record: one text is bounded by the limits."""
+        if text is None or not self.count:
+            return True
+        return (self.count + 1) * max(self.text_width, len(text)) * 4 <= text_bytes
 
     def extend(
         self,
@@ -172,6 +173,7 @@ class IngestProcessor:
         deadletter_max_value_bytes: int = 900_000,
         deadletter_flush_bytes: int = 64 << 20,
         compaction: CompactionPolicy | None = None,
+        shard_text_bytes: int = 64 << 20,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -187,6 +189,8 @@ class IngestProcessor:
         self._dead_value_max = deadletter_max_value_bytes
         self._dead_flush_bytes = deadletter_flush_bytes
         self._compaction = compaction or CompactionPolicy(target_records=shard_max_records)
+        #: a text shard's text column (padded to its longest text) takes at most this many bytes
+        self._text_bytes = shard_text_bytes
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-shards")
         self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-scan")
         #: compaction and the sweep, one job at a time (see services/ingest/compaction.py)
@@ -377,16 +381,43 @@ class IngestProcessor:
         self._seal_full()
 
     def _seal_full(self) -> None:
-        """Write every buffer that holds a shard's worth of records, in the background.
+        """Write every buffer, labelled or not, that holds a shard's worth of records, in the background.
 
         The stream goes on meanwhile; the shard enters the state now and the
-        next flush waits for the write before its transaction commits.
+        next flush waits for the write before its transaction commits. (A text
+        column is kept within ``shard_text_bytes`` as records are added:
+        :meth:`_buffer_for`.)
         """
-        for key in [k for k, buf in self._buffers.items() if buf.count >= self._shard_max or buf.full_text]:
-            dataset, partition = key
+        for key in [k for k, buf in self._buffers.items() if buf.count >= self._shard_max]:
+            self._seal(key)
+        for key in [k for k, buf in self._unlabelled.items() if buf.count >= self._shard_max]:
+            self._seal(key, unlabelled=True)
+
+    def _seal(self, key: tuple[str, int], unlabelled: bool = False) -> None:
+        """Write the buffer of ``key`` (dataset, partition) as a shard, in the background."""
+        dataset, partition = key
+        if unlabelled:
+            self._write_shard(dataset, partition, self._unlabelled.pop(key), unlabelled=True)
+        else:
             n = self._write_shard(dataset, partition, self._buffers.pop(key))
             self._pending[dataset] = self._pending.get(dataset, 0) - n  # now counted in the state
-            self._sealed = True
+        self._sealed = True
+
+    def _buffer_for(self, dataset: str, partition: int, text: str | None, unlabelled: bool = False) -> _Buffer:
+        """The buffer one more record of ``dataset`` and ``partition`` (on the careful path or
+        a late label) goes into. The one there is written first when it holds
+        ``shard_max_records`` records, or when the record's text would take its text column,
+        padded to its longest text as a shard stores it, past ``shard_text_bytes``: so a
+        shard's text column never passes that (one text alone is bounded by the limits)."""
+        buffers = self._unlabelled if unlabelled else self._buffers
+        key = (dataset, partition)
+        buf = buffers.get(key)
+        if buf is not None and (buf.count >= self._shard_max or not buf.takes(text, self._text_bytes)):
+            self._seal(key, unlabelled)
+            buf = None
+        if buf is None:
+            buf = buffers[key] = _Buffer()
+        return buf
 
     def _scan(self, batch: InBatch, eligible: npt.NDArray[np.int64]) -> _Scanned:
         """Scan JSON records in C, one dataset at a time (in the scan thread; no state is touched).
@@ -491,11 +522,12 @@ class IngestProcessor:
             return
         self._seen[rec.dataset].add(rec.id)
         if rec.label < 0:  # waits for its label on data.feedback
+            buf = self._buffer_for(rec.dataset, partition, rec.text, unlabelled=True)
             self._waiting[rec.dataset][rec.id] = _Waiting(partition, offset, rec)
-            self._unlabelled.setdefault((rec.dataset, partition), _Buffer()).add(rec, offset)
+            buf.add(rec, offset)
             RECORDS.labels(rec.dataset, "unlabelled").inc()
             return
-        self._buffers.setdefault((rec.dataset, partition), _Buffer()).add(rec, offset)
+        self._buffer_for(rec.dataset, partition, rec.text).add(rec, offset)
         self._note_pending(spec, 1)
         RECORDS.labels(rec.dataset, "accepted").inc()
 
@@ -528,7 +560,7 @@ class IngestProcessor:
         if waiting.shard is not None:
             self._waiting_in[waiting.shard] -= 1
         labelled = CleanRecord(rec.dataset, rec.id, spec.label_index(label), rec.holdout, rec.x, rec.text)
-        self._buffers.setdefault((dataset, partition), _Buffer()).add(labelled, offset)
+        self._buffer_for(dataset, partition, rec.text).add(labelled, offset)
         self._note_pending(spec, 1)
         RECORDS.labels(dataset, "labelled_later").inc()
 

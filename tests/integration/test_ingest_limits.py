@@ -4,11 +4,13 @@ and the stream goes on."""
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from confluent_kafka import Producer as KProducer
 
 from cdl.datasets import load_version
@@ -87,4 +89,42 @@ def test_oversized_records_in_a_large_batch_are_dead_lettered_in_bounded_memory(
     producer.flush()
     versions = _updates(kafka_bootstrap, ingest_topics["updated"], 3, timeout_s=60)
     assert max(u.total_records for u in versions if u.dataset == tab) == 2 * good
+    assert svc.proc.poll() is None
+
+
+def test_one_long_text_among_many_short_ones_keeps_every_text_shard_small(
+    ingest_factory: Any, ingest_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    """19,999 short texts and one of 65,536 characters (the limit) on one partition: padded
+    to the longest text, that was one 5.2 GB shard, read again at every recovery. Now a
+    buffer is written before a text would take its text column past 64 MiB."""
+    svc = ingest_factory().start()
+    assert svc.proc is not None
+    name = f"longtxt-{uuid.uuid4().hex[:6]}"
+    n = 20_000
+    _register(svc, name, task=ingest_pb2.TASK_TEXT_CLASSIFICATION, min_new_records=n)
+    before = _memory_kib(svc.proc.pid)
+    long = "w" * 65_536
+    producer = KProducer({"bootstrap.servers": kafka_bootstrap, "compression.type": "lz4"})
+    for i in range(n):
+        text = long if i == n // 2 else f"short text {i}"
+        value = json.dumps({"dataset": name, "id": f"t{i}", "text": text, "label": "abc"[i % 3]}).encode()
+        producer.produce(ingest_topics["raw"], value, key=b"k")
+    producer.flush()
+
+    [update] = _updates(kafka_bootstrap, ingest_topics["updated"], 1, timeout_s=120)
+    assert update.total_records == n
+    manifest = object_store.get_json("cdl-datasets", f"{name}/versions/1.json")
+    widths = []
+    for entry in manifest["shards"]:
+        text = np.load(io.BytesIO(object_store.get_bytes("cdl-datasets", entry["key"])))["text"]
+        assert text.nbytes <= 64 << 20, (entry["key"], text.dtype, len(text))
+        widths.append(text.dtype.itemsize // 4)
+    assert max(widths) == len(long) and len(manifest["shards"]) >= 3  # the long text's shard is a small one
+    data = load_version(object_store, name, 1)
+    assert data.text is not None and data.text.dtype == object  # not padded to the longest either
+    texts = dict(zip(data.ids.tolist(), data.text.tolist(), strict=True))
+    assert len(texts) == n and texts[f"t{n // 2}"] == long and texts["t7"] == "short text 7"
+    after = _memory_kib(svc.proc.pid)
+    assert after["VmHWM"] - before["VmRSS"] < 600_000, (before, after)
     assert svc.proc.poll() is None

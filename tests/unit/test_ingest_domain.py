@@ -598,3 +598,61 @@ def test_late_labels_take_the_dataset_s_own_size_limit() -> None:
     assert dict(dead.headers)["cdl-error"] == b"record_too_large"
     assert "u" in p._waiting["s"]  # still waiting: a label that fits may come
     p.close()
+
+
+def _text(rid: str, text: str, label: str | None = "a") -> bytes:
+    doc: dict[str, Any] = {"dataset": "txt", "id": rid, "text": text}
+    if label is not None:
+        doc["label"] = label
+    return json.dumps(doc).encode()
+
+
+def test_a_text_shard_s_column_stays_within_its_byte_bound() -> None:
+    """A buffer is written before a text that would take its column (records x longest text x 4
+    bytes, as a shard stores it) past shard_text_bytes; labelled, unlabelled and late-labelled
+    alike. Before, 19,999 short texts and one of 65,536 characters made a 5.2 GB shard."""
+    store = FakeStore()
+    cap = 4000
+    p = _processor(store, TXT, shard_text_bytes=cap, shard_max_records=1000)
+    p.recover(None)
+    long = "w" * 500  # 2,000 bytes a row
+    values = [_text(f"s{i}", f"t{i}") for i in range(30)] + [_text("long", long)]
+    values += [_text(f"z{i}", f"t{i}") for i in range(10)]
+    values += [_text(f"u{i}", "short" if i != 5 else long, label=None) for i in range(12)]
+    p.on_batch(_batch(values, 0))
+    fb = [json.dumps({"dataset": "txt", "record_id": f"u{i}", "label": "b"}).encode() for i in range(12)]
+    p.on_batch(InBatch.from_values("data.feedback", [0] * 12, range(12), None, list(fb), None))
+    p.flush()
+    ds = p.state.datasets["txt"]
+    texts: dict[str, str] = {}
+    for shard in [*ds.pending, *ds.unlabelled]:
+        cols = decode_shard(store.objects[shard.key])
+        assert cols["text"].nbytes <= cap, (shard.key, cols["text"].dtype, len(cols["text"]))
+        if "/shards/" in shard.key:
+            texts.update(zip(cols["id"].tolist(), cols["text"].tolist(), strict=True))
+    assert len(texts) == 30 + 1 + 10 + 12 and texts["long"] == long and texts["u5"] == long
+    assert len(ds.pending) > 3  # the long text's neighbours were sealed around it
+    # a version reads its texts as strings, not as a column padded to the longest
+    registry = p._registry
+    registry.register(DatasetSpec(name="txt", task=Task.TEXT, labels=("a", "b"), min_new_records=1))
+    p.flush()
+    data = load_version(store, "txt", 1)  # type: ignore[arg-type]
+    assert data.text is not None and data.text.dtype == object
+    assert dict(zip(data.ids.tolist(), data.text.tolist(), strict=True)) == texts
+    hold, _ = data.subset(holdout=True)
+    assert all(type(t) is str for t in hold)
+    p.close()
+
+
+def test_unlabelled_buffers_are_sealed_by_count_too() -> None:
+    p = _processor(FakeStore(), TAB, shard_max_records=5)
+    p.recover(None)
+    p.on_batch(_batch([_rec(f"u{i}", label=None) for i in range(12)], 0))
+    assert [s.records for s in p.state.datasets["tab"].unlabelled] == [5, 5]  # written while the stream goes on
+    p.flush()
+    assert [s.records for s in p.state.datasets["tab"].unlabelled] == [5, 5, 2]
+    fb = json.dumps({"dataset": "tab", "record_id": "u7", "label": "b"}).encode()
+    p.on_batch(InBatch.from_values("data.feedback", [0], [0], None, [fb], None))
+    p.flush()
+    assert p._waiting_in[p.state.datasets["tab"].unlabelled[1].key] == 4
+    p.close()
