@@ -577,10 +577,12 @@ class IngestProcessor:
         if key is not None and len(key) > _DEAD_KEY_BYTES:
             reason += f" (the key is cut to {_DEAD_KEY_BYTES} of {len(key)} bytes)"
             key = key[:_DEAD_KEY_BYTES]
-        if headers and sum(len(n) + len(v or b"") for n, v in headers) > _DEAD_HEADER_BYTES:
+        header_bytes = sum(len(n) + len(v or b"") for n, v in headers) if headers else 0
+        if header_bytes > _DEAD_HEADER_BYTES:
             reason += f" (its headers, over {_DEAD_HEADER_BYTES} bytes, are left out)"
-            headers = None
-        self._dead_bytes += len(value or b"") + len(key or b"") + len(reason) + 256
+            headers, header_bytes = None, 0
+        # what the dead letter holds: value, key, the headers kept, the reason and cdl-* headers
+        self._dead_bytes += len(value or b"") + len(key or b"") + header_bytes + len(reason) + 256
         self._dead.append(
             dead_letter(
                 self._deadletter_topic,
@@ -756,7 +758,12 @@ class IngestProcessor:
         return merged, unmergeable
 
     def _wait_for_writes(self) -> None:
-        """Every shard the state names must be in MinIO before the state is committed."""
+        """Every shard the state names must be in MinIO before the state is committed.
+
+        Every write is waited for, failed or not, before a failure is raised: none is
+        left running untracked (:meth:`restore` waits for what ``_writes`` holds).
+        """
+        wait(self._writes)
         writes, self._writes = self._writes, []
         for write in writes:
             write.result()  # a failed write raises: the transaction must not commit

@@ -656,3 +656,40 @@ def test_unlabelled_buffers_are_sealed_by_count_too() -> None:
     p.flush()
     assert p._waiting_in[p.state.datasets["tab"].unlabelled[1].key] == 4
     p.close()
+
+
+def test_a_failed_shard_write_is_raised_only_once_every_write_ended() -> None:
+    store = FakeStore()
+    p = _processor(store, TAB)
+    p.recover(None)
+    real_put = store.put_bytes
+    ended: list[str] = []
+
+    def put(bucket: str, key: str, data: Any, content_type: str = "") -> str:
+        if "/p000-" in key:
+            raise OSError("object store down")
+        time.sleep(0.3)
+        try:
+            return real_put(bucket, key, data, content_type)
+        finally:
+            ended.append(key)
+
+    store.put_bytes = put  # type: ignore[method-assign]
+    p.on_batch(_batch([_rec("a0")], 0, partition=0))
+    p.on_batch(_batch([_rec("a1")], 0, partition=1))
+    with pytest.raises(OSError):
+        p.flush()
+    assert len(ended) == 1 and p._writes == []  # the slow write was waited for, not left untracked
+    p.close()
+
+
+def test_dead_letters_waiting_count_their_headers() -> None:
+    p = _processor(FakeStore(), TAB, deadletter_flush_bytes=500_000)
+    p.recover(None)
+    headers = [("h", b"x" * 60_000)]  # kept on the dead letter: under 64 KiB
+    n = 10
+    batch = InBatch.from_values("data.raw", [0] * n, range(n), None, [b"{bad"] * n, [headers] * n)
+    p.on_batch(batch)
+    assert p.wants_flush()  # 600 kB of headers wait, though the values are 4 bytes each
+    out = p.flush()
+    assert all(dict(d.headers)["h"] == b"x" * 60_000 for d in _by_topic(out)["data.deadletter"])
