@@ -9,6 +9,8 @@ Storage layout (bucket ``cdl-datasets``)::
     <dataset>/shards/p<partition>-<first>-<last>-m<digest>.npz
                                                         immutable shard merged from smaller ones
     <dataset>/unlabelled/p<partition>-<first>-<last>.npz  records waiting for a label (ingest's)
+    <dataset>/unlabelled/p<partition>-<first>-<last>-m<digest>.npz
+                                                        the same, merged from smaller ones
     <dataset>/versions/<n>.json                         manifest of version n
 
 Shard format: an uncompressed ``.npz`` (numpy zip, no pickled objects)
@@ -314,14 +316,17 @@ class Shard:
         return f"{dataset}/{folder}/p{partition:03d}-{first:012d}-{last:012d}.npz"
 
     @staticmethod
-    def merged_key(dataset: str, partition: int, first: int, last: int, inputs: Sequence[str]) -> str:
+    def merged_key(
+        dataset: str, partition: int, first: int, last: int, inputs: Sequence[str], unlabelled: bool = False
+    ) -> str:
         """The key of a shard merged from the shards ``inputs`` (in that order).
 
         Named by what it holds: the same inputs give the same key (and the same
         bytes), other inputs another key, never the key of a shard written by a flush.
         """
         digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
-        return f"{dataset}/shards/p{partition:03d}-{first:012d}-{last:012d}-m{digest}.npz"
+        folder = "unlabelled" if unlabelled else "shards"
+        return f"{dataset}/{folder}/p{partition:03d}-{first:012d}-{last:012d}-m{digest}.npz"
 
     def to_json(self) -> dict[str, Any]:
         # written for every shard at every flush: no dataclasses.asdict (deep copies)

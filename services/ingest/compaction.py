@@ -1,9 +1,11 @@
 """Keeping a long-running dataset's objects few and its garbage gone.
 
 A slow trickle of records makes one small shard per flush and partition.
-*Compaction* merges a partition's small shards of the latest version into one
-larger shard, so later versions (and recovery) read few objects instead of
-many; *the sweep* removes objects that nothing refers to any more.
+*Compaction* merges a partition's small shards into one larger shard: those
+of the latest version, so later versions (and recovery) read few objects
+instead of many, and those not in a version yet (``pending``) or waiting for
+labels (``unlabelled``), so that the state snapshot, which lists those, stays
+bounded; *the sweep* removes objects that nothing refers to any more.
 
 Both run in the background (:class:`services.ingest.processor.IngestProcessor`
 hands them to one housekeeping thread at flush time) and neither ever changes
@@ -12,7 +14,8 @@ what a published version holds:
 - a merged shard holds exactly the records of its inputs (every column, in the
   inputs' order) and is written in full, under a new key
   (:meth:`cdl.datasets.Shard.merged_key`), before any state or manifest names
-  it; the inputs stay where they are, since published manifests name them;
+  it; the inputs stay where they are, since published manifests (or the
+  committed state) name them;
 - the sweep deletes an object under ``<dataset>/shards/`` or
   ``<dataset>/unlabelled/`` only when no manifest names it, the ingest state
   does not name it (neither the committed state nor the one being built) and
@@ -34,7 +37,7 @@ from cdl.datasets import DATASETS_BUCKET, Shard, decode_shard, shard_parts
 from cdl.logging import get_logger
 from cdl.store import ObjectStore
 
-__all__ = ["CompactionPolicy", "ManifestRefs", "Merged", "merge", "plan", "sweep"]
+__all__ = ["WHERE", "CompactionPolicy", "ManifestRefs", "Merged", "merge", "plan", "sweep"]
 
 log = get_logger(__name__)
 
@@ -44,7 +47,9 @@ class CompactionPolicy:
     """When shards are merged and garbage is removed."""
 
     min_shards: int = 8
-    """Merge a partition's small shards once the latest version holds this many (0: never)."""
+    """Merge a partition's small shards once a list of the state (the latest version's, the
+    pending or the unlabelled shards) holds this many of them (0: never; a snapshot over its
+    size limit is merged whatever this says)."""
     target_records: int = 20000
     """Records a merged shard holds at most; a shard with half as many or more is not small."""
     target_bytes: int = 64 << 20
@@ -55,13 +60,20 @@ class CompactionPolicy:
     """Time between two sweeps (0: never sweep)."""
 
 
+#: where in a dataset's state the shards of a merge are: the latest version's, not in a
+#: version yet, or waiting for labels
+WHERE = ("versioned", "pending", "unlabelled")
+
+
 @dataclass(frozen=True)
 class Merged:
-    """A merged shard, written: it replaces ``inputs`` (keys, in order) in later versions."""
+    """A merged shard, written: it replaces ``inputs`` (keys, in order) in the state's
+    ``where`` list (versioned shards: from the next version on)."""
 
     dataset: str
     inputs: list[str]
     shard: Shard
+    where: str = "versioned"
 
 
 def plan(shards: Sequence[Shard], policy: CompactionPolicy) -> list[list[Shard]]:
@@ -102,9 +114,17 @@ def _padded_bytes(parts: Sequence[dict[str, npt.NDArray[Any]]]) -> int:
     return sum(rows * max(p[name].itemsize * int(np.prod(p[name].shape[1:])) for p in parts) for name in parts[0])
 
 
-def merge(store: ObjectStore, dataset: str, group: Sequence[Shard], policy: CompactionPolicy) -> Merged | None:
+def merge(
+    store: ObjectStore, dataset: str, group: Sequence[Shard], policy: CompactionPolicy, where: str = "versioned"
+) -> Merged | None:
     """Read ``group``'s shards, write them as one (if it is not there yet); None when fewer
-    than two fit in ``target_bytes`` or a shard disagrees with what the state says of it."""
+    than two fit in ``target_bytes`` or a shard disagrees with what the state says of it.
+
+    ``where`` says which of the state's lists ``group`` is from (:data:`WHERE`); a merge
+    of unlabelled shards is an unlabelled shard itself.
+    """
+    if where not in WHERE:
+        raise ValueError(f"where must be one of {WHERE}, not {where!r}")
     parts: list[dict[str, npt.NDArray[Any]]] = []
     used: list[Shard] = []
     for shard in group:
@@ -121,7 +141,7 @@ def merge(store: ObjectStore, dataset: str, group: Sequence[Shard], policy: Comp
     partition = used[0].partition
     first, last = min(s.first_offset for s in used), max(s.last_offset for s in used)
     inputs = [s.key for s in used]
-    key = Shard.merged_key(dataset, partition, first, last, inputs)
+    key = Shard.merged_key(dataset, partition, first, last, inputs, unlabelled=where == "unlabelled")
     if not store.exists(DATASETS_BUCKET, key):  # written whole or not at all (one PUT)
         columns = {name: [p[name] for p in parts] for name in parts[0]}
         store.put_bytes(DATASETS_BUCKET, key, shard_parts(columns))
@@ -139,8 +159,8 @@ def merge(store: ObjectStore, dataset: str, group: Sequence[Shard], policy: Comp
         sum(s.holdout for s in used),
         dict(sorted(histogram.items())),
     )
-    log.info("shards merged", dataset=dataset, key=key, inputs=len(used), records=merged.records)
-    return Merged(dataset, inputs, merged)
+    log.info("shards merged", dataset=dataset, key=key, inputs=len(used), records=merged.records, where=where)
+    return Merged(dataset, inputs, merged, where)
 
 
 class ManifestRefs:

@@ -12,7 +12,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,12 +22,13 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
 from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard, shard_parts
+from cdl.errors import CdlError
 from cdl.events import CONTENT_JSON, Event, Headers, InBatch, InRecord, OutRecord, Topics, dead_letter, header_dict
 from cdl.logging import get_logger
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.ingest import fastscan
-from services.ingest.compaction import CompactionPolicy, ManifestRefs, Merged, merge, plan, sweep
+from services.ingest.compaction import WHERE, CompactionPolicy, ManifestRefs, Merged, merge, plan, sweep
 from services.ingest.records import (
     CleanRecord,
     Limits,
@@ -42,7 +43,7 @@ from services.ingest.registry import DatasetRegistry
 from services.ingest.settings import IngestSettings
 from services.ingest.versioning import IngestState, build_manifest, manifest_key, policy_due
 
-__all__ = ["STATE_KEY", "IngestProcessor"]
+__all__ = ["STATE_KEY", "IngestProcessor", "StateTooLargeError"]
 
 log = get_logger(__name__)
 
@@ -54,12 +55,23 @@ VERSIONS = PromCounter("cdl_ingest_versions_total", "Dataset versions committed"
 PENDING = Gauge("cdl_ingest_pending_records", "Valid records not yet in a version", ["dataset"])
 MERGED = PromCounter("cdl_ingest_shards_merged_total", "Small shards merged into larger ones", ["dataset"])
 SWEPT = PromCounter("cdl_ingest_objects_swept_total", "Unreferenced shard objects removed", ["dataset"])
-
+STATE_BYTES = Gauge("cdl_ingest_state_bytes", "Size of the latest ingest state snapshot")
+STATE_OVER = PromCounter(
+    "cdl_ingest_state_over_limit_total",
+    "Snapshots over state_max_bytes, by outcome (merged: back under it by merging shards; failed: still over)",
+    ["outcome"],
+)
 #: what a dead letter keeps of a rejected record's key, and of its reason
 _DEAD_KEY_BYTES = 1 << 12
 _DEAD_REASON_CHARS = 1000
 #: headers are kept on a dead letter up to this many bytes in all
 _DEAD_HEADER_BYTES = 1 << 16
+
+
+class StateTooLargeError(CdlError):
+    """The state snapshot stays over ``state_max_bytes`` even with its shards merged: the
+    flush cannot be committed (Kafka would refuse the record). Raised, logged and counted
+    (``cdl_ingest_state_over_limit_total{outcome="failed"}``) at every flush until fixed."""
 
 
 @dataclass
@@ -117,6 +129,14 @@ class _Buffer:
 
 
 @dataclass(slots=True)
+class _ShardRef:
+    """Which unlabelled shard holds some waiting records (shared by them: a merge re-points
+    every record of its inputs by changing the few refs, not the records)."""
+
+    key: str
+
+
+@dataclass(slots=True)
 class _Waiting:
     """An unlabelled record waiting for its label, and the unlabelled shard holding it
     (None until its buffer is written)."""
@@ -124,7 +144,7 @@ class _Waiting:
     partition: int
     offset: int
     rec: CleanRecord
-    shard: str | None = None
+    shard: _ShardRef | None = None
 
 
 #: what a batch's scan gives: per dataset (spec, accepted rows, scan), and the undecided rows
@@ -174,6 +194,7 @@ class IngestProcessor:
         deadletter_flush_bytes: int = 64 << 20,
         compaction: CompactionPolicy | None = None,
         shard_text_bytes: int = 64 << 20,
+        state_max_bytes: int = 512 << 10,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -191,6 +212,8 @@ class IngestProcessor:
         self._compaction = compaction or CompactionPolicy(target_records=shard_max_records)
         #: a text shard's text column (padded to its longest text) takes at most this many bytes
         self._text_bytes = shard_text_bytes
+        #: a snapshot over this is brought back under it by merging shards, or the flush fails
+        self._state_max_bytes = state_max_bytes
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-shards")
         self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-scan")
         #: compaction and the sweep, one job at a time (see services/ingest/compaction.py)
@@ -206,6 +229,8 @@ class IngestProcessor:
         self._waiting: dict[str, dict[str, _Waiting]] = defaultdict(dict)
         #: per unlabelled shard, how many of its records still wait (a shard without any is dropped)
         self._waiting_in: Counter[str] = Counter()
+        #: per unlabelled shard, the refs its waiting records hold (see _ShardRef)
+        self._refs: dict[str, list[_ShardRef]] = {}
         self._unlabelled: dict[tuple[str, int], _Buffer] = {}
         #: per dataset, every id taken so far (C hash set; see fastscan.IdSet)
         self._seen: dict[str, fastscan.IdSet] = defaultdict(fastscan.IdSet)
@@ -216,6 +241,7 @@ class IngestProcessor:
         self._writes: list[Future[str]] = []
         #: the batch being scanned in the scan thread: (batch, rows for the careful path, scan)
         self._inflight: tuple[InBatch, list[int], Future[_Scanned] | None] | None = None
+        #: the state changed since the last flush (a shard sealed, shards merged)
         self._sealed = False
         self._pending: dict[str, int] = {}
         self._version_due = False
@@ -252,6 +278,7 @@ class IngestProcessor:
             ),
             deadletter_max_value_bytes=settings.deadletter_max_value_bytes,
             deadletter_flush_bytes=settings.deadletter_flush_bytes,
+            state_max_bytes=settings.state_max_bytes,
             compaction=CompactionPolicy(
                 min_shards=settings.compact_min_shards,
                 target_records=settings.compact_target_records or settings.shard_max_records,
@@ -274,6 +301,7 @@ class IngestProcessor:
         self._seen.clear()
         self._waiting.clear()
         self._waiting_in.clear()
+        self._refs.clear()
         for name, ds in self.state.datasets.items():
             for shard in ds.shards:
                 cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
@@ -281,13 +309,15 @@ class IngestProcessor:
             for shard in ds.unlabelled:
                 cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
                 ids = cols["id"].tolist()
+                ref = _ShardRef(shard.key)
+                self._refs[shard.key] = [ref]
                 # an id not taken by a labelled shard still waits for its label
                 for j in np.flatnonzero(self._seen[name].add_all(ids)).tolist():
                     rid = ids[j]
                     x = cols["x"][j] if "x" in cols else None
                     text = str(cols["text"][j]) if "text" in cols else None
                     rec = CleanRecord(name, rid, -1, bool(cols["split"][j]), x, text)
-                    self._waiting[name][rid] = _Waiting(shard.partition, int(cols["offset"][j]), rec, shard.key)
+                    self._waiting[name][rid] = _Waiting(shard.partition, int(cols["offset"][j]), rec, ref)
                     self._waiting_in[shard.key] += 1
         log.info(
             "ingest state recovered",
@@ -558,7 +588,7 @@ class IngestProcessor:
             return
         partition, offset, rec = waiting.partition, waiting.offset, waiting.rec
         if waiting.shard is not None:
-            self._waiting_in[waiting.shard] -= 1
+            self._waiting_in[waiting.shard.key] -= 1
         labelled = CleanRecord(rec.dataset, rec.id, spec.label_index(label), rec.holdout, rec.x, rec.text)
         self._buffer_for(dataset, partition, rec.text).add(labelled, offset)
         self._note_pending(spec, 1)
@@ -641,25 +671,27 @@ class IngestProcessor:
         objects) to its background thread, and takes what a finished job merged.
         """
         self._finish_inflight()
+        # what the committed state names, when a sweep may be due: the state holds nothing
+        # else yet but shards sealed since (merges taken below, and this flush, change it)
+        committed = self.state.referenced() if self._sweep_time() else None
         self._take_housekeeping()
-        # when a sweep is due, what the committed state names (this flush only adds to it until here)
-        keep = self.state.referenced() if self._sweep_due() else None
+        keep = committed if committed is not None and self._sweep_due() else None
         now = time.time() if now is None else now
         out: list[OutRecord] = list(self._dead)
         self._dead.clear()
         self._dead_bytes = 0
-        changed = bool(out) or self._sealed
-        self._sealed = False
         for (dataset, partition), buf in sorted(self._buffers.items()):
             if buf.count:
                 self._write_shard(dataset, partition, buf)
-                changed = True
+                self._sealed = True
         self._buffers.clear()
         for (dataset, partition), buf in sorted(self._unlabelled.items()):
             if buf.count:
                 self._write_shard(dataset, partition, buf, unlabelled=True)
-                changed = True
+                self._sealed = True
         self._unlabelled.clear()
+        changed = bool(out) or self._sealed
+        self._sealed = False
         changed |= self._drop_labelled_out()
         self._wait_for_writes()
         self._pending.clear()
@@ -671,9 +703,62 @@ class IngestProcessor:
                 changed = True
             PENDING.labels(name).set(ds.new_records)
         if changed:
-            out.append(OutRecord(self._state_topic, json.dumps(self.state.to_json()).encode(), STATE_KEY))
+            out.append(OutRecord(self._state_topic, self._snapshot(), STATE_KEY))
         self._start_housekeeping(None if keep is None else keep | self.state.referenced())
         return out
+
+    def _snapshot(self) -> bytes:
+        """The state snapshot, at most ``state_max_bytes``.
+
+        A larger one (pending shards of many partitions on a trickle, unlabelled shards whose
+        labels never come) has its pending and unlabelled shards merged now; if that is not
+        enough, :class:`StateTooLargeError`, logged and counted: Kafka would refuse it.
+        """
+        data = json.dumps(self.state.to_json()).encode()
+        if len(data) > self._state_max_bytes:
+            log.warning(
+                "ingest state over state_max_bytes: merging its pending and unlabelled shards now",
+                bytes=len(data),
+                limit=self._state_max_bytes,
+            )
+            self._merge_unversioned_now()
+            data = json.dumps(self.state.to_json()).encode()
+            if len(data) > self._state_max_bytes:
+                STATE_OVER.labels("failed").inc()
+                lists = {
+                    n: {"pending": len(d.pending), "unlabelled": len(d.unlabelled)}
+                    for n, d in self.state.datasets.items()
+                }
+                log.error(
+                    "ingest state too large to commit even with its shards merged: nothing is committed; "
+                    "raise CDL_INGEST_STATE_MAX_BYTES (Kafka's max.message.bytes bounds it) or let versions "
+                    "come sooner (a lower min_new_records, a max_interval_s), label or drop waiting records",
+                    bytes=len(data),
+                    limit=self._state_max_bytes,
+                    shards=lists,
+                )
+                raise StateTooLargeError(
+                    "ingest state snapshot over state_max_bytes", bytes=len(data), limit=self._state_max_bytes
+                )
+            STATE_OVER.labels("merged").inc()
+        STATE_BYTES.set(len(data))
+        return data
+
+    def _merge_unversioned_now(self) -> None:
+        """Merge every run of two or more small pending or unlabelled shards per partition, in
+        this thread, and put the merged shards in the state at once (each written in full
+        first). The housekeeping job in flight is waited for first, so its sweep cannot race
+        a merged shard this writes or finds already there."""
+        if self._housekeeping is not None:
+            wait([self._housekeeping])
+            self._take_housekeeping()
+        policy = replace(self._compaction, min_shards=2)
+        for name, ds in sorted(self.state.datasets.items()):
+            for where in ("pending", "unlabelled"):
+                for group in plan(getattr(ds, where), policy):
+                    m = merge(self._store, name, group, policy, where)
+                    if m is not None and self._merge_now(m):
+                        MERGED.labels(name).inc(len(m.inputs))
 
     def _drop_labelled_out(self) -> bool:
         """Leave unlabelled shards none of whose records still waits out of the state
@@ -684,13 +769,16 @@ class IngestProcessor:
             if len(kept) != len(ds.unlabelled):
                 for gone in {s.key for s in ds.unlabelled} - {s.key for s in kept}:
                     self._waiting_in.pop(gone, None)
+                    self._refs.pop(gone, None)
                 ds.unlabelled = kept
                 dropped = True
         return dropped
 
     # ---------------------------------------------------------------- housekeeping
     def _take_housekeeping(self) -> None:
-        """Keep what a finished housekeeping job merged, for each dataset's next version."""
+        """Take what a finished housekeeping job merged: merges of versioned shards wait for
+        the dataset's next version; those of pending and unlabelled shards go into the state
+        now (committed by this flush, which the job's start followed)."""
         job = self._housekeeping
         if job is None or not job.done():
             return
@@ -701,31 +789,62 @@ class IngestProcessor:
             log.warning("ingest housekeeping failed", error=str(exc))
             return
         for m in merged:
-            self._merges[m.dataset].append(m)
+            if m.where == "versioned":
+                self._merges[m.dataset].append(m)
+            else:
+                self._merge_now(m)
         self._unmergeable.update(unmergeable)
+
+    def _merge_now(self, m: Merged) -> bool:
+        """Put the merged pending or unlabelled shard ``m`` in the state in its inputs' place
+        (its waiting records now in it); False, changing nothing, when they are not all there.
+
+        Safe before any version names it: no manifest names a pending or unlabelled shard,
+        only the state, and the state that names ``m`` is committed in one transaction; the
+        state committed before still names the inputs, and they stay until the sweep finds
+        neither names them."""
+        ds = self.state.datasets.get(m.dataset)
+        if ds is None or not ds.replace(m.where, m.inputs, m.shard):
+            return False
+        if m.where == "unlabelled":
+            refs = [ref for key in m.inputs for ref in self._refs.pop(key, [])]
+            for ref in refs:
+                ref.key = m.shard.key
+            self._refs[m.shard.key] = refs
+            self._waiting_in[m.shard.key] += sum(self._waiting_in.pop(key, 0) for key in m.inputs)
+        self._sealed = True
+        return True
+
+    def _sweep_time(self) -> bool:
+        """The sweep's interval has passed."""
+        interval = self._compaction.sweep_interval_s
+        return interval > 0 and time.monotonic() >= self._next_sweep
 
     def _sweep_due(self) -> bool:
         """A sweep can start at this flush: its interval has passed and no job runs."""
-        interval = self._compaction.sweep_interval_s
-        return self._housekeeping is None and interval > 0 and time.monotonic() >= self._next_sweep
+        return self._housekeeping is None and self._sweep_time()
 
     def _start_housekeeping(self, keep: set[str] | None) -> None:
-        """Start a job when none runs and there is work: merges for datasets with none waiting,
-        and a sweep when ``keep`` is given (see :meth:`_sweep_due`).
+        """Start a job when none runs and there is work: merges (of the latest version's shards
+        for datasets with none waiting for a version; of pending and unlabelled shards), and a
+        sweep when ``keep`` is given (see :meth:`_sweep_due`).
 
         ``keep`` holds every key the committed state and the state being built
         name; merged shards waiting for a version are added. Objects written after
         this call are newer than the sweep's cut-off, so none of them is swept.
+        Every shard the state names is written by now (the flush waited for them).
         """
         if self._housekeeping is not None:
             return
         policy = self._compaction
-        work = [
-            (name, groups)
-            for name, ds in sorted(self.state.datasets.items())
-            if not self._merges.get(name)
-            and (groups := [g for g in plan(ds.versioned, policy) if _keys(g) not in self._unmergeable])
-        ]
+        work: list[tuple[str, str, list[list[Shard]]]] = []
+        for name, ds in sorted(self.state.datasets.items()):
+            for where in WHERE:
+                if where == "versioned" and self._merges.get(name):
+                    continue
+                groups = [g for g in plan(getattr(ds, where), policy) if _keys(g) not in self._unmergeable]
+                if groups:
+                    work.append((name, where, groups))
         datasets: list[str] = []
         if keep is not None:
             self._next_sweep = time.monotonic() + policy.sweep_interval_s
@@ -737,7 +856,7 @@ class IngestProcessor:
         self._housekeeping = self._housekeeper.submit(self._housekeep, work, datasets, keep or set(), cutoff)
 
     def _housekeep(
-        self, work: list[tuple[str, list[list[Shard]]]], datasets: list[str], keep: set[str], cutoff: float
+        self, work: list[tuple[str, str, list[list[Shard]]]], datasets: list[str], keep: set[str], cutoff: float
     ) -> tuple[list[Merged], list[tuple[str, ...]]]:
         """The housekeeping job (in its thread; no state is touched): merge, then sweep.
 
@@ -745,9 +864,9 @@ class IngestProcessor:
         """
         merged: list[Merged] = []
         unmergeable: list[tuple[str, ...]] = []
-        for name, groups in work:
+        for name, where, groups in work:
             for group in groups:
-                m = merge(self._store, name, group, self._compaction)
+                m = merge(self._store, name, group, self._compaction, where)
                 if m is None:
                     unmergeable.append(_keys(group))
                     continue
@@ -793,10 +912,12 @@ class IngestProcessor:
         key = Shard.key_for(dataset, partition, buf.first, buf.last, unlabelled=unlabelled)
         if unlabelled:  # which of its records still wait, so that it can be dropped once none does
             waiting = self._waiting[dataset]
+            ref = _ShardRef(key)
+            self._refs[key] = [ref]
             for rid in ids.tolist():
                 w = waiting.get(rid)
                 if w is not None and w.shard is None:
-                    w.shard = key
+                    w.shard = ref
                     self._waiting_in[key] += 1
         if len(self._writes) >= 4:  # bound the memory held by writes in flight
             self._writes.pop(0).result()

@@ -71,7 +71,8 @@ class IngestSettings(ServiceSettings):
     object-store read per record of a flood for unknown datasets); registering it ends that."""
     compact_min_shards: int = 8
     """Merge a partition's small shards of the latest version once it has this many
-    (0: never); later versions name the merged shard instead."""
+    (0: never); later versions name the merged shard instead. The same for its shards not
+    in a version yet and its unlabelled shards, which the state snapshot lists."""
     compact_target_records: int = 0
     """Records a merged shard holds at most; 0 = ``shard_max_records``."""
     compact_target_bytes: int = 64 << 20
@@ -81,3 +82,8 @@ class IngestSettings(ServiceSettings):
     committed state names must have before the sweep removes it."""
     gc_interval_s: float = 600.0
     """Time between two sweeps for such objects (0: never sweep)."""
+    state_max_bytes: int = 512 << 10
+    """Largest state snapshot (it travels in every flush's transaction, as one Kafka record):
+    one over it has its pending and unlabelled shards merged at once, and a flush whose
+    snapshot is still over it fails (logged, ``cdl_ingest_state_over_limit_total``) rather
+    than being refused by Kafka. Keep it well below the state topic's ``max.message.bytes``."""

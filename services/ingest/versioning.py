@@ -109,14 +109,23 @@ class DatasetState:
     def replace_versioned(self, inputs: list[str], merged: Shard) -> bool:
         """Put ``merged`` where the versioned shards ``inputs`` were (compaction); False,
         changing nothing, when they are not all there any more."""
-        keys = [s.key for s in self.versioned]
+        return self.replace("versioned", inputs, merged)
+
+    def replace(self, where: str, inputs: list[str], merged: Shard) -> bool:
+        """Put ``merged`` where the shards ``inputs`` of the list ``where`` (``versioned``,
+        ``pending`` or ``unlabelled``) were; False, changing nothing, when they are not all
+        there any more."""
+        if where not in ("versioned", "pending", "unlabelled"):
+            raise ValueError(f"no shard list {where!r}")
+        shards: list[Shard] = getattr(self, where)
+        keys = [s.key for s in shards]
         if not inputs or any(k not in keys for k in inputs):
             return False
         drop = set(inputs)
         at = keys.index(inputs[0])
-        kept = [s for s in self.versioned if s.key not in drop]
+        kept = [s for s in shards if s.key not in drop]
         kept.insert(sum(1 for k in keys[:at] if k not in drop), merged)
-        self.versioned = kept
+        setattr(self, where, kept)
         return True
 
 

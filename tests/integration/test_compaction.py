@@ -4,6 +4,7 @@ holds, and objects nothing names are swept."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -158,3 +159,48 @@ def test_the_processor_s_sweep_removes_only_old_orphans(object_store: ObjectStor
     assert {s.key for s in ds.shards} <= left and len(ds.pending) == 1
     assert sorted(map(str, load_version(object_store, name, 2).ids)) == [f"r{i}" for i in range(6)]
     p.close()
+
+
+def test_pending_shards_of_a_distant_count_policy_keep_the_snapshot_under_its_cap(
+    ingest_factory: Any, ingest_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    """A count policy far away, a trickle over the three partitions: a pending shard per
+    partition and flush, each ~213 bytes in the snapshot. Over state_max_bytes they are
+    merged (before, ~4,700 of them passed Kafka's 1 MB and every flush failed from then on)."""
+    cap = 4000
+    svc = ingest_factory(flush_interval_s="0.2", state_max_bytes=str(cap), compact_min_shards="0").start()
+    name = f"distant-{uuid.uuid4().hex[:6]}"
+    _register(svc, name, min_new_records=1_000_000)
+    producer = KProducer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
+    sent: Content = {}
+    sizes: list[int] = []
+    n = 0
+    for _ in range(25):
+        for partition in range(3):
+            features = [float(n), 0.5, -1.0, 2.0]
+            producer.produce(ingest_topics["raw"], _json(name, f"r{n}", features, LABELS[n % 3]), partition=partition)
+            sent[f"r{n}"] = (n % 3, tuple(features))
+            n += 1
+        producer.flush()
+        deadline = time.monotonic() + 30
+        while True:  # until a snapshot holds every record sent (one flush or more later)
+            snapshot = read_latest(kafka_bootstrap, ingest_topics["state"], STATE_KEY)
+            doc = json.loads(snapshot) if snapshot else {"datasets": {}}
+            pending = doc["datasets"].get(name, {}).get("pending", [])
+            if sum(s["records"] for s in pending) == n:
+                break
+            assert time.monotonic() < deadline, (n, pending)
+            time.sleep(0.1)
+        assert snapshot is not None
+        sizes.append(len(snapshot))
+    assert max(sizes) <= cap, sizes
+    assert any("-m" in s["key"] for s in pending) and len(pending) < 25 * 3 // 2, pending
+    # a version (the policy lowered) holds every record once, merged shards and all
+    _register(svc, name, min_new_records=1)
+    producer.produce(ingest_topics["raw"], _json(name, f"r{n}", [float(n), 0.5, -1.0, 2.0], "a"), partition=0)
+    sent[f"r{n}"] = (0, (float(n), 0.5, -1.0, 2.0))
+    producer.flush()
+    versions = _Versions(kafka_bootstrap, ingest_topics["updated"])
+    versions.wait_for(1)
+    versions.close()
+    assert _content(object_store, name, 1) == sent

@@ -34,7 +34,7 @@ from cdl.events import InBatch, OutRecord
 from cdl.store import ObjectInfo
 from services.ingest import fastscan
 from services.ingest.compaction import CompactionPolicy, plan
-from services.ingest.processor import STATE_KEY, IngestProcessor
+from services.ingest.processor import STATE_KEY, STATE_OVER, IngestProcessor, StateTooLargeError
 from services.ingest.records import Limits, RawRecord, Reason, RecordError, clean, parse
 from services.ingest.registry import DatasetRegistry
 from services.ingest.versioning import DatasetState, IngestState
@@ -693,3 +693,86 @@ def test_dead_letters_waiting_count_their_headers() -> None:
     assert p.wants_flush()  # 600 kB of headers wait, though the values are 4 bytes each
     out = p.flush()
     assert all(dict(d.headers)["h"] == b"x" * 60_000 for d in _by_topic(out)["data.deadletter"])
+
+
+def test_the_snapshot_stays_under_its_cap_on_a_trickle_over_many_partitions() -> None:
+    """A count policy far away and a record per partition and flush: pending shards pile up
+    (~213 bytes each in the snapshot); over state_max_bytes they are merged at once."""
+    store = FakeStore()
+    spec = DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=10**6)
+    cap, parts = 8000, 12
+    p = _processor(store, spec, state_max_bytes=cap)  # background compaction off: only the cap acts
+    p.recover(None)
+    merged_before = STATE_OVER.labels("merged")._value.get()
+    sizes, n = [], 0
+    for _ in range(20):
+        for part in range(parts):
+            p.on_batch(_batch([_rec(f"r{n}", float(n))], n, partition=part))
+            n += 1
+        sizes.append(len(snap := _snapshot(p.flush())))
+    assert max(sizes) <= cap, sizes
+    assert STATE_OVER.labels("merged")._value.get() > merged_before
+    pending = p.state.datasets["tab"].pending
+    assert len(pending) < 3 * parts and sum(s.records for s in pending) == n  # 240 shards written
+    assert any("-m" in s.key for s in pending)
+    # a new processor recovers from it; a version then holds every record once
+    again = _processor(store, spec, state_max_bytes=cap)
+    again.recover(snap)
+    assert len(again._seen["tab"]) == n
+    again._registry.register(
+        DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=1)
+    )
+    again.flush()
+    data = load_version(store, "tab", 1)  # type: ignore[arg-type]
+    assert data.x is not None
+    assert sorted(zip(data.ids.tolist(), data.x[:, 0].tolist(), strict=True)) == sorted(
+        (f"r{i}", float(i)) for i in range(n)
+    )
+    p.close()
+    again.close()
+
+
+def test_a_snapshot_that_merging_cannot_bring_under_its_cap_fails_loudly() -> None:
+    spec = DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=10**6)
+    p = _processor(FakeStore(), spec, state_max_bytes=1000)
+    p.recover(None)
+    failed_before = STATE_OVER.labels("failed")._value.get()
+    for part in range(8):  # eight partitions: eight shards nothing can merge
+        p.on_batch(_batch([_rec(f"r{part}")], part, partition=part))
+    with pytest.raises(StateTooLargeError):
+        p.flush()
+    assert STATE_OVER.labels("failed")._value.get() == failed_before + 1
+    p.close()
+
+
+def test_pending_and_unlabelled_shards_are_merged_in_the_background() -> None:
+    store = FakeStore()
+    spec = DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=10**6)
+    policy = CompactionPolicy(min_shards=4, target_records=1000, sweep_interval_s=0)
+    p = _processor(store, spec, compaction=policy)
+    p.recover(None)
+    n = 0
+    for _ in range(12):  # a labelled and an unlabelled record a flush
+        p.on_batch(_batch([_rec(f"r{n}", float(n)), _rec(f"u{n}", label=None)], n))
+        n += 2
+        snap = _snapshot(p.flush())
+        if p._housekeeping is not None:
+            p._housekeeping.result()
+    ds = p.state.datasets["tab"]
+    assert len(ds.pending) < 6 and len(ds.unlabelled) < 6, (ds.pending, ds.unlabelled)
+    assert sum(s.records for s in ds.pending) == 12 and sum(s.records for s in ds.unlabelled) == 12
+    assert any("/unlabelled/" in s.key and "-m" in s.key for s in ds.unlabelled)
+    assert len(json.loads(snap)["datasets"]["tab"]["pending"]) == len(ds.pending)
+    # the waiting records follow their shard into the merge; recovery finds them there too
+    again = _processor(store, spec, compaction=policy)
+    again.recover(snap)
+    waiting = sorted(f"u{i}" for i in range(0, n, 2))
+    assert sorted(again._waiting["tab"]) == sorted(p._waiting["tab"]) == waiting
+    for proc in (p, again):
+        fb = [json.dumps({"dataset": "tab", "record_id": rid, "label": "b"}).encode() for rid in waiting]
+        proc.on_batch(InBatch.from_values("data.feedback", [0] * len(fb), range(len(fb)), None, list(fb), None))
+        proc.flush()
+        assert proc.state.datasets["tab"].unlabelled == []  # every waiting record got its label
+        assert sum(s.records for s in proc.state.datasets["tab"].pending) == 24
+    p.close()
+    again.close()
