@@ -872,6 +872,9 @@ class IngestProcessor:
                     continue
                 merged.append(m)
                 MERGED.labels(name).inc(len(m.inputs))
+        # a merged shard found already written (by a session whose merge never got into a
+        # committed state) keeps its old time: it must not be swept as an old orphan
+        keep = keep | {m.shard.key for m in merged}
         for name in datasets:
             SWEPT.labels(name).inc(len(sweep(self._store, name, keep, cutoff, self._manifest_refs)))
         return merged, unmergeable

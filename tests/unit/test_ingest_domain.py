@@ -776,3 +776,32 @@ def test_pending_and_unlabelled_shards_are_merged_in_the_background() -> None:
         assert sum(s.records for s in proc.state.datasets["tab"].pending) == 24
     p.close()
     again.close()
+
+
+def test_the_sweep_keeps_a_merged_shard_its_own_job_found_already_written() -> None:
+    """A merged shard left by a session whose merge never got into a version has an old time;
+    the next session's job merges the same inputs, finds it there and must not sweep it."""
+    store = FakeStore()
+    spec = DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=3)
+    lost = _processor(store, spec, compaction=CompactionPolicy(min_shards=4, target_records=1000, sweep_interval_s=0))
+    lost.recover(None)
+    for v in range(4):  # four versions of one small shard each: the job merges them
+        lost.on_batch(_batch([_rec(f"r{3 * v + k}", float(k)) for k in range(3)], 3 * v))
+        snap = _snapshot(lost.flush())
+    assert lost._housekeeping is not None
+    [m] = lost._housekeeping.result()[0]
+    lost.close()  # gone before its next version: the merge is in no committed state
+    store.mtimes[m.shard.key] = time.time() - 10_000  # written long ago
+    policy = CompactionPolicy(min_shards=4, target_records=1000, grace_s=60, sweep_interval_s=1e-6)
+    p = _processor(store, spec, compaction=policy)
+    p.recover(snap)
+    time.sleep(0.01)
+    p.flush()  # merges the same inputs (the object is there: not written again) and sweeps
+    assert p._housekeeping is not None
+    [again] = p._housekeeping.result()[0]
+    assert again.shard.key == m.shard.key and m.shard.key in store.objects
+    p.on_batch(_batch([_rec(f"r{k}", float(k)) for k in range(12, 15)], 12))
+    p.flush()  # version 5 names the merged shard
+    assert m.shard.key in {e["key"] for e in store.get_json(DATASETS_BUCKET, "tab/versions/5.json")["shards"]}
+    assert sorted(load_version(store, "tab", 5).ids.tolist()) == sorted(f"r{k}" for k in range(15))  # type: ignore[arg-type]
+    p.close()
