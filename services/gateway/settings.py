@@ -22,8 +22,6 @@ class GatewaySettings(ServiceSettings):
     """Address the gRPC server binds to."""
     grpc_port: int = 0
     """Port of the inference, ModelAdmin and health services; 0 picks a free one."""
-    processes: int = 1
-    """Gateway processes sharing the port (SO_REUSEPORT); process 0 drives rollouts, the others follow."""
     group_id: str = "cdl-gateway"
     """Consumer group over model.compressed."""
     instance: str = "0"

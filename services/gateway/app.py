@@ -1,0 +1,270 @@
+"""Wiring of the gateway: clients are built here and passed in.
+
+Three kinds of work, each on its own thread of control:
+
+- the **hot path** (``server.InferenceService``) on the asyncio event loop of
+  the ``grpc.aio`` server, with ``ModelAdmin`` and the health service beside it;
+- the **rollout worker**, one thread that carries out what the
+  :class:`~services.gateway.rollout.RolloutManager` decides, in order:
+  publishes ``model.deployed``, writes ``serving.json`` on promotion, and
+  makes the Triton servers load, warm or drop versions (``control``), then
+  tells the manager how it went (which may decide more);
+- the **event loop over ``model.compressed``**, a :class:`~cdl.kafka.JobLoop`
+  in a thread: a job begins a rollout (``RolloutManager.begin``, which saves
+  ``rollout.json`` before the candidate may take traffic).
+
+A timer on the event loop calls ``RolloutManager.tick`` every 100 ms (step up,
+promote, roll back). At start the manager resumes from every model's
+``rollout.json``: stable versions serve, an interrupted candidate is loaded
+and warmed again and goes back to its phase and step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import REGISTRY
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cdl.dedupe import SqliteProcessedStore
+from cdl.errors import CdlError
+from cdl.events import Event, OutRecord, Topics, source_name
+from cdl.kafka import JobLoop, Producer, RecordContext, ensure_topics
+from cdl.logging import configure_logging, get_logger
+from cdl.observability import HttpEndpoint, serve_http
+from cdl.rpc import add_health
+from cdl.store import BUCKETS, ObjectStore
+from cdl.v1 import admin_pb2_grpc, events_pb2
+from services.gateway.admin import ModelAdminService
+from services.gateway.auth import ApiKeys
+from services.gateway.backends import TritonPool, channel_options
+from services.gateway.control import TritonControl
+from services.gateway.inference_log import InferenceLog
+from services.gateway.rollout import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
+from services.gateway.routing import RoutingTable
+from services.gateway.server import InferenceService
+from services.gateway.settings import GatewaySettings
+from services.gateway.state import RolloutStore
+
+__all__ = ["GatewayApp", "main"]
+
+log = get_logger(__name__)
+
+TICK_S = 0.1
+
+
+class _RolloutCollector(Collector):
+    """``cdl_gateway_rollout_traffic{model,version,state}``: each version's share, read at scrape time."""
+
+    def __init__(self, manager: RolloutManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "cdl_gateway_rollout_traffic",
+            "Share of live requests per model version",
+            labels=["model", "version", "state"],
+        )
+        for st in self._manager.models():
+            for v in st.versions:
+                g.add_metric([st.model, str(v.version), v.state.value.lower()], v.traffic)
+        yield g
+
+
+class GatewayApp:
+    def __init__(self, settings: GatewaySettings) -> None:
+        if not settings.triton_grpc:
+            raise CdlError("the gateway needs at least one Triton server (CDL_GATEWAY_TRITON_GRPC or the stack)")
+        self.settings = settings
+        self.source = source_name("gateway")
+        self.store = ObjectStore.from_settings(settings)
+        self.table = RoutingTable()
+        self.rollouts = RolloutStore(self.store)
+        self.manager = RolloutManager(
+            self.table, RolloutPolicy.from_settings(settings), time.monotonic, persist=self.rollouts.save
+        )
+        self.control = TritonControl(settings.triton_grpc, self.store, settings.load_timeout_s)
+        self.producer = Producer(settings.kafka_bootstrap, client_id="cdl-gateway")
+        self.log = InferenceLog(
+            self.producer if settings.log_sample > 0 else None,
+            settings.logged_topic,
+            sample=settings.log_sample,
+            inputs_max_bytes=settings.log_inputs_max_bytes,
+            queue_size=settings.log_queue,
+            source=self.source,
+        )
+        self.keys = ApiKeys(settings.api_key_hashes, settings.admin_key_hashes)
+        self.pool = TritonPool(
+            settings.triton_grpc, settings.max_message_bytes, health_interval_s=settings.health_interval_s
+        )
+        self.loop = JobLoop(
+            bootstrap=settings.kafka_bootstrap,
+            group_id=settings.group_id,
+            topics=[settings.compressed_topic],
+            transactional_id=f"{settings.group_id}-{settings.instance}",
+            job=self._on_compressed,
+            key=lambda e: e.id,
+            deadletter_topic=settings.deadletter_topic,
+            processed=SqliteProcessedStore(Path(settings.state_dir) / "gateway" / f"{settings.group_id}.sqlite"),
+        )
+        self._work: queue.Queue[Transition | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._run_worker, name="cdl-gateway-rollouts", daemon=True)
+        self._kafka = threading.Thread(target=self._run_loop, name="cdl-gateway-events", daemon=True)
+        self.server: grpc.aio.Server | None = None
+        self.http: HttpEndpoint | None = None
+        self.port = 0
+        self._ready = threading.Event()
+        self._stopping = asyncio.Event()
+        REGISTRY.register(_RolloutCollector(self.manager))
+
+    # ------------------------------------------------------------------ rollouts
+    def execute(self, transitions: Sequence[Transition]) -> None:
+        """Hand transitions to the rollout worker (in order)."""
+        for t in transitions:
+            self._work.put(t)
+
+    def _run_worker(self) -> None:
+        while (t := self._work.get()) is not None:
+            try:
+                self.execute(self._carry_out(t))
+            except Exception:
+                log.exception("rollout step failed", model=t.model, version=t.version, action=t.action.value)
+
+    def _carry_out(self, t: Transition) -> list[Transition]:
+        if t.state is not None:
+            if t.state is RolloutState.PROMOTED:
+                self.rollouts.set_serving(t.model, t.version)  # what the trainer warm-starts from
+            self._publish(t)
+        if t.action is Action.LOAD:
+            try:
+                self.control.load(t.model, t.load, fallback=t.fallback)
+            except CdlError as exc:
+                return self.manager.loaded(t.model, t.version, False, str(exc))
+            return self.manager.loaded(t.model, t.version, True)
+        if t.action is Action.WARM:
+            try:
+                self.control.warm(t.model, t.version, self.settings.warmup_requests)
+            except CdlError as exc:
+                return self.manager.warmed(t.model, t.version, False, f"warm-up failed: {exc}")
+            return self.manager.warmed(t.model, t.version, True)
+        if t.action is Action.SYNC:
+            try:
+                self.control.load(t.model, t.load)
+            except CdlError as exc:
+                log.warning("dropping versions from Triton failed", model=t.model, versions=t.load, error=str(exc))
+        return []
+
+    def _publish(self, t: Transition) -> None:
+        assert t.state is not None
+        msg = events_pb2.ModelDeployed(
+            model=t.model,
+            version=t.version,
+            state=events_pb2.RolloutState.Value(t.state.proto_name),
+            reason=t.reason,
+            traffic_fraction=t.traffic,
+            previous_version=t.previous_version,
+        )
+        self.producer.send(self.settings.deployed_topic, Event(msg, source=self.source, key=t.model))
+        self.producer.poll(0)
+        log.info("rollout", model=t.model, version=t.version, state=t.state.value, traffic=t.traffic, reason=t.reason)
+
+    def _on_compressed(self, event: Event, ctx: RecordContext) -> list[OutRecord]:
+        msg = event.payload
+        if not isinstance(msg, events_pb2.ModelCompressed):
+            log.info("event ignored", type=event.type)
+            return []
+        if not msg.ok:
+            log.info("compression failed upstream; nothing to roll out", model=msg.model, version=msg.version)
+            return []
+        self.execute(self.manager.begin(msg.model, msg.version))
+        return []
+
+    def _run_loop(self) -> None:
+        try:
+            self.loop.run()
+        except Exception:
+            log.exception("event loop over model.compressed stopped")
+            signal.raise_signal(signal.SIGTERM)
+
+    async def _ticks(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.execute(await asyncio.to_thread(self.manager.tick))
+            except Exception:
+                log.exception("rollout tick failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), TICK_S)
+
+    # ------------------------------------------------------------------ life cycle
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        ready = self._ready.is_set() and self.pool.ready_count() > 0 and self.loop.assigned.is_set()
+        return ready, {"triton_ready": self.pool.ready_count(), "models": len(self.table.all())}
+
+    def _ensure_topics(self) -> None:
+        s = self.settings
+        partitions = dict(Topics.PARTITIONS)
+        for topic in (s.compressed_topic, s.deployed_topic, s.logged_topic, s.deadletter_topic):
+            partitions.setdefault(topic, 1)
+        ensure_topics(s.kafka_bootstrap, partitions)
+
+    async def serve(self) -> None:
+        s = self.settings
+        self.store.ensure_buckets(*BUCKETS)
+        self._ensure_topics()
+        self._worker.start()
+        self.execute(await asyncio.to_thread(self.manager.restore, self.rollouts.load_all()))
+        await self.pool.start()
+        options: list[tuple[str, Any]] = [*channel_options(s.max_message_bytes), ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(options=options)
+        service = InferenceService(
+            self.table, self.pool, self.manager, self.log, self.keys, s.default_timeout_s, s.max_message_bytes
+        )
+        server.add_generic_rpc_handlers((service.handler(),))
+        admin_pb2_grpc.add_ModelAdminServicer_to_server(
+            ModelAdminService(self.manager, self.keys, self.execute), server
+        )
+        add_health(server, ["inference.GRPCInferenceService", "cdl.v1.ModelAdmin"])
+        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        await server.start()
+        self.server = server
+        self.http = serve_http(s.metrics_port, health=self._health)
+        self._kafka.start()
+        ticks = asyncio.create_task(self._ticks(), name="cdl-gateway-ticks")
+        self._ready.set()
+        log.info("gateway started", grpc_port=self.port, metrics_port=self.http.port, triton=s.triton_grpc)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self._stopping.wait()
+        finally:
+            self._ready.clear()
+            log.info("gateway stopping")
+            await server.stop(grace=5)
+            self.loop.stop()
+            self._kafka.join(30)
+            await ticks
+            self._work.put(None)
+            self._worker.join(30)
+            await self.pool.close()
+            self.log.close()
+            self.producer.flush(10)
+            self.control.close()
+            if self.http is not None:
+                self.http.close()
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging("gateway", settings.log_level)
+    asyncio.run(GatewayApp(settings).serve())
