@@ -36,6 +36,58 @@ def affine_onnx(w: npt.NDArray[np.float32], b: npt.NDArray[np.float32], repeat: 
     return bytes(model.SerializeToString())
 
 
+def failing_onnx(n_in: int, n_out: int) -> bytes:
+    """A model that answers zeros (so it loads and warms up) but fails on any input >= 1:
+    the input, cast to integers, indexes a one-row table (ONNX Runtime: index out of bounds)."""
+    table = np.zeros((1, n_out), dtype=np.float32)
+    nodes = [
+        helper.make_node("ReduceMax", ["input"], ["m"], keepdims=0, axes=[1]),
+        helper.make_node("Cast", ["m"], ["idx"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["T", "idx"], ["output"], axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "failing",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n_in])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n_out])],
+        [numpy_helper.from_array(table, "T")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def slow_onnx(w: npt.NDArray[np.float32], b: npt.NDArray[np.float32], matmuls: int, width: int = 512) -> bytes:
+    """``input @ w + b`` like :func:`affine_onnx`, plus ``matmuls`` square ``width`` matmuls of
+    zeros added back in: the same answers, slower by the extra work."""
+    nodes = [helper.make_node("MatMul", ["input", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
+    up = np.zeros((w.shape[1], width), dtype=np.float32)
+    sq = np.zeros((width, width), dtype=np.float32)
+    down = np.zeros((width, w.shape[1]), dtype=np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (b, "b"), (up, "U"), (sq, "S"), (down, "D"))]
+    nodes.append(helper.make_node("MatMul", ["y", "U"], ["h0"]))
+    for k in range(matmuls):
+        nodes.append(helper.make_node("MatMul", [f"h{k}", "S"], [f"h{k + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{matmuls}", "D"], ["z"]))
+    nodes.append(helper.make_node("Add", ["y", "z"], ["output"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", w.shape[0]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", w.shape[1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def write_onnx(store: ObjectStore, name: str, version: int, onnx_bytes: bytes, n_in: int, n_out: int) -> str:
+    """Write any ``input`` [batch, n_in] -> ``output`` [batch, n_out] float model as version ``version``."""
+    spec = ModelSpec(name, (TensorSpec("input", "float32", (n_in,)),), (TensorSpec("output", "float32", (n_out,)),), 16)
+    return write_entry(store, spec, version, onnx_bytes)
+
+
 def write_affine(
     store: ObjectStore,
     name: str,

@@ -173,3 +173,28 @@ def compressor_factory(stack: dict[str, Any], compressor_topics: dict[str, str],
     factory = ServiceFactory("compressor", stack, tmp_path, settings)
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture
+def gateway_topics(kafka_bootstrap: str) -> dict[str, str]:
+    return _topics(kafka_bootstrap, "gateway", ["compressed", "deployed", "logged", "deadletter"])
+
+
+@pytest.fixture
+def gateway_factory(stack: dict[str, Any], gateway_topics: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    """Gateway processes in front of the session's Triton servers, with the test's topics.
+
+    Each instance gets a fresh gRPC port unless one is passed (a restarted gateway keeps
+    its port by passing ``grpc_port=old.env['CDL_GATEWAY_GRPC_PORT']``)."""
+    settings = {f"{k}_topic": v for k, v in gateway_topics.items() if k != "group"}
+    settings |= {"group_id": gateway_topics["group"], "health_interval_s": "0.5"}
+    factory = ServiceFactory("gateway", stack, tmp_path, settings)
+
+    def make(**overrides: str) -> ServiceProcess:
+        overrides.setdefault("grpc_port", str(free_port()))
+        svc = factory(**overrides)
+        svc.grpc = f"127.0.0.1:{svc.env['CDL_GATEWAY_GRPC_PORT']}"
+        return svc
+
+    yield make
+    factory.stop_all()

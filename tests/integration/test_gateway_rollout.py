@@ -1,0 +1,309 @@
+"""The gateway as a real process in front of two real Triton servers: rollouts under load.
+
+Model versions are tiny ONNX entries written to MinIO (tests/models.py) and
+announced on the test's ``model.compressed`` topic, as the compressor does.
+Clients are tritonclient's gRPC clients in threads, sending continuously; a
+single failed client request fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+from tritonclient.utils import InferenceServerException
+
+from cdl.auth import hash_key
+from cdl.events import Event, decode
+from cdl.kafka import Producer
+from cdl.store import ObjectStore
+from cdl.v1 import admin_pb2, admin_pb2_grpc, events_pb2
+from tests.helpers import read_topic
+from tests.models import failing_onnx, slow_onnx, write_affine, write_onnx
+
+N_IN, N_OUT = 4, 3
+FAST = {"canary_steps": "[0.2, 0.5, 1.0]", "min_samples": "15", "step_min_s": "0.3", "warmup_requests": "2"}
+RNG = np.random.default_rng(3)
+X = RNG.normal(size=(1, N_IN)).astype(np.float32) + 2.0  # every feature >= 1 (the failing model errs)
+
+
+def _weights(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    r = np.random.default_rng(seed)
+    return r.normal(size=(N_IN, N_OUT)).astype(np.float32), r.normal(size=N_OUT).astype(np.float32)
+
+
+def _announce(bootstrap: str, topic: str, model: str, version: int) -> None:
+    msg = events_pb2.ModelCompressed(model=model, version=version, ok=True, chosen_variant="fp32")
+    producer = Producer(bootstrap)
+    producer.send(topic, Event(msg, source="/cdl/test", id=f"{model}/v{version}/compressed", key=model))
+    producer.flush()
+
+
+def _deployed(bootstrap: str, topic: str, model: str) -> list[Any]:
+    recs = read_topic(bootstrap, topic, expected=10**6, timeout_s=1)
+    out = [decode(r.key, r.value, list(r.headers.items())).payload for r in recs]
+    return [d for d in out if d.model == model]
+
+
+def _wait_state(bootstrap: str, topic: str, model: str, version: int, state: int, timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for d in _deployed(bootstrap, topic, model):
+            if d.version == version and d.state == state:
+                return d
+        time.sleep(0.3)
+    seen = [(d.version, events_pb2.RolloutState.Name(d.state), d.reason) for d in _deployed(bootstrap, topic, model)]
+    raise AssertionError(f"v{version} never reached {events_pb2.RolloutState.Name(state)}: {seen}")
+
+
+def _infer(client: tgrpc.InferenceServerClient, model: str, headers: dict[str, str] | None = None) -> Any:
+    inp = tgrpc.InferInput("input", [1, N_IN], "FP32")
+    inp.set_data_from_numpy(X)
+    return client.infer(model, [inp], headers=headers, client_timeout=10)
+
+
+def _wait_serving(endpoint: str, model: str, version: int, headers: dict[str, str] | None = None) -> None:
+    client = tgrpc.InferenceServerClient(endpoint)
+    deadline = time.monotonic() + 60
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if _infer(client, model, headers).get_response().model_version == str(version):
+                return
+        except InferenceServerException as exc:
+            last = exc
+        time.sleep(0.2)
+    raise AssertionError(f"{model} v{version} never served: {last}")
+
+
+class Load:
+    """Client threads sending requests until stopped; every failure and served version recorded."""
+
+    def __init__(self, endpoint: str, model: str, threads: int = 4, headers: dict[str, str] | None = None) -> None:
+        self.endpoint, self.model, self.headers = endpoint, model, headers
+        self.failures: list[str] = []
+        self.versions: Counter[str] = Counter()
+        self.outputs: dict[str, set[bytes]] = {}
+        self.last: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self) -> None:
+        client = tgrpc.InferenceServerClient(self.endpoint)
+        while not self._stop.is_set():
+            try:
+                result = _infer(client, self.model, self.headers)
+            except InferenceServerException as exc:
+                self.failures.append(f"{exc.status()}: {exc.message()}")
+                continue
+            version = result.get_response().model_version
+            self.versions[version] += 1
+            self.outputs.setdefault(version, set()).add(result.as_numpy("output").round(4).tobytes())
+            self.last = [*self.last[-50:], version]
+        client.close()
+
+
+def _expected(seed: int) -> bytes:
+    w, b = _weights(seed)
+    return (X @ w + b).astype(np.float32).round(4).tobytes()
+
+
+def _loaded(triton: list[str], model: str) -> list[set[str]]:
+    out = []
+    for ep in triton:
+        client = tgrpc.InferenceServerClient(ep)
+        index = client.get_model_repository_index(as_json=True).get("models", [])
+        out.append({m["version"] for m in index if m["name"] == model and m.get("state") == "READY"})
+        client.close()
+    return out
+
+
+def test_rollout_under_load_fails_no_request_and_unloads_v1(
+    gateway_factory: Any, gateway_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore, triton_grpcs
+) -> None:
+    gw = gateway_factory(**FAST).start()
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    write_affine(object_store, model, 1, *_weights(1))
+    _announce(kafka_bootstrap, gateway_topics["compressed"], model, 1)
+    _wait_serving(gw.grpc, model, 1)
+    assert _wait_state(kafka_bootstrap, gateway_topics["deployed"], model, 1, events_pb2.ROLLOUT_STATE_PROMOTED)
+    assert json.loads(object_store.get_bytes("cdl-models", f"{model}/serving.json")) == {"version": 1}
+
+    with Load(gw.grpc, model) as load:
+        time.sleep(1)
+        write_affine(object_store, model, 2, *_weights(2))
+        _announce(kafka_bootstrap, gateway_topics["compressed"], model, 2)
+        _wait_state(kafka_bootstrap, gateway_topics["deployed"], model, 2, events_pb2.ROLLOUT_STATE_PROMOTED)
+        time.sleep(1)
+    assert load.failures == []
+    assert load.versions["1"] > 0 and load.versions["2"] > 0
+    assert set(load.last[-20:]) == {"2"}  # traffic ended on v2
+    assert load.outputs["1"] == {_expected(1)} and load.outputs["2"] == {_expected(2)}
+    states = [(d.version, d.state) for d in _deployed(kafka_bootstrap, gateway_topics["deployed"], model)]
+    assert (2, events_pb2.ROLLOUT_STATE_CANARY) in states
+    assert json.loads(object_store.get_bytes("cdl-models", f"{model}/serving.json")) == {"version": 2}
+    deadline = time.monotonic() + 20
+    while _loaded(triton_grpcs, model) != [{"2"}, {"2"}] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _loaded(triton_grpcs, model) == [{"2"}, {"2"}]  # v1 unloaded from both servers
+
+
+def test_bad_candidates_never_serve_and_are_rolled_back(
+    gateway_factory: Any, gateway_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    gw = gateway_factory(**FAST).start()
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    deployed, compressed = gateway_topics["deployed"], gateway_topics["compressed"]
+    write_affine(object_store, model, 1, *_weights(1))
+    _announce(kafka_bootstrap, compressed, model, 1)
+    _wait_serving(gw.grpc, model, 1)
+    w, b = _weights(1)
+    with Load(gw.grpc, model) as load:
+        # v2 cannot load (not ONNX)
+        write_onnx(object_store, model, 2, b"this is not an onnx model", N_IN, N_OUT)
+        _announce(kafka_bootstrap, compressed, model, 2)
+        failed = _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_FAILED)
+        assert failed.reason
+        # v3 loads and warms up, then fails every real request
+        write_onnx(object_store, model, 3, failing_onnx(N_IN, N_OUT), N_IN, N_OUT)
+        _announce(kafka_bootstrap, compressed, model, 3)
+        back = _wait_state(kafka_bootstrap, deployed, model, 3, events_pb2.ROLLOUT_STATE_ROLLED_BACK)
+        assert "error" in back.reason
+        # v4 gives the same answers, many times slower
+        write_onnx(object_store, model, 4, slow_onnx(w, b, matmuls=250), N_IN, N_OUT)
+        _announce(kafka_bootstrap, compressed, model, 4)
+        slow = _wait_state(kafka_bootstrap, deployed, model, 4, events_pb2.ROLLOUT_STATE_ROLLED_BACK)
+        assert "latency" in slow.reason
+        time.sleep(0.5)
+    assert load.failures == []  # no client request failed because of any of them
+    assert set(load.last[-20:]) == {"1"}
+    assert load.outputs["1"] == {_expected(1)} and "3" not in load.outputs
+    assert json.loads(object_store.get_bytes("cdl-models", f"{model}/serving.json")) == {"version": 1}
+
+
+def test_shadow_clients_only_see_the_stable_answers(
+    gateway_factory: Any, gateway_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    gw = gateway_factory(**FAST, rollout_mode="shadow").start()
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    deployed, compressed = gateway_topics["deployed"], gateway_topics["compressed"]
+    write_affine(object_store, model, 1, *_weights(1))
+    _announce(kafka_bootstrap, compressed, model, 1)
+    _wait_serving(gw.grpc, model, 1)
+    with Load(gw.grpc, model) as load:
+        w, b = _weights(1)
+        write_affine(object_store, model, 2, -w, -b)  # always a different top-1
+        _announce(kafka_bootstrap, compressed, model, 2)
+        _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_SHADOW)
+        back = _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_ROLLED_BACK)
+        assert "agree" in back.reason
+    assert load.failures == []
+    assert set(load.versions) == {"1"} and load.outputs["1"] == {_expected(1)}
+
+
+def _admin(endpoint: str, key: str | None) -> tuple[Any, Any]:
+    channel = grpc.insecure_channel(endpoint)
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    return admin_pb2_grpc.ModelAdminStub(channel), metadata
+
+
+def test_manual_rollout_waits_for_approve_and_keys_are_required(
+    gateway_factory: Any, gateway_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    key, admin_key = "inference-key", "admin-key"
+    gw = gateway_factory(
+        **FAST,
+        rollout_mode="manual",
+        api_key_hashes=json.dumps([hash_key(key)]),
+        admin_key_hashes=json.dumps([hash_key(admin_key)]),
+    ).start()
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    deployed, compressed = gateway_topics["deployed"], gateway_topics["compressed"]
+    headers = {"authorization": f"Bearer {key}"}
+    write_affine(object_store, model, 1, *_weights(1))
+    _announce(kafka_bootstrap, compressed, model, 1)
+    _wait_serving(gw.grpc, model, 1, headers)
+
+    client = tgrpc.InferenceServerClient(gw.grpc)
+    for bad in (None, {"authorization": "Bearer wrong"}):
+        with pytest.raises(InferenceServerException) as denied:
+            _infer(client, model, bad)
+        assert denied.value.status() == "StatusCode.UNAUTHENTICATED"
+    stub, _ = _admin(gw.grpc, None)
+    for metadata in ((), (("authorization", f"Bearer {key}"),)):  # the inference key is not an admin key
+        with pytest.raises(grpc.RpcError) as admin_denied:
+            stub.ListModels(admin_pb2.ListModelsRequest(), metadata=metadata, timeout=10)
+        assert admin_denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    write_affine(object_store, model, 2, *_weights(2))
+    _announce(kafka_bootstrap, compressed, model, 2)
+    _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_AWAITING_APPROVAL)
+    time.sleep(2)
+    assert _infer(client, model, headers).get_response().model_version == "1"  # waits, serving v1
+    stub, metadata = _admin(gw.grpc, admin_key)
+    status = stub.RolloutStatus(admin_pb2.RolloutStatusRequest(model=model), metadata=metadata, timeout=10).status
+    assert status.serving_version == 1 and status.mode == "manual"
+    with pytest.raises(grpc.RpcError) as wrong:
+        stub.Approve(admin_pb2.ApproveRequest(model=model, version=3), metadata=metadata, timeout=10)
+    assert wrong.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+    with Load(gw.grpc, model, headers=headers) as load:
+        stub.Approve(admin_pb2.ApproveRequest(model=model, version=2, approver="test"), metadata=metadata, timeout=10)
+        _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_PROMOTED)
+        time.sleep(0.5)
+    assert load.failures == [] and set(load.last[-10:]) == {"2"}
+    client.close()
+
+
+def test_gateway_killed_mid_canary_resumes_where_it_was(
+    gateway_factory: Any, gateway_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    slow_canary = {**FAST, "min_samples": "1000000"}  # stays at its first step until told otherwise
+    gw = gateway_factory(**slow_canary).start()
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    deployed, compressed = gateway_topics["deployed"], gateway_topics["compressed"]
+    write_affine(object_store, model, 1, *_weights(1))
+    _announce(kafka_bootstrap, compressed, model, 1)
+    _wait_serving(gw.grpc, model, 1)
+    write_affine(object_store, model, 2, *_weights(2))
+    _announce(kafka_bootstrap, compressed, model, 2)
+    _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_CANARY)
+    gw.kill()
+    assert gw.proc is not None and gw.proc.returncode == -signal.SIGKILL
+
+    again = gateway_factory(**slow_canary, grpc_port=gw.env["CDL_GATEWAY_GRPC_PORT"]).start()
+    stub, _ = _admin(again.grpc, None)
+    deadline = time.monotonic() + 60
+    status: Any = None
+    while time.monotonic() < deadline:
+        status = stub.RolloutStatus(admin_pb2.RolloutStatusRequest(model=model), timeout=10).status
+        by_version = {v.version: v for v in status.versions}
+        if 2 in by_version and by_version[2].state == events_pb2.ROLLOUT_STATE_CANARY:
+            break
+        time.sleep(0.3)
+    assert status.serving_version == 1  # nothing serves that was not promoted
+    by_version = {v.version: v for v in status.versions}
+    assert by_version[2].state == events_pb2.ROLLOUT_STATE_CANARY and 0 < by_version[2].traffic_fraction < 1
+    with Load(again.grpc, model) as load:
+        time.sleep(1.5)
+    assert load.failures == [] and {"1", "2"} <= set(load.versions)  # the canary took its share again
+    stub.Promote(admin_pb2.PromoteRequest(model=model, version=2), timeout=10)
+    _wait_serving(again.grpc, model, 2)
