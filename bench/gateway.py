@@ -1,0 +1,361 @@
+"""bench/gateway: what the gateway costs, against Triton directly and a bare byte-forwarding proxy.
+
+One private stack (Kafka, MinIO, one Triton). The model: a digits-shaped
+float32 model (64 inputs, 10 outputs; an affine ONNX entry, the smallest
+model shape the demo serves) rolled out through the gateway itself. Three
+targets, measured alternately ``CDL_BENCH_GATEWAY_ROUNDS`` (3) times with
+batch-1 Open Inference Protocol requests (the same pre-serialised
+``ModelInferRequest`` bytes a tritonclient client sends; the client is this
+process, on grpc.aio):
+
+- **direct**: Triton's gRPC port;
+- **floor**: ``bench/_floor_proxy.py``, a generic ``grpc.aio`` handler that
+  forwards bytes to Triton and back (no routing, auth, logging, metrics);
+- **gateway**: ``python -m services.gateway`` with everything on (API key,
+  routing, every request logged to ``inference.logged``, Prometheus).
+
+Per target: a fixed load of ``CDL_BENCH_GATEWAY_RATE`` (200) requests/s for
+``CDL_BENCH_GATEWAY_SECONDS`` (10 s) — latency percentiles, and the proxy
+process's CPU seconds per request — and a closed loop at concurrency 16 for
+the same time — throughput. Medians over the rounds count.
+
+Then 50 consecutive rollouts (v2 … v51, each through canary to promotion,
+under a light load) — the gateway's and Triton's RSS after the first and after
+the last — and a bad canary (every real request fails) at 50 requests/s: the
+seconds from its CANARY transition (the gateway's ``model.deployed`` event
+time; traffic starts then) to ROLLED_BACK (0% traffic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import machine, private_stack, result
+
+ROUNDS = int(os.environ.get("CDL_BENCH_GATEWAY_ROUNDS", "3"))
+RATE = float(os.environ.get("CDL_BENCH_GATEWAY_RATE", "200"))
+SECONDS = float(os.environ.get("CDL_BENCH_GATEWAY_SECONDS", "10"))
+CONCURRENCY = 16
+ROLLOUTS = int(os.environ.get("CDL_BENCH_GATEWAY_ROLLOUTS", "50"))
+N_IN, N_OUT = 64, 10
+MODEL = "digits_bench"
+KEY = "bench-key"
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _request() -> bytes:
+    from tritonclient.grpc import service_pb2
+
+    x = np.random.default_rng(0).random((1, N_IN), dtype=np.float32) * 16
+    req = service_pb2.ModelInferRequest(model_name=MODEL)
+    req.inputs.add(name="input", datatype="FP32", shape=[1, N_IN])
+    req.raw_input_contents.append(x.tobytes())
+    return bytes(req.SerializeToString())
+
+
+def _cpu_s(pid: int) -> float:
+    from cdl.stack._procs import _stat, group_members
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in group_members(pid) or [pid]:
+        st = _stat(p)
+        if st is not None:
+            total += (int(st[11]) + int(st[12])) / tick
+    return total
+
+
+def _rss_mib(pid: int) -> float:
+    from cdl.stack._procs import group_members
+
+    kib = 0
+    for p in group_members(pid) or [pid]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    kib += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return kib / 1024
+
+
+async def _fixed_rate(target: str, request: bytes, metadata: Any, rate: float, seconds: float) -> list[float]:
+    import grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(METHOD)
+        for _ in range(20):  # warm the connection
+            await call(request, metadata=metadata, timeout=10)
+        latencies: list[float] = []
+        failures = 0
+
+        async def one() -> None:
+            nonlocal failures
+            t = time.perf_counter()
+            try:
+                await call(request, metadata=metadata, timeout=10)
+                latencies.append(time.perf_counter() - t)
+            except grpc.RpcError:
+                failures += 1
+
+        tasks = []
+        n = int(rate * seconds)
+        t0 = time.perf_counter()
+        for i in range(n):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        if failures:
+            print(f"    {failures} failed requests at {target}")
+        return latencies
+
+
+async def _closed_loop(target: str, request: bytes, metadata: Any, seconds: float) -> float:
+    import grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(METHOD)
+        await call(request, metadata=metadata, timeout=10)
+        done = 0
+        end = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                await call(request, metadata=metadata, timeout=10)
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return done / (time.perf_counter() - t0)
+
+
+def _wait_http(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready")
+
+
+def _deployed(bootstrap: str, topic: str, since: int = 0) -> list[tuple[float, Any]]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from cdl.events import decode
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    c.assign([TopicPartition(topic, 0, since)])
+    out = []
+    quiet = 0
+    while quiet < 2:
+        batch = c.consume(500, 0.5)
+        quiet = 0 if batch else quiet + 1
+        for m in batch:
+            if m.error() is None:
+                ev = decode(m.key(), m.value(), list(m.headers() or []))
+                out.append((ev.time.timestamp(), ev.payload))
+    c.close()
+    return out
+
+
+def main() -> None:
+    import grpc
+
+    from cdl.auth import hash_key
+    from cdl.events import Event
+    from cdl.kafka import Producer
+    from cdl.stack._procs import free_port, spawn, stop
+    from cdl.store import ObjectStore
+    from cdl.v1 import events_pb2
+    from tests.models import failing_onnx, write_affine, write_onnx
+
+    print(f"machine: {machine()}; {ROUNDS} rounds; {RATE:.0f} req/s for {SECONDS:.0f} s; concurrency {CONCURRENCY}")
+    with private_stack(triton_servers=1) as state:
+        bootstrap = state["kafka"]["bootstrap"]
+        m = state["minio"]
+        store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        triton = state["triton"][0]["grpc"]
+        tmp = Path(state["state_dir"])
+        uid = uuid.uuid4().hex[:6]
+        topics = {k: f"bench.{k}.{uid}" for k in ("compressed", "deployed", "logged", "deadletter")}
+        gw_port, gw_metrics, floor_port = free_port(), free_port(), free_port()
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), CDL_STATE_DIR=str(tmp))
+        env |= {f"CDL_GATEWAY_{k.upper()}_TOPIC": v for k, v in topics.items()}
+        env |= {
+            "CDL_GATEWAY_GROUP_ID": f"bench-gw-{uid}",
+            "CDL_GATEWAY_GRPC_PORT": str(gw_port),
+            "CDL_GATEWAY_METRICS_PORT": str(gw_metrics),
+            "CDL_GATEWAY_API_KEY_HASHES": json.dumps([hash_key(KEY)]),
+            "CDL_GATEWAY_CANARY_STEPS": "[0.5, 1.0]",
+            "CDL_GATEWAY_MIN_SAMPLES": "5",
+            "CDL_GATEWAY_STEP_MIN_S": "0.2",
+            "CDL_GATEWAY_WARMUP_REQUESTS": "2",
+        }
+        gw_proc, gw = spawn([sys.executable, "-m", "services.gateway"], tmp / "gateway.log", env=env)
+        floor_proc, floor = spawn(
+            [sys.executable, str(Path(__file__).with_name("_floor_proxy.py")), str(floor_port), triton],
+            tmp / "floor.log",
+            env=env,
+        )
+        producer = Producer(bootstrap)
+
+        def announce(version: int) -> None:
+            msg = events_pb2.ModelCompressed(model=MODEL, version=version, ok=True, chosen_variant="fp32")
+            producer.send(topics["compressed"], Event(msg, source="/cdl/bench", key=MODEL))
+            producer.flush()
+
+        def wait_state(version: int, state_: int, timeout_s: float = 120) -> tuple[float, Any]:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                for t, d in _deployed(bootstrap, topics["deployed"]):
+                    if d.model == MODEL and d.version == version and d.state == state_:
+                        return t, d
+                time.sleep(0.3)
+            raise RuntimeError(f"v{version} never reached state {state_}")
+
+        try:
+            _wait_http(f"http://127.0.0.1:{gw_metrics}/healthz")
+            w = np.random.default_rng(1).normal(size=(N_IN, N_OUT)).astype(np.float32)
+            b = np.zeros(N_OUT, dtype=np.float32)
+            write_affine(store, MODEL, 1, w, b)
+            announce(1)
+            wait_state(1, events_pb2.ROLLOUT_STATE_PROMOTED)
+            request = _request()
+            auth = (("authorization", f"Bearer {KEY}"),)
+            targets = {
+                "direct": (triton, (), None),
+                "floor": (f"127.0.0.1:{floor_port}", (), floor.pid),
+                "gateway": (f"127.0.0.1:{gw_port}", auth, gw.pid),
+            }
+            figures: dict[str, dict[str, list[float]]] = {
+                n: {"p50": [], "p99": [], "cpu": [], "rps": []} for n in targets
+            }
+            for rnd in range(1, ROUNDS + 1):
+                for name, (target, metadata, pid) in targets.items():
+                    cpu0 = _cpu_s(pid) if pid else 0.0
+                    lat = asyncio.run(_fixed_rate(target, request, metadata, RATE, SECONDS))
+                    cpu = (_cpu_s(pid) - cpu0) / len(lat) * 1e6 if pid else float("nan")
+                    rps = asyncio.run(_closed_loop(target, request, metadata, SECONDS))
+                    q = np.quantile(lat, [0.5, 0.99]) * 1000
+                    f = figures[name]
+                    f["p50"].append(float(q[0]))
+                    f["p99"].append(float(q[1]))
+                    f["cpu"].append(cpu)
+                    f["rps"].append(rps)
+                    print(
+                        f"round {rnd} {name:8s} p50 {q[0]:.2f} ms p99 {q[1]:.2f} ms at {RATE:.0f}/s; "
+                        f"cpu {cpu:.0f} us/request; {rps:,.0f} req/s at concurrency {CONCURRENCY}"
+                    )
+            med = {n: {k: statistics.median(v) for k, v in f.items()} for n, f in figures.items()}
+            for n, f in med.items():
+                print(
+                    f"median {n:8s} p50 {f['p50']:.2f} ms p99 {f['p99']:.2f} ms "
+                    f"cpu {f['cpu']:.0f} us {f['rps']:,.0f} req/s"
+                )
+
+            # ---- 50 consecutive rollouts under a light load
+            stop_load = asyncio.Event()
+
+            async def light_load() -> None:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{gw_port}") as channel:
+                    call = channel.unary_unary(METHOD)
+                    while not stop_load.is_set():
+                        try:
+                            await call(request, metadata=auth, timeout=10)
+                        except grpc.RpcError as exc:
+                            print(f"    request failed during rollouts: {exc.code()}")
+                        await asyncio.sleep(0.01)
+
+            async def rollouts() -> tuple[list[float], list[float]]:
+                task = asyncio.create_task(light_load())
+                gw_rss, tr_rss = [], []
+                tr_pid = int(state["procs"]["triton-0"]["pid"])
+                for v in range(2, ROLLOUTS + 2):
+                    write_affine(store, MODEL, v, w, b)
+                    announce(v)
+                    await asyncio.to_thread(wait_state, v, events_pb2.ROLLOUT_STATE_PROMOTED)
+                    if v in (2, ROLLOUTS + 1):
+                        await asyncio.sleep(2)  # the old version drained and unloaded
+                        gw_rss.append(_rss_mib(gw.pid))
+                        tr_rss.append(_rss_mib(tr_pid))
+                        print(
+                            f"after rollout {v - 1}: gateway RSS {gw_rss[-1]:.0f} MiB, Triton RSS {tr_rss[-1]:.0f} MiB"
+                        )
+                stop_load.set()
+                await task
+                return gw_rss, tr_rss
+
+            gw_rss, tr_rss = asyncio.run(rollouts())
+            gw_growth, tr_growth = gw_rss[-1] / gw_rss[0], tr_rss[-1] / tr_rss[0]
+
+            # ---- a bad canary at 50 requests/s
+            bad = ROLLOUTS + 2
+            write_onnx(store, MODEL, bad, failing_onnx(N_IN, N_OUT), N_IN, N_OUT)
+
+            async def bad_canary() -> int:
+                failures = 0
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{gw_port}") as channel:
+                    call = channel.unary_unary(METHOD)
+                    announce(bad)
+                    end = time.monotonic() + 60
+                    while time.monotonic() < end:
+                        try:
+                            await call(request, metadata=auth, timeout=10)
+                        except grpc.RpcError:
+                            failures += 1
+                        await asyncio.sleep(0.02)
+                        if any(
+                            d.version == bad and d.state == events_pb2.ROLLOUT_STATE_ROLLED_BACK
+                            for _, d in _deployed(bootstrap, topics["deployed"])[-5:]
+                        ):
+                            break
+                return failures
+
+            failures = asyncio.run(bad_canary())
+            t_canary, _ = wait_state(bad, events_pb2.ROLLOUT_STATE_CANARY)
+            t_back, back = wait_state(bad, events_pb2.ROLLOUT_STATE_ROLLED_BACK)
+            rollback_s = t_back - t_canary
+            print(
+                f"bad canary v{bad}: rolled back {rollback_s:.2f} s after it took traffic ({back.reason}); "
+                f"{failures} client requests failed"
+            )
+        finally:
+            stop(gw, 20)
+            stop(floor, 5)
+            gw_proc.wait(10)
+            floor_proc.wait(10)
+
+    gwf, fl, di = med["gateway"], med["floor"], med["direct"]
+    print(f"p99 at {RATE:.0f}/s: direct {di['p99']:.2f} ms, floor {fl['p99']:.2f} ms, gateway {gwf['p99']:.2f} ms")
+    print(f"gateway throughput vs direct Triton: {gwf['rps'] / di['rps']:.3f} (no goal on 2 shared cores)")
+    print(result("gateway_cpu_per_request", gwf["cpu"], fl["cpu"], op="<=", goal=1.25, unit="us"))
+    print(result("gateway_added_p50_ms", gwf["p50"] - di["p50"], 1.0, op="<=", goal=1.0, unit="ms"))
+    print(result("gateway_throughput_vs_floor", gwf["rps"], fl["rps"], op=">=", goal=0.9, unit="req/s"))
+    worst = ("gateway", gw_rss) if gw_growth >= tr_growth else ("triton", tr_rss)
+    print(f"RSS growth over {ROLLOUTS} rollouts: gateway {gw_growth:.3f}x, Triton {tr_growth:.3f}x (worst: {worst[0]})")
+    print(result("rollout_rss_growth", worst[1][-1], worst[1][0], op="<=", goal=1.2, unit="MiB"))
+    print(result("rollback_seconds", rollback_s, 10.0, op="<=", goal=1.0, unit="s"))
+
+
+if __name__ == "__main__":
+    main()
