@@ -34,7 +34,9 @@ class IngestApp:
         self.store = ObjectStore(
             settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_secure
         )
-        self.registry = DatasetRegistry(self.store, unknown_ttl_s=settings.unknown_dataset_ttl_s)
+        self.registry = DatasetRegistry(
+            self.store, unknown_ttl_s=settings.unknown_dataset_ttl_s, max_label_bytes=settings.max_label_bytes
+        )
         self.producer = Producer(settings.kafka_bootstrap, client_id="cdl-ingest-grpc")
         self.processor = IngestProcessor.from_settings(
             settings, registry=self.registry, store=self.store, source=self.source
