@@ -5,13 +5,25 @@ the gateway asks. :meth:`TritonControl.load` loads a model with exactly the
 versions it names: it reads the entry's ``config.pbtxt`` from the repository
 in MinIO (``cdl-triton/<model>/config.pbtxt``), replaces its
 ``version_policy`` with ``specific { versions: [...] }`` and sends that as the
-config override of Triton's load request. A version loaded before and named
-again keeps serving (Triton loads the new ones and unloads the ones left out;
-see docs/gateway.md, "What Triton does with a load"), and the compressor
-writing a newer entry never changes what is loaded.
+config override of Triton's load request, so the compressor writing a newer
+entry never changes what is loaded.
 
-A load that fails leaves Triton in an unknown state for that model, so with
-``fallback`` the versions that served before are loaded again at once and
+What Triton (2.51, explicit mode, checked by tests/integration/test_gateway_control.py)
+does with such a load:
+
+* a version loaded before and named again is not reloaded: it answers
+  throughout the load of a new one beside it (no failed request);
+* versions left out are unloaded asynchronously: the load returns while they
+  are ``UNLOADING`` (not ready; gone a few seconds later); ``unload`` too;
+* a load in which a version fails (e.g. bytes that are not ONNX) returns
+  INVALID_ARGUMENT, "load failed for model 'm': version 3 is at UNAVAILABLE
+  state: ..."; the versions that were loaded stay loaded and keep answering
+  (even those the failed config left out), the bad one is ``UNAVAILABLE``.
+
+So a failed load leaves the stable version serving on that server. With
+several servers it may still succeed on some and fail on others; with
+``fallback`` the versions that served before are loaded again on every server
+(which unloads the new one where it did load, and is a no-op elsewhere) and
 checked ready before the error is raised.
 
 Synchronous (``tritonclient.grpc``): the app calls it from a worker thread,
@@ -80,14 +92,23 @@ def warmup_inputs(config: Any) -> list[Any]:
     return inputs
 
 
-def _error(exc: InferenceServerException, what: str, **context: object) -> CdlError:
+def _error(exc: InferenceServerException, client: Any, what: str, **context: object) -> CdlError:
+    """A Triton client error as a cdl error. Triton answers UNAVAILABLE both when it cannot be
+    reached and when the version asked for is not ready: a server that is live was reached."""
     status = str(exc.status() or "")
-    message = str(exc.message() or exc)
-    if "UNAVAILABLE" in status:
+    message = str(exc.message() or exc).split("\n\nAt:", 1)[0].strip()[:1000]  # not the python backend's stack
+    if "UNAVAILABLE" in status and not _live(client):
         return UnavailableError(f"Triton server unreachable: {what}", triton=message, **context)
     if "NOT_FOUND" in status:
         return NotFoundError(f"{what}: not found", triton=message, **context)
-    return PermanentError(what, triton=message, status=status, **context)
+    return PermanentError(what, triton=message, status=status.removeprefix("StatusCode."), **context)
+
+
+def _live(client: Any) -> bool:
+    try:
+        return bool(client.is_server_live(client_timeout=2.0))
+    except InferenceServerException:
+        return False
 
 
 class TritonControl:
@@ -158,7 +179,8 @@ class TritonControl:
         try:
             client.load_model(model, config=override, client_timeout=self._timeout_s)
         except InferenceServerException as exc:
-            raise _error(exc, "Triton could not load the model", model=model, versions=list(wanted), server=ep) from exc
+            what = "Triton could not load the model"
+            raise _error(exc, client, what, model=model, versions=list(wanted), server=ep) from exc
         for version in wanted:
             if not self._ready_one(client, model, version):
                 raise PermanentError("version not ready after its load", model=model, version=version, server=ep)
@@ -190,7 +212,7 @@ class TritonControl:
         try:
             client.unload_model(model, client_timeout=self._timeout_s)
         except InferenceServerException as exc:
-            raise _error(exc, "Triton could not unload the model", model=model, server=ep) from exc
+            raise _error(exc, client, "Triton could not unload the model", model=model, server=ep) from exc
         deadline = time.monotonic() + self._timeout_s
         while self._loaded_one(ep, client, model):  # Triton unloads asynchronously
             if time.monotonic() > deadline:
@@ -210,8 +232,9 @@ class TritonControl:
         try:
             return bool(client.is_model_ready(model, str(version), client_timeout=self._check_timeout_s))
         except InferenceServerException as exc:
-            if "UNAVAILABLE" in str(exc.status() or ""):
-                raise _error(exc, "readiness check", model=model, version=version) from exc
+            error = _error(exc, client, "readiness check", model=model, version=version)
+            if isinstance(error, UnavailableError):
+                raise error from exc
             return False
 
     def loaded_versions(self, model: str, servers: Sequence[str] | None = None) -> dict[str, tuple[int, ...]]:
@@ -224,7 +247,7 @@ class TritonControl:
         try:
             index = client.get_model_repository_index(client_timeout=self._check_timeout_s)
         except InferenceServerException as exc:
-            raise _error(exc, "repository index", server=ep) from exc
+            raise _error(exc, client, "repository index", server=ep) from exc
         versions = {int(m.version) for m in index.models if m.name == model and m.state == "READY" and m.version}
         return tuple(sorted(versions))
 
@@ -241,7 +264,8 @@ class TritonControl:
                 try:
                     client.infer(model, inputs, model_version=str(version), client_timeout=self._timeout_s)
                 except InferenceServerException as exc:
-                    raise _error(exc, "warm-up request failed", model=model, version=version, server=ep, n=i) from exc
+                    what = "warm-up request failed"
+                    raise _error(exc, client, what, model=model, version=version, server=ep, request=i) from exc
 
         self._each(tuple(servers or self.endpoints), one)
 

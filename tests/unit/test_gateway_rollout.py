@@ -584,3 +584,36 @@ def test_models_lists_every_model() -> None:
     assert [(v.version, v.state, v.traffic) for v in a.versions] == [(1, S.PROMOTED, 0.9), (2, S.CANARY, 0.1)]
     with pytest.raises(InvalidInputError):
         mgr.begin("a", 0)
+
+
+# --------------------------------------------------------------------------- control: the pure parts
+
+
+def test_config_override_names_exactly_the_wanted_versions() -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from cdl.triton import ModelSpec, TensorSpec, render_config
+    from services.gateway.control import config_override, warmup_inputs
+
+    spec = ModelSpec("m", (TensorSpec("input", "float32", (4, -1)),), (TensorSpec("output", "float32", (3,)),), 8)
+    cfg = text_format.Parse(render_config(spec), model_config_pb2.ModelConfig())
+    assert cfg.version_policy.WhichOneof("policy_choice") == "latest"
+    doc = json.loads(config_override(cfg, [3, 1, 3]))
+    assert doc["version_policy"] == {"specific": {"versions": ["1", "3"]}}
+    assert doc["name"] == "m" and doc["max_batch_size"] == 8 and doc["backend"] == "python"
+    assert cfg.version_policy.WhichOneof("policy_choice") == "latest"  # the parsed config is left alone
+
+    (tensor,) = warmup_inputs(cfg)
+    assert (tensor.name(), tensor.shape(), tensor.datatype()) == ("input", [1, 4, 1], "FP32")
+    cfg.max_batch_size = 0
+    cfg.input[0].data_type = model_config_pb2.TYPE_STRING
+    (tensor,) = warmup_inputs(cfg)
+    assert (tensor.shape(), tensor.datatype()) == ([4, 1], "BYTES")
+
+
+def test_serving_json_shape_and_bucket_match_the_registry() -> None:
+    from cdl.registry import MODELS_BUCKET as REGISTRY_BUCKET
+    from services.gateway import state
+
+    assert state.MODELS_BUCKET == REGISTRY_BUCKET
