@@ -697,6 +697,30 @@ class RolloutManager:
                 self._apply(m)
         return out
 
+    def follow(self, docs: Mapping[str, Mapping[str, Any]]) -> None:
+        """A follower process (not the one driving rollouts): route exactly as the driver's
+        ``rollout.json`` documents say, with no actions. Since the driver saves a document
+        before the traffic it gives takes effect, a follower never routes more than that.
+        Call it again whenever the documents may have changed; never call :meth:`tick`.
+        """
+        with self._lock:
+            for name, doc in docs.items():
+                try:
+                    new = _Model.from_json(doc, self.policy)
+                except DecodeError as exc:
+                    log.error("rollout state skipped", model=name, error=str(exc))
+                    continue
+                if new.phase in (Phase.LOADING, Phase.WARMING):
+                    new.candidate, new.phase = 0, Phase.IDLE  # not taking traffic yet
+                old = self._models.get(new.name)
+                if old is not None:
+                    new.windows = {v: w for v, w in old.windows.items() if v in (new.stable, new.candidate)}
+                for v in (new.stable, new.candidate):
+                    if v:
+                        new.window(v)
+                self._models[new.name] = new
+                self._apply(new)
+
     # ------------------------------------------------------------------ internals (lock held)
 
     def _get(self, model: str) -> _Model:
