@@ -305,7 +305,9 @@ class TritonComponent(Component):
             f"--model-repository={self.repository}",
             f"--backend-directory={install / 'backends'}",
             "--model-control-mode=explicit",
-            "--strict-readiness=true",
+            # ready = able to serve: one model version that failed to load (a bad candidate the
+            # gateway refused) must not take the whole server out of the gateway's pool
+            "--strict-readiness=false",
             f"--grpc-address={h}",
             f"--grpc-port={self.ports['grpc']}",
             f"--http-address={h}",
