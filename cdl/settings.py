@@ -75,7 +75,7 @@ class StackSettings(BaseSettings):
     """MinIO root password."""
     triton_servers: int = 1
     """How many Triton servers to start."""
-    services: list[str] = ["ingest", "trainer", "compressor"]
+    services: list[str] = ["ingest", "trainer", "compressor", "gateway"]
     """cdl services to start after the servers (``python -m services.<name>``)."""
     api_key: str = ""
     """API key the stack's gRPC APIs (gateway, ingest) accept; empty: one is generated at the

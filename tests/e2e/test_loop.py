@@ -7,6 +7,7 @@ Triton repository entry that serves."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 from confluent_kafka import Producer
 from sklearn.datasets import load_digits
+from tritonclient.utils import InferenceServerException
 
 from cdl.events import decode
 from tests.helpers import IN_CI, read_topic, run_cdl
@@ -27,7 +29,7 @@ def test_records_become_a_served_model_by_themselves(tmp_path: Path) -> None:
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads((state_dir / "stack.json").read_text())
-        assert set(state["services"]) == {"ingest", "trainer", "compressor"}
+        assert set(state["services"]) == {"ingest", "trainer", "compressor", "gateway"}
         reg = run_cdl(
             "dataset", "register", "digits", "--task", "image", "--shape", "1,8,8",
             "--labels", ",".join(str(i) for i in range(10)), "--min-new-records", "1500",
@@ -54,13 +56,36 @@ def test_records_become_a_served_model_by_themselves(tmp_path: Path) -> None:
         show = run_cdl("dataset", "show", "digits", state_dir=state_dir)
         assert show.returncode == 0 and "latest version" in show.stdout
 
-        client = tgrpc.InferenceServerClient(state["triton"][0]["grpc"])
-        client.load_model("digits")
+        # the gateway rolled the first version out by itself: clients call the gateway, with the stack's key
+        headers = {"authorization": f"Bearer {state['api_key']}"}
+        client = tgrpc.InferenceServerClient(state["services"]["gateway"]["grpc"])
         x = digits.data[:64].reshape(-1, 1, 8, 8).astype(np.float32)
         inp = tgrpc.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
-        predicted = client.infer("digits", [inp]).as_numpy("logits").argmax(1)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                result = client.infer("digits", [inp], headers=headers)
+                break
+            except InferenceServerException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert result.get_response().model_version == "1"
+        predicted = result.as_numpy("logits").argmax(1)
         assert (predicted == digits.target[:64]).mean() >= 0.9
+        with pytest.raises(InferenceServerException) as denied:  # no key, no answer
+            client.infer("digits", [inp])
+        assert denied.value.status() == "StatusCode.UNAUTHENTICATED"
+
+        models = run_cdl("models", "--json", state_dir=state_dir)
+        assert models.returncode == 0, models.stdout + models.stderr
+        assert json.loads(models.stdout)["models"][0]["serving_version"] in ("1", 1)
+        sample = tmp_path / "x.json"
+        sample.write_text(json.dumps(digits.data[0].tolist()))
+        predict = run_cdl("predict", "digits", str(sample), "--json", state_dir=state_dir)
+        assert predict.returncode == 0, predict.stdout + predict.stderr
+        assert json.loads(predict.stdout)["predictions"][0]["class"] == int(digits.target[0])
     finally:
         down = run_cdl("stack", "down", state_dir=state_dir)
         assert down.returncode == 0, down.stdout

@@ -21,12 +21,12 @@ def test_stack_up_then_down_leaves_nothing_running(tmp_path: Path) -> None:
         assert "stack healthy" in up.stdout
         state = json.loads((state_dir / "stack.json").read_text())
         procs = {name: ProcInfo(**p) for name, p in state["procs"].items()}
-        assert set(procs) == {"kafka", "minio", "triton-0", "ingest", "trainer", "compressor"}
+        assert set(procs) == {"kafka", "minio", "triton-0", "ingest", "trainer", "compressor", "gateway"}
         assert all(is_alive(p) for p in procs.values())
 
         status = run_cdl("stack", "status", state_dir=state_dir)
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 6
+        assert status.stdout.count("healthy") == 7
 
         # up again is a no-op: same processes
         again = run_cdl("stack", "up", state_dir=state_dir)
