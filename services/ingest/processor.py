@@ -25,6 +25,7 @@ from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard
 from cdl.errors import CdlError
 from cdl.events import CONTENT_JSON, Event, Headers, InBatch, InRecord, OutRecord, Topics, dead_letter, header_dict
 from cdl.logging import get_logger
+from cdl.memory import release_memory
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.ingest import fastscan
@@ -48,6 +49,8 @@ __all__ = ["STATE_KEY", "IngestProcessor", "StateTooLargeError"]
 log = get_logger(__name__)
 
 STATE_KEY = b"ingest-state"
+#: seconds between two hand-backs of the heap's free memory to the kernel (cdl.service.release_memory)
+TRIM_INTERVAL_S = 60.0
 
 RECORDS = PromCounter("cdl_ingest_records_total", "Records seen by ingest", ["dataset", "outcome"])
 REJECTED = PromCounter("cdl_ingest_rejected_total", "Records dead-lettered by ingest, by reason", ["reason"])
@@ -247,6 +250,7 @@ class IngestProcessor:
         self._version_due = False
         self._last_time_check = 0.0
         self._first_seen: dict[str, float] = {}
+        self._trimmed_at = time.monotonic()
         #: the housekeeping job in flight, and merged shards waiting for the dataset's next version
         self._housekeeping: Future[tuple[list[Merged], list[tuple[str, ...]]]] | None = None
         self._merges: dict[str, list[Merged]] = defaultdict(list)
@@ -705,6 +709,11 @@ class IngestProcessor:
         if changed:
             out.append(OutRecord(self._state_topic, self._snapshot(), STATE_KEY))
         self._start_housekeeping(None if keep is None else keep | self.state.referenced())
+        if time.monotonic() - self._trimmed_at >= TRIM_INTERVAL_S:
+            # the heap keeps what it faulted in (keep_freed_memory): that pays at full speed,
+            # but on a long trickle its free pages would only pile up; once a minute they go back
+            self._trimmed_at = time.monotonic()
+            release_memory()
         return out
 
     def _snapshot(self) -> bytes:
