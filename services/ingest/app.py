@@ -12,9 +12,9 @@ from cdl.auth import ApiKeys, AuthInterceptor
 from cdl.events import Topics, source_name
 from cdl.kafka import Producer, TransactionalLoop, ensure_topics, read_latest
 from cdl.logging import configure_logging, get_logger
+from cdl.memory import keep_freed_memory, settle_gc
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.rpc import ErrorInterceptor, add_health
-from cdl.memory import keep_freed_memory, settle_gc
 from cdl.store import BUCKETS, ObjectStore
 from cdl.v1 import ingest_pb2_grpc
 from services.ingest.grpc_api import IngestServicer
