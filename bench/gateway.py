@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -189,6 +190,7 @@ def main() -> None:
     from cdl.v1 import events_pb2
     from tests.models import failing_onnx, write_affine, write_onnx
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
     print(f"machine: {machine()}; {ROUNDS} rounds; {RATE:.0f} req/s for {SECONDS:.0f} s; concurrency {CONCURRENCY}")
     with private_stack(triton_servers=1) as state:
         bootstrap = state["kafka"]["bootstrap"]

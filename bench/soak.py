@@ -17,6 +17,7 @@ it, ``RESULT soak_snapshot_growth`` (goal <= 1.2 as well).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from bench._common import machine, result
 DURATION_S = float(os.environ.get("CDL_BENCH_SOAK_S", "1800"))
 WARMUP_S = float(os.environ.get("CDL_BENCH_SOAK_WARMUP_S", "180"))
 RATE = float(os.environ.get("CDL_BENCH_SOAK_RATE", "100"))
-SERVICES = ["ingest", "trainer", "compressor"]
+SERVICES = ["ingest", "trainer", "compressor", "gateway"]
 
 
 def _rss_mib(pgid: int) -> float:
@@ -78,6 +79,7 @@ def main() -> None:
     from cdl.settings import StackSettings
     from cdl.stack import LocalStack
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
     print(f"machine: {machine()}; {DURATION_S:.0f} s at {RATE:.0f} records/s, warm-up {WARMUP_S:.0f} s")
     with tempfile.TemporaryDirectory(prefix="cdl-soak-") as tmp:
         stack = LocalStack(StackSettings(state_dir=Path(tmp), triton_servers=1, services=SERVICES))
