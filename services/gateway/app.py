@@ -145,9 +145,13 @@ class GatewayApp:
             if t.state is RolloutState.PROMOTED:
                 self.rollouts.set_serving(t.model, t.version)  # what the trainer warm-starts from
             self._publish(t)
+        # transitions reach this worker from two threads (the event loop's tick, the Kafka job):
+        # one computed earlier may arrive after a later one, so a version the manager wants *now*
+        # is never dropped, and a SYNC loads what the manager wants when it is carried out
+        wanted = self.manager.wanted_versions(t.model)
         if t.action is Action.LOAD:
             try:
-                self.control.load(t.model, t.load, fallback=t.fallback)
+                self.control.load(t.model, tuple(sorted({*t.load, *wanted})), fallback=t.fallback)
             except CdlError as exc:
                 return self.manager.loaded(t.model, t.version, False, str(exc))
             return self.manager.loaded(t.model, t.version, True)
@@ -159,9 +163,9 @@ class GatewayApp:
             return self.manager.warmed(t.model, t.version, True)
         if t.action is Action.SYNC:
             try:
-                self.control.load(t.model, t.load)
+                self.control.load(t.model, wanted)
             except CdlError as exc:
-                log.warning("dropping versions from Triton failed", model=t.model, versions=t.load, error=str(exc))
+                log.warning("dropping versions from Triton failed", model=t.model, versions=wanted, error=str(exc))
         return []
 
     def _publish(self, t: Transition) -> None:
