@@ -8,14 +8,18 @@ readiness flag:
 - a request goes to the ready server with the fewest outstanding requests
   (ties rotate); where none is ready it goes to any server rather than
   failing at once (a readiness flag can be a moment late);
-- a call failing with UNAVAILABLE (the server is down, restarting, or does
-  not have the model) is retried on another server while its deadline lasts,
-  and the failing server is checked again at once;
+- a call failing with UNAVAILABLE (the server is down or restarting) is
+  retried on another server while its deadline lasts, and the failing server
+  is checked again at once; callers may name more codes to retry elsewhere
+  (the gateway adds NOT_FOUND for models it knows: a server that lacks one
+  has lost it, e.g. restarted in explicit model-control mode);
 - a background task asks every server ``ServerReady`` each
   ``health_interval_s``: a server that stops answering leaves the choice, and
-  one that answers again rejoins it. Channels reconnect with a short backoff
-  (at most ``max_reconnect_backoff_s``), so a restarted server rejoins within
-  about a second and a health interval.
+  one that answers again rejoins it -- after the ``on_ready`` hook (the app's:
+  load the models it should hold) returned True, where one is given. Channels
+  reconnect with a short backoff (at most ``max_reconnect_backoff_s``), so a
+  restarted server rejoins within about a second and a health interval plus
+  what the hook takes.
 
 Create and :meth:`start` the pool inside the event loop that serves requests
 (grpc.aio channels belong to one loop). The gauges
@@ -30,7 +34,7 @@ import contextlib
 import itertools
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -44,7 +48,7 @@ from cdl.errors import UnavailableError
 from cdl.logging import get_logger
 from cdl.v1 import open_inference_pb2 as pb
 
-__all__ = ["SERVICE", "NoServerError", "ServerInfo", "TritonPool", "channel_options"]
+__all__ = ["RETRY_UNAVAILABLE", "SERVICE", "NoServerError", "ServerInfo", "TritonPool", "channel_options"]
 
 log = get_logger(__name__)
 
@@ -53,6 +57,11 @@ SERVICE = "inference.GRPCInferenceService"
 _SERVER_READY = f"/{SERVICE}/ServerReady"
 
 Metadata = Sequence[tuple[str, str | bytes]]
+ReadyHook = Callable[[str], Awaitable[bool]]
+_APPEND_SLACK = 4096
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+#: the codes a call is retried on another server for by default
+RETRY_UNAVAILABLE: frozenset[grpc.StatusCode] = frozenset({_UNAVAILABLE})
 
 
 class NoServerError(UnavailableError):
@@ -74,7 +83,8 @@ def channel_options(max_message_bytes: int, max_reconnect_backoff_s: float = 1.0
     """Channel arguments of a connection to Triton (the gateway's message limit, keepalive, backoff)."""
     backoff_ms = max(100, int(max_reconnect_backoff_s * 1000))
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
+        # a request the gateway accepted may have grown by the fields it appended
+        ("grpc.max_send_message_length", max_message_bytes + _APPEND_SLACK),
         ("grpc.max_receive_message_length", max_message_bytes),
         # keepalive only while calls are in flight: Triton's default server policy answers pings
         # on an idle connection more often than every 5 minutes with GOAWAY (too_many_pings)
@@ -98,6 +108,7 @@ class _Server:
     ready: bool = False
     failures: int = 0
     checking: bool = False
+    joining: bool = False
 
     def method(self, name: str) -> Any:
         """The cached bytes-in, bytes-out multicallable of ``name`` (``/package.Service/Method``)."""
@@ -118,13 +129,17 @@ class TritonPool:
         health_interval_s: float = 1.0,
         health_timeout_s: float = 1.0,
         max_reconnect_backoff_s: float = 1.0,
+        on_ready: ReadyHook | None = None,
     ) -> None:
+        """``on_ready(endpoint)``: awaited when a server turns ready (also the first time); it takes
+        requests once that returned True (False or an exception: tried again at the next check)."""
         if not endpoints:
             raise ValueError("a TritonPool needs at least one endpoint")
         self._endpoints = list(endpoints)
         self._options = channel_options(max_message_bytes, max_reconnect_backoff_s)
         self._interval = health_interval_s
         self._health_timeout = min(health_timeout_s, max(health_interval_s, 0.1))
+        self._on_ready = on_ready
         self._servers: list[_Server] = []
         self._rr = itertools.count()
         self._task: asyncio.Task[None] | None = None
@@ -202,13 +217,14 @@ class TritonPool:
         request: bytes,
         timeout: float | None,
         metadata: Metadata | None = None,
+        retry: frozenset[grpc.StatusCode] = RETRY_UNAVAILABLE,
     ) -> bytes:
         """Forward ``request`` (serialized) to ``method`` on a server; Triton's answer, serialized.
 
         Errors from Triton are raised as ``grpc.aio.AioRpcError`` (with Triton's code and
-        details); UNAVAILABLE ones after no other server could take the request within
-        ``timeout`` (seconds, None: no deadline); :class:`NoServerError` when the pool is
-        closed or has not started.
+        details); those with a code in ``retry`` after no other server could take the request
+        within ``timeout`` (seconds, None: no deadline); :class:`NoServerError` when the pool
+        is closed or has not started.
         """
         server = self._choose()
         if server is None:
@@ -221,13 +237,14 @@ class TritonPool:
                 response: bytes = await server.method(method)(request, timeout=timeout, metadata=metadata)
                 return response
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in retry:
                     raise
                 failure = exc
             finally:
                 server.outstanding -= 1
             server.failures += 1
-            self._suspect(server)
+            if failure.code() == _UNAVAILABLE:
+                self._suspect(server)
             tried.append(server)
             if deadline is not None:
                 timeout = deadline - time.monotonic()
@@ -268,9 +285,32 @@ class TritonPool:
             ready = False
         finally:
             server.checking = False
-        if ready != server.ready:
-            log.info("Triton server " + ("ready" if ready else "not ready"), server=server.endpoint)
-            server.ready = ready
+        if ready == server.ready:
+            return
+        if not ready:
+            log.info("Triton server not ready", server=server.endpoint)
+            server.ready = False
+        elif self._on_ready is None:
+            log.info("Triton server ready", server=server.endpoint)
+            server.ready = True
+        elif not server.joining and not self._closed:
+            server.joining = True
+            task = asyncio.create_task(self._join(server, self._on_ready))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _join(self, server: _Server, hook: ReadyHook) -> None:
+        """Run the ``on_ready`` hook for a server that turned ready; it joins when the hook says so."""
+        try:
+            ok = await hook(server.endpoint)
+        except Exception:  # the next health check tries again
+            log.exception("Triton server's on_ready hook failed", server=server.endpoint)
+            ok = False
+        finally:
+            server.joining = False
+        if ok and not self._closed:
+            log.info("Triton server ready", server=server.endpoint)
+            server.ready = True
 
     async def _health_loop(self) -> None:
         while not self._closed:

@@ -22,11 +22,21 @@ message is parsed or built on the way through. ``ModelInfer``:
    INVALID_ARGUMENT count as ok: they say nothing about the version) and
    offers the pair to the inference log.
 
-A canary request (the table picked the candidate) that fails server-side
-(UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED, UNKNOWN) is reported as the
-candidate's failure and sent again to the stable version within what is left
-of its deadline: no client request fails because of a rollout. A request that
-named the candidate explicitly is not moved to another version.
+Server-side failures are UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED, UNKNOWN and
+NOT_FOUND (the gateway forwards only versions its table holds: a Triton
+without one has lost it). UNAVAILABLE and NOT_FOUND are first retried on the
+other Triton servers (:class:`TritonPool`). An INTERNAL or UNKNOWN answer to a
+request that does not parse, or whose inputs cannot be right (a negative
+dimension, raw contents of the wrong size: :func:`wire.input_problem`), is the
+client's fault: INVALID_ARGUMENT, reported as ok -- so garbage never counts
+against a version (Triton 2.51 answers an unparsable request with INTERNAL,
+and passes a dimension of 2**40 on to the backend).
+
+A canary request (the table picked the candidate) that fails server-side is
+reported as the candidate's failure and sent again to the stable version
+within what is left of its deadline: no client request fails because of a
+rollout. A request that named the candidate explicitly is not moved to
+another version.
 
 Shadow: where :meth:`RoutingTable.mirror` says so, a request answered by the
 stable version is also sent to the candidate from a background task (at most
@@ -67,10 +77,12 @@ from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
 from cdl.errors import InvalidInputError
 from cdl.logging import get_logger
+from cdl.v1 import open_inference_pb2 as pb
 from services.gateway import wire
 from services.gateway.auth import ApiKeys
 from services.gateway.backends import SERVICE, NoServerError, TritonPool
@@ -115,18 +127,38 @@ _INFER = f"/{SERVICE}/ModelInfer"
 _OK = grpc.StatusCode.OK
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
 #: failures that say something about the version that answered (the rest are the client's)
+#: (NOT_FOUND too: a version the routing table holds that Triton does not have)
 _SERVER_SIDE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.NOT_FOUND,
     }
 )
 #: a deadline further away than this is no deadline (grpc reports "infinite" as a huge number)
 _NO_DEADLINE_S = 1e8
 _READY = b"\x08\x01"  # ServerReadyResponse / ModelReadyResponse(ready=true)
 _NOT_READY = b""  # ... (ready=false): proto3 sends nothing
+
+
+#: codes a server gives a request it could not parse or a backend failed on; then the gateway
+#: checks whether the request was the client's fault
+_CHECK_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+#: codes a ModelInfer or model-scoped request is retried on another server for: the gateway only
+#: forwards versions its routing table holds, so a server without the model has lost it
+_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND})
+
+
+def _client_fault(data: bytes) -> str | None:
+    """Why a ``ModelInferRequest`` Triton failed on was malformed (None: it was not): it does not
+    parse, or its inputs cannot be right (error path only; a full parse)."""
+    try:
+        pb.ModelInferRequest.FromString(data)
+    except DecodeError:
+        return "malformed ModelInferRequest"
+    return wire.input_problem(data)
 
 
 class _Fail(Exception):  # noqa: N818 (a status to send, not an error of the gateway)
@@ -295,7 +327,7 @@ class InferenceService:
 
         start = time.perf_counter()
         try:
-            response = await self._pool.call(_INFER, data, timeout)
+            response = await self._pool.call(_INFER, data, timeout, retry=_RETRY)
         except grpc.aio.AioRpcError as exc:
             if not self._failed(exc, name, v, route, picked, data, request_id, time.perf_counter() - start):
                 raise
@@ -308,7 +340,7 @@ class InferenceService:
             data += self._version_field(v)
             start = time.perf_counter()
             try:
-                response = await self._pool.call(_INFER, data, left)
+                response = await self._pool.call(_INFER, data, left, retry=_RETRY)
             except grpc.aio.AioRpcError as again:
                 self._failed(again, name, v, route, False, data, request_id, time.perf_counter() - start)
                 raise
@@ -337,6 +369,13 @@ class InferenceService:
         """Report a failed forward; whether it was a canary request to retry on the stable version."""
         code = exc.code()
         server_side = code in _SERVER_SIDE
+        if code in _CHECK_CODES:
+            fault = _client_fault(data)
+            if fault is not None:
+                # the client's fault, whatever the code says (and it says nothing about the version)
+                self._outcomes.served(name, v, True, latency)
+                self._count(name, v, grpc.StatusCode.INVALID_ARGUMENT)
+                raise _Fail(grpc.StatusCode.INVALID_ARGUMENT, f"{fault} (Triton: {exc.details()})")
         self._outcomes.served(name, v, not server_side, latency)
         self._count(name, v, code)
         if self._log is not None:
@@ -356,7 +395,7 @@ class InferenceService:
     async def _shadow(self, model: str, candidate: int, data: bytes, answer: bytes, timeout: float) -> None:
         start = time.perf_counter()
         try:
-            response = await self._pool.call(_INFER, data + self._version_field(candidate), timeout)
+            response = await self._pool.call(_INFER, data + self._version_field(candidate), timeout, retry=_RETRY)
         except (grpc.aio.AioRpcError, NoServerError) as exc:
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.UNAVAILABLE
             self._outcomes.shadowed(model, candidate, code not in _SERVER_SIDE, time.perf_counter() - start, None)
@@ -429,7 +468,7 @@ class InferenceService:
                     data = request
                 else:
                     data = request + self._version_field(route.stable or route.versions()[0])
-                return await self._pool.call(path, data, self._timeout(context))
+                return await self._pool.call(path, data, self._timeout(context), retry=_RETRY)
             except _Fail as fail:
                 code, details = fail.code, fail.details
             except grpc.aio.AioRpcError as exc:

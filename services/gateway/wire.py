@@ -28,7 +28,8 @@ accepts the bytes the scan reads the same values.
 
 :func:`with_fields` sets fields by appending them (one copy of the request):
 appended occurrences are the last ones, so they win. :func:`inputs` reads the
-inputs' names, datatypes, shapes and raw byte sizes for cheap validation.
+inputs' names, datatypes, shapes and raw byte sizes for cheap validation;
+:func:`input_problem` says what cannot be right about them, whatever the model.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "encode_string_field",
     "first_output",
     "id_field",
+    "input_problem",
     "inputs",
     "name_version",
     "raw_inputs",
@@ -353,3 +355,44 @@ def first_output(data: bytes) -> tuple[str, tuple[int, ...], memoryview] | None:
     if tensor is None or raw is None:
         return None
     return tensor[1], tensor[2], memoryview(data)[raw[0] : raw[1]]
+
+
+#: bytes per element of the fixed-size Open Inference Protocol datatypes (BYTES is variable)
+ITEMSIZE: dict[str, int] = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "UINT16": 2,
+    "UINT32": 4,
+    "UINT64": 8,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "BF16": 2,
+    "FP32": 4,
+    "FP64": 8,
+}
+
+
+def input_problem(data: bytes) -> str | None:
+    """What cannot be right about the inputs of a serialized ``ModelInferRequest`` whatever the
+    model -- malformed framing, a negative dimension, raw contents whose size is not what the
+    shape and datatype make -- or None."""
+    try:
+        metas = inputs(data)
+    except InvalidInputError as exc:
+        return str(exc)
+    for m in metas:
+        n = 1
+        for d in m.shape:
+            if d < 0:
+                return f"input {m.name!r}: negative dimension in shape {list(m.shape)}"
+            n *= d
+        size = ITEMSIZE.get(m.datatype)
+        if size is not None and m.raw_len is not None and n * size != m.raw_len:
+            return (
+                f"input {m.name!r}: shape {list(m.shape)} of {m.datatype} makes {n * size} bytes,"
+                f" its raw contents have {m.raw_len}"
+            )
+    return None

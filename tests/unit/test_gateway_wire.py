@@ -339,3 +339,22 @@ def test_inputs_of_a_tritonclient_request() -> None:
     out = wire.with_fields(data, version="2", request_id="gw-1")
     assert wire.route_fields(out) == ("affine", "2", "gw-1")
     assert wire.name_version(pb.ModelReadyRequest(name="affine", version="7").SerializeToString()) == ("affine", "7")
+
+
+def test_input_problem() -> None:
+    def req(shape: list[int], raw: int | None, datatype: str = "FP32") -> bytes:
+        r = pb.ModelInferRequest(model_name="m")
+        r.inputs.add(name="x", datatype=datatype, shape=shape)
+        if raw is not None:
+            r.raw_input_contents.append(b"\0" * raw)
+        return r.SerializeToString()
+
+    assert wire.input_problem(req([2, 4], 32)) is None
+    assert wire.input_problem(req([2, 4], None)) is None  # typed contents or missing: Triton's to judge
+    assert wire.input_problem(req([3], 5, "BYTES")) is None  # variable size
+    assert wire.input_problem(req([0, 4], 0)) is None
+    assert "negative dimension" in (wire.input_problem(req([-1, 4], 16)) or "")
+    assert "makes 68719476736 bytes" in (wire.input_problem(req([1 << 32, 4], 16)) or "")
+    assert "raw contents have 12" in (wire.input_problem(req([1, 4], 12)) or "")
+    assert "INT64" in (wire.input_problem(req([1, 4], 16, "INT64")) or "")
+    assert "malformed" in (wire.input_problem(b"\x2a\x05") or "")
