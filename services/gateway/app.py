@@ -105,7 +105,10 @@ class GatewayApp:
         )
         self.keys = ApiKeys(settings.api_key_hashes, settings.admin_key_hashes)
         self.pool = TritonPool(
-            settings.triton_grpc, settings.max_message_bytes, health_interval_s=settings.health_interval_s
+            settings.triton_grpc,
+            settings.max_message_bytes,
+            health_interval_s=settings.health_interval_s,
+            on_ready=self._server_ready,
         )
         self.loop = JobLoop(
             bootstrap=settings.kafka_bootstrap,
@@ -181,6 +184,25 @@ class GatewayApp:
         self.producer.send(self.settings.deployed_topic, Event(msg, source=self.source, key=t.model))
         self.producer.poll(0)
         log.info("rollout", model=t.model, version=t.version, state=t.state.value, traffic=t.traffic, reason=t.reason)
+
+    async def _server_ready(self, endpoint: str) -> bool:
+        """A Triton server turned ready (at start, or back after a restart, when in explicit
+        mode it holds nothing): it takes requests once it holds what every model serves."""
+        models = {st.model: self.manager.wanted_versions(st.model) for st in self.manager.models()}
+
+        def load_all() -> None:
+            for model, versions in models.items():
+                if versions:
+                    self.control.load(model, versions, servers=[endpoint])
+
+        try:
+            await asyncio.to_thread(load_all)
+        except CdlError as exc:
+            log.warning("a Triton server is not ready for the gateway's models yet", server=endpoint, error=str(exc))
+            return False
+        if models:
+            log.info("Triton server joins with every serving version loaded", server=endpoint, models=len(models))
+        return True
 
     def _on_compressed(self, event: Event, ctx: RecordContext) -> list[OutRecord]:
         msg = event.payload
