@@ -1,13 +1,19 @@
 """API keys for cdl's gRPC APIs (gateway inference and admin, ingest).
 
 Callers send ``authorization: Bearer <key>`` metadata. Settings hold only the
-SHA-256 hex digests of the keys they accept, never the keys. A key once
-verified is remembered (a small bounded dict from key to verdict), so the
-digest is not computed per request. An empty list of digests means the API
-is open (the default outside the local stack, which generates a key).
+keys' SHA-256 hex digests (:func:`hash_key` makes one), never the keys. A
+presented key is hashed and compared with every allowed digest in constant
+time (:func:`hmac.compare_digest`, no early exit); a key once verified is
+remembered in a small dict keyed by the metadata value, so the hot path does
+not hash per request. Only verified keys are remembered (so callers cannot
+grow it with wrong ones), and at most ``_CACHE_MAX`` distinct values (past
+that the cache starts over).
 
-:class:`AuthInterceptor` is the sync gRPC server interceptor (ingest); the
-gateway's asyncio hot path calls :meth:`ApiKeys.allowed` itself.
+An empty digest list means no check: the endpoint is open. Admin calls use
+the admin digests, or the inference digests where no admin digest is set.
+
+:class:`AuthInterceptor` guards a sync gRPC server (ingest); the gateway's
+asyncio hot path calls :meth:`ApiKeys.check` itself.
 """
 
 from __future__ import annotations
@@ -21,56 +27,75 @@ import grpc
 
 __all__ = ["ApiKeys", "AuthInterceptor", "bearer", "hash_key"]
 
-_CACHE_MAX = 1024
+_CACHE_MAX = 256
+_INFER = 1
+_ADMIN = 2
 
 
 def hash_key(key: str) -> str:
-    """The digest settings store for ``key``."""
+    """The SHA-256 hex digest of ``key``, as settings store it."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-    """The key of an ``authorization: Bearer <key>`` entry, or None."""
-    for name, value in metadata or ():
-        if name == "authorization":
-            text = value.decode(errors="replace") if isinstance(value, bytes) else value
-            scheme, _, key = text.partition(" ")
-            return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+    """The value of the ``authorization`` metadata entry (None when there is none)."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode(errors="replace")
     return None
 
 
 class ApiKeys:
-    """The keys an API accepts (as digests), and a separate set for admin calls."""
+    """The keys allowed to call inference and admin rpcs; see the module docstring."""
 
     def __init__(self, hashes: Sequence[str], admin_hashes: Sequence[str] = ()) -> None:
-        self._hashes = tuple(h.lower() for h in hashes)
-        self._admin = tuple(h.lower() for h in admin_hashes) or self._hashes
-        self._verified: dict[tuple[str, bool], bool] = {}
+        self._infer = tuple(h.strip().lower().encode() for h in hashes if h.strip())
+        admin = tuple(h.strip().lower().encode() for h in admin_hashes if h.strip())
+        self._admin = admin or self._infer
+        self._verified: dict[str, int] = {}
 
     @property
     def open(self) -> bool:
-        """No key is required."""
-        return not self._hashes
+        """No key is needed for inference."""
+        return not self._infer
 
-    def allowed(self, key: str | None, admin: bool = False) -> bool:
-        """Whether ``key`` may call (an admin method when ``admin``)."""
-        wanted = self._admin if admin else self._hashes
-        if not wanted:
-            return True
-        if not key:
-            return False
-        known = self._verified.get((key, admin))
-        if known is not None:
-            return known
-        digest = hash_key(key)
-        ok = any(hmac.compare_digest(digest, h) for h in wanted)
-        if len(self._verified) >= _CACHE_MAX:
-            self._verified.clear()
-        self._verified[(key, admin)] = ok
-        return ok
+    @property
+    def admin_open(self) -> bool:
+        """No key is needed for admin calls."""
+        return not self._admin
 
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, admin: bool = False) -> bool:
-        return self.allowed(bearer(metadata), admin)
+        """Whether ``metadata`` (a call's invocation metadata) carries a key allowed for the call."""
+        allowed = self._admin if admin else self._infer
+        if not allowed:
+            return True
+        header = bearer(metadata)
+        if header is None:
+            return False
+        roles = self._verified.get(header)
+        if roles is None:
+            roles = self._verify(header)
+            if not roles:
+                return False
+            if len(self._verified) >= _CACHE_MAX:
+                self._verified = {}
+            self._verified[header] = roles
+        return bool(roles & (_ADMIN if admin else _INFER))
+
+    def _verify(self, header: str) -> int:
+        scheme, _, key = header.strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            return 0
+        digest = hash_key(key).encode()
+        roles = 0
+        for h in self._infer:
+            if hmac.compare_digest(digest, h):
+                roles |= _INFER
+        for h in self._admin:
+            if hmac.compare_digest(digest, h):
+                roles |= _ADMIN
+        return roles
 
 
 Handler = Any  # grpc.RpcMethodHandler

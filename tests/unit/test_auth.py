@@ -8,33 +8,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from cdl.auth import ApiKeys, AuthInterceptor, bearer, hash_key
+from cdl.auth import ApiKeys, AuthInterceptor, hash_key
 
 KEY = "s3cret-key"
-
-
-def test_keys_are_checked_against_digests_and_admin_keys_apart() -> None:
-    keys = ApiKeys([hash_key(KEY)], admin_hashes=[hash_key("admin")])
-    assert keys.allowed(KEY) and not keys.allowed("other") and not keys.allowed(None)
-    assert keys.allowed("admin", admin=True) and not keys.allowed(KEY, admin=True)
-    assert keys.allowed(KEY)  # the cached verdict is the same
-    assert ApiKeys([]).allowed(None) and ApiKeys([]).open
-    assert ApiKeys([hash_key(KEY)]).allowed(KEY, admin=True)  # no admin keys: the inference keys
-
-
-@pytest.mark.parametrize(
-    ("metadata", "expected"),
-    [
-        ([("authorization", f"Bearer {KEY}")], KEY),
-        ([("authorization", f"bearer  {KEY} ")], KEY),
-        ([("authorization", KEY)], None),
-        ([("authorization", "Basic abc")], None),
-        ([("x-other", "1")], None),
-        (None, None),
-    ],
-)
-def test_bearer(metadata: list[tuple[str, str]] | None, expected: str | None) -> None:
-    assert bearer(metadata) == expected
 
 
 @pytest.fixture

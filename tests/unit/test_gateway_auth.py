@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from services.gateway import auth
-from services.gateway.auth import ApiKeys, hash_key
+from cdl import auth
+from cdl.auth import ApiKeys, hash_key
 
 
 def _md(value: str | bytes | None, *extra: tuple[str, str]) -> list[tuple[str, str | bytes]]:
