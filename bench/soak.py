@@ -33,6 +33,13 @@ DURATION_S = float(os.environ.get("CDL_BENCH_SOAK_S", "1800"))
 WARMUP_S = float(os.environ.get("CDL_BENCH_SOAK_WARMUP_S", "180"))
 RATE = float(os.environ.get("CDL_BENCH_SOAK_RATE", "100"))
 SERVICES = ["ingest", "trainer", "compressor", "gateway"]
+#: the log line each service writes per unit of work (counted at the end)
+MARKERS = {
+    "ingest": "dataset version committed",
+    "trainer": "model version trained",
+    "compressor": "model version compressed",
+    "gateway": '"state": "PROMOTED"',
+}
 
 
 def _rss_mib(pgid: int) -> float:
@@ -63,12 +70,7 @@ def _versions(state_dir: Path) -> str:
     counts = []
     for name, path in logs.items():
         text = path.read_text(errors="replace") if path.exists() else ""
-        marker = {
-            "ingest": "dataset version committed",
-            "trainer": "model version trained",
-            "compressor": "model version compressed",
-        }
-        counts.append(f"{name} {text.count(marker[name])}")
+        counts.append(f"{name} {text.count(MARKERS.get(name, '?'))}")
     return ", ".join(counts)
 
 
@@ -101,6 +103,7 @@ def main() -> None:
                     if not warm_rss and elapsed >= WARMUP_S:
                         warm_rss = {n: _rss_mib(p) for n, p in pids.items()}
                         warm_snap = _snapshot_bytes(bootstrap)
+                        progress.console.print(f"after warm-up: RSS {warm_rss} MiB, snapshot {warm_snap} bytes")
                     rss = " ".join(f"{n} {_rss_mib(p):.0f}M" for n, p in pids.items())
                     progress.update(task, completed=elapsed, description=f"{feed.sent} sent; RSS {rss}")
                     time.sleep(5)
