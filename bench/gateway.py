@@ -29,11 +29,14 @@ time; traffic starts then) to ROLLED_BACK (0% traffic).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -315,22 +318,39 @@ def main() -> None:
             write_onnx(store, MODEL, bad, failing_onnx(N_IN, N_OUT), N_IN, N_OUT)
 
             async def bad_canary() -> int:
+                """50 requests/s until the bad version is rolled back; ``model.deployed`` is watched
+                from a thread, off the request loop."""
                 failures = 0
+                done = asyncio.Event()
+
+                def rolled_back() -> bool:
+                    return any(
+                        d.model == MODEL and d.version == bad and d.state == events_pb2.ROLLOUT_STATE_ROLLED_BACK
+                        for _, d in _deployed(bootstrap, topics["deployed"])
+                    )
+
+                async def watch() -> None:
+                    while not await asyncio.to_thread(rolled_back):
+                        await asyncio.sleep(0.2)
+                    done.set()
+
+                watcher = asyncio.create_task(watch())
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{gw_port}") as channel:
                     call = channel.unary_unary(METHOD)
                     announce(bad)
                     end = time.monotonic() + 60
-                    while time.monotonic() < end:
+                    t0 = time.perf_counter()
+                    i = 0
+                    while not done.is_set() and time.monotonic() < end:
+                        i += 1
                         try:
                             await call(request, metadata=auth, timeout=10)
                         except grpc.RpcError:
                             failures += 1
-                        await asyncio.sleep(0.02)
-                        if any(
-                            d.version == bad and d.state == events_pb2.ROLLOUT_STATE_ROLLED_BACK
-                            for _, d in _deployed(bootstrap, topics["deployed"])[-5:]
-                        ):
-                            break
+                        delay = t0 + i / 50 - time.perf_counter()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                watcher.cancel()
                 return failures
 
             failures = asyncio.run(bad_canary())
@@ -344,6 +364,8 @@ def main() -> None:
         finally:
             stop(gw, 20)
             stop(floor, 5)
+            with contextlib.suppress(OSError):  # the private stack's directory goes away: keep the log
+                shutil.copy(tmp / "gateway.log", Path(tempfile.gettempdir()) / "cdl-bench-gateway.log")
             gw_proc.wait(10)
             floor_proc.wait(10)
 
