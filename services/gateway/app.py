@@ -47,7 +47,7 @@ from cdl.store import BUCKETS, ObjectStore
 from cdl.v1 import admin_pb2_grpc, events_pb2
 from services.gateway.admin import ModelAdminService
 from services.gateway.auth import ApiKeys
-from services.gateway.backends import TritonPool, channel_options
+from services.gateway.backends import TritonPool
 from services.gateway.control import TritonControl
 from services.gateway.inference_log import InferenceLog
 from services.gateway.rollout import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
@@ -250,7 +250,11 @@ class GatewayApp:
         self._worker.start()
         self.execute(await asyncio.to_thread(self.manager.restore, self.rollouts.load_all()))
         await self.pool.start()
-        options: list[tuple[str, Any]] = [*channel_options(s.max_message_bytes), ("grpc.so_reuseport", 0)]
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),  # larger: RESOURCE_EXHAUSTED
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
         server = grpc.aio.server(options=options)
         service = InferenceService(
             self.table, self.pool, self.manager, self.log, self.keys, s.default_timeout_s, s.max_message_bytes
@@ -277,6 +281,7 @@ class GatewayApp:
             self._ready.clear()
             log.info("gateway stopping")
             await server.stop(grace=5)
+            await service.drain()
             self.loop.stop()
             self._kafka.join(30)
             await ticks
