@@ -3,7 +3,13 @@
 :meth:`InferenceLog.offer` is all the hot path does: a sampling step and an
 append of a tuple of references (the request's and response's bytes are not
 copied) to a bounded deque, O(1). A daemon thread turns what was offered into
-``InferenceLogged`` records and produces them; when the queue is full (Kafka
+``InferenceLogged`` records and produces them, in rounds every ``interval_s``
+(50 ms; at once while a ``batch`` is waiting): the thread takes the GIL once
+a round rather than once a request, and librdkafka batches a round's records
+into one produce request. Small messages are read with protobuf's C parser
+(falling back to the wire scan where it refuses the bytes), small outputs'
+top labels are found without numpy, and a round's event ids and trace
+contexts come from one ``os.urandom`` call. When the queue is full (Kafka
 slow or away, so the thread is stuck behind librdkafka's full queue) the
 record is dropped and counted in ``cdl_gateway_log_dropped_total{reason}``
 (``full``); a record Kafka did not acknowledge is counted with reason
@@ -33,20 +39,24 @@ the field.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
 from cdl.errors import InvalidInputError
 from cdl.events import Event, encode, source_name
 from cdl.logging import get_logger
 from cdl.v1 import events_pb2
+from cdl.v1 import open_inference_pb2 as pb
 from services.gateway import wire
 
 __all__ = ["LOG_DROPPED", "LOG_SENT", "InferenceLog", "LogProducer", "build_record", "top_labels"]
@@ -95,13 +105,77 @@ class LogProducer(Protocol):
     def poll(self, timeout_s: float = ...) -> None: ...
 
 
+#: datatypes whose raw little-endian contents ``memoryview.cast`` reads natively (little-endian
+#: machines only): the fast path of :func:`top_labels` for small outputs, no numpy
+_CAST: dict[str, str] = (
+    {"FP32": "f", "FP64": "d", "INT32": "i", "INT64": "q", "UINT8": "B", "INT8": "b"}
+    if sys.byteorder == "little"
+    else {}
+)
+_FLOATS = frozenset({"FP32", "FP64"})
+#: outputs of at most this many elements take the pure-Python path (numpy's per-call overhead
+#: is larger than the work below that)
+_SMALL = 256
+
+
+#: messages up to this size are read with protobuf's (C) parser first -- the same values the wire
+#: scan reads wherever the parser accepts the bytes, in a fraction of the time; larger ones (and
+#: those the parser refuses) are scanned (no copy of the tensors)
+_PARSE_MAX = 64 << 10
+
+
+def _first_output(response: bytes) -> tuple[str, tuple[int, ...], bytes | memoryview] | None:
+    """:func:`wire.first_output` (None also where it raises)."""
+    if len(response) <= _PARSE_MAX:
+        try:
+            msg = pb.ModelInferResponse.FromString(response)
+        except DecodeError:
+            pass
+        else:
+            if not msg.outputs or not msg.raw_output_contents:
+                return None
+            first = msg.outputs[0]
+            return first.datatype, tuple(first.shape), msg.raw_output_contents[0]
+    try:
+        return wire.first_output(response)
+    except InvalidInputError:
+        return None
+
+
+def _raw_inputs(request: bytes) -> Sequence[bytes | memoryview]:
+    """:func:`wire.raw_inputs` (empty where it raises)."""
+    if len(request) <= _PARSE_MAX:
+        try:
+            return pb.ModelInferRequest.FromString(request).raw_input_contents
+        except DecodeError:
+            pass
+    try:
+        return wire.raw_inputs(request)
+    except InvalidInputError:
+        return []
+
+
+def _top_small(values: list[Any], width: int, floats: bool) -> tuple[list[int], list[float]] | None:
+    """:func:`top_labels` of a few values (numpy's argmax semantics: the first maximum);
+    None where a row may hold a NaN (numpy's answer is then taken)."""
+    labels: list[int] = []
+    scores: list[float] = []
+    for start in range(0, len(values), width):
+        row = values[start : start + width]
+        if floats:
+            total = sum(row)
+            if math.isnan(total):  # a NaN (or inf - inf): leave it to numpy
+                return None
+        i = row.index(max(row))
+        labels.append(i)
+        scores.append(float(row[i]))
+    return labels, scores
+
+
 def top_labels(response: bytes) -> tuple[list[int], list[float]] | None:
     """Top label (argmax over the last dimension) and its score, per row of the first output of a
     serialized ``ModelInferResponse``; None where there is nothing numeric to decode."""
-    try:
-        out = wire.first_output(response)
-    except InvalidInputError:
-        return None
+    out = _first_output(response)
     if out is None:
         return None
     datatype, shape, raw = out
@@ -109,12 +183,19 @@ def top_labels(response: bytes) -> tuple[list[int], list[float]] | None:
     if dtype is None:
         return None
     itemsize = np.dtype(dtype).itemsize
-    if not raw.nbytes or raw.nbytes % itemsize:
+    nbytes = len(raw) if isinstance(raw, bytes) else raw.nbytes
+    if not nbytes or nbytes % itemsize:
         return None
+    count = nbytes // itemsize
+    width = shape[-1] if shape else count
+    if width <= 0 or count % width:
+        return None
+    fmt = _CAST.get(datatype)
+    if fmt is not None and count <= _SMALL:
+        top = _top_small(memoryview(raw).cast(fmt).tolist(), width, datatype in _FLOATS)  # type: ignore[call-overload]
+        if top is not None:
+            return top
     values = np.frombuffer(raw, dtype=dtype)
-    width = shape[-1] if shape else values.size
-    if width <= 0 or values.size % width:
-        return None
     rows = values.reshape(-1, width)
     idx = rows.argmax(axis=1)
     scores = rows[np.arange(rows.shape[0]), idx]
@@ -123,10 +204,7 @@ def top_labels(response: bytes) -> tuple[list[int], list[float]] | None:
 
 def _digest(request: bytes) -> str:
     h = hashlib.sha256()
-    try:
-        raws = wire.raw_inputs(request)
-    except InvalidInputError:
-        raws = []
+    raws = _raw_inputs(request)
     if raws:
         for r in raws:
             h.update(r)
@@ -151,10 +229,20 @@ def build_record(item: _Item, inputs_max_bytes: int) -> events_pb2.InferenceLogg
         top = top_labels(response)
         if top is not None:
             rec.predicted_labels.extend(str(i) for i in top[0])
-    ts = Timestamp()
-    ts.FromNanoseconds(int(when * 1e9))
-    rec.time.CopyFrom(ts)
+    rec.time.FromNanoseconds(int(when * 1e9))
     return rec
+
+
+#: random bytes per record: a UUID (16) and a trace context (16 + 8)
+_ENTROPY = 40
+
+
+def _ids(entropy: str, at: int) -> tuple[str, str]:
+    """An event id (a version-4 UUID, as ``str(uuid.uuid4())``) and a fresh W3C traceparent (as
+    :func:`cdl.events.new_traceparent`) from the hex digits of ``entropy`` at ``at``."""
+    h = entropy[at : at + 2 * _ENTROPY]
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}", f"00-{h[32:64]}-{h[64:80]}-01"
 
 
 class InferenceLog:
@@ -172,14 +260,19 @@ class InferenceLog:
         queue_size: int = 10000,
         source: str | None = None,
         batch: int = 512,
+        interval_s: float = 0.05,
     ) -> None:
+        """``interval_s``: the thread hands what was offered to the producer every so often (and
+        at once while it is behind by a ``batch``); records reach Kafka that much later."""
         self._producer = producer
         self._topic = topic
         self._sample = min(max(sample, 0.0), 1.0)
         self._credit = 0.0
         self._inputs_max = inputs_max_bytes
         self._max = max(1, queue_size)
-        self._batch = batch
+        self._batch = max(1, batch)
+        self._interval = max(0.001, interval_s)
+        self._sent = LOG_SENT
         self._queue: deque[_Item] = deque()
         self._source = source or source_name("gateway")
         self._dropped_full = LOG_DROPPED.labels(reason="full")
@@ -230,23 +323,36 @@ class InferenceLog:
         producer = self._producer
         assert producer is not None
         queue = self._queue
+        interval = self._interval
         while True:
-            if not queue:
+            if queue:
+                # what arrived since the last round, handed to the producer in one go: librdkafka
+                # then batches it into one produce request (not one per record), and this thread
+                # takes the GIL once per round, not once per request
+                n = min(len(queue), self._batch)
+                sent = 0
+                entropy = os.urandom(_ENTROPY * n).hex()  # one system call for the round's ids
+                for i in range(n):
+                    item = queue.popleft()
+                    try:
+                        rec = build_record(item, self._inputs_max)
+                        event_id, trace = _ids(entropy, i * 2 * _ENTROPY)
+                        event = Event(payload=rec, source=self._source, key=item[2], id=event_id, traceparent=trace)
+                        key, value, headers = encode(event)
+                        producer.send_raw(self._topic, value, key, headers, on_delivery=self._delivered)
+                        sent += 1
+                    except Exception:  # a log record must never stop the log
+                        self._dropped_kafka.inc()
+                        log.exception("inference log record not sent", model=item[0])
+                if sent:
+                    self._sent.inc(sent)
                 producer.poll(0)
-                if self._closed.wait(0.02) and not queue:
-                    return
-                continue
-            for _ in range(min(len(queue), self._batch)):
-                item = queue.popleft()
-                try:
-                    rec = build_record(item, self._inputs_max)
-                    key, value, headers = encode(Event(payload=rec, source=self._source, key=item[2]))
-                    producer.send_raw(self._topic, value, key, headers, on_delivery=self._delivered)
-                    LOG_SENT.inc()
-                except Exception:  # a log record must never stop the log
-                    self._dropped_kafka.inc()
-                    log.exception("inference log record not sent", model=item[0])
-            producer.poll(0)
+                if len(queue) >= self._batch:
+                    continue  # behind: no pause
+            else:
+                producer.poll(0)
+            if self._closed.wait(interval) and not queue:
+                return
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the thread after handing what is queued to Kafka (within ``timeout_s``)."""

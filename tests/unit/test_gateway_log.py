@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 
 from cdl.events import decode
 from cdl.v1 import events_pb2
@@ -94,6 +95,68 @@ def test_top_labels_of_a_real_response() -> None:
     odd.outputs.add(name="o", datatype="FP32", shape=[2, 3])
     odd.raw_output_contents.append(b"\x00" * 7)  # not whole floats
     assert top_labels(odd.SerializeToString()) is None
+
+
+def _numpy_top(y: np.ndarray[Any, Any]) -> tuple[list[int], list[float]]:
+    rows = y.reshape(-1, y.shape[-1])
+    idx = rows.argmax(axis=1)
+    return [int(i) for i in idx], [float(rows[r, i]) for r, i in enumerate(idx)]
+
+
+@pytest.mark.parametrize("dtype,datatype", [("<f4", "FP32"), ("<f8", "FP64"), ("<i4", "INT32"), ("<i8", "INT64")])
+def test_top_labels_small_outputs_match_numpy(dtype: str, datatype: str) -> None:
+    # the pure-Python path for small outputs answers what numpy's argmax answers: the first maximum
+    rng = np.random.default_rng(3)
+    cases = [rng.normal(size=(4, 10)) * 10, np.array([[1.0, 3.0, 3.0, 2.0]]), np.array([[5.0, 5.0]]), np.zeros((2, 3))]
+    if datatype.startswith("FP"):
+        cases += [
+            np.array([[0.0, -0.0], [-0.0, 0.0]]),
+            np.array([[1.0, np.nan, 2.0], [np.nan, 0.0, 1.0]]),
+            np.array([[np.inf, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf]]),
+            rng.normal(size=(1, 300)),  # past the small path: numpy
+        ]
+    for case in cases:
+        y = case.astype(dtype)
+        got = top_labels(_response(y, datatype))
+        assert got is not None
+        want = _numpy_top(y)
+        assert got[0] == want[0], y
+        np.testing.assert_array_equal(np.array(got[1]), np.array(want[1]))
+        assert [np.signbit(v) for v in got[1]] == [np.signbit(v) for v in want[1]]
+
+
+def test_top_labels_and_digest_of_bytes_the_parser_refuses() -> None:
+    # a response whose first output is well-formed but whose tail is not: the wire scan's answer
+    y = np.array([[0.1, 0.9]], dtype="<f4")
+    bad_tail = _response(y) + b"\x2a\x05\x0a"  # an output cut short
+    assert top_labels(bad_tail) == top_labels(_response(y))
+    # a request with an input name that is not UTF-8 (the parser refuses it; the scan skips it)
+    x = np.ones((1, 2), dtype="<f4")
+    req = pb.ModelInferRequest(model_name="m")
+    req.inputs.add(name="input", datatype="FP32", shape=[1, 2])
+    req.raw_input_contents.append(x.tobytes())
+    data = req.SerializeToString().replace(b"input", b"inp\xffx")
+    with pytest.raises(DecodeError):
+        pb.ModelInferRequest.FromString(data)
+    rec = build_record(("m", 1, "r", data, b"", 0.0, "OK", 0.0), 0)
+    assert rec.inputs_digest == hashlib.sha256(x.tobytes()).hexdigest()
+
+
+def test_event_ids_are_uuid4_and_traceparents() -> None:
+    import re
+    import uuid
+
+    from services.gateway.inference_log import _ids
+
+    seen = set()
+    entropy = __import__("os").urandom(40 * 200).hex()
+    for i in range(200):
+        event_id, trace = _ids(entropy, i * 80)
+        u = uuid.UUID(event_id)
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == event_id
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", trace)
+        seen.add(event_id)
+    assert len(seen) == 200
 
 
 def test_record_fields() -> None:
