@@ -835,13 +835,22 @@ class RolloutManager:
                 return f"error rate {cand.error_rate:.3f} vs stable {base:.3f} (max +{p.max_error_rate})"
         if cand.answered >= p.min_samples and stable.answered >= p.min_samples:
             c99, s99 = cand.quantile(0.99), stable.quantile(0.99)
+            c50, s50 = cand.quantile(0.5), stable.quantile(0.5)
+            # a slower version moves its whole distribution; a blip on a busy machine moves only
+            # the tail of a few samples: both p99 and the median must be over the ratio
             if (
                 c99 is not None
                 and s99 is not None
+                and c50 is not None
+                and s50 is not None
                 and c99 > p.max_latency_ratio * s99
                 and c99 - s99 > p.latency_floor_s
+                and c50 > p.max_latency_ratio * s50
             ):
-                return f"p99 latency {c99 * 1e3:.1f} ms vs stable {s99 * 1e3:.1f} ms (max x{p.max_latency_ratio})"
+                return (
+                    f"p99 latency {c99 * 1e3:.1f} ms vs stable {s99 * 1e3:.1f} ms, median {c50 * 1e3:.1f} ms "
+                    f"vs {s50 * 1e3:.1f} ms (max x{p.max_latency_ratio})"
+                )
         ca, sa = cand.accuracy, stable.accuracy
         enough = cand.feedback >= p.min_feedback and stable.feedback >= p.min_feedback
         if ca is not None and sa is not None and enough and ca < sa - p.max_accuracy_drop:
