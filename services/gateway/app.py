@@ -61,6 +61,8 @@ __all__ = ["GatewayApp", "main"]
 log = get_logger(__name__)
 
 TICK_S = 0.1
+#: every this many ticks (5 s) the servers' loaded versions are compared with what the manager wants
+RECONCILE_TICKS = 50
 
 
 class _RolloutCollector(Collector):
@@ -222,10 +224,27 @@ class GatewayApp:
             log.exception("event loop over model.compressed stopped")
             signal.raise_signal(signal.SIGTERM)
 
+    def _reconcile(self) -> None:
+        """Make every server hold what the manager wants where it does not (a server that
+        dropped a version, a load that half failed): only the servers that differ are loaded."""
+        for st in self.manager.models():
+            wanted = self.manager.wanted_versions(st.model)
+            if not wanted:
+                continue
+            held = self.control.loaded_versions(st.model)
+            stale = [ep for ep, versions in held.items() if tuple(sorted(versions)) != wanted]
+            if stale:
+                log.warning("Triton servers out of step; loading them again", model=st.model, servers=stale)
+                self.control.load(st.model, wanted, servers=stale)
+
     async def _ticks(self) -> None:
+        n = 0
         while not self._stopping.is_set():
+            n += 1
             try:
                 self.execute(await asyncio.to_thread(self.manager.tick))
+                if n % RECONCILE_TICKS == 0:
+                    await asyncio.to_thread(self._reconcile)
             except Exception:
                 log.exception("rollout tick failed")
             with contextlib.suppress(TimeoutError):
