@@ -48,7 +48,8 @@ def _restart_broker(stack: dict[str, Any], sig: signal.Signals) -> None:
         time.sleep(0.1)
     assert not is_alive(info), "broker did not stop"
     time.sleep(2)  # clients notice it is gone
-    LocalStack(StackSettings(state_dir=Path(stack["state_dir"]), triton_servers=1, services=[])).up()
+    servers = len(stack["triton"])  # the session's stack as it is (the gateway's tests use every Triton)
+    LocalStack(StackSettings(state_dir=Path(stack["state_dir"]), triton_servers=servers, services=[])).up()
 
 
 def _record(name: str, i: int) -> bytes:
