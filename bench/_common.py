@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+#: the Open Inference Protocol's inference method
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @contextlib.contextmanager
@@ -74,3 +79,79 @@ def cpu_report(before: dict[str, tuple[float, int]], after: dict[str, tuple[floa
         cpu0, faults0 = before.get(name, (0.0, 0))
         parts.append(f"{name} {cpu - cpu0:.2f}s ({(faults - faults0) / 1000:.0f}k faults)")
     return ", ".join(parts)
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process group ``pid`` (every live member), MiB."""
+    from cdl.stack._procs import group_members
+
+    kib = 0
+    for p in group_members(pid) or [pid]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    kib += int(line.split()[1])
+        except FileNotFoundError:
+            continue
+    return kib / 1024
+
+
+async def fixed_rate(
+    target: str, request: bytes, metadata: Any, rate: float, seconds: float, method: str = MODEL_INFER
+) -> list[float]:
+    """Latencies of requests sent open-loop at ``rate`` per second for ``seconds`` (failures are printed)."""
+    import grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(method)
+        for _ in range(20):  # warm the connection
+            await call(request, metadata=metadata, timeout=10)
+        latencies: list[float] = []
+        failures = 0
+
+        async def one() -> None:
+            nonlocal failures
+            t = time.perf_counter()
+            try:
+                await call(request, metadata=metadata, timeout=10)
+                latencies.append(time.perf_counter() - t)
+            except grpc.RpcError as exc:
+                failures += 1
+                if failures == 1:
+                    print(f"    failed: {exc}")
+
+        tasks = []
+        n = int(rate * seconds)
+        t0 = time.perf_counter()
+        for i in range(n):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        if failures:
+            print(f"    {failures} failed requests at {target}")
+        return latencies
+
+
+async def closed_loop(
+    target: str, request: bytes, metadata: Any, seconds: float, concurrency: int, method: str = MODEL_INFER
+) -> float:
+    """Requests per second with ``concurrency`` callers each waiting for its answer."""
+    import grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(method)
+        await call(request, metadata=metadata, timeout=10)
+        done = 0
+        end = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                await call(request, metadata=metadata, timeout=10)
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.perf_counter() - t0)

@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import machine, private_stack, result
+from bench._common import closed_loop, fixed_rate, machine, private_stack, result, rss_mib
 
 ROUNDS = int(os.environ.get("CDL_BENCH_GATEWAY_ROUNDS", "3"))
 RATE = float(os.environ.get("CDL_BENCH_GATEWAY_RATE", "200"))
@@ -80,73 +80,6 @@ def _cpu_s(pid: int) -> float:
         if st is not None:
             total += (int(st[11]) + int(st[12])) / tick
     return total
-
-
-def _rss_mib(pid: int) -> float:
-    from cdl.stack._procs import group_members
-
-    kib = 0
-    for p in group_members(pid) or [pid]:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    kib += int(line.split()[1])
-        except FileNotFoundError:
-            continue
-    return kib / 1024
-
-
-async def _fixed_rate(target: str, request: bytes, metadata: Any, rate: float, seconds: float) -> list[float]:
-    import grpc
-
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD)
-        for _ in range(20):  # warm the connection
-            await call(request, metadata=metadata, timeout=10)
-        latencies: list[float] = []
-        failures = 0
-
-        async def one() -> None:
-            nonlocal failures
-            t = time.perf_counter()
-            try:
-                await call(request, metadata=metadata, timeout=10)
-                latencies.append(time.perf_counter() - t)
-            except grpc.RpcError:
-                failures += 1
-
-        tasks = []
-        n = int(rate * seconds)
-        t0 = time.perf_counter()
-        for i in range(n):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        if failures:
-            print(f"    {failures} failed requests at {target}")
-        return latencies
-
-
-async def _closed_loop(target: str, request: bytes, metadata: Any, seconds: float) -> float:
-    import grpc
-
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD)
-        await call(request, metadata=metadata, timeout=10)
-        done = 0
-        end = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < end:
-                await call(request, metadata=metadata, timeout=10)
-                done += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        return done / (time.perf_counter() - t0)
 
 
 def _wait_http(url: str, timeout_s: float = 60) -> None:
@@ -270,9 +203,9 @@ def main() -> None:
             for rnd in range(1, ROUNDS + 1):
                 for name, (target, metadata, pid) in targets.items():
                     cpu0 = _cpu_s(pid) if pid else 0.0
-                    lat = asyncio.run(_fixed_rate(target, request, metadata, RATE, SECONDS))
+                    lat = asyncio.run(fixed_rate(target, request, metadata, RATE, SECONDS))
                     cpu = (_cpu_s(pid) - cpu0) / len(lat) * 1e6 if pid else float("nan")
-                    rps = asyncio.run(_closed_loop(target, request, metadata, SECONDS))
+                    rps = asyncio.run(closed_loop(target, request, metadata, SECONDS, CONCURRENCY))
                     q = np.quantile(lat, [0.5, 0.99]) * 1000
                     f = figures[name]
                     f["p50"].append(float(q[0]))
@@ -315,8 +248,8 @@ def main() -> None:
                     outcomes[ended] = outcomes.get(ended, 0) + 1
                     if v in (2, ROLLOUTS + 1):
                         await asyncio.sleep(2)  # the old version drained and unloaded
-                        gw_rss.append(_rss_mib(gw.pid))
-                        tr_rss.append(_rss_mib(tr_pid))
+                        gw_rss.append(rss_mib(gw.pid))
+                        tr_rss.append(rss_mib(tr_pid))
                         print(
                             f"after rollout {v - 1}: gateway RSS {gw_rss[-1]:.0f} MiB, Triton RSS {tr_rss[-1]:.0f} MiB"
                         )

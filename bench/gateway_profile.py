@@ -45,6 +45,8 @@ if os.environ.get("GWP_ROOT"):  # another checkout's services/ and cdl/ (e.g. `g
     sys.path.insert(0, os.environ["GWP_ROOT"])
 
 SERVICE = "inference.GRPCInferenceService"
+from bench._common import closed_loop, fixed_rate  # noqa: E402 - after the sys.path entries
+
 METHOD = f"/{SERVICE}/ModelInfer"
 MODEL = "digits_bench"
 KEY = "bench-key"
@@ -207,62 +209,6 @@ def _cpu_s(pid: int) -> float:
     return total / 1e9
 
 
-async def _fixed_rate(target: str, request: bytes, metadata: Any, rate: float, seconds: float) -> list[float]:
-    import grpc
-    import grpc.aio
-
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD)
-        for _ in range(20):
-            await call(request, metadata=metadata, timeout=10)
-        latencies: list[float] = []
-        failures = 0
-
-        async def one() -> None:
-            nonlocal failures
-            t = time.perf_counter()
-            try:
-                await call(request, metadata=metadata, timeout=10)
-                latencies.append(time.perf_counter() - t)
-            except grpc.RpcError as exc:
-                failures += 1
-                if failures == 1:
-                    print(f"    failed: {exc}")
-
-        tasks = []
-        n = int(rate * seconds)
-        t0 = time.perf_counter()
-        for i in range(n):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        if failures:
-            print(f"    {failures} failed requests at {target}")
-        return latencies
-
-
-async def _closed_loop(target: str, request: bytes, metadata: Any, seconds: float, concurrency: int) -> float:
-    import grpc.aio
-
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD)
-        await call(request, metadata=metadata, timeout=10)
-        done = 0
-        end = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < end:
-                await call(request, metadata=metadata, timeout=10)
-                done += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - t0)
-
-
 def _free_port() -> int:
     import socket
 
@@ -342,18 +288,18 @@ def main() -> None:
             targets[vname] = (addr, auth if with_key else (), proc.pid)
         if a.hold:
             print(f"gateway pid {procs[2].pid}", flush=True)
-            asyncio.run(_fixed_rate(targets["gateway"][0], request, auth, a.rate, a.hold))
+            asyncio.run(fixed_rate(targets["gateway"][0], request, auth, a.rate, a.hold))
             return
         figures: dict[str, dict[str, list[float]]] = {n: {"cpu": [], "p50": [], "rps": []} for n in targets}
         for rnd in range(1, a.rounds + 1):
             for name, (target, metadata, pid) in targets.items():
                 c0 = _cpu_s(pid)
-                lat = asyncio.run(_fixed_rate(target, request, metadata, a.rate, a.seconds))
+                lat = asyncio.run(fixed_rate(target, request, metadata, a.rate, a.seconds))
                 cpu = (_cpu_s(pid) - c0) / len(lat) * 1e6
                 rps = (
                     float("nan")
                     if a.skip_throughput
-                    else asyncio.run(_closed_loop(target, request, metadata, a.seconds, a.concurrency))
+                    else asyncio.run(closed_loop(target, request, metadata, a.seconds, a.concurrency))
                 )
                 f = figures[name]
                 f["cpu"].append(cpu)

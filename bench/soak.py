@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from bench._common import machine, result
+from bench._common import machine, result, rss_mib
 
 DURATION_S = float(os.environ.get("CDL_BENCH_SOAK_S", "1800"))
 WARMUP_S = float(os.environ.get("CDL_BENCH_SOAK_WARMUP_S", "180"))
@@ -40,21 +40,6 @@ MARKERS = {
     "compressor": "model version compressed",
     "gateway": '"state": "PROMOTED"',
 }
-
-
-def _rss_mib(pgid: int) -> float:
-    """Resident memory of a process group (the service and any children), MiB."""
-    from cdl.stack._procs import group_members
-
-    total = 0
-    for pid in group_members(pgid) or [pgid]:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            continue
-    return total / 1024
 
 
 def _snapshot_bytes(bootstrap: str) -> int:
@@ -90,7 +75,7 @@ def main() -> None:
             bootstrap = state["kafka"]["bootstrap"]
             pids = {name: int(state["procs"][name]["pid"]) for name in SERVICES}
             register_digits(state["services"]["ingest"]["grpc"], api_key=state.get("api_key"))
-            start_rss = {n: _rss_mib(p) for n, p in pids.items()}
+            start_rss = {n: rss_mib(p) for n, p in pids.items()}
             feed = DigitsFeed(bootstrap, rate=RATE).start()
             warm_rss: dict[str, float] = {}
             warm_snap = 0
@@ -101,14 +86,14 @@ def main() -> None:
                 task = progress.add_task("", total=DURATION_S)
                 while (elapsed := time.monotonic() - t0) < DURATION_S:
                     if not warm_rss and elapsed >= WARMUP_S:
-                        warm_rss = {n: _rss_mib(p) for n, p in pids.items()}
+                        warm_rss = {n: rss_mib(p) for n, p in pids.items()}
                         warm_snap = _snapshot_bytes(bootstrap)
                         progress.console.print(f"after warm-up: RSS {warm_rss} MiB, snapshot {warm_snap} bytes")
-                    rss = " ".join(f"{n} {_rss_mib(p):.0f}M" for n, p in pids.items())
+                    rss = " ".join(f"{n} {rss_mib(p):.0f}M" for n, p in pids.items())
                     progress.update(task, completed=elapsed, description=f"{feed.sent} sent; RSS {rss}")
                     time.sleep(5)
             feed.stop()
-            end_rss = {n: _rss_mib(p) for n, p in pids.items()}
+            end_rss = {n: rss_mib(p) for n, p in pids.items()}
             end_snap = _snapshot_bytes(bootstrap)
             print(f"records sent: {feed.sent}; versions/trainings/compressions in logs: {_versions(Path(tmp))}")
         finally:
