@@ -365,6 +365,23 @@ class DatasetVersion:
     split: npt.NDArray[np.uint8]
     x: npt.NDArray[Any] | None
     text: npt.NDArray[np.object_] | None
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    """The manifest entries read: all of them, or the newest ones of a window."""
+
+    @property
+    def windowed(self) -> bool:
+        return len(self.shards) < len(self.manifest["shards"])
+
+    def offset_ranges(self) -> list[dict[str, Any]]:
+        """Per raw-topic partition, the offsets of the records loaded (the lineage of a model)."""
+        if not self.windowed:
+            return list(self.manifest["offset_ranges"])
+        topic = self.manifest["offset_ranges"][0]["topic"] if self.manifest["offset_ranges"] else ""
+        ranges: dict[int, list[int]] = {}
+        for e in self.shards:
+            lo_hi = ranges.setdefault(int(e["partition"]), [int(e["first_offset"]), int(e["last_offset"])])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], int(e["first_offset"])), max(lo_hi[1], int(e["last_offset"]))
+        return [{"topic": topic, "partition": p, "first": lo, "last": hi} for p, (lo, hi) in sorted(ranges.items())]
 
     def subset(self, holdout: bool) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
         mask = self.split == (1 if holdout else 0)
@@ -378,13 +395,35 @@ def read_manifest(store: ObjectStore, dataset: str, version: int) -> dict[str, A
     return doc
 
 
-def iter_shards(store: ObjectStore, manifest: Mapping[str, Any]) -> Iterator[dict[str, npt.NDArray[Any]]]:
-    for entry in manifest["shards"]:
+def iter_shards(
+    store: ObjectStore, manifest: Mapping[str, Any], entries: Sequence[Mapping[str, Any]] | None = None
+) -> Iterator[dict[str, npt.NDArray[Any]]]:
+    for entry in manifest["shards"] if entries is None else entries:
         yield decode_shard(store.get_bytes(DATASETS_BUCKET, entry["key"]))
 
 
-def load_version(store: ObjectStore, dataset: str, version: int) -> DatasetVersion:
-    """Read a version's manifest and every shard it lists.
+def newest_shards(manifest: Mapping[str, Any], max_records: int) -> list[dict[str, Any]]:
+    """The manifest's newest shards holding at least ``max_records`` records (0: every shard).
+
+    A manifest lists shards in the order they were committed (a merge takes the
+    place of the shards it merged), so the newest are at its end; whole shards
+    are taken, in manifest order.
+    """
+    entries: list[dict[str, Any]] = list(manifest["shards"])
+    if max_records <= 0:
+        return entries
+    total = 0
+    for i in range(len(entries) - 1, -1, -1):
+        total += int(entries[i]["records"])
+        if total >= max_records:
+            return entries[i:]
+    return entries
+
+
+def load_version(store: ObjectStore, dataset: str, version: int, max_records: int = 0) -> DatasetVersion:
+    """Read a version's manifest and the shards it lists: every one, or with
+    ``max_records`` the newest that hold at least that many records (a training
+    window: memory and time stay bounded however long the dataset grows).
 
     Shards are read one at a time; a text column becomes Python strings as its
     shard is read (see :class:`DatasetVersion`), so a version costs what its
@@ -392,8 +431,9 @@ def load_version(store: ObjectStore, dataset: str, version: int) -> DatasetVersi
     """
     manifest = read_manifest(store, dataset, version)
     spec = DatasetSpec.from_json(manifest["spec"])
+    entries = newest_shards(manifest, max_records)
     columns: dict[str, list[npt.NDArray[Any]]] = {}
-    for part in iter_shards(store, manifest):
+    for part in iter_shards(store, manifest, entries):
         for name, col in part.items():
             columns.setdefault(name, []).append(col.astype(object) if name == "text" else col)
     if not columns:
@@ -403,7 +443,8 @@ def load_version(store: ObjectStore, dataset: str, version: int) -> DatasetVersi
         return np.concatenate(columns[name])
 
     total = sum(len(c) for c in columns["id"])
-    if total != manifest["total_records"]:
+    expected = manifest["total_records"] if len(entries) == len(manifest["shards"]) else None
+    if total != sum(int(e["records"]) for e in entries) or expected not in (None, total):
         raise ConflictError("manifest and shards disagree", dataset=dataset, version=version)
     return DatasetVersion(
         spec=spec,
@@ -414,4 +455,5 @@ def load_version(store: ObjectStore, dataset: str, version: int) -> DatasetVersi
         split=cat("split"),
         x=cat("x") if "x" in columns else None,
         text=cat("text") if "text" in columns else None,
+        shards=entries,
     )

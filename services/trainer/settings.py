@@ -36,6 +36,10 @@ class TrainerSettings(ServiceSettings):
     """Part of the train split held out for early stopping (the holdout is kept for the gate)."""
     seed: int = 0
     """Seed of every training (deterministic runs)."""
+    window_records: int = 50_000
+    """Train on the newest shards of a version holding at least this many records (0: the
+    whole version). Continuous data grows without end; a window keeps each training's
+    memory and time bounded and follows what the data is now. Lineage names its offsets."""
     max_epochs: int = 0
     """Cap on epochs whatever the hyperparameters say (0: no cap)."""
     patience: int = 6

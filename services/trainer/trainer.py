@@ -123,7 +123,7 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train_version(self, model: str, version: int, update: events_pb2.DataUpdated) -> None:
         start = time.perf_counter()
-        data = load_version(self.store, update.dataset, update.version)
+        data = load_version(self.store, update.dataset, update.version, self.settings.window_records)
         spec = data.spec
         family = family_for(spec.task)
         tuned = self.registry.hyperparameters(model)
@@ -179,7 +179,9 @@ class Trainer:
             "dataset_version": update.version,
             "manifest_uri": update.manifest_uri,
             "schema_hash": spec.schema_hash,
-            "offset_ranges": data.manifest["offset_ranges"],
+            "offset_ranges": data.offset_ranges(),
+            "records": len(data.ids),
+            "windowed": data.windowed,
             "parent_version": parent,
             "warm_start": parent is not None,
             "hyperparameters": hparams,

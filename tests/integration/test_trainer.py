@@ -137,3 +137,21 @@ def test_kill_9_mid_training_trains_the_version_once_and_publishes_once(
     trained = _trained(kafka_bootstrap, trainer_topics["trained"], 2, timeout_s=3)
     assert [(t.model, t.version) for t in trained] == [(name, 1)]
     assert registry.versions(name) == [1] and registry.result(name, 1) is not None
+
+
+def test_a_training_window_reads_only_the_newest_shards_and_lineage_names_their_offsets(
+    trainer_factory: Any, trainer_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    name = f"window-{uuid.uuid4().hex[:6]}"
+    writer = DatasetWriter(object_store, kafka_bootstrap, trainer_topics["updated"], digits_spec(name))
+    writer.version(X, Y, [f"old{i}" for i in range(len(X))])  # shard 1: offsets 0..1796
+    newest = writer.version(X[:1200], Y[:1200], [f"new{i}" for i in range(1200)])  # shard 2: 1797..2996
+    trainer_factory(window_records="1000").start()
+    writer.publish(newest)  # version 2 holds 2,997 records; the window takes the newest shard
+    [trained] = _trained(kafka_bootstrap, trainer_topics["trained"], 1)
+    assert trained.verdict == events_pb2.VERDICT_ACCEPTED, trained.reason
+    lineage = ModelRegistry(object_store).document(name, 1, "lineage")
+    assert lineage["dataset_version"] == 2 and lineage["windowed"] is True and lineage["records"] == 1200
+    assert [(r["partition"], r["first"], r["last"]) for r in lineage["offset_ranges"]] == [(0, 1797, 2996)]
+    metrics = ModelRegistry(object_store).document(name, 1, "metrics")
+    assert metrics["holdout_accuracy"] > 0.8

@@ -120,3 +120,13 @@ def test_shard_parts_refer_to_the_columns_instead_of_copying_them() -> None:
         )
     got = decode_shard(b"".join(parts))
     assert np.array_equal(got["x"], np.concatenate(x)) and got["id"][-1] == "r8999"
+
+
+def test_newest_shards_takes_whole_shards_from_the_end_until_the_window_is_full() -> None:
+    from cdl.datasets import newest_shards
+
+    manifest = {"shards": [{"key": k, "records": n} for k, n in [("a", 500), ("b", 300), ("c", 200)]]}
+    assert [e["key"] for e in newest_shards(manifest, 0)] == ["a", "b", "c"]
+    assert [e["key"] for e in newest_shards(manifest, 200)] == ["c"]
+    assert [e["key"] for e in newest_shards(manifest, 201)] == ["b", "c"]
+    assert [e["key"] for e in newest_shards(manifest, 10_000)] == ["a", "b", "c"]
