@@ -319,6 +319,36 @@ ApiKey = Annotated[
 ]
 
 
+#: a PEM file of the CA that signed the gateway's certificate (``cdl --tls-ca``): TLS to the gateway
+_TLS_CA: dict[str, Path | None] = {"path": None}
+
+
+@app.callback()
+def _options(
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            envvar="CDL_TLS_CA",
+            help="Talk TLS to the gateway, trusting this CA's PEM (a gateway with CDL_GATEWAY_TLS_CERT_FILE).",
+        ),
+    ] = None,
+) -> None:
+    """cdl: continuous deep learning over Kafka, MinIO and Triton."""
+    _TLS_CA["path"] = tls_ca
+
+
+def _tls_ca() -> bytes | None:
+    path = _TLS_CA["path"]
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        console.print(f"[red]cannot read the TLS CA {path}[/]: {exc}")
+        raise typer.Exit(2) from exc
+
+
 def _gateway(
     endpoint: str | None, key: str | None, state_dir: Path | None
 ) -> tuple[str, tuple[tuple[str, str | bytes], ...]]:
@@ -338,8 +368,11 @@ def _admin_call(endpoint: str | None, key: str | None, state_dir: Path | None, m
     from cdl.v1 import admin_pb2_grpc
 
     target, metadata = _gateway(endpoint, key, state_dir)
+    ca = _tls_ca()
     try:
-        with grpc.insecure_channel(target) as ch:
+        with (
+            grpc.secure_channel(target, grpc.ssl_channel_credentials(ca)) if ca else grpc.insecure_channel(target)
+        ) as ch:
             return getattr(admin_pb2_grpc.ModelAdminStub(ch), method)(request, timeout=30, metadata=metadata)
     except grpc.RpcError as exc:
         raise _rpc_error(exc) from exc
@@ -475,7 +508,10 @@ def predict_cmd(
     except (OSError, ValueError) as exc:
         console.print(f"[red]cannot read {inputs}[/]: {exc}")
         raise typer.Exit(2) from exc
-    client = tgrpc.InferenceServerClient(target)
+    ca_path = _TLS_CA["path"]
+    client = tgrpc.InferenceServerClient(
+        target, ssl=ca_path is not None, root_certificates=str(ca_path) if ca_path else None
+    )
     try:
         meta = client.get_model_metadata(model, version, headers=headers)
         spec = meta.inputs[0]

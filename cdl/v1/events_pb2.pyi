@@ -652,16 +652,24 @@ class InferenceLogged(_message.Message):
     PREDICTED_LABELS_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     version: _builtins.int
     inputs_digest: _builtins.str
     inputs_sample: _builtins.bytes
     latency_ms: _builtins.float
+    status: _builtins.str
+    """the gRPC status code's name ("OK" when answered, e.g. "INVALID_ARGUMENT", "UNAVAILABLE")"""
     @_builtins.property
     def predicted_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """the top label's score per row of the first output, beside predicted_labels"""
+
     def __init__(
         self,
         *,
@@ -673,10 +681,12 @@ class InferenceLogged(_message.Message):
         predicted_labels: _abc.Iterable[_builtins.str] | None = ...,
         latency_ms: _builtins.float = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        status: _builtins.str = ...,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs_digest", b"inputs_digest", "inputs_sample", b"inputs_sample", "latency_ms", b"latency_ms", "model", b"model", "predicted_labels", b"predicted_labels", "request_id", b"request_id", "time", b"time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs_digest", b"inputs_digest", "inputs_sample", b"inputs_sample", "latency_ms", b"latency_ms", "model", b"model", "predicted_labels", b"predicted_labels", "request_id", b"request_id", "scores", b"scores", "status", b"status", "time", b"time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

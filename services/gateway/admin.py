@@ -22,7 +22,7 @@ from cdl.v1 import admin_pb2, admin_pb2_grpc, events_pb2
 from services.gateway.auth import ApiKeys
 from services.gateway.rollout import RolloutManager, RolloutStatus, Transition
 
-__all__ = ["ModelAdminService", "status_message"]
+__all__ = ["AdminCore", "ModelAdminService", "status_message"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -40,54 +40,86 @@ def status_message(st: RolloutStatus) -> admin_pb2.ModelStatus:
     return out
 
 
-class ModelAdminService(admin_pb2_grpc.ModelAdminServicer):
-    def __init__(self, manager: RolloutManager, keys: ApiKeys, execute: Callable[[Sequence[Transition]], None]) -> None:
+class AdminCore:
+    """The admin calls as functions of serialized requests (no transport): the servicer of
+    the driving process calls it, and so do followers' forwarded calls (``services.gateway.peers``)."""
+
+    def __init__(self, manager: RolloutManager, execute: Callable[[Sequence[Transition]], None]) -> None:
         self._manager = manager
-        self._keys = keys
         self._execute = execute
 
-    async def _call(self, context: Context, change: Callable[[], list[Transition]] | None, model: str) -> Any:
+    def call(self, method: str, request: bytes) -> bytes:
+        """Carry out ``method`` (a ModelAdmin rpc name); raises CdlError (NOT_FOUND, ...)."""
+        m = self._manager
+        if method == "ListModels":
+            return admin_pb2.ListModelsResponse(models=[status_message(s) for s in m.models()]).SerializeToString()
+        req_cls, resp_cls = _TYPES[method]
+        req: Any = req_cls.FromString(request)
+        if method == "Promote":
+            self._execute(m.promote(req.model, req.version))
+        elif method == "Rollback":
+            self._execute(m.rollback(req.model, req.reason))
+        elif method == "Approve":
+            self._execute(m.approve(req.model, req.version, req.approver))
+        elif method == "SetTraffic":
+            self._execute(m.set_traffic(req.model, req.traffic_fraction))
+        return bytes(resp_cls(status=status_message(m.status(req.model))).SerializeToString())
+
+
+_TYPES: dict[str, tuple[Any, Any]] = {
+    "ListModels": (admin_pb2.ListModelsRequest, admin_pb2.ListModelsResponse),
+    "RolloutStatus": (admin_pb2.RolloutStatusRequest, admin_pb2.RolloutStatusResponse),
+    "Promote": (admin_pb2.PromoteRequest, admin_pb2.PromoteResponse),
+    "Rollback": (admin_pb2.RollbackRequest, admin_pb2.RollbackResponse),
+    "Approve": (admin_pb2.ApproveRequest, admin_pb2.ApproveResponse),
+    "SetTraffic": (admin_pb2.SetTrafficRequest, admin_pb2.SetTrafficResponse),
+}
+
+
+class ModelAdminService(admin_pb2_grpc.ModelAdminServicer):
+    """The servicer: checks the admin key, then ``call`` does the work (``AdminCore.call`` in the
+    driving process, the pipe to it in a follower) off the event loop -- the manager may
+    persist (object store I/O)."""
+
+    def __init__(self, call: Callable[[str, bytes], bytes], keys: ApiKeys) -> None:
+        self._call_fn = call
+        self._keys = keys
+
+    async def _call(self, context: Context, method: str, request: Any) -> Any:
         if not self._keys.check(context.invocation_metadata(), admin=True):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin key")
         try:
-            if change is not None:  # the manager may persist (object store I/O): off the event loop
-                self._execute(await asyncio.to_thread(change))
-            return status_message(self._manager.status(model))
+            raw = await asyncio.to_thread(self._call_fn, method, request.SerializeToString())
         except CdlError as exc:
             await context.abort(status_code(exc), str(exc))
+        return _TYPES[method][1].FromString(raw)
 
     async def ListModels(  # noqa: N802 - the rpc's name
         self, request: admin_pb2.ListModelsRequest, context: Context
     ) -> admin_pb2.ListModelsResponse:
-        if not self._keys.check(context.invocation_metadata(), admin=True):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin key")
-        return admin_pb2.ListModelsResponse(models=[status_message(s) for s in self._manager.models()])
+        return await self._call(context, "ListModels", request)  # type: ignore[no-any-return]
 
     async def RolloutStatus(  # noqa: N802 - the rpc's name
         self, request: admin_pb2.RolloutStatusRequest, context: Context
     ) -> admin_pb2.RolloutStatusResponse:
-        return admin_pb2.RolloutStatusResponse(status=await self._call(context, None, request.model))
+        return await self._call(context, "RolloutStatus", request)  # type: ignore[no-any-return]
 
     async def Promote(  # noqa: N802 - the rpc's name
         self, request: admin_pb2.PromoteRequest, context: Context
     ) -> admin_pb2.PromoteResponse:
-        change = lambda: self._manager.promote(request.model, request.version)  # noqa: E731
-        return admin_pb2.PromoteResponse(status=await self._call(context, change, request.model))
+        return await self._call(context, "Promote", request)  # type: ignore[no-any-return]
 
     async def Rollback(  # noqa: N802 - the rpc's name
         self, request: admin_pb2.RollbackRequest, context: Context
     ) -> admin_pb2.RollbackResponse:
-        change = lambda: self._manager.rollback(request.model, request.reason)  # noqa: E731
-        return admin_pb2.RollbackResponse(status=await self._call(context, change, request.model))
+        return await self._call(context, "Rollback", request)  # type: ignore[no-any-return]
 
     async def Approve(  # noqa: N802 - the rpc's name
         self, request: admin_pb2.ApproveRequest, context: Context
     ) -> admin_pb2.ApproveResponse:
-        change = lambda: self._manager.approve(request.model, request.version, request.approver)  # noqa: E731
-        return admin_pb2.ApproveResponse(status=await self._call(context, change, request.model))
+        return await self._call(context, "Approve", request)  # type: ignore[no-any-return]
 
     async def SetTraffic(  # noqa: N802 - the rpc's name
         self, request: admin_pb2.SetTrafficRequest, context: Context
     ) -> admin_pb2.SetTrafficResponse:
-        change = lambda: self._manager.set_traffic(request.model, request.traffic_fraction)  # noqa: E731
-        return admin_pb2.SetTrafficResponse(status=await self._call(context, change, request.model))
+        return await self._call(context, "SetTraffic", request)  # type: ignore[no-any-return]

@@ -27,7 +27,8 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +46,19 @@ from cdl.observability import HttpEndpoint, serve_http
 from cdl.rpc import add_health
 from cdl.store import BUCKETS, ObjectStore
 from cdl.v1 import admin_pb2_grpc, events_pb2
-from services.gateway.admin import ModelAdminService
+from services.gateway.admin import AdminCore, ModelAdminService
 from services.gateway.auth import ApiKeys
 from services.gateway.backends import TritonPool
 from services.gateway.control import TritonControl
 from services.gateway.inference_log import InferenceLog
+from services.gateway.peers import DriverLink, Followers
 from services.gateway.rollout import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
 from services.gateway.routing import RoutingTable
 from services.gateway.server import InferenceService
 from services.gateway.settings import GatewaySettings
 from services.gateway.state import RolloutStore
 
-__all__ = ["GatewayApp", "main"]
+__all__ = ["GatewayApp", "main", "run_follower"]
 
 log = get_logger(__name__)
 
@@ -84,7 +86,13 @@ class _RolloutCollector(Collector):
 
 
 class GatewayApp:
-    def __init__(self, settings: GatewaySettings) -> None:
+    """The gateway process: the *driver* (``driver`` None: rollouts, Kafka loop, Triton control,
+    and ``processes - 1`` followers), or a *follower* serving beside it on the same port
+    (``driver``: its pipe to the driver; see ``services.gateway.peers``)."""
+
+    def __init__(self, settings: GatewaySettings, driver: Connection | None = None) -> None:
+        if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+            raise CdlError("TLS needs both CDL_GATEWAY_TLS_CERT_FILE and CDL_GATEWAY_TLS_KEY_FILE")
         if not settings.triton_grpc:
             raise CdlError("the gateway needs at least one Triton server (CDL_GATEWAY_TRITON_GRPC or the stack)")
         self.settings = settings
@@ -92,9 +100,18 @@ class GatewayApp:
         self.store = ObjectStore.from_settings(settings)
         self.table = RoutingTable()
         self.rollouts = RolloutStore(self.store)
+        self.is_follower = driver is not None
         self.manager = RolloutManager(
-            self.table, RolloutPolicy.from_settings(settings), time.monotonic, persist=self.rollouts.save
+            self.table,
+            RolloutPolicy.from_settings(settings),
+            time.monotonic,
+            persist=None if self.is_follower else self._persist,
         )
+        self.link: DriverLink | None = None
+        if driver is not None:
+            self.link = DriverLink(driver, on_docs=self.manager.follow, on_lost=self._driver_lost)
+        self.followers: Followers | None = None
+        self.admin = AdminCore(self.manager, self.execute)
         self.control = TritonControl(settings.triton_grpc, self.store, settings.load_timeout_s)
         self.producer = Producer(settings.kafka_bootstrap, client_id="cdl-gateway")
         self.log = InferenceLog(
@@ -110,17 +127,21 @@ class GatewayApp:
             settings.triton_grpc,
             settings.max_message_bytes,
             health_interval_s=settings.health_interval_s,
-            on_ready=self._server_ready,
+            on_ready=self._follower_server_ready if self.is_follower else self._server_ready,
         )
-        self.loop = JobLoop(
-            bootstrap=settings.kafka_bootstrap,
-            group_id=settings.group_id,
-            topics=[settings.compressed_topic],
-            transactional_id=f"{settings.group_id}-{settings.instance}",
-            job=self._on_compressed,
-            key=lambda e: e.id,
-            deadletter_topic=settings.deadletter_topic,
-            processed=SqliteProcessedStore(Path(settings.state_dir) / "gateway" / f"{settings.group_id}.sqlite"),
+        self.loop: JobLoop | None = (
+            None
+            if self.is_follower
+            else JobLoop(
+                bootstrap=settings.kafka_bootstrap,
+                group_id=settings.group_id,
+                topics=[settings.compressed_topic],
+                transactional_id=f"{settings.group_id}-{settings.instance}",
+                job=self._on_compressed,
+                key=lambda e: e.id,
+                deadletter_topic=settings.deadletter_topic,
+                processed=SqliteProcessedStore(Path(settings.state_dir) / "gateway" / f"{settings.group_id}.sqlite"),
+            )
         )
         self._work: queue.Queue[Transition | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run_worker, name="cdl-gateway-rollouts", daemon=True)
@@ -130,7 +151,18 @@ class GatewayApp:
         self.port = 0
         self._ready = threading.Event()
         self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         REGISTRY.register(_RolloutCollector(self.manager))
+
+    def _persist(self, model: str, doc: Mapping[str, Any]) -> None:
+        """Save a rollout document, then hand it to the followers (they route by saved ones only)."""
+        self.rollouts.save(model, doc)
+        if self.followers is not None:
+            self.followers.publish(model, doc)
+
+    def _driver_lost(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
 
     # ------------------------------------------------------------------ rollouts
     def execute(self, transitions: Sequence[Transition]) -> None:
@@ -206,6 +238,23 @@ class GatewayApp:
             log.info("Triton server joins with every serving version loaded", server=endpoint, models=len(models))
         return True
 
+    async def _follower_server_ready(self, endpoint: str) -> bool:
+        """A follower loads nothing (the driver does): a server takes its requests once it
+        holds what every model serves."""
+        models = {st.model: self.manager.wanted_versions(st.model) for st in self.manager.models()}
+
+        def holds_all() -> bool:
+            for model, versions in models.items():
+                held = self.control.loaded_versions(model, servers=[endpoint])[endpoint]
+                if versions and not set(versions) <= set(held):
+                    return False
+            return True
+
+        try:
+            return await asyncio.to_thread(holds_all)
+        except CdlError:
+            return False
+
     def _on_compressed(self, event: Event, ctx: RecordContext) -> list[OutRecord]:
         msg = event.payload
         if not isinstance(msg, events_pb2.ModelCompressed):
@@ -218,6 +267,7 @@ class GatewayApp:
         return []
 
     def _run_loop(self) -> None:
+        assert self.loop is not None
         try:
             self.loop.run()
         except Exception:
@@ -252,8 +302,17 @@ class GatewayApp:
 
     # ------------------------------------------------------------------ life cycle
     def _health(self) -> tuple[bool, dict[str, Any]]:
-        ready = self._ready.is_set() and self.pool.ready_count() > 0 and self.loop.assigned.is_set()
-        return ready, {"triton_ready": self.pool.ready_count(), "models": len(self.table.all())}
+        ready = self._ready.is_set() and self.pool.ready_count() > 0
+        details: dict[str, Any] = {"triton_ready": self.pool.ready_count(), "models": len(self.table.all())}
+        if self.is_follower:
+            details["role"] = "follower"
+        elif self.loop is not None:
+            ready = ready and self.loop.assigned.is_set()
+            details["role"] = "driver"
+            if self.followers is not None:
+                details["followers"] = self.followers.alive()
+                details["follower_pids"] = self.followers.pids()
+        return ready, details
 
     def _ensure_topics(self) -> None:
         s = self.settings
@@ -264,33 +323,65 @@ class GatewayApp:
 
     async def serve(self) -> None:
         s = self.settings
-        self.store.ensure_buckets(*BUCKETS)
-        self._ensure_topics()
-        self._worker.start()
-        self.execute(await asyncio.to_thread(self.manager.restore, self.rollouts.load_all()))
+        self._loop = asyncio.get_running_loop()
+        docs: dict[str, dict[str, Any]] = {}
+        if self.link is not None:
+            self.link.start()  # the driver's saved documents come first, then each one as saved
+            await asyncio.to_thread(self.link.first_docs.wait, 30)
+        else:
+            self.store.ensure_buckets(*BUCKETS)
+            self._ensure_topics()
+            self._worker.start()
+            docs = await asyncio.to_thread(self.rollouts.load_all)
+            self.execute(await asyncio.to_thread(self.manager.restore, docs))
         await self.pool.start()
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", s.max_message_bytes),  # larger: RESOURCE_EXHAUSTED
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if s.processes > 1 else 0),
         ]
         server = grpc.aio.server(options=options)
+        outcomes = self.link if self.link is not None else self.manager
         service = InferenceService(
-            self.table, self.pool, self.manager, self.log, self.keys, s.default_timeout_s, s.max_message_bytes
+            self.table, self.pool, outcomes, self.log, self.keys, s.default_timeout_s, s.max_message_bytes
         )
         server.add_generic_rpc_handlers((service.handler(),))
-        admin_pb2_grpc.add_ModelAdminServicer_to_server(
-            ModelAdminService(self.manager, self.keys, self.execute), server
-        )
+        admin_call = self.link.call if self.link is not None else self.admin.call
+        admin_pb2_grpc.add_ModelAdminServicer_to_server(ModelAdminService(admin_call, self.keys), server)
         add_health(server, ["inference.GRPCInferenceService", "cdl.v1.ModelAdmin"])
-        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        address = f"{s.grpc_host}:{s.grpc_port}"
+        if s.tls_cert_file:
+            creds = grpc.ssl_server_credentials(
+                [(Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())]
+            )
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
         await server.start()
         self.server = server
         self.http = serve_http(s.metrics_port, health=self._health)
-        self._kafka.start()
-        ticks = asyncio.create_task(self._ticks(), name="cdl-gateway-ticks")
+        ticks: asyncio.Task[None] | None = None
+        if not self.is_follower:
+            self._kafka.start()
+            ticks = asyncio.create_task(self._ticks(), name="cdl-gateway-ticks")
+            if s.processes > 1:
+                self.followers = Followers(
+                    s.processes - 1,
+                    run_follower,
+                    {"grpc_port": self.port, "metrics_port": 0},
+                    outcomes=self.manager,
+                    admin=self.admin.call,
+                    docs=docs,
+                )
+                self.followers.start()
         self._ready.set()
-        log.info("gateway started", grpc_port=self.port, metrics_port=self.http.port, triton=s.triton_grpc)
+        log.info(
+            "gateway started",
+            grpc_port=self.port,
+            metrics_port=self.http.port,
+            triton=s.triton_grpc,
+            tls=bool(s.tls_cert_file),
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -298,14 +389,19 @@ class GatewayApp:
             await self._stopping.wait()
         finally:
             self._ready.clear()
-            log.info("gateway stopping")
+            log.info("gateway stopping", role="follower" if self.is_follower else "driver")
+            if self.followers is not None:
+                await asyncio.to_thread(self.followers.stop)
             await server.stop(grace=5)
             await service.drain()
-            self.loop.stop()
-            self._kafka.join(30)
-            await ticks
-            self._work.put(None)
-            self._worker.join(30)
+            if ticks is not None and self.loop is not None:
+                self.loop.stop()
+                self._kafka.join(30)
+                await ticks
+                self._work.put(None)
+                self._worker.join(30)
+            if self.link is not None:
+                self.link.close()
             await self.pool.close()
             self.log.close()
             self.producer.flush(10)
@@ -318,3 +414,12 @@ def main() -> None:
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level)
     asyncio.run(GatewayApp(settings).serve())
+
+
+def run_follower(driver: Connection, index: int, overrides: dict[str, Any]) -> None:
+    """A follower process (spawned by the driver's :class:`~services.gateway.peers.Followers`):
+    the driver's settings (the environment it was started with) and its port."""
+    settings = GatewaySettings(**overrides)
+    settings = settings.model_copy(update={"instance": f"{settings.instance}-f{index}"})
+    configure_logging("gateway", settings.log_level)
+    asyncio.run(GatewayApp(settings, driver=driver).serve())

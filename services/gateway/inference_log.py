@@ -26,14 +26,11 @@ join with ``data.feedback`` by request id is a key join):
   self-describing (input names, datatypes, shapes, raw contents) -- when it is
   at most ``inputs_max_bytes``, empty otherwise;
 - ``predicted_labels``: the top label of every row of the response's first
-  output (argmax index over its last dimension, as a decimal string);
+  output (argmax index over its last dimension, as a decimal string), and
+  ``scores``: that label's value (logit or probability, as the model outputs);
+  both empty for a failed request;
+- ``status``: the gRPC status code's name (``OK`` when answered);
 - ``latency_ms``, ``time`` (when the answer was sent).
-
-Not representable in ``InferenceLogged`` as it stands (events.proto is
-shared): the top label's *score* and the request's *status*. Convention until
-fields exist for them: a failed request is logged with no
-``predicted_labels``; :func:`top_labels` computes the scores for whoever adds
-the field.
 """
 
 from __future__ import annotations
@@ -222,6 +219,7 @@ def build_record(item: _Item, inputs_max_bytes: int) -> events_pb2.InferenceLogg
         version=version,
         inputs_digest=_digest(request),
         latency_ms=latency_s * 1000.0,
+        status=status,
     )
     if len(request) <= inputs_max_bytes:
         rec.inputs_sample = request
@@ -229,6 +227,7 @@ def build_record(item: _Item, inputs_max_bytes: int) -> events_pb2.InferenceLogg
         top = top_labels(response)
         if top is not None:
             rec.predicted_labels.extend(str(i) for i in top[0])
+            rec.scores.extend(top[1])
     rec.time.FromNanoseconds(int(when * 1e9))
     return rec
 

@@ -8,17 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from prometheus_client import Counter, Histogram
 
-from cdl.datasets import DatasetVersion, Task, load_version
+from cdl.datasets import load_version
 from cdl.errors import InvalidInputError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
-from cdl.ml.models import DEFAULTS, Family, ModelConfig, build_model, family_for
-from cdl.ml.preprocess import Preprocessor
-from cdl.ml.train import TrainConfig, evaluate, pick_device, train
+from cdl.ml.core import fit, hyperparameters, split_version
+from cdl.ml.models import ModelConfig, family_for
+from cdl.ml.train import evaluate, pick_device
 from cdl.registry import LoadedModel, ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
@@ -43,12 +41,6 @@ def code_version() -> str:
         from importlib.metadata import version
 
         return f"cdl:{version('cdl')}"
-
-
-def _features(data: DatasetVersion, mask: npt.NDArray[np.bool_]) -> npt.NDArray[Any]:
-    source = data.x if data.x is not None else data.text
-    assert source is not None
-    return source[mask]
 
 
 class Trainer:
@@ -125,42 +117,33 @@ class Trainer:
         start = time.perf_counter()
         data = load_version(self.store, update.dataset, update.version, self.settings.window_records)
         spec = data.spec
-        family = family_for(spec.task)
         tuned = self.registry.hyperparameters(model)
-        hparams = {**DEFAULTS[family], **(tuned[0] if tuned else {})}
+        hparams = hyperparameters(family_for(spec.task), tuned[0] if tuned else None)
         hp_source = tuned[1] if tuned else "defaults"
-        config = ModelConfig(family, spec.input_shape, len(spec.labels), hparams)
-
-        train_mask = data.split == 0
-        hold_mask = data.split == 1
-        x_all, y_all = _features(data, train_mask), data.labels[train_mask]
-        x_hold, y_hold = _features(data, hold_mask), data.labels[hold_mask]
-        if len(x_all) < 2 or len(x_hold) < 1:
+        split = split_version(data, self.settings.val_fraction, self.settings.seed)
+        if len(split.x_train) < 1 or len(split.x_hold) < 1:
             raise InvalidInputError("dataset version too small to train and evaluate", dataset=spec.name)
-        pre = self._fit_preprocessor(family, spec.task, x_all, hparams)
-        rng = np.random.default_rng(self.settings.seed)
-        order = rng.permutation(len(x_all))
-        n_val = max(1, int(len(order) * self.settings.val_fraction))
-        val_idx, tr_idx = order[:n_val], order[n_val:]
-        xt, xv, xh = pre.transform(x_all[tr_idx]), pre.transform(x_all[val_idx]), pre.transform(x_hold)
+        warm: list[LoadedModel] = []
 
-        module = build_model(config)
-        warm = self._warm_start(model, config, module)
-        parent = warm.version if warm is not None else None
-        epochs = int(hparams["epochs"])
-        if self.settings.max_epochs:
-            epochs = min(epochs, self.settings.max_epochs)
-        cfg = TrainConfig(
-            epochs=epochs,
-            batch_size=int(hparams["batch_size"]),
-            lr=float(hparams["lr"]),
-            weight_decay=float(hparams["weight_decay"]),
-            seed=self.settings.seed,
-            device=self.settings.device,
-            patience=self.settings.patience,
-        )
+        def warm_start(config: ModelConfig, module: Any) -> None:
+            loaded = self._warm_start(model, config, module)
+            if loaded is not None:
+                warm.append(loaded)
+
         with TRAIN_SECONDS.time():
-            result = train(module, xt, y_all[tr_idx], xv, y_all[val_idx], cfg)
+            fitted = fit(
+                spec,
+                split,
+                hparams,
+                seed=self.settings.seed,
+                device=self.settings.device,
+                patience=self.settings.patience,
+                max_epochs=self.settings.max_epochs,
+                warm_start=warm_start,
+            )
+        module, pre, config, result = fitted.module, fitted.preprocessor, fitted.config, fitted.result
+        parent = warm[0].version if warm else None
+        xh, y_hold, x_hold = pre.transform(split.x_hold), split.y_hold, split.x_hold
         device = pick_device(self.settings.device)
         hold_loss, hold_acc = evaluate(module, xh, y_hold, device)
 
@@ -168,7 +151,7 @@ class Trainer:
         champ_acc: float | None = None
         if champion is not None:
             # usually the model we warm-started from: do not read it twice
-            champ = warm if warm is not None and warm.version == champion else self.registry.load(model, champion)
+            champ = warm[0] if warm and warm[0].version == champion else self.registry.load(model, champion)
             _, champ_acc = evaluate(champ.module, champ.preprocessor.transform(x_hold), y_hold, device)
         accepted, reason = self._gate(hold_acc, champ_acc, champion, len(spec.labels))
         duration = time.perf_counter() - start
@@ -205,7 +188,8 @@ class Trainer:
             "holdout_loss": hold_loss,
             "val_accuracy": result.history[result.best_epoch - 1].val_accuracy if result.best_epoch else math.nan,
             "epochs": float(len(result.history)),
-            "train_samples": float(len(tr_idx)),
+            "train_samples": float(len(split.x_train)),
+            "val_samples": float(len(split.x_val)),
             "holdout_samples": float(len(x_hold)),
             "samples_per_s": result.samples_per_s,
         }
@@ -223,7 +207,7 @@ class Trainer:
                 "challenger_accuracy": hold_acc,
                 "champion_accuracy": champ_acc,
                 "champion_version": champion,
-                "family": family.value,
+                "family": config.family.value,
                 "metrics": summary,
             },
         )
@@ -241,13 +225,6 @@ class Trainer:
             device=result.device,
             seconds=round(duration, 2),
         )
-
-    def _fit_preprocessor(
-        self, family: Family, task: Task, x: npt.NDArray[Any], hparams: dict[str, Any]
-    ) -> Preprocessor:
-        if family is Family.TEXT:
-            return Preprocessor.for_text(int(hparams["buckets"]), int(hparams["ngrams"]))
-        return Preprocessor.fit_tensor(x, per_feature=task is Task.TABULAR)
 
     def _warm_start(self, model: str, config: ModelConfig, module: Any) -> LoadedModel | None:
         parent = self.registry.serving(model) or self.registry.champion(model)

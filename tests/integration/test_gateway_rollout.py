@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -307,3 +308,121 @@ def test_gateway_killed_mid_canary_resumes_where_it_was(
     assert load.failures == [] and {"1", "2"} <= set(load.versions)  # the canary took its share again
     stub.Promote(admin_pb2.PromoteRequest(model=model, version=2), timeout=10)
     _wait_serving(again.grpc, model, 2)
+
+
+def test_tls_gateway_serves_tls_clients_only_and_logs_status_and_scores(
+    gateway_factory: Any, gateway_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore, tmp_path: Any
+) -> None:
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from cdl.cli import app
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost"
+    san = "subjectAltName=IP:127.0.0.1,DNS:localhost"
+    subprocess.run(
+        ["openssl", *openssl.split(), "-addext", san, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    gw = gateway_factory(**FAST, tls_cert_file=str(cert), tls_key_file=str(key)).start()
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    write_affine(object_store, model, 1, *_weights(1))
+    _announce(kafka_bootstrap, gateway_topics["compressed"], model, 1)
+    client = tgrpc.InferenceServerClient(gw.grpc, ssl=True, root_certificates=str(cert))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            result = _infer(client, model)
+            break
+        except InferenceServerException:
+            assert time.monotonic() < deadline, "v1 never served over TLS"
+            time.sleep(0.2)
+    assert result.get_response().model_version == "1"
+    client.close()
+    plain = tgrpc.InferenceServerClient(gw.grpc)
+    with pytest.raises(InferenceServerException) as refused:  # plaintext to a TLS port: no answer
+        plain.is_server_live(client_timeout=3)
+    assert "UNAVAILABLE" in str(refused.value.status()) or "Deadline" in str(refused.value), refused.value
+    plain.close()
+    out = CliRunner().invoke(app, ["--tls-ca", str(cert), "models", model, "--gateway", gw.grpc, "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["serving_version"] == "1"
+
+    # the inference log says how each request went, and the top score beside the label
+    deadline = time.monotonic() + 30
+    while True:
+        records = read_topic(kafka_bootstrap, gateway_topics["logged"], 1, timeout_s=5)
+        logged: list[events_pb2.InferenceLogged] = [
+            decode(r.key, r.value, list(r.headers.items())).payload  # type: ignore[misc]
+            for r in records
+        ]
+        ok = [rec for rec in logged if rec.model == model and rec.status == "OK"]
+        if ok:
+            break
+        assert time.monotonic() < deadline, [rec.status for rec in logged]
+    assert len(ok[0].scores) == len(ok[0].predicted_labels) == 1
+    w, b = _weights(1)
+    assert ok[0].scores[0] == pytest.approx(float((X @ w + b).max()), rel=1e-4)
+    failed = [rec for rec in logged if rec.status not in ("OK", "")]
+    assert all(not rec.predicted_labels and not rec.scores for rec in failed)
+
+
+def test_two_gateway_processes_on_one_port_serve_and_roll_out_as_one(
+    gateway_factory: Any, gateway_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    """processes=2: a driver and a follower share the port (SO_REUSEPORT). Clients on 16
+    connections reach both; a good v2 is promoted and a failing v3 rolled back on what both
+    served, no request fails, and an admin call answers the same whichever process it reaches."""
+    gw = gateway_factory(**FAST, processes="2").start()
+    deadline = time.monotonic() + 60
+    while _ready(gw).get("followers") != 1:
+        assert time.monotonic() < deadline, _ready(gw)
+        time.sleep(0.2)
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    deployed, compressed = gateway_topics["deployed"], gateway_topics["compressed"]
+    write_affine(object_store, model, 1, *_weights(1))
+    _announce(kafka_bootstrap, compressed, model, 1)
+    _wait_serving(gw.grpc, model, 1)
+    with Load(gw.grpc, model, threads=16) as load:
+        time.sleep(1)
+        write_affine(object_store, model, 2, *_weights(2))
+        _announce(kafka_bootstrap, compressed, model, 2)
+        _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_PROMOTED)
+        time.sleep(1)
+        write_onnx(object_store, model, 3, failing_onnx(N_IN, N_OUT), N_IN, N_OUT)
+        _announce(kafka_bootstrap, compressed, model, 3)
+        back = _wait_state(kafka_bootstrap, deployed, model, 3, events_pb2.ROLLOUT_STATE_ROLLED_BACK)
+        assert "error" in back.reason
+        time.sleep(1)
+    assert load.failures == []
+    assert set(load.last[-20:]) == {"2"} and "3" not in load.outputs
+    assert load.outputs["2"] == {_expected(2)}
+    # both processes answered: each names the requests it logs with its own id prefix
+    records = read_topic(kafka_bootstrap, gateway_topics["logged"], 200, timeout_s=30)
+    prefixes = {
+        decode(r.key, r.value, list(r.headers.items())).payload.request_id.rsplit("-", 1)[0]  # type: ignore[attr-defined]
+        for r in records
+    }
+    assert len(prefixes) == 2, prefixes
+    for _ in range(12):  # fresh connections: some reach the follower, which asks the driver
+        stub, metadata = _admin(gw.grpc, None)
+        status = stub.RolloutStatus(admin_pb2.RolloutStatusRequest(model=model), metadata=metadata, timeout=10)
+        assert status.status.serving_version == 2
+    pids = _ready(gw)["follower_pids"]
+    assert len(pids) == 1
+    assert gw.stop() == 0
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]  # the follower stopped with its driver
+
+
+def _ready(svc: Any) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{svc.metrics}/readyz", timeout=2) as resp:
+            return dict(json.loads(resp.read()))
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}

@@ -171,7 +171,8 @@ def test_record_fields() -> None:
     assert np.frombuffer(sample.raw_input_contents[0], "<f4").reshape(tuple(sample.inputs[0].shape)).tolist() == (
         x.tolist()
     )
-    assert list(rec.predicted_labels) == ["1", "0"]
+    assert list(rec.predicted_labels) == ["1", "0"] and list(rec.scores) == [1.0, 2.0]
+    assert rec.status == "OK"
     assert rec.latency_ms == pytest.approx(2.5)
     assert rec.time.seconds == 1_700_000_000 and rec.time.nanos == 500_000_000
     # large inputs: only the digest
@@ -179,7 +180,8 @@ def test_record_fields() -> None:
     assert big.inputs_sample == b"" and big.inputs_digest == rec.inputs_digest
     # a failed request has no predicted labels
     failed = build_record(("affine", 2, "r3", request, b"", 0.001, "UNAVAILABLE", 0.0), 4096)
-    assert list(failed.predicted_labels) == []
+    assert list(failed.predicted_labels) == [] and list(failed.scores) == []
+    assert failed.status == "UNAVAILABLE"
     # typed contents (no raw inputs): the digest is of the whole request
     typed = pb.ModelInferRequest(model_name="affine")
     typed.inputs.add(name="input", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)

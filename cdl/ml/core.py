@@ -1,0 +1,148 @@
+"""The one training core: the trainer, the tuner's trials and the compressor's fine-tune
+all train through :func:`fit`.
+
+What it owns (none of it lives in a service): the train/validation split
+carved from a version's *train* split (seeded; the holdout is never touched:
+:func:`split_version` returns it apart, for the trainer's gate only), the
+hyperparameters (a family's defaults under whatever was tuned), the
+preprocessing fitted on the training part, the model built with seeded
+initial weights, and the :class:`~cdl.ml.train.TrainConfig` the loop runs
+with. Seeds are explicit: the same data, parameters and seed give the same
+model whichever service asks.
+
+Randomness: the initial weights come from ``torch.manual_seed(seed)`` taken
+under a lock (two builds in threads never interleave), the batch order from
+a ``torch.Generator`` of its own; dropout draws from torch's global generator,
+which :func:`~cdl.ml.train.train` seeds at its start, so runs are
+reproducible one training per process at a time (the tuner's workers are
+processes for that reason).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from cdl.datasets import DatasetSpec, DatasetVersion, Task
+from cdl.ml.models import DEFAULTS, Family, ModelConfig, build_model, family_for
+from cdl.ml.preprocess import Preprocessor
+from cdl.ml.train import EpochCallback, TrainConfig, TrainResult, train
+
+__all__ = ["Fitted", "TrainSplit", "fit", "fit_preprocessor", "hyperparameters", "split_version"]
+
+_INIT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class TrainSplit:
+    """Raw (unpreprocessed) features: training part, validation part (both from the version's
+    train split) and the holdout (the version's holdout split; only the trainer's gate reads it)."""
+
+    x_train: npt.NDArray[Any]
+    y_train: npt.NDArray[np.int64]
+    x_val: npt.NDArray[Any]
+    y_val: npt.NDArray[np.int64]
+    x_hold: npt.NDArray[Any]
+    y_hold: npt.NDArray[np.int64]
+
+
+@dataclass
+class Fitted:
+    module: nn.Module
+    config: ModelConfig
+    preprocessor: Preprocessor
+    result: TrainResult
+    hyperparameters: dict[str, Any]
+
+
+def split_version(data: DatasetVersion, val_fraction: float, seed: int) -> TrainSplit:
+    """The version's train split, ``val_fraction`` of it (at least one record) carved out for
+    validation by a seeded permutation; its holdout split apart."""
+    source = data.x if data.x is not None else data.text
+    assert source is not None
+    train_mask, hold_mask = data.split == 0, data.split == 1
+    x_all, y_all = source[train_mask], data.labels[train_mask]
+    order = np.random.default_rng(seed).permutation(len(x_all))
+    n_val = max(1, int(len(order) * val_fraction))
+    val_idx, tr_idx = order[:n_val], order[n_val:]
+    return TrainSplit(
+        x_train=x_all[tr_idx],
+        y_train=y_all[tr_idx],
+        x_val=x_all[val_idx],
+        y_val=y_all[val_idx],
+        x_hold=source[hold_mask],
+        y_hold=data.labels[hold_mask],
+    )
+
+
+def hyperparameters(family: Family, tuned: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The family's defaults, with whatever was tuned over them."""
+    return {**DEFAULTS[family], **(tuned or {})}
+
+
+def fit_preprocessor(family: Family, task: Task, x: npt.NDArray[Any], hparams: Mapping[str, Any]) -> Preprocessor:
+    if family is Family.TEXT:
+        return Preprocessor.for_text(int(hparams["buckets"]), int(hparams["ngrams"]))
+    return Preprocessor.fit_tensor(x, per_feature=task is Task.TABULAR)
+
+
+def build_seeded(config: ModelConfig, seed: int) -> nn.Module:
+    """The model with initial weights drawn from ``seed`` (the same seed, the same weights)."""
+    with _INIT_LOCK:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            return build_model(config)
+        finally:
+            torch.random.set_rng_state(state)
+
+
+def fit(
+    spec: DatasetSpec,
+    split: TrainSplit,
+    hparams: Mapping[str, Any],
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    patience: int = 6,
+    max_epochs: int = 0,
+    callback: EpochCallback | None = None,
+    warm_start: Callable[[ModelConfig, nn.Module], object] | None = None,
+    config: ModelConfig | None = None,
+) -> Fitted:
+    """Train a model of ``spec``'s family on ``split`` (its training and validation parts).
+
+    ``max_epochs`` caps the epochs the hyperparameters ask for (0: no cap). ``warm_start``
+    may load a parent's weights into the freshly built module (the trainer's warm start).
+    ``config``: a given architecture (the compressor's pruned model) instead of the one the
+    hyperparameters describe.
+    """
+    family = family_for(spec.task)
+    hp = dict(hparams)
+    config = config or ModelConfig(family, spec.input_shape, len(spec.labels), hp)
+    pre = fit_preprocessor(family, spec.task, split.x_train, hp)
+    xt, xv = pre.transform(split.x_train), pre.transform(split.x_val)
+    module = build_seeded(config, seed)
+    if warm_start is not None:
+        warm_start(config, module)
+    epochs = int(hp["epochs"])
+    if max_epochs:
+        epochs = min(epochs, max_epochs)
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=int(hp["batch_size"]),
+        lr=float(hp["lr"]),
+        weight_decay=float(hp["weight_decay"]),
+        seed=seed,
+        device=device,
+        patience=patience,
+    )
+    result = train(module, xt, split.y_train, xv, split.y_val, cfg, callback)
+    return Fitted(module=module, config=config, preprocessor=pre, result=result, hyperparameters=hp)

@@ -1,0 +1,69 @@
+"""The shared training core (cdl.ml.core): split, seeding, defaults, the callback."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+from cdl.datasets import DatasetSpec, DatasetVersion, Task
+from cdl.ml.core import fit, hyperparameters, split_version
+from cdl.ml.models import DEFAULTS, Family
+
+DIGITS = load_digits()
+SPEC = DatasetSpec(name="digits-core", task=Task.IMAGE, labels=tuple(str(i) for i in range(10)), input_shape=(1, 8, 8))
+
+
+def _version(n: int = 600) -> DatasetVersion:
+    x = DIGITS.data[:n].reshape(-1, 1, 8, 8).astype(np.float32)
+    split = (np.arange(n) % 5 == 0).astype(np.uint8)  # every fifth record in the holdout
+    return DatasetVersion(
+        spec=SPEC,
+        version=1,
+        manifest={"shards": [], "offset_ranges": []},
+        ids=np.array([f"r{i}" for i in range(n)]),
+        labels=DIGITS.target[:n].astype(np.int64),
+        split=split,
+        x=x,
+        text=None,
+    )
+
+
+def test_the_split_carves_validation_from_the_train_split_and_keeps_the_holdout_apart() -> None:
+    data = _version()
+    s = split_version(data, 0.1, seed=3)
+    assert len(s.x_hold) == 120 and len(s.x_train) + len(s.x_val) == 480 and len(s.x_val) == 48
+    hold = {x.tobytes() for x in data.x[data.split == 1]}  # type: ignore[index]
+    assert not any(x.tobytes() in hold for x in np.concatenate([s.x_train, s.x_val]))
+    again = split_version(data, 0.1, seed=3)
+    assert np.array_equal(s.x_val, again.x_val)
+    assert not np.array_equal(s.x_val, split_version(data, 0.1, seed=4).x_val)
+
+
+def test_same_data_parameters_and_seed_give_the_same_model() -> None:
+    data = _version()
+    hp = hyperparameters(Family.CNN, {"epochs": 2, "channels": 8})
+    assert hp["lr"] == DEFAULTS[Family.CNN]["lr"] and hp["channels"] == 8
+    s = split_version(data, 0.1, seed=0)
+    a = fit(SPEC, s, hp, seed=7, device="cpu")
+    b = fit(SPEC, s, hp, seed=7, device="cpu")
+    c = fit(SPEC, s, hp, seed=8, device="cpu")
+    for k, v in a.module.state_dict().items():
+        assert torch.equal(v, b.module.state_dict()[k]), k
+    assert any(not torch.equal(v, c.module.state_dict()[k]) for k, v in a.module.state_dict().items())
+    assert [m.val_loss for m in a.result.history] == [m.val_loss for m in b.result.history]
+
+
+def test_the_epoch_callback_stops_a_training_and_max_epochs_caps_it() -> None:
+    data = _version()
+    s = split_version(data, 0.1, seed=0)
+    seen: list[int] = []
+
+    def stop_after_two(m: object) -> bool:
+        seen.append(int(m.epoch))  # type: ignore[attr-defined]
+        return len(seen) < 2
+
+    stopped = fit(SPEC, s, hyperparameters(Family.CNN, {"epochs": 10, "channels": 4}), callback=stop_after_two)
+    assert seen == [1, 2] and stopped.result.stopped_by_callback
+    capped = fit(SPEC, s, hyperparameters(Family.CNN, {"epochs": 10, "channels": 4}), max_epochs=1, patience=0)
+    assert len(capped.result.history) == 1
