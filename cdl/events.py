@@ -57,6 +57,8 @@ class Topics:
     DATA_UPDATED = "data.updated"
     DATA_FEEDBACK = "data.feedback"
     TUNING_COMPLETED = "tuning.completed"
+    TUNING_REQUESTED = "tuning.requested"
+    DRIFT_DETECTED = "drift.detected"
     MODEL_TRAINED = "model.trained"
     MODEL_COMPRESSED = "model.compressed"
     MODEL_DEPLOYED = "model.deployed"
@@ -69,6 +71,8 @@ class Topics:
         DATA_UPDATED: 1,
         DATA_FEEDBACK: 1,
         TUNING_COMPLETED: 1,
+        TUNING_REQUESTED: 1,
+        DRIFT_DETECTED: 1,
         MODEL_TRAINED: 1,
         MODEL_COMPRESSED: 1,
         MODEL_DEPLOYED: 1,
@@ -82,6 +86,8 @@ EVENT_TYPES: dict[str, type[Message]] = {
     "dev.cdl.feedback.v1": events_pb2.Feedback,
     "dev.cdl.data.updated.v1": events_pb2.DataUpdated,
     "dev.cdl.tuning.completed.v1": events_pb2.TuningCompleted,
+    "dev.cdl.tuning.requested.v1": events_pb2.TuningRequested,
+    "dev.cdl.drift.detected.v1": events_pb2.DriftDetected,
     "dev.cdl.model.trained.v1": events_pb2.ModelTrained,
     "dev.cdl.model.compressed.v1": events_pb2.ModelCompressed,
     "dev.cdl.model.deployed.v1": events_pb2.ModelDeployed,

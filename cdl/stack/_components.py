@@ -367,9 +367,10 @@ class ServiceComponent(Component):
             env[prefix + "GRPC_PORT"] = str(self.ports["grpc"])
         if self.api_key_hash:
             env[prefix + "API_KEY_HASHES"] = json.dumps([self.api_key_hash])
-        if self.name in ("trainer", "compressor"):
-            # torch's threads would each get a malloc arena: a long run's freed memory stays
-            # fragmented over them (bench/soak); two arenas and a trim after each job keep it flat
+        if self.name in ("ingest", "trainer", "compressor"):
+            # each thread (torch's; ingest's shard writers and compaction) would get a malloc
+            # arena: a long run's freed memory stays fragmented over them (bench/soak); two
+            # arenas and a trim after each job (ingest: once a minute) keep it flat
             env.setdefault("MALLOC_ARENA_MAX", "2")
         root = str(Path(__file__).resolve().parent.parent.parent)
         env["PYTHONPATH"] = f"{root}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else root

@@ -337,6 +337,10 @@ class TuningCompleted(_message.Message):
     PRUNED_TRIALS_FIELD_NUMBER: _builtins.int
     OBJECTIVE_VALUES_FIELD_NUMBER: _builtins.int
     TRIAL_EPOCHS_FIELD_NUMBER: _builtins.int
+    FAILED_TRIALS_FIELD_NUMBER: _builtins.int
+    STORAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PARETO_FRONT_SIZE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     study: _builtins.str
     dataset: _builtins.str
@@ -345,6 +349,13 @@ class TuningCompleted(_message.Message):
     trials: _builtins.int
     pruned_trials: _builtins.int
     trial_epochs: _builtins.int
+    failed_trials: _builtins.int
+    storage: _builtins.str
+    """Where the study lives: the storage URL without credentials, and the study name above."""
+    reason: _builtins.str
+    """What started the study (first dataset version, every K versions, accuracy drop, drift, request)."""
+    pareto_front_size: _builtins.int
+    """Multi-objective studies: the size of the Pareto front the best point was picked from."""
     @_builtins.property
     def best_params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Best hyperparameters, JSON-encoded values keyed by name."""
@@ -364,14 +375,91 @@ class TuningCompleted(_message.Message):
         pruned_trials: _builtins.int = ...,
         objective_values: _abc.Iterable[_builtins.float] | None = ...,
         trial_epochs: _builtins.int = ...,
+        failed_trials: _builtins.int = ...,
+        storage: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        pareto_front_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_params", b"best_params", "best_value", b"best_value", "dataset", b"dataset", "dataset_version", b"dataset_version", "model", b"model", "objective_values", b"objective_values", "pruned_trials", b"pruned_trials", "study", b"study", "trial_epochs", b"trial_epochs", "trials", b"trials"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_params", b"best_params", "best_value", b"best_value", "dataset", b"dataset", "dataset_version", b"dataset_version", "failed_trials", b"failed_trials", "model", b"model", "objective_values", b"objective_values", "pareto_front_size", b"pareto_front_size", "pruned_trials", b"pruned_trials", "reason", b"reason", "storage", b"storage", "study", b"study", "trial_epochs", b"trial_epochs", "trials", b"trials"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TuningCompleted: _TypeAlias = TuningCompleted  # noqa: Y015
+
+@_typing.final
+class TuningRequested(_message.Message):
+    """A request to tune a model now (cdl tune MODEL, or any client)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "reason", b"reason", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TuningRequested: _TypeAlias = TuningRequested  # noqa: Y015
+
+@_typing.final
+class DriftDetected(_message.Message):
+    """Published by the monitor when a serving version's inputs drifted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    STATISTIC_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    WINDOW_REQUESTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    test: _builtins.str
+    """The test ("ks", "psi", "chi2", ...), its statistic and the threshold it crossed."""
+    statistic: _builtins.float
+    threshold: _builtins.float
+    window_requests: _builtins.int
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def window_end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        test: _builtins.str = ...,
+        statistic: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        window_end: _timestamp_pb2.Timestamp | None = ...,
+        window_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "statistic", b"statistic", "test", b"test", "threshold", b"threshold", "version", b"version", "window_end", b"window_end", "window_requests", b"window_requests", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftDetected: _TypeAlias = DriftDetected  # noqa: Y015
 
 @_typing.final
 class Lineage(_message.Message):

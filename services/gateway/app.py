@@ -312,6 +312,7 @@ class GatewayApp:
             if self.followers is not None:
                 details["followers"] = self.followers.alive()
                 details["follower_pids"] = self.followers.pids()
+                details["follower_admin_calls"] = self.followers.calls
         return ready, details
 
     def _ensure_topics(self) -> None:

@@ -218,6 +218,8 @@ class Followers:
         self._ctx = multiprocessing.get_context("spawn")
         self._followers = [_Follower(i) for i in range(1, count + 1)]
         self._stopping = threading.Event()
+        self.calls = 0
+        """Admin calls carried out for followers."""
 
     def start(self) -> None:
         for f in self._followers:
@@ -293,6 +295,7 @@ class Followers:
                             outcomes.served(model, version, ok, latency)
                 elif msg[0] == "call":
                     _, call_id, method, request = msg
+                    self.calls += 1
                     try:
                         reply: tuple[Any, ...] = ("reply", call_id, self._admin(method, request), None)
                     except CdlError as exc:
