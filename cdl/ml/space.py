@@ -53,9 +53,8 @@ def validate_space(space: Space) -> None:
     """Raise ConfigError unless every range is one of the forms above."""
     for name, spec in space.items():
         kind = spec[0] if spec else None
-        ok = (
-            (kind in ("log", "float", "int") and len(spec) == 3 and float(spec[1]) <= float(spec[2]))
-            or (kind == "choice" and len(spec) == 2 and isinstance(spec[1], (list, tuple)) and len(spec[1]) > 0)
+        ok = (kind in ("log", "float", "int") and len(spec) == 3 and float(spec[1]) <= float(spec[2])) or (
+            kind == "choice" and len(spec) == 2 and isinstance(spec[1], (list, tuple)) and len(spec[1]) > 0
         )
         if not ok or (kind == "log" and float(spec[1]) <= 0):
             raise ConfigError("bad search range", name=name, range=list(spec))

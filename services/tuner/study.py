@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 from optuna.storages import RDBStorage
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from cdl.datasets import DatasetSpec
@@ -60,6 +62,7 @@ __all__ = ["StudyPlan", "StudyResult", "make_storage", "pick", "public_url", "ru
 log = get_logger(__name__)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 OBJECTIVES = ("accuracy", "params", "latency")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -254,7 +257,7 @@ def _worker_main(plan: StudyPlan, split: TrainSplit, worker: int) -> None:
 def create(plan: StudyPlan) -> optuna.Study:
     """Create the study (once, before any worker), seeded with the warm-start parameters."""
     storage = make_storage(plan)
-    directions = ["maximize"] + ["minimize"] * (len(plan.objectives) - 1)
+    directions = [StudyDirection.MAXIMIZE] + [StudyDirection.MINIMIZE] * (len(plan.objectives) - 1)
     study = optuna.create_study(
         study_name=plan.study, storage=storage, directions=directions, load_if_exists=True, sampler=_sampler(plan, 0)
     )
@@ -323,9 +326,9 @@ def _fail_stale(study: optuna.Study, force: bool = False) -> None:
     (every worker has stopped) whatever is still RUNNING too."""
     optuna.storages.fail_stale_trials(study)
     if force:
-        storage = study._storage  # noqa: SLF001 - optuna has no public call for this
+        storage = study._storage  # optuna has no public call for this
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
 def summarise(study: optuna.Study, plan: StudyPlan, seconds: float = 0.0) -> StudyResult:
