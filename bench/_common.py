@@ -30,7 +30,7 @@ def private_stack(triton_servers: int = 1) -> Iterator[dict[str, Any]]:
             os.environ["CDL_STATE_DIR"] = tmp
             yield state
         finally:
-            stack.down()
+            stack.down(purge=True)
 
 
 def machine() -> str:

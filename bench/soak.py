@@ -97,7 +97,7 @@ def main() -> None:
             end_snap = _snapshot_bytes(bootstrap)
             print(f"records sent: {feed.sent}; versions/trainings/compressions in logs: {_versions(Path(tmp))}")
         finally:
-            stack.down()
+            stack.down(purge=True)
     for name in SERVICES:
         print(
             f"{name:10s} RSS start {start_rss[name]:7.1f} MiB  after warm-up {warm_rss[name]:7.1f} MiB  "

@@ -61,7 +61,9 @@ __all__ = [
     "decode_shard",
     "encode_shard",
     "holdout_member",
+    "latest_version",
     "load_version",
+    "newest_shards",
     "read_manifest",
     "shard_parts",
     "unit_hash",
@@ -388,6 +390,16 @@ class DatasetVersion:
         data = self.x if self.x is not None else self.text
         assert data is not None
         return data[mask], self.labels[mask]
+
+
+def latest_version(store: ObjectStore, dataset: str) -> int | None:
+    """The newest version of ``dataset`` in the object store (None: none yet)."""
+    found = [
+        int(m.group(1))
+        for o in store.list(DATASETS_BUCKET, prefix=f"{dataset}/versions/")
+        if (m := re.fullmatch(r".*/versions/(\d+)\.json", o.key))
+    ]
+    return max(found) if found else None
 
 
 def read_manifest(store: ObjectStore, dataset: str, version: int) -> dict[str, Any]:

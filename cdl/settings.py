@@ -75,8 +75,14 @@ class StackSettings(BaseSettings):
     """MinIO root password."""
     triton_servers: int = 1
     """How many Triton servers to start."""
-    services: list[str] = ["ingest", "trainer", "compressor", "gateway"]
+    services: list[str] = ["ingest", "trainer", "tuner", "compressor", "gateway"]
     """cdl services to start after the servers (``python -m services.<name>``)."""
+    postgres: bool = True
+    """Start PostgreSQL (the tuner's shared study storage) when the tuner is among the services."""
+    postgres_port: int = 0
+    """PostgreSQL port; 0 picks a free one."""
+    tuner_workers: int = 2
+    """Worker processes of each study the stack's tuner runs (they share its PostgreSQL storage)."""
     api_key: str = ""
     """API key the stack's gRPC APIs (gateway, ingest) accept; empty: one is generated at the
     first start, kept in ``stack.json`` (``api_key``) and reused by later starts."""

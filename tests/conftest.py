@@ -40,7 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     try:
         state = local.up()
     except CdlError as exc:
-        local.down()
+        local.down(purge=True)
         message = f"local stack did not start: {exc} (run scripts/setup.sh)"
         if IN_CI:
             pytest.fail(message)
@@ -49,7 +49,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     try:
         yield state
     finally:
-        local.down()
+        local.down(purge=True)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from cdl.stack._components import (
     Component,
     KafkaComponent,
     MinioComponent,
+    PostgresComponent,
     ServiceComponent,
     TritonComponent,
     ensure_triton_install,
@@ -87,6 +89,12 @@ class LocalStack:
             KafkaComponent("kafka", d / "kafka", kafka_ports, settings=s),
             MinioComponent("minio", d / "minio", minio_ports, settings=s),
         ]
+        postgres: PostgresComponent | None = None
+        if s.postgres:
+            postgres = PostgresComponent(
+                "postgres", d / "postgres", old_ports("postgres") or {"port": self._port(s.postgres_port)}, settings=s
+            )
+            comps.append(postgres)
         for i in range(s.triton_servers):
             name = f"triton-{i}"
             base = s.triton_base_port + 3 * i if s.triton_base_port else 0
@@ -104,7 +112,12 @@ class LocalStack:
             if name in grpc_services and "grpc" not in ports:
                 ports["grpc"] = free_port(s.host)
             key_hash = hashlib.sha256(api_key.encode()).hexdigest() if api_key and name in grpc_services else ""
-            comps.append(ServiceComponent(name, d / name, ports, settings=s, api_key_hash=key_hash))
+            extra: dict[str, str] = {}
+            if name == "tuner":
+                extra["CDL_TUNER_WORKERS"] = str(s.tuner_workers)
+                if postgres is not None:
+                    extra["CDL_TUNER_STORAGE_URL"] = postgres.url
+            comps.append(ServiceComponent(name, d / name, ports, settings=s, api_key_hash=key_hash, extra_env=extra))
         return comps
 
     # ------------------------------------------------------------------ up
@@ -124,7 +137,7 @@ class LocalStack:
         }
         try:
             # Kafka and MinIO first (Triton reads its repository from MinIO)
-            servers = [c for c in comps if isinstance(c, KafkaComponent | MinioComponent)]
+            servers = [c for c in comps if isinstance(c, KafkaComponent | MinioComponent | PostgresComponent)]
             tritons = [c for c in comps if isinstance(c, TritonComponent)]
             services = [c for c in comps if isinstance(c, ServiceComponent)]
             self._start(servers, running, state, progress)
@@ -194,13 +207,17 @@ class LocalStack:
         progress("minio", "ready", f"{len(BUCKETS)} buckets")
 
     # ------------------------------------------------------------------ down
-    def down(self, progress: ProgressFn = _noop) -> list[str]:
-        """Stop every process recorded in the state file; returns the names stopped."""
+    def down(self, progress: ProgressFn = _noop, purge: bool = False) -> list[str]:
+        """Stop every process recorded in the state file; returns the names stopped.
+
+        ``purge``: also delete what the stack keeps outside its state directory (PostgreSQL's
+        data when run as root): for throw-away stacks whose state directory goes too.
+        """
         state = self.read_state()
         stopped = []
         procs = state.get("procs", {})
-        # reverse start order: services, Triton, MinIO, then Kafka last
-        rank = {"kafka": 3, "minio": 2}
+        # reverse start order: services, Triton, MinIO and PostgreSQL, then Kafka last
+        rank = {"kafka": 3, "minio": 2, "postgres": 2}
         for name in sorted(procs, key=lambda n: rank.get(n, 1 if n.startswith("triton-") else 0)):
             info = ProcInfo(**procs[name])
             if stop(info, self.settings.stop_timeout_s):
@@ -213,6 +230,9 @@ class LocalStack:
             state["procs"] = {}
             state["stopped_at"] = time.time()
             self._write_state(state)
+        data = state.get("postgres", {}).get("data")
+        if purge and data and not Path(data).resolve().is_relative_to(self.state_dir.resolve()):
+            shutil.rmtree(data, ignore_errors=True)
         return stopped
 
     # ------------------------------------------------------------------ status

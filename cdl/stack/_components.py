@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ __all__ = [
     "Component",
     "KafkaComponent",
     "MinioComponent",
+    "PostgresComponent",
     "ServiceComponent",
     "TritonComponent",
     "triton_install_dir",
@@ -248,6 +250,107 @@ class MinioComponent(Component):
         }
 
 
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def postgres_bin() -> Path | None:
+    """Debian's PostgreSQL binaries (``scripts/setup.sh`` installs them), the newest major."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+@dataclass
+class PostgresComponent(Component):
+    """A PostgreSQL server for the tuner's shared Optuna storage.
+
+    ``initdb`` once (trust authentication, loopback only), its data kept across
+    restarts. PostgreSQL refuses to run as root: as root the server runs as the
+    ``postgres`` system user (``setpriv``), and since that user cannot enter
+    root's home, its data directory is ``/var/lib/cdl-postgres/<digest of the
+    state directory>`` (still one per stack, kept across restarts).
+    """
+
+    settings: StackSettings = field(default_factory=StackSettings)
+
+    @property
+    def as_root(self) -> bool:
+        return os.geteuid() == 0
+
+    @property
+    def data(self) -> Path:
+        if self.as_root:
+            digest = hashlib.sha256(str(self.settings.state_dir.resolve()).encode()).hexdigest()[:16]
+            return Path("/var/lib/cdl-postgres") / digest
+        return self.workdir / "data"
+
+    @property
+    def url(self) -> str:
+        """The SQLAlchemy URL (the psycopg2 driver, a dependency of cdl)."""
+        return f"postgresql+psycopg2://cdl@{self.settings.host}:{self.ports['port']}/postgres"
+
+    def _as_server_user(self, argv: list[str]) -> list[str]:
+        if not self.as_root:
+            return argv
+        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--", *argv]
+
+    def prepare(self) -> None:
+        import subprocess
+
+        bin_dir = postgres_bin()
+        if bin_dir is None:
+            raise ConfigError("PostgreSQL is missing; run scripts/setup.sh", path="/usr/lib/postgresql")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if (self.data / "PG_VERSION").exists():
+            return
+        self.data.mkdir(parents=True, exist_ok=True)
+        if self.as_root:
+            shutil.chown(self.data.parent, "postgres", "postgres")
+            shutil.chown(self.data, "postgres", "postgres")
+        cmd = [str(bin_dir / "initdb"), "-D", str(self.data), "-U", "cdl", "--auth=trust", "-E", "UTF8"]
+        done = subprocess.run(self._as_server_user(cmd), capture_output=True, text=True, cwd="/", check=False)
+        if done.returncode != 0:
+            raise ConfigError("initdb failed", output=(done.stdout + done.stderr)[-2000:])
+
+    def argv(self) -> list[str]:
+        bin_dir = postgres_bin()
+        assert bin_dir is not None
+        cmd = [
+            str(bin_dir / "postgres"),
+            "-D",
+            str(self.data),
+            "-h",
+            self.settings.host,
+            "-p",
+            str(self.ports["port"]),
+            "-k",
+            str(self.data),  # its Unix socket, where the server user may write
+            "-c",
+            "max_connections=200",
+            "-c",
+            "fsync=on",
+        ]
+        return self._as_server_user(cmd)
+
+    def healthy(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection((self.settings.host, self.ports["port"]), timeout=1):
+                pass
+        except OSError:
+            return False
+        try:
+            import psycopg2  # type: ignore[import-untyped]
+
+            psycopg2.connect(self.url.replace("+psycopg2", ""), connect_timeout=2).close()
+        except Exception:  # noqa: BLE001 - not accepting connections yet (starting up)
+            return False
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": self.url, "data": str(self.data)}
+
+
 # --------------------------------------------------------------------------- Triton
 
 
@@ -354,6 +457,8 @@ class ServiceComponent(Component):
     settings: StackSettings = field(default_factory=StackSettings)
     #: SHA-256 of the stack's API key, for services with a gRPC API ("" for none)
     api_key_hash: str = ""
+    #: settings the stack gives this service (the environment still overrides them)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", f"services.{self.name}"]
@@ -372,6 +477,8 @@ class ServiceComponent(Component):
             # arena: a long run's freed memory stays fragmented over them (bench/soak); two
             # arenas and a trim after each job (ingest: once a minute) keep it flat
             env.setdefault("MALLOC_ARENA_MAX", "2")
+        for k, v in self.extra_env.items():
+            env.setdefault(k, v)
         root = str(Path(__file__).resolve().parent.parent.parent)
         env["PYTHONPATH"] = f"{root}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else root
         return env

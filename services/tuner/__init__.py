@@ -1,0 +1,1 @@
+"""The tuner service: Optuna studies on policy or on request (see docs/tuner.md)."""

@@ -162,6 +162,31 @@ def trainer_factory(stack: dict[str, Any], trainer_topics: dict[str, str], tmp_p
 
 
 @pytest.fixture
+def tuner_topics(kafka_bootstrap: str) -> dict[str, str]:
+    return _topics(kafka_bootstrap, "tuner", ["updated", "trained", "drift", "requested", "completed", "deadletter"])
+
+
+@pytest.fixture
+def tuner_factory(stack: dict[str, Any], tuner_topics: dict[str, str], tmp_path: Path) -> Iterator[Any]:
+    """Tuner processes with the test's topics and the session's PostgreSQL as study storage;
+    small studies (few trials and epochs, a short heartbeat) unless overridden."""
+    settings = {f"{k}_topic": v for k, v in tuner_topics.items() if k != "group"}
+    settings |= {
+        "group_id": tuner_topics["group"],
+        "storage_url": stack["postgres"]["url"],
+        "workers": "2",
+        "n_trials": "8",
+        "max_epochs": "6",
+        "heartbeat_s": "1",
+        "grace_s": "4",
+        "window_records": "0",
+    }
+    factory = ServiceFactory("tuner", stack, tmp_path, settings)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture
 def compressor_topics(kafka_bootstrap: str) -> dict[str, str]:
     return _topics(kafka_bootstrap, "compressor", ["trained", "compressed", "deadletter"])
 

@@ -1,0 +1,5 @@
+"""python -m services.tuner"""
+
+from services.tuner.app import main
+
+main()

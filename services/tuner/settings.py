@@ -1,0 +1,89 @@
+"""Settings of the tuner service (env prefix ``CDL_TUNER_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic_settings import SettingsConfigDict
+
+from cdl.settings import ServiceSettings
+
+__all__ = ["TunerSettings"]
+
+
+class TunerSettings(ServiceSettings):
+    """Tuner: studies on policy (data.updated, model.trained, drift.detected) or on request
+    (tuning.requested); publishes tuning.completed."""
+
+    model_config = SettingsConfigDict(env_prefix="CDL_TUNER_", extra="ignore", use_attribute_docstrings=True)
+
+    group_id: str = "cdl-tuner"
+    """Consumer group over the trigger topics."""
+    instance: str = "0"
+    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    updated_topic: str = "data.updated"
+    """Dataset versions (first version, every K versions)."""
+    trained_topic: str = "model.trained"
+    """Gate verdicts (the champion's accuracy: an accuracy drop)."""
+    drift_topic: str = "drift.detected"
+    """Drift alerts of the monitor."""
+    requested_topic: str = "tuning.requested"
+    """Requests to tune now (``cdl tune MODEL``)."""
+    completed_topic: str = "tuning.completed"
+    """Where results go (the trainer reads them)."""
+    deadletter_topic: str = "data.deadletter"
+    """Topic for events that cannot be handled."""
+    storage_url: str = ""
+    """Optuna storage (SQLAlchemy URL): ``postgresql://…`` for workers on several hosts; empty:
+    SQLite at ``<state_dir>/tuner/optuna.db`` (one host)."""
+    workers: int = 1
+    """Worker processes per study, sharing its storage (0: trials in the service's process)."""
+    n_trials: int = 20
+    """Budget: finished trials (complete or pruned) per study, over all workers."""
+    max_epochs: int = 15
+    """Most epochs one trial may train (the pruner stops most trials sooner)."""
+    pruner: str = "hyperband"
+    """Single-objective pruner: hyperband, median or none."""
+    objectives: list[str] = ["accuracy"]
+    """accuracy, optionally with params (parameter count) or latency (CPU ms, batch 1)."""
+    objectives_by_model: dict[str, list[str]] = {}
+    """Per-model objectives overriding ``objectives`` (JSON: {"digits": ["accuracy", "params"]})."""
+    spaces: dict[str, dict[str, list[Any]]] = {}
+    """Per-model search-range overrides (JSON: {"digits": {"channels": ["choice", [8, 16]]}});
+    an empty range drops the hyperparameter from the search."""
+    every_versions: int = 10
+    """Tune every this many dataset versions after the last study (0: never)."""
+    accuracy_drop: float = 0.05
+    """Tune when the champion's holdout accuracy fell this much below its mark after the last study."""
+    window_records: int = 20_000
+    """Trials train on the newest shards holding at least this many records (0: all)."""
+    val_fraction: float = 0.15
+    """Part of the train split the trials are validated on (the holdout is never read)."""
+    seed: int = 0
+    """Seed of every trial (the same for all: trials differ only by their parameters)."""
+    device: str = "cpu"
+    """Device of the trials ("cpu", "cuda" or "auto")."""
+    prune_margin: float = 0.02
+    """Multi-objective pruning rule: stop below the median of finished trials at that epoch by this."""
+    prune_min_epochs: int = 2
+    """No trial is pruned before this epoch."""
+    pick_tolerance: float = 0.01
+    """Multi-objective: the point used has the smallest second objective within this of the best accuracy."""
+    heartbeat_s: int = 5
+    """Trial heartbeat; a trial silent for ``grace_s`` is failed (its worker died)."""
+    grace_s: int = 15
+    """See ``heartbeat_s``."""
+
+    def storage(self) -> str:
+        """``storage_url``, else the local stack's PostgreSQL, else SQLite under the state dir."""
+        if self.storage_url:
+            return self.storage_url
+        from cdl.settings import read_stack_state
+
+        url = read_stack_state(self.state_dir).get("postgres", {}).get("url")
+        if url:
+            return str(url)
+        path = Path(self.state_dir) / "tuner" / "optuna.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
