@@ -484,6 +484,37 @@ def traffic_cmd(
     _print_status(_admin_call(gateway, key, state_dir, "SetTraffic", req).status, as_json)
 
 
+@app.command("tune")
+def tune_cmd(
+    model: Annotated[str, typer.Argument(help="Model name (its dataset's).")],
+    reason: Annotated[str, typer.Option(help="Why (recorded in tuning.completed).")] = "",
+    kafka: Annotated[str | None, typer.Option(help="Kafka bootstrap (default: the local stack's).")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Ask the tuner to run a study for MODEL now (a tuning.requested event)."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from cdl.events import Event, Topics, source_name
+    from cdl.kafka import Producer
+    from cdl.v1 import events_pb2
+
+    bootstrap = kafka or _stack(state_dir).read_state().get("kafka", {}).get("bootstrap")
+    if not bootstrap:
+        console.print("[red]no Kafka: start the stack (cdl stack up) or pass --kafka[/]")
+        raise typer.Exit(1)
+    now = Timestamp()
+    now.GetCurrentTime()
+    producer = Producer(str(bootstrap))
+    msg = events_pb2.TuningRequested(model=model, reason=reason, time=now)
+    producer.send(Topics.TUNING_REQUESTED, Event(msg, source=source_name("cli"), key=model))
+    try:
+        producer.flush(15)
+    except CdlError as exc:
+        console.print(f"[red]the request did not reach Kafka[/]: {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"tuning requested for [bold]{model}[/]; the result comes on {Topics.TUNING_COMPLETED}")
+
+
 @app.command("predict")
 def predict_cmd(
     model: Annotated[str, typer.Argument(help="Model name.")],
