@@ -35,8 +35,8 @@ class TunerSettings(ServiceSettings):
     deadletter_topic: str = "data.deadletter"
     """Topic for events that cannot be handled."""
     storage_url: str = ""
-    """Optuna storage (SQLAlchemy URL): ``postgresql://…`` for workers on several hosts; empty:
-    SQLite at ``<state_dir>/tuner/optuna.db`` (one host)."""
+    """Optuna storage (SQLAlchemy URL): ``postgresql+psycopg2://…`` for workers on several hosts;
+    empty: the local stack's PostgreSQL, else SQLite at ``<state_dir>/tuner/optuna.db``."""
     workers: int = 1
     """Worker processes per study, sharing its storage (0: trials in the service's process)."""
     n_trials: int = 20

@@ -1,0 +1,141 @@
+"""bench/tuner: trial-epochs the tuner (TPE + Hyperband pruning) spends to reach the best
+validation accuracy random search (no pruning) finds, on the same budget of trials.
+
+Same data (scikit-learn's digits, the CNN family and its search space), same
+seed per pair, trials in one process on SQLite (what is measured is the
+search, not the storage). For each seed:
+
+- random search runs ``CDL_BENCH_TUNER_TRIALS`` (20) trials of up to
+  ``CDL_BENCH_TUNER_EPOCHS`` (10) epochs each, unpruned; its best validation
+  accuracy is the target, and the epochs it spent until it first reached it
+  (counting trials in order, epoch by epoch) are the baseline;
+- the tuner runs the same budget with TPE and Hyperband; its figure is the
+  epochs it spent until any trial first reached the target (all it spent
+  when it never did -- printed as "not reached").
+
+Prints a row per seed, then ``RESULT tuner_trial_epochs`` with the medians
+over ``CDL_BENCH_TUNER_SEEDS`` (3) seeds (goal: ratio <= 0.5).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rich.console import Console
+from rich.table import Table
+
+from bench._common import machine, result
+
+TRIALS = int(os.environ.get("CDL_BENCH_TUNER_TRIALS", "20"))
+EPOCHS = int(os.environ.get("CDL_BENCH_TUNER_EPOCHS", "10"))
+SEEDS = int(os.environ.get("CDL_BENCH_TUNER_SEEDS", "3"))
+
+
+def _data() -> tuple[Any, Any]:
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from cdl.datasets import DatasetSpec, DatasetVersion, Task
+    from cdl.ml.core import split_version
+
+    digits = load_digits()
+    n = len(digits.data)
+    labels = tuple(str(i) for i in range(10))
+    spec = DatasetSpec(name="bench-digits", task=Task.IMAGE, labels=labels, input_shape=(1, 8, 8))
+    data = DatasetVersion(
+        spec=spec,
+        version=1,
+        manifest={"shards": [], "offset_ranges": []},
+        ids=np.array([f"r{i}" for i in range(n)]),
+        labels=digits.target.astype(np.int64),
+        split=(np.arange(n) % 5 == 0).astype(np.uint8),
+        x=digits.data.reshape(-1, 1, 8, 8).astype(np.float32),
+        text=None,
+    )
+    return spec, split_version(data, 0.2, 0)
+
+
+def _curves(storage: str, study: str) -> list[list[float]]:
+    import optuna
+
+    trials = sorted(optuna.load_study(study_name=study, storage=storage).trials, key=lambda t: t.number)
+    return [list(t.user_attrs.get("curve", [])) for t in trials]
+
+
+def _epochs_to(curves: list[list[float]], target: float) -> tuple[int, bool]:
+    """Epochs spent (trials in order) until an epoch first reached ``target``; all when never."""
+    spent = 0
+    for curve in curves:
+        for acc in curve:
+            spent += 1
+            if acc >= target - 1e-12:
+                return spent, True
+    return spent, False
+
+
+def main() -> None:
+    import torch
+
+    from cdl.ml.models import Family
+    from cdl.ml.space import space_for
+    from services.tuner.study import StudyPlan, run_study
+
+    torch.set_num_threads(2)
+    console = Console()
+    console.print(f"machine: {machine()}; {SEEDS} seeds x {TRIALS} trials x <= {EPOCHS} epochs, digits CNN")
+    spec, split = _data()
+    table = Table(title="trial-epochs to reach random search's best validation accuracy")
+    for col in ("seed", "target acc", "random: epochs", "random: all", "tuner: epochs", "tuner: all", "ratio", "s"):
+        table.add_column(col)
+    tuner_epochs: list[int] = []
+    random_epochs: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="cdl-bench-tuner-") as tmp:
+        storage = f"sqlite:///{tmp}/bench.db"
+        for seed in range(SEEDS):
+            t0 = time.monotonic()
+            common: dict[str, Any] = {
+                "storage": storage,
+                "spec": spec,
+                "space": space_for(Family.CNN),
+                "n_trials": TRIALS,
+                "max_epochs": EPOCHS,
+                "seed": seed,
+            }
+            with console.status(f"seed {seed}: random search"):
+                run_study(StudyPlan(study=f"random-{seed}", sampler="random", pruner="none", **common), split, 0)
+            rc = _curves(storage, f"random-{seed}")
+            target = max(max(c) for c in rc if c)
+            r_epochs, _ = _epochs_to(rc, target)
+            with console.status(f"seed {seed}: tuner (TPE + Hyperband)"):
+                run_study(StudyPlan(study=f"tuner-{seed}", sampler="tpe", pruner="hyperband", **common), split, 0)
+            tc = _curves(storage, f"tuner-{seed}")
+            t_epochs, reached = _epochs_to(tc, target)
+            tuner_epochs.append(t_epochs)
+            random_epochs.append(r_epochs)
+            table.add_row(
+                str(seed),
+                f"{target:.4f}",
+                str(r_epochs),
+                str(sum(len(c) for c in rc)),
+                str(t_epochs) + ("" if reached else " (not reached)"),
+                str(sum(len(c) for c in tc)),
+                f"{t_epochs / r_epochs:.2f}",
+                f"{time.monotonic() - t0:.0f}",
+            )
+            console.print(f"seed {seed}: random {r_epochs} epochs to {target:.4f}; tuner {t_epochs} ({reached=})")
+    console.print(table)
+    tv, rv = statistics.median(tuner_epochs), statistics.median(random_epochs)
+    print(f"medians over {SEEDS} seeds: tuner {tv} trial-epochs, random {rv}")
+    print(result("tuner_trial_epochs", tv, rv, op="<=", goal=0.5, unit="trial-epochs"))
+
+
+if __name__ == "__main__":
+    main()
