@@ -122,10 +122,15 @@ def stack_up(
 
 
 @stack_app.command("down")
-def stack_down(state_dir: StateDir = None) -> None:
+def stack_down(
+    state_dir: StateDir = None,
+    purge: Annotated[
+        bool, typer.Option("--purge", help="Also delete data kept outside the state directory (PostgreSQL's as root).")
+    ] = False,
+) -> None:
     """Stop exactly the processes `cdl stack up` started."""
     stack = _stack(state_dir)
-    stopped = stack.down(lambda c, p, d: console.print(f"  {c}: {p} ({d})"))
+    stopped = stack.down(lambda c, p, d: console.print(f"  {c}: {p} ({d})"), purge=purge)
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 

@@ -1,8 +1,8 @@
 """The continuous loop end to end, as `scripts/run.sh` runs it: `cdl stack up`
 with every built service, a dataset registered with `cdl dataset register`,
 records produced to data.raw by a plain Kafka client, and then — by itself —
-a dataset version, a trained and gated model, its compressed variants and a
-Triton repository entry that serves."""
+a dataset version, a trained and gated model, a study of it, its compressed
+variants and a Triton repository entry that serves."""
 
 from __future__ import annotations
 
@@ -21,15 +21,18 @@ from cdl.events import decode
 from tests.helpers import IN_CI, read_topic, run_cdl
 
 
-def test_records_become_a_served_model_by_themselves(tmp_path: Path) -> None:
+def test_records_become_a_served_model_by_themselves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state_dir = tmp_path / "stack"
+    # the tuner studies the first version beside the trainer: a small study on the 2 cores
+    monkeypatch.setenv("CDL_TUNER_N_TRIALS", "4")
+    monkeypatch.setenv("CDL_TUNER_MAX_EPOCHS", "3")
     up = run_cdl("stack", "up", state_dir=state_dir)
     if up.returncode != 0 and "run scripts/setup.sh" in up.stdout and not IN_CI:
         pytest.skip(up.stdout)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads((state_dir / "stack.json").read_text())
-        assert set(state["services"]) == {"ingest", "trainer", "compressor", "gateway"}
+        assert set(state["services"]) == {"ingest", "trainer", "tuner", "compressor", "gateway"}
         reg = run_cdl(
             "dataset", "register", "digits", "--task", "image", "--shape", "1,8,8",
             "--labels", ",".join(str(i) for i in range(10)), "--min-new-records", "1500",
@@ -52,6 +55,12 @@ def test_records_become_a_served_model_by_themselves(tmp_path: Path) -> None:
         verdict = decode(trained.key, trained.value, list(trained.headers.items())).payload
         assert verdict.lineage.dataset_version == 1  # type: ignore[attr-defined]
         assert verdict.metrics["holdout_accuracy"] >= 0.9  # type: ignore[attr-defined]
+
+        # the first version was tuned too, by the stack's tuner on its PostgreSQL
+        [tuned] = read_topic(bootstrap, "tuning.completed", expected=1, timeout_s=240)
+        study = decode(tuned.key, tuned.value, list(tuned.headers.items())).payload
+        assert study.model == "digits" and study.storage.startswith("postgresql")  # type: ignore[attr-defined]
+        assert study.trials + study.pruned_trials >= 4  # type: ignore[attr-defined]
 
         show = run_cdl("dataset", "show", "digits", state_dir=state_dir)
         assert show.returncode == 0 and "latest version" in show.stdout
@@ -87,5 +96,5 @@ def test_records_become_a_served_model_by_themselves(tmp_path: Path) -> None:
         assert predict.returncode == 0, predict.stdout + predict.stderr
         assert json.loads(predict.stdout)["predictions"][0]["class"] == int(digits.target[0])
     finally:
-        down = run_cdl("stack", "down", state_dir=state_dir)
+        down = run_cdl("stack", "down", "--purge", state_dir=state_dir)
         assert down.returncode == 0, down.stdout

@@ -21,20 +21,22 @@ def test_stack_up_then_down_leaves_nothing_running(tmp_path: Path) -> None:
         assert "stack healthy" in up.stdout
         state = json.loads((state_dir / "stack.json").read_text())
         procs = {name: ProcInfo(**p) for name, p in state["procs"].items()}
-        assert set(procs) == {"kafka", "minio", "triton-0", "ingest", "trainer", "compressor", "gateway"}
+        expected = {"kafka", "minio", "postgres", "triton-0", "ingest", "trainer", "tuner", "compressor", "gateway"}
+        assert set(procs) == expected
         assert all(is_alive(p) for p in procs.values())
 
         status = run_cdl("stack", "status", state_dir=state_dir)
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 7
+        assert status.stdout.count("healthy") == 9
 
         # up again is a no-op: same processes
         again = run_cdl("stack", "up", state_dir=state_dir)
         assert again.returncode == 0 and "already running" in again.stdout
         assert json.loads((state_dir / "stack.json").read_text())["procs"] == state["procs"]
     finally:
-        down = run_cdl("stack", "down", state_dir=state_dir)
+        down = run_cdl("stack", "down", "--purge", state_dir=state_dir)
     assert down.returncode == 0, down.stdout + down.stderr
+    assert not Path(state["postgres"]["data"]).exists()  # --purge: nothing left outside the state dir
     for name, info in procs.items():
         assert not is_alive(info), name
         assert group_members(info.pid) == [], f"{name} left processes behind"
