@@ -182,9 +182,9 @@ def _watch(stack: LocalStack, interval: float) -> None:
                 *(str(d.get(c, "-")) for c in ("dataset", "version", "records", "new", "holdout", "shards"))
             )
         models = Table(title="models (newest version)")
-        mcols = ("model", "version", "verdict", "accuracy", "champion", "compressed")
+        mcols = ("model", "version", "verdict", "accuracy", "champion", "compressed", "tuned")
         for col in mcols:
-            models.add_column(col, justify="left" if col in ("model", "verdict", "compressed") else "right")
+            models.add_column(col, justify="left" if col in ("model", "verdict", "compressed", "tuned") else "right")
         for m in snap.models:
             models.add_row(*(str(m.get(c, "-")) for c in mcols))
         parts: list[Any] = [_status_table(snap.components), topics, objects, datasets, models]

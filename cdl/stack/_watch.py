@@ -14,6 +14,7 @@ __all__ = ["Snapshot", "StackObserver"]
 
 _DATASET_VERSION = re.compile(r"^([^/]+)/versions/(\d+)\.json$")
 _MODEL_FILE = re.compile(r"^([^/]+)/(\d+)/(claim|compression)\.json$")
+_STUDY_FILE = re.compile(r"^([^/]+)/studies/(.+)-(\d+)\.json$")
 
 
 @dataclass
@@ -90,7 +91,12 @@ class StackObserver:
         registry = ModelRegistry(self._store)
         versions: dict[str, list[int]] = defaultdict(list)
         compressed: dict[str, list[int]] = defaultdict(list)
+        studies: dict[str, dict[int, str]] = defaultdict(dict)
         for k in keys:
+            st = _STUDY_FILE.match(k)
+            if st:
+                studies[st.group(1)][int(st.group(3))] = k
+                continue
             m = _MODEL_FILE.match(k)
             if m and m.group(3) == "claim":
                 versions[m.group(1)].append(int(m.group(2)))
@@ -110,6 +116,10 @@ class StackObserver:
                 last = max(compressed[name])
                 doc = self._store.get_json(MODELS_BUCKET, f"{name}/{last}/compression.json")
                 row["compressed"] = f"v{last} {doc['chosen'] or 'failed'}"
+            if studies[name]:
+                doc = self._store.get_json(MODELS_BUCKET, studies[name][max(studies[name])])
+                best = doc["objective_values"][0] if doc["objective_values"] else float("nan")
+                row["tuned"] = f"{doc['study']} {best:.4f} ({doc['complete']} done, {doc['pruned']} pruned)"
             rows.append(row)
         return rows
 
