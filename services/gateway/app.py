@@ -292,7 +292,8 @@ class GatewayApp:
         while not self._stopping.is_set():
             n += 1
             try:
-                self.execute(await asyncio.to_thread(self.manager.tick))
+                if self.manager.busy():  # idle: no thread hand-off 10 times a second
+                    self.execute(await asyncio.to_thread(self.manager.tick))
                 if n % RECONCILE_TICKS == 0:
                     await asyncio.to_thread(self._reconcile)
             except Exception:

@@ -323,6 +323,7 @@ class InferenceLog:
         assert producer is not None
         queue = self._queue
         interval = self._interval
+        idle = 0
         while True:
             if queue:
                 # what arrived since the last round, handed to the producer in one go: librdkafka
@@ -348,9 +349,12 @@ class InferenceLog:
                 producer.poll(0)
                 if len(queue) >= self._batch:
                     continue  # behind: no pause
+                idle = 0
             else:
                 producer.poll(0)
-            if self._closed.wait(interval) and not queue:
+                idle += 1
+            # nothing offered for a while: wake less often (a record waits at most 4 intervals)
+            if self._closed.wait(interval if idle < 4 else 4 * interval) and not queue:
                 return
 
     def close(self, timeout_s: float = 5.0) -> None:

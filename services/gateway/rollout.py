@@ -591,6 +591,15 @@ class RolloutManager:
         self._sync()
         return out
 
+    def busy(self) -> bool:
+        """Whether :meth:`tick` has anything to do: a rollout under way, versions draining,
+        state not saved yet, or transitions waiting (cheap: the app asks every 100 ms and
+        ticks, in a thread, only then)."""
+        with self._lock:
+            return bool(self._pending) or any(
+                m.phase is not Phase.IDLE or m.retiring or m.dirty for m in self._models.values()
+            )
+
     def tick(self) -> list[Transition]:
         """Decide on the evidence so far (call every ~100 ms): step up, promote, roll back, unload drained versions."""
         now = self._clock()
