@@ -6,18 +6,21 @@ import time
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from prometheus_client import Counter
 
-from cdl.datasets import load_version
+from cdl.datasets import DatasetVersion, load_version
 from cdl.errors import CdlError, PermanentError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
+from cdl.ml.core import fit, hyperparameters, split_version
 from cdl.ml.models import Family
-from cdl.registry import MODELS_BUCKET, ModelRegistry
+from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry
 from cdl.store import ObjectStore
 from cdl.triton import TRITON_BUCKET, Backend, ModelSpec, TensorSpec, write_entry
 from cdl.v1 import events_pb2
+from services.compressor.pruning import load_into, parameters, prune
 from services.compressor.settings import CompressorSettings
 from services.compressor.variants import (
     INPUT,
@@ -154,6 +157,10 @@ class Compressor:
             )
             builders["int8-static"] = lambda: slim(int8_static_variant(fp32, calib))
             builders["int8-static-qop"] = lambda: slim(int8_static_variant(fp32, calib, operator_format=True))
+            if config.family in (Family.CNN, Family.MLP) and self.settings.prune_fraction > 0:
+                pruned = self._pruned(loaded, data, xh)
+                builders["pruned"] = lambda: slim(pruned)
+                builders["pruned-int8"] = lambda: slim(int8_static_variant(pruned, calib, operator_format=True))
         measured: list[Measured] = []
         blobs: dict[str, bytes] = {}
         errors: dict[str, str] = {}
@@ -200,6 +207,34 @@ class Compressor:
         }
         log.info("model version compressed", model=model, version=version, chosen=chosen.name, reason=doc["reason"])
         return doc
+
+
+    def _pruned(self, loaded: LoadedModel, data: DatasetVersion, example: npt.NDArray[Any]) -> bytes:
+        """The pruned model, fine-tuned through the shared core, exported as FP32 ONNX."""
+        s = self.settings
+        small, small_config = prune(loaded.module, loaded.config, s.prune_fraction)
+        hp = dict(small_config.hparams)
+        hp["epochs"] = s.prune_finetune_epochs
+        hp["lr"] = float(hp.get("lr", 3e-3)) * s.prune_finetune_lr_scale
+        split = split_version(data, 0.1, seed=0)
+        fitted = fit(
+            data.spec,
+            split,
+            hyperparameters(small_config.family, hp),
+            seed=0,
+            device="cpu",
+            patience=0,
+            config=small_config,
+            warm_start=lambda _config, module: load_into(module, small),
+        )
+        log.info(
+            "pruned model fine-tuned",
+            channels_or_hidden=small_config.hparams.get("channels", small_config.hparams.get("hidden")),
+            parameters=parameters(fitted.module),
+            parameters_before=parameters(loaded.module),
+            val_accuracy=max((m.val_accuracy for m in fitted.result.history), default=float("nan")),
+        )
+        return export_onnx(Served(fitted.module, small_config, fitted.preprocessor).eval(), example)
 
 
 _EMPTY: dict[str, Any] = {

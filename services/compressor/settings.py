@@ -42,3 +42,10 @@ class CompressorSettings(ServiceSettings):
     """Repository entry kind: the python-backend ONNX Runtime runner (local Triton) or onnxruntime_onnx."""
     max_batch_size: int = 64
     """max_batch_size of the Triton entry."""
+    prune_fraction: float = 0.5
+    """Structured pruning: share of channels (CNN) or hidden neurons (MLP) removed by L1 norm
+    for the ``pruned`` and ``pruned-int8`` variants (0: no pruned variants)."""
+    prune_finetune_epochs: int = 3
+    """Epochs the pruned model is fine-tuned on the version's train split (shared training core)."""
+    prune_finetune_lr_scale: float = 0.3
+    """The fine-tune's learning rate: the model's own times this."""
