@@ -72,7 +72,7 @@ def test_variants_are_measured_and_the_chosen_one_serves_in_triton(
     assert done.ok, done.reason
     assert (done.model, done.version) == (name, model_trained.version)
     variants = {v.name: v for v in done.variants}
-    assert set(variants) == {"fp32", "int8-dynamic", "int8-static", "int8-static-qop", "fp16"}
+    assert set(variants) == {"fp32", "int8-dynamic", "int8-static", "int8-static-qop", "fp16", "pruned", "pruned-int8"}
     for v in variants.values():
         assert v.size_bytes > 0 and v.latency_p50_ms_b1 > 0 and v.latency_p99_ms_b32 >= v.latency_p50_ms_b32 > 0
         assert 0.9 < v.accuracy <= 1.0 and v.uri.startswith(f"s3://cdl-models/{name}/")
@@ -80,6 +80,11 @@ def test_variants_are_measured_and_the_chosen_one_serves_in_triton(
     chosen = variants[done.chosen_variant]
     assert chosen.within_budget
     assert variants["int8-static"].size_bytes < 0.4 * variants["fp32"].size_bytes
+    # the pruned model (half the channels, fine-tuned) is smaller than FP32, measured, and chosen
+    # only within the budget (never outside it: no variant outside is ever chosen)
+    assert variants["pruned"].size_bytes < 0.5 * variants["fp32"].size_bytes
+    assert variants["pruned-int8"].size_bytes < variants["pruned"].size_bytes
+    assert all(v.within_budget for v in variants.values() if v.name == done.chosen_variant)
     assert done.triton_repository_path == f"s3://cdl-triton/{name}/{model_trained.version}/"
 
     # the chosen variant loads in Triton and agrees with PyTorch on top-1 for >= 99% of the holdout
