@@ -116,18 +116,20 @@ def fit(
     callback: EpochCallback | None = None,
     warm_start: Callable[[ModelConfig, nn.Module], object] | None = None,
     config: ModelConfig | None = None,
+    preprocessor: Preprocessor | None = None,
 ) -> Fitted:
     """Train a model of ``spec``'s family on ``split`` (its training and validation parts).
 
     ``max_epochs`` caps the epochs the hyperparameters ask for (0: no cap). ``warm_start``
     may load a parent's weights into the freshly built module (the trainer's warm start).
     ``config``: a given architecture (the compressor's pruned model) instead of the one the
-    hyperparameters describe.
+    hyperparameters describe; ``preprocessor``: the one the warm-start weights were trained
+    with (a fine-tune), instead of one fitted on ``split``.
     """
     family = family_for(spec.task)
     hp = dict(hparams)
     config = config or ModelConfig(family, spec.input_shape, len(spec.labels), hp)
-    pre = fit_preprocessor(family, spec.task, split.x_train, hp)
+    pre = preprocessor or fit_preprocessor(family, spec.task, split.x_train, hp)
     xt, xv = pre.transform(split.x_train), pre.transform(split.x_val)
     module = build_seeded(config, seed)
     if warm_start is not None:

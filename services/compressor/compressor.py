@@ -133,7 +133,9 @@ class Compressor:
             ) from exc
         config, pre = loaded.config, loaded.preprocessor
         lineage = self.registry.document(model, version, "lineage")
-        data = load_version(self.store, lineage["dataset"], int(lineage["dataset_version"]))
+        # the records the model was trained on (its window), not an ever-growing whole version
+        window = int(lineage["records"]) if lineage.get("windowed") else 0
+        data = load_version(self.store, lineage["dataset"], int(lineage["dataset_version"]), window)
         x_hold, y_hold = data.subset(holdout=True)
         x_train, _ = data.subset(holdout=False)
         xh = served_input(config, pre, x_hold)
@@ -158,9 +160,16 @@ class Compressor:
             builders["int8-static"] = lambda: slim(int8_static_variant(fp32, calib))
             builders["int8-static-qop"] = lambda: slim(int8_static_variant(fp32, calib, operator_format=True))
             if config.family in (Family.CNN, Family.MLP) and self.settings.prune_fraction > 0:
-                pruned = self._pruned(loaded, data, xh)
-                builders["pruned"] = lambda: slim(pruned)
-                builders["pruned-int8"] = lambda: slim(int8_static_variant(pruned, calib, operator_format=True))
+                # built when its turn comes (a failure fails that variant only), once for both
+                cache: list[bytes] = []
+
+                def pruned() -> bytes:
+                    if not cache:
+                        cache.append(self._pruned(loaded, data, xh))
+                    return cache[0]
+
+                builders["pruned"] = lambda: slim(pruned())
+                builders["pruned-int8"] = lambda: slim(int8_static_variant(pruned(), calib, operator_format=True))
         measured: list[Measured] = []
         blobs: dict[str, bytes] = {}
         errors: dict[str, str] = {}
@@ -208,7 +217,6 @@ class Compressor:
         log.info("model version compressed", model=model, version=version, chosen=chosen.name, reason=doc["reason"])
         return doc
 
-
     def _pruned(self, loaded: LoadedModel, data: DatasetVersion, example: npt.NDArray[Any]) -> bytes:
         """The pruned model, fine-tuned through the shared core, exported as FP32 ONNX."""
         s = self.settings
@@ -226,6 +234,7 @@ class Compressor:
             patience=0,
             config=small_config,
             warm_start=lambda _config, module: load_into(module, small),
+            preprocessor=loaded.preprocessor,  # what the kept weights were trained with
         )
         log.info(
             "pruned model fine-tuned",
@@ -234,7 +243,7 @@ class Compressor:
             parameters_before=parameters(loaded.module),
             val_accuracy=max((m.val_accuracy for m in fitted.result.history), default=float("nan")),
         )
-        return export_onnx(Served(fitted.module, small_config, fitted.preprocessor).eval(), example)
+        return export_onnx(Served(fitted.module, small_config, loaded.preprocessor).eval(), example)
 
 
 _EMPTY: dict[str, Any] = {

@@ -67,6 +67,28 @@ TICK_S = 0.1
 RECONCILE_TICKS = 50
 
 
+#: phases in which a candidate takes (or sees) live traffic
+_TRAFFIC = frozenset({"canary", "shadow"})
+
+
+def _lowers(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether rollout document ``new`` gives the candidate less traffic than ``old`` (or
+    another stable version): a rollback, a lower share, a phase without traffic."""
+    if old is None:
+        return False
+    if new.get("stable") != old.get("stable"):
+        return False  # a promotion: the new stable version must be saved first
+    was = old.get("phase") in _TRAFFIC and bool(old.get("candidate"))
+    now = new.get("phase") in _TRAFFIC and bool(new.get("candidate"))
+    if was and not now:
+        return True
+    if not (was and now and new.get("candidate") == old.get("candidate")):
+        return False
+    if new.get("share") is not None and old.get("share") is not None:
+        return float(new["share"]) < float(old["share"])  # a pinned share lowered
+    return new.get("share") is None and old.get("share") is None and int(new["step"]) < int(old["step"])
+
+
 class _RolloutCollector(Collector):
     """``cdl_gateway_rollout_traffic{model,version,state}``: each version's share, read at scrape time."""
 
@@ -111,6 +133,17 @@ class GatewayApp:
         if driver is not None:
             self.link = DriverLink(driver, on_docs=self.manager.follow, on_lost=self._driver_lost)
         self.followers: Followers | None = None
+        if not self.is_follower and settings.processes > 1:
+            # made now so that every document saved from here on reaches the followers
+            # (started once the port is bound)
+            self.followers = Followers(
+                settings.processes - 1,
+                run_follower,
+                {**settings.model_dump(mode="json"), "metrics_port": 0},
+                outcomes=self.manager,
+                admin=self.admin_call,
+            )
+        self._published: dict[str, Mapping[str, Any]] = {}
         self.admin = AdminCore(self.manager, self.execute)
         self.control = TritonControl(settings.triton_grpc, self.store, settings.load_timeout_s)
         self.producer = Producer(settings.kafka_bootstrap, client_id="cdl-gateway")
@@ -154,11 +187,27 @@ class GatewayApp:
         self._loop: asyncio.AbstractEventLoop | None = None
         REGISTRY.register(_RolloutCollector(self.manager))
 
+    def admin_call(self, method: str, request: bytes) -> bytes:
+        return self.admin.call(method, request)
+
     def _persist(self, model: str, doc: Mapping[str, Any]) -> None:
-        """Save a rollout document, then hand it to the followers (they route by saved ones only)."""
+        """Save a rollout document and hand it to the followers: after the save when it gives the
+        candidate more traffic (followers never route more than is saved), before it when it gives
+        less (a rollback reaches them even while saves fail, as it takes effect here at once)."""
+        if self.followers is None:
+            self.rollouts.save(model, doc)
+            return
+        lowers = _lowers(self._published.get(model), doc)
+        if lowers:
+            self._publish_doc(model, doc)
         self.rollouts.save(model, doc)
-        if self.followers is not None:
-            self.followers.publish(model, doc)
+        if not lowers:
+            self._publish_doc(model, doc)
+
+    def _publish_doc(self, model: str, doc: Mapping[str, Any]) -> None:
+        assert self.followers is not None
+        self._published[model] = doc
+        self.followers.publish(model, doc)
 
     def _driver_lost(self) -> None:
         if self._loop is not None:
@@ -335,6 +384,9 @@ class GatewayApp:
             self._ensure_topics()
             self._worker.start()
             docs = await asyncio.to_thread(self.rollouts.load_all)
+            if self.followers is not None:
+                self.followers.seed(docs)
+                self._published.update(docs)
             self.execute(await asyncio.to_thread(self.manager.restore, docs))
         await self.pool.start()
         options: list[tuple[str, Any]] = [
@@ -366,15 +418,8 @@ class GatewayApp:
         if not self.is_follower:
             self._kafka.start()
             ticks = asyncio.create_task(self._ticks(), name="cdl-gateway-ticks")
-            if s.processes > 1:
-                self.followers = Followers(
-                    s.processes - 1,
-                    run_follower,
-                    {"grpc_port": self.port, "metrics_port": 0},
-                    outcomes=self.manager,
-                    admin=self.admin.call,
-                    docs=docs,
-                )
+            if self.followers is not None:
+                self.followers.overrides["grpc_port"] = self.port
                 self.followers.start()
         self._ready.set()
         log.info(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
+import queue
 import threading
 import time
 from collections import deque
@@ -185,6 +186,10 @@ class DriverLink:
 # --------------------------------------------------------------------------- driver side
 
 
+#: messages a follower may have waiting before it counts as stuck and is restarted
+MAX_OUTBOX = 10_000
+
+
 @dataclass
 class _Follower:
     index: int
@@ -193,12 +198,18 @@ class _Follower:
     started: float = 0.0
     restarts: int = 0
     thread: threading.Thread | None = field(default=None, repr=False)
+    outbox: queue.Queue[tuple[Any, ...] | None] | None = field(default=None, repr=False)
 
 
 class Followers:
     """The driver's side: starts the followers, keeps them running, counts their outcomes
     (``outcomes``), carries out their admin calls (``admin``), and hands every saved rollout
-    document to all of them (:meth:`publish`)."""
+    document to all of them (:meth:`publish`).
+
+    Nothing is sent on a follower's pipe by the caller's thread: each follower has an outbox
+    and one sender thread (a follower that stops reading blocks only that thread; one with
+    ``MAX_OUTBOX`` messages waiting is restarted), so a rollout tick never waits on a pipe.
+    """
 
     def __init__(
         self,
@@ -210,14 +221,15 @@ class Followers:
         docs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self._main = main
-        self._overrides = overrides
+        self.overrides = overrides
         self._outcomes = outcomes
         self._admin = admin
         self._docs: dict[str, Mapping[str, Any]] = dict(docs or {})
-        self._lock = threading.Lock()  # _docs and every send of documents: one order for all
+        self._lock = threading.Lock()  # _docs and the outboxes: one order of documents for all
         self._ctx = multiprocessing.get_context("spawn")
         self._followers = [_Follower(i) for i in range(1, count + 1)]
         self._stopping = threading.Event()
+        self._calls = itertools.count(1)
         self.calls = 0
         """Admin calls carried out for followers."""
 
@@ -232,54 +244,100 @@ class Followers:
     def pids(self) -> list[int]:
         return [int(f.process.pid) for f in self._followers if f.process is not None and f.process.is_alive()]
 
+    def seed(self, docs: Mapping[str, Mapping[str, Any]]) -> None:
+        """Documents saved before this process started (a follower gets them first)."""
+        with self._lock:
+            for model, doc in docs.items():
+                self._docs.setdefault(model, doc)
+
     def publish(self, model: str, doc: Mapping[str, Any]) -> None:
-        """A rollout document was saved: every follower routes by it from now on."""
+        """A rollout document: every follower routes by it from now on."""
         with self._lock:
             self._docs[model] = doc
             for f in self._followers:
-                if f.conn is not None:  # a follower that is going: its supervisor starts it again
-                    with contextlib.suppress(OSError, ValueError):
-                        f.conn.send(("docs", {model: doc}))
+                self._post(f, ("docs", {model: doc}))
+
+    def _post(self, f: _Follower, msg: tuple[Any, ...]) -> None:
+        box = f.outbox
+        if box is None:
+            return
+        if box.qsize() >= MAX_OUTBOX:
+            log.error("gateway follower not reading its pipe; restarting it", follower=f.index)
+            f.outbox = None
+            if f.process is not None and f.process.is_alive():
+                f.process.kill()
+            return
+        box.put(msg)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
         for f in self._followers:
-            if f.process is not None and f.process.is_alive():
-                f.process.terminate()  # SIGTERM: it drains like any gateway
+            with contextlib.suppress(ValueError, AttributeError, OSError):  # not started yet
+                if f.process is not None and f.process.is_alive():
+                    f.process.terminate()  # SIGTERM: it drains like any gateway
         deadline = time.monotonic() + timeout_s
         for f in self._followers:
-            if f.process is not None:
-                f.process.join(max(0.1, deadline - time.monotonic()))
-                if f.process.is_alive():
-                    f.process.kill()
+            with contextlib.suppress(ValueError, AttributeError, OSError, AssertionError):
+                if f.process is not None:
+                    f.process.join(max(0.1, deadline - time.monotonic()))
+                    if f.process.is_alive():
+                        f.process.kill()
             if f.thread is not None:
                 f.thread.join(1)
 
     def _supervise(self, f: _Follower) -> None:
         while not self._stopping.is_set():
-            mine, theirs = self._ctx.Pipe(duplex=True)
-            f.process = self._ctx.Process(
-                target=self._main, args=(theirs, f.index, self._overrides), name=f"cdl-gateway-{f.index}", daemon=True
-            )
-            f.process.start()
-            theirs.close()
-            f.started = time.monotonic()
-            with self._lock, contextlib.suppress(OSError, ValueError):  # every saved document, then each as saved
-                mine.send(("docs", dict(self._docs)))
-                f.conn = mine
-            log.info("gateway follower started", follower=f.index, pid=f.process.pid)
-            self._serve(f, mine)
-            with self._lock:
-                f.conn = None
-            mine.close()
-            f.process.join(5)
+            try:
+                self._run_one(f)
+            except Exception:
+                log.exception("gateway follower could not be run", follower=f.index)
             if self._stopping.is_set():
                 return
             f.restarts += 1
-            log.warning("gateway follower stopped; starting it again", follower=f.index, exitcode=f.process.exitcode)
+            exitcode = f.process.exitcode if f.process is not None else None
+            log.warning("gateway follower stopped; starting it again", follower=f.index, exitcode=exitcode)
             self._stopping.wait(RESTART_S)
 
-    def _serve(self, f: _Follower, conn: Connection) -> None:
+    def _run_one(self, f: _Follower) -> None:
+        mine, theirs = self._ctx.Pipe(duplex=True)
+        try:
+            f.process = self._ctx.Process(
+                target=self._main, args=(theirs, f.index, self.overrides), name=f"cdl-gateway-{f.index}", daemon=True
+            )
+            f.process.start()
+        finally:
+            theirs.close()
+        f.started = time.monotonic()
+        box: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        sender = threading.Thread(target=self._send_all, args=(mine, box), name=f"cdl-gateway-f{f.index}-send")
+        sender.daemon = True
+        with self._lock:  # every document so far first, then each one as published
+            box.put(("docs", dict(self._docs)))
+            f.outbox, f.conn = box, mine
+        sender.start()
+        log.info("gateway follower started", follower=f.index, pid=f.process.pid)
+        try:
+            self._serve(f, mine, box)
+        finally:
+            with self._lock:
+                f.outbox, f.conn = None, None
+            box.put(None)
+            sender.join(5)
+            mine.close()
+            f.process.join(5)
+            if f.process.is_alive():
+                f.process.kill()
+                f.process.join(5)
+
+    @staticmethod
+    def _send_all(conn: Connection, box: queue.Queue[tuple[Any, ...] | None]) -> None:
+        while (msg := box.get()) is not None:
+            try:
+                conn.send(msg)
+            except (OSError, ValueError):
+                return  # the follower is gone; its supervisor starts it again
+
+    def _serve(self, f: _Follower, conn: Connection, box: queue.Queue[tuple[Any, ...] | None]) -> None:
         outcomes = self._outcomes
         while True:
             try:
@@ -295,13 +353,14 @@ class Followers:
                             outcomes.served(model, version, ok, latency)
                 elif msg[0] == "call":
                     _, call_id, method, request = msg
-                    self.calls += 1
+                    self.calls = next(self._calls)
                     try:
                         reply: tuple[Any, ...] = ("reply", call_id, self._admin(method, request), None)
                     except CdlError as exc:
                         reply = ("reply", call_id, None, (type(exc).__name__, str(exc)))
-                    conn.send(reply)
-            except (OSError, ValueError):
-                return
+                    except Exception as exc:  # an answer, whatever happened: the follower is waiting
+                        log.exception("admin call for a gateway follower failed", method=method)
+                        reply = ("reply", call_id, None, ("CdlError", f"{type(exc).__name__}: {exc}"))
+                    box.put(reply)
             except Exception:
                 log.exception("message from a gateway follower not handled", follower=f.index)

@@ -152,9 +152,12 @@ def _sampler(plan: StudyPlan, worker: int) -> optuna.samplers.BaseSampler:
 def _pruner(plan: StudyPlan) -> optuna.pruners.BasePruner:
     if plan.multi or plan.pruner == "none":
         return optuna.pruners.NopPruner()
+    # epochs are reported from 1: no trial is pruned before epoch prune_min_epochs
     if plan.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=plan.prune_min_epochs - 1)
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=plan.max_epochs, reduction_factor=3)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=plan.prune_min_epochs)
+    return optuna.pruners.HyperbandPruner(
+        min_resource=max(1, plan.prune_min_epochs), max_resource=plan.max_epochs, reduction_factor=3
+    )
 
 
 def should_stop(curve: Sequence[float], finished: Sequence[Sequence[float]], min_epochs: int, margin: float) -> bool:
@@ -210,6 +213,8 @@ def _objective(plan: StudyPlan, split: TrainSplit) -> Callable[[optuna.Trial], A
             curve.append(acc)
             trial.set_user_attr("epochs", m.epoch)
             trial.set_user_attr("curve", curve)
+            if trial.study.user_attrs.get("budget_spent"):  # other workers finished the budget
+                return False
             if plan.multi:
                 return not should_stop(curve, finished, plan.prune_min_epochs, plan.prune_margin)
             trial.report(acc, m.epoch)
@@ -248,9 +253,20 @@ def _finished(study: optuna.Study) -> int:
 
 
 def _worker_main(plan: StudyPlan, split: TrainSplit, worker: int) -> None:
+    import os
+    import threading
+
     import torch
 
     torch.set_num_threads(1)  # workers share the cores
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # the tuner died (even kill -9): this worker goes too
+
+        def watch() -> None:
+            parent.join()
+            os._exit(1)
+
+        threading.Thread(target=watch, name="cdl-tuner-parent", daemon=True).start()
     run_worker(plan, split, worker)
 
 
@@ -288,9 +304,25 @@ def run_study(
     if workers <= 0:
         run_worker(plan, split, 0)
     else:
-        ctx = multiprocessing.get_context("spawn")
-        procs: list[Any] = []
-        index = 0
+        _coordinate(study, plan, split, workers, on_progress, started)
+    _fail_stale(study, force=workers > 0)
+    return summarise(study, plan, time.monotonic() - t0)
+
+
+def _coordinate(
+    study: optuna.Study,
+    plan: StudyPlan,
+    split: TrainSplit,
+    workers: int,
+    on_progress: Callable[[int, int], None] | None,
+    started: Callable[[list[int]], None] | None,
+) -> None:
+    """Keep ``workers`` processes on the study until its budget is spent; stop them whatever
+    happens (a storage error here ends no worker silently running on)."""
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[Any] = []
+    index = 0
+    try:
         while True:
             procs = [p for p in procs if p.is_alive()]
             done = _finished(study)
@@ -312,13 +344,15 @@ def run_study(
                 on_progress(done, plan.n_trials)
             _fail_stale(study)
             time.sleep(1.0)
-        for p in procs:  # the budget is spent: the others' running trials end here
+        # the budget is spent: running trials stop at their next epoch (ending as pruned)
+        study.set_user_attr("budget_spent", True)
+        for p in procs:
             p.join(plan.grace_s)
+    finally:
+        for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-    _fail_stale(study, force=workers > 0)
-    return summarise(study, plan, time.monotonic() - t0)
 
 
 def _fail_stale(study: optuna.Study, force: bool = False) -> None:

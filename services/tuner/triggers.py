@@ -38,6 +38,11 @@ class TuneState:
     accuracy_mark: float | None = None
     """The champion's holdout accuracy after the last study (the first model.trained since)."""
     last_study: str = ""
+    last_cause: str = ""
+    """The id of the event that started the last study (handled again: its result is sent again)."""
+    running: dict[str, Any] | None = None
+    """The study under way (name, dataset version, reason, cause), saved before it starts: a
+    tuner restarted mid-study resumes exactly that one."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,10 +93,12 @@ class TriggerPolicy:
         return None
 
     @staticmethod
-    def studied(state: TuneState, study: str, dataset_version: int, ended_at: float) -> None:
-        """Record a finished study."""
+    def studied(state: TuneState, study: str, dataset_version: int, ended_at: float, cause: str = "") -> None:
+        """Record a finished study (or one that failed: its trigger is answered too)."""
         state.studies += 1
         state.last_dataset_version = dataset_version
         state.last_ended_at = ended_at
         state.accuracy_mark = None
         state.last_study = study
+        state.last_cause = cause
+        state.running = None

@@ -72,6 +72,9 @@ class Tuner:
     def handle(self, event: Event) -> list[OutRecord]:
         msg = event.payload
         when = event.time.timestamp()
+        unfinished = self._unfinished(event)
+        if unfinished is not None:
+            return unfinished
         if isinstance(msg, events_pb2.DataUpdated):
             model, version = msg.dataset, int(msg.version)
             state = self.state(model)
@@ -98,6 +101,21 @@ class Tuner:
         log.info("event ignored", type=event.type)
         return []
 
+    def _unfinished(self, event: Event) -> list[OutRecord] | None:
+        """What a crash left: a study under way (resumed as it was planned), or a finished one
+        whose tuning.completed was not committed (sent again); None when neither."""
+        msg = event.payload
+        model = msg.dataset if isinstance(msg, events_pb2.DataUpdated) else str(getattr(msg, "model", ""))
+        if not model:
+            return None
+        state = self.state(model)
+        if state.running is not None:
+            run = state.running
+            return self._study(event, model, state, str(run["reason"]), int(run["dataset_version"]), run)
+        if state.last_cause == event.id and state.last_study:
+            return [self._resend(event, model, state.last_study)]
+        return None
+
     def _maybe(
         self, cause: Event, model: str, state: TuneState, reason: str | None, dataset_version: int | None
     ) -> list[OutRecord]:
@@ -107,20 +125,45 @@ class Tuner:
         if version is None:
             log.info("nothing to tune on yet", model=model, reason=reason)
             return []
-        result, plan = self.tune(model, version, state, reason)
+        run = {"study": f"{model}-{state.studies + 1}", "dataset_version": version, "reason": reason}
+        state.running = {**run, "cause": cause.id}
+        self._save(model, state)  # before the study: a restart resumes this one
+        return self._study(cause, model, state, reason, version, state.running)
+
+    def _study(
+        self, cause: Event, model: str, state: TuneState, reason: str, version: int, run: dict[str, Any]
+    ) -> list[OutRecord]:
+        result, plan = self.tune(model, version, state, reason, str(run["study"]))
+        self.policy.studied(state, plan.study, version, time.time(), cause=cause.id)
+        self._save(model, state)  # a failed study answers its trigger too (the next gets a new name)
         if not result.best_params:
             raise InvalidInputError("no trial of the study completed", model=model, study=plan.study)
-        self.policy.studied(state, plan.study, version, time.time())
-        self._save(model, state)
         return [self._completed(cause, model, version, plan, result, reason)]
 
+    def _resend(self, cause: Event, model: str, study: str) -> OutRecord:
+        """The tuning.completed of a study that finished before a crash (same event id)."""
+        doc = self.store.get_json(MODELS_BUCKET, f"{model}/studies/{study}.json")
+        result = StudyResult(
+            study=study,
+            best_params=dict(doc["best_params"]),
+            best_value=float(doc["objective_values"][0]) if doc["objective_values"] else float("nan"),
+            objective_values=[float(v) for v in doc["objective_values"]],
+            complete=int(doc["complete"]),
+            pruned=int(doc["pruned"]),
+            failed=int(doc["failed"]),
+            trial_epochs=int(doc["trial_epochs"]),
+            front=list(doc["pareto_front"]),
+        )
+        log.info("study already finished; its result is sent again", model=model, study=study)
+        return self._completed_doc(cause, model, int(doc["dataset_version"]), study, str(doc["storage"]), result, doc)
+
     # ------------------------------------------------------------------ a study
-    def plan(self, model: str, spec: Any, state: TuneState) -> StudyPlan:
+    def plan(self, model: str, spec: Any, study: str) -> StudyPlan:
         s = self.settings
         previous = self.registry.hyperparameters(model)
         warm = previous[0] if previous is not None and previous[1].startswith("tuning:") else None
         return StudyPlan(
-            study=f"{model}-{state.studies + 1}",
+            study=study,
             storage=s.storage(),
             spec=spec,
             space=space_for(family_for(spec.task), s.spaces.get(model)),
@@ -138,12 +181,14 @@ class Tuner:
             grace_s=s.grace_s,
         )
 
-    def tune(self, model: str, version: int, state: TuneState, reason: str) -> tuple[StudyResult, StudyPlan]:
+    def tune(
+        self, model: str, version: int, state: TuneState, reason: str, study: str
+    ) -> tuple[StudyResult, StudyPlan]:
         data = load_version(self.store, model, version, self.settings.window_records)
         split = split_version(data, self.settings.val_fraction, self.settings.seed)
         if len(split.x_train) < 2 or len(split.x_val) < 1:
             raise InvalidInputError("dataset version too small to tune on", dataset=model, version=version)
-        plan = self.plan(model, data.spec, state)
+        plan = self.plan(model, data.spec, study)
         self.running = plan.study
         log.info(
             "study starting",
@@ -206,9 +251,22 @@ class Tuner:
     def _completed(
         self, cause: Event, model: str, version: int, plan: StudyPlan, result: StudyResult, reason: str
     ) -> OutRecord:
+        doc = {"reason": reason}
+        return self._completed_doc(cause, model, version, plan.study, public_url(plan.storage), result, doc)
+
+    def _completed_doc(
+        self,
+        cause: Event,
+        model: str,
+        version: int,
+        study: str,
+        storage: str,
+        result: StudyResult,
+        doc: dict[str, Any],
+    ) -> OutRecord:
         msg = events_pb2.TuningCompleted(
             model=model,
-            study=plan.study,
+            study=study,
             dataset=model,
             dataset_version=version,
             best_value=result.best_value,
@@ -217,11 +275,11 @@ class Tuner:
             failed_trials=result.failed,
             objective_values=result.objective_values,
             trial_epochs=result.trial_epochs,
-            storage=public_url(plan.storage),
-            reason=reason,
+            storage=storage,
+            reason=str(doc["reason"]),
             pareto_front_size=len(result.front),
         )
         for k, v in result.best_params.items():
             msg.best_params[k] = json.dumps(v)
-        event = cause.caused(msg, self.source, key=model, event_id=f"{model}/study/{plan.study}")
+        event = cause.caused(msg, self.source, key=model, event_id=f"{model}/study/{study}")
         return OutRecord.of(self.settings.completed_topic, event)

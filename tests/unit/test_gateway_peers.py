@@ -107,3 +107,17 @@ def test_a_follower_whose_driver_is_gone_is_told_and_calls_fail_fast() -> None:
     with pytest.raises(UnavailableError):
         link.call("ListModels", b"", timeout_s=1)
     link.close()
+
+
+def test_documents_that_lower_the_candidates_traffic_are_told_apart() -> None:
+    from services.gateway.app import _lowers
+
+    canary = {"stable": 1, "candidate": 2, "phase": "canary", "step": 2, "share": None}
+    assert _lowers(canary, {**canary, "candidate": 0, "phase": "idle"})  # rolled back
+    assert _lowers(canary, {**canary, "phase": "awaiting_approval"})
+    assert not _lowers(canary, {**canary, "step": 3})  # stepped up
+    assert _lowers(canary, {**canary, "step": 1})
+    assert _lowers({**canary, "share": 0.5}, {**canary, "share": 0.2})  # a pinned share lowered
+    assert not _lowers({**canary, "share": 0.2}, {**canary, "share": 0.5})
+    assert not _lowers(canary, {**canary, "stable": 2, "candidate": 0, "phase": "idle"})  # promoted: save first
+    assert not _lowers(None, canary)
