@@ -42,8 +42,18 @@ def main() -> None:
         processed=SqliteProcessedStore(Path(db)),
     )
     loop.install_signal_handlers()
-    # done once partitions are ours and nothing new came for a few seconds
-    loop.run(until=lambda: loop.assigned.is_set() and time.monotonic() - last[0] > 6)
+    # done once partitions are ours and nothing new came for a few seconds after that (the
+    # rebalance after a killed member may take longer than those seconds: count from it)
+    assigned_at = [0.0]
+
+    def done() -> bool:
+        if not loop.assigned.is_set():
+            return False
+        if not assigned_at[0]:
+            assigned_at[0] = time.monotonic()
+        return time.monotonic() - max(last[0], assigned_at[0]) > 6
+
+    loop.run(until=done)
     print(f"jobs={loop.jobs_done}")
 
 

@@ -48,7 +48,9 @@ def test_first_version_from_scratch_second_warm_starts_with_lineage(
 ) -> None:
     name = f"digits-{uuid.uuid4().hex[:6]}"
     writer = DatasetWriter(object_store, kafka_bootstrap, trainer_topics["updated"], digits_spec(name))
-    trainer_factory().start()
+    # lineage and warm start are what this test is about: a gate with room for a fine-tune's
+    # variance on a small holdout (its rejections are the next test's)
+    trainer_factory(tolerance="0.03").start()
     writer.publish(writer.version(X[:1400], Y[:1400], [f"a{i}" for i in range(1400)]))
     [first] = _trained(kafka_bootstrap, trainer_topics["trained"], 1)
     assert (first.model, first.version, first.verdict) == (name, 1, events_pb2.VERDICT_ACCEPTED)
