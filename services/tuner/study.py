@@ -90,6 +90,8 @@ class StudyPlan:
     grace_s: int = 15
     sampler: str = "tpe"
     """"tpe" or "random" (the benchmark's baseline, with pruner "none")."""
+    sampler_seed: int | None = None
+    """The sampler's seed (default: ``seed``); each worker adds its index."""
 
     def __post_init__(self) -> None:
         if not self.objectives or self.objectives[0] != "accuracy" or len(self.objectives) > 2:
@@ -143,7 +145,7 @@ def make_storage(plan: StudyPlan) -> RDBStorage:
 
 
 def _sampler(plan: StudyPlan, worker: int) -> optuna.samplers.BaseSampler:
-    seed = plan.seed * 1000 + worker
+    seed = (plan.seed if plan.sampler_seed is None else plan.sampler_seed) * 1000 + worker
     if plan.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5, constant_liar=True)
