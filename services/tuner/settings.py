@@ -52,7 +52,7 @@ class TunerSettings(ServiceSettings):
     spaces: dict[str, dict[str, list[Any]]] = {}
     """Per-model search-range overrides (JSON: {"digits": {"channels": ["choice", [8, 16]]}});
     an empty range drops the hyperparameter from the search."""
-    every_versions: int = 10
+    every_versions: int = 50
     """Tune every this many dataset versions after the last study (0: never)."""
     accuracy_drop: float = 0.05
     """Tune when the champion's holdout accuracy fell this much below its mark after the last study."""

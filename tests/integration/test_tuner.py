@@ -93,7 +93,7 @@ def test_a_first_version_is_tuned_on_two_postgres_workers_and_the_next_training_
         time.sleep(0.2)
     assert hp[1] == f"tuning:{done.study}"
     # the next version: trained with the tuned parameters, its lineage names the study;
-    # one version later is no reason for another study (every 10 versions)
+    # one version later is no reason for another study (every 50 versions)
     writer.publish(writer.version(X[1400:], Y[1400:], [f"b{i}" for i in range(len(X) - 1400)]))
     trained = [
         decode(r.key, r.value, list(r.headers.items())).payload
