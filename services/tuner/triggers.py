@@ -56,7 +56,7 @@ class TuneState:
 
 @dataclass(frozen=True)
 class TriggerPolicy:
-    every_versions: int = 10
+    every_versions: int = 50
     accuracy_drop: float = 0.05
 
     def on_data_updated(self, state: TuneState, dataset_version: int) -> str | None:
