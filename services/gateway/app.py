@@ -132,6 +132,7 @@ class GatewayApp:
         self.link: DriverLink | None = None
         if driver is not None:
             self.link = DriverLink(driver, on_docs=self.manager.follow, on_lost=self._driver_lost)
+        self.admin = AdminCore(self.manager, self.execute)
         self.followers: Followers | None = None
         if not self.is_follower and settings.processes > 1:
             # made now so that every document saved from here on reaches the followers
@@ -141,10 +142,8 @@ class GatewayApp:
                 run_follower,
                 {**settings.model_dump(mode="json"), "metrics_port": 0},
                 outcomes=self.manager,
-                admin=self.admin_call,
+                admin=self.admin.call,
             )
-        self._published: dict[str, Mapping[str, Any]] = {}
-        self.admin = AdminCore(self.manager, self.execute)
         self.control = TritonControl(settings.triton_grpc, self.store, settings.load_timeout_s)
         self.producer = Producer(settings.kafka_bootstrap, client_id="cdl-gateway")
         self.log = InferenceLog(
@@ -187,9 +186,6 @@ class GatewayApp:
         self._loop: asyncio.AbstractEventLoop | None = None
         REGISTRY.register(_RolloutCollector(self.manager))
 
-    def admin_call(self, method: str, request: bytes) -> bytes:
-        return self.admin.call(method, request)
-
     def _persist(self, model: str, doc: Mapping[str, Any]) -> None:
         """Save a rollout document and hand it to the followers: after the save when it gives the
         candidate more traffic (followers never route more than is saved), before it when it gives
@@ -197,17 +193,12 @@ class GatewayApp:
         if self.followers is None:
             self.rollouts.save(model, doc)
             return
-        lowers = _lowers(self._published.get(model), doc)
+        lowers = _lowers(self.followers.document(model), doc)
         if lowers:
-            self._publish_doc(model, doc)
+            self.followers.publish(model, doc)
         self.rollouts.save(model, doc)
         if not lowers:
-            self._publish_doc(model, doc)
-
-    def _publish_doc(self, model: str, doc: Mapping[str, Any]) -> None:
-        assert self.followers is not None
-        self._published[model] = doc
-        self.followers.publish(model, doc)
+            self.followers.publish(model, doc)
 
     def _driver_lost(self) -> None:
         if self._loop is not None:
@@ -386,7 +377,6 @@ class GatewayApp:
             docs = await asyncio.to_thread(self.rollouts.load_all)
             if self.followers is not None:
                 self.followers.seed(docs)
-                self._published.update(docs)
             self.execute(await asyncio.to_thread(self.manager.restore, docs))
         await self.pool.start()
         options: list[tuple[str, Any]] = [

@@ -250,6 +250,11 @@ class Followers:
             for model, doc in docs.items():
                 self._docs.setdefault(model, doc)
 
+    def document(self, model: str) -> Mapping[str, Any] | None:
+        """The newest document of ``model`` the followers have (or will get first)."""
+        with self._lock:
+            return self._docs.get(model)
+
     def publish(self, model: str, doc: Mapping[str, Any]) -> None:
         """A rollout document: every follower routes by it from now on."""
         with self._lock:

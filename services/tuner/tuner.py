@@ -138,7 +138,7 @@ class Tuner:
         self._save(model, state)  # a failed study answers its trigger too (the next gets a new name)
         if not result.best_params:
             raise InvalidInputError("no trial of the study completed", model=model, study=plan.study)
-        return [self._completed(cause, model, version, plan, result, reason)]
+        return [self._completed(cause, model, version, plan.study, public_url(plan.storage), result, reason)]
 
     def _resend(self, cause: Event, model: str, study: str) -> OutRecord:
         """The tuning.completed of a study that finished before a crash (same event id)."""
@@ -155,7 +155,8 @@ class Tuner:
             front=list(doc["pareto_front"]),
         )
         log.info("study already finished; its result is sent again", model=model, study=study)
-        return self._completed_doc(cause, model, int(doc["dataset_version"]), study, str(doc["storage"]), result, doc)
+        version, storage, reason = int(doc["dataset_version"]), str(doc["storage"]), str(doc["reason"])
+        return self._completed(cause, model, version, study, storage, result, reason)
 
     # ------------------------------------------------------------------ a study
     def plan(self, model: str, spec: Any, study: str) -> StudyPlan:
@@ -249,20 +250,7 @@ class Tuner:
         return result, plan
 
     def _completed(
-        self, cause: Event, model: str, version: int, plan: StudyPlan, result: StudyResult, reason: str
-    ) -> OutRecord:
-        doc = {"reason": reason}
-        return self._completed_doc(cause, model, version, plan.study, public_url(plan.storage), result, doc)
-
-    def _completed_doc(
-        self,
-        cause: Event,
-        model: str,
-        version: int,
-        study: str,
-        storage: str,
-        result: StudyResult,
-        doc: dict[str, Any],
+        self, cause: Event, model: str, version: int, study: str, storage: str, result: StudyResult, reason: str
     ) -> OutRecord:
         msg = events_pb2.TuningCompleted(
             model=model,
@@ -276,7 +264,7 @@ class Tuner:
             objective_values=result.objective_values,
             trial_epochs=result.trial_epochs,
             storage=storage,
-            reason=str(doc["reason"]),
+            reason=reason,
             pareto_front_size=len(result.front),
         )
         for k, v in result.best_params.items():
