@@ -63,6 +63,7 @@ class Topics:
     MODEL_COMPRESSED = "model.compressed"
     MODEL_DEPLOYED = "model.deployed"
     INFERENCE_LOGGED = "inference.logged"
+    MODEL_HEALTH = "model.health"
 
     #: partitions per topic created by the local stack
     PARTITIONS: Mapping[str, int] = {
@@ -77,6 +78,7 @@ class Topics:
         MODEL_COMPRESSED: 1,
         MODEL_DEPLOYED: 1,
         INFERENCE_LOGGED: 3,
+        MODEL_HEALTH: 1,
     }
 
 
@@ -92,6 +94,7 @@ EVENT_TYPES: dict[str, type[Message]] = {
     "dev.cdl.model.compressed.v1": events_pb2.ModelCompressed,
     "dev.cdl.model.deployed.v1": events_pb2.ModelDeployed,
     "dev.cdl.inference.logged.v1": events_pb2.InferenceLogged,
+    "dev.cdl.model.health.v1": events_pb2.ModelHealth,
 }
 _TYPE_OF: dict[str, str] = {cls.DESCRIPTOR.full_name: t for t, cls in EVENT_TYPES.items()}
 

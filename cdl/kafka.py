@@ -38,7 +38,7 @@ from confluent_kafka import Producer as _Producer
 from prometheus_client import Counter as PromCounter
 
 from cdl.dedupe import MemoryProcessedStore, ProcessedStore
-from cdl.errors import DecodeError, UnavailableError
+from cdl.errors import DecodeError, NotFoundError, UnavailableError
 from cdl.events import Event, Headers, InBatch, OutRecord, Topics, dead_letter, decode, encode
 from cdl.failure import DEFAULT_POLICY, DeadLetterReason, FailurePolicy, Verdict
 from cdl.kafka_native import NativeConsumer
@@ -55,6 +55,7 @@ __all__ = [
     "consumer_conf",
     "ensure_topics",
     "read_latest",
+    "topic_partitions",
 ]
 
 log = get_logger(__name__)
@@ -117,6 +118,17 @@ def ensure_topics(
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise UnavailableError("creating topic failed", topic=topic, error=str(exc)) from exc
     return created
+
+
+def topic_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int:
+    """How many partitions ``topic`` has (:class:`NotFoundError` when it does not exist)."""
+    from confluent_kafka.admin import AdminClient
+
+    meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic=topic, timeout=timeout_s)
+    found = meta.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        raise NotFoundError("topic not found", topic=topic)
+    return len(found.partitions)
 
 
 def consumer_conf(bootstrap: str, group_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 
-__all__ = ["keep_freed_memory", "release_memory", "settle_gc"]
+__all__ = ["keep_freed_memory", "release_memory", "resident_bytes", "settle_gc"]
 
 
 def settle_gc() -> None:
@@ -70,3 +71,15 @@ def release_memory() -> bool:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return bool(trim(0))
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int | None:
+    """This process' resident memory (``/proc/self/statm``), or None where there is no procfs."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None

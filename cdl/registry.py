@@ -8,6 +8,7 @@ Layout::
     <model>/<version>/preprocessing.json    fitted preprocessing (transformation registry)
     <model>/<version>/metrics.json          per-epoch metrics, holdout scores
     <model>/<version>/lineage.json          dataset version + offsets, parent, hyperparameters, code, device
+    <model>/<version>/reference.npy         a sample of the training inputs' feature rows (cdl.ml.drift)
     <model>/<version>/result.json           written last: the verdict (the version is complete)
     <model>/claims/d<dataset version>.json  index: dataset version -> model version
     <model>/champion.json                   newest accepted version
@@ -86,6 +87,7 @@ class ModelRegistry:
         metrics: dict[str, Any],
         lineage: dict[str, Any],
         result: dict[str, Any],
+        reference: bytes | None = None,
     ) -> str:
         prefix = f"{model}/{version}"
         weights = safetensors.torch.save({k: v.contiguous() for k, v in state.items()})
@@ -94,6 +96,8 @@ class ModelRegistry:
         self._store.put_json(MODELS_BUCKET, f"{prefix}/preprocessing.json", preprocessor.to_json())
         self._store.put_json(MODELS_BUCKET, f"{prefix}/metrics.json", metrics)
         self._store.put_json(MODELS_BUCKET, f"{prefix}/lineage.json", lineage)
+        if reference is not None:
+            self._store.put_bytes(MODELS_BUCKET, f"{prefix}/reference.npy", reference)
         self._store.put_json(MODELS_BUCKET, f"{prefix}/result.json", {**result, "checkpoint_uri": uri})
         return uri
 
@@ -107,6 +111,13 @@ class ModelRegistry:
     def document(self, model: str, version: int, name: str) -> dict[str, Any]:
         doc: dict[str, Any] = self._store.get_json(MODELS_BUCKET, f"{model}/{version}/{name}.json")
         return doc
+
+    def reference(self, model: str, version: int) -> bytes | None:
+        """The version's reference sample (``.npy`` bytes), None for a version saved without one."""
+        key = f"{model}/{version}/reference.npy"
+        if not self._store.exists(MODELS_BUCKET, key):
+            return None
+        return self._store.get_bytes(MODELS_BUCKET, key)
 
     def config(self, model: str, version: int) -> ModelConfig:
         return ModelConfig.from_json(self.document(model, version, "model"))

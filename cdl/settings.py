@@ -75,7 +75,7 @@ class StackSettings(BaseSettings):
     """MinIO root password."""
     triton_servers: int = 1
     """How many Triton servers to start."""
-    services: list[str] = ["ingest", "trainer", "tuner", "compressor", "gateway"]
+    services: list[str] = ["ingest", "trainer", "tuner", "compressor", "gateway", "monitor"]
     """cdl services to start after the servers (``python -m services.<name>``)."""
     postgres: bool = True
     """Start PostgreSQL (the tuner's shared study storage) when the tuner is among the services."""

@@ -430,6 +430,7 @@ class DriftDetected(_message.Message):
     WINDOW_START_FIELD_NUMBER: _builtins.int
     WINDOW_END_FIELD_NUMBER: _builtins.int
     WINDOW_REQUESTS_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     test: _builtins.str
@@ -437,6 +438,8 @@ class DriftDetected(_message.Message):
     statistic: _builtins.float
     threshold: _builtins.float
     window_requests: _builtins.int
+    dataset: _builtins.str
+    """The dataset the model is trained on (ingest cuts its next version early)."""
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -452,14 +455,74 @@ class DriftDetected(_message.Message):
         window_start: _timestamp_pb2.Timestamp | None = ...,
         window_end: _timestamp_pb2.Timestamp | None = ...,
         window_requests: _builtins.int = ...,
+        dataset: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "statistic", b"statistic", "test", b"test", "threshold", b"threshold", "version", b"version", "window_end", b"window_end", "window_requests", b"window_requests", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "model", b"model", "statistic", b"statistic", "test", b"test", "threshold", b"threshold", "version", b"version", "window_end", b"window_end", "window_requests", b"window_requests", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DriftDetected: _TypeAlias = DriftDetected  # noqa: Y015
+
+@_typing.final
+class ModelHealth(_message.Message):
+    """Published by the monitor for each closed window of one serving version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
+    DRIFT_STATISTIC_FIELD_NUMBER: _builtins.int
+    DRIFT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.int
+    requests: _builtins.int
+    """Requests logged in the window, and those not answered OK."""
+    errors: _builtins.int
+    latency_p50_ms: _builtins.float
+    latency_p99_ms: _builtins.float
+    accuracy: _builtins.float
+    """Accuracy of the version's answers on the feedback joined in the window (0 when none)."""
+    feedback: _builtins.int
+    drift_statistic: _builtins.float
+    """The latest drift statistic of the version and its threshold (0 when not tested)."""
+    drift_threshold: _builtins.float
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def window_end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        window_end: _timestamp_pb2.Timestamp | None = ...,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        latency_p50_ms: _builtins.float = ...,
+        latency_p99_ms: _builtins.float = ...,
+        accuracy: _builtins.float = ...,
+        feedback: _builtins.int = ...,
+        drift_statistic: _builtins.float = ...,
+        drift_threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "drift_statistic", b"drift_statistic", "drift_threshold", b"drift_threshold", "errors", b"errors", "feedback", b"feedback", "latency_p50_ms", b"latency_p50_ms", "latency_p99_ms", b"latency_p99_ms", "model", b"model", "requests", b"requests", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelHealth: _TypeAlias = ModelHealth  # noqa: Y015
 
 @_typing.final
 class Lineage(_message.Message):

@@ -167,9 +167,9 @@ class GatewayApp:
             else JobLoop(
                 bootstrap=settings.kafka_bootstrap,
                 group_id=settings.group_id,
-                topics=[settings.compressed_topic],
+                topics=[settings.compressed_topic, settings.health_topic],
                 transactional_id=f"{settings.group_id}-{settings.instance}",
-                job=self._on_compressed,
+                job=self._on_event,
                 key=lambda e: e.id,
                 deadletter_topic=settings.deadletter_topic,
                 processed=SqliteProcessedStore(Path(settings.state_dir) / "gateway" / f"{settings.group_id}.sqlite"),
@@ -295,8 +295,12 @@ class GatewayApp:
         except CdlError:
             return False
 
-    def _on_compressed(self, event: Event, ctx: RecordContext) -> list[OutRecord]:
+    def _on_event(self, event: Event, ctx: RecordContext) -> list[OutRecord]:
         msg = event.payload
+        if isinstance(msg, events_pb2.ModelHealth):
+            # the monitor's window: accuracy on feedback feeds the candidate's rollback rule
+            self.manager.observe_health(msg.model, msg.version, msg.accuracy, msg.feedback)
+            return []
         if not isinstance(msg, events_pb2.ModelCompressed):
             log.info("event ignored", type=event.type)
             return []
@@ -311,7 +315,7 @@ class GatewayApp:
         try:
             self.loop.run()
         except Exception:
-            log.exception("event loop over model.compressed stopped")
+            log.exception("event loop over model.compressed and model.health stopped")
             signal.raise_signal(signal.SIGTERM)
 
     def _reconcile(self) -> None:
@@ -359,7 +363,7 @@ class GatewayApp:
     def _ensure_topics(self) -> None:
         s = self.settings
         partitions = dict(Topics.PARTITIONS)
-        for topic in (s.compressed_topic, s.deployed_topic, s.logged_topic, s.deadletter_topic):
+        for topic in (s.compressed_topic, s.health_topic, s.deployed_topic, s.logged_topic, s.deadletter_topic):
             partitions.setdefault(topic, 1)
         ensure_topics(s.kafka_bootstrap, partitions)
 

@@ -52,6 +52,7 @@ from prometheus_client import Counter
 from cdl.errors import InvalidInputError
 from cdl.events import Event, encode, source_name
 from cdl.logging import get_logger
+from cdl.tensors import NUMPY_DTYPES
 from cdl.v1 import events_pb2
 from cdl.v1 import open_inference_pb2 as pb
 from services.gateway import wire
@@ -67,21 +68,6 @@ LOG_DROPPED = Counter(
 )
 LOG_SENT = Counter("cdl_gateway_log_sent_total", "Inference log records handed to Kafka")
 
-#: Open Inference Protocol datatypes numpy can read as they travel (little-endian)
-_NUMPY: dict[str, str] = {
-    "BOOL": "?",
-    "UINT8": "u1",
-    "UINT16": "<u2",
-    "UINT32": "<u4",
-    "UINT64": "<u8",
-    "INT8": "i1",
-    "INT16": "<i2",
-    "INT32": "<i4",
-    "INT64": "<i8",
-    "FP16": "<f2",
-    "FP32": "<f4",
-    "FP64": "<f8",
-}
 
 #: an offered request: model, version, request id, request, response, latency, status, wall time
 _Item = tuple[str, int, str, bytes, bytes, float, str, float]
@@ -176,7 +162,7 @@ def top_labels(response: bytes) -> tuple[list[int], list[float]] | None:
     if out is None:
         return None
     datatype, shape, raw = out
-    dtype = _NUMPY.get(datatype)
+    dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None:
         return None
     itemsize = np.dtype(dtype).itemsize

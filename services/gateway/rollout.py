@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import math
 import threading
-from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast, get_args
 
 from cdl.errors import ConfigError, DecodeError, InvalidInputError, NotFoundError, PermanentError
+from cdl.latency import LatencyHistogram
 from cdl.logging import get_logger
 from services.gateway.routing import Route, RoutingTable
 from services.gateway.settings import GatewaySettings, RolloutMode
@@ -202,10 +202,6 @@ class RolloutPolicy:
 
 # --------------------------------------------------------------------------- windows
 
-# Latency buckets: 10 µs to ~100 s, each 8% wider than the last (quantiles within ~4%).
-_GROWTH = 1.08
-_EDGES: tuple[float, ...] = tuple(1e-5 * _GROWTH**i for i in range(int(math.log(1e7) / math.log(_GROWTH)) + 2))
-
 
 class VersionWindow:
     """Counters of one version since its window began: requests, errors, latency, shadow agreement.
@@ -216,7 +212,7 @@ class VersionWindow:
     """
 
     __slots__ = (
-        "_buckets",
+        "_latency",
         "accuracy",
         "agreed",
         "answered",
@@ -236,18 +232,18 @@ class VersionWindow:
         self.agreed = 0
         self.accuracy: float | None = None
         self.feedback = 0
-        self._buckets = [0] * (len(_EDGES) + 1)
+        self._latency = LatencyHistogram()
 
     def reset(self, started: float) -> None:
         self.started = started
         self.requests = self.errors = self.answered = self.compared = self.agreed = 0
-        self._buckets = [0] * (len(_EDGES) + 1)
+        self._latency = LatencyHistogram()
 
     def record(self, ok: bool, latency_s: float) -> None:
         self.requests += 1
         if ok:
             self.answered += 1
-            self._buckets[bisect_right(_EDGES, latency_s)] += 1
+            self._latency.add(latency_s)
         else:
             self.errors += 1
 
@@ -266,19 +262,7 @@ class VersionWindow:
 
     def quantile(self, q: float) -> float | None:
         """Latency quantile ``q`` of the answers (seconds; None without answers)."""
-        if not self.answered:
-            return None
-        rank = max(1, math.ceil(q * self.answered))
-        seen = 0
-        for i, count in enumerate(self._buckets):
-            seen += count
-            if seen >= rank:
-                if i == 0:
-                    return _EDGES[0]
-                if i == len(_EDGES):
-                    return _EDGES[-1]
-                return math.sqrt(_EDGES[i - 1] * _EDGES[i])
-        return _EDGES[-1]  # pragma: no cover - seen reaches answered
+        return self._latency.quantile(q)
 
 
 # --------------------------------------------------------------------------- status
@@ -494,13 +478,19 @@ class RolloutManager:
             self._pending.extend(self._rollback(m, reason, self._clock()))
 
     def observe_health(self, model: str, version: int, accuracy: float, count: int) -> None:
-        """Accuracy on feedback of ``version`` over ``count`` labelled requests (from ``model.health``)."""
+        """Accuracy on feedback of ``version`` over ``count`` more labelled requests (one closed
+        window of ``model.health``): the windows add up, so the rule compares accuracy on all the
+        feedback each version got."""
+        if count <= 0:
+            return
         with self._lock:
             m = self._models.get(model)
             if m is None or version not in (m.stable, m.candidate):
                 return
             w = m.window(version)
-            w.accuracy, w.feedback = accuracy, count
+            before = (w.accuracy or 0.0) * w.feedback
+            w.feedback += count
+            w.accuracy = (before + accuracy * count) / w.feedback
 
     # ------------------------------------------------------------------ reads
 

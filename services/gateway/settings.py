@@ -31,6 +31,10 @@ class GatewaySettings(ServiceSettings):
     """Instance name; the transactional id is ``<group_id>-<instance>``."""
     compressed_topic: str = "model.compressed"
     """Topic new model versions arrive on."""
+    health_topic: str = "model.health"
+    """The monitor's health windows: accuracy on feedback of the stable and candidate versions
+    (a candidate worse than the stable by ``max_accuracy_drop`` over ``min_feedback`` labelled
+    answers is rolled back)."""
     deployed_topic: str = "model.deployed"
     """Topic rollout transitions are published to."""
     logged_topic: str = "inference.logged"

@@ -44,7 +44,7 @@ class IngestApp:
         self.loop = TransactionalLoop(
             bootstrap=settings.kafka_bootstrap,
             group_id=settings.group_id,
-            topics=[settings.raw_topic, settings.feedback_topic],
+            topics=[settings.raw_topic, settings.feedback_topic, settings.drift_topic],
             transactional_id=f"{settings.group_id}-{settings.instance}",
             processor=self.processor,
             on_restore=self._restore,
@@ -60,7 +60,7 @@ class IngestApp:
     def _ensure_topics(self) -> None:
         s = self.settings
         partitions = dict(Topics.PARTITIONS)
-        for topic in (s.raw_topic, s.feedback_topic, s.deadletter_topic, s.updated_topic):
+        for topic in (s.raw_topic, s.feedback_topic, s.drift_topic, s.deadletter_topic, s.updated_topic):
             partitions.setdefault(topic, 3 if topic == s.raw_topic else 1)
         partitions[s.state_topic] = 1
         compacted = {s.state_topic: {"cleanup.policy": "compact", "segment.ms": "600000"}}

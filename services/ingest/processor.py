@@ -22,10 +22,22 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
 from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard, shard_parts
-from cdl.errors import CdlError
-from cdl.events import CONTENT_JSON, Event, Headers, InBatch, InRecord, OutRecord, Topics, dead_letter, header_dict
+from cdl.errors import CdlError, DecodeError, InvalidInputError
+from cdl.events import (
+    CONTENT_JSON,
+    Event,
+    Headers,
+    InBatch,
+    InRecord,
+    OutRecord,
+    Topics,
+    dead_letter,
+    decode,
+    header_dict,
+)
+from cdl.feedback import parse_feedback
 from cdl.logging import get_logger
-from cdl.memory import release_memory
+from cdl.memory import release_memory, resident_bytes
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.ingest import fastscan
@@ -38,7 +50,6 @@ from services.ingest.records import (
     clean,
     is_protobuf,
     parse,
-    parse_feedback,
 )
 from services.ingest.registry import DatasetRegistry
 from services.ingest.settings import IngestSettings
@@ -51,10 +62,21 @@ log = get_logger(__name__)
 STATE_KEY = b"ingest-state"
 #: seconds between two hand-backs of the heap's free memory to the kernel (cdl.service.release_memory)
 TRIM_INTERVAL_S = 60.0
+#: ... or sooner (but not within TRIM_MIN_S of the last), at a flush, once resident memory is this
+#: much above what it was after the last one
+TRIM_GROWTH_BYTES = 8 << 20
+TRIM_MIN_S = 5.0
 
 RECORDS = PromCounter("cdl_ingest_records_total", "Records seen by ingest", ["dataset", "outcome"])
 REJECTED = PromCounter("cdl_ingest_rejected_total", "Records dead-lettered by ingest, by reason", ["reason"])
 VERSIONS = PromCounter("cdl_ingest_versions_total", "Dataset versions committed", ["dataset"])
+FEEDBACK_SKIPPED = PromCounter(
+    "cdl_ingest_feedback_skipped_total",
+    "data.feedback records for served requests (request_id, no record_id): the monitor's, not ingest's",
+)
+DRIFT_ALERTS = PromCounter(
+    "cdl_ingest_drift_alerts_total", "drift.detected alerts that make a dataset cut its next version early", ["dataset"]
+)
 PENDING = Gauge("cdl_ingest_pending_records", "Valid records not yet in a version", ["dataset"])
 MERGED = PromCounter("cdl_ingest_shards_merged_total", "Small shards merged into larger ones", ["dataset"])
 SWEPT = PromCounter("cdl_ingest_objects_swept_total", "Unreferenced shard objects removed", ["dataset"])
@@ -188,6 +210,7 @@ class IngestProcessor:
         state_topic: str,
         raw_topic: str = Topics.DATA_RAW,
         feedback_topic: str = Topics.DATA_FEEDBACK,
+        drift_topic: str = Topics.DRIFT_DETECTED,
         deadletter_topic: str = Topics.DATA_DEADLETTER,
         updated_topic: str = Topics.DATA_UPDATED,
         shard_max_records: int = 20000,
@@ -205,6 +228,7 @@ class IngestProcessor:
         self._state_topic = state_topic
         self._raw_topic = raw_topic
         self._feedback_topic = feedback_topic
+        self._drift_topic = drift_topic
         self._deadletter_topic = deadletter_topic
         self._updated_topic = updated_topic
         self._shard_max = shard_max_records
@@ -251,6 +275,7 @@ class IngestProcessor:
         self._last_time_check = 0.0
         self._first_seen: dict[str, float] = {}
         self._trimmed_at = time.monotonic()
+        self._trimmed_rss = resident_bytes() or 0
         #: the housekeeping job in flight, and merged shards waiting for the dataset's next version
         self._housekeeping: Future[tuple[list[Merged], list[tuple[str, ...]]]] | None = None
         self._merges: dict[str, list[Merged]] = defaultdict(list)
@@ -270,6 +295,7 @@ class IngestProcessor:
             state_topic=settings.state_topic,
             raw_topic=settings.raw_topic,
             feedback_topic=settings.feedback_topic,
+            drift_topic=settings.drift_topic,
             deadletter_topic=settings.deadletter_topic,
             updated_topic=settings.updated_topic,
             shard_max_records=settings.shard_max_records,
@@ -373,6 +399,10 @@ class IngestProcessor:
             self._finish_inflight()  # labels apply to records consumed before them
             for i in range(len(batch)):
                 self._feedback(batch.row(i))
+            return
+        if batch.topic == self._drift_topic:
+            for i in range(len(batch)):
+                self._drift(batch.row(i))
             return
         n = len(batch)
         slow: list[int] = []
@@ -565,6 +595,32 @@ class IngestProcessor:
         self._note_pending(spec, 1)
         RECORDS.labels(rec.dataset, "accepted").inc()
 
+    def _drift(self, incoming: InRecord) -> None:
+        """A ``drift.detected`` alert: its dataset cuts a version as soon as it has new records.
+
+        The alert is part of the state (the snapshot of this transaction), so it survives a
+        restart and is dropped by the version it brought forward (docs/monitor.md).
+        """
+        _, _, key, value, headers = incoming
+        try:
+            event = decode(key, value, headers)
+        except DecodeError as exc:
+            malformed = RecordError(Reason.MALFORMED, f"not a drift.detected event: {exc}")
+            self._reject(incoming, malformed, "?", origin=self._drift_topic)
+            return
+        alert = event.payload
+        if not isinstance(alert, events_pb2.DriftDetected):
+            log.info("event ignored", type=event.type, topic=self._drift_topic)
+            return
+        ds = self.state.datasets.get(alert.dataset)
+        if ds is None:
+            log.info("drift alert for a dataset ingest does not hold", dataset=alert.dataset[:200], model=alert.model)
+            return
+        ds.drift_alert = f"{alert.model} v{alert.version}: {alert.test} {alert.statistic:.4g} > {alert.threshold:.4g}"
+        self._sealed = True  # the state changed: the flush writes its snapshot
+        DRIFT_ALERTS.labels(alert.dataset).inc()
+        log.info("drift alert: the next version comes early", dataset=alert.dataset, alert=ds.drift_alert)
+
     def _feedback(self, incoming: InRecord) -> None:
         """A late label: the waiting record becomes a labelled record at its original offset."""
         _, _, _, value, headers = incoming
@@ -572,7 +628,14 @@ class IngestProcessor:
         dataset = "?"  # the metrics' label: only registered names
         try:
             self._limits.check_size(value)
-            name, rid, label = parse_feedback(value, content_type)
+            try:
+                fb = parse_feedback(value, content_type)
+            except InvalidInputError as exc:
+                raise RecordError(Reason.MALFORMED, str(exc)) from exc
+            if not fb.record_id:  # a label for a served request: the monitor joins it (data.raw)
+                FEEDBACK_SKIPPED.inc()
+                return
+            name, rid, label = fb.dataset, fb.record_id, fb.label
             self._limits.check_label(label)
             spec = self._registry.lookup(name)
             if spec is None:
@@ -709,12 +772,25 @@ class IngestProcessor:
         if changed:
             out.append(OutRecord(self._state_topic, self._snapshot(), STATE_KEY))
         self._start_housekeeping(None if keep is None else keep | self.state.referenced())
-        if time.monotonic() - self._trimmed_at >= TRIM_INTERVAL_S:
-            # the heap keeps what it faulted in (keep_freed_memory): that pays at full speed,
-            # but on a long trickle its free pages would only pile up; once a minute they go back
-            self._trimmed_at = time.monotonic()
-            release_memory()
+        self._maybe_trim()
         return out
+
+    def _maybe_trim(self) -> None:
+        """Hand the heap's free pages back once a minute, or as soon as they pile up.
+
+        The heap keeps what it faulted in (keep_freed_memory): that pays at full speed, but
+        on a long run its free pages would only pile up. On a clock alone resident memory
+        swung by ~50 MiB within each minute (bench/soak read 100 or 150 MiB depending on
+        when it looked); trimming also when it is ``TRIM_GROWTH_BYTES`` above its level after
+        the last trim bounds the swing at the cost of some page faults (at most one trim every ``TRIM_MIN_S``).
+        """
+        rss = resident_bytes() or 0
+        now = time.monotonic()
+        since = now - self._trimmed_at
+        if since >= TRIM_INTERVAL_S or (since >= TRIM_MIN_S and rss - self._trimmed_rss >= TRIM_GROWTH_BYTES):
+            release_memory()
+            self._trimmed_at = time.monotonic()
+            self._trimmed_rss = resident_bytes() or 0
 
     def _snapshot(self) -> bytes:
         """The state snapshot, at most ``state_max_bytes``.
@@ -973,6 +1049,9 @@ class IngestProcessor:
         ds.version = version
         ds.versioned, ds.pending = ds.shards, []
         ds.last_version_at = now
+        if ds.drift_alert:
+            log.info("drift alert answered by a new version", dataset=name, version=version, alert=ds.drift_alert)
+            ds.drift_alert = ""
         VERSIONS.labels(name).inc()
         log.info(
             "dataset version committed", dataset=name, version=version, total=msg.total_records, new=msg.new_records

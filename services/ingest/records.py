@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError as ProtoDecodeError
 
 from cdl.datasets import DatasetSpec, Task, holdout_member
 from cdl.errors import InvalidInputError
+from cdl.feedback import is_protobuf
 from cdl.v1 import events_pb2
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "clean",
     "is_protobuf",
     "parse",
-    "parse_feedback",
 ]
 
 
@@ -143,11 +143,6 @@ class CleanRecord:
     text: str | None
 
 
-def is_protobuf(content_type: str) -> bool:
-    """Whether a record's ``content-type`` header says protobuf (anything else is JSON)."""
-    return content_type.startswith(("application/protobuf", "application/x-protobuf"))
-
-
 def parse(value: bytes | None, content_type: str) -> RawRecord:
     """Decode one record; :class:`RecordError` (MALFORMED) says why not."""
     if value is None:
@@ -183,35 +178,6 @@ def _parse_json(value: bytes) -> RawRecord:
     if text is not None and not isinstance(text, str):
         raise RecordError(Reason.BAD_DTYPE, "field 'text' must be a string", dataset=dataset)
     return RawRecord(dataset, rid, doc.get("features"), None, text, label)
-
-
-def parse_feedback(value: bytes | None, content_type: str) -> tuple[str, str, str]:
-    """``(dataset, record_id, label)`` of a ``data.feedback`` record (JSON or protobuf ``Feedback``)."""
-    if value is None:
-        raise RecordError(Reason.MALFORMED, "empty feedback")
-    fields: tuple[Any, Any, Any]
-    if is_protobuf(content_type):
-        fb = events_pb2.Feedback()
-        try:
-            fb.ParseFromString(value)
-        except ProtoDecodeError as exc:
-            raise RecordError(Reason.MALFORMED, f"not a cdl.v1.Feedback: {exc}") from exc
-        fields = (fb.dataset, fb.record_id, fb.label)
-    else:
-        try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise RecordError(Reason.MALFORMED, f"not JSON: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise RecordError(Reason.MALFORMED, "feedback must be a JSON object")
-        label = doc.get("label")
-        if isinstance(label, int) and not isinstance(label, bool):
-            label = str(label)
-        fields = (doc.get("dataset"), doc.get("record_id"), label)
-    if not all(isinstance(v, str) and v for v in fields):
-        raise RecordError(Reason.MALFORMED, "feedback needs non-empty 'dataset', 'record_id' and 'label'")
-    dataset, rid, label = fields
-    return str(dataset), str(rid), str(label)
 
 
 def _parse_proto(value: bytes) -> RawRecord:

@@ -25,7 +25,11 @@ class IngestSettings(ServiceSettings):
     raw_topic: str = "data.raw"
     """Topic records arrive on."""
     feedback_topic: str = "data.feedback"
-    """Topic late labels arrive on (dataset, record_id, label)."""
+    """Topic late labels arrive on (dataset, record_id, label); labels of served requests
+    (request_id, no record_id) are the monitor's: ingest counts and skips them."""
+    drift_topic: str = "drift.detected"
+    """The monitor's drift alerts: the alerted dataset cuts its next version as soon as it has
+    any new labelled record (overriding its count policy)."""
     deadletter_topic: str = "data.deadletter"
     """Topic rejected records go to."""
     updated_topic: str = "data.updated"

@@ -55,6 +55,7 @@ class DatasetState:
     versioned: list[Shard] = field(default_factory=list)
     pending: list[Shard] = field(default_factory=list)  # committed, not yet in a version
     unlabelled: list[Shard] = field(default_factory=list)  # records waiting for a label (data.feedback)
+    drift_alert: str = ""  # a standing drift.detected alert: the next version comes with any new record
 
     @property
     def shards(self) -> list[Shard]:
@@ -78,6 +79,7 @@ class DatasetState:
             },
             "pending": [s.to_json() for s in self.pending],
             "unlabelled": [s.to_json() for s in self.unlabelled],
+            **({"drift_alert": self.drift_alert} if self.drift_alert else {}),
         }
 
     @classmethod
@@ -89,7 +91,7 @@ class DatasetState:
         if "shards" in doc:  # format 1: every shard, the first versioned_shards in the latest version
             shards = [Shard.from_json(s) for s in doc["shards"]]
             n = int(doc["versioned_shards"])
-            return cls(version, at, shards[:n], shards[n:], unlabelled)
+            return cls(version, at, shards[:n], shards[n:], unlabelled, str(doc.get("drift_alert", "")))
         versioned: list[Shard] = []
         if doc.get("manifest"):
             if read_manifest is None:
@@ -100,7 +102,8 @@ class DatasetState:
             got = {"shards": len(versioned), "records": sum(s.records for s in versioned)}
             if int(manifest["version"]) != version or any(expected.get(k, v) != v for k, v in got.items()):
                 raise ConflictError("ingest state and manifest disagree", manifest=doc["manifest"], state=expected)
-        return cls(version, at, versioned, [Shard.from_json(s) for s in doc["pending"]], unlabelled)
+        pending = [Shard.from_json(s) for s in doc["pending"]]
+        return cls(version, at, versioned, pending, unlabelled, str(doc.get("drift_alert", "")))
 
     def referenced(self) -> set[str]:
         """Keys of every object this state refers to."""
@@ -158,6 +161,8 @@ def policy_due(spec: DatasetSpec, state: DatasetState, now: float) -> bool:
     new = state.new_records
     if new <= 0:
         return False
+    if state.drift_alert:  # the served inputs moved away from the training data: retrain on what came
+        return True
     if spec.min_new_records > 0 and new >= spec.min_new_records:
         return True
     return spec.max_interval_s > 0 and now - state.last_version_at >= spec.max_interval_s

@@ -40,6 +40,9 @@ class TrainerSettings(ServiceSettings):
     """Train on the newest shards of a version holding at least this many records (0: the
     whole version). Continuous data grows without end; a window keeps each training's
     memory and time bounded and follows what the data is now. Lineage names its offsets."""
+    reference_rows: int = 2000
+    """Training inputs kept with each model version as its drift reference (``reference.npy``;
+    the monitor tests served inputs against it); 0: none."""
     max_epochs: int = 0
     """Cap on epochs whatever the hyperparameters say (0: no cap)."""
     patience: int = 6

@@ -15,6 +15,7 @@ from cdl.errors import InvalidInputError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
 from cdl.ml.core import fit, hyperparameters, split_version
+from cdl.ml.drift import reference_sample, to_npy
 from cdl.ml.models import ModelConfig, family_for
 from cdl.ml.train import evaluate, pick_device
 from cdl.registry import LoadedModel, ModelRegistry
@@ -173,6 +174,8 @@ class Trainer:
             "device": result.device,
             "duration_s": round(duration, 3),
             "seed": self.settings.seed,
+            "task": spec.task.value,
+            "labels": list(spec.labels),
         }
         metrics = {
             "epochs": [m.to_json() for m in result.history],
@@ -210,6 +213,7 @@ class Trainer:
                 "family": config.family.value,
                 "metrics": summary,
             },
+            reference=self._reference(split.x_train),
         )
         if accepted:
             self.registry.set_champion(model, version)
@@ -225,6 +229,11 @@ class Trainer:
             device=result.device,
             seconds=round(duration, 2),
         )
+
+    def _reference(self, x_train: Any) -> bytes | None:
+        """The drift reference of a version: a seeded sample of its training inputs' feature rows."""
+        rows = self.settings.reference_rows
+        return to_npy(reference_sample(x_train, rows, self.settings.seed)) if rows > 0 else None
 
     def _warm_start(self, model: str, config: ModelConfig, module: Any) -> LoadedModel | None:
         parent = self.registry.serving(model) or self.registry.champion(model)

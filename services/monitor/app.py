@@ -1,0 +1,452 @@
+"""The monitor service: a Faust app (faust-streaming on aiokafka) over the inference log and late labels.
+
+Agents and tables (docs/monitor.md):
+
+- ``inference.logged`` → the ``served`` table (request id → what was served), the
+  open ``health`` windows of its (model, version), and the version's drift tracker
+  (state in the ``drift`` table); a full drift window over the threshold
+  ``persist`` times in a row → ``drift.detected``.
+- ``data.feedback`` with a ``request_id`` → joined to ``served`` (or kept in
+  ``pending`` until its request is logged): the answer's correctness goes into
+  the version's health window; the request's inputs with the label go to
+  ``data.raw`` as a record of the model's dataset. Feedback for records
+  (``record_id``) is ingest's and is skipped here; feedback whose request never
+  shows up within ``join_ttl_s`` is counted (``cdl_monitor_feedback_total{outcome}``),
+  never dead-lettered.
+- timers: closed windows → ``model.health``; expired joins dropped and counted;
+  consumer lag per input partition into Prometheus.
+
+Tables live in memory and are backed by compacted changelog topics
+(``<group_id>-<table>-changelog``): a restarted monitor (kill -9 included) reads
+them back before it processes anything. Tables use Kafka's partitioner for their
+changelog (``use_partitioner``): the two input topics have different partition
+counts and both agents write the same tables. Processing is at-least-once; a
+join redelivered after a crash sends its training record again under the same
+id, which ingest drops as a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import faust
+import numpy as np
+import orjson
+from prometheus_client import Counter, Gauge
+
+from cdl.errors import DecodeError, InvalidInputError
+from cdl.events import Event, Headers, decode, encode, source_name
+from cdl.feedback import parse_feedback
+from cdl.kafka import ensure_topics, topic_partitions
+from cdl.logging import configure_logging, get_logger
+from cdl.ml.drift import featurize
+from cdl.observability import HttpEndpoint, serve_http
+from cdl.registry import ModelRegistry
+from cdl.store import ObjectStore
+from cdl.v1 import events_pb2
+from services.monitor.drift import DriftTracker, WindowTest
+from services.monitor.health import HealthWindow, window_key, window_start
+from services.monitor.join import PendingLabel, Served, inputs_rows, training_record
+from services.monitor.settings import MonitorSettings
+from services.monitor.versions import VersionCatalog, VersionInfo
+
+__all__ = ["Monitor", "main"]
+
+log = get_logger(__name__)
+
+EVENTS = Counter("cdl_monitor_events_total", "Events the monitor read, by topic and outcome", ["topic", "outcome"])
+FEEDBACK = Counter(
+    "cdl_monitor_feedback_total",
+    "Labels for served requests: joined, waiting (before their request), unmatched (expired unjoined), skipped",
+    ["outcome"],
+)
+JOINS = Counter("cdl_monitor_joins_total", "Labels joined to served requests", ["model"])
+EXPIRED = Counter("cdl_monitor_expired_total", "Served requests dropped unlabelled after join_ttl_s")
+WINDOWS = Counter("cdl_monitor_windows_total", "Health windows published to model.health", ["model"])
+DRIFT_TESTS = Counter("cdl_monitor_drift_tests_total", "Drift tests of served-input windows", ["model", "over"])
+ALERTS = Counter("cdl_monitor_drift_alerts_total", "drift.detected published", ["model"])
+RECORDS = Counter("cdl_monitor_training_records_total", "Labelled served requests sent to data.raw", ["dataset"])
+LAG = Gauge("cdl_monitor_lag", "Records behind the end of each input partition", ["topic", "partition"])
+OPEN = Gauge("cdl_monitor_open_entries", "Entries of the monitor's tables", ["table"])
+
+
+def _headers(message: Any) -> Headers:
+    raw = getattr(message, "headers", None) or []
+    if isinstance(raw, dict):
+        return list(raw.items())
+    return list(raw)
+
+
+class Monitor:
+    """The Faust app and its state; :meth:`run` blocks until SIGTERM/SIGINT."""
+
+    def __init__(self, settings: MonitorSettings) -> None:
+        self.settings = s = settings
+        self.source = source_name("monitor")
+        self.store = ObjectStore(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, secure=s.s3_secure)
+        self.catalog = VersionCatalog(
+            ModelRegistry(self.store), window=s.drift_window, alpha=s.drift_alpha, draws=s.drift_draws, seed=s.seed
+        )
+        self.partitions = self._ensure_topics()
+        datadir = Path(s.state_dir) / "monitor" / "faust"
+        datadir.mkdir(parents=True, exist_ok=True)
+        self.app = faust.App(
+            s.group_id,
+            broker=f"kafka://{s.kafka_bootstrap.split(',')[0]}",
+            store="memory://",
+            datadir=str(datadir),
+            topic_partitions=self.partitions,
+            topic_replication_factor=1,
+            web_enabled=False,
+            consumer_auto_offset_reset="earliest",
+            processing_guarantee="at_least_once",
+            producer_acks=-1,
+            broker_commit_every=500,
+            broker_commit_interval=1.0,
+            stream_wait_empty=False,
+        )
+        raw = {"key_type": str, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+        self.logged = self.app.topic(s.logged_topic, **raw)  # type: ignore[arg-type]
+        self.feedback = self.app.topic(s.feedback_topic, **raw)  # type: ignore[arg-type]
+        self.out_health = self.app.topic(s.health_topic, **raw)  # type: ignore[arg-type]
+        self.out_drift = self.app.topic(s.drift_topic, **raw)  # type: ignore[arg-type]
+        self.out_raw = self.app.topic(s.raw_topic, **raw)  # type: ignore[arg-type]
+
+        def table(name: str) -> Any:
+            schema: Any = faust.Schema(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw")
+            return self.app.Table(name, partitions=self.partitions, use_partitioner=True, schema=schema)
+
+        self.served = table("served")
+        self.pending = table("pending")
+        self.health = table("health")
+        self.drift = table("drift")
+        self._trackers: dict[tuple[str, int], DriftTracker] = {}
+        #: (time, request id) of served and pending entries in arrival order: what expires first
+        self._served_order: deque[tuple[float, str]] = deque()
+        self._pending_order: deque[tuple[float, str]] = deque()
+        self._indexed = False
+        self._offsets: dict[tuple[str, int], int] = {}
+        self._ready = threading.Event()
+        self.http: HttpEndpoint | None = None
+        self._wire()
+
+    # ------------------------------------------------------------------ set-up
+    def _ensure_topics(self) -> int:
+        s = self.settings
+        want = {s.logged_topic: 3, s.feedback_topic: 1, s.health_topic: 1, s.drift_topic: 1, s.raw_topic: 3}
+        for topic in ensure_topics(s.kafka_bootstrap, want):
+            log.info("topic created", topic=topic)
+        return topic_partitions(s.kafka_bootstrap, s.logged_topic)
+
+    def _wire(self) -> None:
+        s = self.settings
+
+        @self.app.agent(self.logged, name="logged")
+        async def on_logged(stream: Any) -> None:
+            async for event in stream.events():
+                await self._on_logged(event)
+
+        @self.app.agent(self.feedback, name="feedback")
+        async def on_feedback(stream: Any) -> None:
+            async for event in stream.events():
+                await self._on_feedback(event)
+
+        async def close_windows() -> None:
+            await self._close_windows(time.time())
+
+        async def expire() -> None:
+            self._expire(time.time())
+
+        async def lag() -> None:
+            self._lag()
+
+        async def started() -> None:
+            # the changelog writes of a busy table outgrow faust's default of 100 buffered messages
+            self.app.producer.buffer.max_messages = 10_000
+            await self.app.tables.wait_until_recovery_completed()
+            self._ready.set()
+            log.info("monitor ready", partitions=self.partitions, window_s=s.window_s)
+
+        # (called, not used as decorators: faust's decorators are untyped)
+        timer: Any = self.app.timer
+        timer(max(0.2, s.window_s / 5))(close_windows)
+        timer(max(1.0, min(30.0, s.join_ttl_s / 10)))(expire)
+        timer(5.0)(lag)
+        task: Any = self.app.task
+        task(started)
+
+    # ------------------------------------------------------------------ inference.logged
+    def _note_offset(self, event: Any) -> None:
+        msg = event.message
+        self._offsets[(msg.topic, msg.partition)] = msg.offset
+
+    async def _on_logged(self, fevent: Any) -> None:
+        self._note_offset(fevent)
+        topic = self.settings.logged_topic
+        try:
+            event = decode(
+                fevent.key.encode() if isinstance(fevent.key, str) else fevent.key,
+                fevent.value,
+                _headers(fevent.message),
+            )
+        except DecodeError as exc:
+            EVENTS.labels(topic, "undecodable").inc()
+            log.warning("inference log record skipped", error=str(exc))
+            return
+        rec = event.payload
+        if not isinstance(rec, events_pb2.InferenceLogged) or not rec.model:
+            EVENTS.labels(topic, "ignored").inc()
+            return
+        EVENTS.labels(topic, "ok").inc()
+        now = time.time()
+        info = await self._info(rec.model, int(rec.version))
+        window = self._window(rec.model, int(rec.version), now)
+        window.served(rec.status in ("", "OK"), rec.latency_ms)
+        served = Served.from_log(rec, now)
+        if rec.request_id:
+            waiting = self.pending.get(rec.request_id)
+            if waiting is not None:
+                del self.pending[rec.request_id]
+                await self._join(rec.request_id, served, PendingLabel.from_bytes(waiting), window, info)
+            else:
+                self.served[rec.request_id] = served.to_bytes()
+                self._served_order.append((now, rec.request_id))
+        tested = self._drift_rows(info, served.inputs)
+        for result in tested:
+            window.drift(result.statistic, result.threshold)
+            DRIFT_TESTS.labels(rec.model, str(result.over).lower()).inc()
+            if result.alert:
+                await self._alert(info, result, now)
+        self.health[window.key] = _json(window)
+
+    async def _info(self, model: str, version: int) -> VersionInfo:
+        info = self.catalog.cached(model, version)
+        if info is None:
+            info = await asyncio.get_running_loop().run_in_executor(None, self.catalog.load, model, version)
+        return info
+
+    def _window(self, model: str, version: int, now: float) -> HealthWindow:
+        start = window_start(now, self.settings.window_s)
+        doc = self.health.get(window_key(model, version, start))
+        return HealthWindow.from_json(_loads(doc)) if doc is not None else HealthWindow(model, version, start)
+
+    def _drift_rows(self, info: VersionInfo, inputs: bytes) -> list[WindowTest]:
+        if info.test is None:
+            return []
+        values = inputs_rows(inputs)
+        if values is None:
+            return []
+        try:
+            rows = featurize(values if isinstance(values, list) else np.asarray(values))
+        except (ValueError, TypeError):
+            return []
+        key = (info.model, info.version)
+        tracker = self._trackers.get(key)
+        if tracker is None:
+            doc = self.drift.get(f"{info.model}/{info.version}")
+            tracker = DriftTracker(info.test, self.settings.drift_persist, _loads(doc) if doc else None)
+            self._trackers[key] = tracker
+        try:
+            results = tracker.add(rows)
+        except DecodeError:
+            return []
+        if results:
+            self.drift[f"{info.model}/{info.version}"] = _json_doc(tracker.state())
+        return results
+
+    async def _alert(self, info: VersionInfo, result: WindowTest, now: float) -> None:
+        s = self.settings
+        msg = events_pb2.DriftDetected(
+            model=info.model,
+            version=info.version,
+            test="mmd",
+            statistic=result.statistic,
+            threshold=result.threshold,
+            window_requests=s.drift_window,
+            dataset=info.dataset,
+        )
+        msg.window_end.FromNanoseconds(int(now * 1e9))
+        event = Event(msg, source=self.source, id=f"{info.model}/v{info.version}/drift", key=info.model)
+        await self._send(self.out_drift, event)
+        ALERTS.labels(info.model).inc()
+        log.warning(
+            "input drift detected",
+            model=info.model,
+            version=info.version,
+            statistic=round(result.statistic, 5),
+            threshold=round(result.threshold, 5),
+            windows=result.windows,
+        )
+
+    # ------------------------------------------------------------------ data.feedback
+    async def _on_feedback(self, fevent: Any) -> None:
+        self._note_offset(fevent)
+        topic = self.settings.feedback_topic
+        try:
+            fb = parse_feedback(fevent.value, _content_type(_headers(fevent.message)))
+        except InvalidInputError:
+            EVENTS.labels(topic, "invalid").inc()  # ingest dead-letters it with its reason
+            return
+        if not fb.request_id:
+            FEEDBACK.labels("skipped").inc()  # a record's label: ingest's
+            return
+        EVENTS.labels(topic, "ok").inc()
+        doc = self.served.get(fb.request_id)
+        now = time.time()
+        label = PendingLabel(fb.label, fb.dataset, now)
+        if doc is None:
+            self.pending[fb.request_id] = label.to_bytes()
+            self._pending_order.append((now, fb.request_id))
+            FEEDBACK.labels("waiting").inc()
+            return
+        served = Served.from_bytes(doc)
+        del self.served[fb.request_id]
+        info = await self._info(served.model, served.version)
+        window = self._window(served.model, served.version, now)
+        await self._join(fb.request_id, served, label, window, info)
+        self.health[window.key] = _json(window)
+
+    async def _join(
+        self, request_id: str, served: Served, label: PendingLabel, window: HealthWindow, info: VersionInfo
+    ) -> None:
+        window.labelled(served.correct(label.label, list(info.labels)))
+        FEEDBACK.labels("joined").inc()
+        JOINS.labels(served.model).inc()
+        if not self.settings.training_records:
+            return
+        dataset = info.dataset or label.dataset
+        record = training_record(served, request_id, label.label, dataset)
+        if record is not None:
+            fut = await self.out_raw.send(key=request_id, value=record)
+            await fut
+            RECORDS.labels(dataset).inc()
+
+    # ------------------------------------------------------------------ timers
+    async def _close_windows(self, now: float) -> None:
+        if not self._ready.is_set():
+            return
+        s = self.settings
+        for key, doc in list(self.health.items()):
+            window = HealthWindow.from_json(_loads(doc))
+            if window.start + s.window_s + s.grace_s > now:
+                continue
+            event = Event(
+                window.event(s.window_s),
+                source=self.source,
+                id=f"{window.model}/v{window.version}/health/{int(window.start * 1000)}",
+                key=window.model,
+            )
+            await self._send(self.out_health, event)
+            del self.health[key]
+            WINDOWS.labels(window.model).inc()
+
+    def _index(self) -> None:
+        """After recovery: the expiry order of what the changelogs brought back."""
+        served = [(Served.from_bytes(v).time, k) for k, v in self.served.items()]
+        pending = [(PendingLabel.from_bytes(v).time, k) for k, v in self.pending.items()]
+        self._served_order = deque(sorted(served) + list(self._served_order))
+        self._pending_order = deque(sorted(pending) + list(self._pending_order))
+        self._indexed = True
+
+    def _expire(self, now: float) -> None:
+        if not self._ready.is_set():
+            return
+        if not self._indexed:
+            self._index()
+        cutoff = now - self.settings.join_ttl_s
+        for order, table, on_drop in (
+            (self._served_order, self.served, EXPIRED.inc),
+            (self._pending_order, self.pending, FEEDBACK.labels("unmatched").inc),
+        ):
+            while order and order[0][0] < cutoff:
+                t, key = order.popleft()
+                doc = table.get(key)
+                if doc is None:
+                    continue  # joined meanwhile
+                entry_time = orjson_time(doc)
+                if entry_time is not None and entry_time > t:
+                    continue  # the same id again since: its own entry is further on
+                del table[key]
+                on_drop()
+        OPEN.labels("served").set(len(self._served_order))
+        OPEN.labels("pending").set(len(self._pending_order))
+
+    def _lag(self) -> None:
+        consumer = self.app.consumer
+        for tp in consumer.assignment():
+            if tp.topic not in (self.settings.logged_topic, self.settings.feedback_topic):
+                continue
+            high = consumer.highwater(tp)
+            done = self._offsets.get((tp.topic, tp.partition), -1)
+            if high is not None:
+                LAG.labels(tp.topic, str(tp.partition)).set(max(0, int(high) - done - 1))
+
+    async def _send(self, topic: Any, event: Event) -> None:
+        key, value, headers = encode(event)
+        fut = await topic.send(key=key.decode() if key else None, value=value, headers=headers)
+        await fut
+
+    # ------------------------------------------------------------------ running
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        return self._ready.is_set(), {"partitions": self.partitions, "trackers": len(self._trackers)}
+
+    def run(self) -> None:
+        self.http = serve_http(self.settings.metrics_port, health=self._health)
+        log.info("monitor started", metrics_port=self.http.port)
+        worker = _Worker(self.app, loglevel="WARN", redirect_stdouts=False, quiet=True)
+        try:
+            worker.execute_from_commandline()
+        finally:
+            self._ready.clear()
+            self.http.close()
+
+
+class _Worker(faust.Worker):
+    """faust's worker without its logging set-up: cdl's structured logs stay as they are
+    (faust's own loggers at WARNING: it logs every service start and stop at INFO), and no
+    terminal spinner."""
+
+    def _setup_logging(self) -> None:
+        self.spinner = None
+        for name in ("faust", "mode", "aiokafka"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _loads(doc: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = orjson.loads(doc)
+    return out
+
+
+def _json(window: HealthWindow) -> bytes:
+    return _json_doc(window.to_json())
+
+
+def _json_doc(doc: dict[str, Any]) -> bytes:
+    return orjson.dumps(doc)
+
+
+def orjson_time(doc: bytes) -> float | None:
+    try:
+        t = _loads(doc).get("t")
+    except ValueError:
+        return None
+    return float(t) if isinstance(t, int | float) else None
+
+
+def _content_type(headers: Headers) -> str:
+    for k, v in headers:
+        if k == "content-type" and v is not None:
+            return v.decode() if isinstance(v, bytes) else v
+    return ""
+
+
+def main() -> None:
+    settings = MonitorSettings()
+    configure_logging("monitor", settings.log_level)
+    Monitor(settings).run()
