@@ -39,8 +39,6 @@ class GatewaySettings(ServiceSettings):
     """Topic rollout transitions are published to."""
     logged_topic: str = "inference.logged"
     """Topic served requests are logged to."""
-    health_topic: str = "model.health"
-    """Topic the monitor publishes per-version health on (read for rollback on accuracy)."""
     deadletter_topic: str = "data.deadletter"
     """Topic undecodable or failed rollout events go to."""
 
