@@ -52,6 +52,11 @@ class LatencyHistogram:
                 return math.sqrt(EDGES[i - 1] * EDGES[i])
         return EDGES[-1]  # pragma: no cover - seen reaches count
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LatencyHistogram) and self.buckets == other.buckets
+
+    __hash__ = None  # type: ignore[assignment]
+
     def to_json(self) -> dict[str, int]:
         """The non-empty buckets, ``{"<index>": count}``."""
         return {str(i): c for i, c in enumerate(self.buckets) if c}

@@ -612,10 +612,11 @@ class IngestProcessor:
         if not isinstance(alert, events_pb2.DriftDetected):
             log.info("event ignored", type=event.type, topic=self._drift_topic)
             return
-        ds = self.state.datasets.get(alert.dataset)
-        if ds is None:
-            log.info("drift alert for a dataset ingest does not hold", dataset=alert.dataset[:200], model=alert.model)
+        spec = self._registry.lookup(alert.dataset) if alert.dataset else None
+        if spec is None:
+            log.info("drift alert for a dataset that is not registered", dataset=alert.dataset[:200], model=alert.model)
             return
+        ds = self.state.dataset(spec.name, self._first_seen.get(spec.name))
         ds.drift_alert = f"{alert.model} v{alert.version}: {alert.test} {alert.statistic:.4g} > {alert.threshold:.4g}"
         self._sealed = True  # the state changed: the flush writes its snapshot
         DRIFT_ALERTS.labels(alert.dataset).inc()

@@ -109,6 +109,8 @@ class Monitor:
             producer_acks=-1,
             broker_commit_every=500,
             broker_commit_interval=1.0,
+            broker_session_timeout=s.session_timeout_s,
+            broker_heartbeat_interval=min(3.0, s.session_timeout_s / 4),
             stream_wait_empty=False,
         )
         raw = {"key_type": str, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}

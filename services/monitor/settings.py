@@ -43,5 +43,8 @@ class MonitorSettings(ServiceSettings):
     """Tests in a row over the threshold before drift.detected (false alarms ~ alpha ** persist)."""
     drift_draws: int = 1000
     """Windows drawn from the reference to calibrate a version's threshold."""
+    session_timeout_s: float = 10.0
+    """Kafka consumer-group session: how soon a monitor that died (kill -9) hands its partitions to
+    the one that replaces it (faust's default is a minute)."""
     seed: int = 0
     """Seed of the calibration (a restarted monitor computes the same thresholds)."""

@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 
 from cdl.datasets import holdout_member
 from cdl.events import decode
+from cdl.ml.drift import from_npy
 from cdl.registry import ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
@@ -71,6 +72,9 @@ def test_first_version_from_scratch_second_warm_starts_with_lineage(
     registry = ModelRegistry(object_store)
     lineage = registry.document(name, 2, "lineage")
     assert lineage["warm_start"] is True and lineage["offset_ranges"]
+    assert lineage["labels"] == [str(i) for i in range(10)] and lineage["task"] == "image_classification"
+    reference = from_npy(registry.reference(name, 2) or b"")  # the monitor's drift reference
+    assert reference.shape[1] == 64 and 0 < len(reference) <= 2000
     assert registry.champion(name) == 2
     loaded = registry.load(name, 2)
     assert loaded.config.family.value == "cnn" and loaded.preprocessor.kind == "standardize"

@@ -805,3 +805,71 @@ def test_the_sweep_keeps_a_merged_shard_its_own_job_found_already_written() -> N
     assert m.shard.key in {e["key"] for e in store.get_json(DATASETS_BUCKET, "tab/versions/5.json")["shards"]}
     assert sorted(load_version(store, "tab", 5).ids.tolist()) == sorted(f"r{k}" for k in range(15))  # type: ignore[arg-type]
     p.close()
+
+
+# --------------------------------------------------------------------------- the monitor's events
+
+
+def test_feedback_for_served_requests_is_skipped_not_dead_lettered() -> None:
+    """Labels of served requests (request_id, no record_id) are the monitor's: counted and skipped."""
+    p = _processor(FakeStore(), TAB)
+    p.recover(None)
+    fb = [json.dumps({"request_id": f"r{i}", "label": "a"}).encode() for i in range(50)]
+    neither = json.dumps({"dataset": "tab", "label": "a"}).encode()  # no record_id, no request_id
+    p.on_batch(InBatch.from_values("data.feedback", [0] * 51, range(51), None, [*fb, neither], None))
+    dead = _by_topic(p.flush()).get("data.deadletter", [])
+    assert [dict(d.headers)["cdl-error"] for d in dead] == [b"malformed"]
+    p.close()
+
+
+def _drift_batch(dataset: str, offset: int) -> InBatch:
+    from cdl.events import Event, encode
+    from cdl.v1 import events_pb2
+
+    alert = events_pb2.DriftDetected(model="m", version=1, dataset=dataset, test="mmd", statistic=0.5, threshold=0.01)
+    key, value, headers = encode(Event(alert, source="/test", key="m"))
+    return InBatch.from_values("drift.detected", [0], [offset], [key], [value], [headers])
+
+
+def test_a_drift_alert_cuts_the_next_version_with_the_first_new_records_and_survives_a_restart() -> None:
+    spec = DatasetSpec(name="d", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=10_000)
+    store = FakeStore()
+    p = _processor(store, spec)
+    p.recover(None)
+    p.on_batch(_batch([_rec(f"x{i}", dataset="d") for i in range(5)], 0))
+    assert "data.updated" not in _by_topic(p.flush())  # 5 of 10,000: no version
+    p.on_batch(_drift_batch("d", 0))
+    [first] = _by_topic(p.flush())["data.updated"]  # the alert brings the 5 records forward
+    assert first.key == b"d"
+    assert p.state.datasets["d"].version == 1 and p.state.datasets["d"].drift_alert == ""
+    # the alert was answered: new records wait for the count policy again
+    p.on_batch(_batch([_rec(f"y{i}", dataset="d") for i in range(5)], 5))
+    p.on_batch(_batch([_rec("y5", dataset="d")], 10))
+    assert "data.updated" not in _by_topic(p.flush())
+    p.on_batch(_drift_batch("d", 1))
+    [second] = _by_topic(p.flush())["data.updated"]  # a second alert: the 6 records at once
+    assert p.state.datasets["d"].version == 2 and second.key == b"d"
+    p.close()
+    # an alert that finds no new record stands until one comes, across a restart
+    q = _processor(store, spec)
+    q.recover(None)  # (a fresh state: the dataset is registered, no record seen yet)
+    q.on_batch(_drift_batch("d", 2))
+    snap = _snapshot(q.flush())
+    assert json.loads(snap)["datasets"]["d"]["drift_alert"].startswith("m v1: mmd")
+    q.close()
+    r = _processor(store, spec)
+    r.recover(snap)
+    assert r.state.datasets["d"].drift_alert
+    r.on_batch(_batch([_rec("z", dataset="d")], 0))
+    [updated] = _by_topic(r.flush())["data.updated"]
+    assert updated.key == b"d" and r.state.datasets["d"].drift_alert == ""
+    r.close()
+
+
+def test_a_drift_event_that_is_not_one_is_dead_lettered_and_the_stream_goes_on() -> None:
+    p = _processor(FakeStore(), TAB)
+    p.recover(None)
+    p.on_batch(InBatch.from_values("drift.detected", [0], [0], None, [b"\xff garbage"], None))
+    [dead] = _by_topic(p.flush())["data.deadletter"]
+    assert dict(dead.headers)["cdl-error"] == b"malformed"
+    p.close()
