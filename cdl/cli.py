@@ -161,6 +161,9 @@ def _watch(stack: LocalStack, interval: float) -> None:
         console.print("no running stack to watch")
         raise typer.Exit(1)
     observer = StackObserver(state)
+    from cdl.stack._watch import HealthReader
+
+    health = HealthReader(state["kafka"]["bootstrap"])
 
     def render() -> Group:
         snap = observer.snapshot(stack.status())
@@ -187,7 +190,10 @@ def _watch(stack: LocalStack, interval: float) -> None:
             models.add_column(col, justify="left" if col in ("model", "verdict", "compressed", "tuned") else "right")
         for m in snap.models:
             models.add_row(*(str(m.get(c, "-")) for c in mcols))
+        health.poll(0.5)
         parts: list[Any] = [_status_table(snap.components), topics, objects, datasets, models]
+        if health.latest or health.alerts:
+            parts.extend(_health_tables(health.rows(), health.alert_rows()))
         if snap.errors:
             parts.append(Panel("\n".join(snap.errors), title="errors", style="red"))
         parts.append("[dim]Ctrl-C to stop[/]")
@@ -202,6 +208,62 @@ def _watch(stack: LocalStack, interval: float) -> None:
         pass
     finally:
         observer.close()
+        health.close()
+
+
+def _health_tables(rows: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> list[Table]:
+    health = Table(title="model health (newest window of each serving version; the monitor)")
+    hcols = ("model", "version", "requests", "errors", "p50_ms", "p99_ms", "accuracy", "feedback", "drift")
+    for col in hcols:
+        health.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        drift = "-" if r["drift"] is None else f"{r['drift']:.4g} / {r['drift_threshold']:.4g}"
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        health.add_row(*(str(r[c]) for c in hcols[:6]), acc, str(r["feedback"]), drift)
+    drift_table = Table(title="drift alerts")
+    for col in ("model", "version", "dataset", "statistic", "threshold", "at", "state"):
+        drift_table.add_column(col)
+    for a in alerts:
+        style = "red" if a["state"] == "open" else ""
+        drift_table.add_row(
+            *(str(a[c]) for c in ("model", "version", "dataset", "statistic", "threshold", "at")),
+            f"[{style}]{a['state']}[/]" if style else a["state"],
+        )
+    return [health, drift_table]
+
+
+@app.command("status")
+def status(
+    state_dir: StateDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Each serving model version's latest health (requests, errors, latency, accuracy on
+    feedback, drift statistic) and the drift alerts, open or answered."""
+    import json
+
+    from cdl.stack._watch import HealthReader
+
+    state = _stack(state_dir).read_state()
+    if "kafka" not in state:
+        console.print("[red]no running stack: start it with cdl stack up[/]")
+        raise typer.Exit(1)
+    try:
+        reader = HealthReader(state["kafka"]["bootstrap"])
+    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+        console.print(f"[red]kafka unreachable[/]: {exc}")
+        raise typer.Exit(1) from None
+    try:
+        reader.poll(5.0)
+        rows, alerts = reader.rows(), reader.alert_rows()
+    finally:
+        reader.close()
+    if as_json:
+        print(json.dumps({"health": rows, "alerts": alerts}, indent=2))
+        return
+    if not rows and not alerts:
+        console.print("no model health yet (the monitor publishes a window once a model has served requests)")
+    for table in _health_tables(rows, alerts):
+        console.print(table)
 
 
 IngestEndpoint = Annotated[

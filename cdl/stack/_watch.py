@@ -10,7 +10,7 @@ from typing import Any
 from cdl.events import Topics
 from cdl.store import BUCKETS, ObjectStore
 
-__all__ = ["Snapshot", "StackObserver"]
+__all__ = ["HealthReader", "Snapshot", "StackObserver"]
 
 _DATASET_VERSION = re.compile(r"^([^/]+)/versions/(\d+)\.json$")
 _MODEL_FILE = re.compile(r"^([^/]+)/(\d+)/(claim|compression)\.json$")
@@ -24,6 +24,8 @@ class Snapshot:
     objects: dict[str, int] = field(default_factory=dict)
     datasets: list[dict[str, Any]] = field(default_factory=list)
     models: list[dict[str, Any]] = field(default_factory=list)
+    health: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -140,6 +142,113 @@ class StackObserver:
         except Exception as exc:  # noqa: BLE001
             snap.errors.append(f"minio: {exc}")
         return snap
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class HealthReader:
+    """The monitor's output, read from the start and then as it comes: the newest health window
+    of each (model, version) on ``model.health`` and every alert on ``drift.detected``.
+
+    An alert is open while no newer version of its model has served (has a health window
+    that ended after the alert); the version trained on what came since answers it.
+    """
+
+    def __init__(self, bootstrap: str, topics: tuple[str, str] = (Topics.MODEL_HEALTH, Topics.DRIFT_DETECTED)) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        self._health_topic, self._drift_topic = topics
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": "cdl-cli-health",
+                "enable.auto.commit": False,
+                "log_level": 0,
+            }
+        )
+        md = self._consumer.list_topics(timeout=5)
+        parts = [
+            TopicPartition(t, p, OFFSET_BEGINNING)
+            for t in topics
+            if (found := md.topics.get(t)) is not None and found.error is None
+            for p in found.partitions
+        ]
+        self._consumer.assign(parts)
+        self.latest: dict[tuple[str, int], Any] = {}
+        self.alerts: list[Any] = []
+
+    def poll(self, timeout_s: float = 2.0) -> None:
+        """Read what arrived (until the topics are quiet for a moment or ``timeout_s`` passed)."""
+        import time
+
+        from cdl.errors import DecodeError
+        from cdl.events import decode
+        from cdl.v1 import events_pb2
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msgs = self._consumer.consume(500, timeout=0.3)
+            if not msgs:
+                return
+            for msg in msgs:
+                if msg.error() is not None:
+                    continue
+                try:
+                    event = decode(msg.key(), msg.value(), list(msg.headers() or []))
+                except DecodeError:
+                    continue
+                pl = event.payload
+                if isinstance(pl, events_pb2.ModelHealth):
+                    key = (pl.model, int(pl.version))
+                    old = self.latest.get(key)
+                    if old is None or old.window_end.ToNanoseconds() <= pl.window_end.ToNanoseconds():
+                        self.latest[key] = pl
+                elif isinstance(pl, events_pb2.DriftDetected):
+                    self.alerts.append(pl)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for (model, version), h in sorted(self.latest.items()):
+            out.append(
+                {
+                    "model": model,
+                    "version": version,
+                    "window_end": h.window_end.ToJsonString(),
+                    "requests": h.requests,
+                    "errors": h.errors,
+                    "p50_ms": round(h.latency_p50_ms, 3),
+                    "p99_ms": round(h.latency_p99_ms, 3),
+                    "accuracy": round(h.accuracy, 4) if h.feedback else None,
+                    "feedback": h.feedback,
+                    "drift": round(h.drift_statistic, 5) if h.drift_threshold else None,
+                    "drift_threshold": round(h.drift_threshold, 5) if h.drift_threshold else None,
+                }
+            )
+        return out
+
+    def alert_rows(self) -> list[dict[str, Any]]:
+        out = []
+        for a in self.alerts:
+            at = a.window_end.ToNanoseconds()
+            newer = [
+                v
+                for (m, v), h in self.latest.items()
+                if m == a.model and v > a.version and h.window_end.ToNanoseconds() > at
+            ]
+            out.append(
+                {
+                    "model": a.model,
+                    "version": a.version,
+                    "dataset": a.dataset,
+                    "test": a.test,
+                    "statistic": round(a.statistic, 5),
+                    "threshold": round(a.threshold, 5),
+                    "at": a.window_end.ToJsonString(),
+                    "state": f"answered by v{min(newer)}" if newer else "open",
+                }
+            )
+        return out
 
     def close(self) -> None:
         self._consumer.close()
