@@ -195,7 +195,9 @@ class HealthReader:
                 if msg.error() is not None:
                     continue
                 try:
-                    event = decode(msg.key(), msg.value(), list(msg.headers() or []))
+                    raw = msg.headers() or []
+                    headers = list(raw.items()) if isinstance(raw, dict) else list(raw)
+                    event = decode(msg.key(), msg.value(), headers)
                 except DecodeError:
                     continue
                 pl = event.payload
