@@ -5,8 +5,8 @@ model version under watch is the demo's: a reference sample of the digits
 training split, stored as the trainer stores it (``reference.npy``, 2,000 rows
 at most, the trainer's seed). Served requests are what the gateway logs for the
 demo's model: ``InferenceLogged`` records holding the request (one 8x8 image,
-64 floats), drawn at random from the digits images (the population the model was
-trained on).
+64 floats), drawn at random from the digits images the model was not trained on
+(the 20% outside its training split: the same population, unseen inputs).
 
 1. Throughput: 20,000 records produced as fast as the producer can, against the
    time the monitor takes to have processed all of them (its
@@ -154,7 +154,9 @@ def main() -> None:
     digits = load_digits()
     x, y = digits.data.astype(np.float32), digits.target
     rng = np.random.default_rng(0)
-    train = rng.permutation(len(x))[: int(0.8 * len(x))]  # the demo's training split (holdout 0.2)
+    order = rng.permutation(len(x))
+    cut = int(0.8 * len(x))
+    train, held = order[:cut], order[cut:]  # the training split (the reference) and unseen images
     with private_stack(triton_servers=0) as state:
         boot = state["kafka"]["bootstrap"]
         m = state["minio"]
@@ -195,7 +197,7 @@ def main() -> None:
             alerts = Alerts(boot, topics["drift"])
 
             # 1 + 2: throughput and false alarms on the unshifted stream (version 1)
-            idx = rng.integers(0, len(x), UNSHIFTED)
+            idx = rng.choice(held, UNSHIFTED)
             records = feed.encode(1, x[idx], y[idx])
             t0 = time.perf_counter()
             feed.send(records, topic=topics["scratch"])
@@ -223,13 +225,13 @@ def main() -> None:
             # 3: detection delay per shift (a fresh version each: an alert is once per version)
             delays: dict[str, int] = {}
             for v, (name, shift) in enumerate(_shifts(rng).items(), start=2):
-                before = rng.integers(0, len(x), BEFORE_SHIFT)
+                before = rng.choice(held, BEFORE_SHIFT)
                 feed.send(feed.encode(v, x[before], y[before]))
                 _wait_processed(port, topics["logged"], feed.sent)
                 early = [a for a in alerts.poll() if a.version == v]
                 sent = 0
                 while not early and sent < MAX_SHIFTED:
-                    j = rng.integers(0, len(x), CHUNK)
+                    j = rng.choice(held, CHUNK)
                     feed.send(feed.encode(v, shift(x[j]).astype(np.float32), y[j]))
                     sent += CHUNK
                     _wait_processed(port, topics["logged"], feed.sent)

@@ -212,7 +212,7 @@ def _watch(stack: LocalStack, interval: float) -> None:
 
 
 def _health_tables(rows: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> list[Table]:
-    health = Table(title="model health (newest window of each serving version; the monitor)")
+    health = Table(title="model health (the newest window of each version that served; the monitor)")
     hcols = ("model", "version", "requests", "errors", "p50_ms", "p99_ms", "accuracy", "feedback", "drift")
     for col in hcols:
         health.add_column(col, justify="left" if col == "model" else "right")
@@ -237,8 +237,8 @@ def status(
     state_dir: StateDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Each serving model version's latest health (requests, errors, latency, accuracy on
-    feedback, drift statistic) and the drift alerts, open or answered."""
+    """The newest health window of each model version that served (requests, errors, latency,
+    accuracy on feedback, drift statistic) and the drift alerts, open or answered."""
     import json
 
     from cdl.stack._watch import HealthReader

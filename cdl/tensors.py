@@ -89,7 +89,10 @@ def first_input(request: bytes) -> InputTensor:
     if dtype is None:
         raise DecodeError("unsupported input datatype", datatype=spec.datatype)
     if req.raw_input_contents:
-        values: npt.NDArray[np.generic] = np.frombuffer(req.raw_input_contents[0], dtype=dtype)
+        first: bytes = req.raw_input_contents[0]
+        if len(first) % np.dtype(dtype).itemsize:
+            raise DecodeError("raw input is not a whole number of elements", datatype=spec.datatype, bytes=len(first))
+        values: npt.NDArray[np.generic] = np.frombuffer(first, dtype=dtype)
     elif spec.datatype in _TYPED:
         values = np.asarray(getattr(spec.contents, _TYPED[spec.datatype]), dtype=dtype)
     else:

@@ -175,11 +175,20 @@ class HealthReader:
             for p in found.partitions
         ]
         self._consumer.assign(parts)
+        self._parts = parts
         self.latest: dict[tuple[str, int], Any] = {}
-        self.alerts: list[Any] = []
+        self.alerts: dict[tuple[str, int], Any] = {}
+
+    def _behind(self, read: dict[tuple[str, int], int]) -> bool:
+        """Whether some partition has records past what was read."""
+        for tp in self._parts:
+            _, high = self._consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+            if read.get((tp.topic, tp.partition), -1) + 1 < high:
+                return True
+        return False
 
     def poll(self, timeout_s: float = 2.0) -> None:
-        """Read what arrived (until the topics are quiet for a moment or ``timeout_s`` passed)."""
+        """Read what arrived: up to the end of every partition as it is now (or ``timeout_s``)."""
         import time
 
         from cdl.errors import DecodeError
@@ -187,9 +196,16 @@ class HealthReader:
         from cdl.v1 import events_pb2
 
         deadline = time.monotonic() + timeout_s
+        read: dict[tuple[str, int], int] = {}
+        for tp in self._consumer.position(self._parts):
+            if tp.offset >= 0:
+                read[(tp.topic, tp.partition)] = tp.offset - 1
         while time.monotonic() < deadline:
             msgs = self._consumer.consume(500, timeout=0.3)
-            if not msgs:
+            for msg in msgs:
+                if msg.error() is None:
+                    read[(msg.topic() or "", msg.partition() or 0)] = msg.offset() or 0
+            if not msgs and not self._behind(read):
                 return
             for msg in msgs:
                 if msg.error() is not None:
@@ -207,7 +223,7 @@ class HealthReader:
                     if old is None or old.window_end.ToNanoseconds() <= pl.window_end.ToNanoseconds():
                         self.latest[key] = pl
                 elif isinstance(pl, events_pb2.DriftDetected):
-                    self.alerts.append(pl)
+                    self.alerts[(pl.model, int(pl.version))] = pl  # a re-sent alert is the same alert
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -231,7 +247,7 @@ class HealthReader:
 
     def alert_rows(self) -> list[dict[str, Any]]:
         out = []
-        for a in self.alerts:
+        for a in self.alerts.values():
             at = a.window_end.ToNanoseconds()
             newer = [
                 v

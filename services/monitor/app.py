@@ -20,9 +20,13 @@ Tables live in memory and are backed by compacted changelog topics
 (``<group_id>-<table>-changelog``): a restarted monitor (kill -9 included) reads
 them back before it processes anything. Tables use Kafka's partitioner for their
 changelog (``use_partitioner``): the two input topics have different partition
-counts and both agents write the same tables. Processing is at-least-once; a
-join redelivered after a crash sends its training record again under the same
-id, which ingest drops as a duplicate.
+counts and both agents write the same tables. Processing is at-least-once:
+outputs are acknowledged before the table entries that say they were sent are
+changed; a join redone after a crash sends its training record again under the
+same id, which ingest keeps once (the repeat is dead-lettered as
+``duplicate_id``). Open health windows are kept in memory and written to their
+table every half second; every handler changes them without awaiting, so
+concurrent agents never lose each other's counts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +79,9 @@ ALERTS = Counter("cdl_monitor_drift_alerts_total", "drift.detected published", [
 RECORDS = Counter("cdl_monitor_training_records_total", "Labelled served requests sent to data.raw", ["dataset"])
 LAG = Gauge("cdl_monitor_lag", "Records behind the end of each input partition", ["topic", "partition"])
 OPEN = Gauge("cdl_monitor_open_entries", "Entries of the monitor's tables", ["table"])
+
+#: model versions whose drift trackers are kept in memory (the oldest go first)
+_MAX_VERSIONS = 64
 
 
 def _headers(message: Any) -> Headers:
@@ -129,10 +137,13 @@ class Monitor:
         self.health = table("health")
         self.drift = table("drift")
         self._trackers: dict[tuple[str, int], DriftTracker] = {}
+        #: the open health windows: the one copy the handlers change (the table is written from
+        #: it every ``flush_s``, and read back into it after a recovery)
+        self._windows: dict[str, HealthWindow] = {}
+        self._dirty: set[str] = set()
         #: (time, request id) of served and pending entries in arrival order: what expires first
         self._served_order: deque[tuple[float, str]] = deque()
         self._pending_order: deque[tuple[float, str]] = deque()
-        self._indexed = False
         self._offsets: dict[tuple[str, int], int] = {}
         self._ready = threading.Event()
         self.http: HttpEndpoint | None = None
@@ -149,21 +160,22 @@ class Monitor:
     def _wire(self) -> None:
         s = self.settings
 
-        @self.app.agent(self.logged, name="logged")
         async def on_logged(stream: Any) -> None:
             async for event in stream.events():
-                await self._on_logged(event)
+                await self._guarded(self._on_logged, event, s.logged_topic)
 
-        @self.app.agent(self.feedback, name="feedback")
         async def on_feedback(stream: Any) -> None:
             async for event in stream.events():
-                await self._on_feedback(event)
+                await self._guarded(self._on_feedback, event, s.feedback_topic)
 
         async def close_windows() -> None:
-            await self._close_windows(time.time())
+            if self._ready.is_set():
+                self._flush_windows()
+                await self._close_windows(time.time())
 
         async def expire() -> None:
-            self._expire(time.time())
+            if self._ready.is_set():
+                self._expire(time.time())
 
         async def lag() -> None:
             self._lag()
@@ -172,31 +184,46 @@ class Monitor:
             # the changelog writes of a busy table outgrow faust's default of 100 buffered messages
             self.app.producer.buffer.max_messages = 10_000
             await self.app.tables.wait_until_recovery_completed()
+            self._recovered()
             self._ready.set()
-            log.info("monitor ready", partitions=self.partitions, window_s=s.window_s)
+            log.info("monitor ready", partitions=self.partitions, window_s=s.window_s, served=len(self._served_order))
 
         # (called, not used as decorators: faust's decorators are untyped)
+        agent: Any = self.app.agent
+        agent(self.logged, name="logged")(on_logged)
+        agent(self.feedback, name="feedback")(on_feedback)
         timer: Any = self.app.timer
-        timer(max(0.2, s.window_s / 5))(close_windows)
+        timer(max(0.1, min(0.5, s.window_s / 5)))(close_windows)
         timer(max(1.0, min(30.0, s.join_ttl_s / 10)))(expire)
         timer(5.0)(lag)
         task: Any = self.app.task
         task(started)
 
-    # ------------------------------------------------------------------ inference.logged
-    def _note_offset(self, event: Any) -> None:
+    def _recovered(self) -> None:
+        """After the changelogs were read back: the open windows and the expiry order."""
+        self._windows = {k: HealthWindow.from_json(_loads(v)) for k, v in self.health.items()}
+        served = [(Served.from_bytes(v).time, k) for k, v in self.served.items()]
+        pending = [(PendingLabel.from_bytes(v).time, k) for k, v in self.pending.items()]
+        self._served_order = deque(sorted(served) + list(self._served_order))
+        self._pending_order = deque(sorted(pending) + list(self._pending_order))
+
+    async def _guarded(self, handler: Callable[[Any], Awaitable[None]], event: Any, topic: str) -> None:
+        """One event through its handler; whatever it raises is logged and counted, and the stream
+        goes on (a hostile record must not stop the agent)."""
         msg = event.message
         self._offsets[(msg.topic, msg.partition)] = msg.offset
-
-    async def _on_logged(self, fevent: Any) -> None:
-        self._note_offset(fevent)
-        topic = self.settings.logged_topic
         try:
-            event = decode(
-                fevent.key.encode() if isinstance(fevent.key, str) else fevent.key,
-                fevent.value,
-                _headers(fevent.message),
-            )
+            await handler(event)
+        except Exception:
+            EVENTS.labels(topic, "failed").inc()
+            log.exception("monitor event failed: skipped", topic=msg.topic, partition=msg.partition, offset=msg.offset)
+
+    # ------------------------------------------------------------------ inference.logged
+    async def _on_logged(self, fevent: Any) -> None:
+        topic = self.settings.logged_topic
+        key = fevent.key.encode() if isinstance(fevent.key, str) else fevent.key
+        try:
+            event = decode(key, fevent.value, _headers(fevent.message))
         except DecodeError as exc:
             EVENTS.labels(topic, "undecodable").inc()
             log.warning("inference log record skipped", error=str(exc))
@@ -205,17 +232,25 @@ class Monitor:
         if not isinstance(rec, events_pb2.InferenceLogged) or not rec.model:
             EVENTS.labels(topic, "ignored").inc()
             return
-        EVENTS.labels(topic, "ok").inc()
-        now = time.time()
         info = await self._info(rec.model, int(rec.version))
+        # nothing below awaits until the state is changed: the handlers never see a half-done event
+        now = time.time()
         window = self._window(rec.model, int(rec.version), now)
-        window.served(rec.status in ("", "OK"), rec.latency_ms)
+        ok = rec.status in ("", "OK")
+        window.served(ok, rec.latency_ms)
+        self._dirty.add(window.key)
+        EVENTS.labels(topic, "ok").inc()
+        if not ok:
+            return  # an error is health, not a join (a retried request is logged again, answered) or drift
         served = Served.from_log(rec, now)
+        outputs: list[tuple[Any, str, bytes]] = []
+        alerts: list[WindowTest] = []
+        waiting = self.pending.get(rec.request_id) if rec.request_id else None
         if rec.request_id:
-            waiting = self.pending.get(rec.request_id)
             if waiting is not None:
-                del self.pending[rec.request_id]
-                await self._join(rec.request_id, served, PendingLabel.from_bytes(waiting), window, info)
+                record = self._join(rec.request_id, served, PendingLabel.from_bytes(waiting), window, info)
+                if record is not None:
+                    outputs.append(record)
             else:
                 self.served[rec.request_id] = served.to_bytes()
                 self._served_order.append((now, rec.request_id))
@@ -224,8 +259,17 @@ class Monitor:
             window.drift(result.statistic, result.threshold)
             DRIFT_TESTS.labels(rec.model, str(result.over).lower()).inc()
             if result.alert:
-                await self._alert(info, result, now)
-        self.health[window.key] = _json(window)
+                alerts.append(result)
+        # outputs first, then the state that says they were sent: a crash in between repeats an
+        # output (at least once), it never loses one
+        for out_topic, out_key, value in outputs:
+            await self._send_raw(out_topic, out_key, value)
+        if waiting is not None:
+            self.pending.pop(rec.request_id, None)
+        for result in alerts:
+            await self._alert(info, result, now)
+        if tested:  # the streak moved (after its alert went out)
+            self._save_tracker(info)
 
     async def _info(self, model: str, version: int) -> VersionInfo:
         info = self.catalog.cached(model, version)
@@ -235,32 +279,39 @@ class Monitor:
 
     def _window(self, model: str, version: int, now: float) -> HealthWindow:
         start = window_start(now, self.settings.window_s)
-        doc = self.health.get(window_key(model, version, start))
-        return HealthWindow.from_json(_loads(doc)) if doc is not None else HealthWindow(model, version, start)
+        key = window_key(model, version, start)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = HealthWindow(model, version, start)
+        return window
 
-    def _drift_rows(self, info: VersionInfo, inputs: bytes) -> list[WindowTest]:
+    def _tracker(self, info: VersionInfo) -> DriftTracker | None:
         if info.test is None:
-            return []
-        values = inputs_rows(inputs)
-        if values is None:
-            return []
-        try:
-            rows = featurize(values if isinstance(values, list) else np.asarray(values))
-        except (ValueError, TypeError):
-            return []
+            return None
         key = (info.model, info.version)
         tracker = self._trackers.get(key)
         if tracker is None:
             doc = self.drift.get(f"{info.model}/{info.version}")
             tracker = DriftTracker(info.test, self.settings.drift_persist, _loads(doc) if doc else None)
             self._trackers[key] = tracker
-        try:
-            results = tracker.add(rows)
-        except DecodeError:
+            while len(self._trackers) > _MAX_VERSIONS:  # the oldest versions' trackers go first
+                self._trackers.pop(next(iter(self._trackers)))
+        return tracker
+
+    def _drift_rows(self, info: VersionInfo, inputs: bytes) -> list[WindowTest]:
+        tracker = self._tracker(info)
+        if tracker is None:
             return []
-        if results:
+        values = inputs_rows(inputs)
+        if values is None:
+            return []
+        rows = featurize(values if isinstance(values, list) else np.asarray(values))
+        return tracker.add(rows)
+
+    def _save_tracker(self, info: VersionInfo) -> None:
+        tracker = self._trackers.get((info.model, info.version))
+        if tracker is not None:
             self.drift[f"{info.model}/{info.version}"] = _json_doc(tracker.state())
-        return results
 
     async def _alert(self, info: VersionInfo, result: WindowTest, now: float) -> None:
         s = self.settings
@@ -288,7 +339,6 @@ class Monitor:
 
     # ------------------------------------------------------------------ data.feedback
     async def _on_feedback(self, fevent: Any) -> None:
-        self._note_offset(fevent)
         topic = self.settings.feedback_topic
         try:
             fb = parse_feedback(fevent.value, _content_type(_headers(fevent.message)))
@@ -308,34 +358,43 @@ class Monitor:
             FEEDBACK.labels("waiting").inc()
             return
         served = Served.from_bytes(doc)
-        del self.served[fb.request_id]
         info = await self._info(served.model, served.version)
+        now = time.time()
         window = self._window(served.model, served.version, now)
-        await self._join(fb.request_id, served, label, window, info)
-        self.health[window.key] = _json(window)
+        record = self._join(fb.request_id, served, label, window, info)
+        if record is not None:
+            await self._send_raw(*record)
+        self.served.pop(fb.request_id, None)  # after its record was acknowledged
 
-    async def _join(
+    def _join(
         self, request_id: str, served: Served, label: PendingLabel, window: HealthWindow, info: VersionInfo
-    ) -> None:
+    ) -> tuple[Any, str, bytes] | None:
+        """Count a label against what was served; the training record to send, if any."""
         window.labelled(served.correct(label.label, list(info.labels)))
+        self._dirty.add(window.key)
         FEEDBACK.labels("joined").inc()
         JOINS.labels(served.model).inc()
         if not self.settings.training_records:
-            return
+            return None
         dataset = info.dataset or label.dataset
         record = training_record(served, request_id, label.label, dataset)
-        if record is not None:
-            fut = await self.out_raw.send(key=request_id, value=record)
-            await fut
-            RECORDS.labels(dataset).inc()
+        if record is None:
+            return None
+        RECORDS.labels(dataset).inc()
+        return self.out_raw, request_id, record
 
     # ------------------------------------------------------------------ timers
+    def _flush_windows(self) -> None:
+        """Write the windows changed since the last flush to the table (its changelog)."""
+        for key in self._dirty:
+            window = self._windows.get(key)
+            if window is not None:
+                self.health[key] = _json(window)
+        self._dirty.clear()
+
     async def _close_windows(self, now: float) -> None:
-        if not self._ready.is_set():
-            return
         s = self.settings
-        for key, doc in list(self.health.items()):
-            window = HealthWindow.from_json(_loads(doc))
+        for key, window in list(self._windows.items()):
             if window.start + s.window_s + s.grace_s > now:
                 continue
             event = Event(
@@ -345,39 +404,31 @@ class Monitor:
                 key=window.model,
             )
             await self._send(self.out_health, event)
-            del self.health[key]
+            del self._windows[key]
+            self.health.pop(key, None)
             WINDOWS.labels(window.model).inc()
 
-    def _index(self) -> None:
-        """After recovery: the expiry order of what the changelogs brought back."""
-        served = [(Served.from_bytes(v).time, k) for k, v in self.served.items()]
-        pending = [(PendingLabel.from_bytes(v).time, k) for k, v in self.pending.items()]
-        self._served_order = deque(sorted(served) + list(self._served_order))
-        self._pending_order = deque(sorted(pending) + list(self._pending_order))
-        self._indexed = True
-
     def _expire(self, now: float) -> None:
-        if not self._ready.is_set():
-            return
-        if not self._indexed:
-            self._index()
-        cutoff = now - self.settings.join_ttl_s
+        s = self.settings
+        cutoff = now - s.join_ttl_s
         for order, table, on_drop in (
             (self._served_order, self.served, EXPIRED.inc),
             (self._pending_order, self.pending, FEEDBACK.labels("unmatched").inc),
         ):
-            while order and order[0][0] < cutoff:
+            # the oldest go when they are past their time, or when the table holds too many
+            while order and (order[0][0] < cutoff or len(order) > s.join_max_entries):
                 t, key = order.popleft()
                 doc = table.get(key)
                 if doc is None:
                     continue  # joined meanwhile
-                entry_time = orjson_time(doc)
+                entry_time = _entry_time(doc)
                 if entry_time is not None and entry_time > t:
                     continue  # the same id again since: its own entry is further on
-                del table[key]
+                table.pop(key, None)
                 on_drop()
-        OPEN.labels("served").set(len(self._served_order))
-        OPEN.labels("pending").set(len(self._pending_order))
+        OPEN.labels("served").set(len(self.served))
+        OPEN.labels("pending").set(len(self.pending))
+        OPEN.labels("health").set(len(self._windows))
 
     def _lag(self) -> None:
         consumer = self.app.consumer
@@ -392,6 +443,10 @@ class Monitor:
     async def _send(self, topic: Any, event: Event) -> None:
         key, value, headers = encode(event)
         fut = await topic.send(key=key.decode() if key else None, value=value, headers=headers)
+        await fut
+
+    async def _send_raw(self, topic: Any, key: str, value: bytes) -> None:
+        fut = await topic.send(key=key, value=value)
         await fut
 
     # ------------------------------------------------------------------ running
@@ -433,7 +488,7 @@ def _json_doc(doc: dict[str, Any]) -> bytes:
     return orjson.dumps(doc)
 
 
-def orjson_time(doc: bytes) -> float | None:
+def _entry_time(doc: bytes) -> float | None:
     try:
         t = _loads(doc).get("t")
     except ValueError:

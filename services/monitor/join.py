@@ -12,6 +12,7 @@ drops, so each served request enters the dataset once.
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,12 @@ _ID_MAX = 256
 
 
 def record_id(request_id: str) -> str:
-    return f"served-{request_id}"[:_ID_MAX]
+    """``served-<request id>``; a request id too long for a record id is replaced by its SHA-256
+    (truncating could make two requests one record)."""
+    rid = f"served-{request_id}"
+    if len(rid.encode()) <= _ID_MAX:
+        return rid
+    return "served-sha256-" + hashlib.sha256(request_id.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

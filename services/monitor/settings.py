@@ -30,9 +30,13 @@ class MonitorSettings(ServiceSettings):
     window_s: float = 10.0
     """Length of a health window (tumbling, processing time)."""
     grace_s: float = 2.0
-    """A window is published this long after its end (feedback joined meanwhile still counts)."""
+    """A window is published this long after its end (windows are of processing time: this only
+    delays the publication, what arrives meanwhile counts in the next window)."""
     join_ttl_s: float = 600.0
     """How long a logged request waits for its label (and a label for its request)."""
+    join_max_entries: int = 200_000
+    """Most logged requests (and, apart, labels) waiting to be joined: past it the oldest are
+    dropped as expired, which bounds the monitor's memory whatever the request rate."""
     training_records: bool = True
     """Send labelled served requests to ``raw_topic`` (production traffic grows the training set)."""
     drift_window: int = 100

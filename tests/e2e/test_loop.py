@@ -2,7 +2,9 @@
 with every built service, a dataset registered with `cdl dataset register`,
 records produced to data.raw by a plain Kafka client, and then — by itself —
 a dataset version, a trained and gated model, a study of it, its compressed
-variants and a Triton repository entry that serves."""
+variants and a Triton repository entry that serves; then labels for served
+requests, which the monitor joins: the version's health on model.health, and the
+labelled requests back on data.raw."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def test_records_become_a_served_model_by_themselves(tmp_path: Path, monkeypatch
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads((state_dir / "stack.json").read_text())
-        assert set(state["services"]) == {"ingest", "trainer", "tuner", "compressor", "gateway"}
+        assert set(state["services"]) == {"ingest", "trainer", "tuner", "compressor", "gateway", "monitor"}
         reg = run_cdl(
             "dataset", "register", "digits", "--task", "image", "--shape", "1,8,8",
             "--labels", ",".join(str(i) for i in range(10)), "--min-new-records", "1500",
@@ -95,6 +97,31 @@ def test_records_become_a_served_model_by_themselves(tmp_path: Path, monkeypatch
         predict = run_cdl("predict", "digits", str(sample), "--json", state_dir=state_dir)
         assert predict.returncode == 0, predict.stdout + predict.stderr
         assert json.loads(predict.stdout)["predictions"][0]["class"] == int(digits.target[0])
+
+        # labels for served requests: the monitor joins them to the gateway's log
+        for i in range(30):
+            one = tgrpc.InferInput("input", [1, 1, 8, 8], "FP32")
+            one.set_data_from_numpy(digits.data[i].reshape(1, 1, 8, 8).astype(np.float32))
+            client.infer("digits", [one], headers=headers, request_id=f"e2e-{i}")
+            label = {"request_id": f"e2e-{i}", "label": str(digits.target[i])}
+            producer.produce("data.feedback", json.dumps(label).encode())
+        producer.flush()
+        deadline = time.monotonic() + 90
+        feedback, correct = 0, 0.0
+        while feedback < 30 and time.monotonic() < deadline:
+            health = [
+                decode(r.key, r.value, list(r.headers.items())).payload
+                for r in read_topic(bootstrap, "model.health", 10**6, timeout_s=2)
+            ]
+            mine = [h for h in health if h.model == "digits" and h.version == 1]  # type: ignore[attr-defined]
+            feedback = sum(h.feedback for h in mine)  # type: ignore[attr-defined]
+            correct = sum(h.accuracy * h.feedback for h in mine)  # type: ignore[attr-defined]
+        assert feedback == 30 and correct / feedback >= 0.9, (feedback, correct)
+        served = [r for r in read_topic(bootstrap, "data.raw", 10**6, timeout_s=2) if b'"served-e2e-' in r.value]
+        assert len(served) == 30  # the labelled requests, back as training records
+        status = run_cdl("status", "--json", state_dir=state_dir)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert any(r["model"] == "digits" and r["version"] == 1 for r in json.loads(status.stdout)["health"])
     finally:
         down = run_cdl("stack", "down", "--purge", state_dir=state_dir)
         assert down.returncode == 0, down.stdout

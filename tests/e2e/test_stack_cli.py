@@ -21,13 +21,20 @@ def test_stack_up_then_down_leaves_nothing_running(tmp_path: Path) -> None:
         assert "stack healthy" in up.stdout
         state = json.loads((state_dir / "stack.json").read_text())
         procs = {name: ProcInfo(**p) for name, p in state["procs"].items()}
-        expected = {"kafka", "minio", "postgres", "triton-0", "ingest", "trainer", "tuner", "compressor", "gateway"}
+        expected = {"kafka", "minio", "postgres", "triton-0"} | {
+            "ingest",
+            "trainer",
+            "tuner",
+            "compressor",
+            "gateway",
+            "monitor",
+        }
         assert set(procs) == expected
         assert all(is_alive(p) for p in procs.values())
 
         status = run_cdl("stack", "status", state_dir=state_dir)
         assert status.returncode == 0, status.stdout
-        assert status.stdout.count("healthy") == 9
+        assert status.stdout.count("healthy") == 10
 
         # up again is a no-op: same processes
         again = run_cdl("stack", "up", state_dir=state_dir)

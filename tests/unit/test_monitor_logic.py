@@ -146,7 +146,9 @@ def test_a_labelled_request_becomes_one_record_of_the_model_s_dataset() -> None:
     s = Served("m", 1, "0", 0.0, _request(rows))
     doc = json.loads(training_record(s, "req-7", "b", "tab") or b"")
     assert doc == {"dataset": "tab", "id": record_id("req-7"), "label": "b", "features": [0.0, 1.0, 2.0, 3.0]}
-    assert record_id("x" * 1000) == ("served-" + "x" * 1000)[:256]
+    long_id = record_id("é" * 200)  # 400 bytes: hashed, not cut (two long ids stay two records)
+    assert long_id.startswith("served-sha256-") and long_id != record_id("é" * 199 + "e")
+    assert len(long_id.encode()) <= 256 and record_id("short") == "served-short"
     text = json.loads(training_record(Served("t", 1, "0", 0.0, _text_request(["a doc"])), "q", "a", "txt") or b"")
     assert text["text"] == "a doc" and "features" not in text
     assert training_record(Served("m", 1, "0", 0.0, b""), "r", "a", "tab") is None  # inputs not logged
@@ -175,6 +177,13 @@ def test_first_input_reads_raw_typed_and_bytes_contents_and_refuses_bad_ones() -
         first_input(req.SerializeToString())  # 2 values for a shape of 3
     with pytest.raises(DecodeError):
         first_input(pb.ModelInferRequest().SerializeToString())  # no inputs
+    odd = pb.ModelInferRequest()
+    spec = odd.inputs.add()
+    spec.name, spec.datatype = "x", "FP32"
+    spec.shape.extend([1])
+    odd.raw_input_contents.append(b"\x00" * 5)  # not a whole number of floats
+    with pytest.raises(DecodeError):
+        first_input(odd.SerializeToString())
 
 
 def test_feedback_parses_for_records_and_for_requests() -> None:
