@@ -1,7 +1,12 @@
 """Drift of one serving version's inputs: windows tested against its reference (no Kafka, no Faust).
 
 Served inputs (feature rows, :func:`cdl.ml.drift.featurize`) fill windows of
-``test.window`` rows; each full window is tested
+``test.window`` distinct rows: a row equal to one already in the window is
+skipped. Repeats carry no news about the input distribution (a popular input, a
+client retrying), but they raise the statistic: on digits, windows drawn with
+repeats from unseen images were over a 1% threshold 5% of the time, distinct ones
+0.6% (docs/monitor.md). The calibration's null windows are distinct rows too.
+Each full window is tested
 (:meth:`cdl.ml.drift.MMDTest.statistic`). ``persist`` windows in a row over
 the threshold raise one alert for the version; a window under it resets the
 streak. A version alerts at most once: its successor, trained on the data that
@@ -38,8 +43,9 @@ class DriftTracker:
     def __init__(self, test: MMDTest, persist: int, state: Mapping[str, Any] | None = None) -> None:
         self.test = test
         self.persist = max(1, persist)
-        self._parts: list[Rows] = []
-        self._rows = 0
+        self._rows: list[Rows] = []
+        self._seen: set[bytes] = set()
+        self.repeats = 0
         st = state or {}
         self.streak = int(st.get("streak", 0))
         self.alerted = bool(st.get("alerted", False))
@@ -52,15 +58,18 @@ class DriftTracker:
         """Take served rows; the tests of the windows they complete (usually none or one)."""
         if rows.ndim != 2 or rows.shape[1] != self.test.features or not len(rows):
             return []
-        self._parts.append(rows)
-        self._rows += len(rows)
         out: list[WindowTest] = []
-        n = self.test.window
-        while self._rows >= n:
-            allrows = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
-            window, rest = allrows[:n], allrows[n:]
-            self._parts, self._rows = ([rest] if len(rest) else []), len(rest)
-            out.append(self._test(window))
+        for row in rows:
+            key = row.tobytes()
+            if key in self._seen:
+                self.repeats += 1
+                continue
+            self._seen.add(key)
+            self._rows.append(row)
+            if len(self._rows) >= self.test.window:
+                window = np.stack(self._rows)
+                self._rows, self._seen = [], set()
+                out.append(self._test(window))
         return out
 
     def _test(self, window: Rows) -> WindowTest:

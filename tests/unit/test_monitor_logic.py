@@ -120,9 +120,10 @@ def test_the_tracker_alerts_once_after_persist_windows_in_a_row() -> None:
     # its state carries over (a restarted monitor does not alert again)
     again = DriftTracker(test, persist=3, state=t.state())
     assert again.alerted and again.windows == t.windows
-    # rows that come in pieces fill windows across calls
+    # rows that come in pieces fill windows across calls; a row already in the window is skipped
     u = DriftTracker(test, persist=1)
-    assert u.add(shifted[:30]) == [] and len(u.add(shifted[:30])) == 1
+    assert u.add(shifted[:30]) == [] and u.add(shifted[:30]) == [] and u.repeats == 30
+    assert len(u.add(shifted[30:50])) == 1  # 30 + 20 distinct rows: a window of 50
     assert u.add(np.zeros((5, 9), np.float32)) == []  # not the reference's features: ignored
 
 
