@@ -129,8 +129,11 @@ class Monitor:
         self.out_raw = self.app.topic(s.raw_topic, **raw)  # type: ignore[arg-type]
 
         def table(name: str) -> Any:
-            schema: Any = faust.Schema(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw")
-            return self.app.Table(name, partitions=self.partitions, use_partitioner=True, schema=schema)
+            # faust takes a table's serializers from key_type/value_type (not from a schema): bytes
+            # values are raw both ways, so what recovery reads back is what was written
+            return self.app.Table(
+                name, partitions=self.partitions, use_partitioner=True, key_type=str, value_type=bytes
+            )
 
         self.served = table("served")
         self.pending = table("pending")
@@ -201,9 +204,10 @@ class Monitor:
 
     def _recovered(self) -> None:
         """After the changelogs were read back: the open windows and the expiry order."""
-        self._windows = {k: HealthWindow.from_json(_loads(v)) for k, v in self.health.items()}
-        served = [(Served.from_bytes(v).time, k) for k, v in self.served.items()]
-        pending = [(PendingLabel.from_bytes(v).time, k) for k, v in self.pending.items()]
+        # a deleted key's tombstone may come back as a None value: it is no entry
+        self._windows = {k: HealthWindow.from_json(_loads(v)) for k, v in self.health.items() if v}
+        served = [(Served.from_bytes(v).time, k) for k, v in self.served.items() if v]
+        pending = [(PendingLabel.from_bytes(v).time, k) for k, v in self.pending.items() if v]
         self._served_order = deque(sorted(served) + list(self._served_order))
         self._pending_order = deque(sorted(pending) + list(self._pending_order))
 

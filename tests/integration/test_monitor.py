@@ -252,7 +252,7 @@ def test_a_monitor_killed_mid_stream_recovers_its_tables_and_each_labelled_reque
     for i in range(30, 60):
         _label(p, feedback, f"k{i}", LABELS[(i + 1) % 3])  # these answers were wrong
     p.flush()
-    _wait(lambda: object_store.exists(DATASETS_BUCKET, f"{dataset}/versions/000000001.json"), 60, "version 1")
+    _wait(lambda: object_store.exists(DATASETS_BUCKET, f"{dataset}/versions/1.json"), 60, "version 1")
     data = load_version(object_store, dataset, 1)
     assert sorted(str(i) for i in data.ids) == sorted(f"served-{rid}" for rid in rows)  # each once, none lost
     assert data.x is not None and len(data.x) == 60
