@@ -21,15 +21,19 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any
-
-import safetensors.torch
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cdl.errors import NotFoundError
-from cdl.ml.models import ModelConfig, build_model
 from cdl.ml.preprocess import Preprocessor
 from cdl.store import ObjectStore
+
+if TYPE_CHECKING:
+    import torch
+
+    from cdl.ml.models import ModelConfig
+
+# torch is imported where weights are read or written: the monitor reads lineage and
+# reference samples from the registry, and its image carries no torch (deploy/)
 
 __all__ = ["MODELS_BUCKET", "LoadedModel", "ModelRegistry"]
 
@@ -89,6 +93,8 @@ class ModelRegistry:
         result: dict[str, Any],
         reference: bytes | None = None,
     ) -> str:
+        import safetensors.torch
+
         prefix = f"{model}/{version}"
         weights = safetensors.torch.save({k: v.contiguous() for k, v in state.items()})
         uri = self._store.put_bytes(MODELS_BUCKET, f"{prefix}/model.safetensors", weights)
@@ -120,10 +126,16 @@ class ModelRegistry:
         return self._store.get_bytes(MODELS_BUCKET, key)
 
     def config(self, model: str, version: int) -> ModelConfig:
+        from cdl.ml.models import ModelConfig
+
         return ModelConfig.from_json(self.document(model, version, "model"))
 
     def load(self, model: str, version: int) -> LoadedModel:
         config = self.config(model, version)
+        import safetensors.torch
+
+        from cdl.ml.models import build_model
+
         pre = Preprocessor.from_json(self.document(model, version, "preprocessing"))
         module = build_model(config)
         state = safetensors.torch.load(self._store.get_bytes(MODELS_BUCKET, f"{model}/{version}/model.safetensors"))
