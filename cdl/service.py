@@ -66,7 +66,7 @@ class JobService:
         return ok, {"busy": self.loop.busy.is_set(), "jobs": self.loop.jobs_done, "coalesced": self.loop.coalesced}
 
     def start(self) -> None:
-        self.http = serve_http(self.settings.metrics_port, health=self._health)
+        self.http = serve_http(self.settings.metrics_port, health=self._health, host=self.settings.metrics_host)
         log.info(f"{self.name} started", metrics_port=self.http.port)
 
     def run(self) -> None:

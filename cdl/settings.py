@@ -94,6 +94,10 @@ class StackSettings(BaseSettings):
     """How long each component gets to exit after SIGTERM before SIGKILL."""
 
 
+#: connection fields every service also reads from the generic ``CDL_<FIELD>`` variable
+SHARED_FIELDS = ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key")
+
+
 class ServiceSettings(BaseSettings):
     """Connection settings every cdl service shares; env prefix ``CDL_``.
 
@@ -121,6 +125,8 @@ class ServiceSettings(BaseSettings):
     """Triton gRPC endpoints, ``host:port``."""
     metrics_port: int = 0
     """Prometheus metrics port; 0 picks a free one."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics and health endpoint binds to (0.0.0.0 in a container, for scrapes)."""
     log_level: str = "INFO"
     """Log level of the service."""
     state_dir: Path = default_state_dir()
@@ -137,6 +143,7 @@ class ServiceSettings(BaseSettings):
             "s3_access_key": minio.get("access_key", ""),
             "s3_secret_key": minio.get("secret_key", ""),
         }
+        assert tuple(fallbacks) == SHARED_FIELDS
         for field, from_state in fallbacks.items():
             if not getattr(self, field):
                 setattr(self, field, os.environ.get(f"CDL_{field.upper()}") or from_state)

@@ -407,7 +407,7 @@ class GatewayApp:
             self.port = server.add_insecure_port(address)
         await server.start()
         self.server = server
-        self.http = serve_http(s.metrics_port, health=self._health)
+        self.http = serve_http(s.metrics_port, health=self._health, host=s.metrics_host)
         ticks: asyncio.Task[None] | None = None
         if not self.is_follower:
             self._kafka.start()

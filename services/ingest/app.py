@@ -91,7 +91,7 @@ class IngestApp:
         self.grpc_port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
         server.start()
         self.server = server
-        self.http = serve_http(self.settings.metrics_port, health=self._health)
+        self.http = serve_http(self.settings.metrics_port, health=self._health, host=self.settings.metrics_host)
         log.info("ingest started", grpc_port=self.grpc_port, metrics_port=self.http.port)
 
     def _health(self) -> tuple[bool, dict[str, Any]]:

@@ -458,7 +458,7 @@ class Monitor:
         return self._ready.is_set(), {"partitions": self.partitions, "trackers": len(self._trackers)}
 
     def run(self) -> None:
-        self.http = serve_http(self.settings.metrics_port, health=self._health)
+        self.http = serve_http(self.settings.metrics_port, health=self._health, host=self.settings.metrics_host)
         log.info("monitor started", metrics_port=self.http.port)
         worker = _Worker(self.app, loglevel="WARN", redirect_stdouts=False, quiet=True)
         try:

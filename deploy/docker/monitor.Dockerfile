@@ -1,0 +1,18 @@
+# The monitor service: cdl without torch, ONNX Runtime or Optuna (deploy/requirements-slim.txt).
+# Built from the repository root: docker build -f deploy/docker/monitor.Dockerfile .
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 UV_SYSTEM_PYTHON=1 UV_COMPILE_BYTECODE=1
+RUN pip install --no-cache-dir uv
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY deploy/requirements-slim.txt deploy/requirements-slim.txt
+RUN uv pip install --no-cache -r deploy/requirements-slim.txt
+COPY cdl cdl
+COPY services services
+RUN uv pip install --no-cache --no-deps .
+# state (handled-event ids, the monitor's tables) lives in a volume mounted here
+ENV CDL_STATE_DIR=/var/lib/cdl
+RUN mkdir -p /var/lib/cdl && chown 65534 /var/lib/cdl
+USER 65534
+HEALTHCHECK --interval=10s --timeout=3s --retries=12 CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['CDL_MONITOR_METRICS_PORT'] + '/readyz', timeout=2)"
+ENTRYPOINT ["python", "-m", "services.monitor"]

@@ -1,0 +1,22 @@
+# The tuner service: the whole cdl package from uv.lock (torch, ONNX, Optuna included).
+# Built from the repository root: docker build -f deploy/docker/tuner.Dockerfile .
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 UV_SYSTEM_PYTHON=1 UV_COMPILE_BYTECODE=1
+RUN pip install --no-cache-dir uv && apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml uv.lock README.md ./
+COPY cdl cdl
+COPY services services
+RUN uv export --locked --no-dev --no-emit-project -o /tmp/requirements.txt \
+    && uv pip install --no-cache -r /tmp/requirements.txt && uv pip install --no-cache --no-deps .
+# the C helpers (ingest's scanner, the columnar consumer) built now, failing the build if they do not
+ENV CDL_HOME=/var/cache/cdl
+RUN CDL_NATIVE_REQUIRED=1 python -c "from services.ingest import fastscan; from cdl import kafka_native; \
+    assert fastscan.available() and kafka_native.available()" && chmod -R a+rX /var/cache/cdl
+# state (handled-event ids, the monitor's tables) lives in a volume mounted here
+ENV CDL_STATE_DIR=/var/lib/cdl
+RUN mkdir -p /var/lib/cdl && chown 65534 /var/lib/cdl
+USER 65534
+HEALTHCHECK --interval=10s --timeout=3s --retries=12 CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['CDL_TUNER_METRICS_PORT'] + '/readyz', timeout=2)"
+ENTRYPOINT ["python", "-m", "services.tuner"]

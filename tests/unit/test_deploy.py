@@ -1,0 +1,198 @@
+"""deploy/compose.yml and the Dockerfiles against the code (no Docker engine here: they are read).
+
+Every service's variables are fields of its settings class (or the shared connections), their
+values parse, ports and dependencies match what each service needs, each Dockerfile's entry
+point is a module that exists, and the gateway and monitor images carry no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from cdl.settings import SHARED_FIELDS, ServiceSettings
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+DEPLOY = ROOT / "deploy"
+SERVICES = {
+    "ingest": "IngestSettings",
+    "trainer": "TrainerSettings",
+    "tuner": "TunerSettings",
+    "compressor": "CompressorSettings",
+    "gateway": "GatewaySettings",
+    "monitor": "MonitorSettings",
+}
+SLIM = ("gateway", "monitor")
+HEAVY = {"torch", "onnx", "onnxruntime", "optuna", "scikit-learn", "nvidia-pytriton", "safetensors"}
+#: imported when installed (this venv has them for development), never required: grpc tries
+#: grpc_tools, urllib3 and aiohttp try brotli, setuptools' .pth hook loads _distutils_hack
+OPTIONAL = {"brotli", "grpcio-tools", "setuptools"}
+_SUBST = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yml").read_text())
+    return doc
+
+
+def _env(svc: dict[str, Any]) -> dict[str, str]:
+    """The service's environment with ``${VAR:-default}`` at its defaults."""
+    return {k: _SUBST.sub(lambda m: m.group(2), str(v)) for k, v in svc.get("environment", {}).items()}
+
+
+def _settings_class(name: str) -> type[ServiceSettings]:
+    cls: type[ServiceSettings] = getattr(importlib.import_module(f"services.{name}.settings"), SERVICES[name])
+    return cls
+
+
+def test_the_compose_file_has_the_servers_and_the_six_services(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"kafka", "minio", "postgres", "triton", *SERVICES}
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_every_variable_is_a_setting_and_every_value_parses(
+    name: str, compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env = _env(compose["services"][name])
+    cls = _settings_class(name)
+    prefix = f"CDL_{name.upper()}_"
+    shared = {f"CDL_{f.upper()}" for f in SHARED_FIELDS}
+    own = {prefix + f.upper() for f in cls.model_fields}
+    unknown = sorted(k for k in env if k not in shared | own)
+    assert unknown == [], f"{name}: variables no setting reads: {unknown}"
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CDL_STATE_DIR", str(tmp_path))  # no stack.json: only what compose says
+    settings = cls()
+    assert settings.kafka_bootstrap == "kafka:9092" and settings.s3_endpoint == "minio:9000"
+    assert settings.metrics_port == 9100 and settings.metrics_host == "0.0.0.0"
+    values = settings.model_dump()
+    if "grpc_port" in values:
+        port = int(values["grpc_port"])
+        assert values["grpc_host"] == "0.0.0.0"
+        assert f"{port}:{port}" in compose["services"][name].get("ports", []), f"{name}: gRPC port not published"
+    else:
+        assert "ports" not in compose["services"][name]
+
+
+def test_connections_point_at_the_servers_as_they_are_configured(compose: dict[str, Any]) -> None:
+    svcs = compose["services"]
+    kafka = _env(svcs["kafka"])
+    assert "PLAINTEXT://kafka:9092" in kafka["KAFKA_ADVERTISED_LISTENERS"]
+    assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # ingest creates every topic, partitioned
+    minio = _env(svcs["minio"])
+    triton = svcs["triton"]
+    assert "--model-repository=s3://minio:9000/cdl-triton" in triton["command"]
+    assert "--model-control-mode=explicit" in triton["command"]  # the gateway loads and unloads
+    assert _env(triton)["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+    assert _env(triton)["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+    for name in SERVICES:
+        env = _env(svcs[name])
+        assert env["CDL_S3_ACCESS_KEY"] == minio["MINIO_ROOT_USER"], name
+        assert env["CDL_S3_SECRET_KEY"] == minio["MINIO_ROOT_PASSWORD"], name
+    assert json.loads(_env(svcs["gateway"])["CDL_GATEWAY_TRITON_GRPC"]) == ["triton:8001"]
+    assert _env(svcs["compressor"])["CDL_COMPRESSOR_TRITON_BACKEND"] == "onnxruntime"
+    pg = _env(svcs["postgres"])
+    url = _env(svcs["tuner"])["CDL_TUNER_STORAGE_URL"]
+    assert (
+        url
+        == f"postgresql+psycopg2://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+    )
+
+
+def test_gpus_are_reserved_for_triton_and_the_trainer(compose: dict[str, Any]) -> None:
+    for name in ("triton", "trainer"):
+        [device] = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"], name
+
+
+def test_each_service_waits_for_what_it_uses(compose: dict[str, Any]) -> None:
+    svcs = compose["services"]
+
+    def needs(name: str) -> dict[str, str]:
+        return {k: v["condition"] for k, v in svcs[name].get("depends_on", {}).items()}
+
+    for name in SERVICES:
+        deps = needs(name)
+        assert deps.get("kafka") == deps.get("minio") == "service_healthy", name
+        if name != "ingest":  # ingest creates the topics and buckets
+            assert deps.get("ingest") == "service_healthy", name
+    assert needs("tuner").get("postgres") == "service_healthy"
+    assert needs("gateway").get("triton") == "service_healthy"
+    for server in ("kafka", "minio", "postgres", "triton"):
+        assert svcs[server].get("healthcheck", {}).get("test"), f"{server} has no health check"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_each_dockerfile_runs_its_service_module_and_checks_its_health(name: str, compose: dict[str, Any]) -> None:
+    build = compose["services"][name]["build"]
+    path = (DEPLOY / build["context"] / build["dockerfile"]).resolve()
+    assert path == DEPLOY / "docker" / f"{name}.Dockerfile" and path.exists()
+    text = path.read_text()
+    [entry] = [line for line in text.splitlines() if line.startswith("ENTRYPOINT")]
+    argv = json.loads(entry.removeprefix("ENTRYPOINT"))
+    assert argv == ["python", "-m", f"services.{name}"]
+    assert (ROOT / "services" / name / "__main__.py").exists()
+    assert f"CDL_{name.upper()}_METRICS_PORT" in text and "/readyz" in text  # HEALTHCHECK on the service's port
+    slim = "requirements-slim.txt" in text
+    assert slim == (name in SLIM), f"{name}: {'slim' if slim else 'full'} image"
+
+
+def _slim_requirements() -> list[Requirement]:
+    lines = (DEPLOY / "requirements-slim.txt").read_text().splitlines()
+    return [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_the_slim_requirements_are_the_project_s_own_without_torch() -> None:
+    import tomllib
+
+    project = {
+        str(Requirement(d)) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    slim = _slim_requirements()
+    assert {r.name for r in slim}.isdisjoint(HEAVY)
+    assert [str(r) for r in slim if str(r) not in project] == []  # same pins as pyproject.toml
+
+
+def test_the_gateway_and_monitor_import_nothing_beyond_the_slim_requirements() -> None:
+    """What importing them loads is within the slim requirements and their dependencies."""
+    import importlib.metadata as md
+
+    def closure(reqs: list[Requirement]) -> set[str]:
+        seen: set[str] = set()
+        todo = list(reqs)
+        while todo:
+            req = todo.pop()
+            name = req.name.lower().replace("_", "-")
+            if name in seen:
+                continue
+            seen.add(name)
+            for dep in md.requires(req.name) or []:
+                r = Requirement(dep)
+                extras = req.extras or {""}
+                if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in extras):
+                    todo.append(r)
+        return seen
+
+    allowed = closure(_slim_requirements()) | {"cdl"} | OPTIONAL
+    code = (
+        "import sys, json, importlib.metadata as md\n"
+        "import services.gateway.app, services.gateway.peers, services.monitor.app\n"
+        "dists = md.packages_distributions()\n"
+        "top = {m.split('.')[0] for m in list(sys.modules)}\n"
+        "print(json.dumps(sorted({d for t in top for d in dists.get(t, [])})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    used = {d.lower().replace("_", "-") for d in json.loads(out.stdout.strip().splitlines()[-1])}
+    assert used.isdisjoint(HEAVY), used & HEAVY
+    assert sorted(used - allowed) == []
