@@ -145,7 +145,11 @@ class GatewayApp:
                 admin=self.admin.call,
             )
         self.control = TritonControl(settings.triton_grpc, self.store, settings.load_timeout_s)
-        self.producer = Producer(settings.kafka_bootstrap, client_id="cdl-gateway")
+        # delivery reports for failures only: the log's per-record callbacks were a Python call per
+        # request in the poll (every cdl producer counts failures only)
+        self.producer = Producer(
+            settings.kafka_bootstrap, client_id="cdl-gateway", **{"delivery.report.only.error": True}
+        )
         self.log = InferenceLog(
             self.producer if settings.log_sample > 0 else None,
             settings.logged_topic,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
-from cdl.events import decode
+from cdl.events import Event, decode, encode
 from cdl.v1 import events_pb2
 from cdl.v1 import open_inference_pb2 as pb
 from services.gateway.inference_log import LOG_DROPPED, InferenceLog, build_record, top_labels
@@ -212,6 +212,11 @@ def test_records_reach_the_producer_as_events() -> None:
     assert event.type == "dev.cdl.inference.logged.v1" and event.source == "/cdl/gateway/test"
     assert isinstance(event.payload, events_pb2.InferenceLogged)
     assert event.payload.request_id == "r0" and list(event.payload.predicted_labels) == ["2"]
+    # the headers are encode()'s: the same names, and ce_time is when the answer was sent
+    assert {k for k, _ in headers} == {k for k, _ in encode(Event(event.payload, source="/x"))[2]}
+    sent_at = event.payload.time.ToNanoseconds() / 1e9
+    assert abs(event.time.timestamp() - sent_at) < 1e-5 and event.time.tzinfo is not None
+    assert len({decode(k, v, h).id for _, v, k, h in producer.sent}) == 20  # one id each
     assert [decode(k, v, h).payload.request_id for _, v, k, h in producer.sent] == [f"r{i}" for i in range(20)]  # type: ignore[attr-defined]
 
 
