@@ -52,7 +52,14 @@ from services.gateway.backends import TritonPool
 from services.gateway.control import TritonControl
 from services.gateway.inference_log import InferenceLog
 from services.gateway.peers import DriverLink, Followers
-from services.gateway.rollout import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
+from services.gateway.rollout import (
+    Action,
+    RolloutManager,
+    RolloutPolicy,
+    RolloutState,
+    Transition,
+    document_lowers,
+)
 from services.gateway.routing import RoutingTable
 from services.gateway.server import InferenceService
 from services.gateway.settings import GatewaySettings
@@ -65,28 +72,6 @@ log = get_logger(__name__)
 TICK_S = 0.1
 #: every this many ticks (5 s) the servers' loaded versions are compared with what the manager wants
 RECONCILE_TICKS = 50
-
-
-#: phases in which a candidate takes (or sees) live traffic
-_TRAFFIC = frozenset({"canary", "shadow"})
-
-
-def _lowers(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """Whether rollout document ``new`` gives the candidate less traffic than ``old`` (or
-    another stable version): a rollback, a lower share, a phase without traffic."""
-    if old is None:
-        return False
-    if new.get("stable") != old.get("stable"):
-        return False  # a promotion: the new stable version must be saved first
-    was = old.get("phase") in _TRAFFIC and bool(old.get("candidate"))
-    now = new.get("phase") in _TRAFFIC and bool(new.get("candidate"))
-    if was and not now:
-        return True
-    if not (was and now and new.get("candidate") == old.get("candidate")):
-        return False
-    if new.get("share") is not None and old.get("share") is not None:
-        return float(new["share"]) < float(old["share"])  # a pinned share lowered
-    return new.get("share") is None and old.get("share") is None and int(new["step"]) < int(old["step"])
 
 
 class _RolloutCollector(Collector):
@@ -197,7 +182,7 @@ class GatewayApp:
         if self.followers is None:
             self.rollouts.save(model, doc)
             return
-        lowers = _lowers(self.followers.document(model), doc)
+        lowers = document_lowers(self.followers.document(model), doc)
         if lowers:
             self.followers.publish(model, doc)
         self.rollouts.save(model, doc)

@@ -64,6 +64,7 @@ __all__ = [
     "Transition",
     "VersionStatus",
     "VersionWindow",
+    "document_lowers",
 ]
 
 log = get_logger(__name__)
@@ -422,6 +423,27 @@ def _is_reduction(old: Route | None, new: Route | None) -> bool:
     if not new.candidate:
         return True
     return new.candidate == old.candidate and new.canary <= old.canary and new.shadow <= old.shadow
+
+
+def document_lowers(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether rollout document ``new`` gives the candidate less traffic than ``old`` (or
+    another stable version): a rollback, a lower share, a phase without traffic. The
+    documents' counterpart of :func:`_is_reduction`: followers get a lowering document
+    before it is saved, any other after (``services.gateway.peers``)."""
+    if old is None:
+        return False
+    if new.get("stable") != old.get("stable"):
+        return False  # a promotion: the new stable version must be saved first
+    live = (Phase.CANARY.value, Phase.SHADOW.value)
+    was = old.get("phase") in live and bool(old.get("candidate"))
+    now = new.get("phase") in live and bool(new.get("candidate"))
+    if was and not now:
+        return True
+    if not (was and now and new.get("candidate") == old.get("candidate")):
+        return False
+    if new.get("share") is not None and old.get("share") is not None:
+        return float(new["share"]) < float(old["share"])  # a pinned share lowered
+    return new.get("share") is None and old.get("share") is None and int(new["step"]) < int(old["step"])
 
 
 # --------------------------------------------------------------------------- the manager

@@ -110,7 +110,7 @@ def test_a_follower_whose_driver_is_gone_is_told_and_calls_fail_fast() -> None:
 
 
 def test_documents_that_lower_the_candidates_traffic_are_told_apart() -> None:
-    from services.gateway.app import _lowers
+    from services.gateway.rollout import document_lowers as _lowers
 
     canary = {"stable": 1, "candidate": 2, "phase": "canary", "step": 2, "share": None}
     assert _lowers(canary, {**canary, "candidate": 0, "phase": "idle"})  # rolled back
