@@ -499,6 +499,67 @@ def models_cmd(
         console.print(_models_table(list(listed.models)))
 
 
+@app.command("produce")
+def produce_cmd(
+    source: Annotated[str, typer.Argument(help="A file of JSON lines, or - for standard input.")] = "-",
+    topic: Annotated[str, typer.Option(help="Topic to produce to.")] = "data.raw",
+    dataset: Annotated[str, typer.Option(help="Dataset of records that name none.")] = "",
+    bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap servers (default: the local stack's).")] = "",
+    as_json: AsJson = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Produce records (one JSON object per line) to data.raw, as any Kafka client would.
+
+    Every line is checked first: a line that is not a JSON object stops the command before
+    anything is produced. Ingest validates the records themselves (bad ones are dead-lettered
+    with their reason).
+    """
+    import json
+    import sys
+
+    import orjson
+
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        console.print(f"[red]cannot read {source}[/]: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
+    records: list[bytes] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            console.print(f"[red]line {n}: not JSON[/]: {exc}")
+            raise typer.Exit(1) from None
+        if not isinstance(doc, dict):
+            console.print(f"[red]line {n}: not a JSON object[/]")
+            raise typer.Exit(1)
+        if dataset and "dataset" not in doc:
+            doc["dataset"] = dataset
+        records.append(orjson.dumps(doc))
+    if not bootstrap:
+        bootstrap = str(_stack(state_dir).read_state().get("kafka", {}).get("bootstrap", ""))
+    if not bootstrap:
+        console.print("[red]no Kafka: start the stack (cdl stack up) or pass --bootstrap[/]")
+        raise typer.Exit(1)
+    from cdl.kafka import Producer
+
+    producer = Producer(bootstrap, client_id="cdl-cli", **{"message.timeout.ms": 15000, "log_level": 0})
+    for value in records:
+        producer.send_raw(topic, value)
+    try:
+        producer.flush(30)
+    except CdlError as exc:
+        console.print(f"[red]not all records were produced[/]: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps({"produced": len(records), "topic": topic}))
+    else:
+        console.print(f"produced {len(records)} records to {topic}")
+
+
 @app.command("approve")
 def approve_cmd(
     model: Annotated[str, typer.Argument(help="Model name.")],

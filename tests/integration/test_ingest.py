@@ -7,6 +7,7 @@ import math
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,10 @@ from confluent_kafka import Producer as KProducer
 
 from cdl.datasets import DATASETS_BUCKET, decode_shard, holdout_member, load_version
 from cdl.events import decode
+from cdl.kafka import ensure_topics
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import read_topic
+from tests.helpers import read_topic, run_cdl
 
 LABELS = ["a", "b", "c"]
 
@@ -355,3 +357,20 @@ def test_late_labels_from_data_feedback(
     second = _updates(kafka_bootstrap, ingest_topics["updated"], 2)[1]
     assert (second.version, second.total_records) == (2, 8)
     assert dict(second.label_histogram) == {"a": 6, "b": 1, "c": 1}
+
+
+def test_cdl_produce_sends_each_line_as_a_record(stack: dict[str, Any], kafka_bootstrap: str, tmp_path: Path) -> None:
+    """`cdl produce FILE --dataset NAME`: each JSON line a record on the topic, the dataset filled in."""
+    topic = f"test.produce.{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka_bootstrap, {topic: 1})
+    src = tmp_path / "records.jsonl"
+    src.write_text(
+        "".join(json.dumps({"id": f"p{i}", "features": [i, 0, 0, 0], "label": "a"}) + "\n" for i in range(5))
+    )
+    out = run_cdl(
+        "produce", str(src), "--topic", topic, "--dataset", "tab", "--json", state_dir=Path(stack["state_dir"])
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout) == {"produced": 5, "topic": topic}
+    docs = [json.loads(r.value) for r in read_topic(kafka_bootstrap, topic, expected=5, timeout_s=30)]
+    assert [d["id"] for d in docs] == [f"p{i}" for i in range(5)] and {d["dataset"] for d in docs} == {"tab"}
