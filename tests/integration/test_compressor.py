@@ -20,7 +20,7 @@ from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.compressor.compressor import Compressor
 from services.compressor.settings import CompressorSettings
-from services.compressor.variants import Served
+from services.compressor.variants import Served, run
 from services.trainer.settings import TrainerSettings
 from services.trainer.trainer import Trainer
 from tests.datasets import DatasetWriter, digits_spec
@@ -87,7 +87,9 @@ def test_variants_are_measured_and_the_chosen_one_serves_in_triton(
     assert all(v.within_budget for v in variants.values() if v.name == done.chosen_variant)
     assert done.triton_repository_path == f"s3://cdl-triton/{name}/{model_trained.version}/"
 
-    # the chosen variant loads in Triton and agrees with PyTorch on top-1 for >= 99% of the holdout
+    # the chosen variant loads in Triton; Triton answers what that variant answers (the same ONNX
+    # file run here), and that stays close to PyTorch's FP32 model (the variant is quantised
+    # and pruned within the accuracy budget, so a few answers may change: >= 97% agree)
     client = tgrpc.InferenceServerClient(triton_grpc)
     client.load_model(name)
     assert client.is_model_ready(name, str(model_trained.version))
@@ -103,8 +105,12 @@ def test_variants_are_measured_and_the_chosen_one_serves_in_triton(
         inp = tgrpc.InferInput("input", list(x[i : i + 64].shape), "FP32")
         inp.set_data_from_numpy(x[i : i + 64])
         got.append(client.infer(name, [inp]).as_numpy("logits"))
-    agreement = float((np.concatenate(got).argmax(1) == expected.argmax(1)).mean())
-    assert agreement >= 0.99, agreement
+    served = np.concatenate(got).argmax(1)
+    key = chosen.uri.removeprefix(f"s3://{MODELS_BUCKET}/")
+    local = run(object_store.get_bytes(MODELS_BUCKET, key), x).argmax(1)
+    assert float((served == local).mean()) >= 0.997  # Triton serves the chosen file as it is
+    agreement = float((served == expected.argmax(1)).mean())
+    assert agreement >= 0.97, agreement
     client.unload_model(name)
 
 
