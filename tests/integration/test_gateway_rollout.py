@@ -200,7 +200,7 @@ def test_bad_candidates_never_serve_and_are_rolled_back(
         back = _wait_state(kafka_bootstrap, deployed, model, 3, events_pb2.ROLLOUT_STATE_ROLLED_BACK)
         assert "error" in back.reason
         # v4 gives the same answers, many times slower
-        write_onnx(object_store, model, 4, slow_onnx(w, b, matmuls=250), N_IN, N_OUT)
+        write_onnx(object_store, model, 4, slow_onnx(w, b, matmuls=600), N_IN, N_OUT)
         _announce(kafka_bootstrap, compressed, model, 4)
         slow = _wait_state(kafka_bootstrap, deployed, model, 4, events_pb2.ROLLOUT_STATE_ROLLED_BACK)
         assert "latency" in slow.reason
