@@ -46,7 +46,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from cdl.errors import DecodeError, InvalidInputError
-from cdl.events import Event, Headers, decode, encode, source_name
+from cdl.events import Event, Headers, decode, encode, header_dict, source_name
 from cdl.feedback import parse_feedback
 from cdl.kafka import ensure_topics, topic_partitions
 from cdl.logging import configure_logging, get_logger
@@ -345,7 +345,7 @@ class Monitor:
     async def _on_feedback(self, fevent: Any) -> None:
         topic = self.settings.feedback_topic
         try:
-            fb = parse_feedback(fevent.value, _content_type(_headers(fevent.message)))
+            fb = parse_feedback(fevent.value, header_dict(_headers(fevent.message)).get("content-type", ""))
         except InvalidInputError:
             EVENTS.labels(topic, "invalid").inc()  # ingest dead-letters it with its reason
             return
@@ -498,13 +498,6 @@ def _entry_time(doc: bytes) -> float | None:
     except ValueError:
         return None
     return float(t) if isinstance(t, int | float) else None
-
-
-def _content_type(headers: Headers) -> str:
-    for k, v in headers:
-        if k == "content-type" and v is not None:
-            return v.decode() if isinstance(v, bytes) else v
-    return ""
 
 
 def main() -> None:
