@@ -376,6 +376,124 @@ def dataset_show(
     console.print(table)
 
 
+@app.command("datasets")
+def datasets_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    ingest: IngestEndpoint = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Every registered dataset with its task, labels, policy and newest version."""
+    import grpc
+    from google.protobuf import json_format
+
+    from cdl.v1 import ingest_pb2, ingest_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(_ingest_endpoint(ingest, state_dir)) as ch:
+            resp = ingest_pb2_grpc.IngestServiceStub(ch).ListDatasets(
+                ingest_pb2.ListDatasetsRequest(), timeout=10, metadata=_ingest_metadata(state_dir)
+            )
+    except grpc.RpcError as exc:
+        raise _rpc_error(exc) from exc
+    if as_json:
+        print(
+            json_format.MessageToJson(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        )
+        return
+    table = Table(title="datasets")
+    for col in ("name", "task", "labels", "min new records", "max interval s", "latest version"):
+        table.add_column(col)
+    for ds in resp.datasets:
+        spec = ds.spec
+        labels = ",".join(spec.labels)
+        table.add_row(
+            spec.name,
+            ingest_pb2.Task.Name(spec.task).removeprefix("TASK_").lower(),
+            labels if len(labels) <= 40 else labels[:37] + "...",
+            str(spec.policy.min_new_records),
+            f"{spec.policy.max_interval_s:g}",
+            str(ds.latest_version),
+        )
+    console.print(table)
+    if not resp.datasets:
+        console.print("no dataset registered yet (cdl dataset register)")
+
+
+@app.command("report")
+def report_cmd(
+    model: Annotated[str, typer.Argument(help="Model (dataset) name.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for report.md, summary.json and the plots.")] = Path(
+        "cdl-report"
+    ),
+    state_dir: StateDir = None,
+) -> None:
+    """A report of the loop so far from the stack's topics: Markdown with PNG plots."""
+    from cdl.report import LoopEvents, write_report
+    from cdl.store import ObjectStore
+
+    state = _stack(state_dir).read_state()
+    if "kafka" not in state or "minio" not in state:
+        console.print("[red]no running stack: start it with cdl stack up[/]")
+        raise typer.Exit(1)
+    try:
+        events = LoopEvents(state["kafka"]["bootstrap"], model)
+    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+        console.print(f"[red]kafka unreachable[/]: {exc}")
+        raise typer.Exit(1) from None
+    try:
+        events.poll(10.0)
+        m = state["minio"]
+        view = events.view(ObjectStore(m["endpoint"], m["access_key"], m["secret_key"]), state.get("started_at", 0.0))
+    finally:
+        events.close()
+    if not view.versions and not view.trained:
+        console.print(f"[red]nothing about {model!r} on the stack's topics[/] (is it registered and fed?)")
+        raise typer.Exit(1)
+    path = write_report(view, out, title=f"cdl report: {model}")
+    console.print(f"report: {path}")
+
+
+@app.command("demo")
+def demo_cmd(
+    duration: Annotated[
+        float, typer.Option(help="Seconds the phases may take in all (each waits for its outcome).")
+    ] = 300.0,
+    phases: Annotated[
+        str, typer.Option(help="Comma-separated phases: stream,traffic,drift,bad.")
+    ] = "stream,traffic,drift,bad",
+    keep: Annotated[bool, typer.Option("--keep", help="Leave the stack running at the end.")] = False,
+    report_dir: Annotated[Path, typer.Option("--report", help="Where the report goes.")] = Path("cdl-demo-report"),
+    rate: Annotated[float, typer.Option(help="Client requests per second through the gateway.")] = 25.0,
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="The demo stack's state directory (wiped at start).")
+    ] = None,
+) -> None:
+    """The whole loop, by itself, live: stream, train, compress, serve, feedback, drift, retrain,
+    and a bad candidate rolled back; ends with a report (Markdown with plots)."""
+    from cdl.demo_loop import PHASES, Demo, DemoOptions
+
+    wanted = tuple(p.strip() for p in phases.split(",") if p.strip())
+    unknown = [p for p in wanted if p not in PHASES]
+    if unknown or not wanted:
+        console.print(
+            f"[red]--phases: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(PHASES)}[/]"
+        )
+        raise typer.Exit(2)
+    root = state_dir or Path(StackSettings().state_dir).parent / "demo"
+    demo = Demo(
+        DemoOptions(state_dir=root, report_dir=report_dir, duration_s=duration, phases=wanted, keep=keep, rate=rate),
+        console,
+    )
+    try:
+        summary = demo.run()
+    except CdlError as exc:
+        console.print(f"[red]demo failed[/]: {exc}")
+        demo.down()
+        raise typer.Exit(1) from exc
+    if not summary or summary.get("client", {}).get("failed"):
+        raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------- the gateway
 
 GatewayEndpoint = Annotated[

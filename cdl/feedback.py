@@ -9,6 +9,7 @@ when the ``content-type`` header says so.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import orjson
@@ -17,7 +18,20 @@ from google.protobuf.message import DecodeError as ProtoDecodeError
 from cdl.errors import InvalidInputError
 from cdl.v1 import events_pb2
 
-__all__ = ["Feedback", "is_protobuf", "parse_feedback"]
+__all__ = ["Feedback", "is_protobuf", "parse_feedback", "served_record_id"]
+
+#: longest id ingest takes by default (its ``max_id_bytes``)
+_ID_MAX = 256
+
+
+def served_record_id(request_id: str) -> str:
+    """The record id a labelled served request goes back to ``data.raw`` under (the monitor):
+    ``served-<request id>``; a request id too long for a record id is replaced by its SHA-256
+    (truncating could make two requests one record)."""
+    rid = f"served-{request_id}"
+    if len(rid.encode()) <= _ID_MAX:
+        return rid
+    return "served-sha256-" + hashlib.sha256(request_id.encode()).hexdigest()
 
 
 def is_protobuf(content_type: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,19 @@ class ObjectStore:
                 if obj.object_name is None or obj.is_dir:
                     continue
                 yield ObjectInfo(bucket, obj.object_name, int(obj.size or 0), str(obj.etag or ""))
+        except S3Error as exc:
+            if exc.code == "NoSuchBucket":
+                raise NotFoundError("bucket not found", bucket=bucket) from exc
+            raise
+
+    def folders(self, bucket: str, prefix: str = "") -> builtins.list[str]:
+        """The names one level below ``prefix`` that hold objects (S3 common prefixes), sorted."""
+        try:
+            return sorted(
+                obj.object_name[len(prefix) :].rstrip("/")
+                for obj in self._client.list_objects(bucket, prefix=prefix, recursive=False)
+                if obj.is_dir and obj.object_name
+            )
         except S3Error as exc:
             if exc.code == "NoSuchBucket":
                 raise NotFoundError("bucket not found", bucket=bucket) from exc

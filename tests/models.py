@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cdl.store import ObjectStore
 from cdl.triton import ModelSpec, TensorSpec, write_entry
+from services.compressor import faults
 
 
 def affine_onnx(w: npt.NDArray[np.float32], b: npt.NDArray[np.float32], repeat: int = 1) -> bytes:
@@ -37,24 +38,8 @@ def affine_onnx(w: npt.NDArray[np.float32], b: npt.NDArray[np.float32], repeat: 
 
 
 def failing_onnx(n_in: int, n_out: int) -> bytes:
-    """A model that answers zeros (so it loads and warms up) but fails on any input >= 1:
-    the input, cast to integers, indexes a one-row table (ONNX Runtime: index out of bounds)."""
-    table = np.zeros((1, n_out), dtype=np.float32)
-    nodes = [
-        helper.make_node("ReduceMax", ["input"], ["m"], keepdims=0, axes=[1]),
-        helper.make_node("Cast", ["m"], ["idx"], to=TensorProto.INT64),
-        helper.make_node("Gather", ["T", "idx"], ["output"], axis=0),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "failing",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n_in])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n_out])],
-        [numpy_helper.from_array(table, "T")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
+    """A model that answers zeros (so it loads and warms up) but fails on any input >= 1."""
+    return faults.failing_onnx((n_in,), n_out)
 
 
 def slow_onnx(w: npt.NDArray[np.float32], b: npt.NDArray[np.float32], matmuls: int, width: int = 512) -> bytes:

@@ -153,12 +153,23 @@ class HealthReader:
 
     An alert is open while no newer version of its model has served (has a health window
     that ended after the alert); the version trained on what came since answers it.
+
+    ``also``: more topics to read; with ``keep``, every decoded event of every topic is kept in
+    :attr:`history` as ``(topic, Kafka timestamp in seconds, payload)`` (the report's input).
     """
 
-    def __init__(self, bootstrap: str, topics: tuple[str, str] = (Topics.MODEL_HEALTH, Topics.DRIFT_DETECTED)) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: tuple[str, str] = (Topics.MODEL_HEALTH, Topics.DRIFT_DETECTED),
+        also: tuple[str, ...] = (),
+        keep: bool = False,
+    ) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         self._health_topic, self._drift_topic = topics
+        self._keep = keep
+        self.history: list[tuple[str, float, Any]] = []
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -170,7 +181,7 @@ class HealthReader:
         md = self._consumer.list_topics(timeout=5)
         parts = [
             TopicPartition(t, p, OFFSET_BEGINNING)
-            for t in topics
+            for t in (*topics, *also)
             if (found := md.topics.get(t)) is not None and found.error is None
             for p in found.partitions
         ]
@@ -217,6 +228,8 @@ class HealthReader:
                 except DecodeError:
                     continue
                 pl = event.payload
+                if self._keep:
+                    self.history.append((msg.topic() or "", (msg.timestamp()[1] or 0) / 1000.0, pl))
                 if isinstance(pl, events_pb2.ModelHealth):
                     key = (pl.model, int(pl.version))
                     old = self.latest.get(key)

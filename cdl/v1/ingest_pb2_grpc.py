@@ -45,6 +45,11 @@ class IngestServiceStub:
                 request_serializer=cdl_dot_v1_dot_ingest__pb2.GetDatasetRequest.SerializeToString,
                 response_deserializer=cdl_dot_v1_dot_ingest__pb2.GetDatasetResponse.FromString,
                 _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/cdl.v1.IngestService/ListDatasets',
+                request_serializer=cdl_dot_v1_dot_ingest__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=cdl_dot_v1_dot_ingest__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
         self.Ingest = channel.stream_unary(
                 '/cdl.v1.IngestService/Ingest',
                 request_serializer=cdl_dot_v1_dot_events__pb2.Record.SerializeToString,
@@ -63,6 +68,13 @@ class IngestServiceServicer:
 
     def GetDataset(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """Every registered dataset, by name, with its newest version.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -86,6 +98,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.GetDataset,
                     request_deserializer=cdl_dot_v1_dot_ingest__pb2.GetDatasetRequest.FromString,
                     response_serializer=cdl_dot_v1_dot_ingest__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=cdl_dot_v1_dot_ingest__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=cdl_dot_v1_dot_ingest__pb2.ListDatasetsResponse.SerializeToString,
             ),
             'Ingest': grpc.stream_unary_rpc_method_handler(
                     servicer.Ingest,
@@ -147,6 +164,33 @@ class IngestService:
             '/cdl.v1.IngestService/GetDataset',
             cdl_dot_v1_dot_ingest__pb2.GetDatasetRequest.SerializeToString,
             cdl_dot_v1_dot_ingest__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdl.v1.IngestService/ListDatasets',
+            cdl_dot_v1_dot_ingest__pb2.ListDatasetsRequest.SerializeToString,
+            cdl_dot_v1_dot_ingest__pb2.ListDatasetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

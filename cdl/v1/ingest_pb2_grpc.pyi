@@ -34,6 +34,8 @@ class IngestServiceStub:
     def __new__(cls, channel: _aio.Channel) -> IngestServiceAsyncStub: ...
     RegisterDataset: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.RegisterDatasetRequest, _ingest_pb2.RegisterDatasetResponse]
     GetDataset: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetDatasetRequest, _ingest_pb2.GetDatasetResponse]
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListDatasetsRequest, _ingest_pb2.ListDatasetsResponse]
+    """Every registered dataset, by name, with its newest version."""
     Ingest: _grpc.StreamUnaryMultiCallable[_events_pb2.Record, _ingest_pb2.IngestResponse]
     """Client-streaming ingest: a record is acknowledged only after Kafka acknowledged it."""
 
@@ -42,6 +44,8 @@ class IngestServiceAsyncStub(IngestServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterDataset: _aio.UnaryUnaryMultiCallable[_ingest_pb2.RegisterDatasetRequest, _ingest_pb2.RegisterDatasetResponse]  # type: ignore[assignment]
     GetDataset: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetDatasetRequest, _ingest_pb2.GetDatasetResponse]  # type: ignore[assignment]
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListDatasetsRequest, _ingest_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """Every registered dataset, by name, with its newest version."""
     Ingest: _aio.StreamUnaryMultiCallable[_events_pb2.Record, _ingest_pb2.IngestResponse]  # type: ignore[assignment]
     """Client-streaming ingest: a record is acknowledged only after Kafka acknowledged it."""
 
@@ -59,6 +63,14 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.GetDatasetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.GetDatasetResponse, _abc.Awaitable[_ingest_pb2.GetDatasetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _ingest_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListDatasetsResponse, _abc.Awaitable[_ingest_pb2.ListDatasetsResponse]]:
+        """Every registered dataset, by name, with its newest version."""
 
     @_abc_1.abstractmethod
     def Ingest(

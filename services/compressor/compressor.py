@@ -20,6 +20,7 @@ from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry
 from cdl.store import ObjectStore
 from cdl.triton import TRITON_BUCKET, Backend, ModelSpec, TensorSpec, write_entry
 from cdl.v1 import events_pb2
+from services.compressor.faults import failing_onnx, take_fault
 from services.compressor.pruning import load_into, parameters, prune
 from services.compressor.settings import CompressorSettings
 from services.compressor.variants import (
@@ -193,20 +194,26 @@ class Compressor:
             max_batch_size=self.settings.max_batch_size,
             backend=Backend(self.settings.triton_backend),
         )
-        repo = write_entry(self.store, spec, version, blobs[chosen.name])
+        fault = take_fault(self.settings.demo_fault_dir, model, version)
+        served_blob = failing_onnx(tuple(xh.shape[1:]), config.num_classes, INPUT, OUTPUT) if fault else None
+        repo = write_entry(self.store, spec, version, served_blob or blobs[chosen.name])
         fp32_m = next(v for v in measured if v.name == "fp32")
         variants = [{**m.to_json(), "uri": uris[m.name], "within_budget": m.name in within} for m in measured] + [
             {"name": n, "uri": "", "error": e, "within_budget": False, **_EMPTY} for n, e in errors.items()
         ]
-        doc = {
+        reason = (
+            f"chose {chosen.name} by {self.settings.objective}: {chosen.size_bytes} bytes "
+            f"({chosen.size_bytes / fp32_m.size_bytes:.2f}x fp32), accuracy {chosen.accuracy:.4f} "
+            f"(fp32 {fp32_m.accuracy:.4f}, budget {self.settings.accuracy_budget})"
+        )
+        if fault:
+            reason += f"; DEMO FAULT: the Triton entry serves a model that fails on real inputs ({fault})"
+            log.warning("demo fault: this version's Triton entry fails on real inputs", model=model, version=version)
+        doc: dict[str, Any] = {
             "model": model,
             "version": version,
             "ok": True,
-            "reason": (
-                f"chose {chosen.name} by {self.settings.objective}: {chosen.size_bytes} bytes "
-                f"({chosen.size_bytes / fp32_m.size_bytes:.2f}x fp32), accuracy {chosen.accuracy:.4f} "
-                f"(fp32 {fp32_m.accuracy:.4f}, budget {self.settings.accuracy_budget})"
-            ),
+            "reason": reason,
             "chosen": chosen.name,
             "triton_repository_path": repo,
             "triton_bucket": TRITON_BUCKET,
@@ -214,6 +221,8 @@ class Compressor:
             "variants": variants,
             "duration_s": round(time.perf_counter() - start, 3),
         }
+        if fault:
+            doc["demo_fault"] = fault
         log.info("model version compressed", model=model, version=version, chosen=chosen.name, reason=doc["reason"])
         return doc
 

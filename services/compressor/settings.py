@@ -42,6 +42,10 @@ class CompressorSettings(ServiceSettings):
     """Repository entry kind: the python-backend ONNX Runtime runner (local Triton) or onnxruntime_onnx."""
     max_batch_size: int = 64
     """max_batch_size of the Triton entry."""
+    demo_fault_dir: str = ""
+    """Where ``cdl demo`` asks for its bad candidate: a file ``<model>.failing`` there makes the
+    next version of that model get a Triton entry that fails on real inputs (taken once;
+    services/compressor/faults.py). Empty: off."""
     prune_fraction: float = 0.5
     """Structured pruning: share of channels (CNN) or hidden neurons (MLP) removed by L1 norm
     for the ``pruned`` and ``pruned-int8`` variants (0: no pruned variants)."""

@@ -75,6 +75,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         spec = self._registry.get(request.name, refresh=True)
         return ingest_pb2.GetDatasetResponse(dataset=self._dataset(spec))
 
+    def ListDatasets(  # noqa: N802
+        self, request: ingest_pb2.ListDatasetsRequest, context: grpc.ServicerContext
+    ) -> ingest_pb2.ListDatasetsResponse:
+        return ingest_pb2.ListDatasetsResponse(
+            datasets=[self._dataset(self._registry.get(name, refresh=True)) for name in self._registry.names()]
+        )
+
     def _dataset(self, spec: DatasetSpec) -> ingest_pb2.Dataset:
         return ingest_pb2.Dataset(
             spec=spec_to_proto(spec),

@@ -134,6 +134,12 @@ class DatasetRegistry:
         doc: dict[str, Any] = self._store.get_json(DATASETS_BUCKET, f"{name}/dataset.json")
         return DatasetSpec.from_json(doc)
 
+    def names(self) -> list[str]:
+        """Every registered dataset's name, sorted."""
+        return [
+            n for n in self._store.folders(DATASETS_BUCKET) if self._store.exists(DATASETS_BUCKET, f"{n}/dataset.json")
+        ]
+
     def latest_version(self, name: str) -> int:
         versions = [
             int(m.group(1))

@@ -12,7 +12,6 @@ drops, so each served request enters the dataset once.
 from __future__ import annotations
 
 import base64
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,22 +19,13 @@ import numpy as np
 import orjson
 
 from cdl.errors import DecodeError
+from cdl.feedback import served_record_id
 from cdl.tensors import first_input
 from cdl.v1 import events_pb2
 
 __all__ = ["PendingLabel", "Served", "inputs_rows", "record_id", "training_record"]
 
-#: longest id ingest takes by default (its ``max_id_bytes``)
-_ID_MAX = 256
-
-
-def record_id(request_id: str) -> str:
-    """``served-<request id>``; a request id too long for a record id is replaced by its SHA-256
-    (truncating could make two requests one record)."""
-    rid = f"served-{request_id}"
-    if len(rid.encode()) <= _ID_MAX:
-        return rid
-    return "served-sha256-" + hashlib.sha256(request_id.encode()).hexdigest()
+record_id = served_record_id
 
 
 @dataclass(frozen=True, slots=True)

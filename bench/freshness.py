@@ -1,0 +1,100 @@
+"""bench/freshness: how long from fresh data to a model trained on it answering at the gateway?
+
+The demo's stack (all six services, one Triton server) in a fresh state directory, and
+the demo's data (cdl/demo.py: every digit image once per wave, under ids that keep each
+image in its own split). Clients call the gateway all along (20 requests/s, held-out
+images, no labels, so only the waves fire dataset versions). For each wave:
+
+- **start**: the wave's last record is acknowledged by Kafka (the dataset's policy is one
+  wave, 1,797 records, so that record fires the dataset version);
+- **end**: the first client answer by the model version trained on that dataset version
+  (the canary's first step);
+- **compute**: the trainer's ``duration_s`` plus the compressor's (training, and the
+  compression: export, variants, their measurements); the tuner studies beside the
+  trainer and is on no wave's path;
+- **everything else**: the rest: Kafka hops, ingest's shard and version writes, the
+  object store, waiting for a busy service, Triton's load, warm-up, the canary's first step.
+
+The next wave is sent once the previous version answered. Prints a row per wave and, last,
+``RESULT freshness_overhead_s`` (the median "everything else"; baseline 3 s, goal ratio <= 1).
+``CDL_BENCH_FRESHNESS_WAVES`` (default 5) sets the number of waves.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from bench._common import machine, result  # noqa: E402
+from cdl.demo_loop import Demo, DemoOptions  # noqa: E402
+
+WAVES = int(os.environ.get("CDL_BENCH_FRESHNESS_WAVES", "5"))
+BASELINE_S = 3.0
+
+
+def main() -> None:
+    console = Console()
+    console.print(f"machine: {machine()}; {WAVES} waves")
+    with tempfile.TemporaryDirectory(prefix="cdl-freshness-") as tmp:
+        demo = Demo(
+            DemoOptions(state_dir=Path(tmp) / "stack", report_dir=Path(tmp) / "report", rate=20, feedback_share=0.0),
+            console,
+        )
+        try:
+            demo.up(lambda c, p, d: None)
+            newest = 0
+            for wave in range(1, WAVES + 1):
+                t0 = time.monotonic()
+                demo.wave()
+                if wave == 1:
+                    newest = demo.answering(600)
+                    demo.start_clients()
+                else:
+                    assert demo.clients is not None
+                    deadline = time.monotonic() + 600
+                    while time.monotonic() < deadline:
+                        answered = [v for v in demo.clients.first_answer() if v > newest]
+                        if answered:
+                            newest = max(answered)
+                            break
+                        demo.tick(1.0)
+                console.print(f"wave {wave}: v{newest} answering after {time.monotonic() - t0:.1f}s")
+                if not newest:
+                    raise SystemExit("no version answered")
+            time.sleep(2)
+            demo.tick(2.0)
+            rows = demo.freshness_rows()
+        finally:
+            demo.down()
+    table = Table(title="freshness per wave (seconds)")
+    for col in ("data", "model", "total", "training", "compression", "everything else"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            f"v{r.dataset_version}",
+            f"v{r.model_version}",
+            f"{r.total_s:.1f}",
+            f"{r.train_s:.1f}",
+            f"{r.compress_s:.1f}",
+            f"{r.other_s:.1f}",
+        )
+    console.print(table)
+    if not rows:
+        raise SystemExit("no wave measured")
+    other = statistics.median(r.other_s for r in rows)
+    total = statistics.median(r.total_s for r in rows)
+    print(result("freshness_total_s", total, BASELINE_S, op="<=", goal=float("inf"), unit="s"))
+    print(result("freshness_overhead_s", other, BASELINE_S, op="<=", goal=1.0, unit="s"))
+
+
+if __name__ == "__main__":
+    main()
