@@ -31,11 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from bench._common import machine, result  # noqa: E402
-from cdl.demo_loop import Demo, DemoOptions  # noqa: E402
+from bench._common import machine, result
+from cdl.demo_loop import Demo, DemoOptions
 
 WAVES = int(os.environ.get("CDL_BENCH_FRESHNESS_WAVES", "5"))
 BASELINE_S = 3.0
