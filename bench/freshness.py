@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -39,6 +40,48 @@ from cdl.demo_loop import Demo, DemoOptions
 
 WAVES = int(os.environ.get("CDL_BENCH_FRESHNESS_WAVES", "5"))
 BASELINE_S = 3.0
+
+
+def _hops(demo: Demo, rows: list[Any]) -> dict[str, list[float]]:
+    """The non-compute time of each wave by hop, from the events' Kafka timestamps."""
+    from cdl.v1 import events_pb2
+
+    v = demo.view
+    cut = {int(u.version): ts for ts, u in v.versions}
+    fired = {}
+    ends = sorted(demo.wave_ends)
+    for dv, ts in sorted(cut.items()):
+        before = [t for t in ends if t <= ts]
+        if before:
+            fired[dv] = before[-1]
+    answered = demo.clients.first_answer() if demo.clients is not None else {}
+    out: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        out.setdefault(name, []).append(value)
+
+    for r in rows:
+        mv, dv = r.model_version, r.dataset_version
+        trained_at, compressed_at = v.trained[mv][0], v.compressed[mv][0]
+        traffic = [
+            ts
+            for ts, d in v.deployed
+            if d.version == mv and (d.traffic_fraction > 0 or d.state == events_pb2.ROLLOUT_STATE_PROMOTED)
+        ]
+        loaded = [ts for ts, d in v.deployed if d.version == mv and d.state == events_pb2.ROLLOUT_STATE_LOADED]
+        if dv not in fired or dv not in cut or not traffic or mv not in answered:
+            continue
+        add("ingest: firing record -> data.updated", cut[dv] - fired[dv])
+        add("trainer: data.updated -> model.trained, less training", trained_at - cut[dv] - r.train_s)
+        add(
+            "compressor: model.trained -> model.compressed, less compression", compressed_at - trained_at - r.compress_s
+        )
+        if loaded:
+            add("gateway: model.compressed -> loaded (Triton load)", min(loaded) - compressed_at)
+            add("gateway: loaded -> traffic (warm-up)", min(traffic) - min(loaded))
+        add("gateway: model.compressed -> traffic", min(traffic) - compressed_at)
+        add("gateway: traffic -> first client answer", answered[mv] - min(traffic))
+    return out
 
 
 def main() -> None:
@@ -73,6 +116,7 @@ def main() -> None:
             time.sleep(2)
             demo.tick(2.0)
             rows = demo.freshness_rows()
+            hops = _hops(demo, rows)
         finally:
             demo.down()
     table = Table(title="freshness per wave (seconds)")
@@ -90,6 +134,9 @@ def main() -> None:
     console.print(table)
     if not rows:
         raise SystemExit("no wave measured")
+    console.print("where 'everything else' went (median seconds over the waves):")
+    for name, values in hops.items():
+        console.print(f"  {name:<58} {statistics.median(values):6.2f}")
     other = statistics.median(r.other_s for r in rows)
     total = statistics.median(r.total_s for r in rows)
     print(result("freshness_total_s", total, BASELINE_S, op="<=", goal=float("inf"), unit="s"))

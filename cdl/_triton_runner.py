@@ -5,6 +5,14 @@ backend, so locally every repository entry carries this file as ``model.py``
 next to ``model.onnx``. Production Triton uses the ``onnxruntime_onnx``
 platform with the same ``model.onnx`` instead (see cdl.triton).
 
+A text model's version directory also holds ``tokenizer.json`` (its
+``cdl.ml.preprocess.Preprocessor``, kind ``hash_tokens``): the entry's input is
+then a BYTES tensor of texts, ``[batch, 1]``, which this runner turns into the
+hashed token ids the ONNX file takes (``hash_tokens`` below, the same function as
+``Preprocessor.transform``; tests/unit/test_text_serving.py holds them equal).
+The tokenizer is per version (the tuner may change n-grams), so a canary's
+requests are tokenized by the version that answers them.
+
 This file runs inside Triton's python stub; it imports only numpy,
 onnxruntime and triton_python_backend_utils.
 """
@@ -13,10 +21,31 @@ onnxruntime and triton_python_backend_utils.
 # ruff: noqa
 import json
 import os
+import re
+import zlib
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+
+TOKEN_RE = re.compile(r"[\w']+")
+
+
+def hash_tokens(texts, buckets, ngrams, max_tokens, lowercase):
+    """Texts (str or UTF-8 bytes) -> int64 ids ``[len(texts), max_tokens]``, 0 = padding."""
+    out = np.zeros((len(texts), max_tokens), dtype=np.int64)
+    for i, text in enumerate(texts):
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        text = str(text)
+        tokens = TOKEN_RE.findall(text.lower() if lowercase else text)
+        grams = list(tokens)
+        for n in range(2, ngrams + 1):
+            grams += [" ".join(tokens[j : j + n]) for j in range(len(tokens) - n + 1)]
+        ids = [1 + zlib.crc32(g.encode()) % (buckets - 1) for g in grams[:max_tokens]]
+        out[i, : len(ids)] = ids
+    return out
 
 
 class TritonPythonModel:
@@ -34,6 +63,13 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
         self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+        self.tokenizer = None
+        tok = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
+        if os.path.exists(tok):
+            with open(tok) as f:
+                t = json.load(f)
+            self.tokenizer = (int(t["buckets"]), int(t["ngrams"]), int(t["max_tokens"]), bool(t["lowercase"]))
+            self.onnx_input = self.session.get_inputs()[0].name
 
     def execute(self, requests):
         # Dynamic batching hands over several requests: run them as one batch.
@@ -47,6 +83,9 @@ class TritonPythonModel:
                 first = arr if first is None else first
             sizes.append(first.shape[0])
         feed = {name: np.concatenate(parts, axis=0) for name, parts in arrays.items()}
+        if self.tokenizer is not None:  # texts [batch, 1] -> token ids [batch, max_tokens]
+            texts = feed[self.inputs[0]].reshape(len(feed[self.inputs[0]]), -1)[:, 0]
+            feed = {self.onnx_input: hash_tokens(list(texts), *self.tokenizer)}
         results = self.session.run(self.outputs, feed)
         responses = []
         start = 0

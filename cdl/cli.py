@@ -453,6 +453,51 @@ def report_cmd(
     console.print(f"report: {path}")
 
 
+@app.command("trace")
+def trace_cmd(
+    model: Annotated[str, typer.Argument(help="Model (dataset) name.")],
+    version: Annotated[int, typer.Argument(help="Model version.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the spans as JSON.")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """The trace of a model version across the services (the stack's file exporters' spans):
+    ingest's version cut, training, compression, the gateway's rollout steps."""
+    import json
+
+    from rich.tree import Tree
+
+    from cdl.tracing import find_trace, read_spans
+
+    stack = _stack(state_dir)
+    spans = read_spans(stack.state_dir / "traces")
+    trace_id = find_trace(spans, model, version)
+    if not trace_id:
+        console.print(
+            f"[red]no span of {model} v{version}[/] in {stack.state_dir / 'traces'} (CDL_TRACE_EXPORTER=file?)"
+        )
+        raise typer.Exit(1)
+    mine = sorted((s for s in spans if s["trace_id"] == trace_id), key=lambda s: s["start_ns"])
+    if as_json:
+        print(json.dumps({"trace_id": trace_id, "spans": mine}, indent=2))
+        return
+    t0 = mine[0]["start_ns"]
+    by_parent: dict[str, list[dict[str, Any]]] = {}
+    ids = {s["span_id"] for s in mine}
+    for s in mine:
+        by_parent.setdefault(s["parent_id"] if s["parent_id"] in ids else "", []).append(s)
+    tree = Tree(f"trace {trace_id}: {model} v{version}, {len(mine)} spans")
+
+    def add(node: Tree, parent: str) -> None:
+        for s in by_parent.get(parent, []):
+            ms = (s["end_ns"] - s["start_ns"]) / 1e6
+            at = (s["start_ns"] - t0) / 1e9
+            colour = "red" if s["status"] == "ERROR" else "green"
+            add(node.add(f"[{colour}]{s['service']}[/] {s['name']}  +{at:.2f}s  {ms:.1f} ms"), s["span_id"])
+
+    add(tree, "")
+    console.print(tree)
+
+
 @app.command("demo")
 def demo_cmd(
     duration: Annotated[
@@ -781,7 +826,8 @@ def predict_cmd(
     target, metadata = _gateway(gateway, key, state_dir)
     headers = {k: v if isinstance(v, str) else v.decode() for k, v in metadata}
     try:
-        x = np.load(inputs) if inputs.suffix == ".npy" else np.asarray(json.loads(inputs.read_text()))
+        raw = np.load(inputs) if inputs.suffix == ".npy" else json.loads(inputs.read_text())
+        x = np.asarray(raw)
     except (OSError, ValueError) as exc:
         console.print(f"[red]cannot read {inputs}[/]: {exc}")
         raise typer.Exit(2) from exc
@@ -793,12 +839,24 @@ def predict_cmd(
         meta = client.get_model_metadata(model, version, headers=headers)
         spec = meta.inputs[0]
         want = list(spec.shape[1:])
-        x = x.astype(tgrpc.triton_to_np_dtype(spec.datatype))
-        if x.ndim == 1 or list(x.shape) == [d for d in want if d > 0]:
-            x = x.reshape(1, *[d if d > 0 else -1 for d in want]) if want else x.reshape(1, -1)
-        elif x.ndim == len(want):
-            x = x.reshape(x.shape[0], *[d if d > 0 else -1 for d in want])
-        inp = tgrpc.InferInput(spec.name, list(x.shape), np_to_triton_dtype(x.dtype))
+        if spec.datatype == "BYTES":  # a text model: a text or a list of texts, one per row
+            texts = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw, list) else []
+            if not texts or not all(isinstance(t, str) for t in texts):
+                console.print(f"[red]{model} takes texts[/]: give a JSON string or a list of strings")
+                raise typer.Exit(2)
+            x = np.array([t.encode() for t in texts], dtype=np.object_).reshape(-1, 1)
+        else:
+            x = x.astype(tgrpc.triton_to_np_dtype(spec.datatype))
+        try:
+            if x.ndim == 1 or list(x.shape) == [d for d in want if d > 0]:
+                x = x.reshape(1, *[d if d > 0 else -1 for d in want]) if want else x.reshape(1, -1)
+            elif x.ndim == len(want):
+                x = x.reshape(x.shape[0], *[d if d > 0 else -1 for d in want])
+        except ValueError:  # does not fit: sent as it is, the gateway says what it expects
+            x = x.reshape(1, -1) if x.ndim == 1 else x
+        inp = tgrpc.InferInput(
+            spec.name, list(x.shape), "BYTES" if x.dtype == np.object_ else np_to_triton_dtype(x.dtype)
+        )
         inp.set_data_from_numpy(x)
         result = client.infer(model, [inp], model_version=version, headers=headers)
     except InferenceServerException as exc:

@@ -132,12 +132,18 @@ class Event:
             object.__setattr__(self, "type", _TYPE_OF[name])
 
     def caused(self, payload: Message, source: str, key: str | None = None, event_id: str | None = None) -> Event:
-        """A follow-up event in the same trace (its id can be made deterministic)."""
+        """A follow-up event in the same trace (its id can be made deterministic): its parent is
+        the span handling this event when one is recording (cdl.tracing), else this event."""
+        from cdl.tracing import current_traceparent
+
+        parent = current_traceparent()
+        if parent is None or parent == self.traceparent:
+            parent = _child_traceparent(self.traceparent)
         return Event(
             payload=payload,
             source=source,
             id=event_id or str(uuid.uuid4()),
-            traceparent=_child_traceparent(self.traceparent),
+            traceparent=parent,
             key=key,
         )
 

@@ -37,6 +37,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka import Producer as _Producer
 from prometheus_client import Counter as PromCounter
 
+from cdl import tracing
 from cdl.dedupe import MemoryProcessedStore, ProcessedStore
 from cdl.errors import DecodeError, NotFoundError, UnavailableError
 from cdl.events import Event, Headers, InBatch, OutRecord, Topics, dead_letter, decode, encode
@@ -899,8 +900,18 @@ class JobLoop(_TransactionalBase[_Consumer]):
         failure: list[BaseException] = []
 
         def work() -> None:
+            ev, ctx = item.event, item.ctx
+            attributes = {
+                "cdl.event.id": ev.id,
+                "cdl.event.type": ev.type,
+                "messaging.destination": ctx.topic,
+                "messaging.kafka.partition": ctx.partition,
+                "messaging.kafka.offset": ctx.offset,
+                **{f"cdl.{k}": v for k in ("model", "dataset", "version") if (v := getattr(ev.payload, k, None))},
+            }
             try:
-                result.append(self._job(item.event, item.ctx))
+                with tracing.span(f"{self.group_id} {ev.type}", ev.traceparent, attributes):
+                    result.append(self._job(ev, ctx))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the loop thread
                 failure.append(exc)
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cdl import tracing
 from cdl.dedupe import SqliteProcessedStore
 from cdl.events import Event, OutRecord
 from cdl.kafka import JobLoop
@@ -41,6 +42,7 @@ class JobService:
     ) -> None:
         self.name = name
         self.settings = settings
+        tracing.setup(name, settings)
         self.loop = JobLoop(
             bootstrap=settings.kafka_bootstrap,
             group_id=group_id,

@@ -129,6 +129,13 @@ class ServiceSettings(BaseSettings):
     """Address the metrics and health endpoint binds to (0.0.0.0 in a container, for scrapes)."""
     log_level: str = "INFO"
     """Log level of the service."""
+    trace_exporter: str = ""
+    """Where spans go: file | otlp | console | none; empty: ``CDL_TRACE_EXPORTER``, else file
+    (``<state_dir>/traces/<service>.jsonl``; cdl.tracing, docs/operations.md)."""
+    trace_file: str = ""
+    """The file exporter's file; empty: ``CDL_TRACE_FILE``, else under the state directory."""
+    otlp_endpoint: str = ""
+    """The OTLP/gRPC collector of the otlp exporter; empty: ``CDL_OTLP_ENDPOINT``, else localhost:4317."""
     state_dir: Path = default_state_dir()
     """Local stack state directory to read endpoints from."""
 

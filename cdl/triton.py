@@ -7,6 +7,7 @@ Layout (DESIGN.md): ``cdl-triton/<model>/config.pbtxt`` and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
@@ -35,6 +36,7 @@ _DTYPES = {
     "int8": "TYPE_INT8",
     "uint8": "TYPE_UINT8",
     "bool": "TYPE_BOOL",
+    "string": "TYPE_STRING",  # Open Inference Protocol BYTES: a text model's input
 }
 
 
@@ -103,9 +105,17 @@ def runner_source() -> str:
     return resources.files("cdl").joinpath("_triton_runner.py").read_text()
 
 
-def write_entry(store: ObjectStore, spec: ModelSpec, version: int, onnx_bytes: bytes) -> str:
-    """Write (or rewrite, identically) a repository entry; returns its URI."""
+def write_entry(
+    store: ObjectStore, spec: ModelSpec, version: int, onnx_bytes: bytes, files: Mapping[str, bytes] | None = None
+) -> str:
+    """Write (or rewrite, identically) a repository entry; returns its URI.
+
+    ``files``: more files for the version's directory, e.g. a text model's ``tokenizer.json``
+    (the python-backend runner then takes texts and tokenizes them: cdl/_triton_runner.py).
+    """
     prefix = f"{spec.name}/{version}"
+    for name, blob in (files or {}).items():
+        store.put_bytes(TRITON_BUCKET, f"{prefix}/{name}", blob)
     store.put_bytes(TRITON_BUCKET, f"{prefix}/model.onnx", onnx_bytes)
     if spec.backend is Backend.PYTHON_ONNXRUNTIME:
         store.put_bytes(TRITON_BUCKET, f"{prefix}/model.py", runner_source().encode(), "text/x-python")

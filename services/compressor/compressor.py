@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -37,6 +38,9 @@ from services.compressor.variants import (
     served_input,
     slim,
 )
+
+#: the input of a text model's Triton entry: texts, one per row (BYTES ``[batch, 1]``)
+TEXT_INPUT = "text"
 
 __all__ = ["Compressor", "choose"]
 
@@ -187,16 +191,20 @@ class Compressor:
         uris = {}
         for name, blob in blobs.items():
             uris[name] = self.store.put_bytes(MODELS_BUCKET, f"{model}/{version}/variants/{name}.onnx", blob)
+        text = config.family is Family.TEXT
+        # a text model's entry takes texts (BYTES) and tokenizes them with its own version's
+        # tokenizer, which only the python-backend runner can: text entries use it everywhere
         spec = ModelSpec(
             name=model,
-            inputs=(TensorSpec(INPUT, "int64" if config.family is Family.TEXT else "float32", tuple(xh.shape[1:])),),
+            inputs=(TensorSpec(TEXT_INPUT, "string", (1,)),) if text else (TensorSpec(INPUT, "float32", xh.shape[1:]),),
             outputs=(TensorSpec(OUTPUT, "float32", (config.num_classes,)),),
             max_batch_size=self.settings.max_batch_size,
-            backend=Backend(self.settings.triton_backend),
+            backend=Backend.PYTHON_ONNXRUNTIME if text else Backend(self.settings.triton_backend),
         )
+        files = {"tokenizer.json": json.dumps(pre.to_json()).encode()} if text else None
         fault = take_fault(self.settings.demo_fault_dir, model, version)
         served_blob = failing_onnx(tuple(xh.shape[1:]), config.num_classes, INPUT, OUTPUT) if fault else None
-        repo = write_entry(self.store, spec, version, served_blob or blobs[chosen.name])
+        repo = write_entry(self.store, spec, version, served_blob or blobs[chosen.name], files)
         fp32_m = next(v for v in measured if v.name == "fp32")
         variants = [{**m.to_json(), "uri": uris[m.name], "within_budget": m.name in within} for m in measured] + [
             {"name": n, "uri": "", "error": e, "within_budget": False, **_EMPTY} for n, e in errors.items()

@@ -37,9 +37,10 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from cdl import tracing
 from cdl.dedupe import SqliteProcessedStore
 from cdl.errors import CdlError
-from cdl.events import Event, OutRecord, Topics, source_name
+from cdl.events import Event, OutRecord, Topics, new_traceparent, source_name
 from cdl.kafka import JobLoop, Producer, RecordContext, ensure_topics
 from cdl.logging import configure_logging, get_logger
 from cdl.observability import HttpEndpoint, serve_http
@@ -104,6 +105,7 @@ class GatewayApp:
             raise CdlError("the gateway needs at least one Triton server (CDL_GATEWAY_TRITON_GRPC or the stack)")
         self.settings = settings
         self.source = source_name("gateway")
+        tracing.setup("gateway", settings)
         self.store = ObjectStore.from_settings(settings)
         self.table = RoutingTable()
         self.rollouts = RolloutStore(self.store)
@@ -165,6 +167,8 @@ class GatewayApp:
             )
         )
         self._work: queue.Queue[Transition | None] = queue.Queue()
+        #: the traceparent of each version's rollout (its model.compressed span), newest 1,000
+        self._traces: dict[tuple[str, int], str] = {}
         self._worker = threading.Thread(target=self._run_worker, name="cdl-gateway-rollouts", daemon=True)
         self._kafka = threading.Thread(target=self._run_loop, name="cdl-gateway-events", daemon=True)
         self.server: grpc.aio.Server | None = None
@@ -207,6 +211,12 @@ class GatewayApp:
                 log.exception("rollout step failed", model=t.model, version=t.version, action=t.action.value)
 
     def _carry_out(self, t: Transition) -> list[Transition]:
+        step = t.state.value if t.state is not None else t.action.value
+        attrs = {"cdl.model": t.model, "cdl.version": t.version, "cdl.traffic": t.traffic, "cdl.reason": t.reason}
+        with tracing.span(f"gateway rollout {step}", self._traces.get((t.model, t.version)), attrs):
+            return self._carry_out_traced(t)
+
+    def _carry_out_traced(self, t: Transition) -> list[Transition]:
         if t.state is not None:
             if t.state is RolloutState.PROMOTED:
                 self.rollouts.set_serving(t.model, t.version)  # what the trainer warm-starts from
@@ -244,7 +254,10 @@ class GatewayApp:
             traffic_fraction=t.traffic,
             previous_version=t.previous_version,
         )
-        self.producer.send(self.settings.deployed_topic, Event(msg, source=self.source, key=t.model))
+        event = Event(
+            msg, source=self.source, key=t.model, traceparent=tracing.current_traceparent() or new_traceparent()
+        )
+        self.producer.send(self.settings.deployed_topic, event)
         self.producer.poll(0)
         log.info("rollout", model=t.model, version=t.version, state=t.state.value, traffic=t.traffic, reason=t.reason)
 
@@ -296,6 +309,12 @@ class GatewayApp:
         if not msg.ok:
             log.info("compression failed upstream; nothing to roll out", model=msg.model, version=msg.version)
             return []
+        # the rollout's steps run in the worker thread: they join this event's trace there
+        parent = tracing.current_traceparent()
+        if parent is not None:
+            self._traces[(msg.model, int(msg.version))] = parent
+            while len(self._traces) > 1000:
+                del self._traces[next(iter(self._traces))]
         self.execute(self.manager.begin(msg.model, msg.version))
         return []
 
@@ -380,7 +399,14 @@ class GatewayApp:
         server = grpc.aio.server(options=options)
         outcomes = self.link if self.link is not None else self.manager
         service = InferenceService(
-            self.table, self.pool, outcomes, self.log, self.keys, s.default_timeout_s, s.max_message_bytes
+            self.table,
+            self.pool,
+            outcomes,
+            self.log,
+            self.keys,
+            s.default_timeout_s,
+            s.max_message_bytes,
+            trace_sample=s.trace_sample,
         )
         server.add_generic_rpc_handlers((service.handler(),))
         admin_call = self.link.call if self.link is not None else self.admin.call

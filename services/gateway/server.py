@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -80,6 +81,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
+from cdl import tracing
 from cdl.errors import InvalidInputError
 from cdl.logging import get_logger
 from cdl.v1 import open_inference_pb2 as pb
@@ -197,7 +199,9 @@ class InferenceService:
         default_timeout_s: float = 10.0,
         max_message_bytes: int = 16 << 20,
         shadow_max_in_flight: int = 64,
+        trace_sample: float = 0.0,
     ) -> None:
+        self._trace_sample = trace_sample
         self._table = table
         self._pool = pool
         self._outcomes = outcomes
@@ -272,7 +276,15 @@ class InferenceService:
     # ------------------------------------------------------------- ModelInfer
 
     async def model_infer(self, request: bytes, context: Context) -> bytes:
-        """ModelInfer: route, forward, report (see the module docstring)."""
+        """ModelInfer: route, forward, report (see the module docstring); a sampled request gets a
+        span, the child of the client's ``traceparent`` metadata when it sent one."""
+        if self._trace_sample and random.random() < self._trace_sample:
+            parent = next((v for k, v in context.invocation_metadata() or () if k == "traceparent"), None)
+            with tracing.span("gateway ModelInfer", parent if isinstance(parent, str) else None):
+                return await self._model_infer(request, context)
+        return await self._model_infer(request, context)
+
+    async def _model_infer(self, request: bytes, context: Context) -> bytes:
         try:
             return await self._infer(request, context)
         except _Fail as fail:

@@ -63,6 +63,10 @@ class GatewaySettings(ServiceSettings):
     log_queue: int = 10000
     """Log records waiting for Kafka at most; past that they are dropped and counted."""
 
+    trace_sample: float = 0.01
+    """Share of ModelInfer requests given a span of their own (cdl.tracing; a client's
+    ``traceparent`` metadata becomes its parent); 1: every request, 0: none. Rollouts are
+    always traced."""
     # ------------------------------------------------------------- rollouts
     rollout_mode: RolloutMode = "canary"
     """How a new version is rolled out: canary (a share of live traffic, stepping up),

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from cdl import tracing
 from cdl.auth import ApiKeys, AuthInterceptor
 from cdl.events import Topics, source_name
 from cdl.kafka import Producer, TransactionalLoop, ensure_topics, read_latest
@@ -31,6 +32,7 @@ class IngestApp:
     def __init__(self, settings: IngestSettings) -> None:
         self.settings = settings
         self.source = source_name("ingest")
+        tracing.setup("ingest", settings)
         self.store = ObjectStore(
             settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_secure
         )

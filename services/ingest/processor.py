@@ -21,6 +21,7 @@ import orjson
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
+from cdl import tracing
 from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Shard, Task, decode_shard, shard_parts
 from cdl.errors import CdlError, DecodeError, InvalidInputError
 from cdl.events import (
@@ -34,6 +35,7 @@ from cdl.events import (
     dead_letter,
     decode,
     header_dict,
+    new_traceparent,
 )
 from cdl.feedback import parse_feedback
 from cdl.logging import get_logger
@@ -1024,6 +1026,13 @@ class IngestProcessor:
         return self._store.put_bytes(DATASETS_BUCKET, key, shard_parts(columns))
 
     def _commit_version(self, name: str, now: float) -> OutRecord:
+        # a dataset version starts its trace: training, compression and rollout join it
+        ds = self.state.datasets[name]
+        attrs = {"cdl.dataset": name, "cdl.version": ds.version + 1, "cdl.drift_alert": bool(ds.drift_alert)}
+        with tracing.span("ingest dataset version", None, attrs):
+            return self._commit_version_traced(name, now)
+
+    def _commit_version_traced(self, name: str, now: float) -> OutRecord:
         spec = self._registry.get(name)
         ds = self.state.datasets[name]
         for m in self._merges.pop(name, []):  # merged shards take their inputs' place from this version on
@@ -1058,5 +1067,6 @@ class IngestProcessor:
             "dataset version committed", dataset=name, version=version, total=msg.total_records, new=msg.new_records
         )
         # the event id is the natural key: one data.updated per dataset version
-        event = Event(msg, source=self._source, id=f"{name}/v{version}", key=name)
+        traceparent = tracing.current_traceparent() or new_traceparent()
+        event = Event(msg, source=self._source, id=f"{name}/v{version}", key=name, traceparent=traceparent)
         return OutRecord.of(self._updated_topic, event)

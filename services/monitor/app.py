@@ -45,8 +45,9 @@ import numpy as np
 import orjson
 from prometheus_client import Counter, Gauge
 
+from cdl import tracing
 from cdl.errors import DecodeError, InvalidInputError
-from cdl.events import Event, Headers, decode, encode, header_dict, source_name
+from cdl.events import Event, Headers, decode, encode, header_dict, new_traceparent, source_name
 from cdl.feedback import parse_feedback
 from cdl.kafka import ensure_topics, topic_partitions
 from cdl.logging import configure_logging, get_logger
@@ -97,6 +98,7 @@ class Monitor:
     def __init__(self, settings: MonitorSettings) -> None:
         self.settings = s = settings
         self.source = source_name("monitor")
+        tracing.setup("monitor", settings)
         self.store = ObjectStore(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, secure=s.s3_secure)
         self.catalog = VersionCatalog(
             ModelRegistry(self.store), window=s.drift_window, alpha=s.drift_alpha, draws=s.drift_draws, seed=s.seed
@@ -329,7 +331,12 @@ class Monitor:
             dataset=info.dataset,
         )
         msg.window_end.FromNanoseconds(int(now * 1e9))
-        event = Event(msg, source=self.source, id=f"{info.model}/v{info.version}/drift", key=info.model)
+        attrs = {"cdl.model": info.model, "cdl.version": info.version, "cdl.statistic": result.statistic}
+        with tracing.span("monitor drift alert", None, attrs):  # the alert starts a trace: the early version's
+            traceparent = tracing.current_traceparent() or new_traceparent()
+        event = Event(
+            msg, source=self.source, id=f"{info.model}/v{info.version}/drift", key=info.model, traceparent=traceparent
+        )
         await self._send(self.out_drift, event)
         ALERTS.labels(info.model).inc()
         log.warning(

@@ -106,6 +106,15 @@ def test_the_demo_runs_the_whole_loop_by_itself(tmp_path: Path) -> None:
         assert any(a["state"].startswith("answered by") for a in health["alerts"])
         served = [r for r in read_topic(bootstrap, "data.raw", 10**6, timeout_s=5) if b'"served-' in r.value]
         assert served  # labelled served requests came back as training records
+        # one trace per model version, across the services
+        traced = run_cdl("trace", "digits", "1", "--json", state_dir=state_dir)
+        assert traced.returncode == 0, traced.stdout + traced.stderr
+        spans = json.loads(traced.stdout)["spans"]
+        services = {s["service"] for s in spans}
+        assert {"cdl-ingest", "cdl-trainer", "cdl-compressor", "cdl-gateway"} <= services, services
+        assert any(s["name"] == "gateway rollout promoted" for s in spans), [s["name"] for s in spans]
+        tree = run_cdl("trace", "digits", "1", state_dir=state_dir)
+        assert tree.returncode == 0 and "ingest dataset version" in tree.stdout
         again = run_cdl("report", "digits", "--out", str(tmp_path / "again"), state_dir=state_dir)
         assert again.returncode == 0, again.stdout + again.stderr
         assert json.loads((tmp_path / "again" / "summary.json").read_text())["serving_version"] == serving

@@ -1,0 +1,109 @@
+"""bench/text: does cdl's text model reach a TF-IDF + logistic-regression baseline?
+
+Data: docstring paragraphs of the installed numpy, scikit-learn and torch, labelled by
+package (cdl/textdata.py: 800 per package, nothing downloaded). The split is ingest's:
+a record is in the holdout when the hash of its id is under 0.2.
+
+- **baseline**: scikit-learn ``TfidfVectorizer`` (word 1-2 grams, sublinear tf) and
+  ``LogisticRegression``, its C chosen by 3-fold cross-validation on the train split
+  (1, 10 or 100), scored on the holdout;
+- **cdl**: the trainer's text model (hashed 1-2 grams, EmbeddingBag mean, linear) trained
+  through the shared training core with the family's default hyperparameters, exported
+  to ONNX and compressed as the compressor does (FP32 and dynamic INT8), and scored on
+  the holdout **as served**: raw texts tokenized by the Triton runner's tokenizer
+  (cdl/_triton_runner.py), then the ONNX file in ONNX Runtime.
+
+Prints the accuracies and sizes, and last
+``RESULT text_accuracy value=<served cdl accuracy> baseline=<TF-IDF + LR> goal=>=1.0``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from bench._common import machine, result
+from cdl.datasets import DatasetSpec, Task, holdout_member
+from cdl.ml.core import TrainSplit, fit, hyperparameters
+from cdl.ml.models import Family
+from cdl.textdata import PACKAGES, doc_paragraphs
+
+DATASET = "docs"
+
+
+def served_tokenizer() -> object:
+    """``hash_tokens`` from the Triton runner, loaded outside Triton."""
+    import importlib.util
+    import types
+
+    sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    path = Path(__file__).resolve().parent.parent / "cdl" / "_triton_runner.py"
+    spec = importlib.util.spec_from_file_location("cdl_triton_runner", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.hash_tokens
+
+
+def main() -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+
+    from services.compressor.variants import Served, export_onnx, int8_dynamic_variant, run, served_input
+
+    print(f"machine: {machine()}")
+    pairs = doc_paragraphs()
+    texts = np.array([t for t, _ in pairs], dtype=object)
+    labels = np.array([PACKAGES.index(p) for _, p in pairs])
+    hold = np.array([holdout_member(DATASET, f"doc-{i}", 0.2) for i in range(len(pairs))])
+    print(f"{len(pairs)} paragraphs, {int(hold.sum())} in the holdout; classes {', '.join(PACKAGES)}")
+
+    t0 = time.perf_counter()
+    grid = GridSearchCV(
+        make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(max_iter=3000)),
+        {"logisticregression__C": [1.0, 10.0, 100.0]},
+        cv=3,
+    )
+    grid.fit(list(texts[~hold]), labels[~hold])
+    baseline = float((grid.predict(list(texts[hold])) == labels[hold]).mean())
+    print(
+        f"TF-IDF + LR: holdout accuracy {baseline:.4f} (C={grid.best_params_['logisticregression__C']}, "
+        f"{time.perf_counter() - t0:.1f}s)"
+    )
+
+    spec = DatasetSpec(name=DATASET, task=Task.TEXT, labels=PACKAGES)
+    rng = np.random.default_rng(0)
+    train_idx = np.flatnonzero(~hold)
+    order = rng.permutation(len(train_idx))
+    n_val = max(1, int(len(order) * 0.1))
+    val, tr = train_idx[order[:n_val]], train_idx[order[n_val:]]
+    split = TrainSplit(texts[tr], labels[tr], texts[val], labels[val], texts[hold], labels[hold])
+    t0 = time.perf_counter()
+    fitted = fit(spec, split, hyperparameters(Family.TEXT), seed=0, device="cpu")
+    pre, config = fitted.preprocessor, fitted.config
+    print(f"cdl text model: trained in {time.perf_counter() - t0:.1f}s, {len(fitted.result.history)} epochs")
+    served = Served(fitted.module.eval(), config, pre).eval()
+    ids_train = served_input(config, pre, texts[hold])
+    fp32 = export_onnx(served, ids_train)
+    hash_tokens = served_tokenizer()
+    ids = hash_tokens(list(texts[hold]), pre.buckets, pre.ngrams, pre.max_tokens, pre.lowercase)  # type: ignore[operator]
+    assert np.array_equal(ids, ids_train), "the runner tokenizes differently from training"
+    accs = {}
+    for name, blob in (("fp32", fp32), ("int8-dynamic", int8_dynamic_variant(fp32))):
+        acc = float((run(blob, ids).argmax(1) == labels[hold]).mean())
+        accs[name] = acc
+        print(f"cdl {name}: holdout accuracy as served {acc:.4f}, {len(blob) / 1e6:.2f} MB")
+    best = max(accs.values())
+    print(result("text_accuracy_int8", accs["int8-dynamic"], baseline, op=">=", goal=1.0))
+    print(result("text_accuracy", best, baseline, op=">=", goal=1.0))
+
+
+if __name__ == "__main__":
+    main()
