@@ -91,7 +91,7 @@ def stack_up(
         try:
             state = stack.up(report)
         except CdlError as exc:
-            console.print(f"[red]stack failed to start:[/] {exc}")
+            console.print(f"[red]stack failed to start:[/] {exc}", soft_wrap=True)
             raise typer.Exit(1) from exc
     console.print(f"[green]stack healthy[/] in {time.monotonic() - start:.1f}s; state in {stack.state_path}")
     if stack.reused:
@@ -108,7 +108,7 @@ def stack_up(
 
                 ingest = state.get("services", {}).get("ingest", {}).get("grpc")
                 if not ingest:
-                    console.print("[red]--demo needs the ingest service in the stack[/]")
+                    console.print("[red]--demo needs the ingest service in the stack[/]", soft_wrap=True)
                     raise typer.Exit(1)
                 register_digits(ingest, api_key=state.get("api_key"))
                 feed = DigitsFeed(state["kafka"]["bootstrap"], rate=demo_rate).start()
@@ -245,12 +245,12 @@ def status(
 
     state = _stack(state_dir).read_state()
     if "kafka" not in state:
-        console.print("[red]no running stack: start it with cdl stack up[/]")
+        console.print("[red]no running stack: start it with cdl stack up[/]", soft_wrap=True)
         raise typer.Exit(1)
     try:
         reader = HealthReader(state["kafka"]["bootstrap"])
     except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
-        console.print(f"[red]kafka unreachable[/]: {exc}")
+        console.print(f"[red]kafka unreachable[/]: {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     try:
         reader.poll(5.0)
@@ -284,7 +284,7 @@ def _ingest_endpoint(endpoint: str | None, state_dir: Path | None) -> str:
         return endpoint
     found = _stack(state_dir).read_state().get("services", {}).get("ingest", {}).get("grpc")
     if not found:
-        console.print("[red]no ingest endpoint: start the stack (cdl stack up) or pass --ingest[/]")
+        console.print("[red]no ingest endpoint: start the stack (cdl stack up) or pass --ingest[/]", soft_wrap=True)
         raise typer.Exit(1)
     return str(found)
 
@@ -293,9 +293,9 @@ def _rpc_error(exc: Exception) -> typer.Exit:
     import grpc
 
     if isinstance(exc, grpc.RpcError):
-        console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
+        console.print(f"[red]{exc.code().name}[/]: {' '.join((exc.details() or '').split())}", soft_wrap=True)
     else:
-        console.print(f"[red]error[/]: {exc}")
+        console.print(f"[red]error[/]: {exc}", soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -325,7 +325,7 @@ def dataset_register(
         "text": ingest_pb2.TASK_TEXT_CLASSIFICATION,
     }
     if task not in tasks:
-        console.print(f"[red]--task must be one of {', '.join(tasks)}[/]")
+        console.print(f"[red]--task must be one of {', '.join(tasks)}[/]", soft_wrap=True)
         raise typer.Exit(2)
     spec = ingest_pb2.DatasetSpec(
         name=name,
@@ -433,12 +433,12 @@ def report_cmd(
 
     state = _stack(state_dir).read_state()
     if "kafka" not in state or "minio" not in state:
-        console.print("[red]no running stack: start it with cdl stack up[/]")
+        console.print("[red]no running stack: start it with cdl stack up[/]", soft_wrap=True)
         raise typer.Exit(1)
     try:
         events = LoopEvents(state["kafka"]["bootstrap"], model)
     except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
-        console.print(f"[red]kafka unreachable[/]: {exc}")
+        console.print(f"[red]kafka unreachable[/]: {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     try:
         events.poll(10.0)
@@ -447,7 +447,9 @@ def report_cmd(
     finally:
         events.close()
     if not view.versions and not view.trained:
-        console.print(f"[red]nothing about {model!r} on the stack's topics[/] (is it registered and fed?)")
+        console.print(
+            f"[red]nothing about {model!r} on the stack's topics[/] (is it registered and fed?)", soft_wrap=True
+        )
         raise typer.Exit(1)
     path = write_report(view, out, title=f"cdl report: {model}")
     console.print(f"report: {path}")
@@ -532,7 +534,7 @@ def demo_cmd(
     try:
         summary = demo.run()
     except CdlError as exc:
-        console.print(f"[red]demo failed[/]: {exc}")
+        console.print(f"[red]demo failed[/]: {exc}", soft_wrap=True)
         demo.down()
         raise typer.Exit(1) from exc
     if not summary or summary.get("client", {}).get("failed"):
@@ -575,7 +577,7 @@ def _tls_ca() -> bytes | None:
     try:
         return path.read_bytes()
     except OSError as exc:
-        console.print(f"[red]cannot read the TLS CA {path}[/]: {exc}")
+        console.print(f"[red]cannot read the TLS CA {path}[/]: {exc}", soft_wrap=True)
         raise typer.Exit(2) from exc
 
 
@@ -586,7 +588,7 @@ def _gateway(
     state = _stack(state_dir).read_state()
     found = endpoint or state.get("services", {}).get("gateway", {}).get("grpc")
     if not found:
-        console.print("[red]no gateway endpoint: start the stack (cdl stack up) or pass --gateway[/]")
+        console.print("[red]no gateway endpoint: start the stack (cdl stack up) or pass --gateway[/]", soft_wrap=True)
         raise typer.Exit(1)
     key = key or state.get("api_key")
     return str(found), (("authorization", f"Bearer {key}"),) if key else ()
@@ -685,7 +687,7 @@ def produce_cmd(
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text()
     except OSError as exc:
-        console.print(f"[red]cannot read {source}[/]: {exc.strerror or exc}")
+        console.print(f"[red]cannot read {source}[/]: {exc.strerror or exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     records: list[bytes] = []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -694,10 +696,10 @@ def produce_cmd(
         try:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            console.print(f"[red]line {n}: not JSON[/]: {exc}")
+            console.print(f"[red]line {n}: not JSON[/]: {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
         if not isinstance(doc, dict):
-            console.print(f"[red]line {n}: not a JSON object[/]")
+            console.print(f"[red]line {n}: not a JSON object[/]", soft_wrap=True)
             raise typer.Exit(1)
         if dataset and "dataset" not in doc:
             doc["dataset"] = dataset
@@ -705,7 +707,7 @@ def produce_cmd(
     if not bootstrap:
         bootstrap = str(_stack(state_dir).read_state().get("kafka", {}).get("bootstrap", ""))
     if not bootstrap:
-        console.print("[red]no Kafka: start the stack (cdl stack up) or pass --bootstrap[/]")
+        console.print("[red]no Kafka: start the stack (cdl stack up) or pass --bootstrap[/]", soft_wrap=True)
         raise typer.Exit(1)
     from cdl.kafka import Producer
 
@@ -715,7 +717,7 @@ def produce_cmd(
     try:
         producer.flush(30)
     except CdlError as exc:
-        console.print(f"[red]not all records were produced[/]: {exc}")
+        console.print(f"[red]not all records were produced[/]: {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     if as_json:
         print(json.dumps({"produced": len(records), "topic": topic}))
@@ -769,7 +771,7 @@ def traffic_cmd(
     from cdl.v1 import admin_pb2
 
     if not 0.0 <= share <= 1.0:
-        console.print("[red]the share must be between 0 and 1[/]")
+        console.print("[red]the share must be between 0 and 1[/]", soft_wrap=True)
         raise typer.Exit(2)
     req = admin_pb2.SetTrafficRequest(model=model, traffic_fraction=share)
     _print_status(_admin_call(gateway, key, state_dir, "SetTraffic", req).status, as_json)
@@ -791,7 +793,7 @@ def tune_cmd(
 
     bootstrap = kafka or _stack(state_dir).read_state().get("kafka", {}).get("bootstrap")
     if not bootstrap:
-        console.print("[red]no Kafka: start the stack (cdl stack up) or pass --kafka[/]")
+        console.print("[red]no Kafka: start the stack (cdl stack up) or pass --kafka[/]", soft_wrap=True)
         raise typer.Exit(1)
     now = Timestamp()
     now.GetCurrentTime()
@@ -801,7 +803,7 @@ def tune_cmd(
     try:
         producer.flush(15)
     except CdlError as exc:
-        console.print(f"[red]the request did not reach Kafka[/]: {exc}")
+        console.print(f"[red]the request did not reach Kafka[/]: {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print(f"tuning requested for [bold]{model}[/]; the result comes on {Topics.TUNING_COMPLETED}")
 
@@ -829,7 +831,7 @@ def predict_cmd(
         raw = np.load(inputs) if inputs.suffix == ".npy" else json.loads(inputs.read_text())
         x = np.asarray(raw)
     except (OSError, ValueError) as exc:
-        console.print(f"[red]cannot read {inputs}[/]: {exc}")
+        console.print(f"[red]cannot read {inputs}[/]: {exc}", soft_wrap=True)
         raise typer.Exit(2) from exc
     ca_path = _TLS_CA["path"]
     client = tgrpc.InferenceServerClient(
@@ -842,7 +844,7 @@ def predict_cmd(
         if spec.datatype == "BYTES":  # a text model: a text or a list of texts, one per row
             texts = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw, list) else []
             if not texts or not all(isinstance(t, str) for t in texts):
-                console.print(f"[red]{model} takes texts[/]: give a JSON string or a list of strings")
+                console.print(f"[red]{model} takes texts[/]: give a JSON string or a list of strings", soft_wrap=True)
                 raise typer.Exit(2)
             x = np.array([t.encode() for t in texts], dtype=np.object_).reshape(-1, 1)
         else:
@@ -860,7 +862,7 @@ def predict_cmd(
         inp.set_data_from_numpy(x)
         result = client.infer(model, [inp], model_version=version, headers=headers)
     except InferenceServerException as exc:
-        console.print(f"[red]{exc.status() or 'error'}[/]: {exc.message()}")
+        console.print(f"[red]{exc.status() or 'error'}[/]: {' '.join(str(exc.message()).split())}", soft_wrap=True)
         raise typer.Exit(1) from exc
     finally:
         client.close()

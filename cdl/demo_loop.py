@@ -51,6 +51,9 @@ __all__ = ["PHASES", "Clients", "Demo", "DemoOptions"]
 
 PHASES = ("stream", "traffic", "drift", "bad")
 
+#: the shortest time each phase may wait for its outcome, whatever --duration says
+MIN_PHASE_S = {"stream": 180.0, "traffic": 90.0, "drift": 180.0, "bad": 120.0}
+
 #: service settings the demo starts its stack with (the environment overrides each)
 DEMO_ENV = {
     "CDL_TUNER_N_TRIALS": "4",
@@ -207,7 +210,11 @@ class Demo:
         from cdl.stack import LocalStack
 
         self.stack = LocalStack(
-            StackSettings(state_dir=self.options.state_dir, triton_servers=self.options.triton_servers)
+            StackSettings(
+                state_dir=self.options.state_dir,
+                triton_servers=self.options.triton_servers,
+                tuner_workers=1,  # a study beside the trainer, not two: the demo's machine may have 2 cores
+            )
         )
         self.data = DigitsData()
         self.state: dict[str, Any] = {}
@@ -346,9 +353,11 @@ class Demo:
 
     # ------------------------------------------------------------------ phases
     def _deadline(self, index: int, count: int) -> float:
-        """Each phase may take a share of what is left of the duration."""
+        """Each phase may take a share of what is left of the duration, and at least its own
+        minimum (training and compression on a busy machine take what they take)."""
         left = self.options.duration_s - (time.time() - self.start)
-        return time.monotonic() + max(20.0, left / max(1, count - index))
+        floor = MIN_PHASE_S.get(self.phases[index].name, 60.0)
+        return time.monotonic() + max(floor, left / max(1, count - index))
 
     def _wait(self, done: Callable[[LoopView], str], deadline: float, render: Callable[[], None]) -> str:
         while time.monotonic() < deadline:
@@ -435,10 +444,13 @@ class Demo:
 
         def done(view: LoopView) -> str:
             hit = self._newest(view, serving, TERMINAL)
-            if hit is None:
-                return ""
-            self.serving = max(self.serving, view.serving())
-            return f"v{hit[0]} {hit[1]}"
+            if hit is not None:
+                self.serving = max(self.serving, view.serving())
+                return f"v{hit[0]} {hit[1]}"
+            for mv, (_, t) in sorted(view.trained.items()):  # the gate may turn it down: an outcome too
+                if mv > serving and t.verdict == events_pb2.VERDICT_REJECTED:
+                    return f"v{mv} rejected by the trainer's gate: {t.reason}"
+            return ""
 
         return self._wait(done, deadline, render) or "no second version rolled out in time"
 

@@ -802,7 +802,12 @@ class JobLoop(_TransactionalBase[_Consumer]):
 
     def _serve(self, until: Callable[[], bool] | None) -> None:
         while not self._stop.is_set() and not (until is not None and until()):
-            for msg in self._consumer.consume(100, 0.3):
+            # librdkafka's consume(n, t) waits the whole t unless n messages came: wait for the
+            # first one only, then take what else has been fetched (an event starts at once)
+            msgs = self._consumer.consume(1, 0.3)
+            if msgs:
+                msgs += self._consumer.consume(99, 0)
+            for msg in msgs:
                 self._take(msg)
             if self._pending:
                 self._run_one()

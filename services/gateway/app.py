@@ -211,7 +211,7 @@ class GatewayApp:
                 log.exception("rollout step failed", model=t.model, version=t.version, action=t.action.value)
 
     def _carry_out(self, t: Transition) -> list[Transition]:
-        step = t.state.value if t.state is not None else t.action.value
+        step = (t.state.value if t.state is not None else t.action.value).lower()
         attrs = {"cdl.model": t.model, "cdl.version": t.version, "cdl.traffic": t.traffic, "cdl.reason": t.reason}
         with tracing.span(f"gateway rollout {step}", self._traces.get((t.model, t.version)), attrs):
             return self._carry_out_traced(t)

@@ -58,6 +58,7 @@ def test_texts_become_a_served_text_model(tmp_path: Path, monkeypatch: pytest.Mo
         texts = np.array([t.encode() for t, _ in held], dtype=np.object_).reshape(-1, 1)
         headers = {"authorization": f"Bearer {state['api_key']}"}
         client = tgrpc.InferenceServerClient(state["services"]["gateway"]["grpc"])
+
         def infer(chunk: np.ndarray, request_id: str) -> tgrpc.InferResult:
             inp = tgrpc.InferInput("text", list(chunk.shape), "BYTES")
             inp.set_data_from_numpy(chunk)
