@@ -502,10 +502,19 @@ class Demo:
         newest = max(self.view.trained, default=0)
         self.wave(shifted=self.clients is not None and self.clients.shifted)
 
+        waves = [newest]
+
         def done(view: LoopView) -> str:
             for _, d in view.deployed:
                 if d.version > newest and d.state == events_pb2.ROLLOUT_STATE_ROLLED_BACK:
                     return f"v{d.version} rolled back: {d.reason}"
+            # the gate may turn the wave's version down before it reaches the compressor: another wave
+            rejected = [
+                mv for mv, (_, t) in view.trained.items() if mv > waves[-1] and t.verdict == events_pb2.VERDICT_REJECTED
+            ]
+            if rejected and len(waves) < 4:
+                waves.append(max(view.trained))
+                self.wave(shifted=self.clients is not None and self.clients.shifted)
             return ""
 
         return self._wait(done, deadline, render) or "the faulty version was not rolled back in time"
