@@ -143,7 +143,7 @@ def main() -> None:
         console.print(f"  {name:<58} {statistics.median(values):6.2f}")
     other = statistics.median(r.other_s for r in rows)
     total = statistics.median(r.total_s for r in rows)
-    print(result("freshness_total_s", total, BASELINE_S, op="<=", goal=float("inf"), unit="s"))
+    print(f"median total {total:.2f}s (training and compression included)")
     print(result("freshness_overhead_s", other, BASELINE_S, op="<=", goal=1.0, unit="s"))
 
 

@@ -526,18 +526,36 @@ def demo_cmd(
             f"[red]--phases: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(PHASES)}[/]"
         )
         raise typer.Exit(2)
-    root = state_dir or Path(StackSettings().state_dir).parent / "demo"
+    import signal
+
+    from cdl.settings import cdl_home
+
+    root = state_dir or cdl_home() / "demo"
     demo = Demo(
         DemoOptions(state_dir=root, report_dir=report_dir, duration_s=duration, phases=wanted, keep=keep, rate=rate),
         console,
     )
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM: the same way out as Ctrl-C (clients, feed, then the stack)
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         summary = demo.run()
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None  # interrupted while starting: what started was stopped
     except CdlError as exc:
         console.print(f"[red]demo failed[/]: {exc}", soft_wrap=True)
-        demo.down()
         raise typer.Exit(1) from exc
-    if not summary or summary.get("client", {}).get("failed"):
+    if summary.get("interrupted"):
+        raise typer.Exit(130)
+    if not summary.get("ok") or summary.get("client", {}).get("failed"):
+        missed = [
+            f"{name}: {outcome}" for name, outcome in summary.get("phases", {}).items() if outcome.startswith("missed:")
+        ]
+        console.print(
+            f"[red]the demo did not get every outcome[/] ({'; '.join(missed) or 'see above'})", soft_wrap=True
+        )
         raise typer.Exit(1)
 
 
@@ -848,7 +866,11 @@ def predict_cmd(
                 raise typer.Exit(2)
             x = np.array([t.encode() for t in texts], dtype=np.object_).reshape(-1, 1)
         else:
-            x = x.astype(tgrpc.triton_to_np_dtype(spec.datatype))
+            try:
+                x = x.astype(tgrpc.triton_to_np_dtype(spec.datatype))
+            except (TypeError, ValueError) as exc:
+                console.print(f"[red]{model} takes numbers ({spec.datatype})[/]: {exc}", soft_wrap=True)
+                raise typer.Exit(2) from exc
         try:
             if x.ndim == 1 or list(x.shape) == [d for d in want if d > 0]:
                 x = x.reshape(1, *[d if d > 0 else -1 for d in want]) if want else x.reshape(1, -1)

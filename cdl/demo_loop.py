@@ -26,6 +26,7 @@ import heapq
 import json
 import os
 import shutil
+import signal
 import threading
 import time
 from collections import Counter, deque
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from confluent_kafka import KafkaException, Producer
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -42,6 +44,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cdl.demo import DIGITS, HOLDOUT_FRACTION, DigitsData, register_digits
+from cdl.errors import StackError
 from cdl.events import Topics
 from cdl.feedback import served_record_id
 from cdl.report import ClientSample, LoopEvents, LoopView, freshness, write_report
@@ -50,6 +53,13 @@ from cdl.v1 import events_pb2
 __all__ = ["PHASES", "Clients", "Demo", "DemoOptions"]
 
 PHASES = ("stream", "traffic", "drift", "bad")
+
+#: the file that marks a directory as the demo's own (the demo wipes only such a directory)
+MARKER = ".cdl-demo"
+#: how an outcome that did not come starts (the command then exits 1)
+MISSED = "missed:"
+#: a compressor fault the demo asks for (services/compressor/faults.py)
+FAULT_SUFFIX = ".failing"
 
 #: the shortest time each phase may wait for its outcome, whatever --duration says
 MIN_PHASE_S = {"stream": 180.0, "traffic": 90.0, "drift": 180.0, "bad": 120.0}
@@ -77,6 +87,10 @@ class DemoOptions:
     triton_servers: int = 1
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 class Clients:
     """Client threads calling the gateway with held-out digits, and a thread sending late labels.
 
@@ -88,8 +102,6 @@ class Clients:
     def __init__(
         self, endpoint: str, api_key: str, bootstrap: str, data: DigitsData, rate: float, feedback_share: float
     ) -> None:
-        from confluent_kafka import Producer
-
         self._endpoint, self._headers = endpoint, {"authorization": f"Bearer {api_key}"}
         self._data, self._rate, self._share = data, rate, feedback_share
         self._images = data.served()
@@ -99,6 +111,7 @@ class Clients:
         self.recent: deque[ClientSample] = deque(maxlen=400)
         self.errors: Counter[str] = Counter()
         self.labels_sent = 0
+        self.labels_lost = 0
         self._due: list[tuple[float, int, bytes]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -152,7 +165,12 @@ class Clients:
                     with self._lock:
                         heapq.heappush(self._due, (time.monotonic() + float(rng.uniform(1, 4)), k, label))
             except InferenceServerException as exc:
-                self.errors[str(exc.status())] += 1
+                with self._lock:
+                    self.errors[str(exc.status())] += 1
+                sample = ClientSample(time.time(), 0, False, (time.monotonic() - t0) * 1e3, False, shifted)
+            except Exception as exc:  # noqa: BLE001 - a client error is a failed request, not a dead thread
+                with self._lock:
+                    self.errors[type(exc).__name__] += 1
                 sample = ClientSample(time.time(), 0, False, (time.monotonic() - t0) * 1e3, False, shifted)
             with self._lock:
                 self.samples.append(sample)
@@ -168,8 +186,11 @@ class Clients:
                 while self._due and self._due[0][0] <= now:
                     ready.append(heapq.heappop(self._due)[2])
             for label in ready:
-                self._producer.produce(Topics.DATA_FEEDBACK, label)
-                self.labels_sent += 1
+                try:
+                    self._producer.produce(Topics.DATA_FEEDBACK, label)
+                    self.labels_sent += 1
+                except (BufferError, KafkaException):  # a full queue or a gone broker: that label is lost
+                    self.labels_lost += 1
             self._producer.poll(0)
             self._stop.wait(0.2)
 
@@ -196,6 +217,7 @@ class _Phase:
     started: float = 0.0
     done: bool = False
     outcome: str = ""
+    ok: bool = False
 
 
 @dataclass
@@ -229,17 +251,30 @@ class Demo:
         self.view = LoopView(start=self.start)
         #: the version clients are answered by (as far as the phases know)
         self.serving = 0
+        self.failed = False
+        #: when the first version first answered (the demo's clients start after it)
+        self.first_answered: dict[int, float] = {}
 
     # ------------------------------------------------------------------ stack
     @property
     def fault_dir(self) -> Path:
         return self.options.state_dir / "demo-faults"
 
-    def up(self, report: Callable[[str, str, str], None]) -> None:
-        """A fresh stack in the demo's state directory, with the dataset registered."""
+    def wipe(self) -> None:
+        """Empty the demo's state directory: only one the demo made (it holds the marker), or an
+        empty one; anything else is refused (``--state-dir ~`` must not delete a home)."""
+        root = self.options.state_dir
+        if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
+            raise StackError(f"{root} is not empty and not a demo state directory: refusing to wipe it")
         if self.stack.read_state():
             self.stack.down(purge=True)
-        shutil.rmtree(self.options.state_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        (root / MARKER).write_text("made by cdl demo: wiped at each start\n")
+
+    def up(self, report: Callable[[str, str, str], None]) -> None:
+        """A fresh stack in the demo's state directory, with the dataset registered."""
+        self.wipe()
         self.fault_dir.mkdir(parents=True)
         for k, v in {**DEMO_ENV, "CDL_COMPRESSOR_DEMO_FAULT_DIR": str(self.fault_dir)}.items():
             os.environ.setdefault(k, v)
@@ -250,8 +285,6 @@ class Demo:
             max_interval_s=3600.0,
             api_key=self.state["api_key"],
         )
-        from confluent_kafka import Producer
-
         self._producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 20, "log_level": 0})
         self.events = LoopEvents(self.bootstrap, DIGITS)
         self.start = time.time()
@@ -266,19 +299,31 @@ class Demo:
         m = self.state["minio"]
         return ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
 
-    def down(self) -> list[str]:
-        """Stop the clients and the feed first, then the stack (no client outlives the broker)."""
+    def quiet(self) -> None:
+        """Stop the clients and the feed (before the stack: no client outlives the broker)."""
         if self.clients is not None:
             self.clients.stop()
         if self._producer is not None:
             self._producer.flush(5)
             self._producer = None
-        if self.events is not None:
-            self.events.close()
-            self.events = None
-        if self.options.keep:
-            return []
-        return self.stack.down(purge=True)
+
+    def down(self) -> list[str]:
+        """The clients and the feed first, then the event reader, then the stack (unless
+        ``--keep``); a second Ctrl-C meanwhile cannot leave the stack half stopped."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            self.quiet()
+            if self.events is not None:
+                self.events.close()
+                self.events = None
+            for flag in self.fault_dir.glob(f"*{FAULT_SUFFIX}"):  # a fault nobody took
+                flag.unlink(missing_ok=True)
+            if self.options.keep:
+                return []
+            return self.stack.down(purge=True)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     # ------------------------------------------------------------------ data
     def wave(self, shifted: bool = False, count: int | None = None) -> None:
@@ -319,7 +364,9 @@ class Demo:
             while time.monotonic() < deadline:
                 try:
                     result = client.infer(DIGITS, [inp], headers=headers, client_timeout=5)
-                    return int(result.get_response().model_version or 0)
+                    version = int(result.get_response().model_version or 0)
+                    self.first_answered.setdefault(version, time.time())
+                    return version
                 except InferenceServerException:
                     self.tick(0.5)
             return 0
@@ -346,7 +393,9 @@ class Demo:
             if before:
                 fired[int(u.version)] = before[-1]
                 ends.remove(before[-1])
-        answered = self.clients.first_answer() if self.clients is not None else None
+        answered = dict(self.clients.first_answer()) if self.clients is not None else {}
+        for version, at in self.first_answered.items():
+            answered[version] = min(at, answered.get(version, at))
         v = self.events.view(self.store(), self.start) if self.events is not None else self.view
         self.view = v
         return freshness(v, fired, answered)
@@ -375,7 +424,6 @@ class Demo:
 
     def run(self) -> dict[str, Any]:
         """Every phase asked for, live; returns the summary (also written to the report)."""
-        from cdl.errors import CdlError
 
         opts = self.options
         progress = Progress(
@@ -396,8 +444,13 @@ class Demo:
 
             try:
                 self.up(report)
-            except CdlError as exc:
-                self.console.print(f"[red]the stack failed to start:[/] {exc}")
+            except BaseException as exc:  # Ctrl-C or any failure while starting: nothing left running
+                if isinstance(exc, KeyboardInterrupt):
+                    self.console.print("[yellow]interrupted while starting: stopping what started[/]")
+                else:
+                    self.console.print(f"[red]the stack failed to start:[/] {exc}", soft_wrap=True)
+                self.options.keep = False
+                self.down()
                 raise
         self.console.print(f"[green]stack up[/] in {opts.state_dir} (Kafka {self.bootstrap})")
         texts = {
@@ -417,6 +470,7 @@ class Demo:
                 for i, phase in enumerate(self.phases):
                     phase.started = time.time()
                     phase.outcome = getattr(self, f"_phase_{phase.name}")(self._deadline(i, len(self.phases)), render)
+                    phase.ok = not phase.outcome.startswith(MISSED)
                     phase.done = True
                     render()
                 self.tick(2.0)
@@ -424,7 +478,12 @@ class Demo:
         except KeyboardInterrupt:
             interrupted = True
             self.console.print("[yellow]interrupted: stopping the clients and the feed, then the stack[/]")
+        except BaseException as exc:  # noqa: BLE001 - reported, and the stack stopped, below
+            self.console.print(f"[red]the demo failed:[/] {type(exc).__name__}: {exc}", soft_wrap=True)
+            self.failed = True
         summary = self._finish(interrupted)
+        summary["interrupted"] = interrupted
+        summary["ok"] = not interrupted and not self.failed and all(p.ok for p in self.phases)
         return summary
 
     def _phase_stream(self, deadline: float, render: Callable[[], None]) -> str:
@@ -435,7 +494,7 @@ class Demo:
             version = self.answering(min(5.0, max(0.1, deadline - time.monotonic())))
             render()
         self.serving = version
-        return f"v{version} serving through the gateway" if version else "no version served in time"
+        return f"v{version} serving through the gateway" if version else MISSED + " no version served in time"
 
     def _phase_traffic(self, deadline: float, render: Callable[[], None]) -> str:
         self.start_clients()
@@ -452,7 +511,7 @@ class Demo:
                     return f"v{mv} rejected by the trainer's gate: {t.reason}"
             return ""
 
-        return self._wait(done, deadline, render) or "no second version rolled out in time"
+        return self._wait(done, deadline, render) or MISSED + " no second version rolled out in time"
 
     def _phase_drift(self, deadline: float, render: Callable[[], None]) -> str:
         clients = self.start_clients()
@@ -491,33 +550,43 @@ class Demo:
 
         try:
             return self._wait(done, deadline, render) or (
-                "drift alert, no new version promoted in time" if len(self.view.alerts) > alerts else "no drift alert"
+                MISSED
+                + (
+                    " drift alert, no new version promoted in time"
+                    if len(self.view.alerts) > alerts
+                    else " no drift alert"
+                )
             )
         finally:
             self.waves += 1
 
     def _phase_bad(self, deadline: float, render: Callable[[], None]) -> str:
         self.start_clients()
-        (self.fault_dir / f"{DIGITS}.failing").write_text("asked by cdl demo\n")
+        flag = self.fault_dir / f"{DIGITS}{FAULT_SUFFIX}"
+        flag.write_text("asked by cdl demo\n")
         newest = max(self.view.trained, default=0)
         self.wave(shifted=self.clients is not None and self.clients.shifted)
-
         waves = [newest]
 
         def done(view: LoopView) -> str:
+            # the version that took the fault (it may be one already compressing when asked)
+            taken = {int(p.name.rsplit("-v", 1)[1]) for p in self.fault_dir.glob(f"{flag.name}.taken-v*")}
             for _, d in view.deployed:
-                if d.version > newest and d.state == events_pb2.ROLLOUT_STATE_ROLLED_BACK:
+                if d.version in taken and d.state in (
+                    events_pb2.ROLLOUT_STATE_ROLLED_BACK,
+                    events_pb2.ROLLOUT_STATE_FAILED,
+                ):
                     return f"v{d.version} rolled back: {d.reason}"
-            # the gate may turn the wave's version down before it reaches the compressor: another wave
+            # not taken yet, and the gate turned the wave's version down: another wave
             rejected = [
                 mv for mv, (_, t) in view.trained.items() if mv > waves[-1] and t.verdict == events_pb2.VERDICT_REJECTED
             ]
-            if rejected and len(waves) < 4:
+            if flag.exists() and rejected and len(waves) < 4:
                 waves.append(max(view.trained))
                 self.wave(shifted=self.clients is not None and self.clients.shifted)
             return ""
 
-        return self._wait(done, deadline, render) or "the faulty version was not rolled back in time"
+        return self._wait(done, deadline, render) or MISSED + " the faulty version was not rolled back in time"
 
     # ------------------------------------------------------------------ output
     def _render(self) -> Group:
@@ -595,6 +664,7 @@ class Demo:
         )
         summary: dict[str, Any] = {}
         try:
+            self.quiet()  # no client keeps calling while the report is drawn
             if self.events is not None:
                 self.tick(1.0)
                 fresh = self.freshness_rows()

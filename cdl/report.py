@@ -105,7 +105,15 @@ class LoopEvents:
     def view(self, store: Any = None, start: float = 0.0) -> LoopView:
         """The events so far (``store``: an ObjectStore to read compression times from)."""
         v = LoopView(start=start)
+        seen: set[tuple[object, ...]] = set()  # the monitor is at-least-once: a re-sent window counts once
         for _topic, ts, pl in self.reader.history:
+            if isinstance(pl, events_pb2.ModelHealth | events_pb2.DriftDetected):
+                key: tuple[object, ...] = (type(pl).__name__, pl.model, int(pl.version))
+                if isinstance(pl, events_pb2.ModelHealth):  # one alert per model version, a window per end
+                    key = (*key, pl.window_end.ToNanoseconds())
+                if key in seen:
+                    continue
+                seen.add(key)
             model = getattr(pl, "model", getattr(pl, "dataset", None))
             if model != self.model:
                 continue

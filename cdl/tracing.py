@@ -181,13 +181,15 @@ def read_spans(trace_dir: Path) -> list[dict[str, Any]]:
 
 
 def find_trace(spans: list[dict[str, Any]], model: str, version: int) -> str:
-    """The trace id of ``model``'s ``version``: the trace of its training (the trainer's span,
-    which names the dataset version's trace), else any span naming the model version."""
+    """The trace id of ``model``'s ``version``: the trace of the span that handled its
+    ``model.trained`` (the compressor's) or of a rollout step of it (the gateway's); spans that
+    name a *dataset* version (ingest's, the trainer's) are not model versions and do not count."""
     named = [
         s
         for s in spans
-        if (s["attributes"].get("cdl.model") == model or s["attributes"].get("cdl.dataset") == model)
+        if s["attributes"].get("cdl.model") == model
         and s["attributes"].get("cdl.version") == version
+        and "cdl.dataset" not in s["attributes"]
     ]
-    named.sort(key=lambda s: (s["service"] != "cdl-compressor", s["start_ns"]))
+    named.sort(key=lambda s: (s["attributes"].get("cdl.event.type") != "dev.cdl.model.trained.v1", s["start_ns"]))
     return str(named[0]["trace_id"]) if named else ""

@@ -191,10 +191,14 @@ class HealthReader:
         self.alerts: dict[tuple[str, int], Any] = {}
 
     def _behind(self, read: dict[tuple[str, int], int]) -> bool:
-        """Whether some partition has records past what was read."""
+        """Whether some partition has records past what was read. The consumer's position counts
+        too: on a transactional topic the last offset is a commit marker, never delivered, which
+        the position steps over."""
+        positions = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.position(self._parts)}
         for tp in self._parts:
             _, high = self._consumer.get_watermark_offsets(tp, timeout=2, cached=False)
-            if read.get((tp.topic, tp.partition), -1) + 1 < high:
+            at = max(read.get((tp.topic, tp.partition), -1) + 1, positions.get((tp.topic, tp.partition), -1))
+            if at < high:
                 return True
         return False
 

@@ -203,7 +203,7 @@ class Compressor:
         )
         files = {"tokenizer.json": json.dumps(pre.to_json()).encode()} if text else None
         fault = take_fault(self.settings.demo_fault_dir, model, version)
-        served_blob = failing_onnx(tuple(xh.shape[1:]), config.num_classes, INPUT, OUTPUT) if fault else None
+        served_blob = failing_onnx(tuple(xh.shape[1:]), config.num_classes, INPUT, OUTPUT, text) if fault else None
         repo = write_entry(self.store, spec, version, served_blob or blobs[chosen.name], files)
         fp32_m = next(v for v in measured if v.name == "fp32")
         variants = [{**m.to_json(), "uri": uris[m.name], "within_budget": m.name in within} for m in measured] + [

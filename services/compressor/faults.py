@@ -22,14 +22,20 @@ __all__ = ["failing_onnx", "take_fault"]
 
 
 def failing_onnx(
-    input_dims: tuple[int, ...], n_out: int, input_name: str = "input", output_name: str = "output"
+    input_dims: tuple[int, ...],
+    n_out: int,
+    input_name: str = "input",
+    output_name: str = "output",
+    integer_input: bool = False,
 ) -> bytes:
     """A model that answers zeros for all-zero inputs (so it loads and warms up) but fails on
     any input with a value >= 1: the largest value, as an integer, indexes a one-row table
     (ONNX Runtime: index out of bounds)."""
     table = np.zeros((1, n_out), dtype=np.float32)
+    cast = [helper.make_node("Cast", [input_name], ["as_float"], to=TensorProto.FLOAT)] if integer_input else []
     nodes = [
-        helper.make_node("Flatten", [input_name], ["flat"], axis=1),
+        *cast,
+        helper.make_node("Flatten", ["as_float" if integer_input else input_name], ["flat"], axis=1),
         helper.make_node("ReduceMax", ["flat"], ["m"], keepdims=0, axes=[1]),
         helper.make_node("Cast", ["m"], ["idx"], to=TensorProto.INT64),
         helper.make_node("Gather", ["T", "idx"], [output_name], axis=0),
@@ -37,7 +43,11 @@ def failing_onnx(
     graph = helper.make_graph(
         nodes,
         "failing",
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *input_dims])],
+        [
+            helper.make_tensor_value_info(
+                input_name, TensorProto.INT64 if integer_input else TensorProto.FLOAT, ["batch", *input_dims]
+            )
+        ],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", n_out])],
         [numpy_helper.from_array(table, "T")],
     )
@@ -51,8 +61,11 @@ def take_fault(fault_dir: str, model: str, version: int) -> str:
     if not fault_dir:
         return ""
     flag = Path(fault_dir) / f"{model}.failing"
+    taken = flag.with_name(f"{model}.failing.taken-v{version}")
+    if taken.exists():  # this version took it before (a retried or restarted job): it keeps it
+        return "failing"
     try:
-        os.replace(flag, flag.with_name(f"{model}.failing.taken-v{version}"))
+        os.replace(flag, taken)
     except FileNotFoundError:
         return ""
     return "failing"

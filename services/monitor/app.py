@@ -332,7 +332,7 @@ class Monitor:
         )
         msg.window_end.FromNanoseconds(int(now * 1e9))
         attrs = {"cdl.model": info.model, "cdl.version": info.version, "cdl.statistic": result.statistic}
-        with tracing.span("monitor drift alert", None, attrs):  # the alert starts a trace: the early version's
+        with tracing.span("monitor drift alert", None, attrs):  # each alert starts a trace of its own
             traceparent = tracing.current_traceparent() or new_traceparent()
         event = Event(
             msg, source=self.source, id=f"{info.model}/v{info.version}/drift", key=info.model, traceparent=traceparent

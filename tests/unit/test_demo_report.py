@@ -39,6 +39,13 @@ def test_the_failing_entry_loads_and_warms_on_zeros_but_fails_on_real_input() ->
         sess.run(None, {"input": np.full((1, 1, 8, 8), 3.0, np.float32)})
 
 
+def test_a_text_models_failing_entry_takes_token_ids() -> None:
+    sess = ort.InferenceSession(failing_onnx((16,), 3, "input", "logits", integer_input=True))
+    assert not sess.run(None, {"input": np.zeros((1, 16), np.int64)})[0].any()  # warm-up: empty texts
+    with pytest.raises(Exception, match=r"(?i)out of bounds|indices"):
+        sess.run(None, {"input": np.arange(16, dtype=np.int64).reshape(1, 16)})
+
+
 def test_a_fault_is_taken_once(tmp_path: Path) -> None:
     assert take_fault("", "digits", 1) == ""
     assert take_fault(str(tmp_path), "digits", 1) == ""
@@ -47,6 +54,7 @@ def test_a_fault_is_taken_once(tmp_path: Path) -> None:
     assert take_fault(str(tmp_path), "digits", 3) == "failing"
     assert take_fault(str(tmp_path), "digits", 4) == ""
     assert (tmp_path / "digits.failing.taken-v3").exists()
+    assert take_fault(str(tmp_path), "digits", 3) == "failing"  # v3's job run again: it keeps its fault
 
 
 def _ts(seconds: float) -> Timestamp:
