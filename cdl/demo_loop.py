@@ -477,7 +477,7 @@ class Demo:
                 render()
         except KeyboardInterrupt:
             interrupted = True
-            self.console.print("[yellow]interrupted: stopping the clients and the feed, then the stack[/]")
+            self.console.print("\n[yellow]interrupted: stopping the clients and the feed, then the stack[/]")
         except BaseException as exc:  # noqa: BLE001 - reported, and the stack stopped, below
             self.console.print(f"[red]the demo failed:[/] {type(exc).__name__}: {exc}", soft_wrap=True)
             self.failed = True
