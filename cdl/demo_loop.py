@@ -48,6 +48,7 @@ from cdl.errors import StackError
 from cdl.events import Topics
 from cdl.feedback import served_record_id
 from cdl.report import ClientSample, LoopEvents, LoopView, freshness, write_report
+from cdl.report import summary as summary_of
 from cdl.v1 import events_pb2
 
 __all__ = ["PHASES", "Clients", "Demo", "DemoOptions"]
@@ -62,7 +63,7 @@ MISSED = "missed:"
 FAULT_SUFFIX = ".failing"
 
 #: the shortest time each phase may wait for its outcome, whatever --duration says
-MIN_PHASE_S = {"stream": 180.0, "traffic": 90.0, "drift": 180.0, "bad": 120.0}
+MIN_PHASE_S = {"stream": 180.0, "traffic": 90.0, "drift": 240.0, "bad": 240.0}
 
 #: service settings the demo starts its stack with (the environment overrides each)
 DEMO_ENV = {
@@ -669,7 +670,13 @@ class Demo:
                 self.tick(1.0)
                 fresh = self.freshness_rows()
                 samples = list(self.clients.samples) if self.clients is not None else []
-                path = write_report(self.view, self.options.report_dir, samples, fresh, "cdl demo report", notes)
+                try:
+                    path = write_report(self.view, self.options.report_dir, samples, fresh, "cdl demo report", notes)
+                except Exception as exc:  # noqa: BLE001 - the summary still comes, without the plots
+                    self.console.print(f"[red]the report failed:[/] {type(exc).__name__}: {exc}", soft_wrap=True)
+                    self.options.report_dir.mkdir(parents=True, exist_ok=True)
+                    path = self.options.report_dir / "summary.json"
+                    path.write_text(json.dumps(summary_of(self.view, samples, fresh)))
                 summary = json.loads((self.options.report_dir / "summary.json").read_text())
                 summary["phases"] = {p.name: p.outcome for p in self.phases}
                 (self.options.report_dir / "summary.json").write_text(json.dumps(summary, indent=2))

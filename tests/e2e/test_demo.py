@@ -55,6 +55,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         assert down.returncode == 0, down.stdout
 
 
+@pytest.mark.timeout(1500)  # the module's demo (up to ~13 minutes on a slow machine) is set up in this test
 def test_the_demo_runs_the_whole_loop_by_itself(demo_run: DemoRun) -> None:
     state_dir, report, tmp_path = demo_run.state_dir, demo_run.report, demo_run.tmp
     summary = json.loads((report / "summary.json").read_text())
@@ -187,6 +188,7 @@ class _Clients:
         return max((v for _, v in self.versions[-20:]), default=0)
 
 
+@pytest.mark.timeout(1200)
 def test_kill_9_of_each_service_mid_loop_loses_and_doubles_nothing(
     demo_run: DemoRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
