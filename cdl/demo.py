@@ -22,6 +22,7 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -84,15 +85,18 @@ class DigitsData:
     def __len__(self) -> int:
         return len(self.x)
 
-    def record_id(self, wave: int, j: int, shifted: bool = False) -> str:
-        """An id for image ``j`` in ``wave`` that ingest puts in the image's split."""
-        base = f"{self.run_id}-w{wave}{'s' if shifted else ''}-{j}"
-        want = bool(self.holdout[j])
+    def id_in_split(self, base: str, holdout: bool, as_record: Callable[[str], str] = str) -> str:
+        """``base-<k>`` for the first ``k`` whose record id (``as_record`` of it) ingest puts in
+        the holdout when ``holdout``, else in the train split."""
         for k in range(10_000):
             rid = f"{base}-{k}"
-            if holdout_member(self.name, rid, self.fraction) == want:
+            if holdout_member(self.name, as_record(rid), self.fraction) == holdout:
                 return rid
-        raise RuntimeError("no record id in the image's split")  # p < 0.8**10000: never
+        raise RuntimeError("no id in the split asked for")  # p < 0.8**10000: never
+
+    def record_id(self, wave: int, j: int, shifted: bool = False) -> str:
+        """An id for image ``j`` in ``wave`` that ingest puts in the image's split."""
+        return self.id_in_split(f"{self.run_id}-w{wave}{'s' if shifted else ''}-{j}", bool(self.holdout[j]))
 
     @staticmethod
     def shifted(x: npt.NDArray[Any]) -> npt.NDArray[Any]:

@@ -43,7 +43,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cdl.demo import DIGITS, HOLDOUT_FRACTION, DigitsData, register_digits
+from cdl.demo import DIGITS, DigitsData, register_digits
 from cdl.errors import StackError
 from cdl.events import Topics
 from cdl.feedback import served_record_id
@@ -126,14 +126,7 @@ class Clients:
         return self
 
     def _request_id(self, k: int) -> str:
-        base = f"{self._data.run_id}-req{k}"
-        for s in range(10_000):
-            rid = f"{base}-{s}"
-            from cdl.datasets import holdout_member
-
-            if holdout_member(self._data.name, served_record_id(rid), HOLDOUT_FRACTION):
-                return rid
-        return base
+        return self._data.id_in_split(f"{self._data.run_id}-req{k}", True, served_record_id)
 
     def _call(self, worker: int) -> None:
         import tritonclient.grpc as tgrpc
