@@ -42,18 +42,27 @@ def failing_onnx(n_in: int, n_out: int) -> bytes:
     return faults.failing_onnx((n_in,), n_out)
 
 
-def slow_onnx(w: npt.NDArray[np.float32], b: npt.NDArray[np.float32], matmuls: int, width: int = 512) -> bytes:
-    """``input @ w + b`` like :func:`affine_onnx`, plus ``matmuls`` square ``width`` matmuls of
-    zeros added back in: the same answers, slower by the extra work."""
+def slow_onnx(
+    w: npt.NDArray[np.float32], b: npt.NDArray[np.float32], matmuls: int, width: int = 512, rows: int = 1024
+) -> bytes:
+    """``input @ w + b`` like :func:`affine_onnx`, plus ``matmuls`` products of a ``rows`` x
+    ``width`` block of zeros with a square ``width`` matrix of zeros, added back in: the same
+    answers, slower by the extra work (``rows`` makes each product compute-bound, not a
+    vector that a cache serves)."""
     nodes = [helper.make_node("MatMul", ["input", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
     up = np.zeros((w.shape[1], width), dtype=np.float32)
     sq = np.zeros((width, width), dtype=np.float32)
     down = np.zeros((width, w.shape[1]), dtype=np.float32)
-    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (b, "b"), (up, "U"), (sq, "S"), (down, "D"))]
-    nodes.append(helper.make_node("MatMul", ["y", "U"], ["h0"]))
+    axes, shape = np.array([1], dtype=np.int64), np.array([1, rows, width], dtype=np.int64)
+    named = ((w, "W"), (b, "b"), (up, "U"), (sq, "S"), (down, "D"), (axes, "axes"), (shape, "shape"))
+    inits = [numpy_helper.from_array(a, n) for a, n in named]
+    nodes.append(helper.make_node("MatMul", ["y", "U"], ["u"]))
+    nodes.append(helper.make_node("Unsqueeze", ["u", "axes"], ["u1"]))
+    nodes.append(helper.make_node("Expand", ["u1", "shape"], ["h0"]))  # [batch, rows, width]
     for k in range(matmuls):
         nodes.append(helper.make_node("MatMul", [f"h{k}", "S"], [f"h{k + 1}"]))
-    nodes.append(helper.make_node("MatMul", [f"h{matmuls}", "D"], ["z"]))
+    nodes.append(helper.make_node("ReduceMean", [f"h{matmuls}"], ["r"], axes=[1], keepdims=0))
+    nodes.append(helper.make_node("MatMul", ["r", "D"], ["z"]))
     nodes.append(helper.make_node("Add", ["y", "z"], ["output"]))
     graph = helper.make_graph(
         nodes,
