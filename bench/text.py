@@ -7,18 +7,23 @@ a record is in the holdout when the hash of its id is under 0.2.
 - **baseline**: scikit-learn ``TfidfVectorizer`` (word 1-2 grams, sublinear tf) and
   ``LogisticRegression``, its C chosen by 3-fold cross-validation on the train split
   (1, 10 or 100), scored on the holdout;
-- **cdl**: the trainer's text model (hashed 1-2 grams, EmbeddingBag mean, linear) trained
+- **cdl**: the trainer's text model (hashed word 1-2 grams and 3-5 character subwords,
+  TF-IDF-weighted EmbeddingBag, linear) trained
   through the shared training core with the family's default hyperparameters, exported
   to ONNX and compressed as the compressor does (FP32 and dynamic INT8), and scored on
   the holdout **as served**: raw texts tokenized by the Triton runner's tokenizer
   (cdl/_triton_runner.py), then the ONNX file in ONNX Runtime.
 
-Prints the accuracies and sizes, and last
-``RESULT text_accuracy value=<served cdl accuracy> baseline=<TF-IDF + LR> goal=>=1.0``.
+The cdl model is trained with ``CDL_BENCH_TEXT_SEEDS`` (5) seeds (each its own validation
+part and training seed); the variant scored is the one the compressor's rule picks (INT8
+when within its accuracy budget of FP32). Prints the accuracies and sizes per seed, and last
+``RESULT text_accuracy value=<median served cdl accuracy> baseline=<TF-IDF + LR> goal=>=1.0``.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +39,10 @@ from cdl.ml.models import Family
 from cdl.textdata import PACKAGES, doc_paragraphs
 
 DATASET = "docs"
+#: cdl models trained (seeds 0..SEEDS-1: the validation part and the training seed); the median counts
+SEEDS = int(os.environ.get("CDL_BENCH_TEXT_SEEDS", "5"))
+#: the compressor's accuracy budget (services/compressor/settings.py)
+BUDGET = 0.005
 
 
 def served_tokenizer() -> object:
@@ -79,30 +88,41 @@ def main() -> None:
     )
 
     spec = DatasetSpec(name=DATASET, task=Task.TEXT, labels=PACKAGES)
-    rng = np.random.default_rng(0)
-    train_idx = np.flatnonzero(~hold)
-    order = rng.permutation(len(train_idx))
-    n_val = max(1, int(len(order) * 0.1))
-    val, tr = train_idx[order[:n_val]], train_idx[order[n_val:]]
-    split = TrainSplit(texts[tr], labels[tr], texts[val], labels[val], texts[hold], labels[hold])
-    t0 = time.perf_counter()
-    fitted = fit(spec, split, hyperparameters(Family.TEXT), seed=0, device="cpu")
-    pre, config = fitted.preprocessor, fitted.config
-    print(f"cdl text model: trained in {time.perf_counter() - t0:.1f}s, {len(fitted.result.history)} epochs")
-    served = Served(fitted.module.eval(), config, pre).eval()
-    ids_train = served_input(config, pre, texts[hold])
-    fp32 = export_onnx(served, ids_train)
     hash_tokens = served_tokenizer()
-    ids = hash_tokens(list(texts[hold]), pre.buckets, pre.ngrams, pre.max_tokens, pre.lowercase)  # type: ignore[operator]
-    assert np.array_equal(ids, ids_train), "the runner tokenizes differently from training"
-    accs = {}
-    for name, blob in (("fp32", fp32), ("int8-dynamic", int8_dynamic_variant(fp32))):
-        acc = float((run(blob, ids).argmax(1) == labels[hold]).mean())
-        accs[name] = acc
-        print(f"cdl {name}: holdout accuracy as served {acc:.4f}, {len(blob) / 1e6:.2f} MB")
-    best = max(accs.values())
-    print(result("text_accuracy_int8", accs["int8-dynamic"], baseline, op=">=", goal=1.0))
-    print(result("text_accuracy", best, baseline, op=">=", goal=1.0))
+    train_idx = np.flatnonzero(~hold)
+    chosen: list[float] = []
+    int8: list[float] = []
+    for seed in range(SEEDS):  # the trainer's validation part and its training seed
+        order = np.random.default_rng(seed).permutation(len(train_idx))
+        n_val = max(1, int(len(order) * 0.1))
+        val, tr = train_idx[order[:n_val]], train_idx[order[n_val:]]
+        split = TrainSplit(texts[tr], labels[tr], texts[val], labels[val], texts[hold], labels[hold])
+        t0 = time.perf_counter()
+        fitted = fit(spec, split, hyperparameters(Family.TEXT), seed=seed, device="cpu")
+        pre, config = fitted.preprocessor, fitted.config
+        took = time.perf_counter() - t0
+        served = Served(fitted.module.eval(), config, pre).eval()
+        ids_train = served_input(config, pre, texts[hold])
+        fp32 = export_onnx(served, ids_train)
+        ids = hash_tokens(list(texts[hold]), pre.buckets, pre.ngrams, pre.max_tokens, pre.lowercase, pre.subwords)  # type: ignore[operator]
+        assert np.array_equal(ids, ids_train), "the runner tokenizes differently from training"
+        accs, sizes = {}, {}
+        for name, blob in (("fp32", fp32), ("int8-dynamic", int8_dynamic_variant(fp32))):
+            accs[name] = float((run(blob, ids).argmax(1) == labels[hold]).mean())
+            sizes[name] = len(blob) / 1e6
+        # the compressor's rule: the smaller variant when within the accuracy budget of fp32
+        pick = "int8-dynamic" if accs["int8-dynamic"] >= accs["fp32"] - BUDGET else "fp32"
+        chosen.append(accs[pick])
+        int8.append(accs["int8-dynamic"])
+        print(
+            f"seed {seed}: trained in {took:.1f}s, {len(fitted.result.history)} epochs; as served: "
+            + ", ".join(f"{n} {a:.4f} ({sizes[n]:.2f} MB)" for n, a in accs.items())
+            + f"; chosen {pick}"
+        )
+    med_chosen, med_int8 = statistics.median(chosen), statistics.median(int8)
+    print(f"median over {SEEDS} seeds: chosen variant {med_chosen:.4f}, int8 {med_int8:.4f}")
+    print(result("text_accuracy_int8", med_int8, baseline, op=">=", goal=1.0))
+    print(result("text_accuracy", med_chosen, baseline, op=">=", goal=1.0))
 
 
 if __name__ == "__main__":

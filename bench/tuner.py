@@ -41,6 +41,10 @@ EPOCHS = int(os.environ.get("CDL_BENCH_TUNER_EPOCHS", "10"))
 SEEDS = int(os.environ.get("CDL_BENCH_TUNER_SEEDS", "5"))
 #: share of the train split the trials are validated on (the rest, ~290 records, trains)
 VAL_FRACTION = float(os.environ.get("CDL_BENCH_TUNER_VAL_FRACTION", "0.8"))
+#: the tuner's pruner (hyperband or asha), its minimum epochs, and TPE's random start-up trials
+PRUNER = os.environ.get("CDL_BENCH_TUNER_PRUNER", "hyperband")
+MIN_EPOCHS = int(os.environ.get("CDL_BENCH_TUNER_MIN_EPOCHS", "2"))
+STARTUP = int(os.environ.get("CDL_BENCH_TUNER_STARTUP", "5"))
 
 
 def _data() -> tuple[Any, Any]:
@@ -97,6 +101,7 @@ def main() -> None:
     torch.set_num_threads(2)
     console = Console()
     console.print(f"machine: {machine()}; {SEEDS} seeds x {TRIALS} trials x <= {EPOCHS} epochs, digits CNN")
+    console.print(f"tuner: TPE ({STARTUP} random start-up trials) + {PRUNER} (min {MIN_EPOCHS} epochs)")
     spec, split = _data()
     table = Table(title="trial-epochs to reach random search's best validation accuracy")
     for col in ("seed", "target acc", "random: epochs", "random: all", "tuner: epochs", "tuner: all", "ratio", "s"):
@@ -123,9 +128,15 @@ def main() -> None:
             # the training seed is the pair's; the sampler's differs (TPE's first trials are random:
             # with the same sampler seed they would repeat random search's first trials exactly)
             tpe = StudyPlan(
-                study=f"tuner-{seed}", sampler="tpe", pruner="hyperband", sampler_seed=seed + 1000, **common
+                study=f"tuner-{seed}",
+                sampler="tpe",
+                pruner=PRUNER,
+                prune_min_epochs=MIN_EPOCHS,
+                startup_trials=STARTUP,
+                sampler_seed=seed + 1000,
+                **common,
             )
-            with console.status(f"seed {seed}: tuner (TPE + Hyperband)"):
+            with console.status(f"seed {seed}: tuner (TPE + {PRUNER})"):
                 run_study(tpe, split, 0)
             tc = _curves(storage, f"tuner-{seed}")
             t_epochs, reached = _epochs_to(tc, target)

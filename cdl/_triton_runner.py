@@ -32,8 +32,9 @@ import triton_python_backend_utils as pb_utils
 TOKEN_RE = re.compile(r"[\w']+")
 
 
-def hash_tokens(texts, buckets, ngrams, max_tokens, lowercase):
-    """Texts (str or UTF-8 bytes) -> int64 ids ``[len(texts), max_tokens]``, 0 = padding."""
+def hash_tokens(texts, buckets, ngrams, max_tokens, lowercase, subwords=0):
+    """Texts (str or UTF-8 bytes) -> int64 ids ``[len(texts), max_tokens]``, 0 = padding
+    (cdl.ml.preprocess.Preprocessor's hashing, which this must equal: a test holds them)."""
     out = np.zeros((len(texts), max_tokens), dtype=np.int64)
     for i, text in enumerate(texts):
         if isinstance(text, bytes):
@@ -43,6 +44,13 @@ def hash_tokens(texts, buckets, ngrams, max_tokens, lowercase):
         grams = list(tokens)
         for n in range(2, ngrams + 1):
             grams += [" ".join(tokens[j : j + n]) for j in range(len(tokens) - n + 1)]
+        if subwords >= 3:
+            for token in tokens:
+                w = "<" + token + ">"
+                for n in range(3, subwords + 1):
+                    grams += ["#" + w[j : j + n] for j in range(len(w) - n + 1)]
+                if len(grams) >= max_tokens:
+                    break
         ids = [1 + zlib.crc32(g.encode()) % (buckets - 1) for g in grams[:max_tokens]]
         out[i, : len(ids)] = ids
     return out
@@ -68,7 +76,13 @@ class TritonPythonModel:
         if os.path.exists(tok):
             with open(tok) as f:
                 t = json.load(f)
-            self.tokenizer = (int(t["buckets"]), int(t["ngrams"]), int(t["max_tokens"]), bool(t["lowercase"]))
+            self.tokenizer = (
+                int(t["buckets"]),
+                int(t["ngrams"]),
+                int(t["max_tokens"]),
+                bool(t["lowercase"]),
+                int(t.get("subwords", 0)),
+            )
             self.onnx_input = self.session.get_inputs()[0].name
 
     def execute(self, requests):

@@ -89,7 +89,12 @@ def hyperparameters(family: Family, tuned: Mapping[str, Any] | None = None) -> d
 
 def fit_preprocessor(family: Family, task: Task, x: npt.NDArray[Any], hparams: Mapping[str, Any]) -> Preprocessor:
     if family is Family.TEXT:
-        return Preprocessor.for_text(int(hparams["buckets"]), int(hparams["ngrams"]))
+        return Preprocessor.for_text(
+            int(hparams["buckets"]),
+            int(hparams["ngrams"]),
+            max_tokens=int(hparams.get("max_tokens", 256)),
+            subwords=int(hparams.get("subwords", 0)),
+        )
     return Preprocessor.fit_tensor(x, per_feature=task is Task.TABULAR)
 
 
@@ -134,6 +139,9 @@ def fit(
     module = build_seeded(config, seed)
     if warm_start is not None:
         warm_start(config, module)
+    set_idf = getattr(module, "set_idf", None)
+    if set_idf is not None and preprocessor is None:  # TF-IDF pooling: fitted on this training part
+        set_idf(xt)
     epochs = int(hp["epochs"])
     if max_epochs:
         epochs = min(epochs, max_epochs)

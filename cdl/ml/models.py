@@ -39,11 +39,14 @@ DEFAULTS: Mapping[Family, Mapping[str, Any]] = {
     },
     Family.CNN: {"channels": 32, "dropout": 0.2, "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 30},
     Family.TEXT: {
-        "embed_dim": 64,
-        "buckets": 2**15,
+        "embed_dim": 32,
+        "buckets": 2**16,
         "ngrams": 2,
+        "subwords": 5,
+        "max_tokens": 1024,
+        "pooling": "idf",
         "dropout": 0.1,
-        "lr": 5e-3,
+        "lr": 2e-3,
         "weight_decay": 0.0,
         "batch_size": 64,
         "epochs": 20,
@@ -72,7 +75,7 @@ class ModelConfig:
 
     def architecture(self) -> dict[str, Any]:
         """What must match for a warm start (shapes of every weight)."""
-        keys = {"hidden", "layers", "channels", "embed_dim", "buckets"}
+        keys = {"hidden", "layers", "channels", "embed_dim", "buckets", "ngrams", "subwords", "pooling"}
         return {
             "family": self.family.value,
             "input_shape": list(self.input_shape),
@@ -124,22 +127,63 @@ class CNN(nn.Module):
 
 
 class TextClassifier(nn.Module):
-    """Hashed unigram/bigram ids -> EmbeddingBag (mean) -> linear.
+    """Hashed token ids (word n-grams and subwords, :class:`cdl.ml.preprocess.Preprocessor`)
+    -> EmbeddingBag -> linear.
 
-    Id 0 is padding: it takes no part in the mean. The ONNX exporter cannot export
-    ``embedding_bag`` with a ``padding_idx``; under export the same mean is computed as an
-    embedding lookup and a masked average (same weights, same answers: tested to 1e-6), so a
-    text model compresses and serves like the others.
+    ``pooling``:
+
+    - ``"idf"`` (the default since text models take subwords): a TF-IDF-weighted sum, L2
+      normalised -- each id weighs its inverse document frequency in the training texts
+      (:meth:`set_idf`; ids no training text had weigh 0, as in a fitted TF-IDF vocabulary),
+      and the weights of a text are scaled to unit L2 norm. The weights are a buffer: they
+      travel with the checkpoint and the ONNX file.
+    - ``"mean"``: the plain mean of the ids' vectors (models trained before).
+
+    Id 0 is padding: it takes no part. The ONNX exporter cannot export ``embedding_bag`` with
+    a ``padding_idx``; under export the same pooling is computed as an embedding lookup and a
+    weighted sum (same weights, same answers: tested to 1e-6), so a text model compresses and
+    serves like the others.
     """
 
-    def __init__(self, buckets: int, embed_dim: int, num_classes: int, dropout: float) -> None:
+    def __init__(self, buckets: int, embed_dim: int, num_classes: int, dropout: float, pooling: str = "mean") -> None:
         super().__init__()
-        self.embedding = nn.EmbeddingBag(buckets, embed_dim, mode="mean", padding_idx=0)
+        if pooling not in ("mean", "idf"):
+            raise ValueError(f"pooling: mean or idf, not {pooling!r}")
+        self.pooling = pooling
+        self.embedding = nn.EmbeddingBag(buckets, embed_dim, mode="mean" if pooling == "mean" else "sum", padding_idx=0)
+        if pooling == "idf":
+            nn.init.normal_(self.embedding.weight, std=0.1)  # a sum of unit norm: N(0, 1) would saturate
+            with torch.no_grad():
+                self.embedding.weight[0].zero_()
+            self.register_buffer("idf", torch.ones(buckets))
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(embed_dim, num_classes)
 
+    def set_idf(self, ids: torch.Tensor | Any) -> None:
+        """Fit the idf weights on the training texts' ids ``[n, max_tokens]`` (smooth idf:
+        ``ln((1 + n) / (1 + df)) + 1``; 0 for ids in no text, and for padding)."""
+        if self.pooling != "idf":
+            return
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        n, buckets = len(ids), self.embedding.num_embeddings
+        rows = torch.arange(n, dtype=torch.int64).unsqueeze(1).expand_as(ids)
+        pairs = torch.unique((rows * buckets + ids).reshape(-1))  # (text, id) once each
+        df = torch.bincount(pairs % buckets, minlength=buckets).to(torch.float64)
+        idf = torch.where(df > 0, torch.log((1.0 + n) / (1.0 + df)) + 1.0, torch.zeros_like(df))
+        idf[0] = 0.0
+        self.get_buffer("idf").copy_(idf.to(torch.float32))
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pooled = self._masked_mean(ids) if torch.onnx.is_in_onnx_export() else self.embedding(ids)
+        if self.pooling == "mean":
+            pooled = self._masked_mean(ids) if torch.onnx.is_in_onnx_export() else self.embedding(ids)
+        else:
+            w = nn.functional.embedding(ids, self.get_buffer("idf").unsqueeze(1)).squeeze(-1)  # [batch, tokens]
+            w = w / w.pow(2).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-6)
+            if torch.onnx.is_in_onnx_export():
+                vectors = nn.functional.embedding(ids, self.embedding.weight)
+                pooled = (vectors * w.unsqueeze(-1)).sum(dim=1)
+            else:
+                pooled = self.embedding(ids, per_sample_weights=w)
         out: torch.Tensor = self.fc(self.dropout(pooled))
         return out
 
@@ -164,4 +208,6 @@ def build_model(config: ModelConfig) -> nn.Module:
         )
     if config.family is Family.CNN:
         return CNN(config.input_shape, config.num_classes, int(hp["channels"]), float(hp["dropout"]))
-    return TextClassifier(int(hp["buckets"]), int(hp["embed_dim"]), config.num_classes, float(hp["dropout"]))
+    # pooling: what the model was trained with; configs from before it was a hyperparameter pooled by mean
+    pooling = str(config.hparams.get("pooling", "mean"))
+    return TextClassifier(int(hp["buckets"]), int(hp["embed_dim"]), config.num_classes, float(hp["dropout"]), pooling)

@@ -28,6 +28,10 @@ class Preprocessor:
     ngrams: int = 1
     max_tokens: int = 256
     lowercase: bool = True
+    subwords: int = 0
+    """Text: also the character n-grams of 3 to ``subwords`` characters of each word, the word
+    wrapped in ``<`` and ``>`` (fastText's subwords; 0: none). They come after the words and
+    the word n-grams, and ``max_tokens`` cuts what is over."""
 
     # ------------------------------------------------------------------ fit
     @classmethod
@@ -41,8 +45,12 @@ class Preprocessor:
         return cls("standardize", tuple(map(float, mean)), tuple(map(float, std)), per_feature)
 
     @classmethod
-    def for_text(cls, buckets: int, ngrams: int, max_tokens: int = 256, lowercase: bool = True) -> Preprocessor:
-        return cls("hash_tokens", buckets=buckets, ngrams=ngrams, max_tokens=max_tokens, lowercase=lowercase)
+    def for_text(
+        cls, buckets: int, ngrams: int, max_tokens: int = 256, lowercase: bool = True, subwords: int = 0
+    ) -> Preprocessor:
+        return cls(
+            "hash_tokens", buckets=buckets, ngrams=ngrams, max_tokens=max_tokens, lowercase=lowercase, subwords=subwords
+        )
 
     # ------------------------------------------------------------------ apply
     def transform(self, data: npt.NDArray[Any] | Sequence[str]) -> npt.NDArray[Any]:
@@ -62,6 +70,13 @@ class Preprocessor:
             grams = list(tokens)
             for n in range(2, self.ngrams + 1):
                 grams += [" ".join(tokens[j : j + n]) for j in range(len(tokens) - n + 1)]
+            if self.subwords >= 3:
+                for token in tokens:
+                    w = f"<{token}>"
+                    for n in range(3, self.subwords + 1):
+                        grams += ["#" + w[j : j + n] for j in range(len(w) - n + 1)]
+                    if len(grams) >= self.max_tokens:
+                        break
             ids = [1 + zlib.crc32(g.encode()) % (self.buckets - 1) for g in grams[: self.max_tokens]]
             out[i, : len(ids)] = ids
         return out

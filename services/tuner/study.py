@@ -92,14 +92,18 @@ class StudyPlan:
     """"tpe" or "random" (the benchmark's baseline, with pruner "none")."""
     sampler_seed: int | None = None
     """The sampler's seed (default: ``seed``); each worker adds its index."""
+    startup_trials: int = 5
+    """TPE's first trials, sampled at random before its model guides the search."""
+    reduction_factor: int = 3
+    """Hyperband and successive halving: a rung keeps the best 1/``reduction_factor`` of its trials."""
 
     def __post_init__(self) -> None:
         if not self.objectives or self.objectives[0] != "accuracy" or len(self.objectives) > 2:
             raise ConfigError("objectives: accuracy, optionally with params or latency", got=list(self.objectives))
         if any(o not in OBJECTIVES for o in self.objectives):
             raise ConfigError("unknown objective", got=list(self.objectives))
-        if self.pruner not in ("hyperband", "median", "none"):
-            raise ConfigError("pruner: hyperband, median or none", got=self.pruner)
+        if self.pruner not in ("hyperband", "asha", "median", "none"):
+            raise ConfigError("pruner: hyperband, asha, median or none", got=self.pruner)
 
     @property
     def multi(self) -> bool:
@@ -148,7 +152,9 @@ def _sampler(plan: StudyPlan, worker: int) -> optuna.samplers.BaseSampler:
     seed = (plan.seed if plan.sampler_seed is None else plan.sampler_seed) * 1000 + worker
     if plan.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5, constant_liar=True)
+    return optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, n_startup_trials=plan.startup_trials, constant_liar=True
+    )
 
 
 def _pruner(plan: StudyPlan) -> optuna.pruners.BasePruner:
@@ -157,8 +163,12 @@ def _pruner(plan: StudyPlan) -> optuna.pruners.BasePruner:
     # epochs are reported from 1: no trial is pruned before epoch prune_min_epochs
     if plan.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=plan.prune_min_epochs)
+    if plan.pruner == "asha":  # successive halving: rungs at min, min*rf, min*rf^2, ...
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, plan.prune_min_epochs), reduction_factor=plan.reduction_factor
+        )
     return optuna.pruners.HyperbandPruner(
-        min_resource=max(1, plan.prune_min_epochs), max_resource=plan.max_epochs, reduction_factor=3
+        min_resource=max(1, plan.prune_min_epochs), max_resource=plan.max_epochs, reduction_factor=plan.reduction_factor
     )
 
 

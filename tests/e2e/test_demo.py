@@ -2,7 +2,7 @@
 step — stream → version → train (and tune) → compress → serve through the gateway →
 feedback → drift → early version → retrain → the new version serves → a faulty candidate
 rolled back with no failed client request — then the daily commands against the stack the
-demo leaves running (`--keep`)."""
+demo leaves running (`--keep`), and `cdl stack down` of it."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
 from cdl.events import decode
+from cdl.stack._procs import ProcInfo, group_members, is_alive
 from cdl.v1 import events_pb2
 from tests.helpers import IN_CI, read_committed, read_topic, run_cdl
 
@@ -50,7 +51,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
             pytest.skip(demo.stdout)
         assert demo.returncode == 0, demo.stdout[-5000:] + demo.stderr[-5000:]
         yield DemoRun(state_dir, report, tmp)
-    finally:
+    finally:  # (the module's last test stops it too, and checks what is left: a second down is a no-op)
         down = run_cdl("stack", "down", "--purge", state_dir=state_dir)
         assert down.returncode == 0, down.stdout
 
@@ -82,6 +83,14 @@ def test_the_demo_runs_the_whole_loop_by_itself(demo_run: DemoRun) -> None:
     # the stack the demo left running, through the daily commands
     state = json.loads((state_dir / "stack.json").read_text())
     assert set(state["services"]) == {"ingest", "trainer", "tuner", "compressor", "gateway", "monitor"}
+    procs = {name: ProcInfo(**p) for name, p in state["procs"].items()}
+    assert set(procs) == {"kafka", "minio", "postgres", "triton-0", *state["services"]}
+    assert all(is_alive(p) for p in procs.values())
+    stack_status = run_cdl("stack", "status", state_dir=state_dir)
+    assert stack_status.returncode == 0 and stack_status.stdout.count("healthy") == 10, stack_status.stdout
+    again_up = run_cdl("stack", "up", state_dir=state_dir)  # up again is a no-op: the same processes
+    assert again_up.returncode == 0 and "already running" in again_up.stdout, again_up.stdout
+    assert json.loads((state_dir / "stack.json").read_text())["procs"] == state["procs"]
     bootstrap = state["kafka"]["bootstrap"]
     tuned = [
         decode(r.key, r.value, list(r.headers.items())).payload
@@ -267,3 +276,20 @@ def test_kill_9_of_each_service_mid_loop_loses_and_doubles_nothing(
     outside = [(t, code) for t, code in clients.failures if not any(a <= t <= b for a, b in gateway_down)]
     assert not outside, outside
     assert "served" in outcomes, outcomes  # and at least one wave made it through to the clients
+
+
+def test_stack_down_leaves_nothing_running(demo_run: DemoRun) -> None:
+    """Last in this module: `cdl stack down --purge` of the stack the demo left (and the kill
+    test restarted services in) stops every process and leaves none of their children."""
+    state_dir = demo_run.state_dir
+    state = json.loads((state_dir / "stack.json").read_text())
+    procs = {name: ProcInfo(**p) for name, p in state["procs"].items()}
+    assert len(procs) == 10, sorted(procs)
+    down = run_cdl("stack", "down", "--purge", state_dir=state_dir)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not Path(state["postgres"]["data"]).exists()  # --purge: nothing left outside the state dir
+    for name, info in procs.items():
+        assert not is_alive(info), name
+        assert group_members(info.pid) == [], f"{name} left processes behind"
+    after = run_cdl("stack", "status", state_dir=state_dir)
+    assert after.returncode == 1

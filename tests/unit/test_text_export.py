@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from cdl.datasets import Task
@@ -24,13 +25,19 @@ TEXTS = np.array(
 )
 
 
-def test_a_text_model_exports_and_its_variants_answer_like_it() -> None:
-    hp = hyperparameters(Family.TEXT)
+@pytest.mark.parametrize("pooling", ["idf", "mean"])
+def test_a_text_model_exports_and_its_variants_answer_like_it(pooling: str) -> None:
+    hp = hyperparameters(Family.TEXT, {"pooling": pooling})
     pre = fit_preprocessor(Family.TEXT, Task.TEXT, TEXTS, hp)
     config = ModelConfig(Family.TEXT, (), 3, hp)
     module = build_seeded(config, 0).eval()
     ids = served_input(config, pre, TEXTS)
     assert ids.dtype == np.int64 and (ids == 0).any()  # padded, and one text is padding only
+    module.set_idf(ids[: len(ids) // 2])  # ids of the other half weigh 0 (unseen), as in training
+    if pooling == "idf":
+        idf = module.get_buffer("idf")
+        assert idf[0] == 0 and (idf > 0).sum() == len(np.unique(ids[: len(ids) // 2])) - 1
+        assert not (ids[len(ids) // 2 :] == 0).all()
     served = Served(module, config, pre).eval()
     fp32 = export_onnx(served, ids)
     assert parity(fp32, served, ids, 1e-5) < 1e-5

@@ -53,13 +53,20 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> Any:
     return mod
 
 
-@pytest.mark.parametrize("ngrams,lowercase", [(1, True), (2, True), (2, False)])
-def test_the_runner_tokenizes_as_training_does(runner: Any, ngrams: int, lowercase: bool) -> None:
-    pre = Preprocessor.for_text(2**15, ngrams, max_tokens=8, lowercase=lowercase)
+@pytest.mark.parametrize(
+    "ngrams,lowercase,subwords,max_tokens",
+    [(1, True, 0, 8), (2, True, 0, 8), (2, False, 0, 8), (2, True, 5, 8), (2, True, 5, 200), (1, False, 3, 200)],
+)
+def test_the_runner_tokenizes_as_training_does(
+    runner: Any, ngrams: int, lowercase: bool, subwords: int, max_tokens: int
+) -> None:
+    pre = Preprocessor.for_text(2**15, ngrams, max_tokens=max_tokens, lowercase=lowercase, subwords=subwords)
     want = pre.transform(TEXTS)
-    assert np.array_equal(runner.hash_tokens(TEXTS, 2**15, ngrams, 8, lowercase), want)
+    assert np.array_equal(runner.hash_tokens(TEXTS, 2**15, ngrams, max_tokens, lowercase, subwords), want)
     as_bytes = [t.encode() for t in TEXTS]  # what Triton hands the runner: UTF-8 bytes
-    assert np.array_equal(runner.hash_tokens(as_bytes, 2**15, ngrams, 8, lowercase), want)
+    assert np.array_equal(runner.hash_tokens(as_bytes, 2**15, ngrams, max_tokens, lowercase, subwords), want)
+    if subwords and max_tokens > 100:  # the words' subwords came after the words and word n-grams
+        assert (want > 0).sum(1).max() > len(TEXTS[0].split()) * 3
 
 
 def test_a_text_entry_takes_texts_and_answers_as_the_model(runner: Any, tmp_path: Path) -> None:
