@@ -7,7 +7,7 @@ import numpy.typing as npt
 from onnx import TensorProto, helper, numpy_helper
 
 from cdl.store import ObjectStore
-from cdl.triton import ModelSpec, TensorSpec, write_entry
+from cdl.triton import TRITON_BUCKET, ModelSpec, TensorSpec, runner_source, write_entry
 from services.compressor import faults
 
 
@@ -42,40 +42,6 @@ def failing_onnx(n_in: int, n_out: int) -> bytes:
     return faults.failing_onnx((n_in,), n_out)
 
 
-def slow_onnx(
-    w: npt.NDArray[np.float32], b: npt.NDArray[np.float32], matmuls: int, width: int = 512, rows: int = 1024
-) -> bytes:
-    """``input @ w + b`` like :func:`affine_onnx`, plus ``matmuls`` products of a ``rows`` x
-    ``width`` block of zeros with a square ``width`` matrix of zeros, added back in: the same
-    answers, slower by the extra work (``rows`` makes each product compute-bound, not a
-    vector that a cache serves)."""
-    nodes = [helper.make_node("MatMul", ["input", "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])]
-    up = np.zeros((w.shape[1], width), dtype=np.float32)
-    sq = np.zeros((width, width), dtype=np.float32)
-    down = np.zeros((width, w.shape[1]), dtype=np.float32)
-    axes, shape = np.array([1], dtype=np.int64), np.array([1, rows, width], dtype=np.int64)
-    named = ((w, "W"), (b, "b"), (up, "U"), (sq, "S"), (down, "D"), (axes, "axes"), (shape, "shape"))
-    inits = [numpy_helper.from_array(a, n) for a, n in named]
-    nodes.append(helper.make_node("MatMul", ["y", "U"], ["u"]))
-    nodes.append(helper.make_node("Unsqueeze", ["u", "axes"], ["u1"]))
-    nodes.append(helper.make_node("Expand", ["u1", "shape"], ["h0"]))  # [batch, rows, width]
-    for k in range(matmuls):
-        nodes.append(helper.make_node("MatMul", [f"h{k}", "S"], [f"h{k + 1}"]))
-    nodes.append(helper.make_node("ReduceMean", [f"h{matmuls}"], ["r"], axes=[1], keepdims=0))
-    nodes.append(helper.make_node("MatMul", ["r", "D"], ["z"]))
-    nodes.append(helper.make_node("Add", ["y", "z"], ["output"]))
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", w.shape[0]])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", w.shape[1]])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
-
-
 def write_onnx(store: ObjectStore, name: str, version: int, onnx_bytes: bytes, n_in: int, n_out: int) -> str:
     """Write any ``input`` [batch, n_in] -> ``output`` [batch, n_out] float model as version ``version``."""
     spec = ModelSpec(name, (TensorSpec("input", "float32", (n_in,)),), (TensorSpec("output", "float32", (n_out,)),), 16)
@@ -99,3 +65,23 @@ def write_affine(
         max_batch_size,
     )
     return write_entry(store, spec, version, affine_onnx(w, b, repeat))
+
+
+def write_slow_affine(
+    store: ObjectStore,
+    name: str,
+    version: int,
+    w: npt.NDArray[np.float32],
+    b: npt.NDArray[np.float32],
+    delay_s: float,
+) -> str:
+    """An affine version whose runner waits ``delay_s`` before each batch: the same answers,
+    slower by a wait that takes no CPU (work would slow the stable version's requests as much
+    on a busy machine). Test entries run in the python backend, whose ``model.py`` is per version."""
+    uri = write_affine(store, name, version, w, b)
+    source = runner_source()
+    hook = "    def execute(self, requests):\n"
+    assert hook in source
+    slow = source.replace(hook, f"{hook}        __import__('time').sleep({delay_s!r})\n", 1)
+    store.put_bytes(TRITON_BUCKET, f"{name}/{version}/model.py", slow.encode(), "text/x-python")
+    return uri

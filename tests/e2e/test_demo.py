@@ -201,28 +201,33 @@ class _Clients:
 def test_kill_9_of_each_service_mid_loop_loses_and_doubles_nothing(
     demo_run: DemoRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each service killed with SIGKILL at a random point of a wave's way to serving, then
-    restarted (`LocalStack.up` starts what is not running): every wave still ends with a new
-    version serving; no dataset or model version is lost or published twice; clients fail
-    only while the gateway itself is down."""
+    """One wave of records, and on its way to serving each of the six services killed with
+    SIGKILL in turn, at a random point, then restarted (`LocalStack.up` starts what is not
+    running): the wave still ends with a new version serving; no dataset or model version is
+    lost or published twice; each accepted version is compressed once; clients fail only while
+    the gateway itself is down."""
     from cdl.demo import DigitsData
     from cdl.demo_loop import DEMO_ENV
     from cdl.settings import StackSettings
     from cdl.stack import LocalStack
-    from cdl.stack._procs import ProcInfo, _signal_group, is_alive
+    from cdl.stack._procs import _signal_group, stop
 
-    for k, v in {**DEMO_ENV, "CDL_TUNER_WORKERS": "1"}.items():  # a restarted service runs as the demo's
+    # a restarted service runs as the demo's; the trainer accepts the wave's version whatever its
+    # accuracy (the same images again: within noise of the stable one, its gate could turn it
+    # down, and then the compressor and the gateway would have nothing to do while killed)
+    for k, v in {**DEMO_ENV, "CDL_TUNER_WORKERS": "1", "CDL_TRAINER_TOLERANCE": "1"}.items():
         monkeypatch.setenv(k, v)
     state_dir = demo_run.state_dir
     stack = LocalStack(StackSettings(state_dir=state_dir))
-    state = stack.read_state()
+    stop(ProcInfo(**stack.read_state()["procs"]["trainer"]), 30)  # a clean restart, with that setting
+    state = stack.up()
     bootstrap = state["kafka"]["bootstrap"]
     data = DigitsData(run_id="kill9")
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     rng = random.Random(9)
-    cycles = [("trainer", "monitor", "compressor"), ("ingest", "gateway", "tuner")]
+    # in the order the wave reaches them: each killed while the wave is near it, or not yet there
+    victims = ["ingest", "trainer", "tuner", "compressor", "gateway", "monitor"]
     gateway_down: list[tuple[float, float]] = []
-    outcomes: list[str] = []
 
     def events(topic: str) -> list[Any]:
         recs = read_committed(bootstrap, topic, 10**6, timeout_s=2)
@@ -234,38 +239,28 @@ def test_kill_9_of_each_service_mid_loop_loses_and_doubles_nothing(
         deadline = time.monotonic() + 60
         while not clients.newest() and time.monotonic() < deadline:
             time.sleep(0.5)
-        for wave, victims in enumerate(cycles, start=1):
-            before = clients.newest()
-            assert before, "nothing served before the wave"
-            for j in range(len(data)):
-                producer.produce("data.raw", data.record(wave, j))
-            producer.flush(30)
-            for name in victims:
-                time.sleep(rng.uniform(1.0, 8.0))  # a random point of the loop
-                info = ProcInfo(**stack.read_state()["procs"][name])
-                killed_at = time.time()
-                _signal_group(info.pid, signal.SIGKILL)
-                while is_alive(info):
-                    time.sleep(0.1)
-                stack.up()  # starts what is not running: the killed service
-                if name == "gateway":
-                    gateway_down.append((killed_at, time.time() + 2.0))
-            # the wave's version serves, unless the trainer's gate turned it down (within noise of
-            # the stable one: the same images again); either way the loop went all the way round
-            deadline = time.monotonic() + 300
-            outcome = ""
-            while not outcome and time.monotonic() < deadline:
-                if clients.newest() > max(before, trained_before):  # a version trained after the wave
-                    outcome = "served"
-                elif any(
-                    t.version > trained_before and t.verdict == events_pb2.VERDICT_REJECTED
-                    for t in events("model.trained")
-                ):
-                    outcome = "rejected"
-                time.sleep(1.0)
-            assert outcome, f"wave {wave} (killed {victims}): no new version served or turned down"
-            outcomes.append(outcome)
-            trained_before = max(int(t.version) for t in events("model.trained"))
+        before = clients.newest()
+        assert before, "nothing served before the wave"
+        for j in range(len(data)):
+            producer.produce("data.raw", data.record(1, j))
+        producer.flush(30)
+        for name in victims:
+            time.sleep(rng.uniform(0.5, 6.0))  # a random point of the loop
+            info = ProcInfo(**stack.read_state()["procs"][name])
+            killed_at = time.time()
+            _signal_group(info.pid, signal.SIGKILL)
+            while is_alive(info):
+                time.sleep(0.1)
+            stack.up()  # starts what is not running: the killed service
+            if name == "gateway":
+                gateway_down.append((killed_at, time.time() + 2.0))
+        deadline = time.monotonic() + 300
+        while clients.newest() <= max(before, trained_before) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        assert clients.newest() > max(before, trained_before), (
+            f"no version trained after the wave served (killed {victims}): "
+            f"{[(t.version, t.verdict, t.reason) for t in events('model.trained')]}"
+        )
 
     updated = [int(u.version) for u in events("data.updated")]
     trained = events("model.trained")
@@ -275,7 +270,6 @@ def test_kill_9_of_each_service_mid_loop_loses_and_doubles_nothing(
     assert sorted(int(c.version) for c in events("model.compressed")) == accepted  # each compressed once
     outside = [(t, code) for t, code in clients.failures if not any(a <= t <= b for a, b in gateway_down)]
     assert not outside, outside
-    assert "served" in outcomes, outcomes  # and at least one wave made it through to the clients
 
 
 def test_stack_down_leaves_nothing_running(demo_run: DemoRun) -> None:
