@@ -815,11 +815,13 @@ def tune_cmd(
         raise typer.Exit(1)
     now = Timestamp()
     now.GetCurrentTime()
-    producer = Producer(str(bootstrap))
+    # one small event: a broker that takes it at all takes it in seconds (and a stopped one is
+    # reported after 5 s, not 15)
+    producer = Producer(str(bootstrap), client_id="cdl-cli", **{"message.timeout.ms": 5000, "log_level": 0})
     msg = events_pb2.TuningRequested(model=model, reason=reason, time=now)
     producer.send(Topics.TUNING_REQUESTED, Event(msg, source=source_name("cli"), key=model))
     try:
-        producer.flush(15)
+        producer.flush(6)
     except CdlError as exc:
         console.print(f"[red]the request did not reach Kafka[/]: {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc

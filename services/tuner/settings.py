@@ -44,7 +44,7 @@ class TunerSettings(ServiceSettings):
     max_epochs: int = 15
     """Most epochs one trial may train (the pruner stops most trials sooner)."""
     pruner: str = "hyperband"
-    """Single-objective pruner: hyperband, median or none."""
+    """Single-objective pruner: hyperband, asha (successive halving), median or none."""
     objectives: list[str] = ["accuracy"]
     """accuracy, optionally with params (parameter count) or latency (CPU ms, batch 1)."""
     objectives_by_model: dict[str, list[str]] = {}
