@@ -15,8 +15,8 @@ a record is in the holdout when the hash of its id is under 0.2.
   (cdl/_triton_runner.py), then the ONNX file in ONNX Runtime.
 
 The cdl model is trained with ``CDL_BENCH_TEXT_SEEDS`` (5) seeds (each its own validation
-part and training seed); the variant scored is the one the compressor's rule picks (INT8
-when within its accuracy budget of FP32). Prints the accuracies and sizes per seed, and last
+part and training seed); the variant scored is the one the compressor's own ``choose`` picks
+with its default settings (accuracy budget, objective, latency runs). Prints the accuracies and sizes per seed, and last
 ``RESULT text_accuracy value=<median served cdl accuracy> baseline=<TF-IDF + LR> goal=>=1.0``.
 """
 
@@ -41,8 +41,6 @@ from cdl.textdata import PACKAGES, doc_paragraphs
 DATASET = "docs"
 #: cdl models trained (seeds 0..SEEDS-1: the validation part and the training seed); the median counts
 SEEDS = int(os.environ.get("CDL_BENCH_TEXT_SEEDS", "5"))
-#: the compressor's accuracy budget (services/compressor/settings.py)
-BUDGET = 0.005
 
 
 def served_tokenizer() -> object:
@@ -60,12 +58,17 @@ def served_tokenizer() -> object:
 
 
 def main() -> None:
+    import torch
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
 
-    from services.compressor.variants import Served, export_onnx, int8_dynamic_variant, run, served_input
+    from services.compressor.compressor import choose
+    from services.compressor.settings import CompressorSettings
+    from services.compressor.variants import Served, export_onnx, int8_dynamic_variant, measure, served_input
+
+    compressor = CompressorSettings()  # its accuracy budget, objective and latency runs
 
     print(f"machine: {machine()}")
     pairs = doc_paragraphs()
@@ -106,18 +109,20 @@ def main() -> None:
         fp32 = export_onnx(served, ids_train)
         ids = hash_tokens(list(texts[hold]), pre.buckets, pre.ngrams, pre.max_tokens, pre.lowercase, pre.subwords)  # type: ignore[operator]
         assert np.array_equal(ids, ids_train), "the runner tokenizes differently from training"
-        accs, sizes = {}, {}
-        for name, blob in (("fp32", fp32), ("int8-dynamic", int8_dynamic_variant(fp32))):
-            accs[name] = float((run(blob, ids).argmax(1) == labels[hold]).mean())
-            sizes[name] = len(blob) / 1e6
-        # the compressor's rule: the smaller variant when within the accuracy budget of fp32
-        pick = "int8-dynamic" if accs["int8-dynamic"] >= accs["fp32"] - BUDGET else "fp32"
-        chosen.append(accs[pick])
-        int8.append(accs["int8-dynamic"])
+        with torch.no_grad():
+            reference = served(torch.from_numpy(ids)).numpy().argmax(1)
+        measured = [
+            measure(name, blob, ids, labels[hold], reference, compressor.latency_runs)
+            for name, blob in (("fp32", fp32), ("int8-dynamic", int8_dynamic_variant(fp32)))
+        ]
+        # what the compressor would choose of them, by its own rule and settings
+        pick, _ = choose(measured, compressor.accuracy_budget, compressor.objective)
+        chosen.append(pick.accuracy)
+        int8.append(next(m.accuracy for m in measured if m.name == "int8-dynamic"))
         print(
             f"seed {seed}: trained in {took:.1f}s, {len(fitted.result.history)} epochs; as served: "
-            + ", ".join(f"{n} {a:.4f} ({sizes[n]:.2f} MB)" for n, a in accs.items())
-            + f"; chosen {pick}"
+            + ", ".join(f"{m.name} {m.accuracy:.4f} ({m.size_bytes / 1e6:.2f} MB)" for m in measured)
+            + f"; chosen {pick.name}"
         )
     med_chosen, med_int8 = statistics.median(chosen), statistics.median(int8)
     print(f"median over {SEEDS} seeds: chosen variant {med_chosen:.4f}, int8 {med_int8:.4f}")
