@@ -70,16 +70,24 @@ def _request() -> bytes:
     return bytes(req.SerializeToString())
 
 
-def _cpu_s(pid: int) -> float:
+def _cpu_s(pid: int, group: bool = True) -> float:
+    """CPU seconds of ``pid`` and (``group``) the rest of its process group (a gateway's log writer)."""
     from cdl.stack._procs import _stat, group_members
 
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for p in group_members(pid) or [pid]:
+    for p in (group_members(pid) or [pid]) if group else [pid]:
         st = _stat(p)
         if st is not None:
             total += (int(st[11]) + int(st[12])) / tick
     return total
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return float(sum(fields) - idle), float(sum(fields))
 
 
 def _wait_http(url: str, timeout_s: float = 60) -> None:
@@ -200,12 +208,31 @@ def main() -> None:
             figures: dict[str, dict[str, list[float]]] = {
                 n: {"p50": [], "p99": [], "cpu": [], "rps": []} for n in targets
             }
+            # who spends the CPU at saturation: the client (this process), the proxy, Triton, Kafka
+            others = {
+                "client": os.getpid(),
+                "triton": int(state["procs"]["triton-0"]["pid"]),
+                "kafka": int(state["procs"]["kafka"]["pid"]),
+            }
             for rnd in range(1, ROUNDS + 1):
                 for name, (target, metadata, pid) in targets.items():
                     cpu0 = _cpu_s(pid) if pid else 0.0
                     lat = asyncio.run(fixed_rate(target, request, metadata, RATE, SECONDS))
                     cpu = (_cpu_s(pid) - cpu0) / len(lat) * 1e6 if pid else float("nan")
+                    who = dict(others, proxy=pid) if pid else others
+                    before = {k: _cpu_s(p) for k, p in who.items()}
+                    main0 = _cpu_s(pid, group=False) if pid else 0.0
+                    busy0, total0 = _machine_busy()
                     rps = asyncio.run(closed_loop(target, request, metadata, SECONDS, CONCURRENCY))
+                    busy1, total1 = _machine_busy()
+                    n = rps * SECONDS
+                    split = " ".join(f"{k} {(_cpu_s(p) - before[k]) / n * 1e6:.0f}" for k, p in who.items())
+                    if pid:
+                        split += f" (its main process {(_cpu_s(pid, group=False) - main0) / n * 1e6:.0f})"
+                    print(
+                        f"    {name} at concurrency {CONCURRENCY}, CPU us/request: {split}; "
+                        f"machine busy {(busy1 - busy0) / (total1 - total0):.0%}"
+                    )
                     q = np.quantile(lat, [0.5, 0.99]) * 1000
                     f = figures[name]
                     f["p50"].append(float(q[0]))

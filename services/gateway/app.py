@@ -52,6 +52,7 @@ from services.gateway.auth import ApiKeys
 from services.gateway.backends import TritonPool
 from services.gateway.control import TritonControl
 from services.gateway.inference_log import InferenceLog
+from services.gateway.log_writer import WriterProcess
 from services.gateway.peers import DriverLink, Followers
 from services.gateway.rollout import (
     Action,
@@ -137,13 +138,24 @@ class GatewayApp:
         self.producer = Producer(
             settings.kafka_bootstrap, client_id="cdl-gateway", **{"delivery.report.only.error": True}
         )
+        # the log's records are built and produced by a writer process (off this process's GIL),
+        # or by the log's thread with this process's producer
+        logging_on = settings.log_sample > 0
+        in_thread = settings.log_writer == "thread"
         self.log = InferenceLog(
-            self.producer if settings.log_sample > 0 else None,
+            self.producer if logging_on and in_thread else None,
             settings.logged_topic,
             sample=settings.log_sample,
             inputs_max_bytes=settings.log_inputs_max_bytes,
             queue_size=settings.log_queue,
             source=self.source,
+            writer=(
+                WriterProcess(
+                    settings.kafka_bootstrap, settings.logged_topic, self.source, settings.log_inputs_max_bytes
+                )
+                if logging_on and not in_thread
+                else None
+            ),
         )
         self.keys = ApiKeys(settings.api_key_hashes, settings.admin_key_hashes)
         self.pool = TritonPool(

@@ -15,6 +15,11 @@ record is dropped and counted in ``cdl_gateway_log_dropped_total{reason}``
 (``full``); a record Kafka did not acknowledge is counted with reason
 ``kafka``. The gateway keeps serving either way.
 
+Who builds and produces the records is the log's :class:`RoundWriter`: a
+:class:`RecordWriter` in the log's thread (given a ``producer``), or the
+gateway's writer process (:class:`services.gateway.log_writer.WriterProcess`,
+the default in the service: the thread then only pickles each round for it).
+
 A record (``cdl.v1.InferenceLogged``, keyed by request id, so the monitor's
 join with ``data.feedback`` by request id is a key join):
 
@@ -57,13 +62,23 @@ from cdl.v1 import events_pb2
 from cdl.v1 import open_inference_pb2 as pb
 from services.gateway import wire
 
-__all__ = ["LOG_DROPPED", "LOG_SENT", "InferenceLog", "LogProducer", "build_record", "top_labels"]
+__all__ = [
+    "LOG_DROPPED",
+    "LOG_SENT",
+    "InferenceLog",
+    "LogProducer",
+    "RecordWriter",
+    "RoundWriter",
+    "build_record",
+    "top_labels",
+]
 
 log = get_logger(__name__)
 
 LOG_DROPPED = Counter(
     "cdl_gateway_log_dropped_total",
-    "Inference log records dropped (full: queue full, Kafka slow or away; kafka: not acknowledged)",
+    "Inference log records dropped (full: queue full, Kafka slow or away; kafka: not acknowledged; "
+    "writer: the writer process died or was starting)",
     ["reason"],
 )
 LOG_SENT = Counter("cdl_gateway_log_sent_total", "Inference log records handed to Kafka")
@@ -267,10 +282,84 @@ def _ids(entropy: str, at: int) -> tuple[str, str]:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}", f"00-{h[32:64]}-{h[64:80]}-01"
 
 
+class RoundWriter(Protocol):
+    """Where :class:`InferenceLog`'s thread hands each round of offered requests."""
+
+    def write(self, items: list[_Item]) -> None:
+        """Build and produce the records of ``items`` (counting what was sent and dropped)."""
+
+    def idle(self) -> None:
+        """Called when a round had nothing to write (serve delivery reports)."""
+
+    def close(self, timeout_s: float) -> None:
+        """No more rounds."""
+
+
+class RecordWriter:
+    """Builds the records of a round and hands them to ``producer``, in the caller's thread.
+
+    The log thread's writer when the gateway logs in-process (``log_writer="thread"``), and
+    the writer process's (:mod:`services.gateway.log_writer`). ``counted``: whether this
+    writer counts what it sent and dropped in this process's Prometheus metrics (a writer
+    process reports its counts to the gateway, which counts them there).
+    """
+
+    def __init__(
+        self, producer: LogProducer, topic: str, source: str, inputs_max_bytes: int, counted: bool = True
+    ) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._inputs_max = inputs_max_bytes
+        self._headers = _LogHeaders(source)
+        self._counted = counted
+        self.sent = 0
+        """Records handed to the producer so far."""
+        self.failed = 0
+        """Records not sent or not acknowledged so far."""
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self.failed += 1
+            if self._counted:
+                LOG_DROPPED.labels(reason="kafka").inc()
+
+    def write(self, items: list[_Item]) -> None:
+        producer, topic, inputs_max, headers_of = self._producer, self._topic, self._inputs_max, self._headers
+        sent = failed = 0
+        entropy = os.urandom(_ENTROPY * len(items)).hex()  # one system call for the round's ids
+        for i, item in enumerate(items):
+            try:
+                rec = build_record(item, inputs_max)
+                event_id, trace = _ids(entropy, i * 2 * _ENTROPY)
+                headers = headers_of(event_id, trace, item[7])
+                producer.send_raw(topic, rec.SerializeToString(), item[2].encode(), headers, self._delivered)
+                sent += 1
+            except Exception:  # a log record must never stop the log
+                failed += 1
+                log.exception("inference log record not sent", model=item[0])
+        self.sent += sent
+        self.failed += failed
+        if self._counted:
+            if sent:
+                LOG_SENT.inc(sent)
+            if failed:
+                LOG_DROPPED.labels(reason="kafka").inc(failed)
+        producer.poll(0)
+
+    def idle(self) -> None:
+        self._producer.poll(0)
+
+    def close(self, timeout_s: float) -> None:
+        """Nothing of its own: the producer is its owner's to flush."""
+
+
 class InferenceLog:
     """Bounded, sampled, off-the-hot-path producer of ``inference.logged``; see the module docstring.
 
-    With ``producer`` None the log is off: :meth:`offer` returns at once.
+    Records are built and produced by ``writer`` (a :class:`RoundWriter`, e.g. the gateway's
+    writer process, :class:`services.gateway.log_writer.WriterProcess`), or, given a
+    ``producer`` instead, by a :class:`RecordWriter` in the log's own thread. With neither the
+    log is off: :meth:`offer` returns at once.
     """
 
     def __init__(
@@ -283,26 +372,24 @@ class InferenceLog:
         source: str | None = None,
         batch: int = 512,
         interval_s: float = 0.05,
+        writer: RoundWriter | None = None,
     ) -> None:
-        """``interval_s``: the thread hands what was offered to the producer every so often (and
+        """``interval_s``: the thread hands what was offered to the writer every so often (and
         at once while it is behind by a ``batch``); records reach Kafka that much later."""
-        self._producer = producer
-        self._topic = topic
         self._sample = min(max(sample, 0.0), 1.0)
         self._credit = 0.0
-        self._inputs_max = inputs_max_bytes
         self._max = max(1, queue_size)
         self._batch = max(1, batch)
         self._interval = max(0.001, interval_s)
-        self._sent = LOG_SENT
         self._queue: deque[_Item] = deque()
-        self._source = source or source_name("gateway")
-        self._headers = _LogHeaders(self._source)
+        if writer is None and producer is not None:
+            writer = RecordWriter(producer, topic, source or source_name("gateway"), inputs_max_bytes)
+        self._writer = writer
         self._dropped_full = LOG_DROPPED.labels(reason="full")
         self._dropped_kafka = LOG_DROPPED.labels(reason="kafka")
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        if producer is not None and self._sample > 0.0:
+        if writer is not None and self._sample > 0.0:
             self._thread = threading.Thread(target=self._run, name="cdl-gateway-log", daemon=True)
             self._thread.start()
 
@@ -338,52 +425,40 @@ class InferenceLog:
             return
         self._queue.append((model, version, request_id, request, response, latency_s, status, time.time()))
 
-    def _delivered(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            self._dropped_kafka.inc()
-
     def _run(self) -> None:
-        producer = self._producer
-        assert producer is not None
+        writer = self._writer
+        assert writer is not None
         queue = self._queue
         interval = self._interval
         idle = 0
         while True:
             if queue:
-                # what arrived since the last round, handed to the producer in one go: librdkafka
-                # then batches it into one produce request (not one per record), and this thread
+                # what arrived since the last round, handed over in one go: librdkafka then
+                # batches it into one produce request (not one per record), and this thread
                 # takes the GIL once per round, not once per request
                 n = min(len(queue), self._batch)
-                sent = 0
-                entropy = os.urandom(_ENTROPY * n).hex()  # one system call for the round's ids
-                for i in range(n):
-                    item = queue.popleft()
-                    try:
-                        rec = build_record(item, self._inputs_max)
-                        event_id, trace = _ids(entropy, i * 2 * _ENTROPY)
-                        headers = self._headers(event_id, trace, item[7])
-                        key = item[2].encode()
-                        producer.send_raw(self._topic, rec.SerializeToString(), key, headers, self._delivered)
-                        sent += 1
-                    except Exception:  # a log record must never stop the log
-                        self._dropped_kafka.inc()
-                        log.exception("inference log record not sent", model=item[0])
-                if sent:
-                    self._sent.inc(sent)
-                producer.poll(0)
+                try:
+                    writer.write([queue.popleft() for _ in range(n)])
+                except Exception:  # the log must never stop
+                    self._dropped_kafka.inc(n)
+                    log.exception("inference log round not written", records=n)
                 if len(queue) >= self._batch:
                     continue  # behind: no pause
                 idle = 0
             else:
-                producer.poll(0)
+                writer.idle()
                 idle += 1
             # nothing offered for a while: wake less often (a record waits at most 4 intervals)
             if self._closed.wait(interval if idle < 4 else 4 * interval) and not queue:
                 return
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread after handing what is queued to Kafka (within ``timeout_s``)."""
+        """Stop the thread after handing what is queued to the writer (within ``timeout_s``), then
+        the writer (a writer process flushes its producer)."""
         self._closed.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        if self._writer is not None:
+            self._writer.close(timeout_s)
+            self._writer = None
