@@ -54,6 +54,9 @@ RATE = float(os.environ.get("CDL_BENCH_GATEWAY_RATE", "200"))
 SECONDS = float(os.environ.get("CDL_BENCH_GATEWAY_SECONDS", "10"))
 CONCURRENCY = 16
 ROLLOUTS = int(os.environ.get("CDL_BENCH_GATEWAY_ROLLOUTS", "50"))
+#: another gateway measured beside the first, NAME:ENV=VALUE;ENV=VALUE (e.g.
+#: thread:CDL_GATEWAY_LOG_WRITER=thread), to compare two settings on the machine as it is then
+VARIANT = os.environ.get("CDL_BENCH_GATEWAY_VARIANT", "")
 N_IN, N_OUT = 64, 10
 MODEL = "digits_bench"
 KEY = "bench-key"
@@ -198,6 +201,19 @@ def main() -> None:
             write_affine(store, MODEL, 1, w, b)
             announce(1)
             wait_state(1, events_pb2.ROLLOUT_STATE_PROMOTED)
+            variant: tuple[str, Any, Any] | None = None
+            if VARIANT:
+                # started once v1 serves: it reads the rollout state the first gateway saved and
+                # serves v1 too; its own topics (it never rolls anything out) and ports
+                vname, _, vsettings = VARIANT.partition(":")
+                vport, vmetrics = free_port(), free_port()
+                venv = env | {f"CDL_GATEWAY_{k.upper()}_TOPIC": f"{v}.{vname}" for k, v in topics.items()}
+                venv |= {"CDL_GATEWAY_GROUP_ID": f"bench-gw-{uid}-{vname}", "CDL_GATEWAY_GRPC_PORT": str(vport)}
+                venv |= {"CDL_GATEWAY_METRICS_PORT": str(vmetrics)}
+                venv |= dict(kv.split("=", 1) for kv in vsettings.split(";") if kv)
+                vproc, vinfo = spawn([sys.executable, "-m", "services.gateway"], tmp / f"gateway-{vname}.log", env=venv)
+                _wait_http(f"http://127.0.0.1:{vmetrics}/healthz")
+                variant = (vname, vproc, vinfo)
             request = _request()
             auth = (("authorization", f"Bearer {KEY}"),)
             targets = {
@@ -205,6 +221,9 @@ def main() -> None:
                 "floor": (f"127.0.0.1:{floor_port}", (), floor.pid),
                 "gateway": (f"127.0.0.1:{gw_port}", auth, gw.pid),
             }
+            if variant is not None:
+                targets[variant[0]] = (f"127.0.0.1:{vport}", auth, variant[2].pid)
+                asyncio.run(fixed_rate(targets[variant[0]][0], request, auth, 50, 2))  # it serves v1
             figures: dict[str, dict[str, list[float]]] = {
                 n: {"p50": [], "p99": [], "cpu": [], "rps": []} for n in targets
             }
@@ -222,6 +241,7 @@ def main() -> None:
                     who = dict(others, proxy=pid) if pid else others
                     before = {k: _cpu_s(p) for k, p in who.items()}
                     main0 = _cpu_s(pid, group=False) if pid else 0.0
+                    gw0, t0 = _cpu_s(gw.pid), time.perf_counter()
                     busy0, total0 = _machine_busy()
                     rps = asyncio.run(closed_loop(target, request, metadata, SECONDS, CONCURRENCY))
                     busy1, total1 = _machine_busy()
@@ -229,6 +249,9 @@ def main() -> None:
                     split = " ".join(f"{k} {(_cpu_s(p) - before[k]) / n * 1e6:.0f}" for k, p in who.items())
                     if pid:
                         split += f" (its main process {(_cpu_s(pid, group=False) - main0) / n * 1e6:.0f})"
+                    if name in ("direct", "floor"):  # what the gateway spends with no requests of its own
+                        idle_ms = (_cpu_s(gw.pid) - gw0) / (time.perf_counter() - t0) * 1e3
+                        split += f"; the idle gateway {idle_ms:.1f} ms/s"
                     print(
                         f"    {name} at concurrency {CONCURRENCY}, CPU us/request: {split}; "
                         f"machine busy {(busy1 - busy0) / (total1 - total0):.0%}"
@@ -248,6 +271,16 @@ def main() -> None:
                 print(
                     f"median {n:8s} p50 {f['p50']:.2f} ms p99 {f['p99']:.2f} ms "
                     f"cpu {f['cpu']:.0f} us {f['rps']:,.0f} req/s"
+                )
+
+            if variant is not None:
+                stop(variant[2], 20)
+                variant[1].wait(10)
+                vf, ff, gf = med[variant[0]], med["floor"], med["gateway"]
+                print(
+                    f"variant {variant[0]}: throughput {vf['rps'] / ff['rps']:.3f}x the floor (gateway "
+                    f"{gf['rps'] / ff['rps']:.3f}x), CPU {vf['cpu'] / ff['cpu']:.3f}x "
+                    f"(gateway {gf['cpu'] / ff['cpu']:.3f}x)"
                 )
 
             # ---- 50 consecutive rollouts under a light load

@@ -138,8 +138,8 @@ class GatewayApp:
         self.producer = Producer(
             settings.kafka_bootstrap, client_id="cdl-gateway", **{"delivery.report.only.error": True}
         )
-        # the log's records are built and produced by a writer process (off this process's GIL),
-        # or by the log's thread with this process's producer
+        # the log's records are built and produced by the log's thread with this process's
+        # producer, or by a writer process (off this process's GIL; log_writer=process)
         logging_on = settings.log_sample > 0
         in_thread = settings.log_writer == "thread"
         self.log = InferenceLog(

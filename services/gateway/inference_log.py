@@ -18,7 +18,7 @@ record is dropped and counted in ``cdl_gateway_log_dropped_total{reason}``
 Who builds and produces the records is the log's :class:`RoundWriter`: a
 :class:`RecordWriter` in the log's thread (given a ``producer``), or the
 gateway's writer process (:class:`services.gateway.log_writer.WriterProcess`,
-the default in the service: the thread then only pickles each round for it).
+``log_writer="process"``: the thread then only pickles each round for it).
 
 A record (``cdl.v1.InferenceLogged``, keyed by request id, so the monitor's
 join with ``data.feedback`` by request id is a key join):

@@ -3,12 +3,14 @@
 Building an ``InferenceLogged`` record (parsing the request and the response,
 the digest, the top labels, the CloudEvents headers) and producing it is
 10-40 µs of Python per request. In the serving process it runs under the GIL
-that the hot path needs, and on a busy machine it cost the gateway a quarter
-of its throughput. So, by default (``log_writer="process"``), the log thread
+that the hot path needs (the log off, the gateway served up to a quarter more
+requests a second on two busy cores). So, with ``log_writer="process"``, the log thread
 of :class:`~services.gateway.inference_log.InferenceLog` only pickles each
 round of offered requests (one ``pickle.dumps`` of a list of tuples of
 references, ~1 µs a request) and writes it down a pipe to a child process
-that builds, produces and counts them.
+that builds, produces and counts them. On a machine with cores to spare that
+frees the serving process; on two shared cores it measured a wash (see
+docs/gateway.md), so the default is the in-process ``thread``.
 
 Protocol: the child is ``python -m services.gateway.log_writer CONFIG_JSON``.
 On its stdin, frames: a 4-byte little-endian length and a pickled list of

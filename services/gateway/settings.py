@@ -62,9 +62,10 @@ class GatewaySettings(ServiceSettings):
     """Inputs up to this size travel in the log record; larger ones as a SHA-256 digest."""
     log_queue: int = 10000
     """Log records waiting for Kafka at most; past that they are dropped and counted."""
-    log_writer: Literal["process", "thread"] = "process"
-    """Where log records are built and produced: a writer process of the gateway's own (off
-    the serving process's GIL; services.gateway.log_writer) or a thread of the serving process."""
+    log_writer: Literal["process", "thread"] = "thread"
+    """Where log records are built and produced: a thread of the serving process, or a writer
+    process of the gateway's own (off the serving process's GIL, for hosts with cores to spare;
+    services.gateway.log_writer)."""
 
     trace_sample: float = 0.01
     """Share of ModelInfer requests given a span of their own (cdl.tracing; a client's

@@ -387,8 +387,10 @@ def test_two_gateway_processes_on_one_port_serve_and_roll_out_as_one(
 ) -> None:
     """processes=2: a driver and a follower share the port (SO_REUSEPORT). Clients on 16
     connections reach both; a good v2 is promoted and a failing v3 rolled back on what both
-    served, no request fails, and an admin call answers the same whichever process it reaches."""
-    gw = gateway_factory(**FAST, processes="2").start()
+    served, no request fails, and an admin call answers the same whichever process it reaches.
+    Each process logs through a writer process of its own (log_writer=process, the setting for
+    hosts with cores to spare, where several processes serve)."""
+    gw = gateway_factory(**FAST, processes="2", log_writer="process").start()
     deadline = time.monotonic() + 60
     while _ready(gw).get("followers") != 1:
         assert time.monotonic() < deadline, _ready(gw)
