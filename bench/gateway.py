@@ -194,6 +194,7 @@ def main() -> None:
                 time.sleep(0.3)
             raise RuntimeError(f"the rollout of v{version} never ended")
 
+        variant: tuple[str, Any, Any] | None = None
         try:
             _wait_http(f"http://127.0.0.1:{gw_metrics}/healthz")
             w = np.random.default_rng(1).normal(size=(N_IN, N_OUT)).astype(np.float32)
@@ -201,7 +202,6 @@ def main() -> None:
             write_affine(store, MODEL, 1, w, b)
             announce(1)
             wait_state(1, events_pb2.ROLLOUT_STATE_PROMOTED)
-            variant: tuple[str, Any, Any] | None = None
             if VARIANT:
                 # started once v1 serves: it reads the rollout state the first gateway saved and
                 # serves v1 too; its own topics (it never rolls anything out) and ports
@@ -276,9 +276,10 @@ def main() -> None:
             if variant is not None:
                 stop(variant[2], 20)
                 variant[1].wait(10)
-                vf, ff, gf = med[variant[0]], med["floor"], med["gateway"]
+                vname, variant = variant[0], None
+                vf, ff, gf = med[vname], med["floor"], med["gateway"]
                 print(
-                    f"variant {variant[0]}: throughput {vf['rps'] / ff['rps']:.3f}x the floor (gateway "
+                    f"variant {vname}: throughput {vf['rps'] / ff['rps']:.3f}x the floor (gateway "
                     f"{gf['rps'] / ff['rps']:.3f}x), CPU {vf['cpu'] / ff['cpu']:.3f}x "
                     f"(gateway {gf['cpu'] / ff['cpu']:.3f}x)"
                 )
@@ -370,6 +371,8 @@ def main() -> None:
                 f"{failures} client requests failed"
             )
         finally:
+            if variant is not None:
+                stop(variant[2], 20)
             stop(gw, 20)
             stop(floor, 5)
             with contextlib.suppress(OSError):  # the private stack's directory goes away: keep the log

@@ -291,8 +291,8 @@ class RoundWriter(Protocol):
     def idle(self) -> None:
         """Called when a round had nothing to write (serve delivery reports)."""
 
-    def close(self, timeout_s: float) -> None:
-        """No more rounds."""
+    def close(self, timeout_s: float, abandon: bool = False) -> None:
+        """No more rounds (``abandon``: the log's thread did not stop and may still be writing)."""
 
 
 class RecordWriter:
@@ -349,7 +349,7 @@ class RecordWriter:
     def idle(self) -> None:
         self._producer.poll(0)
 
-    def close(self, timeout_s: float) -> None:
+    def close(self, timeout_s: float, abandon: bool = False) -> None:
         """Nothing of its own: the producer is its owner's to flush."""
 
 
@@ -358,8 +358,9 @@ class InferenceLog:
 
     Records are built and produced by ``writer`` (a :class:`RoundWriter`, e.g. the gateway's
     writer process, :class:`services.gateway.log_writer.WriterProcess`), or, given a
-    ``producer`` instead, by a :class:`RecordWriter` in the log's own thread. With neither the
-    log is off: :meth:`offer` returns at once.
+    ``producer`` instead, by a :class:`RecordWriter` in the log's own thread (``topic``,
+    ``source`` and ``inputs_max_bytes`` are that writer's; a given ``writer`` has its own). With
+    neither the log is off: :meth:`offer` returns at once.
     """
 
     def __init__(
@@ -398,7 +399,7 @@ class InferenceLog:
         return self._thread is not None
 
     def pending(self) -> int:
-        """Records offered and not yet handed to Kafka."""
+        """Records offered and not yet handed to the writer (the producer, or the writer process)."""
         return len(self._queue)
 
     def offer(
@@ -456,9 +457,11 @@ class InferenceLog:
         """Stop the thread after handing what is queued to the writer (within ``timeout_s``), then
         the writer (a writer process flushes its producer)."""
         self._closed.set()
+        stuck = False
         if self._thread is not None:
             self._thread.join(timeout_s)
+            stuck = self._thread.is_alive()  # blocked on a writer that does not take its rounds
             self._thread = None
         if self._writer is not None:
-            self._writer.close(timeout_s)
+            self._writer.close(timeout_s, abandon=stuck)
             self._writer = None

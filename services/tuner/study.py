@@ -22,7 +22,7 @@ processes sharing a storage (transport-free: no Kafka, no grpc).
   there, by more than ``prune_margin``.
 - **Objectives**: ``accuracy`` (maximise), optionally with ``params``
   (parameter count) or ``latency`` (median ms of a batch-1 forward pass on the CPU),
-  both minimised; the sampler is TPE (multivariate, ``tpe_gamma`` 0.25) for both kinds.
+  both minimised; the sampler is TPE (multivariate; single-objective with ``tpe_gamma``) for both kinds.
   A multi-objective study keeps its Pareto front; the point used is picked
   by :func:`pick`: the smallest second objective among the front's points
   whose accuracy is within ``pick_tolerance`` of the front's best.
@@ -98,9 +98,10 @@ class StudyPlan:
     reduction_factor: int = 3
     """Hyperband and successive halving: a rung keeps the best 1/``reduction_factor`` of its trials."""
     tpe_gamma: float = 0.25
-    """TPE: the share of finished trials that forms its "good" density (at most 25 trials).
-    Hyperopt's TPE uses 0.25; Optuna's default, 0.1, is for budgets of hundreds of trials: with
-    20 it models "good" on 2 trials and clings to the best of its first random ones."""
+    """Single-objective TPE: the share of finished trials that forms its "good" density (at
+    least 1, at most 25 trials). Optuna's default, ``ceil(0.1 n)`` (and Hyperopt's,
+    ``ceil(0.25 sqrt(n))``), models "good" on 2 trials of a 20-trial study, which clung to the
+    best of its first random trials in bench/tuner.py; a quarter of them (5 of 20) did better."""
 
     def __post_init__(self) -> None:
         if not self.objectives or self.objectives[0] != "accuracy" or len(self.objectives) > 2:
@@ -159,9 +160,13 @@ def _sampler(plan: StudyPlan, worker: int) -> optuna.samplers.BaseSampler:
     seed = (plan.seed if plan.sampler_seed is None else plan.sampler_seed) * 1000 + worker
     if plan.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if plan.multi:  # multi-objective TPE keeps Optuna's own split
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, n_startup_trials=plan.startup_trials, constant_liar=True
+        )
     with warnings.catch_warnings():
         # Optuna 4.9 deprecates ``gamma`` (removal planned for 6.0; pyproject keeps optuna < 6):
-        # its fixed 0.1 share is what bench/tuner.py measured worse on 20-trial studies
+        # its default is what bench/tuner.py measured worse on 20-trial studies
         warnings.filterwarnings("ignore", message=".*`gamma` has been deprecated", category=FutureWarning)
         return optuna.samplers.TPESampler(
             seed=seed,

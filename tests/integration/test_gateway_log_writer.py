@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pytest
 
 from cdl.events import decode
 from cdl.v1 import events_pb2
@@ -160,4 +161,49 @@ def test_a_gateway_killed_leaves_no_writer_and_its_records_arrive(kafka_bootstra
     finally:
         if gateway.poll() is None:
             gateway.kill()
+        if gateway.stdout is not None:
+            gateway.stdout.close()
     assert sorted(_records(kafka_bootstrap, topic, 200)) == sorted(f"k{i}" for i in range(200))
+
+
+def test_a_writer_process_counts_what_kafka_never_took() -> None:
+    """No broker at all: the writer process's records time out and the gateway counts them
+    (reported over the pipe), and close ends the child."""
+    writer = WriterProcess("127.0.0.1:9", "t", "/cdl/gateway/test", producer_config={"message.timeout.ms": 300})
+    logger = InferenceLog(None, "t", writer=writer)
+    before = _count(LOG_DROPPED, reason="kafka")
+    request, _ = _pair(1)
+    for i in range(30):
+        logger.offer("affine", 2, f"r{i}", request, b"", 0.001, "UNAVAILABLE")
+    _wait(lambda: _count(LOG_DROPPED, reason="kafka") - before == 30, timeout_s=20)
+    pid = writer.pid
+    assert pid is not None
+    logger.close()
+    assert writer.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_the_writer_process_ignores_the_group_sigterm_and_ends_with_the_log(
+    kafka_bootstrap: str, topic_factory: Any
+) -> None:
+    """SIGTERM reaches the gateway's whole process group: the child keeps running until the
+    gateway closes the log, and then flushes everything it took."""
+    topic = topic_factory("logged")
+    writer = WriterProcess(kafka_bootstrap, topic, "/cdl/gateway/test")
+    logger = InferenceLog(None, topic, writer=writer)
+    request, response = _pair(2)
+    try:
+        pid = writer.pid
+        assert pid is not None
+        sent = _count(LOG_SENT)
+        logger.offer("affine", 2, "t0", request, response, 0.001, "OK")
+        _wait(lambda: _count(LOG_SENT) > sent)  # it runs its loop: its handlers are set
+        os.kill(pid, signal.SIGTERM)
+        for i in range(1, 100):
+            logger.offer("affine", 2, f"t{i}", request, response, 0.001, "OK")
+        _wait(lambda: logger.pending() == 0)
+        assert writer.pid == pid and writer.restarts == 0
+    finally:
+        logger.close()
+    assert sorted(_records(kafka_bootstrap, topic, 100)) == sorted(f"t{i}" for i in range(100))

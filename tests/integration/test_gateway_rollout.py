@@ -390,7 +390,9 @@ def test_two_gateway_processes_on_one_port_serve_and_roll_out_as_one(
     served, no request fails, and an admin call answers the same whichever process it reaches.
     Each process logs through a writer process of its own (log_writer=process, the setting for
     hosts with cores to spare, where several processes serve)."""
-    gw = gateway_factory(**FAST, processes="2", log_writer="process").start()
+    # 2 gateways, 2 writer processes and 16 client threads on 2 cores: latency blips are not
+    # what this test is about (v3 is rolled back on its errors), so the latency gate is wide
+    gw = gateway_factory(**FAST, processes="2", log_writer="process", max_latency_ratio="10").start()
     deadline = time.monotonic() + 60
     while _ready(gw).get("followers") != 1:
         assert time.monotonic() < deadline, _ready(gw)
