@@ -312,6 +312,7 @@ class RecordWriter:
         self._inputs_max = inputs_max_bytes
         self._headers = _LogHeaders(source)
         self._counted = counted
+        self._dropped = LOG_DROPPED.labels(reason="kafka")
         self.sent = 0
         """Records handed to the producer so far."""
         self.failed = 0
@@ -321,7 +322,7 @@ class RecordWriter:
         if err is not None:
             self.failed += 1
             if self._counted:
-                LOG_DROPPED.labels(reason="kafka").inc()
+                self._dropped.inc()
 
     def write(self, items: list[_Item]) -> None:
         producer, topic, inputs_max, headers_of = self._producer, self._topic, self._inputs_max, self._headers
@@ -343,7 +344,7 @@ class RecordWriter:
             if sent:
                 LOG_SENT.inc(sent)
             if failed:
-                LOG_DROPPED.labels(reason="kafka").inc(failed)
+                self._dropped.inc(failed)
         producer.poll(0)
 
     def idle(self) -> None:

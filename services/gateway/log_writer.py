@@ -188,12 +188,8 @@ class WriterProcess:
         proc = self._proc
         if proc is None or proc.stdout is None:
             return
-        try:
+        with contextlib.suppress(OSError, ValueError):  # nothing to read yet, or the pipe is gone
             self._count(os.read(proc.stdout.fileno(), 1 << 16))
-        except (BlockingIOError, InterruptedError):
-            return
-        except (OSError, ValueError):
-            return
 
     def _count(self, data: bytes) -> None:
         data = self._pending + data
