@@ -138,12 +138,19 @@ class GatewayApp:
         self.producer = Producer(
             settings.kafka_bootstrap, client_id="cdl-gateway", **{"delivery.report.only.error": True}
         )
-        # the log's records are built and produced by the log's thread with this process's
-        # producer, or by a writer process (off this process's GIL; log_writer=process)
+        # the log's records are built and produced by the log's thread with a producer of its own
+        # (lingering log_linger_ms: model.deployed does not wait behind the log's batches), or by
+        # a writer process (off this process's GIL; log_writer=process)
         logging_on = settings.log_sample > 0
         in_thread = settings.log_writer == "thread"
+        log_config = {"delivery.report.only.error": True, "linger.ms": settings.log_linger_ms}
+        self.log_producer: Producer | None = (
+            Producer(settings.kafka_bootstrap, client_id="cdl-gateway-log", **log_config)
+            if logging_on and in_thread
+            else None
+        )
         self.log = InferenceLog(
-            self.producer if logging_on and in_thread else None,
+            self.log_producer,
             settings.logged_topic,
             sample=settings.log_sample,
             inputs_max_bytes=settings.log_inputs_max_bytes,
@@ -151,7 +158,11 @@ class GatewayApp:
             source=self.source,
             writer=(
                 WriterProcess(
-                    settings.kafka_bootstrap, settings.logged_topic, self.source, settings.log_inputs_max_bytes
+                    settings.kafka_bootstrap,
+                    settings.logged_topic,
+                    self.source,
+                    settings.log_inputs_max_bytes,
+                    producer_config={"linger.ms": settings.log_linger_ms},
                 )
                 if logging_on and not in_thread
                 else None
@@ -472,6 +483,8 @@ class GatewayApp:
                 self.link.close()
             await self.pool.close()
             self.log.close()
+            if self.log_producer is not None:
+                self.log_producer.flush(10)
             self.producer.flush(10)
             self.control.close()
             if self.http is not None:

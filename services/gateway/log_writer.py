@@ -31,7 +31,7 @@ its end frame or when its stdin closes -- the gateway died, even by kill -9 --
 after flushing). When the child dies, the records it was given and had not
 taken yet, and each round until it runs again, are dropped and counted with
 reason ``writer``; records it had taken and handed to its producer but Kafka
-had not acknowledged are lost uncounted (at most ``linger.ms``, 50 ms, of
+had not acknowledged are lost uncounted (at most ``linger.ms``, 200 ms, of
 them, when something kills the child itself). A child that dies is started
 again after ``RESTART_S``, doubling up to ``MAX_RESTART_S`` while it keeps
 dying young. A slow child (Kafka slow or away: its producer's queue is full)
@@ -289,12 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(2, 1)
     configure_logging("gateway-log-writer", os.environ.get("CDL_GATEWAY_LOG_LEVEL", "INFO"))
     config = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    # a log's records may wait: 50 ms batches make fewer, larger produce requests, which cost
-    # the broker (on the gateway's machine, in the local stack) less per record
+    # a log's records may wait (the gateway's log_linger_ms): longer batches make fewer, larger
+    # produce requests, which cost the broker (on the gateway's machine, in the local stack) less
+    # per record
     producer = Producer(
         config["bootstrap"],
         client_id="cdl-gateway-log",
-        **{"delivery.report.only.error": True, "linger.ms": 50, **config["producer"]},
+        **{"delivery.report.only.error": True, "linger.ms": 200, **config["producer"]},
     )
     writer = RecordWriter(producer, config["topic"], config["source"], config["inputs_max_bytes"], counted=False)
     stdin = sys.stdin.fileno()

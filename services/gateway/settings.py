@@ -62,6 +62,10 @@ class GatewaySettings(ServiceSettings):
     """Inputs up to this size travel in the log record; larger ones as a SHA-256 digest."""
     log_queue: int = 10000
     """Log records waiting for Kafka at most; past that they are dropped and counted."""
+    log_linger_ms: int = 200
+    """How long the log's producer gathers records before a produce request: fewer, larger
+    requests cost the broker (and librdkafka) less per record. Records reach Kafka up to this
+    long (plus a log round, 50 ms) after the answer; a gateway killed -9 loses what it held."""
     log_writer: Literal["process", "thread"] = "thread"
     """Where log records are built and produced: a thread of the serving process, or a writer
     process of the gateway's own (off the serving process's GIL, for hosts with cores to spare;
