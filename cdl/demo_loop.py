@@ -259,7 +259,10 @@ class Demo:
         empty one; anything else is refused (``--state-dir ~`` must not delete a home)."""
         root = self.options.state_dir
         if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
-            raise StackError(f"{root} is not empty and not a demo state directory: refusing to wipe it")
+            raise StackError(
+                f"{root} is not empty and not a demo state directory: refusing to wipe it "
+                f"(`cdl stack down --purge --state-dir {root}`, then remove it; or give --state-dir)"
+            )
         if self.stack.read_state():
             self.stack.down(purge=True)
         shutil.rmtree(root, ignore_errors=True)
