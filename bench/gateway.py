@@ -132,7 +132,7 @@ def main() -> None:
     from cdl.auth import hash_key
     from cdl.events import Event
     from cdl.kafka import Producer
-    from cdl.stack._procs import free_port, spawn, stop
+    from cdl.stack._procs import free_port, group_members, spawn, stop
     from cdl.store import ObjectStore
     from cdl.v1 import events_pb2
     from tests.models import failing_onnx, write_affine, write_onnx
@@ -144,6 +144,7 @@ def main() -> None:
         m = state["minio"]
         store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
         triton = state["triton"][0]["grpc"]
+        tr_pid = int(state["procs"]["triton-0"]["pid"])
         tmp = Path(state["state_dir"])
         uid = uuid.uuid4().hex[:6]
         topics = {k: f"bench.{k}.{uid}" for k in ("compressed", "deployed", "logged", "deadletter")}
@@ -193,6 +194,28 @@ def main() -> None:
                         return ends[d.state]
                 time.sleep(0.3)
             raise RuntimeError(f"the rollout of v{version} never ended")
+
+        def triton_settled(version: int, timeout_s: float = 60) -> None:
+            """Wait until Triton holds only ``version`` of the model (the superseded one unloaded)
+            and its process group stopped changing (an unloaded version's backend stub gone)."""
+            import tritonclient.grpc as tgrpc
+
+            client = tgrpc.InferenceServerClient(triton)
+            deadline = time.monotonic() + timeout_s
+            members: list[int] = []
+            try:
+                while time.monotonic() < deadline:
+                    index = client.get_model_repository_index(as_json=True).get("models", [])
+                    held = {
+                        int(m["version"]) for m in index if m.get("name") == MODEL and m.get("state") != "UNAVAILABLE"
+                    }
+                    members.append(len(group_members(tr_pid)))
+                    if held == {version} and len(members) >= 3 and len(set(members[-3:])) == 1:
+                        return
+                    time.sleep(0.2)
+                print(f"    Triton had not settled on v{version} after {timeout_s:.0f} s (held {held})")
+            finally:
+                client.close()
 
         variant: tuple[str, Any, Any] | None = None
         try:
@@ -300,7 +323,6 @@ def main() -> None:
             async def rollouts() -> tuple[list[float], list[float]]:
                 task = asyncio.create_task(light_load())
                 gw_rss, tr_rss = [], []
-                tr_pid = int(state["procs"]["triton-0"]["pid"])
                 for v in range(2, ROLLOUTS + 2):
                     write_affine(store, MODEL, v, w, b)
                     announce(v)
@@ -308,7 +330,7 @@ def main() -> None:
                     ended = await asyncio.to_thread(wait_end, v)
                     outcomes[ended] = outcomes.get(ended, 0) + 1
                     if v in (2, ROLLOUTS + 1):
-                        await asyncio.sleep(2)  # the old version drained and unloaded
+                        await asyncio.to_thread(triton_settled, v)
                         gw_rss.append(rss_mib(gw.pid))
                         tr_rss.append(rss_mib(tr_pid))
                         print(
