@@ -215,10 +215,15 @@ def test_kill_9_of_each_service_mid_loop_loses_and_doubles_nothing(
     # a restarted service runs as the demo's; the trainer accepts the wave's version whatever its
     # accuracy (the same images again: within noise of the stable one, its gate could turn it
     # down, and then the compressor and the gateway would have nothing to do while killed)
-    # the restarted gateway rolls the wave's version out in two steps, not four (the rollout's
-    # steps are tested in tests/integration/test_gateway_rollout.py; here each step only waits for
-    # its samples at the clients' 10 requests a second)
-    extra = {"CDL_TUNER_WORKERS": "1", "CDL_TRAINER_TOLERANCE": "1", "CDL_GATEWAY_CANARY_STEPS": "[0.5, 1.0]"}
+    # the restarted trainer trains the wave for at most 5 epochs (30 by default; it trains twice,
+    # killed once), and the restarted gateway rolls it out in two steps, not four: this test is
+    # about what kill -9 loses and doubles, not about the model or the rollout's steps
+    extra = {
+        "CDL_TUNER_WORKERS": "1",
+        "CDL_TRAINER_TOLERANCE": "1",
+        "CDL_TRAINER_MAX_EPOCHS": "5",
+        "CDL_GATEWAY_CANARY_STEPS": "[0.5, 1.0]",
+    }
     for k, v in {**DEMO_ENV, **extra}.items():
         monkeypatch.setenv(k, v)
     state_dir = demo_run.state_dir
