@@ -51,7 +51,7 @@ from services.gateway.admin import AdminCore, ModelAdminService
 from services.gateway.auth import ApiKeys
 from services.gateway.backends import TritonPool
 from services.gateway.control import TritonControl
-from services.gateway.inference_log import InferenceLog
+from services.gateway.inference_log import LOG_DROPPED, InferenceLog, flush_unacknowledged
 from services.gateway.log_writer import WriterProcess
 from services.gateway.peers import DriverLink, Followers
 from services.gateway.rollout import (
@@ -162,7 +162,7 @@ class GatewayApp:
                     settings.logged_topic,
                     self.source,
                     settings.log_inputs_max_bytes,
-                    producer_config={"linger.ms": settings.log_linger_ms},
+                    producer_config=log_config,
                 )
                 if logging_on and not in_thread
                 else None
@@ -483,8 +483,8 @@ class GatewayApp:
                 self.link.close()
             await self.pool.close()
             self.log.close()
-            if self.log_producer is not None:
-                self.log_producer.flush(10)
+            if self.log_producer is not None:  # what it cannot deliver is counted: model.deployed is flushed next
+                LOG_DROPPED.labels(reason="kafka").inc(flush_unacknowledged(self.log_producer, 10))
             self.producer.flush(10)
             self.control.close()
             if self.http is not None:

@@ -54,7 +54,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
-from cdl.errors import InvalidInputError
+from cdl.errors import InvalidInputError, UnavailableError
 from cdl.events import CONTENT_PROTOBUF, EVENT_TYPES, SPECVERSION, source_name
 from cdl.logging import get_logger
 from cdl.tensors import NUMPY_DTYPES
@@ -70,6 +70,7 @@ __all__ = [
     "RecordWriter",
     "RoundWriter",
     "build_record",
+    "flush_unacknowledged",
     "top_labels",
 ]
 
@@ -103,6 +104,23 @@ class LogProducer(Protocol):
     ) -> None: ...
 
     def poll(self, timeout_s: float = ...) -> None: ...
+
+
+class _Flushable(Protocol):
+    def flush(self, timeout_s: float = ...) -> None: ...
+
+
+def flush_unacknowledged(producer: _Flushable, timeout_s: float) -> int:
+    """Flush a log's producer at exit (within ``timeout_s``); the records Kafka had not
+    acknowledged by then, logged and returned to be counted, not raised (the log is best
+    effort: it never stops the gateway's shutdown)."""
+    try:
+        producer.flush(timeout_s)
+    except UnavailableError as exc:
+        remaining = exc.context.get("remaining")
+        log.warning("inference log: records not acknowledged at exit", error=str(exc))
+        return remaining if isinstance(remaining, int) else 0
+    return 0
 
 
 #: datatypes whose raw little-endian contents ``memoryview.cast`` reads natively (little-endian

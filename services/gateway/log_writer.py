@@ -31,7 +31,7 @@ its end frame or when its stdin closes -- the gateway died, even by kill -9 --
 after flushing). When the child dies, the records it was given and had not
 taken yet, and each round until it runs again, are dropped and counted with
 reason ``writer``; records it had taken and handed to its producer but Kafka
-had not acknowledged are lost uncounted (at most ``linger.ms``, 200 ms, of
+had not acknowledged are lost uncounted (at most the gateway's ``log_linger_ms`` of
 them, when something kills the child itself). A child that dies is started
 again after ``RESTART_S``, doubling up to ``MAX_RESTART_S`` while it keeps
 dying young. A slow child (Kafka slow or away: its producer's queue is full)
@@ -57,9 +57,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdl.errors import UnavailableError
 from cdl.logging import get_logger
-from services.gateway.inference_log import LOG_DROPPED, LOG_SENT, RecordWriter
+from services.gateway.inference_log import LOG_DROPPED, LOG_SENT, RecordWriter, flush_unacknowledged
 
 __all__ = ["WriterProcess", "main"]
 
@@ -289,13 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(2, 1)
     configure_logging("gateway-log-writer", os.environ.get("CDL_GATEWAY_LOG_LEVEL", "INFO"))
     config = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    # a log's records may wait (the gateway's log_linger_ms): longer batches make fewer, larger
-    # produce requests, which cost the broker (on the gateway's machine, in the local stack) less
-    # per record
+    # the gateway's log producer settings (its log_linger_ms among them)
     producer = Producer(
-        config["bootstrap"],
-        client_id="cdl-gateway-log",
-        **{"delivery.report.only.error": True, "linger.ms": 200, **config["producer"]},
+        config["bootstrap"], client_id="cdl-gateway-log", **{"delivery.report.only.error": True, **config["producer"]}
     )
     writer = RecordWriter(producer, config["topic"], config["source"], config["inputs_max_bytes"], counted=False)
     stdin = sys.stdin.fileno()
@@ -327,12 +322,7 @@ def main(argv: list[str] | None = None) -> None:
             writer.write(items)
             report()
     finally:
-        try:
-            producer.flush(FLUSH_S)
-        except UnavailableError as exc:  # what is not acknowledged by now is counted, not raised
-            remaining = exc.context.get("remaining")
-            writer.failed += remaining if isinstance(remaining, int) else 0
-            log.warning("inference log writer: records not acknowledged at exit", error=str(exc))
+        writer.failed += flush_unacknowledged(producer, FLUSH_S)
         writer.idle()
         with contextlib.suppress(OSError):
             report()
