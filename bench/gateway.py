@@ -12,7 +12,14 @@ process, on grpc.aio):
 - **floor**: ``bench/_floor_proxy.py``, a generic ``grpc.aio`` handler that
   forwards bytes to Triton and back (no routing, auth, logging, metrics);
 - **gateway**: ``python -m services.gateway`` with everything on (API key,
-  routing, every request logged to ``inference.logged``, Prometheus).
+  routing, every request logged to ``inference.logged``, Prometheus);
+- **floor2**, the control: a second process of the same floor, started later.
+  Two identical proxies part by several percent on this machine (each holds
+  its own connection to Triton); what floor2 reaches against the floor is
+  printed beside the results as the machine's spread. It is not a baseline.
+
+Each round measures the targets in another order (rotated), so that no target
+always follows the same one.
 
 Per target: a fixed load of ``CDL_BENCH_GATEWAY_RATE`` (200) requests/s for
 ``CDL_BENCH_GATEWAY_SECONDS`` (10 s) — latency percentiles, and the proxy
@@ -218,6 +225,7 @@ def main() -> None:
                 client.close()
 
         variant: tuple[str, Any, Any] | None = None
+        floor2: Any = None
         try:
             _wait_http(f"http://127.0.0.1:{gw_metrics}/healthz")
             w = np.random.default_rng(1).normal(size=(N_IN, N_OUT)).astype(np.float32)
@@ -237,12 +245,24 @@ def main() -> None:
                 vproc, vinfo = spawn([sys.executable, "-m", "services.gateway"], tmp / f"gateway-{vname}.log", env=venv)
                 _wait_http(f"http://127.0.0.1:{vmetrics}/healthz")
                 variant = (vname, vproc, vinfo)
+            # the control: a second floor process, the same script started later -- how far two
+            # identical proxies part on this machine (each holds its own connection to Triton)
+            floor2_port = free_port()
+            floor2_proc, floor2 = spawn(
+                [sys.executable, str(Path(__file__).with_name("_floor_proxy.py")), str(floor2_port), triton],
+                tmp / "floor2.log",
+                env=env,
+            )
+            ready_by = time.monotonic() + 30
+            while "ready" not in (tmp / "floor2.log").read_text() and time.monotonic() < ready_by:
+                time.sleep(0.1)
             request = _request()
             auth = (("authorization", f"Bearer {KEY}"),)
             targets = {
                 "direct": (triton, (), None),
                 "floor": (f"127.0.0.1:{floor_port}", (), floor.pid),
                 "gateway": (f"127.0.0.1:{gw_port}", auth, gw.pid),
+                "floor2": (f"127.0.0.1:{floor2_port}", (), floor2.pid),
             }
             if variant is not None:
                 targets[variant[0]] = (f"127.0.0.1:{vport}", auth, variant[2].pid)
@@ -257,7 +277,11 @@ def main() -> None:
                 "kafka": int(state["procs"]["kafka"]["pid"]),
             }
             for rnd in range(1, ROUNDS + 1):
-                for name, (target, metadata, pid) in targets.items():
+                # each round in another order: no target always follows the same one
+                names = list(targets)
+                names = names[(rnd - 1) % len(names) :] + names[: (rnd - 1) % len(names)]
+                for name in names:
+                    target, metadata, pid = targets[name]
                     cpu0 = _cpu_s(pid) if pid else 0.0
                     lat = asyncio.run(fixed_rate(target, request, metadata, RATE, SECONDS))
                     cpu = (_cpu_s(pid) - cpu0) / len(lat) * 1e6 if pid else float("nan")
@@ -296,6 +320,14 @@ def main() -> None:
                     f"cpu {f['cpu']:.0f} us {f['rps']:,.0f} req/s"
                 )
 
+            stop(floor2, 5)
+            floor2_proc.wait(10)
+            floor2 = None
+            f2, f1 = med["floor2"], med["floor"]
+            print(
+                f"control: a second floor process reached {f2['rps'] / f1['rps']:.3f}x the floor's throughput "
+                f"and {f2['cpu'] / f1['cpu']:.3f}x its CPU per request (identical code: the machine's spread)"
+            )
             if variant is not None:
                 stop(variant[2], 20)
                 variant[1].wait(10)
@@ -395,6 +427,8 @@ def main() -> None:
         finally:
             if variant is not None:
                 stop(variant[2], 20)
+            if floor2 is not None:
+                stop(floor2, 5)
             stop(gw, 20)
             stop(floor, 5)
             with contextlib.suppress(OSError):  # the private stack's directory goes away: keep the log
