@@ -169,11 +169,25 @@ def main() -> None:
             "CDL_GATEWAY_WARMUP_REQUESTS": "2",
         }
         gw_proc, gw = spawn([sys.executable, "-m", "services.gateway"], tmp / "gateway.log", env=env)
-        floor_proc, floor = spawn(
-            [sys.executable, str(Path(__file__).with_name("_floor_proxy.py")), str(floor_port), triton],
-            tmp / "floor.log",
-            env=env,
-        )
+
+        def start_floor(port: int, name: str) -> tuple[Any, Any]:
+            """A floor process on ``port``, once it says it is ready (its log at ``name``.log)."""
+            log_path = tmp / f"{name}.log"
+            started = spawn(
+                [sys.executable, str(Path(__file__).with_name("_floor_proxy.py")), str(port), triton], log_path, env=env
+            )
+            deadline = time.monotonic() + 30
+            while "ready" not in log_path.read_text():
+                if time.monotonic() > deadline or started[0].poll() is not None:
+                    raise RuntimeError(f"{name} never became ready: {log_path.read_text()[-2000:]}")
+                time.sleep(0.1)
+            return started
+
+        try:
+            floor_proc, floor = start_floor(floor_port, "floor")
+        except Exception:
+            stop(gw, 20)
+            raise
         producer = Producer(bootstrap)
 
         def announce(version: int) -> None:
@@ -248,14 +262,7 @@ def main() -> None:
             # the control: a second floor process, the same script started later -- how far two
             # identical proxies part on this machine (each holds its own connection to Triton)
             floor2_port = free_port()
-            floor2_proc, floor2 = spawn(
-                [sys.executable, str(Path(__file__).with_name("_floor_proxy.py")), str(floor2_port), triton],
-                tmp / "floor2.log",
-                env=env,
-            )
-            ready_by = time.monotonic() + 30
-            while "ready" not in (tmp / "floor2.log").read_text() and time.monotonic() < ready_by:
-                time.sleep(0.1)
+            floor2_proc, floor2 = start_floor(floor2_port, "floor2")
             request = _request()
             auth = (("authorization", f"Bearer {KEY}"),)
             targets = {
