@@ -10,6 +10,10 @@ share one ``CDL_HOME`` each get their own build and none rebuilds or deletes
 another's. Only temp files of builds that died and builds unused for
 :data:`PRUNE_AFTER_S` are removed.
 
+Go programs (a module directory: its ``*.go``, ``go.mod`` and ``go.sum``) are built the same
+way by :func:`go_program` into ``$CDL_HOME/native/<name>-<hash>`` (the hash covers those files
+and ``go version``), with the modules from the Go module proxy cached in Go's own module cache.
+
 A helper that cannot be built or loaded is a warning (with the compiler's
 output) and ``load`` returns None: the caller takes its pure-Python path. With
 ``CDL_NATIVE_REQUIRED=1`` (set by ``scripts/setup.sh``; the default when
@@ -34,7 +38,7 @@ from cdl.errors import ConfigError
 from cdl.logging import get_logger
 from cdl.settings import cdl_home
 
-__all__ = ["CFLAGS", "PRUNE_AFTER_S", "NativeBuildError", "build", "fallback", "load", "required"]
+__all__ = ["CFLAGS", "PRUNE_AFTER_S", "NativeBuildError", "build", "fallback", "go_program", "load", "required"]
 
 log = get_logger(__name__)
 
@@ -44,6 +48,8 @@ PRUNE_AFTER_S = 30 * 86400
 #: a temp file this old belongs to a build that died (a live build takes seconds)
 _STALE_TMP_S = 3600
 _TMP_SUFFIX = ".so.tmp"
+#: a built Go program's name ends so (``<name>-<hash>.bin``)
+_GO_SUFFIX = ".bin"
 
 
 class NativeBuildError(ConfigError):
@@ -153,7 +159,8 @@ def _prune(folder: Path, keep: Path) -> None:
         try:
             age = now - path.stat().st_mtime
             stale_tmp = path.name.endswith(_TMP_SUFFIX) and age > _STALE_TMP_S
-            unused = path.suffix == ".so" and path != keep and age > PRUNE_AFTER_S
+            built = path.suffix == ".so" or path.name.endswith(_GO_SUFFIX)
+            unused = built and path != keep and age > PRUNE_AFTER_S
             if stale_tmp or unused:
                 path.unlink()
         except OSError:  # another environment removed or replaced it meanwhile
@@ -190,3 +197,65 @@ def load(source: Path, link: Sequence[str] = ("-lm",), key: str = "") -> ctypes.
     except OSError:
         pass
     return lib
+
+
+def _go() -> str:
+    found = shutil.which("go")
+    if found is None:
+        raise FileNotFoundError("no Go toolchain (go) on PATH")
+    return os.path.realpath(found)
+
+
+@functools.cache
+def _go_version(go: str) -> str:
+    out = subprocess.run([go, "version"], capture_output=True, text=True, check=False, timeout=60)
+    return out.stdout + out.stderr
+
+
+def _go_fingerprint(module: Path, go: str) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in module.iterdir() if p.suffix == ".go" or p.name in ("go.mod", "go.sum"))
+    for part in [*(f.name.encode() + b"\0" + f.read_bytes() for f in files), _go_version(go).encode()]:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def go_program(module: Path, name: str) -> Path | None:
+    """The Go program of ``module`` (a directory holding one ``main`` package), built once per
+    fingerprint (see the module docstring): its path, or None with a warning where it cannot
+    be built (:class:`NativeBuildError`, with the compiler's output, when :func:`required`)."""
+    try:
+        go = _go()
+        target = cdl_home() / "native" / f"{name}-{_go_fingerprint(module, go)}{_GO_SUFFIX}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.{os.getpid()}{_TMP_SUFFIX}")
+            env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-buildvcs=false -mod=readonly"}
+            out = subprocess.run(
+                [go, "build", "-trimpath", "-o", str(tmp), "."],
+                cwd=module,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=900,
+                env=env,
+            )
+            if out.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise NativeBuildError(f"go build of {module.name} failed", output=(out.stdout + out.stderr)[-4000:])
+            os.replace(tmp, target)
+    except NativeBuildError as exc:
+        if required():
+            raise
+        log.warning("native program unavailable", module=module.name, error=exc.message, **exc.context)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        fallback(f"native program {module.name} unavailable: {exc}")
+        return None
+    try:
+        os.utime(target)  # in use: not pruned
+        _prune(target.parent, target)
+    except OSError:
+        pass
+    return target

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,11 +49,13 @@ from cdl.observability import HttpEndpoint, serve_http
 from cdl.rpc import add_health
 from cdl.store import BUCKETS, ObjectStore
 from cdl.v1 import admin_pb2_grpc, events_pb2
+from services.gateway import lane as lane_module
 from services.gateway.admin import AdminCore, ModelAdminService
 from services.gateway.auth import ApiKeys
 from services.gateway.backends import TritonPool
 from services.gateway.control import TritonControl
 from services.gateway.inference_log import LOG_DROPPED, InferenceLog, flush_unacknowledged
+from services.gateway.lane import NativeLane
 from services.gateway.log_writer import WriterProcess
 from services.gateway.peers import DriverLink, Followers
 from services.gateway.rollout import (
@@ -195,6 +199,8 @@ class GatewayApp:
         self._worker = threading.Thread(target=self._run_worker, name="cdl-gateway-rollouts", daemon=True)
         self._kafka = threading.Thread(target=self._run_loop, name="cdl-gateway-events", daemon=True)
         self.server: grpc.aio.Server | None = None
+        self.lane: NativeLane | None = None
+        self._socket_dir = ""
         self.http: HttpEndpoint | None = None
         self.port = 0
         self._ready = threading.Event()
@@ -380,6 +386,10 @@ class GatewayApp:
     def _health(self) -> tuple[bool, dict[str, Any]]:
         ready = self._ready.is_set() and self.pool.ready_count() > 0
         details: dict[str, Any] = {"triton_ready": self.pool.ready_count(), "models": len(self.table.all())}
+        details["data_plane"] = "python" if self.lane is None else "native"
+        if self.lane is not None:
+            ready = ready and self.lane.alive()
+            details["lane_pid"] = self.lane.pid()
         if self.is_follower:
             details["role"] = "follower"
         elif self.loop is not None:
@@ -414,10 +424,11 @@ class GatewayApp:
                 self.followers.seed(docs)
             self.execute(await asyncio.to_thread(self.manager.restore, docs))
         await self.pool.start()
+        lane_binary = await asyncio.to_thread(lane_module.lane_binary, s.data_plane)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", s.max_message_bytes),  # larger: RESOURCE_EXHAUSTED
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 1 if s.processes > 1 else 0),
+            ("grpc.so_reuseport", 1 if s.processes > 1 and lane_binary is None else 0),
         ]
         server = grpc.aio.server(options=options)
         outcomes = self.link if self.link is not None else self.manager
@@ -430,20 +441,40 @@ class GatewayApp:
             s.default_timeout_s,
             s.max_message_bytes,
             trace_sample=s.trace_sample,
+            behind_lane=lane_binary is not None,
         )
         server.add_generic_rpc_handlers((service.handler(),))
         admin_call = self.link.call if self.link is not None else self.admin.call
         admin_pb2_grpc.add_ModelAdminServicer_to_server(ModelAdminService(admin_call, self.keys), server)
         add_health(server, ["inference.GRPCInferenceService", "cdl.v1.ModelAdmin"])
         address = f"{s.grpc_host}:{s.grpc_port}"
-        if s.tls_cert_file:
+        if lane_binary is not None:
+            # the lane serves the public port; this server listens behind it on a unix socket
+            self._socket_dir = tempfile.mkdtemp(prefix="cdl-gateway-")
+            socket = f"{self._socket_dir}/backend.sock"
+            server.add_insecure_port(f"unix:{socket}")
+            await server.start()
+            self.lane = NativeLane(
+                lane_binary,
+                self._lane_args(address, socket, service.id_prefix + "l"),
+                service.lane_served,
+                self.table.all,
+                lambda: [info.endpoint for info in self.pool.servers() if info.ready],
+            )
+            try:
+                self.port = await asyncio.to_thread(self.lane.start)
+            except Exception:
+                await server.stop(None)
+                raise
+        elif s.tls_cert_file:
             creds = grpc.ssl_server_credentials(
                 [(Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())]
             )
             self.port = server.add_secure_port(address, creds)
         else:
             self.port = server.add_insecure_port(address)
-        await server.start()
+        if self.lane is None:
+            await server.start()
         self.server = server
         self.http = serve_http(s.metrics_port, health=self._health, host=s.metrics_host)
         ticks: asyncio.Task[None] | None = None
@@ -471,6 +502,8 @@ class GatewayApp:
             log.info("gateway stopping", role="follower" if self.is_follower else "driver")
             if self.followers is not None:
                 await asyncio.to_thread(self.followers.stop)
+            if self.lane is not None:  # the public port closes first; what it has in flight finishes
+                await asyncio.to_thread(self.lane.close)
             await server.stop(grace=5)
             await service.drain()
             if ticks is not None and self.loop is not None:
@@ -489,6 +522,26 @@ class GatewayApp:
             self.control.close()
             if self.http is not None:
                 self.http.close()
+            if self._socket_dir:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _lane_args(self, address: str, socket: str, id_prefix: str) -> list[str]:
+        s = self.settings
+        args = [
+            f"--listen={address}",
+            f"--backend={socket}",
+            f"--triton={','.join(s.triton_grpc)}",
+            f"--key-hashes={','.join(s.api_key_hashes)}",
+            f"--timeout={s.default_timeout_s}",
+            f"--max-bytes={s.max_message_bytes}",
+            f"--log-sample={s.log_sample if self.log.enabled else 0}",
+            f"--id-prefix={id_prefix}",  # this process's, apart from its own ids (gw-<hex>-l<n>)
+        ]
+        if s.tls_cert_file:
+            args += [f"--tls-cert={s.tls_cert_file}", f"--tls-key={s.tls_key_file}"]
+        if s.processes > 1:
+            args.append("--reuseport")
+        return args
 
 
 def main() -> None:

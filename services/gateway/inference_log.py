@@ -445,6 +445,25 @@ class InferenceLog:
             return
         self._queue.append((model, version, request_id, request, response, latency_s, status, time.time()))
 
+    def put(
+        self,
+        model: str,
+        version: int,
+        request_id: str,
+        request: bytes,
+        response: bytes,
+        latency_s: float,
+        status: str,
+        when: float,
+    ) -> None:
+        """Log a request sampled already (by the native lane), answered at ``when``. O(1)."""
+        if self._thread is None:
+            return
+        if len(self._queue) >= self._max:
+            self._dropped_full.inc()
+            return
+        self._queue.append((model, version, request_id, request, response, latency_s, status, when))
+
     def _run(self) -> None:
         writer = self._writer
         assert writer is not None

@@ -139,6 +139,10 @@ _SERVER_SIDE = frozenset(
         grpc.StatusCode.NOT_FOUND,
     }
 )
+#: gRPC status codes by number (the native lane reports them so)
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+#: metadata the native lane hands a request over with: the version it picked
+_LANE_HINT = "x-cdl-lane-version"
 #: a deadline further away than this is no deadline (grpc reports "infinite" as a huge number)
 _NO_DEADLINE_S = 1e8
 _READY = b"\x08\x01"  # ServerReadyResponse / ModelReadyResponse(ready=true)
@@ -200,8 +204,12 @@ class InferenceService:
         max_message_bytes: int = 16 << 20,
         shadow_max_in_flight: int = 64,
         trace_sample: float = 0.0,
+        behind_lane: bool = False,
     ) -> None:
+        """``behind_lane``: this server listens behind the native lane (``services.gateway.lane``),
+        which hands over requests with the version it picked."""
         self._trace_sample = trace_sample
+        self._behind_lane = behind_lane
         self._table = table
         self._pool = pool
         self._outcomes = outcomes
@@ -217,6 +225,11 @@ class InferenceService:
         self._version_fields: dict[int, bytes] = {}
         self._metrics: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._codes: dict[tuple[str, int, grpc.StatusCode], Any] = {}
+
+    @property
+    def id_prefix(self) -> str:
+        """What the ids this service generates begin with (``gw-<hex>-``)."""
+        return self._id_prefix
 
     # ------------------------------------------------------------- registration
 
@@ -319,7 +332,8 @@ class InferenceService:
             raise _Fail(_NOT_FOUND, f"unknown model {name!r}")
         picked = not version
         if picked:
-            v = self._table.pick(route)
+            v = self._lane_pick(route, context) if self._behind_lane else 0
+            v = v or self._table.pick(route)
             if not v:
                 self._count(name, 0, grpc.StatusCode.UNAVAILABLE)
                 raise _Fail(grpc.StatusCode.UNAVAILABLE, f"model {name!r} has no serving version yet")
@@ -357,15 +371,49 @@ class InferenceService:
                 self._failed(again, name, v, route, False, data, request_id, time.perf_counter() - start)
                 raise
         latency = time.perf_counter() - start
-        self._outcomes.served(name, v, True, latency)
-        ok, seconds = self._ok_metrics(name, v)
-        ok.inc()
-        seconds.observe(latency)
+        self._served_ok(name, v, latency)
         if self._log is not None:
             self._log.offer(name, v, request_id, data, response, latency, "OK")
         if picked and route.shadow > 0.0 and v == route.stable and self._table.mirror(route):
             self._mirror(route, data, response, timeout)
         return response
+
+    def _served_ok(self, name: str, v: int, latency: float) -> None:
+        self._outcomes.served(name, v, True, latency)
+        ok, seconds = self._ok_metrics(name, v)
+        ok.inc()
+        seconds.observe(latency)
+
+    def _lane_pick(self, route: Route, context: Context) -> int:
+        """The version the native lane picked for a request it hands over after Triton failed it
+        (``x-cdl-lane-version``; the lane drops that key from what clients send): 0 for none."""
+        for key, value in context.invocation_metadata() or ():
+            if key == _LANE_HINT and isinstance(value, str) and value.isdigit():
+                v = int(value)
+                return v if v in route.versions() else 0
+        return 0
+
+    def lane_served(
+        self,
+        model: str,
+        version: int,
+        code: int,
+        latency_s: float,
+        when: float,
+        request_id: str,
+        request: bytes,
+        response: bytes,
+    ) -> None:
+        """A ModelInfer the native lane served (``services.gateway.lane``), reported as the hot path
+        reports its own: outcomes, metrics, and the log (``request`` empty: not sampled)."""
+        status = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+        if status is _OK:
+            self._served_ok(model, version, latency_s)
+        else:
+            self._outcomes.served(model, version, status not in _SERVER_SIDE, latency_s)
+            self._count(model, version, status)
+        if self._log is not None and request:
+            self._log.put(model, version, request_id, request, response, latency_s, status.name, when)
 
     def _failed(
         self,

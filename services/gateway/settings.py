@@ -25,6 +25,11 @@ class GatewaySettings(ServiceSettings):
     processes: int = 1
     """Gateway processes sharing the gRPC port (SO_REUSEPORT): this one drives rollouts and
     starts ``processes - 1`` followers (``services.gateway.peers``); 1: this process alone."""
+    data_plane: Literal["auto", "native", "python"] = "auto"
+    """Who serves the gRPC port: ``native``, the gateway's Go lane (``services/gateway/lane``:
+    ModelInfer's common path forwarded natively, every other call and case handed to this
+    process's Python server behind it); ``python``, this process's ``grpc.aio`` server alone;
+    ``auto``, native where the lane builds (a Go toolchain), else python."""
     group_id: str = "cdl-gateway"
     """Consumer group over model.compressed."""
     instance: str = "0"

@@ -1,0 +1,320 @@
+"""The gateway's native data plane: the Go lane process (``services/gateway/lane``), driven from here.
+
+With ``data_plane`` native (or auto where Go builds it) the lane serves the
+gateway's public gRPC port and this process's ``grpc.aio`` server listens on a
+unix socket behind it. The lane serves ModelInfer's common path itself and
+hands every other call and case to the Python server (see the Go package's
+doc comment for exactly which); the Python server stays the one place that
+decides errors, canary retries and shadow mirroring.
+
+:class:`NativeLane` starts the lane, and:
+
+- every ``SYNC_S`` (and at once on :meth:`changed`) writes the routing table
+  and the Triton servers the pool holds ready to the lane's stdin, when they
+  changed (the table is replaced as a whole on each change, so a change is a
+  new object);
+- reads the lane's stdout in a thread: each request the lane served
+  (version, status, latency, and for a request sampled for the log its
+  request and response bytes) goes to ``on_served`` -- the hot path's
+  reporting, so outcomes, metrics and the inference log count it as their
+  own -- and the lane's stats (outstanding per server, hand-offs, frames it
+  dropped) are kept for Prometheus;
+- starts the lane again (after ``RESTART_S``, on the same port) when it dies,
+  counting ``cdl_gateway_lane_restarts_total``.
+
+Closing the lane's stdin stops it (it finishes what is in flight); it also
+stops when this process dies, even killed -9, as the pipe closes then.
+Transport-free: a subprocess and two pipes, no grpc or Kafka here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cdl import native
+from cdl.errors import CdlError
+from cdl.logging import get_logger
+from services.gateway.routing import Route
+
+__all__ = ["RESTARTS", "LaneServed", "NativeLane", "lane_binary"]
+
+log = get_logger(__name__)
+
+SYNC_S = 0.02
+RESTART_S = 1.0
+MODULE = Path(__file__).with_name("lane")
+
+RESTARTS = Counter("cdl_gateway_lane_restarts_total", "Times the gateway's native lane was started again after it died")
+
+_U32 = struct.Struct("<I")
+#: a served frame after its kind byte: code, version, latency_s, time, then four lengths
+_SERVED = struct.Struct("<BIddHHII")
+_READY, _SERVED_KIND, _STATS = 0, 1, 2
+
+
+class LaneServed(Protocol):
+    """Where the lane's served requests go (``InferenceService.lane_served``)."""
+
+    def __call__(
+        self,
+        model: str,
+        version: int,
+        code: int,
+        latency_s: float,
+        when: float,
+        request_id: str,
+        request: bytes,
+        response: bytes,
+    ) -> None: ...
+
+
+def lane_binary(data_plane: str) -> Path | None:
+    """The lane's program for ``data_plane`` (``native``, ``auto``, ``python``): None for python,
+    and for auto where it cannot be built (a warning); native requires it (:class:`CdlError`)."""
+    if data_plane == "python":
+        return None
+    built = native.go_program(MODULE, "gwlane")
+    if built is None and data_plane == "native":
+        raise CdlError("data_plane=native, but the gateway's lane could not be built (a Go toolchain is needed)")
+    return built
+
+
+def _routes_line(routes: Mapping[str, Route]) -> dict[str, list[float]]:
+    return {m: [r.stable, r.candidate, r.canary, r.shadow] for m, r in routes.items()}
+
+
+class NativeLane:
+    """The lane process and its pipes; see the module docstring."""
+
+    def __init__(
+        self,
+        binary: Path,
+        args: Sequence[str],
+        on_served: LaneServed,
+        routes: Callable[[], Mapping[str, Route]],
+        ready: Callable[[], Sequence[str]],
+    ) -> None:
+        """``args``: the lane's flags (``--listen`` among them); ``routes``/``ready``: read by the
+        sync thread (the routing table's current dict, the endpoints of the ready servers)."""
+        self._binary = binary
+        self._args = list(args)
+        self._on_served = on_served
+        self._routes = routes
+        self._ready = ready
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._port = 0
+        self._closing = threading.Event()
+        self._wake = threading.Event()
+        self._started = threading.Event()
+        self._lock = threading.Lock()
+        self.stats: dict[str, Any] = {}
+        """The lane's last stats frame (outstanding per server, delegated, dropped)."""
+        self._threads: list[threading.Thread] = []
+        self._collector = _LaneCollector(self)
+        REGISTRY.register(self._collector)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def alive(self) -> bool:
+        proc = self._proc
+        return proc is not None and proc.poll() is None and self._started.is_set()
+
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout_s: float = 30.0) -> int:
+        """Start the lane; the port it serves, once it says it is ready."""
+        self._spawn()
+        if not self._started.wait(timeout_s):
+            self.close()
+            raise CdlError("the gateway's native lane did not start", timeout_s=timeout_s)
+        for target, name in ((self._sync, "cdl-gateway-lane-sync"), (self._supervise, "cdl-gateway-lane")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self._port
+
+    def changed(self) -> None:
+        """The routing table or the servers changed: tell the lane now, not at the next sync."""
+        self._wake.set()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the lane (it finishes what is in flight) and the threads."""
+        self._closing.set()
+        self._wake.set()
+        proc = self._proc
+        if proc is not None:
+            with self._lock, contextlib.suppress(OSError):
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for t in self._threads:
+            t.join(timeout_s)
+        with contextlib.suppress(KeyError):
+            REGISTRY.unregister(self._collector)
+
+    # ------------------------------------------------------------------ process
+
+    def _spawn(self) -> None:
+        args = list(self._args)
+        if self._port:  # started again: the port it had
+            args = [a if not a.startswith("--listen=") else f"{a.rsplit(':', 1)[0]}:{self._port}" for a in args]
+        self._started.clear()
+        proc = subprocess.Popen(
+            [str(self._binary), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=False
+        )
+        self._proc = proc
+        self._sent: tuple[Any, Any] = (None, None)
+        reader = threading.Thread(target=self._read, args=(proc,), name="cdl-gateway-lane-frames", daemon=True)
+        reader.start()
+        self._reader = reader
+
+    def _supervise(self) -> None:
+        """Start the lane again when it dies (not when closed)."""
+        while not self._closing.is_set():
+            proc = self._proc
+            assert proc is not None
+            code = proc.wait()
+            self._reader.join()
+            if self._closing.is_set():
+                return
+            log.error("the gateway's native lane died; starting it again", code=code, port=self._port)
+            RESTARTS.inc()
+            if self._closing.wait(RESTART_S):
+                return
+            try:
+                self._spawn()
+            except OSError as exc:
+                log.error("the gateway's native lane cannot be started", error=str(exc))
+                continue
+            self._wake.set()
+
+    # ------------------------------------------------------------------ control (stdin)
+
+    def _write(self, msg: Mapping[str, Any]) -> bool:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return False
+        line = json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+        with self._lock:
+            try:
+                proc.stdin.write(line)
+                proc.stdin.flush()
+            except (OSError, ValueError):  # it died (the supervisor starts it again) or is closing
+                return False
+        return True
+
+    def _sync(self) -> None:
+        while not self._closing.is_set():
+            self._wake.wait(SYNC_S)
+            self._wake.clear()
+            if self._closing.is_set() or not self._started.is_set():
+                continue
+            try:
+                routes, ready = self._routes(), tuple(self._ready())
+                sent_routes, sent_ready = self._sent
+                msg: dict[str, Any] = {}
+                if routes is not sent_routes:
+                    msg["routes"] = _routes_line(routes)
+                if ready != sent_ready:
+                    msg["ready"] = list(ready)
+                if msg and self._write(msg):
+                    self._sent = (routes, ready)
+            except Exception:  # the sync must never stop
+                log.exception("gateway lane sync failed")
+
+    # ------------------------------------------------------------------ frames (stdout)
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        buf = b""
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf = buf + chunk if buf else chunk
+            pos, end = 0, len(buf)
+            while end - pos >= 5:
+                (n,) = _U32.unpack_from(buf, pos)
+                if end - pos - 4 < n:
+                    break
+                body = pos + 4
+                pos = body + n
+                try:
+                    self._frame(buf, body, pos)
+                except Exception:  # a frame must never stop the reader
+                    log.exception("gateway lane frame not read")
+            buf = buf[pos:]
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+
+    def _frame(self, buf: bytes, start: int, end: int) -> None:
+        kind = buf[start]
+        if kind == _SERVED_KIND:
+            code, version, latency, when, lm, li, lq, lr = _SERVED.unpack_from(buf, start + 1)
+            p = start + 1 + _SERVED.size
+            model = buf[p : p + lm].decode()
+            p += lm
+            request_id = buf[p : p + li].decode()
+            p += li
+            request = buf[p : p + lq]
+            p += lq
+            self._on_served(model, version, code, latency, when, request_id, request, buf[p : p + lr])
+        elif kind == _STATS:
+            self.stats = json.loads(buf[start + 1 : end])
+        elif kind == _READY:
+            (self._port,) = _U32.unpack_from(buf, start + 1)
+            self._started.set()
+
+
+class _LaneCollector(Collector):
+    """``cdl_gateway_lane_*``, read from the lane's last stats at scrape time."""
+
+    def __init__(self, lane: NativeLane) -> None:
+        self._lane = lane
+
+    def collect(self) -> Any:
+        stats = self._lane.stats
+        g = GaugeMetricFamily(
+            "cdl_gateway_lane_outstanding",
+            "Requests the native lane has in flight per Triton server",
+            labels=["server"],
+        )
+        for server, n in (stats.get("outstanding") or {}).items():
+            g.add_metric([server], n)
+        yield g
+        yield CounterMetricFamily(
+            "cdl_gateway_lane_delegated",
+            "ModelInfer requests the native lane handed to the Python server",
+            value=stats.get("delegated", 0),
+        )
+        yield CounterMetricFamily(
+            "cdl_gateway_lane_reports_dropped",
+            "Served-request reports the native lane dropped (this process did not read them in time)",
+            value=stats.get("dropped", 0),
+        )
+        up = GaugeMetricFamily("cdl_gateway_lane_up", "Whether the native lane is serving")
+        up.add_metric([], 1.0 if self._lane.alive() else 0.0)
+        yield up

@@ -1,0 +1,642 @@
+// Command gwlane is the gateway's native data plane: the public gRPC port of the gateway.
+//
+// It serves ModelInfer requests on the common path itself -- an allowed API key, routing
+// fields that scan cleanly, a model whose route has a serving version and no shadow, a ready
+// Triton server that answers OK -- forwarding the request's bytes to Triton (with the version
+// it picked and an id appended) and Triton's bytes back. Everything else goes, as bytes with
+// the client's metadata and deadline, to the Python gateway (the backend) on a unix socket:
+// other methods and services (metadata, ModelAdmin, health), and every ModelInfer the lane
+// does not serve itself (a wrong key, malformed framing, an unknown model or version, shadow
+// mode, no ready server, and any error from Triton, with the version the lane picked in the
+// x-cdl-lane-version metadata, so that canary accounting, the retry on the stable version and
+// the client-fault checks stay the Python gateway's). The Python gateway is the only one that
+// writes error messages.
+//
+// The Python gateway that starts the lane drives it over two pipes. On stdin, JSON lines:
+// {"routes": {"model": [stable, candidate, canary, shadow]}} and {"ready": ["host:port"]}.
+// On stdout, binary frames (little-endian), each u32 length then the body:
+//
+//	0  ready:  u8 0, u32 port
+//	1  served: u8 1, u8 code, u32 version, f64 latency_s, f64 unix time,
+//	           u16 len model, u16 len id, u32 len request, u32 len response, then those bytes
+//	           (request and response empty when the request was not sampled for the log)
+//	2  stats:  u8 2, then JSON {"outstanding": {"host:port": n}, "dropped": n, "delegated": n}
+//
+// stdin's end (the gateway exited, even killed -9) stops the lane.
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+const (
+	inferMethod = "/inference.GRPCInferenceService/ModelInfer"
+	hintKey     = "x-cdl-lane-version"
+	appendSlack = 4096
+	keyCacheMax = 256
+)
+
+// rawCodec passes messages through as bytes (the lane never parses a message it forwards).
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v any) ([]byte, error) {
+	b, ok := v.(*[]byte)
+	if !ok {
+		return nil, fmt.Errorf("gwlane: cannot marshal %T", v)
+	}
+	return *b, nil
+}
+
+func (rawCodec) Unmarshal(data []byte, v any) error {
+	b, ok := v.(*[]byte)
+	if !ok {
+		return fmt.Errorf("gwlane: cannot unmarshal into %T", v)
+	}
+	*b = append((*b)[:0], data...)
+	return nil
+}
+
+func (rawCodec) Name() string { return "proto" }
+
+type route struct {
+	stable, candidate int
+	canary, shadow    float64
+	stableS, candS    string
+}
+
+type backend struct {
+	endpoint    string
+	conn        *grpc.ClientConn
+	outstanding atomic.Int32
+}
+
+type lane struct {
+	backend       *grpc.ClientConn
+	servers       map[string]*backend
+	ready         atomic.Pointer[[]*backend]
+	routes        atomic.Pointer[map[string]route]
+	keys          [][]byte // SHA-256 hex digests allowed for inference; none: open
+	verified      sync.Map // authorization value -> struct{} (verified keys only)
+	verifiedN     atomic.Int32
+	timeout       time.Duration
+	idPrefix      string
+	ids           atomic.Uint64
+	tick          atomic.Uint64
+	rr            atomic.Uint32
+	sample        float64
+	credit        atomic.Uint64 // sampled requests so far x 2**20 / sample, see sampled
+	frames        chan []byte
+	dropped       atomic.Uint64
+	delegated     atomic.Uint64
+	versionFields sync.Map // int -> []byte
+}
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:0", "public address")
+	backendSock := flag.String("backend", "", "the Python gateway's unix socket")
+	tritons := flag.String("triton", "", "Triton gRPC endpoints, comma-separated")
+	keyHashes := flag.String("key-hashes", "", "SHA-256 hex digests of the inference API keys, comma-separated")
+	timeoutS := flag.Float64("timeout", 10, "deadline given to a request that came without one, seconds")
+	maxBytes := flag.Int("max-bytes", 16<<20, "largest message accepted")
+	certFile := flag.String("tls-cert", "", "TLS certificate (PEM)")
+	keyFile := flag.String("tls-key", "", "TLS key (PEM)")
+	reusePort := flag.Bool("reuseport", false, "bind with SO_REUSEPORT")
+	sample := flag.Float64("log-sample", 1, "share of served requests sent up for the inference log")
+	idPrefix := flag.String("id-prefix", "gw-lane-", "prefix of generated request ids")
+	flag.Parse()
+	slog.SetDefault(slog.New(slog.NewJSONHandler(os.Stderr, nil)))
+	encoding.RegisterCodec(rawCodec{})
+
+	l := &lane{
+		servers:  map[string]*backend{},
+		timeout:  time.Duration(*timeoutS * float64(time.Second)),
+		idPrefix: *idPrefix,
+		sample:   math.Min(math.Max(*sample, 0), 1),
+		frames:   make(chan []byte, 16384),
+	}
+	for _, h := range strings.Split(*keyHashes, ",") {
+		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
+			l.keys = append(l.keys, []byte(h))
+		}
+	}
+	empty := map[string]route{}
+	l.routes.Store(&empty)
+	none := []*backend{}
+	l.ready.Store(&none)
+
+	clientOpts := []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(
+			grpc.MaxCallRecvMsgSize(*maxBytes),
+			grpc.MaxCallSendMsgSize(*maxBytes+appendSlack),
+		),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+			MinConnectTimeout: time.Second,
+		}),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.WithDisableRetry(),
+	}
+	var err error
+	l.backend, err = grpc.NewClient("unix://"+*backendSock, clientOpts...)
+	if err != nil {
+		fatal("backend channel", err)
+	}
+	for _, ep := range strings.Split(*tritons, ",") {
+		if ep = strings.TrimSpace(ep); ep == "" {
+			continue
+		}
+		conn, err := grpc.NewClient(ep, clientOpts...)
+		if err != nil {
+			fatal("triton channel", err)
+		}
+		conn.Connect()
+		l.servers[ep] = &backend{endpoint: ep, conn: conn}
+	}
+
+	serverOpts := []grpc.ServerOption{
+		grpc.UnknownServiceHandler(l.handle),
+		grpc.MaxRecvMsgSize(*maxBytes),
+		grpc.MaxSendMsgSize(*maxBytes),
+	}
+	if *certFile != "" {
+		cert, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+		if err != nil {
+			fatal("TLS key pair", err)
+		}
+		serverOpts = append(serverOpts, grpc.Creds(credentials.NewServerTLSFromCert(&cert)))
+	}
+	lis, err := bind(*listen, *reusePort)
+	if err != nil {
+		fatal("listen", err)
+	}
+	srv := grpc.NewServer(serverOpts...)
+	port := lis.Addr().(*net.TCPAddr).Port
+
+	out := bufio.NewWriterSize(os.Stdout, 256<<10)
+	ready := make([]byte, 9)
+	binary.LittleEndian.PutUint32(ready, 5)
+	ready[4] = 0
+	binary.LittleEndian.PutUint32(ready[5:], uint32(port))
+	l.frames <- ready
+	go l.writeFrames(out)
+	go l.stats()
+	go func() {
+		l.readControl(os.Stdin)
+		// the gateway is gone: stop taking requests, finish those in flight (briefly), exit
+		done := make(chan struct{})
+		go func() { srv.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			srv.Stop()
+		}
+		os.Exit(0)
+	}()
+	slog.Info("gateway lane serving", "port", port, "triton", *tritons)
+	if err := srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		fatal("serve", err)
+	}
+}
+
+func fatal(what string, err error) {
+	slog.Error("gateway lane failed", "step", what, "error", err.Error())
+	os.Exit(1)
+}
+
+// bind listens on addr, retrying for a few seconds while the port is still held (a lane of a
+// gateway that was just killed exits when its stdin closes, a moment later).
+func bind(addr string, reusePort bool) (net.Listener, error) {
+	lc := net.ListenConfig{}
+	if reusePort {
+		lc.Control = func(network, address string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, 0xf /* SO_REUSEPORT */, 1)
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		lis, err := lc.Listen(context.Background(), "tcp", addr)
+		if err == nil || time.Now().After(deadline) || !errors.Is(err, syscall.EADDRINUSE) {
+			return lis, err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// ------------------------------------------------------------------ control (stdin)
+
+type control struct {
+	Routes map[string][4]float64 `json:"routes"`
+	Ready  *[]string             `json:"ready"`
+}
+
+func (l *lane) readControl(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<16), 64<<20)
+	for sc.Scan() {
+		var c control
+		if err := json.Unmarshal(sc.Bytes(), &c); err != nil {
+			slog.Warn("gateway lane: control line ignored", "error", err.Error())
+			continue
+		}
+		if c.Routes != nil {
+			routes := make(map[string]route, len(c.Routes))
+			for name, r := range c.Routes {
+				rt := route{stable: int(r[0]), candidate: int(r[1]), canary: r[2], shadow: r[3]}
+				rt.stableS, rt.candS = canonicalVersion(rt.stable), canonicalVersion(rt.candidate)
+				routes[name] = rt
+			}
+			l.routes.Store(&routes)
+		}
+		if c.Ready != nil {
+			ready := make([]*backend, 0, len(*c.Ready))
+			for _, ep := range *c.Ready {
+				if b, ok := l.servers[ep]; ok {
+					ready = append(ready, b)
+				}
+			}
+			l.ready.Store(&ready)
+		}
+	}
+}
+
+// ------------------------------------------------------------------ frames (stdout)
+
+func (l *lane) writeFrames(w *bufio.Writer) {
+	for f := range l.frames {
+		if _, err := w.Write(f); err != nil {
+			return // the gateway is gone; readControl ends the process
+		}
+		// what else is waiting goes in the same write: one pipe write per burst, not per request
+		for n := len(l.frames); n > 0; n-- {
+			if _, err := w.Write(<-l.frames); err != nil {
+				return
+			}
+		}
+		if err := w.Flush(); err != nil {
+			return
+		}
+	}
+}
+
+func (l *lane) send(frame []byte) {
+	select {
+	case l.frames <- frame:
+	default:
+		l.dropped.Add(1)
+	}
+}
+
+func (l *lane) stats() {
+	for range time.Tick(time.Second) {
+		out := map[string]int32{}
+		for ep, b := range l.servers {
+			out[ep] = b.outstanding.Load()
+		}
+		body, _ := json.Marshal(map[string]any{
+			"outstanding": out, "dropped": l.dropped.Load(), "delegated": l.delegated.Load(),
+		})
+		frame := make([]byte, 5, 5+len(body))
+		binary.LittleEndian.PutUint32(frame, uint32(1+len(body)))
+		frame[4] = 2
+		l.send(append(frame, body...))
+	}
+}
+
+// sampled: whether this served request goes to the inference log (deterministic: of every n
+// requests, sample x n, evenly spread).
+func (l *lane) sampled() bool {
+	if l.sample >= 1 {
+		return true
+	}
+	if l.sample <= 0 {
+		return false
+	}
+	n := l.credit.Add(1)
+	return int(float64(n)*l.sample) > int(float64(n-1)*l.sample)
+}
+
+func (l *lane) served(code codes.Code, version int, latency time.Duration, model, id string, req, resp []byte) {
+	if !l.sampled() {
+		req, resp = nil, nil
+	}
+	size := 4 + 1 + 1 + 4 + 8 + 8 + 2 + 2 + 4 + 4 + len(model) + len(id) + len(req) + len(resp)
+	f := make([]byte, size)
+	le := binary.LittleEndian
+	le.PutUint32(f, uint32(size-4))
+	f[4] = 1
+	f[5] = byte(code)
+	le.PutUint32(f[6:], uint32(version))
+	le.PutUint64(f[10:], math.Float64bits(latency.Seconds()))
+	le.PutUint64(f[18:], math.Float64bits(float64(time.Now().UnixNano())/1e9))
+	le.PutUint16(f[26:], uint16(len(model)))
+	le.PutUint16(f[28:], uint16(len(id)))
+	le.PutUint32(f[30:], uint32(len(req)))
+	le.PutUint32(f[34:], uint32(len(resp)))
+	p := 38
+	p += copy(f[p:], model)
+	p += copy(f[p:], id)
+	p += copy(f[p:], req)
+	copy(f[p:], resp)
+	l.send(f)
+}
+
+// ------------------------------------------------------------------ the hot path
+
+func (l *lane) handle(_ any, stream grpc.ServerStream) error {
+	method, ok := grpc.MethodFromServerStream(stream)
+	if !ok {
+		return status.Error(codes.Internal, "gateway lane: no method")
+	}
+	if method == inferMethod {
+		return l.infer(stream)
+	}
+	return l.proxy(stream, method)
+}
+
+func (l *lane) authorized(md metadata.MD) bool {
+	if len(l.keys) == 0 {
+		return true
+	}
+	vals := md.Get("authorization")
+	if len(vals) == 0 {
+		return false
+	}
+	header := vals[0]
+	if _, ok := l.verified.Load(header); ok {
+		return true
+	}
+	// as cdl.auth: "<scheme> <key>", the scheme "bearer" in any case, spaces around trimmed
+	scheme, token, _ := strings.Cut(strings.TrimSpace(header), " ")
+	token = strings.TrimSpace(token)
+	if !strings.EqualFold(scheme, "bearer") || token == "" {
+		return false
+	}
+	sum := sha256.Sum256([]byte(token))
+	digest := []byte(hex.EncodeToString(sum[:]))
+	match := 0
+	for _, k := range l.keys {
+		match |= subtle.ConstantTimeCompare(digest, k)
+	}
+	if match == 0 {
+		return false
+	}
+	if l.verifiedN.Add(1) <= keyCacheMax {
+		l.verified.Store(header, struct{}{})
+	}
+	return true
+}
+
+func (l *lane) versionField(v int) []byte {
+	if f, ok := l.versionFields.Load(v); ok {
+		return f.([]byte)
+	}
+	f := stringField(0x12, strconv.Itoa(v))
+	l.versionFields.Store(v, f)
+	return f
+}
+
+// pick: the version that answers a request without an explicit one (as RoutingTable.pick:
+// of every 1,000 requests the candidate answers canary x 1,000, evenly interleaved).
+func (l *lane) pick(r route) int {
+	if r.candidate == 0 || r.canary <= 0 || r.stable == 0 {
+		if r.stable != 0 {
+			return r.stable
+		}
+		return r.candidate
+	}
+	if r.canary >= 1 {
+		return r.candidate
+	}
+	n := float64((l.tick.Add(1) - 1) % 1000)
+	if int((n+1)*r.canary) > int(n*r.canary) {
+		return r.candidate
+	}
+	return r.stable
+}
+
+func (l *lane) choose() *backend {
+	ready := *l.ready.Load()
+	n := len(ready)
+	if n == 0 {
+		return nil
+	}
+	start := int(l.rr.Add(1))
+	var best *backend
+	for i := 0; i < n; i++ {
+		b := ready[(start+i)%n]
+		if best == nil || b.outstanding.Load() < best.outstanding.Load() {
+			best = b
+		}
+	}
+	return best
+}
+
+func (l *lane) infer(stream grpc.ServerStream) error {
+	var req []byte
+	if err := stream.RecvMsg(&req); err != nil {
+		return err
+	}
+	ctx := stream.Context()
+	md, _ := metadata.FromIncomingContext(ctx)
+	if !l.authorized(md) {
+		return l.delegate(stream, md, req, 0)
+	}
+	name, version, id, ok := scanRoute(req)
+	if !ok {
+		return l.delegate(stream, md, req, 0)
+	}
+	r, ok := (*l.routes.Load())[name]
+	if !ok || r.shadow > 0 {
+		return l.delegate(stream, md, req, 0)
+	}
+	var v int
+	picked := version == ""
+	data := req
+	switch {
+	case picked:
+		if v = l.pick(r); v == 0 {
+			return l.delegate(stream, md, req, 0)
+		}
+		data = append(req[:len(req):len(req)], l.versionField(v)...)
+	case r.stable != 0 && version == r.stableS:
+		v = r.stable
+	case r.candidate != 0 && version == r.candS:
+		v = r.candidate
+	default:
+		return l.delegate(stream, md, req, 0)
+	}
+	if id == "" {
+		id = l.idPrefix + strconv.FormatUint(l.ids.Add(1), 10)
+		data = append(data[:len(data):len(data)], stringField(0x1a, id)...)
+	}
+	b := l.choose()
+	if b == nil {
+		return l.delegate(stream, md, req, hint(picked, v))
+	}
+	callCtx := ctx
+	if _, has := ctx.Deadline(); !has {
+		var cancel context.CancelFunc
+		callCtx, cancel = context.WithTimeout(ctx, l.timeout)
+		defer cancel()
+	}
+	b.outstanding.Add(1)
+	start := time.Now()
+	var resp []byte
+	err := b.conn.Invoke(callCtx, inferMethod, &data, &resp)
+	latency := time.Since(start)
+	b.outstanding.Add(-1)
+	if err == nil {
+		l.served(codes.OK, v, latency, name, id, data, resp)
+		return stream.SendMsg(&resp)
+	}
+	code := status.Code(err)
+	if code == codes.DeadlineExceeded || ctx.Err() != nil {
+		// no time left to hand it on: the version's failure, as the Python gateway counts it
+		l.served(code, v, latency, name, id, data, nil)
+		return err
+	}
+	// Triton failed it: the Python gateway decides what that means (retry elsewhere, the
+	// stable version for a canary request, the client's fault) and answers
+	return l.delegate(stream, md, req, hint(picked, v))
+}
+
+func hint(picked bool, v int) int {
+	if picked {
+		return v
+	}
+	return 0
+}
+
+// outgoing is the client's metadata as the backend gets it: transport headers and any
+// x-cdl-lane-* a client sent are dropped; hint (a version the lane picked) is added.
+func outgoing(ctx context.Context, md metadata.MD, hintVersion int) context.Context {
+	out := metadata.MD{}
+	for k, vs := range md {
+		if strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-") || strings.HasPrefix(k, "x-cdl-lane") ||
+			k == "content-type" || k == "user-agent" || k == "te" {
+			continue
+		}
+		out[k] = vs
+	}
+	if hintVersion != 0 {
+		out.Set(hintKey, strconv.Itoa(hintVersion))
+	}
+	return metadata.NewOutgoingContext(ctx, out)
+}
+
+func (l *lane) delegate(stream grpc.ServerStream, md metadata.MD, req []byte, hintVersion int) error {
+	l.delegated.Add(1)
+	var resp []byte
+	var header, trailer metadata.MD
+	err := l.backend.Invoke(
+		outgoing(stream.Context(), md, hintVersion), inferMethod, &req, &resp, grpc.Header(&header), grpc.Trailer(&trailer),
+	)
+	if len(header) > 0 {
+		_ = stream.SetHeader(header)
+	}
+	if len(trailer) > 0 {
+		stream.SetTrailer(trailer)
+	}
+	if err != nil {
+		return err
+	}
+	return stream.SendMsg(&resp)
+}
+
+var passthrough = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
+
+// proxy hands any other call to the backend as a stream of bytes both ways (unary calls,
+// the health service's Watch), with the client's metadata and deadline, and the backend's
+// headers, trailers and status back.
+func (l *lane) proxy(stream grpc.ServerStream, method string) error {
+	ctx := stream.Context()
+	md, _ := metadata.FromIncomingContext(ctx)
+	ctx, cancel := context.WithCancel(outgoing(ctx, md, 0))
+	defer cancel()
+	cs, err := l.backend.NewStream(ctx, passthrough, method)
+	if err != nil {
+		return err
+	}
+	upErr := make(chan error, 1)
+	go func() {
+		for {
+			var m []byte
+			if err := stream.RecvMsg(&m); err != nil {
+				if errors.Is(err, io.EOF) {
+					upErr <- cs.CloseSend()
+				} else {
+					upErr <- err
+				}
+				return
+			}
+			if err := cs.SendMsg(&m); err != nil {
+				upErr <- nil // the backend's status comes from RecvMsg below
+				return
+			}
+		}
+	}()
+	if header, err := cs.Header(); err == nil && len(header) > 0 {
+		_ = stream.SendHeader(header)
+	}
+	for {
+		var m []byte
+		if err := cs.RecvMsg(&m); err != nil {
+			stream.SetTrailer(cs.Trailer())
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		if err := stream.SendMsg(&m); err != nil {
+			return err
+		}
+		select {
+		case err := <-upErr:
+			if err != nil {
+				cancel()
+				return err
+			}
+			upErr = nil
+		default:
+		}
+	}
+}

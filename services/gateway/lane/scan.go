@@ -1,0 +1,71 @@
+package main
+
+import (
+	"strconv"
+	"unicode/utf8"
+
+	"google.golang.org/protobuf/encoding/protowire"
+)
+
+// scanRoute reads a ModelInferRequest's routing fields (model_name = 1, model_version = 2,
+// id = 3) by walking its top-level fields with protowire, skipping the rest in O(1) each.
+//
+// It is conservative: ok is false for anything the lane leaves to the Python gateway (which
+// gives the client the precise error): bad framing, groups, a routing field with another
+// wire type, a tag longer than 5 bytes, invalid UTF-8. Where it returns ok, it reads what a
+// protobuf parser reads: the last occurrence of each field wins.
+func scanRoute(b []byte) (name, version, id string, ok bool) {
+	var nameB, versionB, idB []byte
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 || n > 5 || num < 1 {
+			return "", "", "", false
+		}
+		b = b[n:]
+		switch typ {
+		case protowire.VarintType, protowire.Fixed32Type, protowire.Fixed64Type, protowire.BytesType:
+		default: // groups (deprecated, never sent by clients) and invalid wire types
+			return "", "", "", false
+		}
+		if num <= 3 {
+			if typ != protowire.BytesType {
+				return "", "", "", false
+			}
+			v, m := protowire.ConsumeBytes(b)
+			if m < 0 {
+				return "", "", "", false
+			}
+			switch num {
+			case 1:
+				nameB = v
+			case 2:
+				versionB = v
+			default:
+				idB = v
+			}
+			b = b[m:]
+			continue
+		}
+		m := protowire.ConsumeFieldValue(num, typ, b)
+		if m < 0 {
+			return "", "", "", false
+		}
+		b = b[m:]
+	}
+	if !utf8.Valid(nameB) || !utf8.Valid(versionB) || !utf8.Valid(idB) {
+		return "", "", "", false
+	}
+	return string(nameB), string(versionB), string(idB), true
+}
+
+// stringField is a length-delimited field (tag byte tag) holding s, as appended to a request:
+// an appended occurrence is the last one, so it wins.
+func stringField(tag byte, s string) []byte {
+	out := make([]byte, 0, 1+protowire.SizeVarint(uint64(len(s)))+len(s))
+	out = append(out, tag)
+	out = protowire.AppendVarint(out, uint64(len(s)))
+	return append(out, s...)
+}
+
+// canonicalVersion is v as the gateway names versions ("3"), for comparing an explicit one.
+func canonicalVersion(v int) string { return strconv.Itoa(v) }
