@@ -12,7 +12,8 @@ decides errors, canary retries and shadow mirroring.
 - every ``SYNC_S`` (and at once on :meth:`changed`) writes the routing table
   and the Triton servers the pool holds ready to the lane's stdin, when they
   changed (the table is replaced as a whole on each change, so a change is a
-  new object);
+  new object); the lane acknowledges each line once applied
+  (:meth:`in_step`);
 - reads the lane's stdout in a thread: each request the lane served
   (version, status, latency, and for a request sampled for the log its
   request and response bytes) goes to ``on_served`` -- the hot path's
@@ -61,7 +62,7 @@ RESTARTS = Counter("cdl_gateway_lane_restarts_total", "Times the gateway's nativ
 _U32 = struct.Struct("<I")
 #: a served frame after its kind byte: code, version, latency_s, time, then four lengths
 _SERVED = struct.Struct("<BIddHHII")
-_READY, _SERVED_KIND, _STATS = 0, 1, 2
+_READY, _SERVED_KIND, _STATS, _ACK = 0, 1, 2, 3
 
 
 class LaneServed(Protocol):
@@ -114,6 +115,7 @@ class NativeLane:
         self._routes = routes
         self._ready = ready
         self._proc: subprocess.Popen[bytes] | None = None
+        self._seq = 0
         self._port = 0
         self._closing = threading.Event()
         self._wake = threading.Event()
@@ -147,6 +149,12 @@ class NativeLane:
             t.start()
             self._threads.append(t)
         return self._port
+
+    def in_step(self) -> bool:
+        """Whether the lane routes by the table as it is now and knows the servers ready now
+        (it acknowledged what the sync sent of them)."""
+        routes, ready, seq = self._sent
+        return routes is self._routes() and ready == tuple(self._ready()) and self._acked >= seq > 0
 
     def changed(self) -> None:
         """The routing table or the servers changed: tell the lane now, not at the next sync."""
@@ -182,7 +190,8 @@ class NativeLane:
             [str(self._binary), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=False
         )
         self._proc = proc
-        self._sent: tuple[Any, Any] = (None, None)
+        self._sent: tuple[Any, Any, int] = (None, None, 0)
+        self._acked = 0
         reader = threading.Thread(target=self._read, args=(proc,), name="cdl-gateway-lane-frames", daemon=True)
         reader.start()
         self._reader = reader
@@ -230,14 +239,17 @@ class NativeLane:
                 continue
             try:
                 routes, ready = self._routes(), tuple(self._ready())
-                sent_routes, sent_ready = self._sent
+                sent_routes, sent_ready, _ = self._sent
                 msg: dict[str, Any] = {}
                 if routes is not sent_routes:
                     msg["routes"] = _routes_line(routes)
                 if ready != sent_ready:
                     msg["ready"] = list(ready)
-                if msg and self._write(msg):
-                    self._sent = (routes, ready)
+                if msg:
+                    self._seq += 1
+                    msg["seq"] = self._seq
+                    if self._write(msg):
+                        self._sent = (routes, ready, self._seq)
             except Exception:  # the sync must never stop
                 log.exception("gateway lane sync failed")
 
@@ -284,6 +296,8 @@ class NativeLane:
             self._on_served(model, version, code, latency, when, request_id, request, buf[p : p + lr])
         elif kind == _STATS:
             self.stats = json.loads(buf[start + 1 : end])
+        elif kind == _ACK:
+            (self._acked,) = _U32.unpack_from(buf, start + 1)
         elif kind == _READY:
             (self._port,) = _U32.unpack_from(buf, start + 1)
             self._started.set()

@@ -24,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -48,6 +50,7 @@ from tritonclient.utils import InferenceServerException
 from cdl.store import ObjectStore
 from services.gateway.auth import ApiKeys, hash_key
 from services.gateway.backends import SERVICE, TritonPool
+from services.gateway.lane import NativeLane, lane_binary
 from services.gateway.routing import Route, RoutingTable
 from services.gateway.server import InferenceService
 from tests.models import write_affine
@@ -87,10 +90,16 @@ class _Outcomes:
 
 
 class Gateway:
-    """An InferenceService behind a grpc.aio server, on an event loop in a thread of its own."""
+    """An InferenceService behind a grpc.aio server, on an event loop in a thread of its own;
+    with ``lane``, behind the gateway's native lane (the server on a unix socket, as the app
+    runs it with ``data_plane`` native)."""
 
-    def __init__(self, endpoints: list[str], table: RoutingTable, health_interval_s: float = 0.2) -> None:
+    def __init__(
+        self, endpoints: list[str], table: RoutingTable, health_interval_s: float = 0.2, lane: bool = False
+    ) -> None:
         self.table = table
+        self.lane: NativeLane | None = None
+        self._lane_wanted = lane
         self.joined: list[str] = []
         self.outcomes = Recording()
         self.loop = asyncio.new_event_loop()
@@ -111,19 +120,83 @@ class Gateway:
         )
         await self.pool.start()
         self.service = InferenceService(
-            self.table, self.pool, _Outcomes(self.outcomes), None, ApiKeys([hash_key(KEY)]), 10.0, MAX_BYTES
+            self.table,
+            self.pool,
+            _Outcomes(self.outcomes),
+            None,
+            ApiKeys([hash_key(KEY)]),
+            10.0,
+            MAX_BYTES,
+            behind_lane=self._lane_wanted,
         )
         opts = [("grpc.max_receive_message_length", MAX_BYTES), ("grpc.max_send_message_length", MAX_BYTES)]
         self.server = grpc.aio.server(options=opts)
         self.server.add_generic_rpc_handlers((self.service.handler(),))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if not self._lane_wanted:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            await self.server.start()
+            return
+        self._socket_dir = tempfile.mkdtemp(prefix="cdl-gw-test-")
+        socket_path = f"{self._socket_dir}/backend.sock"
+        self.server.add_insecure_port(f"unix:{socket_path}")
         await self.server.start()
+        binary = lane_binary("native")
+        assert binary is not None
+        args = [
+            "--listen=127.0.0.1:0",
+            f"--backend={socket_path}",
+            f"--triton={','.join(s.endpoint for s in self.pool.servers())}",
+            f"--key-hashes={hash_key(KEY)}",
+            f"--max-bytes={MAX_BYTES}",
+            f"--id-prefix={self.service.id_prefix}l",
+        ]
+        self.lane = NativeLane(
+            binary,
+            args,
+            self.service.lane_served,
+            self.table.all,
+            lambda: [s.endpoint for s in self.pool.servers() if s.ready],
+        )
+        self.port = await asyncio.to_thread(self.lane.start)
+        await asyncio.to_thread(_wait, self.lane.in_step, 15.0, "the lane's first sync")
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def set_route(self, route: Route) -> None:
+        """Route by ``route`` from the next request on (the lane acknowledged it)."""
+        self.table.set(route)
+        if self.lane is not None:
+            self.lane.changed()
+            _wait(self.lane.in_step, what="the lane to route by the new table")
+
+    def settle(self) -> None:
+        """Wait until what the lane served has been reported (its reports keep their order: one
+        request sent now and reported means every earlier one was)."""
+        if self.lane is None:
+            return
+        with self.outcomes.lock:
+            n = len(self.outcomes.served)
+        _raw(self.address, "ModelInfer")(_infer_request(self.model_name(), np.ones((1, 4), np.float32)), metadata=MD)
+        _wait(lambda: len(self.outcomes.served) > n, what="the lane's reports")
+        with self.outcomes.lock:
+            self.outcomes.served.pop()
+
+    def model_name(self) -> str:
+        return next(iter(self.table.all()))
+
+    def rss_mb(self) -> float:
+        """This process's resident memory, and the lane's."""
+        total = _rss_mb()
+        if self.lane is not None and self.lane.pid() is not None:
+            total += _rss_mb(f"/proc/{self.lane.pid()}/status")
+        return total
+
     def close(self) -> None:
+        if self.lane is not None:
+            self.lane.close()
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         self.run(self.service.drain())
         self.run(self.server.stop(None))
         self.run(self.pool.close())
@@ -175,8 +248,8 @@ def _proxy(port: int, target: str) -> subprocess.Popen[str]:
     return proc
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
+def _rss_mb(status: str = "/proc/self/status") -> float:
+    with open(status) as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
@@ -212,11 +285,12 @@ def model(object_store: ObjectStore, triton_grpcs: list[str]) -> Iterator[str]:
         c.unload_model(name)
 
 
-@pytest.fixture
-def gateway(model: str, triton_grpcs: list[str]) -> Iterator[Gateway]:
+@pytest.fixture(params=["python", "native"])
+def gateway(model: str, triton_grpcs: list[str], request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    """The hot path on each data plane: the Python server alone, and behind the native lane."""
     table = RoutingTable()
     table.set(Route(model, 1, candidate=2))  # 2 may be named explicitly, takes no traffic itself
-    gw = Gateway(triton_grpcs, table)
+    gw = Gateway(triton_grpcs, table, lane=request.param == "native")
     assert gw.run(gw.pool.wait_ready(2))
     yield gw
     gw.close()
@@ -306,6 +380,7 @@ def test_every_endpoint_answers_as_triton_does(gateway: Gateway, model: str, tri
     assert mine.get_response().SerializeToString() == theirs.get_response().SerializeToString()
     np.testing.assert_array_equal(mine.as_numpy("output"), theirs.as_numpy("output"))
     np.testing.assert_allclose(mine.as_numpy("output"), x @ W + B, rtol=1e-5, atol=1e-5)
+    gateway.settle()
     assert {s[:3] for s in gateway.outcomes.served} == {(model, 1, True), (model, 2, True)}
 
 
@@ -359,6 +434,7 @@ def test_errors(gateway: Gateway, model: str, triton_grpcs: list[str]) -> None:
     huge = _infer_request(model, np.zeros((1, MAX_BYTES // 4 + 16), np.float32))
     assert code(infer, huge)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     # client errors say nothing about the version
+    gateway.settle()
     assert all(ok for _, _, ok, _ in gateway.outcomes.served)
 
 
@@ -366,17 +442,18 @@ def test_failing_canary_never_fails_a_request_and_shadow_is_compared(gateway: Ga
     infer = _raw(gateway.address, "ModelInfer")
     x = np.ones((1, 4), dtype=np.float32)
     # candidate 3 is not loaded anywhere: every canary request fails on it and is answered by 1
-    gateway.table.set(Route(model, 1, candidate=3, canary=0.5))
+    gateway.set_route(Route(model, 1, candidate=3, canary=0.5))
     versions = [
         service_pb2.ModelInferResponse.FromString(infer(_infer_request(model, x), metadata=MD)).model_version
         for _ in range(40)
     ]
     assert versions == ["1"] * 40
+    gateway.settle()
     served = gateway.outcomes.served
     assert sum(1 for s in served if s[1] == 3 and not s[2]) == 20
     assert sum(1 for s in served if s[1] == 1 and s[2]) == 40
     # a working canary answers its share
-    gateway.table.set(Route(model, 1, candidate=2, canary=0.5))
+    gateway.set_route(Route(model, 1, candidate=2, canary=0.5))
     versions = [
         service_pb2.ModelInferResponse.FromString(infer(_infer_request(model, x), metadata=MD)).model_version
         for _ in range(40)
@@ -384,7 +461,7 @@ def test_failing_canary_never_fails_a_request_and_shadow_is_compared(gateway: Ga
     assert versions.count("2") == 20 and versions.count("1") == 20
     # shadow: clients see version 1 only, every request mirrored to 2 and compared
     gateway.outcomes.clear()
-    gateway.table.set(Route(model, 1, candidate=2, shadow=1.0))
+    gateway.set_route(Route(model, 1, candidate=2, shadow=1.0))
     versions = [
         service_pb2.ModelInferResponse.FromString(infer(_infer_request(model, x), metadata=MD)).model_version
         for _ in range(30)
@@ -395,13 +472,16 @@ def test_failing_canary_never_fails_a_request_and_shadow_is_compared(gateway: Ga
     assert all(s[1] == 2 and s[2] and s[4] is True for s in gateway.outcomes.shadowed)
 
 
-def test_a_server_that_appears_dies_and_comes_back_rejoins(model: str, triton_grpcs: list[str]) -> None:
+@pytest.mark.parametrize("data_plane", ["python", "native"])
+def test_a_server_that_appears_dies_and_comes_back_rejoins(
+    model: str, triton_grpcs: list[str], data_plane: str
+) -> None:
     """Pool: one real Triton and a port where a server (a proxy to the other Triton) appears,
     is killed -9 under load, and is started again. No request fails."""
     port = _free_port()
     table = RoutingTable()
     table.set(Route(model, 1))
-    gw = Gateway([triton_grpcs[0], f"127.0.0.1:{port}"], table, health_interval_s=0.2)
+    gw = Gateway([triton_grpcs[0], f"127.0.0.1:{port}"], table, health_interval_s=0.2, lane=data_plane == "native")
     second = tgrpc.InferenceServerClient(triton_grpcs[1])
 
     def count_on_second() -> int:
@@ -545,10 +625,10 @@ def test_malformed_requests_get_a_proper_status(gateway: Gateway, model: str) ->
             return code
 
     first = [send(data) for data in requests]
-    rss = _rss_mb()
+    rss = gateway.rss_mb()
     second = [send(data) for data in requests]
     third = [send(data) for data in requests]
-    grown = _rss_mb() - rss
+    grown = gateway.rss_mb() - rss
     assert first == second == third
     codes = {c: first.count(c) for c in set(first)}
     print("FUZZ", len(requests), codes, f"{grown:.1f} MiB")
@@ -558,4 +638,5 @@ def test_malformed_requests_get_a_proper_status(gateway: Gateway, model: str) ->
     assert codes[grpc.StatusCode.OK] > 50 and codes[grpc.StatusCode.INVALID_ARGUMENT] > 1000, codes
     assert grown < 8, f"RSS grew by {grown:.1f} MiB over {2 * len(requests)} requests"
     # malformed requests never count against a version
+    gateway.settle()
     assert all(ok for _, _, ok, _ in gateway.outcomes.served)

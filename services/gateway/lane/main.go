@@ -21,6 +21,7 @@
 //	           u16 len model, u16 len id, u32 len request, u32 len response, then those bytes
 //	           (request and response empty when the request was not sampled for the log)
 //	2  stats:  u8 2, then JSON {"outstanding": {"host:port": n}, "dropped": n, "delegated": n}
+//	3  ack:    u8 3, u32 seq -- the control line with that "seq" is applied
 //
 // stdin's end (the gateway exited, even killed -9) stops the lane.
 package main
@@ -266,6 +267,7 @@ func bind(addr string, reusePort bool) (net.Listener, error) {
 type control struct {
 	Routes map[string][4]float64 `json:"routes"`
 	Ready  *[]string             `json:"ready"`
+	Seq    uint32                `json:"seq"`
 }
 
 func (l *lane) readControl(r io.Reader) {
@@ -294,6 +296,13 @@ func (l *lane) readControl(r io.Reader) {
 				}
 			}
 			l.ready.Store(&ready)
+		}
+		if c.Seq != 0 { // applied: every request from here on routes by it
+			ack := make([]byte, 9)
+			binary.LittleEndian.PutUint32(ack, 5)
+			ack[4] = 3
+			binary.LittleEndian.PutUint32(ack[5:], c.Seq)
+			l.frames <- ack // never dropped (a blocking send: control lines are rare)
 		}
 	}
 }
