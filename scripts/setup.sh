@@ -6,6 +6,7 @@
 #   - MinIO server (go install, pinned)          -> $CDL_HOME/bin/minio
 #   - Triton server from the nvidia-pytriton wheel -> $CDL_HOME/triton
 #   - C helpers: ingest's JSON scanner, the columnar Kafka consumer (gcc) -> $CDL_HOME/native
+#   - the gateway's native lane (Go, modules from the Go module proxy) -> $CDL_HOME/native
 #   - PostgreSQL server (Debian)                 -> /usr/lib/postgresql
 #   - buf, the protobuf linter (npm)             -> $CDL_HOME/node
 set -euo pipefail
@@ -69,6 +70,13 @@ assert fastscan.available(), 'C scanner did not build'
 assert kafka_native.available(), 'columnar consumer did not build'
 print('    ' + fastscan._load()._name)
 print('    ' + kafka_native._load()._name)
+"
+
+step "The gateway's native lane (Go, built once per source version)"
+if ! command -v go >/dev/null 2>&1; then apt_install golang-go; fi
+CDL_NATIVE_REQUIRED=1 "$CDL_VENV/bin/python" -c "
+from services.gateway.lane import lane_binary
+print('    ' + str(lane_binary('native')))
 "
 
 step "PostgreSQL server"

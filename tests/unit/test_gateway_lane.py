@@ -4,7 +4,9 @@ fallback (cdl.native.go_program)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -110,3 +112,108 @@ def test_go_program_falls_back_without_a_toolchain(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CDL_NATIVE_REQUIRED", "1")
     with pytest.raises(native.NativeBuildError):
         native.go_program(MODULE, "gwlane")
+
+
+def _tag(num: int, wire_type: int, extra: int = 0) -> bytes:
+    """A tag as a varint, with ``extra`` redundant continuation bytes (a longer encoding)."""
+    enc = bytearray(_varint((num << 3) | wire_type))
+    if extra:
+        enc[-1] |= 0x80
+        enc += b"\x80" * (extra - 1) + b"\x00"
+    return bytes(enc)
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _requests(n: int) -> list[tuple[bytes, bool]]:
+    """Valid ModelInferRequests (True: as protobuf serialized them) and byte-level mutations of
+    them (seeded): flipped and cut bytes, fields repeated, routing fields with other wire
+    types, groups, long tags, non-UTF-8 strings, unknown fields."""
+    from cdl.v1 import open_inference_pb2 as pb
+
+    rnd = random.Random(1234)
+    names = ["digits", "m", "", "ü", "a" * 300]
+    out: list[tuple[bytes, bool]] = []
+    for _ in range(n):
+        req = pb.ModelInferRequest(model_name=rnd.choice(names), model_version=rnd.choice(["", "1", "12", "x"]))
+        if rnd.random() < 0.4:
+            req.id = rnd.choice(["r1", "", "id-" + "9" * 40])
+        for _ in range(rnd.choice([0, 1, 1, 2])):
+            req.inputs.add(name="input", datatype="FP32", shape=[1, rnd.randint(0, 8)])
+            req.raw_input_contents.append(rnd.randbytes(rnd.choice([0, 4, 32, 300])))
+        data = bytearray(req.SerializeToString())
+        kind = rnd.random()
+        if kind < 0.25:
+            pass  # valid as it is
+        elif kind < 0.4:  # another occurrence of a routing field, maybe with another wire type
+            num = rnd.randint(1, 3)
+            if rnd.random() < 0.7:
+                s = rnd.choice([b"z", b"", b"\xff\xfe", "é".encode()])
+                data += _tag(num, 2, rnd.choice([0, 0, 1, 4])) + _varint(len(s)) + s
+            else:
+                data += _tag(num, rnd.choice([0, 1, 5])) + rnd.randbytes(8)
+        elif kind < 0.5:  # unknown fields of every wire type, groups among them
+            wt = rnd.choice([0, 1, 2, 3, 5, 6, 7])
+            data += _tag(rnd.choice([9, 15, 100, 1 << 20]), wt) + rnd.randbytes(rnd.randint(0, 12))
+        elif kind < 0.7 and data:  # a byte changed
+            i = rnd.randrange(len(data))
+            data[i] = rnd.randrange(256)
+        elif kind < 0.85 and data:  # cut
+            del data[rnd.randrange(len(data)) :]
+        else:
+            data = bytearray(rnd.randbytes(rnd.randint(0, 64)))
+        out.append((bytes(data), kind < 0.25))
+    return out
+
+
+def test_scan_reads_what_protobuf_reads() -> None:
+    """Differential: the lane's scan against the Python gateway's (wire.route_fields) and
+    protobuf's parser over 20,000 seeded requests. Where the lane accepts the bytes, both read
+    the same model, version and id (so the lane never routes a request elsewhere than the Python
+    gateway would, nor than Triton reads it); it accepts every request as protobuf serializes it
+    (what it refuses, such as an unknown group, goes to the Python gateway)."""
+    from google.protobuf.message import DecodeError
+
+    from cdl.errors import InvalidInputError
+    from cdl.v1 import open_inference_pb2 as pb
+    from services.gateway import wire
+
+    binary = lane_module.lane_binary("native") if shutil.which("go") or IN_CI else None
+    if binary is None:
+        pytest.skip("no Go toolchain")
+    requests = _requests(20_000)
+    stdin = b"".join(struct.pack("<I", len(r)) + r for r, _ in requests)
+    out = subprocess.run([str(binary), "--scan"], input=stdin, capture_output=True, timeout=120, check=True).stdout
+    pos = accepted = valid = 0
+    for data, pristine in requests:
+        ok = out[pos]
+        pos += 1
+        parsed: Any = None
+        with contextlib.suppress(DecodeError):
+            parsed = pb.ModelInferRequest.FromString(data)
+        if not ok:  # left to the Python gateway; never a request as a client library sends it
+            assert not pristine, f"a valid request refused: {data[:80]!r}"
+            continue
+        fields = []
+        for _ in range(3):
+            (n,) = struct.unpack_from("<I", out, pos)
+            fields.append(out[pos + 4 : pos + 4 + n].decode())
+            pos += 4 + n
+        accepted += 1
+        try:
+            assert tuple(fields) == wire.route_fields(data), data[:80]
+        except InvalidInputError as exc:
+            raise AssertionError(f"the lane accepts what the Python scan refuses ({exc}): {data[:80]!r}") from None
+        if parsed is not None:
+            valid += 1
+            assert tuple(fields) == (parsed.model_name, parsed.model_version, parsed.id), data[:80]
+    assert pos == len(out)
+    assert accepted > 8000 and valid > 5000, (accepted, valid)

@@ -135,7 +135,14 @@ func main() {
 	reusePort := flag.Bool("reuseport", false, "bind with SO_REUSEPORT")
 	sample := flag.Float64("log-sample", 1, "share of served requests sent up for the inference log")
 	idPrefix := flag.String("id-prefix", "gw-lane-", "prefix of generated request ids")
+	scanOnly := flag.Bool("scan", false, "test hook: scan length-prefixed requests from stdin, write what was read")
 	flag.Parse()
+	if *scanOnly {
+		if err := scanStream(os.Stdin, os.Stdout); err != nil {
+			fatal("scan", err)
+		}
+		return
+	}
 	slog.SetDefault(slog.New(slog.NewJSONHandler(os.Stderr, nil)))
 	encoding.RegisterCodec(rawCodec{})
 

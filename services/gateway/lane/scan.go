@@ -1,6 +1,10 @@
 package main
 
 import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"io"
 	"strconv"
 	"unicode/utf8"
 
@@ -69,3 +73,35 @@ func stringField(tag byte, s string) []byte {
 
 // canonicalVersion is v as the gateway names versions ("3"), for comparing an explicit one.
 func canonicalVersion(v int) string { return strconv.Itoa(v) }
+
+// scanStream is the differential test's hook (--scan): requests in (each a u32 length, then
+// the bytes), and per request out: u8 ok, then when ok the three strings, each u32 length and
+// bytes.
+func scanStream(r io.Reader, w io.Writer) error {
+	in := bufio.NewReader(r)
+	out := bufio.NewWriter(w)
+	var n [4]byte
+	for {
+		if _, err := io.ReadFull(in, n[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				return out.Flush()
+			}
+			return err
+		}
+		req := make([]byte, binary.LittleEndian.Uint32(n[:]))
+		if _, err := io.ReadFull(in, req); err != nil {
+			return err
+		}
+		name, version, id, ok := scanRoute(req)
+		if !ok {
+			out.WriteByte(0)
+			continue
+		}
+		out.WriteByte(1)
+		for _, s := range []string{name, version, id} {
+			binary.LittleEndian.PutUint32(n[:], uint32(len(s)))
+			out.Write(n[:])
+			out.WriteString(s)
+		}
+	}
+}
