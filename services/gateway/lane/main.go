@@ -121,6 +121,7 @@ type lane struct {
 	dropped       atomic.Uint64
 	delegated     atomic.Uint64
 	versionFields sync.Map // int -> []byte
+	inflight      atomic.Int64
 }
 
 func main() {
@@ -222,14 +223,17 @@ func main() {
 	go l.stats()
 	go func() {
 		l.readControl(os.Stdin)
-		// the gateway is gone: stop taking requests, finish those in flight (briefly), exit
-		done := make(chan struct{})
-		go func() { srv.GracefulStop(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			srv.Stop()
+		// the gateway is gone: stop taking requests, finish those in flight (5 s at most), exit.
+		// GracefulStop also waits for idle client connections to go, which clients may keep
+		// open: once nothing is in flight, Stop closes them.
+		go srv.GracefulStop()
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+			if l.inflight.Load() == 0 {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
+		srv.Stop()
 		os.Exit(0)
 	}()
 	slog.Info("gateway lane serving", "port", port, "triton", *tritons)
@@ -398,6 +402,8 @@ func (l *lane) served(code codes.Code, version int, latency time.Duration, model
 // ------------------------------------------------------------------ the hot path
 
 func (l *lane) handle(_ any, stream grpc.ServerStream) error {
+	l.inflight.Add(1)
+	defer l.inflight.Add(-1)
 	method, ok := grpc.MethodFromServerStream(stream)
 	if !ok {
 		return status.Error(codes.Internal, "gateway lane: no method")
