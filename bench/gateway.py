@@ -12,7 +12,9 @@ process, on grpc.aio):
 - **floor**: ``bench/_floor_proxy.py``, a generic ``grpc.aio`` handler that
   forwards bytes to Triton and back (no routing, auth, logging, metrics);
 - **gateway**: ``python -m services.gateway`` with everything on (API key,
-  routing, every request logged to ``inference.logged``, Prometheus);
+  routing, every request logged to ``inference.logged``, Prometheus), on its
+  default data plane (the native lane in front of the Python server where Go
+  builds it; its CPU and RSS are the process group's, the lane's included);
 - **floor2**, the control: a second process of the same floor, started later.
   Two identical proxies part by several percent on this machine (each holds
   its own connection to Triton); what floor2 reaches against the floor is
