@@ -36,6 +36,7 @@ import os
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +48,7 @@ from prometheus_client.registry import Collector
 from cdl import native
 from cdl.errors import CdlError
 from cdl.logging import get_logger
+from services.gateway.inference_log import LOG_DROPPED
 from services.gateway.routing import Route
 
 __all__ = ["RESTARTS", "LaneServed", "NativeLane", "lane_binary"]
@@ -61,7 +63,7 @@ RESTARTS = Counter("cdl_gateway_lane_restarts_total", "Times the gateway's nativ
 
 _U32 = struct.Struct("<I")
 #: a served frame after its kind byte: code, version, latency_s, time, then four lengths
-_SERVED = struct.Struct("<BIddHHII")
+_SERVED = struct.Struct("<BIddIIII")
 _READY, _SERVED_KIND, _STATS, _ACK = 0, 1, 2, 3
 
 
@@ -116,6 +118,9 @@ class NativeLane:
         self._ready = ready
         self._proc: subprocess.Popen[bytes] | None = None
         self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._generation = 0
+        self._log_dropped = 0
         self._port = 0
         self._closing = threading.Event()
         self._wake = threading.Event()
@@ -156,6 +161,23 @@ class NativeLane:
         routes, ready, seq = self._sent
         return routes is self._routes() and ready == tuple(self._ready()) and self._acked >= seq > 0
 
+    def barrier(self, timeout_s: float = 10.0) -> None:
+        """Wait until every request the lane answered so far has been handed to ``on_served``
+        (the lane acknowledges a control line behind the reports it queued before it)."""
+        seq = self._next_seq()
+        if not self._write({"seq": seq}):
+            raise CdlError("the gateway's native lane is not running")
+        deadline = time.monotonic() + timeout_s
+        while self._acked < seq:
+            if time.monotonic() > deadline:
+                raise CdlError("the gateway's native lane did not acknowledge", timeout_s=timeout_s)
+            self._closing.wait(0.005)
+
+    def _next_seq(self) -> int:
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq
+
     def changed(self) -> None:
         """The routing table or the servers changed: tell the lane now, not at the next sync."""
         self._wake.set()
@@ -185,6 +207,10 @@ class NativeLane:
         args = list(self._args)
         if self._port:  # started again: the port it had
             args = [a if not a.startswith("--listen=") else f"{a.rsplit(':', 1)[0]}:{self._port}" for a in args]
+        # each start names its ids apart from the last one's (its counter starts again at 1)
+        args = [f"{a}{self._generation}." if a.startswith("--id-prefix=") else a for a in args]
+        self._generation += 1
+        self._log_dropped = 0  # the new lane counts from 0
         self._started.clear()
         proc = subprocess.Popen(
             [str(self._binary), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=False
@@ -246,10 +272,9 @@ class NativeLane:
                 if ready != sent_ready:
                     msg["ready"] = list(ready)
                 if msg:
-                    self._seq += 1
-                    msg["seq"] = self._seq
+                    msg["seq"] = seq = self._next_seq()
                     if self._write(msg):
-                        self._sent = (routes, ready, self._seq)
+                        self._sent = (routes, ready, seq)
             except Exception:  # the sync must never stop
                 log.exception("gateway lane sync failed")
 
@@ -258,7 +283,8 @@ class NativeLane:
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
-        buf = b""
+        buf = bytearray()  # what was read and not yet taken apart: at most one partial frame
+        need = 5  # bytes the next frame needs before it can be taken apart
         while True:
             try:
                 chunk = os.read(fd, 1 << 20)
@@ -266,19 +292,24 @@ class NativeLane:
                 break
             if not chunk:
                 break
-            buf = buf + chunk if buf else chunk
-            pos, end = 0, len(buf)
+            buf += chunk  # amortised; a large frame arriving in pieces is copied once, when whole
+            if len(buf) < need:
+                continue
+            data = bytes(buf)
+            pos, end = 0, len(data)
+            need = 5
             while end - pos >= 5:
-                (n,) = _U32.unpack_from(buf, pos)
+                (n,) = _U32.unpack_from(data, pos)
                 if end - pos - 4 < n:
+                    need = 4 + n
                     break
                 body = pos + 4
                 pos = body + n
                 try:
-                    self._frame(buf, body, pos)
+                    self._frame(data, body, pos)
                 except Exception:  # a frame must never stop the reader
                     log.exception("gateway lane frame not read")
-            buf = buf[pos:]
+            del buf[:pos]
         with contextlib.suppress(OSError):
             proc.stdout.close()
 
@@ -295,7 +326,11 @@ class NativeLane:
             p += lq
             self._on_served(model, version, code, latency, when, request_id, request, buf[p : p + lr])
         elif kind == _STATS:
-            self.stats = json.loads(buf[start + 1 : end])
+            self.stats = stats = json.loads(buf[start + 1 : end])
+            dropped = int(stats.get("log_dropped", 0))
+            if dropped > self._log_dropped:  # records the lane kept from a slow reader: the log's drops
+                LOG_DROPPED.labels(reason="full").inc(dropped - self._log_dropped)
+            self._log_dropped = dropped
         elif kind == _ACK:
             (self._acked,) = _U32.unpack_from(buf, start + 1)
         elif kind == _READY:

@@ -143,6 +143,10 @@ _SERVER_SIDE = frozenset(
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 #: metadata the native lane hands a request over with: the version it picked
 _LANE_HINT = "x-cdl-lane-version"
+#: ... and Triton's failure of the lane's forward: its code, details, and how long it took
+_LANE_CODE = "x-cdl-lane-code"
+_LANE_DETAILS = "x-cdl-lane-details-bin"
+_LANE_LATENCY = "x-cdl-lane-latency-us"
 #: a deadline further away than this is no deadline (grpc reports "infinite" as a huge number)
 _NO_DEADLINE_S = 1e8
 _READY = b"\x08\x01"  # ServerReadyResponse / ModelReadyResponse(ready=true)
@@ -331,8 +335,9 @@ class InferenceService:
             self._count("", 0, _NOT_FOUND)
             raise _Fail(_NOT_FOUND, f"unknown model {name!r}")
         picked = not version
+        lane_v, lane_failure = self._lane_meta(context) if self._behind_lane else (0, None)
         if picked:
-            v = self._lane_pick(route, context) if self._behind_lane else 0
+            v = lane_v if lane_v in route.versions() else 0
             v = v or self._table.pick(route)
             if not v:
                 self._count(name, 0, grpc.StatusCode.UNAVAILABLE)
@@ -353,6 +358,10 @@ class InferenceService:
 
         start = time.perf_counter()
         try:
+            if lane_failure is not None and (not picked or v == lane_v):
+                # Triton's answer to the lane's forward of this request: not sent again
+                start -= lane_failure[1]
+                raise lane_failure[0]
             response = await self._pool.call(_INFER, data, timeout, retry=_RETRY)
         except grpc.aio.AioRpcError as exc:
             if not self._failed(exc, name, v, route, picked, data, request_id, time.perf_counter() - start):
@@ -384,14 +393,26 @@ class InferenceService:
         ok.inc()
         seconds.observe(latency)
 
-    def _lane_pick(self, route: Route, context: Context) -> int:
-        """The version the native lane picked for a request it hands over after Triton failed it
-        (``x-cdl-lane-version``; the lane drops that key from what clients send): 0 for none."""
+    def _lane_meta(self, context: Context) -> tuple[int, tuple[grpc.aio.AioRpcError, float] | None]:
+        """What the native lane handed a request over with (the lane drops these keys from what
+        clients send): the version it picked (``x-cdl-lane-version``; 0 for none), and Triton's
+        failure of its forward (``x-cdl-lane-code``, ``-details-bin``, ``-latency-us``), as the
+        error the pool would have raised and the seconds it took; None when it did not fail."""
+        picked, code, details, latency_us = 0, None, b"", 0
         for key, value in context.invocation_metadata() or ():
             if key == _LANE_HINT and isinstance(value, str) and value.isdigit():
-                v = int(value)
-                return v if v in route.versions() else 0
-        return 0
+                picked = int(value)
+            elif key == _LANE_CODE and isinstance(value, str) and value.isdigit():
+                code = _CODES.get(int(value))
+            elif key == _LANE_DETAILS and isinstance(value, bytes):
+                details = value
+            elif key == _LANE_LATENCY and isinstance(value, str) and value.isdigit():
+                latency_us = int(value)
+        if code is None or code is _OK:
+            return picked, None
+        meta = grpc.aio.Metadata()
+        error = grpc.aio.AioRpcError(code, meta, meta, details.decode(errors="replace"))
+        return picked, (error, latency_us / 1e6)
 
     def lane_served(
         self,

@@ -54,7 +54,7 @@ def test_go_tests_pass_and_the_scanner_is_fuzzed_under_the_race_detector() -> No
 
 def _served_frame(model: str, version: int, code: int, request_id: str, req: bytes, resp: bytes) -> bytes:
     body = bytes([1]) + struct.pack(
-        "<BIddHHII", code, version, 0.002, 1.5e9, len(model), len(request_id), len(req), len(resp)
+        "<BIddIIII", code, version, 0.002, 1.5e9, len(model), len(request_id), len(req), len(resp)
     )
     body += model.encode() + request_id.encode() + req + resp
     return struct.pack("<I", len(body)) + body
@@ -157,12 +157,14 @@ def _requests(n: int) -> list[tuple[bytes, bool]]:
             num = rnd.randint(1, 3)
             if rnd.random() < 0.7:
                 s = rnd.choice([b"z", b"", b"\xff\xfe", "é".encode()])
-                data += _tag(num, 2, rnd.choice([0, 0, 1, 4])) + _varint(len(s)) + s
+                field = _tag(num, 2, rnd.choice([0, 0, 1, 4])) + _varint(len(s)) + s
+                data = data + field if rnd.random() < 0.6 else field + data  # a later or an earlier one
             else:
                 data += _tag(num, rnd.choice([0, 1, 5])) + rnd.randbytes(8)
         elif kind < 0.5:  # unknown fields of every wire type, groups among them
             wt = rnd.choice([0, 1, 2, 3, 5, 6, 7])
-            data += _tag(rnd.choice([9, 15, 100, 1 << 20]), wt) + rnd.randbytes(rnd.randint(0, 12))
+            num = rnd.choice([9, 15, 100, 1 << 20, (1 << 29) - 1, (1 << 29) + 5])
+            data += _tag(num, wt) + rnd.randbytes(rnd.randint(0, 12))
         elif kind < 0.7 and data:  # a byte changed
             i = rnd.randrange(len(data))
             data[i] = rnd.randrange(256)

@@ -9,7 +9,9 @@
 // does not serve itself (a wrong key, malformed framing, an unknown model or version, shadow
 // mode, no ready server, and any error from Triton, with the version the lane picked in the
 // x-cdl-lane-version metadata, so that canary accounting, the retry on the stable version and
-// the client-fault checks stay the Python gateway's). The Python gateway is the only one that
+// the client-fault checks stay the Python gateway's: an UNAVAILABLE or NOT_FOUND is sent
+// again by it (to another server); any other error comes with its code, details and latency
+// in x-cdl-lane-code, x-cdl-lane-details-bin and x-cdl-lane-latency-us, and is not sent again). The Python gateway is the only one that
 // writes error messages.
 //
 // The Python gateway that starts the lane drives it over two pipes. On stdin, JSON lines:
@@ -18,9 +20,11 @@
 //
 //	0  ready:  u8 0, u32 port
 //	1  served: u8 1, u8 code, u32 version, f64 latency_s, f64 unix time,
-//	           u16 len model, u16 len id, u32 len request, u32 len response, then those bytes
-//	           (request and response empty when the request was not sampled for the log)
-//	2  stats:  u8 2, then JSON {"outstanding": {"host:port": n}, "dropped": n, "delegated": n}
+//	           u32 len model, u32 len id, u32 len request, u32 len response, then those bytes
+//	           (request and response empty when the request was not sampled for the log, or
+//	           when more than frameBudget bytes of reports wait: log_dropped counts those)
+//	2  stats:  u8 2, then JSON {"outstanding": {"host:port": n}, "dropped": n, "delegated": n,
+//	           "log_dropped": n}
 //	3  ack:    u8 3, u32 seq -- the control line with that "seq" is applied
 //
 // stdin's end (the gateway exited, even killed -9) stops the lane.
@@ -56,6 +60,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
+	_ "google.golang.org/grpc/encoding/gzip" // clients may compress (grpc-go has no deflate)
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -64,6 +69,10 @@ import (
 const (
 	inferMethod = "/inference.GRPCInferenceService/ModelInfer"
 	hintKey     = "x-cdl-lane-version"
+	codeKey     = "x-cdl-lane-code"
+	detailsKey  = "x-cdl-lane-details-bin"
+	latencyKey  = "x-cdl-lane-latency-us"
+	frameBudget = 32 << 20 // bytes of reports waiting at most; past it, reports go without payload
 	appendSlack = 4096
 	keyCacheMax = 256
 )
@@ -122,6 +131,9 @@ type lane struct {
 	delegated     atomic.Uint64
 	versionFields sync.Map // int -> []byte
 	inflight      atomic.Int64
+	queued        atomic.Int64 // bytes of frames waiting or unflushed
+	logDropped    atomic.Uint64
+	acked         atomic.Uint32
 }
 
 func main() {
@@ -234,6 +246,7 @@ func main() {
 			time.Sleep(10 * time.Millisecond)
 		}
 		srv.Stop()
+		l.drain(2 * time.Second) // the last requests' reports reach the gateway
 		os.Exit(0)
 	}()
 	slog.Info("gateway lane serving", "port", port, "triton", *tritons)
@@ -309,39 +322,57 @@ func (l *lane) readControl(r io.Reader) {
 			l.ready.Store(&ready)
 		}
 		if c.Seq != 0 { // applied: every request from here on routes by it
-			ack := make([]byte, 9)
-			binary.LittleEndian.PutUint32(ack, 5)
-			ack[4] = 3
-			binary.LittleEndian.PutUint32(ack[5:], c.Seq)
-			l.frames <- ack // never dropped (a blocking send: control lines are rare)
+			l.acked.Store(c.Seq)
+			l.send(ackFrame(c.Seq)) // behind every report queued so far; dropped when full (stats repeat it)
 		}
 	}
 }
 
 // ------------------------------------------------------------------ frames (stdout)
 
+func ackFrame(seq uint32) []byte {
+	ack := make([]byte, 9)
+	binary.LittleEndian.PutUint32(ack, 5)
+	ack[4] = 3
+	binary.LittleEndian.PutUint32(ack[5:], seq)
+	return ack
+}
+
 func (l *lane) writeFrames(w *bufio.Writer) {
 	for f := range l.frames {
+		size := len(f)
 		if _, err := w.Write(f); err != nil {
-			return // the gateway is gone; readControl ends the process
+			return // the gateway is gone (the next write to the pipe ends the process: SIGPIPE)
 		}
 		// what else is waiting goes in the same write: one pipe write per burst, not per request
 		for n := len(l.frames); n > 0; n-- {
-			if _, err := w.Write(<-l.frames); err != nil {
+			g := <-l.frames
+			size += len(g)
+			if _, err := w.Write(g); err != nil {
 				return
 			}
 		}
 		if err := w.Flush(); err != nil {
 			return
 		}
+		l.queued.Add(-int64(size))
 	}
 }
 
 func (l *lane) send(frame []byte) {
+	l.queued.Add(int64(len(frame)))
 	select {
 	case l.frames <- frame:
 	default:
+		l.queued.Add(-int64(len(frame)))
 		l.dropped.Add(1)
+	}
+}
+
+// drain waits (at most timeout) until every report queued so far is written to the gateway.
+func (l *lane) drain(timeout time.Duration) {
+	for deadline := time.Now().Add(timeout); l.queued.Load() > 0 && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -353,11 +384,15 @@ func (l *lane) stats() {
 		}
 		body, _ := json.Marshal(map[string]any{
 			"outstanding": out, "dropped": l.dropped.Load(), "delegated": l.delegated.Load(),
+			"log_dropped": l.logDropped.Load(),
 		})
 		frame := make([]byte, 5, 5+len(body))
 		binary.LittleEndian.PutUint32(frame, uint32(1+len(body)))
 		frame[4] = 2
 		l.send(append(frame, body...))
+		if seq := l.acked.Load(); seq != 0 {
+			l.send(ackFrame(seq)) // an ack dropped on a full queue arrives now
+		}
 	}
 }
 
@@ -377,8 +412,11 @@ func (l *lane) sampled() bool {
 func (l *lane) served(code codes.Code, version int, latency time.Duration, model, id string, req, resp []byte) {
 	if !l.sampled() {
 		req, resp = nil, nil
+	} else if l.queued.Load()+int64(len(req)+len(resp)) > frameBudget {
+		req, resp = nil, nil // the gateway reads slowly: the outcome goes up, the log record does not
+		l.logDropped.Add(1)
 	}
-	size := 4 + 1 + 1 + 4 + 8 + 8 + 2 + 2 + 4 + 4 + len(model) + len(id) + len(req) + len(resp)
+	size := 4 + 1 + 1 + 4 + 8 + 8 + 4 + 4 + 4 + 4 + len(model) + len(id) + len(req) + len(resp)
 	f := make([]byte, size)
 	le := binary.LittleEndian
 	le.PutUint32(f, uint32(size-4))
@@ -387,11 +425,11 @@ func (l *lane) served(code codes.Code, version int, latency time.Duration, model
 	le.PutUint32(f[6:], uint32(version))
 	le.PutUint64(f[10:], math.Float64bits(latency.Seconds()))
 	le.PutUint64(f[18:], math.Float64bits(float64(time.Now().UnixNano())/1e9))
-	le.PutUint16(f[26:], uint16(len(model)))
-	le.PutUint16(f[28:], uint16(len(id)))
-	le.PutUint32(f[30:], uint32(len(req)))
-	le.PutUint32(f[34:], uint32(len(resp)))
-	p := 38
+	le.PutUint32(f[26:], uint32(len(model)))
+	le.PutUint32(f[30:], uint32(len(id)))
+	le.PutUint32(f[34:], uint32(len(req)))
+	le.PutUint32(f[38:], uint32(len(resp)))
+	p := 42
 	p += copy(f[p:], model)
 	p += copy(f[p:], id)
 	p += copy(f[p:], req)
@@ -500,15 +538,15 @@ func (l *lane) infer(stream grpc.ServerStream) error {
 	ctx := stream.Context()
 	md, _ := metadata.FromIncomingContext(ctx)
 	if !l.authorized(md) {
-		return l.delegate(stream, md, req, 0)
+		return l.delegate(stream, md, req, 0, nil)
 	}
 	name, version, id, ok := scanRoute(req)
 	if !ok {
-		return l.delegate(stream, md, req, 0)
+		return l.delegate(stream, md, req, 0, nil)
 	}
 	r, ok := (*l.routes.Load())[name]
 	if !ok || r.shadow > 0 {
-		return l.delegate(stream, md, req, 0)
+		return l.delegate(stream, md, req, 0, nil)
 	}
 	var v int
 	picked := version == ""
@@ -516,7 +554,7 @@ func (l *lane) infer(stream grpc.ServerStream) error {
 	switch {
 	case picked:
 		if v = l.pick(r); v == 0 {
-			return l.delegate(stream, md, req, 0)
+			return l.delegate(stream, md, req, 0, nil)
 		}
 		data = append(req[:len(req):len(req)], l.versionField(v)...)
 	case r.stable != 0 && version == r.stableS:
@@ -524,7 +562,7 @@ func (l *lane) infer(stream grpc.ServerStream) error {
 	case r.candidate != 0 && version == r.candS:
 		v = r.candidate
 	default:
-		return l.delegate(stream, md, req, 0)
+		return l.delegate(stream, md, req, 0, nil)
 	}
 	if id == "" {
 		id = l.idPrefix + strconv.FormatUint(l.ids.Add(1), 10)
@@ -532,7 +570,7 @@ func (l *lane) infer(stream grpc.ServerStream) error {
 	}
 	b := l.choose()
 	if b == nil {
-		return l.delegate(stream, md, req, hint(picked, v))
+		return l.delegate(stream, md, req, hint(picked, v), nil)
 	}
 	callCtx := ctx
 	if _, has := ctx.Deadline(); !has {
@@ -550,15 +588,29 @@ func (l *lane) infer(stream grpc.ServerStream) error {
 		l.served(codes.OK, v, latency, name, id, data, resp)
 		return stream.SendMsg(&resp)
 	}
-	code := status.Code(err)
-	if code == codes.DeadlineExceeded || ctx.Err() != nil {
-		// no time left to hand it on: the version's failure, as the Python gateway counts it
-		l.served(code, v, latency, name, id, data, nil)
-		return err
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return err // the client went away: nothing to answer or count (as the Python gateway)
 	}
-	// Triton failed it: the Python gateway decides what that means (retry elsewhere, the
+	if ctx.Err() != nil || callCtx.Err() != nil {
+		// no time left to hand it on: the version's failure, as the Python gateway counts it
+		l.served(codes.DeadlineExceeded, v, latency, name, id, data, nil)
+		return status.Error(codes.DeadlineExceeded, status.Convert(err).Message())
+	}
+	// Triton failed it: the Python gateway decides what that means (another server, the
 	// stable version for a canary request, the client's fault) and answers
-	return l.delegate(stream, md, req, hint(picked, v))
+	st := status.Convert(err)
+	if st.Code() == codes.Unavailable || st.Code() == codes.NotFound {
+		return l.delegate(stream, md, req, hint(picked, v), nil) // sent again, to another server
+	}
+	return l.delegate(stream, md, req, hint(picked, v), &failure{st.Code(), st.Message(), latency})
+}
+
+// failure is Triton's answer to a request the lane hands over: the Python gateway takes it as
+// its own forward's answer (it does not send the request again).
+type failure struct {
+	code    codes.Code
+	details string
+	latency time.Duration
 }
 
 func hint(picked bool, v int) int {
@@ -570,7 +622,7 @@ func hint(picked bool, v int) int {
 
 // outgoing is the client's metadata as the backend gets it: transport headers and any
 // x-cdl-lane-* a client sent are dropped; hint (a version the lane picked) is added.
-func outgoing(ctx context.Context, md metadata.MD, hintVersion int) context.Context {
+func outgoing(ctx context.Context, md metadata.MD, hintVersion int, failed *failure) context.Context {
 	out := metadata.MD{}
 	for k, vs := range md {
 		if strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-") || strings.HasPrefix(k, "x-cdl-lane") ||
@@ -582,15 +634,20 @@ func outgoing(ctx context.Context, md metadata.MD, hintVersion int) context.Cont
 	if hintVersion != 0 {
 		out.Set(hintKey, strconv.Itoa(hintVersion))
 	}
+	if failed != nil {
+		out.Set(codeKey, strconv.Itoa(int(failed.code)))
+		out.Set(detailsKey, failed.details)
+		out.Set(latencyKey, strconv.FormatInt(failed.latency.Microseconds(), 10))
+	}
 	return metadata.NewOutgoingContext(ctx, out)
 }
 
-func (l *lane) delegate(stream grpc.ServerStream, md metadata.MD, req []byte, hintVersion int) error {
+func (l *lane) delegate(stream grpc.ServerStream, md metadata.MD, req []byte, hintVersion int, failed *failure) error {
 	l.delegated.Add(1)
 	var resp []byte
 	var header, trailer metadata.MD
 	err := l.backend.Invoke(
-		outgoing(stream.Context(), md, hintVersion), inferMethod, &req, &resp, grpc.Header(&header), grpc.Trailer(&trailer),
+		outgoing(stream.Context(), md, hintVersion, failed), inferMethod, &req, &resp, grpc.Header(&header), grpc.Trailer(&trailer),
 	)
 	if len(header) > 0 {
 		_ = stream.SetHeader(header)
@@ -612,7 +669,7 @@ var passthrough = &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
 func (l *lane) proxy(stream grpc.ServerStream, method string) error {
 	ctx := stream.Context()
 	md, _ := metadata.FromIncomingContext(ctx)
-	ctx, cancel := context.WithCancel(outgoing(ctx, md, 0))
+	ctx, cancel := context.WithCancel(outgoing(ctx, md, 0, nil))
 	defer cancel()
 	cs, err := l.backend.NewStream(ctx, passthrough, method)
 	if err != nil {

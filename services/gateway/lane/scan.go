@@ -22,7 +22,7 @@ func scanRoute(b []byte) (name, version, id string, ok bool) {
 	var nameB, versionB, idB []byte
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 || n > 5 || num < 1 {
+		if n < 0 || n > 5 || num < 1 || num > protowire.MaxValidNumber {
 			return "", "", "", false
 		}
 		b = b[n:]
@@ -36,7 +36,7 @@ func scanRoute(b []byte) (name, version, id string, ok bool) {
 				return "", "", "", false
 			}
 			v, m := protowire.ConsumeBytes(b)
-			if m < 0 {
+			if m < 0 || !utf8.Valid(v) { // every occurrence, as the Python scan (and upb)
 				return "", "", "", false
 			}
 			switch num {
@@ -55,9 +55,6 @@ func scanRoute(b []byte) (name, version, id string, ok bool) {
 			return "", "", "", false
 		}
 		b = b[m:]
-	}
-	if !utf8.Valid(nameB) || !utf8.Valid(versionB) || !utf8.Valid(idB) {
-		return "", "", "", false
 	}
 	return string(nameB), string(versionB), string(idB), true
 }
