@@ -167,6 +167,15 @@ def _prune(folder: Path, keep: Path) -> None:
             continue
 
 
+def _mark_used(target: Path) -> None:
+    """``target`` is in use (not pruned); unused builds beside it are pruned."""
+    try:
+        os.utime(target)
+        _prune(target.parent, target)
+    except OSError:
+        pass
+
+
 def load(source: Path, link: Sequence[str] = ("-lm",), key: str = "") -> ctypes.CDLL | None:
     """Build ``source`` (once per build fingerprint, see the module docstring) and load it.
 
@@ -191,11 +200,7 @@ def load(source: Path, link: Sequence[str] = ("-lm",), key: str = "") -> ctypes.
     except (OSError, subprocess.SubprocessError) as exc:
         fallback(f"native helper {source.name} unavailable: {exc}")
         return None
-    try:
-        os.utime(target)  # in use: not pruned
-        _prune(target.parent, target)
-    except OSError:
-        pass
+    _mark_used(target)
     return lib
 
 
@@ -253,9 +258,5 @@ def go_program(module: Path, name: str) -> Path | None:
     except (OSError, subprocess.SubprocessError) as exc:
         fallback(f"native program {module.name} unavailable: {exc}")
         return None
-    try:
-        os.utime(target)  # in use: not pruned
-        _prune(target.parent, target)
-    except OSError:
-        pass
+    _mark_used(target)
     return target

@@ -440,10 +440,7 @@ class InferenceLog:
             if self._credit < 1.0:
                 return
             self._credit -= 1.0
-        if len(self._queue) >= self._max:
-            self._dropped_full.inc()
-            return
-        self._queue.append((model, version, request_id, request, response, latency_s, status, time.time()))
+        self.put(model, version, request_id, request, response, latency_s, status, time.time())
 
     def put(
         self,
@@ -456,7 +453,8 @@ class InferenceLog:
         status: str,
         when: float,
     ) -> None:
-        """Log a request sampled already (by the native lane), answered at ``when``. O(1)."""
+        """Log a request sampled already (by :meth:`offer`, or by the native lane), answered at
+        ``when``. O(1)."""
         if self._thread is None:
             return
         if len(self._queue) >= self._max:
