@@ -55,6 +55,14 @@ class FailurePolicy:
     """Longest wait between two tries."""
     transaction_retry_s: float = 60.0
     """How long a transaction is retried in place before its loop starts a new session."""
+    call_grace_s: float = 30.0
+    """How long a blocking Kafka call may run past the timeout it was given before its loop counts
+    as stuck (the process reports not live and exits for its supervisor; cdl.liveness)."""
+    progress_deadline_s: float = 180.0
+    """Longest a loop may go without progress (a poll returned, a transaction or step finished)
+    outside a blocking call before it counts as stuck."""
+    job_deadline_s: float = 6 * 3600.0
+    """Longest one job (a training, a study, a compression) may run before its loop counts as stuck."""
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt`` (1-based)."""

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError as ProtoDecodeError
 from cdl.errors import InvalidInputError
 from cdl.v1 import events_pb2
 
-__all__ = ["Feedback", "is_protobuf", "parse_feedback", "served_record_id"]
+__all__ = ["Feedback", "is_protobuf", "is_served_record_id", "parse_feedback", "served_record_id"]
 
 #: longest id ingest takes by default (its ``max_id_bytes``)
 _ID_MAX = 256
@@ -32,6 +32,12 @@ def served_record_id(request_id: str) -> str:
     if len(rid.encode()) <= _ID_MAX:
         return rid
     return "served-sha256-" + hashlib.sha256(request_id.encode()).hexdigest()
+
+
+def is_served_record_id(record_id: str) -> bool:
+    """Whether ``record_id`` is one :func:`served_record_id` makes: a labelled served request, which
+    the monitor may send again after a restart (a replay, not a conflicting record)."""
+    return record_id.startswith("served-")
 
 
 def is_protobuf(content_type: str) -> bool:

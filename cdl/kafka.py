@@ -22,12 +22,13 @@ consumer is closed. See docs/reliability.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -44,6 +45,7 @@ from cdl.events import Event, Headers, InBatch, OutRecord, Topics, dead_letter, 
 from cdl.failure import DEFAULT_POLICY, DeadLetterReason, FailurePolicy, Verdict
 from cdl.kafka_native import NativeConsumer
 from cdl.kafka_native import available as native_available
+from cdl.liveness import WATCHDOG, LoopTracker
 from cdl.logging import get_logger
 from cdl.observability import EVENTS, HANDLER_SECONDS, count_consume_error
 
@@ -356,6 +358,26 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
         #: sessions ended by a failure and started again
         self.restarts = 0
         self.transactions = 0
+        #: what the watchdog sees of this loop while it runs (cdl.liveness)
+        self._live: LoopTracker | None = None
+
+    # ------------------------------------------------------------------ liveness
+    @property
+    def _rebalance_s(self) -> float:
+        """What a consume may take beyond its own timeout: a rebalance callback runs inside it
+        and may commit a transaction (whose own calls are steps with their own deadlines)."""
+        return self._policy.transaction_retry_s + 2 * self._policy.call_grace_s
+
+    @contextlib.contextmanager
+    def _step(self, what: str, timeout_s: float = 0.0, extra_s: float = 0.0) -> Iterator[None]:
+        """A call that can block: it must return within its own ``timeout_s``, the policy's
+        grace and ``extra_s`` (what may run inside it, e.g. a rebalance callback's commit),
+        or the watchdog declares the loop stuck (cdl.liveness)."""
+        if self._live is None:
+            yield
+            return
+        with self._live.step(what, timeout_s + self._policy.call_grace_s + extra_s):
+            yield
 
     # ------------------------------------------------------------------ sessions
     def init(self) -> None:
@@ -366,7 +388,8 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
         attempt = 0
         while not self._initialised:
             try:
-                self._producer.init_transactions(30)
+                with self._step("init_transactions", 30):
+                    self._producer.init_transactions(30)
                 self._initialised = True
             except KafkaException as exc:
                 err = _kafka_error(exc)
@@ -380,13 +403,22 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Run sessions until stopped (or ``until()``); a failed session is followed by a new one."""
+        self._live = WATCHDOG.track(self.group_id, self._policy.progress_deadline_s)
+        try:
+            self._run(until)
+        finally:
+            WATCHDOG.untrack(self._live)
+            self._live = None
+
+    def _run(self, until: Callable[[], bool] | None) -> None:
         failures = 0
         while True:
             done_before = self.transactions
             try:
                 self.init()
                 if self._on_restore is not None:
-                    self._on_restore()
+                    with self._step("restore", self._policy.progress_deadline_s):
+                        self._on_restore()
                 self._armed = True
                 self._consumer.subscribe(self._topics, on_assign=self._assigned_cb, on_revoke=self._revoked_cb)
                 self._serve(until)
@@ -419,9 +451,11 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
 
     def _close(self) -> None:
         """A session's orderly end (stopped or ``until``)."""
-        self._consumer.close()
+        with self._step("close consumer", 10, self._policy.transaction_retry_s):  # its revoke hook commits
+            self._consumer.close()
         self._armed = False
-        self._producer.flush(10)
+        with self._step("flush", 10):
+            self._producer.flush(10)
 
     def _reset_session(self) -> None:
         """Forget what the failed session held in memory (overridden by the loops)."""
@@ -431,11 +465,13 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
         self._armed = False  # first: closing the consumer runs the revoke hook
         self.assigned.clear()
         try:
-            self._consumer.close()
+            with self._step("close consumer", 10):
+                self._consumer.close()
         except Exception as exc:  # noqa: BLE001 - the session is over either way
             log.warning("closing the consumer of a failed session", error=str(exc))
         try:  # what the old producer still holds is aborted by the next init_transactions
-            self._producer.purge()
+            with self._step("purge"):
+                self._producer.purge()
         except Exception as exc:  # noqa: BLE001 - as above
             log.warning("purging the producer of a failed session", error=str(exc))
         self._reset_session()
@@ -482,13 +518,15 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
                 )
         return _SessionLostError(f"{what}: {exc}")
 
-    def _retrying(self, call: Callable[[float], None], deadline: float) -> None:
+    def _retrying(self, what: str, call: Callable[[float], None], deadline: float) -> None:
         """``call(timeout)`` again while it fails with a retriable error (its outcome was unknown);
         each try's timeout ends at ``deadline`` at the latest."""
         attempt = 0
         while True:
             try:
-                call(max(1.0, min(30.0, deadline - time.monotonic())))
+                timeout = max(1.0, min(30.0, deadline - time.monotonic()))
+                with self._step(what, timeout):
+                    call(timeout)
                 return
             except KafkaException as exc:
                 err = _kafka_error(exc)
@@ -520,15 +558,20 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
         self._troubled = False
         while True:
             try:
-                self._producer.begin_transaction()
-                for rec in records:
-                    _produce(self._producer, rec.topic, rec.value, rec.key, rec.headers)
+                with self._step("begin_transaction"):
+                    self._producer.begin_transaction()
+                # a full queue waits for deliveries, which the transaction's retry time bounds
+                with self._step("produce", self._policy.transaction_retry_s):
+                    for rec in records:
+                        _produce(self._producer, rec.topic, rec.value, rec.key, rec.headers)
                 if offsets:
                     metadata = self._consumer.consumer_group_metadata()
                     send = functools.partial(self._producer.send_offsets_to_transaction, list(offsets), metadata)
-                    self._retrying(send, deadline)
-                self._retrying(self._producer.commit_transaction, deadline)
+                    self._retrying("send_offsets_to_transaction", send, deadline)
+                self._retrying("commit_transaction", self._producer.commit_transaction, deadline)
                 self.transactions += 1
+                if self._live is not None:
+                    self._live.beat()
                 return
             except KafkaException as exc:
                 err = _kafka_error(exc)
@@ -545,7 +588,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
                 TXN_RETRIES.labels(self.group_id).inc()
                 log.warning("transaction aborted, trying it again", group=self.group_id, error=str(err))
                 try:
-                    self._retrying(self._producer.abort_transaction, deadline)
+                    self._retrying("abort_transaction", self._producer.abort_transaction, deadline)
                 except KafkaException as abort_exc:
                     raise self._lost("aborting a transaction failed", abort_exc, True) from abort_exc
                 self._stop.wait(self._policy.delay(attempt))
@@ -626,7 +669,8 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
         last_flush = time.monotonic()
         while not self._stop.is_set() and not (until is not None and until()):
             # a short wait: consume() holds a partial batch until the timeout
-            n, batches = self._consumer.consume_batches(self._batch_size, 0.05)
+            with self._step("consume", 0.05, self._rebalance_s):
+                n, batches = self._consumer.consume_batches(self._batch_size, 0.05)
             for batch in batches:
                 batch.caught_up = n < self._batch_size
                 self._processor.on_batch(batch)
@@ -804,9 +848,10 @@ class JobLoop(_TransactionalBase[_Consumer]):
         while not self._stop.is_set() and not (until is not None and until()):
             # librdkafka's consume(n, t) waits the whole t unless n messages came: wait for the
             # first one only, then take what else has been fetched (an event starts at once)
-            msgs = self._consumer.consume(1, 0.3)
-            if msgs:
-                msgs += self._consumer.consume(99, 0)
+            with self._step("consume", 0.3, self._rebalance_s):
+                msgs = self._consumer.consume(1, 0.3)
+                if msgs:
+                    msgs += self._consumer.consume(99, 0)
             for msg in msgs:
                 self._take(msg)
             if self._pending:
@@ -915,11 +960,18 @@ class JobLoop(_TransactionalBase[_Consumer]):
                 **{f"cdl.{k}": v for k in ("model", "dataset", "version") if (v := getattr(ev.payload, k, None))},
             }
             try:
-                with tracing.span(f"{self.group_id} {ev.type}", ev.traceparent, attributes):
+                bound = (
+                    job_live.step(f"job {ev.type}", self._policy.job_deadline_s)
+                    if job_live is not None
+                    else contextlib.nullcontext()
+                )
+                with bound, tracing.span(f"{self.group_id} {ev.type}", ev.traceparent, attributes):
                     result.append(self._job(ev, ctx))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the loop thread
                 failure.append(exc)
 
+        # the job is a thread of control of its own: its deadline is the policy's job_deadline_s
+        job_live = WATCHDOG.track(f"{self.group_id}/job", self._policy.job_deadline_s) if self._live else None
         assignment = self._consumer.assignment()
         self._consumer.pause(assignment)
         self.busy.set()
@@ -927,7 +979,8 @@ class JobLoop(_TransactionalBase[_Consumer]):
         worker.start()
         try:
             while worker.is_alive():
-                msg = self._consumer.poll(0.2)  # paused: serves the group, returns nothing
+                with self._step("poll", 0.2, self._rebalance_s):
+                    msg = self._consumer.poll(0.2)  # paused: serves the group, returns nothing
                 if msg is not None:
                     self._take(msg)
                 worker.join(0.05)
@@ -936,6 +989,8 @@ class JobLoop(_TransactionalBase[_Consumer]):
             worker.join()
             raise _SessionLostError(f"consuming during a job failed: {exc}") from exc
         finally:
+            if job_live is not None:
+                WATCHDOG.untrack(job_live)
             self.busy.clear()
             self._consumer.resume(self._consumer.assignment())
         if failure:

@@ -1,7 +1,8 @@
 """Health and Prometheus metrics over HTTP, one helper for every service.
 
 ``serve_http(port, health)`` answers ``/metrics`` (Prometheus text format),
-``/healthz`` (liveness: the process answers) and ``/readyz`` (the ``health``
+``/healthz`` (liveness: no loop of the process is stuck, :mod:`cdl.liveness`; 503
+naming the stuck loop and step otherwise) and ``/readyz`` (the ``health``
 callback says the service can do its work).
 """
 
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+
+from cdl.liveness import WATCHDOG
 
 __all__ = ["CONSUME_ERRORS", "EVENTS", "HANDLER_SECONDS", "HttpEndpoint", "count_consume_error", "serve_http"]
 
@@ -82,7 +85,9 @@ def serve_http(
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                self._send(200, b'{"status":"ok"}', "application/json")
+                live, details = WATCHDOG.live()
+                body = json.dumps({"status": "live" if live else "not live", **details}, default=str).encode()
+                self._send(200 if live else 503, body, "application/json")
             elif path == "/readyz":
                 ok, details = health()
                 body = json.dumps({"status": "ready" if ok else "not ready", **details}, default=str).encode()

@@ -52,6 +52,7 @@ class JobService:
             key=key,
             deadletter_topic=deadletter_topic,
             processed=SqliteProcessedStore(Path(settings.state_dir) / name / f"{group_id}.sqlite"),
+            policy=settings.failure_policy(),
         )
         self.http: HttpEndpoint | None = None
         self._ready = threading.Event()

@@ -191,6 +191,7 @@ class GatewayApp:
                 key=lambda e: e.id,
                 deadletter_topic=settings.deadletter_topic,
                 processed=SqliteProcessedStore(Path(settings.state_dir) / "gateway" / f"{settings.group_id}.sqlite"),
+                policy=settings.failure_policy(),
             )
         )
         self._work: queue.Queue[Transition | None] = queue.Queue()

@@ -53,6 +53,7 @@ class IngestApp:
             flush_interval_s=settings.flush_interval_s,
             batch_size=settings.batch_size,
             consumer_config={"fetch.min.bytes": settings.fetch_min_bytes, "fetch.wait.max.ms": settings.fetch_wait_ms},
+            policy=settings.failure_policy(),
         )
         self.server: grpc.Server | None = None
         self.http: HttpEndpoint | None = None

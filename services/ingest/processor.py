@@ -37,7 +37,7 @@ from cdl.events import (
     header_dict,
     new_traceparent,
 )
-from cdl.feedback import parse_feedback
+from cdl.feedback import is_served_record_id, parse_feedback
 from cdl.logging import get_logger
 from cdl.memory import release_memory, resident_bytes
 from cdl.store import ObjectStore
@@ -546,8 +546,7 @@ class IngestProcessor:
             for j in np.flatnonzero(~fresh).tolist():
                 lo = int(starts[j])
                 rid = sc.id_bytes[lo : lo + int(lengths[j])].decode("ascii")
-                err = RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=spec.name, id=rid)
-                self._reject(batch.row(int(rows[j])), err, spec.name)
+                self._duplicate(batch.row(int(rows[j])), spec.name, rid)
             rows, column = rows[fresh], column[fresh]
             labels, holdout, x = labels[fresh], holdout[fresh], x[fresh]
         if not len(rows):
@@ -581,10 +580,11 @@ class IngestProcessor:
             limits = self._limits.for_spec(spec)
             limits.check_size(value)
             rec = clean(raw, spec, allow_unlabelled=True, limits=limits)
-            if rec.id in self._seen[rec.dataset]:
-                raise RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=rec.dataset, id=rec.id)
         except RecordError as exc:
             self._reject(incoming, exc, dataset)
+            return
+        if rec.id in self._seen[rec.dataset]:
+            self._duplicate(incoming, rec.dataset, rec.id)
             return
         self._seen[rec.dataset].add(rec.id)
         if rec.label < 0:  # waits for its label on data.feedback
@@ -596,6 +596,15 @@ class IngestProcessor:
         self._buffer_for(rec.dataset, partition, rec.text).add(rec, offset)
         self._note_pending(spec, 1)
         RECORDS.labels(rec.dataset, "accepted").inc()
+
+    def _duplicate(self, incoming: InRecord, dataset: str, rid: str) -> None:
+        """A record whose id the dataset already holds: the monitor's replay of a labelled served
+        request (after its restart) is a no-op; any other is dead-lettered as ``duplicate_id``."""
+        if is_served_record_id(rid):
+            RECORDS.labels(dataset, "replayed").inc()
+            return
+        err = RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=dataset, id=rid)
+        self._reject(incoming, err, dataset)
 
     def _drift(self, incoming: InRecord) -> None:
         """A ``drift.detected`` alert: its dataset cuts a version as soon as it has new records.

@@ -50,6 +50,7 @@ from cdl.errors import DecodeError, InvalidInputError
 from cdl.events import Event, Headers, decode, encode, header_dict, new_traceparent, source_name
 from cdl.feedback import parse_feedback
 from cdl.kafka import ensure_topics, topic_partitions
+from cdl.liveness import WATCHDOG
 from cdl.logging import configure_logging, get_logger
 from cdl.ml.drift import featurize
 from cdl.observability import HttpEndpoint, serve_http
@@ -150,6 +151,7 @@ class Monitor:
         self._served_order: deque[tuple[float, str]] = deque()
         self._pending_order: deque[tuple[float, str]] = deque()
         self._offsets: dict[tuple[str, int], int] = {}
+        self._done_at_last_look = -1
         self._ready = threading.Event()
         self.http: HttpEndpoint | None = None
         self._wire()
@@ -185,6 +187,9 @@ class Monitor:
         async def lag() -> None:
             self._lag()
 
+        async def alive() -> None:  # a blocked event loop (faust, aiokafka) stops these beats
+            self._live_loop.beat()
+
         async def started() -> None:
             # the changelog writes of a busy table outgrow faust's default of 100 buffered messages
             self.app.producer.buffer.max_messages = 10_000
@@ -201,6 +206,7 @@ class Monitor:
         timer(max(0.1, min(0.5, s.window_s / 5)))(close_windows)
         timer(max(1.0, min(30.0, s.join_ttl_s / 10)))(expire)
         timer(5.0)(lag)
+        timer(1.0)(alive)
         task: Any = self.app.task
         task(started)
 
@@ -443,13 +449,21 @@ class Monitor:
 
     def _lag(self) -> None:
         consumer = self.app.consumer
+        behind = 0
         for tp in consumer.assignment():
             if tp.topic not in (self.settings.logged_topic, self.settings.feedback_topic):
                 continue
             high = consumer.highwater(tp)
             done = self._offsets.get((tp.topic, tp.partition), -1)
             if high is not None:
-                LAG.labels(tp.topic, str(tp.partition)).set(max(0, int(high) - done - 1))
+                lag = max(0, int(high) - done - 1)
+                behind += lag
+                LAG.labels(tp.topic, str(tp.partition)).set(lag)
+        # the consumer is stuck when records wait and none was handled since the last look
+        done_now = sum(self._offsets.values())
+        if not self._ready.is_set() or not behind or done_now != self._done_at_last_look:
+            self._live_consume.beat()
+        self._done_at_last_look = done_now
 
     async def _send(self, topic: Any, event: Event) -> None:
         key, value, headers = encode(event)
@@ -465,6 +479,10 @@ class Monitor:
         return self._ready.is_set(), {"partitions": self.partitions, "trackers": len(self._trackers)}
 
     def run(self) -> None:
+        # the one liveness rule (cdl.liveness): faust's event loop and its consumer each report progress
+        deadline = self.settings.progress_deadline_s
+        self._live_loop = WATCHDOG.track("monitor/event-loop", deadline)
+        self._live_consume = WATCHDOG.track("monitor/consume", deadline)
         self.http = serve_http(self.settings.metrics_port, health=self._health, host=self.settings.metrics_host)
         log.info("monitor started", metrics_port=self.http.port)
         worker = _Worker(self.app, loglevel="WARN", redirect_stdouts=False, quiet=True)
