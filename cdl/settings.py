@@ -16,6 +16,8 @@ from typing import Any
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdl.failure import FailurePolicy
+
 __all__ = [
     "ServiceSettings",
     "StackSettings",
@@ -92,6 +94,9 @@ class StackSettings(BaseSettings):
     """How long each component may take to become healthy."""
     stop_timeout_s: float = 20.0
     """How long each component gets to exit after SIGTERM before SIGKILL."""
+    supervise: bool = True
+    """Run each cdl service under a supervisor (``python -m cdl.stack.supervise``) that restarts it
+    when it exits or its ``/healthz`` says it is not live, with a backoff (docs/operations.md)."""
 
 
 #: connection fields every service also reads from the generic ``CDL_<FIELD>`` variable
@@ -138,6 +143,24 @@ class ServiceSettings(BaseSettings):
     """The OTLP/gRPC collector of the otlp exporter; empty: ``CDL_OTLP_ENDPOINT``, else localhost:4317."""
     state_dir: Path = default_state_dir()
     """Local stack state directory to read endpoints from."""
+    transaction_retry_s: float = 60.0
+    """How long a loop retries a failed Kafka transaction in place before it starts a new session."""
+    call_grace_s: float = 30.0
+    """How long a blocking Kafka call may run past its own timeout before the loop counts as stuck:
+    ``/healthz`` says not live and the process exits (70) for its supervisor to restart it."""
+    progress_deadline_s: float = 180.0
+    """Longest a loop may go without progress outside a blocking call before it counts as stuck."""
+    job_deadline_s: float = 6 * 3600.0
+    """Longest one job (training, study, compression, rollout step) may run before its loop counts as stuck."""
+
+    def failure_policy(self) -> FailurePolicy:
+        """The loops' failure policy with this service's deadlines."""
+        return FailurePolicy(
+            transaction_retry_s=self.transaction_retry_s,
+            call_grace_s=self.call_grace_s,
+            progress_deadline_s=self.progress_deadline_s,
+            job_deadline_s=self.job_deadline_s,
+        )
 
     @model_validator(mode="after")
     def _fill_from_stack(self) -> ServiceSettings:
