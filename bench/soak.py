@@ -73,7 +73,11 @@ def main() -> None:
         try:
             state: dict[str, Any] = stack.up()
             bootstrap = state["kafka"]["bootstrap"]
-            pids = {name: int(state["procs"][name]["pid"]) for name in SERVICES}
+            pids: dict[str, int] = {}
+            for name in SERVICES:  # the services' own processes, not their supervisors
+                pid = stack.service_pid(name)
+                assert pid is not None, f"{name} is not running"
+                pids[name] = pid
             register_digits(state["services"]["ingest"]["grpc"], api_key=state.get("api_key"))
             start_rss = {n: rss_mib(p) for n, p in pids.items()}
             feed = DigitsFeed(bootstrap, rate=RATE).start()

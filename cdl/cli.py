@@ -43,8 +43,8 @@ def _stack(state_dir: Path | None, **overrides: Any) -> LocalStack:
 
 def _status_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="cdl local stack", expand=False)
-    for col in ("component", "pid", "state", "endpoints", "log"):
-        table.add_column(col)
+    for col in ("component", "pid", "state", "live", "restarts", "endpoints", "log"):
+        table.add_column(col, justify="right" if col == "restarts" else "left")
     for r in rows:
         if r["healthy"]:
             st = "[green]healthy[/]"
@@ -52,7 +52,10 @@ def _status_table(rows: list[dict[str, Any]]) -> Table:
             st = "[yellow]running, not healthy[/]"
         else:
             st = "[red]stopped[/]"
-        table.add_row(r["name"], str(r["pid"]), st, r["endpoint"], r["log"])
+        live = r.get("live")
+        lv = "-" if live is None else "[green]live[/]" if live == "live" else f"[red]{live}[/]"
+        restarts = "-" if r.get("restarts") is None else str(r["restarts"])
+        table.add_row(r["name"], str(r["pid"]), st, lv, restarts, r["endpoint"], r["log"])
     return table
 
 
@@ -138,8 +141,12 @@ def stack_down(
 def stack_status(
     state_dir: StateDir = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh a live view until Ctrl-C.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show each component of the local stack (and, with --watch, topics and artifacts live)."""
+    """Show each component of the local stack (and, with --watch, topics and artifacts live).
+
+    Services run under a supervisor: live is what their /healthz says, restarts how often
+    the supervisor started them again (docs/operations.md, "Supervision")."""
     stack = _stack(state_dir)
     if watch:
         _watch(stack, interval=2.0)
@@ -148,7 +155,12 @@ def stack_status(
     if not rows:
         console.print(f"no stack recorded in {stack.state_dir}")
         raise typer.Exit(1)
-    console.print(_status_table(rows))
+    if as_json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+    else:
+        console.print(_status_table(rows))
     if not all(r["healthy"] for r in rows):
         raise typer.Exit(1)
 

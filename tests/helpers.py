@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from cdl.settings import StackSettings
+from cdl.stack import LocalStack
+from cdl.stack._procs import ProcInfo, is_alive
 
 
 @dataclass
@@ -76,3 +83,23 @@ def run_cdl(*args: str, state_dir: Path, timeout: float = 180) -> subprocess.Com
     return subprocess.run(
         [sys.executable, "-m", "cdl.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def broker_proc(stack: dict[str, Any]) -> ProcInfo:
+    """The session stack's Kafka broker process."""
+    state = json.loads((Path(stack["state_dir"]) / "stack.json").read_text())
+    return ProcInfo(**state["procs"]["kafka"])
+
+
+def restart_broker(stack: dict[str, Any], sig: signal.Signals) -> None:
+    """Stop the broker with ``sig`` (its whole process group), then bring it back as
+    `cdl stack up` does: same data directory, same ports."""
+    info = broker_proc(stack)
+    os.killpg(info.pid, sig)
+    deadline = time.monotonic() + 60
+    while is_alive(info) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not is_alive(info), "broker did not stop"
+    time.sleep(2)  # clients notice it is gone
+    servers = len(stack["triton"])  # the session's stack as it is (the gateway's tests use every Triton)
+    LocalStack(StackSettings(state_dir=Path(stack["state_dir"]), triton_servers=servers, services=[])).up()

@@ -30,6 +30,7 @@ from cdl.stack._components import (
     TritonComponent,
     ensure_triton_install,
 )
+from cdl.stack._probe import describe_live, read_supervisor_state
 from cdl.stack._procs import ProcInfo, free_port, group_members, is_alive, spawn, stop
 
 __all__ = ["LocalStack", "ProgressFn", "ensure_triton_install"]
@@ -181,9 +182,11 @@ class LocalStack:
             if comp.healthy():
                 progress(comp.name, "healthy", f"{time.monotonic() - start:.1f}s")
                 return
-            if not is_alive(info):
-                progress(comp.name, "failed", "exited")
-                raise StackError(f"{comp.name} exited during start", log=str(comp.log_path), tail=_tail(comp.log_path))
+            failure = self._start_failure(comp, info)
+            if failure:
+                progress(comp.name, "failed", failure)
+                log = str(comp.log_path)
+                raise StackError(f"{comp.name} exited during start ({failure})", log=log, tail=_tail(comp.log_path))
             time.sleep(0.25)
         progress(comp.name, "failed", "timeout")
         raise StackError(
@@ -191,6 +194,19 @@ class LocalStack:
             log=str(comp.log_path),
             tail=_tail(comp.log_path),
         )
+
+    def _start_failure(self, comp: Component, info: ProcInfo) -> str:
+        """Why ``comp`` stopped starting ("" while it still may): its process exited; for a
+        supervised service, the service did (then its supervisor is stopped too, so that a service
+        that fails to start is not left running, as without a supervisor)."""
+        if not is_alive(info):
+            return "exited"
+        if not isinstance(comp, ServiceComponent):
+            return ""
+        reason = str(_supervision(comp, info).get("last_reason") or "")
+        if reason:
+            stop(info, self.settings.stop_timeout_s)
+        return reason
 
     def _provision(self, state: dict[str, Any], progress: ProgressFn) -> None:
         from cdl.events import Topics
@@ -237,7 +253,9 @@ class LocalStack:
 
     # ------------------------------------------------------------------ status
     def status(self) -> list[dict[str, Any]]:
-        """One row per recorded component: name, pid, running, healthy, endpoint."""
+        """One row per recorded component: name, pid, running, healthy, endpoint, processes, log;
+        for cdl services also live (``live``, ``not live: <what is stuck>`` or ``down``), and from
+        the supervisor (None when unsupervised) child_pid and restarts; None for the servers."""
         state = self.read_state()
         rows = []
         comps = {c.name: c for c in self._components(state)} if state.get("ports") else {}
@@ -245,18 +263,44 @@ class LocalStack:
             info = ProcInfo(**proc)
             alive = is_alive(info)
             comp = comps.get(name)
-            rows.append(
-                {
-                    "name": name,
-                    "pid": info.pid,
-                    "running": alive,
-                    "healthy": bool(alive and comp is not None and comp.healthy()),
-                    "endpoint": ", ".join(f"{k}={v}" for k, v in (comp.ports if comp else {}).items()),
-                    "processes": len(group_members(info.pid)),
-                    "log": str(comp.log_path) if comp else "",
-                }
-            )
+            row: dict[str, Any] = {
+                "name": name,
+                "pid": info.pid,
+                "running": alive,
+                "healthy": bool(alive and comp is not None and comp.healthy()),
+                "endpoint": ", ".join(f"{k}={v}" for k, v in (comp.ports if comp else {}).items()),
+                "processes": len(group_members(info.pid)),
+                "log": str(comp.log_path) if comp else "",
+                "live": None,
+                "child_pid": None,
+                "restarts": None,
+            }
+            if isinstance(comp, ServiceComponent):
+                supervision = _supervision(comp, info)
+                row["live"] = describe_live(comp.live_url) if alive else "down"
+                row["child_pid"] = supervision.get("child_pid")
+                row["restarts"] = supervision.get("restarts")
+            rows.append(row)
         return rows
+
+    def service_pid(self, name: str) -> int | None:
+        """The pid of cdl service ``name``'s own process: its supervisor's child (None between a
+        child's exit and its restart), or the recorded process when it runs unsupervised."""
+        state = self.read_state()
+        info = ProcInfo(**state["procs"][name])
+        comp = next(c for c in self._components(state) if c.name == name)
+        assert isinstance(comp, ServiceComponent), name
+        supervision = _supervision(comp, info)
+        if not supervision:  # unsupervised
+            return info.pid
+        child: int | None = supervision.get("child_pid")
+        return child
+
+
+def _supervision(comp: ServiceComponent, info: ProcInfo) -> dict[str, Any]:
+    """The state its supervisor wrote, when ``info`` is that supervisor (else ``{}``)."""
+    state = read_supervisor_state(comp.supervisor_state)
+    return state if state.get("supervisor_pid") == info.pid else {}
 
 
 def _tail(path: Path, n: int = 30) -> str:

@@ -460,8 +460,22 @@ class ServiceComponent(Component):
     #: settings the stack gives this service (the environment still overrides them)
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def live_url(self) -> str:
+        """The service's liveness endpoint."""
+        return f"http://{self.settings.host}:{self.ports['metrics']}/healthz"
+
+    @property
+    def supervisor_state(self) -> Path:
+        """Where its supervisor writes its state (``cdl.stack.supervise``)."""
+        return self.workdir / "supervisor.json"
+
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", f"services.{self.name}"]
+        service = [sys.executable, "-m", f"services.{self.name}"]
+        if not self.settings.supervise:
+            return service
+        supervisor = [sys.executable, "-m", "cdl.stack.supervise", "--name", self.name]
+        return [*supervisor, "--live-url", self.live_url, "--state", str(self.supervisor_state), "--", *service]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -485,6 +499,7 @@ class ServiceComponent(Component):
 
     def prepare(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.supervisor_state.unlink(missing_ok=True)  # a stopped supervisor's, not the next one's
 
     def healthy(self) -> bool:
         return _http_ok(f"http://{self.settings.host}:{self.ports['metrics']}/readyz")

@@ -36,11 +36,32 @@ class ServiceProcess:
         self.metrics = f"127.0.0.1:{env[prefix + 'METRICS_PORT']}"
         self.grpc = f"127.0.0.1:{env.get(prefix + 'GRPC_PORT', '0')}"
 
-    def start(self, timeout_s: float = 60) -> ServiceProcess:
+    @property
+    def supervisor_state(self) -> Path:
+        """Where the supervisor of a ``supervised`` start writes its state (cdl.stack.supervise)."""
+        return self.log_path.with_suffix(".supervisor.json")
+
+    def start(self, timeout_s: float = 60, supervised: bool = False) -> ServiceProcess:
+        """Start the service and wait until it is ready; ``supervised``: under the local stack's
+        supervisor, which restarts it when it exits or says it is not live."""
+        argv = [sys.executable, "-m", f"services.{self.name}"]
+        if supervised:
+            live = f"http://{self.metrics}/healthz"
+            state = ["--state", str(self.supervisor_state), "--probe-interval-s", "1"]
+            argv = [
+                sys.executable,
+                "-m",
+                "cdl.stack.supervise",
+                "--name",
+                self.name,
+                "--live-url",
+                live,
+                *state,
+                "--",
+                *argv,
+            ]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{self.name}"], env=self.env, cwd=ROOT, stdout=log, stderr=log
-            )
+            self.proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

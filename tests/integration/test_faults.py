@@ -10,11 +10,9 @@ Everything is read back ``read_committed``, as cdl's own consumers read.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,33 +21,11 @@ from sklearn.datasets import load_digits
 
 from cdl.datasets import load_version
 from cdl.events import decode
-from cdl.settings import StackSettings
-from cdl.stack import LocalStack
-from cdl.stack._procs import ProcInfo, is_alive
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import Rec, read_committed
+from tests.helpers import Rec, read_committed, restart_broker
 
 DIGITS = load_digits()
-
-
-def _broker(stack: dict[str, Any]) -> ProcInfo:
-    state = json.loads((Path(stack["state_dir"]) / "stack.json").read_text())
-    return ProcInfo(**state["procs"]["kafka"])
-
-
-def _restart_broker(stack: dict[str, Any], sig: signal.Signals) -> None:
-    """Stop the broker with ``sig`` (its whole process group), then bring it back as
-    `cdl stack up` does: same data directory, same ports."""
-    info = _broker(stack)
-    os.killpg(info.pid, sig)
-    deadline = time.monotonic() + 60
-    while is_alive(info) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not is_alive(info), "broker did not stop"
-    time.sleep(2)  # clients notice it is gone
-    servers = len(stack["triton"])  # the session's stack as it is (the gateway's tests use every Triton)
-    LocalStack(StackSettings(state_dir=Path(stack["state_dir"]), triton_servers=servers, services=[])).up()
 
 
 def _record(name: str, i: int) -> bytes:
@@ -114,12 +90,12 @@ def test_broker_and_ingest_faults_lose_nothing_and_duplicate_nothing(
                 i += 1
             producer.poll(0)
         if chunk == 1:
-            _restart_broker(stack, signal.SIGKILL)
+            restart_broker(stack, signal.SIGKILL)
         elif chunk == 2:
             svc.kill()
             svc = ingest_factory(**ingest_settings).start(timeout_s=120)
         elif chunk == 3:
-            _restart_broker(stack, signal.SIGTERM)
+            restart_broker(stack, signal.SIGTERM)
     assert producer.flush(120) == 0 and not failed, failed
     good, bad = chunks * per_chunk, chunks * bad_per_chunk
 

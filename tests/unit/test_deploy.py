@@ -134,6 +134,19 @@ def test_each_service_waits_for_what_it_uses(compose: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
+def test_each_service_is_restarted_and_checked_for_liveness(name: str, compose: dict[str, Any]) -> None:
+    """Compose starts a service again whenever it exits, and its health check is its liveness
+    endpoint (/healthz) on the metrics port the service is given."""
+    svc = compose["services"][name]
+    assert svc.get("restart") == "unless-stopped", name
+    check = svc.get("healthcheck", {})
+    test = " ".join(check.get("test", []))
+    port = _env(svc)[f"CDL_{name.upper()}_METRICS_PORT"]
+    assert f"127.0.0.1:{port}/healthz" in test, f"{name}: health check is not its /healthz: {test}"
+    assert check.get("interval") and check.get("retries"), name
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
 def test_each_dockerfile_runs_its_service_module_and_checks_its_health(name: str, compose: dict[str, Any]) -> None:
     build = compose["services"][name]["build"]
     path = (DEPLOY / build["context"] / build["dockerfile"]).resolve()

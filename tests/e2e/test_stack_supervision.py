@@ -1,0 +1,90 @@
+"""The local stack supervises its services: a service process killed -9 is started again by its
+supervisor, ready on its own endpoints, with nobody calling `cdl stack up`; `cdl stack status`
+counts the restart; `up` stays a no-op and `down` leaves no process of the stack behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cdl.settings import StackSettings
+from cdl.stack import LocalStack
+from cdl.stack._procs import ProcInfo, group_members, is_alive
+from tests.helpers import run_cdl
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return int(resp.status) == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(400)
+def test_a_service_killed_9_is_restarted_by_its_supervisor_and_down_stops_everything(tmp_path: Path) -> None:
+    state_dir = tmp_path / "stack"
+    settings = StackSettings(state_dir=state_dir, services=["compressor"], triton_servers=0, postgres=False)
+    stack = LocalStack(settings)
+    try:
+        state = stack.up()
+        supervisor = ProcInfo(**state["procs"]["compressor"])
+        readyz = f"http://{state['services']['compressor']['metrics']}/readyz"
+        [row] = [r for r in stack.status() if r["name"] == "compressor"]
+        assert row["healthy"] and row["live"] == "live" and row["restarts"] == 0, row
+        assert row["pid"] == supervisor.pid and row["child_pid"] not in (None, supervisor.pid), row
+        assert row["processes"] >= 2  # the supervisor and the service, one process group
+        child = int(row["child_pid"])
+        sup_state = state_dir / "compressor" / "supervisor.json"
+        assert json.loads(sup_state.read_text())["child_pid"] == child
+
+        os.kill(child, signal.SIGKILL)  # the service only: its supervisor stays
+        deadline = time.monotonic() + 180
+        now: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            now = json.loads(sup_state.read_text())
+            if now["restarts"] == 1 and now["child_pid"] not in (None, child) and _ready(readyz):
+                break
+            time.sleep(0.5)
+        else:
+            log = (state_dir / "compressor" / "compressor.log").read_text()[-3000:]
+            raise AssertionError(f"compressor not back: {now}; its log ends: {log}")
+        assert now["last_exit"] == {"signal": "SIGKILL", "at": now["last_exit"]["at"]}  # type: ignore[index]
+        assert is_alive(supervisor) and stack.read_state()["procs"]["compressor"] == supervisor.to_json()
+
+        [row] = [r for r in stack.status() if r["name"] == "compressor"]
+        assert row["healthy"] and row["live"] == "live" and row["restarts"] == 1, row
+        assert row["child_pid"] == now["child_pid"] and row["pid"] == supervisor.pid
+        log = (state_dir / "compressor" / "compressor.log").read_text()
+        assert "restarting compressor: killed by SIGKILL" in log
+
+        shown = run_cdl("stack", "status", "--json", state_dir=state_dir)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        [listed] = [r for r in json.loads(shown.stdout) if r["name"] == "compressor"]
+        assert listed["restarts"] == 1 and listed["live"] == "live" and listed["child_pid"] == now["child_pid"]
+        assert {r["name"]: r["restarts"] for r in json.loads(shown.stdout)} == {
+            "kafka": None,
+            "minio": None,
+            "compressor": 1,
+        }
+        table = run_cdl("stack", "status", state_dir=state_dir)
+        assert table.returncode == 0 and "restarts" in table.stdout and " live " in table.stdout, table.stdout
+
+        again = LocalStack(settings)  # up is still a no-op: the same supervisor, the same service
+        again.up()
+        assert sorted(again.reused) == ["compressor", "kafka", "minio"]
+        assert again.read_state()["procs"]["compressor"] == supervisor.to_json()
+        assert json.loads(sup_state.read_text())["child_pid"] == now["child_pid"]
+    finally:
+        procs = {name: ProcInfo(**p) for name, p in stack.read_state().get("procs", {}).items()}
+        stack.down(purge=True)
+    assert set(procs) == {"kafka", "minio", "compressor"}
+    for name, info in procs.items():
+        assert not is_alive(info), name
+        assert group_members(info.pid) == [], f"{name} left processes behind"
