@@ -250,12 +250,14 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """The newest health window of each model version that served (requests, errors, latency,
-    accuracy on feedback, drift statistic) and the drift alerts, open or answered."""
+    accuracy on feedback, drift statistic), the drift alerts, open or answered, and whether each
+    of the stack's services is live (its loops not stuck) and how often it was restarted."""
     import json
 
     from cdl.stack._watch import HealthReader
 
-    state = _stack(state_dir).read_state()
+    stack = _stack(state_dir)
+    state = stack.read_state()
     if "kafka" not in state:
         console.print("[red]no running stack: start it with cdl stack up[/]", soft_wrap=True)
         raise typer.Exit(1)
@@ -269,12 +271,23 @@ def status(
         rows, alerts = reader.rows(), reader.alert_rows()
     finally:
         reader.close()
+    services = [
+        {k: r.get(k) for k in ("name", "live", "restarts")} for r in stack.status() if r.get("live") is not None
+    ]
     if as_json:
-        print(json.dumps({"health": rows, "alerts": alerts}, indent=2))
+        print(json.dumps({"health": rows, "alerts": alerts, "services": services}, indent=2))
         return
     if not rows and not alerts:
         console.print("no model health yet (the monitor publishes a window once a model has served requests)")
     for table in _health_tables(rows, alerts):
+        console.print(table)
+    if services:
+        table = Table(title="services")
+        for col in ("service", "live", "restarts"):
+            table.add_column(col)
+        for svc in services:
+            live = str(svc["live"])
+            table.add_row(str(svc["name"]), live if live == "live" else f"[red]{live}[/]", str(svc["restarts"]))
         console.print(table)
 
 

@@ -28,7 +28,7 @@ from cdl.registry import MODELS_BUCKET
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 from cdl.v1 import open_inference_pb2 as pb
-from tests.helpers import read_topic
+from tests.helpers import read_committed, read_topic
 from tests.models import write_affine
 
 LABELS = ["a", "b", "c"]
@@ -227,6 +227,7 @@ def test_a_monitor_killed_mid_stream_recovers_its_tables_and_each_labelled_reque
     monitor_factory: Any,
     monitor_topics: dict[str, str],
     ingest_factory: Any,
+    ingest_topics: dict[str, str],
     kafka_bootstrap: str,
     object_store: ObjectStore,
 ) -> None:
@@ -259,6 +260,8 @@ def test_a_monitor_killed_mid_stream_recovers_its_tables_and_each_labelled_reque
     labels = dict(zip((str(i) for i in data.ids), (LABELS[int(y)] for y in data.labels), strict=True))
     assert all(labels[f"served-k{i}"] == LABELS[(i if i < 30 else i + 1) % 3] for i in range(60))
     assert _metric(mon2, "cdl_monitor_feedback_total", outcome="joined") >= 30
+    # what the restarted monitor sent again is a replay ingest holds: a no-op, never a duplicate_id dead letter
+    assert read_committed(kafka_bootstrap, ingest_topics["deadletter"], expected=1, timeout_s=5) == []
 
 
 def test_a_drift_alert_cuts_a_version_early_and_a_retraining_runs(
