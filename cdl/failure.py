@@ -63,6 +63,9 @@ class FailurePolicy:
     outside a blocking call before it counts as stuck."""
     job_deadline_s: float = 6 * 3600.0
     """Longest one job (a training, a study, a compression) may run before its loop counts as stuck."""
+    restore_deadline_s: float = 3600.0
+    """Longest a loop's state restore at the start of a session may take (ingest reads its snapshot
+    and the manifests of every dataset) before the loop counts as stuck."""
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt`` (1-based)."""

@@ -364,9 +364,11 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
     # ------------------------------------------------------------------ liveness
     @property
     def _rebalance_s(self) -> float:
-        """What a consume may take beyond its own timeout: a rebalance callback runs inside it
-        and may commit a transaction (whose own calls are steps with their own deadlines)."""
-        return self._policy.transaction_retry_s + 2 * self._policy.call_grace_s
+        """What a consume (or a close) may take beyond its own timeout: a rebalance callback runs
+        inside it and may flush the processor (bounded by the progress deadline) and commit a
+        transaction (retried for ``transaction_retry_s``, each call with its grace, backoff between)."""
+        p = self._policy
+        return p.progress_deadline_s + p.transaction_retry_s + p.max_backoff_s + 4 * p.call_grace_s
 
     @contextlib.contextmanager
     def _step(self, what: str, timeout_s: float = 0.0, extra_s: float = 0.0) -> Iterator[None]:
@@ -417,7 +419,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
             try:
                 self.init()
                 if self._on_restore is not None:
-                    with self._step("restore", self._policy.progress_deadline_s):
+                    with self._step("restore", self._policy.restore_deadline_s):
                         self._on_restore()
                 self._armed = True
                 self._consumer.subscribe(self._topics, on_assign=self._assigned_cb, on_revoke=self._revoked_cb)
@@ -451,7 +453,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
 
     def _close(self) -> None:
         """A session's orderly end (stopped or ``until``)."""
-        with self._step("close consumer", 10, self._policy.transaction_retry_s):  # its revoke hook commits
+        with self._step("close consumer", 10, self._rebalance_s):  # its revoke hook commits
             self._consumer.close()
         self._armed = False
         with self._step("flush", 10):
@@ -971,13 +973,14 @@ class JobLoop(_TransactionalBase[_Consumer]):
                 failure.append(exc)
 
         # the job is a thread of control of its own: its deadline is the policy's job_deadline_s
-        job_live = WATCHDOG.track(f"{self.group_id}/job", self._policy.job_deadline_s) if self._live else None
-        assignment = self._consumer.assignment()
-        self._consumer.pause(assignment)
-        self.busy.set()
+        job_live: LoopTracker | None = None
         worker = threading.Thread(target=work, name="cdl-job", daemon=True)
-        worker.start()
         try:
+            if self._live is not None:
+                job_live = WATCHDOG.track(f"{self.group_id}/job", self._policy.job_deadline_s)
+            self._consumer.pause(self._consumer.assignment())
+            self.busy.set()
+            worker.start()
             while worker.is_alive():
                 with self._step("poll", 0.2, self._rebalance_s):
                     msg = self._consumer.poll(0.2)  # paused: serves the group, returns nothing
@@ -986,7 +989,9 @@ class JobLoop(_TransactionalBase[_Consumer]):
                 worker.join(0.05)
         except BaseException as exc:
             # the session cannot go on; the job must not run twice at once: wait for it first
-            worker.join()
+            if worker.is_alive():
+                with self._step("wait for the job", self._policy.job_deadline_s):
+                    worker.join()
             raise _SessionLostError(f"consuming during a job failed: {exc}") from exc
         finally:
             if job_live is not None:

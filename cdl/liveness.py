@@ -85,7 +85,8 @@ class LoopTracker:
 
     def beat(self) -> None:
         """The loop made progress."""
-        self._last = time.monotonic()
+        with self._lock:
+            self._last = time.monotonic()
 
     @contextmanager
     def step(self, what: str, deadline_s: float) -> Iterator[None]:
@@ -96,31 +97,33 @@ class LoopTracker:
         try:
             yield
         finally:
-            with self._lock:
+            with self._lock:  # the end is progress, seen together with the step's close
                 del self._open[token]
-            self._last_step = what
-            self.beat()
+                self._last_step = what
+                self._last = time.monotonic()
 
     def stalled(self, now: float | None = None) -> Stall | None:
         """The step this loop is stuck in, or None while it is live."""
-        now = time.monotonic() if now is None else now
         with self._lock:
+            now = time.monotonic() if now is None else now
             steps = list(self._open.values())
+            last, last_step = self._last, self._last_step
         for s in steps:
             if now - s.started > s.deadline_s:
                 return Stall(self.name, s.what, now - s.started, s.deadline_s)
-        if not steps and now - self._last > self.progress_deadline_s:
-            return Stall(self.name, f"no progress since {self._last_step}", now - self._last, self.progress_deadline_s)
+        if not steps and now - last > self.progress_deadline_s:
+            return Stall(self.name, f"no progress since {last_step}", now - last, self.progress_deadline_s)
         return None
 
     def status(self, now: float | None = None) -> dict[str, object]:
         """For ``/healthz``: the open step (if any) and the ages, in seconds."""
-        now = time.monotonic() if now is None else now
         with self._lock:
+            now = time.monotonic() if now is None else now
             steps = sorted(self._open.values(), key=lambda s: s.started)
+            last = self._last
         oldest = steps[0] if steps else None
         return {
-            "progress_age_s": round(now - self._last, 3),
+            "progress_age_s": round(now - last, 3),
             "step": oldest.what if oldest else None,
             "step_age_s": round(now - oldest.started, 3) if oldest else 0.0,
         }

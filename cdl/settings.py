@@ -152,6 +152,8 @@ class ServiceSettings(BaseSettings):
     """Longest a loop may go without progress outside a blocking call before it counts as stuck."""
     job_deadline_s: float = 6 * 3600.0
     """Longest one job (training, study, compression, rollout step) may run before its loop counts as stuck."""
+    restore_deadline_s: float = 3600.0
+    """Longest a loop's state restore at the start of a session may take before the loop counts as stuck."""
 
     def failure_policy(self) -> FailurePolicy:
         """The loops' failure policy with this service's deadlines."""
@@ -160,6 +162,7 @@ class ServiceSettings(BaseSettings):
             call_grace_s=self.call_grace_s,
             progress_deadline_s=self.progress_deadline_s,
             job_deadline_s=self.job_deadline_s,
+            restore_deadline_s=self.restore_deadline_s,
         )
 
     @model_validator(mode="after")

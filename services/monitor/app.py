@@ -449,19 +449,29 @@ class Monitor:
 
     def _lag(self) -> None:
         consumer = self.app.consumer
+        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        # a partition that left this instance forgets its offset: when it comes back, its records
+        # count as waiting only once one of them was handled here again
+        for gone in set(self._offsets) - assigned:
+            del self._offsets[gone]
         behind = 0
         for tp in consumer.assignment():
             if tp.topic not in (self.settings.logged_topic, self.settings.feedback_topic):
                 continue
             high = consumer.highwater(tp)
-            done = self._offsets.get((tp.topic, tp.partition), -1)
+            done = self._offsets.get((tp.topic, tp.partition))
             if high is not None:
-                lag = max(0, int(high) - done - 1)
-                behind += lag
+                lag = max(0, int(high) - (-1 if done is None else done) - 1)
                 LAG.labels(tp.topic, str(tp.partition)).set(lag)
-        # the consumer is stuck when records wait and none was handled since the last look
+                if done is not None:
+                    behind += lag
+        # the consumer is stuck when records wait behind ones it handled and none was handled since
+        # the last look; while faust recovers tables or rebalances, waiting is expected
         done_now = sum(self._offsets.values())
-        if not self._ready.is_set() or not behind or done_now != self._done_at_last_look:
+        app: Any = self.app
+        busy = bool(app.rebalancing) or bool(getattr(app, "in_recovery", False))
+        waiting_is_expected = not self._ready.is_set() or busy
+        if waiting_is_expected or not behind or done_now != self._done_at_last_look:
             self._live_consume.beat()
         self._done_at_last_look = done_now
 
@@ -489,6 +499,8 @@ class Monitor:
         try:
             worker.execute_from_commandline()
         finally:
+            WATCHDOG.untrack(self._live_loop)
+            WATCHDOG.untrack(self._live_consume)
             self._ready.clear()
             self.http.close()
 
