@@ -72,7 +72,8 @@ def test_http_health_and_prometheus_metrics() -> None:
             text = resp.read().decode()
         assert 'cdl_events_total{group="test-group",outcome="handled",topic="data.raw"}' in text
         with urllib.request.urlopen(f"{base}/healthz") as resp:
-            assert json.loads(resp.read()) == {"status": "ok"}
+            live = json.loads(resp.read())  # liveness: no loop of this process stuck (cdl.liveness)
+            assert resp.status == 200 and live["status"] == "live" and isinstance(live["loops"], dict)
         with urllib.request.urlopen(f"{base}/readyz") as resp:
             assert json.loads(resp.read())["broker"] == "up"
         ready["ok"] = False
