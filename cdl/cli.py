@@ -336,6 +336,9 @@ def dataset_register(
     holdout: Annotated[float, typer.Option(help="Holdout fraction (stable hash of the record id).")] = 0.2,
     min_text_length: Annotated[int, typer.Option(help="Text datasets: shortest accepted text.")] = 0,
     lowercase: Annotated[bool, typer.Option(help="Text datasets: lowercase the text.")] = False,
+    family: Annotated[
+        str, typer.Option(help="Model family: an installed plugin's name (mlp, cnn, text, …); default: the task's.")
+    ] = "",
     ingest: IngestEndpoint = None,
     state_dir: StateDir = None,
 ) -> None:
@@ -361,6 +364,7 @@ def dataset_register(
         cleaning=ingest_pb2.CleaningRules(min_text_length=min_text_length, lowercase_text=lowercase),
         policy=ingest_pb2.RetrainPolicy(min_new_records=min_new_records, max_interval_s=max_interval_s),
         holdout_fraction=holdout,
+        family=family,
     )
     try:
         with grpc.insecure_channel(_ingest_endpoint(ingest, state_dir)) as ch:
@@ -700,11 +704,55 @@ def models_cmd(
         resp = _admin_call(gateway, key, state_dir, "RolloutStatus", admin_pb2.RolloutStatusRequest(model=model))
         _print_status(resp.status, as_json)
         return
-    listed = _admin_call(gateway, key, state_dir, "ListModels", admin_pb2.ListModelsRequest())
+    training = _trainings(state_dir)
+    try:
+        listed = _admin_call(gateway, key, state_dir, "ListModels", admin_pb2.ListModelsRequest())
+    except typer.Exit:
+        if not training:  # no gateway yet: what is training is still worth showing
+            raise
+        listed = admin_pb2.ListModelsResponse()
     if as_json:
-        console.print_json(json_format.MessageToJson(listed, preserving_proto_field_name=True))
-    else:
-        console.print(_models_table(list(listed.models)))
+        doc = json_format.MessageToDict(listed, preserving_proto_field_name=True)
+        console.print_json(data={**doc, "training": training})
+        return
+    console.print(_models_table(list(listed.models)))
+    if training:
+        table = Table(title="training (the trainer's progress, each epoch)")
+        for col in ("model", "version", "epoch", "train loss", "val loss", "val accuracy", "samples/s"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for t in training:
+            table.add_row(
+                t["model"],
+                str(t["version"]),
+                f"{t['epoch']}/{t['epochs']}",
+                f"{t['train_loss']:.4f}",
+                f"{t['val_loss']:.4f}",
+                f"{t['val_accuracy']:.3f}",
+                f"{t['samples_per_s']:.0f}",
+            )
+        console.print(table)
+
+
+def _trainings(state_dir: Path | None) -> list[dict[str, Any]]:
+    """Trainings in progress: each model's ``training.json`` whose version has no metrics yet."""
+    from cdl.registry import MODELS_BUCKET
+    from cdl.store import ObjectStore
+
+    m = _stack(state_dir).read_state().get("minio")
+    if not m:
+        return []
+    out: list[dict[str, Any]] = []
+    try:
+        store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        for model in store.folders(MODELS_BUCKET):
+            if not store.exists(MODELS_BUCKET, f"{model}/training.json"):
+                continue
+            doc = store.get_json(MODELS_BUCKET, f"{model}/training.json")
+            if not store.exists(MODELS_BUCKET, f"{model}/{doc['version']}/metrics.json"):
+                out.append({"model": model, **doc})
+    except Exception:  # noqa: BLE001 - progress is a courtesy: the gateway's table still prints
+        return out
+    return out
 
 
 @app.command("produce")

@@ -114,6 +114,9 @@ class DatasetSpec:
     max_record_bytes: int = 0
     max_id_bytes: int = 0
     max_text_chars: int = 0
+    #: the model family its models are built with (cdl.ml.family; empty: the task's default);
+    #: only a name: the family's code comes from the installed environment, never from here
+    family: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -135,6 +138,8 @@ class DatasetSpec:
             problems.append("the retrain policy needs min_new_records > 0 or max_interval_s > 0")
         if self.min_new_records < 0 or self.max_interval_s < 0 or self.min_text_length < 0:
             problems.append("policy and cleaning numbers must not be negative")
+        if self.family and not valid_dataset_name(self.family):
+            problems.append(f"family must be {_NAME_RULE}")
         if min(self.max_record_bytes, self.max_id_bytes, self.max_text_chars) < 0:
             problems.append("limits must not be negative (0 = the service's)")
         if problems:

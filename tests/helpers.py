@@ -103,3 +103,34 @@ def restart_broker(stack: dict[str, Any], sig: signal.Signals) -> None:
     time.sleep(2)  # clients notice it is gone
     servers = len(stack["triton"])  # the session's stack as it is (the gateway's tests use every Triton)
     LocalStack(StackSettings(state_dir=Path(stack["state_dir"]), triton_servers=servers, services=[])).up()
+
+
+def wait_for(cond: Any, timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
+    """``cond()``'s first truthy value, asked every ``interval_s`` until ``timeout_s``; an
+    AssertionError naming ``what`` when it never came."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s: {what}")
+
+
+def register_digits(
+    channel: Any, name: str, *, min_new_records: int, max_interval_s: float = 0.0, family: str = ""
+) -> None:
+    """Register an 8x8-digits image dataset (labels 0-9, holdout 0.2) through ingest's gRPC API."""
+    from cdl.v1 import ingest_pb2, ingest_pb2_grpc
+
+    spec = ingest_pb2.DatasetSpec(
+        name=name,
+        task=ingest_pb2.TASK_IMAGE_CLASSIFICATION,
+        input_shape=[1, 8, 8],
+        dtype="float32",
+        labels=[str(i) for i in range(10)],
+        policy=ingest_pb2.RetrainPolicy(min_new_records=min_new_records, max_interval_s=max_interval_s),
+        holdout_fraction=0.2,
+        family=family,
+    )
+    ingest_pb2_grpc.IngestServiceStub(channel).RegisterDataset(ingest_pb2.RegisterDatasetRequest(spec=spec), timeout=10)

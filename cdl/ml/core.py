@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from cdl.datasets import DatasetSpec, DatasetVersion, Task
-from cdl.ml.models import DEFAULTS, Family, ModelConfig, build_model, family_for
+from cdl.errors import InvalidInputError
+from cdl.ml.family import family_of, get_family
+from cdl.ml.models import ModelConfig, build_model
 from cdl.ml.preprocess import Preprocessor
 from cdl.ml.train import EpochCallback, TrainConfig, TrainResult, train
 
@@ -82,20 +84,14 @@ def split_version(data: DatasetVersion, val_fraction: float, seed: int) -> Train
     )
 
 
-def hyperparameters(family: Family, tuned: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def hyperparameters(family: str, tuned: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The family's defaults, with whatever was tuned over them."""
-    return {**DEFAULTS[family], **(tuned or {})}
+    return {**get_family(family).defaults, **(tuned or {})}
 
 
-def fit_preprocessor(family: Family, task: Task, x: npt.NDArray[Any], hparams: Mapping[str, Any]) -> Preprocessor:
-    if family is Family.TEXT:
-        return Preprocessor.for_text(
-            int(hparams["buckets"]),
-            int(hparams["ngrams"]),
-            max_tokens=int(hparams.get("max_tokens", 256)),
-            subwords=int(hparams.get("subwords", 0)),
-        )
-    return Preprocessor.fit_tensor(x, per_feature=task is Task.TABULAR)
+def fit_preprocessor(family: str, task: Task, x: npt.NDArray[Any], hparams: Mapping[str, Any]) -> Preprocessor:
+    """The family's preprocessing, fitted on the training part ``x``."""
+    return get_family(family).preprocessor(task, x, hparams)
 
 
 def build_seeded(config: ModelConfig, seed: int) -> nn.Module:
@@ -131,7 +127,9 @@ def fit(
     hyperparameters describe; ``preprocessor``: the one the warm-start weights were trained
     with (a fine-tune), instead of one fitted on ``split``.
     """
-    family = family_for(spec.task)
+    family = family_of(spec)
+    if spec.task not in get_family(family).tasks:
+        raise InvalidInputError("the model family does not train this task", family=family, task=spec.task.value)
     hp = dict(hparams)
     config = config or ModelConfig(family, spec.input_shape, len(spec.labels), hp)
     pre = preprocessor or fit_preprocessor(family, spec.task, split.x_train, hp)

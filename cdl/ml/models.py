@@ -3,54 +3,44 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import torch
 from torch import nn
 
 from cdl.datasets import Task
+from cdl.ml.family import ModelFamily, get_family
+from cdl.ml.preprocess import Preprocessor
 
-__all__ = ["DEFAULTS", "Family", "ModelConfig", "build_model", "family_for"]
+__all__ = [
+    "CNN",
+    "MLP",
+    "CnnFamily",
+    "Family",
+    "MlpFamily",
+    "ModelConfig",
+    "TextClassifier",
+    "TextFamily",
+    "build_model",
+]
 
 
-class Family(StrEnum):
+class Family:
+    """The names of cdl's own families (any installed family's name is valid: cdl.ml.family)."""
+
     MLP = "mlp"
     CNN = "cnn"
     TEXT = "text"
 
 
-def family_for(task: Task) -> Family:
-    return {Task.TABULAR: Family.MLP, Task.IMAGE: Family.CNN, Task.TEXT: Family.TEXT}[task]
-
-
-#: default hyperparameters per family (the tuner searches around these)
-DEFAULTS: Mapping[Family, Mapping[str, Any]] = {
-    Family.MLP: {
-        "hidden": 128,
-        "layers": 2,
-        "dropout": 0.1,
-        "lr": 3e-3,
-        "weight_decay": 1e-4,
-        "batch_size": 64,
-        "epochs": 30,
-    },
-    Family.CNN: {"channels": 32, "dropout": 0.2, "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 30},
-    Family.TEXT: {
-        "embed_dim": 32,
-        "buckets": 2**16,
-        "ngrams": 2,
-        "subwords": 5,
-        "max_tokens": 1024,
-        "pooling": "idf",
-        "dropout": 0.1,
-        "lr": 2e-3,
-        "weight_decay": 0.0,
-        "batch_size": 64,
-        "epochs": 20,
-    },
+_TRAINING = {"lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 30}
+_COMMON_SPACE: dict[str, list[Any]] = {
+    "lr": ["log", 1e-4, 3e-2],
+    "weight_decay": ["log", 1e-6, 1e-2],
+    "batch_size": ["choice", [32, 64, 128, 256]],
+    "dropout": ["float", 0.0, 0.5],
 }
 
 
@@ -58,26 +48,25 @@ DEFAULTS: Mapping[Family, Mapping[str, Any]] = {
 class ModelConfig:
     """Everything needed to rebuild a model (stored with every checkpoint)."""
 
-    family: Family
+    family: str
     input_shape: tuple[int, ...]
     num_classes: int
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
-        doc["family"] = self.family.value
         doc["input_shape"] = list(self.input_shape)
         return doc
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> ModelConfig:
-        return cls(Family(doc["family"]), tuple(doc["input_shape"]), int(doc["num_classes"]), dict(doc["hparams"]))
+        return cls(str(doc["family"]), tuple(doc["input_shape"]), int(doc["num_classes"]), dict(doc["hparams"]))
 
     def architecture(self) -> dict[str, Any]:
         """What must match for a warm start (shapes of every weight)."""
-        keys = {"hidden", "layers", "channels", "embed_dim", "buckets", "ngrams", "subwords", "pooling"}
+        keys = get_family(self.family).architecture_keys
         return {
-            "family": self.family.value,
+            "family": self.family,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
             **{k: v for k, v in sorted(self.hparams.items()) if k in keys},
@@ -197,8 +186,26 @@ class TextClassifier(nn.Module):
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    hp = {**DEFAULTS[config.family], **config.hparams}
-    if config.family is Family.MLP:
+    """A freshly initialised module of ``config``'s family."""
+    return get_family(config.family).build(config)
+
+
+class MlpFamily(ModelFamily):
+    """Fully connected layers over the flattened input: tabular data (and small images)."""
+
+    name = Family.MLP
+    tasks = frozenset({Task.TABULAR, Task.IMAGE})
+    default_for = frozenset({Task.TABULAR})
+    defaults: Mapping[str, Any] = {"hidden": 128, "layers": 2, "dropout": 0.1, **_TRAINING}
+    space: Mapping[str, Sequence[Any]] = {
+        **_COMMON_SPACE,
+        "hidden": ["choice", [32, 64, 128, 256]],
+        "layers": ["int", 1, 3],
+    }
+    architecture_keys = frozenset({"hidden", "layers"})
+
+    def build(self, config: ModelConfig) -> nn.Module:
+        hp = {**self.defaults, **config.hparams}
         return MLP(
             math.prod(config.input_shape),
             config.num_classes,
@@ -206,8 +213,75 @@ def build_model(config: ModelConfig) -> nn.Module:
             int(hp["layers"]),
             float(hp["dropout"]),
         )
-    if config.family is Family.CNN:
+
+    def prune(self, module: nn.Module, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
+        from cdl.ml.pruning import prune_mlp
+
+        return prune_mlp(module, config, fraction)
+
+
+class CnnFamily(ModelFamily):
+    """Two convolution blocks and a linear head: images."""
+
+    name = Family.CNN
+    tasks = frozenset({Task.IMAGE})
+    default_for = frozenset({Task.IMAGE})
+    defaults: Mapping[str, Any] = {"channels": 32, "dropout": 0.2, **_TRAINING}
+    space: Mapping[str, Sequence[Any]] = {**_COMMON_SPACE, "channels": ["choice", [8, 16, 32, 64]]}
+    architecture_keys = frozenset({"channels"})
+
+    def build(self, config: ModelConfig) -> nn.Module:
+        hp = {**self.defaults, **config.hparams}
         return CNN(config.input_shape, config.num_classes, int(hp["channels"]), float(hp["dropout"]))
-    # pooling: what the model was trained with; configs from before it was a hyperparameter pooled by mean
-    pooling = str(config.hparams.get("pooling", "mean"))
-    return TextClassifier(int(hp["buckets"]), int(hp["embed_dim"]), config.num_classes, float(hp["dropout"]), pooling)
+
+    def prune(self, module: nn.Module, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
+        from cdl.ml.pruning import prune_cnn
+
+        return prune_cnn(module, config, fraction)
+
+
+class TextFamily(ModelFamily):
+    """Hashed word n-grams and subwords, TF-IDF pooled embeddings, a linear head: text. Its
+    tokenizer is versioned with the model and runs in the served entry."""
+
+    name = Family.TEXT
+    tasks = frozenset({Task.TEXT})
+    default_for = frozenset({Task.TEXT})
+    defaults: Mapping[str, Any] = {
+        "embed_dim": 32,
+        "buckets": 2**16,
+        "ngrams": 2,
+        "subwords": 5,
+        "max_tokens": 1024,
+        "pooling": "idf",
+        "dropout": 0.1,
+        "lr": 2e-3,
+        "weight_decay": 0.0,
+        "batch_size": 64,
+        "epochs": 20,
+    }
+    space: Mapping[str, Sequence[Any]] = {
+        **_COMMON_SPACE,
+        "embed_dim": ["choice", [32, 64, 128]],
+        "ngrams": ["int", 1, 2],
+    }
+    architecture_keys = frozenset({"embed_dim", "buckets", "ngrams", "subwords", "pooling"})
+    text_input = True
+    # the embedding table dominates its size; static quantization needs tensor inputs
+    compressions = frozenset({"int8-dynamic", "fp16"})
+
+    def build(self, config: ModelConfig) -> nn.Module:
+        hp = {**self.defaults, **config.hparams}
+        # pooling: what the model was trained with; configs from before it was a hyperparameter pooled by mean
+        pooling = str(config.hparams.get("pooling", "mean"))
+        return TextClassifier(
+            int(hp["buckets"]), int(hp["embed_dim"]), config.num_classes, float(hp["dropout"]), pooling
+        )
+
+    def preprocessor(self, task: Task, x: Any, hparams: Mapping[str, Any]) -> Preprocessor:
+        return Preprocessor.for_text(
+            int(hparams["buckets"]),
+            int(hparams["ngrams"]),
+            max_tokens=int(hparams.get("max_tokens", 256)),
+            subwords=int(hparams.get("subwords", 0)),
+        )

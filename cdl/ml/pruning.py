@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from cdl.errors import InvalidInputError
-from cdl.ml.models import CNN, MLP, Family, ModelConfig, build_model
+from cdl.ml.family import get_family
+from cdl.ml.models import CNN, MLP, ModelConfig, build_model
 
-__all__ = ["keep_count", "prune"]
+__all__ = ["keep_count", "load_into", "parameters", "prune", "prune_cnn", "prune_mlp"]
 
 
 def keep_count(width: int, fraction: float) -> int:
@@ -42,7 +43,10 @@ def _top_l1(weight: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(norms, k).indices).values
 
 
-def _prune_cnn(module: CNN, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
+def prune_cnn(module: nn.Module, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
+    """The ``cnn`` family's pruning (see the module docstring)."""
+    if not isinstance(module, CNN):
+        raise InvalidInputError("not a cnn module", module=type(module).__name__)
     # features: 0 conv1, 1 bn1, 2 relu, 3 conv2, 4 bn2, ...; head: flatten, dropout, linear
     sd = module.state_dict()
     channels = int(sd["features.0.weight"].shape[0])
@@ -70,7 +74,10 @@ def _prune_cnn(module: CNN, config: ModelConfig, fraction: float) -> tuple[nn.Mo
     return small, new_config
 
 
-def _prune_mlp(module: MLP, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
+def prune_mlp(module: nn.Module, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
+    """The ``mlp`` family's pruning (see the module docstring)."""
+    if not isinstance(module, MLP):
+        raise InvalidInputError("not an mlp module", module=type(module).__name__)
     linears = [m for m in module.net if isinstance(m, nn.Linear)]
     hidden = linears[0].out_features
     k = keep_count(hidden, fraction)
@@ -89,15 +96,12 @@ def _prune_mlp(module: MLP, config: ModelConfig, fraction: float) -> tuple[nn.Mo
 
 
 def prune(module: nn.Module, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
-    """A copy of ``module`` with ``fraction`` of its channels (CNN) or hidden neurons (MLP)
-    removed by L1 norm, and its config; the original is not changed."""
+    """A copy of ``module`` with ``fraction`` of its structure removed, as its family prunes (the
+    built-ins: channels of a CNN, hidden neurons of an MLP, by L1 norm), and its config; the
+    original is not changed. A family without pruning raises InvalidInputError."""
     if not 0.0 < fraction < 1.0:
         raise InvalidInputError("a pruning fraction is between 0 and 1", fraction=fraction)
-    if config.family is Family.CNN and isinstance(module, CNN):
-        return _prune_cnn(module, config, fraction)
-    if config.family is Family.MLP and isinstance(module, MLP):
-        return _prune_mlp(module, config, fraction)
-    raise InvalidInputError("structured pruning covers the cnn and mlp families", family=config.family.value)
+    return get_family(config.family).prune(module, config, fraction)
 
 
 def parameters(module: nn.Module) -> int:

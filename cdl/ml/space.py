@@ -1,4 +1,4 @@
-"""Search spaces, declared with the model families (what the tuner searches).
+"""Search spaces (each model family declares its own: cdl.ml.family), what the tuner searches.
 
 A space maps a hyperparameter to a range, as plain JSON-able data so that a
 setting can override it per model:
@@ -18,25 +18,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from cdl.errors import ConfigError
-from cdl.ml.models import Family
+from cdl.ml.family import get_family
 
-__all__ = ["SPACES", "Space", "space_for", "suggest", "validate_space"]
+__all__ = ["Space", "space_for", "suggest", "validate_space"]
 
 #: hyperparameter name -> its range (see the module docstring)
 Space = Mapping[str, Sequence[Any]]
-
-_COMMON: dict[str, list[Any]] = {
-    "lr": ["log", 1e-4, 3e-2],
-    "weight_decay": ["log", 1e-6, 1e-2],
-    "batch_size": ["choice", [32, 64, 128, 256]],
-    "dropout": ["float", 0.0, 0.5],
-}
-
-SPACES: Mapping[Family, Space] = {
-    Family.MLP: {**_COMMON, "hidden": ["choice", [32, 64, 128, 256]], "layers": ["int", 1, 3]},
-    Family.CNN: {**_COMMON, "channels": ["choice", [8, 16, 32, 64]]},
-    Family.TEXT: {**_COMMON, "embed_dim": ["choice", [32, 64, 128]], "ngrams": ["int", 1, 2]},
-}
 
 
 class _Trial(Protocol):
@@ -60,9 +47,9 @@ def validate_space(space: Space) -> None:
             raise ConfigError("bad search range", name=name, range=list(spec))
 
 
-def space_for(family: Family, overrides: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Sequence[Any]]:
+def space_for(family: str, overrides: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Sequence[Any]]:
     """The family's space with ``overrides`` (a range per name; an empty list drops the name)."""
-    space: dict[str, Sequence[Any]] = dict(SPACES[family])
+    space: dict[str, Sequence[Any]] = dict(get_family(family).space)
     for name, spec in (overrides or {}).items():
         if not spec:
             space.pop(name, None)

@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from cdl.v1 import events_pb2 as cdl_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x64l/v1/ingest.proto\x12\x06\x63\x64l.v1\x1a\x13\x63\x64l/v1/events.proto\"@\n\rRetrainPolicy\x12\x17\n\x0fmin_new_records\x18\x01 \x01(\x03\x12\x16\n\x0emax_interval_s\x18\x02 \x01(\x01\"@\n\rCleaningRules\x12\x17\n\x0fmin_text_length\x18\x01 \x01(\x05\x12\x16\n\x0elowercase_text\x18\x02 \x01(\x08\"\xd5\x01\n\x0b\x44\x61tasetSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x04task\x18\x02 \x01(\x0e\x32\x0c.cdl.v1.Task\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\'\n\x08\x63leaning\x18\x06 \x01(\x0b\x32\x15.cdl.v1.CleaningRules\x12%\n\x06policy\x18\x07 \x01(\x0b\x32\x15.cdl.v1.RetrainPolicy\x12\x18\n\x10holdout_fraction\x18\x08 \x01(\x01\"Y\n\x07\x44\x61taset\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.cdl.v1.DatasetSpec\x12\x13\n\x0bschema_hash\x18\x02 \x01(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\";\n\x16RegisterDatasetRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.cdl.v1.DatasetSpec\"L\n\x17RegisterDatasetResponse\x12 \n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x0f.cdl.v1.Dataset\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x12GetDatasetResponse\x12 \n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x0f.cdl.v1.Dataset\"\x15\n\x13ListDatasetsRequest\"9\n\x14ListDatasetsResponse\x12!\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x0f.cdl.v1.Dataset\"j\n\tIngestAck\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tpartition\x18\x05 \x01(\x05\x12\x0e\n\x06offset\x18\x06 \x01(\x03\"U\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x1f\n\x04\x61\x63ks\x18\x03 \x03(\x0b\x32\x11.cdl.v1.IngestAck*z\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTASK_TABULAR_CLASSIFICATION\x10\x01\x12\x1d\n\x19TASK_IMAGE_CLASSIFICATION\x10\x02\x12\x1c\n\x18TASK_TEXT_CLASSIFICATION\x10\x03\x32\xa7\x02\n\rIngestService\x12R\n\x0fRegisterDataset\x12\x1e.cdl.v1.RegisterDatasetRequest\x1a\x1f.cdl.v1.RegisterDatasetResponse\x12\x43\n\nGetDataset\x12\x19.cdl.v1.GetDatasetRequest\x1a\x1a.cdl.v1.GetDatasetResponse\x12I\n\x0cListDatasets\x12\x1b.cdl.v1.ListDatasetsRequest\x1a\x1c.cdl.v1.ListDatasetsResponse\x12\x32\n\x06Ingest\x12\x0e.cdl.v1.Record\x1a\x16.cdl.v1.IngestResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63\x64l/v1/ingest.proto\x12\x06\x63\x64l.v1\x1a\x13\x63\x64l/v1/events.proto\"@\n\rRetrainPolicy\x12\x17\n\x0fmin_new_records\x18\x01 \x01(\x03\x12\x16\n\x0emax_interval_s\x18\x02 \x01(\x01\"@\n\rCleaningRules\x12\x17\n\x0fmin_text_length\x18\x01 \x01(\x05\x12\x16\n\x0elowercase_text\x18\x02 \x01(\x08\"\xe5\x01\n\x0b\x44\x61tasetSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x04task\x18\x02 \x01(\x0e\x32\x0c.cdl.v1.Task\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12\'\n\x08\x63leaning\x18\x06 \x01(\x0b\x32\x15.cdl.v1.CleaningRules\x12%\n\x06policy\x18\x07 \x01(\x0b\x32\x15.cdl.v1.RetrainPolicy\x12\x18\n\x10holdout_fraction\x18\x08 \x01(\x01\x12\x0e\n\x06\x66\x61mily\x18\t \x01(\t\"Y\n\x07\x44\x61taset\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.cdl.v1.DatasetSpec\x12\x13\n\x0bschema_hash\x18\x02 \x01(\t\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\";\n\x16RegisterDatasetRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.cdl.v1.DatasetSpec\"L\n\x17RegisterDatasetResponse\x12 \n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x0f.cdl.v1.Dataset\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x12GetDatasetResponse\x12 \n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x0f.cdl.v1.Dataset\"\x15\n\x13ListDatasetsRequest\"9\n\x14ListDatasetsResponse\x12!\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x0f.cdl.v1.Dataset\"j\n\tIngestAck\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tpartition\x18\x05 \x01(\x05\x12\x0e\n\x06offset\x18\x06 \x01(\x03\"U\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x1f\n\x04\x61\x63ks\x18\x03 \x03(\x0b\x32\x11.cdl.v1.IngestAck*z\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTASK_TABULAR_CLASSIFICATION\x10\x01\x12\x1d\n\x19TASK_IMAGE_CLASSIFICATION\x10\x02\x12\x1c\n\x18TASK_TEXT_CLASSIFICATION\x10\x03\x32\xa7\x02\n\rIngestService\x12R\n\x0fRegisterDataset\x12\x1e.cdl.v1.RegisterDatasetRequest\x1a\x1f.cdl.v1.RegisterDatasetResponse\x12\x43\n\nGetDataset\x12\x19.cdl.v1.GetDatasetRequest\x1a\x1a.cdl.v1.GetDatasetResponse\x12I\n\x0cListDatasets\x12\x1b.cdl.v1.ListDatasetsRequest\x1a\x1c.cdl.v1.ListDatasetsResponse\x12\x32\n\x06Ingest\x12\x0e.cdl.v1.Record\x1a\x16.cdl.v1.IngestResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdl.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=998
-  _globals['_TASK']._serialized_end=1120
+  _globals['_TASK']._serialized_start=1014
+  _globals['_TASK']._serialized_end=1136
   _globals['_RETRAINPOLICY']._serialized_start=52
   _globals['_RETRAINPOLICY']._serialized_end=116
   _globals['_CLEANINGRULES']._serialized_start=118
   _globals['_CLEANINGRULES']._serialized_end=182
   _globals['_DATASETSPEC']._serialized_start=185
-  _globals['_DATASETSPEC']._serialized_end=398
-  _globals['_DATASET']._serialized_start=400
-  _globals['_DATASET']._serialized_end=489
-  _globals['_REGISTERDATASETREQUEST']._serialized_start=491
-  _globals['_REGISTERDATASETREQUEST']._serialized_end=550
-  _globals['_REGISTERDATASETRESPONSE']._serialized_start=552
-  _globals['_REGISTERDATASETRESPONSE']._serialized_end=628
-  _globals['_GETDATASETREQUEST']._serialized_start=630
-  _globals['_GETDATASETREQUEST']._serialized_end=663
-  _globals['_GETDATASETRESPONSE']._serialized_start=665
-  _globals['_GETDATASETRESPONSE']._serialized_end=719
-  _globals['_LISTDATASETSREQUEST']._serialized_start=721
-  _globals['_LISTDATASETSREQUEST']._serialized_end=742
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=744
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=801
-  _globals['_INGESTACK']._serialized_start=803
-  _globals['_INGESTACK']._serialized_end=909
-  _globals['_INGESTRESPONSE']._serialized_start=911
-  _globals['_INGESTRESPONSE']._serialized_end=996
-  _globals['_INGESTSERVICE']._serialized_start=1123
-  _globals['_INGESTSERVICE']._serialized_end=1418
+  _globals['_DATASETSPEC']._serialized_end=414
+  _globals['_DATASET']._serialized_start=416
+  _globals['_DATASET']._serialized_end=505
+  _globals['_REGISTERDATASETREQUEST']._serialized_start=507
+  _globals['_REGISTERDATASETREQUEST']._serialized_end=566
+  _globals['_REGISTERDATASETRESPONSE']._serialized_start=568
+  _globals['_REGISTERDATASETRESPONSE']._serialized_end=644
+  _globals['_GETDATASETREQUEST']._serialized_start=646
+  _globals['_GETDATASETREQUEST']._serialized_end=679
+  _globals['_GETDATASETRESPONSE']._serialized_start=681
+  _globals['_GETDATASETRESPONSE']._serialized_end=735
+  _globals['_LISTDATASETSREQUEST']._serialized_start=737
+  _globals['_LISTDATASETSREQUEST']._serialized_end=758
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=760
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=817
+  _globals['_INGESTACK']._serialized_start=819
+  _globals['_INGESTACK']._serialized_end=925
+  _globals['_INGESTRESPONSE']._serialized_start=927
+  _globals['_INGESTRESPONSE']._serialized_end=1012
+  _globals['_INGESTSERVICE']._serialized_start=1139
+  _globals['_INGESTSERVICE']._serialized_end=1434
 # @@protoc_insertion_point(module_scope)

@@ -96,10 +96,13 @@ class DatasetSpec(_message.Message):
     CLEANING_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     HOLDOUT_FRACTION_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: Global___Task.ValueType
     dtype: _builtins.str
     holdout_fraction: _builtins.float
+    family: _builtins.str
+    """The model family (an installed plugin's name, e.g. "mlp", "cnn", "text"); empty: the task's default."""
     @_builtins.property
     def input_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Input shape without the batch dimension (tensor tasks)."""
@@ -121,10 +124,11 @@ class DatasetSpec(_message.Message):
         cleaning: Global___CleaningRules | None = ...,
         policy: Global___RetrainPolicy | None = ...,
         holdout_fraction: _builtins.float = ...,
+        family: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cleaning", b"cleaning", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleaning", b"cleaning", "dtype", b"dtype", "holdout_fraction", b"holdout_fraction", "input_shape", b"input_shape", "labels", b"labels", "name", b"name", "policy", b"policy", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleaning", b"cleaning", "dtype", b"dtype", "family", b"family", "holdout_fraction", b"holdout_fraction", "input_shape", b"input_shape", "labels", b"labels", "name", b"name", "policy", b"policy", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

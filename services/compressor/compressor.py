@@ -16,13 +16,13 @@ from cdl.errors import CdlError, PermanentError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
 from cdl.ml.core import fit, hyperparameters, split_version
-from cdl.ml.models import Family
+from cdl.ml.family import get_family
+from cdl.ml.pruning import load_into, parameters, prune
 from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry
 from cdl.store import ObjectStore
 from cdl.triton import TRITON_BUCKET, Backend, ModelSpec, TensorSpec, write_entry
 from cdl.v1 import events_pb2
 from services.compressor.faults import failing_onnx, take_fault
-from services.compressor.pruning import load_into, parameters, prune
 from services.compressor.settings import CompressorSettings
 from services.compressor.variants import (
     INPUT,
@@ -153,18 +153,20 @@ class Compressor:
         with torch.no_grad():
             reference = served(torch.from_numpy(xh)).numpy().argmax(1)
 
-        builders: dict[str, Any] = {
-            "fp32": lambda: slim(fp32),
-            "int8-dynamic": lambda: slim(int8_dynamic_variant(fp32)),
-            "fp16": lambda: slim(fp16_variant(fp32)),
-        }
-        if config.family is not Family.TEXT:
+        family = get_family(config.family)
+        allowed = family.compressions
+        builders: dict[str, Any] = {"fp32": lambda: slim(fp32)}
+        if "int8-dynamic" in allowed:
+            builders["int8-dynamic"] = lambda: slim(int8_dynamic_variant(fp32))
+        if "fp16" in allowed:
+            builders["fp16"] = lambda: slim(fp16_variant(fp32))
+        if "int8-static" in allowed and not family.text_input:
             calib = served_input(
                 config, pre, x_train[rng.permutation(len(x_train))[: self.settings.calibration_samples]]
             )
             builders["int8-static"] = lambda: slim(int8_static_variant(fp32, calib))
             builders["int8-static-qop"] = lambda: slim(int8_static_variant(fp32, calib, operator_format=True))
-            if config.family in (Family.CNN, Family.MLP) and self.settings.prune_fraction > 0:
+            if "pruned" in allowed and self.settings.prune_fraction > 0:
                 # built when its turn comes (a failure fails that variant only), once for both
                 cache: list[bytes] = []
 
@@ -191,7 +193,7 @@ class Compressor:
         uris = {}
         for name, blob in blobs.items():
             uris[name] = self.store.put_bytes(MODELS_BUCKET, f"{model}/{version}/variants/{name}.onnx", blob)
-        text = config.family is Family.TEXT
+        text = family.text_input
         # a text model's entry takes texts (BYTES) and tokenizes them with its own version's
         # tokenizer, which only the python-backend runner can: text entries use it everywhere
         spec = ModelSpec(

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from cdl.errors import PermanentError
-from cdl.ml.models import Family, ModelConfig
+from cdl.ml.family import get_family
+from cdl.ml.models import ModelConfig
 from cdl.ml.preprocess import Preprocessor
 
 __all__ = [
@@ -62,7 +63,7 @@ class Served(nn.Module):
 
 def served_input(config: ModelConfig, pre: Preprocessor, raw: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """What a client sends for ``raw`` data: features as float32, text as hashed ids."""
-    if config.family is Family.TEXT:
+    if get_family(config.family).text_input:
         return pre.transform(raw)
     return np.asarray(raw, dtype=np.float32).reshape(len(raw), *config.input_shape)
 

@@ -40,6 +40,7 @@ def spec_from_proto(p: ingest_pb2.DatasetSpec) -> DatasetSpec:
         min_new_records=p.policy.min_new_records,
         max_interval_s=p.policy.max_interval_s,
         holdout_fraction=p.holdout_fraction or 0.2,
+        family=p.family,
     )
 
 
@@ -53,6 +54,7 @@ def spec_to_proto(s: DatasetSpec) -> ingest_pb2.DatasetSpec:
         cleaning=ingest_pb2.CleaningRules(min_text_length=s.min_text_length, lowercase_text=s.lowercase_text),
         policy=ingest_pb2.RetrainPolicy(min_new_records=s.min_new_records, max_interval_s=s.max_interval_s),
         holdout_fraction=s.holdout_fraction,
+        family=s.family,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from cdl.datasets import DATASETS_BUCKET, DatasetSpec, check_dataset_name, valid_dataset_name
 from cdl.errors import ConflictError, InvalidInputError, NotFoundError
+from cdl.ml.family import family_names
 from cdl.store import ObjectStore
 
 __all__ = ["DatasetRegistry"]
@@ -57,6 +58,12 @@ class DatasetRegistry:
         would be dead-lettered for) is invalid input.
         """
         check_dataset_name(spec.name)
+        if spec.family and spec.family not in family_names():
+            installed = ", ".join(family_names()) or "none"
+            raise InvalidInputError(
+                f"invalid dataset spec: unknown model family {spec.family!r}; installed: {installed}",
+                dataset=spec.name,
+            )
         if spec.longest_label_bytes > self._max_label_bytes:
             raise InvalidInputError(
                 f"invalid dataset spec: a label is {spec.longest_label_bytes} bytes, "

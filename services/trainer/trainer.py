@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from cdl.datasets import load_version
 from cdl.errors import InvalidInputError
@@ -16,9 +16,10 @@ from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
 from cdl.ml.core import fit, hyperparameters, split_version
 from cdl.ml.drift import reference_sample, to_npy
-from cdl.ml.models import ModelConfig, family_for
-from cdl.ml.train import evaluate, pick_device
-from cdl.registry import LoadedModel, ModelRegistry
+from cdl.ml.family import family_of, provenance
+from cdl.ml.models import ModelConfig
+from cdl.ml.train import EpochMetrics, evaluate, pick_device
+from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.trainer.settings import TrainerSettings
@@ -29,6 +30,9 @@ log = get_logger(__name__)
 
 TRAININGS = Counter("cdl_trainer_trainings_total", "Finished trainings by verdict", ["model", "verdict"])
 TRAIN_SECONDS = Histogram("cdl_trainer_training_seconds", "Training time", buckets=(1, 5, 15, 60, 300, 1800, 7200))
+EPOCH = Gauge("cdl_trainer_epoch", "Epochs finished by the training in progress (0: none running)", ["model"])
+SAMPLES_PER_S = Gauge("cdl_trainer_samples_per_second", "Training samples/s of the last epoch", ["model"])
+LOSS = Gauge("cdl_trainer_loss", "Loss of the last epoch", ["model", "split"])
 
 
 def code_version() -> str:
@@ -114,12 +118,32 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ training
+    def _progress(self, model: str, version: int, epochs: int, samples: int) -> Any:
+        """The epoch callback: a log line, the gauges and ``<model>/training.json`` (``cdl models``)
+        after every epoch, so a long training shows how far it got."""
+        started = time.time()
+
+        def report(m: EpochMetrics) -> bool:
+            EPOCH.labels(model).set(m.epoch)
+            SAMPLES_PER_S.labels(model).set(m.samples_per_s)
+            LOSS.labels(model, "train").set(m.train_loss)
+            LOSS.labels(model, "validation").set(m.val_loss)
+            doc = {"version": version, "epochs": epochs, "samples": samples, "started_at": started, **m.to_json()}
+            log.info("training epoch", model=model, version=version, of=epochs, **m.to_json())
+            try:
+                self.store.put_json(MODELS_BUCKET, f"{model}/training.json", doc)
+            except Exception as exc:  # noqa: BLE001 - progress is for people: it never fails a training
+                log.warning("training progress not saved", model=model, error=str(exc))
+            return True
+
+        return report
+
     def train_version(self, model: str, version: int, update: events_pb2.DataUpdated) -> None:
         start = time.perf_counter()
         data = load_version(self.store, update.dataset, update.version, self.settings.window_records)
         spec = data.spec
         tuned = self.registry.hyperparameters(model)
-        hparams = hyperparameters(family_for(spec.task), tuned[0] if tuned else None)
+        hparams = hyperparameters(family_of(spec), tuned[0] if tuned else None)
         hp_source = tuned[1] if tuned else "defaults"
         split = split_version(data, self.settings.val_fraction, self.settings.seed)
         if len(split.x_train) < 1 or len(split.x_hold) < 1:
@@ -131,6 +155,12 @@ class Trainer:
             if loaded is not None:
                 warm.append(loaded)
 
+        epochs = (
+            int(hparams["epochs"])
+            if not self.settings.max_epochs
+            else min(int(hparams["epochs"]), self.settings.max_epochs)
+        )
+        progress = self._progress(model, version, epochs, len(split.x_train))
         with TRAIN_SECONDS.time():
             fitted = fit(
                 spec,
@@ -141,7 +171,9 @@ class Trainer:
                 patience=self.settings.patience,
                 max_epochs=self.settings.max_epochs,
                 warm_start=warm_start,
+                callback=progress,
             )
+        EPOCH.labels(model).set(0)
         module, pre, config, result = fitted.module, fitted.preprocessor, fitted.config, fitted.result
         parent = warm[0].version if warm else None
         xh, y_hold, x_hold = pre.transform(split.x_hold), split.y_hold, split.x_hold
@@ -176,6 +208,8 @@ class Trainer:
             "seed": self.settings.seed,
             "task": spec.task.value,
             "labels": list(spec.labels),
+            # the code that built the model: the family's package, version and source hash
+            "family": provenance(config.family),
         }
         metrics = {
             "epochs": [m.to_json() for m in result.history],
@@ -210,7 +244,7 @@ class Trainer:
                 "challenger_accuracy": hold_acc,
                 "champion_accuracy": champ_acc,
                 "champion_version": champion,
-                "family": config.family.value,
+                "family": config.family,
                 "metrics": summary,
             },
             reference=self._reference(split.x_train),

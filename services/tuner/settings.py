@@ -39,6 +39,9 @@ class TunerSettings(ServiceSettings):
     empty: the local stack's PostgreSQL, else SQLite at ``<state_dir>/tuner/optuna.db``."""
     workers: int = 1
     """Worker processes per study, sharing its storage (0: trials in the service's process)."""
+    worker_nice: int = 10
+    """Niceness of the study's worker processes: on shared cores the trainer (whose next version
+    serves) gets the CPU first and a study never holds back a model; 0: the same priority."""
     n_trials: int = 20
     """Budget: finished trials (complete or pruned) per study, over all workers."""
     max_epochs: int = 15

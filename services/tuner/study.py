@@ -54,7 +54,7 @@ from cdl.datasets import DatasetSpec
 from cdl.errors import ConfigError
 from cdl.logging import get_logger
 from cdl.ml.core import TrainSplit, fit, hyperparameters
-from cdl.ml.models import family_for
+from cdl.ml.family import family_of
 from cdl.ml.space import Space, suggest
 from cdl.ml.train import EpochMetrics
 
@@ -97,6 +97,8 @@ class StudyPlan:
     """TPE's first trials, sampled at random before its model guides the search."""
     reduction_factor: int = 3
     """Hyperband and successive halving: a rung keeps the best 1/``reduction_factor`` of its trials."""
+    nice: int = 0
+    """Niceness the worker processes take (the tuner's ``worker_nice``)."""
     tpe_gamma: float = 0.25
     """Single-objective TPE: the share of finished trials that forms its "good" density (at
     least 1, at most 25 trials). Optuna's default, ``ceil(0.1 n)`` (and Hyperopt's,
@@ -233,7 +235,7 @@ def _latency_ms(module: Any, input_shape: Sequence[int]) -> float:
 
 
 def _objective(plan: StudyPlan, split: TrainSplit) -> Callable[[optuna.Trial], Any]:
-    family = family_for(plan.spec.task)
+    family = family_of(plan.spec)
 
     def objective(trial: optuna.Trial) -> Any:
         params = suggest(trial, plan.space)
@@ -296,6 +298,8 @@ def _worker_main(plan: StudyPlan, split: TrainSplit, worker: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # workers share the cores
+    if plan.nice > 0:  # below the trainer: a study never holds a serving model's training back
+        os.nice(plan.nice)
     parent = multiprocessing.parent_process()
     if parent is not None:  # the tuner died (even kill -9): this worker goes too
 

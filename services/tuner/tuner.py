@@ -31,7 +31,7 @@ from cdl.errors import InvalidInputError, NotFoundError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
 from cdl.ml.core import split_version
-from cdl.ml.models import family_for
+from cdl.ml.family import family_of
 from cdl.ml.space import space_for
 from cdl.registry import MODELS_BUCKET, ModelRegistry
 from cdl.store import ObjectStore
@@ -167,7 +167,8 @@ class Tuner:
             study=study,
             storage=s.storage(),
             spec=spec,
-            space=space_for(family_for(spec.task), s.spaces.get(model)),
+            space=space_for(family_of(spec), s.spaces.get(model)),
+            nice=s.worker_nice,
             n_trials=s.n_trials,
             max_epochs=s.max_epochs,
             objectives=tuple(s.objectives_by_model.get(model, s.objectives)),

@@ -22,8 +22,8 @@ from sklearn.datasets import load_digits
 from cdl.datasets import load_version
 from cdl.events import decode
 from cdl.store import ObjectStore
-from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import Rec, read_committed, restart_broker
+from cdl.v1 import events_pb2
+from tests.helpers import Rec, read_committed, register_digits, restart_broker
 
 DIGITS = load_digits()
 
@@ -54,17 +54,8 @@ def test_broker_and_ingest_faults_lose_nothing_and_duplicate_nothing(
     trainer_factory(updated_topic=ingest_topics["updated"], max_epochs="2").start()
     compressor_factory(trained_topic=trainer_topics["trained"]).start()
     name = f"faults-{uuid.uuid4().hex[:6]}"
-    spec = ingest_pb2.DatasetSpec(
-        name=name,
-        task=ingest_pb2.TASK_IMAGE_CLASSIFICATION,
-        input_shape=[1, 8, 8],
-        dtype="float32",
-        labels=[str(i) for i in range(10)],
-        policy=ingest_pb2.RetrainPolicy(min_new_records=2000, max_interval_s=4.0),
-        holdout_fraction=0.2,
-    )
     with svc.channel() as ch:
-        ingest_pb2_grpc.IngestServiceStub(ch).RegisterDataset(ingest_pb2.RegisterDatasetRequest(spec=spec))
+        register_digits(ch, name, min_new_records=2000, max_interval_s=4.0)
 
     # a plain client, as kcat would be: it waits out the broker's absence (idempotent, long timeout)
     producer = KProducer(

@@ -34,22 +34,12 @@ from cdl.events import decode
 from cdl.kafka import Producer, ensure_topics
 from cdl.stack._procs import free_port
 from cdl.store import ObjectStore
-from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import broker_proc, read_committed, restart_broker
+from cdl.v1 import events_pb2
+from tests.helpers import broker_proc, read_committed, register_digits, restart_broker, wait_for
 from tests.integration.conftest import ROOT
 
 DIGITS = load_digits()
 RECOVERY_S = 120
-
-
-def _wait(cond: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s: {what}")
 
 
 def _healthz(metrics: str) -> tuple[int, dict[str, Any]]:
@@ -85,17 +75,8 @@ def test_ingest_stuck_in_a_transaction_on_a_paused_broker_is_restarted_and_loses
         call_grace_s="3", transaction_retry_s="8", shard_max_records="1500", batch_size="500", flush_interval_s="0.5"
     ).start(supervised=True)
     name = f"live-{uuid.uuid4().hex[:6]}"
-    spec = ingest_pb2.DatasetSpec(
-        name=name,
-        task=ingest_pb2.TASK_IMAGE_CLASSIFICATION,
-        input_shape=[1, 8, 8],
-        dtype="float32",
-        labels=[str(i) for i in range(10)],
-        policy=ingest_pb2.RetrainPolicy(min_new_records=1000, max_interval_s=3.0),
-        holdout_fraction=0.2,
-    )
     with svc.channel() as ch:
-        ingest_pb2_grpc.IngestServiceStub(ch).RegisterDataset(ingest_pb2.RegisterDatasetRequest(spec=spec))
+        register_digits(ch, name, min_new_records=1000, max_interval_s=3.0)
     producer = KProducer(
         {"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "message.timeout.ms": 600000}
     )
@@ -114,7 +95,7 @@ def test_ingest_stuck_in_a_transaction_on_a_paused_broker_is_restarted_and_loses
 
     chunk(1500)
     assert producer.flush(60) == 0
-    _wait(lambda: read_committed(kafka_bootstrap, ingest_topics["updated"], 1, timeout_s=2), 60, "a first version")
+    wait_for(lambda: read_committed(kafka_bootstrap, ingest_topics["updated"], 1, timeout_s=2), 60, "a first version")
     first_pid = _supervisor(svc.supervisor_state).get("child_pid")
     broker = broker_proc(stack)
     # a chunk in the broker as it stops: ingest has fetched part of it and commits what it takes
@@ -123,11 +104,13 @@ def test_ingest_stuck_in_a_transaction_on_a_paused_broker_is_restarted_and_loses
     assert producer.flush(60) == 0
     os.killpg(broker.pid, signal.SIGSTOP)
     try:
-        _, body = _wait(lambda: (s := _healthz(svc.metrics))[0] == 503 and s, 60, "ingest reporting not live")
+        _, body = wait_for(lambda: (s := _healthz(svc.metrics))[0] == 503 and s, 60, "ingest reporting not live")
         assert "stuck" in body and body["status"] == "not live", body
         # the step it is stuck in is a blocking Kafka call of the loop, named
         assert any(step in body["stuck"] for step in ("transaction", "consume", "init", "flush", "close")), body
-        state = _wait(lambda: (s := _supervisor(svc.supervisor_state)).get("restarts", 0) >= 1 and s, 60, "a restart")
+        state = wait_for(
+            lambda: (s := _supervisor(svc.supervisor_state)).get("restarts", 0) >= 1 and s, 60, "a restart"
+        )
         assert state["child_pid"] != first_pid
         # the watchdog's own exit (70), or the supervisor's kill on the not-live probes: whichever came first
         assert state["last_exit"].get("code") == 70 or state["last_reason"].startswith("not live"), state
@@ -144,7 +127,7 @@ def test_ingest_stuck_in_a_transaction_on_a_paused_broker_is_restarted_and_loses
         ]
         return ups if ups and ups[-1].total_records >= good else None
 
-    updates = _wait(all_versioned, RECOVERY_S, f"all {good} records versioned")
+    updates = wait_for(all_versioned, RECOVERY_S, f"all {good} records versioned")
     assert time.monotonic() - back <= RECOVERY_S
     numbers = [u.version for u in updates]
     assert numbers == list(range(1, len(numbers) + 1)), numbers  # each version once, in order
@@ -197,9 +180,9 @@ def test_a_job_loop_whose_broker_goes_away_inside_a_transaction_recovers_and_pub
     with open(tmp_path / "worker.log", "ab") as log:
         sup = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=log)
     try:
-        _wait(pause.exists, 90, "the worker inside its first transaction")
+        wait_for(pause.exists, 90, "the worker inside its first transaction")
         restart = _Background(lambda: restart_broker(stack, sig))
-        _wait(lambda: not _broker_answers(kafka_bootstrap), 60, "the broker gone")
+        wait_for(lambda: not _broker_answers(kafka_bootstrap), 60, "the broker gone")
         go.write_text("go")  # the transaction goes on with the broker away
         restart.join(120)
         back = time.monotonic()
@@ -208,7 +191,7 @@ def test_a_job_loop_whose_broker_goes_away_inside_a_transaction_recovers_and_pub
             recs = read_committed(kafka_bootstrap, out, events, timeout_s=3)
             return recs if len(recs) >= events else None
 
-        recs = _wait(published, RECOVERY_S, f"{events} outputs")
+        recs = wait_for(published, RECOVERY_S, f"{events} outputs")
         assert time.monotonic() - back <= RECOVERY_S
         versions = sorted(decode(r.key, r.value, list(r.headers.items())).payload.version for r in recs)
         assert versions == list(range(1, events + 1)), versions  # each once

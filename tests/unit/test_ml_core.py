@@ -8,7 +8,8 @@ from sklearn.datasets import load_digits
 
 from cdl.datasets import DatasetSpec, DatasetVersion, Task
 from cdl.ml.core import fit, hyperparameters, split_version
-from cdl.ml.models import DEFAULTS, Family
+from cdl.ml.family import get_family
+from cdl.ml.models import Family
 
 DIGITS = load_digits()
 SPEC = DatasetSpec(name="digits-core", task=Task.IMAGE, labels=tuple(str(i) for i in range(10)), input_shape=(1, 8, 8))
@@ -43,7 +44,7 @@ def test_the_split_carves_validation_from_the_train_split_and_keeps_the_holdout_
 def test_same_data_parameters_and_seed_give_the_same_model() -> None:
     data = _version()
     hp = hyperparameters(Family.CNN, {"epochs": 2, "channels": 8})
-    assert hp["lr"] == DEFAULTS[Family.CNN]["lr"] and hp["channels"] == 8
+    assert hp["lr"] == get_family(Family.CNN).defaults["lr"] and hp["channels"] == 8
     s = split_version(data, 0.1, seed=0)
     a = fit(SPEC, s, hp, seed=7, device="cpu")
     b = fit(SPEC, s, hp, seed=7, device="cpu")

@@ -1,4 +1,4 @@
-"""Structured pruning (services.compressor.pruning): the kept weights are the right ones."""
+"""Structured pruning (cdl.ml.pruning, through each family's prune): the kept weights are the right ones."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from cdl.errors import InvalidInputError
 from cdl.ml.models import Family, ModelConfig, build_model
-from services.compressor.pruning import keep_count, parameters, prune
+from cdl.ml.pruning import keep_count, parameters, prune
 
 
 def _trained_like(config: ModelConfig) -> torch.nn.Module:

@@ -8,15 +8,16 @@ import optuna
 import pytest
 
 from cdl.errors import ConfigError
+from cdl.ml.family import installed_families
 from cdl.ml.models import Family
-from cdl.ml.space import SPACES, space_for, suggest
+from cdl.ml.space import space_for, suggest
 from services.tuner.triggers import TriggerPolicy, TuneState
 
 
 def test_every_family_has_a_space_and_suggest_draws_inside_it() -> None:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    for family in Family:
-        space = SPACES[family]
+    for family in installed_families().values():
+        space = family.space
         for _ in range(20):
             params = suggest(study.ask(), space)
             assert set(params) == set(space)
