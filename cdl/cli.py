@@ -24,6 +24,8 @@ stack_app = typer.Typer(help="Start, inspect and stop the local stack.", no_args
 app.add_typer(stack_app, name="stack")
 dataset_app = typer.Typer(help="Register and inspect datasets (through the ingest service).", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+checkpoint_app = typer.Typer(help="A model's starting point: your own pretrained weights.", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
 console = Console()
 
 StateDir = Annotated[
@@ -978,6 +980,52 @@ def predict_cmd(
     for i, r in enumerate(rows):
         table.add_row(str(i), str(r["class"]), f"{r['score']:.3f}")
     console.print(table)
+
+
+@checkpoint_app.command("upload")
+def checkpoint_upload(
+    model: Annotated[str, typer.Argument(help="Model (dataset) name.")],
+    path: Annotated[Path, typer.Argument(help="A state_dict: .safetensors, or .pt/.pth (read weights-only).")],
+    freeze: Annotated[
+        list[str] | None, typer.Option(help="Parameter names to keep frozen (fnmatch pattern; repeatable).")
+    ] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Give MODEL a starting point: its first version fine-tunes from these weights (which must fit
+    its family's module), and parameters matching --freeze stay as they are in every version."""
+    from cdl.registry import ModelRegistry
+    from cdl.store import ObjectStore
+
+    try:
+        weights = _state_dict_bytes(path)
+    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+        console.print(f"[red]not a state dict[/]: {path}: {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    m = _stack(state_dir).read_state().get("minio")
+    if not m:
+        console.print("[red]no running stack: start it with cdl stack up[/]", soft_wrap=True)
+        raise typer.Exit(1)
+    registry = ModelRegistry(ObjectStore(m["endpoint"], m["access_key"], m["secret_key"]))
+    doc = registry.set_start(model, weights, list(freeze or []), path.name)
+    frozen = ", ".join(doc["freeze"]) or "nothing"
+    console.print(f"[green]uploaded[/] {model}'s starting point (sha256 {doc['sha256'][:12]}…; frozen: {frozen})")
+
+
+def _state_dict_bytes(path: Path) -> bytes:
+    """``path``'s tensors as safetensors bytes (a .pt/.pth file is read with ``weights_only``)."""
+    import safetensors.torch
+    import torch
+
+    if path.suffix == ".safetensors":
+        raw = path.read_bytes()
+        safetensors.torch.load(raw)
+        return raw
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("expected a dict of tensors (a module's state_dict)")
+    return bytes(safetensors.torch.save({str(k): v.contiguous() for k, v in obj.items()}))
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ Layout::
     <model>/champion.json                   newest accepted version
     <model>/serving.json                    version the gateway serves (set by the gateway)
     <model>/hyperparameters.json            newest tuned hyperparameters and their source
+    <model>/start/model.safetensors         a user's starting point (``cdl checkpoint upload``)
+    <model>/start/start.json                its SHA-256, the layers kept frozen, when and from what
 """
 
 from __future__ import annotations
@@ -173,3 +175,34 @@ class ModelRegistry:
 
     def set_hyperparameters(self, model: str, params: dict[str, Any], source: str) -> None:
         self._store.put_json(MODELS_BUCKET, f"{model}/hyperparameters.json", {"params": params, "source": source})
+
+    # ------------------------------------------------------------------ a user's starting point
+    def set_start(self, model: str, weights: bytes, freeze: list[str], source: str) -> dict[str, Any]:
+        """Store a starting point for ``model``: ``weights`` (safetensors bytes of a ``state_dict``)
+        that its first version fine-tunes from, and the parameter-name patterns (``fnmatch``) kept
+        frozen in every version's training. Returns its description (``start.json``)."""
+        import hashlib
+        import time
+
+        import safetensors.torch
+
+        safetensors.torch.load(weights)  # refuse what is not a safetensors state dict before storing it
+        doc = {
+            "sha256": hashlib.sha256(weights).hexdigest(),
+            "freeze": list(freeze),
+            "source": source,
+            "uploaded_at": time.time(),
+        }
+        self._store.put_bytes(MODELS_BUCKET, f"{model}/start/model.safetensors", weights)
+        self._store.put_json(MODELS_BUCKET, f"{model}/start/start.json", doc)
+        return doc
+
+    def start(self, model: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The starting point of ``model`` (its state dict and ``start.json``), None when there is none."""
+        try:
+            doc = dict(self._store.get_json(MODELS_BUCKET, f"{model}/start/start.json"))
+        except NotFoundError:
+            return None
+        import safetensors.torch
+
+        return safetensors.torch.load(self._store.get_bytes(MODELS_BUCKET, f"{model}/start/model.safetensors")), doc

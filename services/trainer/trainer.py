@@ -149,11 +149,17 @@ class Trainer:
         if len(split.x_train) < 1 or len(split.x_hold) < 1:
             raise InvalidInputError("dataset version too small to train and evaluate", dataset=spec.name)
         warm: list[LoadedModel] = []
+        origin = self.registry.start(model)  # a user's starting point (cdl checkpoint upload), if any
+        frozen: list[str] = []
 
         def warm_start(config: ModelConfig, module: Any) -> None:
             loaded = self._warm_start(model, config, module)
             if loaded is not None:
                 warm.append(loaded)
+            elif origin is not None:
+                _load_start(module, origin[0])
+            if origin is not None:
+                frozen.extend(_freeze(module, origin[1]["freeze"]))
 
         epochs = (
             int(hparams["epochs"])
@@ -211,6 +217,14 @@ class Trainer:
             # the code that built the model: the family's package, version and source hash
             "family": provenance(config.family),
         }
+        if origin is not None:  # where the weights began, and what stayed as it was
+            lineage["start"] = {
+                "sha256": origin[1]["sha256"],
+                "source": origin[1].get("source", ""),
+                "loaded": parent is None,
+                "freeze": origin[1]["freeze"],
+                "frozen_parameters": frozen,
+            }
         metrics = {
             "epochs": [m.to_json() for m in result.history],
             "best_epoch": result.best_epoch,
@@ -302,3 +316,28 @@ class Trainer:
             f"challenger {challenger:.4f} < champion v{champion_version} {champion:.4f} "
             f"- tolerance {self.settings.tolerance}"
         )
+
+
+def _load_start(module: Any, state: dict[str, Any]) -> None:
+    """Load a user's starting point; one that does not fit the family's module is the input's fault."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:500]
+        raise InvalidInputError(f"the uploaded starting point does not fit the model: {detail}") from exc
+
+
+def _freeze(module: Any, patterns: list[str]) -> list[str]:
+    """Stop the gradients of the parameters whose names match one of ``patterns`` (fnmatch); returns
+    their names. Patterns that match nothing are an error (a typo would silently train them)."""
+    from fnmatch import fnmatchcase
+
+    names = []
+    for name, param in module.named_parameters():
+        if any(fnmatchcase(name, p) for p in patterns):
+            param.requires_grad_(False)
+            names.append(name)
+    unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise InvalidInputError("freeze patterns match no parameter of the model", patterns=unmatched)
+    return names

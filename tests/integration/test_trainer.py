@@ -6,19 +6,23 @@ import json
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.datasets import load_digits
 
 from cdl.datasets import holdout_member
 from cdl.events import decode
+from cdl.ml.core import hyperparameters
 from cdl.ml.drift import from_npy
+from cdl.ml.models import ModelConfig, build_model
 from cdl.registry import ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from tests.datasets import DatasetWriter, digits_spec
-from tests.helpers import read_topic
+from tests.helpers import read_topic, run_cdl
 
 DIGITS = load_digits()
 X = DIGITS.data.reshape(-1, 1, 8, 8).astype(np.float32)
@@ -165,3 +169,49 @@ def test_a_training_window_reads_only_the_newest_shards_and_lineage_names_their_
     assert [(r["partition"], r["first"], r["last"]) for r in lineage["offset_ranges"]] == [(0, 1797, 2996)]
     metrics = ModelRegistry(object_store).document(name, 1, "metrics")
     assert metrics["holdout_accuracy"] > 0.8
+
+
+def test_a_first_version_fine_tunes_from_an_uploaded_checkpoint_with_frozen_layers(
+    trainer_factory: Any,
+    trainer_topics: dict[str, str],
+    kafka_bootstrap: str,
+    object_store: ObjectStore,
+    stack: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """`cdl checkpoint upload` gives a model a starting point: its first version starts from those
+    weights, the parameters matching --freeze are exactly the uploaded ones after training, and the
+    lineage records the start; weights that do not fit the family's module dead-letter the version
+    with the reason."""
+    name, misfit = f"start-{uuid.uuid4().hex[:6]}", f"misfit-{uuid.uuid4().hex[:6]}"
+    config = ModelConfig("cnn", (1, 8, 8), 10, hyperparameters("cnn"))
+    torch.manual_seed(3)
+    user = build_model(config)  # "pretrained": any weights of the family's architecture
+    torch.save(user.state_dict(), tmp_path / "user.pt")
+    state_dir = Path(stack["state_dir"])
+    up = run_cdl(
+        "checkpoint", "upload", name, str(tmp_path / "user.pt"), "--freeze", "features.0.*", state_dir=state_dir
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    small = build_model(ModelConfig("cnn", (1, 8, 8), 10, {**hyperparameters("cnn"), "channels": 4}))
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    assert run_cdl("checkpoint", "upload", misfit, str(tmp_path / "small.pt"), state_dir=state_dir).returncode == 0
+    bad = run_cdl("checkpoint", "upload", name, str(tmp_path), state_dir=state_dir)  # a directory: refused
+    assert bad.returncode == 1 and "not a state dict" in bad.stdout
+
+    trainer_factory(max_epochs="2").start()
+    for model in (name, misfit):
+        writer = DatasetWriter(object_store, kafka_bootstrap, trainer_topics["updated"], digits_spec(model))
+        writer.publish(writer.version(X, Y, [f"a{i}" for i in range(len(X))]))
+    [first] = [t for t in _trained(kafka_bootstrap, trainer_topics["trained"], 1) if t.model == name]
+    assert first.verdict == events_pb2.VERDICT_ACCEPTED, first.reason
+    trained = ModelRegistry(object_store).load(name, 1).module.state_dict()
+    uploaded = user.state_dict()
+    assert torch.equal(trained["features.0.weight"], uploaded["features.0.weight"])  # frozen: unchanged
+    assert torch.equal(trained["features.0.bias"], uploaded["features.0.bias"])
+    assert not torch.equal(trained["head.2.weight"], uploaded["head.2.weight"])  # the rest was trained
+    start = ModelRegistry(object_store).document(name, 1, "lineage")["start"]
+    assert start["loaded"] is True and start["source"] == "user.pt" and len(start["sha256"]) == 64
+    assert start["frozen_parameters"] == ["features.0.weight", "features.0.bias"]
+    dead = read_topic(kafka_bootstrap, trainer_topics["deadletter"], expected=1, timeout_s=60)
+    assert len(dead) == 1 and b"does not fit the model" in dead[0].headers["cdl-reason"]

@@ -122,3 +122,17 @@ def test_a_user_family_from_an_entry_point_is_found_and_builds(monkeypatch: pyte
     finally:
         fam_mod._registry.cache_clear()
     assert Family.MLP == "mlp"
+
+
+def test_freezing_by_pattern_stops_those_gradients_and_a_pattern_matching_nothing_is_refused() -> None:
+    from services.trainer.trainer import _freeze, _load_start
+
+    config = ModelConfig("cnn", (1, 8, 8), 10, {"channels": 4})
+    module = build_model(config)
+    names = _freeze(module, ["features.0.*"])
+    assert names == ["features.0.weight", "features.0.bias"]
+    assert [n for n, p in module.named_parameters() if not p.requires_grad] == names
+    with pytest.raises(InvalidInputError):
+        _freeze(build_model(config), ["feature.0.*"])  # a typo would silently train them
+    with pytest.raises(InvalidInputError):
+        _load_start(module, build_model(ModelConfig("cnn", (1, 8, 8), 10, {"channels": 8})).state_dict())
