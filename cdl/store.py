@@ -19,7 +19,7 @@ from cdl.settings import ServiceSettings
 __all__ = ["BUCKETS", "ObjectInfo", "ObjectStore", "parse_uri"]
 
 #: buckets of the storage layout (see DESIGN.md)
-BUCKETS = ("cdl-datasets", "cdl-models", "cdl-triton")
+BUCKETS = ("cdl-datasets", "cdl-models", "cdl-triton", "cdl-uploads")
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,17 @@ class ObjectStore:
 
     def get_json(self, bucket: str, key: str) -> Any:
         return json.loads(self.get_bytes(bucket, key))
+
+    def size(self, bucket: str, key: str) -> int:
+        """The object's size in bytes (NotFoundError when there is none)."""
+        try:
+            return int(self._client.stat_object(bucket, key).size or 0)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                raise NotFoundError("object not found", uri=f"s3://{bucket}/{key}") from exc
+            raise
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
 
     def exists(self, bucket: str, key: str) -> bool:
         try:

@@ -76,8 +76,13 @@ class Tensor(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     dtype: _builtins.str
     """"float32", "float64", "int64", "uint8" ..."""
+    raw: _builtins.bytes
+    """Or the values as bytes: row-major, little-endian, of `dtype` (empty: the dataset's dtype).
+    A uint8 image stays uint8, a byte a value.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -90,10 +95,11 @@ class Tensor(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         dtype: _builtins.str = ...,
         values: _abc.Iterable[_builtins.float] | None = ...,
+        raw: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "shape", b"shape", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "raw", b"raw", "shape", b"shape", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -129,6 +135,7 @@ class Record(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     TENSOR_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    FEATURES_URI_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
@@ -136,6 +143,11 @@ class Record(_message.Message):
     id: _builtins.str
     """Unique within the dataset; drives the stable train/holdout split."""
     text: _builtins.str
+    features_uri: _builtins.str
+    """A claim check for inputs larger than a Kafka message: s3://<bucket>/<key> of an object
+    holding the tensor's bytes (row-major, little-endian, the dataset's dtype), in a bucket
+    ingest is allowed to read (its claim_buckets setting).
+    """
     label: _builtins.str
     """Empty when the record is unlabelled (label may arrive on data.feedback)."""
     @_builtins.property
@@ -151,15 +163,16 @@ class Record(_message.Message):
         id: _builtins.str = ...,
         tensor: Global___Tensor | None = ...,
         text: _builtins.str = ...,
+        features_uri: _builtins.str = ...,
         label: _builtins.str = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "input", b"input", "tensor", b"tensor", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "features_uri", b"features_uri", "input", b"input", "tensor", b"tensor", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "dataset", b"dataset", "event_time", b"event_time", "id", b"id", "input", b"input", "label", b"label", "tensor", b"tensor", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "dataset", b"dataset", "event_time", b"event_time", "features_uri", b"features_uri", "id", b"id", "input", b"input", "label", b"label", "tensor", b"tensor", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["tensor", "text"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["tensor", "text", "features_uri"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 

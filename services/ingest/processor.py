@@ -43,6 +43,7 @@ from cdl.memory import release_memory, resident_bytes
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.ingest import fastscan
+from services.ingest.claims import Claims
 from services.ingest.compaction import WHERE, CompactionPolicy, ManifestRefs, Merged, merge, plan, sweep
 from services.ingest.records import (
     CleanRecord,
@@ -223,6 +224,7 @@ class IngestProcessor:
         compaction: CompactionPolicy | None = None,
         shard_text_bytes: int = 64 << 20,
         state_max_bytes: int = 512 << 10,
+        claims: Claims | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -236,6 +238,7 @@ class IngestProcessor:
         self._shard_max = shard_max_records
         self._group = group
         self._limits = limits or Limits()
+        self._claims = claims or Claims(store, ("cdl-uploads",), 256 << 20)
         self._dead_value_max = deadletter_max_value_bytes
         self._dead_flush_bytes = deadletter_flush_bytes
         self._compaction = compaction or CompactionPolicy(target_records=shard_max_records)
@@ -311,6 +314,7 @@ class IngestProcessor:
             deadletter_max_value_bytes=settings.deadletter_max_value_bytes,
             deadletter_flush_bytes=settings.deadletter_flush_bytes,
             state_max_bytes=settings.state_max_bytes,
+            claims=Claims(store, settings.claim_buckets, settings.claim_max_bytes),
             compaction=CompactionPolicy(
                 min_shards=settings.compact_min_shards,
                 target_records=settings.compact_target_records or settings.shard_max_records,
@@ -579,6 +583,8 @@ class IngestProcessor:
             dataset = spec.name
             limits = self._limits.for_spec(spec)
             limits.check_size(value)
+            if raw.features_uri and raw.features is None:  # a claim check: the tensor is in the store
+                raw.raw = self._claims.fetch(raw.features_uri)
             rec = clean(raw, spec, allow_unlabelled=True, limits=limits)
         except RecordError as exc:
             self._reject(incoming, exc, dataset)

@@ -16,6 +16,8 @@ proportional to it is built, whatever it holds.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -62,6 +64,8 @@ class Reason(StrEnum):
     ID_TOO_LONG = "id_too_long"
     TEXT_TOO_LONG = "text_too_long"
     LABEL_TOO_LONG = "label_too_long"
+    CLAIM_REFUSED = "claim_refused"
+    CLAIM_MISSING = "claim_missing"
 
 
 class RecordError(InvalidInputError):
@@ -131,6 +135,12 @@ class RawRecord:
     shape: tuple[int, ...] | None  # given shape (protobuf Tensor), None for JSON
     text: str | None
     label: str
+    #: the tensor as bytes (protobuf ``Tensor.raw``, JSON ``features_b64``, or a claim check's
+    #: object once fetched): row-major, little-endian, of ``raw_dtype`` (empty: the dataset's)
+    raw: bytes | None = None
+    raw_dtype: str = ""
+    #: a claim check (``s3://bucket/key``): ingest fetches it into ``raw`` before cleaning
+    features_uri: str = ""
 
 
 @dataclass(slots=True)
@@ -177,7 +187,26 @@ def _parse_json(value: bytes) -> RawRecord:
     text = doc.get("text")
     if text is not None and not isinstance(text, str):
         raise RecordError(Reason.BAD_DTYPE, "field 'text' must be a string", dataset=dataset)
-    return RawRecord(dataset, rid, doc.get("features"), None, text, label)
+    features = doc.get("features")
+    if features is not None:  # the fast path's rule: "features" decides whatever else the record holds
+        return RawRecord(dataset, rid, features, None, text, label)
+    dtype = doc.get("dtype", "")
+    if not isinstance(dtype, str):
+        raise RecordError(Reason.BAD_DTYPE, "field 'dtype' must be a string", dataset=dataset)
+    b64, uri = doc.get("features_b64"), doc.get("features_uri")
+    if b64 is not None:
+        if not isinstance(b64, str):
+            raise RecordError(Reason.MALFORMED, "field 'features_b64' must be a base64 string", dataset=dataset)
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RecordError(Reason.MALFORMED, "field 'features_b64' is not base64", dataset=dataset) from exc
+        return RawRecord(dataset, rid, None, None, text, label, raw=raw, raw_dtype=dtype)
+    if uri is not None:
+        if not isinstance(uri, str) or not uri:
+            raise RecordError(Reason.MALFORMED, "field 'features_uri' must be an s3:// URI", dataset=dataset)
+        return RawRecord(dataset, rid, None, None, text, label, raw_dtype=dtype, features_uri=uri)
+    return RawRecord(dataset, rid, None, None, text, label)
 
 
 def _parse_proto(value: bytes) -> RawRecord:
@@ -191,9 +220,16 @@ def _parse_proto(value: bytes) -> RawRecord:
     if not rec.id:
         raise RecordError(Reason.MISSING_ID, "field 'id' is empty", dataset=rec.dataset)
     which = rec.WhichOneof("input")
+    if which == "tensor" and rec.tensor.raw:
+        shape = tuple(rec.tensor.shape)
+        return RawRecord(
+            rec.dataset, rec.id, None, shape, None, rec.label, raw=rec.tensor.raw, raw_dtype=rec.tensor.dtype
+        )
     if which == "tensor":
         values = np.asarray(rec.tensor.values, dtype=np.float64)
         return RawRecord(rec.dataset, rec.id, values, tuple(rec.tensor.shape), None, rec.label)
+    if which == "features_uri":
+        return RawRecord(rec.dataset, rec.id, None, None, None, rec.label, features_uri=rec.features_uri)
     if which == "text":
         return RawRecord(rec.dataset, rec.id, None, None, rec.text, rec.label)
     return RawRecord(rec.dataset, rec.id, None, None, None, rec.label)
@@ -205,6 +241,8 @@ _DEFAULT_LIMITS = Limits()
 #: float64 (features are read as 64-bit floats, here as in the fast path, so a value must be
 #: in [lo, end) as a float: 2**63 - 1 reads as 2**63, which int64 cannot hold)
 _INT_RANGES = {"uint8": (0.0, 256.0), "int64": (-(2.0**63), 2.0**63)}
+#: dtypes a tensor given as bytes may have
+_RAW_DTYPES = ("float32", "float64", "uint8", "int64")
 
 
 def clean(
@@ -245,7 +283,30 @@ def clean(
     return CleanRecord(raw.dataset, raw.id, label, holdout, _tensor(raw, spec, ctx), None)
 
 
+def _from_bytes(raw: RawRecord, spec: DatasetSpec, ctx: dict[str, Any]) -> npt.NDArray[Any]:
+    """The tensor of a record given as bytes, in the dataset's dtype and shape."""
+    assert raw.raw is not None
+    dtype = raw.raw_dtype or spec.dtype
+    if dtype not in _RAW_DTYPES:
+        raise RecordError(Reason.BAD_DTYPE, f"dtype must be one of {', '.join(_RAW_DTYPES)}", **ctx)
+    item = np.dtype(dtype).itemsize
+    size = math.prod(spec.input_shape)
+    if raw.shape and tuple(raw.shape) != spec.input_shape:
+        raise RecordError(Reason.BAD_SHAPE, f"shape {list(raw.shape)} != {list(spec.input_shape)}", **ctx)
+    if len(raw.raw) != size * item:
+        detail = f"{len(raw.raw)} bytes, expected {size} values of {dtype} ({size * item} bytes)"
+        raise RecordError(Reason.BAD_SHAPE, detail, **ctx)
+    arr = np.frombuffer(raw.raw, dtype=np.dtype(dtype).newbyteorder("<"))
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise RecordError(Reason.NON_FINITE, "features contain NaN or infinity", **ctx)
+    if dtype == spec.dtype:  # exact: a uint8 image stays a uint8 image
+        return arr.astype(spec.dtype).reshape(spec.input_shape)
+    return _checked(arr.astype(np.float64), spec, ctx)
+
+
 def _tensor(raw: RawRecord, spec: DatasetSpec, ctx: dict[str, Any]) -> npt.NDArray[Any]:
+    if raw.features is None and raw.raw is not None:
+        return _from_bytes(raw, spec, ctx)
     if raw.features is None:
         raise RecordError(Reason.BAD_SHAPE, "a tensor dataset needs field 'features'", **ctx)
     if isinstance(raw.features, np.ndarray):
@@ -268,6 +329,11 @@ def _tensor(raw: RawRecord, spec: DatasetSpec, ctx: dict[str, Any]) -> npt.NDArr
         raise RecordError(Reason.BAD_SHAPE, f"shape {list(arr.shape)} != {list(spec.input_shape)}", **ctx)
     if arr.size != size:
         raise RecordError(Reason.BAD_SHAPE, f"{arr.size} values, expected {size} {list(spec.input_shape)}", **ctx)
+    return _checked(arr, spec, ctx)
+
+
+def _checked(arr: npt.NDArray[Any], spec: DatasetSpec, ctx: dict[str, Any]) -> npt.NDArray[Any]:
+    """64-bit float values as the dataset's dtype and shape, range and finiteness checked."""
     if not np.all(np.isfinite(arr)):
         raise RecordError(Reason.NON_FINITE, "features contain NaN or infinity", **ctx)
     if spec.dtype in _INT_RANGES:

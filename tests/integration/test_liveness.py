@@ -93,14 +93,14 @@ def test_ingest_stuck_in_a_transaction_on_a_paused_broker_is_restarted_and_loses
                 good += 1
             producer.poll(0)
 
-    chunk(1500)
+    chunk(1000)
     assert producer.flush(60) == 0
     wait_for(lambda: read_committed(kafka_bootstrap, ingest_topics["updated"], 1, timeout_s=2), 60, "a first version")
     first_pid = _supervisor(svc.supervisor_state).get("child_pid")
     broker = broker_proc(stack)
     # a chunk in the broker as it stops: ingest has fetched part of it and commits what it takes
     # next in a transaction with the broker paused
-    chunk(6000)
+    chunk(4000)
     assert producer.flush(60) == 0
     os.killpg(broker.pid, signal.SIGSTOP)
     try:
@@ -117,7 +117,7 @@ def test_ingest_stuck_in_a_transaction_on_a_paused_broker_is_restarted_and_loses
     finally:
         os.killpg(broker.pid, signal.SIGCONT)
     back = time.monotonic()
-    chunk(1000)
+    chunk(500)
     assert producer.flush(120) == 0
 
     def all_versioned() -> Any:

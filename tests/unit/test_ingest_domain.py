@@ -896,3 +896,47 @@ def test_a_replayed_labelled_served_request_is_a_no_op_and_other_duplicates_are_
     assert len(dead) == 1 and reasons[0].startswith(b"duplicate_id"), reasons
     assert sum(s.records for s in p.state.datasets["tab"].shards) == 4  # each record once
     p.close()
+
+
+def test_tensors_as_bytes_keep_their_dtype_and_bad_bytes_get_reasons() -> None:
+    """A tensor given as bytes (JSON ``features_b64``, protobuf ``Tensor.raw``): a uint8 image stays
+    uint8; a wrong length, a bad dtype, non-base64 text and NaN bytes are rejected with reasons."""
+    import base64
+
+    import numpy as np
+
+    from cdl.v1 import events_pb2
+
+    spec = DatasetSpec(name="img", task=Task.IMAGE, labels=("a", "b"), input_shape=(1, 2, 2), dtype="uint8")
+    pixels = np.array([0, 7, 200, 255], dtype=np.uint8)
+
+    def doc(**fields: Any) -> bytes:
+        return json.dumps({"dataset": "img", "id": "r", "label": "a", **fields}).encode()
+
+    rec = clean(parse(doc(features_b64=base64.b64encode(pixels.tobytes()).decode()), "application/json"), spec)
+    assert rec.x is not None and rec.x.dtype == np.uint8 and rec.x.reshape(-1).tolist() == [0, 7, 200, 255]
+    proto = events_pb2.Record(dataset="img", id="p", label="b")
+    proto.tensor.raw = pixels.tobytes()
+    proto.tensor.shape.extend([1, 2, 2])
+    rec = clean(parse(proto.SerializeToString(), "application/protobuf"), spec)
+    assert rec.x is not None and rec.x.dtype == np.uint8 and rec.x.reshape(-1).tolist() == [0, 7, 200, 255]
+    floats = np.array([0, 1.5, 2, 3], dtype=np.float32).tobytes()
+    as_float = doc(features_b64=base64.b64encode(floats).decode(), dtype="float32")
+    cases = {
+        Reason.BAD_SHAPE: doc(features_b64=base64.b64encode(pixels.tobytes()[:3]).decode()),
+        Reason.BAD_DTYPE: as_float,  # 1.5 is no uint8
+        Reason.MALFORMED: doc(features_b64="not base64!"),
+    }
+    for reason, value in cases.items():
+        with pytest.raises(RecordError) as err:
+            clean(parse(value, "application/json"), spec)
+        assert err.value.reason is reason, (reason, err.value)
+    nan = np.array([np.nan, 0, 0, 0], dtype=np.float32).tobytes()
+    fspec = DatasetSpec(name="img", task=Task.IMAGE, labels=("a", "b"), input_shape=(1, 2, 2))
+    with pytest.raises(RecordError) as err:
+        clean(parse(doc(features_b64=base64.b64encode(nan).decode()), "application/json"), fspec)
+    assert err.value.reason is Reason.NON_FINITE
+    # "features" decides when a record has both (as the fast path reads it)
+    both = doc(features=[[[1, 2], [3, 4]]], features_b64=base64.b64encode(pixels.tobytes()).decode())
+    rec = clean(parse(both, "application/json"), spec)
+    assert rec.x is not None and rec.x.reshape(-1).tolist() == [1, 2, 3, 4]
