@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -116,15 +117,21 @@ class ObjectStore:
             raise error("object store refused the write", uri=uri, status=resp.status, body=body[:300])
         return f"s3://{bucket}/{key}"
 
-    def get_bytes(self, bucket: str, key: str) -> bytes:
+    @contextlib.contextmanager
+    def _reading(self, bucket: str, key: str) -> Iterator[None]:
+        """Errors of a read of one object as cdl's: NotFoundError, UnavailableError."""
         try:
-            resp = self._client.get_object(bucket, key)
+            yield
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
                 raise NotFoundError("object not found", uri=f"s3://{bucket}/{key}") from exc
             raise
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        with self._reading(bucket, key):
+            resp = self._client.get_object(bucket, key)
         try:
             return bytes(resp.read())
         finally:
@@ -140,14 +147,8 @@ class ObjectStore:
 
     def size(self, bucket: str, key: str) -> int:
         """The object's size in bytes (NotFoundError when there is none)."""
-        try:
+        with self._reading(bucket, key):
             return int(self._client.stat_object(bucket, key).size or 0)
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
-                raise NotFoundError("object not found", uri=f"s3://{bucket}/{key}") from exc
-            raise
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
 
     def exists(self, bucket: str, key: str) -> bool:
         try:
