@@ -571,9 +571,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
                     send = functools.partial(self._producer.send_offsets_to_transaction, list(offsets), metadata)
                     self._retrying("send_offsets_to_transaction", send, deadline)
                 self._retrying("commit_transaction", self._producer.commit_transaction, deadline)
-                self.transactions += 1
-                if self._live is not None:
-                    self._live.beat()
+                self.transactions += 1  # (the commit step's end was this loop's progress)
                 return
             except KafkaException as exc:
                 err = _kafka_error(exc)

@@ -115,18 +115,18 @@ class LoopTracker:
             return Stall(self.name, f"no progress since {last_step}", now - last, self.progress_deadline_s)
         return None
 
-    def status(self, now: float | None = None) -> dict[str, object]:
-        """For ``/healthz``: the open step (if any) and the ages, in seconds."""
+    def ages(self, now: float | None = None) -> tuple[float, str | None, float]:
+        """Seconds since the last progress; the oldest open step (None: none) and its seconds."""
         with self._lock:
             now = time.monotonic() if now is None else now
-            steps = sorted(self._open.values(), key=lambda s: s.started)
+            oldest = min(self._open.values(), key=lambda s: s.started, default=None)
             last = self._last
-        oldest = steps[0] if steps else None
-        return {
-            "progress_age_s": round(now - last, 3),
-            "step": oldest.what if oldest else None,
-            "step_age_s": round(now - oldest.started, 3) if oldest else 0.0,
-        }
+        return now - last, oldest.what if oldest else None, now - oldest.started if oldest else 0.0
+
+    def status(self, now: float | None = None) -> dict[str, object]:
+        """For ``/healthz``: the open step (if any) and the ages, in seconds."""
+        progress, step, step_age = self.ages(now)
+        return {"progress_age_s": round(progress, 3), "step": step, "step_age_s": round(step_age, 3)}
 
 
 def exit_hung(stall: Stall) -> None:
@@ -229,9 +229,9 @@ class Watchdog(Collector):
         )
         live = GaugeMetricFamily("cdl_loop_live", "1 while the loop is not stuck", labels=["loop"])
         for t in self.loops():
-            st = t.status(now)
-            progress.add_metric([t.name], float(str(st["progress_age_s"])))
-            step.add_metric([t.name], float(str(st["step_age_s"])))
+            progress_age, _, step_age = t.ages(now)
+            progress.add_metric([t.name], progress_age)
+            step.add_metric([t.name], step_age)
             live.add_metric([t.name], 0.0 if self.stall is not None and self.stall.loop == t.name else 1.0)
         yield progress
         yield step

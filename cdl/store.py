@@ -17,10 +17,12 @@ from minio.error import S3Error
 from cdl.errors import CdlError, NotFoundError, UnavailableError
 from cdl.settings import ServiceSettings
 
-__all__ = ["BUCKETS", "ObjectInfo", "ObjectStore", "parse_uri"]
+__all__ = ["BUCKETS", "UPLOADS_BUCKET", "ObjectInfo", "ObjectStore", "parse_uri"]
 
 #: buckets of the storage layout (see DESIGN.md)
-BUCKETS = ("cdl-datasets", "cdl-models", "cdl-triton", "cdl-uploads")
+#: where producers put claim-checked tensors (records name them by ``features_uri``)
+UPLOADS_BUCKET = "cdl-uploads"
+BUCKETS = ("cdl-datasets", "cdl-models", "cdl-triton", UPLOADS_BUCKET)
 
 
 @dataclass(frozen=True)

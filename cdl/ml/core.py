@@ -37,7 +37,7 @@ from cdl.ml.models import ModelConfig, build_model
 from cdl.ml.preprocess import Preprocessor
 from cdl.ml.train import EpochCallback, TrainConfig, TrainResult, train
 
-__all__ = ["Fitted", "TrainSplit", "fit", "fit_preprocessor", "hyperparameters", "split_version"]
+__all__ = ["Fitted", "TrainSplit", "epochs_to_run", "fit", "fit_preprocessor", "hyperparameters", "split_version"]
 
 _INIT_LOCK = threading.Lock()
 
@@ -94,6 +94,12 @@ def fit_preprocessor(family: str, task: Task, x: npt.NDArray[Any], hparams: Mapp
     return get_family(family).preprocessor(task, x, hparams)
 
 
+def epochs_to_run(hparams: Mapping[str, Any], max_epochs: int = 0) -> int:
+    """The epochs a training runs: what the hyperparameters ask for, capped by ``max_epochs`` (0: no cap)."""
+    epochs = int(hparams["epochs"])
+    return min(epochs, max_epochs) if max_epochs else epochs
+
+
 def build_seeded(config: ModelConfig, seed: int) -> nn.Module:
     """The model with initial weights drawn from ``seed`` (the same seed, the same weights)."""
     with _INIT_LOCK:
@@ -140,9 +146,7 @@ def fit(
     set_idf = getattr(module, "set_idf", None)
     if set_idf is not None and preprocessor is None:  # TF-IDF pooling: fitted on this training part
         set_idf(xt)
-    epochs = int(hp["epochs"])
-    if max_epochs:
-        epochs = min(epochs, max_epochs)
+    epochs = epochs_to_run(hp, max_epochs)
     cfg = TrainConfig(
         epochs=epochs,
         batch_size=int(hp["batch_size"]),

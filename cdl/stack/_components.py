@@ -71,6 +71,19 @@ def _http_ok(url: str, timeout: float = 1.0) -> bool:
 # --------------------------------------------------------------------------- Kafka
 
 
+def broker_answers(bootstrap: str) -> bool:
+    """Whether a broker at ``bootstrap`` answers a metadata request within a second."""
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        # log_level 0: connection refusals while the broker boots (or is away) are expected
+        admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000, "log_level": 0})
+        md = admin.list_topics(timeout=1.0)
+    except Exception:  # noqa: BLE001 - any failure means "not answering"
+        return False
+    return bool(md.brokers)
+
+
 @dataclass
 class KafkaComponent(Component):
     settings: StackSettings = field(default_factory=StackSettings)
@@ -177,15 +190,7 @@ class KafkaComponent(Component):
         return [*self._java("kafka.Kafka"), str(self.workdir / "server.properties")]
 
     def healthy(self) -> bool:
-        from confluent_kafka.admin import AdminClient
-
-        try:
-            # log_level 0: connection refusals while the broker boots are expected
-            admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 1000, "log_level": 0})
-            md = admin.list_topics(timeout=1.0)
-        except Exception:  # noqa: BLE001 - any failure means "not yet"
-            return False
-        return bool(md.brokers)
+        return broker_answers(self.bootstrap)
 
     def describe(self) -> dict[str, Any]:
         return {"bootstrap": self.bootstrap, "version": self.settings.kafka_version}

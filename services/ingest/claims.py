@@ -13,10 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cdl.errors import NotFoundError
-from cdl.store import ObjectStore, parse_uri
+from cdl.store import UPLOADS_BUCKET, ObjectStore, parse_uri
 from services.ingest.records import Reason, RecordError
 
-__all__ = ["Claims"]
+__all__ = ["DEFAULT_BUCKETS", "DEFAULT_MAX_BYTES", "Claims"]
+
+#: the service's defaults (``IngestSettings.claim_buckets`` / ``claim_max_bytes``)
+DEFAULT_BUCKETS = (UPLOADS_BUCKET,)
+DEFAULT_MAX_BYTES = 256 << 20
 
 
 class Claims:

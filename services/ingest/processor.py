@@ -43,7 +43,7 @@ from cdl.memory import release_memory, resident_bytes
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.ingest import fastscan
-from services.ingest.claims import Claims
+from services.ingest.claims import DEFAULT_BUCKETS, DEFAULT_MAX_BYTES, Claims
 from services.ingest.compaction import WHERE, CompactionPolicy, ManifestRefs, Merged, merge, plan, sweep
 from services.ingest.records import (
     CleanRecord,
@@ -238,7 +238,7 @@ class IngestProcessor:
         self._shard_max = shard_max_records
         self._group = group
         self._limits = limits or Limits()
-        self._claims = claims or Claims(store, ("cdl-uploads",), 256 << 20)
+        self._claims = claims or Claims(store, DEFAULT_BUCKETS, DEFAULT_MAX_BYTES)
         self._dead_value_max = deadletter_max_value_bytes
         self._dead_flush_bytes = deadletter_flush_bytes
         self._compaction = compaction or CompactionPolicy(target_records=shard_max_records)

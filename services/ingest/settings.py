@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic_settings import SettingsConfigDict
 
 from cdl.settings import ServiceSettings
+from services.ingest.claims import DEFAULT_BUCKETS, DEFAULT_MAX_BYTES
 
 __all__ = ["IngestSettings"]
 
@@ -64,10 +65,10 @@ class IngestSettings(ServiceSettings):
     dead-lettered (``text_too_long``). A dataset may set a lower limit."""
     max_label_bytes: int = 256
     """Longest label (UTF-8 bytes) of a record or a late label (``label_too_long``)."""
-    claim_buckets: list[str] = ["cdl-uploads"]
+    claim_buckets: list[str] = list(DEFAULT_BUCKETS)
     """Buckets a record's ``features_uri`` (a claim check for a tensor too large for a Kafka
     message) may name; any other is dead-lettered (``claim_refused``)."""
-    claim_max_bytes: int = 256 << 20
+    claim_max_bytes: int = DEFAULT_MAX_BYTES
     """Largest claim-checked object ingest reads (``record_too_large`` above it)."""
     deadletter_max_value_bytes: int = 900_000
     """A dead letter keeps at most this many bytes of the rejected value (its reason says

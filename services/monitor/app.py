@@ -449,13 +449,13 @@ class Monitor:
 
     def _lag(self) -> None:
         consumer = self.app.consumer
-        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        assignment = consumer.assignment()
         # a partition that left this instance forgets its offset: when it comes back, its records
         # count as waiting only once one of them was handled here again
-        for gone in set(self._offsets) - assigned:
+        for gone in set(self._offsets) - {(tp.topic, tp.partition) for tp in assignment}:
             del self._offsets[gone]
         behind = 0
-        for tp in consumer.assignment():
+        for tp in assignment:
             if tp.topic not in (self.settings.logged_topic, self.settings.feedback_topic):
                 continue
             high = consumer.highwater(tp)

@@ -14,7 +14,7 @@ from cdl.datasets import load_version
 from cdl.errors import InvalidInputError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
-from cdl.ml.core import fit, hyperparameters, split_version
+from cdl.ml.core import epochs_to_run, fit, hyperparameters, split_version
 from cdl.ml.drift import reference_sample, to_npy
 from cdl.ml.family import family_of, provenance
 from cdl.ml.models import ModelConfig
@@ -161,11 +161,7 @@ class Trainer:
             if origin is not None:
                 frozen.extend(_freeze(module, origin[1]["freeze"]))
 
-        epochs = (
-            int(hparams["epochs"])
-            if not self.settings.max_epochs
-            else min(int(hparams["epochs"]), self.settings.max_epochs)
-        )
+        epochs = epochs_to_run(hparams, self.settings.max_epochs)
         progress = self._progress(model, version, epochs, len(split.x_train))
         with TRAIN_SECONDS.time():
             fitted = fit(

@@ -32,6 +32,8 @@ from sklearn.datasets import load_digits
 from cdl.datasets import load_version
 from cdl.events import decode
 from cdl.kafka import Producer, ensure_topics
+from cdl.stack._components import broker_answers
+from cdl.stack._probe import read_supervisor_state
 from cdl.stack._procs import free_port
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
@@ -50,13 +52,6 @@ def _healthz(metrics: str) -> tuple[int, dict[str, Any]]:
         return exc.code, json.loads(exc.read())
     except OSError:
         return 0, {}
-
-
-def _supervisor(path: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def _record(name: str, i: int) -> bytes:
@@ -96,7 +91,7 @@ def test_ingest_stuck_in_a_transaction_on_a_paused_broker_is_restarted_and_loses
     chunk(1000)
     assert producer.flush(60) == 0
     wait_for(lambda: read_committed(kafka_bootstrap, ingest_topics["updated"], 1, timeout_s=2), 60, "a first version")
-    first_pid = _supervisor(svc.supervisor_state).get("child_pid")
+    first_pid = read_supervisor_state(svc.supervisor_state).get("child_pid")
     broker = broker_proc(stack)
     # a chunk in the broker as it stops: ingest has fetched part of it and commits what it takes
     # next in a transaction with the broker paused
@@ -109,7 +104,7 @@ def test_ingest_stuck_in_a_transaction_on_a_paused_broker_is_restarted_and_loses
         # the step it is stuck in is a blocking Kafka call of the loop, named
         assert any(step in body["stuck"] for step in ("transaction", "consume", "init", "flush", "close")), body
         state = wait_for(
-            lambda: (s := _supervisor(svc.supervisor_state)).get("restarts", 0) >= 1 and s, 60, "a restart"
+            lambda: (s := read_supervisor_state(svc.supervisor_state)).get("restarts", 0) >= 1 and s, 60, "a restart"
         )
         assert state["child_pid"] != first_pid
         # the watchdog's own exit (70), or the supervisor's kill on the not-live probes: whichever came first
@@ -182,7 +177,7 @@ def test_a_job_loop_whose_broker_goes_away_inside_a_transaction_recovers_and_pub
     try:
         wait_for(pause.exists, 90, "the worker inside its first transaction")
         restart = _Background(lambda: restart_broker(stack, sig))
-        wait_for(lambda: not _broker_answers(kafka_bootstrap), 60, "the broker gone")
+        wait_for(lambda: not broker_answers(kafka_bootstrap), 60, "the broker gone")
         go.write_text("go")  # the transaction goes on with the broker away
         restart.join(120)
         back = time.monotonic()
@@ -226,16 +221,6 @@ class _Background:
         assert not self._t.is_alive(), "background step did not finish"
         if self.error:
             raise self.error[0]
-
-
-def _broker_answers(bootstrap: str) -> bool:
-    from confluent_kafka.admin import AdminClient
-
-    try:
-        admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000, "log_level": 0})
-        return bool(admin.list_topics(timeout=1.0).brokers)
-    except Exception:
-        return False
 
 
 def _event(n: int) -> Any:
