@@ -199,7 +199,7 @@ def _watch(stack: LocalStack, interval: float) -> None:
                 *(str(d.get(c, "-")) for c in ("dataset", "version", "records", "new", "holdout", "shards"))
             )
         models = Table(title="models (newest version)")
-        mcols = ("model", "version", "verdict", "accuracy", "champion", "compressed", "tuned")
+        mcols = ("model", "version", "verdict", "score", "champion", "compressed", "tuned")
         for col in mcols:
             models.add_column(col, justify="left" if col in ("model", "verdict", "compressed", "tuned") else "right")
         for m in snap.models:
@@ -227,12 +227,12 @@ def _watch(stack: LocalStack, interval: float) -> None:
 
 def _health_tables(rows: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> list[Table]:
     health = Table(title="model health (the newest window of each version that served; the monitor)")
-    hcols = ("model", "version", "requests", "errors", "p50_ms", "p99_ms", "accuracy", "feedback", "drift")
+    hcols = ("model", "version", "requests", "errors", "p50_ms", "p99_ms", "score", "feedback", "drift")
     for col in hcols:
         health.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         drift = "-" if r["drift"] is None else f"{r['drift']:.4g} / {r['drift_threshold']:.4g}"
-        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        acc = "-" if r["score"] is None else f"{r['metric']} {r['score']:.3f}"
         health.add_row(*(str(r[c]) for c in hcols[:6]), acc, str(r["feedback"]), drift)
     drift_table = Table(title="drift alerts")
     for col in ("model", "version", "dataset", "statistic", "threshold", "at", "state"):
@@ -329,8 +329,10 @@ def _rpc_error(exc: Exception) -> typer.Exit:
 @dataset_app.command("register")
 def dataset_register(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
-    task: Annotated[str, typer.Option(help="tabular | image | text")] = "tabular",
-    labels: Annotated[str, typer.Option(help="Comma-separated label set.")] = "",
+    task: Annotated[str, typer.Option(help="tabular | image | text | regression")] = "tabular",
+    labels: Annotated[
+        str, typer.Option(help="Comma-separated label set (regression: the target's name, default 'target').")
+    ] = "",
     shape: Annotated[str, typer.Option(help="Input shape without batch, e.g. 1,8,8 (tensor tasks).")] = "",
     dtype: Annotated[str, typer.Option(help="float32 | float64 | uint8 | int64")] = "float32",
     min_new_records: Annotated[int, typer.Option(help="Version after this many new valid records (0: off).")] = 1000,
@@ -353,16 +355,18 @@ def dataset_register(
         "tabular": ingest_pb2.TASK_TABULAR_CLASSIFICATION,
         "image": ingest_pb2.TASK_IMAGE_CLASSIFICATION,
         "text": ingest_pb2.TASK_TEXT_CLASSIFICATION,
+        "regression": ingest_pb2.TASK_REGRESSION,
     }
     if task not in tasks:
         console.print(f"[red]--task must be one of {', '.join(tasks)}[/]", soft_wrap=True)
         raise typer.Exit(2)
+    names = [lab.strip() for lab in labels.split(",") if lab.strip()]
     spec = ingest_pb2.DatasetSpec(
         name=name,
         task=tasks[task],
         input_shape=[int(d) for d in shape.split(",") if d.strip()],
         dtype=dtype,
-        labels=[lab.strip() for lab in labels.split(",") if lab.strip()],
+        labels=names or (["target"] if task == "regression" else []),
         cleaning=ingest_pb2.CleaningRules(min_text_length=min_text_length, lowercase_text=lowercase),
         policy=ingest_pb2.RetrainPolicy(min_new_records=min_new_records, max_interval_s=max_interval_s),
         holdout_fraction=holdout,
@@ -720,7 +724,7 @@ def models_cmd(
     console.print(_models_table(list(listed.models)))
     if training:
         table = Table(title="training (the trainer's progress, each epoch)")
-        for col in ("model", "version", "epoch", "train loss", "val loss", "val accuracy", "samples/s"):
+        for col in ("model", "version", "epoch", "train loss", "val loss", "val score", "samples/s"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for t in training:
             table.add_row(
@@ -729,7 +733,7 @@ def models_cmd(
                 f"{t['epoch']}/{t['epochs']}",
                 f"{t['train_loss']:.4f}",
                 f"{t['val_loss']:.4f}",
-                f"{t['val_accuracy']:.3f}",
+                f"{t.get('val_score', t.get('val_accuracy', float('nan'))):.3f}",
                 f"{t['samples_per_s']:.0f}",
             )
         console.print(table)
@@ -967,18 +971,23 @@ def predict_cmd(
         client.close()
     out = result.as_numpy(meta.outputs[0].name)
     logits = out.reshape(out.shape[0], -1)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
-    rows = [{"class": int(p.argmax()), "score": float(p.max())} for p in probs]
     served = result.get_response().model_version
+    rows: list[dict[str, Any]]
+    if logits.shape[1] == 1:  # one output: a regression's value
+        rows = [{"value": float(v)} for v in logits[:, 0]]
+    else:
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        rows = [{"class": int(p.argmax()), "score": float(p.max())} for p in probs]
     if as_json:
         console.print_json(json.dumps({"model": model, "version": served, "predictions": rows}))
         return
     table = Table(title=f"{model} v{served}")
-    for col in ("row", "class", "score"):
+    cols = list(rows[0]) if rows else ["class", "score"]
+    for col in ("row", *cols):
         table.add_column(col)
     for i, r in enumerate(rows):
-        table.add_row(str(i), str(r["class"]), f"{r['score']:.3f}")
+        table.add_row(str(i), *(str(v) if isinstance(v, int) else f"{v:.4g}" for v in r.values()))
     console.print(table)
 
 

@@ -20,7 +20,8 @@ with equal-length columns
 column dtype               meaning
 ====== =================== =====================================================
 id     unicode ``<U``      record id
-label  int16               index into the spec's ``labels``
+label  int16 / float32       index into the spec's ``labels`` (-1: none yet); regression: the
+                           target's value (NaN: none yet)
 split  uint8               0 = train, 1 = holdout (stable hash of the id)
 offset int64               Kafka offset in ``data.raw`` (partition in the name)
 x      spec dtype          ``[n, *input_shape]`` features (tensor datasets)
@@ -34,6 +35,7 @@ import bisect
 import hashlib
 import io
 import json
+import math
 import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -71,6 +73,7 @@ __all__ = [
 ]
 
 DATASETS_BUCKET = "cdl-datasets"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TENSOR_DTYPES = ("float32", "float64", "uint8", "int64")
 #: what a dataset name may be: ASCII letters, digits, '.', '_' and '-', at most 200 characters
 #: (it is part of every object key; ingest answers any other name as unknown without a read)
@@ -93,6 +96,12 @@ class Task(StrEnum):
     TABULAR = "tabular_classification"
     IMAGE = "image_classification"
     TEXT = "text_classification"
+    #: a tensor of any shape in, one number out (the spec's one label names it)
+    REGRESSION = "regression"
+
+    @property
+    def regression(self) -> bool:
+        return self is Task.REGRESSION
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,10 @@ class DatasetSpec:
         problems = []
         if not valid_dataset_name(self.name):
             problems.append(f"name must be {_NAME_RULE}")
-        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or any(not lab for lab in self.labels):
+        if self.task.regression:
+            if len(self.labels) != 1 or not self.labels[0]:
+                problems.append("a regression dataset has one label: the name of its target")
+        elif len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or any(not lab for lab in self.labels):
             problems.append("labels must be at least two distinct non-empty strings")
         if self.task is Task.TEXT:
             if self.input_shape:
@@ -159,6 +171,35 @@ class DatasetSpec:
         return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:16]
 
     def label_index(self, label: str) -> int:
+        return self.labels.index(label)
+
+    @property
+    def label_dtype(self) -> type[np.generic]:
+        """The shard column's dtype: class indices, or the regression target's values."""
+        return np.float32 if self.task.regression else np.int16
+
+    @property
+    def unlabelled(self) -> float:
+        """The label column's value of a record whose label has not come yet."""
+        return math.nan if self.task.regression else -1
+
+    def is_unlabelled(self, value: float) -> bool:
+        """Whether a label column's ``value`` is :attr:`unlabelled`."""
+        return math.isnan(value) if self.task.regression else value < 0
+
+    def label_value(self, label: str) -> float:
+        """A record's label as the label column holds it: the index of one of ``labels``, or a
+        regression target's finite value (a decimal string). ValueError with the reason otherwise."""
+        if self.task.regression:
+            try:
+                value = float(label)
+            except ValueError:
+                raise ValueError(f"label {label[:40]!r} is not a number (the target of a regression)") from None
+            if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+                raise ValueError(f"label {label[:40]!r} is not a finite float32 number")
+            return value
+        if label not in self.labels:
+            raise ValueError(f"label {label!r} is not one of the dataset's labels")
         return self.labels.index(label)
 
     def to_json(self) -> dict[str, Any]:
@@ -358,7 +399,8 @@ class Shard:
 
 @dataclass(frozen=True)
 class DatasetVersion:
-    """A version loaded for training: features/texts, label indices and split.
+    """A version loaded for training: features/texts, labels (class indices as int64, or a
+    regression's float32 targets) and split.
 
     ``text`` is an object array of Python strings (each as long as it is), not a
     ``<U`` array, which would pad every text to the version's longest.
@@ -368,7 +410,7 @@ class DatasetVersion:
     version: int
     manifest: dict[str, Any]
     ids: npt.NDArray[np.str_]
-    labels: npt.NDArray[np.int64]
+    labels: npt.NDArray[Any]
     split: npt.NDArray[np.uint8]
     x: npt.NDArray[Any] | None
     text: npt.NDArray[np.object_] | None
@@ -390,7 +432,7 @@ class DatasetVersion:
             lo_hi[0], lo_hi[1] = min(lo_hi[0], int(e["first_offset"])), max(lo_hi[1], int(e["last_offset"]))
         return [{"topic": topic, "partition": p, "first": lo, "last": hi} for p, (lo, hi) in sorted(ranges.items())]
 
-    def subset(self, holdout: bool) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+    def subset(self, holdout: bool) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         mask = self.split == (1 if holdout else 0)
         data = self.x if self.x is not None else self.text
         assert data is not None
@@ -468,7 +510,7 @@ def load_version(store: ObjectStore, dataset: str, version: int, max_records: in
         version=version,
         manifest=manifest,
         ids=cat("id"),
-        labels=cat("label").astype(np.int64),
+        labels=cat("label").astype(np.float32 if spec.task.regression else np.int64),
         split=cat("split"),
         x=cat("x") if "x" in columns else None,
         text=cat("text") if "text" in columns else None,

@@ -621,7 +621,7 @@ class Demo:
                 f"v{mv}",
                 f"v{t.lineage.dataset_version}",
                 verdict,
-                f"{t.metrics.get('holdout_accuracy', 0):.3f}",
+                f"{t.challenger_score:.3f}",
                 (c[1].chosen_variant if c[1].ok else "[red]failed[/]") if c else "…",
                 f"[{colour}]{state or '-'}[/]",
                 f"{share:.0%}" if state in ("canary", "shadow") else "",

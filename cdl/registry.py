@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,10 +38,17 @@ if TYPE_CHECKING:
 # torch is imported where weights are read or written: the monitor reads lineage and
 # reference samples from the registry, and its image carries no torch (deploy/)
 
-__all__ = ["MODELS_BUCKET", "LoadedModel", "ModelRegistry"]
+__all__ = ["MODELS_BUCKET", "LoadedModel", "ModelRegistry", "score_of"]
 
 MODELS_BUCKET = "cdl-models"
 _VERSION_DIR = re.compile(r"^[^/]+/(\d+)/claim\.json$")
+
+
+def score_of(result: Mapping[str, Any], who: str) -> float | None:
+    """The ``challenger``'s or ``champion``'s holdout score (accuracy, or R²) in a version's
+    ``result.json``; versions trained before scores had that name kept ``<who>_accuracy``."""
+    value = result.get(f"{who}_score", result.get(f"{who}_accuracy"))
+    return None if value is None else float(value)
 
 
 @dataclass

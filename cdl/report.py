@@ -69,11 +69,17 @@ class LoopView:
         return "", "", 0.0
 
     def feedback_accuracy(self, version: int) -> tuple[float | None, int]:
-        """Accuracy on feedback over every health window of ``version``, and its label count."""
+        """The score on feedback (accuracy, or R²: the windows' weighted by their labels) over every
+        health window of ``version``, and its label count."""
         n = sum(h.feedback for _, h in self.health if h.version == version)
         if not n:
             return None, 0
-        return sum(h.accuracy * h.feedback for _, h in self.health if h.version == version) / n, n
+        return sum(h.score * h.feedback for _, h in self.health if h.version == version) / n, n
+
+    @property
+    def metric(self) -> str:
+        """What the versions' scores are: ``accuracy``, or ``r2`` for a regression."""
+        return next((t.metric for _, t in reversed(self.trained.values()) if t.metric), "accuracy")
 
     def latency(self, version: int) -> tuple[float | None, float | None]:
         """p50 and p99 (ms) of ``version``'s newest window with requests."""
@@ -200,16 +206,17 @@ def _plot_accuracy(view: LoopView, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     versions = sorted(view.trained)
-    hold = [view.trained[v][1].metrics.get("holdout_accuracy", 0.0) for v in versions]
+    hold = [view.trained[v][1].challenger_score for v in versions]
     live = [view.feedback_accuracy(v)[0] for v in versions]
+    metric = "R²" if view.metric == "r2" else view.metric
     fig, ax = plt.subplots(figsize=(7, 3.5))
     xs = range(len(versions))
     ax.bar([x - 0.2 for x in xs], hold, width=0.4, label="holdout (trainer)")
     ax.bar([x + 0.2 for x in xs], [a or 0.0 for a in live], width=0.4, label="on feedback (monitor)")
     ax.set_xticks(list(xs), [f"v{v}" for v in versions])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy per model version")
+    ax.set_ylim(min([0.0, *hold, *(a or 0.0 for a in live)]), 1.05)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per model version")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -333,7 +340,8 @@ def summary(view: LoopView, samples: list[ClientSample], fresh: list[Freshness])
                 "version": mv,
                 "dataset_version": int(t.lineage.dataset_version),
                 "verdict": events_pb2.Verdict.Name(t.verdict).removeprefix("VERDICT_").lower(),
-                "holdout_accuracy": t.metrics.get("holdout_accuracy"),
+                "metric": t.metric or "accuracy",
+                "holdout_score": t.challenger_score,
                 "train_s": round(float(t.lineage.duration_s), 2),
                 "compressed": (c[1].ok if c else None),
                 "chosen_variant": c[1].chosen_variant if c else "",
@@ -413,6 +421,7 @@ def write_report(
     lines = [f"# {title}", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
     lines += [f"- {n}" for n in notes or []]
     c = data["client"]
+    view_metric = "R²" if view.metric == "r2" else view.metric
     lines += [
         "",
         f"Serving now: **v{data['serving_version']}**. Client requests through the gateway: {c['requests']}, "
@@ -421,13 +430,13 @@ def write_report(
         "",
         "## Model versions",
         "",
-        "| version | data | verdict | holdout acc | train s | variant | bytes | rollout | share"
-        " | acc on feedback (n) | p50 / p99 ms |",
+        f"| version | data | verdict | holdout {view_metric} | train s | variant | bytes | rollout | share"
+        f" | {view_metric} on feedback (n) | p50 / p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in data["models"]:
         lines.append(
-            f"| v{m['version']} | v{m['dataset_version']} | {m['verdict']} | {_fmt(m['holdout_accuracy'])} | "
+            f"| v{m['version']} | v{m['dataset_version']} | {m['verdict']} | {_fmt(m['holdout_score'])} | "
             f"{m['train_s']} | {m['chosen_variant'] or '-'} | {m['size_bytes'] or '-'} | {m['rollout'] or '-'} | "
             f"{m['traffic_share']:.2f} | {_fmt(m['feedback_accuracy'])} ({m['feedback']}) | "
             f"{_fmt(m['p50_ms'], '.2f')} / {_fmt(m['p99_ms'], '.2f')} |"

@@ -32,12 +32,23 @@ from torch import nn
 
 from cdl.datasets import DatasetSpec, DatasetVersion, Task
 from cdl.errors import InvalidInputError
+from cdl.ml import objective
 from cdl.ml.family import family_of, get_family
 from cdl.ml.models import ModelConfig, build_model
 from cdl.ml.preprocess import Preprocessor
-from cdl.ml.train import EpochCallback, TrainConfig, TrainResult, train
+from cdl.ml.train import EpochCallback, TrainConfig, TrainResult, pick_device, predict, train
 
-__all__ = ["Fitted", "TrainSplit", "epochs_to_run", "fit", "fit_preprocessor", "hyperparameters", "split_version"]
+__all__ = [
+    "Assessed",
+    "Fitted",
+    "TrainSplit",
+    "assess",
+    "epochs_to_run",
+    "fit",
+    "fit_preprocessor",
+    "hyperparameters",
+    "split_version",
+]
 
 _INIT_LOCK = threading.Lock()
 
@@ -48,11 +59,11 @@ class TrainSplit:
     train split) and the holdout (the version's holdout split; only the trainer's gate reads it)."""
 
     x_train: npt.NDArray[Any]
-    y_train: npt.NDArray[np.int64]
+    y_train: npt.NDArray[Any]
     x_val: npt.NDArray[Any]
-    y_val: npt.NDArray[np.int64]
+    y_val: npt.NDArray[Any]
     x_hold: npt.NDArray[Any]
-    y_hold: npt.NDArray[np.int64]
+    y_hold: npt.NDArray[Any]
 
 
 @dataclass
@@ -137,9 +148,13 @@ def fit(
     if spec.task not in get_family(family).tasks:
         raise InvalidInputError("the model family does not train this task", family=family, task=spec.task.value)
     hp = dict(hparams)
+    regression = spec.task.regression
     config = config or ModelConfig(family, spec.input_shape, len(spec.labels), hp)
     pre = preprocessor or fit_preprocessor(family, spec.task, split.x_train, hp)
+    if regression and preprocessor is None:
+        pre = pre.with_target(split.y_train)
     xt, xv = pre.transform(split.x_train), pre.transform(split.x_val)
+    yt, yv = (pre.scale(split.y_train), pre.scale(split.y_val)) if regression else (split.y_train, split.y_val)
     module = build_seeded(config, seed)
     if warm_start is not None:
         warm_start(config, module)
@@ -155,6 +170,39 @@ def fit(
         seed=seed,
         device=device,
         patience=patience,
+        regression=regression,
     )
-    result = train(module, xt, split.y_train, xv, split.y_val, cfg, callback)
+    result = train(module, xt, yt, xv, yv, cfg, callback)
     return Fitted(module=module, config=config, preprocessor=pre, result=result, hyperparameters=hp)
+
+
+@dataclass(frozen=True)
+class Assessed:
+    """A model's quality on a labelled set, in the task's terms (:mod:`cdl.ml.objective`)."""
+
+    score: float
+    """accuracy, or R²: higher is better"""
+    loss: float
+    """mean cross-entropy, or mean squared error in the target's units"""
+    metrics: dict[str, float]
+    """the score under its name (``accuracy`` / ``r2``), and for regression ``rmse`` and ``mae``"""
+
+
+def assess(
+    module: nn.Module,
+    preprocessor: Preprocessor,
+    x: npt.NDArray[Any],
+    y: npt.NDArray[Any],
+    regression: bool,
+    device: str | torch.device = "cpu",
+) -> Assessed:
+    """Score ``module`` on raw inputs ``x`` against ``y``, as it would answer when served (its
+    preprocessing applied, a regression's output in the target's units)."""
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    if len(x) == 0:
+        return Assessed(float("nan"), float("nan"), {})
+    out = preprocessor.unscale(predict(module, preprocessor.transform(x), dev))
+    target = objective.target_tensor(y, torch.device("cpu"), regression)
+    loss = float(objective.loss(torch.from_numpy(np.asarray(out, np.float32)), target, regression))
+    metrics = objective.details(out, y, regression)
+    return Assessed(metrics[objective.metric_name(regression)], loss, metrics)

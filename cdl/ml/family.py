@@ -83,10 +83,12 @@ class ModelFamily(ABC):
 
     def preprocessor(self, task: Task, x: npt.NDArray[Any], hparams: Mapping[str, Any]) -> Preprocessor:
         """The preprocessing fitted on the training part ``x`` (carried into serving): by default a
-        standardisation, per feature for tabular data, over all values for images."""
+        standardisation, per feature for tabular data (and a regression's flat inputs), over all
+        values for images. (A regression's target standardisation is the core's, not a family's.)"""
         from cdl.ml.preprocess import Preprocessor
 
-        return Preprocessor.fit_tensor(x, per_feature=task is Task.TABULAR)
+        per_feature = task is Task.TABULAR or (task is Task.REGRESSION and x.ndim == 2)
+        return Preprocessor.fit_tensor(x, per_feature=per_feature)
 
     def prune(self, module: nn.Module, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
         """A copy of ``module`` with ``fraction`` of its structure removed, and its config (only for

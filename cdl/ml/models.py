@@ -194,8 +194,8 @@ class MlpFamily(ModelFamily):
     """Fully connected layers over the flattened input: tabular data (and small images)."""
 
     name = Family.MLP
-    tasks = frozenset({Task.TABULAR, Task.IMAGE})
-    default_for = frozenset({Task.TABULAR})
+    tasks = frozenset({Task.TABULAR, Task.IMAGE, Task.REGRESSION})
+    default_for = frozenset({Task.TABULAR, Task.REGRESSION})
     defaults: Mapping[str, Any] = {"hidden": 128, "layers": 2, "dropout": 0.1, **_TRAINING}
     space: Mapping[str, Sequence[Any]] = {
         **_COMMON_SPACE,

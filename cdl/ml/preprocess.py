@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,11 @@ class Preprocessor:
     """Text: also the character n-grams of 3 to ``subwords`` characters of each word, the word
     wrapped in ``<`` and ``>`` (fastText's subwords; 0: none). They come after the words and
     the word n-grams, and ``max_tokens`` cuts what is over."""
+    target_mean: float = 0.0
+    target_std: float = 1.0
+    """Regression: the target's mean and standard deviation on the training part. The model
+    learns the standardised target; its output times ``target_std`` plus ``target_mean`` is the
+    answer in the target's units (inside the served graph: :meth:`unscale`)."""
 
     # ------------------------------------------------------------------ fit
     @classmethod
@@ -51,6 +56,25 @@ class Preprocessor:
         return cls(
             "hash_tokens", buckets=buckets, ngrams=ngrams, max_tokens=max_tokens, lowercase=lowercase, subwords=subwords
         )
+
+    def with_target(self, y: npt.NDArray[Any]) -> Preprocessor:
+        """This preprocessing with the target standardisation fitted on ``y`` (regression)."""
+        values = np.asarray(y, dtype=np.float64)
+        mean = float(values.mean()) if len(values) else 0.0
+        std = float(values.std()) if len(values) else 1.0
+        return replace(self, target_mean=mean, target_std=std if std > 1e-6 else 1.0)
+
+    @property
+    def scales_target(self) -> bool:
+        return (self.target_mean, self.target_std) != (0.0, 1.0)
+
+    def scale(self, y: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """Targets in the units the model learns (standardised)."""
+        return ((np.asarray(y, dtype=np.float64) - self.target_mean) / self.target_std).astype(np.float32)
+
+    def unscale(self, out: Any) -> Any:
+        """A model's outputs (numpy array or torch tensor) in the target's units."""
+        return out * self.target_std + self.target_mean if self.scales_target else out
 
     # ------------------------------------------------------------------ apply
     def transform(self, data: npt.NDArray[Any] | Sequence[str]) -> npt.NDArray[Any]:

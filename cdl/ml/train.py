@@ -20,6 +20,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from cdl.ml import objective
+
 __all__ = [
     "EpochMetrics",
     "TrainConfig",
@@ -45,6 +47,9 @@ class TrainConfig:
     """"auto" (CUDA when present), "cpu" or "cuda"."""
     amp: bool = True
     """bf16 autocast on CUDA."""
+    regression: bool = False
+    """Mean squared error on the first output, scored by R², instead of cross-entropy and
+    accuracy (:mod:`cdl.ml.objective`)."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,8 @@ class EpochMetrics:
     epoch: int
     train_loss: float
     val_loss: float
-    val_accuracy: float
+    val_score: float
+    """The task's score on the validation part: accuracy, or R² (:mod:`cdl.ml.objective`)."""
     seconds: float
     samples_per_s: float
 
@@ -110,14 +116,14 @@ def train(
     cfg: TrainConfig,
     callback: EpochCallback | None = None,
 ) -> TrainResult:
-    """Train with AdamW and cross-entropy; keep the weights of the best validation loss."""
+    """Train with AdamW and the task's loss; keep the weights of the best validation loss."""
     gen = seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
-    xt, yt = _tensor(x_train, device), _tensor(y_train.astype(np.int64), device)
-    xv, yv = _tensor(x_val, device), _tensor(np.asarray(y_val, dtype=np.int64), device)
+    reg = cfg.regression
+    xt, yt = _tensor(x_train, device), objective.target_tensor(y_train, device, reg)
+    xv, yv = _tensor(x_val, device), objective.target_tensor(y_val, device, reg)
     opt = _adamw(model, cfg)
-    loss_fn = nn.CrossEntropyLoss()
     use_amp = cfg.amp and device.type == "cuda"
     n = len(xt)
     result = TrainResult(best_state=copy.deepcopy(model.state_dict()), best_epoch=0, device=str(device))
@@ -134,15 +140,15 @@ def train(
             idx = order[i : i + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(model(xt[idx]), yt[idx])
-            loss.backward()
+                loss = objective.loss(model(xt[idx]), yt[idx], reg)
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += loss.detach() * len(idx)
         train_loss = float(total) / n
         seconds = time.perf_counter() - t0
         seen += n
-        val_loss, val_acc = _evaluate_tensors(model, xv, yv, use_amp)
-        metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, seconds, n / seconds)
+        val_loss, val_score = _evaluate_tensors(model, xv, yv, use_amp, reg)
+        metrics = EpochMetrics(epoch, train_loss, val_loss, val_score, seconds, n / seconds)
         result.history.append(metrics)
         if val_loss < best_val - 1e-6:
             best_val, since_best = val_loss, 0
@@ -164,18 +170,21 @@ def train(
 
 
 @torch.no_grad()
-def _evaluate_tensors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> tuple[float, float]:
+def _evaluate_tensors(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, regression: bool = False
+) -> tuple[float, float]:
+    """(mean loss, score) of ``model`` on tensors already on its device."""
     if len(x) == 0:
         return float("nan"), float("nan")
     model.eval()
     loss = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
+    sums = torch.zeros(3 if regression else 1, device=x.device)
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, len(x), 1024):
-            logits = model(x[i : i + 1024]).float()
-            loss += nn.functional.cross_entropy(logits, y[i : i + 1024], reduction="sum")
-            correct += (logits.argmax(1) == y[i : i + 1024]).sum()
-    return float(loss) / len(x), float(correct) / len(x)
+            out = model(x[i : i + 1024]).float()
+            loss += objective.loss(out, y[i : i + 1024], regression, reduction="sum")
+            sums += objective.score_sums(out, y[i : i + 1024], regression)
+    return float(loss) / len(x), objective.sums_score(sums, len(x), regression)
 
 
 @torch.no_grad()
@@ -193,15 +202,20 @@ def predict(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: npt.NDArray[Any], y: npt.NDArray[Any], device: torch.device, amp: bool = False
+    model: nn.Module,
+    x: npt.NDArray[Any],
+    y: npt.NDArray[Any],
+    device: torch.device,
+    amp: bool = False,
+    regression: bool = False,
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on ``x, y``."""
+    """(mean loss, score) of ``model`` on ``x, y``: cross-entropy and accuracy, or for a
+    regression mean squared error and R² (``y`` in the units the model outputs)."""
     if len(x) == 0:
         return float("nan"), float("nan")
     model.to(device).eval()
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-        logits = torch.from_numpy(predict(model, x, device))
-    target = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    loss = float(nn.functional.cross_entropy(logits, target))
-    acc = float((logits.argmax(1) == target).float().mean())
-    return loss, acc
+        out = torch.from_numpy(predict(model, x, device))
+    target = objective.target_tensor(y, torch.device("cpu"), regression)
+    loss = float(objective.loss(out, target, regression))
+    return loss, objective.score(out.numpy(), np.asarray(y), regression)

@@ -88,7 +88,7 @@ class StackObserver:
 
     def models(self, keys: list[str]) -> list[dict[str, Any]]:
         """Each model with its newest version's verdict, the champion and the newest compression."""
-        from cdl.registry import MODELS_BUCKET, ModelRegistry
+        from cdl.registry import MODELS_BUCKET, ModelRegistry, score_of
 
         registry = ModelRegistry(self._store)
         versions: dict[str, list[int]] = defaultdict(list)
@@ -113,7 +113,7 @@ class StackObserver:
                 row["verdict"] = "training"
             else:
                 row["verdict"] = "accepted" if result["accepted"] else "rejected"
-                row["accuracy"] = f"{result['challenger_accuracy']:.4f}"
+                row["score"] = f"{result.get('metric', 'accuracy')} {score_of(result, 'challenger') or 0.0:.4f}"
             if compressed[name]:
                 last = max(compressed[name])
                 doc = self._store.get_json(MODELS_BUCKET, f"{name}/{last}/compression.json")
@@ -254,7 +254,8 @@ class HealthReader:
                     "errors": h.errors,
                     "p50_ms": round(h.latency_p50_ms, 3),
                     "p99_ms": round(h.latency_p99_ms, 3),
-                    "accuracy": round(h.accuracy, 4) if h.feedback else None,
+                    "score": round(h.score, 4) if h.feedback else None,
+                    "metric": h.metric or "accuracy",
                     "feedback": h.feedback,
                     "drift": round(h.drift_statistic, 5) if h.drift_threshold else None,
                     "drift_threshold": round(h.drift_threshold, 5) if h.drift_threshold else None,

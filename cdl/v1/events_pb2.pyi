@@ -492,10 +492,13 @@ class ModelHealth(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
     LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
-    ACCURACY_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
     DRIFT_STATISTIC_FIELD_NUMBER: _builtins.int
     DRIFT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    RMSE_FIELD_NUMBER: _builtins.int
+    MAE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     requests: _builtins.int
@@ -503,12 +506,21 @@ class ModelHealth(_message.Message):
     errors: _builtins.int
     latency_p50_ms: _builtins.float
     latency_p99_ms: _builtins.float
-    accuracy: _builtins.float
-    """Accuracy of the version's answers on the feedback joined in the window (0 when none)."""
+    score: _builtins.float
+    """The task's score of the version's answers on the feedback joined in the window (0 when
+    none): accuracy, or for a regression R² (see `metric`).
+    """
     feedback: _builtins.int
     drift_statistic: _builtins.float
     """The latest drift statistic of the version and its threshold (0 when not tested)."""
     drift_threshold: _builtins.float
+    metric: _builtins.str
+    """What `score` is: "accuracy" or "r2"."""
+    rmse: _builtins.float
+    """Regression: the root mean squared and mean absolute error on the window's feedback, in the
+    target's units (0 otherwise).
+    """
+    mae: _builtins.float
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -524,14 +536,17 @@ class ModelHealth(_message.Message):
         errors: _builtins.int = ...,
         latency_p50_ms: _builtins.float = ...,
         latency_p99_ms: _builtins.float = ...,
-        accuracy: _builtins.float = ...,
+        score: _builtins.float = ...,
         feedback: _builtins.int = ...,
         drift_statistic: _builtins.float = ...,
         drift_threshold: _builtins.float = ...,
+        metric: _builtins.str = ...,
+        rmse: _builtins.float = ...,
+        mae: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "drift_statistic", b"drift_statistic", "drift_threshold", b"drift_threshold", "errors", b"errors", "feedback", b"feedback", "latency_p50_ms", b"latency_p50_ms", "latency_p99_ms", b"latency_p99_ms", "model", b"model", "requests", b"requests", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drift_statistic", b"drift_statistic", "drift_threshold", b"drift_threshold", "errors", b"errors", "feedback", b"feedback", "latency_p50_ms", b"latency_p50_ms", "latency_p99_ms", b"latency_p99_ms", "mae", b"mae", "metric", b"metric", "model", b"model", "requests", b"requests", "rmse", b"rmse", "score", b"score", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -642,14 +657,18 @@ class ModelTrained(_message.Message):
     CHALLENGER_SCORE_FIELD_NUMBER: _builtins.int
     CHAMPION_SCORE_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     checkpoint_uri: _builtins.str
     verdict: Global___Verdict.ValueType
     reason: _builtins.str
     challenger_score: _builtins.float
+    """The holdout scores of the gate (the task's: accuracy, or for a regression R²; see `metric`)."""
     champion_score: _builtins.float
     family: _builtins.str
+    metric: _builtins.str
+    """What the scores are: "accuracy" or "r2"."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -667,10 +686,11 @@ class ModelTrained(_message.Message):
         challenger_score: _builtins.float = ...,
         champion_score: _builtins.float = ...,
         family: _builtins.str = ...,
+        metric: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenger_score", b"challenger_score", "champion_score", b"champion_score", "checkpoint_uri", b"checkpoint_uri", "family", b"family", "lineage", b"lineage", "metrics", b"metrics", "model", b"model", "reason", b"reason", "verdict", b"verdict", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenger_score", b"challenger_score", "champion_score", b"champion_score", "checkpoint_uri", b"checkpoint_uri", "family", b"family", "lineage", b"lineage", "metric", b"metric", "metrics", b"metrics", "model", b"model", "reason", b"reason", "verdict", b"verdict", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -701,6 +721,7 @@ class Variant(_message.Message):
     latency_p50_ms_b32: _builtins.float
     latency_p99_ms_b32: _builtins.float
     accuracy: _builtins.float
+    """The variant's holdout score: accuracy, or for a regression R² (the version's metric)."""
     within_budget: _builtins.bool
     error: _builtins.str
     def __init__(

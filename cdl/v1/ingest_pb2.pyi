@@ -29,6 +29,8 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     TASK_TABULAR_CLASSIFICATION: _Task.ValueType  # 1
     TASK_IMAGE_CLASSIFICATION: _Task.ValueType  # 2
     TASK_TEXT_CLASSIFICATION: _Task.ValueType  # 3
+    TASK_REGRESSION: _Task.ValueType  # 4
+    """A tensor in, one number out: `labels` holds the target's name only."""
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper): ...
 
@@ -36,6 +38,8 @@ TASK_UNSPECIFIED: Task.ValueType  # 0
 TASK_TABULAR_CLASSIFICATION: Task.ValueType  # 1
 TASK_IMAGE_CLASSIFICATION: Task.ValueType  # 2
 TASK_TEXT_CLASSIFICATION: Task.ValueType  # 3
+TASK_REGRESSION: Task.ValueType  # 4
+"""A tensor in, one number out: `labels` holds the target's name only."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 @_typing.final

@@ -17,6 +17,7 @@ from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
 from cdl.ml.core import fit, hyperparameters, split_version
 from cdl.ml.family import get_family
+from cdl.ml.objective import metric_name
 from cdl.ml.pruning import load_into, parameters, prune
 from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry
 from cdl.store import ObjectStore
@@ -151,7 +152,8 @@ class Compressor:
         sample = xh[rng.permutation(len(xh))[: self.settings.parity_samples]]
         max_diff = parity(fp32, served, sample, self.settings.parity_tolerance)
         with torch.no_grad():
-            reference = served(torch.from_numpy(xh)).numpy().argmax(1)
+            reference = served(torch.from_numpy(xh)).numpy()
+        regression = data.spec.task.regression
 
         family = get_family(config.family)
         allowed = family.compressions
@@ -183,7 +185,7 @@ class Compressor:
         for name, build in builders.items():
             try:
                 blob = build()
-                measured.append(measure(name, blob, xh, y_hold, reference, self.settings.latency_runs))
+                measured.append(measure(name, blob, xh, y_hold, reference, self.settings.latency_runs, regression))
                 blobs[name] = blob
             except Exception as exc:  # noqa: BLE001 - one variant failing does not fail the version
                 errors[name] = f"{type(exc).__name__}: {exc}"
@@ -213,7 +215,7 @@ class Compressor:
         ]
         reason = (
             f"chose {chosen.name} by {self.settings.objective}: {chosen.size_bytes} bytes "
-            f"({chosen.size_bytes / fp32_m.size_bytes:.2f}x fp32), accuracy {chosen.accuracy:.4f} "
+            f"({chosen.size_bytes / fp32_m.size_bytes:.2f}x fp32), {metric_name(regression)} {chosen.accuracy:.4f} "
             f"(fp32 {fp32_m.accuracy:.4f}, budget {self.settings.accuracy_budget})"
         )
         if fault:
@@ -260,7 +262,7 @@ class Compressor:
             channels_or_hidden=small_config.hparams.get("channels", small_config.hparams.get("hidden")),
             parameters=parameters(fitted.module),
             parameters_before=parameters(loaded.module),
-            val_accuracy=max((m.val_accuracy for m in fitted.result.history), default=float("nan")),
+            val_accuracy=max((m.val_score for m in fitted.result.history), default=float("nan")),
         )
         return export_onnx(Served(fitted.module, small_config, loaded.preprocessor).eval(), example)
 

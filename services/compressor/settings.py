@@ -31,7 +31,8 @@ class CompressorSettings(ServiceSettings):
     parity_samples: int = 256
     """Holdout samples used for the parity check."""
     accuracy_budget: float = 0.005
-    """A variant may lose at most this much holdout accuracy against FP32 (0.005 = 0.5 point)."""
+    """A variant may lose at most this much holdout score against FP32 (accuracy: 0.005 = 0.5
+    point; R² for a regression)."""
     objective: Literal["size", "cpu_latency", "gpu"] = "size"
     """What the best variant minimises: file size, CPU latency, or GPU serving (prefers FP16)."""
     calibration_samples: int = 256

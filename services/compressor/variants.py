@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cdl.errors import PermanentError
+from cdl.ml import objective
 from cdl.ml.family import get_family
 from cdl.ml.models import ModelConfig
 from cdl.ml.preprocess import Preprocessor
@@ -39,7 +40,8 @@ INPUT, OUTPUT = "input", "logits"
 
 
 class Served(nn.Module):
-    """The model as served: raw features in (standardisation baked in), logits out."""
+    """The model as served: raw features in (standardisation baked in), logits out (a
+    regression's value, in the target's units: the target's scaling baked in too)."""
 
     def __init__(self, module: nn.Module, config: ModelConfig, pre: Preprocessor) -> None:
         super().__init__()
@@ -51,6 +53,7 @@ class Served(nn.Module):
             std = torch.tensor(pre.std, dtype=torch.float32).reshape(shape)
             self.register_buffer("mean", mean)
             self.register_buffer("std", std)
+        self.target = (pre.target_mean, pre.target_std) if pre.scales_target else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize:
@@ -58,6 +61,8 @@ class Served(nn.Module):
             std: torch.Tensor = self.get_buffer("std")
             x = (x - mean) / std
         out: torch.Tensor = self.module(x)
+        if self.target is not None:
+            out = out * self.target[1] + self.target[0]
         return out
 
 
@@ -268,12 +273,19 @@ def measure(
     model: bytes,
     x: npt.NDArray[Any],
     y: npt.NDArray[Any],
-    reference_top1: npt.NDArray[Any],
+    reference: npt.NDArray[Any],
     runs: int,
+    regression: bool = False,
 ) -> Measured:
-    """Size, holdout accuracy, top-1 agreement with PyTorch, and CPU latency (1 thread)."""
-    logits = run(model, x)
-    top1 = logits.argmax(1)
+    """Size, the holdout score (accuracy, or R²: :mod:`cdl.ml.objective`), agreement with the
+    PyTorch model's outputs ``reference`` (top-1 agreement, or the R² of the variant's values
+    against PyTorch's), and CPU latency (1 thread)."""
+    out = run(model, x)
+    agreement = (
+        objective.score(out, reference[:, 0], True)
+        if regression
+        else float((out.argmax(1) == reference.argmax(1)).mean())
+    )
     sess = _session(model)
     b1 = x[:1]
     b32 = x[np.arange(32) % len(x)]
@@ -282,10 +294,10 @@ def measure(
     return Measured(
         name=name,
         size_bytes=len(model),
-        accuracy=float((top1 == y).mean()),
+        accuracy=objective.score(out, y, regression),
         latency_p50_ms_b1=p50_1,
         latency_p99_ms_b1=p99_1,
         latency_p50_ms_b32=p50_32,
         latency_p99_ms_b32=p99_32,
-        top1_agreement=float((top1 == reference_top1).mean()),
+        top1_agreement=agreement,
     )

@@ -330,8 +330,8 @@ class GatewayApp:
     def _on_event(self, event: Event, ctx: RecordContext) -> list[OutRecord]:
         msg = event.payload
         if isinstance(msg, events_pb2.ModelHealth):
-            # the monitor's window: accuracy on feedback feeds the candidate's rollback rule
-            self.manager.observe_health(msg.model, msg.version, msg.accuracy, msg.feedback)
+            # the monitor's window: the score on feedback (accuracy, or R²) feeds the candidate's rollback rule
+            self.manager.observe_health(msg.model, msg.version, msg.score, msg.feedback)
             return []
         if not isinstance(msg, events_pb2.ModelCompressed):
             log.info("event ignored", type=event.type)

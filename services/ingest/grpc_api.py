@@ -22,6 +22,7 @@ _TASKS = {
     ingest_pb2.TASK_TABULAR_CLASSIFICATION: Task.TABULAR,
     ingest_pb2.TASK_IMAGE_CLASSIFICATION: Task.IMAGE,
     ingest_pb2.TASK_TEXT_CLASSIFICATION: Task.TEXT,
+    ingest_pb2.TASK_REGRESSION: Task.REGRESSION,
 }
 _TASK_ENUM = {v: k for k, v in _TASKS.items()}
 

@@ -52,6 +52,7 @@ from services.ingest.records import (
     RecordError,
     clean,
     is_protobuf,
+    label_value,
     parse,
 )
 from services.ingest.registry import DatasetRegistry
@@ -501,7 +502,7 @@ class IngestProcessor:
         name = _dataset_of(batch.value(int(pending[0])) or b"")
         while len(pending):
             spec = self._registry.lookup(name) if name else None
-            if spec is None or spec.task is Task.TEXT:  # the careful path names the reason
+            if spec is None or spec.task in (Task.TEXT, Task.REGRESSION):  # the careful path names the reason
                 undecided.append(int(pending[0]))
                 pending = pending[1:]
                 name = _dataset_of(batch.value(int(pending[0])) or b"") if len(pending) else None
@@ -593,7 +594,7 @@ class IngestProcessor:
             self._duplicate(incoming, rec.dataset, rec.id)
             return
         self._seen[rec.dataset].add(rec.id)
-        if rec.label < 0:  # waits for its label on data.feedback
+        if spec.is_unlabelled(rec.label):  # waits for its label on data.feedback
             buf = self._buffer_for(rec.dataset, partition, rec.text, unlabelled=True)
             self._waiting[rec.dataset][rec.id] = _Waiting(partition, offset, rec)
             buf.add(rec, offset)
@@ -662,8 +663,7 @@ class IngestProcessor:
             limits = self._limits.for_spec(spec)
             limits.check_size(value)  # the dataset's own size limit
             limits.check_id(rid)
-            if label not in spec.labels:
-                raise RecordError(Reason.UNKNOWN_LABEL, f"label {label!r} is not one of the dataset's labels")
+            target = label_value(spec, label)
             waiting = self._waiting[dataset].pop(rid, None)
             if waiting is None:
                 reason = Reason.ALREADY_LABELLED if rid in self._seen[dataset] else Reason.UNKNOWN_RECORD
@@ -674,7 +674,7 @@ class IngestProcessor:
         partition, offset, rec = waiting.partition, waiting.offset, waiting.rec
         if waiting.shard is not None:
             self._waiting_in[waiting.shard.key] -= 1
-        labelled = CleanRecord(rec.dataset, rec.id, spec.label_index(label), rec.holdout, rec.x, rec.text)
+        labelled = CleanRecord(rec.dataset, rec.id, target, rec.holdout, rec.x, rec.text)
         self._buffer_for(dataset, partition, rec.text).add(labelled, offset)
         self._note_pending(spec, 1)
         RECORDS.labels(dataset, "labelled_later").inc()
@@ -1002,7 +1002,7 @@ class IngestProcessor:
     def _write_shard(self, dataset: str, partition: int, buf: _Buffer, unlabelled: bool = False) -> int:
         """Record the shard in the state and write it in the background; returns its record count."""
         spec = self._registry.get(dataset)
-        labels = np.concatenate(buf.labels).astype(np.int16)
+        labels = np.concatenate(buf.labels).astype(spec.label_dtype)
         splits = np.concatenate(buf.splits).astype(np.uint8)
         ids = np.concatenate(buf.ids)
         columns: dict[str, npt.NDArray[Any] | list[npt.NDArray[Any]]] = {
@@ -1030,7 +1030,10 @@ class IngestProcessor:
         self._writes.append(self._writer.submit(self._put_shard, key, columns))
         n = buf.count
         holdout = int(splits.sum())
-        counts = np.bincount(labels[labels >= 0], minlength=len(spec.labels)).tolist()
+        if spec.task.regression:  # the target's name: how many values it has
+            counts = [int(np.count_nonzero(~np.isnan(labels)))]
+        else:
+            counts = np.bincount(labels[labels >= 0], minlength=len(spec.labels)).tolist()
         hist = {label: c for label, c in zip(spec.labels, counts, strict=False) if c}
         shard = Shard(key, partition, buf.first, buf.last, n, n - holdout, holdout, hist)
         ds = self.state.dataset(dataset, self._first_seen.get(dataset))

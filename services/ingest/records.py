@@ -55,6 +55,8 @@ class Reason(StrEnum):
     BAD_DTYPE = "bad_dtype"
     NON_FINITE = "non_finite"
     UNKNOWN_LABEL = "unknown_label"
+    BAD_LABEL = "bad_label"
+    """a regression's label that is not a finite number"""
     UNLABELLED = "unlabelled"
     TEXT_TOO_SHORT = "text_too_short"
     DUPLICATE_ID = "duplicate_id"
@@ -147,7 +149,8 @@ class RawRecord:
 class CleanRecord:
     dataset: str
     id: str
-    label: int
+    label: float
+    """a class index (int; -1: none yet), or a regression's target (NaN: none yet)"""
     holdout: bool
     x: npt.NDArray[Any] | None
     text: str | None
@@ -180,10 +183,10 @@ def _parse_json(value: bytes) -> RawRecord:
         raise RecordError(Reason.MISSING_ID, "field 'id' must be a non-empty string", dataset=dataset)
     if label is None:
         label = ""
-    if isinstance(label, int) and not isinstance(label, bool):
-        label = str(label)
+    if isinstance(label, int | float) and not isinstance(label, bool):
+        label = repr(label)  # a regression's target; a class named by a number
     if not isinstance(label, str):
-        raise RecordError(Reason.MALFORMED, "field 'label' must be a string or an integer", dataset=dataset)
+        raise RecordError(Reason.MALFORMED, "field 'label' must be a string or a number", dataset=dataset)
     text = doc.get("text")
     if text is not None and not isinstance(text, str):
         raise RecordError(Reason.BAD_DTYPE, "field 'text' must be a string", dataset=dataset)
@@ -261,9 +264,7 @@ def clean(
     ctx = {"dataset": raw.dataset, "id": raw.id}
     if not raw.label and not allow_unlabelled:
         raise RecordError(Reason.UNLABELLED, "record has no label", **ctx)
-    if raw.label and raw.label not in spec.labels:
-        raise RecordError(Reason.UNKNOWN_LABEL, f"label {raw.label!r} is not one of the dataset's labels", **ctx)
-    label = spec.label_index(raw.label) if raw.label else -1
+    label = label_value(spec, raw.label, ctx) if raw.label else spec.unlabelled
     holdout = holdout_member(spec.name, raw.id, spec.holdout_fraction)
     if spec.task is Task.TEXT:
         if raw.text is None:
@@ -281,6 +282,16 @@ def clean(
             )
         return CleanRecord(raw.dataset, raw.id, label, holdout, None, text)
     return CleanRecord(raw.dataset, raw.id, label, holdout, _tensor(raw, spec, ctx), None)
+
+
+def label_value(spec: DatasetSpec, label: str, ctx: dict[str, Any] | None = None) -> float:
+    """The label column's value of ``label`` (:meth:`DatasetSpec.label_value`); a RecordError
+    (``unknown_label``, or a regression's ``bad_label``) says why not."""
+    try:
+        return spec.label_value(label)
+    except ValueError as exc:
+        reason = Reason.BAD_LABEL if spec.task.regression else Reason.UNKNOWN_LABEL
+        raise RecordError(reason, str(exc), **(ctx or {})) from None
 
 
 def _from_bytes(raw: RawRecord, spec: DatasetSpec, ctx: dict[str, Any]) -> npt.NDArray[Any]:

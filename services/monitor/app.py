@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -46,6 +47,7 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from cdl import tracing
+from cdl.datasets import Task
 from cdl.errors import DecodeError, InvalidInputError
 from cdl.events import Event, Headers, decode, encode, header_dict, new_traceparent, source_name
 from cdl.feedback import parse_feedback
@@ -387,7 +389,17 @@ class Monitor:
         self, request_id: str, served: Served, label: PendingLabel, window: HealthWindow, info: VersionInfo
     ) -> tuple[Any, str, bytes] | None:
         """Count a label against what was served; the training record to send, if any."""
-        window.labelled(served.correct(label.label, list(info.labels)))
+        if info.task == Task.REGRESSION.value:
+            try:
+                target = float(label.label)
+            except ValueError:
+                target = math.nan
+            if math.isnan(target) or math.isnan(served.value):  # ingest dead-letters a bad label
+                FEEDBACK.labels("unscorable").inc()
+            else:
+                window.labelled_value(served.value, target)
+        else:
+            window.labelled(served.correct(label.label, list(info.labels)))
         self._dirty.add(window.key)
         FEEDBACK.labels("joined").inc()
         JOINS.labels(served.model).inc()

@@ -12,6 +12,7 @@ drops, so each served request enters the dataset once.
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +38,14 @@ class Served:
     time: float
     inputs: bytes
     """The request (a serialized ``ModelInferRequest``) when the gateway logged it, else empty."""
+    value: float = math.nan
+    """The top label's score of the first row: a regression model's answer (NaN when none)."""
 
     @classmethod
     def from_log(cls, rec: events_pb2.InferenceLogged, now: float) -> Served:
         pred = rec.predicted_labels[0] if rec.predicted_labels else ""
-        return cls(rec.model, int(rec.version), pred, now, bytes(rec.inputs_sample))
+        value = float(rec.scores[0]) if rec.scores else math.nan
+        return cls(rec.model, int(rec.version), pred, now, bytes(rec.inputs_sample), value)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -51,6 +55,7 @@ class Served:
                 "p": self.predicted,
                 "t": self.time,
                 "x": base64.b64encode(self.inputs).decode() if self.inputs else "",
+                "s": None if math.isnan(self.value) else self.value,
             }
         )
 
@@ -58,7 +63,15 @@ class Served:
     def from_bytes(cls, data: bytes) -> Served:
         doc = orjson.loads(data)
         x = doc.get("x") or ""
-        return cls(str(doc["m"]), int(doc["v"]), str(doc["p"]), float(doc["t"]), base64.b64decode(x) if x else b"")
+        value = doc.get("s")
+        return cls(
+            str(doc["m"]),
+            int(doc["v"]),
+            str(doc["p"]),
+            float(doc["t"]),
+            base64.b64decode(x) if x else b"",
+            math.nan if value is None else float(value),
+        )
 
     def correct(self, label: str, labels: list[str]) -> bool:
         """Whether the answer was ``label`` (the predicted index names one of the model's ``labels``;

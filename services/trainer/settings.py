@@ -29,9 +29,11 @@ class TrainerSettings(ServiceSettings):
     device: str = "auto"
     """"auto" (CUDA with bf16 autocast when present), "cpu" or "cuda"."""
     tolerance: float = 0.005
-    """A challenger is accepted when its holdout accuracy >= champion's - tolerance."""
+    """A challenger is accepted when its holdout score (accuracy, or R² for a regression) >=
+    the champion's - tolerance."""
     min_accuracy_over_chance: float = 0.1
-    """Without a champion, accept when holdout accuracy >= 1/classes + this."""
+    """Without a champion, accept when the holdout score >= chance + this (chance: 1/classes;
+    for a regression R² 0, predicting the mean)."""
     val_fraction: float = 0.1
     """Part of the train split held out for early stopping (the holdout is kept for the gate)."""
     seed: int = 0

@@ -14,12 +14,13 @@ from cdl.datasets import load_version
 from cdl.errors import InvalidInputError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
-from cdl.ml.core import epochs_to_run, fit, hyperparameters, split_version
+from cdl.ml.core import assess, epochs_to_run, fit, hyperparameters, split_version
 from cdl.ml.drift import reference_sample, to_npy
 from cdl.ml.family import family_of, provenance
 from cdl.ml.models import ModelConfig
-from cdl.ml.train import EpochMetrics, evaluate, pick_device
-from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry
+from cdl.ml.objective import chance, metric_name
+from cdl.ml.train import EpochMetrics, pick_device
+from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry, score_of
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.trainer.settings import TrainerSettings
@@ -95,9 +96,10 @@ class Trainer:
             checkpoint_uri=result["checkpoint_uri"],
             verdict=events_pb2.VERDICT_ACCEPTED if result["accepted"] else events_pb2.VERDICT_REJECTED,
             reason=result["reason"],
-            challenger_score=result["challenger_accuracy"],
-            champion_score=result["champion_accuracy"] if result["champion_accuracy"] is not None else 0.0,
+            challenger_score=score_of(result, "challenger") or 0.0,
+            champion_score=score_of(result, "champion") or 0.0,
             family=result["family"],
+            metric=str(result.get("metric", "accuracy")),
         )
         for k, v in result["metrics"].items():
             msg.metrics[k] = float(v)
@@ -178,17 +180,20 @@ class Trainer:
         EPOCH.labels(model).set(0)
         module, pre, config, result = fitted.module, fitted.preprocessor, fitted.config, fitted.result
         parent = warm[0].version if warm else None
-        xh, y_hold, x_hold = pre.transform(split.x_hold), split.y_hold, split.x_hold
+        y_hold, x_hold = split.y_hold, split.x_hold
         device = pick_device(self.settings.device)
-        hold_loss, hold_acc = evaluate(module, xh, y_hold, device)
+        regression = spec.task.regression
+        metric = metric_name(regression)
+        hold = assess(module, pre, x_hold, y_hold, regression, device)
 
         champion = self.registry.champion(model)
-        champ_acc: float | None = None
+        champ_score: float | None = None
         if champion is not None:
             # usually the model we warm-started from: do not read it twice
             champ = warm[0] if warm and warm[0].version == champion else self.registry.load(model, champion)
-            _, champ_acc = evaluate(champ.module, champ.preprocessor.transform(x_hold), y_hold, device)
-        accepted, reason = self._gate(hold_acc, champ_acc, champion, len(spec.labels))
+            champ_score = assess(champ.module, champ.preprocessor, x_hold, y_hold, regression, device).score
+        floor = chance(regression, len(spec.labels)) + self.settings.min_accuracy_over_chance
+        accepted, reason = self._gate(hold.score, champ_score, champion, floor, metric)
         duration = time.perf_counter() - start
         lineage = {
             "model": model,
@@ -221,19 +226,23 @@ class Trainer:
                 "freeze": origin[1]["freeze"],
                 "frozen_parameters": frozen,
             }
+        holdout = {f"holdout_{k}": v for k, v in hold.metrics.items()}  # holdout_accuracy, or _r2 _rmse _mae
         metrics = {
             "epochs": [m.to_json() for m in result.history],
             "best_epoch": result.best_epoch,
-            "holdout_loss": hold_loss,
-            "holdout_accuracy": hold_acc,
+            "metric": metric,
+            "holdout_loss": hold.loss,
+            "holdout_score": hold.score,
+            **holdout,
             "champion_version": champion,
-            "champion_accuracy": champ_acc,
+            "champion_score": champ_score,
             "samples_per_s": result.samples_per_s,
         }
         summary = {
-            "holdout_accuracy": hold_acc,
-            "holdout_loss": hold_loss,
-            "val_accuracy": result.history[result.best_epoch - 1].val_accuracy if result.best_epoch else math.nan,
+            "holdout_score": hold.score,
+            **holdout,
+            "holdout_loss": hold.loss,
+            "val_score": result.history[result.best_epoch - 1].val_score if result.best_epoch else math.nan,
             "epochs": float(len(result.history)),
             "train_samples": float(len(split.x_train)),
             "val_samples": float(len(split.x_val)),
@@ -251,8 +260,9 @@ class Trainer:
             result={
                 "accepted": accepted,
                 "reason": reason,
-                "challenger_accuracy": hold_acc,
-                "champion_accuracy": champ_acc,
+                "metric": metric,
+                "challenger_score": hold.score,
+                "champion_score": champ_score,
                 "champion_version": champion,
                 "family": config.family,
                 "metrics": summary,
@@ -268,7 +278,8 @@ class Trainer:
             version=version,
             accepted=accepted,
             reason=reason,
-            holdout_accuracy=round(hold_acc, 4),
+            metric=metric,
+            holdout_score=round(hold.score, 4),
             parent=parent,
             device=result.device,
             seconds=round(duration, 2),
@@ -296,13 +307,13 @@ class Trainer:
         return loaded
 
     def _gate(
-        self, challenger: float, champion: float | None, champion_version: int | None, classes: int
+        self, challenger: float, champion: float | None, champion_version: int | None, floor: float, metric: str
     ) -> tuple[bool, str]:
+        """The champion/challenger gate on the task's score (``metric``: accuracy or R²)."""
         if champion is None:
-            floor = 1.0 / classes + self.settings.min_accuracy_over_chance
             if challenger >= floor:
-                return True, f"first accepted version: holdout accuracy {challenger:.4f} >= {floor:.4f}"
-            return False, f"holdout accuracy {challenger:.4f} is below {floor:.4f} (chance + margin)"
+                return True, f"first accepted version: holdout {metric} {challenger:.4f} >= {floor:.4f}"
+            return False, f"holdout {metric} {challenger:.4f} is below {floor:.4f} (chance + margin)"
         if challenger >= champion - self.settings.tolerance:
             return True, (
                 f"challenger {challenger:.4f} >= champion v{champion_version} {champion:.4f} "

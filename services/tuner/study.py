@@ -248,7 +248,7 @@ def _objective(plan: StudyPlan, split: TrainSplit) -> Callable[[optuna.Trial], A
         )
 
         def on_epoch(m: EpochMetrics) -> bool:
-            acc = m.val_accuracy if not math.isnan(m.val_accuracy) else 0.0
+            acc = m.val_score if not math.isnan(m.val_score) else 0.0
             curve.append(acc)
             trial.set_user_attr("epochs", m.epoch)
             trial.set_user_attr("curve", curve)
@@ -261,7 +261,7 @@ def _objective(plan: StudyPlan, split: TrainSplit) -> Callable[[optuna.Trial], A
 
         fitted = fit(plan.spec, split, hp, seed=plan.seed, device=plan.device, patience=0, callback=on_epoch)
         if fitted.result.stopped_by_callback:
-            raise optuna.TrialPruned(f"stopped at epoch {len(curve)} with accuracy {curve[-1]:.4f}")
+            raise optuna.TrialPruned(f"stopped at epoch {len(curve)} with score {curve[-1]:.4f}")
         accuracy = max(curve) if curve else 0.0
         if not plan.multi:
             return accuracy

@@ -77,7 +77,7 @@ class TriggerPolicy:
             return None
         if state.accuracy_mark - champion_accuracy > self.accuracy_drop:
             return (
-                f"champion accuracy {champion_accuracy:.4f} dropped more than {self.accuracy_drop} "
+                f"champion score {champion_accuracy:.4f} dropped more than {self.accuracy_drop} "
                 f"below {state.accuracy_mark:.4f} (after the last study)"
             )
         return None

@@ -162,7 +162,7 @@ def test_labels_joined_to_logged_requests_give_each_version_its_accuracy_and_bec
     for version, requests, accuracy in ((1, 40, 0.75), (2, 20, 0.25)):
         ws = windows[version]
         assert sum(w.requests for w in ws) == requests and sum(w.errors for w in ws) == 0
-        assert sum(w.accuracy * w.feedback for w in ws) / sum(w.feedback for w in ws) == pytest.approx(accuracy)
+        assert sum(w.score * w.feedback for w in ws) / sum(w.feedback for w in ws) == pytest.approx(accuracy)
         assert all(w.latency_p50_ms > 0 for w in ws if w.requests)
     # every labelled request once on data.raw, as a record of the model's dataset
     raw = read_topic(kafka_bootstrap, monitor_topics["raw"], expected=60, timeout_s=30)

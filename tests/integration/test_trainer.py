@@ -83,7 +83,7 @@ def test_first_version_from_scratch_second_warm_starts_with_lineage(
     loaded = registry.load(name, 2)
     assert loaded.config.family == "cnn" and loaded.preprocessor.kind == "standardize"
     metrics = registry.document(name, 2, "metrics")
-    assert len(metrics["epochs"]) >= 1 and "val_accuracy" in metrics["epochs"][0]
+    assert len(metrics["epochs"]) >= 1 and "val_score" in metrics["epochs"][0]
     # the training showed its progress each epoch (what `cdl models` reads while it runs)
     progress = object_store.get_json("cdl-models", f"{name}/training.json")
     assert progress["version"] == 2 and progress["epoch"] == len(metrics["epochs"]) and progress["samples_per_s"] > 0

@@ -69,7 +69,7 @@ def _view() -> LoopView:
     v.versions.append((1100.0, events_pb2.DataUpdated(dataset="digits", version=2, total_records=3594)))
     for mv, dv, acc in ((1, 1, 0.95), (2, 2, 0.97)):
         t = events_pb2.ModelTrained(model="digits", version=mv, verdict=events_pb2.VERDICT_ACCEPTED)
-        t.metrics["holdout_accuracy"] = acc
+        t.metrics["holdout_accuracy"] = t.challenger_score = acc
         t.lineage.dataset_version = dv
         t.lineage.duration_s = 10.0
         v.trained[mv] = (1010.0 + 90 * (mv - 1) + 11, t)
@@ -85,7 +85,7 @@ def _view() -> LoopView:
         (1140.0, events_pb2.ModelDeployed(model="digits", version=2, state=promoted, traffic_fraction=1.0)),
     ]
     for k in range(6):
-        h = events_pb2.ModelHealth(model="digits", version=1, requests=100, feedback=20, accuracy=0.9)
+        h = events_pb2.ModelHealth(model="digits", version=1, requests=100, feedback=20, score=0.9)
         h.window_end.CopyFrom(_ts(1050.0 + 10 * k))
         h.drift_statistic, h.drift_threshold = 0.01 * k, 0.03
         h.latency_p50_ms, h.latency_p99_ms = 1.5, 4.0

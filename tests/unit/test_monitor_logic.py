@@ -55,7 +55,7 @@ def test_a_health_window_round_trips_and_becomes_its_event() -> None:
     assert again == w
     msg = again.event(10.0)
     assert (msg.requests, msg.errors, msg.feedback) == (5, 1, 3)
-    assert msg.accuracy == pytest.approx(2 / 3)
+    assert msg.score == pytest.approx(2 / 3) and msg.metric == "accuracy"
     assert 1.8 < msg.latency_p50_ms < 2.2 and 45 < msg.latency_p99_ms < 55  # within the buckets' 4%
     assert msg.window_end.ToSeconds() - msg.window_start.ToSeconds() == 10
     assert (msg.drift_statistic, msg.drift_threshold) == (0.02, 0.01)

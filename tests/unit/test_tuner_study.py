@@ -82,7 +82,7 @@ def test_a_trial_trains_the_same_model_the_shared_core_trains_for_the_trainer(tm
     trial = optuna.load_study(study_name="same", storage=plan.storage).trials[0]
     assert trial.params == params
     direct = fit(SPEC, split, hyperparameters(Family.CNN, {**params, "epochs": 3}), seed=5, patience=0)
-    assert trial.user_attrs["curve"] == [m.val_accuracy for m in direct.result.history]
+    assert trial.user_attrs["curve"] == [m.val_score for m in direct.result.history]
 
 
 def test_tpe_models_good_on_a_quarter_of_the_finished_trials_without_warnings() -> None:
