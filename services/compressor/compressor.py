@@ -144,8 +144,9 @@ class Compressor:
         data = load_version(self.store, lineage["dataset"], int(lineage["dataset_version"]), window)
         x_hold, y_hold = data.subset(holdout=True)
         x_train, _ = data.subset(holdout=False)
-        xh = served_input(config, pre, x_hold)
-        served = Served(loaded.module, config, pre).eval()
+        dtype = data.spec.dtype
+        xh = served_input(config, pre, x_hold, dtype)
+        served = Served(loaded.module, config, pre, dtype).eval()
 
         fp32 = export_onnx(served, xh)
         rng = np.random.default_rng(0)
@@ -164,7 +165,7 @@ class Compressor:
             builders["fp16"] = lambda: slim(fp16_variant(fp32))
         if "int8-static" in allowed and not family.text_input:
             calib = served_input(
-                config, pre, x_train[rng.permutation(len(x_train))[: self.settings.calibration_samples]]
+                config, pre, x_train[rng.permutation(len(x_train))[: self.settings.calibration_samples]], dtype
             )
             builders["int8-static"] = lambda: slim(int8_static_variant(fp32, calib))
             builders["int8-static-qop"] = lambda: slim(int8_static_variant(fp32, calib, operator_format=True))
@@ -200,7 +201,7 @@ class Compressor:
         # tokenizer, which only the python-backend runner can: text entries use it everywhere
         spec = ModelSpec(
             name=model,
-            inputs=(TensorSpec(TEXT_INPUT, "string", (1,)),) if text else (TensorSpec(INPUT, "float32", xh.shape[1:]),),
+            inputs=(TensorSpec(TEXT_INPUT, "string", (1,)),) if text else (TensorSpec(INPUT, xh.dtype.name, xh.shape[1:]),),
             outputs=(TensorSpec(OUTPUT, "float32", (config.num_classes,)),),
             max_batch_size=self.settings.max_batch_size,
             backend=Backend.PYTHON_ONNXRUNTIME if text else Backend(self.settings.triton_backend),
@@ -264,7 +265,8 @@ class Compressor:
             parameters_before=parameters(loaded.module),
             val_accuracy=max((m.val_score for m in fitted.result.history), default=float("nan")),
         )
-        return export_onnx(Served(fitted.module, small_config, loaded.preprocessor).eval(), example)
+        served = Served(fitted.module, small_config, loaded.preprocessor, data.spec.dtype)
+        return export_onnx(served.eval(), example)
 
 
 _EMPTY: dict[str, Any] = {

@@ -41,11 +41,16 @@ INPUT, OUTPUT = "input", "logits"
 
 class Served(nn.Module):
     """The model as served: raw features in (standardisation baked in), logits out (a
-    regression's value, in the target's units: the target's scaling baked in too)."""
+    regression's value, in the target's units: the target's scaling baked in too).
 
-    def __init__(self, module: nn.Module, config: ModelConfig, pre: Preprocessor) -> None:
+    ``dtype``: the dataset's. A uint8 dataset's model takes uint8 (an image stays a quarter of
+    its float32 size from the client to Triton, as it was in Kafka and in the shards) and casts
+    to float32 as its first step; any other tensor dataset's takes float32."""
+
+    def __init__(self, module: nn.Module, config: ModelConfig, pre: Preprocessor, dtype: str = "float32") -> None:
         super().__init__()
         self.module = module
+        self.cast = dtype == "uint8" and pre.kind == "standardize"
         self.standardize = pre.kind == "standardize"
         if self.standardize:
             shape = (1, *config.input_shape) if pre.per_feature else (1,)
@@ -56,6 +61,8 @@ class Served(nn.Module):
         self.target = (pre.target_mean, pre.target_std) if pre.scales_target else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cast:
+            x = x.to(torch.float32)
         if self.standardize:
             mean: torch.Tensor = self.get_buffer("mean")
             std: torch.Tensor = self.get_buffer("std")
@@ -66,11 +73,19 @@ class Served(nn.Module):
         return out
 
 
-def served_input(config: ModelConfig, pre: Preprocessor, raw: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """What a client sends for ``raw`` data: features as float32, text as hashed ids."""
+def served_dtype(dtype: str) -> str:
+    """The served model's input dtype for a dataset of ``dtype``: uint8 stays, the rest float32."""
+    return "uint8" if dtype == "uint8" else "float32"
+
+
+def served_input(
+    config: ModelConfig, pre: Preprocessor, raw: npt.NDArray[Any], dtype: str = "float32"
+) -> npt.NDArray[Any]:
+    """What a client sends for ``raw`` data of a dataset of ``dtype``: features as the served
+    model takes them (:func:`served_dtype`), text as hashed ids."""
     if get_family(config.family).text_input:
         return pre.transform(raw)
-    return np.asarray(raw, dtype=np.float32).reshape(len(raw), *config.input_shape)
+    return np.asarray(raw, dtype=served_dtype(dtype)).reshape(len(raw), *config.input_shape)
 
 
 def export_onnx(served: Served, example: npt.NDArray[Any]) -> bytes:
