@@ -199,9 +199,10 @@ class Compressor:
         text = family.text_input
         # a text model's entry takes texts (BYTES) and tokenizes them with its own version's
         # tokenizer, which only the python-backend runner can: text entries use it everywhere
+        served_in = TensorSpec(TEXT_INPUT, "string", (1,)) if text else TensorSpec(INPUT, xh.dtype.name, xh.shape[1:])
         spec = ModelSpec(
             name=model,
-            inputs=(TensorSpec(TEXT_INPUT, "string", (1,)),) if text else (TensorSpec(INPUT, xh.dtype.name, xh.shape[1:]),),
+            inputs=(served_in,),
             outputs=(TensorSpec(OUTPUT, "float32", (config.num_classes,)),),
             max_batch_size=self.settings.max_batch_size,
             backend=Backend.PYTHON_ONNXRUNTIME if text else Backend(self.settings.triton_backend),
