@@ -133,29 +133,30 @@ def fit(
     max_epochs: int = 0,
     callback: EpochCallback | None = None,
     warm_start: Callable[[ModelConfig, nn.Module], object] | None = None,
-    config: ModelConfig | None = None,
+    module: nn.Module | None = None,
     preprocessor: Preprocessor | None = None,
 ) -> Fitted:
     """Train a model of ``spec``'s family on ``split`` (its training and validation parts).
 
     ``max_epochs`` caps the epochs the hyperparameters ask for (0: no cap). ``warm_start``
     may load a parent's weights into the freshly built module (the trainer's warm start).
-    ``config``: a given architecture (the compressor's pruned model) instead of the one the
-    hyperparameters describe; ``preprocessor``: the one the warm-start weights were trained
-    with (a fine-tune), instead of one fitted on ``split``.
+    ``module``: a given model to train further (the compressor's pruned model, which no config
+    describes) instead of one built from the hyperparameters; ``preprocessor``: the one its
+    weights were trained with (a fine-tune), instead of one fitted on ``split``.
     """
     family = family_of(spec)
     if spec.task not in get_family(family).tasks:
         raise InvalidInputError("the model family does not train this task", family=family, task=spec.task.value)
     hp = dict(hparams)
     regression = spec.task.regression
-    config = config or ModelConfig(family, spec.input_shape, len(spec.labels), hp)
+    config = ModelConfig(family, spec.input_shape, len(spec.labels), hp)
     pre = preprocessor or fit_preprocessor(family, spec.task, split.x_train, hp)
     if regression and preprocessor is None:
         pre = pre.with_target(split.y_train)
     xt, xv = pre.transform(split.x_train), pre.transform(split.x_val)
     yt, yv = (pre.scale(split.y_train), pre.scale(split.y_val)) if regression else (split.y_train, split.y_val)
-    module = build_seeded(config, seed)
+    if module is None:
+        module = build_seeded(config, seed)
     if warm_start is not None:
         warm_start(config, module)
     set_idf = getattr(module, "set_idf", None)

@@ -30,7 +30,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
 from cdl.datasets import DatasetSpec, Task
-from cdl.errors import ConfigError, InvalidInputError
+from cdl.errors import ConfigError
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -89,11 +89,6 @@ class ModelFamily(ABC):
 
         per_feature = task is Task.TABULAR or (task is Task.REGRESSION and x.ndim == 2)
         return Preprocessor.fit_tensor(x, per_feature=per_feature)
-
-    def prune(self, module: nn.Module, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
-        """A copy of ``module`` with ``fraction`` of its structure removed, and its config (only for
-        families whose ``compressions`` has ``pruned``)."""
-        raise InvalidInputError("this family has no structured pruning", family=self.name)
 
 
 def _load(ep: EntryPoint) -> ModelFamily:

@@ -214,11 +214,6 @@ class MlpFamily(ModelFamily):
             float(hp["dropout"]),
         )
 
-    def prune(self, module: nn.Module, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
-        from cdl.ml.pruning import prune_mlp
-
-        return prune_mlp(module, config, fraction)
-
 
 class CnnFamily(ModelFamily):
     """Two convolution blocks and a linear head: images."""
@@ -233,11 +228,6 @@ class CnnFamily(ModelFamily):
     def build(self, config: ModelConfig) -> nn.Module:
         hp = {**self.defaults, **config.hparams}
         return CNN(config.input_shape, config.num_classes, int(hp["channels"]), float(hp["dropout"]))
-
-    def prune(self, module: nn.Module, config: ModelConfig, fraction: float) -> tuple[nn.Module, ModelConfig]:
-        from cdl.ml.pruning import prune_cnn
-
-        return prune_cnn(module, config, fraction)
 
 
 class TextFamily(ModelFamily):

@@ -18,7 +18,7 @@ from cdl.logging import get_logger
 from cdl.ml.core import fit, hyperparameters, split_version
 from cdl.ml.family import get_family
 from cdl.ml.objective import metric_name
-from cdl.ml.pruning import load_into, parameters, prune
+from cdl.ml.pruning import parameters, prune
 from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry
 from cdl.store import ObjectStore
 from cdl.triton import TRITON_BUCKET, Backend, ModelSpec, TensorSpec, write_entry
@@ -243,30 +243,29 @@ class Compressor:
     def _pruned(self, loaded: LoadedModel, data: DatasetVersion, example: npt.NDArray[Any]) -> bytes:
         """The pruned model, fine-tuned through the shared core, exported as FP32 ONNX."""
         s = self.settings
-        small, small_config = prune(loaded.module, loaded.config, s.prune_fraction)
-        hp = dict(small_config.hparams)
+        small = prune(loaded.module, loaded.config, s.prune_fraction)
+        hp = dict(loaded.config.hparams)
         hp["epochs"] = s.prune_finetune_epochs
         hp["lr"] = float(hp.get("lr", 3e-3)) * s.prune_finetune_lr_scale
         split = split_version(data, 0.1, seed=0)
         fitted = fit(
             data.spec,
             split,
-            hyperparameters(small_config.family, hp),
+            hyperparameters(loaded.config.family, hp),
             seed=0,
             device="cpu",
             patience=0,
-            config=small_config,
-            warm_start=lambda _config, module: load_into(module, small),
+            module=small,
             preprocessor=loaded.preprocessor,  # what the kept weights were trained with
         )
         log.info(
             "pruned model fine-tuned",
-            channels_or_hidden=small_config.hparams.get("channels", small_config.hparams.get("hidden")),
+            fraction=s.prune_fraction,
             parameters=parameters(fitted.module),
             parameters_before=parameters(loaded.module),
             val_accuracy=max((m.val_score for m in fitted.result.history), default=float("nan")),
         )
-        served = Served(fitted.module, small_config, loaded.preprocessor, data.spec.dtype)
+        served = Served(fitted.module, loaded.config, loaded.preprocessor, data.spec.dtype)
         return export_onnx(served.eval(), example)
 
 
