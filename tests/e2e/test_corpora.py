@@ -113,6 +113,11 @@ def test_fmnist_sample_is_served(corpus_stack: dict[str, Any], tmp_path: Path) -
     assert holdout_accuracy >= 0.4, holdout_accuracy  # 10 classes: chance 0.1
 
     served = float((_served_predictions(state, "fmnist", x_test) == y_test).mean())
+    scorer = GatewayScorer(state["services"]["gateway"]["grpc"], state["api_key"], "fmnist")
+    try:
+        assert scorer.input_spec().datatype == "UINT8"  # the images stay bytes up to the served model
+    finally:
+        scorer.close()
     print(f"fmnist sample: trainer holdout {holdout_accuracy:.3f}, test images as served {served:.3f}")
     assert served >= 0.5, served  # as served, the chosen compressed variant, on unseen test images
 
