@@ -249,6 +249,13 @@ class _Stoppable:
         signal.signal(signal.SIGINT, _handler)
 
 
+def _processed_key(event: Event) -> str:
+    """What a consumer group remembers of a handled event: its type and id. Ids are unique per
+    kind of event only (ingest's ``data.updated`` of version 1 and the trainer's ``model.trained``
+    of version 1 are both ``<name>/v1``), and a group that reads both must handle both."""
+    return f"{event.type} {event.id}"
+
+
 def _consumer_error(err: KafkaError, group: str) -> None:
     """Log and count a consumer error (end-of-partition events are not errors)."""
     if err.code() == KafkaError._PARTITION_EOF:
@@ -886,7 +893,7 @@ class JobLoop(_TransactionalBase[_Consumer]):
             reason = f"{DeadLetterReason.UNDECODABLE}: {exc}"
             self._dead.append(((ctx.topic, ctx.partition), self._dead_letter(ctx, reason, type(exc).__name__)))
             return
-        if self._processed.seen(self.group_id, event.id):
+        if self._processed.seen(self.group_id, _processed_key(event)):
             EVENTS.labels(ctx.topic, self.group_id, "duplicate").inc()
             log.info("duplicate event skipped", ce_id=event.id, topic=ctx.topic)
             return
@@ -941,7 +948,7 @@ class JobLoop(_TransactionalBase[_Consumer]):
         if self._pending.get(key) is item:
             del self._pending[key]
         self._commit(outputs)
-        self._processed.mark(self.group_id, item.event.id)
+        self._processed.mark(self.group_id, _processed_key(item.event))
         self.jobs_done += 1
 
     def _in_worker(self, item: _Pending) -> Sequence[OutRecord]:

@@ -55,6 +55,10 @@ class TunerSettings(ServiceSettings):
     spaces: dict[str, dict[str, list[Any]]] = {}
     """Per-model search-range overrides (JSON: {"digits": {"channels": ["choice", [8, 16]]}});
     an empty range drops the hyperparameter from the search."""
+    first_after_model: bool = True
+    """Start a model's first study when its first version has been trained (on the family's
+    defaults), not with its first dataset version: the first model is never held back by a
+    study sharing its cores, and is served while the study runs."""
     every_versions: int = 50
     """Tune every this many dataset versions after the last study (0: never)."""
     accuracy_drop: float = 0.05

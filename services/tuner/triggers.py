@@ -2,7 +2,9 @@
 
 A study starts for a model on:
 
-- its **first** dataset version (no study yet);
+- its **first model version** trained (``model.trained``, accepted or not: the first
+  model trains on the family's defaults, unhindered, and serves while the study runs), or,
+  with ``first_after_model`` off, its first dataset version (no study yet);
 - every ``every_versions`` dataset versions since the last study (0: never);
 - an **accuracy drop**: the champion's holdout accuracy (from ``model.trained``:
   the challenger's when accepted, else the champion's, both on the newest
@@ -58,20 +60,22 @@ class TuneState:
 class TriggerPolicy:
     every_versions: int = 50
     accuracy_drop: float = 0.05
+    first_after_model: bool = True
 
     def on_data_updated(self, state: TuneState, dataset_version: int) -> str | None:
         """The reason to tune on this dataset version, or None."""
         if state.studies == 0:
-            return "first dataset version"
+            return None if self.first_after_model else "first dataset version"
         if self.every_versions > 0 and dataset_version - state.last_dataset_version >= self.every_versions:
             return f"{dataset_version - state.last_dataset_version} dataset versions since the last study"
         return None
 
     def on_trained(self, state: TuneState, champion_accuracy: float) -> str | None:
         """A model version was trained and gated; ``champion_accuracy`` is the champion's (new or
-        kept) holdout accuracy. Sets the mark after a study; returns a reason when it dropped."""
+        kept) holdout score. Sets the mark after a study; returns a reason when it dropped (or,
+        before any study, that the first model version is trained)."""
         if state.studies == 0:
-            return None
+            return "first model version trained" if self.first_after_model else None
         if state.accuracy_mark is None:
             state.accuracy_mark = champion_accuracy
             return None

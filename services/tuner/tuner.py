@@ -55,7 +55,7 @@ class Tuner:
         self.store = store
         self.registry = registry
         self.source = source
-        self.policy = TriggerPolicy(settings.every_versions, settings.accuracy_drop)
+        self.policy = TriggerPolicy(settings.every_versions, settings.accuracy_drop, settings.first_after_model)
         self.running: str | None = None
 
     # ------------------------------------------------------------------ state

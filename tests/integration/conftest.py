@@ -201,6 +201,7 @@ def tuner_factory(stack: dict[str, Any], tuner_topics: dict[str, str], tmp_path:
         "heartbeat_s": "1",
         "grace_s": "4",
         "window_records": "0",
+        "first_after_model": "false",  # tests publish dataset versions without a trainer
     }
     factory = ServiceFactory("tuner", stack, tmp_path, settings)
     yield factory

@@ -59,22 +59,30 @@ def test_a_first_version_is_tuned_on_two_postgres_workers_and_the_next_training_
     tuner_factory: Any,
     tuner_topics: dict[str, str],
     trainer_factory: Any,
-    trainer_topics: dict[str, str],
     kafka_bootstrap: str,
     object_store: ObjectStore,
     stack: dict[str, Any],
 ) -> None:
     name = f"tune-{uuid.uuid4().hex[:6]}"
     writer = DatasetWriter(object_store, kafka_bootstrap, tuner_topics["updated"], digits_spec(name))
-    tuner_factory(n_trials="10").start()
-    # the trainer reads what the tuner publishes
+    tuner_factory(n_trials="10", first_after_model="true").start()
+    # the trainer reads what the tuner publishes, and the tuner what the trainer does
     trainer_factory(
-        tuning_topic=tuner_topics["completed"], updated_topic=tuner_topics["updated"], max_epochs="3"
+        tuning_topic=tuner_topics["completed"],
+        updated_topic=tuner_topics["updated"],
+        trained_topic=tuner_topics["trained"],
+        max_epochs="3",
     ).start()
     writer.publish(writer.version(X[:1400], Y[:1400], [f"a{i}" for i in range(1400)]))
     [done] = _completed(kafka_bootstrap, tuner_topics["completed"], 1)
     assert done.model == name and done.study == f"{name}-1" and done.dataset_version == 1
-    assert done.reason == "first dataset version"
+    # the first study began once the first version was trained (on the defaults), never beside it
+    assert done.reason == "first model version trained"
+    [first] = [
+        decode(r.key, r.value, list(r.headers.items())).payload
+        for r in read_topic(kafka_bootstrap, tuner_topics["trained"], 1, timeout_s=10)
+    ]
+    assert first.version == 1 and first.lineage.hyperparameters_source == "defaults"
     assert done.trials + done.pruned_trials >= 10 and done.pruned_trials >= 1, done
     assert done.storage.startswith("postgresql") and "@" in done.storage
     assert 0.5 < done.best_value <= 1.0 and set(done.best_params) >= {"lr", "batch_size", "channels"}
@@ -97,7 +105,7 @@ def test_a_first_version_is_tuned_on_two_postgres_workers_and_the_next_training_
     writer.publish(writer.version(X[1400:], Y[1400:], [f"b{i}" for i in range(len(X) - 1400)]))
     trained = [
         decode(r.key, r.value, list(r.headers.items())).payload
-        for r in read_topic(kafka_bootstrap, trainer_topics["trained"], 2, timeout_s=120)
+        for r in read_topic(kafka_bootstrap, tuner_topics["trained"], 2, timeout_s=120)
     ]
     last = [t for t in trained if t.lineage.dataset_version == 2]  # type: ignore[attr-defined]
     assert last, trained

@@ -39,8 +39,10 @@ def test_overrides_replace_or_drop_a_range_and_bad_ranges_are_refused() -> None:
 def test_triggers_fire_when_they_should_and_not_otherwise() -> None:
     policy = TriggerPolicy(every_versions=3, accuracy_drop=0.05)
     s = TuneState()
-    assert policy.on_data_updated(s, 1) == "first dataset version"
-    assert policy.on_trained(s, 0.9) is None  # no study yet: no mark
+    assert policy.on_data_updated(s, 1) is None  # the first model trains first, alone
+    assert policy.on_trained(s, 0.9) == "first model version trained" and s.accuracy_mark is None
+    early = TriggerPolicy(first_after_model=False)
+    assert early.on_data_updated(s, 1) == "first dataset version" and early.on_trained(s, 0.9) is None
     policy.studied(s, "m-1", 1, ended_at=100.0)
     assert policy.on_data_updated(s, 2) is None and policy.on_data_updated(s, 3) is None
     assert policy.on_data_updated(s, 4) is not None  # 3 versions since
