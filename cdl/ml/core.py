@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from cdl.ml.train import EpochCallback, TrainConfig, TrainResult, pick_device, p
 __all__ = [
     "Assessed",
     "Fitted",
+    "SharedSplit",
     "TrainSplit",
     "assess",
     "epochs_to_run",
@@ -64,6 +66,41 @@ class TrainSplit:
     y_val: npt.NDArray[Any]
     x_hold: npt.NDArray[Any]
     y_hold: npt.NDArray[Any]
+
+    def save(self, folder: Path) -> SharedSplit:
+        """Write the arrays as ``.npy`` files in ``folder`` for processes that map them (a study's
+        workers read one copy of a version through the page cache instead of each its own).
+        Texts (Python strings) cannot be mapped: those travel with the handle."""
+        folder.mkdir(parents=True, exist_ok=True)
+        kept: dict[str, npt.NDArray[Any]] = {}
+        for name in _SPLIT_FIELDS:
+            arr = getattr(self, name)
+            if arr.dtype == object:
+                kept[name] = arr
+            else:
+                np.save(folder / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+        return SharedSplit(str(folder), kept)
+
+
+_SPLIT_FIELDS = ("x_train", "y_train", "x_val", "y_val", "x_hold", "y_hold")
+
+
+@dataclass(frozen=True)
+class SharedSplit:
+    """A :class:`TrainSplit` saved by :meth:`TrainSplit.save`: cheap to send to a process."""
+
+    folder: str
+    inline: dict[str, npt.NDArray[Any]]
+
+    def load(self) -> TrainSplit:
+        """The split, its arrays memory-mapped read-only (shared by every process that maps them)."""
+        arrays = {
+            name: self.inline[name]
+            if name in self.inline
+            else np.load(Path(self.folder) / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            for name in _SPLIT_FIELDS
+        }
+        return TrainSplit(**arrays)
 
 
 @dataclass

@@ -58,7 +58,7 @@ def target_tensor(y: npt.NDArray[Any], device: torch.device, regression: bool) -
     import torch
 
     dtype = np.float32 if regression else np.int64
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(y, dtype=dtype))).to(device)
+    return torch.from_numpy(np.array(y, dtype=dtype)).to(device)  # a copy: y may be a read-only map
 
 
 def loss(out: torch.Tensor, y: torch.Tensor, regression: bool, reduction: str = "mean") -> torch.Tensor:

@@ -104,7 +104,10 @@ def _adamw(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _tensor(a: npt.NDArray[Any], device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:  # a memory-mapped split (a study's workers): torch wants its own
+        a = a.copy()
+    return torch.from_numpy(a).to(device)
 
 
 def train(

@@ -38,10 +38,12 @@ import functools
 import math
 import multiprocessing
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -53,7 +55,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cdl.datasets import DatasetSpec
 from cdl.errors import ConfigError
 from cdl.logging import get_logger
-from cdl.ml.core import TrainSplit, fit, hyperparameters
+from cdl.ml.core import SharedSplit, TrainSplit, fit, hyperparameters
 from cdl.ml.family import family_of
 from cdl.ml.space import Space, suggest
 from cdl.ml.train import EpochMetrics
@@ -291,7 +293,7 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def _worker_main(plan: StudyPlan, split: TrainSplit, worker: int) -> None:
+def _worker_main(plan: StudyPlan, shared: SharedSplit, worker: int) -> None:
     import os
     import threading
 
@@ -308,7 +310,7 @@ def _worker_main(plan: StudyPlan, split: TrainSplit, worker: int) -> None:
             os._exit(1)
 
         threading.Thread(target=watch, name="cdl-tuner-parent", daemon=True).start()
-    run_worker(plan, split, worker)
+    run_worker(plan, shared.load(), worker)
 
 
 def create(plan: StudyPlan) -> optuna.Study:
@@ -363,6 +365,9 @@ def _coordinate(
     ctx = multiprocessing.get_context("spawn")
     procs: list[Any] = []
     index = 0
+    folder = tempfile.TemporaryDirectory(prefix=f"cdl-study-{plan.study[:40]}-")
+    # the version once on disk, mapped by every worker: no copy of the data per worker process
+    shared = split.save(Path(folder.name))
     try:
         while True:
             procs = [p for p in procs if p.is_alive()]
@@ -376,7 +381,7 @@ def _coordinate(
             if len(procs) < workers:
                 for _ in range(workers - len(procs)):
                     index += 1
-                    p = ctx.Process(target=_worker_main, args=(plan, split, index), daemon=True)
+                    p = ctx.Process(target=_worker_main, args=(plan, shared, index), daemon=True)
                     p.start()
                     procs.append(p)
                 if started is not None:
@@ -394,6 +399,7 @@ def _coordinate(
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        folder.cleanup()
 
 
 def _fail_stale(study: optuna.Study, force: bool = False) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
 from cdl.datasets import DatasetSpec, DatasetVersion, Task
-from cdl.ml.core import fit, hyperparameters, split_version
+from cdl.ml.core import TrainSplit, fit, hyperparameters, split_version
 from cdl.ml.family import get_family
 from cdl.ml.models import Family
 
@@ -68,3 +70,20 @@ def test_the_epoch_callback_stops_a_training_and_max_epochs_caps_it() -> None:
     assert seen == [1, 2] and stopped.result.stopped_by_callback
     capped = fit(SPEC, s, hyperparameters(Family.CNN, {"epochs": 10, "channels": 4}), max_epochs=1, patience=0)
     assert len(capped.result.history) == 1
+
+
+def test_a_saved_split_is_memory_mapped_and_trains_as_the_original(tmp_path: Path) -> None:
+    """A study's workers map one copy of the version (cdl.ml.core.TrainSplit.save)."""
+    data = load_digits()
+    x = data.data.reshape(-1, 1, 8, 8).astype(np.uint8)
+    y = data.target.astype(np.int64)
+    split = TrainSplit(x[:900], y[:900], x[900:1100], y[900:1100], x[1100:], y[1100:])
+    shared = split.save(tmp_path / "split")
+    loaded = shared.load()
+    assert isinstance(loaded.x_train, np.memmap) and not loaded.x_train.flags.writeable
+    assert loaded.x_train.dtype == np.uint8 and np.array_equal(loaded.x_train, split.x_train)
+    spec = DatasetSpec("d", Task.IMAGE, tuple(str(i) for i in range(10)), (1, 8, 8), dtype="uint8")
+    hp = hyperparameters("cnn", {"epochs": 1, "channels": 8})
+    a = fit(spec, split, hp, seed=0, device="cpu")
+    b = fit(spec, loaded, hp, seed=0, device="cpu")
+    assert a.result.history[0].val_loss == b.result.history[0].val_loss
