@@ -73,18 +73,22 @@ class ModelRegistry:
                 found.append(int(m.group(1)))
         return sorted(found)
 
-    def claim(self, model: str, dataset: str, dataset_version: int) -> tuple[int, bool]:
-        """The model version for ``dataset_version``: the one claimed before, or the next one.
+    def claim(self, model: str, dataset: str, dataset_version: int, cause: str = "") -> tuple[int, bool]:
+        """The model version for ``dataset_version`` (and ``cause``, when a version is trained for
+        another reason than new data: a finished study): the one claimed before, or the next one.
 
         Returns ``(version, new)``. A redelivered event gets the same version, so
         versions are monotonic and never duplicated.
         """
         with self._lock:
-            index = f"{model}/claims/d{dataset_version:09d}.json"
+            suffix = f"-{cause}" if cause else ""
+            index = f"{model}/claims/d{dataset_version:09d}{suffix}.json"
             if self._store.exists(MODELS_BUCKET, index):
                 return int(self._store.get_json(MODELS_BUCKET, index)["version"]), False
             version = max(self.versions(model), default=0) + 1
             doc = {"model": model, "version": version, "dataset": dataset, "dataset_version": dataset_version}
+            if cause:
+                doc["cause"] = cause
             self._store.put_json(MODELS_BUCKET, f"{model}/{version}/claim.json", doc)
             self._store.put_json(MODELS_BUCKET, index, doc)
             return version, True

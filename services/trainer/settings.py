@@ -34,6 +34,9 @@ class TrainerSettings(ServiceSettings):
     min_accuracy_over_chance: float = 0.1
     """Without a champion, accept when the holdout score >= chance + this (chance: 1/classes;
     for a regression R² 0, predicting the mean)."""
+    train_on_tuning: bool = True
+    """When a study finishes, train a version with its best hyperparameters on the data it tuned
+    on (off: they only apply from the next dataset version)."""
     val_fraction: float = 0.1
     """Part of the train split held out for early stopping (the holdout is kept for the gate)."""
     seed: int = 0

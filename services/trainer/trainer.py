@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from cdl.datasets import load_version
+from cdl.datasets import DATASETS_BUCKET, load_version
 from cdl.errors import InvalidInputError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
@@ -60,18 +60,35 @@ class Trainer:
     # ------------------------------------------------------------------ events
     def handle(self, event: Event) -> list[OutRecord]:
         if isinstance(event.payload, events_pb2.TuningCompleted):
-            return self.on_tuning(event.payload)
+            return self.on_tuning(event)
         if isinstance(event.payload, events_pb2.DataUpdated):
             return [self.on_data_updated(event)]
         raise InvalidInputError("trainer cannot handle this event type", ce_type=event.type)
 
-    def on_tuning(self, done: events_pb2.TuningCompleted) -> list[OutRecord]:
+    def on_tuning(self, event: Event) -> list[OutRecord]:
+        """Record a study's best hyperparameters for the model's next trainings and, with
+        ``train_on_tuning``, train a version with them on the data the study tuned on at once:
+        the study's best becomes a version (gated against the champion like any other) without
+        waiting for new data."""
         import json
 
+        done = event.payload
+        assert isinstance(done, events_pb2.TuningCompleted)
         params = {k: json.loads(v) for k, v in done.best_params.items()}
         self.registry.set_hyperparameters(done.model, params, f"tuning:{done.study}")
         log.info("tuned hyperparameters recorded", model=done.model, study=done.study, params=params)
-        return []
+        if not self.settings.train_on_tuning or not done.dataset or done.dataset_version <= 0:
+            return []
+        model = done.model
+        version, new = self.registry.claim(model, done.dataset, done.dataset_version, cause=f"study-{done.study}")
+        if self.registry.result(model, version) is None:
+            key = f"{done.dataset}/versions/{done.dataset_version}.json"
+            update = events_pb2.DataUpdated(
+                dataset=done.dataset, version=done.dataset_version, manifest_uri=f"s3://{DATASETS_BUCKET}/{key}"
+            )
+            log.info("training the study's best", model=model, version=version, study=done.study, new_claim=new)
+            self.train_version(model, version, update)
+        return [self._event(event, model, version)]
 
     def on_data_updated(self, event: Event) -> OutRecord:
         update = event.payload

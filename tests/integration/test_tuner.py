@@ -100,12 +100,20 @@ def test_a_first_version_is_tuned_on_two_postgres_workers_and_the_next_training_
         assert time.monotonic() < deadline, "the trainer never stored the tuned parameters"
         time.sleep(0.2)
     assert hp[1] == f"tuning:{done.study}"
+    # the study's best became a version at once, on the data it tuned on (gated like any other)
+    trained = [
+        decode(r.key, r.value, list(r.headers.items())).payload
+        for r in read_topic(kafka_bootstrap, tuner_topics["trained"], 2, timeout_s=120)
+    ]
+    tuned_v = [t for t in trained if t.version == 2]
+    assert tuned_v and tuned_v[0].lineage.dataset_version == 1, trained  # type: ignore[attr-defined]
+    assert tuned_v[0].lineage.hyperparameters_source == f"tuning:{done.study}"  # type: ignore[attr-defined]
     # the next version: trained with the tuned parameters, its lineage names the study;
     # one version later is no reason for another study (every 50 versions)
     writer.publish(writer.version(X[1400:], Y[1400:], [f"b{i}" for i in range(len(X) - 1400)]))
     trained = [
         decode(r.key, r.value, list(r.headers.items())).payload
-        for r in read_topic(kafka_bootstrap, tuner_topics["trained"], 2, timeout_s=120)
+        for r in read_topic(kafka_bootstrap, tuner_topics["trained"], 3, timeout_s=120)
     ]
     last = [t for t in trained if t.lineage.dataset_version == 2]  # type: ignore[attr-defined]
     assert last, trained
