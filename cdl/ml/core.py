@@ -168,6 +168,7 @@ def fit(
     device: str = "auto",
     patience: int = 6,
     max_epochs: int = 0,
+    time_budget_s: float = 0.0,
     callback: EpochCallback | None = None,
     warm_start: Callable[[ModelConfig, nn.Module], object] | None = None,
     module: nn.Module | None = None,
@@ -175,7 +176,8 @@ def fit(
 ) -> Fitted:
     """Train a model of ``spec``'s family on ``split`` (its training and validation parts).
 
-    ``max_epochs`` caps the epochs the hyperparameters ask for (0: no cap). ``warm_start``
+    ``max_epochs`` caps the epochs the hyperparameters ask for (0: no cap), ``time_budget_s`` the
+    seconds of training (the epochs that fit in it; 0: no limit). ``warm_start``
     may load a parent's weights into the freshly built module (the trainer's warm start).
     ``module``: a given model to train further (the compressor's pruned model, which no config
     describes) instead of one built from the hyperparameters; ``preprocessor``: the one its
@@ -209,6 +211,7 @@ def fit(
         device=device,
         patience=patience,
         regression=regression,
+        time_budget_s=time_budget_s,
     )
     result = train(module, xt, yt, xv, yv, cfg, callback)
     return Fitted(module=module, config=config, preprocessor=pre, result=result, hyperparameters=hp)

@@ -50,6 +50,9 @@ class TrainConfig:
     regression: bool = False
     """Mean squared error on the first output, scored by R², instead of cross-entropy and
     accuracy (:mod:`cdl.ml.objective`)."""
+    time_budget_s: float = 0.0
+    """Stop before an epoch that would end past this many seconds of training (the last epoch's
+    time tells); at least one epoch runs. 0: no limit."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class TrainResult:
     samples_per_s: float = 0.0
     stopped_early: bool = False
     stopped_by_callback: bool = False
+    stopped_by_budget: bool = False
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -164,6 +168,10 @@ def train(
             break
         if cfg.patience and since_best >= cfg.patience:
             result.stopped_early = True
+            break
+        elapsed = time.perf_counter() - start
+        if cfg.time_budget_s and epoch < cfg.epochs and elapsed + seconds > cfg.time_budget_s:
+            result.stopped_by_budget = True
             break
     result.duration_s = time.perf_counter() - start
     train_time = sum(m.seconds for m in result.history)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -248,6 +249,9 @@ class Compressor:
         hp["epochs"] = s.prune_finetune_epochs
         hp["lr"] = float(hp.get("lr", 3e-3)) * s.prune_finetune_lr_scale
         split = split_version(data, 0.1, seed=0)
+        if s.prune_finetune_records and len(split.x_train) > s.prune_finetune_records:
+            keep = np.random.default_rng(0).permutation(len(split.x_train))[: s.prune_finetune_records]
+            split = replace(split, x_train=split.x_train[keep], y_train=split.y_train[keep])
         fitted = fit(
             data.spec,
             split,

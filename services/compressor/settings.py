@@ -50,6 +50,9 @@ class CompressorSettings(ServiceSettings):
     prune_fraction: float = 0.5
     """Structured pruning: share of channels (CNN) or hidden neurons (MLP) removed by L1 norm
     for the ``pruned`` and ``pruned-int8`` variants (0: no pruned variants)."""
+    prune_finetune_records: int = 10_000
+    """The pruned model fine-tunes on at most this many training records (a seeded sample; 0:
+    all): a large version compresses in minutes."""
     prune_finetune_epochs: int = 3
     """Epochs the pruned model is fine-tuned on the version's train split (shared training core)."""
     prune_finetune_lr_scale: float = 0.3

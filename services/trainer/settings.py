@@ -50,6 +50,10 @@ class TrainerSettings(ServiceSettings):
     the monitor tests served inputs against it); 0: none."""
     max_epochs: int = 0
     """Cap on epochs whatever the hyperparameters say (0: no cap)."""
+    time_budget_s: float = 150.0
+    """A training stops before an epoch that would end past this many seconds (at least one
+    epoch runs; 0: no limit). A large version serves within minutes instead of after every
+    epoch its hyperparameters ask for; the next versions warm-start from it and train on."""
     patience: int = 6
     """Early stopping: epochs without a better validation loss before stopping (0: never stop early)."""
     code_version: str = ""

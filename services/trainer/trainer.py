@@ -191,6 +191,7 @@ class Trainer:
                 device=self.settings.device,
                 patience=self.settings.patience,
                 max_epochs=self.settings.max_epochs,
+                time_budget_s=self.settings.time_budget_s,
                 warm_start=warm_start,
                 callback=progress,
             )
@@ -254,6 +255,9 @@ class Trainer:
             "champion_version": champion,
             "champion_score": champ_score,
             "samples_per_s": result.samples_per_s,
+            # why it stopped before the epochs asked for: no better validation loss, or the time budget
+            "stopped_early": result.stopped_early,
+            "stopped_by_budget": result.stopped_by_budget,
         }
         summary = {
             "holdout_score": hold.score,

@@ -87,3 +87,33 @@ def test_a_saved_split_is_memory_mapped_and_trains_as_the_original(tmp_path: Pat
     a = fit(spec, split, hp, seed=0, device="cpu")
     b = fit(spec, loaded, hp, seed=0, device="cpu")
     assert a.result.history[0].val_loss == b.result.history[0].val_loss
+
+
+def test_a_time_budget_stops_before_an_epoch_that_would_end_past_it() -> None:
+    data = load_digits()
+    x = data.data.reshape(-1, 1, 8, 8).astype(np.float32)
+    y = data.target.astype(np.int64)
+    split = TrainSplit(x[:1200], y[:1200], x[1200:1400], y[1200:1400], x[1400:], y[1400:])
+    spec = DatasetSpec("d", Task.IMAGE, tuple(str(i) for i in range(10)), (1, 8, 8))
+    hp = hyperparameters("cnn", {"epochs": 50, "channels": 8})
+    timed = fit(spec, split, hp, seed=0, device="cpu", patience=0, time_budget_s=1e-6)
+    assert len(timed.result.history) == 1 and timed.result.stopped_by_budget  # at least one epoch
+    free = fit(spec, split, {**hp, "epochs": 3}, seed=0, device="cpu", patience=0)
+    assert len(free.result.history) == 3 and not free.result.stopped_by_budget
+
+
+def test_the_cnn_pools_early_on_large_images_only_and_old_configs_build_as_they_were() -> None:
+    from cdl.ml.models import ModelConfig, build_model
+
+    big = ModelConfig("cnn", (1, 28, 28), 10, hyperparameters("cnn"))
+    late = ModelConfig("cnn", (1, 28, 28), 10, {k: v for k, v in hyperparameters("cnn").items() if k != "early_pool"})
+    small = ModelConfig("cnn", (1, 8, 8), 10, hyperparameters("cnn"))
+    sizes = {n: sum(p.numel() for p in build_model(c).parameters()) for n, c in (("big", big), ("late", late))}
+    assert sizes["big"] < sizes["late"] / 2  # a quarter of the positions into the head
+    assert build_model(big).state_dict().keys() == build_model(late).state_dict().keys()
+    assert big.architecture() != late.architecture()  # no warm start across the two layouts
+    digits = build_model(small)
+    assert digits(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert sum(p.numel() for p in digits.parameters()) == sum(
+        p.numel() for p in build_model(ModelConfig("cnn", (1, 8, 8), 10, {"channels": 32})).parameters()
+    )
