@@ -174,8 +174,8 @@ class CorpusLoop:
         except Exception:  # noqa: BLE001 - no training yet
             return {}
 
-    def _view(self, last_ack: float, view: Any, training: dict[str, Any]) -> Table:
-        t = Table(title=f"{self.model}: the loop at work, {time.time() - last_ack:.0f} s after the last record")
+    def _view(self, since: float, view: Any, training: dict[str, Any], what: str = "the last record") -> Table:
+        t = Table(title=f"{self.model}: the loop at work, {time.time() - since:.0f} s after {what}")
         t.add_column("stage")
         t.add_column("state")
         versions = ", ".join(f"v{u.version} ({u.total_records:,} records)" for _, u in view.versions)
@@ -268,6 +268,46 @@ class CorpusLoop:
             t.add_row(name, f"{seconds:.1f}")
         self.console.print(t)
         self.console.print(f"CPU meanwhile: {served.cpu}", soft_wrap=True)
+
+    def follow(self, timeout_s: float, grace_s: float = 300.0) -> str:
+        """After v1: wait (at most ``timeout_s``) for the first study to complete and for the
+        version trained on its parameters to finish its rollout. Returns what happened, in words;
+        whatever it was, the gateway then serves what a user would get."""
+        from cdl.v1 import events_pb2
+
+        if timeout_s <= 0:
+            return "not followed (timeout 0)"
+        deadline = time.monotonic() + timeout_s
+        done_states = (
+            events_pb2.ROLLOUT_STATE_PROMOTED,
+            events_pb2.ROLLOUT_STATE_ROLLED_BACK,
+            events_pb2.ROLLOUT_STATE_FAILED,
+        )
+        start = time.time()
+        with Live(console=self.console, refresh_per_second=1) as live:
+            while time.monotonic() < deadline:
+                self.events.poll(1.0)
+                view = self.events.view()
+                live.update(self._view(start, view, self._training(), "v1 answered"))
+                if not view.tunings:
+                    continue
+                studied_at, study = view.tunings[0]
+                tuned = {
+                    mv: tr
+                    for mv, (_, tr) in view.trained.items()
+                    if mv > 1 and tr.lineage.hyperparameters_source.startswith("tuning")
+                }
+                if not tuned:
+                    if time.time() - studied_at > grace_s:
+                        return f"study {study.study} completed; no version on its parameters in {grace_s:.0f} s"
+                    continue
+                mv = min(tuned)
+                if tuned[mv].verdict != events_pb2.VERDICT_ACCEPTED:
+                    return f"study {study.study} completed; v{mv} on its parameters rejected: {tuned[mv].reason}"
+                ends = [d for _, d in view.deployed if d.version == mv and d.state in done_states]
+                if ends:
+                    return f"study {study.study} completed; v{mv} on its parameters {STATE_NAMES.get(ends[0].state)}"
+        return f"no study completed and rolled out within {timeout_s:.0f} s"
 
     # ------------------------------------------------------------------ scoring
     def score(self, x: Any, y: Any) -> tuple[float, set[str]]:
