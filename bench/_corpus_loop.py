@@ -31,7 +31,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench._common import cpu_report, cpu_usage
+from bench._common import cpu_report, cpu_usage, machine
 from tests.corpora import GatewayScorer
 
 #: service settings a user may have exported: the benchmarks measure the defaults, so they are named
@@ -50,6 +50,13 @@ def non_default_settings() -> list[str]:
     return sorted(k for k in os.environ if k.startswith(SERVICE_PREFIXES) or k == "CDL_STACK_SERVICES")
 
 
+def preamble(console: Console) -> None:
+    """The machine, and whether the services will run at their defaults."""
+    console.print(f"machine: {machine()}")
+    changed = non_default_settings()
+    console.print(f"service settings changed by the environment: {', '.join(changed) or 'none (defaults)'}")
+
+
 @dataclass
 class Served:
     """When the first answer came, from which version, and the loop's events up to then."""
@@ -64,6 +71,56 @@ class Served:
     @property
     def seconds(self) -> float:
         return self.answered - self.last_ack
+
+
+@dataclass
+class Outcome:
+    """A run of the loop: v1's first answer, the accuracy as served then and at the end."""
+
+    served: Served
+    first: float
+    accuracy: float
+    versions: set[str]
+    followed: str
+    view: Any
+
+
+class Traffic:
+    """Client requests at ``rate`` a second through the gateway, one row of ``x`` each (no
+    labels), in a thread: the production traffic a canary needs to step up (the gateway's
+    ``min_samples`` candidate answers per step)."""
+
+    def __init__(self, endpoint: str, api_key: str, model: str, x: Any, rate: float = 20.0) -> None:
+        import threading
+
+        self._scorer = GatewayScorer(endpoint, api_key, model)
+        self._x, self._rate = x, rate
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-traffic", daemon=True)
+        self.sent = self.failed = 0
+
+    def _run(self) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            i = self.sent % len(self._x)
+            try:
+                self._scorer.predict(self._x[i : i + 1])
+            except InferenceServerException:
+                self.failed += 1
+            self.sent += 1
+            next_at += 1.0 / self._rate
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def start(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._scorer.close()
 
 
 class CorpusLoop:
@@ -269,45 +326,71 @@ class CorpusLoop:
         self.console.print(t)
         self.console.print(f"CPU meanwhile: {served.cpu}", soft_wrap=True)
 
-    def follow(self, timeout_s: float, grace_s: float = 300.0) -> str:
+    def follow(self, x: Any, timeout_s: float, grace_s: float = 300.0) -> str:
         """After v1: wait (at most ``timeout_s``) for the first study to complete and for the
-        version trained on its parameters to finish its rollout. Returns what happened, in words;
+        version trained on its parameters to finish its rollout, with client traffic (rows of
+        ``x``, :class:`Traffic`) while it is rolled out. Returns what happened, in words;
         whatever it was, the gateway then serves what a user would get."""
-        from cdl.v1 import events_pb2
-
         if timeout_s <= 0:
             return "not followed (timeout 0)"
-        deadline = time.monotonic() + timeout_s
-        done_states = (
+        traffic: Traffic | None = None
+        try:
+            outcome = ""
+            with Live(console=self.console, refresh_per_second=1) as live:
+                deadline, start = time.monotonic() + timeout_s, time.time()
+                while not outcome and time.monotonic() < deadline:
+                    self.events.poll(1.0)
+                    view = self.events.view()
+                    live.update(self._view(start, view, self._training(), "v1 answered"))
+                    outcome, rolling = self._followed(view, start, grace_s)
+                    if rolling and traffic is None:
+                        endpoint = self.state["services"]["gateway"]["grpc"]
+                        traffic = Traffic(endpoint, self.state["api_key"], self.model, x).start()
+            if traffic is not None:
+                outcome += f" (client traffic meanwhile: {traffic.sent} requests, {traffic.failed} failed)"
+            return outcome or f"no study completed and rolled out within {timeout_s:.0f} s"
+        finally:
+            if traffic is not None:
+                traffic.stop()
+
+    @staticmethod
+    def _followed(view: Any, start: float, grace_s: float) -> tuple[str, bool]:
+        """(what the first study came to, "" while it is not over; whether its version is being rolled out)."""
+        from cdl.v1 import events_pb2
+
+        if not view.tunings:
+            return "", False
+        studied_at, study = view.tunings[0]
+        about = (
+            f"study {study.study} ({study.reason}) completed {studied_at - start:.0f} s after v1 answered: "
+            f"{study.trials} trials ({study.pruned_trials} pruned, {study.trial_epochs} trial-epochs), "
+            f"best validation {study.best_value:.4f} with "
+            + ", ".join(f"{k}={v}" for k, v in sorted(study.best_params.items()))
+        )
+        tuned = {
+            mv: tr for mv, (_, tr) in view.trained.items() if tr.lineage.hyperparameters_source.startswith("tuning")
+        }
+        if not tuned:
+            late = time.time() - studied_at > grace_s
+            return (f"{about}; no version on its parameters in {grace_s:.0f} s" if late else ""), False
+        mv = min(tuned)
+        tr = tuned[mv]
+        trained = (
+            f"v{mv} on its parameters: {int(tr.metrics.get('epochs', 0))} epochs "
+            f"in {tr.lineage.duration_s:.0f} s, holdout {tr.metrics.get('holdout_accuracy', float('nan')):.4f}"
+        )
+        if tr.verdict != events_pb2.VERDICT_ACCEPTED:
+            return f"{about}; {trained}, rejected: {tr.reason}", False
+        done = (
             events_pb2.ROLLOUT_STATE_PROMOTED,
             events_pb2.ROLLOUT_STATE_ROLLED_BACK,
             events_pb2.ROLLOUT_STATE_FAILED,
         )
-        start = time.time()
-        with Live(console=self.console, refresh_per_second=1) as live:
-            while time.monotonic() < deadline:
-                self.events.poll(1.0)
-                view = self.events.view()
-                live.update(self._view(start, view, self._training(), "v1 answered"))
-                if not view.tunings:
-                    continue
-                studied_at, study = view.tunings[0]
-                tuned = {
-                    mv: tr
-                    for mv, (_, tr) in view.trained.items()
-                    if mv > 1 and tr.lineage.hyperparameters_source.startswith("tuning")
-                }
-                if not tuned:
-                    if time.time() - studied_at > grace_s:
-                        return f"study {study.study} completed; no version on its parameters in {grace_s:.0f} s"
-                    continue
-                mv = min(tuned)
-                if tuned[mv].verdict != events_pb2.VERDICT_ACCEPTED:
-                    return f"study {study.study} completed; v{mv} on its parameters rejected: {tuned[mv].reason}"
-                ends = [d for _, d in view.deployed if d.version == mv and d.state in done_states]
-                if ends:
-                    return f"study {study.study} completed; v{mv} on its parameters {STATE_NAMES.get(ends[0].state)}"
-        return f"no study completed and rolled out within {timeout_s:.0f} s"
+        ends = [(ts, d) for ts, d in view.deployed if d.version == mv and d.state in done]
+        if ends:
+            ts, d = ends[0]
+            return f"{about}; {trained}, {STATE_NAMES.get(d.state)} {ts - start:.0f} s after v1 answered", False
+        return "", any(d.version == mv for _, d in view.deployed)
 
     # ------------------------------------------------------------------ scoring
     def score(self, x: Any, y: Any) -> tuple[float, set[str]]:
@@ -329,6 +412,24 @@ class CorpusLoop:
         finally:
             scorer.close()
         return float((predicted == np.asarray(y)).mean()), scorer.versions
+
+    def run(self, records: Any, count: int, x: Any, y: Any, timeout_s: float, follow_s: float) -> Outcome:
+        """Produce the records, wait for v1 to answer (``x[:1]`` asked), score ``x``/``y`` as
+        served, follow the first study (:meth:`follow`) and score again."""
+        t0 = time.monotonic()
+        last_ack = self.produce(records, count)
+        self.console.print(f"{count:,} records acknowledged in {time.monotonic() - t0:.1f} s")
+        served = self.wait_served(x[:1], last_ack, timeout_s)
+        self.print_served(served)
+        first, versions = self.score(x, y)
+        self.console.print(f"v1 as served: accuracy {first:.4f} (answered by v{', v'.join(sorted(versions))})")
+        followed = self.follow(x, follow_s)
+        self.console.print(f"after v1: {followed}")
+        accuracy, versions = self.score(x, y)
+        self.console.print(
+            f"as served at the end: accuracy {accuracy:.4f} (answered by v{', v'.join(sorted(versions))})"
+        )
+        return Outcome(served, first, accuracy, versions, followed, self.latest())
 
     def latest(self) -> Any:
         """The loop's events so far."""

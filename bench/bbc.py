@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from rich.console import Console
 
-from bench._common import machine, result
-from bench._corpus_loop import CorpusLoop, non_default_settings
+from bench._common import result
+from bench._corpus_loop import CorpusLoop, preamble
 from cdl.datasets import holdout_member
 from tests.corpora import BBC_LABELS, bbc, text_record
 
@@ -67,9 +67,7 @@ def tfidf_baseline(train: list[str], y_train: np.ndarray, test: list[str], y_tes
 def main() -> None:
     console = Console()
     t_start = time.monotonic()
-    console.print(f"machine: {machine()}")
-    changed = non_default_settings()
-    console.print(f"service settings changed by the environment: {', '.join(changed) or 'none (defaults)'}")
+    preamble(console)
     texts, y = bbc()
     ids = [f"bbc-{i:04d}" for i in range(len(texts))]
     hold = np.array([holdout_member(MODEL, rid, HOLDOUT) for rid in ids])
@@ -92,15 +90,8 @@ def main() -> None:
         )  # fmt: skip
         console.print(out)
         records = (text_record(MODEL, rid, t, BBC_LABELS[int(c)]) for rid, t, c in zip(ids, texts, y, strict=True))
-        last_ack = loop.produce(records, len(texts))
-        served = loop.wait_served(held_texts[:1], last_ack, TIMEOUT_S)
-        loop.print_served(served)
-        first, first_versions = loop.score(held_texts, y[hold])
-        console.print(f"v1 as served: holdout accuracy {first:.4f} (answered by v{', v'.join(sorted(first_versions))})")
-        outcome = loop.follow(FOLLOW_S)
-        console.print(f"after v1: {outcome}")
-        accuracy, versions = loop.score(held_texts, y[hold])
-        view = loop.latest()
+        run = loop.run(records, len(texts), held_texts, y[hold], TIMEOUT_S, FOLLOW_S)
+    served, view, accuracy = run.served, run.view, run.accuracy
     trained = served.trained[1] if served.trained else None
     if trained is not None:
         console.print(
@@ -110,7 +101,7 @@ def main() -> None:
     for mv, (_, c) in sorted(view.compressed.items()):
         console.print(f"v{mv}: served variant {c.chosen_variant if c.ok else 'failed: ' + c.reason}")
     console.print(
-        f"holdout accuracy as served at the end: {accuracy:.4f} (answered by v{', v'.join(sorted(versions))}); "
+        f"holdout accuracy as served: v1 {run.first:.4f}, at the end {accuracy:.4f}; "
         f"TF-IDF + LR {baseline:.4f}; the paper {PAPER_ACCURACY}"
     )
     console.print(f"wall time {time.monotonic() - t_start:.0f} s")
