@@ -65,6 +65,7 @@ __all__ = [
     "holdout_member",
     "latest_version",
     "load_version",
+    "manifest_key",
     "newest_shards",
     "read_manifest",
     "shard_parts",
@@ -449,8 +450,13 @@ def latest_version(store: ObjectStore, dataset: str) -> int | None:
     return max(found) if found else None
 
 
+def manifest_key(dataset: str, version: int) -> str:
+    """Where version ``version`` of ``dataset``'s manifest lives (bucket ``cdl-datasets``)."""
+    return f"{dataset}/versions/{version}.json"
+
+
 def read_manifest(store: ObjectStore, dataset: str, version: int) -> dict[str, Any]:
-    doc: dict[str, Any] = store.get_json(DATASETS_BUCKET, f"{dataset}/versions/{version}.json")
+    doc: dict[str, Any] = store.get_json(DATASETS_BUCKET, manifest_key(dataset, version))
     return doc
 
 

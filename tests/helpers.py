@@ -34,6 +34,13 @@ def read_committed(bootstrap: str, topic: str, expected: int, timeout_s: float =
     return read_topic(bootstrap, topic, expected, timeout_s, isolation="read_committed")
 
 
+def committed_payloads(bootstrap: str, topic: str) -> list[Any]:
+    """The decoded payloads of every committed event on ``topic`` so far (a short read)."""
+    from cdl.events import decode
+
+    return [decode(r.key, r.value, list(r.headers.items())).payload for r in read_committed(bootstrap, topic, 10**6, 2)]
+
+
 def read_topic(
     bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0, isolation: str = "read_uncommitted"
 ) -> list[Rec]:

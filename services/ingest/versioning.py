@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdl.datasets import DatasetSpec, Shard
+from cdl.datasets import DatasetSpec, Shard, manifest_key
 from cdl.errors import ConflictError
 from cdl.events import Topics
 
@@ -34,11 +34,6 @@ STATE_FORMAT = 2
 
 #: reads a manifest by key (the processor's object store; a dict in tests)
 ManifestReader = Callable[[str], dict[str, Any]]
-
-
-def manifest_key(dataset: str, version: int) -> str:
-    """Where version ``version`` of ``dataset``'s manifest lives (bucket ``cdl-datasets``)."""
-    return f"{dataset}/versions/{version}.json"
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from cdl.datasets import DATASETS_BUCKET, load_version
+from cdl.datasets import DATASETS_BUCKET, load_version, manifest_key
 from cdl.errors import InvalidInputError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
@@ -82,7 +82,7 @@ class Trainer:
         model = done.model
         version, new = self.registry.claim(model, done.dataset, done.dataset_version, cause=f"study-{done.study}")
         if self.registry.result(model, version) is None:
-            key = f"{done.dataset}/versions/{done.dataset_version}.json"
+            key = manifest_key(done.dataset, done.dataset_version)
             update = events_pb2.DataUpdated(
                 dataset=done.dataset, version=done.dataset_version, manifest_uri=f"s3://{DATASETS_BUCKET}/{key}"
             )

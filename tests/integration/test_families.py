@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from cdl.events import decode
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import read_committed, read_topic, register_digits, wait_for
+from tests.helpers import committed_payloads, read_topic, register_digits, wait_for
 
 DIGITS = load_digits()
 FAST = {"canary_steps": "[0.5, 1.0]", "min_samples": "10", "step_min_s": "0.3", "warmup_requests": "2"}
@@ -39,10 +39,6 @@ def _spec(name: str, family: str) -> ingest_pb2.DatasetSpec:
         holdout_fraction=0.2,
         family=family,
     )
-
-
-def _payloads(bootstrap: str, topic: str) -> list[Any]:
-    return [decode(r.key, r.value, list(r.headers.items())).payload for r in read_committed(bootstrap, topic, 10**6, 2)]
 
 
 def test_an_unknown_family_is_refused_at_registration(ingest_factory: Any) -> None:
@@ -91,12 +87,14 @@ def test_the_example_family_trains_compresses_serves_and_rolls_out_as_a_canary(
         assert producer.flush(30) == 0
 
     wave(0, 800)  # version 1
-    [trained] = wait_for(lambda: _payloads(kafka_bootstrap, trainer_topics["trained"]), 300, "v1 trained")
+    [trained] = wait_for(lambda: committed_payloads(kafka_bootstrap, trainer_topics["trained"]), 300, "v1 trained")
     assert trained.verdict == events_pb2.VERDICT_ACCEPTED, trained.reason
     lineage = json.loads(object_store.get_bytes("cdl-models", f"{name}/1/lineage.json"))
     assert lineage["family"]["family"] == "resnet18" and lineage["family"]["package"] == "cdl-example-resnet"
     assert len(lineage["family"]["source_sha256"]) == 64
-    [compressed] = wait_for(lambda: _payloads(kafka_bootstrap, compressor_topics["compressed"]), 300, "v1 compressed")
+    [compressed] = wait_for(
+        lambda: committed_payloads(kafka_bootstrap, compressor_topics["compressed"]), 300, "v1 compressed"
+    )
     assert compressed.ok, compressed.reason
     variants = {v.name for v in compressed.variants}
     # what the family allows (no pruning: it lists none), each measured

@@ -19,13 +19,9 @@ from tritonclient.utils import InferenceServerException
 from cdl.events import decode
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import read_committed, read_topic, wait_for
+from tests.helpers import committed_payloads, read_topic, wait_for
 
 DIABETES = load_diabetes()
-
-
-def _payloads(bootstrap: str, topic: str) -> list[Any]:
-    return [decode(r.key, r.value, list(r.headers.items())).payload for r in read_committed(bootstrap, topic, 10**6, 2)]
 
 
 def test_a_regression_is_trained_gated_served_and_monitored_on_its_metric(
@@ -72,7 +68,7 @@ def test_a_regression_is_trained_gated_served_and_monitored_on_its_metric(
     producer.produce(ingest_topics["raw"], json.dumps(bad).encode())
     assert producer.flush(30) == 0
 
-    [trained] = wait_for(lambda: _payloads(kafka_bootstrap, trainer_topics["trained"]), 300, "v1 trained")
+    [trained] = wait_for(lambda: committed_payloads(kafka_bootstrap, trainer_topics["trained"]), 300, "v1 trained")
     assert trained.verdict == events_pb2.VERDICT_ACCEPTED, trained.reason
     assert trained.metric == "r2" and "holdout r2" in trained.reason
     assert trained.challenger_score > 0.3 and trained.metrics["holdout_r2"] == trained.challenger_score
@@ -80,7 +76,9 @@ def test_a_regression_is_trained_gated_served_and_monitored_on_its_metric(
     dead = read_topic(kafka_bootstrap, ingest_topics["deadletter"], expected=1, timeout_s=30)
     assert [dict(r.headers).get("cdl-error") for r in dead] == [b"bad_label"]
 
-    [compressed] = wait_for(lambda: _payloads(kafka_bootstrap, compressor_topics["compressed"]), 300, "v1 compressed")
+    [compressed] = wait_for(
+        lambda: committed_payloads(kafka_bootstrap, compressor_topics["compressed"]), 300, "v1 compressed"
+    )
     assert compressed.ok, compressed.reason
     fp32 = next(v for v in compressed.variants if v.name == "fp32")
     assert abs(fp32.accuracy - trained.challenger_score) < 1e-3  # the variants' score is R² too
