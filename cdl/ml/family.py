@@ -14,6 +14,9 @@ group ``cdl.families`` (``[project.entry-points."cdl.families"]`` in a package's
 :class:`ModelFamily` instance or a class that builds one with no arguments).
 A name in a message or a registration only selects one of them; nothing is
 ever imported from a message. An unknown name is a :class:`~cdl.errors.ConfigError`.
+A family whose package fails to import (a broken or half-removed install) is logged
+and left out: the other families keep working, and asking for the broken one is a
+``ConfigError`` that carries the import error.
 
 Each family's provenance (its package, version and the SHA-256 of the module
 that defines it) goes into every model version's lineage (:func:`provenance`).
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdl.datasets import DatasetSpec, Task
 from cdl.errors import ConfigError
+from cdl.logging import get_logger
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -52,6 +56,8 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "cdl.families"
+
+log = get_logger(__name__)
 
 #: the compressions a family may allow (beside the plain FP32 export, which every family gets)
 COMPRESSIONS = frozenset({"int8-dynamic", "int8-static", "fp16", "pruned"})
@@ -105,13 +111,23 @@ def _load(ep: EntryPoint) -> ModelFamily:
 
 
 @functools.cache
-def _registry() -> dict[str, tuple[ModelFamily, EntryPoint]]:
+def _installed() -> tuple[dict[str, tuple[ModelFamily, EntryPoint]], dict[str, str]]:
+    """The families that load, and the error of each that does not."""
     found: dict[str, tuple[ModelFamily, EntryPoint]] = {}
+    broken: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in found:
+        if ep.name in found or ep.name in broken:
             raise ConfigError("two installed packages name the same model family", family=ep.name)
-        found[ep.name] = (_load(ep), ep)
-    return found
+        try:
+            found[ep.name] = (_load(ep), ep)
+        except Exception as e:  # a plugin's import may raise anything; one never breaks the others
+            broken[ep.name] = f"{type(e).__name__}: {e}"[:300]
+            log.error("model family failed to load", family=ep.name, entry_point=ep.value, error=broken[ep.name])
+    return found, broken
+
+
+def _registry() -> dict[str, tuple[ModelFamily, EntryPoint]]:
+    return _installed()[0]
 
 
 def installed_families() -> dict[str, ModelFamily]:
@@ -123,6 +139,9 @@ def get_family(name: str) -> ModelFamily:
     """The installed family ``name`` (a ConfigError naming the installed ones otherwise)."""
     found = _registry().get(name)
     if found is None:
+        error = _installed()[1].get(name)
+        if error is not None:
+            raise ConfigError(f"model family {name!r} is installed but failed to load: {error}", family=name)
         raise ConfigError(
             f"unknown model family {name[:100]!r}; installed: {', '.join(sorted(_registry())) or 'none'}",
             family=name[:100],

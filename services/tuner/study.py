@@ -29,7 +29,8 @@ processes sharing a storage (transport-free: no Kafka, no grpc).
 - **Warm start**: a new study is seeded with the previous study's best parameters
   (an enqueued first trial).
 - Every trial records its epochs (``user_attrs["epochs"]``) and curve
-  (``user_attrs["curve"]``), so the trial-epochs a study spent are counted.
+  (``user_attrs["curve"]``), so the trial-epochs a study spent are counted, and the
+  process that runs it (``user_attrs["worker_pid"]``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -240,6 +242,7 @@ def _objective(plan: StudyPlan, split: TrainSplit) -> Callable[[optuna.Trial], A
     family = family_of(plan.spec)
 
     def objective(trial: optuna.Trial) -> Any:
+        trial.set_user_attr("worker_pid", os.getpid())  # which process runs it (operators, tests)
         params = suggest(trial, plan.space)
         hp = hyperparameters(family, {**params, "epochs": plan.max_epochs})
         curve: list[float] = []
@@ -294,7 +297,6 @@ def _finished(study: optuna.Study) -> int:
 
 
 def _worker_main(plan: StudyPlan, shared: SharedSplit, worker: int) -> None:
-    import os
     import threading
 
     import torch

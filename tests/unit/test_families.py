@@ -105,12 +105,20 @@ def test_a_user_family_from_an_entry_point_is_found_and_builds(monkeypatch: pyte
 
     def with_plugin(**kw: Any) -> list[EntryPoint]:
         eps = list(real(**kw))
-        return [*eps, EntryPoint("tiny", "cdl_test_plugin:Tiny", fam_mod.ENTRY_POINT_GROUP)]
+        return [
+            *eps,
+            EntryPoint("tiny", "cdl_test_plugin:Tiny", fam_mod.ENTRY_POINT_GROUP),
+            EntryPoint("gone", "cdl_removed_package:Family", fam_mod.ENTRY_POINT_GROUP),
+        ]
 
     monkeypatch.setattr(fam_mod, "entry_points", with_plugin)
-    fam_mod._registry.cache_clear()
+    fam_mod._installed.cache_clear()
     try:
         assert "tiny" in family_names() and get_family("tiny").compressions == {"fp16"}
+        # a plugin whose package does not import leaves the others working, and names its error
+        assert get_family("mlp").name == "mlp"
+        with pytest.raises(ConfigError, match="failed to load: ModuleNotFoundError"):
+            get_family("gone")
         module_out = build_model(ModelConfig("tiny", (3,), 2, {}))
         assert module_out(torch.zeros(1, 3)).shape == (1, 2)
         for ep in (
@@ -120,7 +128,7 @@ def test_a_user_family_from_an_entry_point_is_found_and_builds(monkeypatch: pyte
             with pytest.raises(ConfigError):
                 fam_mod._load(ep)
     finally:
-        fam_mod._registry.cache_clear()
+        fam_mod._installed.cache_clear()
     assert Family.MLP == "mlp"
 
 
