@@ -120,7 +120,7 @@ def _installed() -> tuple[dict[str, tuple[ModelFamily, EntryPoint]], dict[str, s
             raise ConfigError("two installed packages name the same model family", family=ep.name)
         try:
             found[ep.name] = (_load(ep), ep)
-        except Exception as e:  # a plugin's import may raise anything; one never breaks the others
+        except Exception as e:  # noqa: BLE001 (a plugin's import may raise anything; one never breaks the others)
             broken[ep.name] = f"{type(e).__name__}: {e}"[:300]
             log.error("model family failed to load", family=ep.name, entry_point=ep.value, error=broken[ep.name])
     return found, broken

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,11 +27,34 @@ class ProcInfo:
         return {"pid": self.pid, "start_ticks": self.start_ticks}
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ends of outgoing connections."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port free now for a server the stack starts, outside the kernel's ephemeral range: a
+    port from inside it (what binding port 0 gives) can become the local end of some process's
+    outgoing connection before the server binds it; it happened to a gateway's metrics port,
+    held by a Kafka client's connection for as long as that lived."""
+    low, high = _ephemeral_ports()
+    pool = range(10000, low) if low > 11000 else range(high + 1, 65536)
+    for _ in range(100):
+        port = random.choice(pool)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: any free port
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        found: int = s.getsockname()[1]
+        return found
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -9,6 +9,7 @@ from cdl.service import JobService
 from cdl.store import BUCKETS, ObjectStore
 from cdl.v1 import events_pb2
 from services.tuner.settings import TunerSettings
+from services.tuner.study import sweep_study_folders
 from services.tuner.tuner import Tuner
 
 __all__ = ["build", "coalesce_key", "main"]
@@ -28,6 +29,7 @@ def coalesce_key(event: Event) -> str:
 def build(settings: TunerSettings) -> JobService:
     store = ObjectStore.from_settings(settings)
     store.ensure_buckets(*BUCKETS)
+    sweep_study_folders()  # a tuner killed mid-study (-9) left its split on disk
     tuner = Tuner(settings, store, ModelRegistry(store), source_name("tuner"))
     return JobService(
         "tuner",

@@ -13,7 +13,9 @@ processes sharing a storage (transport-free: no Kafka, no grpc).
   the budget is not spent, so a killed worker costs a trial, never the study.
 - **Trials** train on the version's train split, validated on a part carved
   from it (``cdl.ml.core.split_version``; the holdout is never read); each runs up
-  to ``max_epochs`` epochs and reports its validation accuracy per epoch.
+  to ``max_epochs`` epochs, and at most ``time_budget_s`` seconds (the time a version
+  gets in the trainer, so slow parameters score what they reach in it), and reports
+  its validation accuracy per epoch.
 - **Pruning**, single objective: Optuna's pruner (Hyperband by default,
   or median) on the reported accuracy. Multi-objective studies cannot
   ``report``, so cdl prunes them by its own rule (:func:`should_stop`): from
@@ -35,15 +37,18 @@ processes sharing a storage (transport-free: no Kafka, no grpc).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import math
 import multiprocessing
 import os
+import shutil
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +67,16 @@ from cdl.ml.family import family_of
 from cdl.ml.space import Space, suggest
 from cdl.ml.train import EpochMetrics
 
-__all__ = ["StudyPlan", "StudyResult", "make_storage", "pick", "public_url", "run_study", "should_stop"]
+__all__ = [
+    "StudyPlan",
+    "StudyResult",
+    "make_storage",
+    "pick",
+    "public_url",
+    "run_study",
+    "should_stop",
+    "sweep_study_folders",
+]
 
 log = get_logger(__name__)
 
@@ -83,6 +97,8 @@ class StudyPlan:
     space: Space
     n_trials: int = 20
     max_epochs: int = 15
+    time_budget_s: float = 0.0
+    """Most seconds one trial trains (0: no limit); a trial stopped by it scores its best epoch."""
     objectives: tuple[str, ...] = ("accuracy",)
     pruner: str = "hyperband"
     prune_min_epochs: int = 2
@@ -264,7 +280,16 @@ def _objective(plan: StudyPlan, split: TrainSplit) -> Callable[[optuna.Trial], A
             trial.report(acc, m.epoch)
             return not trial.should_prune()
 
-        fitted = fit(plan.spec, split, hp, seed=plan.seed, device=plan.device, patience=0, callback=on_epoch)
+        fitted = fit(
+            plan.spec,
+            split,
+            hp,
+            seed=plan.seed,
+            device=plan.device,
+            patience=0,
+            time_budget_s=plan.time_budget_s,
+            callback=on_epoch,
+        )
         if fitted.result.stopped_by_callback:
             raise optuna.TrialPruned(f"stopped at epoch {len(curve)} with score {curve[-1]:.4f}")
         accuracy = max(curve) if curve else 0.0
@@ -367,41 +392,80 @@ def _coordinate(
     ctx = multiprocessing.get_context("spawn")
     procs: list[Any] = []
     index = 0
-    folder = tempfile.TemporaryDirectory(prefix=f"cdl-study-{plan.study[:40]}-")
-    # the version once on disk, mapped by every worker: no copy of the data per worker process
-    shared = split.save(Path(folder.name))
-    try:
-        while True:
-            procs = [p for p in procs if p.is_alive()]
-            done = _finished(study)
-            if done >= plan.n_trials:
-                break
-            failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-            if failed > plan.n_trials:
-                log.error("study abandoned: its trials keep failing", study=plan.study, failed=failed)
-                break
-            if len(procs) < workers:
-                for _ in range(workers - len(procs)):
-                    index += 1
-                    p = ctx.Process(target=_worker_main, args=(plan, shared, index), daemon=True)
-                    p.start()
-                    procs.append(p)
-                if started is not None:
-                    started([int(p.pid) for p in procs])
-            if on_progress is not None:
-                on_progress(done, plan.n_trials)
-            _fail_stale(study)
-            time.sleep(1.0)
-        # the budget is spent: running trials stop at their next epoch (ending as pruned)
-        study.set_user_attr("budget_spent", True)
-        for p in procs:
-            p.join(plan.grace_s)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        folder.cleanup()
+    with _study_folder(plan.study) as folder:
+        # the version once on disk, mapped by every worker: no copy of the data per worker process
+        shared = split.save(folder)
+        try:
+            while True:
+                procs = [p for p in procs if p.is_alive()]
+                done = _finished(study)
+                if done >= plan.n_trials:
+                    break
+                failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+                if failed > plan.n_trials:
+                    log.error("study abandoned: its trials keep failing", study=plan.study, failed=failed)
+                    break
+                if len(procs) < workers:
+                    for _ in range(workers - len(procs)):
+                        index += 1
+                        p = ctx.Process(target=_worker_main, args=(plan, shared, index), daemon=True)
+                        p.start()
+                        procs.append(p)
+                    if started is not None:
+                        started([int(p.pid) for p in procs])
+                if on_progress is not None:
+                    on_progress(done, plan.n_trials)
+                _fail_stale(study)
+                time.sleep(1.0)
+            # the budget is spent: running trials stop at their next epoch (ending as pruned)
+            study.set_user_attr("budget_spent", True)
+            for p in procs:
+                p.join(plan.grace_s)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+
+
+#: a study's folder (its split, mapped by the workers) in the temporary directory
+FOLDER_PREFIX = "cdl-study-"
+_OWNER = ".owner"
+
+
+@contextlib.contextmanager
+def _study_folder(study: str) -> Iterator[Path]:
+    """A temporary folder for one study, locked (``flock``) by this process while it runs, so a
+    tuner that starts after one was killed (-9: no clean-up ran) knows it is left over."""
+    folder = tempfile.TemporaryDirectory(prefix=f"{FOLDER_PREFIX}{study[:40]}-")
+    with folder, open(Path(folder.name) / _OWNER, "w") as owner:
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        yield Path(folder.name)
+
+
+def sweep_study_folders(root: Path | None = None, min_age_s: float = 60.0) -> int:
+    """Remove study folders no live process holds (left by a killed tuner); returns how many.
+    A folder without its lock file yet is left alone while it is younger than ``min_age_s``."""
+    removed = 0
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        try:
+            with open(folder / _OWNER) as owner:
+                try:
+                    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a running study's
+                shutil.rmtree(folder, ignore_errors=True)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - folder.stat().st_mtime < min_age_s:
+                    continue
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
+        removed += 1
+    if removed:
+        log.info("left-over study folders removed", folders=removed)
+    return removed
 
 
 def _fail_stale(study: optuna.Study, force: bool = False) -> None:

@@ -171,6 +171,7 @@ class Tuner:
             nice=s.worker_nice,
             n_trials=s.n_trials,
             max_epochs=s.max_epochs,
+            time_budget_s=s.trial_time_budget_s,
             objectives=tuple(s.objectives_by_model.get(model, s.objectives)),
             pruner=s.pruner,
             prune_min_epochs=s.prune_min_epochs,

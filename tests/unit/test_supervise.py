@@ -259,3 +259,16 @@ def test_a_supervisor_killed_9_takes_its_child_with_it(supervise: Callable[..., 
     while not _gone(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gone(pid) and run.lines(".sigterm") == [str(pid)]
+
+
+def test_a_free_port_is_bindable_and_outside_the_range_of_outgoing_connections() -> None:
+    import socket
+
+    from cdl.stack._procs import _ephemeral_ports
+
+    low, high = _ephemeral_ports()
+    for _ in range(20):
+        port = free_port()
+        assert not low <= port <= high
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))

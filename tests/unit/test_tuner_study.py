@@ -103,3 +103,48 @@ def test_tpe_models_good_on_a_quarter_of_the_finished_trials_without_warnings() 
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ConfigError):
             StudyPlan(study="s", storage="sqlite://", spec=SPEC, space=space_for(Family.CNN), tpe_gamma=bad)
+
+
+def test_a_trial_trains_no_longer_than_its_time_budget_and_scores_what_it_reached(tmp_path: Path) -> None:
+    split = split_version(_version(400), 0.15, 0)
+    plan = StudyPlan(
+        study="budget",
+        storage=f"sqlite:///{tmp_path / 'b.db'}",
+        spec=SPEC,
+        space=space_for(Family.CNN),
+        n_trials=3,
+        max_epochs=5,
+        pruner="none",
+        time_budget_s=1e-6,  # no second epoch fits in it
+    )
+    result = run_study(plan, split, workers=0)
+    assert result.complete == 3 and result.failed == 0, result
+    trials = optuna.load_study(study_name="budget", storage=plan.storage).trials
+    assert [t.user_attrs["epochs"] for t in trials] == [1, 1, 1]
+    assert all(t.value == t.user_attrs["curve"][0] for t in trials)
+    assert all(isinstance(t.user_attrs["worker_pid"], int) for t in trials)
+
+
+def test_study_folders_of_dead_tuners_are_swept_and_a_running_ones_kept(tmp_path: Path) -> None:
+    import os
+    import tempfile
+
+    from services.tuner import study as study_mod
+
+    tempfile.tempdir, before = str(tmp_path), tempfile.tempdir
+    try:
+        left = tmp_path / f"{study_mod.FOLDER_PREFIX}m-1-dead"  # a killed tuner's: unlocked
+        left.mkdir()
+        (left / ".owner").write_text("")
+        (left / "x.npy").write_bytes(b"0" * 100)
+        young = tmp_path / f"{study_mod.FOLDER_PREFIX}m-2-new"  # being created: no lock file yet
+        young.mkdir()
+        old = tmp_path / f"{study_mod.FOLDER_PREFIX}m-3-old"
+        old.mkdir()
+        os.utime(old, (0, 0))
+        with study_mod._study_folder("m-4") as running:
+            assert study_mod.sweep_study_folders() == 2
+            assert running.exists() and young.exists() and not left.exists() and not old.exists()
+        assert not running.exists()
+    finally:
+        tempfile.tempdir = before
