@@ -2,12 +2,15 @@
 
 Every error a cdl component raises on purpose derives from :class:`CdlError`.
 Each class names the gRPC status code it maps to (as a string, so this module
-stays free of grpc imports) and whether a consumer loop should retry it.
+stays free of grpc imports) and whether a consumer loop should retry it;
+:data:`HTTP_STATUS` gives the HTTP status of each gRPC code, so an error is
+mapped once whichever protocol reports it (the gateway answers both).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "HTTP_STATUS",
     "CdlError",
     "ConfigError",
     "ConflictError",
@@ -15,11 +18,40 @@ __all__ = [
     "InvalidInputError",
     "NotFoundError",
     "PermanentError",
+    "PermissionDeniedError",
     "RetryableError",
     "StackError",
+    "TooLargeError",
     "UnauthenticatedError",
     "UnavailableError",
+    "http_status",
 ]
+
+#: the HTTP status of each gRPC status code (by name), as KServe's and Triton's REST bindings answer
+HTTP_STATUS: dict[str, int] = {
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 413,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
+}
+
+
+def http_status(grpc_code: str) -> int:
+    """The HTTP status of a gRPC status code's name (500 for one it does not know)."""
+    return HTTP_STATUS.get(grpc_code, 500)
 
 
 class CdlError(Exception):
@@ -85,6 +117,18 @@ class UnauthenticatedError(PermanentError):
     """The caller did not prove who it is."""
 
     grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(PermanentError):
+    """The caller is known but may not do this (e.g. load a model through the gateway)."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class TooLargeError(PermanentError):
+    """Input larger than a limit allows."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class ConfigError(CdlError):

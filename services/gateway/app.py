@@ -443,6 +443,7 @@ class GatewayApp:
             s.max_message_bytes,
             trace_sample=s.trace_sample,
             behind_lane=lane_binary is not None,
+            stream_window=s.stream_window,
         )
         server.add_generic_rpc_handlers((service.handler(),))
         admin_call = self.link.call if self.link is not None else self.admin.call

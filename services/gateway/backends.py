@@ -255,6 +255,22 @@ class TritonPool:
                 raise failure
             server = nxt
 
+    async def call_each(self, method: str, request: bytes, timeout: float | None) -> list[bytes]:
+        """``request`` to ``method`` on every ready server at once (what is summed over the
+        servers, such as statistics): the answers of those that answered. Raises the first
+        server's error when none answered, :class:`NoServerError` when none is ready."""
+        servers = [s for s in self._servers if s.ready]
+        if not servers:
+            raise NoServerError("no Triton server is ready")
+        answers = await asyncio.gather(
+            *(s.method(method)(request, timeout=timeout) for s in servers), return_exceptions=True
+        )
+        found = [a for a in answers if isinstance(a, bytes)]
+        if found:
+            return found
+        first = answers[0]
+        raise first if isinstance(first, BaseException) else NoServerError("no Triton server answered")
+
     # ------------------------------------------------------------- health
 
     def _suspect(self, server: _Server) -> None:

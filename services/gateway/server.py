@@ -73,7 +73,7 @@ import itertools
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeAlias
 
 import grpc
@@ -82,16 +82,24 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
 from cdl import tracing
-from cdl.errors import InvalidInputError
+from cdl.errors import (
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    TooLargeError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from cdl.logging import get_logger
 from cdl.v1 import open_inference_pb2 as pb
-from services.gateway import wire
+from services.gateway import statistics, wire
 from services.gateway.auth import ApiKeys
 from services.gateway.backends import SERVICE, NoServerError, TritonPool
 from services.gateway.inference_log import InferenceLog, top_labels
 from services.gateway.routing import Outcomes, Route, RoutingTable
+from services.gateway.status import failure
 
-__all__ = ["METHODS", "REQUESTS", "REQUEST_SECONDS", "SHADOW_DROPPED", "InferenceService"]
+__all__ = ["METHODS", "REFUSED", "REQUESTS", "REQUEST_SECONDS", "SHADOW_DROPPED", "InferenceService"]
 
 log = get_logger(__name__)
 
@@ -103,8 +111,23 @@ METHODS = (
     "ServerMetadata",
     "ModelMetadata",
     "ModelInfer",
+    "ModelStreamInfer",
     "ModelConfig",
+    "ModelStatistics",
     "RepositoryIndex",
+)
+#: ... and those it refuses (PERMISSION_DENIED): they would change what the gateway owns
+REFUSED = (
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
 )
 
 REQUESTS = Counter(
@@ -124,8 +147,12 @@ SHADOW_DROPPED = Counter(
 
 Context: TypeAlias = "grpc.aio.ServicerContext[bytes, bytes]"
 Behavior: TypeAlias = Callable[[bytes, Context], Awaitable[bytes]]
+#: a call's invocation metadata (grpc's, or pairs from another transport, e.g. HTTP headers)
+Metadata: TypeAlias = Iterable[tuple[str, str | bytes]]
+_NO_KEY = "missing or wrong API key (authorization: Bearer <key>)"
 
 _INFER = f"/{SERVICE}/ModelInfer"
+_STATISTICS = f"/{SERVICE}/ModelStatistics"
 _OK = grpc.StatusCode.OK
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
 #: failures that say something about the version that answered (the rest are the client's)
@@ -171,26 +198,16 @@ def _client_fault(data: bytes) -> str | None:
     return wire.input_problem(data)
 
 
-class _Fail(Exception):  # noqa: N818 (a status to send, not an error of the gateway)
-    """A status for the client: raised inside a handler, turned into ``context.abort`` outside it."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
 def _version_of(version: str, route: Route) -> int:
     """The route's version a request names explicitly; NOT_FOUND when it is not one of them."""
     if version.isascii() and version.isdigit():
         v = int(version)
         if v in route.versions():
             return v
-    raise _Fail(
-        _NOT_FOUND,
+    raise NotFoundError(
         f"version {version!r} of model {route.model!r} is not served (serving: "
         + ", ".join(str(v) for v in route.versions())
-        + ")",
+        + ")"
     )
 
 
@@ -209,9 +226,12 @@ class InferenceService:
         shadow_max_in_flight: int = 64,
         trace_sample: float = 0.0,
         behind_lane: bool = False,
+        stream_window: int = 64,
     ) -> None:
         """``behind_lane``: this server listens behind the native lane (``services.gateway.lane``),
-        which hands over requests with the version it picked."""
+        which hands over requests with the version it picked; ``stream_window``: requests of one
+        ModelStreamInfer stream in flight at once."""
+        self._stream_window = max(1, stream_window)
         self._trace_sample = trace_sample
         self._behind_lane = behind_lane
         self._table = table
@@ -238,8 +258,8 @@ class InferenceService:
     # ------------------------------------------------------------- registration
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
-        """Method name -> bytes-in, bytes-out unary handler, for every method in :data:`METHODS`
-        (for ``server.add_registered_method_handlers(SERVICE, ...)``)."""
+        """Method name -> bytes-in, bytes-out handler, for every method in :data:`METHODS` and
+        :data:`REFUSED` (for ``server.add_registered_method_handlers(SERVICE, ...)``)."""
         behaviors: dict[str, Behavior] = {
             "ServerLive": self._forwarder("ServerLive", auth=False),
             "ServerReady": self.server_ready,
@@ -248,9 +268,14 @@ class InferenceService:
             "ModelMetadata": self._model_scoped("ModelMetadata"),
             "ModelInfer": self.model_infer,
             "ModelConfig": self._model_scoped("ModelConfig"),
+            "ModelStatistics": self._unary(self._statistics),
             "RepositoryIndex": self._forwarder("RepositoryIndex"),
+        } | {name: self._refuse(name) for name in REFUSED}
+        handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            name: grpc.unary_unary_rpc_method_handler(b) for name, b in behaviors.items()
         }
-        return {name: grpc.unary_unary_rpc_method_handler(b) for name, b in behaviors.items()}
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.model_stream_infer)
+        return handlers
 
     def handler(self) -> grpc.GenericRpcHandler:
         """One generic handler for the whole service (``server.add_generic_rpc_handlers((h,))``)."""
@@ -303,50 +328,46 @@ class InferenceService:
 
     async def _model_infer(self, request: bytes, context: Context) -> bytes:
         try:
-            return await self._infer(request, context)
-        except _Fail as fail:
-            code, details = fail.code, fail.details
-        except grpc.aio.AioRpcError as exc:  # Triton's answer, passed through
-            code, details = exc.code(), exc.details() or ""
-        except NoServerError as exc:
-            code, details = grpc.StatusCode.UNAVAILABLE, str(exc)
-        except Exception as exc:  # never UNKNOWN from a crash
-            log.exception("ModelInfer failed in the gateway", error=type(exc).__name__)
-            code, details = grpc.StatusCode.INTERNAL, f"gateway error: {type(exc).__name__}"
+            return await self.infer(request, context.invocation_metadata() or (), self._timeout(context), True)
+        except Exception as exc:  # noqa: BLE001 (failure() logs what the gateway did not expect)
+            code, details = failure(exc)
         await context.abort(code, details)
 
-    async def _infer(self, request: bytes, context: Context) -> bytes:
-        if not self._open and not self._keys.check(context.invocation_metadata()):
+    async def infer(self, request: bytes, metadata: Metadata, timeout: float, from_lane: bool = False) -> bytes:
+        """One serialized ``ModelInferRequest`` routed, forwarded and reported, whichever transport
+        brought it (a unary call, a stream, HTTP): Triton's serialized response, or an exception
+        for :func:`failure`. ``metadata`` carries the key (and the native lane's hand-over when
+        ``from_lane``); ``timeout`` is what is left of the caller's deadline."""
+        if not self._open and not self._keys.check(metadata):
             self._count("", 0, grpc.StatusCode.UNAUTHENTICATED)
-            raise _Fail(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization: Bearer <key>)")
+            raise UnauthenticatedError(_NO_KEY)
         if len(request) > self._max_bytes:
             self._count("", 0, grpc.StatusCode.RESOURCE_EXHAUSTED)
-            raise _Fail(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request of {len(request)} bytes is larger than the gateway's limit of {self._max_bytes}",
+            raise TooLargeError(
+                f"request of {len(request)} bytes is larger than the gateway's limit of {self._max_bytes}"
             )
         try:
             name, version, request_id = wire.route_fields(request)
-        except InvalidInputError as exc:
+        except InvalidInputError:
             self._count("", 0, grpc.StatusCode.INVALID_ARGUMENT)
-            raise _Fail(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise
         route = self._table.get(name)
         if route is None:
             self._count("", 0, _NOT_FOUND)
-            raise _Fail(_NOT_FOUND, f"unknown model {name!r}")
+            raise NotFoundError(f"unknown model {name!r}")
         picked = not version
-        lane_v, lane_failure = self._lane_meta(context) if self._behind_lane else (0, None)
+        lane_v, lane_failure = self._lane_meta(metadata) if from_lane and self._behind_lane else (0, None)
         if picked:
             v = lane_v if lane_v in route.versions() else 0
             v = v or self._table.pick(route)
             if not v:
                 self._count(name, 0, grpc.StatusCode.UNAVAILABLE)
-                raise _Fail(grpc.StatusCode.UNAVAILABLE, f"model {name!r} has no serving version yet")
+                raise UnavailableError(f"model {name!r} has no serving version yet")
             suffix = self._version_field(v)
         else:
             try:
                 v = _version_of(version, route)
-            except _Fail:
+            except NotFoundError:
                 self._count(name, 0, _NOT_FOUND)
                 raise
             suffix = b"" if version == str(v) else self._version_field(v)
@@ -354,7 +375,6 @@ class InferenceService:
             request_id = self._id_prefix + str(next(self._ids))
             suffix += wire.id_field(request_id)
         data = request + suffix if suffix else request
-        timeout = self._timeout(context)
 
         start = time.perf_counter()
         try:
@@ -393,13 +413,13 @@ class InferenceService:
         ok.inc()
         seconds.observe(latency)
 
-    def _lane_meta(self, context: Context) -> tuple[int, tuple[grpc.aio.AioRpcError, float] | None]:
+    def _lane_meta(self, metadata: Metadata) -> tuple[int, tuple[grpc.aio.AioRpcError, float] | None]:
         """What the native lane handed a request over with (the lane drops these keys from what
         clients send): the version it picked (``x-cdl-lane-version``; 0 for none), and Triton's
         failure of its forward (``x-cdl-lane-code``, ``-details-bin``, ``-latency-us``), as the
         error the pool would have raised and the seconds it took; None when it did not fail."""
         picked, code, details, latency_us = 0, None, b"", 0
-        for key, value in context.invocation_metadata() or ():
+        for key, value in metadata:
             if key == _LANE_HINT and isinstance(value, str) and value.isdigit():
                 picked = int(value)
             elif key == _LANE_CODE and isinstance(value, str) and value.isdigit():
@@ -456,7 +476,7 @@ class InferenceService:
                 # the client's fault, whatever the code says (and it says nothing about the version)
                 self._outcomes.served(name, v, True, latency)
                 self._count(name, v, grpc.StatusCode.INVALID_ARGUMENT)
-                raise _Fail(grpc.StatusCode.INVALID_ARGUMENT, f"{fault} (Triton: {exc.details()})")
+                raise InvalidInputError(f"{fault} (Triton: {exc.details()})")
         self._outcomes.served(name, v, not server_side, latency)
         self._count(name, v, code)
         if self._log is not None:
@@ -500,65 +520,125 @@ class InferenceService:
         """Ready when at least one Triton server is (see the module docstring)."""
         return _READY if self._pool.ready_count() else _NOT_READY
 
+    def _check_key(self, metadata: Metadata) -> None:
+        if not self._open and not self._keys.check(metadata):
+            raise UnauthenticatedError(_NO_KEY)
+
+    def _unary(self, body: Callable[[bytes, Metadata, float], Awaitable[bytes]]) -> Behavior:
+        """A unary method: ``body(request, metadata, timeout)``, its failures statuses by :func:`failure`."""
+
+        async def behavior(request: bytes, context: Context) -> bytes:
+            try:
+                return await body(request, context.invocation_metadata() or (), self._timeout(context))
+            except Exception as exc:  # noqa: BLE001 (failure() logs what the gateway did not expect)
+                code, details = failure(exc)
+            await context.abort(code, details)
+
+        return behavior
+
     def _forwarder(self, method: str, auth: bool = True) -> Behavior:
         path = f"/{SERVICE}/{method}"
 
-        async def forward(request: bytes, context: Context) -> bytes:
-            try:
-                if auth and not self._authorized(context):
-                    raise _Fail(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
-                return await self._pool.call(path, request, self._timeout(context))
-            except _Fail as fail:
-                code, details = fail.code, fail.details
-            except grpc.aio.AioRpcError as exc:
-                code, details = exc.code(), exc.details() or ""
-            except NoServerError as exc:
-                code, details = grpc.StatusCode.UNAVAILABLE, str(exc)
-            except Exception as exc:
-                log.exception("forwarding failed in the gateway", method=method, error=type(exc).__name__)
-                code, details = grpc.StatusCode.INTERNAL, f"gateway error: {type(exc).__name__}"
-            await context.abort(code, details)
+        async def forward(request: bytes, metadata: Metadata, timeout: float) -> bytes:
+            if auth:
+                self._check_key(metadata)
+            return await self._pool.call(path, request, timeout)
 
-        return forward
+        return self._unary(forward)
 
     def _model_scoped(self, method: str) -> Behavior:
         """ModelReady / ModelMetadata / ModelConfig: the version resolved against the route."""
         path = f"/{SERVICE}/{method}"
         ready = method == "ModelReady"
 
-        async def forward(request: bytes, context: Context) -> bytes:
-            try:
-                if not self._authorized(context):
-                    raise _Fail(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+        async def forward(request: bytes, metadata: Metadata, timeout: float) -> bytes:
+            self._check_key(metadata)
+            name, version = wire.name_version(request)
+            route = self._table.get(name)
+            if route is None or not route.versions():
+                if ready:
+                    return _NOT_READY
+                raise NotFoundError(f"unknown model {name!r}")
+            if version:
                 try:
-                    name, version = wire.name_version(request)
-                except InvalidInputError as exc:
-                    raise _Fail(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-                route = self._table.get(name)
-                if route is None or not route.versions():
+                    _version_of(version, route)
+                except NotFoundError:
                     if ready:
                         return _NOT_READY
-                    raise _Fail(_NOT_FOUND, f"unknown model {name!r}")
-                if version:
-                    try:
-                        _version_of(version, route)
-                    except _Fail:
-                        if ready:
-                            return _NOT_READY
-                        raise
-                    data = request
-                else:
-                    data = request + self._version_field(route.stable or route.versions()[0])
-                return await self._pool.call(path, data, self._timeout(context), retry=_RETRY)
-            except _Fail as fail:
-                code, details = fail.code, fail.details
-            except grpc.aio.AioRpcError as exc:
-                code, details = exc.code(), exc.details() or ""
-            except NoServerError as exc:
-                code, details = grpc.StatusCode.UNAVAILABLE, str(exc)
-            except Exception as exc:
-                log.exception("forwarding failed in the gateway", method=method, error=type(exc).__name__)
-                code, details = grpc.StatusCode.INTERNAL, f"gateway error: {type(exc).__name__}"
-            await context.abort(code, details)
+                    raise
+                data = request
+            else:
+                data = request + self._version_field(route.stable or route.versions()[0])
+            return await self._pool.call(path, data, timeout, retry=_RETRY)
 
-        return forward
+        return self._unary(forward)
+
+    async def _statistics(self, request: bytes, metadata: Metadata, timeout: float) -> bytes:
+        """ModelStatistics of the served versions, summed over the Triton servers
+        (:mod:`services.gateway.statistics`); a model or version not served is NOT_FOUND."""
+        self._check_key(metadata)
+        name, version = statistics.parse_request(request)
+        routes = self._table.all()
+        if name:
+            route = routes.get(name)
+            if route is None or not route.versions():
+                raise NotFoundError(f"unknown model {name!r}")
+            if version:
+                _version_of(version, route)
+            routes = {name: route}
+        served = {m: {str(v) for v in r.versions() if not version or str(v) == version} for m, r in routes.items()}
+        if not any(served.values()):
+            return b""
+        answers = await self._pool.call_each(_STATISTICS, request, timeout)
+        return statistics.merge(answers, served)
+
+    def _refuse(self, method: str) -> Behavior:
+        """A method that must not pass through: the gateway owns Triton's repository, memory,
+        tracing and logging (PERMISSION_DENIED after the key check; never forwarded)."""
+
+        async def refuse(request: bytes, metadata: Metadata, timeout: float) -> bytes:
+            self._check_key(metadata)
+            raise PermissionDeniedError(
+                f"{method} is not available through the gateway: it owns the Triton servers' "
+                "model repository, shared memory, tracing and logging (cdl's rollout loads and unloads models)"
+            )
+
+        return self._unary(refuse)
+
+    # ------------------------------------------------------------- ModelStreamInfer
+
+    async def model_stream_infer(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+        """ModelStreamInfer: each request in the stream routed, forwarded and reported as a unary
+        ModelInfer (at the table's state when it arrives, so a stream outlives a rollout), up to
+        ``stream_window`` of them in flight; answers in the order of the requests, a failed
+        request as the response's ``error_message`` (the stream goes on). A stream without a
+        valid key is refused as a whole (UNAUTHENTICATED)."""
+        metadata = tuple(context.invocation_metadata() or ())
+        if not self._open and not self._keys.check(metadata):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _NO_KEY)
+        pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(maxsize=self._stream_window)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await pending.put(asyncio.create_task(self._stream_one(request, metadata, context)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # the client's half-close, or its error
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                left = pending.get_nowait()
+                if left is not None:
+                    left.cancel()
+
+    async def _stream_one(self, request: bytes, metadata: Metadata, context: Context) -> bytes:
+        try:
+            return wire.stream_response(await self.infer(request, metadata, self._timeout(context)))
+        except Exception as exc:  # noqa: BLE001 (failure() logs what the gateway did not expect)
+            return wire.stream_error(failure(exc)[1])

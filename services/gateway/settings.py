@@ -59,6 +59,8 @@ class GatewaySettings(ServiceSettings):
     """Largest request or response message; a larger one is refused (RESOURCE_EXHAUSTED)."""
     default_timeout_s: float = 10.0
     """Deadline given to a request forwarded to Triton when the client set none."""
+    stream_window: int = 64
+    """Requests of one ModelStreamInfer stream in flight at once (more wait, in order)."""
 
     # ------------------------------------------------------------- inference log
     log_sample: float = 1.0

@@ -48,6 +48,8 @@ __all__ = [
     "name_version",
     "raw_inputs",
     "route_fields",
+    "stream_error",
+    "stream_response",
     "version_field",
     "with_fields",
 ]
@@ -237,6 +239,16 @@ def encode_string_field(tag: bytes, value: str) -> bytes:
     """One length-delimited field (``tag`` already encoded, e.g. ``b"\\x12"`` for field 2)."""
     raw = value.encode()
     return tag + _encode_varint(len(raw)) + raw
+
+
+def stream_response(response: bytes) -> bytes:
+    """A ``ModelStreamInferResponse`` carrying a serialized ``ModelInferResponse`` (field 2)."""
+    return b"\x12" + _encode_varint(len(response)) + response
+
+
+def stream_error(message: str) -> bytes:
+    """A ``ModelStreamInferResponse`` carrying only ``error_message`` (field 1)."""
+    return encode_string_field(b"\x0a", message or "request failed")
 
 
 def version_field(version: str) -> bytes:
