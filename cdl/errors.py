@@ -24,6 +24,7 @@ __all__ = [
     "TooLargeError",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnimplementedError",
     "http_status",
 ]
 
@@ -129,6 +130,12 @@ class TooLargeError(PermanentError):
     """Input larger than a limit allows."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class UnimplementedError(PermanentError):
+    """A method or path the component does not serve."""
+
+    grpc_code = "UNIMPLEMENTED"
 
 
 class ConfigError(CdlError):

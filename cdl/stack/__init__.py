@@ -112,6 +112,8 @@ class LocalStack:
             ports = old_ports(name) or {"metrics": free_port(s.host)}
             if name in grpc_services and "grpc" not in ports:
                 ports["grpc"] = free_port(s.host)
+            if name == "gateway" and "http" not in ports:  # the REST/HTTP v2 endpoint
+                ports["http"] = free_port(s.host)
             key_hash = hashlib.sha256(api_key.encode()).hexdigest() if api_key and name in grpc_services else ""
             extra: dict[str, str] = {}
             if name == "tuner":

@@ -489,6 +489,8 @@ class ServiceComponent(Component):
         env[prefix + "METRICS_PORT"] = str(self.ports["metrics"])
         if "grpc" in self.ports:
             env[prefix + "GRPC_PORT"] = str(self.ports["grpc"])
+        if "http" in self.ports:
+            env[prefix + "HTTP_PORT"] = str(self.ports["http"])
         if self.api_key_hash:
             env[prefix + "API_KEY_HASHES"] = json.dumps([self.api_key_hash])
         if self.name in ("ingest", "trainer", "compressor"):

@@ -58,6 +58,7 @@ from services.gateway.inference_log import LOG_DROPPED, InferenceLog, flush_unac
 from services.gateway.lane import NativeLane
 from services.gateway.log_writer import WriterProcess
 from services.gateway.peers import DriverLink, Followers
+from services.gateway.rest import RestApi
 from services.gateway.rollout import (
     Action,
     RolloutManager,
@@ -204,6 +205,8 @@ class GatewayApp:
         self._socket_dir = ""
         self.http: HttpEndpoint | None = None
         self.port = 0
+        self.rest: RestApi | None = None
+        self.http_port = -1
         self._ready = threading.Event()
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -478,6 +481,9 @@ class GatewayApp:
         if self.lane is None:
             await server.start()
         self.server = server
+        if s.http_port >= 0:
+            self.rest = RestApi(service, s.max_message_bytes)
+            self.http_port = await self.rest.start(s.grpc_host, s.http_port, reuse_port=s.processes > 1)
         self.http = serve_http(s.metrics_port, health=self._health, host=s.metrics_host)
         ticks: asyncio.Task[None] | None = None
         if not self.is_follower:
@@ -485,11 +491,13 @@ class GatewayApp:
             ticks = asyncio.create_task(self._ticks(), name="cdl-gateway-ticks")
             if self.followers is not None:
                 self.followers.overrides["grpc_port"] = self.port
+                self.followers.overrides["http_port"] = self.http_port
                 self.followers.start()
         self._ready.set()
         log.info(
             "gateway started",
             grpc_port=self.port,
+            http_port=self.http_port,
             metrics_port=self.http.port,
             triton=s.triton_grpc,
             tls=bool(s.tls_cert_file),
@@ -506,6 +514,8 @@ class GatewayApp:
                 await asyncio.to_thread(self.followers.stop)
             if self.lane is not None:  # the public port closes first; what it has in flight finishes
                 await asyncio.to_thread(self.lane.close)
+            if self.rest is not None:
+                await self.rest.stop()
             await server.stop(grace=5)
             await service.drain()
             if ticks is not None and self.loop is not None:

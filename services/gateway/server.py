@@ -89,6 +89,7 @@ from cdl.errors import (
     TooLargeError,
     UnauthenticatedError,
     UnavailableError,
+    UnimplementedError,
 )
 from cdl.logging import get_logger
 from cdl.v1 import open_inference_pb2 as pb
@@ -149,6 +150,8 @@ Context: TypeAlias = "grpc.aio.ServicerContext[bytes, bytes]"
 Behavior: TypeAlias = Callable[[bytes, Context], Awaitable[bytes]]
 #: a call's invocation metadata (grpc's, or pairs from another transport, e.g. HTTP headers)
 Metadata: TypeAlias = Iterable[tuple[str, str | bytes]]
+#: a unary method, transport-free: (request, metadata, timeout) -> the serialized answer
+Body: TypeAlias = Callable[[bytes, Metadata, float], Awaitable[bytes]]
 _NO_KEY = "missing or wrong API key (authorization: Bearer <key>)"
 
 _INFER = f"/{SERVICE}/ModelInfer"
@@ -232,6 +235,18 @@ class InferenceService:
         which hands over requests with the version it picked; ``stream_window``: requests of one
         ModelStreamInfer stream in flight at once."""
         self._stream_window = max(1, stream_window)
+        #: every unary method as ``body(request, metadata, timeout)`` (transport-free)
+        self._bodies: dict[str, Body] = {
+            "ServerLive": self._forwarder("ServerLive", auth=False),
+            "ServerReady": self._server_ready,
+            "ModelReady": self._model_scoped("ModelReady"),
+            "ServerMetadata": self._forwarder("ServerMetadata"),
+            "ModelMetadata": self._model_scoped("ModelMetadata"),
+            "ModelInfer": self.infer,
+            "ModelConfig": self._model_scoped("ModelConfig"),
+            "ModelStatistics": self._statistics,
+            "RepositoryIndex": self._forwarder("RepositoryIndex"),
+        } | {name: self._refuse(name) for name in REFUSED}
         self._trace_sample = trace_sample
         self._behind_lane = behind_lane
         self._table = table
@@ -260,22 +275,22 @@ class InferenceService:
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
         """Method name -> bytes-in, bytes-out handler, for every method in :data:`METHODS` and
         :data:`REFUSED` (for ``server.add_registered_method_handlers(SERVICE, ...)``)."""
-        behaviors: dict[str, Behavior] = {
-            "ServerLive": self._forwarder("ServerLive", auth=False),
-            "ServerReady": self.server_ready,
-            "ModelReady": self._model_scoped("ModelReady"),
-            "ServerMetadata": self._forwarder("ServerMetadata"),
-            "ModelMetadata": self._model_scoped("ModelMetadata"),
-            "ModelInfer": self.model_infer,
-            "ModelConfig": self._model_scoped("ModelConfig"),
-            "ModelStatistics": self._unary(self._statistics),
-            "RepositoryIndex": self._forwarder("RepositoryIndex"),
-        } | {name: self._refuse(name) for name in REFUSED}
+        behaviors: dict[str, Behavior] = {name: self._unary(body) for name, body in self._bodies.items()}
+        behaviors["ModelInfer"] = self.model_infer
         handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
             name: grpc.unary_unary_rpc_method_handler(b) for name, b in behaviors.items()
         }
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.model_stream_infer)
         return handlers
+
+    async def call(self, method: str, request: bytes, metadata: Metadata, timeout: float | None = None) -> bytes:
+        """A unary method of the service, whichever transport brought it (REST does): Triton's
+        or the gateway's serialized answer, or an exception for
+        :func:`~services.gateway.status.failure`."""
+        body = self._bodies.get(method)
+        if body is None:
+            raise UnimplementedError(f"unknown method {method[:64]!r}")
+        return await body(request, metadata, self._default_timeout if timeout is None else timeout)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """One generic handler for the whole service (``server.add_generic_rpc_handlers((h,))``)."""
@@ -516,7 +531,7 @@ class InferenceService:
 
     # ------------------------------------------------------------- the other methods
 
-    async def server_ready(self, request: bytes, context: Context) -> bytes:
+    async def _server_ready(self, request: bytes, metadata: Metadata, timeout: float) -> bytes:
         """Ready when at least one Triton server is (see the module docstring)."""
         return _READY if self._pool.ready_count() else _NOT_READY
 
@@ -524,7 +539,7 @@ class InferenceService:
         if not self._open and not self._keys.check(metadata):
             raise UnauthenticatedError(_NO_KEY)
 
-    def _unary(self, body: Callable[[bytes, Metadata, float], Awaitable[bytes]]) -> Behavior:
+    def _unary(self, body: Body) -> Behavior:
         """A unary method: ``body(request, metadata, timeout)``, its failures statuses by :func:`failure`."""
 
         async def behavior(request: bytes, context: Context) -> bytes:
@@ -536,7 +551,7 @@ class InferenceService:
 
         return behavior
 
-    def _forwarder(self, method: str, auth: bool = True) -> Behavior:
+    def _forwarder(self, method: str, auth: bool = True) -> Body:
         path = f"/{SERVICE}/{method}"
 
         async def forward(request: bytes, metadata: Metadata, timeout: float) -> bytes:
@@ -544,9 +559,9 @@ class InferenceService:
                 self._check_key(metadata)
             return await self._pool.call(path, request, timeout)
 
-        return self._unary(forward)
+        return forward
 
-    def _model_scoped(self, method: str) -> Behavior:
+    def _model_scoped(self, method: str) -> Body:
         """ModelReady / ModelMetadata / ModelConfig: the version resolved against the route."""
         path = f"/{SERVICE}/{method}"
         ready = method == "ModelReady"
@@ -571,7 +586,7 @@ class InferenceService:
                 data = request + self._version_field(route.stable or route.versions()[0])
             return await self._pool.call(path, data, timeout, retry=_RETRY)
 
-        return self._unary(forward)
+        return forward
 
     async def _statistics(self, request: bytes, metadata: Metadata, timeout: float) -> bytes:
         """ModelStatistics of the served versions, summed over the Triton servers
@@ -592,7 +607,7 @@ class InferenceService:
         answers = await self._pool.call_each(_STATISTICS, request, timeout)
         return statistics.merge(answers, served)
 
-    def _refuse(self, method: str) -> Behavior:
+    def _refuse(self, method: str) -> Body:
         """A method that must not pass through: the gateway owns Triton's repository, memory,
         tracing and logging (PERMISSION_DENIED after the key check; never forwarded)."""
 
@@ -603,7 +618,7 @@ class InferenceService:
                 "model repository, shared memory, tracing and logging (cdl's rollout loads and unloads models)"
             )
 
-        return self._unary(refuse)
+        return refuse
 
     # ------------------------------------------------------------- ModelStreamInfer
 

@@ -22,6 +22,9 @@ class GatewaySettings(ServiceSettings):
     """Address the gRPC server binds to."""
     grpc_port: int = 0
     """Port of the inference, ModelAdmin and health services; 0 picks a free one."""
+    http_port: int = 0
+    """Port of the REST/HTTP v2 endpoint (services/gateway/rest.py), on ``grpc_host``; 0 picks a
+    free one, -1: no REST endpoint."""
     processes: int = 1
     """Gateway processes sharing the gRPC port (SO_REUSEPORT): this one drives rollouts and
     starts ``processes - 1`` followers (``services.gateway.peers``); 1: this process alone."""

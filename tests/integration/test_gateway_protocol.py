@@ -6,19 +6,27 @@ run against the gateway."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
 import shutil
 import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
+from services.gateway.rest import RestApi
 from services.gateway.routing import Route
 from services.gateway.server import REFUSED
 from tests.helpers import IN_CI
@@ -145,19 +153,180 @@ def _perf_analyzer() -> str | None:
     return found
 
 
-def test_perf_analyzer_runs_against_the_gateway(gateway: Gateway, model: str) -> None:
+def test_perf_analyzer_runs_against_the_gateway_over_grpc_and_http(gateway: Gateway, rest: str, model: str) -> None:
     binary = _perf_analyzer()
-    before = len(gateway.outcomes.served)
-    argv = [
-        str(binary),
-        "-m", model, "-u", gateway.address, "-i", "grpc", "-H", f"authorization: Bearer {KEY}",
-        "--concurrency-range", "2", "--measurement-interval", "1000", "--max-trials", "4",
-        "--stability-percentage", "100",
-    ]  # fmt: skip
-    run = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120, env=dict(os.environ))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", run.stdout)
-    assert throughput and float(throughput.group(1)) > 0, run.stdout[-3000:]
+    for protocol, url in (("grpc", gateway.address), ("http", rest)):
+        gateway.settle()
+        before = len(gateway.outcomes.served)
+        argv = [
+            str(binary),
+            "-m", model, "-u", url, "-i", protocol, "-H", f"authorization: Bearer {KEY}",
+            "--concurrency-range", "2", "--measurement-interval", "1000", "--max-trials", "4",
+            "--stability-percentage", "100",
+        ]  # fmt: skip
+        run = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+        assert run.returncode == 0, (protocol, run.stdout[-3000:] + run.stderr[-3000:])
+        throughput = re.search(r"Throughput: ([\d.]+) infer/sec", run.stdout)
+        assert throughput and float(throughput.group(1)) > 0, run.stdout[-3000:]
+        assert "Server:" in run.stdout, run.stdout[-3000:]  # its server-side figures: the gateway's statistics
+        gateway.settle()
+        assert len(gateway.outcomes.served) - before > 10, protocol
+
+
+# --------------------------------------------------------------------------- REST/HTTP v2
+
+
+@pytest.fixture
+def rest(gateway: Gateway) -> Iterator[str]:
+    """The gateway's REST endpoint, on the harness's service and event loop."""
+    api = RestApi(gateway.service, proxy.MAX_BYTES)
+    port = gateway.run(api.start("127.0.0.1", 0))
+    yield f"127.0.0.1:{port}"
+    gateway.run(api.stop())
+
+
+def _http(
+    url: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None, method: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(f"http://{url}{path}", data=body, headers=headers or {}, method=method or None)
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def _infer_json(x: np.ndarray[Any, Any], **extra: Any) -> bytes:
+    doc = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    return json.dumps(doc | extra).encode()
+
+
+AFFINE_W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+AFFINE_B = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+
+
+def test_rest_serves_the_protocol_with_json_and_binary_tensors(
+    gateway: Gateway, rest: str, model: str, triton_grpcs: list[str]
+) -> None:
+    assert _http(rest, "/v2/health/live")[0] == 200 and _http(rest, "/v2/health/ready")[0] == 200
+    status, _, body = _http(rest, "/v2", headers=HEADERS)
+    server = tgrpc.InferenceServerClient(triton_grpcs[0]).get_server_metadata(as_json=True)
+    assert status == 200 and json.loads(body)["version"] == server["version"]
+    status, _, body = _http(rest, f"/v2/models/{model}", headers=HEADERS)
+    meta = json.loads(body)
+    assert status == 200 and meta["name"] == model and meta["inputs"][0] == {
+        "name": "input", "datatype": "FP32", "shape": [-1, 4]}  # fmt: skip
+    assert _http(rest, f"/v2/models/{model}/ready", headers=HEADERS)[0] == 200
+    assert _http(rest, f"/v2/models/{model}/versions/2/ready", headers=HEADERS)[0] == 200
+    assert _http(rest, f"/v2/models/{model}/versions/3/ready", headers=HEADERS)[0] == 400
+    # JSON in, JSON out: routed to the stable version, the gateway's id on it
+    x = np.random.default_rng(5).normal(size=(2, 4)).astype(np.float32)
+    status, headers, body = _http(rest, f"/v2/models/{model}/infer", _infer_json(x), HEADERS)
+    assert status == 200 and headers["Content-Type"].startswith("application/json"), body
+    answer = json.loads(body)
+    assert answer["model_version"] == "1" and answer["id"].startswith("gw-")
+    [out] = answer["outputs"]
+    assert out["name"] == "output" and out["shape"] == [2, 3] and out["datatype"] == "FP32"
+    np.testing.assert_allclose(np.array(out["data"]).reshape(2, 3), x @ AFFINE_W + AFFINE_B, rtol=1e-5, atol=1e-5)
+    status, _, body = _http(rest, f"/v2/models/{model}/versions/2/infer", _infer_json(x, id="mine"), HEADERS)
+    assert status == 200 and json.loads(body)["model_version"] == "2" and json.loads(body)["id"] == "mine"
+    # tritonclient.http, unchanged: binary tensors both ways, and JSON
+    client = thttp.InferenceServerClient(rest)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(model, headers=HEADERS)
+    for binary in (True, False):
+        inp = thttp.InferInput("input", [2, 4], "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out_req = [thttp.InferRequestedOutput("output", binary_data=binary)]
+        result = client.infer(model, [inp], outputs=out_req, headers=HEADERS, request_id=f"tc-{binary}")
+        np.testing.assert_allclose(result.as_numpy("output"), x @ AFFINE_W + AFFINE_B, rtol=1e-5, atol=1e-5)
+        assert result.get_response()["id"] == f"tc-{binary}"
+    config = client.get_model_config(model, headers=HEADERS)
+    assert config["name"] == model and config["max_batch_size"] == 16
+    stats = client.get_inference_statistics(model, headers=HEADERS)["model_stats"]
+    assert {s["version"] for s in stats} == {"1", "2"} and all(isinstance(s["inference_count"], int) for s in stats)
+    assert client.get_model_repository_index(headers=HEADERS)
     gateway.settle()
-    assert len(gateway.outcomes.served) - before > 10
-    assert "Server:" in run.stdout  # its server-side figures: the gateway's statistics
+    assert {(m, v, ok) for m, v, ok, _ in gateway.outcomes.served if m == model} >= {(model, 1, True), (model, 2, True)}
+
+
+def test_rest_errors_are_json_with_the_right_codes(gateway: Gateway, rest: str, model: str) -> None:
+    x = np.ones((2, 4), np.float32)
+    infer = f"/v2/models/{model}/infer"
+
+    def error(path: str, body: bytes | None, headers: dict[str, str], method: str = "") -> tuple[int, str]:
+        status, _, raw = _http(rest, path, body, headers, method)
+        return status, json.loads(raw)["error"]
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        assert error(infer, _infer_json(x), headers)[0] == 401
+        assert error(f"/v2/models/{model}", None, headers)[0] == 401
+    assert error("/v2/models/nope/infer", _infer_json(x), HEADERS) == (404, "unknown model 'nope'")
+    assert error(f"/v2/models/{model}/versions/3/infer", _infer_json(x), HEADERS)[0] == 404
+    assert error(f"/v2/models/{model}/versions/3", None, HEADERS)[0] == 404
+    malformed = [
+        b"{not json",
+        b"[]",
+        b'{"inputs": []}',
+        json.dumps({"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": [1.0] * 7}]}).encode(),
+        json.dumps({"inputs": [{"name": "input", "shape": [2, -4], "datatype": "FP32", "data": []}]}).encode(),
+        json.dumps({"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP99", "data": [1] * 8}]}).encode(),
+        json.dumps({"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": ["a"] * 8}]}).encode(),
+        json.dumps({"inputs": [{"name": "input", "shape": [2**40, 2**40], "datatype": "FP32", "data": [1]}]}).encode(),
+        b"[" * 100_000,
+    ]
+    for body in malformed:
+        status, message = error(infer, body, HEADERS)
+        assert status == 400 and message, (body[:80], status, message)
+    # binary tensors that lie about their size
+    head = json.dumps({"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 32}}]}).encode()  # fmt: skip
+    for tail, length in ((x.tobytes()[:16], len(head)), (x.tobytes() + b"xx", len(head)), (x.tobytes(), 10**6)):
+        status, _ = error(infer, head + tail, {**HEADERS, "Inference-Header-Content-Length": str(length)})
+        assert status == 400
+    # Triton's own refusal (an input it does not have), passed through with its message
+    wrong = json.dumps({"inputs": [{"name": "wrong", "shape": [2, 4], "datatype": "FP32", "data": [1.0] * 8}]})
+    status, message = error(infer, wrong.encode(), HEADERS)
+    assert status == 400 and "wrong" in message
+    # larger than the gateway's limit
+    assert error(infer, b" " * (proxy.MAX_BYTES + 1), HEADERS)[0] == 413
+    # what would change what the gateway owns: refused, never forwarded
+    for path in (f"/v2/repository/models/{model}/unload", f"/v2/repository/models/{model}/load",
+                 "/v2/systemsharedmemory/region/r/register", "/v2/logging", "/v2/trace/setting"):  # fmt: skip
+        assert error(path, b"{}", HEADERS)[0] == 403, path
+        assert error(path, b"{}", {})[0] == 401, path
+    assert _http(rest, f"/v2/models/{model}/ready", headers=HEADERS)[0] == 200
+    assert error("/v2/nothing/here", None, HEADERS)[0] == 404
+    gateway.settle()
+    assert all(ok for m, _, ok, _ in gateway.outcomes.served if m == model)  # client errors say nothing of versions
+
+
+def test_a_canary_rollout_under_http_load_fails_no_request(gateway: Gateway, rest: str, model: str) -> None:
+    x = np.ones((1, 4), np.float32)
+    failures: list[tuple[int, bytes]] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            status, _, body = _http(rest, f"/v2/models/{model}/infer", _infer_json(x), HEADERS)
+            if status != 200:
+                failures.append((status, body))
+            else:
+                versions.append(json.loads(body)["model_version"])
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        gateway.set_route(Route(model, 1, candidate=3, canary=0.5))  # 3 is loaded nowhere: every canary fails
+        time.sleep(1.5)
+        gateway.set_route(Route(model, 2, candidate=1))  # promoted
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+    assert not failures and len(versions) > 20, failures[:3]
+    assert set(versions) == {"1", "2"}
+    gateway.set_route(Route(model, 1, candidate=2))
