@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -137,6 +139,27 @@ def stack_down(
     stack = _stack(state_dir)
     stopped = stack.down(lambda c, p, d: console.print(f"  {c}: {p} ({d})"), purge=purge)
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@stack_app.command("env")
+def stack_env(state_dir: StateDir = None) -> None:
+    """Shell exports of the running stack's endpoints and key: eval "$(cdl stack env)".
+
+    CDL_GATEWAY_GRPC (host:port), CDL_GATEWAY_HTTP (the REST endpoint's URL), CDL_API_KEY,
+    CDL_KAFKA_BOOTSTRAP."""
+    state = _stack(state_dir).read_state()
+    gateway = state.get("services", {}).get("gateway", {})
+    if not gateway:
+        print(f"no stack with a gateway recorded in {_stack(state_dir).state_dir}", file=sys.stderr)
+        raise typer.Exit(1)
+    values = {
+        "CDL_GATEWAY_GRPC": str(gateway.get("grpc", "")),
+        "CDL_GATEWAY_HTTP": f"http://{gateway['http']}" if "http" in gateway else "",
+        "CDL_API_KEY": str(state.get("api_key", "")),
+        "CDL_KAFKA_BOOTSTRAP": str(state.get("kafka", {}).get("bootstrap", "")),
+    }
+    for key, value in values.items():
+        print(f"export {key}={shlex.quote(value)}")
 
 
 @stack_app.command("status")

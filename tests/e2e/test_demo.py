@@ -7,9 +7,12 @@ demo leaves running (`--keep`), and `cdl stack down` of it."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -120,6 +123,19 @@ def test_the_demo_runs_the_whole_loop_by_itself(demo_run: DemoRun) -> None:
     with pytest.raises(InferenceServerException) as denied:  # no key, no answer
         client.infer("digits", [inp])
     assert denied.value.status() == "StatusCode.UNAUTHENTICATED"
+
+    # the README's REST example (curl), as a user pastes it
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("<!-- rest-example -->")[1].split("<!-- /rest-example -->")[0]
+    script = "\n".join(line for line in example.strip().splitlines() if not line.startswith("```"))
+    env = dict(os.environ, CDL_STATE_DIR=str(state_dir), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    curl = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert curl.returncode == 0, curl.stdout + curl.stderr
+    ready, meta, answer = curl.stdout.strip().split("\n", 2)
+    assert ready == "200" and json.loads(meta)["name"] == "digits", curl.stdout
+    answer_doc = json.loads(answer)
+    assert int(answer_doc["model_version"]) >= 1 and len(answer_doc["outputs"][0]["data"]) == 10, answer
 
     # unknown models and bad input: one line with the status, a non-zero exit
     bad_input = tmp_path / "bad.json"

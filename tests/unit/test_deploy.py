@@ -81,6 +81,9 @@ def test_every_variable_is_a_setting_and_every_value_parses(
         port = int(values["grpc_port"])
         assert values["grpc_host"] == "0.0.0.0"
         assert f"{port}:{port}" in compose["services"][name].get("ports", []), f"{name}: gRPC port not published"
+        if "http_port" in values:  # the gateway's REST endpoint
+            http = int(values["http_port"])
+            assert f"{http}:{http}" in compose["services"][name]["ports"], f"{name}: REST port not published"
     else:
         assert "ports" not in compose["services"][name]
 
