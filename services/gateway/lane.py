@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import threading
@@ -48,10 +49,11 @@ from prometheus_client.registry import Collector
 from cdl import native
 from cdl.errors import CdlError
 from cdl.logging import get_logger
+from cdl.settings import cdl_home
 from services.gateway.inference_log import LOG_DROPPED
 from services.gateway.routing import Route
 
-__all__ = ["RESTARTS", "LaneServed", "NativeLane", "lane_binary"]
+__all__ = ["PROGRAM", "RESTARTS", "LaneServed", "NativeLane", "install_lane", "lane_binary"]
 
 log = get_logger(__name__)
 
@@ -83,15 +85,47 @@ class LaneServed(Protocol):
     ) -> None: ...
 
 
-def lane_binary(data_plane: str) -> Path | None:
-    """The lane's program for ``data_plane`` (``native``, ``auto``, ``python``): None for python,
-    and for auto where it cannot be built (a warning); native requires it (:class:`CdlError`)."""
+#: the lane's installed program: on ``PATH`` (scripts/setup.sh installs it in ``$CDL_HOME/bin``,
+#: the gateway's image in ``/usr/local/bin``), else in ``$CDL_HOME/bin``
+PROGRAM = "cdl-gwlane"
+
+
+def install_lane(bin_dir: Path | None = None) -> Path:
+    """Build the lane (once per source fingerprint, :func:`cdl.native.go_program`) and install it
+    as ``bin_dir/cdl-gwlane`` (default ``$CDL_HOME/bin``): what set-up and the test session
+    run, never the gateway. A :class:`CdlError` where it cannot be built."""
+    built = native.go_program(MODULE, "gwlane")
+    if built is None:
+        raise CdlError("the gateway's native lane could not be built (a Go toolchain is needed)")
+    target = (bin_dir or cdl_home() / "bin") / PROGRAM
+    if not target.exists() or target.read_bytes() != built.read_bytes():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{PROGRAM}.{os.getpid()}")
+        shutil.copyfile(built, tmp)
+        tmp.chmod(0o755)
+        os.replace(tmp, target)
+    return target
+
+
+def lane_binary(data_plane: str, path: str = "") -> Path | None:
+    """The installed lane for ``data_plane`` (``native``, ``auto``, ``python``): ``path`` (the
+    ``lane_path`` setting), else ``cdl-gwlane`` on ``PATH`` or in ``$CDL_HOME/bin``. The gateway
+    never builds it. None for python, and for auto where none is installed (a warning);
+    native requires it (:class:`CdlError`)."""
     if data_plane == "python":
         return None
-    built = native.go_program(MODULE, "gwlane")
-    if built is None and data_plane == "native":
-        raise CdlError("data_plane=native, but the gateway's lane could not be built (a Go toolchain is needed)")
-    return built
+    candidates = (
+        [Path(path)] if path else [Path(p) for p in (shutil.which(PROGRAM),) if p] + [cdl_home() / "bin" / PROGRAM]
+    )
+    found = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+    if found is None:
+        where = path or f"{PROGRAM} on PATH or in {cdl_home() / 'bin'}"
+        if data_plane == "native":
+            raise CdlError(
+                f"data_plane=native, but no native lane is installed ({where}; scripts/setup.sh installs it)"
+            )
+        log.warning("no native lane installed: the gateway serves its port in Python", looked_for=where)
+    return found
 
 
 def _routes_line(routes: Mapping[str, Route]) -> dict[str, list[float]]:

@@ -32,7 +32,11 @@ class GatewaySettings(ServiceSettings):
     """Who serves the gRPC port: ``native``, the gateway's Go lane (``services/gateway/lane``:
     ModelInfer's common path forwarded natively, every other call and case handed to this
     process's Python server behind it); ``python``, this process's ``grpc.aio`` server alone;
-    ``auto``, native where the lane builds (a Go toolchain), else python."""
+    ``auto``, native where the lane is installed (``lane_path``), else python."""
+    lane_path: str = ""
+    """The native lane's program; empty: ``cdl-gwlane`` on ``PATH`` or in ``$CDL_HOME/bin``
+    (scripts/setup.sh installs it there, the gateway's image in ``/usr/local/bin``). The
+    gateway never compiles it: with none installed, ``auto`` serves in Python (a warning)."""
     group_id: str = "cdl-gateway"
     """Consumer group over model.compressed."""
     instance: str = "0"

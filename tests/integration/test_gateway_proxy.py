@@ -50,7 +50,7 @@ from tritonclient.utils import InferenceServerException
 from cdl.store import ObjectStore
 from services.gateway.auth import ApiKeys, hash_key
 from services.gateway.backends import SERVICE, TritonPool
-from services.gateway.lane import NativeLane, lane_binary
+from services.gateway.lane import NativeLane, install_lane
 from services.gateway.routing import Route, RoutingTable
 from services.gateway.server import InferenceService
 from tests.models import write_affine
@@ -140,8 +140,7 @@ class Gateway:
         socket_path = f"{self._socket_dir}/backend.sock"
         self.server.add_insecure_port(f"unix:{socket_path}")
         await self.server.start()
-        binary = lane_binary("native")
-        assert binary is not None
+        binary = install_lane()  # this checkout's lane (built once per source version)
         args = [
             "--listen=127.0.0.1:0",
             f"--backend={socket_path}",

@@ -164,6 +164,25 @@ def test_each_dockerfile_runs_its_service_module_and_checks_its_health(name: str
     assert slim == (name in SLIM), f"{name}: {'slim' if slim else 'full'} image"
 
 
+def test_the_gateway_image_ships_the_lane_it_serves_with() -> None:
+    """The lane is built in a Go stage of the gateway's image (the Go version go.mod asks for),
+    from the lane's sources, and copied where the gateway looks for it (PATH); the image runs
+    the native data plane, so a missing lane is an error at start, not a silent Python port."""
+    from services.gateway.lane import MODULE, PROGRAM
+
+    text = (DEPLOY / "docker" / "gateway.Dockerfile").read_text()
+    go = re.search(r"^go (\d+\.\d+)", (MODULE / "go.mod").read_text(), re.M)
+    assert go is not None
+    stage = re.search(r"^FROM golang:(\d+\.\d+)\S* AS (\w+)$", text, re.M)
+    assert stage is not None and stage.group(1) == go.group(1), "a Go stage of the go.mod's version"
+    rel = MODULE.relative_to(ROOT).as_posix()
+    assert f"COPY {rel}/ ./" in text and f"go build -trimpath -o /out/{PROGRAM} ." in text
+    copied = re.search(rf"^COPY --from={stage.group(2)} /out/{PROGRAM} (\S+)$", text, re.M)
+    assert copied is not None and copied.group(1) == f"/usr/local/bin/{PROGRAM}"  # on the image's PATH
+    assert "ENV CDL_GATEWAY_DATA_PLANE=native" in text
+    assert text.index("COPY --from=") > text.index("FROM python:")  # into the final image
+
+
 def _slim_requirements() -> list[Requirement]:
     lines = (DEPLOY / "requirements-slim.txt").read_text().splitlines()
     return [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]

@@ -109,9 +109,32 @@ def test_go_program_falls_back_without_a_toolchain(monkeypatch: pytest.MonkeyPat
     assert lane_module.lane_binary("python") is None
     with pytest.raises(CdlError, match="data_plane=native"):
         lane_module.lane_binary("native")
+    assert lane_module.lane_binary("auto") is None  # the gateway serves in Python; it never builds
+    with pytest.raises(CdlError, match="could not be built"):
+        lane_module.install_lane()
     monkeypatch.setenv("CDL_NATIVE_REQUIRED", "1")
     with pytest.raises(native.NativeBuildError):
         native.go_program(MODULE, "gwlane")
+
+
+def test_the_gateway_finds_the_installed_lane_and_never_builds_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    program = tmp_path / "bin" / lane_module.PROGRAM
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("CDL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert lane_module.lane_binary("native") == program  # on PATH
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert lane_module.lane_binary("auto") is None
+    assert lane_module.lane_binary("native", str(program)) == program  # the lane_path setting
+    home_bin = tmp_path / "home" / "bin" / lane_module.PROGRAM
+    home_bin.parent.mkdir(parents=True)
+    home_bin.write_bytes(program.read_bytes())
+    home_bin.chmod(0o755)
+    assert lane_module.lane_binary("auto") == home_bin  # $CDL_HOME/bin, where set-up puts it
 
 
 def _tag(num: int, wire_type: int, extra: int = 0) -> bytes:
@@ -188,7 +211,7 @@ def test_scan_reads_what_protobuf_reads() -> None:
     from cdl.v1 import open_inference_pb2 as pb
     from services.gateway import wire
 
-    binary = lane_module.lane_binary("native") if shutil.which("go") or IN_CI else None
+    binary = lane_module.install_lane() if shutil.which("go") or IN_CI else None
     if binary is None:
         pytest.skip("no Go toolchain")
     requests = _requests(20_000)
