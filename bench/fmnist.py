@@ -21,12 +21,16 @@ through the gateway at the end.
    starts once v1 is trained) and the version trained on its parameters, if any, finished
    their rollout (``CDL_BENCH_FMNIST_FOLLOW_S``, 3600 s at most; 0: not waited for).
    ``fmnist_accuracy`` is the end's, against the paper's 0.87 (goal 0.90, 1.034x).
-6. With the stack stopped, on the same machine and the same training images: a bare
-   hand-written PyTorch loop (v1's model, rebuilt from its stored config: the same
-   architecture, batch size and optimiser settings), and cdl's own training loop alone, one
-   epoch each, three times alternating (medians). ``trainer_samples_per_s_fmnist``
-   is the trainer service's samples/s in the loop (its model.trained metrics) against the
-   bare loop (goal >= 0.95).
+6. ``trainer_samples_per_s_fmnist`` is the trainer service's samples/s in the loop (its
+   model.trained metrics) against a bare hand-written PyTorch loop of the same model (the
+   family's defaults, what a first version trains with: the same architecture, batch size
+   and optimiser settings) on the same images, one epoch three times (median), run **in the
+   same conditions**: with the benchmark's stack up and idle, before the records are sent
+   (the trainer trains v1 with the stack up and otherwise idle too: the tuner waits for v1,
+   the compressor for its model.trained). Goal >= 0.95: what cdl's trainer costs over the
+   loop anyone would write, on the same machine at the same moment. For the record, with the
+   stack stopped, the same bare loop and cdl's own training loop (``cdl.ml.train``) alone,
+   alternating, are printed too: the machine's rate without the stack beside it.
 
 ``CDL_BENCH_FMNIST_TIMEOUT_S`` (7200) bounds the wait for v1; ``CDL_BENCH_FMNIST_RECORDS``
 (60000) sends fewer training images, for a quick look only. Prints the machine and, last,
@@ -73,10 +77,21 @@ def torch_threads() -> int:
     return int(torch.get_num_threads())
 
 
-def loops_alone(x: np.ndarray, y: np.ndarray, n: int, config: Any) -> tuple[float, float]:
-    """Samples/s of one epoch over ``n`` training images: a bare hand-written loop, then cdl's
-    training loop (``cdl.ml.train.train``, what the trainer runs), each alone on the machine,
-    both with v1's model (``config``: its family, architecture and hyperparameters)."""
+def default_config() -> Any:
+    """The model a first version of the dataset trains: the image family's defaults."""
+    from cdl.datasets import Task
+    from cdl.ml.core import hyperparameters
+    from cdl.ml.family import default_family
+    from cdl.ml.models import ModelConfig
+
+    family = default_family(Task.IMAGE)
+    return ModelConfig(family, (1, 28, 28), len(FMNIST_LABELS), hyperparameters(family))
+
+
+def loops_alone(x: np.ndarray, y: np.ndarray, n: int, config: Any, with_cdl: bool = True) -> tuple[float, float]:
+    """Samples/s of one epoch over ``n`` training images (medians of ``REPEATS``): a bare
+    hand-written loop, then (``with_cdl``) cdl's training loop (``cdl.ml.train.train``, what the
+    trainer runs), alternating, both with ``config``'s model (family, architecture, hyperparameters)."""
     import torch
     from torch import nn
 
@@ -121,8 +136,9 @@ def loops_alone(x: np.ndarray, y: np.ndarray, n: int, config: Any) -> tuple[floa
     bares, cdls = [], []
     for _ in range(REPEATS):  # alternating: a slow moment of the machine hits both alike
         bares.append(bare_epoch(n))
-        cdls.append(cdl_epoch())
-    return statistics.median(bares), statistics.median(cdls)
+        if with_cdl:
+            cdls.append(cdl_epoch())
+    return statistics.median(bares), statistics.median(cdls) if cdls else float("nan")
 
 
 def main() -> None:
@@ -140,6 +156,12 @@ def main() -> None:
             "--labels", ",".join(FMNIST_LABELS), "--min-new-records", str(len(x)),
         )  # fmt: skip
         console.print(out)
+        n_expected = int(len(x) * 0.8 * 0.9)  # ingest's holdout (20%), then the trainer's validation part
+        with console.status(
+            f"a bare PyTorch loop in the running stack, idle: one epoch of {n_expected:,} images, {REPEATS}x"
+        ):
+            bare_in_stack, _ = loops_alone(x, y, n_expected, default_config(), with_cdl=False)
+        console.print(f"bare loop in the running stack (idle, before the records): {bare_in_stack:,.0f} samples/s")
         run = loop.run(records(x, y), len(x), x_test, y_test, TIMEOUT_S, FOLLOW_S)
         from cdl.registry import ModelRegistry
 
@@ -160,14 +182,17 @@ def main() -> None:
     )
     with console.status(f"one epoch alone, {REPEATS}x: a bare PyTorch loop and cdl's loop ({n:,} images each)"):
         bare, cdl_alone = loops_alone(x, y, n, config)
+    if config.hparams != default_config().hparams:
+        console.print(f"[yellow]v1's parameters are not the defaults the bare loop used: {config.hparams}[/]")
     console.print(
-        f"samples/s: trainer in the loop {in_loop:,.0f}; alone on the machine ({torch_threads()} torch threads): "
-        f"bare loop {bare:,.0f}, cdl's loop {cdl_alone:,.0f}"
+        f"samples/s: trainer in the loop {in_loop:,.0f}; bare loop in the running stack {bare_in_stack:,.0f} "
+        f"({in_loop / bare_in_stack:.3f}x); alone on the machine ({torch_threads()} torch threads): "
+        f"bare loop {bare:,.0f} ({in_loop / bare:.3f}x), cdl's loop {cdl_alone:,.0f}"
     )
     console.print(f"wall time {time.monotonic() - t_start:.0f} s")
     print(result("fmnist_accuracy", accuracy, PAPER_ACCURACY, op=">=", goal=1.034))
     print(result("fmnist_time_to_serve_s", served.seconds, BASELINE_TIME_S, op="<=", goal=1.0, unit="s"))
-    print(result("trainer_samples_per_s_fmnist", in_loop, bare, op=">=", goal=0.95, unit="samples/s"))
+    print(result("trainer_samples_per_s_fmnist", in_loop, bare_in_stack, op=">=", goal=0.95, unit="samples/s"))
 
 
 if __name__ == "__main__":
