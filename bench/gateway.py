@@ -64,7 +64,7 @@ SECONDS = float(os.environ.get("CDL_BENCH_GATEWAY_SECONDS", "10"))
 CONCURRENCY = 16
 ROLLOUTS = int(os.environ.get("CDL_BENCH_GATEWAY_ROLLOUTS", "50"))
 #: another gateway measured beside the first, NAME:ENV=VALUE;ENV=VALUE (e.g.
-#: thread:CDL_GATEWAY_LOG_WRITER=thread), to compare two settings on the machine as it is then
+#: python:CDL_GATEWAY_DATA_PLANE=python), to compare two settings on the machine as it is then
 VARIANT = os.environ.get("CDL_BENCH_GATEWAY_VARIANT", "")
 N_IN, N_OUT = 64, 10
 MODEL = "digits_bench"
@@ -83,7 +83,7 @@ def _request() -> bytes:
 
 
 def _cpu_s(pid: int, group: bool = True) -> float:
-    """CPU seconds of ``pid`` and (``group``) the rest of its process group (a gateway's log writer)."""
+    """CPU seconds of ``pid`` and (``group``) the rest of its process group (a gateway's native lane)."""
     from cdl.stack._procs import _stat, group_members
 
     tick = os.sysconf("SC_CLK_TCK")

@@ -122,7 +122,7 @@ def setup(service: str, settings: Any) -> None:
             exporter = ConsoleSpanExporter()
         else:
             state_dir = Path(getattr(settings, "state_dir", "") or ".")
-            # one file per process: a gateway's follower processes write their own
+            # one file per process: two processes of one service never write to one file
             default = state_dir / "traces" / f"{service}-{os.getpid()}.jsonl"
             path = Path(_setting(settings, "trace_file", str(default)))
             exporter = JsonLinesExporter(path)

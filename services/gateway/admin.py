@@ -22,7 +22,7 @@ from services.gateway.auth import ApiKeys
 from services.gateway.rollout import RolloutManager, RolloutStatus, Transition
 from services.gateway.status import failure
 
-__all__ = ["AdminCore", "ModelAdminService", "status_message"]
+__all__ = ["ModelAdminService", "status_message"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -40,21 +40,29 @@ def status_message(st: RolloutStatus) -> admin_pb2.ModelStatus:
     return out
 
 
-class AdminCore:
-    """The admin calls as functions of serialized requests (no transport): the servicer of
-    the driving process calls it, and so do followers' forwarded calls (``services.gateway.peers``)."""
+_RESPONSES: dict[str, Any] = {
+    "RolloutStatus": admin_pb2.RolloutStatusResponse,
+    "Promote": admin_pb2.PromoteResponse,
+    "Rollback": admin_pb2.RollbackResponse,
+    "Approve": admin_pb2.ApproveResponse,
+    "SetTraffic": admin_pb2.SetTrafficResponse,
+}
 
-    def __init__(self, manager: RolloutManager, execute: Callable[[Sequence[Transition]], None]) -> None:
+
+class ModelAdminService(admin_pb2_grpc.ModelAdminServicer):
+    """The servicer: checks the admin key, then carries the call out on the manager off the
+    event loop -- the manager may persist (object store I/O)."""
+
+    def __init__(self, manager: RolloutManager, execute: Callable[[Sequence[Transition]], None], keys: ApiKeys) -> None:
         self._manager = manager
         self._execute = execute
+        self._keys = keys
 
-    def call(self, method: str, request: bytes) -> bytes:
-        """Carry out ``method`` (a ModelAdmin rpc name); raises CdlError (NOT_FOUND, ...)."""
+    def _carry_out(self, method: str, req: Any) -> Any:
+        """``method`` (a ModelAdmin rpc name) on the manager; raises CdlError (NOT_FOUND, ...)."""
         m = self._manager
         if method == "ListModels":
-            return admin_pb2.ListModelsResponse(models=[status_message(s) for s in m.models()]).SerializeToString()
-        req_cls, resp_cls = _TYPES[method]
-        req: Any = req_cls.FromString(request)
+            return admin_pb2.ListModelsResponse(models=[status_message(s) for s in m.models()])
         if method == "Promote":
             self._execute(m.promote(req.model, req.version))
         elif method == "Rollback":
@@ -63,37 +71,16 @@ class AdminCore:
             self._execute(m.approve(req.model, req.version, req.approver))
         elif method == "SetTraffic":
             self._execute(m.set_traffic(req.model, req.traffic_fraction))
-        return bytes(resp_cls(status=status_message(m.status(req.model))).SerializeToString())
-
-
-_TYPES: dict[str, tuple[Any, Any]] = {
-    "ListModels": (admin_pb2.ListModelsRequest, admin_pb2.ListModelsResponse),
-    "RolloutStatus": (admin_pb2.RolloutStatusRequest, admin_pb2.RolloutStatusResponse),
-    "Promote": (admin_pb2.PromoteRequest, admin_pb2.PromoteResponse),
-    "Rollback": (admin_pb2.RollbackRequest, admin_pb2.RollbackResponse),
-    "Approve": (admin_pb2.ApproveRequest, admin_pb2.ApproveResponse),
-    "SetTraffic": (admin_pb2.SetTrafficRequest, admin_pb2.SetTrafficResponse),
-}
-
-
-class ModelAdminService(admin_pb2_grpc.ModelAdminServicer):
-    """The servicer: checks the admin key, then ``call`` does the work (``AdminCore.call`` in the
-    driving process, the pipe to it in a follower) off the event loop -- the manager may
-    persist (object store I/O)."""
-
-    def __init__(self, call: Callable[[str, bytes], bytes], keys: ApiKeys) -> None:
-        self._call_fn = call
-        self._keys = keys
+        return _RESPONSES[method](status=status_message(m.status(req.model)))
 
     async def _call(self, context: Context, method: str, request: Any) -> Any:
         try:
             if not self._keys.check(context.invocation_metadata(), admin=True):
                 raise UnauthenticatedError("missing or wrong admin key")
-            raw = await asyncio.to_thread(self._call_fn, method, request.SerializeToString())
+            return await asyncio.to_thread(self._carry_out, method, request)
         except Exception as exc:  # noqa: BLE001 (failure() logs what the gateway did not expect)
             code, details = failure(exc)
             await context.abort(code, details)
-        return _TYPES[method][1].FromString(raw)
 
     async def ListModels(  # noqa: N802 - the rpc's name
         self, request: admin_pb2.ListModelsRequest, context: Context

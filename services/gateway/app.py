@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -50,29 +49,20 @@ from cdl.rpc import add_health
 from cdl.store import BUCKETS, ObjectStore
 from cdl.v1 import admin_pb2_grpc, events_pb2
 from services.gateway import lane as lane_module
-from services.gateway.admin import AdminCore, ModelAdminService
+from services.gateway.admin import ModelAdminService
 from services.gateway.auth import ApiKeys
 from services.gateway.backends import TritonPool
 from services.gateway.control import TritonControl
 from services.gateway.inference_log import LOG_DROPPED, InferenceLog, flush_unacknowledged
 from services.gateway.lane import NativeLane
-from services.gateway.log_writer import WriterProcess
-from services.gateway.peers import DriverLink, Followers
 from services.gateway.rest import RestApi
-from services.gateway.rollout import (
-    Action,
-    RolloutManager,
-    RolloutPolicy,
-    RolloutState,
-    Transition,
-    document_lowers,
-)
+from services.gateway.rollout import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
 from services.gateway.routing import RoutingTable
 from services.gateway.server import InferenceService
 from services.gateway.settings import GatewaySettings
 from services.gateway.state import RolloutStore
 
-__all__ = ["GatewayApp", "main", "run_follower"]
+__all__ = ["GatewayApp", "main"]
 
 log = get_logger(__name__)
 
@@ -100,11 +90,9 @@ class _RolloutCollector(Collector):
 
 
 class GatewayApp:
-    """The gateway process: the *driver* (``driver`` None: rollouts, Kafka loop, Triton control,
-    and ``processes - 1`` followers), or a *follower* serving beside it on the same port
-    (``driver``: its pipe to the driver; see ``services.gateway.peers``)."""
+    """The gateway process: serving, rollouts, the Kafka loop and Triton control."""
 
-    def __init__(self, settings: GatewaySettings, driver: Connection | None = None) -> None:
+    def __init__(self, settings: GatewaySettings) -> None:
         if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
             raise CdlError("TLS needs both CDL_GATEWAY_TLS_CERT_FILE and CDL_GATEWAY_TLS_KEY_FILE")
         if not settings.triton_grpc:
@@ -115,28 +103,9 @@ class GatewayApp:
         self.store = ObjectStore.from_settings(settings)
         self.table = RoutingTable()
         self.rollouts = RolloutStore(self.store)
-        self.is_follower = driver is not None
         self.manager = RolloutManager(
-            self.table,
-            RolloutPolicy.from_settings(settings),
-            time.monotonic,
-            persist=None if self.is_follower else self._persist,
+            self.table, RolloutPolicy.from_settings(settings), time.monotonic, persist=self._persist
         )
-        self.link: DriverLink | None = None
-        if driver is not None:
-            self.link = DriverLink(driver, on_docs=self.manager.follow, on_lost=self._driver_lost)
-        self.admin = AdminCore(self.manager, self.execute)
-        self.followers: Followers | None = None
-        if not self.is_follower and settings.processes > 1:
-            # made now so that every document saved from here on reaches the followers
-            # (started once the port is bound)
-            self.followers = Followers(
-                settings.processes - 1,
-                run_follower,
-                {**settings.model_dump(mode="json"), "metrics_port": 0},
-                outcomes=self.manager,
-                admin=self.admin.call,
-            )
         self.control = TritonControl(settings.triton_grpc, self.store, settings.load_timeout_s)
         # delivery reports for failures only: the log's per-record callbacks were a Python call per
         # request in the poll (every cdl producer counts failures only)
@@ -144,14 +113,14 @@ class GatewayApp:
             settings.kafka_bootstrap, client_id="cdl-gateway", **{"delivery.report.only.error": True}
         )
         # the log's records are built and produced by the log's thread with a producer of its own
-        # (lingering log_linger_ms: model.deployed does not wait behind the log's batches), or by
-        # a writer process (off this process's GIL; log_writer=process)
-        logging_on = settings.log_sample > 0
-        in_thread = settings.log_writer == "thread"
-        log_config = {"delivery.report.only.error": True, "linger.ms": settings.log_linger_ms}
+        # (lingering log_linger_ms: model.deployed does not wait behind the log's batches)
         self.log_producer: Producer | None = (
-            Producer(settings.kafka_bootstrap, client_id="cdl-gateway-log", **log_config)
-            if logging_on and in_thread
+            Producer(
+                settings.kafka_bootstrap,
+                client_id="cdl-gateway-log",
+                **{"delivery.report.only.error": True, "linger.ms": settings.log_linger_ms},
+            )
+            if settings.log_sample > 0
             else None
         )
         self.log = InferenceLog(
@@ -161,39 +130,24 @@ class GatewayApp:
             inputs_max_bytes=settings.log_inputs_max_bytes,
             queue_size=settings.log_queue,
             source=self.source,
-            writer=(
-                WriterProcess(
-                    settings.kafka_bootstrap,
-                    settings.logged_topic,
-                    self.source,
-                    settings.log_inputs_max_bytes,
-                    producer_config=log_config,
-                )
-                if logging_on and not in_thread
-                else None
-            ),
         )
         self.keys = ApiKeys(settings.api_key_hashes, settings.admin_key_hashes)
         self.pool = TritonPool(
             settings.triton_grpc,
             settings.max_message_bytes,
             health_interval_s=settings.health_interval_s,
-            on_ready=self._follower_server_ready if self.is_follower else self._server_ready,
+            on_ready=self._server_ready,
         )
-        self.loop: JobLoop | None = (
-            None
-            if self.is_follower
-            else JobLoop(
-                bootstrap=settings.kafka_bootstrap,
-                group_id=settings.group_id,
-                topics=[settings.compressed_topic, settings.health_topic],
-                transactional_id=f"{settings.group_id}-{settings.instance}",
-                job=self._on_event,
-                key=lambda e: e.id,
-                deadletter_topic=settings.deadletter_topic,
-                processed=SqliteProcessedStore(Path(settings.state_dir) / "gateway" / f"{settings.group_id}.sqlite"),
-                policy=settings.failure_policy(),
-            )
+        self.loop = JobLoop(
+            bootstrap=settings.kafka_bootstrap,
+            group_id=settings.group_id,
+            topics=[settings.compressed_topic, settings.health_topic],
+            transactional_id=f"{settings.group_id}-{settings.instance}",
+            job=self._on_event,
+            key=lambda e: e.id,
+            deadletter_topic=settings.deadletter_topic,
+            processed=SqliteProcessedStore(Path(settings.state_dir) / "gateway" / f"{settings.group_id}.sqlite"),
+            policy=settings.failure_policy(),
         )
         self._work: queue.Queue[Transition | None] = queue.Queue()
         #: the traceparent of each version's rollout (its model.compressed span), newest 1,000
@@ -209,26 +163,11 @@ class GatewayApp:
         self.http_port = -1
         self._ready = threading.Event()
         self._stopping = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         REGISTRY.register(_RolloutCollector(self.manager))
 
     def _persist(self, model: str, doc: Mapping[str, Any]) -> None:
-        """Save a rollout document and hand it to the followers: after the save when it gives the
-        candidate more traffic (followers never route more than is saved), before it when it gives
-        less (a rollback reaches them even while saves fail, as it takes effect here at once)."""
-        if self.followers is None:
-            self.rollouts.save(model, doc)
-            return
-        lowers = document_lowers(self.followers.document(model), doc)
-        if lowers:
-            self.followers.publish(model, doc)
+        """Save a rollout document (``rollout.json``)."""
         self.rollouts.save(model, doc)
-        if not lowers:
-            self.followers.publish(model, doc)
-
-    def _driver_lost(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
 
     # ------------------------------------------------------------------ rollouts
     def execute(self, transitions: Sequence[Transition]) -> None:
@@ -313,23 +252,6 @@ class GatewayApp:
             log.info("Triton server joins with every serving version loaded", server=endpoint, models=len(models))
         return True
 
-    async def _follower_server_ready(self, endpoint: str) -> bool:
-        """A follower loads nothing (the driver does): a server takes its requests once it
-        holds what every model serves."""
-        models = {st.model: self.manager.wanted_versions(st.model) for st in self.manager.models()}
-
-        def holds_all() -> bool:
-            for model, versions in models.items():
-                held = self.control.loaded_versions(model, servers=[endpoint])[endpoint]
-                if versions and not set(versions) <= set(held):
-                    return False
-            return True
-
-        try:
-            return await asyncio.to_thread(holds_all)
-        except CdlError:
-            return False
-
     def _on_event(self, event: Event, ctx: RecordContext) -> list[OutRecord]:
         msg = event.payload
         if isinstance(msg, events_pb2.ModelHealth):
@@ -352,7 +274,6 @@ class GatewayApp:
         return []
 
     def _run_loop(self) -> None:
-        assert self.loop is not None
         try:
             self.loop.run()
         except Exception:
@@ -394,15 +315,7 @@ class GatewayApp:
         if self.lane is not None:
             ready = ready and self.lane.alive()
             details["lane_pid"] = self.lane.pid()
-        if self.is_follower:
-            details["role"] = "follower"
-        elif self.loop is not None:
-            ready = ready and self.loop.assigned.is_set()
-            details["role"] = "driver"
-            if self.followers is not None:
-                details["followers"] = self.followers.alive()
-                details["follower_pids"] = self.followers.pids()
-                details["follower_admin_calls"] = self.followers.calls
+        ready = ready and self.loop.assigned.is_set()
         return ready, details
 
     def _ensure_topics(self) -> None:
@@ -414,32 +327,22 @@ class GatewayApp:
 
     async def serve(self) -> None:
         s = self.settings
-        self._loop = asyncio.get_running_loop()
-        docs: dict[str, dict[str, Any]] = {}
-        if self.link is not None:
-            self.link.start()  # the driver's saved documents come first, then each one as saved
-            await asyncio.to_thread(self.link.first_docs.wait, 30)
-        else:
-            self.store.ensure_buckets(*BUCKETS)
-            self._ensure_topics()
-            self._worker.start()
-            docs = await asyncio.to_thread(self.rollouts.load_all)
-            if self.followers is not None:
-                self.followers.seed(docs)
-            self.execute(await asyncio.to_thread(self.manager.restore, docs))
+        self.store.ensure_buckets(*BUCKETS)
+        self._ensure_topics()
+        self._worker.start()
+        docs = await asyncio.to_thread(self.rollouts.load_all)
+        self.execute(await asyncio.to_thread(self.manager.restore, docs))
         await self.pool.start()
         lane_binary = lane_module.lane_binary(s.data_plane, s.lane_path)
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", s.max_message_bytes),  # larger: RESOURCE_EXHAUSTED
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 1 if s.processes > 1 and lane_binary is None else 0),
         ]
         server = grpc.aio.server(options=options)
-        outcomes = self.link if self.link is not None else self.manager
         service = InferenceService(
             self.table,
             self.pool,
-            outcomes,
+            self.manager,
             self.log,
             self.keys,
             s.default_timeout_s,
@@ -449,8 +352,8 @@ class GatewayApp:
             stream_window=s.stream_window,
         )
         server.add_generic_rpc_handlers((service.handler(),))
-        admin_call = self.link.call if self.link is not None else self.admin.call
-        admin_pb2_grpc.add_ModelAdminServicer_to_server(ModelAdminService(admin_call, self.keys), server)
+        admin = ModelAdminService(self.manager, self.execute, self.keys)
+        admin_pb2_grpc.add_ModelAdminServicer_to_server(admin, server)
         add_health(server, ["inference.GRPCInferenceService", "cdl.v1.ModelAdmin"])
         address = f"{s.grpc_host}:{s.grpc_port}"
         if lane_binary is not None:
@@ -483,16 +386,10 @@ class GatewayApp:
         self.server = server
         if s.http_port >= 0:
             self.rest = RestApi(service, s.max_message_bytes)
-            self.http_port = await self.rest.start(s.grpc_host, s.http_port, reuse_port=s.processes > 1)
+            self.http_port = await self.rest.start(s.grpc_host, s.http_port)
         self.http = serve_http(s.metrics_port, health=self._health, host=s.metrics_host)
-        ticks: asyncio.Task[None] | None = None
-        if not self.is_follower:
-            self._kafka.start()
-            ticks = asyncio.create_task(self._ticks(), name="cdl-gateway-ticks")
-            if self.followers is not None:
-                self.followers.overrides["grpc_port"] = self.port
-                self.followers.overrides["http_port"] = self.http_port
-                self.followers.start()
+        self._kafka.start()
+        ticks = asyncio.create_task(self._ticks(), name="cdl-gateway-ticks")
         self._ready.set()
         log.info(
             "gateway started",
@@ -509,23 +406,18 @@ class GatewayApp:
             await self._stopping.wait()
         finally:
             self._ready.clear()
-            log.info("gateway stopping", role="follower" if self.is_follower else "driver")
-            if self.followers is not None:
-                await asyncio.to_thread(self.followers.stop)
+            log.info("gateway stopping")
             if self.lane is not None:  # the public port closes first; what it has in flight finishes
                 await asyncio.to_thread(self.lane.close)
             if self.rest is not None:
                 await self.rest.stop()
             await server.stop(grace=5)
             await service.drain()
-            if ticks is not None and self.loop is not None:
-                self.loop.stop()
-                self._kafka.join(30)
-                await ticks
-                self._work.put(None)
-                self._worker.join(30)
-            if self.link is not None:
-                self.link.close()
+            self.loop.stop()
+            self._kafka.join(30)
+            await ticks
+            self._work.put(None)
+            self._worker.join(30)
             await self.pool.close()
             self.log.close()
             if self.log_producer is not None:  # what it cannot deliver is counted: model.deployed is flushed next
@@ -551,8 +443,6 @@ class GatewayApp:
         ]
         if s.tls_cert_file:
             args += [f"--tls-cert={s.tls_cert_file}", f"--tls-key={s.tls_key_file}"]
-        if s.processes > 1:
-            args.append("--reuseport")
         return args
 
 
@@ -560,12 +450,3 @@ def main() -> None:
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level)
     asyncio.run(GatewayApp(settings).serve())
-
-
-def run_follower(driver: Connection, index: int, overrides: dict[str, Any]) -> None:
-    """A follower process (spawned by the driver's :class:`~services.gateway.peers.Followers`):
-    the driver's settings (the environment it was started with) and its port."""
-    settings = GatewaySettings(**overrides)
-    settings = settings.model_copy(update={"instance": f"{settings.instance}-f{index}"})
-    configure_logging("gateway", settings.log_level)
-    asyncio.run(GatewayApp(settings, driver=driver).serve())

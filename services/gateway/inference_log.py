@@ -15,10 +15,8 @@ record is dropped and counted in ``cdl_gateway_log_dropped_total{reason}``
 (``full``); a record Kafka did not acknowledge is counted with reason
 ``kafka``. The gateway keeps serving either way.
 
-Who builds and produces the records is the log's :class:`RoundWriter`: a
-:class:`RecordWriter` in the log's thread (given a ``producer``), or the
-gateway's writer process (:class:`services.gateway.log_writer.WriterProcess`,
-``log_writer="process"``: the thread then only pickles each round for it).
+The records are built and produced by a :class:`RecordWriter` in the log's
+thread.
 
 A record (``cdl.v1.InferenceLogged``, keyed by request id, so the monitor's
 join with ``data.feedback`` by request id is a key join):
@@ -68,7 +66,6 @@ __all__ = [
     "InferenceLog",
     "LogProducer",
     "RecordWriter",
-    "RoundWriter",
     "build_record",
     "flush_unacknowledged",
     "top_labels",
@@ -78,8 +75,7 @@ log = get_logger(__name__)
 
 LOG_DROPPED = Counter(
     "cdl_gateway_log_dropped_total",
-    "Inference log records dropped (full: queue full, Kafka slow or away; kafka: not acknowledged; "
-    "writer: the writer process died or was starting)",
+    "Inference log records dropped (full: queue full, Kafka slow or away; kafka: not acknowledged)",
     ["reason"],
 )
 LOG_SENT = Counter("cdl_gateway_log_sent_total", "Inference log records handed to Kafka")
@@ -300,36 +296,15 @@ def _ids(entropy: str, at: int) -> tuple[str, str]:
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}", f"00-{h[32:64]}-{h[64:80]}-01"
 
 
-class RoundWriter(Protocol):
-    """Where :class:`InferenceLog`'s thread hands each round of offered requests."""
-
-    def write(self, items: list[_Item]) -> None:
-        """Build and produce the records of ``items`` (counting what was sent and dropped)."""
-
-    def idle(self) -> None:
-        """Called when a round had nothing to write (serve delivery reports)."""
-
-    def close(self, timeout_s: float, abandon: bool = False) -> None:
-        """No more rounds (``abandon``: the log's thread did not stop and may still be writing)."""
-
-
 class RecordWriter:
-    """Builds the records of a round and hands them to ``producer``, in the caller's thread.
+    """Builds the records of a round and hands them to ``producer``, in the caller's thread
+    (:class:`InferenceLog`'s), counting what was sent and dropped."""
 
-    The log thread's writer when the gateway logs in-process (``log_writer="thread"``), and
-    the writer process's (:mod:`services.gateway.log_writer`). ``counted``: whether this
-    writer counts what it sent and dropped in this process's Prometheus metrics (a writer
-    process reports its counts to the gateway, which counts them there).
-    """
-
-    def __init__(
-        self, producer: LogProducer, topic: str, source: str, inputs_max_bytes: int, counted: bool = True
-    ) -> None:
+    def __init__(self, producer: LogProducer, topic: str, source: str, inputs_max_bytes: int) -> None:
         self._producer = producer
         self._topic = topic
         self._inputs_max = inputs_max_bytes
         self._headers = _LogHeaders(source)
-        self._counted = counted
         self._dropped = LOG_DROPPED.labels(reason="kafka")
         self.sent = 0
         """Records handed to the producer so far."""
@@ -339,8 +314,7 @@ class RecordWriter:
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.failed += 1
-            if self._counted:
-                self._dropped.inc()
+            self._dropped.inc()
 
     def write(self, items: list[_Item]) -> None:
         producer, topic, inputs_max, headers_of = self._producer, self._topic, self._inputs_max, self._headers
@@ -358,28 +332,23 @@ class RecordWriter:
                 log.exception("inference log record not sent", model=item[0])
         self.sent += sent
         self.failed += failed
-        if self._counted:
-            if sent:
-                LOG_SENT.inc(sent)
-            if failed:
-                self._dropped.inc(failed)
+        if sent:
+            LOG_SENT.inc(sent)
+        if failed:
+            self._dropped.inc(failed)
         producer.poll(0)
 
     def idle(self) -> None:
+        """A round with nothing to write: serve delivery reports."""
         self._producer.poll(0)
-
-    def close(self, timeout_s: float, abandon: bool = False) -> None:
-        """Nothing of its own: the producer is its owner's to flush."""
 
 
 class InferenceLog:
     """Bounded, sampled, off-the-hot-path producer of ``inference.logged``; see the module docstring.
 
-    Records are built and produced by ``writer`` (a :class:`RoundWriter`, e.g. the gateway's
-    writer process, :class:`services.gateway.log_writer.WriterProcess`), or, given a
-    ``producer`` instead, by a :class:`RecordWriter` in the log's own thread (``topic``,
-    ``source`` and ``inputs_max_bytes`` are that writer's; a given ``writer`` has its own). With
-    neither the log is off: :meth:`offer` returns at once.
+    Records are built and handed to ``producer`` by a :class:`RecordWriter` in the log's own
+    thread (``topic``, ``source`` and ``inputs_max_bytes`` are that writer's). Without a
+    producer the log is off: :meth:`offer` returns at once. The producer is its owner's to flush.
     """
 
     def __init__(
@@ -392,7 +361,6 @@ class InferenceLog:
         source: str | None = None,
         batch: int = 512,
         interval_s: float = 0.05,
-        writer: RoundWriter | None = None,
     ) -> None:
         """``interval_s``: the thread hands what was offered to the writer every so often (and
         at once while it is behind by a ``batch``); records reach Kafka that much later."""
@@ -402,14 +370,14 @@ class InferenceLog:
         self._batch = max(1, batch)
         self._interval = max(0.001, interval_s)
         self._queue: deque[_Item] = deque()
-        if writer is None and producer is not None:
-            writer = RecordWriter(producer, topic, source or source_name("gateway"), inputs_max_bytes)
-        self._writer = writer
+        self._writer: RecordWriter | None = None
+        if producer is not None:
+            self._writer = RecordWriter(producer, topic, source or source_name("gateway"), inputs_max_bytes)
         self._dropped_full = LOG_DROPPED.labels(reason="full")
         self._dropped_kafka = LOG_DROPPED.labels(reason="kafka")
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        if writer is not None and self._sample > 0.0:
+        if self._writer is not None and self._sample > 0.0:
             self._thread = threading.Thread(target=self._run, name="cdl-gateway-log", daemon=True)
             self._thread.start()
 
@@ -418,7 +386,7 @@ class InferenceLog:
         return self._thread is not None
 
     def pending(self) -> int:
-        """Records offered and not yet handed to the writer (the producer, or the writer process)."""
+        """Records offered and not yet handed to the producer."""
         return len(self._queue)
 
     def offer(
@@ -490,14 +458,8 @@ class InferenceLog:
                 return
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread after handing what is queued to the writer (within ``timeout_s``), then
-        the writer (a writer process flushes its producer)."""
+        """Stop the thread after handing what is queued to the producer (within ``timeout_s``)."""
         self._closed.set()
-        stuck = False
         if self._thread is not None:
             self._thread.join(timeout_s)
-            stuck = self._thread.is_alive()  # blocked on a writer that does not take its rounds
             self._thread = None
-        if self._writer is not None:
-            self._writer.close(timeout_s, abandon=stuck)
-            self._writer = None

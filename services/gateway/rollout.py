@@ -64,7 +64,6 @@ __all__ = [
     "Transition",
     "VersionStatus",
     "VersionWindow",
-    "document_lowers",
 ]
 
 log = get_logger(__name__)
@@ -425,27 +424,6 @@ def _is_reduction(old: Route | None, new: Route | None) -> bool:
     return new.candidate == old.candidate and new.canary <= old.canary and new.shadow <= old.shadow
 
 
-def document_lowers(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """Whether rollout document ``new`` gives the candidate less traffic than ``old`` (or
-    another stable version): a rollback, a lower share, a phase without traffic. The
-    documents' counterpart of :func:`_is_reduction`: followers get a lowering document
-    before it is saved, any other after (``services.gateway.peers``)."""
-    if old is None:
-        return False
-    if new.get("stable") != old.get("stable"):
-        return False  # a promotion: the new stable version must be saved first
-    live = (Phase.CANARY.value, Phase.SHADOW.value)
-    was = old.get("phase") in live and bool(old.get("candidate"))
-    now = new.get("phase") in live and bool(new.get("candidate"))
-    if was and not now:
-        return True
-    if not (was and now and new.get("candidate") == old.get("candidate")):
-        return False
-    if new.get("share") is not None and old.get("share") is not None:
-        return float(new["share"]) < float(old["share"])  # a pinned share lowered
-    return new.get("share") is None and old.get("share") is None and int(new["step"]) < int(old["step"])
-
-
 # --------------------------------------------------------------------------- the manager
 
 
@@ -717,30 +695,6 @@ class RolloutManager:
                 self._models[m.name] = m
                 self._apply(m)
         return out
-
-    def follow(self, docs: Mapping[str, Mapping[str, Any]]) -> None:
-        """A follower process (not the one driving rollouts): route exactly as the driver's
-        ``rollout.json`` documents say, with no actions. Since the driver saves a document
-        before the traffic it gives takes effect, a follower never routes more than that.
-        Call it again whenever the documents may have changed; never call :meth:`tick`.
-        """
-        with self._lock:
-            for name, doc in docs.items():
-                try:
-                    new = _Model.from_json(doc, self.policy)
-                except DecodeError as exc:
-                    log.error("rollout state skipped", model=name, error=str(exc))
-                    continue
-                if new.phase in (Phase.LOADING, Phase.WARMING):
-                    new.candidate, new.phase = 0, Phase.IDLE  # not taking traffic yet
-                old = self._models.get(new.name)
-                if old is not None:
-                    new.windows = {v: w for v, w in old.windows.items() if v in (new.stable, new.candidate)}
-                for v in (new.stable, new.candidate):
-                    if v:
-                        new.window(v)
-                self._models[new.name] = new
-                self._apply(new)
 
     # ------------------------------------------------------------------ internals (lock held)
 

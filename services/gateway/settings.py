@@ -25,9 +25,6 @@ class GatewaySettings(ServiceSettings):
     http_port: int = 0
     """Port of the REST/HTTP v2 endpoint (services/gateway/rest.py), on ``grpc_host``; 0 picks a
     free one, -1: no REST endpoint."""
-    processes: int = 1
-    """Gateway processes sharing the gRPC port (SO_REUSEPORT): this one drives rollouts and
-    starts ``processes - 1`` followers (``services.gateway.peers``); 1: this process alone."""
     data_plane: Literal["auto", "native", "python"] = "auto"
     """Who serves the gRPC port: ``native``, the gateway's Go lane (``services/gateway/lane``:
     ModelInfer's common path forwarded natively, every other call and case handed to this
@@ -80,10 +77,6 @@ class GatewaySettings(ServiceSettings):
     """How long the log's producer gathers records before a produce request: fewer, larger
     requests cost the broker (and librdkafka) less per record. Records reach Kafka up to this
     long (plus a log round, 50 ms) after the answer; a gateway killed -9 loses what it held."""
-    log_writer: Literal["process", "thread"] = "thread"
-    """Where log records are built and produced: a thread of the serving process, or a writer
-    process of the gateway's own (off the serving process's GIL, for hosts with cores to spare;
-    services.gateway.log_writer)."""
 
     trace_sample: float = 0.01
     """Share of ModelInfer requests given a span of their own (cdl.tracing; a client's

@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -95,12 +94,8 @@ class Load:
         model: str,
         threads: int = 4,
         headers: dict[str, str] | None = None,
-        own_connections: bool = False,
     ) -> None:
-        """``own_connections``: a TCP connection per thread (gRPC otherwise shares one between
-        the channels of a process that have the same target)."""
         self.endpoint, self.model, self.headers = endpoint, model, headers
-        self.channel_args = [("grpc.use_local_subchannel_pool", 1)] if own_connections else None
         self.failures: list[str] = []
         self.versions: Counter[str] = Counter()
         self.outputs: dict[str, set[bytes]] = {}
@@ -119,7 +114,7 @@ class Load:
             t.join(30)
 
     def _run(self) -> None:
-        client = tgrpc.InferenceServerClient(self.endpoint, channel_args=self.channel_args)
+        client = tgrpc.InferenceServerClient(self.endpoint)
         while not self._stop.is_set():
             try:
                 result = _infer(client, self.model, self.headers)
@@ -385,67 +380,3 @@ def test_tls_gateway_serves_tls_clients_only_and_logs_status_and_scores(
     assert ok[0].scores[0] == pytest.approx(float((X @ w + b).max()), rel=1e-4)
     failed = [rec for rec in logged if rec.status not in ("OK", "")]
     assert all(not rec.predicted_labels and not rec.scores for rec in failed)
-
-
-def test_two_gateway_processes_on_one_port_serve_and_roll_out_as_one(
-    gateway_factory: Any, gateway_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
-) -> None:
-    """processes=2: a driver and a follower share the port (SO_REUSEPORT). Clients on 16
-    connections reach both; a good v2 is promoted and a failing v3 rolled back on what both
-    served, no request fails, and an admin call answers the same whichever process it reaches.
-    Each process logs through a writer process of its own (log_writer=process, the setting for
-    hosts with cores to spare, where several processes serve)."""
-    # 2 gateways, 2 writer processes and 16 client threads on 2 cores: latency blips are not
-    # what this test is about (v3 is rolled back on its errors), so the latency gate is wide
-    gw = gateway_factory(**FAST, processes="2", log_writer="process", max_latency_ratio="10").start()
-    deadline = time.monotonic() + 60
-    while _ready(gw).get("followers") != 1:
-        assert time.monotonic() < deadline, _ready(gw)
-        time.sleep(0.2)
-    model = f"gw_{uuid.uuid4().hex[:8]}"
-    deployed, compressed = gateway_topics["deployed"], gateway_topics["compressed"]
-    write_affine(object_store, model, 1, *_weights(1))
-    _announce(kafka_bootstrap, compressed, model, 1)
-    _wait_serving(gw.grpc, model, 1)
-    with Load(gw.grpc, model, threads=16, own_connections=True) as load:
-        time.sleep(1)
-        write_affine(object_store, model, 2, *_weights(2))
-        _announce(kafka_bootstrap, compressed, model, 2)
-        _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_PROMOTED)
-        time.sleep(1)
-        write_onnx(object_store, model, 3, failing_onnx(N_IN, N_OUT), N_IN, N_OUT)
-        _announce(kafka_bootstrap, compressed, model, 3)
-        back = _wait_state(kafka_bootstrap, deployed, model, 3, events_pb2.ROLLOUT_STATE_ROLLED_BACK)
-        assert "error" in back.reason
-        time.sleep(1)
-    assert load.failures == []
-    assert set(load.last[-20:]) == {"2"} and "3" not in load.outputs
-    assert load.outputs["2"] == {_expected(2)}
-    # both processes answered: each names the requests it logs with its own id prefix
-    records = read_topic(kafka_bootstrap, gateway_topics["logged"], 10**9, timeout_s=10)
-    prefixes = {
-        decode(r.key, r.value, list(r.headers.items())).payload.request_id.rsplit("-", 1)[0]  # type: ignore[attr-defined]
-        for r in records
-    }
-    assert len(prefixes) == 2, prefixes
-    for _ in range(12):  # fresh connections: some reach the follower, which asks the driver
-        with grpc.insecure_channel(gw.grpc, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            stub = admin_pb2_grpc.ModelAdminStub(channel)
-            status = stub.RolloutStatus(admin_pb2.RolloutStatusRequest(model=model), timeout=10)
-            assert status.status.serving_version == 2
-    assert _ready(gw)["follower_admin_calls"] > 0  # (all 12 on the driver: 1 in 4,096)
-    pids = _ready(gw)["follower_pids"]
-    assert len(pids) == 1
-    assert gw.stop() == 0
-    assert not [p for p in pids if Path(f"/proc/{p}").exists()]  # the follower stopped with its driver
-
-
-def _ready(svc: Any) -> dict[str, Any]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://{svc.metrics}/readyz", timeout=2) as resp:
-            return dict(json.loads(resp.read()))
-    except (urllib.error.URLError, OSError, ValueError):
-        return {}

@@ -222,7 +222,7 @@ def test_the_gateway_and_monitor_import_nothing_beyond_the_slim_requirements() -
     allowed = closure(_slim_requirements()) | {"cdl"} | OPTIONAL
     code = (
         "import sys, json, importlib.metadata as md\n"
-        "import services.gateway.app, services.gateway.peers, services.monitor.app\n"
+        "import services.gateway.app, services.monitor.app\n"
         "dists = md.packages_distributions()\n"
         "top = {m.split('.')[0] for m in list(sys.modules)}\n"
         "print(json.dumps(sorted({d for t in top for d in dists.get(t, [])})))\n"

@@ -617,23 +617,3 @@ def test_serving_json_shape_and_bucket_match_the_registry() -> None:
     from services.gateway import state
 
     assert state.MODELS_BUCKET == REGISTRY_BUCKET
-
-
-def test_a_follower_routes_as_the_saved_documents_say() -> None:
-    mgr, table, clock, persisted = make()
-    serve_first(mgr)
-    only(mgr.begin("m", 2))
-    follower, ftable, _, _ = make()
-    follower.follow({"m": persisted.last()})
-    assert ftable.get("m") == Route("m", 1)  # loading: no traffic yet
-    only(mgr.loaded("m", 2, True))
-    only(mgr.warmed("m", 2, True))
-    follower.follow({"m": persisted.last()})
-    assert ftable.get("m") == table.get("m") == Route("m", 1, 2, canary=0.1)
-    follower.served("m", 2, True, 0.01)
-    drive(mgr, table, 200)
-    clock.advance(1.0)
-    only(mgr.tick())
-    follower.follow({"m": persisted.last(), "bad": {}})
-    assert ftable.get("m") == Route("m", 1, 2, canary=0.5) and ftable.get("bad") is None
-    assert follower.status("m").versions[1].requests == 1  # windows carried over

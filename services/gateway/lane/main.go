@@ -145,7 +145,6 @@ func main() {
 	maxBytes := flag.Int("max-bytes", 16<<20, "largest message accepted")
 	certFile := flag.String("tls-cert", "", "TLS certificate (PEM)")
 	keyFile := flag.String("tls-key", "", "TLS key (PEM)")
-	reusePort := flag.Bool("reuseport", false, "bind with SO_REUSEPORT")
 	sample := flag.Float64("log-sample", 1, "share of served requests sent up for the inference log")
 	idPrefix := flag.String("id-prefix", "gw-lane-", "prefix of generated request ids")
 	scanOnly := flag.Bool("scan", false, "test hook: scan length-prefixed requests from stdin, write what was read")
@@ -218,7 +217,7 @@ func main() {
 		}
 		serverOpts = append(serverOpts, grpc.Creds(credentials.NewServerTLSFromCert(&cert)))
 	}
-	lis, err := bind(*listen, *reusePort)
+	lis, err := bind(*listen)
 	if err != nil {
 		fatal("listen", err)
 	}
@@ -262,20 +261,8 @@ func fatal(what string, err error) {
 
 // bind listens on addr, retrying for a few seconds while the port is still held (a lane of a
 // gateway that was just killed exits when its stdin closes, a moment later).
-func bind(addr string, reusePort bool) (net.Listener, error) {
+func bind(addr string) (net.Listener, error) {
 	lc := net.ListenConfig{}
-	if reusePort {
-		lc.Control = func(network, address string, c syscall.RawConn) error {
-			var serr error
-			err := c.Control(func(fd uintptr) {
-				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, 0xf /* SO_REUSEPORT */, 1)
-			})
-			if err != nil {
-				return err
-			}
-			return serr
-		}
-	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		lis, err := lc.Listen(context.Background(), "tcp", addr)
