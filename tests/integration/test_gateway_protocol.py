@@ -237,7 +237,8 @@ def test_rest_serves_the_protocol_with_json_and_binary_tensors(
         inp = thttp.InferInput("input", [2, 4], "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
         out_req = [thttp.InferRequestedOutput("output", binary_data=binary)]
-        result = client.infer(model, [inp], outputs=out_req, headers=HEADERS, request_id=f"tc-{binary}")
+        # (a copy: tritonclient.http adds its binary header to the dict it is given)
+        result = client.infer(model, [inp], outputs=out_req, headers=dict(HEADERS), request_id=f"tc-{binary}")
         np.testing.assert_allclose(result.as_numpy("output"), x @ AFFINE_W + AFFINE_B, rtol=1e-5, atol=1e-5)
         assert result.get_response()["id"] == f"tc-{binary}"
     config = client.get_model_config(model, headers=HEADERS)
