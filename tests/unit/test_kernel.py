@@ -13,13 +13,15 @@ from cdl.triton import Backend, ModelSpec, TensorSpec, render_config
 
 
 def test_every_error_names_a_real_grpc_status() -> None:
-    classes = [getattr(errors, n) for n in errors.__all__]
+    classes = [c for n in errors.__all__ if isinstance(c := getattr(errors, n), type)]
     for cls in classes:
         assert hasattr(grpc.StatusCode, cls.grpc_code), cls
     assert errors.InvalidInputError("x").grpc_code == "INVALID_ARGUMENT"
     assert errors.UnavailableError("x").retryable
     assert not errors.InvalidInputError("x").retryable
     assert str(errors.NotFoundError("no dataset", name="d")) == "no dataset (name='d')"
+    # ... and each status its HTTP status (the gateway's REST answers)
+    assert all(errors.http_status(cls.grpc_code) != 500 or cls.grpc_code == "INTERNAL" for cls in classes)
 
 
 def test_processed_store_survives_reopen(tmp_path: Path) -> None:
