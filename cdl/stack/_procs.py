@@ -43,7 +43,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     held by a Kafka client's connection for as long as that lived."""
     low, high = _ephemeral_ports()
     pool = range(10000, low) if low > 11000 else range(high + 1, 65536)
-    for _ in range(100):
+    for _ in range(100 if len(pool) >= 100 else 0):  # a range that small: any free port
         port = random.choice(pool)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:

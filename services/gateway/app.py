@@ -26,6 +26,7 @@ import contextlib
 import queue
 import shutil
 import signal
+import ssl
 import tempfile
 import threading
 import time
@@ -386,7 +387,11 @@ class GatewayApp:
         self.server = server
         if s.http_port >= 0:
             self.rest = RestApi(service, s.max_message_bytes)
-            self.http_port = await self.rest.start(s.grpc_host, s.http_port)
+            tls = None
+            if s.tls_cert_file:  # the REST port speaks TLS when the gRPC port does, with the same files
+                tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                tls.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+            self.http_port = await self.rest.start(s.grpc_host, s.http_port, ssl_context=tls)
         self.http = serve_http(s.metrics_port, health=self._health, host=s.metrics_host)
         self._kafka.start()
         ticks = asyncio.create_task(self._ticks(), name="cdl-gateway-ticks")

@@ -257,19 +257,19 @@ class TritonPool:
 
     async def call_each(self, method: str, request: bytes, timeout: float | None) -> list[bytes]:
         """``request`` to ``method`` on every ready server at once (what is summed over the
-        servers, such as statistics): the answers of those that answered. Raises the first
-        server's error when none answered, :class:`NoServerError` when none is ready."""
+        servers, such as statistics): every server's answer, or the first failure -- a sum
+        missing a server would go down between two calls (a client's deltas negative).
+        :class:`NoServerError` when none is ready."""
         servers = [s for s in self._servers if s.ready]
         if not servers:
             raise NoServerError("no Triton server is ready")
         answers = await asyncio.gather(
             *(s.method(method)(request, timeout=timeout) for s in servers), return_exceptions=True
         )
-        found = [a for a in answers if isinstance(a, bytes)]
-        if found:
-            return found
-        first = answers[0]
-        raise first if isinstance(first, BaseException) else NoServerError("no Triton server answered")
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return [a for a in answers if isinstance(a, bytes)]
 
     # ------------------------------------------------------------- health
 

@@ -80,7 +80,12 @@ def _set_param(param: Any, value: Any, where: str) -> None:
     if isinstance(value, bool):
         param.bool_param = value
     elif isinstance(value, int):
-        param.int64_param = value
+        if -(2**63) <= value < 2**63:
+            param.int64_param = value
+        elif 0 <= value < 2**64:
+            param.uint64_param = value
+        else:
+            raise _bad(f"{where}: an integer parameter must fit 64 bits")
     elif isinstance(value, float):
         param.double_param = value
     elif isinstance(value, str):
@@ -126,7 +131,11 @@ def _raw_from_json(data: Any, datatype: str, count: int, where: str) -> bytes:
         info = np.iinfo(dtype)
         if not all(isinstance(v, int) and not isinstance(v, bool) and info.min <= v <= info.max for v in flat):
             raise _bad(f"{where}: {datatype} data must be integers from {info.min} to {info.max}")
-    elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in flat):
+    elif not all(
+        (isinstance(v, float) and math.isfinite(v))
+        or (isinstance(v, int) and not isinstance(v, bool) and -(2**1023) < v < 2**1023)
+        for v in flat
+    ):
         raise _bad(f"{where}: {datatype} data must be finite numbers")
     array = np.asarray(flat, dtype=np.float64 if dtype.kind == "f" else dtype)
     if dtype.kind == "f":
@@ -150,6 +159,19 @@ def _bytes_size(raw: bytes, count: int, where: str) -> None:
 
 def infer_request(model: str, version: str, body: bytes, header_length: int | None) -> InferBody:
     """Translate an infer request's body (see the module docstring)."""
+    try:
+        return _infer_request(model, version, body, header_length)
+    except InvalidInputError:
+        raise
+    except (ValueError, TypeError, OverflowError, UnicodeError) as exc:  # what a check missed: still the client's
+        raise _bad(f"request not accepted: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+#: parameters that would make Triton read or write a shared-memory region (registration is refused)
+_SHARED_MEMORY = frozenset({"shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"})
+
+
+def _infer_request(model: str, version: str, body: bytes, header_length: int | None) -> InferBody:
     if header_length is not None and not 0 < header_length <= len(body):
         raise _bad(f"{HEADER_LENGTH} must be between 1 and the body's length ({len(body)})")
     head = body[:header_length] if header_length is not None else body
@@ -167,7 +189,7 @@ def infer_request(model: str, version: str, body: bytes, header_length: int | No
     binary_default = False
     for key, value in _params(doc, "request").items():
         if key == "binary_data_output":
-            binary_default = bool(value)
+            binary_default = value is True
             continue
         _set_param(req.parameters[str(key)], value, f"parameter {key!r}")
     inputs = doc.get("inputs")
@@ -192,6 +214,8 @@ def infer_request(model: str, version: str, body: bytes, header_length: int | No
         count = math.prod(shape)
         tensor = req.inputs.add(name=name, datatype=datatype, shape=shape)
         params = _params(inp, where)
+        if _SHARED_MEMORY & params.keys():
+            raise _bad(f"{where}: shared memory is not available through the gateway")
         size = params.pop("binary_data_size", None)
         for key, value in params.items():
             _set_param(tensor.parameters[str(key)], value, f"{where} parameter {key!r}")
@@ -221,9 +245,12 @@ def infer_request(model: str, version: str, body: bytes, header_length: int | No
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise _bad(f"output {i} must be an object with a name")
         tensor = req.outputs.add(name=out["name"])
-        for key, value in _params(out, f"output {out['name']!r}").items():
+        out_params = _params(out, f"output {out['name']!r}")
+        if _SHARED_MEMORY & out_params.keys():
+            raise _bad(f"output {out['name']!r}: shared memory is not available through the gateway")
+        for key, value in out_params.items():
             if key == "binary_data":
-                binary[out["name"]] = bool(value)
+                binary[out["name"]] = value is True
             else:
                 _set_param(tensor.parameters[str(key)], value, f"output {out['name']!r} parameter {key!r}")
     return InferBody(bytes(req.SerializeToString()), binary, binary_default)
@@ -297,7 +324,8 @@ _INTS = frozenset(
 )
 
 
-def _value_json(fd: FieldDescriptor, value: Any) -> Any:
+def _value_json(fd: Any, value: Any) -> Any:
+    """One field's value as JSON (``fd``: its FieldDescriptor, of either protobuf backend)."""
     if fd.message_type is not None:
         return message_json(value)
     if fd.enum_type is not None:
@@ -311,14 +339,20 @@ def _value_json(fd: FieldDescriptor, value: Any) -> Any:
 
 
 def message_json(msg: Message) -> dict[str, Any]:
-    """A message as Triton's JSON: proto field names, set fields only, 64-bit integers as numbers."""
+    """A message as Triton's JSON: proto field names, every scalar and list field (defaults
+    too, as Triton writes its config and statistics), message fields where set, 64-bit
+    integers as numbers."""
     out: dict[str, Any] = {}
-    for fd, value in msg.ListFields():
+    for fd in msg.DESCRIPTOR.fields:
+        value = getattr(msg, fd.name)
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             vfd = fd.message_type.fields_by_name["value"]
             out[fd.name] = {str(k): _value_json(vfd, v) for k, v in value.items()}
         elif fd.is_repeated:
             out[fd.name] = [_value_json(fd, v) for v in value]
-        else:
+        elif fd.message_type is not None:
+            if msg.HasField(fd.name):
+                out[fd.name] = message_json(value)
+        elif fd.containing_oneof is None or msg.WhichOneof(fd.containing_oneof.name) == fd.name:
             out[fd.name] = _value_json(fd, value)
     return out

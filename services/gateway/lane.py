@@ -31,6 +31,7 @@ Transport-free: a subprocess and two pipes, no grpc or Kafka here.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -53,7 +54,7 @@ from cdl.settings import cdl_home
 from services.gateway.inference_log import LOG_DROPPED
 from services.gateway.routing import Route
 
-__all__ = ["PROGRAM", "RESTARTS", "LaneServed", "NativeLane", "install_lane", "lane_binary"]
+__all__ = ["PROGRAM", "RESTARTS", "LaneServed", "NativeLane", "install_lane", "lane_binary", "source_hash"]
 
 log = get_logger(__name__)
 
@@ -90,6 +91,18 @@ class LaneServed(Protocol):
 PROGRAM = "cdl-gwlane"
 
 
+def source_hash(module: Path = MODULE) -> str:
+    """SHA-256 of the lane's sources (``*.go``, ``go.mod``, ``go.sum``): which sources a program was
+    built from. Empty where the sources are not there (an image that ships only the program)."""
+    files = sorted([*module.glob("*.go"), *(module / n for n in ("go.mod", "go.sum") if (module / n).exists())])
+    if not files:
+        return ""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def install_lane(bin_dir: Path | None = None) -> Path:
     """Build the lane (once per source fingerprint, :func:`cdl.native.go_program`) and install it
     as ``bin_dir/cdl-gwlane`` (default ``$CDL_HOME/bin``): what set-up and the test session
@@ -104,6 +117,8 @@ def install_lane(bin_dir: Path | None = None) -> Path:
         shutil.copyfile(built, tmp)
         tmp.chmod(0o755)
         os.replace(tmp, target)
+    # which sources it was built from: a gateway of newer sources does not run an older lane
+    target.with_name(f"{PROGRAM}.source").write_text(source_hash() + "\n")
     return target
 
 
@@ -118,7 +133,18 @@ def lane_binary(data_plane: str, path: str = "") -> Path | None:
         [Path(path)] if path else [Path(p) for p in (shutil.which(PROGRAM),) if p] + [cdl_home() / "bin" / PROGRAM]
     )
     found = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
-    if found is None:
+    stale = ""
+    if found is not None:
+        recorded = found.with_name(f"{found.name}.source")
+        current = source_hash()
+        if recorded.exists() and current and recorded.read_text().strip() != current:
+            stale = f"{found} was built from other sources than this gateway's (run scripts/setup.sh)"
+            found = None
+    if stale:
+        if data_plane == "native":
+            raise CdlError(f"data_plane=native, but {stale}")
+        log.warning("the installed native lane is stale: the gateway serves its port in Python", reason=stale)
+    elif found is None:
         where = path or f"{PROGRAM} on PATH or in {cdl_home() / 'bin'}"
         if data_plane == "native":
             raise CdlError(

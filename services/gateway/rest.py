@@ -26,9 +26,11 @@ Health needs no key; everything else does, as on the gRPC endpoint. A body large
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -44,7 +46,7 @@ __all__ = ["RestApi"]
 
 log = get_logger(__name__)
 
-_MODEL = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/[a-z]+)?$")
+_MODEL = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/[a-z]+)?(?P<more>/.*)?$")
 #: refused paths (by prefix), each with the gRPC method it would be: refused as that one is
 _REFUSED = {
     "/v2/repository/models/": "RepositoryModelLoad",
@@ -54,6 +56,8 @@ _REFUSED = {
     "/v2/logging": "LogSettings",
 }
 _JSON = "application/json"
+#: bodies larger than this are translated in a worker thread, not on the event loop
+_INLINE_BYTES = 64 << 10
 
 
 def _flag(body: bytes, key: str) -> bool:
@@ -82,14 +86,14 @@ class RestApi:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (0: any free port); returns the port."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``host:port`` (0: any free port), over TLS with ``ssl_context``; returns the port."""
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
         self.port = int(sock.getsockname()[1])
         return self.port
 
@@ -117,6 +121,7 @@ class RestApi:
         call = self._service.call
         if path.startswith("/v2/health/"):
             return await self._health(path)
+        self._service.check_key(metadata)  # before a body is read or parsed
         if path == "/v2" and method == "GET":
             answer = await call("ServerMetadata", b"", metadata)
             return _json(message_json(service_pb2.ServerMetadataResponse.FromString(answer)))
@@ -133,6 +138,10 @@ class RestApi:
         if found is None:
             raise NotFoundError(f"no such endpoint: {method} {path[:200]}")
         model, version, rest = found["model"], found["version"] or "", found["rest"] or ""
+        if rest == "/trace":  # a model's trace settings: refused as the server's are
+            await call("TraceSetting", b"", metadata)
+        if found["more"]:
+            raise NotFoundError(f"no such endpoint: {method} {path[:200]}")
         if rest == "/infer" and method == "POST":
             return await self._infer(request, model, version, metadata)
         if method != "GET":
@@ -182,9 +191,17 @@ class RestApi:
             header_length = int(length_header) if length_header is not None else None
         except ValueError:
             raise InvalidInputError(f"{HEADER_LENGTH} must be an integer") from None
-        body = infer_request(model, version, await request.read(), header_length)
+        raw = await request.read()
+        # a large body is translated off the event loop (the gRPC server's too)
+        if len(raw) > _INLINE_BYTES:
+            body = await asyncio.to_thread(infer_request, model, version, raw, header_length)
+        else:
+            body = infer_request(model, version, raw, header_length)
         response = await self._service.call("ModelInfer", body.request, metadata)
-        data, json_length = infer_response(response, body)
+        if len(response) > _INLINE_BYTES:
+            data, json_length = await asyncio.to_thread(infer_response, response, body)
+        else:
+            data, json_length = infer_response(response, body)
         if json_length is None:
             return web.Response(body=data, content_type=_JSON)
         return web.Response(

@@ -535,7 +535,8 @@ class InferenceService:
         """Ready when at least one Triton server is (see the module docstring)."""
         return _READY if self._pool.ready_count() else _NOT_READY
 
-    def _check_key(self, metadata: Metadata) -> None:
+    def check_key(self, metadata: Metadata) -> None:
+        """UNAUTHENTICATED unless ``metadata`` carries an allowed key (or keys are off)."""
         if not self._open and not self._keys.check(metadata):
             raise UnauthenticatedError(_NO_KEY)
 
@@ -556,7 +557,7 @@ class InferenceService:
 
         async def forward(request: bytes, metadata: Metadata, timeout: float) -> bytes:
             if auth:
-                self._check_key(metadata)
+                self.check_key(metadata)
             return await self._pool.call(path, request, timeout)
 
         return forward
@@ -567,7 +568,7 @@ class InferenceService:
         ready = method == "ModelReady"
 
         async def forward(request: bytes, metadata: Metadata, timeout: float) -> bytes:
-            self._check_key(metadata)
+            self.check_key(metadata)
             name, version = wire.name_version(request)
             route = self._table.get(name)
             if route is None or not route.versions():
@@ -591,7 +592,7 @@ class InferenceService:
     async def _statistics(self, request: bytes, metadata: Metadata, timeout: float) -> bytes:
         """ModelStatistics of the served versions, summed over the Triton servers
         (:mod:`services.gateway.statistics`); a model or version not served is NOT_FOUND."""
-        self._check_key(metadata)
+        self.check_key(metadata)
         name, version = statistics.parse_request(request)
         routes = self._table.all()
         if name:
@@ -612,7 +613,7 @@ class InferenceService:
         tracing and logging (PERMISSION_DENIED after the key check; never forwarded)."""
 
         async def refuse(request: bytes, metadata: Metadata, timeout: float) -> bytes:
-            self._check_key(metadata)
+            self.check_key(metadata)
             raise PermissionDeniedError(
                 f"{method} is not available through the gateway: it owns the Triton servers' "
                 "model repository, shared memory, tracing and logging (cdl's rollout loads and unloads models)"
@@ -636,7 +637,12 @@ class InferenceService:
         async def read() -> None:
             try:
                 async for request in requests:
-                    await pending.put(asyncio.create_task(self._stream_one(request, metadata, context)))
+                    task = asyncio.create_task(self._stream_one(request, metadata, context))
+                    try:
+                        await pending.put(task)
+                    except asyncio.CancelledError:  # the stream ended: this one is not answered
+                        task.cancel()
+                        raise
             finally:
                 await pending.put(None)
 
@@ -656,4 +662,8 @@ class InferenceService:
         try:
             return wire.stream_response(await self.infer(request, metadata, self._timeout(context)))
         except Exception as exc:  # noqa: BLE001 (failure() logs what the gateway did not expect)
-            return wire.stream_error(failure(exc)[1])
+            try:
+                request_id = wire.route_fields(request)[2]
+            except InvalidInputError:
+                request_id = ""
+            return wire.stream_error(failure(exc)[1], request_id)

@@ -69,6 +69,7 @@ def _add(into: Message, other: Message) -> None:
                     else:
                         _add(mine, item)
             else:
+                target.SetInParent()  # present in the answer (a zero count too): present in the sum
                 _add(target, value)
         elif fd.name == _LATEST:
             setattr(into, fd.name, max(getattr(into, fd.name), value))

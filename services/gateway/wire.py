@@ -246,9 +246,14 @@ def stream_response(response: bytes) -> bytes:
     return b"\x12" + _encode_varint(len(response)) + response
 
 
-def stream_error(message: str) -> bytes:
-    """A ``ModelStreamInferResponse`` carrying only ``error_message`` (field 1)."""
-    return encode_string_field(b"\x0a", message or "request failed")
+def stream_error(message: str, request_id: str = "") -> bytes:
+    """A ``ModelStreamInferResponse`` carrying ``error_message`` (field 1) and, as Triton does so
+    that the client knows which request failed, a response with the request's ``id``."""
+    out = encode_string_field(b"\x0a", message or "request failed")
+    if request_id:
+        inner = id_field(request_id)  # ModelInferResponse.id is field 3 too
+        out += b"\x12" + _encode_varint(len(inner)) + inner
+    return out
 
 
 def version_field(version: str) -> bytes:

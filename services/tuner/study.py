@@ -437,7 +437,7 @@ _OWNER = ".owner"
 def _study_folder(study: str) -> Iterator[Path]:
     """A temporary folder for one study, locked (``flock``) by this process while it runs, so a
     tuner that starts after one was killed (-9: no clean-up ran) knows it is left over."""
-    folder = tempfile.TemporaryDirectory(prefix=f"{FOLDER_PREFIX}{study[:40]}-")
+    folder = tempfile.TemporaryDirectory(prefix=f"{FOLDER_PREFIX}{study[:40]}-", ignore_cleanup_errors=True)
     with folder, open(Path(folder.name) / _OWNER, "w") as owner:
         fcntl.flock(owner, fcntl.LOCK_EX)
         yield Path(folder.name)
@@ -445,24 +445,23 @@ def _study_folder(study: str) -> Iterator[Path]:
 
 def sweep_study_folders(root: Path | None = None, min_age_s: float = 60.0) -> int:
     """Remove study folders no live process holds (left by a killed tuner); returns how many.
-    A folder without its lock file yet is left alone while it is younger than ``min_age_s``."""
+    A folder younger than ``min_age_s`` is left alone (its owner may not have locked it yet)."""
     removed = 0
     for folder in Path(root or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
         try:
+            if time.time() - folder.stat().st_mtime < min_age_s:
+                continue
             with open(folder / _OWNER) as owner:
                 try:
                     fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a running study's
                 shutil.rmtree(folder, ignore_errors=True)
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - folder.stat().st_mtime < min_age_s:
-                    continue
+        except FileNotFoundError:  # old, and never locked (or gone meanwhile)
             shutil.rmtree(folder, ignore_errors=True)
         except OSError:
             continue
-        removed += 1
+        removed += not folder.exists()
     if removed:
         log.info("left-over study folders removed", folders=removed)
     return removed

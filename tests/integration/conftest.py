@@ -35,6 +35,7 @@ class ServiceProcess:
         prefix = f"CDL_{name.upper()}_"
         self.metrics = f"127.0.0.1:{env[prefix + 'METRICS_PORT']}"
         self.grpc = f"127.0.0.1:{env.get(prefix + 'GRPC_PORT', '0')}"
+        self.http = f"127.0.0.1:{env.get(prefix + 'HTTP_PORT', '0')}"
 
     @property
     def supervisor_state(self) -> Path:
@@ -231,7 +232,7 @@ def gateway_topics(kafka_bootstrap: str) -> dict[str, str]:
 def gateway_factory(stack: dict[str, Any], gateway_topics: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     """Gateway processes in front of the session's Triton servers, with the test's topics.
 
-    Each instance gets a fresh gRPC port unless one is passed (a restarted gateway keeps
+    Each instance gets fresh gRPC and REST ports unless they are passed (a restarted gateway keeps
     its port by passing ``grpc_port=old.env['CDL_GATEWAY_GRPC_PORT']``)."""
     settings = {f"{k}_topic": v for k, v in gateway_topics.items() if k != "group"}
     settings |= {"group_id": gateway_topics["group"], "health_interval_s": "0.5"}
@@ -239,8 +240,10 @@ def gateway_factory(stack: dict[str, Any], gateway_topics: dict[str, str], tmp_p
 
     def make(**overrides: str) -> ServiceProcess:
         overrides.setdefault("grpc_port", str(free_port()))
+        overrides.setdefault("http_port", str(free_port()))
         svc = factory(**overrides)
         svc.grpc = f"127.0.0.1:{svc.env['CDL_GATEWAY_GRPC_PORT']}"
+        svc.http = f"127.0.0.1:{svc.env['CDL_GATEWAY_HTTP_PORT']}"
         return svc
 
     yield make

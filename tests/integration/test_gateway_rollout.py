@@ -359,6 +359,15 @@ def test_tls_gateway_serves_tls_clients_only_and_logs_status_and_scores(
         plain.is_server_live(client_timeout=3)
     assert "UNAVAILABLE" in str(refused.value.status()) or "Deadline" in str(refused.value), refused.value
     plain.close()
+    # the REST port speaks TLS too, with the same certificate
+    import ssl
+    import urllib.request
+
+    trusted = ssl.create_default_context(cafile=str(cert))
+    with urllib.request.urlopen(f"https://{gw.http}/v2/health/ready", context=trusted, timeout=10) as resp:
+        assert resp.status == 200
+    with pytest.raises(OSError):  # plaintext to the TLS port: no answer (reset, or a refused handshake)
+        urllib.request.urlopen(f"http://{gw.http}/v2/health/ready", timeout=5)
     out = CliRunner().invoke(app, ["--tls-ca", str(cert), "models", model, "--gateway", gw.grpc, "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["serving_version"] == "1"

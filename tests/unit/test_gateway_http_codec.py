@@ -58,6 +58,14 @@ def test_bytes_and_binary_tensors_and_parameters() -> None:
     assert req.parameters["priority"].int64_param == 2 and "binary_data_output" not in req.parameters
     assert req.outputs[0].parameters["classification"].int64_param == 2
     assert body.binary == {"y": False} and body.binary_default is True
+    strings = json.dumps({"parameters": {"binary_data_output": "false"},
+                          "inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}],
+                          "outputs": [{"name": "y", "parameters": {"binary_data": "false"}}]}).encode()  # fmt: skip
+    body = infer_request("m", "", strings, None)
+    assert body.binary == {"y": False} and body.binary_default is False  # only JSON true asks for binary
+    big = json.dumps({"parameters": {"seq": 2**63 + 1}, "inputs": [{"name": "a", "shape": [1], "datatype": "FP32",
+                      "data": [1]}]}).encode()  # fmt: skip
+    assert _req(infer_request("m", "", big, None)).parameters["seq"].uint64_param == 2**63 + 1
 
 
 def test_a_response_is_json_or_json_and_binary_as_asked() -> None:
@@ -87,6 +95,12 @@ def test_messages_become_tritons_json_with_integers_as_numbers() -> None:
     assert doc["model_stats"][0]["inference_count"] == 2**40
     assert doc["model_stats"][0]["inference_stats"]["success"]["count"] == 3
     assert doc["model_stats"][0]["response_stats"]["k"]["success"]["ns"] == 7
+    empty = service_pb2.ModelStatisticsResponse()
+    e = empty.model_stats.add(name="m", version="1")
+    e.inference_stats.fail.SetInParent()
+    doc = message_json(empty)["model_stats"][0]
+    assert doc["inference_count"] == 0 and doc["inference_stats"]["fail"] == {"count": 0, "ns": 0}
+    assert doc["batch_stats"] == [] and "success" not in doc["inference_stats"]  # set fields only, defaults too
     meta = service_pb2.ModelMetadataResponse(name="m", versions=["1"], platform="onnxruntime_onnx")
     meta.inputs.add(name="x", datatype="FP32", shape=[-1, 4])
     assert message_json(meta)["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
@@ -112,6 +126,15 @@ HOSTILE = [
     b"[" * 50_000 + b"]" * 50_000,
     b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ' + b"[" * 50_000 + b"]" * 50_000 + b"}]}",
     b"\xff\xfe",
+    b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1' + b"0" * 400 + b"]}]}",
+    b'{"parameters": {"p": 1180591620717411303424},'
+    b' "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+    b'{"id": "\\ud800", "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+    b'{"inputs": [{"name": "\\ud800", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+    b'{"inputs": [{"name": "s", "shape": [1], "datatype": "BYTES", "data": ["\\ud800"]}]}',
+    b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]}',
+    b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],'
+    b' "outputs": [{"name": "y", "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4}}]}',
 ]
 
 

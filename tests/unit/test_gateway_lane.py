@@ -135,6 +135,14 @@ def test_the_gateway_finds_the_installed_lane_and_never_builds_it(
     home_bin.write_bytes(program.read_bytes())
     home_bin.chmod(0o755)
     assert lane_module.lane_binary("auto") == home_bin  # $CDL_HOME/bin, where set-up puts it
+    # built from other sources than this checkout's (a pull without set-up): not run
+    record = home_bin.with_name(f"{lane_module.PROGRAM}.source")
+    record.write_text("0" * 64 + "\n")
+    assert lane_module.lane_binary("auto") is None
+    with pytest.raises(CdlError, match="other sources"):
+        lane_module.lane_binary("native")
+    record.write_text(lane_module.source_hash() + "\n")
+    assert lane_module.lane_binary("native") == home_bin
 
 
 def _tag(num: int, wire_type: int, extra: int = 0) -> bytes:

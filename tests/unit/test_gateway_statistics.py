@@ -71,6 +71,8 @@ def test_stream_responses_parse_as_tritons() -> None:
     bad = service_pb2.ModelStreamInferResponse.FromString(wire.stream_error("unknown model 'n'"))
     assert bad.error_message == "unknown model 'n'" and not bad.HasField("infer_response")
     assert service_pb2.ModelStreamInferResponse.FromString(wire.stream_error("")).error_message
+    with_id = service_pb2.ModelStreamInferResponse.FromString(wire.stream_error("bad shape", "req-7"))
+    assert with_id.error_message == "bad shape" and with_id.infer_response.id == "req-7"  # which one failed
 
 
 def test_one_mapping_of_failures_to_grpc_and_http_statuses() -> None:

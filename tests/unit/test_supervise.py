@@ -272,3 +272,14 @@ def test_a_free_port_is_bindable_and_outside_the_range_of_outgoing_connections()
         assert not low <= port <= high
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_a_free_port_is_found_when_the_ephemeral_range_is_the_whole_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from cdl.stack import _procs
+
+    monkeypatch.setattr(_procs, "_ephemeral_ports", lambda: (1024, 65535))
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))

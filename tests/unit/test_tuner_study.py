@@ -137,12 +137,15 @@ def test_study_folders_of_dead_tuners_are_swept_and_a_running_ones_kept(tmp_path
         left.mkdir()
         (left / ".owner").write_text("")
         (left / "x.npy").write_bytes(b"0" * 100)
-        young = tmp_path / f"{study_mod.FOLDER_PREFIX}m-2-new"  # being created: no lock file yet
+        os.utime(left, (0, 0))
+        young = tmp_path / f"{study_mod.FOLDER_PREFIX}m-2-new"  # being created: not locked yet
         young.mkdir()
-        old = tmp_path / f"{study_mod.FOLDER_PREFIX}m-3-old"
+        (young / ".owner").write_text("")
+        old = tmp_path / f"{study_mod.FOLDER_PREFIX}m-3-old"  # old, never locked
         old.mkdir()
         os.utime(old, (0, 0))
         with study_mod._study_folder("m-4") as running:
+            os.utime(running, (0, 0))  # old, but its owner holds the lock
             assert study_mod.sweep_study_folders() == 2
             assert running.exists() and young.exists() and not left.exists() and not old.exists()
         assert not running.exists()
