@@ -15,6 +15,9 @@ process, on grpc.aio):
   routing, every request logged to ``inference.logged``, Prometheus), on its
   default data plane (the native lane in front of the Python server where Go
   builds it; its CPU and RSS are the process group's, the lane's included);
+- **native**: ``bench/native_floor`` (Go), the native floor: a plain grpc-go
+  byte-forwarding proxy (and, for HTTP, a plain ``httputil.ReverseProxy``) --
+  what forwarding costs in the language the gateway's data plane is written in;
 - **floor2**, the control: a second process of the same floor, started later.
   Two identical proxies part by several percent on this machine (each holds
   its own connection to Triton); what floor2 reaches against the floor is
@@ -27,6 +30,18 @@ Per target: a fixed load of ``CDL_BENCH_GATEWAY_RATE`` (200) requests/s for
 ``CDL_BENCH_GATEWAY_SECONDS`` (10 s) — latency percentiles, and the proxy
 process's CPU seconds per request — and a closed loop at concurrency 16 for
 the same time — throughput. Medians over the rounds count.
+
+Then REST/HTTP v2: Triton's HTTP port (**direct**), the native floor's reverse
+proxy (**native**) and the gateway's REST port (**gateway**), each in a closed
+loop at concurrency 16 with this process's aiohttp client (JSON infer bodies),
+rounds rotated as above. And Triton's own load tool, perf_analyzer (concurrency
+16, gRPC and HTTP), against direct, native and the gateway, once each.
+
+RESULT lines: the gateway's CPU per request and gRPC throughput against the
+native floor (goals <= 1.15 and >= 0.95), its HTTP throughput against the
+native floor's reverse proxy (>= 0.95), its added p50 at 200 req/s over direct
+Triton (<= 0.5 ms), and, as before, RSS growth over the rollouts and the
+rollback's seconds. The Python floor's figures are printed beside them.
 
 Then 50 consecutive rollouts (v2 … v51, each through canary to promotion,
 under a light load) — the gateway's and Triton's RSS after the first and after
@@ -57,6 +72,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import closed_loop, fixed_rate, machine, private_stack, result, rss_mib
+from bench._native_floor import NativeFloor
 
 ROUNDS = int(os.environ.get("CDL_BENCH_GATEWAY_ROUNDS", "3"))
 RATE = float(os.environ.get("CDL_BENCH_GATEWAY_RATE", "200"))
@@ -80,6 +96,61 @@ def _request() -> bytes:
     req.inputs.add(name="input", datatype="FP32", shape=[1, N_IN])
     req.raw_input_contents.append(x.tobytes())
     return bytes(req.SerializeToString())
+
+
+def _json_request() -> bytes:
+    """The same input as :func:`_request`, as a REST/HTTP v2 JSON body."""
+    x = np.random.default_rng(0).random((1, N_IN), dtype=np.float32) * 16
+    doc = {"inputs": [{"name": "input", "shape": [1, N_IN], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    return json.dumps(doc).encode()
+
+
+async def _http_closed_loop(
+    url: str, body: bytes, headers: dict[str, str], seconds: float, concurrency: int
+) -> tuple[float, int]:
+    """Requests per second (and failures) of ``concurrency`` aiohttp callers posting ``body``."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        for _ in range(20):  # warm the connections
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"{url}: {resp.status} {(await resp.text())[:300]}")
+        done = failed = 0
+        end = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done, failed
+            while time.perf_counter() < end:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        done += 1
+                    else:
+                        failed += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.perf_counter() - t0), failed
+
+
+def _perf_analyzer(binary: str, protocol: str, url: str) -> float:
+    """perf_analyzer's throughput (infer/s) at concurrency 16 against ``url``; NaN when it failed."""
+    import re
+    import subprocess
+
+    argv = [
+        binary, "-m", MODEL, "-u", url, "-i", protocol, "-H", f"authorization: Bearer {KEY}",
+        "--concurrency-range", str(CONCURRENCY), "--measurement-interval", str(int(SECONDS * 500)),
+        "--max-trials", "6",
+    ]  # fmt: skip
+    run = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=300)
+    found = re.search(r"Throughput: ([\d.]+) infer/sec", run.stdout)
+    if run.returncode != 0 or found is None:
+        print(f"    perf_analyzer {protocol} {url} failed: {(run.stdout + run.stderr)[-500:]}")
+        return float("nan")
+    return float(found.group(1))
 
 
 def _cpu_s(pid: int, group: bool = True) -> float:
@@ -157,12 +228,14 @@ def main() -> None:
         tmp = Path(state["state_dir"])
         uid = uuid.uuid4().hex[:6]
         topics = {k: f"bench.{k}.{uid}" for k in ("compressed", "deployed", "logged", "deadletter")}
-        gw_port, gw_metrics, floor_port = free_port(), free_port(), free_port()
+        gw_port, gw_metrics, floor_port, gw_http = free_port(), free_port(), free_port(), free_port()
+        triton_http = state["triton"][0]["http"]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), CDL_STATE_DIR=str(tmp))
         env |= {f"CDL_GATEWAY_{k.upper()}_TOPIC": v for k, v in topics.items()}
         env |= {
             "CDL_GATEWAY_GROUP_ID": f"bench-gw-{uid}",
             "CDL_GATEWAY_GRPC_PORT": str(gw_port),
+            "CDL_GATEWAY_HTTP_PORT": str(gw_http),
             "CDL_GATEWAY_METRICS_PORT": str(gw_metrics),
             "CDL_GATEWAY_API_KEY_HASHES": json.dumps([hash_key(KEY)]),
             "CDL_GATEWAY_CANARY_STEPS": "[0.5, 1.0]",
@@ -187,6 +260,7 @@ def main() -> None:
 
         try:
             floor_proc, floor = start_floor(floor_port, "floor")
+            native = NativeFloor(triton, triton_http)
         except Exception:
             stop(gw, 20)
             raise
@@ -270,6 +344,7 @@ def main() -> None:
             targets = {
                 "direct": (triton, (), None),
                 "floor": (f"127.0.0.1:{floor_port}", (), floor.pid),
+                "native": (native.grpc, (), native.pid),
                 "gateway": (f"127.0.0.1:{gw_port}", auth, gw.pid),
                 "floor2": (f"127.0.0.1:{floor2_port}", (), floor2.pid),
             }
@@ -337,6 +412,46 @@ def main() -> None:
                 f"control: a second floor process reached {f2['rps'] / f1['rps']:.3f}x the floor's throughput "
                 f"and {f2['cpu'] / f1['cpu']:.3f}x its CPU per request (identical code: the machine's spread)"
             )
+            # ---- REST/HTTP v2: direct Triton, the native reverse proxy, the gateway's REST port
+            body = _json_request()
+            http_targets = {
+                "direct": (f"http://{triton_http}", None),
+                "native": (f"http://{native.http}", native.pid),
+                "gateway": (f"http://127.0.0.1:{gw_http}", gw.pid),
+            }
+            http_headers = {"Authorization": f"Bearer {KEY}"}
+            http_rps: dict[str, list[float]] = {n: [] for n in http_targets}
+            http_cpu: dict[str, list[float]] = {n: [] for n in http_targets}
+            for rnd in range(1, ROUNDS + 1):
+                names = list(http_targets)
+                names = names[(rnd - 1) % len(names) :] + names[: (rnd - 1) % len(names)]
+                for name in names:
+                    base, pid = http_targets[name]
+                    cpu0 = _cpu_s(pid) if pid else 0.0
+                    url = f"{base}/v2/models/{MODEL}/infer"
+                    rps, failed = asyncio.run(_http_closed_loop(url, body, http_headers, SECONDS, CONCURRENCY))
+                    cpu = (_cpu_s(pid) - cpu0) / (rps * SECONDS) * 1e6 if pid else float("nan")
+                    http_rps[name].append(rps)
+                    http_cpu[name].append(cpu)
+                    print(f"round {rnd} http {name:8s} {rps:,.0f} req/s at concurrency {CONCURRENCY}; "
+                          f"cpu {cpu:.0f} us/request; {failed} failed")  # fmt: skip
+            http_med = {n: statistics.median(v) for n, v in http_rps.items()}
+            for n in http_targets:
+                print(f"median http {n:8s} {http_med[n]:,.0f} req/s cpu {statistics.median(http_cpu[n]):.0f} us")
+            # ---- Triton's own load tool against each
+            analyzer = shutil.which("perf_analyzer")
+            pa: dict[str, float] = {}
+            if analyzer is None:
+                print("perf_analyzer is not installed (scripts/setup.sh installs it): not run")
+            else:
+                for protocol, urls in (
+                    ("grpc", {"direct": triton, "native": native.grpc, "gateway": f"127.0.0.1:{gw_port}"}),
+                    ("http", {"direct": triton_http, "native": native.http, "gateway": f"127.0.0.1:{gw_http}"}),
+                ):
+                    for name, url in urls.items():
+                        pa[f"{protocol} {name}"] = _perf_analyzer(analyzer, protocol, url)
+                print("perf_analyzer at concurrency 16 (infer/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in pa.items()))
+
             if variant is not None:
                 stop(variant[2], 20)
                 variant[1].wait(10)
@@ -440,17 +555,27 @@ def main() -> None:
                 stop(floor2, 5)
             stop(gw, 20)
             stop(floor, 5)
+            native.close()
             with contextlib.suppress(OSError):  # the private stack's directory goes away: keep the log
                 shutil.copy(tmp / "gateway.log", Path(tempfile.gettempdir()) / "cdl-bench-gateway.log")
             gw_proc.wait(10)
             floor_proc.wait(10)
 
-    gwf, fl, di = med["gateway"], med["floor"], med["direct"]
-    print(f"p99 at {RATE:.0f}/s: direct {di['p99']:.2f} ms, floor {fl['p99']:.2f} ms, gateway {gwf['p99']:.2f} ms")
+    gwf, fl, di, na = med["gateway"], med["floor"], med["direct"], med["native"]
+    print(
+        f"p99 at {RATE:.0f}/s: direct {di['p99']:.2f} ms, native floor {na['p99']:.2f} ms, "
+        f"Python floor {fl['p99']:.2f} ms, gateway {gwf['p99']:.2f} ms"
+    )
     print(f"gateway throughput vs direct Triton: {gwf['rps'] / di['rps']:.3f} (no goal on 2 shared cores)")
-    print(result("gateway_cpu_per_request", gwf["cpu"], fl["cpu"], op="<=", goal=1.25, unit="us"))
-    print(result("gateway_added_p50_ms", gwf["p50"] - di["p50"], 1.0, op="<=", goal=1.0, unit="ms"))
-    print(result("gateway_throughput_vs_floor", gwf["rps"], fl["rps"], op=">=", goal=0.9, unit="req/s"))
+    print(
+        f"against the Python floor (the earlier baseline): CPU per request {gwf['cpu'] / fl['cpu']:.3f}x, "
+        f"throughput {gwf['rps'] / fl['rps']:.3f}x"
+    )
+    print(result("gateway_cpu_per_request", gwf["cpu"], na["cpu"], op="<=", goal=1.15, unit="us"))
+    print(result("gateway_throughput_vs_native_floor", gwf["rps"], na["rps"], op=">=", goal=0.95, unit="req/s"))
+    print(result("gateway_http_throughput_vs_native_floor", http_med["gateway"], http_med["native"], op=">=",
+                 goal=0.95, unit="req/s"))  # fmt: skip
+    print(result("gateway_added_p50_ms", gwf["p50"] - di["p50"], 0.5, op="<=", goal=1.0, unit="ms"))
     worst = ("gateway", gw_rss) if gw_growth >= tr_growth else ("triton", tr_rss)
     print(f"RSS growth over {ROLLOUTS} rollouts: gateway {gw_growth:.3f}x, Triton {tr_growth:.3f}x (worst: {worst[0]})")
     print(result("rollout_rss_growth", worst[1][-1], worst[1][0], op="<=", goal=1.2, unit="MiB"))
