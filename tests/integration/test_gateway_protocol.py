@@ -27,7 +27,7 @@ import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
 from services.gateway.rest import RestApi
-from services.gateway.routing import Route
+from services.gateway.routing import Route, RoutingTable
 from services.gateway.server import REFUSED
 from tests.helpers import IN_CI
 from tests.integration import test_gateway_proxy as proxy
@@ -153,36 +153,56 @@ def _perf_analyzer() -> str | None:
     return found
 
 
-def test_perf_analyzer_runs_against_the_gateway_over_grpc_and_http(gateway: Gateway, rest: str, model: str) -> None:
+def _run_perf_analyzer(gateway: Gateway, model: str, protocol: str, url: str) -> None:
+    """Triton's load tool against the gateway for a few seconds: it runs, and the gateway served it."""
     binary = _perf_analyzer()
-    for protocol, url in (("grpc", gateway.address), ("http", rest)):
-        gateway.settle()
-        before = len(gateway.outcomes.served)
-        argv = [
-            str(binary),
-            "-m", model, "-u", url, "-i", protocol, "-H", f"authorization: Bearer {KEY}",
-            "--concurrency-range", "2", "--measurement-interval", "1000", "--max-trials", "4",
-            "--stability-percentage", "100",
-        ]  # fmt: skip
-        run = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120, env=dict(os.environ))
-        assert run.returncode == 0, (protocol, run.stdout[-3000:] + run.stderr[-3000:])
-        throughput = re.search(r"Throughput: ([\d.]+) infer/sec", run.stdout)
-        assert throughput and float(throughput.group(1)) > 0, run.stdout[-3000:]
-        assert "Server:" in run.stdout, run.stdout[-3000:]  # its server-side figures: the gateway's statistics
-        gateway.settle()
-        assert len(gateway.outcomes.served) - before > 10, protocol
+    gateway.settle()
+    before = len(gateway.outcomes.served)
+    argv = [
+        str(binary),
+        "-m", model, "-u", url, "-i", protocol, "-H", f"authorization: Bearer {KEY}",
+        "--concurrency-range", "2", "--measurement-interval", "1000", "--max-trials", "4",
+        "--stability-percentage", "100",
+    ]  # fmt: skip
+    run = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert run.returncode == 0, (protocol, run.stdout[-3000:] + run.stderr[-3000:])
+    throughput = re.search(r"Throughput: ([\d.]+) infer/sec", run.stdout)
+    assert throughput and float(throughput.group(1)) > 0, run.stdout[-3000:]
+    assert "Server:" in run.stdout, run.stdout[-3000:]  # its server-side figures: the gateway's statistics
+    gateway.settle()
+    assert len(gateway.outcomes.served) - before > 10, protocol
+
+
+def test_perf_analyzer_runs_against_the_gateway_over_grpc(gateway: Gateway, model: str) -> None:
+    _run_perf_analyzer(gateway, model, "grpc", gateway.address)
+
+
+def test_perf_analyzer_runs_against_the_gateway_over_http(shipped: Gateway, rest: str, model: str) -> None:
+    _run_perf_analyzer(shipped, model, "http", rest)
 
 
 # --------------------------------------------------------------------------- REST/HTTP v2
 
 
 @pytest.fixture
-def rest(gateway: Gateway) -> Iterator[str]:
+def shipped(model: str, triton_grpcs: list[str]) -> Iterator[Gateway]:
+    """The gateway on the data plane it ships with (the native lane in front): REST does not go
+    through the lane, so its tests run once, here."""
+    table = RoutingTable()
+    table.set(Route(model, 1, candidate=2))
+    gw = Gateway(triton_grpcs, table, lane=True)
+    assert gw.run(gw.pool.wait_ready(2))
+    yield gw
+    gw.close()
+
+
+@pytest.fixture
+def rest(shipped: Gateway) -> Iterator[str]:
     """The gateway's REST endpoint, on the harness's service and event loop."""
-    api = RestApi(gateway.service, proxy.MAX_BYTES)
-    port = gateway.run(api.start("127.0.0.1", 0))
+    api = RestApi(shipped.service, proxy.MAX_BYTES)
+    port = shipped.run(api.start("127.0.0.1", 0))
     yield f"127.0.0.1:{port}"
-    gateway.run(api.stop())
+    shipped.run(api.stop())
 
 
 def _http(
@@ -206,7 +226,7 @@ AFFINE_B = np.array([0.5, -1.0, 2.0], dtype=np.float32)
 
 
 def test_rest_serves_the_protocol_with_json_and_binary_tensors(
-    gateway: Gateway, rest: str, model: str, triton_grpcs: list[str]
+    shipped: Gateway, rest: str, model: str, triton_grpcs: list[str]
 ) -> None:
     assert _http(rest, "/v2/health/live")[0] == 200 and _http(rest, "/v2/health/ready")[0] == 200
     status, _, body = _http(rest, "/v2", headers=HEADERS)
@@ -246,11 +266,11 @@ def test_rest_serves_the_protocol_with_json_and_binary_tensors(
     stats = client.get_inference_statistics(model, headers=HEADERS)["model_stats"]
     assert {s["version"] for s in stats} == {"1", "2"} and all(isinstance(s["inference_count"], int) for s in stats)
     assert client.get_model_repository_index(headers=HEADERS)
-    gateway.settle()
-    assert {(m, v, ok) for m, v, ok, _ in gateway.outcomes.served if m == model} >= {(model, 1, True), (model, 2, True)}
+    shipped.settle()
+    assert {(m, v, ok) for m, v, ok, _ in shipped.outcomes.served if m == model} >= {(model, 1, True), (model, 2, True)}
 
 
-def test_rest_errors_are_json_with_the_right_codes(gateway: Gateway, rest: str, model: str) -> None:
+def test_rest_errors_are_json_with_the_right_codes(shipped: Gateway, rest: str, model: str) -> None:
     x = np.ones((2, 4), np.float32)
     infer = f"/v2/models/{model}/infer"
 
@@ -297,11 +317,11 @@ def test_rest_errors_are_json_with_the_right_codes(gateway: Gateway, rest: str, 
         assert error(path, b"{}", {})[0] == 401, path
     assert _http(rest, f"/v2/models/{model}/ready", headers=HEADERS)[0] == 200
     assert error("/v2/nothing/here", None, HEADERS)[0] == 404
-    gateway.settle()
-    assert all(ok for m, _, ok, _ in gateway.outcomes.served if m == model)  # client errors say nothing of versions
+    shipped.settle()
+    assert all(ok for m, _, ok, _ in shipped.outcomes.served if m == model)  # client errors say nothing of versions
 
 
-def test_a_canary_rollout_under_http_load_fails_no_request(gateway: Gateway, rest: str, model: str) -> None:
+def test_a_canary_rollout_under_http_load_fails_no_request(shipped: Gateway, rest: str, model: str) -> None:
     x = np.ones((1, 4), np.float32)
     failures: list[tuple[int, bytes]] = []
     versions: list[str] = []
@@ -320,9 +340,9 @@ def test_a_canary_rollout_under_http_load_fails_no_request(gateway: Gateway, res
         t.start()
     try:
         time.sleep(0.5)
-        gateway.set_route(Route(model, 1, candidate=3, canary=0.5))  # 3 is loaded nowhere: every canary fails
+        shipped.set_route(Route(model, 1, candidate=3, canary=0.5))  # 3 is loaded nowhere: every canary fails
         time.sleep(1.5)
-        gateway.set_route(Route(model, 2, candidate=1))  # promoted
+        shipped.set_route(Route(model, 2, candidate=1))  # promoted
         time.sleep(1.0)
     finally:
         stop.set()
@@ -330,4 +350,4 @@ def test_a_canary_rollout_under_http_load_fails_no_request(gateway: Gateway, res
             t.join(20)
     assert not failures and len(versions) > 20, failures[:3]
     assert set(versions) == {"1", "2"}
-    gateway.set_route(Route(model, 1, candidate=2))
+    shipped.set_route(Route(model, 1, candidate=2))
