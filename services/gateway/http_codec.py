@@ -37,7 +37,7 @@ from tritonclient.grpc import service_pb2
 
 from cdl.errors import InvalidInputError
 
-__all__ = ["DTYPES", "HEADER_LENGTH", "InferBody", "infer_request", "infer_response", "message_json"]
+__all__ = ["DTYPES", "HEADER_LENGTH", "InferBody", "infer_request", "infer_response", "message_json", "parse_json"]
 
 #: the header that gives the JSON part's length in a binary-extension body
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -70,6 +70,14 @@ class InferBody:
     binary: Mapping[str, bool]
     """Per requested output: whether it is answered as bytes (absent: ``binary_default``)."""
     binary_default: bool
+
+
+def parse_json(data: bytes) -> Any:
+    """A JSON body, or an InvalidInputError saying why it is not one (nesting too deep too)."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _bad(f"malformed JSON: {str(exc)[:200]}") from None
 
 
 def _bad(reason: str) -> InvalidInputError:
@@ -175,10 +183,7 @@ def _infer_request(model: str, version: str, body: bytes, header_length: int | N
     if header_length is not None and not 0 < header_length <= len(body):
         raise _bad(f"{HEADER_LENGTH} must be between 1 and the body's length ({len(body)})")
     head = body[:header_length] if header_length is not None else body
-    try:
-        doc = json.loads(head)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _bad(f"malformed JSON: {str(exc)[:200]}") from None
+    doc = parse_json(head)
     if not isinstance(doc, dict):
         raise _bad("the request must be a JSON object")
     req = service_pb2.ModelInferRequest(model_name=model, model_version=version)

@@ -31,14 +31,15 @@ import json
 import re
 import socket
 import ssl
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 from tritonclient.grpc import service_pb2
 
 from cdl.errors import InvalidInputError, NotFoundError, TooLargeError, UnimplementedError
 from cdl.logging import get_logger
-from services.gateway.http_codec import HEADER_LENGTH, infer_request, infer_response, message_json
+from services.gateway.http_codec import HEADER_LENGTH, infer_request, infer_response, message_json, parse_json
 from services.gateway.server import InferenceService
 from services.gateway.status import http_failure
 
@@ -55,6 +56,7 @@ _REFUSED = {
     "/v2/trace": "TraceSetting",
     "/v2/logging": "LogSettings",
 }
+T = TypeVar("T")
 _JSON = "application/json"
 #: bodies larger than this are translated in a worker thread, not on the event loop
 _INLINE_BYTES = 64 << 10
@@ -64,11 +66,16 @@ def _flag(body: bytes, key: str) -> bool:
     """A boolean member of a JSON object body (false when the body is empty)."""
     if not body.strip():
         return False
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidInputError("malformed JSON") from None
+    doc = parse_json(body)
     return isinstance(doc, dict) and doc.get(key) is True
+
+
+async def _translate(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, in a worker thread when it translates more than ``_INLINE_BYTES``: a large
+    body is not parsed on the event loop (the gRPC server's too)."""
+    if size > _INLINE_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
@@ -192,16 +199,9 @@ class RestApi:
         except ValueError:
             raise InvalidInputError(f"{HEADER_LENGTH} must be an integer") from None
         raw = await request.read()
-        # a large body is translated off the event loop (the gRPC server's too)
-        if len(raw) > _INLINE_BYTES:
-            body = await asyncio.to_thread(infer_request, model, version, raw, header_length)
-        else:
-            body = infer_request(model, version, raw, header_length)
+        body = await _translate(len(raw), infer_request, model, version, raw, header_length)
         response = await self._service.call("ModelInfer", body.request, metadata)
-        if len(response) > _INLINE_BYTES:
-            data, json_length = await asyncio.to_thread(infer_response, response, body)
-        else:
-            data, json_length = infer_response(response, body)
+        data, json_length = await _translate(len(response), infer_response, response, body)
         if json_length is None:
             return web.Response(body=data, content_type=_JSON)
         return web.Response(

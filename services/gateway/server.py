@@ -298,9 +298,6 @@ class InferenceService:
 
     # ------------------------------------------------------------- helpers
 
-    def _authorized(self, context: Context) -> bool:
-        return self._open or self._keys.check(context.invocation_metadata())
-
     def _timeout(self, context: Context) -> float:
         remaining = context.time_remaining()
         if remaining is None or remaining > _NO_DEADLINE_S:
@@ -353,9 +350,11 @@ class InferenceService:
         brought it (a unary call, a stream, HTTP): Triton's serialized response, or an exception
         for :func:`failure`. ``metadata`` carries the key (and the native lane's hand-over when
         ``from_lane``); ``timeout`` is what is left of the caller's deadline."""
-        if not self._open and not self._keys.check(metadata):
+        try:
+            self.check_key(metadata)
+        except UnauthenticatedError:
             self._count("", 0, grpc.StatusCode.UNAUTHENTICATED)
-            raise UnauthenticatedError(_NO_KEY)
+            raise
         if len(request) > self._max_bytes:
             self._count("", 0, grpc.StatusCode.RESOURCE_EXHAUSTED)
             raise TooLargeError(
@@ -630,8 +629,10 @@ class InferenceService:
         request as the response's ``error_message`` (the stream goes on). A stream without a
         valid key is refused as a whole (UNAUTHENTICATED)."""
         metadata = tuple(context.invocation_metadata() or ())
-        if not self._open and not self._keys.check(metadata):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _NO_KEY)
+        try:
+            self.check_key(metadata)
+        except UnauthenticatedError as exc:
+            await context.abort(*failure(exc))
         pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(maxsize=self._stream_window)
 
         async def read() -> None:
