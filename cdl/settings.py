@@ -128,6 +128,9 @@ class ServiceSettings(BaseSettings):
     Bearer <key>``); empty: no key needed. The local stack generates one key for all."""
     triton_grpc: list[str] = []
     """Triton gRPC endpoints, ``host:port``."""
+    triton_http: list[str] = []
+    """The same Triton servers' HTTP endpoints, ``host:port``, in ``triton_grpc``'s order (the
+    gateway's native lane serves REST infer requests to them); empty: unknown."""
     metrics_port: int = 0
     """Prometheus metrics port; 0 picks a free one."""
     metrics_host: str = "127.0.0.1"
@@ -180,6 +183,11 @@ class ServiceSettings(BaseSettings):
         for field, from_state in fallbacks.items():
             if not getattr(self, field):
                 setattr(self, field, os.environ.get(f"CDL_{field.upper()}") or from_state)
+        tritons = state.get("triton", [])
         if not self.triton_grpc:
-            self.triton_grpc = [t["grpc"] for t in state.get("triton", [])]
+            self.triton_grpc = [t["grpc"] for t in tritons]
+        if not self.triton_http:
+            http_of = {t["grpc"]: t.get("http", "") for t in tritons}
+            found = [http_of.get(g, "") for g in self.triton_grpc]
+            self.triton_http = found if all(found) else []
         return self

@@ -74,6 +74,12 @@ def triton_grpcs(stack: dict[str, Any]) -> list[str]:
     return [str(t["grpc"]) for t in stack["triton"]]
 
 
+@pytest.fixture(scope="session")
+def triton_https(stack: dict[str, Any]) -> list[str]:
+    """The same servers' HTTP endpoints, in ``triton_grpcs``' order."""
+    return [str(t["http"]) for t in stack["triton"]]
+
+
 @pytest.fixture
 def topic_factory(kafka_bootstrap: str) -> Any:
     """Creates fresh topics (unique names) so tests never see each other's records."""

@@ -363,18 +363,30 @@ class GatewayApp:
             socket = f"{self._socket_dir}/backend.sock"
             server.add_insecure_port(f"unix:{socket}")
             await server.start()
+            args = self._lane_args(address, socket, service.id_prefix + "l")
+            if s.http_port >= 0:  # the lane serves the REST port too; this process's behind it
+                self.rest = RestApi(service, s.max_message_bytes, behind_lane=True)
+                rest_socket = f"{self._socket_dir}/rest.sock"
+                await self.rest.start_unix(rest_socket)
+                args += [f"--http-listen={s.grpc_host}:{s.http_port}", f"--http-backend={rest_socket}"]
+                if len(s.triton_http) == len(s.triton_grpc):
+                    args.append(f"--triton-http={','.join(s.triton_http)}")
             self.lane = NativeLane(
                 lane_binary,
-                self._lane_args(address, socket, service.id_prefix + "l"),
+                args,
                 service.lane_served,
                 self.table.all,
                 lambda: [info.endpoint for info in self.pool.servers() if info.ready],
+                on_served_http=service.lane_served_http,
             )
             try:
                 self.port = await asyncio.to_thread(self.lane.start)
             except Exception:
                 await server.stop(None)
+                if self.rest is not None:
+                    await self.rest.stop()
                 raise
+            self.http_port = self.lane.http_port if self.rest is not None else -1
         elif s.tls_cert_file:
             creds = grpc.ssl_server_credentials(
                 [(Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())]
@@ -385,7 +397,7 @@ class GatewayApp:
         if self.lane is None:
             await server.start()
         self.server = server
-        if s.http_port >= 0:
+        if s.http_port >= 0 and self.lane is None:
             self.rest = RestApi(service, s.max_message_bytes)
             tls = None
             if s.tls_cert_file:  # the REST port speaks TLS when the gRPC port does, with the same files

@@ -15,6 +15,8 @@ same protobuf form the monitor reads). This module is the translation only (no I
   each output as JSON ``data``, or as bytes after the JSON where the request asked for
   binary (``parameters.binary_data`` on the output, or ``binary_data_output`` on the
   request);
+- :func:`response_message` reads an infer answer's body back into a serialized
+  ``ModelInferResponse`` (what the native lane served over REST, for the inference log);
 - :func:`message_json` is any other message (metadata, config, statistics) as the
   JSON Triton answers: proto field names, 64-bit integers as numbers.
 
@@ -37,7 +39,16 @@ from tritonclient.grpc import service_pb2
 
 from cdl.errors import InvalidInputError
 
-__all__ = ["DTYPES", "HEADER_LENGTH", "InferBody", "infer_request", "infer_response", "message_json", "parse_json"]
+__all__ = [
+    "DTYPES",
+    "HEADER_LENGTH",
+    "InferBody",
+    "infer_request",
+    "infer_response",
+    "message_json",
+    "parse_json",
+    "response_message",
+]
 
 #: the header that gives the JSON part's length in a binary-extension body
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -313,6 +324,56 @@ def infer_response(response: bytes, body: InferBody) -> tuple[bytes, int | None]
     if not tail:
         return head, None
     return head + b"".join(tail), len(head)
+
+
+def response_message(body: bytes, header_length: int | None) -> bytes:
+    """The serialized ``ModelInferResponse`` of an infer answer's HTTP body (JSON, or JSON
+    and binary outputs after ``header_length`` bytes): the inverse of :func:`infer_response`.
+    An :class:`InvalidInputError` where the body is not such an answer."""
+    try:
+        return _response_message(body, header_length)
+    except InvalidInputError:
+        raise
+    except (ValueError, TypeError, OverflowError, UnicodeError, KeyError) as exc:
+        raise _bad(f"answer not read: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _response_message(body: bytes, header_length: int | None) -> bytes:
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise _bad(f"{HEADER_LENGTH} must be between 1 and the body's length ({len(body)})")
+    head = body[:header_length] if header_length is not None else body
+    doc = parse_json(head)
+    if not isinstance(doc, dict) or not isinstance(doc.get("outputs", []), list):
+        raise _bad("an infer answer is a JSON object with a list of outputs")
+    msg = service_pb2.ModelInferResponse(
+        model_name=str(doc.get("model_name", "")), model_version=str(doc.get("model_version", ""))
+    )
+    msg.id = str(doc.get("id", ""))
+    for key, value in _params(doc, "answer").items():
+        _set_param(msg.parameters[str(key)], value, f"parameter {key!r}")
+    offset = len(head)
+    for i, out in enumerate(doc.get("outputs", [])):
+        if not isinstance(out, dict):
+            raise _bad(f"output {i} must be an object")
+        name, datatype, shape = str(out.get("name", "")), str(out.get("datatype", "")), out.get("shape", [])
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise _bad(f"output {name!r}: shape must be a list of non-negative integers")
+        tensor = msg.outputs.add(name=name, datatype=datatype, shape=shape)
+        params = _params(out, f"output {name!r}")
+        size = params.pop("binary_data_size", None)
+        for key, value in params.items():
+            _set_param(tensor.parameters[str(key)], value, f"output {name!r} parameter {key!r}")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(body):
+                raise _bad(f"output {name!r}: binary_data_size {size} is more than the body holds")
+            raw = body[offset : offset + size]
+            offset += size
+        elif datatype in DTYPES or datatype == "BYTES":
+            raw = _raw_from_json(out.get("data", []), datatype, math.prod(shape), f"output {name!r}")
+        else:
+            raise _bad(f"output {name!r}: unknown datatype {datatype[:20]!r}")
+        msg.raw_output_contents.append(raw)
+    return bytes(msg.SerializeToString())
 
 
 _INTS = frozenset(

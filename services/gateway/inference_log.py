@@ -75,7 +75,8 @@ log = get_logger(__name__)
 
 LOG_DROPPED = Counter(
     "cdl_gateway_log_dropped_total",
-    "Inference log records dropped (full: queue full, Kafka slow or away; kafka: not acknowledged)",
+    "Inference log records dropped (full: queue full, Kafka slow or away; kafka: not acknowledged;"
+    " unreadable: a REST body the native lane served that the gateway does not read back)",
     ["reason"],
 )
 LOG_SENT = Counter("cdl_gateway_log_sent_total", "Inference log records handed to Kafka")

@@ -5,7 +5,10 @@ gateway's public gRPC port and this process's ``grpc.aio`` server listens on a
 unix socket behind it. The lane serves ModelInfer's common path itself and
 hands every other call and case to the Python server (see the Go package's
 doc comment for exactly which); the Python server stays the one place that
-decides errors, canary retries and shadow mirroring.
+decides errors, canary retries and shadow mirroring. With ``--http-listen``
+the lane serves the REST/HTTP v2 port the same way: infer on the common path
+forwarded to a Triton server's HTTP port, everything else to this process's
+REST server (:mod:`services.gateway.rest`) on a unix socket.
 
 :class:`NativeLane` starts the lane, and:
 
@@ -54,7 +57,16 @@ from cdl.settings import cdl_home
 from services.gateway.inference_log import LOG_DROPPED
 from services.gateway.routing import Route
 
-__all__ = ["PROGRAM", "RESTARTS", "LaneServed", "NativeLane", "install_lane", "lane_binary", "source_hash"]
+__all__ = [
+    "PROGRAM",
+    "RESTARTS",
+    "LaneServed",
+    "LaneServedHttp",
+    "NativeLane",
+    "install_lane",
+    "lane_binary",
+    "source_hash",
+]
 
 log = get_logger(__name__)
 
@@ -67,7 +79,9 @@ RESTARTS = Counter("cdl_gateway_lane_restarts_total", "Times the gateway's nativ
 _U32 = struct.Struct("<I")
 #: a served frame after its kind byte: code, version, latency_s, time, then four lengths
 _SERVED = struct.Struct("<BIddIIII")
-_READY, _SERVED_KIND, _STATS, _ACK = 0, 1, 2, 3
+#: a request served over REST: as a served frame, then the JSON part's length of each body
+_SERVED_HTTP = struct.Struct("<BIddIIIIII")
+_READY, _SERVED_KIND, _STATS, _ACK, _SERVED_HTTP_KIND = 0, 1, 2, 3, 4
 
 
 class LaneServed(Protocol):
@@ -83,6 +97,24 @@ class LaneServed(Protocol):
         request_id: str,
         request: bytes,
         response: bytes,
+    ) -> None: ...
+
+
+class LaneServedHttp(Protocol):
+    """Where the lane's requests served over REST go (``InferenceService.lane_served_http``):
+    the bodies as sent to and answered by Triton, and each one's JSON length (0: all JSON)."""
+
+    def __call__(
+        self,
+        model: str,
+        version: int,
+        latency_s: float,
+        when: float,
+        request_id: str,
+        request: bytes,
+        response: bytes,
+        request_json_length: int,
+        response_json_length: int,
     ) -> None: ...
 
 
@@ -168,12 +200,15 @@ class NativeLane:
         on_served: LaneServed,
         routes: Callable[[], Mapping[str, Route]],
         ready: Callable[[], Sequence[str]],
+        on_served_http: LaneServedHttp | None = None,
     ) -> None:
-        """``args``: the lane's flags (``--listen`` among them); ``routes``/``ready``: read by the
-        sync thread (the routing table's current dict, the endpoints of the ready servers)."""
+        """``args``: the lane's flags (``--listen`` among them, ``--http-listen`` for the REST
+        port); ``routes``/``ready``: read by the sync thread (the routing table's current dict,
+        the endpoints of the ready servers); ``on_served_http``: requests served over REST."""
         self._binary = binary
         self._args = list(args)
         self._on_served = on_served
+        self._on_served_http = on_served_http
         self._routes = routes
         self._ready = ready
         self._proc: subprocess.Popen[bytes] | None = None
@@ -182,6 +217,7 @@ class NativeLane:
         self._generation = 0
         self._log_dropped = 0
         self._port = 0
+        self._http_port = 0
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._started = threading.Event()
@@ -195,6 +231,11 @@ class NativeLane:
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def http_port(self) -> int:
+        """The REST port it serves (0: none)."""
+        return self._http_port
 
     def alive(self) -> bool:
         proc = self._proc
@@ -265,8 +306,9 @@ class NativeLane:
 
     def _spawn(self) -> None:
         args = list(self._args)
-        if self._port:  # started again: the port it had
-            args = [a if not a.startswith("--listen=") else f"{a.rsplit(':', 1)[0]}:{self._port}" for a in args]
+        for flag, port in (("--listen=", self._port), ("--http-listen=", self._http_port)):
+            if port:  # started again: the port it had
+                args = [a if not a.startswith(flag) else f"{a.rsplit(':', 1)[0]}:{port}" for a in args]
         # each start names its ids apart from the last one's (its counter starts again at 1)
         args = [f"{a}{self._generation}." if a.startswith("--id-prefix=") else a for a in args]
         self._generation += 1
@@ -377,14 +419,13 @@ class NativeLane:
         kind = buf[start]
         if kind == _SERVED_KIND:
             code, version, latency, when, lm, li, lq, lr = _SERVED.unpack_from(buf, start + 1)
-            p = start + 1 + _SERVED.size
-            model = buf[p : p + lm].decode()
-            p += lm
-            request_id = buf[p : p + li].decode()
-            p += li
-            request = buf[p : p + lq]
-            p += lq
-            self._on_served(model, version, code, latency, when, request_id, request, buf[p : p + lr])
+            model, request_id, request, response = _payload(buf, start + 1 + _SERVED.size, lm, li, lq, lr)
+            self._on_served(model, version, code, latency, when, request_id, request, response)
+        elif kind == _SERVED_HTTP_KIND:
+            _, version, latency, when, lm, li, lq, lr, hq, hr = _SERVED_HTTP.unpack_from(buf, start + 1)
+            model, request_id, request, response = _payload(buf, start + 1 + _SERVED_HTTP.size, lm, li, lq, lr)
+            if self._on_served_http is not None:
+                self._on_served_http(model, version, latency, when, request_id, request, response, hq, hr)
         elif kind == _STATS:
             self.stats = stats = json.loads(buf[start + 1 : end])
             dropped = int(stats.get("log_dropped", 0))
@@ -395,7 +436,15 @@ class NativeLane:
             (self._acked,) = _U32.unpack_from(buf, start + 1)
         elif kind == _READY:
             (self._port,) = _U32.unpack_from(buf, start + 1)
+            if end - start >= 9:
+                (self._http_port,) = _U32.unpack_from(buf, start + 5)
             self._started.set()
+
+
+def _payload(buf: bytes, p: int, lm: int, li: int, lq: int, lr: int) -> tuple[str, str, bytes, bytes]:
+    """A served frame's model, request id, request and response, from ``p`` with those lengths."""
+    q = p + lm + li
+    return buf[p : p + lm].decode(), buf[p + lm : q].decode(), buf[q : q + lq], buf[q + lq : q + lq + lr]
 
 
 class _LaneCollector(Collector):

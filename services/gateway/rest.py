@@ -22,11 +22,19 @@ repository load/unload, shared memory, trace, logging        403, never forwarde
 
 Health needs no key; everything else does, as on the gRPC endpoint. A body larger than
 ``max_message_bytes`` is refused (413) before it is read whole.
+
+Behind the native lane (``behind_lane``; :meth:`RestApi.start_unix`) this server listens on a
+unix socket and the lane serves the public port: it forwards infer requests on the common
+path to Triton's HTTP port itself and hands everything else here, infer requests with its
+hand-over headers (the version it picked, Triton's failure), taken as the gRPC server takes
+the lane's metadata.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import re
 import socket
@@ -40,7 +48,7 @@ from tritonclient.grpc import service_pb2
 from cdl.errors import InvalidInputError, NotFoundError, TooLargeError, UnimplementedError
 from cdl.logging import get_logger
 from services.gateway.http_codec import HEADER_LENGTH, infer_request, infer_response, message_json, parse_json
-from services.gateway.server import InferenceService
+from services.gateway.server import InferenceService, Metadata
 from services.gateway.status import http_failure
 
 __all__ = ["RestApi"]
@@ -78,6 +86,26 @@ async def _translate(size: int, fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
+#: the native lane's hand-over headers, named as the gRPC metadata keys the service reads (its
+#: details come base64-encoded in ``x-cdl-lane-details``, for the key ``x-cdl-lane-details-bin``)
+_LANE_HEADERS = ("x-cdl-lane-version", "x-cdl-lane-code", "x-cdl-lane-latency-us")
+
+
+def _lane_metadata(request: web.Request) -> list[tuple[str, str | bytes]]:
+    """What the native lane handed an infer request over with (it drops these headers from what
+    clients send; only the lane reaches this server then)."""
+    out: list[tuple[str, str | bytes]] = [
+        (key, request.headers[key]) for key in _LANE_HEADERS if key in request.headers
+    ]
+    details = request.headers.get("x-cdl-lane-details")
+    if details is not None:
+        try:
+            out.append(("x-cdl-lane-details-bin", base64.b64decode(details, validate=True)))
+        except (binascii.Error, ValueError):
+            out.append(("x-cdl-lane-details-bin", details.encode()))
+    return out
+
+
 def _json(doc: Any, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(doc, separators=(",", ":")).encode(), status=status, content_type=_JSON)
 
@@ -85,9 +113,10 @@ def _json(doc: Any, status: int = 200) -> web.Response:
 class RestApi:
     """The aiohttp application; see the module docstring."""
 
-    def __init__(self, service: InferenceService, max_message_bytes: int) -> None:
+    def __init__(self, service: InferenceService, max_message_bytes: int, behind_lane: bool = False) -> None:
         self._service = service
         self._max_bytes = max_message_bytes
+        self._behind_lane = behind_lane
         self.app = web.Application(client_max_size=max_message_bytes)
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner: web.AppRunner | None = None
@@ -104,6 +133,12 @@ class RestApi:
         self.port = int(sock.getsockname()[1])
         return self.port
 
+    async def start_unix(self, path: str) -> None:
+        """Listen on the unix socket ``path`` (behind the native lane, which serves the public port)."""
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, path).start()
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
@@ -112,7 +147,11 @@ class RestApi:
     # ------------------------------------------------------------- dispatch
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        metadata = [("authorization", v) for v in request.headers.getall("Authorization", [])]
+        metadata: list[tuple[str, str | bytes]] = [
+            ("authorization", v) for v in request.headers.getall("Authorization", [])
+        ]
+        if self._behind_lane:
+            metadata += _lane_metadata(request)
         try:
             return await self._route(request, metadata)
         except web.HTTPRequestEntityTooLarge:
@@ -123,7 +162,7 @@ class RestApi:
             status, message = http_failure(exc)
         return _json({"error": message}, status)
 
-    async def _route(self, request: web.Request, metadata: list[tuple[str, str]]) -> web.StreamResponse:
+    async def _route(self, request: web.Request, metadata: Metadata) -> web.StreamResponse:
         path, method = request.path, request.method
         call = self._service.call
         if path.startswith("/v2/health/"):
@@ -164,7 +203,7 @@ class RestApi:
             return web.Response(status=200 if ready else 503)
         raise NotFoundError(f"no such endpoint: {path[:200]}")
 
-    async def _model_get(self, model: str, version: str, rest: str, metadata: list[tuple[str, str]]) -> web.Response:
+    async def _model_get(self, model: str, version: str, rest: str, metadata: Metadata) -> web.Response:
         call = self._service.call
         if rest == "":
             req = service_pb2.ModelMetadataRequest(name=model, version=version).SerializeToString()
@@ -183,16 +222,14 @@ class RestApi:
             return await self._stats(model, version, metadata)
         raise NotFoundError(f"no such endpoint: GET /v2/models/{model[:100]}{rest}")
 
-    async def _stats(self, model: str, version: str, metadata: list[tuple[str, str]]) -> web.Response:
+    async def _stats(self, model: str, version: str, metadata: Metadata) -> web.Response:
         req = service_pb2.ModelStatisticsRequest(name=model, version=version).SerializeToString()
         stats = service_pb2.ModelStatisticsResponse.FromString(
             await self._service.call("ModelStatistics", req, metadata)
         )
         return _json({"model_stats": [message_json(s) for s in stats.model_stats]})
 
-    async def _infer(
-        self, request: web.Request, model: str, version: str, metadata: list[tuple[str, str]]
-    ) -> web.StreamResponse:
+    async def _infer(self, request: web.Request, model: str, version: str, metadata: Metadata) -> web.StreamResponse:
         length_header = request.headers.get(HEADER_LENGTH)
         try:
             header_length = int(length_header) if length_header is not None else None
@@ -200,7 +237,7 @@ class RestApi:
             raise InvalidInputError(f"{HEADER_LENGTH} must be an integer") from None
         raw = await request.read()
         body = await _translate(len(raw), infer_request, model, version, raw, header_length)
-        response = await self._service.call("ModelInfer", body.request, metadata)
+        response = await self._service.call("ModelInfer", body.request, metadata, from_lane=self._behind_lane)
         data, json_length = await _translate(len(response), infer_response, response, body)
         if json_length is None:
             return web.Response(body=data, content_type=_JSON)

@@ -93,10 +93,10 @@ from cdl.errors import (
 )
 from cdl.logging import get_logger
 from cdl.v1 import open_inference_pb2 as pb
-from services.gateway import statistics, wire
+from services.gateway import http_codec, statistics, wire
 from services.gateway.auth import ApiKeys
 from services.gateway.backends import SERVICE, NoServerError, TritonPool
-from services.gateway.inference_log import InferenceLog, top_labels
+from services.gateway.inference_log import LOG_DROPPED, InferenceLog, top_labels
 from services.gateway.routing import Outcomes, Route, RoutingTable
 from services.gateway.status import failure
 
@@ -283,14 +283,20 @@ class InferenceService:
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.model_stream_infer)
         return handlers
 
-    async def call(self, method: str, request: bytes, metadata: Metadata, timeout: float | None = None) -> bytes:
+    async def call(
+        self, method: str, request: bytes, metadata: Metadata, timeout: float | None = None, from_lane: bool = False
+    ) -> bytes:
         """A unary method of the service, whichever transport brought it (REST does): Triton's
         or the gateway's serialized answer, or an exception for
-        :func:`~services.gateway.status.failure`."""
+        :func:`~services.gateway.status.failure`. ``from_lane``: a ModelInfer the native lane
+        handed over (its hand-over in ``metadata``)."""
+        timeout = self._default_timeout if timeout is None else timeout
+        if method == "ModelInfer":
+            return await self.infer(request, metadata, timeout, from_lane)
         body = self._bodies.get(method)
         if body is None:
             raise UnimplementedError(f"unknown method {method[:64]!r}")
-        return await body(request, metadata, self._default_timeout if timeout is None else timeout)
+        return await body(request, metadata, timeout)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """One generic handler for the whole service (``server.add_generic_rpc_handlers((h,))``)."""
@@ -469,6 +475,33 @@ class InferenceService:
             self._count(model, version, status)
         if self._log is not None and request:
             self._log.put(model, version, request_id, request, response, latency_s, status.name, when)
+
+    def lane_served_http(
+        self,
+        model: str,
+        version: int,
+        latency_s: float,
+        when: float,
+        request_id: str,
+        request: bytes,
+        response: bytes,
+        request_json_length: int,
+        response_json_length: int,
+    ) -> None:
+        """An infer request the native lane served on its REST port: counted as one served over
+        gRPC, and logged in the same protobuf form (the bodies read back by
+        :mod:`~services.gateway.http_codec`; ``request`` empty: not sampled)."""
+        self._served_ok(model, version, latency_s)
+        if self._log is None or not request:
+            return
+        try:
+            req = http_codec.infer_request(model, str(version), request, request_json_length or None).request
+            resp = http_codec.response_message(response, response_json_length or None)
+        except InvalidInputError as exc:  # what Triton took and the codec does not read: not logged
+            LOG_DROPPED.labels(reason="unreadable").inc()
+            log.warning("REST request not logged: its body is not read back", model=model, error=str(exc)[:200])
+            return
+        self._log.put(model, version, request_id, req, resp, latency_s, "OK", when)
 
     def _failed(
         self,

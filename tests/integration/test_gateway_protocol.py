@@ -185,20 +185,23 @@ def test_perf_analyzer_runs_against_the_gateway_over_http(shipped: Gateway, rest
 
 
 @pytest.fixture
-def shipped(model: str, triton_grpcs: list[str]) -> Iterator[Gateway]:
-    """The gateway on the data plane it ships with (the native lane in front): REST does not go
-    through the lane, so its tests run once, here."""
+def shipped(model: str, triton_grpcs: list[str], triton_https: list[str]) -> Iterator[Gateway]:
+    """The gateway on the data plane it ships with: the native lane in front of both ports."""
     table = RoutingTable()
     table.set(Route(model, 1, candidate=2))
-    gw = Gateway(triton_grpcs, table, lane=True)
+    gw = Gateway(triton_grpcs, table, lane=True, http=triton_https)
     assert gw.run(gw.pool.wait_ready(2))
     yield gw
     gw.close()
 
 
-@pytest.fixture
-def rest(shipped: Gateway) -> Iterator[str]:
-    """The gateway's REST endpoint, on the harness's service and event loop."""
+@pytest.fixture(params=["native", "python"])
+def rest(request: pytest.FixtureRequest, shipped: Gateway) -> Iterator[str]:
+    """The gateway's REST endpoint: the lane's port (infer served natively, the rest by the REST
+    server behind it), or the Python REST server alone (data_plane python), on the same service."""
+    if request.param == "native":
+        yield shipped.http_address
+        return
     api = RestApi(shipped.service, proxy.MAX_BYTES)
     port = shipped.run(api.start("127.0.0.1", 0))
     yield f"127.0.0.1:{port}"
@@ -245,6 +248,9 @@ def test_rest_serves_the_protocol_with_json_and_binary_tensors(
     assert status == 200 and headers["Content-Type"].startswith("application/json"), body
     answer = json.loads(body)
     assert answer["model_version"] == "1" and answer["id"].startswith("gw-")
+    # on the lane's port the lane itself served it (its ids), not the REST server behind it
+    native = rest == shipped.http_address
+    assert answer["id"].startswith(shipped.service.id_prefix + "l") == native, answer["id"]
     [out] = answer["outputs"]
     assert out["name"] == "output" and out["shape"] == [2, 3] and out["datatype"] == "FP32"
     np.testing.assert_allclose(np.array(out["data"]).reshape(2, 3), x @ AFFINE_W + AFFINE_B, rtol=1e-5, atol=1e-5)

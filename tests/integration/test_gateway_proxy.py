@@ -51,6 +51,7 @@ from cdl.store import ObjectStore
 from services.gateway.auth import ApiKeys, hash_key
 from services.gateway.backends import SERVICE, TritonPool
 from services.gateway.lane import NativeLane, install_lane
+from services.gateway.rest import RestApi
 from services.gateway.routing import Route, RoutingTable
 from services.gateway.server import InferenceService
 from tests.models import write_affine
@@ -95,11 +96,20 @@ class Gateway:
     runs it with ``data_plane`` native)."""
 
     def __init__(
-        self, endpoints: list[str], table: RoutingTable, health_interval_s: float = 0.2, lane: bool = False
+        self,
+        endpoints: list[str],
+        table: RoutingTable,
+        health_interval_s: float = 0.2,
+        lane: bool = False,
+        http: list[str] | None = None,
     ) -> None:
+        """``http``: the Triton servers' HTTP endpoints (in ``endpoints``' order): with ``lane``,
+        the lane serves the REST port too (``http_address``), the REST server behind it."""
         self.table = table
         self.lane: NativeLane | None = None
         self._lane_wanted = lane
+        self._http = http
+        self.rest: RestApi | None = None
         self.joined: list[str] = []
         self.outcomes = Recording()
         self.loop = asyncio.new_event_loop()
@@ -149,12 +159,21 @@ class Gateway:
             f"--max-bytes={MAX_BYTES}",
             f"--id-prefix={self.service.id_prefix}l",
         ]
+        if self._http is not None:
+            self.rest = RestApi(self.service, MAX_BYTES, behind_lane=True)
+            await self.rest.start_unix(f"{self._socket_dir}/rest.sock")
+            args += [
+                "--http-listen=127.0.0.1:0",
+                f"--http-backend={self._socket_dir}/rest.sock",
+                f"--triton-http={','.join(self._http)}",
+            ]
         self.lane = NativeLane(
             binary,
             args,
             self.service.lane_served,
             self.table.all,
             lambda: [s.endpoint for s in self.pool.servers() if s.ready],
+            on_served_http=self.service.lane_served_http,
         )
         self.port = await asyncio.to_thread(self.lane.start)
         await asyncio.to_thread(_wait, self.lane.in_step, 15.0, "the lane's first sync")
@@ -162,6 +181,12 @@ class Gateway:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        """The lane's REST port (with ``http``)."""
+        assert self.lane is not None and self.lane.http_port
+        return f"127.0.0.1:{self.lane.http_port}"
 
     def set_route(self, route: Route) -> None:
         """Route by ``route`` from the next request on (the lane acknowledged it)."""
@@ -185,6 +210,8 @@ class Gateway:
     def close(self) -> None:
         if self.lane is not None:
             self.lane.close()
+            if self.rest is not None:
+                self.run(self.rest.stop())
             shutil.rmtree(self._socket_dir, ignore_errors=True)
         self.run(self.service.drain())
         self.run(self.server.stop(None))

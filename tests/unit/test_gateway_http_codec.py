@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
 from cdl.errors import InvalidInputError
-from services.gateway.http_codec import DTYPES, InferBody, infer_request, infer_response, message_json
+from services.gateway.http_codec import (
+    DTYPES,
+    InferBody,
+    infer_request,
+    infer_response,
+    message_json,
+    response_message,
+)
 
 
 def _req(body: InferBody) -> Any:
@@ -84,6 +91,30 @@ def test_a_response_is_json_or_json_and_binary_as_asked() -> None:
     doc = json.loads(body[:length])
     assert doc["outputs"][0]["parameters"] == {"binary_data_size": 8} and "data" not in doc["outputs"][0]
     assert body[length:] == np.array([1.5, -2], np.float32).tobytes()
+
+
+def test_an_answer_is_read_back_into_the_response_it_was_made_of() -> None:
+    """What the native lane served over REST is logged as the gRPC path logs it: the answer's
+    body read back is the response it was written from (JSON data and binary outputs alike)."""
+    resp = service_pb2.ModelInferResponse(model_name="m", model_version="2", id="r")
+    resp.parameters["sequence"].int64_param = 3
+    resp.outputs.add(name="y", datatype="FP32", shape=[2, 2])
+    resp.outputs.add(name="s", datatype="BYTES", shape=[1])
+    resp.outputs.add(name="i", datatype="INT64", shape=[1])
+    resp.raw_output_contents.append(np.array([[1.5, -2], [0, 3]], np.float32).tobytes())
+    resp.raw_output_contents.append(struct.pack("<I", 2) + b"ok")
+    resp.raw_output_contents.append(np.array([-7], np.int64).tobytes())
+    data = resp.SerializeToString()
+    for binary, per_output in ((False, {}), (True, {}), (False, {"y": True}), (True, {"s": False})):
+        body, length = infer_response(data, InferBody(b"", per_output, binary))
+        again = service_pb2.ModelInferResponse.FromString(response_message(body, length))
+        assert again == resp, (binary, per_output)
+    for bad, length in ((b"{", None), (b"[]", None), (b'{"outputs": [{"name": "y", "datatype": "FP32", '
+                        b'"shape": [2], "parameters": {"binary_data_size": 8}}]}', None),
+                        (b'{"outputs": [{"name": "y", "datatype": "FP99", "shape": [1], "data": [1]}]}', None),
+                        (b"{}", 5)):  # fmt: skip
+        with pytest.raises(InvalidInputError):
+            response_message(bad, length)
 
 
 def test_messages_become_tritons_json_with_integers_as_numbers() -> None:

@@ -52,6 +52,11 @@ def test_go_tests_pass_and_the_scanner_is_fuzzed_under_the_race_detector() -> No
     _go_test("-fuzz=FuzzScanRoute", "-fuzztime=10s")
 
 
+def test_the_rest_body_scanner_is_fuzzed_under_the_race_detector() -> None:
+    """FuzzScanJSONID for 10 s: the lane reads REST bodies' JSON to find and insert the id."""
+    _go_test("-run=^$", "-fuzz=FuzzScanJSONID", "-fuzztime=10s")
+
+
 def _served_frame(model: str, version: int, code: int, request_id: str, req: bytes, resp: bytes) -> bytes:
     body = bytes([1]) + struct.pack(
         "<BIddIIII", code, version, 0.002, 1.5e9, len(model), len(request_id), len(req), len(resp)
@@ -68,12 +73,21 @@ class _Recorder:
         self.calls.append(args)
 
 
+def _served_http_frame(model: str, version: int, request_id: str, req: bytes, resp: bytes, hq: int, hr: int) -> bytes:
+    body = bytes([4]) + struct.pack(
+        "<BIddIIIIII", 0, version, 0.003, 1.5e9, len(model), len(request_id), len(req), len(resp), hq, hr
+    )
+    body += model.encode() + request_id.encode() + req + resp
+    return struct.pack("<I", len(body)) + body
+
+
 def test_frames_are_read_as_the_lane_writes_them(tmp_path: Path) -> None:
-    """A fake lane (a shell script) writes ready, served and stats frames in one burst, split
-    across reads; the gateway reads the port, each served request and the stats."""
-    frames = struct.pack("<IBI", 5, 0, 43210)
+    """A fake lane (a shell script) writes ready, served (gRPC and REST) and stats frames in one
+    burst, split across reads; the gateway reads both ports, each served request and the stats."""
+    frames = struct.pack("<IBII", 9, 0, 43210, 43211)
     frames += _served_frame("digits", 3, 0, "gw-1-l1", b"\x0a\x06digits", b"\x0a\x01x")
     frames += _served_frame("digits", 4, 4, "gw-1-l2", b"", b"")
+    frames += _served_http_frame("digits", 3, "gw-1-l3", b'{"id":"gw-1-l3"}', b"{}xy", 0, 2)
     stats = b'{"outstanding": {"t:1": 2}, "dropped": 0, "delegated": 5}'
     frames += struct.pack("<IB", 1 + len(stats), 2) + stats
     data = tmp_path / "frames.bin"
@@ -81,10 +95,11 @@ def test_frames_are_read_as_the_lane_writes_them(tmp_path: Path) -> None:
     script = tmp_path / "lane.sh"
     script.write_text(f"#!/bin/sh\nhead -c 7 {data}; sleep 0.2; tail -c +8 {data}; cat >/dev/null\n")
     script.chmod(0o755)
-    rec = _Recorder()
-    lane = NativeLane(script, ["--listen=127.0.0.1:0"], rec, dict, list)
+    rec, rec_http = _Recorder(), _Recorder()
+    lane = NativeLane(script, ["--listen=127.0.0.1:0"], rec, dict, list, on_served_http=rec_http)
     try:
         assert lane.start(10) == 43210
+        assert lane.http_port == 43211
         deadline = 50
         while (len(rec.calls) < 2 or not lane.stats) and deadline:
             deadline -= 1
@@ -93,6 +108,7 @@ def test_frames_are_read_as_the_lane_writes_them(tmp_path: Path) -> None:
             ("digits", 3, 0, 0.002, 1.5e9, "gw-1-l1", b"\x0a\x06digits", b"\x0a\x01x"),
             ("digits", 4, 4, 0.002, 1.5e9, "gw-1-l2", b"", b""),
         ]
+        assert rec_http.calls == [("digits", 3, 0.003, 1.5e9, "gw-1-l3", b'{"id":"gw-1-l3"}', b"{}xy", 0, 2)]
         assert lane.stats["delegated"] == 5
         assert lane.alive()
     finally:

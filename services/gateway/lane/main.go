@@ -18,7 +18,7 @@
 // {"routes": {"model": [stable, candidate, canary, shadow]}} and {"ready": ["host:port"]}.
 // On stdout, binary frames (little-endian), each u32 length then the body:
 //
-//	0  ready:  u8 0, u32 port
+//	0  ready:  u8 0, u32 port, u32 REST port (0: none)
 //	1  served: u8 1, u8 code, u32 version, f64 latency_s, f64 unix time,
 //	           u32 len model, u32 len id, u32 len request, u32 len response, then those bytes
 //	           (request and response empty when the request was not sampled for the log, or
@@ -26,6 +26,12 @@
 //	2  stats:  u8 2, then JSON {"outstanding": {"host:port": n}, "dropped": n, "delegated": n,
 //	           "log_dropped": n}
 //	3  ack:    u8 3, u32 seq -- the control line with that "seq" is applied
+//	4  served over REST: as 1 (the bodies as sent to and answered by Triton), then after the
+//	           four lengths u32 request JSON length, u32 response JSON length (0: all JSON)
+//
+// With --http-listen it also serves the REST/HTTP v2 port (rest.go): infer on the common path
+// natively to Triton's HTTP port (--triton-http), everything else to the Python gateway's REST
+// server (--http-backend).
 //
 // stdin's end (the gateway exited, even killed -9) stops the lane.
 package main
@@ -46,6 +52,8 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"net/http"
+	"net/http/httputil"
 	"os"
 	"strconv"
 	"strings"
@@ -107,6 +115,7 @@ type route struct {
 
 type backend struct {
 	endpoint    string
+	http        string // its HTTP port (host:port); empty: the lane serves REST through the Python gateway
 	conn        *grpc.ClientConn
 	outstanding atomic.Int32
 }
@@ -134,6 +143,10 @@ type lane struct {
 	queued        atomic.Int64 // bytes of frames waiting or unflushed
 	logDropped    atomic.Uint64
 	acked         atomic.Uint32
+	maxBytes      int
+	httpServers   bool                   // every Triton server's HTTP port is known: REST infer is served here
+	rest          *httputil.ReverseProxy // the Python gateway's REST server
+	tritonHTTP    *http.Client
 }
 
 func main() {
@@ -147,6 +160,9 @@ func main() {
 	keyFile := flag.String("tls-key", "", "TLS key (PEM)")
 	sample := flag.Float64("log-sample", 1, "share of served requests sent up for the inference log")
 	idPrefix := flag.String("id-prefix", "gw-lane-", "prefix of generated request ids")
+	httpListen := flag.String("http-listen", "", "public REST/HTTP v2 address; empty: none")
+	httpBackend := flag.String("http-backend", "", "the Python gateway's REST server's unix socket")
+	tritonHTTP := flag.String("triton-http", "", "Triton HTTP endpoints, comma-separated, in --triton's order")
 	scanOnly := flag.Bool("scan", false, "test hook: scan length-prefixed requests from stdin, write what was read")
 	flag.Parse()
 	if *scanOnly {
@@ -164,6 +180,7 @@ func main() {
 		idPrefix: *idPrefix,
 		sample:   math.Min(math.Max(*sample, 0), 1),
 		frames:   make(chan []byte, 16384),
+		maxBytes: *maxBytes,
 	}
 	for _, h := range strings.Split(*keyHashes, ",") {
 		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
@@ -193,16 +210,19 @@ func main() {
 	if err != nil {
 		fatal("backend channel", err)
 	}
-	for _, ep := range strings.Split(*tritons, ",") {
-		if ep = strings.TrimSpace(ep); ep == "" {
-			continue
-		}
+	grpcEPs, httpEPs := splitList(*tritons), splitList(*tritonHTTP)
+	l.httpServers = len(httpEPs) > 0 && len(httpEPs) == len(grpcEPs)
+	for i, ep := range grpcEPs {
 		conn, err := grpc.NewClient(ep, clientOpts...)
 		if err != nil {
 			fatal("triton channel", err)
 		}
 		conn.Connect()
-		l.servers[ep] = &backend{endpoint: ep, conn: conn}
+		b := &backend{endpoint: ep, conn: conn}
+		if l.httpServers {
+			b.http = httpEPs[i]
+		}
+		l.servers[ep] = b
 	}
 
 	serverOpts := []grpc.ServerOption{
@@ -223,12 +243,41 @@ func main() {
 	}
 	srv := grpc.NewServer(serverOpts...)
 	port := lis.Addr().(*net.TCPAddr).Port
+	var httpSrv *http.Server
+	httpPort := 0
+	if *httpListen != "" {
+		hlis, err := bind(*httpListen)
+		if err != nil {
+			fatal("listen (HTTP)", err)
+		}
+		httpPort = hlis.Addr().(*net.TCPAddr).Port
+		l.rest = restBackend(*httpBackend)
+		l.tritonHTTP = &http.Client{Transport: tritonTransport()}
+		httpSrv = &http.Server{
+			Handler:           http.HandlerFunc(l.serveHTTP),
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       120 * time.Second,
+			ErrorLog:          slog.NewLogLogger(slog.Default().Handler(), slog.LevelWarn),
+		}
+		go func() {
+			var err error
+			if *certFile != "" {
+				err = httpSrv.ServeTLS(hlis, *certFile, *keyFile)
+			} else {
+				err = httpSrv.Serve(hlis)
+			}
+			if err != nil && !errors.Is(err, http.ErrServerClosed) {
+				fatal("serve (HTTP)", err)
+			}
+		}()
+	}
 
 	out := bufio.NewWriterSize(os.Stdout, 256<<10)
-	ready := make([]byte, 9)
-	binary.LittleEndian.PutUint32(ready, 5)
+	ready := make([]byte, 13)
+	binary.LittleEndian.PutUint32(ready, 9)
 	ready[4] = 0
 	binary.LittleEndian.PutUint32(ready[5:], uint32(port))
+	binary.LittleEndian.PutUint32(ready[9:], uint32(httpPort))
 	l.frames <- ready
 	go l.writeFrames(out)
 	go l.stats()
@@ -238,6 +287,13 @@ func main() {
 		// GracefulStop also waits for idle client connections to go, which clients may keep
 		// open: once nothing is in flight, Stop closes them.
 		go srv.GracefulStop()
+		if httpSrv != nil {
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				_ = httpSrv.Shutdown(ctx)
+			}()
+		}
 		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
 			if l.inflight.Load() == 0 {
 				break
@@ -245,13 +301,26 @@ func main() {
 			time.Sleep(10 * time.Millisecond)
 		}
 		srv.Stop()
+		if httpSrv != nil {
+			_ = httpSrv.Close()
+		}
 		l.drain(2 * time.Second) // the last requests' reports reach the gateway
 		os.Exit(0)
 	}()
-	slog.Info("gateway lane serving", "port", port, "triton", *tritons)
+	slog.Info("gateway lane serving", "port", port, "http_port", httpPort, "triton", *tritons, "triton_http", *tritonHTTP)
 	if err := srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 		fatal("serve", err)
 	}
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, v := range strings.Split(s, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 func fatal(what string, err error) {
@@ -397,17 +466,31 @@ func (l *lane) sampled() bool {
 }
 
 func (l *lane) served(code codes.Code, version int, latency time.Duration, model, id string, req, resp []byte) {
+	l.report(1, code, version, latency, model, id, req, resp, 0, 0)
+}
+
+// servedHTTP: an infer request the lane served on its REST port (the bodies as sent and
+// answered, and the JSON part's length of each when binary data follows it; 0: all JSON).
+func (l *lane) servedHTTP(version int, latency time.Duration, model, id string, req, resp []byte, reqHead, respHead int) {
+	l.report(4, codes.OK, version, latency, model, id, req, resp, reqHead, respHead)
+}
+
+func (l *lane) report(kind byte, code codes.Code, version int, latency time.Duration, model, id string, req, resp []byte, reqHead, respHead int) {
 	if !l.sampled() {
 		req, resp = nil, nil
 	} else if l.queued.Load()+int64(len(req)+len(resp)) > frameBudget {
 		req, resp = nil, nil // the gateway reads slowly: the outcome goes up, the log record does not
 		l.logDropped.Add(1)
 	}
-	size := 4 + 1 + 1 + 4 + 8 + 8 + 4 + 4 + 4 + 4 + len(model) + len(id) + len(req) + len(resp)
+	extra := 0
+	if kind == 4 {
+		extra = 8
+	}
+	size := 4 + 1 + 1 + 4 + 8 + 8 + 4 + 4 + 4 + 4 + extra + len(model) + len(id) + len(req) + len(resp)
 	f := make([]byte, size)
 	le := binary.LittleEndian
 	le.PutUint32(f, uint32(size-4))
-	f[4] = 1
+	f[4] = kind
 	f[5] = byte(code)
 	le.PutUint32(f[6:], uint32(version))
 	le.PutUint64(f[10:], math.Float64bits(latency.Seconds()))
@@ -417,6 +500,11 @@ func (l *lane) served(code codes.Code, version int, latency time.Duration, model
 	le.PutUint32(f[34:], uint32(len(req)))
 	le.PutUint32(f[38:], uint32(len(resp)))
 	p := 42
+	if kind == 4 {
+		le.PutUint32(f[42:], uint32(reqHead))
+		le.PutUint32(f[46:], uint32(respHead))
+		p = 50
+	}
 	p += copy(f[p:], model)
 	p += copy(f[p:], id)
 	p += copy(f[p:], req)
@@ -440,10 +528,15 @@ func (l *lane) handle(_ any, stream grpc.ServerStream) error {
 }
 
 func (l *lane) authorized(md metadata.MD) bool {
+	return l.authorizedValue(md.Get("authorization"))
+}
+
+// authorizedValue: whether the first authorization value (gRPC metadata or HTTP header)
+// carries an inference key.
+func (l *lane) authorizedValue(vals []string) bool {
 	if len(l.keys) == 0 {
 		return true
 	}
-	vals := md.Get("authorization")
 	if len(vals) == 0 {
 		return false
 	}
