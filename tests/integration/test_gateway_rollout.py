@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from cdl.auth import hash_key
@@ -366,6 +367,12 @@ def test_tls_gateway_serves_tls_clients_only_and_logs_status_and_scores(
     trusted = ssl.create_default_context(cafile=str(cert))
     with urllib.request.urlopen(f"https://{gw.http}/v2/health/ready", context=trusted, timeout=10) as resp:
         assert resp.status == 200
+    doc = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1.0] * 4}]}
+    infer = urllib.request.Request(f"https://{gw.http}/v2/models/{model}/infer", data=json.dumps(doc).encode())
+    with urllib.request.urlopen(infer, context=trusted, timeout=10) as resp:  # served by the lane, over TLS
+        answer = json.loads(resp.read())
+    assert answer["model_version"] == "1"
+    rest_id = answer["id"]
     with pytest.raises(OSError):  # plaintext to the TLS port: no answer (reset, or a refused handshake)
         urllib.request.urlopen(f"http://{gw.http}/v2/health/ready", timeout=5)
     out = CliRunner().invoke(app, ["--tls-ca", str(cert), "models", model, "--gateway", gw.grpc, "--json"])
@@ -381,11 +388,19 @@ def test_tls_gateway_serves_tls_clients_only_and_logs_status_and_scores(
             for r in records
         ]
         ok = [rec for rec in logged if rec.model == model and rec.status == "OK"]
-        if ok:
+        if ok and any(rec.request_id == rest_id for rec in ok):
             break
         assert time.monotonic() < deadline, [rec.status for rec in logged]
-    assert len(ok[0].scores) == len(ok[0].predicted_labels) == 1
+    first = next(rec for rec in ok if rec.request_id != rest_id)
+    assert len(first.scores) == len(first.predicted_labels) == 1
     w, b = _weights(1)
-    assert ok[0].scores[0] == pytest.approx(float((X @ w + b).max()), rel=1e-4)
+    assert first.scores[0] == pytest.approx(float((X @ w + b).max()), rel=1e-4)
+    # the REST request is logged as a gRPC one is: its inputs as a ModelInferRequest, its label
+    [via_rest] = [rec for rec in ok if rec.request_id == rest_id]
+    sample = service_pb2.ModelInferRequest.FromString(via_rest.inputs_sample)
+    assert np.frombuffer(sample.raw_input_contents[0], np.float32).tolist() == [1.0] * 4
+    ones = np.ones((1, 4), np.float32) @ w + b
+    assert via_rest.predicted_labels == [str(int(ones.argmax()))]
+    assert via_rest.scores[0] == pytest.approx(float(ones.max()), rel=1e-4)
     failed = [rec for rec in logged if rec.status not in ("OK", "")]
     assert all(not rec.predicted_labels and not rec.scores for rec in failed)
