@@ -117,12 +117,12 @@ async def _gateway(port: int, upstream: str) -> None:
     import grpc
     import grpc.aio
 
-    from services.gateway.auth import ApiKeys, hash_key
-    from services.gateway.backends import TritonPool, channel_options
+    from cdl.auth import ApiKeys, hash_key
+    from services.gateway.dataplane.backends import TritonPool, channel_options
+    from services.gateway.dataplane.server import InferenceService
     from services.gateway.inference_log import InferenceLog
-    from services.gateway.rollout import RolloutManager, RolloutPolicy
+    from services.gateway.rollout.machine import RolloutManager, RolloutPolicy
     from services.gateway.routing import RoutingTable
-    from services.gateway.server import InferenceService
 
     table = RoutingTable()
     manager = RolloutManager(table, RolloutPolicy(), time.monotonic)
@@ -165,7 +165,7 @@ async def _floorx(port: int, upstream: str) -> None:
     import grpc
     import grpc.aio
 
-    from services.gateway.backends import channel_options
+    from services.gateway.dataplane.backends import channel_options
 
     on = lambda k: os.environ.get(k) == "1"  # noqa: E731
     opts = channel_options(16 << 20) if on("FX_OPTS") else []

@@ -79,7 +79,7 @@ print('    ' + kafka_native._load()._name)
 step "The gateway's native lane (Go, built once per source version) -> \$CDL_HOME/bin/cdl-gwlane"
 if ! command -v go >/dev/null 2>&1; then apt_install golang-go; fi
 CDL_NATIVE_REQUIRED=1 "$CDL_VENV/bin/python" -c "
-from services.gateway.lane import install_lane
+from services.gateway.dataplane.lane import install_lane
 print('    ' + str(install_lane()))
 "
 

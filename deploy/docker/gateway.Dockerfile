@@ -3,7 +3,7 @@
 # Built from the repository root: docker build -f deploy/docker/gateway.Dockerfile .
 FROM golang:1.26-bookworm AS lane
 WORKDIR /src
-COPY services/gateway/lane/ ./
+COPY services/gateway/dataplane/lane/ ./
 RUN CGO_ENABLED=0 GOFLAGS="-buildvcs=false -mod=readonly" go build -trimpath -o /out/cdl-gwlane .
 
 FROM python:3.11-slim
@@ -16,7 +16,7 @@ RUN uv pip install --no-cache -r deploy/requirements-slim.txt
 COPY cdl cdl
 COPY services services
 RUN uv pip install --no-cache --no-deps .
-# what serves the public port (services.gateway.lane.PROGRAM, found on PATH)
+# what serves the public port (services.gateway.dataplane.lane.PROGRAM, found on PATH)
 COPY --from=lane /out/cdl-gwlane /usr/local/bin/cdl-gwlane
 ENV CDL_GATEWAY_DATA_PLANE=native
 # state (handled-event ids, the monitor's tables) lives in a volume mounted here

@@ -40,6 +40,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cdl import tracing
+from cdl.auth import ApiKeys
 from cdl.dedupe import SqliteProcessedStore
 from cdl.errors import CdlError
 from cdl.events import Event, OutRecord, Topics, new_traceparent, source_name
@@ -49,19 +50,18 @@ from cdl.observability import HttpEndpoint, serve_http
 from cdl.rpc import add_health
 from cdl.store import BUCKETS, ObjectStore
 from cdl.v1 import admin_pb2_grpc, events_pb2
-from services.gateway import lane as lane_module
-from services.gateway.admin import ModelAdminService
-from services.gateway.auth import ApiKeys
-from services.gateway.backends import TritonPool
-from services.gateway.control import TritonControl
+from services.gateway.dataplane import lane as lane_module
+from services.gateway.dataplane.backends import TritonPool
+from services.gateway.dataplane.lane import NativeLane
+from services.gateway.dataplane.rest import RestApi
+from services.gateway.dataplane.server import InferenceService
 from services.gateway.inference_log import LOG_DROPPED, InferenceLog, flush_unacknowledged
-from services.gateway.lane import NativeLane
-from services.gateway.rest import RestApi
-from services.gateway.rollout import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
+from services.gateway.rollout.admin import ModelAdminService
+from services.gateway.rollout.control import TritonControl
+from services.gateway.rollout.machine import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
+from services.gateway.rollout.state import RolloutStore
 from services.gateway.routing import RoutingTable
-from services.gateway.server import InferenceService
 from services.gateway.settings import GatewaySettings
-from services.gateway.state import RolloutStore
 
 __all__ = ["GatewayApp", "main"]
 

@@ -58,7 +58,7 @@ from cdl.logging import get_logger
 from cdl.tensors import NUMPY_DTYPES
 from cdl.v1 import events_pb2
 from cdl.v1 import open_inference_pb2 as pb
-from services.gateway import wire
+from services.gateway.dataplane import wire
 
 __all__ = [
     "LOG_DROPPED",

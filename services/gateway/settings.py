@@ -23,10 +23,10 @@ class GatewaySettings(ServiceSettings):
     grpc_port: int = 0
     """Port of the inference, ModelAdmin and health services; 0 picks a free one."""
     http_port: int = 0
-    """Port of the REST/HTTP v2 endpoint (services/gateway/rest.py), on ``grpc_host``; 0 picks a
+    """Port of the REST/HTTP v2 endpoint (services/gateway/dataplane/rest.py), on ``grpc_host``; 0 picks a
     free one, -1: no REST endpoint."""
     data_plane: Literal["auto", "native", "python"] = "auto"
-    """Who serves the gRPC port: ``native``, the gateway's Go lane (``services/gateway/lane``:
+    """Who serves the gRPC port: ``native``, the gateway's Go lane (``services/gateway/dataplane/lane``:
     ModelInfer's common path forwarded natively, every other call and case handed to this
     process's Python server behind it); ``python``, this process's ``grpc.aio`` server alone;
     ``auto``, native where the lane is installed (``lane_path``), else python."""

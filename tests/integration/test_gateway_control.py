@@ -1,5 +1,5 @@
-"""Triton model control (services/gateway/control.py) against the session's two real Triton servers,
-and the rollout state objects (services/gateway/state.py) in real MinIO."""
+"""Triton model control (services/gateway/rollout/control.py) against the session's two real Triton servers,
+and the rollout state objects (services/gateway/rollout/state.py) in real MinIO."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import tritonclient.grpc as tgrpc
 from cdl.errors import NotFoundError, PermanentError, UnavailableError
 from cdl.store import ObjectStore
 from cdl.triton import ModelSpec, TensorSpec, write_entry
-from services.gateway.control import TritonControl
-from services.gateway.rollout import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
+from services.gateway.rollout.control import TritonControl
+from services.gateway.rollout.machine import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
+from services.gateway.rollout.state import RolloutStore
 from services.gateway.routing import Route, RoutingTable
-from services.gateway.state import RolloutStore
 from tests.models import write_affine
 
 S = RolloutState

@@ -26,9 +26,9 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from services.gateway.rest import RestApi
+from services.gateway.dataplane.rest import RestApi
+from services.gateway.dataplane.server import REFUSED
 from services.gateway.routing import Route, RoutingTable
-from services.gateway.server import REFUSED
 from tests.helpers import IN_CI
 from tests.integration import test_gateway_proxy as proxy
 from tests.integration.test_gateway_proxy import HEADERS, KEY, MD, Gateway, _raw

@@ -1,4 +1,4 @@
-"""The gateway's hot path (services/gateway/server.py, backends.py) in front of the session's real Tritons.
+"""The gateway's hot path (services/gateway/dataplane/server.py, backends.py) in front of the session's real Tritons.
 
 An :class:`InferenceService` runs in this process on its own event loop thread, with a static
 routing table, a recording :class:`Outcomes` and an API key, in front of the session's two
@@ -47,13 +47,13 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from cdl.auth import ApiKeys, hash_key
 from cdl.store import ObjectStore
-from services.gateway.auth import ApiKeys, hash_key
-from services.gateway.backends import SERVICE, TritonPool
-from services.gateway.lane import NativeLane, install_lane
-from services.gateway.rest import RestApi
+from services.gateway.dataplane.backends import SERVICE, TritonPool
+from services.gateway.dataplane.lane import NativeLane, install_lane
+from services.gateway.dataplane.rest import RestApi
+from services.gateway.dataplane.server import InferenceService
 from services.gateway.routing import Route, RoutingTable
-from services.gateway.server import InferenceService
 from tests.models import write_affine
 
 T = TypeVar("T")

@@ -168,7 +168,7 @@ def test_the_gateway_image_ships_the_lane_it_serves_with() -> None:
     """The lane is built in a Go stage of the gateway's image (the Go version go.mod asks for),
     from the lane's sources, and copied where the gateway looks for it (PATH); the image runs
     the native data plane, so a missing lane is an error at start, not a silent Python port."""
-    from services.gateway.lane import MODULE, PROGRAM
+    from services.gateway.dataplane.lane import MODULE, PROGRAM
 
     text = (DEPLOY / "docker" / "gateway.Dockerfile").read_text()
     go = re.search(r"^go (\d+\.\d+)", (MODULE / "go.mod").read_text(), re.M)

@@ -1,4 +1,4 @@
-"""API keys of the gateway (services/gateway/auth.py): digests, bearer metadata, admin keys, the cache."""
+"""API keys of the gateway (cdl/auth.py): digests, bearer metadata, admin keys, the cache."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""REST/HTTP v2 bodies to and from the gRPC messages (services/gateway/http_codec.py): JSON and
+"""REST/HTTP v2 bodies to and from the gRPC messages (services/gateway/dataplane/http_codec.py): JSON and
 binary tensors, every datatype, and hostile bodies that must be an InvalidInputError and
 nothing else."""
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
 from cdl.errors import InvalidInputError
-from services.gateway.http_codec import (
+from services.gateway.dataplane.http_codec import (
     DTYPES,
     InferBody,
     infer_request,

@@ -1,4 +1,4 @@
-"""The gateway's native lane (services/gateway/lane): its Go tests under the race detector, its
+"""The gateway's native lane (services/gateway/dataplane/lane): its Go tests under the race detector, its
 request scanner fuzzed under it, its frames as the gateway reads them, and its build's
 fallback (cdl.native.go_program)."""
 
@@ -17,8 +17,8 @@ import pytest
 
 from cdl import native
 from cdl.errors import CdlError
-from services.gateway import lane as lane_module
-from services.gateway.lane import NativeLane
+from services.gateway.dataplane import lane as lane_module
+from services.gateway.dataplane.lane import NativeLane
 from tests.helpers import IN_CI
 
 MODULE = lane_module.MODULE
@@ -233,7 +233,7 @@ def test_scan_reads_what_protobuf_reads() -> None:
 
     from cdl.errors import InvalidInputError
     from cdl.v1 import open_inference_pb2 as pb
-    from services.gateway import wire
+    from services.gateway.dataplane import wire
 
     binary = lane_module.install_lane() if shutil.which("go") or IN_CI else None
     if binary is None:

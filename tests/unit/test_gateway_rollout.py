@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from cdl.errors import ConfigError, InvalidInputError, NotFoundError, PermanentError
-from services.gateway.rollout import (
+from services.gateway.rollout.machine import (
     Action,
     Phase,
     RolloutManager,
@@ -594,7 +594,7 @@ def test_config_override_names_exactly_the_wanted_versions() -> None:
     from tritonclient.grpc import model_config_pb2
 
     from cdl.triton import ModelSpec, TensorSpec, render_config
-    from services.gateway.control import config_override, warmup_inputs
+    from services.gateway.rollout.control import config_override, warmup_inputs
 
     spec = ModelSpec("m", (TensorSpec("input", "float32", (4, -1)),), (TensorSpec("output", "float32", (3,)),), 8)
     cfg = text_format.Parse(render_config(spec), model_config_pb2.ModelConfig())
@@ -614,6 +614,6 @@ def test_config_override_names_exactly_the_wanted_versions() -> None:
 
 def test_serving_json_shape_and_bucket_match_the_registry() -> None:
     from cdl.registry import MODELS_BUCKET as REGISTRY_BUCKET
-    from services.gateway import state
+    from services.gateway.rollout import state
 
     assert state.MODELS_BUCKET == REGISTRY_BUCKET

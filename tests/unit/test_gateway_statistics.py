@@ -1,4 +1,4 @@
-"""ModelStatistics summed over Triton servers (services/gateway/statistics.py), the stream's
+"""ModelStatistics summed over Triton servers (services/gateway/dataplane/statistics.py), the stream's
 response framing (wire.stream_response / stream_error), and the one mapping of failures to
 gRPC and HTTP statuses (services/gateway/status.py)."""
 
@@ -18,7 +18,7 @@ from cdl.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from services.gateway import statistics, wire
+from services.gateway.dataplane import statistics, wire
 from services.gateway.status import failure, http_failure
 
 

@@ -1,4 +1,4 @@
-"""The gateway's wire-format scan (services/gateway/wire.py) against protobuf's own parser.
+"""The gateway's wire-format scan (services/gateway/dataplane/wire.py) against protobuf's own parser.
 
 Generated requests -- real ``ModelInferRequest`` messages with random names, versions, ids,
 inputs, parameters and raw contents, several serializations concatenated (protobuf merges
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from cdl.errors import InvalidInputError
 from cdl.v1 import open_inference_pb2 as pb
-from services.gateway import wire
+from services.gateway.dataplane import wire
 
 FUZZ = settings(
     max_examples=600,

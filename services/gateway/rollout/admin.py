@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 
+from cdl.auth import ApiKeys
 from cdl.errors import UnauthenticatedError
 from cdl.v1 import admin_pb2, admin_pb2_grpc, events_pb2
-from services.gateway.auth import ApiKeys
-from services.gateway.rollout import RolloutManager, RolloutStatus, Transition
+from services.gateway.rollout.machine import RolloutManager, RolloutStatus, Transition
 from services.gateway.status import failure
 
 __all__ = ["ModelAdminService", "status_message"]

@@ -82,6 +82,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
 from cdl import tracing
+from cdl.auth import ApiKeys
 from cdl.errors import (
     InvalidInputError,
     NotFoundError,
@@ -93,9 +94,8 @@ from cdl.errors import (
 )
 from cdl.logging import get_logger
 from cdl.v1 import open_inference_pb2 as pb
-from services.gateway import http_codec, statistics, wire
-from services.gateway.auth import ApiKeys
-from services.gateway.backends import SERVICE, NoServerError, TritonPool
+from services.gateway.dataplane import http_codec, statistics, wire
+from services.gateway.dataplane.backends import SERVICE, NoServerError, TritonPool
 from services.gateway.inference_log import LOG_DROPPED, InferenceLog, top_labels
 from services.gateway.routing import Outcomes, Route, RoutingTable
 from services.gateway.status import failure
@@ -231,7 +231,7 @@ class InferenceService:
         behind_lane: bool = False,
         stream_window: int = 64,
     ) -> None:
-        """``behind_lane``: this server listens behind the native lane (``services.gateway.lane``),
+        """``behind_lane``: this server listens behind the native lane (``services.gateway.dataplane.lane``),
         which hands over requests with the version it picked; ``stream_window``: requests of one
         ModelStreamInfer stream in flight at once."""
         self._stream_window = max(1, stream_window)
@@ -465,7 +465,7 @@ class InferenceService:
         request: bytes,
         response: bytes,
     ) -> None:
-        """A ModelInfer the native lane served (``services.gateway.lane``), reported as the hot path
+        """A ModelInfer the native lane served (``services.gateway.dataplane.lane``), reported as the hot path
         reports its own: outcomes, metrics, and the log (``request`` empty: not sampled)."""
         status = _CODES.get(code, grpc.StatusCode.UNKNOWN)
         if status is _OK:
@@ -490,7 +490,7 @@ class InferenceService:
     ) -> None:
         """An infer request the native lane served on its REST port: counted as one served over
         gRPC, and logged in the same protobuf form (the bodies read back by
-        :mod:`~services.gateway.http_codec`; ``request`` empty: not sampled)."""
+        :mod:`~services.gateway.dataplane.http_codec`; ``request`` empty: not sampled)."""
         self._served_ok(model, version, latency_s)
         if self._log is None or not request:
             return
@@ -623,7 +623,7 @@ class InferenceService:
 
     async def _statistics(self, request: bytes, metadata: Metadata, timeout: float) -> bytes:
         """ModelStatistics of the served versions, summed over the Triton servers
-        (:mod:`services.gateway.statistics`); a model or version not served is NOT_FOUND."""
+        (:mod:`services.gateway.dataplane.statistics`); a model or version not served is NOT_FOUND."""
         self.check_key(metadata)
         name, version = statistics.parse_request(request)
         routes = self._table.all()

@@ -1,4 +1,4 @@
-"""The gateway's native data plane: the Go lane process (``services/gateway/lane``), driven from here.
+"""The gateway's native data plane: the Go lane process (``services/gateway/dataplane/lane``), driven from here.
 
 With ``data_plane`` native (or auto where Go builds it) the lane serves the
 gateway's public gRPC port and this process's ``grpc.aio`` server listens on a
@@ -8,7 +8,7 @@ doc comment for exactly which); the Python server stays the one place that
 decides errors, canary retries and shadow mirroring. With ``--http-listen``
 the lane serves the REST/HTTP v2 port the same way: infer on the common path
 forwarded to a Triton server's HTTP port, everything else to this process's
-REST server (:mod:`services.gateway.rest`) on a unix socket.
+REST server (:mod:`services.gateway.dataplane.rest`) on a unix socket.
 
 :class:`NativeLane` starts the lane, and:
 

@@ -1,8 +1,8 @@
 """The gateway's REST/HTTP v2 endpoint (the Open Inference Protocol's HTTP binding, as
 KServe and Triton serve it), on its own port (``http_port``), with aiohttp.
 
-Each call is translated (:mod:`services.gateway.http_codec`) into the gRPC method the
-gRPC endpoint serves and answered by the same :class:`~services.gateway.server.InferenceService`
+Each call is translated (:mod:`services.gateway.dataplane.http_codec`) into the gRPC method the
+gRPC endpoint serves and answered by the same :class:`~services.gateway.dataplane.server.InferenceService`
 body, so the same API keys (``Authorization: Bearer <key>``), routing, canary and shadow
 split, inference log and rollback accounting apply; errors are the protocol's JSON error
 body ``{"error": "..."}`` with the HTTP status of the gRPC code
@@ -47,8 +47,8 @@ from tritonclient.grpc import service_pb2
 
 from cdl.errors import InvalidInputError, NotFoundError, TooLargeError, UnimplementedError
 from cdl.logging import get_logger
-from services.gateway.http_codec import HEADER_LENGTH, infer_request, infer_response, message_json, parse_json
-from services.gateway.server import InferenceService, Metadata
+from services.gateway.dataplane.http_codec import HEADER_LENGTH, infer_request, infer_response, message_json, parse_json
+from services.gateway.dataplane.server import InferenceService, Metadata
 from services.gateway.status import http_failure
 
 __all__ = ["RestApi"]
