@@ -68,8 +68,11 @@ __all__ = ["GatewayApp", "main"]
 log = get_logger(__name__)
 
 TICK_S = 0.1
-#: every this many ticks (5 s) the servers' loaded versions are compared with what the manager wants
-RECONCILE_TICKS = 50
+#: how often an idle manager (no rollout under way) is asked whether it has work; anything that
+#: hands the worker transitions wakes the ticks at once (:meth:`GatewayApp.execute`)
+IDLE_TICK_S = 1.0
+#: how often the servers' loaded versions are compared with what the manager wants
+RECONCILE_S = 5.0
 
 
 class _RolloutCollector(Collector):
@@ -164,6 +167,8 @@ class GatewayApp:
         self.http_port = -1
         self._ready = threading.Event()
         self._stopping = asyncio.Event()
+        self._tick_wake = asyncio.Event()  # set by execute() and on stopping
+        self._aio_loop: asyncio.AbstractEventLoop | None = None
         REGISTRY.register(_RolloutCollector(self.manager))
 
     def _persist(self, model: str, doc: Mapping[str, Any]) -> None:
@@ -172,9 +177,14 @@ class GatewayApp:
 
     # ------------------------------------------------------------------ rollouts
     def execute(self, transitions: Sequence[Transition]) -> None:
-        """Hand transitions to the rollout worker (in order)."""
+        """Hand transitions to the rollout worker (in order); the ticks wake (from any thread): the
+        manager may have work now."""
         for t in transitions:
             self._work.put(t)
+        loop = self._aio_loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # (closing)
+                loop.call_soon_threadsafe(self._tick_wake.set)
 
     def _run_worker(self) -> None:
         while (t := self._work.get()) is not None:
@@ -295,18 +305,21 @@ class GatewayApp:
                 self.control.load(st.model, wanted, servers=stale)
 
     async def _ticks(self) -> None:
-        n = 0
+        reconciled = time.monotonic()
         while not self._stopping.is_set():
-            n += 1
+            self._tick_wake.clear()
+            busy = False
             try:
-                if self.manager.busy():  # idle: no thread hand-off 10 times a second
+                busy = self.manager.busy()
+                if busy:  # idle: no thread hand-off, and a wake-up a second, not ten
                     self.execute(await asyncio.to_thread(self.manager.tick))
-                if n % RECONCILE_TICKS == 0:
+                if time.monotonic() - reconciled >= RECONCILE_S:
+                    reconciled = time.monotonic()
                     await asyncio.to_thread(self._reconcile)
             except Exception:
                 log.exception("rollout tick failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), TICK_S)
+                await asyncio.wait_for(self._tick_wake.wait(), TICK_S if busy else IDLE_TICK_S)
 
     # ------------------------------------------------------------------ life cycle
     def _health(self) -> tuple[bool, dict[str, Any]]:
@@ -326,8 +339,13 @@ class GatewayApp:
             partitions.setdefault(topic, 1)
         ensure_topics(s.kafka_bootstrap, partitions)
 
+    def _stop(self) -> None:
+        self._stopping.set()
+        self._tick_wake.set()
+
     async def serve(self) -> None:
         s = self.settings
+        self._aio_loop = asyncio.get_running_loop()
         self.store.ensure_buckets(*BUCKETS)
         self._ensure_topics()
         self._worker.start()
@@ -379,6 +397,8 @@ class GatewayApp:
                 lambda: [info.endpoint for info in self.pool.servers() if info.ready],
                 on_served_http=service.lane_served_http,
             )
+            self.table.subscribe(self.lane.changed)  # the lane routes by a change at once
+            self.pool.subscribe(self.lane.changed)
             try:
                 self.port = await asyncio.to_thread(self.lane.start)
             except Exception:
@@ -418,7 +438,7 @@ class GatewayApp:
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self._stop)
         try:
             await self._stopping.wait()
         finally:

@@ -13,6 +13,7 @@ the rollout manager implements it (and decides from it).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -45,6 +46,15 @@ class RoutingTable:
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
         self._tick = itertools.count()
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after each change (in the changing thread: it must not block)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def get(self, model: str) -> Route | None:
         return self._routes.get(model)
@@ -56,11 +66,13 @@ class RoutingTable:
         routes = dict(self._routes)
         routes[route.model] = route
         self._routes = routes
+        self._changed()
 
     def remove(self, model: str) -> None:
         routes = dict(self._routes)
         routes.pop(model, None)
         self._routes = routes
+        self._changed()
 
     def pick(self, route: Route) -> int:
         """The version that answers the next request without an explicit version.

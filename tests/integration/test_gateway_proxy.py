@@ -175,6 +175,8 @@ class Gateway:
             lambda: [s.endpoint for s in self.pool.servers() if s.ready],
             on_served_http=self.service.lane_served_http,
         )
+        self.table.subscribe(self.lane.changed)  # as the app wires it
+        self.pool.subscribe(self.lane.changed)
         self.port = await asyncio.to_thread(self.lane.start)
         await asyncio.to_thread(_wait, self.lane.in_step, 15.0, "the lane's first sync")
 

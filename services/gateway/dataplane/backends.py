@@ -145,6 +145,17 @@ class TritonPool:
         self._task: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after a server turns ready or not ready (on the event loop: it
+        must not block)."""
+        self._listeners.append(listener)
+
+    def _set_ready(self, server: _Server, ready: bool) -> None:
+        server.ready = ready
+        for listener in self._listeners:
+            listener()
 
     # ------------------------------------------------------------- life cycle
 
@@ -305,10 +316,10 @@ class TritonPool:
             return
         if not ready:
             log.info("Triton server not ready", server=server.endpoint)
-            server.ready = False
+            self._set_ready(server, False)
         elif self._on_ready is None:
             log.info("Triton server ready", server=server.endpoint)
-            server.ready = True
+            self._set_ready(server, True)
         elif not server.joining and not self._closed:
             server.joining = True
             task = asyncio.create_task(self._join(server, self._on_ready))
@@ -326,7 +337,7 @@ class TritonPool:
             server.joining = False
         if ok and not self._closed:
             log.info("Triton server ready", server=server.endpoint)
-            server.ready = True
+            self._set_ready(server, True)
 
     async def _health_loop(self) -> None:
         while not self._closed:

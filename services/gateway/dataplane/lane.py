@@ -12,7 +12,8 @@ REST server (:mod:`services.gateway.dataplane.rest`) on a unix socket.
 
 :class:`NativeLane` starts the lane, and:
 
-- every ``SYNC_S`` (and at once on :meth:`changed`) writes the routing table
+- at once on :meth:`changed` (the routing table and the pool call it on each
+  change) and, as a safety net, every ``SYNC_S``, writes the routing table
   and the Triton servers the pool holds ready to the lane's stdin, when they
   changed (the table is replaced as a whole on each change, so a change is a
   new object); the lane acknowledges each line once applied
@@ -70,7 +71,9 @@ __all__ = [
 
 log = get_logger(__name__)
 
-SYNC_S = 0.02
+#: the sync's safety net: changes wake it at once (:meth:`NativeLane.changed`); an idle gateway
+#: wakes this often, not 50 times a second
+SYNC_S = 1.0
 RESTART_S = 1.0
 MODULE = Path(__file__).with_name("lane")
 

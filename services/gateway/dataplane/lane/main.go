@@ -82,6 +82,8 @@ const (
 	latencyKey  = "x-cdl-lane-latency-us"
 	frameBudget = 32 << 20 // bytes of reports waiting at most; past it, reports go without payload
 	appendSlack = 4096
+	flushDelay  = 10 * time.Millisecond // a report waits at most this long for others to go with it
+	flushBytes  = 64 << 10              // ... or until this much is buffered
 	keyCacheMax = 256
 )
 
@@ -394,24 +396,56 @@ func ackFrame(seq uint32) []byte {
 	return ack
 }
 
+// writeFrames writes the reports to the gateway in batches: what is waiting goes in one write,
+// and a write waits up to flushDelay for more (or until flushBytes are buffered), so that at a
+// low rate the gateway's reader wakes once per batch, not once per request. Ready and ack frames
+// (kinds 0 and 3) are written at once.
 func (l *lane) writeFrames(w *bufio.Writer) {
-	for f := range l.frames {
-		size := len(f)
-		if _, err := w.Write(f); err != nil {
-			return // the gateway is gone (the next write to the pipe ends the process: SIGPIPE)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	armed := false
+	pending := 0 // bytes written to w since the last flush
+	flush := func() bool {
+		if err := w.Flush(); err != nil {
+			return false
 		}
-		// what else is waiting goes in the same write: one pipe write per burst, not per request
-		for n := len(l.frames); n > 0; n-- {
-			g := <-l.frames
-			size += len(g)
-			if _, err := w.Write(g); err != nil {
+		l.queued.Add(-int64(pending))
+		pending = 0
+		return true
+	}
+	for {
+		select {
+		case f := <-l.frames:
+			urgent := f[4] == 0 || f[4] == 3
+			pending += len(f)
+			if _, err := w.Write(f); err != nil {
+				return // the gateway is gone (the next write to the pipe ends the process: SIGPIPE)
+			}
+			// what else is waiting goes in the same write: one pipe write per burst, not per request
+			for n := len(l.frames); n > 0; n-- {
+				g := <-l.frames
+				urgent = urgent || g[4] == 0 || g[4] == 3
+				pending += len(g)
+				if _, err := w.Write(g); err != nil {
+					return
+				}
+			}
+			if urgent || pending >= flushBytes {
+				timer.Stop() // (Go 1.23+: no stale tick is received after Stop)
+				armed = false
+				if !flush() {
+					return
+				}
+			} else if !armed {
+				timer.Reset(flushDelay)
+				armed = true
+			}
+		case <-timer.C:
+			armed = false
+			if !flush() {
 				return
 			}
 		}
-		if err := w.Flush(); err != nil {
-			return
-		}
-		l.queued.Add(-int64(size))
 	}
 }
 
