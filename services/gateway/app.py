@@ -176,13 +176,13 @@ class GatewayApp:
         self.rollouts.save(model, doc)
 
     # ------------------------------------------------------------------ rollouts
-    def execute(self, transitions: Sequence[Transition]) -> None:
-        """Hand transitions to the rollout worker (in order); the ticks wake (from any thread): the
-        manager may have work now."""
+    def execute(self, transitions: Sequence[Transition], wake: bool = True) -> None:
+        """Hand transitions to the rollout worker (in order); where there are some, the ticks wake
+        (from any thread: the manager has work now), unless ``wake`` is False (the ticks' own)."""
         for t in transitions:
             self._work.put(t)
         loop = self._aio_loop
-        if loop is not None and not loop.is_closed():
+        if transitions and wake and loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # (closing)
                 loop.call_soon_threadsafe(self._tick_wake.set)
 
@@ -312,7 +312,7 @@ class GatewayApp:
             try:
                 busy = self.manager.busy()
                 if busy:  # idle: no thread hand-off, and a wake-up a second, not ten
-                    self.execute(await asyncio.to_thread(self.manager.tick))
+                    self.execute(await asyncio.to_thread(self.manager.tick), wake=False)
                 if time.monotonic() - reconciled >= RECONCILE_S:
                     reconciled = time.monotonic()
                     await asyncio.to_thread(self._reconcile)

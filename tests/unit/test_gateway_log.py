@@ -8,6 +8,7 @@ counted while the producer is stuck) and unacknowledged records are checked.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
+from cdl.errors import InvalidInputError
 from cdl.events import Event, decode, encode
 from cdl.v1 import events_pb2
 from cdl.v1 import open_inference_pb2 as pb
-from services.gateway.inference_log import LOG_DROPPED, InferenceLog, build_record, top_labels
+from services.gateway.inference_log import LOG_DROPPED, HttpExchange, InferenceLog, build_record, top_labels
 
 
 class FakeProducer:
@@ -187,6 +189,37 @@ def test_record_fields() -> None:
     typed.inputs.add(name="input", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
     data = typed.SerializeToString()
     assert build_record(("affine", 1, "", data, b"", 0, "OK", 0), 0).inputs_digest == hashlib.sha256(data).hexdigest()
+
+
+def test_a_rest_exchange_is_logged_as_the_grpc_request_it_stands_for() -> None:
+    """What the native lane served over REST (JSON or binary bodies) is read back in the log's
+    thread into the same record as the gRPC request; bodies that are not read back raise."""
+    x = np.arange(8, dtype="<f4").reshape(2, 4)
+    y = np.array([[0.0, 1.0], [2.0, 1.0]], dtype="<f4")
+    grpc_rec = build_record(("affine", 2, "r1", _request(x), _response(y), 0.002, "OK", 5.0), 4096)
+    head = {"id": "r1", "inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32"}]}
+    answer = {"id": "r1", "model_name": "affine", "model_version": "2",
+              "outputs": [{"name": "output", "shape": [2, 2], "datatype": "FP32"}]}  # fmt: skip
+    json_req = json.dumps(head | {"inputs": [head["inputs"][0] | {"data": x.ravel().tolist()}]}).encode()
+    json_resp = json.dumps(answer | {"outputs": [answer["outputs"][0] | {"data": y.ravel().tolist()}]}).encode()
+    bin_head = json.dumps(
+        head | {"inputs": [head["inputs"][0] | {"parameters": {"binary_data_size": x.nbytes}}]}
+    ).encode()
+    bin_resp = json.dumps(
+        answer | {"outputs": [answer["outputs"][0] | {"parameters": {"binary_data_size": y.nbytes}}]}
+    ).encode()
+    for exchange in (
+        HttpExchange(json_req, json_resp, None, None),
+        HttpExchange(bin_head + x.tobytes(), bin_resp + y.tobytes(), len(bin_head), len(bin_resp)),
+    ):
+        rec = build_record(("affine", 2, "r1", exchange, b"", 0.002, "OK", 5.0), 4096)
+        assert rec.inputs_digest == grpc_rec.inputs_digest
+        assert list(rec.predicted_labels) == list(grpc_rec.predicted_labels) == ["1", "0"]
+        assert list(rec.scores) == list(grpc_rec.scores)
+        sample = pb.ModelInferRequest.FromString(rec.inputs_sample)
+        assert sample.id == "r1" and sample.raw_input_contents[0] == x.tobytes()
+    with pytest.raises(InvalidInputError):
+        build_record(("affine", 2, "r1", HttpExchange(b"{", b"{}", None, None), b"", 0.0, "OK", 0.0), 4096)
 
 
 def test_no_producer_means_off() -> None:

@@ -442,6 +442,7 @@ class NativeLane:
             if end - start >= 9:
                 (self._http_port,) = _U32.unpack_from(buf, start + 5)
             self._started.set()
+            self._wake.set()  # a lane (started again or not) gets the table and the servers at once
 
 
 def _payload(buf: bytes, p: int, lm: int, li: int, lq: int, lr: int) -> tuple[str, str, bytes, bytes]:

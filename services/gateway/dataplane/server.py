@@ -94,9 +94,9 @@ from cdl.errors import (
 )
 from cdl.logging import get_logger
 from cdl.v1 import open_inference_pb2 as pb
-from services.gateway.dataplane import http_codec, statistics, wire
+from services.gateway.dataplane import statistics, wire
 from services.gateway.dataplane.backends import SERVICE, NoServerError, TritonPool
-from services.gateway.inference_log import LOG_DROPPED, InferenceLog, top_labels
+from services.gateway.inference_log import HttpExchange, InferenceLog, top_labels
 from services.gateway.routing import Outcomes, Route, RoutingTable
 from services.gateway.status import failure
 
@@ -489,19 +489,13 @@ class InferenceService:
         response_json_length: int,
     ) -> None:
         """An infer request the native lane served on its REST port: counted as one served over
-        gRPC, and logged in the same protobuf form (the bodies read back by
-        :mod:`~services.gateway.dataplane.http_codec`; ``request`` empty: not sampled)."""
+        gRPC, and logged in the same protobuf form (the bodies are read back in the log's thread;
+        ``request`` empty: not sampled)."""
         self._served_ok(model, version, latency_s)
         if self._log is None or not request:
             return
-        try:
-            req = http_codec.infer_request(model, str(version), request, request_json_length or None).request
-            resp = http_codec.response_message(response, response_json_length or None)
-        except InvalidInputError as exc:  # what Triton took and the codec does not read: not logged
-            LOG_DROPPED.labels(reason="unreadable").inc()
-            log.warning("REST request not logged: its body is not read back", model=model, error=str(exc)[:200])
-            return
-        self._log.put(model, version, request_id, req, resp, latency_s, "OK", when)
+        bodies = HttpExchange(request, response, request_json_length or None, response_json_length or None)
+        self._log.put(model, version, request_id, bodies, b"", latency_s, "OK", when)
 
     def _failed(
         self,

@@ -26,6 +26,17 @@ func TestScanJSONID(t *testing.T) {
 		{"escaped key", `{"\u0069d":"x","inputs":[]}`, "", false, false},
 		{"two ids", `{"id":"a","id":"b"}`, "", false, false},
 		{"trailing garbage", `{"a":1} x`, "", false, false},
+		{"empty id", `{"id":"","inputs":[]}`, "", false, false},
+		{"escaped key inside", `{"inputs":[{"parameters":{"shared\u005fmemory_region":"r"}}]}`, "", false, false},
+		{"duplicate key", `{"inputs":[1],"inputs":[2]}`, "", false, false},
+		{"duplicate key inside", `{"inputs":[{"data":[1],"data":[2]}]}`, "", false, false},
+		{"bad literal", `{"a":tru}`, "", false, false},
+		{"bad number", `{"a":-}`, "", false, false},
+		{"leading zero", `{"a":01}`, "", false, false},
+		{"mismatched brackets", `{"a":[}}`, "", false, false},
+		{"bad escape", `{"a":"\x"}`, "", false, false},
+		{"numbers", `{"a":[0,-1,2.5,1e9,-0.5E-3,1E+2]}`, "", false, true},
+		{"escapes in values", `{"a":"\"\\\/\b\f\n\r\t\u00e9"}`, "", false, true},
 		{"unterminated", `{"a":[1,2`, "", false, false},
 		{"missing colon", `{"a" 1}`, "", false, false},
 		{"control character in a string", "{\"a\":\"x\ny\"}", "", false, false},
@@ -65,8 +76,8 @@ func TestInferPath(t *testing.T) {
 	}
 }
 
-// FuzzScanJSONID: never panics; on valid JSON it accepts, it reads the top-level "id" as
-// encoding/json does, and inserting a member where it says gives valid JSON with that id.
+// FuzzScanJSONID: never panics; what it accepts is valid JSON, whose top-level "id" it reads as
+// encoding/json does; inserting a member where it says gives valid JSON with that id.
 func FuzzScanJSONID(f *testing.F) {
 	f.Add([]byte(`{"id":"r1","inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}`))
 	f.Add([]byte(`{"inputs":[{"name":"x","parameters":{"binary_data_size":8}}],"outputs":[{"name":"y"}]}`))
@@ -74,8 +85,11 @@ func FuzzScanJSONID(f *testing.F) {
 	f.Add([]byte(`{"a":[[[{"b":null}]]],"c":-1.5e-3}`))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		id, has, at, ok := scanJSONID(in)
-		if !ok || !json.Valid(in) {
+		if !ok {
 			return
+		}
+		if !json.Valid(in) {
+			t.Fatalf("accepted %q, which is not valid JSON", in)
 		}
 		var doc map[string]json.RawMessage
 		if err := json.Unmarshal(in, &doc); err != nil {

@@ -117,7 +117,8 @@ type route struct {
 
 type backend struct {
 	endpoint    string
-	http        string // its HTTP port (host:port); empty: the lane serves REST through the Python gateway
+	http        string       // its HTTP port (host:port); empty: the lane serves REST through the Python gateway
+	httpDown    atomic.Int64 // unix ns until which its HTTP port is not used (it refused a connection)
 	conn        *grpc.ClientConn
 	outstanding atomic.Int32
 }

@@ -29,6 +29,7 @@ import (
 const (
 	headerLength   = "Inference-Header-Content-Length"
 	httpDetailsKey = "x-cdl-lane-details"
+	httpBackoff    = 2 * time.Second // a Triton HTTP port that refused a connection is left alone this long
 )
 
 // restBackend is the reverse proxy to the Python gateway's REST server (a unix socket).
@@ -39,7 +40,7 @@ func restBackend(sock string) *httputil.ReverseProxy {
 			return d.DialContext(ctx, "unix", sock)
 		},
 		MaxIdleConnsPerHost: 64,
-		IdleConnTimeout:     90 * time.Second,
+		IdleConnTimeout:     30 * time.Second, // under aiohttp's keep-alive (75 s): it never closes one first
 		DisableCompression:  true,
 	}
 	return &httputil.ReverseProxy{
@@ -67,7 +68,7 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 // tritonTransport: keep-alive connections to the Triton servers' HTTP ports.
 func tritonTransport() *http.Transport {
 	return &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:         (&net.Dialer{Timeout: time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConns:        1024,
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     90 * time.Second,
@@ -211,8 +212,8 @@ func (l *lane) inferHTTP(w http.ResponseWriter, r *http.Request, name, version s
 		}
 	}
 	b := l.choose()
-	if b == nil {
-		delegate(hint(picked, v), nil)
+	if b == nil || b.httpDown.Load() > time.Now().UnixNano() {
+		delegate(hint(picked, v), nil) // its HTTP port failed a moment ago: the Python pool (gRPC) answers
 		return
 	}
 	target := "http://" + b.http + "/v2/models/" + url.PathEscape(name) + "/versions/" + strconv.Itoa(v) + "/infer"
@@ -255,7 +256,9 @@ func (l *lane) inferHTTP(w http.ResponseWriter, r *http.Request, name, version s
 		}
 		l.servedHTTP(v, latency, name, id, data, answer, reqHead, respHead)
 		hdr := w.Header()
-		hdr.Set("Content-Type", resp.Header.Get("Content-Type"))
+		if ct := resp.Header.Get("Content-Type"); ct != "" {
+			hdr.Set("Content-Type", ct)
+		}
 		if respHead > 0 {
 			hdr.Set(headerLength, strconv.Itoa(respHead))
 		}
@@ -273,6 +276,10 @@ func (l *lane) inferHTTP(w http.ResponseWriter, r *http.Request, name, version s
 		return
 	}
 	if err != nil { // not reached, or no whole answer: sent again by the Python gateway
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			b.httpDown.Store(time.Now().Add(httpBackoff).UnixNano()) // not tried again for a while
+		}
 		delegate(hint(picked, v), nil)
 		return
 	}
@@ -334,6 +341,7 @@ func tritonError(body []byte) string {
 func (l *lane) delegateHTTP(w http.ResponseWriter, r *http.Request, body []byte, hintVersion int, failed *failure) {
 	l.delegated.Add(1)
 	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 	r.ContentLength = int64(len(body))
 	if hintVersion != 0 {
 		r.Header.Set(hintKey, strconv.Itoa(hintVersion))
