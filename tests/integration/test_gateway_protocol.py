@@ -251,6 +251,10 @@ def test_rest_serves_the_protocol_with_json_and_binary_tensors(
     # on the lane's port the lane itself served it (its ids), not the REST server behind it
     native = rest == shipped.http_address
     assert answer["id"].startswith(shipped.service.id_prefix + "l") == native, answer["id"]
+    # an empty id is none (as perf_analyzer sends it): the gateway's goes in its place
+    status, _, body = _http(rest, f"/v2/models/{model}/infer", _infer_json(x, id=""), HEADERS)
+    empty = json.loads(body)["id"]
+    assert status == 200 and empty.startswith(shipped.service.id_prefix + "l") == native and empty != answer["id"]
     [out] = answer["outputs"]
     assert out["name"] == "output" and out["shape"] == [2, 3] and out["datatype"] == "FP32"
     np.testing.assert_allclose(np.array(out["data"]).reshape(2, 3), x @ AFFINE_W + AFFINE_B, rtol=1e-5, atol=1e-5)

@@ -13,20 +13,31 @@ import "unicode/utf8"
 // not an object, an empty object, a key with an escape at any depth (it could spell "id" or
 // "shared_memory_region"), a key twice in one object or an object of more than maxKeys keys
 // (a reader taking the first and one taking the last would see different requests), an "id"
-// that is not a plain non-empty string (an escape, a control character, invalid UTF-8),
+// that is not a plain string (an escape, a control character, invalid UTF-8; an empty one is
+// taken as none: scanJSONIDSlot),
 // nesting deeper than maxDepth. Where it returns ok, encoding/json reads the same id.
 func scanJSONID(b []byte) (id string, has bool, insertAt int, ok bool) {
+	id, has, insertAt, _, ok = scanJSONIDSlot(b)
+	return id, has, insertAt, ok
+}
+
+// scanJSONIDSlot is scanJSONID that also takes an empty "id" (which the Python gateway, as
+// Triton's clients expect, treats as none): then has is false, empty true, and insertAt is
+// just inside its quotes, where an id's characters go.
+func scanJSONIDSlot(b []byte) (id string, has bool, insertAt int, empty bool, ok bool) {
 	i := skipSpace(b, 0)
 	if i >= len(b) || b[i] != '{' || skipSpace(b, i+1) >= len(b) || b[skipSpace(b, i+1)] == '}' {
-		return "", false, 0, false // not an object, or no inputs: the Python gateway says so
+		return "", false, 0, false, false // not an object, or no inputs: the Python gateway says so
 	}
-	insertAt = i + 1
-	s := scanner{b: b}
+	s := scanner{b: b, emptyAt: -1}
 	end := s.value(i, 0)
 	if end < 0 || skipSpace(b, end) != len(b) {
-		return "", false, 0, false
+		return "", false, 0, false, false
 	}
-	return s.id, s.hasID, insertAt, true
+	if s.emptyAt >= 0 {
+		return "", false, s.emptyAt, true, true
+	}
+	return s.id, s.hasID, i + 1, false, true
 }
 
 // maxDepth bounds the nesting followed (deeper input is left to the Python gateway).
@@ -36,9 +47,10 @@ const maxDepth = 64
 const maxKeys = 64
 
 type scanner struct {
-	b     []byte
-	id    string
-	hasID bool
+	b       []byte
+	id      string
+	hasID   bool
+	emptyAt int // where the characters of an empty top-level "id" go (-1: none)
 }
 
 func skipSpace(b []byte, i int) int {
@@ -124,10 +136,14 @@ func (s *scanner) object(i, depth int) int {
 				return -1
 			}
 			vend, vescaped := skipString(b, i)
-			if vend < 0 || vescaped || vend-i == 2 || !utf8.Valid(b[i+1:vend-1]) {
+			if vend < 0 || vescaped || !utf8.Valid(b[i+1:vend-1]) {
 				return -1
 			}
-			s.id, s.hasID = string(b[i+1:vend-1]), true
+			if vend-i == 2 {
+				s.emptyAt = i + 1
+			} else {
+				s.id, s.hasID = string(b[i+1:vend-1]), true
+			}
 			i = vend
 		} else if i = s.value(i, depth+1); i < 0 {
 			return -1

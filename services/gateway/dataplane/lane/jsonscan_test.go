@@ -26,7 +26,7 @@ func TestScanJSONID(t *testing.T) {
 		{"escaped key", `{"\u0069d":"x","inputs":[]}`, "", false, false},
 		{"two ids", `{"id":"a","id":"b"}`, "", false, false},
 		{"trailing garbage", `{"a":1} x`, "", false, false},
-		{"empty id", `{"id":"","inputs":[]}`, "", false, false},
+		{"empty id (taken as none)", `{"id":"","inputs":[]}`, "", false, true},
 		{"escaped key inside", `{"inputs":[{"parameters":{"shared\u005fmemory_region":"r"}}]}`, "", false, false},
 		{"duplicate key", `{"inputs":[1],"inputs":[2]}`, "", false, false},
 		{"duplicate key inside", `{"inputs":[{"data":[1],"data":[2]}]}`, "", false, false},
@@ -47,9 +47,22 @@ func TestScanJSONID(t *testing.T) {
 		if ok != c.ok || (ok && (id != c.id || has != c.has)) {
 			t.Errorf("%s: got (%q, %v, %v), want (%q, %v, %v)", c.name, id, has, ok, c.id, c.has, c.ok)
 		}
-		if ok && c.in[at-1] != '{' {
+		if ok && c.in[at-1] != '{' && c.in[at-1] != '"' { // after the brace, or inside an empty id's quotes
 			t.Errorf("%s: insertion point %d is not after the opening brace", c.name, at)
 		}
+	}
+}
+
+func TestAnEmptyIDGetsTheCharactersOfOne(t *testing.T) {
+	in := []byte(`{"inputs":[{"id":""}], "id" : "" ,"outputs":[]}`)
+	_, has, at, empty, ok := scanJSONIDSlot(in)
+	if !ok || has || !empty {
+		t.Fatalf("got has %v, empty %v, ok %v", has, empty, ok)
+	}
+	out := string(in[:at]) + "gw-1" + string(in[at:])
+	var doc map[string]any
+	if err := json.Unmarshal([]byte(out), &doc); err != nil || doc["id"] != "gw-1" {
+		t.Fatalf("%s: %v %v", out, doc, err)
 	}
 }
 
@@ -83,6 +96,7 @@ func FuzzScanJSONID(f *testing.F) {
 	f.Add([]byte(`{"inputs":[{"name":"x","parameters":{"binary_data_size":8}}],"outputs":[{"name":"y"}]}`))
 	f.Add([]byte(`{"s":"a\"}{[","t":"\\","u":[{"v":"]"}],"id":"z"}`))
 	f.Add([]byte(`{"a":[[[{"b":null}]]],"c":-1.5e-3}`))
+	f.Add([]byte(`{"id":"","inputs":[{"id":""}]}`))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		id, has, at, ok := scanJSONID(in)
 		if !ok {
@@ -96,6 +110,17 @@ func FuzzScanJSONID(f *testing.F) {
 			t.Fatalf("accepted %q, which encoding/json does not read as an object: %v", in, err)
 		}
 		raw, want := doc["id"]
+		if _, _, slot, empty, _ := scanJSONIDSlot(in); empty { // an empty id gets the characters
+			if string(raw) != `""` {
+				t.Fatalf("%q: an empty id, encoding/json %s", in, raw)
+			}
+			out := bytes.Join([][]byte{in[:slot], []byte(`gw-1`), in[slot:]}, nil)
+			var again map[string]json.RawMessage
+			if err := json.Unmarshal(out, &again); err != nil || string(again["id"]) != `"gw-1"` {
+				t.Fatalf("filling the empty id of %q gave %q (%v)", in, out, err)
+			}
+			return
+		}
 		if has != want {
 			t.Fatalf("%q: has id %v, encoding/json %v", in, has, want)
 		}

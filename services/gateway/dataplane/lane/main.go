@@ -82,7 +82,7 @@ const (
 	latencyKey  = "x-cdl-lane-latency-us"
 	frameBudget = 32 << 20 // bytes of reports waiting at most; past it, reports go without payload
 	appendSlack = 4096
-	flushDelay  = 10 * time.Millisecond // a report waits at most this long for others to go with it
+	flushDelay  = 50 * time.Millisecond // a report waits at most this long for others to go with it
 	flushBytes  = 64 << 10              // ... or until this much is buffered
 	keyCacheMax = 256
 )

@@ -175,7 +175,7 @@ func (l *lane) inferHTTP(w http.ResponseWriter, r *http.Request, name, version s
 		delegate(0, nil)
 		return
 	}
-	id, has, insertAt, ok := scanJSONID(head)
+	id, has, insertAt, emptyID, ok := scanJSONIDSlot(head)
 	if !ok {
 		delegate(0, nil)
 		return
@@ -205,6 +205,9 @@ func (l *lane) inferHTTP(w http.ResponseWriter, r *http.Request, name, version s
 	if !has {
 		id = l.idPrefix + strconv.FormatUint(l.ids.Add(1), 10)
 		member := `"id":"` + id + `",`
+		if emptyID { // "id":"" -- the id goes between its quotes
+			member = id
+		}
 		data = make([]byte, 0, len(body)+len(member))
 		data = append(append(append(data, body[:insertAt]...), member...), body[insertAt:]...)
 		if binary {
