@@ -209,11 +209,16 @@ def infer_request(model: str, version: str, body: bytes, header_length: int | No
 _SHARED_MEMORY = frozenset({"shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"})
 
 
-def _infer_request(model: str, version: str, body: bytes, header_length: int | None, trusted: bool) -> InferBody:
+def _json_part(body: bytes, header_length: int | None, trusted: bool) -> tuple[bytes, Any]:
+    """A body's JSON part (all of it, or its first ``header_length`` bytes) and what it holds."""
     if header_length is not None and not 0 < header_length <= len(body):
         raise _bad(f"{HEADER_LENGTH} must be between 1 and the body's length ({len(body)})")
     head = body[:header_length] if header_length is not None else body
-    doc = parse_json(head, trusted)
+    return head, parse_json(head, trusted)
+
+
+def _infer_request(model: str, version: str, body: bytes, header_length: int | None, trusted: bool) -> InferBody:
+    head, doc = _json_part(body, header_length, trusted)
     raw_of = _raw_trusted if trusted else _raw_from_json
     if not isinstance(doc, dict):
         raise _bad("the request must be a JSON object")
@@ -359,10 +364,7 @@ def response_message(body: bytes, header_length: int | None) -> bytes:
 
 
 def _response_message(body: bytes, header_length: int | None) -> bytes:
-    if header_length is not None and not 0 < header_length <= len(body):
-        raise _bad(f"{HEADER_LENGTH} must be between 1 and the body's length ({len(body)})")
-    head = body[:header_length] if header_length is not None else body
-    doc = parse_json(head, trusted=True)
+    head, doc = _json_part(body, header_length, trusted=True)
     if not isinstance(doc, dict) or not isinstance(doc.get("outputs", []), list):
         raise _bad("an infer answer is a JSON object with a list of outputs")
     msg = service_pb2.ModelInferResponse(

@@ -4,27 +4,20 @@ import "unicode/utf8"
 
 // scanJSONID reads what the lane needs of a REST infer request's JSON part (the whole body,
 // or its first Inference-Header-Content-Length bytes): whether the top-level object has an
-// "id" member, its value, and where a member can be inserted (just after the opening brace).
-// It walks the whole document as a validator does (strings and their escapes, numbers,
-// literals, nesting), decoding nothing but the id.
+// "id" member, its value, and where the lane's id goes: as a member just after the opening
+// brace, or, for an empty "id" (none, to the Python gateway as to Triton's clients: empty is
+// then true, has false), as characters just inside its quotes. It walks the whole document as
+// a validator does (strings and their escapes, numbers, literals, nesting), decoding nothing
+// but the id.
 //
 // It is conservative: ok is false for anything the lane leaves to the Python gateway (which
 // gives the client the precise error, or refuses what must not reach Triton): invalid JSON,
 // not an object, an empty object, a key with an escape at any depth (it could spell "id" or
 // "shared_memory_region"), a key twice in one object or an object of more than maxKeys keys
 // (a reader taking the first and one taking the last would see different requests), an "id"
-// that is not a plain string (an escape, a control character, invalid UTF-8; an empty one is
-// taken as none: scanJSONIDSlot),
-// nesting deeper than maxDepth. Where it returns ok, encoding/json reads the same id.
-func scanJSONID(b []byte) (id string, has bool, insertAt int, ok bool) {
-	id, has, insertAt, _, ok = scanJSONIDSlot(b)
-	return id, has, insertAt, ok
-}
-
-// scanJSONIDSlot is scanJSONID that also takes an empty "id" (which the Python gateway, as
-// Triton's clients expect, treats as none): then has is false, empty true, and insertAt is
-// just inside its quotes, where an id's characters go.
-func scanJSONIDSlot(b []byte) (id string, has bool, insertAt int, empty bool, ok bool) {
+// that is not a plain string (an escape, a control character, invalid UTF-8), nesting
+// deeper than maxDepth. Where it returns ok, encoding/json reads the same id.
+func scanJSONID(b []byte) (id string, has bool, insertAt int, empty bool, ok bool) {
 	i := skipSpace(b, 0)
 	if i >= len(b) || b[i] != '{' || skipSpace(b, i+1) >= len(b) || b[skipSpace(b, i+1)] == '}' {
 		return "", false, 0, false, false // not an object, or no inputs: the Python gateway says so

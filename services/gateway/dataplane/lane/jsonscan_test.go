@@ -43,7 +43,7 @@ func TestScanJSONID(t *testing.T) {
 		{"too deep", `{"a":` + strings.Repeat("[", maxDepth+1) + strings.Repeat("]", maxDepth+1) + `}`, "", false, false},
 	}
 	for _, c := range cases {
-		id, has, at, ok := scanJSONID([]byte(c.in))
+		id, has, at, _, ok := scanJSONID([]byte(c.in))
 		if ok != c.ok || (ok && (id != c.id || has != c.has)) {
 			t.Errorf("%s: got (%q, %v, %v), want (%q, %v, %v)", c.name, id, has, ok, c.id, c.has, c.ok)
 		}
@@ -55,7 +55,7 @@ func TestScanJSONID(t *testing.T) {
 
 func TestAnEmptyIDGetsTheCharactersOfOne(t *testing.T) {
 	in := []byte(`{"inputs":[{"id":""}], "id" : "" ,"outputs":[]}`)
-	_, has, at, empty, ok := scanJSONIDSlot(in)
+	_, has, at, empty, ok := scanJSONID(in)
 	if !ok || has || !empty {
 		t.Fatalf("got has %v, empty %v, ok %v", has, empty, ok)
 	}
@@ -98,7 +98,7 @@ func FuzzScanJSONID(f *testing.F) {
 	f.Add([]byte(`{"a":[[[{"b":null}]]],"c":-1.5e-3}`))
 	f.Add([]byte(`{"id":"","inputs":[{"id":""}]}`))
 	f.Fuzz(func(t *testing.T, in []byte) {
-		id, has, at, ok := scanJSONID(in)
+		id, has, at, empty, ok := scanJSONID(in)
 		if !ok {
 			return
 		}
@@ -110,11 +110,11 @@ func FuzzScanJSONID(f *testing.F) {
 			t.Fatalf("accepted %q, which encoding/json does not read as an object: %v", in, err)
 		}
 		raw, want := doc["id"]
-		if _, _, slot, empty, _ := scanJSONIDSlot(in); empty { // an empty id gets the characters
+		if empty { // an empty id gets the characters
 			if string(raw) != `""` {
 				t.Fatalf("%q: an empty id, encoding/json %s", in, raw)
 			}
-			out := bytes.Join([][]byte{in[:slot], []byte(`gw-1`), in[slot:]}, nil)
+			out := bytes.Join([][]byte{in[:at], []byte(`gw-1`), in[at:]}, nil)
 			var again map[string]json.RawMessage
 			if err := json.Unmarshal(out, &again); err != nil || string(again["id"]) != `"gw-1"` {
 				t.Fatalf("filling the empty id of %q gave %q (%v)", in, out, err)

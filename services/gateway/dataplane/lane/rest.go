@@ -175,7 +175,7 @@ func (l *lane) inferHTTP(w http.ResponseWriter, r *http.Request, name, version s
 		delegate(0, nil)
 		return
 	}
-	id, has, insertAt, emptyID, ok := scanJSONIDSlot(head)
+	id, has, insertAt, emptyID, ok := scanJSONID(head)
 	if !ok {
 		delegate(0, nil)
 		return
