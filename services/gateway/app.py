@@ -116,14 +116,10 @@ class GatewayApp:
         self.producer = Producer(
             settings.kafka_bootstrap, client_id="cdl-gateway", **{"delivery.report.only.error": True}
         )
-        # the log's records are built and produced by the log's thread with a producer of its own
-        # (lingering log_linger_ms: model.deployed does not wait behind the log's batches)
+        # the log's records are built and produced by the log's thread, in rounds every
+        # log_linger_ms, with a producer of its own (model.deployed does not wait behind a round)
         self.log_producer: Producer | None = (
-            Producer(
-                settings.kafka_bootstrap,
-                client_id="cdl-gateway-log",
-                **{"delivery.report.only.error": True, "linger.ms": settings.log_linger_ms},
-            )
+            Producer(settings.kafka_bootstrap, client_id="cdl-gateway-log", **{"delivery.report.only.error": True})
             if settings.log_sample > 0
             else None
         )
@@ -134,6 +130,7 @@ class GatewayApp:
             inputs_max_bytes=settings.log_inputs_max_bytes,
             queue_size=settings.log_queue,
             source=self.source,
+            interval_s=settings.log_linger_ms / 1000,
         )
         self.keys = ApiKeys(settings.api_key_hashes, settings.admin_key_hashes)
         self.pool = TritonPool(

@@ -4,9 +4,10 @@
 append of a tuple of references (the request's and response's bytes are not
 copied) to a bounded deque, O(1). A daemon thread turns what was offered into
 ``InferenceLogged`` records and produces them, in rounds every ``interval_s``
-(50 ms; at once while a ``batch`` is waiting): the thread takes the GIL once
-a round rather than once a request, and librdkafka batches a round's records
-into one produce request. Small messages are read with protobuf's C parser
+(the gateway's ``log_linger_ms``, 200 ms; at once while a ``batch`` is
+waiting): the thread takes the GIL once a round rather than once a request, a
+round's fixed cost (its code starts cold) is shared by more records, and
+librdkafka batches a round's records into one produce request. Small messages are read with protobuf's C parser
 (falling back to the wire scan where it refuses the bytes), small outputs'
 top labels are found without numpy, and a round's event ids and trace
 contexts come from one ``os.urandom`` call. When the queue is full (Kafka

@@ -74,9 +74,10 @@ class GatewaySettings(ServiceSettings):
     log_queue: int = 10000
     """Log records waiting for Kafka at most; past that they are dropped and counted."""
     log_linger_ms: int = 200
-    """How long the log's producer gathers records before a produce request: fewer, larger
-    requests cost the broker (and librdkafka) less per record. Records reach Kafka up to this
-    long (plus a log round, 50 ms) after the answer; a gateway killed -9 loses what it held."""
+    """How long the log gathers records before it builds and produces them in one round: fewer,
+    larger rounds cost the log's thread (a round's fixed cost is a cold start of its code) and
+    fewer, larger produce requests cost the broker less per record. Records reach Kafka up to
+    this long after the answer; a gateway killed -9 loses what it held."""
 
     trace_sample: float = 0.01
     """Share of ModelInfer requests given a span of their own (cdl.tracing; a client's

@@ -131,3 +131,25 @@ func TestSampled(t *testing.T) {
 		t.Fatalf("sampled %d of 1000, want 250", n)
 	}
 }
+
+func TestUrgentFrame(t *testing.T) {
+	frame := func(kind, code byte) []byte { return []byte{0, 0, 0, 0, kind, code} }
+	cases := []struct {
+		name   string
+		f      []byte
+		urgent bool
+	}{
+		{"ready", frame(0, 0), true},
+		{"ack", frame(3, 0), true},
+		{"served ok", frame(1, 0), false},
+		{"served unavailable", frame(1, 14), true},
+		{"served invalid argument", frame(1, 3), true},
+		{"served over REST", frame(4, 0), false},
+		{"stats", frame(2, 0), false},
+	}
+	for _, c := range cases {
+		if got := urgentFrame(c.f); got != c.urgent {
+			t.Errorf("%s: urgent %v, want %v", c.name, got, c.urgent)
+		}
+	}
+}

@@ -82,8 +82,8 @@ const (
 	latencyKey  = "x-cdl-lane-latency-us"
 	frameBudget = 32 << 20 // bytes of reports waiting at most; past it, reports go without payload
 	appendSlack = 4096
-	flushDelay  = 50 * time.Millisecond // a report waits at most this long for others to go with it
-	flushBytes  = 64 << 10              // ... or until this much is buffered
+	flushDelay  = 200 * time.Millisecond // a report waits at most this long for others to go with it
+	flushBytes  = 64 << 10               // ... or until this much is buffered
 	keyCacheMax = 256
 )
 
@@ -399,8 +399,9 @@ func ackFrame(seq uint32) []byte {
 
 // writeFrames writes the reports to the gateway in batches: what is waiting goes in one write,
 // and a write waits up to flushDelay for more (or until flushBytes are buffered), so that at a
-// low rate the gateway's reader wakes once per batch, not once per request. Ready and ack frames
-// (kinds 0 and 3) are written at once.
+// low rate the gateway's reader wakes once per batch, not once per request (each wake-up has a
+// fixed cost: the reader's code starts cold). Ready and ack frames (kinds 0 and 3) and failed
+// requests (a canary's errors roll it back at once) are written at once.
 func (l *lane) writeFrames(w *bufio.Writer) {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
@@ -417,7 +418,7 @@ func (l *lane) writeFrames(w *bufio.Writer) {
 	for {
 		select {
 		case f := <-l.frames:
-			urgent := f[4] == 0 || f[4] == 3
+			urgent := urgentFrame(f)
 			pending += len(f)
 			if _, err := w.Write(f); err != nil {
 				return // the gateway is gone (the next write to the pipe ends the process: SIGPIPE)
@@ -425,7 +426,7 @@ func (l *lane) writeFrames(w *bufio.Writer) {
 			// what else is waiting goes in the same write: one pipe write per burst, not per request
 			for n := len(l.frames); n > 0; n-- {
 				g := <-l.frames
-				urgent = urgent || g[4] == 0 || g[4] == 3
+				urgent = urgent || urgentFrame(g)
 				pending += len(g)
 				if _, err := w.Write(g); err != nil {
 					return
@@ -448,6 +449,11 @@ func (l *lane) writeFrames(w *bufio.Writer) {
 			}
 		}
 	}
+}
+
+// urgentFrame: a frame the gateway must read at once (ready, ack, a request that failed).
+func urgentFrame(f []byte) bool {
+	return f[4] == 0 || f[4] == 3 || (f[4] == 1 && codes.Code(f[5]) != codes.OK)
 }
 
 func (l *lane) send(frame []byte) {
