@@ -20,14 +20,14 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 def private_stack(triton_servers: int = 1) -> Iterator[dict[str, Any]]:
     """Start a stack of our own (fresh state dir) and stop it afterwards."""
     # imported here: the trainer benchmark runs on machines without the stack's clients
-    from cdl.settings import StackSettings
-    from cdl.stack import LocalStack
+    from cdl_tools.settings import StackSettings
+    from cdl_tools.stack import LocalStack, service_env
 
     with tempfile.TemporaryDirectory(prefix="cdl-bench-") as tmp:
         stack = LocalStack(StackSettings(state_dir=Path(tmp), triton_servers=triton_servers, services=[]))
         try:
             state = stack.up()
-            os.environ["CDL_STATE_DIR"] = tmp
+            os.environ.update(service_env(state))  # what the stack gives its services
             yield state
         finally:
             stack.down(purge=True)
@@ -57,7 +57,7 @@ def cpu_usage(groups: dict[str, int]) -> dict[str, tuple[float, int]]:
     ``groups`` maps a name to a process-group leader's pid; every live member counts.
     Differences between two calls say where a measured interval's CPU went.
     """
-    from cdl.stack._procs import _stat, group_members
+    from cdl_tools.stack._procs import _stat, group_members
 
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, tuple[float, int]] = {}
@@ -83,7 +83,7 @@ def cpu_report(before: dict[str, tuple[float, int]], after: dict[str, tuple[floa
 
 def rss_mib(pid: int) -> float:
     """Resident memory of process group ``pid`` (every live member), MiB."""
-    from cdl.stack._procs import group_members
+    from cdl_tools.stack._procs import group_members
 
     kib = 0
     for p in group_members(pid) or [pid]:

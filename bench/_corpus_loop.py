@@ -137,10 +137,10 @@ class CorpusLoop:
 
     # ------------------------------------------------------------------ stack
     def __enter__(self) -> CorpusLoop:
-        from cdl.report import LoopEvents
-        from cdl.settings import StackSettings
-        from cdl.stack import LocalStack
         from cdl.store import ObjectStore
+        from cdl_tools.report import LoopEvents
+        from cdl_tools.settings import StackSettings
+        from cdl_tools.stack import LocalStack
 
         self.stack = LocalStack(StackSettings(state_dir=self.state_dir))
         try:
@@ -174,7 +174,12 @@ class CorpusLoop:
         """The `cdl` command line against this stack; its output (a failure stops the benchmark)."""
         env = dict(os.environ, CDL_STATE_DIR=str(self.state_dir), COLUMNS="200")
         done = subprocess.run(
-            [sys.executable, "-m", "cdl.cli", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+            [sys.executable, "-m", "cdl_tools.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         if done.returncode != 0:
             raise SystemExit(f"cdl {' '.join(args[:3])} failed: {done.stdout}{done.stderr}")

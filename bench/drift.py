@@ -147,8 +147,8 @@ def main() -> None:
 
     from cdl.kafka import ensure_topics
     from cdl.ml.drift import reference_sample, to_npy
-    from cdl.stack._procs import free_port
     from cdl.store import ObjectStore
+    from cdl_tools.stack._procs import free_port
 
     print(f"machine: {machine()}")
     digits = load_digits()

@@ -1,7 +1,7 @@
 """bench/freshness: how long from fresh data to a model trained on it answering at the gateway?
 
 The demo's stack (all six services, one Triton server) in a fresh state directory, and
-the demo's data (cdl/demo.py: every digit image once per wave, under ids that keep each
+the demo's data (cdl_tools/demo.py: every digit image once per wave, under ids that keep each
 image in its own split). Clients call the gateway all along (20 requests/s, held-out
 images, no labels, so only the waves fire dataset versions). For each wave:
 
@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._common import machine, result
-from cdl.demo_loop import Demo, DemoOptions
+from cdl_tools.demo_loop import Demo, DemoOptions
 
 WAVES = int(os.environ.get("CDL_BENCH_FRESHNESS_WAVES", "5"))
 BASELINE_S = 3.0

@@ -155,7 +155,7 @@ def _perf_analyzer(binary: str, protocol: str, url: str) -> float:
 
 def _cpu_s(pid: int, group: bool = True) -> float:
     """CPU seconds of ``pid`` and (``group``) the rest of its process group (a gateway's native lane)."""
-    from cdl.stack._procs import _stat, group_members
+    from cdl_tools.stack._procs import _stat, group_members
 
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
@@ -212,9 +212,9 @@ def main() -> None:
     from cdl.auth import hash_key
     from cdl.events import Event
     from cdl.kafka import Producer
-    from cdl.stack._procs import free_port, group_members, spawn, stop
     from cdl.store import ObjectStore
     from cdl.v1 import events_pb2
+    from cdl_tools.stack._procs import free_port, group_members, spawn, stop
     from tests.models import failing_onnx, write_affine, write_onnx
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out

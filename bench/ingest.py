@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import cpu_report, cpu_usage, machine, private_stack, result
 from cdl.events import decode
-from cdl.stack._procs import free_port
 from cdl.v1 import ingest_pb2, ingest_pb2_grpc
+from cdl_tools.stack._procs import free_port
 
 #: records per measurement: long enough for a steady rate (each side runs 1-4 s)
 N = int(os.environ.get("CDL_BENCH_INGEST_RECORDS", "500000"))

@@ -62,9 +62,9 @@ def _versions(state_dir: Path) -> str:
 def main() -> None:
     import tempfile
 
-    from cdl.demo import DigitsFeed, register_digits
-    from cdl.settings import StackSettings
-    from cdl.stack import LocalStack
+    from cdl_tools.demo import DigitsFeed, register_digits
+    from cdl_tools.settings import StackSettings
+    from cdl_tools.stack import LocalStack
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
     print(f"machine: {machine()}; {DURATION_S:.0f} s at {RATE:.0f} records/s, warm-up {WARMUP_S:.0f} s")

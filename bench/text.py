@@ -1,7 +1,7 @@
 """bench/text: does cdl's text model reach a TF-IDF + logistic-regression baseline?
 
 Data: docstring paragraphs of the installed numpy, scikit-learn and torch, labelled by
-package (cdl/textdata.py: 800 per package, nothing downloaded). The split is ingest's:
+package (cdl_tools/textdata.py: 800 per package, nothing downloaded). The split is ingest's:
 a record is in the holdout when the hash of its id is under 0.2.
 
 - **baseline**: scikit-learn ``TfidfVectorizer`` (word 1-2 grams, sublinear tf) and
@@ -36,7 +36,7 @@ from bench._common import machine, result
 from cdl.datasets import DatasetSpec, Task, holdout_member
 from cdl.ml.core import TrainSplit, fit, hyperparameters
 from cdl.ml.models import Family
-from cdl.textdata import PACKAGES, doc_paragraphs
+from cdl_tools.textdata import PACKAGES, doc_paragraphs
 
 DATASET = "docs"
 #: cdl models trained (seeds 0..SEEDS-1: the validation part and the training seed); the median counts

@@ -59,11 +59,6 @@ class ApiKeys:
         """No key is needed for inference."""
         return not self._infer
 
-    @property
-    def admin_open(self) -> bool:
-        """No key is needed for admin calls."""
-        return not self._admin
-
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, admin: bool = False) -> bool:
         """Whether ``metadata`` (a call's invocation metadata) carries a key allowed for the call."""
         allowed = self._admin if admin else self._infer

@@ -63,6 +63,7 @@ __all__ = [
     "decode_shard",
     "encode_shard",
     "holdout_member",
+    "iter_shards",
     "latest_version",
     "load_version",
     "manifest_key",

@@ -39,7 +39,9 @@ __all__ = [
     "dead_letter",
     "decode",
     "encode",
+    "header_dict",
     "new_traceparent",
+    "source_name",
 ]
 
 CONTENT_PROTOBUF = "application/protobuf"

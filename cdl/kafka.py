@@ -50,6 +50,7 @@ from cdl.logging import get_logger
 from cdl.observability import EVENTS, HANDLER_SECONDS, count_consume_error
 
 __all__ = [
+    "BatchProcessor",
     "FencedError",
     "JobLoop",
     "Producer",

@@ -1,9 +1,10 @@
 """Settings: one pydantic-settings class per service, all built on one base.
 
-Connection fields (Kafka, object store, Triton) that are not set in the
-environment are read from the local stack's state file written by
-``cdl stack up``, so a service started next to a local stack needs no
-configuration at all.
+Every value comes from the environment (or the class's default): a service
+never reads a developer's files. Connection fields (Kafka, object store,
+Triton) left empty under the service's prefix are read from the generic
+``CDL_<FIELD>`` variable, so one set of variables serves every service; the
+local stack (``cdl_tools.stack``) passes its endpoints so.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,10 +20,8 @@ from cdl.failure import FailurePolicy
 
 __all__ = [
     "ServiceSettings",
-    "StackSettings",
     "cdl_home",
     "default_state_dir",
-    "read_stack_state",
 ]
 
 
@@ -42,73 +40,16 @@ def default_state_dir() -> Path:
     return Path(env) if env else cdl_home() / "stack"
 
 
-def read_stack_state(state_dir: Path | None = None) -> dict[str, Any]:
-    """The local stack's state file, or ``{}`` when no stack was started there."""
-    path = (state_dir or default_state_dir()) / "stack.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    return data
-
-
-class StackSettings(BaseSettings):
-    """Settings of the local stack (``cdl stack``); env prefix ``CDL_STACK_``."""
-
-    model_config = SettingsConfigDict(env_prefix="CDL_STACK_", extra="ignore", use_attribute_docstrings=True)
-
-    state_dir: Path = default_state_dir()
-    """Data, logs and the state file of the stack."""
-    home: Path = cdl_home()
-    """Cache of installed components (Kafka jars, MinIO, Triton)."""
-    host: str = "127.0.0.1"
-    """Address every component binds to (loopback only by default)."""
-    kafka_port: int = 0
-    """Kafka broker port; 0 picks a free one."""
-    kafka_version: str = "4.1.1"
-    """Apache Kafka version whose jars set-up placed under ``home``."""
-    kafka_heap: str = "512m"
-    """Maximum JVM heap of the broker."""
-    minio_port: int = 0
-    """MinIO S3 API port; 0 picks a free one."""
-    minio_access_key: str = "cdl-admin"
-    """MinIO root user."""
-    minio_secret_key: str = "cdl-admin-secret"
-    """MinIO root password."""
-    triton_servers: int = 1
-    """How many Triton servers to start."""
-    services: list[str] = ["ingest", "trainer", "tuner", "compressor", "gateway", "monitor"]
-    """cdl services to start after the servers (``python -m services.<name>``)."""
-    postgres: bool = True
-    """Start PostgreSQL (the tuner's shared study storage) when the tuner is among the services."""
-    postgres_port: int = 0
-    """PostgreSQL port; 0 picks a free one."""
-    tuner_workers: int = 2
-    """Worker processes of each study the stack's tuner runs (they share its PostgreSQL storage)."""
-    api_key: str = ""
-    """API key the stack's gRPC APIs (gateway, ingest) accept; empty: one is generated at the
-    first start, kept in ``stack.json`` (``api_key``) and reused by later starts."""
-    triton_base_port: int = 0
-    """First Triton port (each server takes three: gRPC, HTTP, metrics); 0 picks free ones."""
-    start_timeout_s: float = 90.0
-    """How long each component may take to become healthy."""
-    stop_timeout_s: float = 20.0
-    """How long each component gets to exit after SIGTERM before SIGKILL."""
-    supervise: bool = True
-    """Run each cdl service under a supervisor (``python -m cdl.stack.supervise``) that restarts it
-    when it exits or its ``/healthz`` says it is not live, with a backoff (docs/operations.md)."""
-
-
 #: connection fields every service also reads from the generic ``CDL_<FIELD>`` variable
-SHARED_FIELDS = ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key")
+SHARED_FIELDS = ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key", "triton_grpc", "triton_http")
 
 
 class ServiceSettings(BaseSettings):
     """Connection settings every cdl service shares; env prefix ``CDL_``.
 
     Each service subclasses this with its own prefix (``CDL_INGEST_`` ...).
-    Connection fields left empty fall back to the generic ``CDL_<FIELD>``
-    variable, then to the local stack's state file.
+    Connection fields (:data:`SHARED_FIELDS`) left empty fall back to the generic
+    ``CDL_<FIELD>`` variable (a JSON list for the Triton endpoints).
     """
 
     model_config = SettingsConfigDict(env_prefix="CDL_", extra="ignore", use_attribute_docstrings=True)
@@ -145,7 +86,8 @@ class ServiceSettings(BaseSettings):
     otlp_endpoint: str = ""
     """The OTLP/gRPC collector of the otlp exporter; empty: ``CDL_OTLP_ENDPOINT``, else localhost:4317."""
     state_dir: Path = default_state_dir()
-    """Local stack state directory to read endpoints from."""
+    """Where the service keeps its local files (processed-event stores, traces, the monitor's
+    tables); the local stack gives its own state directory."""
     transaction_retry_s: float = 60.0
     """How long a loop retries a failed Kafka transaction in place before it starts a new session."""
     call_grace_s: float = 30.0
@@ -169,25 +111,28 @@ class ServiceSettings(BaseSettings):
         )
 
     @model_validator(mode="after")
-    def _fill_from_stack(self) -> ServiceSettings:
-        state = read_stack_state(self.state_dir)
-        kafka = state.get("kafka", {})
-        minio = state.get("minio", {})
-        fallbacks: dict[str, Any] = {
-            "kafka_bootstrap": kafka.get("bootstrap", ""),
-            "s3_endpoint": minio.get("endpoint", ""),
-            "s3_access_key": minio.get("access_key", ""),
-            "s3_secret_key": minio.get("secret_key", ""),
-        }
-        assert tuple(fallbacks) == SHARED_FIELDS
-        for field, from_state in fallbacks.items():
+    def _fill_shared(self) -> ServiceSettings:
+        for field in ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key"):
             if not getattr(self, field):
-                setattr(self, field, os.environ.get(f"CDL_{field.upper()}") or from_state)
-        tritons = state.get("triton", [])
+                setattr(self, field, os.environ.get(f"CDL_{field.upper()}", ""))
+        grpc, http = _endpoints("CDL_TRITON_GRPC"), _endpoints("CDL_TRITON_HTTP")
         if not self.triton_grpc:
-            self.triton_grpc = [t["grpc"] for t in tritons]
-        if not self.triton_http:
-            http_of = {t["grpc"]: t.get("http", "") for t in tritons}
-            found = [http_of.get(g, "") for g in self.triton_grpc]
-            self.triton_http = found if all(found) else []
+            self.triton_grpc = grpc
+        # the HTTP ports pair with the gRPC ones by position: only for the same servers
+        if not self.triton_http and self.triton_grpc == grpc and len(http) == len(grpc):
+            self.triton_http = http
         return self
+
+
+def _endpoints(variable: str) -> list[str]:
+    """A JSON list of ``host:port`` from ``variable`` (empty when unset)."""
+    raw = os.environ.get(variable, "")
+    if not raw:
+        return []
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{variable} is not a JSON list of host:port: {raw[:200]}")
+    return value

@@ -33,7 +33,7 @@ if ! command -v uv >/dev/null 2>&1; then
   "$PY" -m pip install -q --disable-pip-version-check uv
 fi
 UV=$(command -v uv || echo "$("$PY" -c 'import sysconfig;print(sysconfig.get_path("scripts"))')/uv")
-"$UV" sync --locked --python "$PY" -q
+"$UV" sync --locked --extra tools --python "$PY" -q  # the tooling runs every service: all extras
 ok "venv: $CDL_VENV ($("$CDL_VENV/bin/python" --version))"
 
 step "Java (Kafka runs on Java 17+)"
@@ -61,7 +61,7 @@ fi
 ok "$CDL_HOME/bin/minio"
 
 step "Triton Inference Server (from nvidia-pytriton)"
-"$CDL_VENV/bin/python" -c "from pathlib import Path; from cdl.stack import ensure_triton_install; print('    ' + str(ensure_triton_install(Path('$CDL_HOME'))))"
+"$CDL_VENV/bin/python" -c "from pathlib import Path; from cdl_tools.stack import ensure_triton_install; print('    ' + str(ensure_triton_install(Path('$CDL_HOME'))))"
 
 step "C helpers: ingest's JSON scanner, the columnar Kafka consumer (built once per source version)"
 if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then apt_install gcc libc6-dev; fi

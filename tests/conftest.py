@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from cdl.errors import CdlError
-from cdl.settings import StackSettings
-from cdl.stack import LocalStack
 from cdl.store import ObjectStore
+from cdl_tools.settings import StackSettings
+from cdl_tools.stack import LocalStack, service_env
 from tests.helpers import IN_CI
 
 
@@ -45,7 +45,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    os.environ["CDL_STATE_DIR"] = str(state_dir)
+    # what the stack gives its services: the services and settings the tests start read it
+    os.environ.update(service_env(state))
     try:
         yield state
     finally:

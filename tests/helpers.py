@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from cdl.settings import StackSettings
-from cdl.stack import LocalStack
-from cdl.stack._procs import ProcInfo, is_alive
+from cdl_tools.settings import StackSettings
+from cdl_tools.stack import LocalStack
+from cdl_tools.stack._procs import ProcInfo, is_alive
 
 
 @dataclass
@@ -44,7 +44,9 @@ def committed_payloads(bootstrap: str, topic: str) -> list[Any]:
 def read_topic(
     bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0, isolation: str = "read_uncommitted"
 ) -> list[Rec]:
-    """Read a topic from the start until ``expected`` records arrived (or time ran out)."""
+    """Read a topic from the start until ``expected`` records arrived (or time ran out), then on
+    to the end of every partition as it is then (its high watermark; for ``read_committed`` its
+    last stable offset): records beyond ``expected`` that were written by then are read too."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -52,6 +54,7 @@ def read_topic(
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "isolation.level": isolation,
+            "enable.partition.eof": True,
         }
     )
     # assign (no group join, so no rebalance delay): every partition from the start
@@ -62,20 +65,26 @@ def read_topic(
         partitions = sorted(meta.partitions) if meta is not None and meta.error is None else []
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     out: list[Rec] = []
+    at_end: set[int] = set()  # partitions read to their end, and nothing read from them since
+
+    def take(msg: Any) -> None:
+        if msg is None:
+            return
+        if msg.error() is not None:
+            if msg.error().code() == KafkaError._PARTITION_EOF:
+                at_end.add(msg.partition() or 0)
+            return
+        at_end.discard(msg.partition() or 0)
+        headers = {k: v for k, v in (msg.headers() or []) if isinstance(v, bytes)}
+        out.append(Rec(msg.key(), msg.value(), headers, msg.partition() or 0, msg.offset() or 0))
+
     try:
         while len(out) < expected and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            headers = {k: v for k, v in (msg.headers() or []) if isinstance(v, bytes)}
-            out.append(Rec(msg.key(), msg.value(), headers, msg.partition() or 0, msg.offset() or 0))
-        # linger briefly to catch records beyond `expected`
-        end = time.monotonic() + 1.0
-        while time.monotonic() < end:
-            msg = consumer.poll(0.2)
-            if msg is not None and not msg.error():
-                headers = {k: v for k, v in (msg.headers() or []) if isinstance(v, bytes)}
-                out.append(Rec(msg.key(), msg.value(), headers, msg.partition() or 0, msg.offset() or 0))
+            take(consumer.poll(0.5))
+        # on to the end of every partition (records beyond `expected` are read, not waited for)
+        end = time.monotonic() + 10.0
+        while not at_end.issuperset(partitions) and time.monotonic() < end:
+            take(consumer.poll(0.2))
     finally:
         consumer.close()
     return out
@@ -88,7 +97,12 @@ def run_cdl(*args: str, state_dir: Path, timeout: float = 180) -> subprocess.Com
     """The `cdl` command line as a user runs it, against the stack in ``state_dir``."""
     env = dict(os.environ, CDL_STATE_DIR=str(state_dir), COLUMNS="200")
     return subprocess.run(
-        [sys.executable, "-m", "cdl.cli", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-m", "cdl_tools.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "SharedSplit",
     "TrainSplit",
     "assess",
+    "build_seeded",
     "epochs_to_run",
     "fit",
     "fit_preprocessor",

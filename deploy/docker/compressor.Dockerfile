@@ -1,4 +1,4 @@
-# The compressor service: the whole cdl package from uv.lock (torch, ONNX, Optuna included).
+# The compressor service: cdl[compressor] from uv.lock (pyproject.toml's extras).
 # Built from the repository root: docker build -f deploy/docker/compressor.Dockerfile .
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 UV_SYSTEM_PYTHON=1 UV_COMPILE_BYTECODE=1
@@ -6,10 +6,12 @@ RUN pip install --no-cache-dir uv && apt-get update && apt-get install -y --no-i
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
+COPY examples examples
+RUN uv export --locked --no-dev --extra compressor --no-emit-project --no-emit-workspace -o /tmp/requirements.txt \
+    && uv pip install --no-cache -r /tmp/requirements.txt
 COPY cdl cdl
 COPY services services
-RUN uv export --locked --no-dev --no-emit-project -o /tmp/requirements.txt \
-    && uv pip install --no-cache -r /tmp/requirements.txt && uv pip install --no-cache --no-deps .
+RUN uv pip install --no-cache --no-deps .
 # the C helpers (ingest's scanner, the columnar consumer) built now, failing the build if they do not
 ENV CDL_HOME=/var/cache/cdl
 RUN CDL_NATIVE_REQUIRED=1 python -c "from services.ingest import fastscan; from cdl import kafka_native; \

@@ -1,4 +1,4 @@
-# The gateway service: cdl without torch, ONNX Runtime or Optuna (deploy/requirements-slim.txt),
+# The gateway service: cdl[gateway] from uv.lock (no torch, ONNX Runtime or Optuna: pyproject.toml's extras),
 # and its native lane (Go), built in a stage of its own: the gateway never compiles at start-up.
 # Built from the repository root: docker build -f deploy/docker/gateway.Dockerfile .
 FROM golang:1.26-bookworm AS lane
@@ -10,9 +10,10 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 UV_SYSTEM_PYTHON=1 UV_COMPILE_BYTECODE=1
 RUN pip install --no-cache-dir uv
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY deploy/requirements-slim.txt deploy/requirements-slim.txt
-RUN uv pip install --no-cache -r deploy/requirements-slim.txt
+COPY pyproject.toml uv.lock README.md ./
+COPY examples examples
+RUN uv export --locked --no-dev --extra gateway --no-emit-project --no-emit-workspace -o /tmp/requirements.txt \
+    && uv pip install --no-cache -r /tmp/requirements.txt
 COPY cdl cdl
 COPY services services
 RUN uv pip install --no-cache --no-deps .

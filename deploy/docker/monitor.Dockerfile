@@ -1,12 +1,13 @@
-# The monitor service: cdl without torch, ONNX Runtime or Optuna (deploy/requirements-slim.txt).
+# The monitor service: cdl[monitor] from uv.lock (no torch, ONNX Runtime or Optuna: pyproject.toml's extras).
 # Built from the repository root: docker build -f deploy/docker/monitor.Dockerfile .
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 UV_SYSTEM_PYTHON=1 UV_COMPILE_BYTECODE=1
 RUN pip install --no-cache-dir uv
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY deploy/requirements-slim.txt deploy/requirements-slim.txt
-RUN uv pip install --no-cache -r deploy/requirements-slim.txt
+COPY pyproject.toml uv.lock README.md ./
+COPY examples examples
+RUN uv export --locked --no-dev --extra monitor --no-emit-project --no-emit-workspace -o /tmp/requirements.txt \
+    && uv pip install --no-cache -r /tmp/requirements.txt
 COPY cdl cdl
 COPY services services
 RUN uv pip install --no-cache --no-deps .

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic_settings import SettingsConfigDict
 
+from cdl.events import Topics
 from cdl.settings import ServiceSettings
 
 __all__ = ["CompressorSettings"]
@@ -20,11 +21,11 @@ class CompressorSettings(ServiceSettings):
     """Consumer group over model.trained."""
     instance: str = "0"
     """Instance name; the transactional id is ``<group_id>-<instance>``."""
-    trained_topic: str = "model.trained"
+    trained_topic: str = Topics.MODEL_TRAINED
     """Topic with the trainer's verdicts."""
-    compressed_topic: str = "model.compressed"
+    compressed_topic: str = Topics.MODEL_COMPRESSED
     """Topic the variant tables go to."""
-    deadletter_topic: str = "data.deadletter"
+    deadletter_topic: str = Topics.DATA_DEADLETTER
     """Topic for events that cannot be handled."""
     parity_tolerance: float = 1e-3
     """Largest allowed |ONNX - PyTorch| logit difference on holdout samples."""

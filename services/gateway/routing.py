@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = ["Outcomes", "Route", "RoutingTable"]
@@ -35,9 +35,6 @@ class Route:
     def versions(self) -> tuple[int, ...]:
         """The versions a request may name explicitly (the ones loaded for traffic)."""
         return tuple(v for v in (self.stable, self.candidate) if v)
-
-    def with_candidate(self, candidate: int, canary: float = 0.0, shadow: float = 0.0) -> Route:
-        return replace(self, candidate=candidate, canary=canary, shadow=shadow)
 
 
 class RoutingTable:

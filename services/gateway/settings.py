@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic_settings import SettingsConfigDict
 
+from cdl.events import Topics
 from cdl.settings import ServiceSettings
 
 __all__ = ["GatewaySettings", "RolloutMode"]
@@ -38,17 +39,17 @@ class GatewaySettings(ServiceSettings):
     """Consumer group over model.compressed."""
     instance: str = "0"
     """Instance name; the transactional id is ``<group_id>-<instance>``."""
-    compressed_topic: str = "model.compressed"
+    compressed_topic: str = Topics.MODEL_COMPRESSED
     """Topic new model versions arrive on."""
-    health_topic: str = "model.health"
+    health_topic: str = Topics.MODEL_HEALTH
     """The monitor's health windows: accuracy on feedback of the stable and candidate versions
     (a candidate worse than the stable by ``max_accuracy_drop`` over ``min_feedback`` labelled
     answers is rolled back)."""
-    deployed_topic: str = "model.deployed"
+    deployed_topic: str = Topics.MODEL_DEPLOYED
     """Topic rollout transitions are published to."""
-    logged_topic: str = "inference.logged"
+    logged_topic: str = Topics.INFERENCE_LOGGED
     """Topic served requests are logged to."""
-    deadletter_topic: str = "data.deadletter"
+    deadletter_topic: str = Topics.DATA_DEADLETTER
     """Topic undecodable or failed rollout events go to."""
 
     # ------------------------------------------------------------- access

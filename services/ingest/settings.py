@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
+from cdl.events import Topics
 from cdl.settings import ServiceSettings
 from services.ingest.claims import DEFAULT_BUCKETS, DEFAULT_MAX_BYTES
 
@@ -23,17 +24,17 @@ class IngestSettings(ServiceSettings):
     """Consumer group over data.raw."""
     instance: str = "0"
     """Instance name; the transactional id is ``<group_id>-<instance>``."""
-    raw_topic: str = "data.raw"
+    raw_topic: str = Topics.DATA_RAW
     """Topic records arrive on."""
-    feedback_topic: str = "data.feedback"
+    feedback_topic: str = Topics.DATA_FEEDBACK
     """Topic late labels arrive on (dataset, record_id, label); labels of served requests
     (request_id, no record_id) are the monitor's: ingest counts and skips them."""
-    drift_topic: str = "drift.detected"
+    drift_topic: str = Topics.DRIFT_DETECTED
     """The monitor's drift alerts: the alerted dataset cuts its next version as soon as it has
     any new labelled record (overriding its count policy)."""
-    deadletter_topic: str = "data.deadletter"
+    deadletter_topic: str = Topics.DATA_DEADLETTER
     """Topic rejected records go to."""
-    updated_topic: str = "data.updated"
+    updated_topic: str = Topics.DATA_UPDATED
     """Topic dataset versions are announced on."""
     state_topic: str = "cdl.ingest.state"
     """Compacted topic holding the ingest state snapshot."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
+from cdl.events import Topics
 from cdl.settings import ServiceSettings
 
 __all__ = ["MonitorSettings"]
@@ -17,15 +18,15 @@ class MonitorSettings(ServiceSettings):
 
     group_id: str = "cdl-monitor"
     """The Faust app id: its consumer group and the prefix of its changelog topics."""
-    logged_topic: str = "inference.logged"
+    logged_topic: str = Topics.INFERENCE_LOGGED
     """The gateway's inference log (keyed by request id)."""
-    feedback_topic: str = "data.feedback"
+    feedback_topic: str = Topics.DATA_FEEDBACK
     """Late labels; those with a ``request_id`` are joined to logged requests."""
-    health_topic: str = "model.health"
+    health_topic: str = Topics.MODEL_HEALTH
     """Where closed health windows go (the gateway and the CLI read them)."""
-    drift_topic: str = "drift.detected"
+    drift_topic: str = Topics.DRIFT_DETECTED
     """Where drift alerts go (ingest and the tuner act on them)."""
-    raw_topic: str = "data.raw"
+    raw_topic: str = Topics.DATA_RAW
     """Where labelled served requests go, as records of the model's dataset."""
     window_s: float = 10.0
     """Length of a health window (tumbling, processing time)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
+from cdl.events import Topics
 from cdl.settings import ServiceSettings
 
 __all__ = ["TrainerSettings"]
@@ -18,13 +19,13 @@ class TrainerSettings(ServiceSettings):
     """Consumer group over data.updated and tuning.completed."""
     instance: str = "0"
     """Instance name; the transactional id is ``<group_id>-<instance>``."""
-    updated_topic: str = "data.updated"
+    updated_topic: str = Topics.DATA_UPDATED
     """Topic announcing dataset versions."""
-    tuning_topic: str = "tuning.completed"
+    tuning_topic: str = Topics.TUNING_COMPLETED
     """Topic announcing tuned hyperparameters."""
-    trained_topic: str = "model.trained"
+    trained_topic: str = Topics.MODEL_TRAINED
     """Topic the verdicts go to."""
-    deadletter_topic: str = "data.deadletter"
+    deadletter_topic: str = Topics.DATA_DEADLETTER
     """Topic for events that cannot be handled."""
     device: str = "auto"
     """"auto" (CUDA with bf16 autocast when present), "cpu" or "cuda"."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic_settings import SettingsConfigDict
 
+from cdl.events import Topics
 from cdl.settings import ServiceSettings
 
 __all__ = ["TunerSettings"]
@@ -22,21 +23,21 @@ class TunerSettings(ServiceSettings):
     """Consumer group over the trigger topics."""
     instance: str = "0"
     """Instance name; the transactional id is ``<group_id>-<instance>``."""
-    updated_topic: str = "data.updated"
+    updated_topic: str = Topics.DATA_UPDATED
     """Dataset versions (first version, every K versions)."""
-    trained_topic: str = "model.trained"
+    trained_topic: str = Topics.MODEL_TRAINED
     """Gate verdicts (the champion's accuracy: an accuracy drop)."""
-    drift_topic: str = "drift.detected"
+    drift_topic: str = Topics.DRIFT_DETECTED
     """Drift alerts of the monitor."""
-    requested_topic: str = "tuning.requested"
+    requested_topic: str = Topics.TUNING_REQUESTED
     """Requests to tune now (``cdl tune MODEL``)."""
-    completed_topic: str = "tuning.completed"
+    completed_topic: str = Topics.TUNING_COMPLETED
     """Where results go (the trainer reads them)."""
-    deadletter_topic: str = "data.deadletter"
+    deadletter_topic: str = Topics.DATA_DEADLETTER
     """Topic for events that cannot be handled."""
     storage_url: str = ""
     """Optuna storage (SQLAlchemy URL): ``postgresql+psycopg2://…`` for workers on several hosts;
-    empty: the local stack's PostgreSQL, else SQLite at ``<state_dir>/tuner/optuna.db``."""
+    empty: SQLite at ``<state_dir>/tuner/optuna.db`` (the local stack gives its PostgreSQL's URL)."""
     workers: int = 1
     """Worker processes per study, sharing its storage (0: trials in the service's process)."""
     worker_nice: int = 10
@@ -88,14 +89,9 @@ class TunerSettings(ServiceSettings):
     """See ``heartbeat_s``."""
 
     def storage(self) -> str:
-        """``storage_url``, else the local stack's PostgreSQL, else SQLite under the state dir."""
+        """``storage_url``, else SQLite under the state dir."""
         if self.storage_url:
             return self.storage_url
-        from cdl.settings import read_stack_state
-
-        url = read_stack_state(self.state_dir).get("postgres", {}).get("url")
-        if url:
-            return str(url)
         path = Path(self.state_dir) / "tuner" / "optuna.db"
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"

@@ -28,8 +28,8 @@ from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
 from cdl.events import decode
-from cdl.stack._procs import ProcInfo, group_members, is_alive
 from cdl.v1 import events_pb2
+from cdl_tools.stack._procs import ProcInfo, group_members, is_alive
 from tests.helpers import IN_CI, read_committed, read_topic, run_cdl
 
 
@@ -222,11 +222,11 @@ def test_kill_9_of_each_service_mid_loop_loses_and_doubles_nothing(
     running): the wave still ends with a new version serving; no dataset or model version is
     lost or published twice; each accepted version is compressed once; clients fail only while
     the gateway itself is down."""
-    from cdl.demo import DigitsData
-    from cdl.demo_loop import DEMO_ENV
-    from cdl.settings import StackSettings
-    from cdl.stack import LocalStack
-    from cdl.stack._procs import _signal_group, stop
+    from cdl_tools.demo import DigitsData
+    from cdl_tools.demo_loop import DEMO_ENV
+    from cdl_tools.settings import StackSettings
+    from cdl_tools.stack import LocalStack
+    from cdl_tools.stack._procs import _signal_group, stop
 
     # a restarted service runs as the demo's; the trainer accepts the wave's version whatever its
     # accuracy (the same images again: within noise of the stable one, its gate could turn it

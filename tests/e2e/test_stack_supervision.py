@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cdl.settings import StackSettings
-from cdl.stack import LocalStack
-from cdl.stack._procs import ProcInfo, group_members, is_alive
+from cdl_tools.settings import StackSettings
+from cdl_tools.stack import LocalStack
+from cdl_tools.stack._procs import ProcInfo, group_members, is_alive
 from tests.helpers import run_cdl
 
 
@@ -41,6 +41,14 @@ def test_a_service_killed_9_is_restarted_by_its_supervisor_and_down_stops_everyt
         assert row["pid"] == supervisor.pid and row["child_pid"] not in (None, supervisor.pid), row
         assert row["processes"] >= 2  # the supervisor and the service, one process group
         child = int(row["child_pid"])
+        # the service reads this stack's endpoints from its environment (never stack.json), and
+        # `cdl stack env` gives a shell the same
+        environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in kv)
+        assert environ["CDL_KAFKA_BOOTSTRAP"] == state["kafka"]["bootstrap"]
+        assert environ["CDL_S3_ENDPOINT"] == state["minio"]["endpoint"]
+        exports = run_cdl("stack", "env", state_dir=state_dir)
+        assert exports.returncode == 0, exports.stderr
+        assert f"export CDL_KAFKA_BOOTSTRAP={state['kafka']['bootstrap']}" in exports.stdout.splitlines()
         sup_state = state_dir / "compressor" / "supervisor.json"
         assert json.loads(sup_state.read_text())["child_pid"] == child
 

@@ -1,5 +1,5 @@
 """The second use case end to end: text classification through the same loop. Docstring
-paragraphs of installed packages (cdl/textdata.py), registered with `cdl dataset register
+paragraphs of installed packages (cdl_tools/textdata.py), registered with `cdl dataset register
 --task text`, produced with `cdl produce`; by itself a version, a trained text model, its
 compressed variants and a Triton entry that takes texts; clients send texts through the
 gateway, and the monitor watches the version like any other."""
@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from cdl.datasets import holdout_member
 from cdl.events import decode
-from cdl.textdata import PACKAGES, doc_paragraphs
+from cdl_tools.textdata import PACKAGES, doc_paragraphs
 from tests.helpers import IN_CI, read_topic, run_cdl
 
 

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from cdl.kafka import ensure_topics
-from cdl.stack._procs import free_port
+from cdl_tools.stack._procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -39,7 +39,7 @@ class ServiceProcess:
 
     @property
     def supervisor_state(self) -> Path:
-        """Where the supervisor of a ``supervised`` start writes its state (cdl.stack.supervise)."""
+        """Where the supervisor of a ``supervised`` start writes its state (cdl_tools.stack.supervise)."""
         return self.log_path.with_suffix(".supervisor.json")
 
     def start(self, timeout_s: float = 60, supervised: bool = False) -> ServiceProcess:
@@ -52,7 +52,7 @@ class ServiceProcess:
             argv = [
                 sys.executable,
                 "-m",
-                "cdl.stack.supervise",
+                "cdl_tools.stack.supervise",
                 "--name",
                 self.name,
                 "--live-url",

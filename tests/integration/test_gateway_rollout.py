@@ -331,7 +331,7 @@ def test_tls_gateway_serves_tls_clients_only_and_logs_status_and_scores(
 
     from typer.testing import CliRunner
 
-    from cdl.cli import app
+    from cdl_tools.cli import app
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     openssl = "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost"

@@ -8,7 +8,7 @@ live and exit 70; its supervisor starts it again; the new instance fences the st
 transactional id. Recovery bound stated here: every record is versioned or dead-lettered, every
 event's output published, within 120 s of the broker being back.
 
-Run under the local stack's supervisor (cdl.stack.supervise), against the session's broker.
+Run under the local stack's supervisor (cdl_tools.stack.supervise), against the session's broker.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from sklearn.datasets import load_digits
 from cdl.datasets import load_version
 from cdl.events import decode
 from cdl.kafka import Producer, ensure_topics
-from cdl.stack._components import broker_answers
-from cdl.stack._probe import read_supervisor_state
-from cdl.stack._procs import free_port
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
+from cdl_tools.stack._components import broker_answers
+from cdl_tools.stack._probe import read_supervisor_state
+from cdl_tools.stack._procs import free_port
 from tests.helpers import broker_proc, read_committed, register_digits, restart_broker, wait_for
 from tests.integration.conftest import ROOT
 
@@ -167,7 +167,7 @@ def test_a_job_loop_whose_broker_goes_away_inside_a_transaction_recovers_and_pub
     ]
     state = tmp_path / "supervisor.json"
     argv = [
-        sys.executable, "-m", "cdl.stack.supervise", "--name", "txn-worker", "--state", str(state),
+        sys.executable, "-m", "cdl_tools.stack.supervise", "--name", "txn-worker", "--state", str(state),
         "--live-url", f"http://127.0.0.1:{metrics}/healthz", "--probe-interval-s", "1", "--backoff-max-s", "5",
         "--", *worker,
     ]  # fmt: skip

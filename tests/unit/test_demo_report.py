@@ -11,9 +11,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cdl.datasets import holdout_member
-from cdl.demo import DIGITS, HOLDOUT_FRACTION, DigitsData
-from cdl.report import ClientSample, Freshness, LoopView, freshness, summary, write_report
 from cdl.v1 import events_pb2
+from cdl_tools.demo import DIGITS, HOLDOUT_FRACTION, DigitsData
+from cdl_tools.report import ClientSample, Freshness, LoopView, freshness, summary, write_report
 from services.compressor.faults import failing_onnx, take_fault
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,9 +71,11 @@ def test_every_variable_is_a_setting_and_every_value_parses(
     own = {prefix + f.upper() for f in cls.model_fields}
     unknown = sorted(k for k in env if k not in shared | own)
     assert unknown == [], f"{name}: variables no setting reads: {unknown}"
+    for k in shared - set(env):  # only what compose says (not a test stack's endpoints)
+        monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setenv("CDL_STATE_DIR", str(tmp_path))  # no stack.json: only what compose says
+    monkeypatch.setenv("CDL_STATE_DIR", str(tmp_path))
     settings = cls()
     assert settings.kafka_bootstrap == "kafka:9092" and settings.s3_endpoint == "minio:9000"
     assert settings.metrics_port == 9100 and settings.metrics_host == "0.0.0.0"
@@ -160,8 +163,8 @@ def test_each_dockerfile_runs_its_service_module_and_checks_its_health(name: str
     assert argv == ["python", "-m", f"services.{name}"]
     assert (ROOT / "services" / name / "__main__.py").exists()
     assert f"CDL_{name.upper()}_METRICS_PORT" in text and "/readyz" in text  # HEALTHCHECK on the service's port
-    slim = "requirements-slim.txt" in text
-    assert slim == (name in SLIM), f"{name}: {'slim' if slim else 'full'} image"
+    # what it installs: its own extra of the project, from the lock (nothing hand-kept)
+    assert f"uv export --locked --no-dev --extra {name} " in text, f"{name}: not cdl[{name}] from uv.lock"
 
 
 def test_the_gateway_image_ships_the_lane_it_serves_with() -> None:
@@ -183,43 +186,34 @@ def test_the_gateway_image_ships_the_lane_it_serves_with() -> None:
     assert text.index("COPY --from=") > text.index("FROM python:")  # into the final image
 
 
-def _slim_requirements() -> list[Requirement]:
-    lines = (DEPLOY / "requirements-slim.txt").read_text().splitlines()
-    return [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+def _locked(extra: str) -> list[Requirement]:
+    """What an image of ``cdl[extra]`` installs: ``uv export`` of the lock, as its Dockerfile runs it."""
+    uv = shutil.which("uv")
+    assert uv is not None, "uv (scripts/setup.sh installs it) is not on PATH"
+    argv = [uv, "export", "--locked", "--no-dev", "--extra", extra, "--no-emit-project", "--no-emit-workspace"]
+    out = subprocess.run([*argv, "--no-hashes", "--no-header"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    lines = [line.strip() for line in out.stdout.splitlines()]
+    return [Requirement(line) for line in lines if line and not line.startswith(("#", "-"))]
 
 
-def test_the_slim_requirements_are_the_project_s_own_without_torch() -> None:
-    import tomllib
-
-    project = {
-        str(Requirement(d)) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    }
-    slim = _slim_requirements()
-    assert {r.name for r in slim}.isdisjoint(HEAVY)
-    assert [str(r) for r in slim if str(r) not in project] == []  # same pins as pyproject.toml
+@pytest.mark.parametrize("name", SLIM)
+def test_the_gateway_and_monitor_install_no_torch_by_their_extra(name: str) -> None:
+    names = {r.name.lower() for r in _locked(name)}
+    assert names.isdisjoint(HEAVY), f"cdl[{name}] installs {sorted(names & HEAVY)}"
+    assert {"confluent-kafka", "grpcio", "protobuf"} <= names  # the library's own
 
 
-def test_the_gateway_and_monitor_import_nothing_beyond_the_slim_requirements() -> None:
-    """What importing them loads is within the slim requirements and their dependencies."""
-    import importlib.metadata as md
+@pytest.mark.parametrize("name", ["trainer", "compressor"])
+def test_the_training_services_install_the_training_stack(name: str) -> None:
+    assert {"torch", "onnx", "onnxruntime"} <= {r.name.lower() for r in _locked(name)}
 
-    def closure(reqs: list[Requirement]) -> set[str]:
-        seen: set[str] = set()
-        todo = list(reqs)
-        while todo:
-            req = todo.pop()
-            name = req.name.lower().replace("_", "-")
-            if name in seen:
-                continue
-            seen.add(name)
-            for dep in md.requires(req.name) or []:
-                r = Requirement(dep)
-                extras = req.extras or {""}
-                if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in extras):
-                    todo.append(r)
-        return seen
 
-    allowed = closure(_slim_requirements()) | {"cdl"} | OPTIONAL
+def test_the_gateway_and_monitor_import_nothing_beyond_their_extras() -> None:
+    """What importing them loads is within what their images install (``cdl[gateway]``, ``cdl[monitor]``)."""
+
+    # (the export is the whole closure, every platform's)
+    allowed = {r.name.lower() for r in _locked("gateway") + _locked("monitor")} | {"cdl"} | OPTIONAL
     code = (
         "import sys, json, importlib.metadata as md\n"
         "import services.gateway.app, services.monitor.app\n"

@@ -23,7 +23,7 @@ def test_hash_key_is_sha256_hex() -> None:
 
 def test_no_digests_means_open() -> None:
     keys = ApiKeys([], [])
-    assert keys.open and keys.admin_open
+    assert keys.open
     assert keys.check(None) and keys.check(_md(None)) and keys.check(_md("Bearer x"), admin=True)
 
 
@@ -63,7 +63,7 @@ def test_separate_admin_keys() -> None:
 
 def test_admin_only_keys_leave_inference_open() -> None:
     keys = ApiKeys([], [hash_key("root")])
-    assert keys.open and not keys.admin_open
+    assert keys.open
     assert keys.check(None)
     assert not keys.check(None, admin=True)
     assert keys.check(_md("Bearer root"), admin=True)

@@ -35,21 +35,64 @@ def test_processed_store_survives_reopen(tmp_path: Path) -> None:
     assert not again.seen("other-group", "e1")
 
 
-def test_service_settings_fall_back_to_env_then_stack_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "stack.json").write_text(
-        json.dumps(
-            {
-                "kafka": {"bootstrap": "127.0.0.1:1111"},
-                "minio": {"endpoint": "127.0.0.1:2222", "access_key": "a", "secret_key": "b"},
-                "triton": [{"grpc": "127.0.0.1:3333"}],
-            }
-        )
-    )
-    monkeypatch.delenv("CDL_KAFKA_BOOTSTRAP", raising=False)
+def test_service_settings_read_the_environment_never_a_stack_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.gateway.settings import GatewaySettings
+
+    (tmp_path / "stack.json").write_text(json.dumps({"kafka": {"bootstrap": "127.0.0.1:1111"}}))
+    for var in ("KAFKA_BOOTSTRAP", "S3_ENDPOINT", "S3_ACCESS_KEY", "S3_SECRET_KEY", "TRITON_GRPC", "TRITON_HTTP"):
+        monkeypatch.delenv(f"CDL_{var}", raising=False)
+        monkeypatch.delenv(f"CDL_GATEWAY_{var}", raising=False)
     s = ServiceSettings(state_dir=tmp_path)
-    assert (s.kafka_bootstrap, s.s3_endpoint, s.triton_grpc) == ("127.0.0.1:1111", "127.0.0.1:2222", ["127.0.0.1:3333"])
+    assert (s.kafka_bootstrap, s.s3_endpoint, s.triton_grpc, s.triton_http) == ("", "", [], [])
+
+    # the generic variables, as the local stack gives them (cdl_tools.stack.service_env)
     monkeypatch.setenv("CDL_KAFKA_BOOTSTRAP", "10.0.0.1:9092")
-    assert ServiceSettings(state_dir=tmp_path).kafka_bootstrap == "10.0.0.1:9092"
+    monkeypatch.setenv("CDL_S3_ENDPOINT", "10.0.0.2:9000")
+    monkeypatch.setenv("CDL_TRITON_GRPC", '["10.0.0.3:8001", "10.0.0.4:8001"]')
+    monkeypatch.setenv("CDL_TRITON_HTTP", '["10.0.0.3:8000", "10.0.0.4:8000"]')
+    g = GatewaySettings(state_dir=tmp_path)
+    assert (g.kafka_bootstrap, g.s3_endpoint) == ("10.0.0.1:9092", "10.0.0.2:9000")
+    assert g.triton_grpc == ["10.0.0.3:8001", "10.0.0.4:8001"]
+    assert g.triton_http == ["10.0.0.3:8000", "10.0.0.4:8000"]
+
+    # the service's own variable wins; HTTP ports pair with gRPC ones only for the same servers
+    monkeypatch.setenv("CDL_GATEWAY_KAFKA_BOOTSTRAP", "10.0.0.9:9092")
+    monkeypatch.setenv("CDL_GATEWAY_TRITON_GRPC", '["10.0.0.5:8001"]')
+    g = GatewaySettings(state_dir=tmp_path)
+    assert (g.kafka_bootstrap, g.triton_grpc, g.triton_http) == ("10.0.0.9:9092", ["10.0.0.5:8001"], [])
+
+    monkeypatch.setenv("CDL_TRITON_GRPC", "10.0.0.3:8001")  # not a JSON list: a clear error
+    monkeypatch.delenv("CDL_GATEWAY_TRITON_GRPC")
+    with pytest.raises(ValueError, match="CDL_TRITON_GRPC is not a JSON list"):
+        GatewaySettings(state_dir=tmp_path)
+
+
+def test_a_service_reads_what_the_local_stack_gives_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cdl_tools.stack import service_env
+    from services.gateway.settings import GatewaySettings
+    from services.tuner.settings import TunerSettings
+
+    state = {
+        "state_dir": str(tmp_path),
+        "kafka": {"bootstrap": "127.0.0.1:1111"},
+        "minio": {"endpoint": "127.0.0.1:2222", "access_key": "a", "secret_key": "b"},
+        "triton": [{"grpc": "127.0.0.1:3333", "http": "127.0.0.1:3334"}],
+        "postgres": {"url": "postgresql+psycopg2://cdl@127.0.0.1:5555/cdl"},
+    }
+    for var, value in service_env(state).items():
+        monkeypatch.setenv(var, value)
+    g = GatewaySettings()
+    assert (g.kafka_bootstrap, g.s3_endpoint, g.s3_access_key, g.s3_secret_key) == (
+        "127.0.0.1:1111",
+        "127.0.0.1:2222",
+        "a",
+        "b",
+    )
+    assert (g.triton_grpc, g.triton_http) == (["127.0.0.1:3333"], ["127.0.0.1:3334"])
+    assert service_env(state)["CDL_STATE_DIR"] == str(tmp_path)  # read when the service starts
+    assert TunerSettings().storage() == "postgresql+psycopg2://cdl@127.0.0.1:5555/cdl"
 
 
 def test_triton_config_for_both_backends() -> None:

@@ -1,4 +1,4 @@
-"""The supervisor of the local stack's services (``python -m cdl.stack.supervise``), run over a toy
+"""The supervisor of the local stack's services (``python -m cdl_tools.stack.supervise``), run over a toy
 child: restarts after any exit with a growing backoff, a liveness probe that kills a child that
 says it is not live three times in a row (never one still starting), a clean stop on SIGTERM."""
 
@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 
 from cdl.errors import StackError
-from cdl.settings import StackSettings
-from cdl.stack import LocalStack
-from cdl.stack._components import ServiceComponent
-from cdl.stack._probe import read_supervisor_state
-from cdl.stack._procs import free_port, group_members, is_alive, spawn
-from cdl.stack.supervise import Backoff
+from cdl_tools.settings import StackSettings
+from cdl_tools.stack import LocalStack
+from cdl_tools.stack._components import ServiceComponent
+from cdl_tools.stack._probe import read_supervisor_state
+from cdl_tools.stack._procs import free_port, group_members, is_alive, spawn
+from cdl_tools.stack.supervise import Backoff
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -133,7 +133,7 @@ def supervise(tmp_path: Path) -> Iterator[Callable[..., Run]]:
         port, ctl = free_port(), tmp_path / f"ctl-{n}"
         ctl.write_text(mode)
         state, stderr = tmp_path / f"supervisor-{n}.json", tmp_path / f"supervisor-{n}.log"
-        argv = [sys.executable, "-m", "cdl.stack.supervise", "--name", "toy", "--state", str(state)]
+        argv = [sys.executable, "-m", "cdl_tools.stack.supervise", "--name", "toy", "--state", str(state)]
         argv += ["--live-url", f"http://127.0.0.1:{port}/healthz", "--probe-interval-s", "0.2", *options]
         argv += ["--", sys.executable, str(child), str(port), str(ctl)]
         with open(stderr, "wb") as err:
@@ -238,7 +238,7 @@ def test_a_service_that_exits_while_the_stack_starts_it_fails_the_start_and_leav
     settings = StackSettings(state_dir=tmp_path, start_timeout_s=30)
     name = "no_such_service"
     comp = ServiceComponent(name, tmp_path / name, {"metrics": free_port()}, settings=settings)
-    assert comp.argv()[1:3] == ["-m", "cdl.stack.supervise"] and comp.argv()[-1] == "services.no_such_service"
+    assert comp.argv()[1:3] == ["-m", "cdl_tools.stack.supervise"] and comp.argv()[-1] == "services.no_such_service"
     comp.prepare()
     _, info = spawn(comp.argv(), comp.log_path, env=comp.env(), cwd=comp.workdir)
     started = time.monotonic()
@@ -264,7 +264,7 @@ def test_a_supervisor_killed_9_takes_its_child_with_it(supervise: Callable[..., 
 def test_a_free_port_is_bindable_and_outside_the_range_of_outgoing_connections() -> None:
     import socket
 
-    from cdl.stack._procs import _ephemeral_ports
+    from cdl_tools.stack._procs import _ephemeral_ports
 
     low, high = _ephemeral_ports()
     for _ in range(20):
@@ -277,7 +277,7 @@ def test_a_free_port_is_bindable_and_outside_the_range_of_outgoing_connections()
 def test_a_free_port_is_found_when_the_ephemeral_range_is_the_whole_range(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from cdl.stack import _procs
+    from cdl_tools.stack import _procs
 
     monkeypatch.setattr(_procs, "_ephemeral_ports", lambda: (1024, 65535))
     port = free_port()

@@ -100,7 +100,7 @@ class LoopEvents:
     """Every loop event of one model, read from the stack's topics from the beginning."""
 
     def __init__(self, bootstrap: str, model: str) -> None:
-        from cdl.stack._watch import HealthReader
+        from cdl_tools.stack._watch import HealthReader
 
         self.model = model
         self.reader = HealthReader(bootstrap, also=LOOP_TOPICS, keep=True)

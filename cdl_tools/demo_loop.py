@@ -43,13 +43,13 @@ from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cdl.demo import DIGITS, DigitsData, register_digits
 from cdl.errors import StackError
 from cdl.events import Topics
 from cdl.feedback import served_record_id
-from cdl.report import ClientSample, LoopEvents, LoopView, freshness, write_report
-from cdl.report import summary as summary_of
 from cdl.v1 import events_pb2
+from cdl_tools.demo import DIGITS, DigitsData, register_digits
+from cdl_tools.report import ClientSample, LoopEvents, LoopView, freshness, write_report
+from cdl_tools.report import summary as summary_of
 
 __all__ = ["PHASES", "Clients", "Demo", "DemoOptions"]
 
@@ -100,7 +100,7 @@ class Clients:
 
     Request ids are chosen so that ``served-<id>`` (the record the monitor sends back to
     data.raw for a labelled answer) lands in the holdout split: served images stay out of
-    training (cdl/demo.py).
+    training (cdl_tools/demo.py).
     """
 
     def __init__(
@@ -225,8 +225,8 @@ class Demo:
     console: Console = field(default_factory=Console)
 
     def __post_init__(self) -> None:
-        from cdl.settings import StackSettings
-        from cdl.stack import LocalStack
+        from cdl_tools.settings import StackSettings
+        from cdl_tools.stack import LocalStack
 
         self.stack = LocalStack(
             StackSettings(

@@ -16,8 +16,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cdl.errors import CdlError
-from cdl.settings import StackSettings
-from cdl.stack import LocalStack
+from cdl_tools.settings import StackSettings
+from cdl_tools.stack import LocalStack, service_env
 
 __all__ = ["app", "main"]
 
@@ -111,7 +111,7 @@ def stack_up(
         feed = None
         try:
             if demo:
-                from cdl.demo import DigitsFeed, register_digits
+                from cdl_tools.demo import DigitsFeed, register_digits
 
                 ingest = state.get("services", {}).get("ingest", {}).get("grpc")
                 if not ingest:
@@ -145,19 +145,20 @@ def stack_down(
 def stack_env(state_dir: StateDir = None) -> None:
     """Shell exports of the running stack's endpoints and key: eval "$(cdl stack env)".
 
-    CDL_GATEWAY_GRPC (host:port), CDL_GATEWAY_HTTP (the REST endpoint's URL), CDL_API_KEY,
-    CDL_KAFKA_BOOTSTRAP."""
+    What the stack gives the services it starts (CDL_KAFKA_BOOTSTRAP, CDL_S3_*, CDL_TRITON_GRPC,
+    CDL_TRITON_HTTP, CDL_STATE_DIR, CDL_TUNER_STORAGE_URL: a service started by hand in that
+    shell joins the stack), CDL_API_KEY and, with a gateway, CDL_GATEWAY_GRPC (host:port) and
+    CDL_GATEWAY_HTTP (the REST endpoint's URL)."""
     state = _stack(state_dir).read_state()
-    gateway = state.get("services", {}).get("gateway", {})
-    if not gateway:
-        print(f"no stack with a gateway recorded in {_stack(state_dir).state_dir}", file=sys.stderr)
+    if not state.get("kafka"):
+        print(f"no stack recorded in {_stack(state_dir).state_dir}", file=sys.stderr)
         raise typer.Exit(1)
-    values = {
-        "CDL_GATEWAY_GRPC": str(gateway.get("grpc", "")),
-        "CDL_GATEWAY_HTTP": f"http://{gateway['http']}" if "http" in gateway else "",
-        "CDL_API_KEY": str(state.get("api_key", "")),
-        "CDL_KAFKA_BOOTSTRAP": str(state.get("kafka", {}).get("bootstrap", "")),
-    }
+    values = service_env(state)
+    values["CDL_API_KEY"] = str(state.get("api_key", ""))
+    gateway = state.get("services", {}).get("gateway", {})
+    if gateway:
+        values["CDL_GATEWAY_GRPC"] = str(gateway.get("grpc", ""))
+        values["CDL_GATEWAY_HTTP"] = f"http://{gateway['http']}" if "http" in gateway else ""
     for key, value in values.items():
         print(f"export {key}={shlex.quote(value)}")
 
@@ -191,14 +192,14 @@ def stack_status(
 
 
 def _watch(stack: LocalStack, interval: float) -> None:
-    from cdl.stack._watch import StackObserver
+    from cdl_tools.stack._watch import StackObserver
 
     state = stack.read_state()
     if "kafka" not in state:
         console.print("no running stack to watch")
         raise typer.Exit(1)
     observer = StackObserver(state)
-    from cdl.stack._watch import HealthReader
+    from cdl_tools.stack._watch import HealthReader
 
     health = HealthReader(state["kafka"]["bootstrap"])
 
@@ -279,7 +280,7 @@ def status(
     of the stack's services is live (its loops not stuck) and how often it was restarted."""
     import json
 
-    from cdl.stack._watch import HealthReader
+    from cdl_tools.stack._watch import HealthReader
 
     stack = _stack(state_dir)
     state = stack.read_state()
@@ -486,8 +487,8 @@ def report_cmd(
     state_dir: StateDir = None,
 ) -> None:
     """A report of the loop so far from the stack's topics: Markdown with PNG plots."""
-    from cdl.report import LoopEvents, write_report
     from cdl.store import ObjectStore
+    from cdl_tools.report import LoopEvents, write_report
 
     state = _stack(state_dir).read_state()
     if "kafka" not in state or "minio" not in state:
@@ -575,7 +576,7 @@ def demo_cmd(
 ) -> None:
     """The whole loop, by itself, live: stream, train, compress, serve, feedback, drift, retrain,
     and a bad candidate rolled back; ends with a report (Markdown with plots)."""
-    from cdl.demo_loop import PHASES, Demo, DemoOptions
+    from cdl_tools.demo_loop import PHASES, Demo, DemoOptions
 
     wanted = tuple(p.strip() for p in phases.split(",") if p.strip())
     unknown = [p for p in wanted if p not in PHASES]

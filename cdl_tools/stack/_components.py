@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cdl.errors import ConfigError
-from cdl.settings import StackSettings
+from cdl_tools.settings import StackSettings
 
 __all__ = [
     "Component",
@@ -464,6 +464,8 @@ class ServiceComponent(Component):
     api_key_hash: str = ""
     #: settings the stack gives this service (the environment still overrides them)
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: the stack's endpoints (``service_env``): they override the environment's
+    endpoints: dict[str, str] = field(default_factory=dict)
 
     @property
     def live_url(self) -> str:
@@ -472,19 +474,20 @@ class ServiceComponent(Component):
 
     @property
     def supervisor_state(self) -> Path:
-        """Where its supervisor writes its state (``cdl.stack.supervise``)."""
+        """Where its supervisor writes its state (``cdl_tools.stack.supervise``)."""
         return self.workdir / "supervisor.json"
 
     def argv(self) -> list[str]:
         service = [sys.executable, "-m", f"services.{self.name}"]
         if not self.settings.supervise:
             return service
-        supervisor = [sys.executable, "-m", "cdl.stack.supervise", "--name", self.name]
+        supervisor = [sys.executable, "-m", "cdl_tools.stack.supervise", "--name", self.name]
         return [*supervisor, "--live-url", self.live_url, "--state", str(self.supervisor_state), "--", *service]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         prefix = f"CDL_{self.name.upper()}_"
+        env.update(self.endpoints)
         env["CDL_STATE_DIR"] = str(self.settings.state_dir)
         env[prefix + "METRICS_PORT"] = str(self.ports["metrics"])
         if "grpc" in self.ports:

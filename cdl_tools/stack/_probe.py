@@ -1,4 +1,4 @@
-"""Liveness probes and supervisor state: what the supervisor (``cdl.stack.supervise``) and
+"""Liveness probes and supervisor state: what the supervisor (``cdl_tools.stack.supervise``) and
 ``LocalStack.status()`` both read. Standard library only."""
 
 from __future__ import annotations

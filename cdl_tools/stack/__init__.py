@@ -2,7 +2,9 @@
 
 ``LocalStack(settings).up()`` starts what is not running yet, waits until each
 component is healthy, creates cdl's topics and buckets, and writes
-``<state_dir>/stack.json`` (endpoints, pids) for services and tests.
+``<state_dir>/stack.json`` (endpoints, pids) for the tooling and tests. The
+services it starts get its endpoints in their environment
+(:func:`service_env`); a service never reads the state file.
 ``down()`` stops exactly the processes recorded there.
 """
 
@@ -20,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from cdl.errors import StackError, UnavailableError
-from cdl.settings import StackSettings
-from cdl.stack._components import (
+from cdl_tools.settings import StackSettings
+from cdl_tools.stack._components import (
     Component,
     KafkaComponent,
     MinioComponent,
@@ -30,10 +32,10 @@ from cdl.stack._components import (
     TritonComponent,
     ensure_triton_install,
 )
-from cdl.stack._probe import describe_live, read_supervisor_state
-from cdl.stack._procs import ProcInfo, free_port, group_members, is_alive, spawn, stop
+from cdl_tools.stack._probe import describe_live, read_supervisor_state
+from cdl_tools.stack._procs import ProcInfo, free_port, group_members, is_alive, spawn, stop
 
-__all__ = ["LocalStack", "ProgressFn", "ensure_triton_install"]
+__all__ = ["LocalStack", "ProgressFn", "ensure_triton_install", "service_env"]
 
 #: called as progress(component, phase, detail); phase in starting/healthy/ready/failed/stopped
 ProgressFn = Callable[[str, str, str], None]
@@ -41,6 +43,29 @@ ProgressFn = Callable[[str, str, str], None]
 
 def _noop(component: str, phase: str, detail: str) -> None:
     return None
+
+
+def service_env(state: dict[str, Any]) -> dict[str, str]:
+    """The environment that points a cdl service at the stack of ``state`` (its ``stack.json``):
+    the generic connection variables every service reads (``cdl.settings.SHARED_FIELDS``), the
+    state directory, and the tuner's study storage when the stack has PostgreSQL."""
+    env: dict[str, str] = {}
+    if state.get("state_dir"):
+        env["CDL_STATE_DIR"] = str(state["state_dir"])
+    if "kafka" in state:
+        env["CDL_KAFKA_BOOTSTRAP"] = str(state["kafka"]["bootstrap"])
+    if "minio" in state:
+        m = state["minio"]
+        env |= {"CDL_S3_ENDPOINT": m["endpoint"], "CDL_S3_ACCESS_KEY": m["access_key"]}
+        env["CDL_S3_SECRET_KEY"] = m["secret_key"]
+    tritons = state.get("triton", [])
+    if tritons:
+        env["CDL_TRITON_GRPC"] = json.dumps([t["grpc"] for t in tritons])
+        if all(t.get("http") for t in tritons):
+            env["CDL_TRITON_HTTP"] = json.dumps([t["http"] for t in tritons])
+    if state.get("postgres", {}).get("url"):
+        env["CDL_TUNER_STORAGE_URL"] = str(state["postgres"]["url"])
+    return env
 
 
 class LocalStack:
@@ -146,7 +171,9 @@ class LocalStack:
             self._start(servers, running, state, progress)
             self._provision(state, progress)
             self._start(tritons, running, state, progress)
-            self._write_state(state)  # services read their endpoints from the state file
+            self._write_state(state)
+            for comp in services:  # the services get the endpoints in their environment
+                comp.endpoints = service_env(state)
             self._start(services, running, state, progress)
         except BaseException:
             self._write_state(state)

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m cdl.stack.supervise --name NAME --live-url URL --state PATH \\
+    python -m cdl_tools.stack.supervise --name NAME --live-url URL --state PATH \\
         [--backoff-max-s 30] [--probe-interval-s 2] [--probe-failures 3] -- ARGV...
 
 runs ``ARGV`` as a child in the supervisor's own process group (so signalling the group
@@ -41,7 +41,7 @@ from types import FrameType
 from typing import Any
 
 from cdl.logging import configure_logging, get_logger
-from cdl.stack._probe import probe_live
+from cdl_tools.stack._probe import probe_live
 
 __all__ = ["Backoff", "Supervisor", "main"]
 
@@ -249,7 +249,7 @@ class Supervisor:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m cdl.stack.supervise",
+        prog="python -m cdl_tools.stack.supervise",
         description="Run a command and restart it when it exits or its liveness endpoint says it is not live.",
     )
     p.add_argument("--name", required=True, help="the service's name (logs, state)")

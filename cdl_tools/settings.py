@@ -1,0 +1,58 @@
+"""Settings of the operator tooling: the local stack (``cdl stack``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cdl.settings import cdl_home, default_state_dir
+
+__all__ = ["StackSettings"]
+
+
+class StackSettings(BaseSettings):
+    """Settings of the local stack (``cdl stack``); env prefix ``CDL_STACK_``."""
+
+    model_config = SettingsConfigDict(env_prefix="CDL_STACK_", extra="ignore", use_attribute_docstrings=True)
+
+    state_dir: Path = default_state_dir()
+    """Data, logs and the state file of the stack."""
+    home: Path = cdl_home()
+    """Cache of installed components (Kafka jars, MinIO, Triton)."""
+    host: str = "127.0.0.1"
+    """Address every component binds to (loopback only by default)."""
+    kafka_port: int = 0
+    """Kafka broker port; 0 picks a free one."""
+    kafka_version: str = "4.1.1"
+    """Apache Kafka version whose jars set-up placed under ``home``."""
+    kafka_heap: str = "512m"
+    """Maximum JVM heap of the broker."""
+    minio_port: int = 0
+    """MinIO S3 API port; 0 picks a free one."""
+    minio_access_key: str = "cdl-admin"
+    """MinIO root user."""
+    minio_secret_key: str = "cdl-admin-secret"
+    """MinIO root password."""
+    triton_servers: int = 1
+    """How many Triton servers to start."""
+    services: list[str] = ["ingest", "trainer", "tuner", "compressor", "gateway", "monitor"]
+    """cdl services to start after the servers (``python -m services.<name>``)."""
+    postgres: bool = True
+    """Start PostgreSQL (the tuner's shared study storage) when the tuner is among the services."""
+    postgres_port: int = 0
+    """PostgreSQL port; 0 picks a free one."""
+    tuner_workers: int = 2
+    """Worker processes of each study the stack's tuner runs (they share its PostgreSQL storage)."""
+    api_key: str = ""
+    """API key the stack's gRPC APIs (gateway, ingest) accept; empty: one is generated at the
+    first start, kept in ``stack.json`` (``api_key``) and reused by later starts."""
+    triton_base_port: int = 0
+    """First Triton port (each server takes three: gRPC, HTTP, metrics); 0 picks free ones."""
+    start_timeout_s: float = 90.0
+    """How long each component may take to become healthy."""
+    stop_timeout_s: float = 20.0
+    """How long each component gets to exit after SIGTERM before SIGKILL."""
+    supervise: bool = True
+    """Run each cdl service under a supervisor (``python -m cdl_tools.stack.supervise``) that restarts it
+    when it exits or its ``/healthz`` says it is not live, with a backoff (docs/operations.md)."""
