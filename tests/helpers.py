@@ -126,16 +126,36 @@ def restart_broker(stack: dict[str, Any], sig: signal.Signals) -> None:
     LocalStack(StackSettings(state_dir=Path(stack["state_dir"]), triton_servers=servers, services=[])).up()
 
 
-def wait_for(cond: Any, timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
+def wait_for(cond: Any, timeout_s: float, what: str = "a condition", interval_s: float = 0.2) -> Any:
     """``cond()``'s first truthy value, asked every ``interval_s`` until ``timeout_s``; an
-    AssertionError naming ``what`` when it never came."""
+    AssertionError naming ``what`` when it never came. The one way tests wait."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = cond()
         if got:
             return got
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s: {what}")
+    got = cond()  # one last look: the deadline may have passed during a slow ask
+    if got:
+        return got
+    raise AssertionError(f"timed out after {timeout_s:.1f} s: {what}")
+
+
+def metric_value(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``, scraped from a
+    Prometheus endpoint (``http://host:port/metrics``), read with prometheus_client's parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def register_digits(

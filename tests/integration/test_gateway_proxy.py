@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +53,7 @@ from services.gateway.dataplane.lane import NativeLane, install_lane
 from services.gateway.dataplane.rest import RestApi
 from services.gateway.dataplane.server import InferenceService
 from services.gateway.routing import Route, RoutingTable
+from tests.helpers import wait_for
 from tests.models import write_affine
 
 T = TypeVar("T")
@@ -274,11 +274,8 @@ def _rss_mb(status: str = "/proc/self/status") -> float:
     raise AssertionError("no VmRSS")
 
 
-def _wait(cond: Any, timeout_s: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+def _wait(cond: Any, timeout_s: float = 15.0, what: str = "a condition") -> None:
+    wait_for(cond, timeout_s, what, interval_s=0.05)
 
 
 # --------------------------------------------------------------------------- fixtures

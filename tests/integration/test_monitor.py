@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +26,7 @@ from cdl.registry import MODELS_BUCKET
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 from cdl.v1 import open_inference_pb2 as pb
-from tests.helpers import read_committed, read_topic
+from tests.helpers import metric_value, read_committed, read_topic, wait_for
 from tests.models import write_affine
 
 LABELS = ["a", "b", "c"]
@@ -76,29 +74,7 @@ def _events(bootstrap: str, topic: str) -> list[Any]:
 
 
 def _metric(svc: Any, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://{svc.metrics}/metrics", timeout=3) as resp:
-        text = resp.read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric, _, rest = head.partition("{")
-        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
-        if metric == name and all(part in got.split(",") for part in want.split(",") if part):
-            total += float(value)
-    return total
-
-
-def _wait(cond: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return metric_value(f"http://{svc.metrics}/metrics", name, **labels)
 
 
 def _register(svc: Any, name: str, **policy: Any) -> None:
@@ -158,7 +134,7 @@ def test_labels_joined_to_logged_requests_give_each_version_its_accuracy_and_bec
         done = {v: sum(w.feedback for w in ws) for v, ws in by_version.items()} == {1: 40, 2: 20}
         return by_version if done else None
 
-    windows = _wait(health, 60, "health windows with every label")
+    windows = wait_for(health, 60, "health windows with every label")
     for version, requests, accuracy in ((1, 40, 0.75), (2, 20, 0.25)):
         ws = windows[version]
         assert sum(w.requests for w in ws) == requests and sum(w.errors for w in ws) == 0
@@ -172,7 +148,7 @@ def test_labels_joined_to_logged_requests_give_each_version_its_accuracy_and_bec
         rid = d["id"].removeprefix("served-")
         assert d["dataset"] == dataset and d["label"] == truth[rid]
         assert np.allclose(d["features"], rows[rid])
-    _wait(lambda: _metric(mon, "cdl_monitor_feedback_total", outcome="unmatched") == 5, 30, "unmatched labels")
+    wait_for(lambda: _metric(mon, "cdl_monitor_feedback_total", outcome="unmatched") == 5, 30, "unmatched labels")
     assert _metric(mon, "cdl_monitor_feedback_total", outcome="skipped") == 1
     assert _metric(mon, "cdl_monitor_feedback_total", outcome="joined") == 60
     time.sleep(1.0)  # ingest had the whole labels topic in its flushes by now
@@ -195,7 +171,7 @@ def test_shifted_inputs_raise_drift_detected_and_unshifted_ones_do_not(
     for i, j in enumerate(rng.choice(held, 1500)):  # unseen images, in random order
         _log(p, logged, model, 1, f"u{i}", x[j], int(DIGITS.target[j]))
     p.flush()
-    _wait(lambda: _metric(mon, "cdl_monitor_events_total", topic=logged, outcome="ok") == 1500, 60, "the log")
+    wait_for(lambda: _metric(mon, "cdl_monitor_events_total", topic=logged, outcome="ok") == 1500, 60, "the log")
     tests, over = (
         _metric(mon, "cdl_monitor_drift_tests_total"),
         _metric(mon, "cdl_monitor_drift_tests_total", over="true"),
@@ -209,7 +185,7 @@ def test_shifted_inputs_raise_drift_detected_and_unshifted_ones_do_not(
     def alerts() -> list[Any]:
         return [d for d in _events(kafka_bootstrap, monitor_topics["drift"]) if d.model == model]
 
-    [alert] = _wait(alerts, 60, "drift.detected")
+    [alert] = wait_for(alerts, 60, "drift.detected")
     assert (alert.version, alert.dataset, alert.test) == (1, dataset, "mmd")
     assert alert.statistic > alert.threshold > 0 and alert.window_requests == 100
     # every window of shifted images was over the threshold: three in a row made the alert
@@ -220,7 +196,7 @@ def test_shifted_inputs_raise_drift_detected_and_unshifted_ones_do_not(
         health = [h for h in _events(kafka_bootstrap, monitor_topics["health"]) if h.model == model]
         return [h for h in health if h.drift_statistic > h.drift_threshold > 0]
 
-    assert _wait(drifted, 30, "a health window with the drift statistic over its threshold")
+    assert wait_for(drifted, 30, "a health window with the drift statistic over its threshold")
 
 
 def test_a_monitor_killed_mid_stream_recovers_its_tables_and_each_labelled_request_lands_once(
@@ -246,14 +222,14 @@ def test_a_monitor_killed_mid_stream_recovers_its_tables_and_each_labelled_reque
         _label(p, feedback, f"k{i}", LABELS[i % 3])
     p.flush()
     read_topic(kafka_bootstrap, monitor_topics["raw"], expected=30, timeout_s=30)
-    _wait(lambda: _metric(mon, "cdl_monitor_events_total", topic=logged, outcome="ok") == 60, 30, "the log")
+    wait_for(lambda: _metric(mon, "cdl_monitor_events_total", topic=logged, outcome="ok") == 60, 30, "the log")
     time.sleep(1.5)  # a commit interval: what was read is committed with its changelog
     mon.kill()  # -9: the 30 unlabelled requests live only in the served table's changelog now
     mon2 = monitor_factory().start()
     for i in range(30, 60):
         _label(p, feedback, f"k{i}", LABELS[(i + 1) % 3])  # these answers were wrong
     p.flush()
-    _wait(lambda: object_store.exists(DATASETS_BUCKET, f"{dataset}/versions/1.json"), 60, "version 1")
+    wait_for(lambda: object_store.exists(DATASETS_BUCKET, f"{dataset}/versions/1.json"), 60, "version 1")
     data = load_version(object_store, dataset, 1)
     assert sorted(str(i) for i in data.ids) == sorted(f"served-{rid}" for rid in rows)  # each once, none lost
     assert data.x is not None and len(data.x) == 60
@@ -290,13 +266,13 @@ def test_a_drift_alert_cuts_a_version_early_and_a_retraining_runs(
     def updated() -> list[Any]:
         return [u for u in _events(kafka_bootstrap, ingest_topics["updated"]) if u.dataset == name]
 
-    [version] = _wait(updated, 30, "the early version")
+    [version] = wait_for(updated, 30, "the early version")
     assert version.version == 1 and version.total_records == 600
 
     def trained() -> list[Any]:
         return [t for t in _events(kafka_bootstrap, trainer_topics["trained"]) if t.model == name]
 
-    [model] = _wait(trained, 180, "the retraining")
+    [model] = wait_for(trained, 180, "the retraining")
     assert model.lineage.dataset_version == 1
 
 
@@ -348,9 +324,9 @@ def test_a_canary_worse_on_feedback_is_rolled_back_through_model_health(
         return None
 
     announce(1, good)
-    _wait(lambda: state(1, events_pb2.ROLLOUT_STATE_PROMOTED), 60, "v1 promoted")
+    wait_for(lambda: state(1, events_pb2.ROLLOUT_STATE_PROMOTED), 60, "v1 promoted")
     announce(2, bad)
-    _wait(lambda: state(2, events_pb2.ROLLOUT_STATE_CANARY), 60, "v2 in canary")
+    wait_for(lambda: state(2, events_pb2.ROLLOUT_STATE_CANARY), 60, "v2 in canary")
     client = tgrpc.InferenceServerClient(gw.grpc)
     served: dict[str, int] = {}
     deadline = time.monotonic() + 90

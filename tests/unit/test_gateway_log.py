@@ -23,6 +23,7 @@ from cdl.events import Event, decode, encode
 from cdl.v1 import events_pb2
 from cdl.v1 import open_inference_pb2 as pb
 from services.gateway.inference_log import LOG_DROPPED, HttpExchange, InferenceLog, build_record, top_labels
+from tests.helpers import wait_for
 
 
 class FakeProducer:
@@ -70,10 +71,7 @@ def _response(y: np.ndarray[Any, Any], datatype: str = "FP32", request_id: str =
 
 
 def _wait(cond: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+    wait_for(cond, timeout_s, interval_s=0.005)
 
 
 def _dropped(reason: str) -> float:
