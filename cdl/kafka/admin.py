@@ -1,0 +1,51 @@
+"""Topic administration: creating the topics that are missing, counting a topic's partitions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from confluent_kafka import KafkaException
+
+from cdl.errors import NotFoundError, UnavailableError
+
+__all__ = ["ensure_topics", "topic_partitions"]
+
+
+def ensure_topics(
+    bootstrap: str, partitions: Mapping[str, int], configs: Mapping[str, Mapping[str, str]] | None = None
+) -> list[str]:
+    """Create the topics of ``partitions`` that do not exist yet (replication 1); returns those created.
+
+    ``configs`` gives topic settings such as ``cleanup.policy``. A topic that
+    appears concurrently counts as existing; any other failure raises.
+    """
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = [
+        NewTopic(t, num_partitions=n, replication_factor=1, config=dict((configs or {}).get(t, {})))
+        for t, n in partitions.items()
+        if t not in existing
+    ]
+    created = []
+    for topic, fut in admin.create_topics(wanted, operation_timeout=30).items() if wanted else []:
+        try:
+            fut.result(timeout=30)
+            created.append(topic)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise UnavailableError("creating topic failed", topic=topic, error=str(exc)) from exc
+    return created
+
+
+def topic_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int:
+    """How many partitions ``topic`` has (:class:`NotFoundError` when it does not exist)."""
+    from confluent_kafka.admin import AdminClient
+
+    meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic=topic, timeout=timeout_s)
+    found = meta.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        raise NotFoundError("topic not found", topic=topic)
+    return len(found.partitions)
