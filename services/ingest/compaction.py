@@ -7,7 +7,7 @@ instead of many, and those not in a version yet (``pending``) or waiting for
 labels (``unlabelled``), so that the state snapshot, which lists those, stays
 bounded; *the sweep* removes objects that nothing refers to any more.
 
-Both run in the background (:class:`services.ingest.processor.IngestProcessor`
+Both run in the background (:class:`services.ingest.housekeeping.Housekeeping`
 hands them to one housekeeping thread at flush time) and neither ever changes
 what a published version holds:
 

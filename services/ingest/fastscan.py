@@ -20,17 +20,32 @@ import ctypes
 import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from cdl import native
-from cdl.datasets import DatasetSpec
+from cdl.datasets import DatasetSpec, Task
+from cdl.events import InBatch
+from services.ingest.records import Limits
 
-__all__ = ["ACCEPTED", "OTHER_DATASET", "UNDECIDED", "IdSet", "JsonBatch", "Scan", "available", "scan"]
+__all__ = [
+    "ACCEPTED",
+    "OTHER_DATASET",
+    "UNDECIDED",
+    "BatchScan",
+    "IdSet",
+    "JsonBatch",
+    "Scan",
+    "available",
+    "scan",
+    "scan_batch",
+]
 
 ACCEPTED, UNDECIDED, OTHER_DATASET = 0, 1, 2
 
@@ -303,3 +318,53 @@ class IdSet:
         if self._lib.cdl_idset_add_many(self._h, buf, starts, lengths, n, fresh) < 0:
             raise MemoryError("id set: out of memory")
         return fresh.view(np.bool_)
+
+
+#: what a batch's scan gives: per dataset (spec, accepted rows, scan), and the undecided rows
+BatchScan = tuple[list[tuple[DatasetSpec, npt.NDArray[np.int64], Scan]], list[int]]
+
+
+def _dataset_of(value: bytes) -> str | None:
+    """The ``dataset`` field of a JSON record, or None (the careful path will say why)."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    name = doc.get("dataset") if type(doc) is dict else None
+    return name if type(name) is str and name else None
+
+
+def scan_batch(
+    batch: InBatch,
+    eligible: npt.NDArray[np.int64],
+    lookup: Callable[[str], DatasetSpec | None],
+    limits: Limits,
+) -> BatchScan:
+    """Scan JSON records in C, one dataset at a time (in the scan thread; no state is touched).
+
+    ``lookup`` finds a dataset's spec (the registry's); ``limits`` are the service's.
+    Returns, per dataset, the rows of ``batch`` accepted and their scan; and the rows left undecided.
+    """
+    joined = JsonBatch(batch.data, batch.bounds)  # the batch's own buffer, not a copy
+    pending = eligible
+    accepted: list[tuple[DatasetSpec, npt.NDArray[np.int64], Scan]] = []
+    undecided: list[int] = []
+    name = _dataset_of(batch.value(int(pending[0])) or b"")
+    while len(pending):
+        spec = lookup(name) if name else None
+        if spec is None or spec.task in (Task.TEXT, Task.REGRESSION):  # the careful path names the reason
+            undecided.append(int(pending[0]))
+            pending = pending[1:]
+            name = _dataset_of(batch.value(int(pending[0])) or b"") if len(pending) else None
+            continue
+        sc = scan(joined, pending, spec, max_id_bytes=limits.for_spec(spec).id_bytes)
+        if sc is None:  # no C scanner here: everything takes the careful path
+            undecided.extend(pending.tolist())
+            break
+        undecided.extend(pending[sc.status == UNDECIDED].tolist())
+        if len(sc.id_starts):  # (sc.ids would make a str per record)
+            accepted.append((spec, pending[sc.status == ACCEPTED], sc))
+        others = sc.status == OTHER_DATASET
+        name = sc.other[int(np.flatnonzero(others)[0])] if others.any() else None
+        pending = pending[others]
+    return accepted, undecided

@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError as ProtoDecodeError
 
 from cdl.datasets import DatasetSpec, Task, holdout_member
 from cdl.errors import InvalidInputError
+from cdl.events import CONTENT_JSON, Headers, header_dict
 from cdl.feedback import is_protobuf
 from cdl.v1 import events_pb2
 
@@ -40,6 +41,7 @@ __all__ = [
     "Reason",
     "RecordError",
     "clean",
+    "content_type_of",
     "is_protobuf",
     "parse",
 ]
@@ -154,6 +156,11 @@ class CleanRecord:
     holdout: bool
     x: npt.NDArray[Any] | None
     text: str | None
+
+
+def content_type_of(headers: Headers | None) -> str:
+    """A record's ``content-type`` header; JSON when it has none."""
+    return header_dict(headers).get("content-type", CONTENT_JSON) if headers else CONTENT_JSON
 
 
 def parse(value: bytes | None, content_type: str) -> RawRecord:

@@ -151,8 +151,8 @@ def test_the_processor_s_sweep_removes_only_old_orphans(object_store: ObjectStor
     young = f"{name}/unlabelled/p002-000000000300-000000000300.npz"
     object_store.put_bytes(DATASETS_BUCKET, young, b"orphan, but young")
     p.flush()  # the sweep is due: it starts in the background
-    assert p._housekeeping is not None
-    p._housekeeping.result(timeout=30)
+    assert p._housekeeping.job is not None
+    p._housekeeping.job.result(timeout=30)
     left = {o.key for o in object_store.list(DATASETS_BUCKET, prefix=f"{name}/")}
     ds = p.state.datasets[name]
     assert old not in left and young in left

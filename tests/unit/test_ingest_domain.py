@@ -33,8 +33,9 @@ from cdl.errors import ConflictError, InvalidInputError, NotFoundError
 from cdl.events import InBatch, OutRecord
 from cdl.store import ObjectInfo
 from services.ingest import fastscan
+from services.ingest.commit import STATE_OVER
 from services.ingest.compaction import CompactionPolicy, plan
-from services.ingest.processor import STATE_KEY, STATE_OVER, IngestProcessor, StateTooLargeError
+from services.ingest.processor import STATE_KEY, IngestProcessor, StateTooLargeError
 from services.ingest.records import Limits, RawRecord, Reason, RecordError, clean, parse
 from services.ingest.registry import DatasetRegistry
 from services.ingest.versioning import DatasetState, IngestState
@@ -387,8 +388,8 @@ def test_restore_drops_what_was_not_committed_and_equals_a_fresh_recovery() -> N
     assert _comparable(a) == _comparable(b)
     assert json.loads(committed)["datasets"]["tab"]["version"] == 1
     assert json.loads(_snapshot(a))["datasets"]["tab"]["version"] == 2  # the aborted version 2, made again
-    assert len(p._seen["tab"]) == len(fresh._seen["tab"]) and p._waiting.keys() == fresh._waiting.keys()
-    assert sorted(p._waiting["tab"]) == sorted(fresh._waiting["tab"])
+    assert len(p._seen["tab"]) == len(fresh._seen["tab"]) and p._labels.waiting.keys() == fresh._labels.waiting.keys()
+    assert sorted(p._labels.waiting["tab"]) == sorted(fresh._labels.waiting["tab"])
     p.close()
     fresh.close()
 
@@ -428,8 +429,8 @@ def test_many_versions_keep_the_snapshot_small_and_compaction_keeps_their_conten
             offset += 3
         out = p.flush()
         sizes.append(len(_snapshot(out)))
-        if p._housekeeping is not None:
-            p._housekeeping.result()
+        if p._housekeeping.job is not None:
+            p._housekeeping.job.result()
     assert p.state.datasets["tab"].version >= 55
     assert max(sizes) < 1200, sizes
     versions = p.state.datasets["tab"].version
@@ -596,7 +597,7 @@ def test_late_labels_take_the_dataset_s_own_size_limit() -> None:
     p.on_batch(InBatch.from_values("data.feedback", [0], [0], None, [big], None))
     [dead] = _by_topic(p.flush())["data.deadletter"]
     assert dict(dead.headers)["cdl-error"] == b"record_too_large"
-    assert "u" in p._waiting["s"]  # still waiting: a label that fits may come
+    assert "u" in p._labels.waiting["s"]  # still waiting: a label that fits may come
     p.close()
 
 
@@ -654,7 +655,7 @@ def test_unlabelled_buffers_are_sealed_by_count_too() -> None:
     fb = json.dumps({"dataset": "tab", "record_id": "u7", "label": "b"}).encode()
     p.on_batch(InBatch.from_values("data.feedback", [0], [0], None, [fb], None))
     p.flush()
-    assert p._waiting_in[p.state.datasets["tab"].unlabelled[1].key] == 4
+    assert p._labels.waiting_in[p.state.datasets["tab"].unlabelled[1].key] == 4
     p.close()
 
 
@@ -679,7 +680,7 @@ def test_a_failed_shard_write_is_raised_only_once_every_write_ended() -> None:
     p.on_batch(_batch([_rec("a1")], 0, partition=1))
     with pytest.raises(OSError):
         p.flush()
-    assert len(ended) == 1 and p._writes == []  # the slow write was waited for, not left untracked
+    assert len(ended) == 1 and p._shards.writes == []  # the slow write was waited for, not left untracked
     p.close()
 
 
@@ -756,8 +757,8 @@ def test_pending_and_unlabelled_shards_are_merged_in_the_background() -> None:
         p.on_batch(_batch([_rec(f"r{n}", float(n)), _rec(f"u{n}", label=None)], n))
         n += 2
         snap = _snapshot(p.flush())
-        if p._housekeeping is not None:
-            p._housekeeping.result()
+        if p._housekeeping.job is not None:
+            p._housekeeping.job.result()
     ds = p.state.datasets["tab"]
     assert len(ds.pending) < 6 and len(ds.unlabelled) < 6, (ds.pending, ds.unlabelled)
     assert sum(s.records for s in ds.pending) == 12 and sum(s.records for s in ds.unlabelled) == 12
@@ -767,7 +768,7 @@ def test_pending_and_unlabelled_shards_are_merged_in_the_background() -> None:
     again = _processor(store, spec, compaction=policy)
     again.recover(snap)
     waiting = sorted(f"u{i}" for i in range(0, n, 2))
-    assert sorted(again._waiting["tab"]) == sorted(p._waiting["tab"]) == waiting
+    assert sorted(again._labels.waiting["tab"]) == sorted(p._labels.waiting["tab"]) == waiting
     for proc in (p, again):
         fb = [json.dumps({"dataset": "tab", "record_id": rid, "label": "b"}).encode() for rid in waiting]
         proc.on_batch(InBatch.from_values("data.feedback", [0] * len(fb), range(len(fb)), None, list(fb), None))
@@ -788,8 +789,8 @@ def test_the_sweep_keeps_a_merged_shard_its_own_job_found_already_written() -> N
     for v in range(4):  # four versions of one small shard each: the job merges them
         lost.on_batch(_batch([_rec(f"r{3 * v + k}", float(k)) for k in range(3)], 3 * v))
         snap = _snapshot(lost.flush())
-    assert lost._housekeeping is not None
-    [m] = lost._housekeeping.result()[0]
+    assert lost._housekeeping.job is not None
+    [m] = lost._housekeeping.job.result()[0]
     lost.close()  # gone before its next version: the merge is in no committed state
     store.mtimes[m.shard.key] = time.time() - 10_000  # written long ago
     policy = CompactionPolicy(min_shards=4, target_records=1000, grace_s=60, sweep_interval_s=1e-6)
@@ -797,8 +798,8 @@ def test_the_sweep_keeps_a_merged_shard_its_own_job_found_already_written() -> N
     p.recover(snap)
     time.sleep(0.01)
     p.flush()  # merges the same inputs (the object is there: not written again) and sweeps
-    assert p._housekeeping is not None
-    [again] = p._housekeeping.result()[0]
+    assert p._housekeeping.job is not None
+    [again] = p._housekeeping.job.result()[0]
     assert again.shard.key == m.shard.key and m.shard.key in store.objects
     p.on_batch(_batch([_rec(f"r{k}", float(k)) for k in range(12, 15)], 12))
     p.flush()  # version 5 names the merged shard
