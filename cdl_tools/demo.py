@@ -34,10 +34,23 @@ from cdl.datasets import holdout_member, unit_hash
 from cdl.events import Topics
 from cdl.v1 import ingest_pb2, ingest_pb2_grpc
 
-__all__ = ["DIGITS", "HOLDOUT_FRACTION", "DigitsData", "DigitsFeed", "register_digits"]
+__all__ = ["DIGITS", "HOLDOUT_FRACTION", "DigitsData", "DigitsFeed", "digits_spec", "register_digits"]
 
 DIGITS = "digits"
 HOLDOUT_FRACTION = 0.2
+
+
+def digits_spec(min_new_records: int = 500, max_interval_s: float = 30.0, name: str = DIGITS) -> ingest_pb2.DatasetSpec:
+    """The ``digits`` dataset's spec: 8x8 grey images, labels 0-9."""
+    return ingest_pb2.DatasetSpec(
+        name=name,
+        task=ingest_pb2.TASK_IMAGE_CLASSIFICATION,
+        input_shape=[1, 8, 8],
+        dtype="float32",
+        labels=[str(i) for i in range(10)],
+        policy=ingest_pb2.RetrainPolicy(min_new_records=min_new_records, max_interval_s=max_interval_s),
+        holdout_fraction=HOLDOUT_FRACTION,
+    )
 
 
 def register_digits(
@@ -47,16 +60,8 @@ def register_digits(
     api_key: str | None = None,
     name: str = DIGITS,
 ) -> bool:
-    """Register the ``digits`` dataset (8x8 grey images, labels 0-9); True if it was new."""
-    spec = ingest_pb2.DatasetSpec(
-        name=name,
-        task=ingest_pb2.TASK_IMAGE_CLASSIFICATION,
-        input_shape=[1, 8, 8],
-        dtype="float32",
-        labels=[str(i) for i in range(10)],
-        policy=ingest_pb2.RetrainPolicy(min_new_records=min_new_records, max_interval_s=max_interval_s),
-        holdout_fraction=HOLDOUT_FRACTION,
-    )
+    """Register the ``digits`` dataset (:func:`digits_spec`) over plaintext gRPC; True if it was new."""
+    spec = digits_spec(min_new_records, max_interval_s, name)
     with grpc.insecure_channel(ingest_endpoint) as channel:
         resp = ingest_pb2_grpc.IngestServiceStub(channel).RegisterDataset(
             ingest_pb2.RegisterDatasetRequest(spec=spec),

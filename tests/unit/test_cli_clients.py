@@ -1,0 +1,152 @@
+"""`cdl --tls-ca` reaches every gRPC client the commands build (cdl_tools.cli.clients): the
+ingest calls, the gateway's admin calls and its inference client take a TLS channel trusting
+the CA when one is given, a plaintext one without (no servers needed: the calls go to a
+closed port and fail there, after the channel was chosen)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cdl.v1 import ingest_pb2
+from cdl_tools.cli import app, clients
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def _self_signed_ca(tmp_path: Path) -> Path:
+    """A CA certificate (PEM) made here: with the cryptography package, else with openssl."""
+    cert = tmp_path / "ca.pem"
+    try:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        if shutil.which("openssl") is None:
+            pytest.skip("neither the cryptography package nor openssl to make a CA")
+        args = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=cdl-test-ca"
+        keyout = ["-keyout", str(tmp_path / "ca.key"), "-out", str(cert)]
+        subprocess.run(["openssl", *args.split(), *keyout], check=True, capture_output=True)
+        return cert
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdl test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return cert
+
+
+class _Channels:
+    """Which channel constructor was taken, for which target, trusting which CA."""
+
+    def __init__(self) -> None:
+        self.secure: list[str] = []
+        self.insecure: list[str] = []
+        self.roots: list[bytes | None] = []
+
+
+@pytest.fixture
+def channels(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Channels]:
+    seen = _Channels()
+    real_secure, real_insecure, real_creds = grpc.secure_channel, grpc.insecure_channel, grpc.ssl_channel_credentials
+
+    def secure(target: str, creds: grpc.ChannelCredentials, *args: Any, **kwargs: Any) -> grpc.Channel:
+        seen.secure.append(target)
+        return real_secure(target, creds, *args, **kwargs)
+
+    def insecure(target: str, *args: Any, **kwargs: Any) -> grpc.Channel:
+        seen.insecure.append(target)
+        return real_insecure(target, *args, **kwargs)
+
+    def ssl_credentials(root_certificates: bytes | None = None, *args: Any, **kwargs: Any) -> grpc.ChannelCredentials:
+        seen.roots.append(root_certificates)
+        return real_creds(root_certificates, *args, **kwargs)
+
+    monkeypatch.setattr(grpc, "secure_channel", secure)
+    monkeypatch.setattr(grpc, "insecure_channel", insecure)
+    monkeypatch.setattr(grpc, "ssl_channel_credentials", ssl_credentials)
+    yield seen
+    clients.set_tls_ca(None)  # the root option is process state: the next test starts without it
+
+
+def test_the_decision_tls_with_a_ca_plaintext_without() -> None:
+    assert clients.credentials(None) is None
+    assert clients.credentials(b"") is None
+    assert isinstance(clients.credentials(b"-----BEGIN CERTIFICATE-----\n"), grpc.ChannelCredentials)
+
+
+def test_the_ingest_client_takes_a_tls_channel_trusting_the_ca(
+    tmp_path: Path, channels: _Channels, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = _self_signed_ca(tmp_path)
+    target = _closed_port()
+    clients.set_tls_ca(ca)
+    with pytest.raises(typer.Exit) as failed:
+        clients.ingest_call(target, tmp_path, "ListDatasets", ingest_pb2.ListDatasetsRequest())
+    assert failed.value.exit_code == 1 and "UNAVAILABLE" in capsys.readouterr().out
+    assert channels.secure == [target] and channels.insecure == []
+    assert channels.roots == [ca.read_bytes()]
+
+    clients.set_tls_ca(None)
+    with pytest.raises(typer.Exit):
+        clients.ingest_call(target, tmp_path, "ListDatasets", ingest_pb2.ListDatasetsRequest())
+    assert channels.insecure == [target] and channels.secure == [target]
+
+
+def test_every_command_honours_the_root_tls_ca(tmp_path: Path, channels: _Channels) -> None:
+    ca = _self_signed_ca(tmp_path)
+    target = _closed_port()
+    inputs = tmp_path / "x.json"
+    inputs.write_text("[0.0, 1.0]")
+    runner = CliRunner()
+    for command in (
+        ["datasets", "--ingest", target],
+        ["dataset", "show", "digits", "--ingest", target],
+        ["models", "digits", "--gateway", target],
+        ["predict", "digits", str(inputs), "--gateway", target],
+    ):
+        channels.secure.clear()
+        out = runner.invoke(app, ["--tls-ca", str(ca), *command, "--state-dir", str(tmp_path)])
+        assert out.exit_code == 1, (command, out.output)
+        assert channels.secure == [target] and channels.insecure == [], command
+        assert "Traceback" not in out.output
+
+
+def test_an_unreadable_ca_is_one_line_and_exit_2(tmp_path: Path, channels: _Channels) -> None:
+    inputs = tmp_path / "x.json"
+    inputs.write_text("[1.0]")
+    missing = tmp_path / "missing.pem"
+    for command in (
+        ["datasets", "--ingest", _closed_port()],
+        ["predict", "digits", str(inputs), "--gateway", _closed_port()],
+    ):
+        out = CliRunner().invoke(app, ["--tls-ca", str(missing), *command, "--state-dir", str(tmp_path)])
+        assert out.exit_code == 2, (command, out.output)
+        assert "cannot read the TLS CA" in out.output and len(out.output.strip().splitlines()) == 1, out.output
+    assert channels.secure == channels.insecure == []
