@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# Lint, type-check, check the generated stubs, then run every test tier
-# (unit, integration against real Kafka/MinIO/Triton, e2e CLI).
-# Extra arguments go to pytest (e.g. `scripts/test.sh tests/unit -k events`).
+# Lint, type-check, check the generated stubs, then run every test tier: unit (pure Python, no
+# servers, no compilers), native (C and Go builds, sanitizers, fuzzing), integration (real
+# Kafka/MinIO/Triton), e2e (the CLI). What CI runs.
+#   scripts/test.sh                   everything
+#   scripts/test.sh unit|native|integration|e2e [pytest args]   one tier, no lint (unit: seconds)
+#   scripts/test.sh lint              ruff, mypy, the stubs, buf
+#   scripts/test.sh tests/unit -k events   any other arguments go to pytest, after the lint
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 py="$CDL_VENV/bin/python"
+
+case "${1:-}" in
+  unit|native|integration|e2e)
+    tier=$1
+    shift
+    exec "$py" -m pytest -p no:cacheprovider "tests/$tier" "$@"
+    ;;
+esac
 
 echo "==> ruff"
 "$CDL_VENV/bin/ruff" check .
@@ -22,5 +34,6 @@ elif [[ "${CI:-}" == "true" ]]; then
   echo "buf is missing in CI (scripts/setup.sh installs it)" >&2
   exit 1
 fi
+if [[ "${1:-}" == "lint" ]]; then exit 0; fi
 echo "==> pytest"
 "$py" -m pytest -p no:cacheprovider "${@:-tests}"

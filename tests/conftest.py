@@ -1,4 +1,6 @@
-"""Test tiers: unit (pure logic), integration (real servers), e2e (the CLI).
+"""Test tiers, a folder each: unit (pure Python: no servers, no compilers; the fast tier),
+native (C and Go builds, sanitizers, the race detector, fuzzing), integration (real servers),
+e2e (the CLI). ``scripts/test.sh <tier>`` runs one.
 
 The local stack (real Kafka, MinIO and Triton) is started once per test
 session. Where it cannot start, tests that need it fail under CI (CI=true)
@@ -29,6 +31,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         elif f"{os.sep}e2e{os.sep}" in path:
             item.add_marker(pytest.mark.e2e)
+        elif f"{os.sep}native{os.sep}" in path:
+            item.add_marker(pytest.mark.native)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ batch and ``max_id_bytes``: a longer id leaves its record to the careful path.
 
 ``CDL_FASTSCAN_LIB=<path>`` loads a prebuilt scanner instead of building one:
 the fuzz test's hook for a build with AddressSanitizer and UBSan
-(``tests/unit/test_fastscan_fuzz.py``, ``docs/native.md``).
+(``tests/native/test_fastscan_fuzz.py``, ``docs/native.md``).
 """
 
 from __future__ import annotations
