@@ -90,6 +90,31 @@ def read_topic(
     return out
 
 
+def committed_offsets(bootstrap: str, group: str, topic: str) -> int:
+    """How many of ``topic``'s records consumer group ``group`` has committed past, over all
+    partitions (asked of the group's coordinator; the group is not joined)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        partitions = sorted(meta.partitions) if meta is not None and meta.error is None else []
+        done = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return sum(max(tp.offset, 0) for tp in done)
+    finally:
+        consumer.close()
+
+
+def wait_committed(bootstrap: str, group: str, topic: str, offset: int, timeout_s: float = 60.0) -> None:
+    """Wait until ``group`` committed past the first ``offset`` records of ``topic``: a
+    transactional service has then handled them, and whatever it produced for them is committed
+    with that offset (a negative check reads the outputs after this, not after a sleep)."""
+    wait_for(
+        lambda: committed_offsets(bootstrap, group, topic) >= offset,
+        timeout_s,
+        f"{group} committing past {offset} records of {topic}",
+        interval_s=0.3,
+    )
+
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

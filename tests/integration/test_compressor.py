@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -24,7 +23,7 @@ from services.compressor.variants import Served, run
 from services.trainer.settings import TrainerSettings
 from services.trainer.trainer import Trainer
 from tests.datasets import DatasetWriter, digits_spec
-from tests.helpers import read_topic
+from tests.helpers import read_topic, wait_committed
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +125,9 @@ def test_redelivery_publishes_one_event_and_rewrites_the_same_objects(
     _publish(kafka_bootstrap, compressor_topics["trained"], event)
     _publish(kafka_bootstrap, compressor_topics["trained"], event)  # the same event again
     _compressed(kafka_bootstrap, compressor_topics["compressed"], 1)
-    time.sleep(3)
-    assert len(_compressed(kafka_bootstrap, compressor_topics["compressed"], 2, timeout_s=3)) == 1
+    # both deliveries handled (the group committed past them): a second event would be there now
+    wait_committed(kafka_bootstrap, compressor_topics["group"], compressor_topics["trained"], 2)
+    assert len(_compressed(kafka_bootstrap, compressor_topics["compressed"], 1)) == 1
     # compressing again from scratch writes byte-identical model files
     version = model_trained.version
     before = {

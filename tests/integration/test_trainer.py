@@ -22,7 +22,7 @@ from cdl.registry import ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from tests.datasets import DatasetWriter, digits_spec
-from tests.helpers import read_topic, run_cdl
+from tests.helpers import read_topic, run_cdl, wait_committed
 
 DIGITS = load_digits()
 X = DIGITS.data.reshape(-1, 1, 8, 8).astype(np.float32)
@@ -127,8 +127,9 @@ def test_backlog_during_a_training_coalesces_to_the_newest(
     for v in versions[1:]:  # three more arrive while the first trains
         writer.publish(v)
     _trained(kafka_bootstrap, trainer_topics["trained"], 2, timeout_s=90)
-    time.sleep(3)  # room for a (wrong) third training to show up
-    trained = _trained(kafka_bootstrap, trainer_topics["trained"], 3, timeout_s=3)
+    # every version handled (the group committed past them): a (wrong) third training would be there
+    wait_committed(kafka_bootstrap, trainer_topics["group"], trainer_topics["updated"], len(versions))
+    trained = _trained(kafka_bootstrap, trainer_topics["trained"], 2)
     assert [(t.version, t.lineage.dataset_version) for t in trained] == [(1, 1), (2, 4)]
     assert _status(svc)["coalesced"] == 2
 
@@ -147,8 +148,8 @@ def test_kill_9_mid_training_trains_the_version_once_and_publishes_once(
     assert registry.versions(name) == [1] and registry.result(name, 1) is None  # claimed, not finished
     trainer_factory().start()
     _trained(kafka_bootstrap, trainer_topics["trained"], 1, timeout_s=90)
-    time.sleep(2)
-    trained = _trained(kafka_bootstrap, trainer_topics["trained"], 2, timeout_s=3)
+    wait_committed(kafka_bootstrap, trainer_topics["group"], trainer_topics["updated"], 1)
+    trained = _trained(kafka_bootstrap, trainer_topics["trained"], 1)
     assert [(t.model, t.version) for t in trained] == [(name, 1)]
     assert registry.versions(name) == [1] and registry.result(name, 1) is not None
 

@@ -22,7 +22,7 @@ from cdl.registry import ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from tests.datasets import DatasetWriter, digits_spec
-from tests.helpers import read_topic
+from tests.helpers import read_topic, wait_committed
 
 DIGITS = load_digits()
 X = DIGITS.data.reshape(-1, 1, 8, 8).astype(np.float32)
@@ -122,8 +122,10 @@ def test_a_first_version_is_tuned_on_two_postgres_workers_and_the_next_training_
     assert last[0].lineage.hyperparameters_source == f"tuning:{done.study}"  # type: ignore[attr-defined]
     tuned = {k: json.loads(v) for k, v in done.best_params.items()}
     assert json.loads(last[0].lineage.hyperparameters["lr"]) == tuned["lr"]  # type: ignore[attr-defined]
-    time.sleep(3)
-    assert len(_completed(kafka_bootstrap, tuner_topics["completed"], 2, timeout_s=3)) == 1
+    # the tuner handled both versions and the three trainings: a second study would be out now
+    wait_committed(kafka_bootstrap, tuner_topics["group"], tuner_topics["updated"], 2)
+    wait_committed(kafka_bootstrap, tuner_topics["group"], tuner_topics["trained"], 3)
+    assert len(_completed(kafka_bootstrap, tuner_topics["completed"], 1)) == 1
 
 
 def test_a_worker_killed_mid_trial_leaves_no_trial_running_and_the_study_completes(
@@ -182,8 +184,9 @@ def test_a_request_and_drift_start_studies_and_a_second_trigger_during_one_start
     send(tuner_topics["requested"], events_pb2.TuningRequested(model=name, reason="again", time=now()))
     first = _completed(kafka_bootstrap, tuner_topics["completed"], 1)
     assert first[0].reason == "requested: by hand" and first[0].dataset_version == 1
-    time.sleep(3)  # the second request came before the study ended: answered by it
-    assert len(_completed(kafka_bootstrap, tuner_topics["completed"], 2, timeout_s=3)) == 1
+    # the second request came before the study ended: answered by it (handled, nothing published)
+    wait_committed(kafka_bootstrap, tuner_topics["group"], tuner_topics["requested"], 2)
+    assert len(_completed(kafka_bootstrap, tuner_topics["completed"], 1)) == 1
     drift = events_pb2.DriftDetected(model=name, version=1, test="ks", statistic=0.4, threshold=0.2)
     send(tuner_topics["drift"], drift)
     both = _completed(kafka_bootstrap, tuner_topics["completed"], 2)
