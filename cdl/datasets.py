@@ -51,7 +51,7 @@ import numpy.typing as npt
 from cdl.errors import ConflictError, InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:  # only annotations: the ML code imports this module without the object store client
-    from cdl.store import ObjectStore
+    from cdl.store import BlobStore
 
 __all__ = [
     "DATASETS_BUCKET",
@@ -441,7 +441,7 @@ class DatasetVersion:
         return data[mask], self.labels[mask]
 
 
-def latest_version(store: ObjectStore, dataset: str) -> int | None:
+def latest_version(store: BlobStore, dataset: str) -> int | None:
     """The newest version of ``dataset`` in the object store (None: none yet)."""
     found = [
         int(m.group(1))
@@ -456,13 +456,13 @@ def manifest_key(dataset: str, version: int) -> str:
     return f"{dataset}/versions/{version}.json"
 
 
-def read_manifest(store: ObjectStore, dataset: str, version: int) -> dict[str, Any]:
+def read_manifest(store: BlobStore, dataset: str, version: int) -> dict[str, Any]:
     doc: dict[str, Any] = store.get_json(DATASETS_BUCKET, manifest_key(dataset, version))
     return doc
 
 
 def iter_shards(
-    store: ObjectStore, manifest: Mapping[str, Any], entries: Sequence[Mapping[str, Any]] | None = None
+    store: BlobStore, manifest: Mapping[str, Any], entries: Sequence[Mapping[str, Any]] | None = None
 ) -> Iterator[dict[str, npt.NDArray[Any]]]:
     for entry in manifest["shards"] if entries is None else entries:
         yield decode_shard(store.get_bytes(DATASETS_BUCKET, entry["key"]))
@@ -486,7 +486,7 @@ def newest_shards(manifest: Mapping[str, Any], max_records: int) -> list[dict[st
     return entries
 
 
-def load_version(store: ObjectStore, dataset: str, version: int, max_records: int = 0) -> DatasetVersion:
+def load_version(store: BlobStore, dataset: str, version: int, max_records: int = 0) -> DatasetVersion:
     """Read a version's manifest and the shards it lists: every one, or with
     ``max_records`` the newest that hold at least that many records (a training
     window: memory and time stay bounded however long the dataset grows).

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdl.errors import NotFoundError
 from cdl.ml.preprocess import Preprocessor
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,7 @@ class LoadedModel:
 
 
 class ModelRegistry:
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: BlobStore) -> None:
         self._store = store
         self._lock = threading.Lock()
 

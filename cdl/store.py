@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import urllib3
 from minio import Minio
@@ -17,7 +17,7 @@ from minio.error import S3Error
 from cdl.errors import CdlError, NotFoundError, UnavailableError
 from cdl.settings import ServiceSettings
 
-__all__ = ["BUCKETS", "UPLOADS_BUCKET", "ObjectInfo", "ObjectStore", "parse_uri"]
+__all__ = ["BUCKETS", "UPLOADS_BUCKET", "BlobStore", "ObjectInfo", "ObjectStore", "parse_uri"]
 
 #: buckets of the storage layout (see DESIGN.md)
 #: where producers put claim-checked tensors (records name them by ``features_uri``)
@@ -45,6 +45,43 @@ def parse_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"no bucket in {uri!r}")
     return bucket, key
+
+
+class BlobStore(Protocol):
+    """What cdl's domain code needs of an object store: :class:`ObjectStore` (MinIO) in the
+    services, an in-memory one in the unit tests (tests/fakes.py).
+
+    Reading a missing object, or writing or listing in a missing bucket, raises
+    :class:`~cdl.errors.NotFoundError` (``exists`` says False; deleting a missing object is
+    no error); an unreachable store raises :class:`~cdl.errors.UnavailableError`. Writes
+    return the object's ``s3://`` URI and replace what was there; ``list`` goes in key order.
+    """
+
+    def put_bytes(
+        self,
+        bucket: str,
+        key: str,
+        data: bytes | Sequence[bytes | bytearray | memoryview],
+        content_type: str = ...,
+    ) -> str: ...
+
+    def get_bytes(self, bucket: str, key: str) -> bytes: ...
+
+    def put_json(self, bucket: str, key: str, doc: Any) -> str: ...
+
+    def get_json(self, bucket: str, key: str) -> Any: ...
+
+    def size(self, bucket: str, key: str) -> int: ...
+
+    def exists(self, bucket: str, key: str) -> bool: ...
+
+    def list(self, bucket: str, prefix: str = ..., recursive: bool = ...) -> Iterator[ObjectInfo]:
+        """The objects under ``prefix`` (not recursive: only those right below it, no deeper key)."""
+        ...
+
+    def folders(self, bucket: str, prefix: str = ...) -> builtins.list[str]: ...
+
+    def delete(self, bucket: str, key: str) -> None: ...
 
 
 class ObjectStore:

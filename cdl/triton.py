@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
 
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 
 __all__ = [
     "TRITON_BUCKET",
@@ -106,7 +106,7 @@ def runner_source() -> str:
 
 
 def write_entry(
-    store: ObjectStore, spec: ModelSpec, version: int, onnx_bytes: bytes, files: Mapping[str, bytes] | None = None
+    store: BlobStore, spec: ModelSpec, version: int, onnx_bytes: bytes, files: Mapping[str, bytes] | None = None
 ) -> str:
     """Write (or rewrite, identically) a repository entry; returns its URI.
 

@@ -12,28 +12,37 @@ import numpy.typing as npt
 from cdl.datasets import DatasetSpec, Task
 from cdl.events import InBatch, OutRecord
 from cdl.kafka import Producer
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 from services.ingest.processor import IngestProcessor
 from services.ingest.registry import DatasetRegistry
+from tests.fakes import RecordingProducer
 
 
 class DatasetWriter:
     """Registers a dataset and commits versions of it exactly as ingest does,
-    publishing each ``data.updated`` to ``updated_topic``."""
+    publishing each ``data.updated`` to ``updated_topic``.
 
-    def __init__(self, store: ObjectStore, bootstrap: str, updated_topic: str, spec: DatasetSpec) -> None:
+    ``kafka``: a bootstrap (a :class:`cdl.kafka.Producer` is made when something is first
+    published) or a producer, e.g. tests/fakes.py's RecordingProducer; ``store`` an
+    ObjectStore, or tests/fakes.py's MemoryStore (ingest's sweep, the one part of ingest that
+    reads MinIO's listing directly, comes due every 10 minutes: never while a test writes).
+    """
+
+    def __init__(
+        self, store: BlobStore, kafka: str | Producer | RecordingProducer, updated_topic: str, spec: DatasetSpec
+    ) -> None:
         self.spec = spec
         self.registry = DatasetRegistry(store)
         self.registry.register(spec)
         self.processor = IngestProcessor(
             registry=self.registry,
-            store=store,
+            store=store,  # type: ignore[arg-type]  # see above
             source="/cdl/test",
             state_topic=f"{updated_topic}.unused-state",
             updated_topic=updated_topic,
             shard_max_records=10**9,
         )
-        self.producer = Producer(bootstrap)
+        self._kafka = kafka
         self.updated_topic = updated_topic
         self._offset = 0
 
@@ -56,8 +65,10 @@ class DatasetWriter:
         return out[0]
 
     def publish(self, record: OutRecord) -> None:
-        self.producer.send_raw(record.topic, record.value, record.key, record.headers)
-        self.producer.flush()
+        if isinstance(self._kafka, str):
+            self._kafka = Producer(self._kafka)
+        self._kafka.send_raw(record.topic, record.value, record.key, record.headers)
+        self._kafka.flush()
 
 
 def digits_spec(name: str) -> DatasetSpec:

@@ -21,7 +21,7 @@ from cdl.ml.family import get_family
 from cdl.ml.objective import metric_name
 from cdl.ml.pruning import parameters, prune
 from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 from cdl.triton import TRITON_BUCKET, Backend, ModelSpec, TensorSpec, write_entry
 from cdl.v1 import events_pb2
 from services.compressor.faults import failing_onnx, take_fault
@@ -68,7 +68,7 @@ def choose(variants: list[Measured], budget: float, objective: str) -> tuple[Mea
 
 
 class Compressor:
-    def __init__(self, settings: CompressorSettings, store: ObjectStore, registry: ModelRegistry, source: str) -> None:
+    def __init__(self, settings: CompressorSettings, store: BlobStore, registry: ModelRegistry, source: str) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry

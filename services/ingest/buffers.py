@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cdl.datasets import DATASETS_BUCKET, Shard, Task, shard_parts
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 from services.ingest.commit import Versions
 from services.ingest.late_labels import LateLabels
 from services.ingest.records import CleanRecord
@@ -95,7 +95,7 @@ class ShardBuffers:
         self,
         *,
         registry: DatasetRegistry,
-        store: ObjectStore,
+        store: BlobStore,
         shard_max_records: int,
         shard_text_bytes: int,
         labels: LateLabels,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from cdl.errors import NotFoundError
-from cdl.store import UPLOADS_BUCKET, ObjectStore, parse_uri
+from cdl.store import UPLOADS_BUCKET, BlobStore, parse_uri
 from services.ingest.records import Reason, RecordError
 
 __all__ = ["DEFAULT_BUCKETS", "DEFAULT_MAX_BYTES", "Claims"]
@@ -26,7 +26,7 @@ DEFAULT_MAX_BYTES = 256 << 20
 class Claims:
     """Fetches claim-checked tensors from the allowed buckets, within a size limit."""
 
-    def __init__(self, store: ObjectStore, buckets: Iterable[str], max_bytes: int) -> None:
+    def __init__(self, store: BlobStore, buckets: Iterable[str], max_bytes: int) -> None:
         self._store = store
         self._buckets = frozenset(buckets)
         self._max = max_bytes

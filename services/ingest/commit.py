@@ -24,7 +24,7 @@ from cdl.datasets import DATASETS_BUCKET, DatasetSpec
 from cdl.errors import CdlError
 from cdl.events import Event, OutRecord, new_traceparent
 from cdl.logging import get_logger
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 from cdl.v1 import events_pb2
 from services.ingest.compaction import Merged
 from services.ingest.registry import DatasetRegistry
@@ -54,7 +54,7 @@ class Versions:
     """When each dataset's next version is due, and its commit."""
 
     def __init__(
-        self, *, registry: DatasetRegistry, store: ObjectStore, source: str, raw_topic: str, updated_topic: str
+        self, *, registry: DatasetRegistry, store: BlobStore, source: str, raw_topic: str, updated_topic: str
     ) -> None:
         self._registry = registry
         self._store = store

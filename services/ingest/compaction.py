@@ -35,7 +35,7 @@ import numpy.typing as npt
 
 from cdl.datasets import DATASETS_BUCKET, Shard, decode_shard, shard_parts
 from cdl.logging import get_logger
-from cdl.store import ObjectStore
+from cdl.store import BlobStore, ObjectStore
 
 __all__ = ["WHERE", "CompactionPolicy", "ManifestRefs", "Merged", "merge", "plan", "sweep"]
 
@@ -115,7 +115,7 @@ def _padded_bytes(parts: Sequence[dict[str, npt.NDArray[Any]]]) -> int:
 
 
 def merge(
-    store: ObjectStore, dataset: str, group: Sequence[Shard], policy: CompactionPolicy, where: str = "versioned"
+    store: BlobStore, dataset: str, group: Sequence[Shard], policy: CompactionPolicy, where: str = "versioned"
 ) -> Merged | None:
     """Read ``group``'s shards, write them as one (if it is not there yet); None when fewer
     than two fit in ``target_bytes`` or a shard disagrees with what the state says of it.
@@ -170,7 +170,7 @@ class ManifestRefs:
     def __init__(self) -> None:
         self._seen: dict[str, tuple[str, frozenset[str]]] = {}
 
-    def keys(self, store: ObjectStore, dataset: str) -> set[str]:
+    def keys(self, store: BlobStore, dataset: str) -> set[str]:
         out: set[str] = set()
         for obj in store.list(DATASETS_BUCKET, prefix=f"{dataset}/versions/"):
             cached = self._seen.get(obj.key)

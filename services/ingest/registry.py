@@ -17,7 +17,7 @@ from typing import Any
 from cdl.datasets import DATASETS_BUCKET, DatasetSpec, check_dataset_name, valid_dataset_name
 from cdl.errors import ConflictError, InvalidInputError, NotFoundError
 from cdl.ml.family import family_names
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 
 __all__ = ["DatasetRegistry"]
 
@@ -29,7 +29,7 @@ class DatasetRegistry:
 
     def __init__(
         self,
-        store: ObjectStore,
+        store: BlobStore,
         unknown_ttl_s: float = 30.0,
         max_unknown: int = 10000,
         clock: Callable[[], float] = time.monotonic,

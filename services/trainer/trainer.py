@@ -21,7 +21,7 @@ from cdl.ml.models import ModelConfig
 from cdl.ml.objective import chance, metric_name
 from cdl.ml.train import EpochMetrics, pick_device
 from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry, score_of
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 from cdl.v1 import events_pb2
 from services.trainer.settings import TrainerSettings
 
@@ -50,7 +50,7 @@ def code_version() -> str:
 
 
 class Trainer:
-    def __init__(self, settings: TrainerSettings, store: ObjectStore, registry: ModelRegistry, source: str) -> None:
+    def __init__(self, settings: TrainerSettings, store: BlobStore, registry: ModelRegistry, source: str) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry

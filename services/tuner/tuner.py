@@ -34,7 +34,7 @@ from cdl.ml.core import split_version
 from cdl.ml.family import family_of
 from cdl.ml.space import space_for
 from cdl.registry import MODELS_BUCKET, ModelRegistry
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 from cdl.v1 import events_pb2
 from services.tuner.settings import TunerSettings
 from services.tuner.study import StudyPlan, StudyResult, public_url, run_study
@@ -50,7 +50,7 @@ PROGRESS = Gauge("cdl_tuner_study_finished_trials", "Finished trials of the runn
 
 
 class Tuner:
-    def __init__(self, settings: TunerSettings, store: ObjectStore, registry: ModelRegistry, source: str) -> None:
+    def __init__(self, settings: TunerSettings, store: BlobStore, registry: ModelRegistry, source: str) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry

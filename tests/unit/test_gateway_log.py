@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,37 +22,8 @@ from cdl.events import Event, decode, encode
 from cdl.v1 import events_pb2
 from cdl.v1 import open_inference_pb2 as pb
 from services.gateway.inference_log import LOG_DROPPED, HttpExchange, InferenceLog, build_record, top_labels
+from tests.fakes import RecordingProducer
 from tests.helpers import wait_for
-
-
-class FakeProducer:
-    def __init__(self, fail: bool = False) -> None:
-        self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.fail = fail
-        self._callbacks: list[Callable[[Any, Any], None]] = []
-        self.lock = threading.Lock()
-
-    def send_raw(
-        self,
-        topic: str,
-        value: bytes | None,
-        key: bytes | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
-        on_delivery: Callable[[Any, Any], None] | None = None,
-    ) -> None:
-        self.gate.wait()
-        with self.lock:
-            self.sent.append((topic, value, key, list(headers or [])))
-            if on_delivery is not None:
-                self._callbacks.append(on_delivery)
-
-    def poll(self, timeout_s: float = 0.0) -> None:
-        with self.lock:
-            callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            cb("MSG_TIMED_OUT" if self.fail else None, None)
 
 
 def _request(x: np.ndarray[Any, Any], request_id: str = "r1") -> bytes:
@@ -229,7 +199,7 @@ def test_no_producer_means_off() -> None:
 
 
 def test_records_reach_the_producer_as_events() -> None:
-    producer = FakeProducer()
+    producer = RecordingProducer()
     logger = InferenceLog(producer, "inference.logged", source="/cdl/gateway/test")
     x = np.ones((1, 4), dtype="<f4")
     y = np.array([[0.0, 0.0, 5.0]], dtype="<f4")
@@ -252,7 +222,7 @@ def test_records_reach_the_producer_as_events() -> None:
 
 
 def test_sampling_is_even() -> None:
-    producer = FakeProducer()
+    producer = RecordingProducer()
     logger = InferenceLog(producer, "t", sample=0.25)
     for i in range(100):
         logger.offer("m", 1, str(i), b"", b"", 0.0, "OK")
@@ -264,7 +234,7 @@ def test_sampling_is_even() -> None:
 
 
 def test_full_queue_drops_and_counts_without_blocking() -> None:
-    producer = FakeProducer()
+    producer = RecordingProducer()
     producer.gate.clear()  # Kafka stuck: the thread blocks in send_raw
     logger = InferenceLog(producer, "t", queue_size=50)
     before = _dropped("full")
@@ -282,7 +252,7 @@ def test_full_queue_drops_and_counts_without_blocking() -> None:
 
 
 def test_unacknowledged_records_are_counted() -> None:
-    producer = FakeProducer(fail=True)
+    producer = RecordingProducer(fail=True)
     logger = InferenceLog(producer, "t")
     before = _dropped("kafka")
     for i in range(10):
@@ -292,7 +262,7 @@ def test_unacknowledged_records_are_counted() -> None:
 
 
 def test_a_bad_record_does_not_stop_the_log() -> None:
-    producer = FakeProducer()
+    producer = RecordingProducer()
     logger = InferenceLog(producer, "t")
     logger.offer("m", 1, "bad", b"\x0a\x05ab", b"\xff\xff", 0.0, "OK")  # malformed bytes: still logged
     logger.offer("m", 1, "\udfff", b"", b"", 0.0, "OK")  # not encodable: dropped, counted

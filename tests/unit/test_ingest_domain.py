@@ -9,7 +9,6 @@ the same code against MinIO and Kafka.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -31,7 +30,6 @@ from cdl.datasets import (
 )
 from cdl.errors import ConflictError, InvalidInputError, NotFoundError
 from cdl.events import InBatch, OutRecord
-from cdl.store import ObjectInfo
 from services.ingest import fastscan
 from services.ingest.commit import STATE_OVER
 from services.ingest.compaction import CompactionPolicy, plan
@@ -39,62 +37,40 @@ from services.ingest.processor import STATE_KEY, IngestProcessor, StateTooLargeE
 from services.ingest.records import Limits, RawRecord, Reason, RecordError, clean, parse
 from services.ingest.registry import DatasetRegistry
 from services.ingest.versioning import DatasetState, IngestState
+from tests.fakes import MemoryStore
 
 TAB = DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=30)
 TXT = DatasetSpec(name="txt", task=Task.TEXT, labels=("a", "b"), min_new_records=1000)
 
 
-class FakeStore:
-    """Objects in a dict (thread-safe enough for the processor's writer threads), with the
-    time each was last written (``client.list_objects`` gives it, as MinIO's does)."""
+class FakeStore(MemoryStore):
+    """The shared in-memory store (tests/fakes.py) with what these tests look at: the keys read
+    (``gets``) and the time each object was last written (``mtimes``; ingest's sweep reads it
+    from ``client.list_objects``, as from MinIO's)."""
 
     def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
-        self.mtimes: dict[str, float] = {}
+        super().__init__()
         self.gets: list[str] = []
-        self._lock = threading.Lock()
+        self.mtimes: dict[str, float] = {}
         self.client = SimpleNamespace(list_objects=self._list_objects)
 
-    def put_bytes(self, bucket: str, key: str, data: Any, content_type: str = "") -> str:
-        body = data if isinstance(data, bytes) else b"".join(bytes(p) for p in data)
-        with self._lock:
-            self.objects[key] = body
-            self.mtimes[key] = time.time()
-        return f"s3://{bucket}/{key}"
-
-    def _list_objects(self, bucket: str, prefix: str = "", recursive: bool = True) -> Iterator[SimpleNamespace]:
-        for key in sorted(self.objects):
-            if key.startswith(prefix):
-                when = datetime.fromtimestamp(self.mtimes[key], UTC)
-                yield SimpleNamespace(object_name=key, is_dir=False, last_modified=when)
+    def put_bytes(self, bucket: str, key: str, data: Any, content_type: str = "application/octet-stream") -> str:
+        uri = super().put_bytes(bucket, key, data, content_type)
+        self.mtimes[key] = time.time()
+        return uri
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
-        with self._lock:
-            self.gets.append(key)
-            if key not in self.objects:
-                raise NotFoundError("object not found", key=key)
-            return self.objects[key]
+        self.gets.append(key)
+        return super().get_bytes(bucket, key)
 
-    def put_json(self, bucket: str, key: str, doc: Any) -> str:
-        return self.put_bytes(bucket, key, json.dumps(doc).encode())
-
-    def get_json(self, bucket: str, key: str) -> Any:
-        return json.loads(self.get_bytes(bucket, key))
-
-    def exists(self, bucket: str, key: str) -> bool:
-        return key in self.objects
-
-    def list(self, bucket: str, prefix: str = "", recursive: bool = True) -> Iterator[ObjectInfo]:
-        for key in sorted(self.objects):
-            if key.startswith(prefix):
-                yield ObjectInfo(bucket, key, len(self.objects[key]), str(hash(self.objects[key])))
-
-    def delete(self, bucket: str, key: str) -> None:
-        self.objects.pop(key, None)
+    def _list_objects(self, bucket: str, prefix: str = "", recursive: bool = True) -> Iterator[SimpleNamespace]:
+        for obj in self.list(bucket, prefix, recursive):
+            when = datetime.fromtimestamp(self.mtimes[obj.key], UTC)
+            yield SimpleNamespace(object_name=obj.key, is_dir=False, last_modified=when)
 
 
 def _processor(store: FakeStore, *specs: DatasetSpec, **kw: Any) -> IngestProcessor:
-    registry = DatasetRegistry(store)  # type: ignore[arg-type]
+    registry = DatasetRegistry(store)
     for spec in specs:
         registry.register(spec)
     kw.setdefault("compaction", CompactionPolicy(min_shards=0, sweep_interval_s=0))
@@ -188,7 +164,7 @@ class _Clock:
 
 def test_unknown_dataset_names_are_remembered_for_a_while() -> None:
     store, clock = FakeStore(), _Clock()
-    registry = DatasetRegistry(store, unknown_ttl_s=30.0, clock=clock)  # type: ignore[arg-type]
+    registry = DatasetRegistry(store, unknown_ttl_s=30.0, clock=clock)
     for _ in range(1000):
         assert registry.lookup("nope") is None
     assert store.gets == ["nope/dataset.json"]  # one read for the whole flood
@@ -206,7 +182,7 @@ def test_unknown_dataset_names_are_remembered_for_a_while() -> None:
 
 def test_a_registration_during_a_miss_is_not_hidden_by_it() -> None:
     store, clock = FakeStore(), _Clock()
-    registry = DatasetRegistry(store, clock=clock)  # type: ignore[arg-type]
+    registry = DatasetRegistry(store, clock=clock)
     spec = DatasetSpec(name="late", task=Task.TABULAR, labels=("a", "b"), input_shape=(2,))
     real_get = store.get_bytes
     raced: list[bool] = []
@@ -226,7 +202,7 @@ def test_a_registration_during_a_miss_is_not_hidden_by_it() -> None:
 
 def test_the_unknown_cache_is_bounded() -> None:
     store, clock = FakeStore(), _Clock()
-    registry = DatasetRegistry(store, max_unknown=100, clock=clock)  # type: ignore[arg-type]
+    registry = DatasetRegistry(store, max_unknown=100, clock=clock)
     for i in range(1000):
         assert registry.lookup(f"n{i}") is None
     assert len(registry._unknown) <= 100
@@ -434,13 +410,13 @@ def test_many_versions_keep_the_snapshot_small_and_compaction_keeps_their_conten
     assert p.state.datasets["tab"].version >= 55
     assert max(sizes) < 1200, sizes
     versions = p.state.datasets["tab"].version
-    merged = [k for k in store.objects if "-m" in k]
+    merged = [o.key for o in store.list(DATASETS_BUCKET) if "-m" in o.key]
     assert merged, "nothing was merged"
     latest = store.get_json(DATASETS_BUCKET, f"tab/versions/{versions}.json")
     assert len(latest["shards"]) < 30  # 120 flush shards, most of them merged
     seen: set[str] = set()
     for v in range(1, versions + 1):
-        data = load_version(store, "tab", v)  # type: ignore[arg-type]
+        data = load_version(store, "tab", v)
         ids = [str(i) for i in data.ids]
         assert len(ids) == len(set(ids)) and seen <= set(ids)  # versions grow, nothing twice
         seen = set(ids)
@@ -450,7 +426,7 @@ def test_many_versions_keep_the_snapshot_small_and_compaction_keeps_their_conten
             assert x[0] == float(k) and "ab"[label] == "ab"[k % 3 % 2]
     assert seen == {f"r{k}" for k in range(offset)}
     for key in merged:  # a merged shard holds exactly its inputs' records
-        cols = decode_shard(store.objects[key])
+        cols = decode_shard(store.get_bytes(DATASETS_BUCKET, key))
         assert len(cols["id"]) == len(set(cols["id"].tolist()))
     # recovery from the last snapshot reads the latest manifest, merged shards and all
     again = _processor(store, spec)
@@ -540,7 +516,7 @@ def test_one_dataset_name_rule_at_registration_and_lookup() -> None:
             DatasetSpec(name=bad, task=Task.TEXT, labels=("a", "b"))
         assert "ASCII" in str(info.value)
     store = FakeStore()
-    registry = DatasetRegistry(store)  # type: ignore[arg-type]
+    registry = DatasetRegistry(store)
     # a dataset.json written under a name the rule refuses (before the rule) is never read
     store.put_json(DATASETS_BUCKET, "données/dataset.json", {**TXT.to_json(), "name": "données"})
     assert registry.lookup("données") is None and store.gets == []
@@ -549,13 +525,13 @@ def test_one_dataset_name_rule_at_registration_and_lookup() -> None:
 
 
 def test_labels_over_the_label_limit_are_refused_at_registration() -> None:
-    registry = DatasetRegistry(FakeStore(), max_label_bytes=8)  # type: ignore[arg-type]
+    registry = DatasetRegistry(FakeStore(), max_label_bytes=8)
     with pytest.raises(InvalidInputError) as info:
         registry.register(DatasetSpec(name="l", task=Task.TEXT, labels=("short", "é" * 5)))  # 10 bytes
     assert "10 bytes" in str(info.value) and registry.lookup("l") is None
     registry.register(DatasetSpec(name="l", task=Task.TEXT, labels=("short", "é" * 4)))
     with pytest.raises(InvalidInputError):  # the default: the service's default label limit
-        DatasetRegistry(FakeStore()).register(DatasetSpec(name="l", task=Task.TEXT, labels=("a", "b" * 257)))  # type: ignore[arg-type]
+        DatasetRegistry(FakeStore()).register(DatasetSpec(name="l", task=Task.TEXT, labels=("a", "b" * 257)))
 
 
 def test_the_fast_path_rejects_a_registered_label_over_the_limit() -> None:
@@ -564,14 +540,14 @@ def test_the_fast_path_rejects_a_registered_label_over_the_limit() -> None:
     long = "l" * 40
     spec = DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", long), input_shape=(4,), min_new_records=30)
     store = FakeStore()
-    registry = DatasetRegistry(store, max_label_bytes=256)  # type: ignore[arg-type]
+    registry = DatasetRegistry(store, max_label_bytes=256)
     registry.register(spec)
     p = IngestProcessor(
         registry=registry,
-        store=store,
+        store=store,  # type: ignore[arg-type]
         source="/t",
         state_topic="state",
-        limits=Limits(label_bytes=16),  # type: ignore[arg-type]
+        limits=Limits(label_bytes=16),
         compaction=CompactionPolicy(min_shards=0, sweep_interval_s=0),
     )
     p.recover(None)
@@ -627,7 +603,7 @@ def test_a_text_shard_s_column_stays_within_its_byte_bound() -> None:
     ds = p.state.datasets["txt"]
     texts: dict[str, str] = {}
     for shard in [*ds.pending, *ds.unlabelled]:
-        cols = decode_shard(store.objects[shard.key])
+        cols = decode_shard(store.get_bytes(DATASETS_BUCKET, shard.key))
         assert cols["text"].nbytes <= cap, (shard.key, cols["text"].dtype, len(cols["text"]))
         if "/shards/" in shard.key:
             texts.update(zip(cols["id"].tolist(), cols["text"].tolist(), strict=True))
@@ -637,7 +613,7 @@ def test_a_text_shard_s_column_stays_within_its_byte_bound() -> None:
     registry = p._registry
     registry.register(DatasetSpec(name="txt", task=Task.TEXT, labels=("a", "b"), min_new_records=1))
     p.flush()
-    data = load_version(store, "txt", 1)  # type: ignore[arg-type]
+    data = load_version(store, "txt", 1)
     assert data.text is not None and data.text.dtype == object
     assert dict(zip(data.ids.tolist(), data.text.tolist(), strict=True)) == texts
     hold, _ = data.subset(holdout=True)
@@ -724,7 +700,7 @@ def test_the_snapshot_stays_under_its_cap_on_a_trickle_over_many_partitions() ->
         DatasetSpec(name="tab", task=Task.TABULAR, labels=("a", "b"), input_shape=(4,), min_new_records=1)
     )
     again.flush()
-    data = load_version(store, "tab", 1)  # type: ignore[arg-type]
+    data = load_version(store, "tab", 1)
     assert data.x is not None
     assert sorted(zip(data.ids.tolist(), data.x[:, 0].tolist(), strict=True)) == sorted(
         (f"r{i}", float(i)) for i in range(n)
@@ -800,11 +776,11 @@ def test_the_sweep_keeps_a_merged_shard_its_own_job_found_already_written() -> N
     p.flush()  # merges the same inputs (the object is there: not written again) and sweeps
     assert p._housekeeping.job is not None
     [again] = p._housekeeping.job.result()[0]
-    assert again.shard.key == m.shard.key and m.shard.key in store.objects
+    assert again.shard.key == m.shard.key and store.exists(DATASETS_BUCKET, m.shard.key)
     p.on_batch(_batch([_rec(f"r{k}", float(k)) for k in range(12, 15)], 12))
     p.flush()  # version 5 names the merged shard
     assert m.shard.key in {e["key"] for e in store.get_json(DATASETS_BUCKET, "tab/versions/5.json")["shards"]}
-    assert sorted(load_version(store, "tab", 5).ids.tolist()) == sorted(f"r{k}" for k in range(15))  # type: ignore[arg-type]
+    assert sorted(load_version(store, "tab", 5).ids.tolist()) == sorted(f"r{k}" for k in range(15))
     p.close()
 
 

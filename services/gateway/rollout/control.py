@@ -50,7 +50,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from cdl.errors import CdlError, NotFoundError, PermanentError, UnavailableError
 from cdl.logging import get_logger
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 from cdl.triton import TRITON_BUCKET
 
 __all__ = ["TritonControl", "config_override", "warmup_inputs"]
@@ -114,7 +114,7 @@ def _live(client: Any) -> bool:
 class TritonControl:
     """Loads, unloads, checks and warms model versions on every Triton server."""
 
-    def __init__(self, endpoints: Sequence[str], store: ObjectStore, timeout_s: float = 120.0) -> None:
+    def __init__(self, endpoints: Sequence[str], store: BlobStore, timeout_s: float = 120.0) -> None:
         if not endpoints:
             raise ValueError("no Triton servers")
         self.endpoints = tuple(endpoints)

@@ -20,7 +20,7 @@ from typing import Any
 
 from cdl.errors import NotFoundError
 from cdl.logging import get_logger
-from cdl.store import ObjectStore
+from cdl.store import BlobStore
 
 __all__ = ["MODELS_BUCKET", "ROLLOUT_OBJECT", "SERVING_OBJECT", "RolloutStore"]
 
@@ -35,7 +35,7 @@ SERVING_OBJECT = "serving.json"
 class RolloutStore:
     """``rollout.json`` and ``serving.json`` of every model."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: BlobStore) -> None:
         self._store = store
 
     def save(self, model: str, doc: Mapping[str, Any]) -> None:
