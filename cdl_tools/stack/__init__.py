@@ -239,16 +239,19 @@ class LocalStack:
 
     def _provision(self, state: dict[str, Any], progress: ProgressFn) -> None:
         from cdl.events import Topics
-        from cdl.kafka import ensure_topics
+        from cdl.provision import provision
         from cdl.store import BUCKETS, ObjectStore
 
+        m = state["minio"]
         try:
-            ensure_topics(state["kafka"]["bootstrap"], Topics.PARTITIONS)
+            provision(
+                state["kafka"]["bootstrap"],
+                ObjectStore(m["endpoint"], m["access_key"], m["secret_key"]),
+                Topics.PARTITIONS,
+            )
         except UnavailableError as exc:
             raise StackError(exc.message, **exc.context) from exc
         progress("kafka", "ready", f"{len(Topics.PARTITIONS)} topics")
-        m = state["minio"]
-        ObjectStore(m["endpoint"], m["access_key"], m["secret_key"]).ensure_buckets(*BUCKETS)
         progress("minio", "ready", f"{len(BUCKETS)} buckets")
 
     # ------------------------------------------------------------------ down

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from cdl.events import source_name
 from cdl.logging import configure_logging
+from cdl.provision import provision
 from cdl.registry import ModelRegistry
 from cdl.service import JobService
-from cdl.store import BUCKETS, ObjectStore
+from cdl.store import ObjectStore
 from services.compressor.compressor import Compressor
 from services.compressor.settings import CompressorSettings
 
@@ -15,7 +16,7 @@ __all__ = ["build", "main"]
 
 def build(settings: CompressorSettings) -> JobService:
     store = ObjectStore.from_settings(settings)
-    store.ensure_buckets(*BUCKETS)
+    provision(settings.kafka_bootstrap, store)
     compressor = Compressor(settings, store, ModelRegistry(store), source_name("compressor"))
     return JobService(
         "compressor",

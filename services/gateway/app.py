@@ -44,11 +44,12 @@ from cdl.auth import ApiKeys
 from cdl.dedupe import SqliteProcessedStore
 from cdl.errors import CdlError
 from cdl.events import Event, OutRecord, Topics, new_traceparent, source_name
-from cdl.kafka import JobLoop, Producer, RecordContext, ensure_topics
+from cdl.kafka import JobLoop, Producer, RecordContext
 from cdl.logging import configure_logging, get_logger
 from cdl.observability import HttpEndpoint, serve_http
+from cdl.provision import provision
 from cdl.rpc import add_health
-from cdl.store import BUCKETS, ObjectStore
+from cdl.store import ObjectStore
 from cdl.v1 import admin_pb2_grpc, events_pb2
 from services.gateway.dataplane import lane as lane_module
 from services.gateway.dataplane.backends import TritonPool
@@ -329,12 +330,12 @@ class GatewayApp:
         ready = ready and self.loop.assigned.is_set()
         return ready, details
 
-    def _ensure_topics(self) -> None:
+    def _provision(self) -> None:
         s = self.settings
-        partitions = dict(Topics.PARTITIONS)
+        topics = dict(Topics.PARTITIONS)
         for topic in (s.compressed_topic, s.health_topic, s.deployed_topic, s.logged_topic, s.deadletter_topic):
-            partitions.setdefault(topic, 1)
-        ensure_topics(s.kafka_bootstrap, partitions)
+            topics.setdefault(topic, 1)
+        provision(s.kafka_bootstrap, self.store, topics)
 
     def _stop(self) -> None:
         self._stopping.set()
@@ -343,8 +344,7 @@ class GatewayApp:
     async def serve(self) -> None:
         s = self.settings
         self._aio_loop = asyncio.get_running_loop()
-        self.store.ensure_buckets(*BUCKETS)
-        self._ensure_topics()
+        self._provision()
         self._worker.start()
         docs = await asyncio.to_thread(self.rollouts.load_all)
         self.execute(await asyncio.to_thread(self.manager.restore, docs))

@@ -11,12 +11,13 @@ import grpc
 from cdl import tracing
 from cdl.auth import ApiKeys, AuthInterceptor
 from cdl.events import Topics, source_name
-from cdl.kafka import Producer, TransactionalLoop, ensure_topics, read_latest
+from cdl.kafka import Producer, TransactionalLoop, read_latest
 from cdl.logging import configure_logging, get_logger
 from cdl.memory import keep_freed_memory, settle_gc
 from cdl.observability import HttpEndpoint, serve_http
+from cdl.provision import provision
 from cdl.rpc import ErrorInterceptor, add_health
-from cdl.store import BUCKETS, ObjectStore
+from cdl.store import ObjectStore
 from cdl.v1 import ingest_pb2_grpc
 from services.ingest.grpc_api import IngestServicer
 from services.ingest.processor import STATE_KEY, IngestProcessor
@@ -60,15 +61,14 @@ class IngestApp:
         self.grpc_port = 0
         self._ready = threading.Event()
 
-    def _ensure_topics(self) -> None:
+    def _provision(self) -> None:
         s = self.settings
-        partitions = dict(Topics.PARTITIONS)
+        topics = dict(Topics.PARTITIONS)
         for topic in (s.raw_topic, s.feedback_topic, s.drift_topic, s.deadletter_topic, s.updated_topic):
-            partitions.setdefault(topic, 3 if topic == s.raw_topic else 1)
-        partitions[s.state_topic] = 1
+            topics.setdefault(topic, 3 if topic == s.raw_topic else 1)
+        topics[s.state_topic] = 1
         compacted = {s.state_topic: {"cleanup.policy": "compact", "segment.ms": "600000"}}
-        for topic in ensure_topics(s.kafka_bootstrap, partitions, compacted):
-            log.info("topic created", topic=topic)
+        provision(s.kafka_bootstrap, self.store, topics, compacted)
 
     def _restore(self) -> None:
         """The processor's state as the last committed transaction left it.
@@ -81,8 +81,7 @@ class IngestApp:
 
     def start(self) -> None:
         """Start gRPC and the metrics endpoint (the stream, which recovers its state first, runs in ``run``)."""
-        self.store.ensure_buckets(*BUCKETS)
-        self._ensure_topics()
+        self._provision()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.settings.grpc_workers),
             interceptors=[AuthInterceptor(ApiKeys(self.settings.api_key_hashes)), ErrorInterceptor()],

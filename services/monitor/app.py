@@ -51,11 +51,12 @@ from cdl.datasets import Task
 from cdl.errors import DecodeError, InvalidInputError
 from cdl.events import Event, Headers, decode, encode, header_dict, new_traceparent, source_name
 from cdl.feedback import parse_feedback
-from cdl.kafka import ensure_topics, topic_partitions
+from cdl.kafka import topic_partitions
 from cdl.liveness import WATCHDOG
 from cdl.logging import configure_logging, get_logger
 from cdl.ml.drift import featurize
 from cdl.observability import HttpEndpoint, serve_http
+from cdl.provision import provision
 from cdl.registry import ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
@@ -162,8 +163,7 @@ class Monitor:
     def _ensure_topics(self) -> int:
         s = self.settings
         want = {s.logged_topic: 3, s.feedback_topic: 1, s.health_topic: 1, s.drift_topic: 1, s.raw_topic: 3}
-        for topic in ensure_topics(s.kafka_bootstrap, want):
-            log.info("topic created", topic=topic)
+        provision(s.kafka_bootstrap, None, want)
         return topic_partitions(s.kafka_bootstrap, s.logged_topic)
 
     def _wire(self) -> None:

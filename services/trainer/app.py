@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from cdl.events import Event, source_name
 from cdl.logging import configure_logging
+from cdl.provision import provision
 from cdl.registry import ModelRegistry
 from cdl.service import JobService
-from cdl.store import BUCKETS, ObjectStore
+from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.trainer.settings import TrainerSettings
 from services.trainer.trainer import Trainer
@@ -23,7 +24,7 @@ def coalesce_key(event: Event) -> str:
 
 def build(settings: TrainerSettings) -> JobService:
     store = ObjectStore.from_settings(settings)
-    store.ensure_buckets(*BUCKETS)
+    provision(settings.kafka_bootstrap, store)
     trainer = Trainer(settings, store, ModelRegistry(store), source_name("trainer"))
     return JobService(
         "trainer",

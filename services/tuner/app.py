@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from cdl.events import Event, source_name
 from cdl.logging import configure_logging
+from cdl.provision import provision
 from cdl.registry import ModelRegistry
 from cdl.service import JobService
-from cdl.store import BUCKETS, ObjectStore
+from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.tuner.settings import TunerSettings
 from services.tuner.study import sweep_study_folders
@@ -28,7 +29,7 @@ def coalesce_key(event: Event) -> str:
 
 def build(settings: TunerSettings) -> JobService:
     store = ObjectStore.from_settings(settings)
-    store.ensure_buckets(*BUCKETS)
+    provision(settings.kafka_bootstrap, store)
     sweep_study_folders()  # a tuner killed mid-study (-9) left its split on disk
     tuner = Tuner(settings, store, ModelRegistry(store), source_name("tuner"))
     return JobService(

@@ -63,3 +63,22 @@ def test_an_object_may_be_written_in_parts(object_store: ObjectStore) -> None:
 def test_the_stack_created_the_layout_buckets(object_store: ObjectStore) -> None:
     for bucket in BUCKETS:
         assert object_store.client.bucket_exists(bucket)
+
+
+def test_provision_creates_the_buckets_and_missing_topics_once(object_store: ObjectStore, kafka_bootstrap: str) -> None:
+    from cdl.events import Topics
+    from cdl.kafka import topic_partitions
+    from cdl.provision import provision
+
+    own, compacted = f"test.provision.{uuid.uuid4().hex[:8]}", f"test.provision-state.{uuid.uuid4().hex[:8]}"
+    created = provision(
+        kafka_bootstrap,
+        object_store,
+        {own: 2, compacted: 1, Topics.DATA_RAW: 1},  # cdl's own topic keeps cdl's count
+        {compacted: {"cleanup.policy": "compact"}},
+    )
+    assert set(created) == {own, compacted}  # data.raw: the session's stack created it already
+    assert topic_partitions(kafka_bootstrap, own) == 2
+    assert topic_partitions(kafka_bootstrap, Topics.DATA_RAW) == Topics.PARTITIONS[Topics.DATA_RAW]
+    assert not any(object_store.exists(b, "no-such-key") for b in BUCKETS)  # every bucket is there to ask
+    assert provision(kafka_bootstrap, object_store, {own: 2}) == []  # idempotent
