@@ -49,6 +49,7 @@ from cdl.errors import UnavailableError
 from cdl.events import Headers, InBatch
 from cdl.logging import get_logger
 from cdl.observability import count_consume_error
+from cdl.settings import NativeSettings
 
 __all__ = ["LIBRDKAFKA_VERSIONS", "NativeConsumer", "available"]
 
@@ -83,7 +84,7 @@ def _supported(version: int) -> bool:
 
 @functools.cache
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("CDL_KAFKA_NO_NATIVE"):
+    if NativeSettings().kafka_no_native:
         return None
     rdkafka = _librdkafka()
     if rdkafka is None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from cdl.errors import ConfigError
 from cdl.logging import get_logger
-from cdl.settings import cdl_home
+from cdl.settings import NativeSettings, cdl_home
 
 __all__ = ["CFLAGS", "PRUNE_AFTER_S", "NativeBuildError", "build", "fallback", "go_program", "load", "required"]
 
@@ -59,12 +59,10 @@ class NativeBuildError(ConfigError):
 def required() -> bool:
     """Whether a helper that cannot be built is an error rather than a fallback.
 
-    ``CDL_NATIVE_REQUIRED=1`` (or ``0``) says so; unset, it is required under CI (``CI=true``).
+    ``CDL_NATIVE_REQUIRED=1`` (or ``0``) says so; unset, it is required under CI (``CI=true``)
+    (:class:`cdl.settings.NativeSettings`).
     """
-    value = os.environ.get("CDL_NATIVE_REQUIRED")
-    if value is None:
-        value = os.environ.get("CI", "")
-    return value.strip().lower() in ("1", "true", "yes")
+    return NativeSettings().required()
 
 
 def fallback(message: str, **context: object) -> None:
@@ -76,7 +74,7 @@ def fallback(message: str, **context: object) -> None:
 
 
 def _compiler_argv() -> list[str]:
-    cc = os.environ.get("CC")
+    cc = NativeSettings().cc
     argv = shlex.split(cc) if cc else [shutil.which("cc") or shutil.which("gcc") or ""]
     if not argv or not argv[0]:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")

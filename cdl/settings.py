@@ -13,12 +13,13 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdl.failure import FailurePolicy
 
 __all__ = [
+    "NativeSettings",
     "ServiceSettings",
     "cdl_home",
     "default_state_dir",
@@ -136,3 +137,34 @@ def _endpoints(variable: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{variable} is not a JSON list of host:port: {raw[:200]}")
     return value
+
+
+class NativeSettings(BaseSettings):
+    """The native helpers' switches (``cdl.native``, ``cdl.kafka_native``, ingest's scanner),
+    read by every process that may build or load them; env prefix ``CDL_``."""
+
+    model_config = SettingsConfigDict(env_prefix="CDL_", extra="ignore", use_attribute_docstrings=True)
+
+    native_required: bool | None = None
+    """Whether a C helper that cannot be built or loaded is an error (true) or a fallback to the
+    pure-Python path with a warning (false); unset: an error under CI (``CI=true``)."""
+    ci: str = Field(default="", validation_alias="CI")
+    """Set by CI systems: ``true`` (or ``1``, ``yes``) makes a helper that cannot be built an error."""
+    cc: str = Field(default="", validation_alias="CC")
+    """The C compiler (and its leading arguments) the helpers are built with; empty: ``cc``, else
+    ``gcc``, on PATH."""
+    kafka_no_native: bool = False
+    """Consume through confluent-kafka's ``Consumer`` instead of the columnar C consumer
+    (``cdl/rdbatch.c``): same semantics, more CPU per record."""
+    ingest_no_fastscan: bool = False
+    """Every ingest record takes the careful Python path, and seen ids are kept in a Python set
+    (no C helper from ``services/ingest/fastscan.c``)."""
+    fastscan_lib: str = ""
+    """A prebuilt ingest scanner to load instead of building one (the fuzz test's hook for a
+    build with AddressSanitizer and UBSan); empty: build it."""
+
+    def required(self) -> bool:
+        """Whether a helper that cannot be built is an error rather than a fallback."""
+        if self.native_required is not None:
+            return self.native_required
+        return self.ci.strip().lower() in ("1", "true", "yes")

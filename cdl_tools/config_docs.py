@@ -36,6 +36,7 @@ DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 SETTINGS_CLASSES: tuple[str, ...] = (
     "cdl_tools.settings.StackSettings",
     "cdl.settings.ServiceSettings",
+    "cdl.settings.NativeSettings",
     "services.ingest.settings.IngestSettings",
     "services.trainer.settings.TrainerSettings",
     "services.tuner.settings.TunerSettings",
@@ -93,33 +94,6 @@ Python gateway instead of sending them to Triton's HTTP ports. What happens to a
 its supervisor restarts it): docs/reliability.md, "Liveness".
 """,
 }
-
-#: variables read from the environment directly, by no settings class: (variable, effect)
-_SWITCHES: tuple[tuple[str, str], ...] = (
-    (
-        "CDL_KAFKA_NO_NATIVE=1",
-        "`TransactionalLoop` (ingest) consumes through confluent-kafka's `Consumer` instead of the columnar C "
-        "consumer (`cdl/rdbatch.c`); same semantics, more CPU per record.",
-    ),
-    (
-        "CDL_INGEST_NO_FASTSCAN=1",
-        "every ingest record takes the careful Python path, and seen ids are kept in a Python set (no C helper "
-        "from `services/ingest/fastscan.c`).",
-    ),
-)
-
-
-def _switches() -> str:
-    lines = [
-        "## Switches outside the settings classes",
-        "",
-        "These are read from the environment directly, by no settings class.",
-        "",
-        "| variable | effect |",
-        "|---|---|",
-        *(f"| `{variable}` | {effect} |" for variable, effect in _SWITCHES),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def _qualname(cls: type) -> str:
@@ -270,7 +244,7 @@ def _section(cls: type[BaseSettings]) -> str:
 
 def render() -> str:
     """The text of docs/configuration.md."""
-    parts = [_PREAMBLE, *(_section(cls) for cls in documented_classes()), _switches()]
+    parts = [_PREAMBLE, *(_section(cls) for cls in documented_classes())]
     return "\n".join(parts)
 
 

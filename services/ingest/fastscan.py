@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import orjson
 from cdl import native
 from cdl.datasets import DatasetSpec, Task
 from cdl.events import InBatch
+from cdl.settings import NativeSettings
 from services.ingest.records import Limits
 
 __all__ = [
@@ -61,9 +61,10 @@ _u32p = np.ctypeslib.ndpointer(dtype=np.uint32, flags="C_CONTIGUOUS")
 @functools.cache
 def _load() -> ctypes.CDLL | None:
     """Build (once per source version) and load the scanner; None when that is impossible."""
-    if os.environ.get("CDL_INGEST_NO_FASTSCAN"):
+    switches = NativeSettings()
+    if switches.ingest_no_fastscan:
         return None
-    prebuilt = os.environ.get("CDL_FASTSCAN_LIB")
+    prebuilt = switches.fastscan_lib
     lib = ctypes.CDLL(prebuilt) if prebuilt else native.load(_SOURCE)
     if lib is None:
         return None
