@@ -103,6 +103,18 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> int:
         consumer.close()
 
 
+def end_offsets(bootstrap: str, topic: str) -> int:
+    """The sum of ``topic``'s high watermarks: how many offsets it holds (records, and the
+    transaction markers of transactional producers)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-ends-{uuid.uuid4().hex}"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        partitions = sorted(meta.partitions) if meta is not None and meta.error is None else []
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
+    finally:
+        consumer.close()
+
+
 def wait_committed(bootstrap: str, group: str, topic: str, offset: int, timeout_s: float = 60.0) -> None:
     """Wait until ``group`` committed past the first ``offset`` records of ``topic``: a
     transactional service has then handled them, and whatever it produced for them is committed

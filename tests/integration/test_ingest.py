@@ -19,7 +19,7 @@ from cdl.events import decode
 from cdl.kafka import ensure_topics
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import metric_value, read_topic, run_cdl
+from tests.helpers import metric_value, read_topic, run_cdl, wait_committed
 
 LABELS = ["a", "b", "c"]
 
@@ -142,7 +142,8 @@ def test_each_malformed_kind_is_dead_lettered_with_its_reason(
     for value in stream:
         producer.produce(ingest_topics["raw"], value, key=b"k")  # one partition keeps the order
     producer.flush()
-    time.sleep(1.5)  # the duplicate must come after its original is committed
+    # the duplicate must come after its original is committed
+    wait_committed(kafka_bootstrap, ingest_topics["group"], ingest_topics["raw"], len(stream))
     producer.produce(ingest_topics["raw"], bad["duplicate_id"], key=b"k")
     producer.flush()
 
@@ -322,7 +323,7 @@ def test_late_labels_from_data_feedback(
     for i in range(2):  # unlabelled: they wait for a label
         producer.produce(raw, json.dumps({"dataset": name, "id": f"u{i}", "features": [9, 9, 9, i]}).encode())
     producer.flush()
-    time.sleep(1.5)
+    wait_committed(kafka_bootstrap, ingest_topics["group"], raw, 5)  # all five ingested first
 
     def label(rid: str, lab: str) -> None:
         producer.produce(feedback, json.dumps({"dataset": name, "record_id": rid, "label": lab}).encode())

@@ -26,7 +26,7 @@ from cdl.registry import MODELS_BUCKET
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 from cdl.v1 import open_inference_pb2 as pb
-from tests.helpers import metric_value, read_committed, read_topic, wait_for
+from tests.helpers import end_offsets, metric_value, read_committed, read_topic, wait_committed, wait_for
 from tests.models import write_affine
 
 LABELS = ["a", "b", "c"]
@@ -151,7 +151,8 @@ def test_labels_joined_to_logged_requests_give_each_version_its_accuracy_and_bec
     wait_for(lambda: _metric(mon, "cdl_monitor_feedback_total", outcome="unmatched") == 5, 30, "unmatched labels")
     assert _metric(mon, "cdl_monitor_feedback_total", outcome="skipped") == 1
     assert _metric(mon, "cdl_monitor_feedback_total", outcome="joined") == 60
-    time.sleep(1.0)  # ingest had the whole labels topic in its flushes by now
+    # ingest handled the whole labels topic (written by a plain producer: its end is its records)
+    wait_committed(kafka_bootstrap, ingest_topics["group"], feedback, end_offsets(kafka_bootstrap, feedback))
     dead = read_topic(kafka_bootstrap, ingest_topics["deadletter"], expected=10**6, timeout_s=1.5)
     assert [dict(r.headers).get("cdl-error") for r in dead] == [b"unknown_dataset"]  # only the record's label
 
@@ -257,7 +258,7 @@ def test_a_drift_alert_cuts_a_version_early_and_a_retraining_runs(
         doc = {"dataset": name, "id": f"e{i}", "features": DIGITS.data[i].tolist(), "label": str(DIGITS.target[i])}
         p.send_raw(ingest_topics["raw"], json.dumps(doc).encode())
     p.flush()
-    time.sleep(2.0)  # several flushes: 600 of a million is no version
+    wait_committed(kafka_bootstrap, ingest_topics["group"], ingest_topics["raw"], 600)  # 600 of a million: no version
     assert [u for u in _events(kafka_bootstrap, ingest_topics["updated"]) if u.dataset == name] == []
     alert = events_pb2.DriftDetected(model=name, version=1, dataset=name, test="mmd", statistic=0.4, threshold=0.01)
     p.send(drift_topic, Event(alert, source="/cdl/test", key=name))
