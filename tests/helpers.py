@@ -200,15 +200,8 @@ def register_digits(
 ) -> None:
     """Register an 8x8-digits image dataset (labels 0-9, holdout 0.2) through ingest's gRPC API."""
     from cdl.v1 import ingest_pb2, ingest_pb2_grpc
+    from cdl_tools.demo import digits_spec
 
-    spec = ingest_pb2.DatasetSpec(
-        name=name,
-        task=ingest_pb2.TASK_IMAGE_CLASSIFICATION,
-        input_shape=[1, 8, 8],
-        dtype="float32",
-        labels=[str(i) for i in range(10)],
-        policy=ingest_pb2.RetrainPolicy(min_new_records=min_new_records, max_interval_s=max_interval_s),
-        holdout_fraction=0.2,
-        family=family,
-    )
+    spec = digits_spec(min_new_records, max_interval_s, name)
+    spec.family = family
     ingest_pb2_grpc.IngestServiceStub(channel).RegisterDataset(ingest_pb2.RegisterDatasetRequest(spec=spec), timeout=10)

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from cdl.events import decode
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
+from cdl_tools.demo import digits_spec
 from tests.helpers import committed_payloads, read_topic, register_digits, wait_for
 
 DIGITS = load_digits()
@@ -29,16 +30,9 @@ FAST = {"canary_steps": "[0.5, 1.0]", "min_samples": "10", "step_min_s": "0.3", 
 
 
 def _spec(name: str, family: str) -> ingest_pb2.DatasetSpec:
-    return ingest_pb2.DatasetSpec(
-        name=name,
-        task=ingest_pb2.TASK_IMAGE_CLASSIFICATION,
-        input_shape=[1, 8, 8],
-        dtype="float32",
-        labels=[str(i) for i in range(10)],
-        policy=ingest_pb2.RetrainPolicy(min_new_records=700),
-        holdout_fraction=0.2,
-        family=family,
-    )
+    spec = digits_spec(700, 0.0, name)
+    spec.family = family
+    return spec
 
 
 def test_an_unknown_family_is_refused_at_registration(ingest_factory: Any) -> None:
