@@ -41,6 +41,12 @@ def committed_payloads(bootstrap: str, topic: str) -> list[Any]:
     return [decode(r.key, r.value, list(r.headers.items())).payload for r in read_committed(bootstrap, topic, 10**6, 2)]
 
 
+def _partitions(consumer: Consumer, topic: str, timeout_s: float = 10.0) -> list[int]:
+    """``topic``'s partitions as the broker lists them (none when it does not exist yet)."""
+    meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    return sorted(meta.partitions) if meta is not None and meta.error is None else []
+
+
 def read_topic(
     bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0, isolation: str = "read_uncommitted"
 ) -> list[Rec]:
@@ -61,8 +67,7 @@ def read_topic(
     deadline = time.monotonic() + timeout_s
     partitions: list[int] = []
     while not partitions and time.monotonic() < deadline + 10:
-        meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
-        partitions = sorted(meta.partitions) if meta is not None and meta.error is None else []
+        partitions = _partitions(consumer, topic, timeout_s=5)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     out: list[Rec] = []
     at_end: set[int] = set()  # partitions read to their end, and nothing read from them since
@@ -95,8 +100,7 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> int:
     partitions (asked of the group's coordinator; the group is not joined)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        partitions = sorted(meta.partitions) if meta is not None and meta.error is None else []
+        partitions = _partitions(consumer, topic)
         done = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
         return sum(max(tp.offset, 0) for tp in done)
     finally:
@@ -108,8 +112,7 @@ def end_offsets(bootstrap: str, topic: str) -> int:
     transaction markers of transactional producers)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-ends-{uuid.uuid4().hex}"})
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        partitions = sorted(meta.partitions) if meta is not None and meta.error is None else []
+        partitions = _partitions(consumer, topic)
         return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)
     finally:
         consumer.close()
