@@ -115,12 +115,9 @@ class LocalStack:
             KafkaComponent("kafka", d / "kafka", kafka_ports, settings=s),
             MinioComponent("minio", d / "minio", minio_ports, settings=s),
         ]
-        postgres: PostgresComponent | None = None
         if s.postgres:
-            postgres = PostgresComponent(
-                "postgres", d / "postgres", old_ports("postgres") or {"port": self._port(s.postgres_port)}, settings=s
-            )
-            comps.append(postgres)
+            pg_ports = old_ports("postgres") or {"port": self._port(s.postgres_port)}
+            comps.append(PostgresComponent("postgres", d / "postgres", pg_ports, settings=s))
         for i in range(s.triton_servers):
             name = f"triton-{i}"
             base = s.triton_base_port + 3 * i if s.triton_base_port else 0
@@ -142,9 +139,7 @@ class LocalStack:
             key_hash = hashlib.sha256(api_key.encode()).hexdigest() if api_key and name in grpc_services else ""
             extra: dict[str, str] = {}
             if name == "tuner":
-                extra["CDL_TUNER_WORKERS"] = str(s.tuner_workers)
-                if postgres is not None:
-                    extra["CDL_TUNER_STORAGE_URL"] = postgres.url
+                extra["CDL_TUNER_WORKERS"] = str(s.tuner_workers)  # its storage: service_env
             comps.append(ServiceComponent(name, d / name, ports, settings=s, api_key_hash=key_hash, extra_env=extra))
         return comps
 
