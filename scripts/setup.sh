@@ -33,7 +33,8 @@ if ! command -v uv >/dev/null 2>&1; then
   "$PY" -m pip install -q --disable-pip-version-check uv
 fi
 UV=$(command -v uv || echo "$("$PY" -c 'import sysconfig;print(sysconfig.get_path("scripts"))')/uv")
-"$UV" sync --locked --extra tools --python "$PY" -q  # the tooling runs every service: all extras
+# the tooling runs every service: all extras; compiled to bytecode once here, not by each process
+"$UV" sync --locked --extra tools --python "$PY" -q --compile-bytecode
 ok "venv: $CDL_VENV ($("$CDL_VENV/bin/python" --version))"
 
 step "Java (Kafka runs on Java 17+)"

@@ -6,16 +6,20 @@
 #   scripts/test.sh unit|native|integration|e2e [pytest args]   one tier, no lint (unit: seconds)
 #   scripts/test.sh lint              ruff, mypy, the stubs, buf
 #   scripts/test.sh tests/unit -k events   any other arguments go to pytest, after the lint
+# Tests run in CDL_TEST_WORKERS processes (pytest-xdist; default 2, 0 = in this process), a test
+# file to a worker; the workers share one local stack (tests/conftest.py), and the tests that
+# stop the broker have their own (tests/integration/broker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 py="$CDL_VENV/bin/python"
+workers=(--numprocesses "${CDL_TEST_WORKERS:-2}" --dist loadfile)
 
 case "${1:-}" in
   unit|native|integration|e2e)
     tier=$1
     shift
-    exec "$py" -m pytest -p no:cacheprovider "tests/$tier" "$@"
+    exec "$py" -m pytest -p no:cacheprovider "${workers[@]}" "tests/$tier" "$@"
     ;;
 esac
 
@@ -36,4 +40,4 @@ elif [[ "${CI:-}" == "true" ]]; then
 fi
 if [[ "${1:-}" == "lint" ]]; then exit 0; fi
 echo "==> pytest"
-"$py" -m pytest -p no:cacheprovider "${@:-tests}"
+"$py" -m pytest -p no:cacheprovider "${workers[@]}" "${@:-tests}"

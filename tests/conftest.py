@@ -9,7 +9,10 @@ and are skipped with the reason elsewhere.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,37 +38,95 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.native)
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The session's local stack: its state (endpoints) as written to stack.json."""
-    state_dir = tmp_path_factory.mktemp("stack")
-    settings = StackSettings(state_dir=state_dir, triton_servers=2, services=[])
-    local = LocalStack(settings)
+#: where a stack shared by several pytest processes lives (pytest-xdist's workers, or the
+#: phases of scripts/test.sh): started by the first that needs it, stopped by whoever set it
+SHARED_STACK = "CDL_TEST_SHARED_STACK"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With workers (``-n``), one stack for all of them: its directory goes to the workers in
+    their environment, and this (the controller) stops it at the end."""
+    if os.environ.get(SHARED_STACK) or hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return
+    os.environ[SHARED_STACK] = tempfile.mkdtemp(prefix="cdl-test-stack-")
+    config.stash[_OWNED] = Path(os.environ[SHARED_STACK])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    owned = config.stash.get(_OWNED, None)
+    if owned is not None:
+        stop_shared_stack(owned)
+
+
+_OWNED = pytest.StashKey[Path]()
+
+
+def stop_shared_stack(shared: Path) -> None:
+    """Stop the stack a :data:`SHARED_STACK` directory holds (if one started) and remove it."""
+    if (shared / "stack" / "stack.json").exists():
+        LocalStack(_stack_settings(shared / "stack")).down(purge=True)
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def _stack_settings(state_dir: Path) -> StackSettings:
+    return StackSettings(state_dir=state_dir, triton_servers=2, services=[])
+
+
+def start_stack(local: LocalStack) -> dict[str, Any]:
+    """``local.up()``; a stack that does not start fails the test under CI, skips it elsewhere."""
     try:
-        state = local.up()
+        return local.up()
     except CdlError as exc:
         local.down(purge=True)
         message = f"local stack did not start: {exc} (run scripts/setup.sh)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+def _shared(shared: Path) -> dict[str, Any]:
+    """The shared stack: started here if no process started it yet (one at a time, by a lock)."""
+    shared.mkdir(parents=True, exist_ok=True)
+    local = LocalStack(_stack_settings(shared / "stack"))
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while the first process starts it (a minute at most)
+        if (shared / "up").exists():
+            return local.read_state()
+        state = start_stack(local)
+        (shared / "up").touch()
+        return state
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The session's local stack: its state (endpoints) as written to stack.json. One per test
+    session, or one for all the processes that share :data:`SHARED_STACK`."""
+    shared = os.environ.get(SHARED_STACK)
+    local = None if shared else LocalStack(_stack_settings(tmp_path_factory.mktemp("stack")))
+    state = start_stack(local) if local is not None else _shared(Path(str(shared)))
     # what the stack gives its services: the services and settings the tests start read it
     os.environ.update(service_env(state))
     try:
         yield state
     finally:
-        local.down(purge=True)
+        if local is not None:
+            local.down(purge=True)
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap(stack: dict[str, Any]) -> str:
+def bootstrap_of(stack: dict[str, Any]) -> str:
+    """The Kafka bootstrap servers of ``stack``."""
     return str(stack["kafka"]["bootstrap"])
 
 
-@pytest.fixture(scope="session")
-def object_store(stack: dict[str, Any]) -> ObjectStore:
+def store_of(stack: dict[str, Any]) -> ObjectStore:
+    """The object store (MinIO) of ``stack``."""
     m = stack["minio"]
     return ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+
+
+# the session stack's; a folder with a stack of its own registers the same under its scope
+kafka_bootstrap = pytest.fixture(scope="session", name="kafka_bootstrap")(bootstrap_of)
+object_store = pytest.fixture(scope="session", name="object_store")(store_of)
 
 
 @pytest.fixture(scope="session")

@@ -146,6 +146,23 @@ def run_cdl(*args: str, state_dir: Path, timeout: float = 180) -> subprocess.Com
     )
 
 
+def cdl_in_process(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
+    """:func:`run_cdl` in this process (no interpreter start, no imports again: for the many
+    short error paths); an exception the command let out is a traceback in ``stderr``, as a
+    user would see it."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from cdl_tools.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"CDL_STATE_DIR": str(state_dir), "COLUMNS": "200"})
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["cdl", *args], result.exit_code, result.stdout, stderr)
+
+
 def broker_proc(stack: dict[str, Any]) -> ProcInfo:
     """The session stack's Kafka broker process."""
     state = json.loads((Path(stack["state_dir"]) / "stack.json").read_text())
@@ -162,8 +179,10 @@ def restart_broker(stack: dict[str, Any], sig: signal.Signals) -> None:
         time.sleep(0.1)
     assert not is_alive(info), "broker did not stop"
     time.sleep(2)  # clients notice it is gone
-    servers = len(stack["triton"])  # the session's stack as it is (the gateway's tests use every Triton)
-    LocalStack(StackSettings(state_dir=Path(stack["state_dir"]), triton_servers=servers, services=[])).up()
+    # the stack as it was: its Tritons (the gateway's tests use every one), PostgreSQL if it had one
+    servers, postgres = len(stack.get("triton", [])), bool(stack.get("postgres"))
+    settings = StackSettings(state_dir=Path(stack["state_dir"]), triton_servers=servers, postgres=postgres, services=[])
+    LocalStack(settings).up()
 
 
 def wait_for(cond: Any, timeout_s: float, what: str = "a condition", interval_s: float = 0.2) -> Any:

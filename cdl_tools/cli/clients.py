@@ -203,11 +203,29 @@ def inference_client(target: str) -> Any:
 
 
 def kafka_bootstrap(given: str | None, state_dir: Path | None, option: str) -> str:
-    """``given``, else the stack's Kafka bootstrap servers (``option`` is the flag that gives them)."""
+    """``given``, else the stack's Kafka bootstrap servers (``option`` is the flag that gives
+    them); one line at once when no broker listens there."""
     bootstrap = given or stack_state(state_dir).get("kafka", {}).get("bootstrap")
     if not bootstrap:
         fail(f"[red]no Kafka: start the stack (cdl stack up) or pass {option}[/]")
+    _listening(str(bootstrap))
     return str(bootstrap)
+
+
+def _listening(bootstrap: str, timeout_s: float = 2.0) -> None:
+    """Fail in one line when no address of ``bootstrap`` accepts a connection: a stopped stack
+    is said at once, not after the Kafka client's own timeouts (seconds)."""
+    import socket
+
+    refused: list[str] = []
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout_s):
+                return
+        except (OSError, ValueError) as exc:
+            refused.append(f"{address.strip()} ({exc})")
+    fail(f"[red]kafka unreachable[/]: no broker answers at {', '.join(refused)}; is the stack up (cdl stack up)?")
 
 
 def producer(bootstrap: str, message_timeout_ms: int) -> Producer:
@@ -225,10 +243,11 @@ def deliver(sender: Producer, timeout_s: float, failure: str) -> None:
         fail(f"[red]{failure}[/]: {exc}")
 
 
-def kafka_reader(open_reader: Callable[[], _T]) -> _T:
-    """``open_reader()``, a reader of the stack's topics; Kafka unreachable is one line."""
+def kafka_reader(bootstrap: str, open_reader: Callable[[str], _T]) -> _T:
+    """``open_reader(bootstrap)``, a reader of the stack's topics; Kafka unreachable is one line."""
+    _listening(bootstrap)
     try:
-        return open_reader()
+        return open_reader(bootstrap)
     except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
         fail(f"[red]kafka unreachable[/]: {exc}")
 

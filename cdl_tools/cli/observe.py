@@ -50,7 +50,7 @@ def status(
     from cdl_tools.stack._watch import HealthReader
 
     state = clients.running_state(state_dir, "kafka")
-    reader = clients.kafka_reader(lambda: HealthReader(state["kafka"]["bootstrap"]))
+    reader = clients.kafka_reader(state["kafka"]["bootstrap"], HealthReader)
     try:
         reader.poll(5.0)
         rows, alerts = reader.rows(), reader.alert_rows()
@@ -89,7 +89,7 @@ def report(
     from cdl_tools.report import LoopEvents, write_report
 
     state = clients.running_state(state_dir, "kafka", "minio")
-    events = clients.kafka_reader(lambda: LoopEvents(state["kafka"]["bootstrap"], model))
+    events = clients.kafka_reader(state["kafka"]["bootstrap"], lambda b: LoopEvents(b, model))
     try:
         events.poll(10.0)
         view = events.view(clients.object_store(state), state.get("started_at", 0.0))

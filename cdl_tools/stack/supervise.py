@@ -3,13 +3,14 @@
 ::
 
     python -m cdl_tools.stack.supervise --name NAME --live-url URL --state PATH \\
-        [--backoff-max-s 30] [--probe-interval-s 2] [--probe-failures 3] -- ARGV...
+        [--backoff-min-s 1] [--backoff-max-s 30] [--probe-interval-s 2] [--probe-failures 3] -- ARGV...
 
 runs ``ARGV`` as a child in the supervisor's own process group (so signalling the group
 stops both) and
 
 - restarts it whenever it exits (any code or signal) unless a stop was asked for, after a
-  backoff of 1 s, 2 s, 4 s … at most ``--backoff-max-s``, back to 1 s once a child ran 60 s;
+  backoff of ``--backoff-min-s`` (1 s), 2 s, 4 s … at most ``--backoff-max-s``, back to the
+  first step once a child ran 60 s;
 - probes ``GET <live-url>`` every ``--probe-interval-s`` once the child answered 200 there,
   and SIGKILLs and restarts a child that is not live ``--probe-failures`` times in a row
   (an answer other than 200, or none); before its first 200 a child is starting, not failing;
@@ -58,16 +59,18 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass
 class Backoff:
-    """The wait before each restart: 1 s, 2 s, 4 s … at most ``max_s``; 1 s again after a long run."""
+    """The wait before each restart: ``min_s`` (1 s), twice that, four times … at most ``max_s``;
+    ``min_s`` again after a long run."""
 
     max_s: float = 30.0
     reset_after_s: float = RESET_AFTER_S
-    _next: float = 1.0
+    min_s: float = 1.0
+    _next: float | None = None
 
     def next(self, ran_s: float) -> float:
         """The wait before restarting a child that ran ``ran_s`` seconds."""
-        if ran_s >= self.reset_after_s:
-            self._next = 1.0
+        if self._next is None or ran_s >= self.reset_after_s:
+            self._next = self.min_s
         delay = min(self._next, self.max_s)
         self._next = min(self._next * 2, self.max_s)
         return delay
@@ -116,6 +119,7 @@ class Supervisor:
         live_url: str,
         state_path: Path,
         backoff_max_s: float = 30.0,
+        backoff_min_s: float = 1.0,
         probe_interval_s: float = 2.0,
         probe_failures: int = 3,
     ) -> None:
@@ -123,7 +127,7 @@ class Supervisor:
         self.argv = list(argv)
         self.live_url = live_url
         self.state_path = state_path
-        self.backoff = Backoff(backoff_max_s)
+        self.backoff = Backoff(backoff_max_s, min_s=backoff_min_s)
         self.probe_interval_s = probe_interval_s
         self.probe_failures = max(1, probe_failures)
         self.stopping = False
@@ -256,6 +260,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--live-url", required=True, help="liveness endpoint, e.g. http://127.0.0.1:9100/healthz")
     p.add_argument("--state", required=True, type=Path, help="where to write the supervisor's state (JSON)")
     p.add_argument("--backoff-max-s", type=float, default=30.0, help="longest wait before a restart")
+    p.add_argument("--backoff-min-s", type=float, default=1.0, help="the first wait before a restart")
     p.add_argument("--probe-interval-s", type=float, default=2.0, help="seconds between liveness probes")
     p.add_argument("--probe-failures", type=int, default=3, help="failed probes in a row that restart the child")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- the command to run")
@@ -276,6 +281,7 @@ def main(args: Sequence[str] | None = None) -> int:
         ns.live_url,
         ns.state,
         backoff_max_s=ns.backoff_max_s,
+        backoff_min_s=ns.backoff_min_s,
         probe_interval_s=ns.probe_interval_s,
         probe_failures=ns.probe_failures,
     ).run()

@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from cdl.kafka import ensure_topics
+from cdl_tools.stack import service_env
 from cdl_tools.stack._procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -149,8 +150,8 @@ class ServiceFactory:
 
     def __call__(self, **overrides: str) -> ServiceProcess:
         prefix = f"CDL_{self.name.upper()}_"
-        env = dict(os.environ)
-        env.update({"CDL_STATE_DIR": self.stack["state_dir"], "PYTHONPATH": str(ROOT)})
+        env = dict(os.environ)  # pointed at the test's stack, whichever the environment names
+        env.update({**service_env(self.stack), "CDL_STATE_DIR": self.stack["state_dir"], "PYTHONPATH": str(ROOT)})
         env[prefix + "METRICS_PORT"] = str(free_port())
         env.update({prefix + k.upper(): v for k, v in {**self.settings, **overrides}.items()})
         svc = ServiceProcess(self.name, env, self.tmp_path / f"{self.name}-{len(self.started)}.log")

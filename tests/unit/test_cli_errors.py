@@ -1,6 +1,7 @@
 """Every daily command with no stack, or with a stack recorded but stopped: a one-line error
 and a non-zero exit, never a traceback (no servers needed; the running stack's unknown-model
-and bad-input paths are in tests/e2e/test_demo.py)."""
+and bad-input paths are in tests/e2e/test_demo.py). The matrix runs the commands in this
+process; one case and the argument errors run the command as a user does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cdl
+from tests.helpers import cdl_in_process, run_cdl
 
 
 def _closed_port() -> int:
@@ -61,12 +62,21 @@ def test_without_a_running_stack_each_command_says_so_in_one_line(
     inputs = tmp_path / "x.json"
     inputs.write_text(json.dumps([0.0] * 64))
     args = [a.format(inputs=inputs, out=tmp_path / "report") for a in command]
-    out = run_cdl(*args, state_dir=state_dir, timeout=90)
+    out = cdl_in_process(*args, state_dir=state_dir)
     text = out.stdout + out.stderr
     assert out.returncode != 0, text
     assert "Traceback" not in text, text
     lines = [line for line in out.stdout.strip().splitlines() if line.strip()]
     assert 1 <= len(lines) <= 2, text  # one message (rich may wrap it once at 200 columns)
+
+
+def test_as_a_user_runs_it_a_stopped_stack_is_one_line_at_once(tmp_path: Path) -> None:
+    """The same, through the installed entry point in a process of its own: the broker's
+    address refuses, so the command says so without waiting on the Kafka client's timeouts."""
+    out = run_cdl("status", state_dir=_stopped_stack(tmp_path / "stack"), timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert out.stdout.startswith("kafka unreachable: no broker answers at 127.0.0.1:"), out.stdout
+    assert "is the stack up" in out.stdout and len(out.stdout.strip().splitlines()) == 1
 
 
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) -> None:

@@ -213,14 +213,14 @@ def test_sigterm_stops_the_child_and_the_supervisor_exits_0_without_a_restart(su
 
 
 def test_the_backoff_doubles_up_to_its_cap(supervise: Callable[..., Run]) -> None:
-    run = supervise("--backoff-max-s", "2", mode="exit 3")  # the child exits at once, each time
+    run = supervise("--backoff-min-s", "0.25", "--backoff-max-s", "0.5", mode="exit 3")  # exits at once, each time
     run.wait("three restarts, the third child exited", lambda s: s["restarts"] == 3 and s["child_pid"] is None)
     lines = run.restart_lines()
-    assert [line["backoff_s"] for line in lines][:3] == [1.0, 2.0, 2.0]
+    assert [line["backoff_s"] for line in lines][:3] == [0.25, 0.5, 0.5]
     assert all("exited with code 3" in line["msg"] for line in lines)
     starts = [float(line.split()[1]) for line in run.lines(".starts")]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert gaps[0] >= 1.0 and gaps[1] >= 2.0 and gaps[2] >= 2.0, gaps
+    assert gaps[0] >= 0.25 and gaps[1] >= 0.5 and gaps[2] >= 0.5, gaps
     assert run.state()["last_exit"]["code"] == 3
 
 
