@@ -61,7 +61,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         opts = ort.SessionOptions()
-        threads = int(os.environ.get("CDL_ORT_THREADS", "1"))
+        # the entry's intra_op_thread_count (cdl.triton.render_config), as the onnxruntime backend reads it
+        threads = int(config.get("parameters", {}).get("intra_op_thread_count", {}).get("string_value", "1"))
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]

@@ -72,6 +72,9 @@ class ModelSpec:
     instance_kind: str = "KIND_CPU"
     max_queue_delay_us: int = 200
     preferred_batch_sizes: tuple[int, ...] = field(default_factory=tuple)
+    #: ONNX Runtime's intra-op threads per instance: the ``intra_op_thread_count`` parameter,
+    #: which Triton's onnxruntime backend and cdl's python-backend runner both read
+    intra_op_threads: int = 1
 
 
 def _tensor_block(kind: str, tensors: tuple[TensorSpec, ...]) -> str:
@@ -97,7 +100,8 @@ def render_config(spec: ModelSpec) -> str:
     batching += f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n}}\n"
     instances = f"instance_group [\n  {{\n    count: {spec.instance_count}\n    kind: {spec.instance_kind}\n  }}\n]\n"
     policy = "version_policy: { latest: { num_versions: 2 } }\n"
-    return head + body + batching + instances + policy
+    threads = f'parameters: {{ key: "intra_op_thread_count" value: {{ string_value: "{spec.intra_op_threads}" }} }}\n'
+    return head + body + batching + instances + policy + threads
 
 
 def runner_source() -> str:

@@ -206,6 +206,7 @@ class Compressor:
             inputs=(served_in,),
             outputs=(TensorSpec(OUTPUT, "float32", (config.num_classes,)),),
             max_batch_size=self.settings.max_batch_size,
+            intra_op_threads=self.settings.intra_op_threads,
             backend=Backend.PYTHON_ONNXRUNTIME if text else Backend(self.settings.triton_backend),
         )
         files = {"tokenizer.json": json.dumps(pre.to_json()).encode()} if text else None

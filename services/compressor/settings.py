@@ -44,6 +44,9 @@ class CompressorSettings(ServiceSettings):
     """Repository entry kind: the python-backend ONNX Runtime runner (local Triton) or onnxruntime_onnx."""
     max_batch_size: int = 64
     """max_batch_size of the Triton entry."""
+    intra_op_threads: int = 1
+    """ONNX Runtime's intra-op threads in each instance of the Triton entry (its
+    ``intra_op_thread_count`` parameter, which both backends read)."""
     demo_fault_dir: str = ""
     """Where ``cdl demo`` asks for its bad candidate: a file ``<model>.failing`` there makes the
     next version of that model get a Triton entry that fails on real inputs (taken once;

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from cdl import errors
 from cdl.dedupe import SqliteProcessedStore
@@ -106,8 +108,16 @@ def test_triton_config_for_both_backends() -> None:
     assert 'backend: "python"' in py
     assert "max_batch_size: 32" in py
     assert "dims: [ 1, 8, 8 ]" in py and "TYPE_FP32" in py and "dynamic_batching" in py
-    ort = render_config(ModelSpec(spec.name, spec.inputs, spec.outputs, backend=Backend.ONNXRUNTIME))
+    ort = render_config(
+        ModelSpec(spec.name, spec.inputs, spec.outputs, backend=Backend.ONNXRUNTIME, intra_op_threads=3)
+    )
     assert 'platform: "onnxruntime_onnx"' in ort and "backend:" not in ort
+    # ONNX Runtime's threads: a parameter both backends read (Triton's onnxruntime backend, cdl's runner)
+    threads = [
+        text_format.Parse(cfg, model_config_pb2.ModelConfig()).parameters["intra_op_thread_count"].string_value
+        for cfg in (py, ort)
+    ]
+    assert threads == ["1", "3"]
     with pytest.raises(ValueError, match="unsupported tensor dtype"):
         _ = TensorSpec("x", "complex64", (1,)).triton_type
 

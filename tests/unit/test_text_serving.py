@@ -85,11 +85,13 @@ def test_a_text_entry_takes_texts_and_answers_as_the_model(runner: Any, tmp_path
     model_config = {
         "input": [{"name": "text", "data_type": "TYPE_STRING"}],
         "output": [{"name": "logits", "data_type": "TYPE_FP32"}],
+        "parameters": {"intra_op_thread_count": {"string_value": "2"}},  # as Triton gives config.pbtxt's
     }
     model = runner.TritonPythonModel()
     model.initialize(
         {"model_config": json.dumps(model_config), "model_repository": str(tmp_path), "model_version": "1"}
     )
+    assert model.session.get_session_options().intra_op_num_threads == 2
     # two requests in one dynamic batch, texts as Triton gives them: bytes, [batch, 1]
     first = np.array([t.encode() for t in texts[:4]], dtype=object).reshape(-1, 1)
     second = np.array([t.encode() for t in texts[4:]], dtype=object).reshape(-1, 1)
