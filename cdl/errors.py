@@ -25,6 +25,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "UntrustedModelError",
     "http_status",
 ]
 
@@ -124,6 +125,13 @@ class PermissionDeniedError(PermanentError):
     """The caller is known but may not do this (e.g. load a model through the gateway)."""
 
     grpc_code = "PERMISSION_DENIED"
+
+
+class UntrustedModelError(PermanentError):
+    """A model repository entry without a valid signature by a trusted key (cdl.signing): it
+    is never loaded."""
+
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class TooLargeError(PermanentError):

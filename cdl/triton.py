@@ -2,7 +2,8 @@
 (Triton reads its repository from there, ``s3://``).
 
 Layout (DESIGN.md): ``cdl-triton/<model>/config.pbtxt`` and
-``cdl-triton/<model>/<n>/model.onnx`` (+ ``model.py`` for the python backend).
+``cdl-triton/<model>/<n>/model.onnx`` (+ ``model.py`` for the python backend, and
+``cdl-signature.json`` when the entry is signed: cdl.signing).
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from cdl.store import BlobStore
+
+if TYPE_CHECKING:
+    from cdl.signing import Signer
 
 __all__ = [
     "TRITON_BUCKET",
@@ -110,18 +115,31 @@ def runner_source() -> str:
 
 
 def write_entry(
-    store: BlobStore, spec: ModelSpec, version: int, onnx_bytes: bytes, files: Mapping[str, bytes] | None = None
+    store: BlobStore,
+    spec: ModelSpec,
+    version: int,
+    onnx_bytes: bytes,
+    files: Mapping[str, bytes] | None = None,
+    signer: Signer | None = None,
 ) -> str:
     """Write (or rewrite, identically) a repository entry; returns its URI.
 
     ``files``: more files for the version's directory, e.g. a text model's ``tokenizer.json``
     (the python-backend runner then takes texts and tokenizes them: cdl/_triton_runner.py).
+    ``signer``: sign the entry (cdl.signing), its signature written after the version's files
+    and before the model's ``config.pbtxt``.
     """
     prefix = f"{spec.name}/{version}"
-    for name, blob in (files or {}).items():
-        store.put_bytes(TRITON_BUCKET, f"{prefix}/{name}", blob)
-    store.put_bytes(TRITON_BUCKET, f"{prefix}/model.onnx", onnx_bytes)
+    blobs = {**(files or {}), "model.onnx": onnx_bytes}
     if spec.backend is Backend.PYTHON_ONNXRUNTIME:
-        store.put_bytes(TRITON_BUCKET, f"{prefix}/model.py", runner_source().encode(), "text/x-python")
-    store.put_bytes(TRITON_BUCKET, f"{spec.name}/config.pbtxt", render_config(spec).encode(), "text/plain")
+        blobs["model.py"] = runner_source().encode()
+    for name, blob in blobs.items():
+        kind = "text/x-python" if name.endswith(".py") else "application/octet-stream"
+        store.put_bytes(TRITON_BUCKET, f"{prefix}/{name}", blob, kind)
+    config = render_config(spec).encode()
+    if signer is not None:
+        from cdl.signing import SIGNATURE_FILE
+
+        store.put_json(TRITON_BUCKET, f"{prefix}/{SIGNATURE_FILE}", signer.sign(spec.name, version, blobs, config))
+    store.put_bytes(TRITON_BUCKET, f"{spec.name}/config.pbtxt", config, "text/plain")
     return f"s3://{TRITON_BUCKET}/{prefix}/"

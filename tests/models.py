@@ -6,7 +6,8 @@ import numpy as np
 import numpy.typing as npt
 from onnx import TensorProto, helper, numpy_helper
 
-from cdl.store import ObjectStore
+from cdl.signing import Signer
+from cdl.store import BlobStore, ObjectStore
 from cdl.triton import TRITON_BUCKET, ModelSpec, TensorSpec, runner_source, write_entry
 from services.compressor import faults
 
@@ -42,29 +43,34 @@ def failing_onnx(n_in: int, n_out: int) -> bytes:
     return faults.failing_onnx((n_in,), n_out)
 
 
-def write_onnx(store: ObjectStore, name: str, version: int, onnx_bytes: bytes, n_in: int, n_out: int) -> str:
-    """Write any ``input`` [batch, n_in] -> ``output`` [batch, n_out] float model as version ``version``."""
+def write_onnx(
+    store: BlobStore, name: str, version: int, onnx_bytes: bytes, n_in: int, n_out: int, signer: Signer | None = None
+) -> str:
+    """Write any ``input`` [batch, n_in] -> ``output`` [batch, n_out] float model as version
+    ``version`` (signed by ``signer`` if one is given)."""
     spec = ModelSpec(name, (TensorSpec("input", "float32", (n_in,)),), (TensorSpec("output", "float32", (n_out,)),), 16)
-    return write_entry(store, spec, version, onnx_bytes)
+    return write_entry(store, spec, version, onnx_bytes, signer=signer)
 
 
 def write_affine(
-    store: ObjectStore,
+    store: BlobStore,
     name: str,
     version: int,
     w: npt.NDArray[np.float32],
     b: npt.NDArray[np.float32],
     repeat: int = 1,
     max_batch_size: int = 16,
+    signer: Signer | None = None,
 ) -> str:
-    """Write version ``version`` of an affine model as a repository entry; returns its URI."""
+    """Write version ``version`` of an affine model as a repository entry (signed by
+    ``signer`` if one is given); returns its URI."""
     spec = ModelSpec(
         name,
         (TensorSpec("input", "float32", (w.shape[0],)),),
         (TensorSpec("output", "float32", (w.shape[1],)),),
         max_batch_size,
     )
-    return write_entry(store, spec, version, affine_onnx(w, b, repeat))
+    return write_entry(store, spec, version, affine_onnx(w, b, repeat), signer=signer)
 
 
 def write_slow_affine(

@@ -10,6 +10,7 @@ its own, and :mod:`cdl_tools.cli.clients` builds everything a command talks to:
 - ``loop``: ``cdl produce|tune`` (into Kafka, as any client would);
 - ``observe``: ``cdl status|report|trace`` (what the loop did);
 - ``run_demo``: ``cdl demo``; ``checkpoint``: ``cdl checkpoint upload``;
+- ``keys``: ``cdl signing-key`` (the compressor's model-signing key, docs/security.md);
 - ``output``: the console and the one-line failure (an exit code, never a traceback).
 """
 
@@ -20,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from cdl_tools.cli import checkpoint, clients, dataset, loop, models, observe, predict, run_demo, stack
+from cdl_tools.cli import checkpoint, clients, dataset, keys, loop, models, observe, predict, run_demo, stack
 
 __all__ = ["app", "main"]
 
@@ -59,6 +60,7 @@ for _name, _command in (
     ("traffic", models.traffic),
     ("tune", loop.tune),
     ("predict", predict.predict),
+    ("signing-key", keys.signing_key),
 ):
     app.command(_name)(_command)
 app.add_typer(stack.app, name="stack")

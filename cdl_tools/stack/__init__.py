@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cdl.errors import StackError, UnavailableError
+from cdl.signing import generate_signing_key
 from cdl_tools.settings import StackSettings
 from cdl_tools.stack._components import (
     Component,
@@ -100,7 +101,13 @@ class LocalStack:
     def _port(self, configured: int) -> int:
         return configured or free_port(self.settings.host)
 
-    def _components(self, previous: dict[str, Any], api_key: str = "") -> list[Component]:
+    @property
+    def signing_key_path(self) -> Path:
+        """The stack's model-signing key (cdl.signing): the compressor signs with it, the gateway
+        trusts its public key; made at the first start, kept with the state (mode 0600)."""
+        return self.state_dir / "keys" / "model-signing.pem"
+
+    def _components(self, previous: dict[str, Any], api_key: str = "", trusted_key: str = "") -> list[Component]:
         s, d = self.settings, self.state_dir
 
         def old_ports(name: str) -> dict[str, int]:
@@ -140,6 +147,10 @@ class LocalStack:
             extra: dict[str, str] = {}
             if name == "tuner":
                 extra["CDL_TUNER_WORKERS"] = str(s.tuner_workers)  # its storage: service_env
+            elif name == "compressor":  # the private key: the compressor's alone
+                extra["CDL_COMPRESSOR_SIGNING_KEY_FILE"] = str(self.signing_key_path)
+            elif name == "gateway" and trusted_key:
+                extra["CDL_GATEWAY_TRUSTED_KEYS"] = json.dumps([trusted_key])
             comps.append(ServiceComponent(name, d / name, ports, settings=s, api_key_hash=key_hash, extra_env=extra))
         return comps
 
@@ -149,7 +160,8 @@ class LocalStack:
         previous = self.read_state()
         running = {n for n, p in previous.get("procs", {}).items() if is_alive(ProcInfo(**p))}
         api_key = self.settings.api_key or previous.get("api_key") or secrets.token_urlsafe(24)
-        comps = self._components(previous if running else {}, api_key)
+        trusted_key = generate_signing_key(self.signing_key_path) if self.settings.services else ""
+        comps = self._components(previous if running else {}, api_key, trusted_key)
         self.reused = sorted(running)
         state: dict[str, Any] = {
             "state_dir": str(self.state_dir),

@@ -21,6 +21,7 @@ from cdl.ml.family import get_family
 from cdl.ml.objective import metric_name
 from cdl.ml.pruning import parameters, prune
 from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry
+from cdl.signing import SIGNATURE_FILE, Signer
 from cdl.store import BlobStore
 from cdl.triton import TRITON_BUCKET, Backend, ModelSpec, TensorSpec, write_entry
 from cdl.v1 import events_pb2
@@ -68,11 +69,20 @@ def choose(variants: list[Measured], budget: float, objective: str) -> tuple[Mea
 
 
 class Compressor:
-    def __init__(self, settings: CompressorSettings, store: BlobStore, registry: ModelRegistry, source: str) -> None:
+    def __init__(
+        self,
+        settings: CompressorSettings,
+        store: BlobStore,
+        registry: ModelRegistry,
+        source: str,
+        signer: Signer | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry
         self.source = source
+        #: signs each Triton entry (cdl.signing); None: entries go unsigned
+        self.signer = signer
 
     def handle(self, event: Event) -> list[OutRecord]:
         trained = event.payload
@@ -212,7 +222,7 @@ class Compressor:
         files = {"tokenizer.json": json.dumps(pre.to_json()).encode()} if text else None
         fault = take_fault(self.settings.demo_fault_dir, model, version)
         served_blob = failing_onnx(tuple(xh.shape[1:]), config.num_classes, INPUT, OUTPUT, text) if fault else None
-        repo = write_entry(self.store, spec, version, served_blob or blobs[chosen.name], files)
+        repo = write_entry(self.store, spec, version, served_blob or blobs[chosen.name], files, self.signer)
         fp32_m = next(v for v in measured if v.name == "fp32")
         variants = [{**m.to_json(), "uri": uris[m.name], "within_budget": m.name in within} for m in measured] + [
             {"name": n, "uri": "", "error": e, "within_budget": False, **_EMPTY} for n, e in errors.items()
@@ -239,6 +249,9 @@ class Compressor:
         }
         if fault:
             doc["demo_fault"] = fault
+        if self.signer is not None:  # lineage: who signed the entry, and what
+            signed = self.store.get_json(TRITON_BUCKET, f"{model}/{version}/{SIGNATURE_FILE}")
+            doc["signature"] = {k: signed[k] for k in ("algorithm", "key_id", "signature")}
         log.info("model version compressed", model=model, version=version, chosen=chosen.name, reason=doc["reason"])
         return doc
 

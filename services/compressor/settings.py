@@ -44,6 +44,10 @@ class CompressorSettings(ServiceSettings):
     """Repository entry kind: the python-backend ONNX Runtime runner (local Triton) or onnxruntime_onnx."""
     max_batch_size: int = 64
     """max_batch_size of the Triton entry."""
+    signing_key_file: str = ""
+    """PEM file of the Ed25519 key the compressor signs each Triton entry with (cdl.signing; the
+    gateway verifies it before loading); empty: entries go unsigned, and a gateway with trusted
+    keys refuses them. Only the compressor holds it."""
     intra_op_threads: int = 1
     """ONNX Runtime's intra-op threads in each instance of the Triton entry (its
     ``intra_op_thread_count`` parameter, which both backends read)."""

@@ -42,13 +42,14 @@ from prometheus_client.registry import Collector
 from cdl import tracing
 from cdl.auth import ApiKeys
 from cdl.dedupe import SqliteProcessedStore
-from cdl.errors import CdlError
+from cdl.errors import CdlError, UntrustedModelError
 from cdl.events import Event, OutRecord, Topics, new_traceparent, source_name
 from cdl.kafka import JobLoop, Producer, RecordContext
 from cdl.logging import configure_logging, get_logger
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.provision import provision
 from cdl.rpc import add_health
+from cdl.signing import TrustedKeys
 from cdl.store import ObjectStore
 from cdl.v1 import admin_pb2_grpc, events_pb2
 from services.gateway.dataplane import lane as lane_module
@@ -111,7 +112,10 @@ class GatewayApp:
         self.manager = RolloutManager(
             self.table, RolloutPolicy.from_settings(settings), time.monotonic, persist=self._persist
         )
-        self.control = TritonControl(settings.triton_grpc, self.store, settings.load_timeout_s)
+        trusted = TrustedKeys(settings.trusted_keys)
+        if not trusted:
+            log.warning("model signatures are not checked: set trusted_keys (CDL_GATEWAY_TRUSTED_KEYS)")
+        self.control = TritonControl(settings.triton_grpc, self.store, settings.load_timeout_s, trusted)
         # delivery reports for failures only: the log's per-record callbacks were a Python call per
         # request in the poll (every cdl producer counts failures only)
         self.producer = Producer(
@@ -249,8 +253,12 @@ class GatewayApp:
 
         def load_all() -> None:
             for model, versions in models.items():
-                if versions:
+                if not versions:
+                    continue
+                try:
                     self.control.load(model, versions, servers=[endpoint])
+                except UntrustedModelError as exc:  # never loaded; the server joins for the other models
+                    log.error("versions fail their signature check and are not loaded", model=model, error=str(exc))
 
         try:
             await asyncio.to_thread(load_all)

@@ -56,6 +56,11 @@ class GatewaySettings(ServiceSettings):
     admin_key_hashes: list[str] = []
     """SHA-256 hex digests of the keys allowed to call ModelAdmin; empty: the inference keys
     (``api_key_hashes``, shared by every service)."""
+    trusted_keys: list[str] = []
+    """Public keys (``ed25519:<base64>``, JSON list) whose signatures on Triton entries the gateway
+    accepts (cdl.signing): with any, a version without a valid signature by one of them, or
+    changed since it was signed, is never loaded (its rollout fails, the reason in
+    model.deployed); empty: entries are loaded unchecked (a warning at start)."""
     tls_cert_file: str = ""
     """PEM certificate chain for TLS; empty: plaintext."""
     tls_key_file: str = ""

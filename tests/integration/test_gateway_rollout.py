@@ -20,16 +20,19 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from cdl.auth import hash_key
 from cdl.events import Event, decode
 from cdl.kafka import Producer
+from cdl.signing import Signer, public_key_text
 from cdl.store import ObjectStore
+from cdl.triton import TRITON_BUCKET
 from cdl.v1 import admin_pb2, admin_pb2_grpc, events_pb2
-from tests.helpers import read_topic
-from tests.models import failing_onnx, write_affine, write_onnx, write_slow_affine
+from tests.helpers import read_topic, wait_for
+from tests.models import affine_onnx, failing_onnx, write_affine, write_onnx, write_slow_affine
 
 N_IN, N_OUT = 4, 3
 FAST = {"canary_steps": "[0.2, 0.5, 1.0]", "min_samples": "15", "step_min_s": "0.3", "warmup_requests": "2"}
@@ -128,6 +131,10 @@ class Load:
             self.last = [*self.last[-50:], version]
         client.close()
 
+    def ends_on(self, version: str, n: int, timeout_s: float = 30) -> None:
+        """Wait until the last ``n`` answers all came from ``version``."""
+        wait_for(lambda: len(self.last) >= n and set(self.last[-n:]) == {version}, timeout_s, f"v{version} alone")
+
 
 def _expected(seed: int) -> bytes:
     w, b = _weights(seed)
@@ -156,11 +163,11 @@ def test_rollout_under_load_fails_no_request_and_unloads_v1(
     assert json.loads(object_store.get_bytes("cdl-models", f"{model}/serving.json")) == {"version": 1}
 
     with Load(gw.grpc, model) as load:
-        time.sleep(1)
+        wait_for(lambda: load.versions["1"] >= 20, 30, "v1 serving the load")
         write_affine(object_store, model, 2, *_weights(2))
         _announce(kafka_bootstrap, gateway_topics["compressed"], model, 2)
         _wait_state(kafka_bootstrap, gateway_topics["deployed"], model, 2, events_pb2.ROLLOUT_STATE_PROMOTED)
-        time.sleep(1)
+        load.ends_on("2", 20)
     assert load.failures == []
     assert load.versions["1"] > 0 and load.versions["2"] > 0
     assert set(load.last[-20:]) == {"2"}  # traffic ended on v2
@@ -172,6 +179,48 @@ def test_rollout_under_load_fails_no_request_and_unloads_v1(
     while _loaded(triton_grpcs, model) != [{"2"}, {"2"}] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _loaded(triton_grpcs, model) == [{"2"}, {"2"}]  # v1 unloaded from both servers
+
+
+def test_with_trusted_keys_only_signed_unchanged_versions_are_loaded(
+    gateway_factory: Any,
+    gateway_topics: dict[str, str],
+    kafka_bootstrap: str,
+    object_store: ObjectStore,
+    triton_grpcs: list[str],
+) -> None:
+    """Signed models (cdl.signing): an unsigned, a tampered and a forged candidate never reach a
+    Triton server, each failing its rollout with the reason in model.deployed; the stable version
+    serves throughout, and a signed one rolls out."""
+    signer, forger = Signer(Ed25519PrivateKey.generate()), Signer(Ed25519PrivateKey.generate())
+    trusted = json.dumps([public_key_text(signer.public_key)])
+    gw = gateway_factory(**FAST, trusted_keys=trusted).start()
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    deployed, compressed = gateway_topics["deployed"], gateway_topics["compressed"]
+    write_affine(object_store, model, 1, *_weights(1), signer=signer)
+    _announce(kafka_bootstrap, compressed, model, 1)
+    _wait_serving(gw.grpc, model, 1)
+
+    write_affine(object_store, model, 2, *_weights(2))  # unsigned
+    write_affine(object_store, model, 3, *_weights(3), signer=signer)
+    object_store.put_bytes(TRITON_BUCKET, f"{model}/3/model.onnx", affine_onnx(*_weights(9)))  # swapped after
+    write_affine(object_store, model, 4, *_weights(4), signer=forger)  # a key the gateway does not trust
+    with Load(gw.grpc, model) as load:
+        for version, reason in (
+            (2, "is not signed"),
+            (3, "model.onnx differs from its signed digest"),
+            (4, "untrusted"),
+        ):
+            _announce(kafka_bootstrap, compressed, model, version)
+            failed = _wait_state(kafka_bootstrap, deployed, model, version, events_pb2.ROLLOUT_STATE_FAILED)
+            assert reason in failed.reason, failed.reason
+        assert _loaded(triton_grpcs, model) == [{"1"}, {"1"}]  # none of them reached a server
+        assert load.failures == [] and set(load.versions) == {"1"}
+
+        write_affine(object_store, model, 5, *_weights(5), signer=signer)
+        _announce(kafka_bootstrap, compressed, model, 5)
+        _wait_state(kafka_bootstrap, deployed, model, 5, events_pb2.ROLLOUT_STATE_PROMOTED)
+        load.ends_on("5", 10)
+    assert load.failures == [] and load.outputs["5"] == {_expected(5)}
 
 
 def test_bad_candidates_never_serve_and_are_rolled_back(
@@ -283,7 +332,7 @@ def test_manual_rollout_waits_for_approve_and_keys_are_required(
     with Load(gw.grpc, model, headers=headers) as load:
         stub.Approve(admin_pb2.ApproveRequest(model=model, version=2, approver="test"), metadata=metadata, timeout=10)
         _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_PROMOTED)
-        time.sleep(0.5)
+        load.ends_on("2", 10)
     assert load.failures == [] and set(load.last[-10:]) == {"2"}
     client.close()
 
@@ -318,7 +367,7 @@ def test_gateway_killed_mid_canary_resumes_where_it_was(
     by_version = {v.version: v for v in status.versions}
     assert by_version[2].state == events_pb2.ROLLOUT_STATE_CANARY and 0 < by_version[2].traffic_fraction < 1
     with Load(again.grpc, model) as load:
-        time.sleep(1.5)
+        wait_for(lambda: {"1", "2"} <= set(load.versions), 30, "both versions answering")
     assert load.failures == [] and {"1", "2"} <= set(load.versions)  # the canary took its share again
     stub.Promote(admin_pb2.PromoteRequest(model=model, version=2), timeout=10)
     _wait_serving(again.grpc, model, 2)

@@ -224,7 +224,9 @@ def test_a_monitor_killed_mid_stream_recovers_its_tables_and_each_labelled_reque
     p.flush()
     read_topic(kafka_bootstrap, monitor_topics["raw"], expected=30, timeout_s=30)
     wait_for(lambda: _metric(mon, "cdl_monitor_events_total", topic=logged, outcome="ok") == 60, 30, "the log")
-    time.sleep(1.5)  # a commit interval: what was read is committed with its changelog
+    # what was read is committed, with its changelog
+    wait_committed(kafka_bootstrap, monitor_topics["group"], logged, 60)
+    wait_committed(kafka_bootstrap, monitor_topics["group"], feedback, 30)
     mon.kill()  # -9: the 30 unlabelled requests live only in the served table's changelog now
     mon2 = monitor_factory().start()
     for i in range(30, 60):

@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sklearn.datasets import load_digits
 
 from cdl.errors import PermanentError
 from cdl.events import Event
 from cdl.registry import MODELS_BUCKET, ModelRegistry
+from cdl.signing import Signer, TrustedKeys, public_key_text, verify_entry
 from cdl.triton import TRITON_BUCKET
 from cdl.v1 import events_pb2
 from services.compressor import compressor as compressor_module
@@ -67,9 +69,11 @@ def _settings(**kw: Any) -> CompressorSettings:
     return CompressorSettings(**{**base, "compressed_topic": COMPRESSED, **kw})
 
 
-def _compress(store: MemoryStore, event: Event, **kw: Any) -> list[events_pb2.ModelCompressed]:
+def _compress(
+    store: MemoryStore, event: Event, signer: Signer | None = None, **kw: Any
+) -> list[events_pb2.ModelCompressed]:
     producer = RecordingProducer()
-    for record in Compressor(_settings(**kw), store, ModelRegistry(store), "/cdl/test").handle(event):
+    for record in Compressor(_settings(**kw), store, ModelRegistry(store), "/cdl/test", signer).handle(event):
         producer.send_record(record)
     return [e.payload for e in producer.events(COMPRESSED)]  # type: ignore[misc]
 
@@ -198,3 +202,15 @@ def test_a_rejected_version_is_not_compressed_and_other_events_are_refused(
     assert not store.exists(MODELS_BUCKET, "digits/1/compression.json")
     with pytest.raises(PermanentError, match="cannot handle this event type"):
         _compress(store, Event(events_pb2.DataUpdated(dataset="digits", version=1), source="/cdl/ingest"))
+
+
+def test_with_a_key_the_entry_is_signed_and_the_lineage_names_the_signature(
+    store: MemoryStore, trained: tuple[MemoryStore, Event]
+) -> None:
+    signer = Signer(Ed25519PrivateKey.generate())
+    [done] = _compress(store, trained[1], signer)
+    assert done.ok
+    doc = verify_entry(store, TRITON_BUCKET, "digits", 1, TrustedKeys([public_key_text(signer.public_key)]))
+    assert set(doc["manifest"]["files"]) == {"model.onnx", "model.py"}
+    lineage = store.get_json(MODELS_BUCKET, "digits/1/compression.json")["signature"]
+    assert lineage == {k: doc[k] for k in ("algorithm", "key_id", "signature")}

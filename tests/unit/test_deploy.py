@@ -91,6 +91,15 @@ def test_every_variable_is_a_setting_and_every_value_parses(
         assert "ports" not in compose["services"][name]
 
 
+def test_the_compressor_signs_with_a_secret_only_it_mounts_and_the_gateway_trusts_keys(compose: dict[str, Any]) -> None:
+    svcs = compose["services"]
+    secret = "model-signing-key"
+    assert _env(svcs["compressor"])["CDL_COMPRESSOR_SIGNING_KEY_FILE"] == f"/run/secrets/{secret}"
+    assert [n for n, svc in svcs.items() if secret in svc.get("secrets", [])] == ["compressor"]
+    assert "file" in compose["secrets"][secret]
+    assert "CDL_GATEWAY_TRUSTED_KEYS" in svcs["gateway"]["environment"]
+
+
 def test_connections_point_at_the_servers_as_they_are_configured(compose: dict[str, Any]) -> None:
     svcs = compose["services"]
     kafka = _env(svcs["kafka"])

@@ -48,8 +48,9 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from cdl.errors import CdlError, NotFoundError, PermanentError, UnavailableError
+from cdl.errors import CdlError, NotFoundError, PermanentError, UnavailableError, UntrustedModelError
 from cdl.logging import get_logger
+from cdl.signing import TrustedKeys, config_matches, verify_entry
 from cdl.store import BlobStore
 from cdl.triton import TRITON_BUCKET
 
@@ -114,11 +115,19 @@ def _live(client: Any) -> bool:
 class TritonControl:
     """Loads, unloads, checks and warms model versions on every Triton server."""
 
-    def __init__(self, endpoints: Sequence[str], store: BlobStore, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        store: BlobStore,
+        timeout_s: float = 120.0,
+        trusted: TrustedKeys | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("no Triton servers")
         self.endpoints = tuple(endpoints)
         self._store = store
+        #: with keys, every version is verified (cdl.signing) before any server loads it
+        self._trusted = trusted if trusted else None
         self._timeout_s = timeout_s
         self._check_timeout_s = min(timeout_s, 10.0)
         self._clients = {ep: tgrpc.InferenceServerClient(ep) for ep in self.endpoints}
@@ -144,6 +153,16 @@ class TritonControl:
             raise PermanentError("unreadable config.pbtxt", uri=f"s3://{TRITON_BUCKET}/{key}", error=str(exc)) from exc
         return cfg
 
+    def verify(self, model: str, versions: Sequence[int]) -> None:
+        """Refuse (:class:`~cdl.errors.UntrustedModelError`, saying why) unless each of
+        ``versions`` is signed by a trusted key and unchanged since, and the model's
+        ``config.pbtxt`` is one signed with one of them (the newest write of the compressor)."""
+        assert self._trusted is not None
+        docs = [verify_entry(self._store, TRITON_BUCKET, model, v, self._trusted) for v in versions]
+        config = self._store.get_bytes(TRITON_BUCKET, f"{model}/config.pbtxt")
+        if not any(config_matches(doc, config) for doc in docs):
+            raise UntrustedModelError(f"{model}: config.pbtxt is not the one signed with v{max(versions)}")
+
     # ------------------------------------------------------------------ load and unload
 
     def load(
@@ -164,6 +183,8 @@ class TritonControl:
         if not wanted:
             self.unload(model, targets)
             return
+        if self._trusted is not None:
+            self.verify(model, wanted)
         cfg = self.config(model)
         override = config_override(cfg, wanted)
         with self._lock(model):
