@@ -78,7 +78,7 @@ def main() -> None:
                 pid = stack.service_pid(name)
                 assert pid is not None, f"{name} is not running"
                 pids[name] = pid
-            register_digits(state["services"]["ingest"]["grpc"], api_key=state.get("api_key"))
+            register_digits(state["services"]["ingest"]["grpc"], api_key=state.get("ingest_key"))
             start_rss = {n: rss_mib(p) for n, p in pids.items()}
             feed = DigitsFeed(bootstrap, rate=RATE).start()
             warm_rss: dict[str, float] = {}

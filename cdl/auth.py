@@ -9,8 +9,11 @@ not hash per request. Only verified keys are remembered (so callers cannot
 grow it with wrong ones), and at most ``_CACHE_MAX`` distinct values (past
 that the cache starts over).
 
-An empty digest list means no check: the endpoint is open. Admin calls use
-the admin digests, or the inference digests where no admin digest is set.
+Keys have scopes: an inference key (``api_key_hashes``) serves inference, an admin key
+(``admin_key_hashes``) the admin rpcs, and neither is the other -- an inference key never rolls
+back a model. An empty list means no check only where no key is set at all: a gateway with
+inference keys and no admin key refuses every admin call; one with neither is open (a laptop;
+it says so at start).
 
 :class:`AuthInterceptor` guards a sync gRPC server (ingest); the gateway's
 asyncio hot path calls :meth:`ApiKeys.check` itself.
@@ -50,8 +53,7 @@ class ApiKeys:
 
     def __init__(self, hashes: Sequence[str], admin_hashes: Sequence[str] = ()) -> None:
         self._infer = tuple(h.strip().lower().encode() for h in hashes if h.strip())
-        admin = tuple(h.strip().lower().encode() for h in admin_hashes if h.strip())
-        self._admin = admin or self._infer
+        self._admin = tuple(h.strip().lower().encode() for h in admin_hashes if h.strip())
         self._verified: dict[str, int] = {}
 
     @property
@@ -62,8 +64,8 @@ class ApiKeys:
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, admin: bool = False) -> bool:
         """Whether ``metadata`` (a call's invocation metadata) carries a key allowed for the call."""
         allowed = self._admin if admin else self._infer
-        if not allowed:
-            return True
+        if not allowed:  # admin with no admin key: open only where inference is open too
+            return not (admin and self._infer)
         header = bearer(metadata)
         if header is None:
             return False

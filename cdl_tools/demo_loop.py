@@ -283,7 +283,7 @@ class Demo:
             self.state["services"]["ingest"]["grpc"],
             min_new_records=len(self.data),
             max_interval_s=3600.0,
-            api_key=self.state["api_key"],
+            api_key=self.state["ingest_key"],
         )
         self._producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 20, "log_level": 0})
         self.events = LoopEvents(self.bootstrap, DIGITS)

@@ -32,8 +32,9 @@ class StackSettings(BaseSettings):
     """MinIO S3 API port; 0 picks a free one."""
     minio_access_key: str = "cdl-admin"
     """MinIO root user."""
-    minio_secret_key: str = "cdl-admin-secret"
-    """MinIO root password."""
+    minio_secret_key: str = ""
+    """MinIO root password; empty: one is generated at the stack's first start and kept in
+    ``stack.json`` (mode 0600), as the API keys are."""
     triton_servers: int = 1
     """How many Triton servers to start."""
     services: list[str] = ["ingest", "trainer", "tuner", "compressor", "gateway", "monitor"]
@@ -45,8 +46,14 @@ class StackSettings(BaseSettings):
     tuner_workers: int = 2
     """Worker processes of each study the stack's tuner runs (they share its PostgreSQL storage)."""
     api_key: str = ""
-    """API key the stack's gRPC APIs (gateway, ingest) accept; empty: one is generated at the
-    first start, kept in ``stack.json`` (``api_key``) and reused by later starts."""
+    """Inference key of the stack's gateway; empty: one is generated at the first start, kept
+    in ``stack.json`` (``api_key``) and reused by later starts."""
+    admin_key: str = ""
+    """Admin key of the stack's gateway (ModelAdmin: approve, rollback, traffic; the inference
+    key is not one); empty: generated as ``api_key`` is (``admin_key``)."""
+    ingest_key: str = ""
+    """Key of the stack's ingest API (register and list datasets); empty: generated as
+    ``api_key`` is (``ingest_key``)."""
     triton_base_port: int = 0
     """First Triton port (each server takes three: gRPC, HTTP, metrics); 0 picks free ones."""
     start_timeout_s: float = 90.0

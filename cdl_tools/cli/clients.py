@@ -4,7 +4,8 @@
 - gRPC channels to the gateway and to ingest: TLS trusting the root ``--tls-ca``
   (``CDL_TLS_CA``) when it is given, plaintext otherwise (:func:`credentials` decides, for
   the admin and ingest stubs and for the inference client alike);
-- the API key as call metadata: ``--key``, else ``CDL_API_KEY``, else the stack's;
+- the key of each call's scope as call metadata (inference, admin, ingest): ``--key``, else
+  ``CDL_API_KEY`` / ``CDL_ADMIN_KEY`` / ``CDL_INGEST_KEY``, else the stack's;
 - Kafka: the bootstrap servers, a producer and its delivery, readers of the topics;
 - the object store (MinIO) of the stack.
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from cdl.store import ObjectStore
 
 __all__ = [
+    "SCOPES",
     "ApiKey",
     "GatewayEndpoint",
     "IngestEndpoint",
@@ -68,7 +70,12 @@ GatewayEndpoint = Annotated[
     str | None, typer.Option("--gateway", help="Gateway gRPC endpoint host:port (default: from the local stack).")
 ]
 ApiKey = Annotated[
-    str | None, typer.Option("--key", envvar="CDL_API_KEY", help="API key (default: the local stack's).")
+    str | None,
+    typer.Option(
+        "--key",
+        help="The call's key (default: CDL_API_KEY for inference, CDL_ADMIN_KEY for admin, CDL_INGEST_KEY "
+        "for ingest, else the local stack's).",
+    ),
 ]
 
 #: gRPC call metadata
@@ -114,9 +121,15 @@ def service_endpoint(state: dict[str, Any], service: str, given: str | None) -> 
     return str(found)
 
 
-def api_key_metadata(key: str | None, state: dict[str, Any]) -> Metadata:
-    """The API key as call metadata: ``key``, else ``CDL_API_KEY``, else the stack's (none: no metadata)."""
-    key = key or os.environ.get("CDL_API_KEY") or state.get("api_key")
+#: the stack's key of each scope (``stack.json``), and the environment variable that gives one
+SCOPES = {"api_key": "CDL_API_KEY", "admin_key": "CDL_ADMIN_KEY", "ingest_key": "CDL_INGEST_KEY"}
+
+
+def api_key_metadata(key: str | None, state: dict[str, Any], scope: str = "api_key") -> Metadata:
+    """The key of ``scope`` (``api_key``: inference, ``admin_key``, ``ingest_key``) as call
+    metadata: ``key`` (``--key``), else the scope's variable (``CDL_API_KEY``, ``CDL_ADMIN_KEY``,
+    ``CDL_INGEST_KEY``), else the stack's (none: no metadata)."""
+    key = key or os.environ.get(SCOPES[scope]) or state.get(scope)
     return (("authorization", f"Bearer {key}"),) if key else ()
 
 
@@ -174,21 +187,24 @@ def ingest_call(
 
     state = stack_state(state_dir)
     target = service_endpoint(state, "ingest", endpoint)
-    metadata = api_key_metadata(key, state)
+    metadata = api_key_metadata(key, state, "ingest_key")
     return _unary(target, ingest_pb2_grpc.IngestServiceStub, method, request, timeout=10, metadata=metadata)
 
 
-def gateway(endpoint: str | None, key: str | None, state_dir: Path | None) -> tuple[str, Metadata]:
-    """The gateway's endpoint (``--gateway``, else the stack's) and the call metadata with the API key."""
+def gateway(
+    endpoint: str | None, key: str | None, state_dir: Path | None, scope: str = "api_key"
+) -> tuple[str, Metadata]:
+    """The gateway's endpoint (``--gateway``, else the stack's) and the call metadata with the
+    key of ``scope`` (inference; ``admin_key`` for ModelAdmin)."""
     state = stack_state(state_dir)
-    return service_endpoint(state, "gateway", endpoint), api_key_metadata(key, state)
+    return service_endpoint(state, "gateway", endpoint), api_key_metadata(key, state, scope)
 
 
 def admin_call(endpoint: str | None, key: str | None, state_dir: Path | None, method: str, request: Any) -> Any:
     """Call ``method`` of the gateway's ModelAdmin service; one line if it fails."""
     from cdl.v1 import admin_pb2_grpc
 
-    target, metadata = gateway(endpoint, key, state_dir)
+    target, metadata = gateway(endpoint, key, state_dir, "admin_key")
     return _unary(target, admin_pb2_grpc.ModelAdminStub, method, request, timeout=30, metadata=metadata)
 
 

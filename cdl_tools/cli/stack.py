@@ -99,7 +99,7 @@ def stack_up(
                 if not ingest:
                     fail("[red]--demo needs the ingest service in the stack[/]")
                 request = ingest_pb2.RegisterDatasetRequest(spec=digits_spec())
-                clients.ingest_call(ingest, state_dir, "RegisterDataset", request, key=state.get("api_key"))
+                clients.ingest_call(ingest, state_dir, "RegisterDataset", request)
                 feed = DigitsFeed(state["kafka"]["bootstrap"], rate=demo_rate).start()
                 console.print(f"demo: streaming digits into data.raw at {demo_rate:.0f} records/s")
             watch_stack(stack, interval=2.0)
@@ -125,19 +125,20 @@ def stack_down(
 
 @app.command("env")
 def stack_env(state_dir: StateDir = None) -> None:
-    """Shell exports of the running stack's endpoints and key: eval "$(cdl stack env)".
+    """Shell exports of the running stack's endpoints and keys: eval "$(cdl stack env)".
 
     What the stack gives the services it starts (CDL_KAFKA_BOOTSTRAP, CDL_S3_*, CDL_TRITON_GRPC,
     CDL_TRITON_HTTP, CDL_STATE_DIR, CDL_TUNER_STORAGE_URL: a service started by hand in that
-    shell joins the stack), CDL_API_KEY and, with a gateway, CDL_GATEWAY_GRPC (host:port) and
-    CDL_GATEWAY_HTTP (the REST endpoint's URL)."""
+    shell joins the stack), its keys (CDL_API_KEY, CDL_ADMIN_KEY, CDL_INGEST_KEY) and, with a
+    gateway, CDL_GATEWAY_GRPC (host:port) and CDL_GATEWAY_HTTP (the REST endpoint's URL)."""
     stack = clients.local_stack(state_dir)
     state = stack.read_state()
     if not state.get("kafka"):
         print(f"no stack recorded in {stack.state_dir}", file=sys.stderr)
         raise typer.Exit(1)
     values = service_env(state)
-    values["CDL_API_KEY"] = str(state.get("api_key", ""))
+    for scope, variable in clients.SCOPES.items():  # the keys of the stack, a variable per scope
+        values[variable] = str(state.get(scope, ""))
     gateway = state.get("services", {}).get("gateway", {})
     if gateway:
         values["CDL_GATEWAY_GRPC"] = str(gateway.get("grpc", ""))

@@ -10,7 +10,6 @@ services it starts get its endpoints in their environment
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -21,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cdl.auth import hash_key
 from cdl.errors import StackError, UnavailableError
 from cdl.signing import generate_signing_key
 from cdl_tools.settings import StackSettings
@@ -94,7 +94,10 @@ class LocalStack:
     def _write_state(self, state: dict[str, Any]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the stack's keys
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state, indent=2, sort_keys=True))
         os.replace(tmp, self.state_path)
 
     # ------------------------------------------------------------------ components
@@ -107,7 +110,12 @@ class LocalStack:
         trusts its public key; made at the first start, kept with the state (mode 0600)."""
         return self.state_dir / "keys" / "model-signing.pem"
 
-    def _components(self, previous: dict[str, Any], api_key: str = "", trusted_key: str = "") -> list[Component]:
+    def _components(
+        self, previous: dict[str, Any], keys: dict[str, str] | None = None, trusted_key: str = ""
+    ) -> list[Component]:
+        """The stack's components; ``keys``: the stack's ``api_key``, ``admin_key`` and
+        ``ingest_key`` (each service gets the digest of its own)."""
+        keys = keys or {}
         s, d = self.settings, self.state_dir
 
         def old_ports(name: str) -> dict[str, int]:
@@ -143,14 +151,18 @@ class LocalStack:
                 ports["grpc"] = free_port(s.host)
             if name == "gateway" and "http" not in ports:  # the REST/HTTP v2 endpoint
                 ports["http"] = free_port(s.host)
-            key_hash = hashlib.sha256(api_key.encode()).hexdigest() if api_key and name in grpc_services else ""
+            key = keys.get("ingest_key" if name == "ingest" else "api_key", "") if name in grpc_services else ""
+            key_hash = hash_key(key) if key else ""
             extra: dict[str, str] = {}
             if name == "tuner":
                 extra["CDL_TUNER_WORKERS"] = str(s.tuner_workers)  # its storage: service_env
             elif name == "compressor":  # the private key: the compressor's alone
                 extra["CDL_COMPRESSOR_SIGNING_KEY_FILE"] = str(self.signing_key_path)
-            elif name == "gateway" and trusted_key:
-                extra["CDL_GATEWAY_TRUSTED_KEYS"] = json.dumps([trusted_key])
+            elif name == "gateway":
+                if trusted_key:
+                    extra["CDL_GATEWAY_TRUSTED_KEYS"] = json.dumps([trusted_key])
+                if keys.get("admin_key"):
+                    extra["CDL_GATEWAY_ADMIN_KEY_HASHES"] = json.dumps([hash_key(keys["admin_key"])])
             comps.append(ServiceComponent(name, d / name, ports, settings=s, api_key_hash=key_hash, extra_env=extra))
         return comps
 
@@ -159,13 +171,27 @@ class LocalStack:
         """Start every component that is not already running; returns the state."""
         previous = self.read_state()
         running = {n for n, p in previous.get("procs", {}).items() if is_alive(ProcInfo(**p))}
-        api_key = self.settings.api_key or previous.get("api_key") or secrets.token_urlsafe(24)
+        # a key per scope (docs/security.md): inference, admin, ingest; each kept and reused
+        keys = {
+            scope: getattr(self.settings, scope) or previous.get(scope) or secrets.token_urlsafe(24)
+            for scope in ("api_key", "admin_key", "ingest_key")
+        }
+        # MinIO's root password: the stack's own, made at its first start and kept (its data is
+        # written under it), unless the settings give one
+        minio_secret = (
+            self.settings.minio_secret_key
+            or previous.get("minio_secret_key")
+            or previous.get("minio", {}).get("secret_key")
+            or secrets.token_urlsafe(24)
+        )
+        self.settings = self.settings.model_copy(update={"minio_secret_key": minio_secret})
         trusted_key = generate_signing_key(self.signing_key_path) if self.settings.services else ""
-        comps = self._components(previous if running else {}, api_key, trusted_key)
+        comps = self._components(previous if running else {}, keys, trusted_key)
         self.reused = sorted(running)
         state: dict[str, Any] = {
             "state_dir": str(self.state_dir),
-            "api_key": api_key,
+            **keys,
+            "minio_secret_key": minio_secret,
             "ports": {c.name: c.ports for c in comps},
             "procs": {n: p for n, p in previous.get("procs", {}).items() if n in running},
             "started_at": previous.get("started_at") if running else time.time(),

@@ -460,7 +460,8 @@ class ServiceComponent(Component):
     """A cdl service process (``python -m services.<name>``) wired to this stack."""
 
     settings: StackSettings = field(default_factory=StackSettings)
-    #: SHA-256 of the stack's API key, for services with a gRPC API ("" for none)
+    #: SHA-256 of the key of the service's gRPC API ("" for none): the gateway's inference key,
+    #: ingest's key (the gateway's admin key comes in ``extra_env``)
     api_key_hash: str = ""
     #: settings the stack gives this service (the environment still overrides them)
     extra_env: dict[str, str] = field(default_factory=dict)

@@ -138,6 +138,8 @@ class GatewayApp:
             interval_s=settings.log_linger_ms / 1000,
         )
         self.keys = ApiKeys(settings.api_key_hashes, settings.admin_key_hashes)
+        if self.keys.open and not settings.admin_key_hashes:
+            log.warning("the gateway is open: no API key is needed for inference or ModelAdmin (api_key_hashes)")
         self.pool = TritonPool(
             settings.triton_grpc,
             settings.max_message_bytes,

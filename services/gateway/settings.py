@@ -54,8 +54,9 @@ class GatewaySettings(ServiceSettings):
 
     # ------------------------------------------------------------- access
     admin_key_hashes: list[str] = []
-    """SHA-256 hex digests of the keys allowed to call ModelAdmin; empty: the inference keys
-    (``api_key_hashes``, shared by every service)."""
+    """SHA-256 hex digests of the keys allowed to call ModelAdmin (an inference key,
+    ``api_key_hashes``, never is one); empty: ModelAdmin is refused to everyone when inference
+    keys are set, open when none is (an open gateway)."""
     trusted_keys: list[str] = []
     """Public keys (``ed25519:<base64>``, JSON list) whose signatures on Triton entries the gateway
     accepts (cdl.signing): with any, a version without a valid signature by one of them, or

@@ -49,6 +49,16 @@ def test_a_service_killed_9_is_restarted_by_its_supervisor_and_down_stops_everyt
         exports = run_cdl("stack", "env", state_dir=state_dir)
         assert exports.returncode == 0, exports.stderr
         assert f"export CDL_KAFKA_BOOTSTRAP={state['kafka']['bootstrap']}" in exports.stdout.splitlines()
+        # a key per scope (inference, admin, ingest), each exported; the signing key the compressor's alone
+        keys = [state[scope] for scope in ("api_key", "admin_key", "ingest_key")]
+        assert len(set(keys)) == 3 and all(len(k) >= 24 for k in keys)
+        for variable, key in zip(("CDL_API_KEY", "CDL_ADMIN_KEY", "CDL_INGEST_KEY"), keys, strict=True):
+            assert f"export {variable}={key}" in exports.stdout.splitlines()
+        signing = Path(environ["CDL_COMPRESSOR_SIGNING_KEY_FILE"])
+        assert signing.is_file() and signing.stat().st_mode & 0o077 == 0
+        # no default secret: MinIO's root password is the stack's own, and the file holding it is private
+        assert len(state["minio"]["secret_key"]) >= 24 and state["minio_secret_key"] == state["minio"]["secret_key"]
+        assert (state_dir / "stack.json").stat().st_mode & 0o077 == 0
         sup_state = state_dir / "compressor" / "supervisor.json"
         assert json.loads(sup_state.read_text())["child_pid"] == child
 

@@ -150,3 +150,19 @@ def test_an_unreadable_ca_is_one_line_and_exit_2(tmp_path: Path, channels: _Chan
         assert out.exit_code == 2, (command, out.output)
         assert "cannot read the TLS CA" in out.output and len(out.output.strip().splitlines()) == 1, out.output
     assert channels.secure == channels.insecure == []
+
+
+def test_each_call_carries_the_key_of_its_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference calls the stack's inference key, admin calls its admin key, ingest calls its
+    ingest key; each scope's variable overrides the stack's, ``--key`` overrides both."""
+    state = {"api_key": "infer", "admin_key": "admin", "ingest_key": "ingest"}
+    for variable in clients.SCOPES.values():
+        monkeypatch.delenv(variable, raising=False)
+    assert [clients.api_key_metadata(None, state, scope) for scope in clients.SCOPES] == [
+        (("authorization", f"Bearer {key}"),) for key in ("infer", "admin", "ingest")
+    ]
+    monkeypatch.setenv("CDL_API_KEY", "from-env")  # `eval "$(cdl stack env)"`: admin calls keep the admin key
+    assert clients.api_key_metadata(None, state, "admin_key") == (("authorization", "Bearer admin"),)
+    assert clients.api_key_metadata(None, state) == (("authorization", "Bearer from-env"),)
+    assert clients.api_key_metadata("given", state, "admin_key") == (("authorization", "Bearer given"),)
+    assert clients.api_key_metadata(None, {}, "ingest_key") == ()

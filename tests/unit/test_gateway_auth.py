@@ -1,4 +1,4 @@
-"""API keys of the gateway (cdl/auth.py): digests, bearer metadata, admin keys, the cache."""
+"""API keys of the gateway (cdl/auth.py): digests, bearer metadata, scopes (inference, admin), the cache."""
 
 from __future__ import annotations
 
@@ -46,9 +46,10 @@ def test_inference_keys() -> None:
         f"Bearer {hash_key('k1')}",
     ]:
         assert not keys.check(_md(bad)), bad
-    # the admin api uses the inference keys where no admin key is set
-    assert keys.check(_md("Bearer k1"), admin=True)
-    assert not keys.check(_md("Bearer k3"), admin=True)
+    # scopes: an inference key is never an admin key; with inference keys and no admin key, no
+    # admin call is allowed (an endpoint is not open because another one is keyed)
+    for md in (_md("Bearer k1"), _md("Bearer k3"), None):
+        assert not keys.check(md, admin=True)
 
 
 def test_separate_admin_keys() -> None:
