@@ -26,14 +26,16 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from cdl.errors import ConfigError, UntrustedModelError
-from cdl.store import BlobStore
+
+if TYPE_CHECKING:
+    from cdl.store import BlobStore
 
 __all__ = [
     "SIGNATURE_FILE",

@@ -10,6 +10,7 @@ services it starts get its endpoints in their environment
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -20,9 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cdl.auth import hash_key
 from cdl.errors import StackError, UnavailableError
-from cdl.signing import generate_signing_key
 from cdl_tools.settings import StackSettings
 from cdl_tools.stack._components import (
     Component,
@@ -44,6 +43,11 @@ ProgressFn = Callable[[str, str, str], None]
 
 def _noop(component: str, phase: str, detail: str) -> None:
     return None
+
+
+def _digest(key: str) -> str:
+    """An API key as services' settings hold it (``cdl.auth.hash_key``: SHA-256, hex)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def service_env(state: dict[str, Any]) -> dict[str, str]:
@@ -152,7 +156,7 @@ class LocalStack:
             if name == "gateway" and "http" not in ports:  # the REST/HTTP v2 endpoint
                 ports["http"] = free_port(s.host)
             key = keys.get("ingest_key" if name == "ingest" else "api_key", "") if name in grpc_services else ""
-            key_hash = hash_key(key) if key else ""
+            key_hash = _digest(key) if key else ""
             extra: dict[str, str] = {}
             if name == "tuner":
                 extra["CDL_TUNER_WORKERS"] = str(s.tuner_workers)  # its storage: service_env
@@ -162,7 +166,7 @@ class LocalStack:
                 if trusted_key:
                     extra["CDL_GATEWAY_TRUSTED_KEYS"] = json.dumps([trusted_key])
                 if keys.get("admin_key"):
-                    extra["CDL_GATEWAY_ADMIN_KEY_HASHES"] = json.dumps([hash_key(keys["admin_key"])])
+                    extra["CDL_GATEWAY_ADMIN_KEY_HASHES"] = json.dumps([_digest(keys["admin_key"])])
             comps.append(ServiceComponent(name, d / name, ports, settings=s, api_key_hash=key_hash, extra_env=extra))
         return comps
 
@@ -185,7 +189,11 @@ class LocalStack:
             or secrets.token_urlsafe(24)
         )
         self.settings = self.settings.model_copy(update={"minio_secret_key": minio_secret})
-        trusted_key = generate_signing_key(self.signing_key_path) if self.settings.services else ""
+        trusted_key = ""
+        if self.settings.services:  # (imported here: the stack's module stays light for the tests' helpers)
+            from cdl.signing import generate_signing_key
+
+            trusted_key = generate_signing_key(self.signing_key_path)
         comps = self._components(previous if running else {}, keys, trusted_key)
         self.reused = sorted(running)
         state: dict[str, Any] = {

@@ -60,7 +60,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
 
 
 # the module's demo is set up in this test: each phase ends at its outcome, and may wait longer
-# (--duration) while the demo shares two cores with the other tests (scripts/test.sh: two workers)
+# (--duration) while the demo shares two cores with the other tests (scripts/test.sh: three workers)
 @pytest.mark.timeout(1800)
 def test_the_demo_runs_the_whole_loop_by_itself(demo_run: DemoRun) -> None:
     state_dir, report, tmp_path = demo_run.state_dir, demo_run.report, demo_run.tmp
