@@ -6,15 +6,15 @@
 #   scripts/test.sh unit|native|integration|e2e [pytest args]   one tier, no lint (unit: seconds)
 #   scripts/test.sh lint              ruff, mypy, the stubs, buf
 #   scripts/test.sh tests/unit -k events   any other arguments go to pytest, after the lint
-# Tests run in CDL_TEST_WORKERS processes (pytest-xdist; default 3, 0 = in this process: most tests
-# wait on servers, so three keep two cores busy), a test file to a worker in the order collected
+# Tests run in CDL_TEST_WORKERS processes (pytest-xdist; default 2, 0 = in this process: a third
+# made the CPU-bound tests slower than it saved), a test file to a worker in the order collected
 # (e2e first: the longest files start first); the workers share one local stack
 # (tests/conftest.py), and the tests that stop the broker have their own (tests/integration/broker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 py="$CDL_VENV/bin/python"
-workers=(--numprocesses "${CDL_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder)
+workers=(--numprocesses "${CDL_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
 
 case "${1:-}" in
   unit|native|integration|e2e)

@@ -133,9 +133,12 @@ def wait_committed(bootstrap: str, group: str, topic: str, offset: int, timeout_
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def run_cdl(*args: str, state_dir: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """The `cdl` command line as a user runs it, against the stack in ``state_dir``."""
-    env = dict(os.environ, CDL_STATE_DIR=str(state_dir), COLUMNS="200")
+def run_cdl(
+    *args: str, state_dir: Path, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The `cdl` command line as a user runs it, against the stack in ``state_dir`` (``env``:
+    more environment, e.g. service settings)."""
+    env = dict(os.environ, **(env or {}), CDL_STATE_DIR=str(state_dir), COLUMNS="200")
     return subprocess.run(
         [sys.executable, "-m", "cdl_tools.cli", *args],
         env=env,

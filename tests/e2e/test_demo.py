@@ -32,6 +32,17 @@ from cdl.v1 import events_pb2
 from cdl_tools.stack._procs import ProcInfo, group_members, is_alive
 from tests.helpers import IN_CI, read_committed, read_topic, run_cdl
 
+#: the demo's own settings, lighter where other tests cover the work: smaller studies
+#: (tests/integration/test_tuner.py), no pruned variants and fewer latency runs
+#: (tests/integration/test_compressor.py), so that the loop's four phases fit beside the other
+#: tests' stacks on two cores (the demo lets the environment override its settings)
+LIGHT = {
+    "CDL_TUNER_N_TRIALS": "2",
+    "CDL_TUNER_MAX_EPOCHS": "2",
+    "CDL_COMPRESSOR_PRUNE_FRACTION": "0",
+    "CDL_COMPRESSOR_LATENCY_RUNS": "10",
+}
+
 
 @dataclass
 class DemoRun:
@@ -48,7 +59,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     try:  # a demo that times out is killed before it stops its stack: stop it here
         demo = run_cdl(
             "demo", "--keep", "--state-dir", str(state_dir), "--report", str(report), "--duration", "900",
-            state_dir=state_dir, timeout=1300,
+            state_dir=state_dir, timeout=1300, env=LIGHT,
         )  # fmt: skip
         if demo.returncode != 0 and "run scripts/setup.sh" in demo.stdout and not IN_CI:
             pytest.skip(demo.stdout)
@@ -60,7 +71,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
 
 
 # the module's demo is set up in this test: each phase ends at its outcome, and may wait longer
-# (--duration) while the demo shares two cores with the other tests (scripts/test.sh: three workers)
+# (--duration) while the demo shares two cores with the other tests (scripts/test.sh: two workers)
 @pytest.mark.timeout(1800)
 def test_the_demo_runs_the_whole_loop_by_itself(demo_run: DemoRun) -> None:
     state_dir, report, tmp_path = demo_run.state_dir, demo_run.report, demo_run.tmp
@@ -243,7 +254,7 @@ def test_kill_9_of_each_service_mid_loop_loses_and_doubles_nothing(
         "CDL_TRAINER_MAX_EPOCHS": "5",
         "CDL_GATEWAY_CANARY_STEPS": "[0.5, 1.0]",
     }
-    for k, v in {**DEMO_ENV, **extra}.items():
+    for k, v in {**DEMO_ENV, **LIGHT, **extra}.items():
         monkeypatch.setenv(k, v)
     state_dir = demo_run.state_dir
     stack = LocalStack(StackSettings(state_dir=state_dir))
