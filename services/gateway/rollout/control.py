@@ -142,10 +142,12 @@ class TritonControl:
 
     # ------------------------------------------------------------------ the repository entry
 
-    def config(self, model: str) -> Any:
-        """``model``'s ``config.pbtxt`` from the repository, parsed (a ``ModelConfig``)."""
+    def config(self, model: str, text: bytes | None = None) -> Any:
+        """``model``'s ``config.pbtxt`` from the repository (or ``text``, its bytes as already
+        read), parsed (a ``ModelConfig``)."""
         key = f"{model}/config.pbtxt"
-        text = self._store.get_bytes(TRITON_BUCKET, key)  # NotFoundError when there is no entry
+        if text is None:
+            text = self._store.get_bytes(TRITON_BUCKET, key)  # NotFoundError when there is no entry
         cfg = ModelConfig()
         try:
             text_format.Parse(text.decode(), cfg)
@@ -153,15 +155,17 @@ class TritonControl:
             raise PermanentError("unreadable config.pbtxt", uri=f"s3://{TRITON_BUCKET}/{key}", error=str(exc)) from exc
         return cfg
 
-    def verify(self, model: str, versions: Sequence[int]) -> None:
+    def verify(self, model: str, versions: Sequence[int]) -> bytes:
         """Refuse (:class:`~cdl.errors.UntrustedModelError`, saying why) unless each of
         ``versions`` is signed by a trusted key and unchanged since, and the model's
-        ``config.pbtxt`` is one signed with one of them (the newest write of the compressor)."""
+        ``config.pbtxt`` is one signed with one of them (the newest write of the compressor);
+        returns that config, as read and checked."""
         assert self._trusted is not None
         docs = [verify_entry(self._store, TRITON_BUCKET, model, v, self._trusted) for v in versions]
         config = self._store.get_bytes(TRITON_BUCKET, f"{model}/config.pbtxt")
         if not any(config_matches(doc, config) for doc in docs):
             raise UntrustedModelError(f"{model}: config.pbtxt is not the one signed with v{max(versions)}")
+        return config
 
     # ------------------------------------------------------------------ load and unload
 
@@ -183,9 +187,9 @@ class TritonControl:
         if not wanted:
             self.unload(model, targets)
             return
-        if self._trusted is not None:
-            self.verify(model, wanted)
-        cfg = self.config(model)
+        # the config Triton is given is the one just verified (not read again)
+        checked = self.verify(model, wanted) if self._trusted is not None else None
+        cfg = self.config(model, checked)
         override = config_override(cfg, wanted)
         with self._lock(model):
             try:
