@@ -79,19 +79,54 @@ class ModelRegistry:
 
         Returns ``(version, new)``. A redelivered event gets the same version, so
         versions are monotonic and never duplicated.
+
+        A version claimed for new data and abandoned before its result (the trainer killed
+        while it trained, its dataset version then superseded by a newer one in the backlog it
+        coalesced; or killed between this method's two writes) passes its number to the next
+        claim of that dataset: version numbers have no gaps. Its ``claim.json`` then names the
+        dataset version it is for and the one it ``superseded``.
         """
         with self._lock:
-            suffix = f"-{cause}" if cause else ""
-            index = f"{model}/claims/d{dataset_version:09d}{suffix}.json"
+            index = self._claim_index(model, dataset_version, cause)
             if self._store.exists(MODELS_BUCKET, index):
                 return int(self._store.get_json(MODELS_BUCKET, index)["version"]), False
-            version = max(self.versions(model), default=0) + 1
-            doc = {"model": model, "version": version, "dataset": dataset, "dataset_version": dataset_version}
+            versions = self.versions(model)
+            doc: dict[str, Any] = {"dataset": dataset, "dataset_version": dataset_version}
+            abandoned = None if cause else self._abandoned(model, versions, dataset, dataset_version)
+            if abandoned is not None:
+                version, old = abandoned
+                doc["superseded"] = int(old["dataset_version"])
+            else:
+                version = max(versions, default=0) + 1
+            doc = {"model": model, "version": version, **doc}
             if cause:
                 doc["cause"] = cause
-            self._store.put_json(MODELS_BUCKET, f"{model}/{version}/claim.json", doc)
+            # the index first: a crash after it leaves the claim found again by a redelivery
             self._store.put_json(MODELS_BUCKET, index, doc)
+            self._store.put_json(MODELS_BUCKET, f"{model}/{version}/claim.json", doc)
+            if abandoned is not None and int(abandoned[1]["dataset_version"]) != dataset_version:
+                self._store.delete(MODELS_BUCKET, self._claim_index(model, int(abandoned[1]["dataset_version"]), ""))
             return version, True
+
+    @staticmethod
+    def _claim_index(model: str, dataset_version: int, cause: str) -> str:
+        suffix = f"-{cause}" if cause else ""
+        return f"{model}/claims/d{dataset_version:09d}{suffix}.json"
+
+    def _abandoned(
+        self, model: str, versions: list[int], dataset: str, dataset_version: int
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The oldest of the newest versions without a result that was claimed for new data of
+        ``dataset`` up to ``dataset_version``: a claim nobody will finish (see :meth:`claim`)."""
+        found = None
+        for version in reversed(versions):
+            if self.result(model, version) is not None:
+                break
+            doc: dict[str, Any] = self._store.get_json(MODELS_BUCKET, f"{model}/{version}/claim.json")
+            mine = not doc.get("cause") and doc.get("dataset") == dataset
+            if mine and int(doc["dataset_version"]) <= dataset_version:
+                found = (version, doc)
+        return found
 
     # ------------------------------------------------------------------ artifacts
     def save(

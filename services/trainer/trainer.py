@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from cdl.datasets import DATASETS_BUCKET, load_version, manifest_key
-from cdl.errors import InvalidInputError
+from cdl.errors import ConflictError, InvalidInputError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
 from cdl.ml.core import assess, epochs_to_run, fit, hyperparameters, split_version
@@ -270,6 +270,13 @@ class Trainer:
             "holdout_samples": float(len(x_hold)),
             "samples_per_s": result.samples_per_s,
         }
+        claimed = int(self.registry.document(model, version, "claim")["dataset_version"])
+        if claimed != update.version:  # a process that trained on past its claim (cdl.registry)
+            raise ConflictError(
+                f"model version {version} was claimed again for dataset version {claimed}",
+                model=model,
+                dataset_version=update.version,
+            )
         self.registry.save(
             model,
             version,

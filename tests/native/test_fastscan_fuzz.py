@@ -482,8 +482,9 @@ def test_under_asan_and_ubsan_generated_batches_never_contradict_the_careful_pat
 def test_the_sanitizer_catches_a_read_past_a_buffer(sanitized: tuple[Path, dict[str, str]]) -> None:
     _, env = sanitized
     done = _run(env, "--canary")
-    assert done.returncode == 86, f"exit {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}"
-    assert "AddressSanitizer: heap-buffer-overflow" in done.stderr
+    report = f"exit {done.returncode}\nstdout: {done.stdout[-1000:]}\nstderr: {done.stderr[:4000]}"
+    assert done.returncode == 86, report
+    assert "AddressSanitizer: heap-buffer-overflow" in done.stderr, report
 
 
 def _main(argv: list[str]) -> int:
@@ -494,7 +495,11 @@ def _main(argv: list[str]) -> int:
         blob = np.full(64, ord("a"), dtype=np.uint8)
         out = np.zeros((1, 72), dtype=np.uint32)
         one = np.zeros(1, dtype=np.int64)
-        lib.cdl_ids_ucs4(blob, one, one + 72, 1, 72, out)
+        lengths = one + 72
+        # where the buffers lie, for a report that is not the expected one
+        where = (blob.ctypes.data, out.ctypes.data, lengths.ctypes.data)
+        print("blob {:#x}+64 out {:#x}+288 lengths {:#x}".format(*where), flush=True)
+        lib.cdl_ids_ucs4(blob, one, lengths, 1, 72, out)
         print("canary: not caught")
         return 1
     stats: Counter[str] = Counter()

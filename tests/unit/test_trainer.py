@@ -18,7 +18,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from cdl.datasets import holdout_member, manifest_key
-from cdl.errors import InvalidInputError, NotFoundError
+from cdl.errors import ConflictError, InvalidInputError, NotFoundError
 from cdl.events import Event, OutRecord
 from cdl.failure import DEFAULT_POLICY, DeadLetterReason, Verdict
 from cdl.ml.core import hyperparameters
@@ -49,9 +49,11 @@ class Loop:
         config: dict[str, Any] = {"device": "cpu", "max_epochs": 2, "reference_rows": 100, "code_version": "git:test"}
         self.trainer = Trainer(TrainerSettings(**{**config, **settings}), self.store, self.registry, "/cdl/test")
 
-    def publish_version(self) -> Event:
-        """A version of ``N`` digits, published as ingest publishes it; returns the event."""
-        self.writer.publish(self.writer.version(X[:N], Y[:N], [f"r{i}" for i in range(N)]))
+    def publish_version(self, first: int = 0) -> Event:
+        """A version of ``N`` digits (ids from ``first``), published as ingest publishes it;
+        returns the event."""
+        rows = slice(first, first + N)
+        self.writer.publish(self.writer.version(X[rows], Y[rows], [f"r{i}" for i in range(first, first + N)]))
         return self.producer.events(UPDATED)[-1]
 
     def handle(self, event: Event) -> list[events_pb2.ModelTrained]:
@@ -103,6 +105,35 @@ def test_a_first_version_is_accepted_as_champion_with_lineage_to_its_dataset_ver
     assert again == trained and loop.producer.events(TRAINED)[0].id == loop.producer.events(TRAINED)[1].id
     assert registry.versions("digits") == [1]
     assert loop.store.get_bytes(MODELS_BUCKET, "digits/1/model.safetensors") == checkpoint
+
+
+def test_a_claim_abandoned_for_a_newer_dataset_version_passes_its_number_on() -> None:
+    """The trainer killed while it trained dataset version 1 (model version 1 claimed), and
+    restarted on a backlog it coalesced to dataset version 2: version 2 of the data becomes
+    model version 1, not 2 (model versions have no gaps); a process still training the
+    superseded claim cannot save over it."""
+    loop = Loop()
+    first = loop.publish_version()
+    assert loop.registry.claim("digits", "digits", 1) == (1, True)  # the killed job's claim
+    second = loop.publish_version(first=N)
+    [trained] = loop.handle(second)
+
+    assert (trained.version, trained.lineage.dataset_version) == (1, 2)
+    claim = loop.registry.document("digits", 1, "claim")
+    assert (claim["dataset_version"], claim["superseded"]) == (2, 1)
+    assert not loop.store.exists(MODELS_BUCKET, "digits/claims/d000000001.json")
+    # the superseded job, trained on elsewhere (a zombie): refused before it writes anything
+    checkpoint = loop.store.get_bytes(MODELS_BUCKET, "digits/1/model.safetensors")
+    update = first.payload
+    assert isinstance(update, events_pb2.DataUpdated)
+    with pytest.raises(ConflictError, match="claimed again for dataset version 2"):
+        loop.trainer.train_version("digits", 1, update)
+    assert loop.store.get_bytes(MODELS_BUCKET, "digits/1/model.safetensors") == checkpoint
+    # a claim with a result is never taken over, and a study's claim is its own
+    assert loop.registry.claim("digits", "digits", 3) == (2, True)
+    assert loop.registry.claim("digits", "digits", 3, cause="study-s9") == (3, True)
+    assert loop.registry.claim("digits", "digits", 4) == (2, True)  # version 2's claim (for 3) was abandoned
+    assert loop.registry.versions("digits") == [1, 2, 3]
 
 
 def test_a_studys_best_worse_than_the_champion_is_rejected_and_the_champion_stays() -> None:
