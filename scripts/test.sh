@@ -16,6 +16,11 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 py="$CDL_VENV/bin/python"
 workers=(--numprocesses "${CDL_TEST_WORKERS:-0}" --dist loadfile --no-loadscope-reorder)
+if [[ "${CDL_TEST_WORKERS:-0}" != "0" ]]; then
+  # two workers' services share two cores: one OpenMP thread each (torch's spinning threads,
+  # two per process by default, slowed a ResNet test beside the demo sevenfold)
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+fi
 
 case "${1:-}" in
   unit|native|integration|e2e)

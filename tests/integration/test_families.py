@@ -53,6 +53,7 @@ def test_an_unknown_family_is_refused_at_registration(ingest_factory: Any) -> No
     assert "\n" not in unknown + path
 
 
+@pytest.mark.timeout(900)  # two versions of a ResNet-18 trained, compressed four ways and rolled out
 def test_the_example_family_trains_compresses_serves_and_rolls_out_as_a_canary(
     kafka_bootstrap: str,
     object_store: ObjectStore,
