@@ -231,6 +231,7 @@ def main() -> None:
         gw_port, gw_metrics, floor_port, gw_http = free_port(), free_port(), free_port(), free_port()
         triton_http = state["triton"][0]["http"]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), CDL_STATE_DIR=str(tmp))
+        env.setdefault("CDL_INSECURE", "true")  # its entries are written unsigned, by the bench
         env |= {f"CDL_GATEWAY_{k.upper()}_TOPIC": v for k, v in topics.items()}
         env |= {
             "CDL_GATEWAY_GROUP_ID": f"bench-gw-{uid}",

@@ -145,6 +145,7 @@ def main() -> None:
             CDL_INGEST_GRPC_PORT=str(grpc_port),
             CDL_INGEST_METRICS_PORT=str(metrics_port),
             CDL_INGEST_LOG_LEVEL="WARNING",
+            CDL_INGEST_INSECURE="true",  # no API key: the bench produces to Kafka, not the API
             PYTHONPATH=str(Path(__file__).resolve().parent.parent),
         )
         log = open(Path(os.environ["CDL_STATE_DIR"]) / "ingest.log", "wb")  # noqa: SIM115

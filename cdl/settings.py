@@ -19,11 +19,40 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cdl.failure import FailurePolicy
 
 __all__ = [
+    "EX_CONFIG",
+    "KNOWN_DEFAULT_SECRETS",
+    "SHARED_SWITCHES",
     "NativeSettings",
     "ServiceSettings",
     "cdl_home",
     "default_state_dir",
+    "known_default",
 ]
+
+#: the exit code of a service that refuses its configuration (sysexits' EX_CONFIG)
+EX_CONFIG = 78
+
+#: secrets published somewhere (compose's former defaults, deploy/laptop.env, MinIO's and
+#: PostgreSQL images' examples): whoever read them knows them, so they protect nothing
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {
+        "",
+        "cdl",
+        "cdl-admin-secret",
+        "minioadmin",
+        "postgres",
+        "password",
+        "changeme",
+        "secret",
+        "laptop-only-minio-secret",
+        "laptop-only-postgres-password",
+    }
+)
+
+
+def known_default(secret: str) -> bool:
+    """Whether ``secret`` is empty or one of :data:`KNOWN_DEFAULT_SECRETS`."""
+    return secret.strip() in KNOWN_DEFAULT_SECRETS
 
 
 def cdl_home() -> Path:
@@ -43,6 +72,8 @@ def default_state_dir() -> Path:
 
 #: connection fields every service also reads from the generic ``CDL_<FIELD>`` variable
 SHARED_FIELDS = ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key", "triton_grpc", "triton_http")
+#: switches every service also reads from the generic ``CDL_<FIELD>`` variable
+SHARED_SWITCHES = ("insecure",)
 
 
 class ServiceSettings(BaseSettings):
@@ -100,6 +131,38 @@ class ServiceSettings(BaseSettings):
     """Longest one job (training, study, compression, rollout step) may run before its loop counts as stuck."""
     restore_deadline_s: float = 3600.0
     """Longest a loop's state restore at the start of a session may take before the loop counts as stuck."""
+    insecure: bool = False
+    """Start even with an open endpoint, a default secret or unsigned models, each logged as a
+    warning: for a laptop only (docs/security.md). Unset under the service's prefix: ``CDL_INSECURE``.
+    Without it a service refuses such a configuration and exits 78."""
+
+    def security_problems(self) -> list[str]:
+        """What makes this configuration insecure (each service adds its own endpoints and keys);
+        empty when nothing does."""
+        problems = []
+        if self.s3_endpoint and known_default(self.s3_secret_key):
+            problems.append("the object store's secret key is empty or a published default (s3_secret_key)")
+        return problems
+
+    def refuse_insecure(self, service: str) -> None:
+        """Exit with :data:`EX_CONFIG` and one error line naming the problems of
+        :meth:`security_problems`, unless ``insecure`` is set (then each is a warning)."""
+        from cdl.logging import get_logger
+
+        log = get_logger(f"cdl.{service}")
+        problems = self.security_problems()
+        if not problems:
+            return
+        if self.insecure:
+            for problem in problems:
+                log.warning("insecure configuration, allowed by the insecure setting", problem=problem)
+            return
+        log.error(
+            f"{service} refuses an insecure configuration: {'; '.join(problems)}; fix it, or set "
+            "CDL_INSECURE=true on a laptop (docs/security.md)",
+            problems=problems,
+        )
+        raise SystemExit(EX_CONFIG)
 
     def failure_policy(self) -> FailurePolicy:
         """The loops' failure policy with this service's deadlines."""
@@ -113,6 +176,10 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_shared(self) -> ServiceSettings:
+        for switch in SHARED_SWITCHES:
+            if switch not in self.model_fields_set:
+                raw = os.environ.get(f"CDL_{switch.upper()}", "").strip().lower()
+                setattr(self, switch, raw in ("1", "true", "yes"))
         for field in ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key"):
             if not getattr(self, field):
                 setattr(self, field, os.environ.get(f"CDL_{field.upper()}", ""))

@@ -43,6 +43,9 @@ class StackSettings(BaseSettings):
     """Start PostgreSQL (the tuner's shared study storage) when the tuner is among the services."""
     postgres_port: int = 0
     """PostgreSQL port; 0 picks a free one."""
+    postgres_password: str = ""
+    """Password of PostgreSQL's ``cdl`` role over TCP (SCRAM; only the server's own Unix socket
+    trusts); empty: one is generated at the stack's first start and kept in ``stack.json``."""
     tuner_workers: int = 2
     """Worker processes of each study the stack's tuner runs (they share its PostgreSQL storage)."""
     api_key: str = ""

@@ -6,17 +6,16 @@
 #   scripts/test.sh unit|native|integration|e2e [pytest args]   one tier, no lint (unit: seconds)
 #   scripts/test.sh lint              ruff, mypy, the stubs, buf
 #   scripts/test.sh tests/unit -k events   any other arguments go to pytest, after the lint
-# Tests run in CDL_TEST_WORKERS processes (pytest-xdist; 0 = in this process, the default, except
-# for the unit tier: 2; CDL_TEST_WORKERS=2 runs everything in ~18 min instead of ~30 on two cores,
-# but some timing-bound tests still flake there), a test file to a worker in the order collected
+# Tests run in CDL_TEST_WORKERS processes (pytest-xdist; default 2: everything in ~14 min instead
+# of ~30 on two cores; 0 = in this process), a test file to a worker in the order collected
 # (e2e first: the longest files start first); the workers share one local stack
 # (tests/conftest.py), and the tests that stop the broker have their own (tests/integration/broker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 py="$CDL_VENV/bin/python"
-workers=(--numprocesses "${CDL_TEST_WORKERS:-0}" --dist loadfile --no-loadscope-reorder)
-if [[ "${CDL_TEST_WORKERS:-0}" != "0" ]]; then
+workers=(--numprocesses "${CDL_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
+if [[ "${CDL_TEST_WORKERS:-2}" != "0" ]]; then
   # two workers' services share two cores: one OpenMP thread each (torch's spinning threads,
   # two per process by default, slowed a ResNet test beside the demo sevenfold)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -26,7 +25,6 @@ case "${1:-}" in
   unit|native|integration|e2e)
     tier=$1
     shift
-    if [[ "$tier" == "unit" ]]; then workers[1]="${CDL_TEST_WORKERS:-2}"; fi  # no servers: two workers
     exec "$py" -m pytest -p no:cacheprovider "${workers[@]}" "tests/$tier" "$@"
     ;;
 esac

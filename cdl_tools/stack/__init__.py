@@ -188,7 +188,10 @@ class LocalStack:
             or previous.get("minio", {}).get("secret_key")
             or secrets.token_urlsafe(24)
         )
-        self.settings = self.settings.model_copy(update={"minio_secret_key": minio_secret})
+        pg_password = self.settings.postgres_password or previous.get("postgres_password") or secrets.token_urlsafe(24)
+        self.settings = self.settings.model_copy(
+            update={"minio_secret_key": minio_secret, "postgres_password": pg_password}
+        )
         trusted_key = ""
         if self.settings.services:  # (imported here: the stack's module stays light for the tests' helpers)
             from cdl.signing import generate_signing_key
@@ -200,6 +203,7 @@ class LocalStack:
             "state_dir": str(self.state_dir),
             **keys,
             "minio_secret_key": minio_secret,
+            "postgres_password": pg_password,
             "ports": {c.name: c.ports for c in comps},
             "procs": {n: p for n, p in previous.get("procs", {}).items() if n in running},
             "started_at": previous.get("started_at") if running else time.time(),

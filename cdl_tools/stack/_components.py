@@ -268,8 +268,10 @@ def postgres_bin() -> Path | None:
 class PostgresComponent(Component):
     """A PostgreSQL server for the tuner's shared Optuna storage.
 
-    ``initdb`` once (trust authentication, loopback only), its data kept across
-    restarts. PostgreSQL refuses to run as root: as root the server runs as the
+    ``initdb`` once, its data kept across restarts. Over TCP (loopback only) the
+    ``cdl`` role signs in with the stack's password (SCRAM-SHA-256), set at each
+    start in single-user mode; only the server's own Unix socket, in its data
+    directory, trusts. PostgreSQL refuses to run as root: as root the server runs as the
     ``postgres`` system user (``setpriv``), and since that user cannot enter
     root's home, its data directory is ``/var/lib/cdl-postgres/<digest of the
     state directory>`` (still one per stack, kept across restarts).
@@ -291,7 +293,8 @@ class PostgresComponent(Component):
     @property
     def url(self) -> str:
         """The SQLAlchemy URL (the psycopg2 driver, a dependency of cdl)."""
-        return f"postgresql+psycopg2://cdl@{self.settings.host}:{self.ports['port']}/postgres"
+        password = self.settings.postgres_password
+        return f"postgresql+psycopg2://cdl:{password}@{self.settings.host}:{self.ports['port']}/postgres"
 
     def _as_server_user(self, argv: list[str]) -> list[str]:
         if not self.as_root:
@@ -305,16 +308,35 @@ class PostgresComponent(Component):
         if bin_dir is None:
             raise ConfigError("PostgreSQL is missing; run scripts/setup.sh", path="/usr/lib/postgresql")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if (self.data / "PG_VERSION").exists():
-            return
-        self.data.mkdir(parents=True, exist_ok=True)
+        if not (self.data / "PG_VERSION").exists():
+            self.data.mkdir(parents=True, exist_ok=True)
+            if self.as_root:
+                shutil.chown(self.data.parent, "postgres", "postgres")
+                shutil.chown(self.data, "postgres", "postgres")
+            cmd = [str(bin_dir / "initdb"), "-D", str(self.data), "-U", "cdl", "--auth=trust", "-E", "UTF8"]
+            done = subprocess.run(self._as_server_user(cmd), capture_output=True, text=True, cwd="/", check=False)
+            if done.returncode != 0:
+                raise ConfigError("initdb failed", output=(done.stdout + done.stderr)[-2000:])
+        password = self.settings.postgres_password
+        if not password or not password.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError("the stack's PostgreSQL password must be letters, digits, - and _")
+        # a stack made before it had a password gets one too: the role's password, then the rules
+        single = [str(bin_dir / "postgres"), "--single", "-D", str(self.data)]
+        single += ["-c", "password_encryption=scram-sha-256"]
+        done = subprocess.run(
+            self._as_server_user([*single, "postgres"]),
+            input=f"ALTER ROLE cdl PASSWORD '{password}';\n",
+            capture_output=True,
+            text=True,
+            cwd="/",
+            check=False,
+        )
+        if done.returncode != 0 or "ERROR" in done.stdout + done.stderr:
+            raise ConfigError("setting PostgreSQL's password failed", output=(done.stdout + done.stderr)[-2000:])
+        hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
+        (self.data / "pg_hba.conf").write_text(hba)
         if self.as_root:
-            shutil.chown(self.data.parent, "postgres", "postgres")
-            shutil.chown(self.data, "postgres", "postgres")
-        cmd = [str(bin_dir / "initdb"), "-D", str(self.data), "-U", "cdl", "--auth=trust", "-E", "UTF8"]
-        done = subprocess.run(self._as_server_user(cmd), capture_output=True, text=True, cwd="/", check=False)
-        if done.returncode != 0:
-            raise ConfigError("initdb failed", output=(done.stdout + done.stderr)[-2000:])
+            shutil.chown(self.data / "pg_hba.conf", "postgres", "postgres")
 
     def argv(self) -> list[str]:
         bin_dir = postgres_bin()

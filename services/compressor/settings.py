@@ -65,3 +65,9 @@ class CompressorSettings(ServiceSettings):
     """Epochs the pruned model is fine-tuned on the version's train split (shared training core)."""
     prune_finetune_lr_scale: float = 0.3
     """The fine-tune's learning rate: the model's own times this."""
+
+    def security_problems(self) -> list[str]:
+        problems = super().security_problems()
+        if not self.signing_key_file:
+            problems.append("Triton entries go unsigned: no signing key (signing_key_file)")
+        return problems

@@ -493,4 +493,5 @@ class GatewayApp:
 def main() -> None:
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level)
+    settings.refuse_insecure("gateway")
     asyncio.run(GatewayApp(settings).serve())

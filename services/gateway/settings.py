@@ -122,3 +122,13 @@ class GatewaySettings(ServiceSettings):
     """How often each Triton server's readiness is checked."""
     load_timeout_s: float = 120.0
     """Longest time a Triton load of a version may take."""
+
+    def security_problems(self) -> list[str]:
+        problems = super().security_problems()
+        if not self.api_key_hashes:
+            problems.append("inference is open: no API key is needed (api_key_hashes)")
+            if not self.admin_key_hashes:
+                problems.append("ModelAdmin is open: anyone may roll back or promote (admin_key_hashes)")
+        if not self.trusted_keys:
+            problems.append("models are loaded unchecked: no key is trusted to sign them (trusted_keys)")
+        return problems

@@ -98,3 +98,9 @@ class IngestSettings(ServiceSettings):
     one over it has its pending and unlabelled shards merged at once, and a flush whose
     snapshot is still over it fails (logged, ``cdl_ingest_state_over_limit_total``) rather
     than being refused by Kafka. Keep it well below the state topic's ``max.message.bytes``."""
+
+    def security_problems(self) -> list[str]:
+        problems = super().security_problems()
+        if not self.api_key_hashes:
+            problems.append("the IngestService API is open: no API key is needed (api_key_hashes)")
+        return problems

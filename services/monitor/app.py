@@ -552,4 +552,5 @@ def _entry_time(doc: bytes) -> float | None:
 def main() -> None:
     settings = MonitorSettings()
     configure_logging("monitor", settings.log_level)
+    settings.refuse_insecure("monitor")
     Monitor(settings).run()

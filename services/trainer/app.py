@@ -41,4 +41,5 @@ def build(settings: TrainerSettings) -> JobService:
 def main() -> None:
     settings = TrainerSettings()
     configure_logging("trainer", settings.log_level)
+    settings.refuse_insecure("trainer")
     build(settings).main()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic_settings import SettingsConfigDict
 
 from cdl.events import Topics
-from cdl.settings import ServiceSettings
+from cdl.settings import ServiceSettings, known_default
 
 __all__ = ["TunerSettings"]
 
@@ -95,3 +96,13 @@ class TunerSettings(ServiceSettings):
         path = Path(self.state_dir) / "tuner" / "optuna.db"
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
+
+    def security_problems(self) -> list[str]:
+        problems = super().security_problems()
+        url = urlsplit(self.storage_url)
+        if url.scheme.startswith("postgresql"):
+            password = unquote(url.password or "")
+            loopback = url.hostname in (None, "", "localhost", "127.0.0.1", "::1")
+            if (password or not loopback) and known_default(password):  # loopback may trust, not a network
+                problems.append("the Optuna storage's password is empty or a published default (storage_url)")
+        return problems

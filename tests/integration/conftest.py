@@ -153,6 +153,9 @@ class ServiceFactory:
         env = dict(os.environ)  # pointed at the test's stack, whichever the environment names
         env.update({**service_env(self.stack), "CDL_STATE_DIR": self.stack["state_dir"], "PYTHONPATH": str(ROOT)})
         env[prefix + "METRICS_PORT"] = str(free_port())
+        # most tests start a service without API keys or a signing key (the local stack's
+        # services, the e2e tests' and test_security's run secure): allowed, with a warning each
+        env.setdefault("CDL_INSECURE", "true")
         env.update({prefix + k.upper(): v for k, v in {**self.settings, **overrides}.items()})
         svc = ServiceProcess(self.name, env, self.tmp_path / f"{self.name}-{len(self.started)}.log")
         self.started.append(svc)

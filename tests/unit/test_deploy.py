@@ -7,9 +7,12 @@ point is a module that exists, and the gateway and monitor images carry no torch
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -20,7 +23,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from cdl.settings import SHARED_FIELDS, ServiceSettings
+from cdl.settings import EX_CONFIG, SHARED_FIELDS, SHARED_SWITCHES, ServiceSettings, known_default
+from cdl.signing import generate_signing_key
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -37,7 +41,20 @@ HEAVY = {"torch", "onnx", "onnxruntime", "optuna", "scikit-learn", "nvidia-pytri
 #: imported when installed (this venv has them for development), never required: grpc tries
 #: grpc_tools, urllib3 and aiohttp try brotli, setuptools' .pth hook loads _distutils_hack
 OPTIONAL = {"brotli", "grpcio-tools", "setuptools"}
-_SUBST = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")
+_SUBST = re.compile(r"\$\{([A-Z0-9_]+):([-?])([^}]*)\}")
+
+
+def _dotenv(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+    return {k: v for k, v in pairs}
+
+
+#: what deploy/laptop.env gives compose (its variables as `docker compose --env-file` reads them)
+LAPTOP = _dotenv(DEPLOY / "laptop.env")
+
+
+class RefusedError(Exception):
+    """What compose does with ``${VAR:?message}`` when VAR is unset or empty."""
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +63,25 @@ def compose() -> dict[str, Any]:
     return doc
 
 
-def _env(svc: dict[str, Any]) -> dict[str, str]:
-    """The service's environment with ``${VAR:-default}`` at its defaults."""
-    return {k: _SUBST.sub(lambda m: m.group(2), str(v)) for k, v in svc.get("environment", {}).items()}
+def _render(value: str, environ: dict[str, str]) -> str:
+    """``value`` as compose interpolates it from ``environ``: ``${VAR:-default}``, and
+    ``${VAR:?message}`` refused (:class:`RefusedError`) when VAR is unset or empty."""
+
+    def one(m: re.Match[str]) -> str:
+        name, kind, rest = m.groups()
+        if environ.get(name):
+            return environ[name]
+        if kind == "?":
+            raise RefusedError(f"{name}: {rest}")
+        return rest
+
+    return _SUBST.sub(one, value)
+
+
+def _env(svc: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The service's environment as compose renders it from ``environ`` (deploy/laptop.env's)."""
+    given = LAPTOP if environ is None else environ
+    return {k: _render(str(v), given) for k, v in svc.get("environment", {}).items()}
 
 
 def _settings_class(name: str) -> type[ServiceSettings]:
@@ -67,7 +100,7 @@ def test_every_variable_is_a_setting_and_every_value_parses(
     env = _env(compose["services"][name])
     cls = _settings_class(name)
     prefix = f"CDL_{name.upper()}_"
-    shared = {f"CDL_{f.upper()}" for f in SHARED_FIELDS}
+    shared = {f"CDL_{f.upper()}" for f in SHARED_FIELDS + SHARED_SWITCHES}
     own = {prefix + f.upper() for f in cls.model_fields}
     unknown = sorted(k for k in env if k not in shared | own)
     assert unknown == [], f"{name}: variables no setting reads: {unknown}"
@@ -89,6 +122,68 @@ def test_every_variable_is_a_setting_and_every_value_parses(
             assert f"{http}:{http}" in compose["services"][name]["ports"], f"{name}: REST port not published"
     else:
         assert "ports" not in compose["services"][name]
+
+
+def test_compose_has_no_default_secret_and_refuses_to_start_without_one(compose: dict[str, Any]) -> None:
+    text = (DEPLOY / "compose.yml").read_text()
+    needing = {"CDL_S3_SECRET_KEY", "CDL_PG_PASSWORD"}
+    for var in needing:
+        assert f"${{{var}:-" not in text, f"{var} has a default"
+    without = {k: v for k, v in LAPTOP.items() if k not in needing}
+    users = [n for n, svc in compose["services"].items() if any(v in str(svc.get("environment")) for v in needing)]
+    assert {"minio", "postgres", "triton", *SERVICES} <= set(users)
+    for name in users:
+        with pytest.raises(RefusedError, match=r"docs/security\.md"):
+            _env(compose["services"][name], without)
+    # the laptop's secrets are published ones: only the insecure switch lets a service take them
+    assert known_default(LAPTOP["CDL_S3_SECRET_KEY"]) and known_default(LAPTOP["CDL_PG_PASSWORD"])
+    assert LAPTOP["CDL_INSECURE"] == "true"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_each_service_refuses_the_laptop_setup_without_the_insecure_switch_and_takes_a_real_one(
+    name: str, compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every service, configured as compose configures it: with deploy/laptop.env (published
+    secrets, no keys) it starts only under CDL_INSECURE=true, otherwise exits 78 (EX_CONFIG);
+    with real secrets, keys and a trusted signing key, nothing is insecure."""
+
+    def configured(environ: dict[str, str]) -> ServiceSettings:
+        for k in [k for k in os.environ if k.startswith("CDL_")]:
+            monkeypatch.delenv(k)
+        for k, v in _env(compose["services"][name], environ).items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("CDL_STATE_DIR", str(tmp_path))
+        return _settings_class(name)()
+
+    laptop = configured(LAPTOP)
+    assert laptop.insecure and laptop.security_problems()
+    laptop.refuse_insecure(name)  # allowed: each problem a warning
+    strict = configured({**LAPTOP, "CDL_INSECURE": "false"})
+    with pytest.raises(SystemExit) as refused:
+        strict.refuse_insecure(name)
+    assert refused.value.code == EX_CONFIG
+    problems = " ".join(strict.security_problems())
+    assert "s3_secret_key" in problems
+    if name == "gateway":
+        assert "api_key_hashes" in problems and "admin_key_hashes" in problems and "trusted_keys" in problems
+    if name == "ingest":
+        assert "api_key_hashes" in problems
+    if name == "tuner":
+        assert "storage_url" in problems
+
+    digest = [hashlib.sha256(secrets.token_bytes(16)).hexdigest()]
+    real = {
+        "CDL_S3_SECRET_KEY": secrets.token_urlsafe(24),
+        "CDL_PG_PASSWORD": secrets.token_urlsafe(24),
+        "CDL_API_KEY_HASHES": json.dumps(digest),
+        "CDL_ADMIN_KEY_HASHES": json.dumps(digest[::-1]),
+        "CDL_INGEST_KEY_HASHES": json.dumps(digest),
+        "CDL_MODEL_TRUSTED_KEYS": json.dumps([generate_signing_key(tmp_path / "signing.pem")]),
+    }
+    secure = configured(real)
+    assert not secure.insecure and secure.security_problems() == []
+    secure.refuse_insecure(name)
 
 
 def test_the_compressor_signs_with_a_secret_only_it_mounts_and_the_gateway_trusts_keys(compose: dict[str, Any]) -> None:
