@@ -12,11 +12,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdl.errors import ConfigError
 from cdl.failure import FailurePolicy
+
+if TYPE_CHECKING:
+    from cdl.kafka.security import KafkaSecurity
 
 __all__ = [
     "EX_CONFIG",
@@ -71,7 +76,22 @@ def default_state_dir() -> Path:
 
 
 #: connection fields every service also reads from the generic ``CDL_<FIELD>`` variable
-SHARED_FIELDS = ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key", "triton_grpc", "triton_http")
+SHARED_FIELDS = (
+    "kafka_bootstrap",
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_sasl_password_file",
+    "kafka_ssl_ca_file",
+    "kafka_ssl_cert_file",
+    "kafka_ssl_key_file",
+    "s3_endpoint",
+    "s3_access_key",
+    "s3_secret_key",
+    "triton_grpc",
+    "triton_http",
+)
 #: switches every service also reads from the generic ``CDL_<FIELD>`` variable
 SHARED_SWITCHES = ("insecure",)
 
@@ -88,6 +108,23 @@ class ServiceSettings(BaseSettings):
 
     kafka_bootstrap: str = ""
     """Kafka bootstrap servers, ``host:port[,host:port]``."""
+    kafka_security_protocol: str = ""
+    """How this service talks to Kafka: PLAINTEXT (empty), SSL (TLS; with a client certificate,
+    mTLS), SASL_PLAINTEXT or SASL_SSL (cdl.kafka.security; docs/security.md)."""
+    kafka_sasl_mechanism: str = ""
+    """SASL mechanism: SCRAM-SHA-512 (empty), SCRAM-SHA-256 or PLAIN."""
+    kafka_sasl_username: str = ""
+    """This service's Kafka user (the ACLs say what it may read and write)."""
+    kafka_sasl_password: str = ""
+    """Its password; prefer ``kafka_sasl_password_file``."""
+    kafka_sasl_password_file: str = ""
+    """A file holding its password (a mounted secret), read at start."""
+    kafka_ssl_ca_file: str = ""
+    """PEM of the CA that signed the brokers' certificates; empty: the system's CAs."""
+    kafka_ssl_cert_file: str = ""
+    """PEM client certificate for mTLS (with ``kafka_ssl_key_file``)."""
+    kafka_ssl_key_file: str = ""
+    """PEM private key of ``kafka_ssl_cert_file``."""
     s3_endpoint: str = ""
     """Object store endpoint, ``host:port`` (MinIO)."""
     s3_access_key: str = ""
@@ -142,7 +179,40 @@ class ServiceSettings(BaseSettings):
         problems = []
         if self.s3_endpoint and known_default(self.s3_secret_key):
             problems.append("the object store's secret key is empty or a published default (s3_secret_key)")
+        sasl = self.kafka_security_protocol.upper().startswith("SASL_")
+        if sasl and not self.kafka_sasl_password_file and known_default(self.kafka_sasl_password):
+            problems.append("the Kafka password is empty or a published default (kafka_sasl_password)")
         return problems
+
+    def kafka_security(self) -> KafkaSecurity:
+        """This service's TLS and SASL towards Kafka (its password read from its file)."""
+        from cdl.kafka.security import KafkaSecurity
+
+        password = self.kafka_sasl_password
+        if self.kafka_sasl_password_file:
+            try:
+                password = Path(self.kafka_sasl_password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read the Kafka password file {self.kafka_sasl_password_file}: {exc}"
+                ) from exc
+        return KafkaSecurity(
+            protocol=(self.kafka_security_protocol or "PLAINTEXT").upper(),
+            mechanism=(self.kafka_sasl_mechanism or "SCRAM-SHA-512").upper(),
+            username=self.kafka_sasl_username,
+            password=password,
+            ca_file=self.kafka_ssl_ca_file,
+            cert_file=self.kafka_ssl_cert_file,
+            key_file=self.kafka_ssl_key_file,
+        )
+
+    def secure_process(self, service: str) -> None:
+        """At a service's start: refuse an insecure configuration (:meth:`refuse_insecure`), then
+        make its Kafka identity the process's (:func:`cdl.kafka.security.use`)."""
+        from cdl.kafka.security import use
+
+        self.refuse_insecure(service)
+        use(self.kafka_security())
 
     def refuse_insecure(self, service: str) -> None:
         """Exit with :data:`EX_CONFIG` and one error line naming the problems of
@@ -180,7 +250,9 @@ class ServiceSettings(BaseSettings):
             if switch not in self.model_fields_set:
                 raw = os.environ.get(f"CDL_{switch.upper()}", "").strip().lower()
                 setattr(self, switch, raw in ("1", "true", "yes"))
-        for field in ("kafka_bootstrap", "s3_endpoint", "s3_access_key", "s3_secret_key"):
+        for field in SHARED_FIELDS:
+            if field.startswith("triton_"):
+                continue  # JSON lists, below
             if not getattr(self, field):
                 setattr(self, field, os.environ.get(f"CDL_{field.upper()}", ""))
         grpc, http = _endpoints("CDL_TRITON_GRPC"), _endpoints("CDL_TRITON_HTTP")

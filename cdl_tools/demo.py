@@ -32,6 +32,7 @@ from confluent_kafka import Producer
 
 from cdl.datasets import holdout_member, unit_hash
 from cdl.events import Topics
+from cdl.kafka.security import secured
 from cdl.v1 import ingest_pb2, ingest_pb2_grpc
 
 __all__ = ["DIGITS", "HOLDOUT_FRACTION", "DigitsData", "DigitsFeed", "digits_spec", "register_digits"]
@@ -129,7 +130,7 @@ class DigitsFeed:
 
     def __init__(self, bootstrap: str, rate: float = 100.0, topic: str = Topics.DATA_RAW) -> None:
         self._data = DigitsData()
-        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 0})
+        self._producer = Producer(secured({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 0}))
         self._rate = rate
         self._topic = topic
         self._stop = threading.Event()

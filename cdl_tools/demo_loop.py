@@ -46,6 +46,7 @@ from rich.table import Table
 from cdl.errors import StackError
 from cdl.events import Topics
 from cdl.feedback import served_record_id
+from cdl.kafka.security import secured
 from cdl.v1 import events_pb2
 from cdl_tools.demo import DIGITS, DigitsData, register_digits
 from cdl_tools.report import ClientSample, LoopEvents, LoopView, freshness, write_report
@@ -109,7 +110,7 @@ class Clients:
         self._endpoint, self._headers = endpoint, {"authorization": f"Bearer {api_key}"}
         self._data, self._rate, self._share = data, rate, feedback_share
         self._images = data.served()
-        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 0})
+        self._producer = Producer(secured({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 0}))
         self.shifted = False
         self.samples: list[ClientSample] = []
         self.recent: deque[ClientSample] = deque(maxlen=400)
@@ -285,7 +286,7 @@ class Demo:
             max_interval_s=3600.0,
             api_key=self.state["ingest_key"],
         )
-        self._producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 20, "log_level": 0})
+        self._producer = Producer(secured({"bootstrap.servers": self.bootstrap, "linger.ms": 20, "log_level": 0}))
         self.events = LoopEvents(self.bootstrap, DIGITS)
         self.start = time.time()
 

@@ -53,15 +53,19 @@ def read_topic(
     """Read a topic from the start until ``expected`` records arrived (or time ran out), then on
     to the end of every partition as it is then (its high watermark; for ``read_committed`` its
     last stable offset): records beyond ``expected`` that were written by then are read too."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"test-reader-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": isolation,
-            "enable.partition.eof": True,
-        }
+    from cdl.kafka.security import secured
+
+    consumer = Consumer(  # as this process's identity towards the stack (a secured one's admin)
+        secured(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"test-reader-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "isolation.level": isolation,
+                "enable.partition.eof": True,
+            }
+        )
     )
     # assign (no group join, so no rebalance delay): every partition from the start
     deadline = time.monotonic() + timeout_s

@@ -25,6 +25,9 @@ One module a concern:
 - :mod:`~cdl.kafka.job_loop`: :class:`JobLoop`.
 - :mod:`~cdl.kafka.state`: :func:`read_latest`, a key's newest committed value
   in a (state) topic.
+- :mod:`~cdl.kafka.security`: the process's TLS and SASL, which every client above carries.
+- :mod:`~cdl.kafka.acls`: the users and ACLs of a secured cluster (each service writes only
+  the topics it owns).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from confluent_kafka import KafkaException
 
 from cdl.errors import NotFoundError, UnavailableError
+from cdl.kafka.security import secured
 
 __all__ = ["ensure_topics", "topic_partitions"]
 
@@ -22,7 +23,7 @@ def ensure_topics(
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(secured({"bootstrap.servers": bootstrap}))
     existing = set(admin.list_topics(timeout=10).topics)
     wanted = [
         NewTopic(t, num_partitions=n, replication_factor=1, config=dict((configs or {}).get(t, {})))
@@ -44,7 +45,7 @@ def topic_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int
     """How many partitions ``topic`` has (:class:`NotFoundError` when it does not exist)."""
     from confluent_kafka.admin import AdminClient
 
-    meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic=topic, timeout=timeout_s)
+    meta = AdminClient(secured({"bootstrap.servers": bootstrap})).list_topics(topic=topic, timeout=timeout_s)
     found = meta.topics.get(topic)
     if found is None or found.error is not None or not found.partitions:
         raise NotFoundError("topic not found", topic=topic)

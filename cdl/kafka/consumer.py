@@ -7,24 +7,28 @@ from typing import Any
 
 from confluent_kafka import Message
 
+from cdl.kafka.security import secured
+
 __all__ = ["RecordContext", "consumer_conf"]
 
 
 def consumer_conf(bootstrap: str, group_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Consumer settings every cdl loop uses: manual commits, read_committed, from the earliest offset."""
-    return {
-        "bootstrap.servers": bootstrap,
-        "group.id": group_id,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "session.timeout.ms": 10000,
-        "heartbeat.interval.ms": 1000,
-        # librdkafka pauses fetching for a whole second (the default) whenever its local
-        # queue is over its threshold: a consumer that catches up would then idle
-        "fetch.queue.backoff.ms": 20,
-        **(extra or {}),
-    }
+    return secured(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 1000,
+            # librdkafka pauses fetching for a whole second (the default) whenever its local
+            # queue is over its threshold: a consumer that catches up would then idle
+            "fetch.queue.backoff.ms": 20,
+            **(extra or {}),
+        }
+    )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from confluent_kafka import Producer as _Producer
 
 from cdl.errors import UnavailableError
 from cdl.events import Event, encode
+from cdl.kafka.security import secured
 
 __all__ = ["Producer"]
 
@@ -46,7 +47,7 @@ class Producer:
             "message.timeout.ms": 30000,
         }
         conf.update(config)
-        self._producer = _Producer(conf)
+        self._producer = _Producer(secured(conf))
         self._errors: list[str] = []
         self._lock = threading.Lock()
 

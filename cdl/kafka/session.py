@@ -32,6 +32,7 @@ from cdl.errors import UnavailableError
 from cdl.events import OutRecord
 from cdl.failure import DEFAULT_POLICY, FailurePolicy
 from cdl.kafka.producer import _produce
+from cdl.kafka.security import secured
 from cdl.kafka.signals import _Stoppable
 from cdl.liveness import WATCHDOG, LoopTracker
 from cdl.logging import get_logger
@@ -138,7 +139,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
             **(producer_config or {}),
         }
         self._consumer = make_consumer()
-        self._producer = _Producer(self._pconf)
+        self._producer = _Producer(secured(self._pconf))
         self._policy = policy or DEFAULT_POLICY
         self._on_restore = on_restore
         self.group_id = group_id
@@ -274,7 +275,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
             log.warning("purging the producer of a failed session", error=str(exc))
         self._reset_session()
         if rebuild:
-            self._producer = _Producer(self._pconf)
+            self._producer = _Producer(secured(self._pconf))
             self._initialised = False
             self._consumer = self._make_consumer()
 

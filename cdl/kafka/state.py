@@ -10,6 +10,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from cdl.errors import UnavailableError
 from cdl.kafka.consumer import _as_bytes
+from cdl.kafka.security import secured
 from cdl.logging import get_logger
 
 __all__ = ["read_latest"]
@@ -28,14 +29,16 @@ def read_latest(bootstrap: str, topic: str, key: bytes, timeout_s: float = 60.0)
     be reached or the end is not reached within ``timeout_s``.
     """
     consumer = _Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"cdl-reader-{os.getpid()}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "auto.offset.reset": "error",
-        }
+        secured(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"cdl-reader-{os.getpid()}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "auto.offset.reset": "error",
+            }
+        )
     )
     try:
         try:

@@ -24,7 +24,7 @@ import typer
 from cdl.errors import CdlError
 from cdl_tools.cli.output import fail, rpc_error
 from cdl_tools.settings import StackSettings
-from cdl_tools.stack import LocalStack
+from cdl_tools.stack import LocalStack, use_stack_identity
 
 if TYPE_CHECKING:
     import grpc
@@ -101,8 +101,11 @@ def local_stack(state_dir: Path | None, **overrides: Any) -> LocalStack:
 
 
 def stack_state(state_dir: Path | None) -> dict[str, Any]:
-    """What the stack recorded (``{}`` when there is none)."""
-    return local_stack(state_dir).read_state()
+    """What the stack recorded (``{}`` when there is none); this process is then the stack's
+    operator towards its broker when it is secured (``use_stack_identity``)."""
+    state = local_stack(state_dir).read_state()
+    use_stack_identity(state)
+    return state
 
 
 def running_state(state_dir: Path | None, *needs: str) -> dict[str, Any]:

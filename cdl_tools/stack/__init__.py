@@ -35,7 +35,7 @@ from cdl_tools.stack._components import (
 from cdl_tools.stack._probe import describe_live, read_supervisor_state
 from cdl_tools.stack._procs import ProcInfo, free_port, group_members, is_alive, spawn, stop
 
-__all__ = ["LocalStack", "ProgressFn", "ensure_triton_install", "service_env"]
+__all__ = ["LocalStack", "ProgressFn", "ensure_triton_install", "service_env", "use_stack_identity"]
 
 #: called as progress(component, phase, detail); phase in starting/healthy/ready/failed/stopped
 ProgressFn = Callable[[str, str, str], None]
@@ -48,6 +48,28 @@ def _noop(component: str, phase: str, detail: str) -> None:
 def _digest(key: str) -> str:
     """An API key as services' settings hold it (``cdl.auth.hash_key``: SHA-256, hex)."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.replace(tmp, path)
+
+
+def use_stack_identity(state: dict[str, Any], user: str = "admin") -> None:
+    """Make this process ``user`` of the stack of ``state`` towards its broker (nothing when the
+    stack's Kafka is plaintext): the CLI, the demo and the tests are its operator, ``admin``."""
+    from cdl.kafka.security import KafkaSecurity, use
+
+    kafka = state.get("kafka", {})
+    if kafka.get("security_protocol") != "SASL_SSL":
+        return
+    password = state["kafka_users"][user]
+    use(KafkaSecurity("SASL_SSL", username=user, password=password, ca_file=kafka["ca_file"]), kafka["bootstrap"])
 
 
 def service_env(state: dict[str, Any]) -> dict[str, str]:
@@ -70,6 +92,14 @@ def service_env(state: dict[str, Any]) -> dict[str, str]:
             env["CDL_TRITON_HTTP"] = json.dumps([t["http"] for t in tritons])
     if state.get("postgres", {}).get("url"):
         env["CDL_TUNER_STORAGE_URL"] = str(state["postgres"]["url"])
+    kafka = state.get("kafka", {})
+    if kafka.get("security_protocol") == "SASL_SSL":  # each service as its own user (cdl.kafka.acls)
+        env |= {"CDL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "CDL_KAFKA_SSL_CA_FILE": kafka["ca_file"]}
+        keys = Path(state["state_dir"]) / "keys" / "kafka"
+        for user in state.get("kafka_users", {}):
+            if user not in ("admin", "producer"):
+                env[f"CDL_{user.upper()}_KAFKA_SASL_USERNAME"] = user
+                env[f"CDL_{user.upper()}_KAFKA_SASL_PASSWORD_FILE"] = str(keys / f"{user}.password")
     return env
 
 
@@ -80,6 +110,8 @@ class LocalStack:
         self.settings = settings or StackSettings()
         self.state_dir = Path(self.settings.state_dir)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        #: the passwords of the stack's Kafka users when its broker is secured (``up``)
+        self.kafka_users: dict[str, str] = {}
         #: components the last ``up()`` found already running (and left alone)
         self.reused: list[str] = []
 
@@ -114,13 +146,34 @@ class LocalStack:
         trusts its public key; made at the first start, kept with the state (mode 0600)."""
         return self.state_dir / "keys" / "model-signing.pem"
 
+    def _kept(self, state: dict[str, Any]) -> StackSettings:
+        """The settings, with what the stack of ``state`` keeps (its secrets, its broker's
+        security) where they give none."""
+        update: dict[str, Any] = {}
+        for kept in ("minio_secret_key", "postgres_password"):
+            if not getattr(self.settings, kept) and state.get(kept):
+                update[kept] = state[kept]
+        if state.get("kafka_security"):
+            update["kafka_security"] = state["kafka_security"]
+        return self.settings.model_copy(update=update) if update else self.settings
+
+    @property
+    def tls_dir(self) -> Path:
+        """The stack's CA and server certificates (``cdl_tools.stack._tls``)."""
+        return self.state_dir / "keys" / "tls"
+
+    def kafka_password_file(self, user: str) -> Path:
+        """Where the password of the stack's Kafka user ``user`` is kept (mode 0600)."""
+        return self.state_dir / "keys" / "kafka" / f"{user}.password"
+
     def _components(
         self, previous: dict[str, Any], keys: dict[str, str] | None = None, trusted_key: str = ""
     ) -> list[Component]:
         """The stack's components; ``keys``: the stack's ``api_key``, ``admin_key`` and
         ``ingest_key`` (each service gets the digest of its own)."""
         keys = keys or {}
-        s, d = self.settings, self.state_dir
+        s, d = self._kept(previous), self.state_dir
+        admin_password = self.kafka_users.get("admin") or previous.get("kafka_users", {}).get("admin", "")
 
         def old_ports(name: str) -> dict[str, int]:
             return dict(previous.get("ports", {}).get(name, {}))
@@ -131,7 +184,14 @@ class LocalStack:
         }
         minio_ports = old_ports("minio") or {"api": self._port(s.minio_port), "console": free_port(s.host)}
         comps: list[Component] = [
-            KafkaComponent("kafka", d / "kafka", kafka_ports, settings=s),
+            KafkaComponent(
+                "kafka",
+                d / "kafka",
+                kafka_ports,
+                settings=s,
+                admin_password=admin_password,
+                tls_dir=self.tls_dir,
+            ),
             MinioComponent("minio", d / "minio", minio_ports, settings=s),
         ]
         if s.postgres:
@@ -189,9 +249,23 @@ class LocalStack:
             or secrets.token_urlsafe(24)
         )
         pg_password = self.settings.postgres_password or previous.get("postgres_password") or secrets.token_urlsafe(24)
+        # the broker's security is the stack's for its life (its storage holds the admin's credentials)
+        kafka_security = previous.get("kafka_security") or self.settings.kafka_security
         self.settings = self.settings.model_copy(
-            update={"minio_secret_key": minio_secret, "postgres_password": pg_password}
+            update={
+                "minio_secret_key": minio_secret,
+                "postgres_password": pg_password,
+                "kafka_security": kafka_security,
+            }
         )
+        self.kafka_users = {}
+        if kafka_security == "sasl_ssl":
+            from cdl.kafka.acls import GRANTS
+
+            kept = previous.get("kafka_users", {})
+            self.kafka_users = {u: kept.get(u) or secrets.token_urlsafe(24) for u in ("admin", *GRANTS)}
+            for user, password in self.kafka_users.items():
+                _write_secret(self.kafka_password_file(user), password)
         trusted_key = ""
         if self.settings.services:  # (imported here: the stack's module stays light for the tests' helpers)
             from cdl.signing import generate_signing_key
@@ -204,10 +278,15 @@ class LocalStack:
             **keys,
             "minio_secret_key": minio_secret,
             "postgres_password": pg_password,
+            "kafka_security": kafka_security,
+            **({"kafka_users": self.kafka_users} if self.kafka_users else {}),
             "ports": {c.name: c.ports for c in comps},
             "procs": {n: p for n, p in previous.get("procs", {}).items() if n in running},
             "started_at": previous.get("started_at") if running else time.time(),
         }
+        kafka = next(c for c in comps if isinstance(c, KafkaComponent))
+        if self.kafka_users:  # this process (the health checks, provisioning) as the stack's admin
+            use_stack_identity({"kafka": kafka.describe(), "kafka_users": self.kafka_users})
         try:
             # Kafka and MinIO first (Triton reads its repository from MinIO)
             servers = [c for c in comps if isinstance(c, KafkaComponent | MinioComponent | PostgresComponent)]
@@ -296,6 +375,17 @@ class LocalStack:
             )
         except UnavailableError as exc:
             raise StackError(exc.message, **exc.context) from exc
+        if state.get("kafka_users"):
+            from cdl.kafka.acls import apply_grants, set_passwords
+            from cdl.kafka.security import secured
+
+            admin = secured({"bootstrap.servers": state["kafka"]["bootstrap"]})
+            try:
+                set_passwords(admin, {u: p for u, p in state["kafka_users"].items() if u != "admin"})
+                acls = apply_grants(admin)
+            except UnavailableError as exc:
+                raise StackError(exc.message, **exc.context) from exc
+            progress("kafka", "ready", f"SASL_SSL: {len(state['kafka_users'])} users, {acls} ACLs")
         progress("kafka", "ready", f"{len(Topics.PARTITIONS)} topics")
         progress("minio", "ready", f"{len(BUCKETS)} buckets")
 
@@ -335,6 +425,7 @@ class LocalStack:
         the supervisor (None when unsupervised) child_pid and restarts; None for the servers."""
         state = self.read_state()
         rows = []
+        use_stack_identity(state)  # the broker's health, asked as the stack's admin when it is secured
         comps = {c.name: c for c in self._components(state)} if state.get("ports") else {}
         for name, proc in state.get("procs", {}).items():
             info = ProcInfo(**proc)

@@ -72,12 +72,15 @@ def _http_ok(url: str, timeout: float = 1.0) -> bool:
 
 
 def broker_answers(bootstrap: str) -> bool:
-    """Whether a broker at ``bootstrap`` answers a metadata request within a second."""
+    """Whether a broker at ``bootstrap`` answers a metadata request within a second (as this
+    process's identity towards it: cdl.kafka.security)."""
     from confluent_kafka.admin import AdminClient
+
+    from cdl.kafka.security import secured
 
     try:
         # log_level 0: connection refusals while the broker boots (or is away) are expected
-        admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000, "log_level": 0})
+        admin = AdminClient(secured({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000, "log_level": 0}))
         md = admin.list_topics(timeout=1.0)
     except Exception:  # noqa: BLE001 - any failure means "not answering"
         return False
@@ -86,7 +89,19 @@ def broker_answers(bootstrap: str) -> bool:
 
 @dataclass
 class KafkaComponent(Component):
+    """The broker (KRaft, one node). With ``settings.kafka_security == "sasl_ssl"`` its client
+    listener is SASL_SSL (SCRAM-SHA-512; the certificate from the stack's CA, ``tls_dir``), the
+    controller's SASL_PLAINTEXT (PLAIN; KRaft's controller takes no SCRAM) on loopback, and
+    the StandardAuthorizer denies what no ACL allows; ``admin`` (``admin_password``), bootstrapped
+    when the storage is formatted, is the one super user."""
+
     settings: StackSettings = field(default_factory=StackSettings)
+    admin_password: str = ""
+    tls_dir: Path = Path()
+
+    @property
+    def secure(self) -> bool:
+        return self.settings.kafka_security == "sasl_ssl"
 
     @property
     def libs(self) -> Path:
@@ -96,18 +111,53 @@ class KafkaComponent(Component):
     def bootstrap(self) -> str:
         return f"{self.settings.host}:{self.ports['broker']}"
 
-    def _properties(self) -> str:
+    def _listeners(self) -> list[str]:
         h, broker, ctl = self.settings.host, self.ports["broker"], self.ports["controller"]
-        return "\n".join(
-            [
-                "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@{h}:{ctl}",
+        if not self.secure:
+            return [
                 f"listeners=PLAINTEXT://{h}:{broker},CONTROLLER://{h}:{ctl}",
                 f"advertised.listeners=PLAINTEXT://{h}:{broker}",
                 "controller.listener.names=CONTROLLER",
                 "inter.broker.listener.name=PLAINTEXT",
                 "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            ]
+        pw = self.admin_password
+        scram = f'org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="{pw}";'
+        plain = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="admin" password="{pw}" user_admin="{pw}";'
+        )
+        keystore = self.tls_dir / "kafka.pem"
+        return [
+            f"listeners=SASL_SSL://{h}:{broker},CONTROLLER://{h}:{ctl}",
+            f"advertised.listeners=SASL_SSL://{h}:{broker}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=SASL_SSL",
+            "listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
+            f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}",
+            "sasl.mechanism.controller.protocol=PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+            f"listener.name.controller.plain.sasl.jaas.config={plain}",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={self.tls_dir / 'ca.pem'}",
+            "ssl.client.auth=none",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users=User:admin",
+            "allow.everyone.if.no.acl.found=false",
+        ]
+
+    def _properties(self) -> str:
+        h, ctl = self.settings.host, self.ports["controller"]
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@{h}:{ctl}",
+                *self._listeners(),
                 f"log.dirs={self.workdir / 'data'}",
                 "num.partitions=1",
                 "offsets.topic.replication.factor=1",
@@ -129,7 +179,12 @@ class KafkaComponent(Component):
         if shutil.which("java") is None:
             raise ConfigError("java is not on PATH; Kafka needs Java 17+")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            from cdl_tools.stack._tls import ensure_server_cert
+
+            ensure_server_cert(self.tls_dir, "kafka", sorted({self.settings.host, "localhost", "127.0.0.1"}))
         props = self.workdir / "server.properties"
+        props.touch(mode=0o600)  # it holds the admin's password when secure
         props.write_text(self._properties())
         (self.workdir / "log4j2.properties").write_text(
             "\n".join(
@@ -162,6 +217,11 @@ class KafkaComponent(Component):
                     "-c",
                     str(props),
                     "--ignore-formatted",
+                    *(
+                        ["--add-scram", f"SCRAM-SHA-512=[name=admin,password={self.admin_password}]"]
+                        if self.secure
+                        else []
+                    ),
                 ],
                 capture_output=True,
                 text=True,
@@ -193,7 +253,10 @@ class KafkaComponent(Component):
         return broker_answers(self.bootstrap)
 
     def describe(self) -> dict[str, Any]:
-        return {"bootstrap": self.bootstrap, "version": self.settings.kafka_version}
+        desc: dict[str, Any] = {"bootstrap": self.bootstrap, "version": self.settings.kafka_version}
+        if self.secure:
+            desc |= {"security_protocol": "SASL_SSL", "ca_file": str(self.tls_dir / "ca.pem")}
+        return desc
 
 
 # --------------------------------------------------------------------------- MinIO

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdl.events import Topics
+from cdl.kafka.security import secured
 from cdl.store import BUCKETS, ObjectStore
 
 __all__ = ["HealthReader", "Snapshot", "StackObserver"]
@@ -36,12 +37,14 @@ class StackObserver:
         from confluent_kafka import Consumer
 
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": state["kafka"]["bootstrap"],
-                "group.id": "cdl-cli-observer",
-                "enable.auto.commit": False,
-                "log_level": 0,
-            }
+            secured(
+                {
+                    "bootstrap.servers": state["kafka"]["bootstrap"],
+                    "group.id": "cdl-cli-observer",
+                    "enable.auto.commit": False,
+                    "log_level": 0,
+                }
+            )
         )
         m = state["minio"]
         self._store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
@@ -171,12 +174,14 @@ class HealthReader:
         self._keep = keep
         self.history: list[tuple[str, float, Any]] = []
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": "cdl-cli-health",
-                "enable.auto.commit": False,
-                "log_level": 0,
-            }
+            secured(
+                {
+                    "bootstrap.servers": bootstrap,
+                    "group.id": "cdl-cli-health",
+                    "enable.auto.commit": False,
+                    "log_level": 0,
+                }
+            )
         )
         md = self._consumer.list_topics(timeout=5)
         parts = [

@@ -38,5 +38,5 @@ def build(settings: CompressorSettings) -> JobService:
 def main() -> None:
     settings = CompressorSettings()
     configure_logging("compressor", settings.log_level)
-    settings.refuse_insecure("compressor")
+    settings.secure_process("compressor")
     build(settings).main()

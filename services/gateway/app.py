@@ -493,5 +493,5 @@ class GatewayApp:
 def main() -> None:
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level)
-    settings.refuse_insecure("gateway")
+    settings.secure_process("gateway")
     asyncio.run(GatewayApp(settings).serve())

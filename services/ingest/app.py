@@ -122,7 +122,7 @@ class IngestApp:
 def main() -> None:
     settings = IngestSettings()
     configure_logging("ingest", settings.log_level)
-    settings.refuse_insecure("ingest")
+    settings.secure_process("ingest")
     keep_freed_memory()  # batches and shards reuse pages instead of faulting fresh ones in
     app = IngestApp(settings)
     app.loop.install_signal_handlers()

@@ -51,6 +51,7 @@ from cdl.datasets import Task
 from cdl.errors import DecodeError, InvalidInputError
 from cdl.events import Event, Headers, decode, encode, header_dict, new_traceparent, source_name
 from cdl.feedback import parse_feedback
+from cdl.kafka import security as kafka_security
 from cdl.kafka import topic_partitions
 from cdl.liveness import WATCHDOG
 from cdl.logging import configure_logging, get_logger
@@ -113,6 +114,7 @@ class Monitor:
         self.app = faust.App(
             s.group_id,
             broker=f"kafka://{s.kafka_bootstrap.split(',')[0]}",
+            broker_credentials=kafka_security.current(s.kafka_bootstrap).faust_credentials(),  # set by main
             store="memory://",
             datadir=str(datadir),
             topic_partitions=self.partitions,
@@ -552,5 +554,5 @@ def _entry_time(doc: bytes) -> float | None:
 def main() -> None:
     settings = MonitorSettings()
     configure_logging("monitor", settings.log_level)
-    settings.refuse_insecure("monitor")
+    settings.secure_process("monitor")
     Monitor(settings).run()

@@ -41,5 +41,5 @@ def build(settings: TrainerSettings) -> JobService:
 def main() -> None:
     settings = TrainerSettings()
     configure_logging("trainer", settings.log_level)
-    settings.refuse_insecure("trainer")
+    settings.secure_process("trainer")
     build(settings).main()

@@ -47,5 +47,5 @@ def build(settings: TunerSettings) -> JobService:
 def main() -> None:
     settings = TunerSettings()
     configure_logging("tuner", settings.log_level)
-    settings.refuse_insecure("tuner")
+    settings.secure_process("tuner")
     build(settings).main()

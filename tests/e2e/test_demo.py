@@ -28,7 +28,9 @@ from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
 from cdl.events import decode
+from cdl.kafka.security import secured
 from cdl.v1 import events_pb2
+from cdl_tools.stack import use_stack_identity
 from cdl_tools.stack._procs import ProcInfo, group_members, is_alive
 from tests.helpers import IN_CI, read_committed, read_topic, run_cdl
 
@@ -57,13 +59,15 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     tmp = tmp_path_factory.mktemp("demo")
     state_dir, report = tmp / "demo", tmp / "report"
     try:  # a demo that times out is killed before it stops its stack: stop it here
+        # the loop on a secured bus (docs/security.md): SASL_SSL, a Kafka user per service, ACLs
         demo = run_cdl(
             "demo", "--keep", "--state-dir", str(state_dir), "--report", str(report), "--duration", "900",
-            state_dir=state_dir, timeout=1300, env=LIGHT,
+            state_dir=state_dir, timeout=1300, env={**LIGHT, "CDL_STACK_KAFKA_SECURITY": "sasl_ssl"},
         )  # fmt: skip
         if demo.returncode != 0 and "run scripts/setup.sh" in demo.stdout and not IN_CI:
             pytest.skip(demo.stdout)
         assert demo.returncode == 0, demo.stdout[-5000:] + demo.stderr[-5000:]
+        use_stack_identity(json.loads((state_dir / "stack.json").read_text()))  # this process: its admin
         yield DemoRun(state_dir, report, tmp)
     finally:  # (the module's last test stops it too, and checks what is left: a second down is a no-op)
         down = run_cdl("stack", "down", "--purge", state_dir=state_dir)
@@ -262,7 +266,7 @@ def test_kill_9_of_each_service_mid_loop_loses_and_doubles_nothing(
     state = stack.up()
     bootstrap = state["kafka"]["bootstrap"]
     data = DigitsData(run_id="kill9")
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    producer = Producer(secured({"bootstrap.servers": bootstrap, "linger.ms": 20}))
     rng = random.Random(9)
     # in the order the wave reaches them: each killed while the wave is near it, or not yet there
     victims = ["ingest", "trainer", "tuner", "compressor", "gateway", "monitor"]
