@@ -97,12 +97,23 @@ def rss_mib(pid: int) -> float:
 
 
 async def fixed_rate(
-    target: str, request: bytes, metadata: Any, rate: float, seconds: float, method: str = MODEL_INFER
+    target: str,
+    request: bytes,
+    metadata: Any,
+    rate: float,
+    seconds: float,
+    method: str = MODEL_INFER,
+    tls_ca: bytes | None = None,
 ) -> list[float]:
-    """Latencies of requests sent open-loop at ``rate`` per second for ``seconds`` (failures are printed)."""
+    """Latencies of requests sent open-loop at ``rate`` per second for ``seconds`` (failures are
+    printed); over TLS, trusting the CA ``tls_ca`` (PEM), when given."""
     import grpc
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    if tls_ca is not None:
+        channel_cm = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca))
+    else:
+        channel_cm = grpc.aio.insecure_channel(target)
+    async with channel_cm as channel:
         call = channel.unary_unary(method)
         for _ in range(20):  # warm the connection
             await call(request, metadata=metadata, timeout=10)

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import cpu_report, cpu_usage, machine, private_stack, result
 from cdl.events import decode
+from cdl.kafka.security import secured
 from cdl.v1 import ingest_pb2, ingest_pb2_grpc
 from cdl_tools.stack._procs import free_port
 
@@ -72,7 +73,8 @@ def records(dataset: str) -> list[bytes]:
 
 
 def bare_producer(bootstrap: str, topic: str, values: list[bytes]) -> float:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "compression.type": COMPRESSION, "acks": "all"})
+    conf = {"bootstrap.servers": bootstrap, "linger.ms": 5, "compression.type": COMPRESSION, "acks": "all"}
+    p = Producer(secured(conf))  # this process's identity towards a secured stack (bench/secure)
     start = time.perf_counter()
     for v in values:
         while True:
@@ -107,7 +109,9 @@ def cdl_round(
     )
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
         ingest_pb2_grpc.IngestServiceStub(ch).RegisterDataset(ingest_pb2.RegisterDatasetRequest(spec=spec))
-    watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{name}", "auto.offset.reset": "latest"})
+    watcher = Consumer(
+        secured({"bootstrap.servers": bootstrap, "group.id": f"bench-{name}", "auto.offset.reset": "latest"})
+    )
     watcher.subscribe(["data.updated"])
     while not watcher.assignment():
         watcher.poll(0.1)
