@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import ingest as ingest_bench
-from bench._common import fixed_rate, machine, result
+from bench._common import MODEL_INFER, fixed_rate, machine, result
 from cdl_tools.stack._procs import free_port
 
 ROUNDS = int(os.environ.get("CDL_BENCH_SECURE_ROUNDS", "3"))
@@ -97,6 +97,25 @@ def _ingest(state: dict[str, Any], log: Path) -> tuple[subprocess.Popen[bytes], 
     return proc, grpc_port
 
 
+def _answers(target: str, tls_ca: bytes | None) -> bool:
+    """Whether the gateway at ``target`` answers an inference request (bench/gateway's)."""
+    import grpc
+
+    from bench.gateway import _request
+
+    if tls_ca is not None:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca))
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        call = channel.unary_unary(MODEL_INFER)
+        try:
+            call(_request(), metadata=(("authorization", f"Bearer {KEY}"),), timeout=5)
+        except grpc.RpcError:
+            return False
+    return True
+
+
 def ingest_part() -> float:
     from cdl.kafka.security import KafkaSecurity, use
 
@@ -139,7 +158,7 @@ def gateway_part() -> tuple[float, float, float]:
     """(plaintext CPU us/request, TLS CPU us/request, verification seconds)."""
     from bench.gateway import MODEL, N_IN, N_OUT, _request
     from cdl.auth import hash_key
-    from cdl.events import Event, decode
+    from cdl.events import Event
     from cdl.kafka import Producer
     from cdl.signing import Signer, TrustedKeys, generate_signing_key, verify_entry
     from cdl.store import ObjectStore
@@ -148,7 +167,6 @@ def gateway_part() -> tuple[float, float, float]:
     from cdl_tools.stack import service_env
     from cdl_tools.stack._procs import spawn, stop
     from cdl_tools.stack._tls import ensure_server_cert
-    from tests.helpers import read_topic
     from tests.models import write_affine
 
     with _stack("plaintext", triton_servers=1) as state:
@@ -223,19 +241,13 @@ def gateway_part() -> tuple[float, float, float]:
             msg = events_pb2.ModelCompressed(model=model, version=1, ok=True, chosen_variant="fp32")
             producer.send(topics["compressed"], Event(msg, source="/cdl/bench", key=model))
             producer.flush()
+            # the first rolls v1 out; the second finds it serving in the shared rollout state
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                states = [
-                    decode(r.key, r.value, list(r.headers.items())).payload
-                    for r in read_topic(state["kafka"]["bootstrap"], topics["deployed"], 10**6, 1)
-                ]
-                if any(s.state == events_pb2.ROLLOUT_STATE_PROMOTED for s in states):
-                    break
+            while not _answers(f"127.0.0.1:{port}", ca if kind == "tls" else None):
+                if time.monotonic() > deadline:
+                    log = (tmp / f"gateway-{kind}.log").read_text()[-2000:]
+                    raise RuntimeError(f"the {kind} gateway never served v1: {log}")
                 time.sleep(0.3)
-            else:
-                raise RuntimeError(
-                    f"the {kind} gateway never served v1: {(tmp / f'gateway-{kind}.log').read_text()[-2000:]}"
-                )
             gateways[kind] = (f"127.0.0.1:{port}", info)
         request = _request()  # bench/gateway's batch-1 request for its model's shape and name
         auth = (("authorization", f"Bearer {KEY}"),)
