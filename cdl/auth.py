@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["ApiKeys", "AuthInterceptor", "bearer", "hash_key"]
+__all__ = ["ApiKeys", "AuthInterceptor", "bearer", "hash_key", "key_id"]
 
 _CACHE_MAX = 256
 _INFER = 1
@@ -38,6 +38,17 @@ _ADMIN = 2
 def hash_key(key: str) -> str:
     """The SHA-256 hex digest of ``key``, as settings store it."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """Who a call's key says it is, for an audit: ``key:`` and the first 12 hex digits of its
+    SHA-256 (what settings hold, so an operator can tell the keys apart; never the key itself),
+    or ``anonymous`` without one."""
+    header = bearer(metadata)
+    scheme, _, key = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return "anonymous"
+    return f"key:{hash_key(key.strip())[:12]}"
 
 
 def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:

@@ -799,12 +799,17 @@ class ModelDeployed(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     TRAFFIC_FRACTION_FIELD_NUMBER: _builtins.int
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     state: Global___RolloutState.ValueType
     reason: _builtins.str
     traffic_fraction: _builtins.float
     previous_version: _builtins.int
+    actor: _builtins.str
+    """who caused it: "gateway" for the rollout's own steps, "key:<the first 12 hex digits of the
+    admin key's SHA-256>" for a ModelAdmin call (promote, rollback, approve, traffic)
+    """
     def __init__(
         self,
         *,
@@ -814,10 +819,11 @@ class ModelDeployed(_message.Message):
         reason: _builtins.str = ...,
         traffic_fraction: _builtins.float = ...,
         previous_version: _builtins.int = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "previous_version", b"previous_version", "reason", b"reason", "state", b"state", "traffic_fraction", b"traffic_fraction", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "model", b"model", "previous_version", b"previous_version", "reason", b"reason", "state", b"state", "traffic_fraction", b"traffic_fraction", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

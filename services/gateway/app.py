@@ -240,6 +240,7 @@ class GatewayApp:
             reason=t.reason,
             traffic_fraction=t.traffic,
             previous_version=t.previous_version,
+            actor=t.actor or "gateway",
         )
         event = Event(
             msg, source=self.source, key=t.model, traceparent=tracing.current_traceparent() or new_traceparent()

@@ -320,7 +320,8 @@ def test_manual_rollout_waits_for_approve_and_keys_are_required(
 
     write_affine(object_store, model, 2, *_weights(2))
     _announce(kafka_bootstrap, compressed, model, 2)
-    _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_AWAITING_APPROVAL)
+    awaiting = _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_AWAITING_APPROVAL)
+    assert awaiting.actor == "gateway"  # its own step
     time.sleep(2)
     assert _infer(client, model, headers).get_response().model_version == "1"  # waits, serving v1
     stub, metadata = _admin(gw.grpc, admin_key)
@@ -331,10 +332,20 @@ def test_manual_rollout_waits_for_approve_and_keys_are_required(
     assert wrong.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
     with Load(gw.grpc, model, headers=headers) as load:
         stub.Approve(admin_pb2.ApproveRequest(model=model, version=2, approver="test"), metadata=metadata, timeout=10)
-        _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_PROMOTED)
+        promoted = _wait_state(kafka_bootstrap, deployed, model, 2, events_pb2.ROLLOUT_STATE_PROMOTED)
         load.ends_on("2", 10)
     assert load.failures == [] and set(load.last[-10:]) == {"2"}
     client.close()
+    # the audit: who approved (the admin key's id, never the key), in model.deployed and the log
+    who = f"key:{hash_key(admin_key)[:12]}"
+    events = _deployed(kafka_bootstrap, deployed, model)
+    by_key = [(d.version, d.state, d.reason.startswith("approved by test")) for d in events if d.actor == who]
+    assert by_key == [(2, events_pb2.ROLLOUT_STATE_CANARY, True)], [(d.state, d.reason, d.actor) for d in events]
+    assert promoted.actor == "gateway"  # the canary's own steps after the approval
+    calls = [json.loads(line) for line in gw.log_path.read_text().splitlines() if '"admin call' in line]
+    assert any(c["msg"] == "admin call" and c["method"] == "Approve" and c["key"] == who for c in calls), calls
+    assert any(c["msg"] == "admin call refused" and c["key"] == f"key:{hash_key(key)[:12]}" for c in calls), calls
+    assert admin_key not in gw.log_path.read_text()
 
 
 def test_gateway_killed_mid_canary_resumes_where_it_was(

@@ -52,3 +52,12 @@ def test_interceptor_refuses_unary_and_streaming_calls_without_the_key(server: s
             assert stream.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # the health service stays open
         assert ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5) == b""
+
+
+def test_a_keys_id_names_it_for_an_audit_without_revealing_it() -> None:
+    from cdl.auth import key_id
+
+    who = key_id([("authorization", f"Bearer {KEY}")])
+    assert who == f"key:{hash_key(KEY)[:12]}" and KEY not in who
+    assert key_id([("authorization", b"Bearer " + KEY.encode())]) == who
+    assert key_id([]) == key_id(None) == key_id([("authorization", "Basic abc")]) == "anonymous"

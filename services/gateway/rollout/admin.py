@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import grpc
 
-from cdl.auth import ApiKeys
+from cdl.auth import ApiKeys, key_id
 from cdl.errors import UnauthenticatedError
+from cdl.logging import get_logger
 from cdl.v1 import admin_pb2, admin_pb2_grpc, events_pb2
 from services.gateway.rollout.machine import RolloutManager, RolloutStatus, Transition
 from services.gateway.status import failure
@@ -40,6 +42,11 @@ def status_message(st: RolloutStatus) -> admin_pb2.ModelStatus:
     return out
 
 
+#: the calls that change a rollout (audited)
+_CHANGES = frozenset({"Promote", "Rollback", "Approve", "SetTraffic"})
+
+log = get_logger("services.gateway.admin")
+
 _RESPONSES: dict[str, Any] = {
     "RolloutStatus": admin_pb2.RolloutStatusResponse,
     "Promote": admin_pb2.PromoteResponse,
@@ -58,26 +65,37 @@ class ModelAdminService(admin_pb2_grpc.ModelAdminServicer):
         self._execute = execute
         self._keys = keys
 
-    def _carry_out(self, method: str, req: Any) -> Any:
-        """``method`` (a ModelAdmin rpc name) on the manager; raises CdlError (NOT_FOUND, ...)."""
+    def _carry_out(self, method: str, req: Any, who: str) -> Any:
+        """``method`` (a ModelAdmin rpc name) on the manager as ``who`` (cdl.auth.key_id), whose
+        transitions say so on model.deployed; raises CdlError (NOT_FOUND, ...)."""
         m = self._manager
+
+        def execute(transitions: Sequence[Transition]) -> None:
+            self._execute([replace(t, actor=who) for t in transitions])
+
         if method == "ListModels":
             return admin_pb2.ListModelsResponse(models=[status_message(s) for s in m.models()])
         if method == "Promote":
-            self._execute(m.promote(req.model, req.version))
+            execute(m.promote(req.model, req.version))
         elif method == "Rollback":
-            self._execute(m.rollback(req.model, req.reason))
+            execute(m.rollback(req.model, req.reason))
         elif method == "Approve":
-            self._execute(m.approve(req.model, req.version, req.approver))
+            execute(m.approve(req.model, req.version, req.approver))
         elif method == "SetTraffic":
-            self._execute(m.set_traffic(req.model, req.traffic_fraction))
+            execute(m.set_traffic(req.model, req.traffic_fraction))
         return _RESPONSES[method](status=status_message(m.status(req.model)))
 
     async def _call(self, context: Context, method: str, request: Any) -> Any:
+        metadata = context.invocation_metadata()
+        who = key_id(metadata)
         try:
-            if not self._keys.check(context.invocation_metadata(), admin=True):
+            if not self._keys.check(metadata, admin=True):
+                log.warning("admin call refused", method=method, key=who)
                 raise UnauthenticatedError("missing or wrong admin key")
-            return await asyncio.to_thread(self._carry_out, method, request)
+            if method in _CHANGES:  # the audit: who, what, when (the log line's time)
+                fields = {f.name: v for f, v in request.ListFields()}
+                log.info("admin call", method=method, key=who, **{k: str(v) for k, v in fields.items()})
+            return await asyncio.to_thread(self._carry_out, method, request, who)
         except Exception as exc:  # noqa: BLE001 (failure() logs what the gateway did not expect)
             code, details = failure(exc)
             await context.abort(code, details)

@@ -139,6 +139,9 @@ class Transition:
     """LOAD, SYNC: the versions every Triton server must hold (``()``: none, unload the model)."""
     fallback: tuple[int, ...] = ()
     """LOAD: the versions that must keep serving if the load fails."""
+    actor: str = ""
+    """Who caused it: empty for the rollout's own steps, an admin key's id (cdl.auth.key_id)
+    for a ModelAdmin call; published as ``actor`` ("gateway" when empty)."""
 
     @property
     def published(self) -> bool:
