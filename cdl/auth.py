@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
 
-__all__ = ["ApiKeys", "AuthInterceptor", "bearer", "hash_key", "key_id"]
+from cdl.errors import BudgetExceededError
+
+__all__ = ["ApiKeys", "AuthInterceptor", "KeyBudget", "bearer", "hash_key", "key_id"]
 
 _CACHE_MAX = 256
 _INFER = 1
@@ -142,3 +147,41 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 def _deny(request: Any, context: grpc.ServicerContext) -> Any:
     context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (authorization: Bearer <key>)")
+
+
+class KeyBudget:
+    """A request budget per key: a token bucket of ``rate`` requests a second and ``burst``
+    at once for each authorization value (so one client cannot starve the others). ``rate``
+    0: no budget. The gateway's native lane keeps the same buckets for what it serves."""
+
+    def __init__(self, rate: float, burst: int = 0) -> None:
+        self.rate = max(rate, 0.0)
+        self.burst = float(burst if burst > 0 else max(1, math.ceil(self.rate)))
+        self._buckets: dict[str, list[float]] = {}  # value -> [tokens, last refill]
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self.rate > 0
+
+    def take(self, metadata: Iterable[tuple[str, str | bytes]] | None, now: float | None = None) -> None:
+        """Spend one request of the key in ``metadata``; :class:`BudgetExceededError` when its
+        budget is spent (a call without a key is left to the key check)."""
+        if not self.rate:
+            return
+        header = bearer(metadata)
+        if header is None:
+            return
+        t = time.monotonic() if now is None else now
+        with self._lock:
+            bucket = self._buckets.get(header)
+            if bucket is None:
+                if len(self._buckets) >= _CACHE_MAX * 4:
+                    self._buckets = {}
+                bucket = self._buckets[header] = [self.burst, t]
+            bucket[0] = min(self.burst, bucket[0] + (t - bucket[1]) * self.rate)
+            bucket[1] = t
+            if bucket[0] < 1.0:
+                raise BudgetExceededError(
+                    f"this key is over its request budget ({self.rate:g}/s, bursts of {self.burst:g}); try again later"
+                )
+            bucket[0] -= 1.0

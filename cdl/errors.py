@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "HTTP_STATUS",
+    "BudgetExceededError",
     "CdlError",
     "ConfigError",
     "ConflictError",
@@ -60,6 +61,8 @@ class CdlError(Exception):
     """Base of every error cdl raises on purpose."""
 
     grpc_code: str = "INTERNAL"
+    #: the HTTP status where the gRPC code's (:data:`HTTP_STATUS`) is not the one to answer
+    http_code: int | None = None
     retryable: bool = False
 
     def __init__(self, message: str, **context: object) -> None:
@@ -138,6 +141,14 @@ class TooLargeError(PermanentError):
     """Input larger than a limit allows."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class BudgetExceededError(PermanentError):
+    """A client over its request budget (a key's rate at the gateway): RESOURCE_EXHAUSTED over
+    gRPC, 429 over HTTP; it may try again later."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_code = 429
 
 
 class UnimplementedError(PermanentError):

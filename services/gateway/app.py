@@ -40,7 +40,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cdl import tracing
-from cdl.auth import ApiKeys
+from cdl.auth import ApiKeys, KeyBudget
 from cdl.dedupe import SqliteProcessedStore
 from cdl.errors import CdlError, UntrustedModelError
 from cdl.events import Event, OutRecord, Topics, new_traceparent, source_name
@@ -377,6 +377,7 @@ class GatewayApp:
             trace_sample=s.trace_sample,
             behind_lane=lane_binary is not None,
             stream_window=s.stream_window,
+            budget=KeyBudget(s.key_rate, s.key_burst),
         )
         server.add_generic_rpc_handlers((service.handler(),))
         admin = ModelAdminService(self.manager, self.execute, self.keys)
@@ -485,6 +486,8 @@ class GatewayApp:
             f"--max-bytes={s.max_message_bytes}",
             f"--log-sample={s.log_sample if self.log.enabled else 0}",
             f"--id-prefix={id_prefix}",  # this process's, apart from its own ids (gw-<hex>-l<n>)
+            f"--key-rate={s.key_rate}",
+            f"--key-burst={s.key_burst}",
         ]
         if s.tls_cert_file:
             args += [f"--tls-cert={s.tls_cert_file}", f"--tls-key={s.tls_key_file}"]

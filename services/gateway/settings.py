@@ -57,6 +57,12 @@ class GatewaySettings(ServiceSettings):
     """SHA-256 hex digests of the keys allowed to call ModelAdmin (an inference key,
     ``api_key_hashes``, never is one); empty: ModelAdmin is refused to everyone when inference
     keys are set, open when none is (an open gateway)."""
+    key_rate: float = 0.0
+    """Each API key's request budget, requests a second (a token bucket per key, at the native
+    lane and the Python server alike; a ModelStreamInfer's requests count one by one): over it a
+    request is refused with RESOURCE_EXHAUSTED (HTTP 429) while other keys are served; 0: none."""
+    key_burst: int = 0
+    """How many requests a key may send at once above its rate; 0: the rate, rounded up."""
     trusted_keys: list[str] = []
     """Public keys (``ed25519:<base64>``, JSON list) whose signatures on Triton entries the gateway
     accepts (cdl.signing): with any, a version without a valid signature by one of them, or

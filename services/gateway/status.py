@@ -37,4 +37,6 @@ def failure(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 def http_failure(exc: BaseException) -> tuple[int, str]:
     """The HTTP status and error message of a failed call."""
     code, details = failure(exc)
+    if isinstance(exc, CdlError) and exc.http_code is not None:
+        return exc.http_code, details
     return http_status(code.name), details

@@ -465,3 +465,57 @@ def test_tls_gateway_serves_tls_clients_only_and_logs_status_and_scores(
     assert via_rest.scores[0] == pytest.approx(float(ones.max()), rel=1e-4)
     failed = [rec for rec in logged if rec.status not in ("OK", "")]
     assert all(not rec.predicted_labels and not rec.scores for rec in failed)
+
+
+@pytest.mark.parametrize("plane", ["native", "python"])
+def test_a_key_over_its_budget_is_refused_while_another_key_is_served(
+    plane: str, gateway_factory: Any, gateway_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    """A request budget per key (5/s, bursts of 5): a key that sends 40 requests at once is
+    refused past its budget (RESOURCE_EXHAUSTED over gRPC, 429 over REST) while another key is
+    served; by the native lane and by the Python server alike."""
+    import urllib.error
+    import urllib.request
+
+    heavy, light, waiter = "heavy-key", "light-key", "waiter-key"
+    gw = gateway_factory(
+        **FAST,
+        data_plane=plane,
+        api_key_hashes=json.dumps([hash_key(k) for k in (heavy, light, waiter)]),
+        key_rate="5",
+        key_burst="5",
+    ).start()
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    write_affine(object_store, model, 1, *_weights(1))
+    _announce(kafka_bootstrap, gateway_topics["compressed"], model, 1)
+    _wait_serving(gw.grpc, model, 1, {"authorization": f"Bearer {waiter}"})
+
+    client = tgrpc.InferenceServerClient(gw.grpc)
+    codes: Counter[str] = Counter()
+    for _ in range(40):
+        try:
+            _infer(client, model, {"authorization": f"Bearer {heavy}"})
+            codes["ok"] += 1
+        except InferenceServerException as exc:
+            codes[str(exc.status())] += 1
+            assert "over its request budget" in str(exc.message()), exc
+    assert codes["StatusCode.RESOURCE_EXHAUSTED"] >= 20 and 5 <= codes["ok"] < 20, codes
+    doc = {"inputs": [{"name": "input", "shape": [1, N_IN], "datatype": "FP32", "data": [1.0] * N_IN}]}
+    statuses = []
+    for _ in range(10):
+        req = urllib.request.Request(
+            f"http://{gw.http}/v2/models/{model}/infer",
+            data=json.dumps(doc).encode(),
+            headers={"Authorization": f"Bearer {heavy}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                statuses.append(resp.status)
+        except urllib.error.HTTPError as exc:
+            statuses.append(exc.code)
+            if exc.code == 429:
+                assert "over its request budget" in json.loads(exc.read())["error"]
+    assert 429 in statuses, statuses
+    # meanwhile the other key is served: its budget is its own
+    assert _infer(client, model, {"authorization": f"Bearer {light}"}).get_response().model_version == "1"
+    client.close()

@@ -61,3 +61,23 @@ def test_a_keys_id_names_it_for_an_audit_without_revealing_it() -> None:
     assert who == f"key:{hash_key(KEY)[:12]}" and KEY not in who
     assert key_id([("authorization", b"Bearer " + KEY.encode())]) == who
     assert key_id([]) == key_id(None) == key_id([("authorization", "Basic abc")]) == "anonymous"
+
+
+def test_a_key_budget_refuses_past_its_burst_refills_at_its_rate_and_is_per_key() -> None:
+    from cdl.auth import KeyBudget
+    from cdl.errors import BudgetExceededError, http_status
+
+    budget = KeyBudget(rate=2, burst=3)
+    k1, k2 = [("authorization", "Bearer k1")], [("authorization", "Bearer k2")]
+    for _ in range(3):
+        budget.take(k1, now=100.0)
+    with pytest.raises(BudgetExceededError, match="over its request budget") as over:
+        budget.take(k1, now=100.0)
+    assert over.value.grpc_code == "RESOURCE_EXHAUSTED" and over.value.http_code == 429
+    assert http_status("RESOURCE_EXHAUSTED") == 413  # a too large request stays 413
+    budget.take(k2, now=100.0)  # another key is served
+    budget.take(k1, now=100.5)  # half a second: one more at 2/s
+    with pytest.raises(BudgetExceededError):
+        budget.take(k1, now=100.5)
+    budget.take([], now=100.5)  # no key: left to the key check
+    assert not KeyBudget(0) and KeyBudget(0.5).burst == 1

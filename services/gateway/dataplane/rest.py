@@ -167,7 +167,7 @@ class RestApi:
         call = self._service.call
         if path.startswith("/v2/health/"):
             return await self._health(path)
-        self._service.check_key(metadata)  # before a body is read or parsed
+        self._service.check_key(metadata, spend=False)  # before a body is read (the call spends the budget)
         if path == "/v2" and method == "GET":
             answer = await call("ServerMetadata", b"", metadata)
             return _json(message_json(service_pb2.ServerMetadataResponse.FromString(answer)))

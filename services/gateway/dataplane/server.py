@@ -82,8 +82,9 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
 from cdl import tracing
-from cdl.auth import ApiKeys
+from cdl.auth import ApiKeys, KeyBudget
 from cdl.errors import (
+    BudgetExceededError,
     InvalidInputError,
     NotFoundError,
     PermissionDeniedError,
@@ -230,10 +231,13 @@ class InferenceService:
         trace_sample: float = 0.0,
         behind_lane: bool = False,
         stream_window: int = 64,
+        budget: KeyBudget | None = None,
     ) -> None:
         """``behind_lane``: this server listens behind the native lane (``services.gateway.dataplane.lane``),
         which hands over requests with the version it picked; ``stream_window``: requests of one
-        ModelStreamInfer stream in flight at once."""
+        ModelStreamInfer stream in flight at once; ``budget``: each key's request budget (behind
+        the lane, which spends it for every call it is given, only a stream's requests spend it here)."""
+        self._budget = budget if budget else None
         self._stream_window = max(1, stream_window)
         #: every unary method as ``body(request, metadata, timeout)`` (transport-free)
         self._bodies: dict[str, Body] = {
@@ -351,15 +355,21 @@ class InferenceService:
             code, details = failure(exc)
         await context.abort(code, details)
 
-    async def infer(self, request: bytes, metadata: Metadata, timeout: float, from_lane: bool = False) -> bytes:
+    async def infer(
+        self, request: bytes, metadata: Metadata, timeout: float, from_lane: bool = False, streamed: bool = False
+    ) -> bytes:
         """One serialized ``ModelInferRequest`` routed, forwarded and reported, whichever transport
         brought it (a unary call, a stream, HTTP): Triton's serialized response, or an exception
         for :func:`failure`. ``metadata`` carries the key (and the native lane's hand-over when
-        ``from_lane``); ``timeout`` is what is left of the caller's deadline."""
+        ``from_lane``); ``timeout`` is what is left of the caller's deadline; ``streamed``: one
+        request of a ModelStreamInfer stream (each spends the key's budget)."""
         try:
-            self.check_key(metadata)
+            self.check_key(metadata, spend=True if streamed else None)
         except UnauthenticatedError:
             self._count("", 0, grpc.StatusCode.UNAUTHENTICATED)
+            raise
+        except BudgetExceededError:
+            self._count("", 0, grpc.StatusCode.RESOURCE_EXHAUSTED)
             raise
         if len(request) > self._max_bytes:
             self._count("", 0, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -561,10 +571,14 @@ class InferenceService:
         """Ready when at least one Triton server is (see the module docstring)."""
         return _READY if self._pool.ready_count() else _NOT_READY
 
-    def check_key(self, metadata: Metadata) -> None:
-        """UNAUTHENTICATED unless ``metadata`` carries an allowed key (or keys are off)."""
+    def check_key(self, metadata: Metadata, spend: bool | None = None) -> None:
+        """UNAUTHENTICATED unless ``metadata`` carries an allowed key (or keys are off); then one
+        request of the key's budget spent (RESOURCE_EXHAUSTED when it is over): by default where
+        no native lane spent it already, always with ``spend``, never with ``spend=False``."""
         if not self._open and not self._keys.check(metadata):
             raise UnauthenticatedError(_NO_KEY)
+        if self._budget is not None and (not self._behind_lane if spend is None else spend):
+            self._budget.take(metadata)
 
     def _unary(self, body: Body) -> Behavior:
         """A unary method: ``body(request, metadata, timeout)``, its failures statuses by :func:`failure`."""
@@ -657,7 +671,7 @@ class InferenceService:
         valid key is refused as a whole (UNAUTHENTICATED)."""
         metadata = tuple(context.invocation_metadata() or ())
         try:
-            self.check_key(metadata)
+            self.check_key(metadata, spend=False)  # each of its requests spends the budget
         except UnauthenticatedError as exc:
             await context.abort(*failure(exc))
         pending: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(maxsize=self._stream_window)
@@ -688,7 +702,7 @@ class InferenceService:
 
     async def _stream_one(self, request: bytes, metadata: Metadata, context: Context) -> bytes:
         try:
-            return wire.stream_response(await self.infer(request, metadata, self._timeout(context)))
+            return wire.stream_response(await self.infer(request, metadata, self._timeout(context), streamed=True))
         except Exception as exc:  # noqa: BLE001 (failure() logs what the gateway did not expect)
             try:
                 request_id = wire.route_fields(request)[2]

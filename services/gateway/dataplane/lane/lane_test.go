@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"testing"
+	"time"
 	"unicode/utf8"
 
 	"google.golang.org/grpc/metadata"
@@ -116,6 +117,36 @@ func TestAuthorized(t *testing.T) {
 	}
 	if !(&lane{}).authorized(metadata.MD{}) {
 		t.Error("no keys configured: open")
+	}
+}
+
+func TestBudgetPerKey(t *testing.T) {
+	sum := sha256.Sum256([]byte("k1"))
+	sum2 := sha256.Sum256([]byte("k2"))
+	l := &lane{keys: [][]byte{[]byte(hex.EncodeToString(sum[:])), []byte(hex.EncodeToString(sum2[:]))}}
+	l.budget = newBudget(2, 3) // 2/s, bursts of 3
+	k1, k2 := []string{"Bearer k1"}, []string{"Bearer k2"}
+	for i := 0; i < 3; i++ {
+		if !l.spend(k1) {
+			t.Fatalf("request %d within the burst refused", i)
+		}
+	}
+	if l.spend(k1) {
+		t.Fatal("a fourth request at once passed")
+	}
+	if !l.spend(k2) {
+		t.Fatal("another key was refused: budgets are per key")
+	}
+	if !l.spend([]string{"Bearer wrong"}) || !l.spend(nil) {
+		t.Fatal("a request without a valid key spends nothing (the key check refuses it)")
+	}
+	now := time.Now()
+	b := newBudget(2, 1)
+	if !b.allow("k", now) || b.allow("k", now) || !b.allow("k", now.Add(500*time.Millisecond)) {
+		t.Fatal("the bucket refills at its rate")
+	}
+	if newBudget(0, 5) != nil {
+		t.Fatal("rate 0: no budget")
 	}
 }
 

@@ -75,16 +75,17 @@ import (
 )
 
 const (
-	inferMethod = "/inference.GRPCInferenceService/ModelInfer"
-	hintKey     = "x-cdl-lane-version"
-	codeKey     = "x-cdl-lane-code"
-	detailsKey  = "x-cdl-lane-details-bin"
-	latencyKey  = "x-cdl-lane-latency-us"
-	frameBudget = 32 << 20 // bytes of reports waiting at most; past it, reports go without payload
-	appendSlack = 4096
-	flushDelay  = 200 * time.Millisecond // a report waits at most this long for others to go with it
-	flushBytes  = 64 << 10               // ... or until this much is buffered
-	keyCacheMax = 256
+	inferMethod       = "/inference.GRPCInferenceService/ModelInfer"
+	streamInferMethod = "/inference.GRPCInferenceService/ModelStreamInfer"
+	hintKey           = "x-cdl-lane-version"
+	codeKey           = "x-cdl-lane-code"
+	detailsKey        = "x-cdl-lane-details-bin"
+	latencyKey        = "x-cdl-lane-latency-us"
+	frameBudget       = 32 << 20 // bytes of reports waiting at most; past it, reports go without payload
+	appendSlack       = 4096
+	flushDelay        = 200 * time.Millisecond // a report waits at most this long for others to go with it
+	flushBytes        = 64 << 10               // ... or until this much is buffered
+	keyCacheMax       = 256
 )
 
 // rawCodec passes messages through as bytes (the lane never parses a message it forwards).
@@ -147,6 +148,7 @@ type lane struct {
 	logDropped    atomic.Uint64
 	acked         atomic.Uint32
 	maxBytes      int
+	budget        *budget                // each key's request budget; nil: none
 	httpServers   bool                   // every Triton server's HTTP port is known: REST infer is served here
 	rest          *httputil.ReverseProxy // the Python gateway's REST server
 	tritonHTTP    *http.Client
@@ -166,6 +168,8 @@ func main() {
 	httpListen := flag.String("http-listen", "", "public REST/HTTP v2 address; empty: none")
 	httpBackend := flag.String("http-backend", "", "the Python gateway's REST server's unix socket")
 	tritonHTTP := flag.String("triton-http", "", "Triton HTTP endpoints, comma-separated, in --triton's order")
+	keyRate := flag.Float64("key-rate", 0, "each API key's request budget, requests a second; 0: none")
+	keyBurst := flag.Int("key-burst", 0, "requests a key may send at once above its rate; 0: the rate, rounded up")
 	scanOnly := flag.Bool("scan", false, "test hook: scan length-prefixed requests from stdin, write what was read")
 	flag.Parse()
 	if *scanOnly {
@@ -184,6 +188,7 @@ func main() {
 		sample:   math.Min(math.Max(*sample, 0), 1),
 		frames:   make(chan []byte, 16384),
 		maxBytes: *maxBytes,
+		budget:   newBudget(*keyRate, *keyBurst),
 	}
 	for _, h := range strings.Split(*keyHashes, ",") {
 		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
@@ -562,10 +567,72 @@ func (l *lane) handle(_ any, stream grpc.ServerStream) error {
 	if !ok {
 		return status.Error(codes.Internal, "gateway lane: no method")
 	}
+	if l.budget != nil && method != streamInferMethod { // a stream's requests spend it one by one, in Python
+		md, _ := metadata.FromIncomingContext(stream.Context())
+		if !l.spend(md.Get("authorization")) {
+			return status.Error(codes.ResourceExhausted, l.budget.message())
+		}
+	}
 	if method == inferMethod {
 		return l.infer(stream)
 	}
 	return l.proxy(stream, method)
+}
+
+// spend: one request of the budget of the key in vals (an authorization value), false when it is
+// over; a value that is not a valid key spends nothing (the key check refuses it).
+func (l *lane) spend(vals []string) bool {
+	if l.budget == nil || len(l.keys) == 0 || len(vals) == 0 || !l.authorizedValue(vals) {
+		return true
+	}
+	return l.budget.allow(vals[0], time.Now())
+}
+
+// budget: a token bucket per key (as cdl.auth.KeyBudget): rate requests a second, burst at once.
+type budget struct {
+	rate, burst float64
+	mu          sync.Mutex
+	buckets     map[string]*bucket
+}
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func newBudget(rate float64, burst int) *budget {
+	if rate <= 0 {
+		return nil
+	}
+	b := float64(burst)
+	if burst <= 0 {
+		b = math.Max(1, math.Ceil(rate))
+	}
+	return &budget{rate: rate, burst: b, buckets: map[string]*bucket{}}
+}
+
+func (b *budget) allow(key string, now time.Time) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	k, ok := b.buckets[key]
+	if !ok {
+		if len(b.buckets) >= keyCacheMax*4 {
+			b.buckets = map[string]*bucket{}
+		}
+		k = &bucket{tokens: b.burst, last: now}
+		b.buckets[key] = k
+	}
+	k.tokens = math.Min(b.burst, k.tokens+now.Sub(k.last).Seconds()*b.rate)
+	k.last = now
+	if k.tokens < 1 {
+		return false
+	}
+	k.tokens--
+	return true
+}
+
+func (b *budget) message() string {
+	return fmt.Sprintf("this key is over its request budget (%g/s, bursts of %g); try again later", b.rate, b.burst)
 }
 
 func (l *lane) authorized(md metadata.MD) bool {

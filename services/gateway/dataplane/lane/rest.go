@@ -116,6 +116,10 @@ func (l *lane) serveHTTP(w http.ResponseWriter, r *http.Request) {
 			delete(r.Header, k)
 		}
 	}
+	if !l.spend(r.Header.Values("Authorization")) {
+		writeError(w, http.StatusTooManyRequests, l.budget.message())
+		return
+	}
 	if r.Method != http.MethodPost || !l.httpServers || r.Header.Get("Content-Encoding") != "" {
 		l.rest.ServeHTTP(w, r)
 		return
