@@ -23,19 +23,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from cdl.errors import BudgetExceededError
+from cdl.errors import BudgetExceededError, ConfigError
+from cdl.logging import get_logger
 
-__all__ = ["ApiKeys", "AuthInterceptor", "KeyBudget", "bearer", "hash_key", "key_id"]
+__all__ = ["ApiKeys", "AuthInterceptor", "KeyBudget", "KeysFile", "bearer", "hash_key", "key_id", "read_keys_file"]
 
 _CACHE_MAX = 256
+_log = get_logger("cdl.auth")
 _INFER = 1
 _ADMIN = 2
 
@@ -76,6 +81,17 @@ class ApiKeys:
     def open(self) -> bool:
         """No key is needed for inference."""
         return not self._infer
+
+    @property
+    def inference_digests(self) -> tuple[str, ...]:
+        """The inference keys' digests now (what the native lane is given)."""
+        return tuple(h.decode() for h in self._infer)
+
+    def replace(self, hashes: Sequence[str], admin_hashes: Sequence[str] = ()) -> None:
+        """Rotate: these keys from now on, the old ones (and what was verified with them) no more."""
+        infer = tuple(h.strip().lower().encode() for h in hashes if h.strip())
+        admin = tuple(h.strip().lower().encode() for h in admin_hashes if h.strip())
+        self._infer, self._admin, self._verified = infer, admin, {}
 
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, admin: bool = False) -> bool:
         """Whether ``metadata`` (a call's invocation metadata) carries a key allowed for the call."""
@@ -185,3 +201,84 @@ class KeyBudget:
                     f"this key is over its request budget ({self.rate:g}/s, bursts of {self.burst:g}); try again later"
                 )
             bucket[0] -= 1.0
+
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def read_keys_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """The (inference, admin) key digests of a keys file: JSON ``{"inference": [...], "admin":
+    [...]}``, each a SHA-256 hex digest (``cdl.auth.hash_key``); :class:`ConfigError` when it
+    cannot be read or is not that, or names no inference key."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the keys file {path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"the keys file {path} is not a JSON object")
+    lists = []
+    for kind in ("inference", "admin"):
+        value = doc.get(kind, [])
+        digests = isinstance(value, list) and all(
+            isinstance(h, str) and _DIGEST.match(h.strip().lower()) for h in value
+        )
+        if not digests:
+            raise ConfigError(f"the keys file {path}: {kind!r} must be a list of SHA-256 hex digests")
+        lists.append([h.strip().lower() for h in value])
+    if not lists[0]:
+        raise ConfigError(f"the keys file {path} names no inference key")
+    return lists[0], lists[1]
+
+
+class KeysFile:
+    """API keys an operator rotates by rewriting a file (:func:`read_keys_file`): :meth:`poll`
+    (every ``interval_s`` in :meth:`watch`'s thread) replaces the keys of ``keys`` when the file
+    changed, then calls ``on_change``; a file that went bad keeps the keys as they were (an
+    error in the log), so a typo never opens the service or locks everyone out."""
+
+    def __init__(
+        self, path: str | Path, keys: ApiKeys, on_change: Callable[[], None] | None = None, admin: bool = True
+    ) -> None:
+        self._path = Path(path)
+        self._keys = keys
+        self._on_change = on_change
+        self._admin = admin
+        try:  # what the service started with (read_keys_file at start): not a change
+            self._seen: bytes | None = self._path.read_bytes()
+        except OSError:
+            self._seen = None
+
+    def poll(self) -> bool:
+        """Apply the file if it changed since the last look; whether the keys were replaced."""
+        try:
+            raw = self._path.read_bytes()
+        except OSError as exc:
+            _log.error("the keys file cannot be read: the keys stay as they were", path=str(self._path), error=str(exc))
+            return False
+        if raw == self._seen:
+            return False
+        self._seen = raw
+        try:
+            infer, admin = read_keys_file(self._path)
+        except ConfigError as exc:
+            _log.error("the keys file is not valid: the keys stay as they were", error=str(exc))
+            return False
+        self._keys.replace(infer, admin if self._admin else ())
+        _log.info("API keys rotated", path=str(self._path), inference=len(infer), admin=len(admin))
+        if self._on_change is not None:
+            self._on_change()
+        return True
+
+    def watch(self, stop: threading.Event, interval_s: float = 5.0) -> threading.Thread:
+        """:meth:`poll` every ``interval_s`` in a daemon thread until ``stop`` is set."""
+
+        def run() -> None:
+            while not stop.wait(interval_s):
+                try:
+                    self.poll()
+                except Exception:  # noqa: BLE001 - the watch must never stop
+                    _log.exception("watching the keys file failed")
+
+        thread = threading.Thread(target=run, name="cdl-keys-file", daemon=True)
+        thread.start()
+        return thread

@@ -136,6 +136,13 @@ class ServiceSettings(BaseSettings):
     api_key_hashes: list[str] = []
     """SHA-256 hex digests of the API keys this service's gRPC API accepts (``authorization:
     Bearer <key>``); empty: no key needed. The local stack generates one key for all."""
+    api_keys_file: str = ""
+    """A JSON file of the keys' digests, ``{"inference": [...], "admin": [...]}`` (the admin list:
+    the gateway's ModelAdmin), read at start and again whenever it changes (every
+    ``keys_reload_s``): rewrite it to rotate a key without a restart. With it, ``api_key_hashes``
+    (and the gateway's ``admin_key_hashes``) are not used."""
+    keys_reload_s: float = 5.0
+    """How often ``api_keys_file`` is looked at for a change."""
     triton_grpc: list[str] = []
     """Triton gRPC endpoints, ``host:port``."""
     triton_http: list[str] = []
@@ -183,6 +190,15 @@ class ServiceSettings(BaseSettings):
         if sasl and not self.kafka_sasl_password_file and known_default(self.kafka_sasl_password):
             problems.append("the Kafka password is empty or a published default (kafka_sasl_password)")
         return problems
+
+    def key_digests(self) -> tuple[list[str], list[str]]:
+        """The (inference, admin) key digests this service starts with: ``api_keys_file``'s, else
+        the settings' (a ConfigError when the file is unreadable or not valid)."""
+        if self.api_keys_file:
+            from cdl.auth import read_keys_file
+
+            return read_keys_file(self.api_keys_file)
+        return list(self.api_key_hashes), list(getattr(self, "admin_key_hashes", []))
 
     def kafka_security(self) -> KafkaSecurity:
         """This service's TLS and SASL towards Kafka (its password read from its file)."""

@@ -40,7 +40,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cdl import tracing
-from cdl.auth import ApiKeys, KeyBudget
+from cdl.auth import ApiKeys, KeyBudget, KeysFile
 from cdl.dedupe import SqliteProcessedStore
 from cdl.errors import CdlError, UntrustedModelError
 from cdl.events import Event, OutRecord, Topics, new_traceparent, source_name
@@ -137,8 +137,10 @@ class GatewayApp:
             source=self.source,
             interval_s=settings.log_linger_ms / 1000,
         )
-        self.keys = ApiKeys(settings.api_key_hashes, settings.admin_key_hashes)
-        if self.keys.open and not settings.admin_key_hashes:
+        infer_keys, admin_keys = settings.key_digests()
+        self.keys = ApiKeys(infer_keys, admin_keys)
+        self._keys_stop = threading.Event()
+        if self.keys.open and not admin_keys:
             log.warning("the gateway is open: no API key is needed for inference or ModelAdmin (api_key_hashes)")
         self.pool = TritonPool(
             settings.triton_grpc,
@@ -405,6 +407,7 @@ class GatewayApp:
                 self.table.all,
                 lambda: [info.endpoint for info in self.pool.servers() if info.ready],
                 on_served_http=service.lane_served_http,
+                keys=lambda: self.keys.inference_digests,
             )
             self.table.subscribe(self.lane.changed)  # the lane routes by a change at once
             self.pool.subscribe(self.lane.changed)
@@ -434,6 +437,10 @@ class GatewayApp:
                 tls.load_cert_chain(s.tls_cert_file, s.tls_key_file)
             self.http_port = await self.rest.start(s.grpc_host, s.http_port, ssl_context=tls)
         self.http = serve_http(s.metrics_port, health=self._health, host=s.metrics_host)
+        if s.api_keys_file:  # a rotation reaches the lane at once (its sync sends the keys)
+            lane = self.lane
+            rotated = lane.changed if lane is not None else None
+            KeysFile(s.api_keys_file, self.keys, on_change=rotated).watch(self._keys_stop, s.keys_reload_s)
         self._kafka.start()
         ticks = asyncio.create_task(self._ticks(), name="cdl-gateway-ticks")
         self._ready.set()
@@ -452,6 +459,7 @@ class GatewayApp:
             await self._stopping.wait()
         finally:
             self._ready.clear()
+            self._keys_stop.set()
             log.info("gateway stopping")
             if self.lane is not None:  # the public port closes first; what it has in flight finishes
                 await asyncio.to_thread(self.lane.close)
@@ -481,7 +489,7 @@ class GatewayApp:
             f"--listen={address}",
             f"--backend={socket}",
             f"--triton={','.join(s.triton_grpc)}",
-            f"--key-hashes={','.join(s.api_key_hashes)}",
+            f"--key-hashes={','.join(self.keys.inference_digests)}",
             f"--timeout={s.default_timeout_s}",
             f"--max-bytes={s.max_message_bytes}",
             f"--log-sample={s.log_sample if self.log.enabled else 0}",

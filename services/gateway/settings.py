@@ -131,9 +131,10 @@ class GatewaySettings(ServiceSettings):
 
     def security_problems(self) -> list[str]:
         problems = super().security_problems()
-        if not self.api_key_hashes:
+        infer, admin = self.key_digests()
+        if not infer:
             problems.append("inference is open: no API key is needed (api_key_hashes)")
-            if not self.admin_key_hashes:
+            if not admin:
                 problems.append("ModelAdmin is open: anyone may roll back or promote (admin_key_hashes)")
         if not self.trusted_keys:
             problems.append("models are loaded unchecked: no key is trusted to sign them (trusted_keys)")

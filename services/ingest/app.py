@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from cdl import tracing
-from cdl.auth import ApiKeys, AuthInterceptor
+from cdl.auth import ApiKeys, AuthInterceptor, KeysFile
 from cdl.events import Topics, source_name
 from cdl.kafka import Producer, TransactionalLoop, read_latest
 from cdl.logging import configure_logging, get_logger
@@ -41,6 +41,8 @@ class IngestApp:
             self.store, unknown_ttl_s=settings.unknown_dataset_ttl_s, max_label_bytes=settings.max_label_bytes
         )
         self.producer = Producer(settings.kafka_bootstrap, client_id="cdl-ingest-grpc")
+        self.keys = ApiKeys(settings.key_digests()[0])
+        self._keys_stop = threading.Event()
         self.processor = IngestProcessor.from_settings(
             settings, registry=self.registry, store=self.store, source=self.source
         )
@@ -84,7 +86,7 @@ class IngestApp:
         self._provision()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.settings.grpc_workers),
-            interceptors=[AuthInterceptor(ApiKeys(self.settings.api_key_hashes)), ErrorInterceptor()],
+            interceptors=[AuthInterceptor(self.keys), ErrorInterceptor()],
         )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(
             IngestServicer(self.registry, self.producer, self.source, self.settings.raw_topic), server
@@ -93,6 +95,10 @@ class IngestApp:
         self.grpc_port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
         server.start()
         self.server = server
+        if self.settings.api_keys_file:  # rotated by rewriting it, without a restart
+            KeysFile(self.settings.api_keys_file, self.keys, admin=False).watch(
+                self._keys_stop, self.settings.keys_reload_s
+            )
         self.http = serve_http(self.settings.metrics_port, health=self._health, host=self.settings.metrics_host)
         log.info("ingest started", grpc_port=self.grpc_port, metrics_port=self.http.port)
 

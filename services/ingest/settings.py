@@ -101,6 +101,6 @@ class IngestSettings(ServiceSettings):
 
     def security_problems(self) -> list[str]:
         problems = super().security_problems()
-        if not self.api_key_hashes:
+        if not self.key_digests()[0]:
             problems.append("the IngestService API is open: no API key is needed (api_key_hashes)")
         return problems

@@ -519,3 +519,53 @@ def test_a_key_over_its_budget_is_refused_while_another_key_is_served(
     # meanwhile the other key is served: its budget is its own
     assert _infer(client, model, {"authorization": f"Bearer {light}"}).get_response().model_version == "1"
     client.close()
+
+
+@pytest.mark.parametrize("plane", ["native", "python"])
+def test_a_key_is_rotated_without_a_restart(
+    plane: str,
+    gateway_factory: Any,
+    gateway_topics: dict[str, str],
+    kafka_bootstrap: str,
+    object_store: ObjectStore,
+    tmp_path: Any,
+) -> None:
+    """The keys file rewritten with a new key (and a new admin key): within a reload the new key
+    is served and the old one refused, by the native lane and the Python server alike, with no
+    restart; a broken file keeps the keys as they were."""
+    old, new, admin_old, admin_new = "old-key", "new-key", "old-admin", "new-admin"
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({"inference": [hash_key(old)], "admin": [hash_key(admin_old)]}))
+    gw = gateway_factory(**FAST, data_plane=plane, api_keys_file=str(keys_file), keys_reload_s="0.2").start()
+    pid = gw.proc.pid if gw.proc is not None else 0
+    model = f"gw_{uuid.uuid4().hex[:8]}"
+    write_affine(object_store, model, 1, *_weights(1))
+    _announce(kafka_bootstrap, gateway_topics["compressed"], model, 1)
+    _wait_serving(gw.grpc, model, 1, {"authorization": f"Bearer {old}"})
+    client = tgrpc.InferenceServerClient(gw.grpc)
+
+    def served(key: str) -> bool:
+        try:
+            return bool(_infer(client, model, {"authorization": f"Bearer {key}"}).get_response().model_version)
+        except InferenceServerException as exc:
+            assert exc.status() == "StatusCode.UNAUTHENTICATED", exc
+            return False
+
+    def admin_ok(key: str) -> bool:
+        stub, metadata = _admin(gw.grpc, key)
+        try:
+            stub.ListModels(admin_pb2.ListModelsRequest(), metadata=metadata, timeout=10)
+            return True
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+            return False
+
+    assert served(old) and not served(new) and admin_ok(admin_old) and not admin_ok(admin_new)
+    keys_file.write_text(json.dumps({"inference": [hash_key(new)], "admin": [hash_key(admin_new)]}))
+    wait_for(lambda: served(new), 30, "the new key served")
+    assert not served(old) and admin_ok(admin_new) and not admin_ok(admin_old)
+    keys_file.write_text("{not json")  # a typo: the keys stay
+    time.sleep(1.0)  # five reloads
+    assert served(new) and not served(old)
+    assert gw.proc is not None and gw.proc.poll() is None and gw.proc.pid == pid  # no restart
+    client.close()

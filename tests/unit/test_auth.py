@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import pytest
@@ -81,3 +82,28 @@ def test_a_key_budget_refuses_past_its_burst_refills_at_its_rate_and_is_per_key(
         budget.take(k1, now=100.5)
     budget.take([], now=100.5)  # no key: left to the key check
     assert not KeyBudget(0) and KeyBudget(0.5).burst == 1
+
+
+def test_a_keys_file_rotates_keys_and_a_broken_one_keeps_them(tmp_path: Any) -> None:
+    import json
+
+    from cdl.auth import ApiKeys, KeysFile, read_keys_file
+    from cdl.errors import ConfigError
+
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"inference": [hash_key("a")], "admin": [hash_key("x")]}))
+    keys = ApiKeys(*read_keys_file(path))
+    changes: list[int] = []
+    watcher = KeysFile(path, keys, on_change=lambda: changes.append(1))
+    a, b, x = ([("authorization", f"Bearer {k}")] for k in ("a", "b", "x"))
+    assert not watcher.poll() and keys.check(a) and keys.check(x, admin=True)  # what it started with
+    path.write_text(json.dumps({"inference": [hash_key("b")]}))
+    assert watcher.poll() and changes == [1]
+    assert keys.check(b) and not keys.check(a) and not keys.check(x, admin=True)
+    assert keys.inference_digests == (hash_key("b"),)
+    for broken in ("{", json.dumps({"inference": []}), json.dumps({"inference": ["not-a-digest"]})):
+        path.write_text(broken)
+        assert not watcher.poll()
+        assert keys.check(b)  # kept
+        with pytest.raises(ConfigError):
+            read_keys_file(path)

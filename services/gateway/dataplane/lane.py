@@ -204,10 +204,14 @@ class NativeLane:
         routes: Callable[[], Mapping[str, Route]],
         ready: Callable[[], Sequence[str]],
         on_served_http: LaneServedHttp | None = None,
+        keys: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         """``args``: the lane's flags (``--listen`` among them, ``--http-listen`` for the REST
         port); ``routes``/``ready``: read by the sync thread (the routing table's current dict,
-        the endpoints of the ready servers); ``on_served_http``: requests served over REST."""
+        the endpoints of the ready servers); ``on_served_http``: requests served over REST;
+        ``keys``: the inference keys' digests now, sent when they rotate (and to a restarted lane)."""
+        self._keys = keys
+        self._sent_keys: tuple[str, ...] | None = None
         self._binary = binary
         self._args = list(args)
         self._on_served = on_served
@@ -322,6 +326,7 @@ class NativeLane:
         )
         self._proc = proc
         self._sent: tuple[Any, Any, int] = (None, None, 0)
+        self._sent_keys = None  # a new lane: its flags' keys may be older than the rotated ones
         self._acked = 0
         reader = threading.Thread(target=self._read, args=(proc,), name="cdl-gateway-lane-frames", daemon=True)
         reader.start()
@@ -376,10 +381,15 @@ class NativeLane:
                     msg["routes"] = _routes_line(routes)
                 if ready != sent_ready:
                     msg["ready"] = list(ready)
+                keys = tuple(self._keys()) if self._keys is not None else None
+                if keys is not None and keys != self._sent_keys:
+                    msg["keys"] = list(keys)
                 if msg:
                     msg["seq"] = seq = self._next_seq()
                     if self._write(msg):
                         self._sent = (routes, ready, seq)
+                        if keys is not None:
+                            self._sent_keys = keys
             except Exception:  # the sync must never stop
                 log.exception("gateway lane sync failed")
 

@@ -258,7 +258,6 @@ class InferenceService:
         self._outcomes = outcomes
         self._log = log if log is not None and log.enabled else None
         self._keys = keys
-        self._open = keys.open
         self._default_timeout = default_timeout_s
         self._max_bytes = max_message_bytes
         self._shadow_max = shadow_max_in_flight
@@ -575,7 +574,7 @@ class InferenceService:
         """UNAUTHENTICATED unless ``metadata`` carries an allowed key (or keys are off); then one
         request of the key's budget spent (RESOURCE_EXHAUSTED when it is over): by default where
         no native lane spent it already, always with ``spend``, never with ``spend=False``."""
-        if not self._open and not self._keys.check(metadata):
+        if not self._keys.open and not self._keys.check(metadata):
             raise UnauthenticatedError(_NO_KEY)
         if self._budget is not None and (not self._behind_lane if spend is None else spend):
             self._budget.take(metadata)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -100,7 +101,8 @@ func TestPickSpreadsTheCanaryShare(t *testing.T) {
 
 func TestAuthorized(t *testing.T) {
 	sum := sha256.Sum256([]byte("k1"))
-	l := &lane{keys: [][]byte{[]byte(hex.EncodeToString(sum[:]))}}
+	l := &lane{}
+	l.setKeys([]string{hex.EncodeToString(sum[:])})
 	for _, c := range []struct {
 		md   metadata.MD
 		want bool
@@ -118,12 +120,19 @@ func TestAuthorized(t *testing.T) {
 	if !(&lane{}).authorized(metadata.MD{}) {
 		t.Error("no keys configured: open")
 	}
+	// rotated: k2 from now on, k1 (verified and cached before) no more
+	sum2 := sha256.Sum256([]byte("k2"))
+	l.readControl(strings.NewReader(`{"keys":["` + hex.EncodeToString(sum2[:]) + `"]}` + "\n"))
+	if l.authorized(metadata.Pairs("authorization", "Bearer k1")) || !l.authorized(metadata.Pairs("authorization", "Bearer k2")) {
+		t.Error("a rotation replaces the keys, and the cache of verified ones")
+	}
 }
 
 func TestBudgetPerKey(t *testing.T) {
 	sum := sha256.Sum256([]byte("k1"))
 	sum2 := sha256.Sum256([]byte("k2"))
-	l := &lane{keys: [][]byte{[]byte(hex.EncodeToString(sum[:])), []byte(hex.EncodeToString(sum2[:]))}}
+	l := &lane{}
+	l.setKeys([]string{hex.EncodeToString(sum[:]), hex.EncodeToString(sum2[:])})
 	l.budget = newBudget(2, 3) // 2/s, bursts of 3
 	k1, k2 := []string{"Bearer k1"}, []string{"Bearer k2"}
 	for i := 0; i < 3; i++ {

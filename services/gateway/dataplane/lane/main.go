@@ -129,9 +129,7 @@ type lane struct {
 	servers       map[string]*backend
 	ready         atomic.Pointer[[]*backend]
 	routes        atomic.Pointer[map[string]route]
-	keys          [][]byte // SHA-256 hex digests allowed for inference; none: open
-	verified      sync.Map // authorization value -> struct{} (verified keys only)
-	verifiedN     atomic.Int32
+	auth          atomic.Pointer[keySet] // the inference keys; replaced whole when they rotate
 	timeout       time.Duration
 	idPrefix      string
 	ids           atomic.Uint64
@@ -190,11 +188,7 @@ func main() {
 		maxBytes: *maxBytes,
 		budget:   newBudget(*keyRate, *keyBurst),
 	}
-	for _, h := range strings.Split(*keyHashes, ",") {
-		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
-			l.keys = append(l.keys, []byte(h))
-		}
-	}
+	l.setKeys(strings.Split(*keyHashes, ","))
 	empty := map[string]route{}
 	l.routes.Store(&empty)
 	none := []*backend{}
@@ -355,6 +349,7 @@ func bind(addr string) (net.Listener, error) {
 type control struct {
 	Routes map[string][4]float64 `json:"routes"`
 	Ready  *[]string             `json:"ready"`
+	Keys   *[]string             `json:"keys"` // the inference keys' digests, rotated
 	Seq    uint32                `json:"seq"`
 }
 
@@ -384,6 +379,10 @@ func (l *lane) readControl(r io.Reader) {
 				}
 			}
 			l.ready.Store(&ready)
+		}
+		if c.Keys != nil {
+			l.setKeys(*c.Keys)
+			slog.Info("gateway lane: keys rotated", "keys", len(*c.Keys))
 		}
 		if c.Seq != 0 { // applied: every request from here on routes by it
 			l.acked.Store(c.Seq)
@@ -582,7 +581,7 @@ func (l *lane) handle(_ any, stream grpc.ServerStream) error {
 // spend: one request of the budget of the key in vals (an authorization value), false when it is
 // over; a value that is not a valid key spends nothing (the key check refuses it).
 func (l *lane) spend(vals []string) bool {
-	if l.budget == nil || len(l.keys) == 0 || len(vals) == 0 || !l.authorizedValue(vals) {
+	if l.budget == nil || l.keys().open() || len(vals) == 0 || !l.authorizedValue(vals) {
 		return true
 	}
 	return l.budget.allow(vals[0], time.Now())
@@ -642,14 +641,15 @@ func (l *lane) authorized(md metadata.MD) bool {
 // authorizedValue: whether the first authorization value (gRPC metadata or HTTP header)
 // carries an inference key.
 func (l *lane) authorizedValue(vals []string) bool {
-	if len(l.keys) == 0 {
+	ks := l.keys()
+	if ks.open() {
 		return true
 	}
 	if len(vals) == 0 {
 		return false
 	}
 	header := vals[0]
-	if _, ok := l.verified.Load(header); ok {
+	if _, ok := ks.verified.Load(header); ok {
 		return true
 	}
 	// as cdl.auth: "<scheme> <key>", the scheme "bearer" in any case, spaces around trimmed
@@ -661,16 +661,44 @@ func (l *lane) authorizedValue(vals []string) bool {
 	sum := sha256.Sum256([]byte(token))
 	digest := []byte(hex.EncodeToString(sum[:]))
 	match := 0
-	for _, k := range l.keys {
+	for _, k := range ks.digests {
 		match |= subtle.ConstantTimeCompare(digest, k)
 	}
 	if match == 0 {
 		return false
 	}
-	if l.verifiedN.Add(1) <= keyCacheMax {
-		l.verified.Store(header, struct{}{})
+	if ks.verifiedN.Add(1) <= keyCacheMax {
+		ks.verified.Store(header, struct{}{})
 	}
 	return true
+}
+
+// keySet: the SHA-256 hex digests allowed for inference (none: open), with the authorization
+// values verified against them; a rotation replaces the whole set, cache included.
+type keySet struct {
+	digests   [][]byte
+	verified  sync.Map // authorization value -> struct{} (verified keys only)
+	verifiedN atomic.Int32
+}
+
+func (k *keySet) open() bool { return len(k.digests) == 0 }
+
+func (l *lane) keys() *keySet {
+	if ks := l.auth.Load(); ks != nil {
+		return ks
+	}
+	return &keySet{}
+}
+
+// setKeys: the inference keys from now on (digests; blanks ignored).
+func (l *lane) setKeys(hashes []string) {
+	ks := &keySet{}
+	for _, h := range hashes {
+		if h = strings.ToLower(strings.TrimSpace(h)); h != "" {
+			ks.digests = append(ks.digests, []byte(h))
+		}
+	}
+	l.auth.Store(ks)
 }
 
 func (l *lane) versionField(v int) []byte {
