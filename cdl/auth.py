@@ -29,6 +29,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from cdl.logging import get_logger
 __all__ = ["ApiKeys", "AuthInterceptor", "KeyBudget", "KeysFile", "bearer", "hash_key", "key_id", "read_keys_file"]
 
 _CACHE_MAX = 256
+_BUDGETS_MAX = 65536
 _log = get_logger("cdl.auth")
 _INFER = 1
 _ADMIN = 2
@@ -54,11 +56,8 @@ def key_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """Who a call's key says it is, for an audit: ``key:`` and the first 12 hex digits of its
     SHA-256 (what settings hold, so an operator can tell the keys apart; never the key itself),
     or ``anonymous`` without one."""
-    header = bearer(metadata)
-    scheme, _, key = (header or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        return "anonymous"
-    return f"key:{hash_key(key.strip())[:12]}"
+    key = _token(bearer(metadata) or "")
+    return f"key:{hash_key(key)[:12]}" if key else "anonymous"
 
 
 def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -69,62 +68,84 @@ def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _KeySet:
+    """One generation of keys: a rotation replaces it whole, the cache of verified values with it."""
+
+    infer: tuple[bytes, ...]
+    admin: tuple[bytes, ...]
+    verified: dict[str, int] = field(default_factory=dict)
+
+
+def _digests(hashes: Sequence[str]) -> tuple[bytes, ...]:
+    return tuple(h.strip().lower().encode() for h in hashes if h.strip())
+
+
 class ApiKeys:
     """The keys allowed to call inference and admin rpcs; see the module docstring."""
 
     def __init__(self, hashes: Sequence[str], admin_hashes: Sequence[str] = ()) -> None:
-        self._infer = tuple(h.strip().lower().encode() for h in hashes if h.strip())
-        self._admin = tuple(h.strip().lower().encode() for h in admin_hashes if h.strip())
-        self._verified: dict[str, int] = {}
+        self._set = _KeySet(_digests(hashes), _digests(admin_hashes))
 
     @property
     def open(self) -> bool:
         """No key is needed for inference."""
-        return not self._infer
+        return not self._set.infer
 
     @property
     def inference_digests(self) -> tuple[str, ...]:
         """The inference keys' digests now (what the native lane is given)."""
-        return tuple(h.decode() for h in self._infer)
+        return tuple(h.decode() for h in self._set.infer)
+
+    def same(self, hashes: Sequence[str], admin_hashes: Sequence[str] = ()) -> bool:
+        """Whether these are the keys now."""
+        return (_digests(hashes), _digests(admin_hashes)) == (self._set.infer, self._set.admin)
 
     def replace(self, hashes: Sequence[str], admin_hashes: Sequence[str] = ()) -> None:
-        """Rotate: these keys from now on, the old ones (and what was verified with them) no more."""
-        infer = tuple(h.strip().lower().encode() for h in hashes if h.strip())
-        admin = tuple(h.strip().lower().encode() for h in admin_hashes if h.strip())
-        self._infer, self._admin, self._verified = infer, admin, {}
+        """Rotate: these keys from now on, the old ones (and what was verified with them) no more.
+        A check in flight uses one generation throughout, and caches into that generation only."""
+        self._set = _KeySet(_digests(hashes), _digests(admin_hashes))
 
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, admin: bool = False) -> bool:
         """Whether ``metadata`` (a call's invocation metadata) carries a key allowed for the call."""
-        allowed = self._admin if admin else self._infer
+        ks = self._set  # one generation for the whole check (a rotation may replace it meanwhile)
+        allowed = ks.admin if admin else ks.infer
         if not allowed:  # admin with no admin key: open only where inference is open too
-            return not (admin and self._infer)
+            return not (admin and ks.infer)
         header = bearer(metadata)
         if header is None:
             return False
-        roles = self._verified.get(header)
+        roles = ks.verified.get(header)
         if roles is None:
-            roles = self._verify(header)
+            roles = _verify(ks, header)
             if not roles:
                 return False
-            if len(self._verified) >= _CACHE_MAX:
-                self._verified = {}
-            self._verified[header] = roles
+            if len(ks.verified) >= _CACHE_MAX:
+                ks.verified.clear()
+            ks.verified[header] = roles
         return bool(roles & (_ADMIN if admin else _INFER))
 
-    def _verify(self, header: str) -> int:
-        scheme, _, key = header.strip().partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            return 0
-        digest = hash_key(key).encode()
-        roles = 0
-        for h in self._infer:
-            if hmac.compare_digest(digest, h):
-                roles |= _INFER
-        for h in self._admin:
-            if hmac.compare_digest(digest, h):
-                roles |= _ADMIN
-        return roles
+
+def _token(header: str) -> str:
+    """The key of an authorization value (``bearer <key>``, any case, spaces around), or ""."""
+    scheme, _, key = header.strip().partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" else ""
+
+
+def _verify(ks: _KeySet, header: str) -> int:
+    key = _token(header)
+    if not key:
+        return 0
+    digest = hash_key(key).encode()
+    roles = 0
+    for h in ks.infer:
+        if hmac.compare_digest(digest, h):
+            roles |= _INFER
+    for h in ks.admin:
+        if hmac.compare_digest(digest, h):
+            roles |= _ADMIN
+    return roles
 
 
 Handler = Any  # grpc.RpcMethodHandler
@@ -184,16 +205,17 @@ class KeyBudget:
         budget is spent (a call without a key is left to the key check)."""
         if not self.rate:
             return
-        header = bearer(metadata)
-        if header is None:
+        key = _token(bearer(metadata) or "")
+        if not key:
             return
+        digest = hash_key(key)  # the key, however its header is spelled ("Bearer", "bearer  ")
         t = time.monotonic() if now is None else now
         with self._lock:
-            bucket = self._buckets.get(header)
+            bucket = self._buckets.get(digest)
             if bucket is None:
-                if len(self._buckets) >= _CACHE_MAX * 4:
+                if len(self._buckets) >= _BUDGETS_MAX:  # only valid keys come here: never in practice
                     self._buckets = {}
-                bucket = self._buckets[header] = [self.burst, t]
+                bucket = self._buckets[digest] = [self.burst, t]
             bucket[0] = min(self.burst, bucket[0] + (t - bucket[1]) * self.rate)
             bucket[1] = t
             if bucket[0] < 1.0:
@@ -243,10 +265,7 @@ class KeysFile:
         self._keys = keys
         self._on_change = on_change
         self._admin = admin
-        try:  # what the service started with (read_keys_file at start): not a change
-            self._seen: bytes | None = self._path.read_bytes()
-        except OSError:
-            self._seen = None
+        self._seen: bytes | None = None  # the first poll applies the file (a change since the start)
 
     def poll(self) -> bool:
         """Apply the file if it changed since the last look; whether the keys were replaced."""
@@ -263,7 +282,10 @@ class KeysFile:
         except ConfigError as exc:
             _log.error("the keys file is not valid: the keys stay as they were", error=str(exc))
             return False
-        self._keys.replace(infer, admin if self._admin else ())
+        admin = admin if self._admin else []
+        if self._keys.same(infer, admin):
+            return False
+        self._keys.replace(infer, admin)
         _log.info("API keys rotated", path=str(self._path), inference=len(infer), admin=len(admin))
         if self._on_change is not None:
             self._on_change()

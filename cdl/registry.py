@@ -89,7 +89,12 @@ class ModelRegistry:
         with self._lock:
             index = self._claim_index(model, dataset_version, cause)
             if self._store.exists(MODELS_BUCKET, index):
-                return int(self._store.get_json(MODELS_BUCKET, index)["version"]), False
+                found: dict[str, Any] = self._store.get_json(MODELS_BUCKET, index)
+                version = int(found["version"])
+                claim = f"{model}/{version}/claim.json"
+                if not self._store.exists(MODELS_BUCKET, claim):  # a crash between the two writes
+                    self._store.put_json(MODELS_BUCKET, claim, found)
+                return version, False
             versions = self.versions(model)
             doc: dict[str, Any] = {"dataset": dataset, "dataset_version": dataset_version}
             abandoned = None if cause else self._abandoned(model, versions, dataset, dataset_version)

@@ -5,8 +5,9 @@ In an event-driven ML system the bus is the control plane: whoever may produce t
 So each service is a Kafka user (SCRAM) that may write only the topics it owns and read only
 those it consumes (docs/security.md has the table):
 
-- **ingest** owns ``data.updated`` and its state topic (``cdl.ingest.*``, which it creates);
-  reads ``data.raw``, ``data.feedback`` and ``drift.detected``;
+- **ingest** owns ``data.updated`` and its state topic (``cdl.ingest.*``, which it creates),
+  writes to ``data.raw`` what its ``Ingest`` RPC accepts; reads ``data.raw``, ``data.feedback``
+  and ``drift.detected``;
 - **trainer** owns ``model.trained``; reads ``data.updated`` and ``tuning.completed``;
 - **tuner** owns ``tuning.completed``; reads its four triggers;
 - **compressor** owns ``model.compressed``; reads ``model.trained``;
@@ -58,7 +59,7 @@ _DEAD = Topics.DATA_DEADLETTER
 GRANTS: Mapping[str, Grant] = {
     "ingest": Grant(
         reads=(Topics.DATA_RAW, Topics.DATA_FEEDBACK, Topics.DRIFT_DETECTED),
-        writes=(Topics.DATA_UPDATED, _DEAD),
+        writes=(Topics.DATA_UPDATED, Topics.DATA_RAW, _DEAD),  # data.raw: its Ingest RPC's records
         prefixes=("cdl-ingest", "cdl-reader-"),
         own_prefixes=("cdl.ingest.",),  # its state topic, which it creates
     ),

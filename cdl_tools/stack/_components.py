@@ -185,6 +185,7 @@ class KafkaComponent(Component):
             ensure_server_cert(self.tls_dir, "kafka", sorted({self.settings.host, "localhost", "127.0.0.1"}))
         props = self.workdir / "server.properties"
         props.touch(mode=0o600)  # it holds the admin's password when secure
+        props.chmod(0o600)  # (one written before had the umask's mode)
         props.write_text(self._properties())
         (self.workdir / "log4j2.properties").write_text(
             "\n".join(

@@ -86,11 +86,11 @@ def test_verified_keys_are_not_hashed_again(monkeypatch: pytest.MonkeyPatch) -> 
     # wrong keys are hashed every time and never remembered (nobody can fill the cache)
     for i in range(1000):
         assert not keys.check(_md(f"Bearer wrong{i}"))
-    assert len(keys._verified) == 1
+    assert len(keys._set.verified) == 1
 
 
 def test_cache_is_bounded() -> None:
     keys = ApiKeys([hash_key("k1")], [])
     for i in range(auth._CACHE_MAX * 3):
         assert keys.check(_md("Bearer " + " " * i + "k1"))  # distinct values of one valid key
-    assert len(keys._verified) <= auth._CACHE_MAX
+    assert len(keys._set.verified) <= auth._CACHE_MAX

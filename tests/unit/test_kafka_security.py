@@ -95,7 +95,10 @@ def test_every_topic_has_one_writer_among_the_services_and_the_users_producer() 
     assert writers[Topics.DATA_UPDATED] == {"ingest"}
     assert writers[Topics.TUNING_COMPLETED] == {"tuner"}
     assert writers[Topics.MODEL_HEALTH] == {"monitor"} and writers[Topics.DRIFT_DETECTED] == {"monitor"}
-    assert writers[Topics.DATA_RAW] == {"monitor", "producer"} and writers[Topics.DATA_FEEDBACK] == {"producer"}
+    # data.raw: the users' records, and those ingest's Ingest RPC and the monitor (labelled served requests) add
+    assert writers[Topics.DATA_RAW] == {"ingest", "monitor", "producer"} and writers[Topics.DATA_FEEDBACK] == {
+        "producer"
+    }
     assert writers[Topics.DATA_DEADLETTER] == {"ingest", "trainer", "tuner", "compressor", "gateway", "monitor"}
     assert Topics.TUNING_REQUESTED not in writers  # the operator's (cdl tune), a super user
     for user, grant in acls.GRANTS.items():

@@ -318,6 +318,9 @@ class NativeLane:
                 args = [a if not a.startswith(flag) else f"{a.rsplit(':', 1)[0]}:{port}" for a in args]
         # each start names its ids apart from the last one's (its counter starts again at 1)
         args = [f"{a}{self._generation}." if a.startswith("--id-prefix=") else a for a in args]
+        if self._keys is not None:  # a lane restarted after a rotation starts with the keys of now
+            keys = ",".join(self._keys())
+            args = [f"--key-hashes={keys}" if a.startswith("--key-hashes=") else a for a in args]
         self._generation += 1
         self._log_dropped = 0  # the new lane counts from 0
         self._started.clear()
@@ -388,7 +391,7 @@ class NativeLane:
                     msg["seq"] = seq = self._next_seq()
                     if self._write(msg):
                         self._sent = (routes, ready, seq)
-                        if keys is not None:
+                        if "keys" in msg:
                             self._sent_keys = keys
             except Exception:  # the sync must never stop
                 log.exception("gateway lane sync failed")

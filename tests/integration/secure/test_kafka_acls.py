@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from cdl.errors import DecodeError
 from cdl.events import Topics, decode
 from cdl.kafka.security import KafkaSecurity
-from cdl.v1 import events_pb2
+from cdl.v1 import events_pb2, ingest_pb2_grpc
 from cdl_tools.stack._procs import free_port
 from tests.helpers import read_topic, register_digits, wait_for
 from tests.integration.conftest import ServiceFactory
@@ -129,6 +129,14 @@ def test_the_services_run_the_loop_as_their_own_users(
         name = f"secure-{uuid.uuid4().hex[:6]}"
         with grpc.insecure_channel(ingest.grpc) as channel:
             register_digits(channel, name, min_new_records=300)
+            # ingest's own Ingest RPC writes what it accepts to data.raw as the ingest user
+            records = []
+            for i in range(320, 340):
+                r = events_pb2.Record(dataset=name, id=f"r{i}", label=str(int(DIGITS.target[i])))
+                r.tensor.values.extend(DIGITS.data[i].tolist())
+                records.append(r)
+            answer = ingest_pb2_grpc.IngestServiceStub(channel).Ingest(iter(records), timeout=60)
+            assert (answer.accepted, answer.rejected) == (20, 0), answer
         producer = Producer({**_as(stack, "producer"), "linger.ms": 20})
         for i in range(320):
             doc = {"dataset": name, "id": f"r{i}", "features": DIGITS.data[i].tolist(), "label": int(DIGITS.target[i])}

@@ -86,6 +86,7 @@ const (
 	flushDelay        = 200 * time.Millisecond // a report waits at most this long for others to go with it
 	flushBytes        = 64 << 10               // ... or until this much is buffered
 	keyCacheMax       = 256
+	budgetsMax        = 65536
 )
 
 // rawCodec passes messages through as bytes (the lane never parses a message it forwards).
@@ -584,7 +585,10 @@ func (l *lane) spend(vals []string) bool {
 	if l.budget == nil || l.keys().open() || len(vals) == 0 || !l.authorizedValue(vals) {
 		return true
 	}
-	return l.budget.allow(vals[0], time.Now())
+	// the bucket of the key itself, however its header is spelled ("Bearer", "bearer  ")
+	_, token, _ := strings.Cut(strings.TrimSpace(vals[0]), " ")
+	sum := sha256.Sum256([]byte(strings.TrimSpace(token)))
+	return l.budget.allow(string(sum[:]), time.Now())
 }
 
 // budget: a token bucket per key (as cdl.auth.KeyBudget): rate requests a second, burst at once.
@@ -615,7 +619,7 @@ func (b *budget) allow(key string, now time.Time) bool {
 	defer b.mu.Unlock()
 	k, ok := b.buckets[key]
 	if !ok {
-		if len(b.buckets) >= keyCacheMax*4 {
+		if len(b.buckets) >= budgetsMax { // only valid keys come here: never in practice
 			b.buckets = map[string]*bucket{}
 		}
 		k = &bucket{tokens: b.burst, last: now}
