@@ -224,11 +224,17 @@ class ServiceSettings(BaseSettings):
 
     def secure_process(self, service: str) -> None:
         """At a service's start: refuse an insecure configuration (:meth:`refuse_insecure`), then
-        make its Kafka identity the process's (:func:`cdl.kafka.security.use`)."""
+        make its Kafka identity the process's (:func:`cdl.kafka.security.use`); a configuration
+        that cannot be used (SASL without a password, an unreadable keys file) exits 78 too."""
         from cdl.kafka.security import use
+        from cdl.logging import get_logger
 
-        self.refuse_insecure(service)
-        use(self.kafka_security())
+        try:
+            self.refuse_insecure(service)
+            use(self.kafka_security())
+        except ConfigError as exc:  # a half-configured Kafka identity, a bad keys file: one line, 78
+            get_logger(f"cdl.{service}").error(f"{service} cannot start: {exc}")
+            raise SystemExit(EX_CONFIG) from exc
 
     def refuse_insecure(self, service: str) -> None:
         """Exit with :data:`EX_CONFIG` and one error line naming the problems of

@@ -38,6 +38,12 @@ def _environ(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env | extra
 
 
+def _spawn(name: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """The service's real entry point (``python -m services.<name>``), its output piped."""
+    argv = [sys.executable, "-m", f"services.{name}"]
+    return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def _records(stderr: str) -> list[dict[str, object]]:
     out = []
     for line in stderr.splitlines():
@@ -50,17 +56,7 @@ def _records(stderr: str) -> list[dict[str, object]]:
 
 def test_every_service_refuses_an_insecure_configuration_and_says_why(tmp_path: Path) -> None:
     env = _environ(tmp_path)
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in SERVICES
-    }
+    procs = {name: _spawn(name, env) for name in SERVICES}
     for name, proc in procs.items():
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == EX_CONFIG, f"{name}: exit {proc.returncode}\n{stderr[-3000:]}"
@@ -106,3 +102,22 @@ def test_published_secrets_are_known_and_generated_ones_are_not() -> None:
     for published in ("", " ", "cdl", "cdl-admin-secret", "minioadmin", "laptop-only-minio-secret"):
         assert known_default(published), published
     assert not known_default("b2Vm4rXq-generated_9w")
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "says"),
+    [
+        ("trainer", {"CDL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "SASL needs a username and a password"),
+        ("gateway", {"CDL_GATEWAY_API_KEYS_FILE": "/nonexistent/keys.json"}, "cannot read the keys file"),
+    ],
+)
+def test_a_configuration_that_cannot_be_used_exits_78_with_one_line(
+    name: str, extra: dict[str, str], says: str, tmp_path: Path
+) -> None:
+    env = _environ(tmp_path, CDL_INSECURE="true", **extra)
+    proc = _spawn(name, env)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EX_CONFIG, f"exit {proc.returncode}\n{stderr[-3000:]}"
+    [error] = [r for r in _records(stderr) if r.get("level") == "error"]
+    assert f"{name} cannot start" in str(error["msg"]) and says in str(error["msg"]), error
+    assert "Traceback" not in stderr
