@@ -125,9 +125,9 @@ def ingest_part() -> float:
         states = {kind: stacks.enter_context(_stack(kind)) for kind in rates}
         secured = states["sasl_ssl"]
         procs = {}
-        for kind, state in states.items():
-            procs[kind] = _ingest(state, Path(state["state_dir"]) / "ingest.log")
         try:
+            for kind, state in states.items():
+                procs[kind] = _ingest(state, Path(state["state_dir"]) / "ingest.log")
             for rnd in range(ROUNDS + 1):
                 for kind in ("plaintext", "sasl_ssl") if rnd % 2 == 0 else ("sasl_ssl", "plaintext"):
                     state = states[kind]
@@ -215,44 +215,46 @@ def gateway_part() -> tuple[float, float, float]:
         ca = (tmp / "tls" / "ca.pem").read_bytes()
         producer = Producer(state["kafka"]["bootstrap"])
         gateways: dict[str, tuple[str, Any]] = {}
-        for kind in ("plaintext", "tls"):
-            uid = uuid.uuid4().hex[:6]
-            topics = {k: f"bench.{k}.{uid}" for k in ("compressed", "deployed", "logged", "deadletter")}
-            port, metrics = free_port(), free_port()
-            env = dict(os.environ, **service_env(state), PYTHONPATH=str(ROOT))
-            env |= {f"CDL_GATEWAY_{k.upper()}_TOPIC": v for k, v in topics.items()}
-            env |= {
-                "CDL_GATEWAY_GROUP_ID": f"bench-gw-{uid}",
-                "CDL_GATEWAY_GRPC_PORT": str(port),
-                "CDL_GATEWAY_HTTP_PORT": str(free_port()),
-                "CDL_GATEWAY_METRICS_PORT": str(metrics),
-                "CDL_GATEWAY_API_KEY_HASHES": json.dumps([hash_key(KEY)]),
-                "CDL_GATEWAY_ADMIN_KEY_HASHES": json.dumps([hash_key(KEY + "-admin")]),
-                "CDL_GATEWAY_TRUSTED_KEYS": json.dumps([trusted]),
-                "CDL_GATEWAY_CANARY_STEPS": "[1.0]",
-                "CDL_GATEWAY_MIN_SAMPLES": "1",
-                "CDL_GATEWAY_STEP_MIN_S": "0.1",
-                "CDL_GATEWAY_WARMUP_REQUESTS": "1",
-            }
-            if kind == "tls":
-                env |= {"CDL_GATEWAY_TLS_CERT_FILE": str(cert_pem), "CDL_GATEWAY_TLS_KEY_FILE": str(key_pem)}
-            _, info = spawn([sys.executable, "-m", "services.gateway"], tmp / f"gateway-{kind}.log", env=env)
-            _wait_ready(metrics)
-            msg = events_pb2.ModelCompressed(model=model, version=1, ok=True, chosen_variant="fp32")
-            producer.send(topics["compressed"], Event(msg, source="/cdl/bench", key=model))
-            producer.flush()
-            # the first rolls v1 out; the second finds it serving in the shared rollout state
-            deadline = time.monotonic() + 120
-            while not _answers(f"127.0.0.1:{port}", ca if kind == "tls" else None):
-                if time.monotonic() > deadline:
-                    log = (tmp / f"gateway-{kind}.log").read_text()[-2000:]
-                    raise RuntimeError(f"the {kind} gateway never served v1: {log}")
-                time.sleep(0.3)
-            gateways[kind] = (f"127.0.0.1:{port}", info)
-        request = _request()  # bench/gateway's batch-1 request for its model's shape and name
-        auth = (("authorization", f"Bearer {KEY}"),)
-        cpu: dict[str, list[float]] = {"plaintext": [], "tls": []}
+        started: list[Any] = []
         try:
+            for kind in ("plaintext", "tls"):
+                uid = uuid.uuid4().hex[:6]
+                topics = {k: f"bench.{k}.{uid}" for k in ("compressed", "deployed", "logged", "deadletter")}
+                port, metrics = free_port(), free_port()
+                env = dict(os.environ, **service_env(state), PYTHONPATH=str(ROOT))
+                env |= {f"CDL_GATEWAY_{k.upper()}_TOPIC": v for k, v in topics.items()}
+                env |= {
+                    "CDL_GATEWAY_GROUP_ID": f"bench-gw-{uid}",
+                    "CDL_GATEWAY_GRPC_PORT": str(port),
+                    "CDL_GATEWAY_HTTP_PORT": str(free_port()),
+                    "CDL_GATEWAY_METRICS_PORT": str(metrics),
+                    "CDL_GATEWAY_API_KEY_HASHES": json.dumps([hash_key(KEY)]),
+                    "CDL_GATEWAY_ADMIN_KEY_HASHES": json.dumps([hash_key(KEY + "-admin")]),
+                    "CDL_GATEWAY_TRUSTED_KEYS": json.dumps([trusted]),
+                    "CDL_GATEWAY_CANARY_STEPS": "[1.0]",
+                    "CDL_GATEWAY_MIN_SAMPLES": "1",
+                    "CDL_GATEWAY_STEP_MIN_S": "0.1",
+                    "CDL_GATEWAY_WARMUP_REQUESTS": "1",
+                }
+                if kind == "tls":
+                    env |= {"CDL_GATEWAY_TLS_CERT_FILE": str(cert_pem), "CDL_GATEWAY_TLS_KEY_FILE": str(key_pem)}
+                _, info = spawn([sys.executable, "-m", "services.gateway"], tmp / f"gateway-{kind}.log", env=env)
+                started.append(info)  # stopped whatever happens next
+                _wait_ready(metrics)
+                msg = events_pb2.ModelCompressed(model=model, version=1, ok=True, chosen_variant="fp32")
+                producer.send(topics["compressed"], Event(msg, source="/cdl/bench", key=model))
+                producer.flush()
+                # the first rolls v1 out; the second finds it serving in the shared rollout state
+                deadline = time.monotonic() + 120
+                while not _answers(f"127.0.0.1:{port}", ca if kind == "tls" else None):
+                    if time.monotonic() > deadline:
+                        log = (tmp / f"gateway-{kind}.log").read_text()[-2000:]
+                        raise RuntimeError(f"the {kind} gateway never served v1: {log}")
+                    time.sleep(0.3)
+                gateways[kind] = (f"127.0.0.1:{port}", info)
+            request = _request()  # bench/gateway's batch-1 request for its model's shape and name
+            auth = (("authorization", f"Bearer {KEY}"),)
+            cpu: dict[str, list[float]] = {"plaintext": [], "tls": []}
             for rnd in range(ROUNDS + 1):
                 for kind in ("plaintext", "tls") if rnd % 2 == 0 else ("tls", "plaintext"):
                     target, info = gateways[kind]
@@ -269,7 +271,7 @@ def gateway_part() -> tuple[float, float, float]:
                         f"{us:.0f} us CPU/request, p50 {p50:.2f} ms at {RATE:.0f}/s"
                     )
         finally:
-            for _, info in gateways.values():
+            for info in started:
                 stop(info, 20)
     return statistics.median(cpu["plaintext"]), statistics.median(cpu["tls"]), verification
 
