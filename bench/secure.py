@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -71,14 +70,9 @@ def _stack(kafka_security: str, triton_servers: int = 0) -> Iterator[dict[str, A
 
 
 def _wait_ready(port: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("the service never became ready")
+    from bench.gateway import _wait_http
+
+    _wait_http(f"http://127.0.0.1:{port}/readyz", timeout_s=120)
 
 
 def _ingest(state: dict[str, Any], log: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -148,15 +142,9 @@ def ingest_part() -> float:
     return secure / plain
 
 
-def _cpu_s(pid: int) -> float:
-    from bench.gateway import _cpu_s as group_cpu
-
-    return group_cpu(pid)
-
-
 def gateway_part() -> tuple[float, float, float]:
     """(plaintext CPU us/request, TLS CPU us/request, verification seconds)."""
-    from bench.gateway import MODEL, N_IN, N_OUT, _request
+    from bench.gateway import MODEL, N_IN, N_OUT, _cpu_s, _request
     from cdl.auth import hash_key
     from cdl.events import Event
     from cdl.kafka import Producer

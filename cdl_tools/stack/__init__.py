@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from cdl_tools.stack._components import (
 )
 from cdl_tools.stack._probe import describe_live, read_supervisor_state
 from cdl_tools.stack._procs import ProcInfo, free_port, group_members, is_alive, spawn, stop
+from cdl_tools.stack._tls import write_private
 
 __all__ = ["LocalStack", "ProgressFn", "ensure_triton_install", "service_env", "use_stack_identity"]
 
@@ -48,16 +48,6 @@ def _noop(component: str, phase: str, detail: str) -> None:
 def _digest(key: str) -> str:
     """An API key as services' settings hold it (``cdl.auth.hash_key``: SHA-256, hex)."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def _write_secret(path: Path, value: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value)
-    os.replace(tmp, path)
 
 
 def use_stack_identity(state: dict[str, Any], user: str = "admin") -> None:
@@ -128,13 +118,7 @@ class LocalStack:
         return state
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the stack's keys
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, self.state_path)
+        write_private(self.state_path, json.dumps(state, indent=2, sort_keys=True).encode())  # it holds the keys
 
     # ------------------------------------------------------------------ components
     def _port(self, configured: int) -> int:
@@ -265,7 +249,7 @@ class LocalStack:
             kept = previous.get("kafka_users", {})
             self.kafka_users = {u: kept.get(u) or secrets.token_urlsafe(24) for u in ("admin", *GRANTS)}
             for user, password in self.kafka_users.items():
-                _write_secret(self.kafka_password_file(user), password)
+                write_private(self.kafka_password_file(user), password.encode())
         trusted_key = ""
         if self.settings.services:  # (imported here: the stack's module stays light for the tests' helpers)
             from cdl.signing import generate_signing_key

@@ -9,12 +9,13 @@ import ipaddress
 import os
 from pathlib import Path
 
-__all__ = ["ensure_ca", "ensure_server_cert"]
+__all__ = ["ensure_ca", "ensure_server_cert", "write_private"]
 
 _DAYS = 3650
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """``data`` to ``path``, readable by its owner only (0600), replaced atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -52,7 +53,7 @@ def ensure_ca(folder: Path) -> tuple[Path, Path]:
     pem_key = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_private(key_path, pem_key)
+    write_private(key_path, pem_key)
     folder.mkdir(parents=True, exist_ok=True)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
@@ -102,5 +103,5 @@ def ensure_server_cert(folder: Path, name: str, hosts: list[str]) -> Path:
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     pem += cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
-    _write_private(path, pem)
+    write_private(path, pem)
     return path

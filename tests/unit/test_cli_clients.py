@@ -5,9 +5,7 @@ closed port and fail there, after the channel was chosen)."""
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,38 +26,10 @@ def _closed_port() -> str:
 
 
 def _self_signed_ca(tmp_path: Path) -> Path:
-    """A CA certificate (PEM) made here: with the cryptography package, else with openssl."""
-    cert = tmp_path / "ca.pem"
-    try:
-        import datetime
+    """A CA certificate (PEM): the local stack's own CA maker (cdl_tools.stack._tls)."""
+    from cdl_tools.stack._tls import ensure_ca
 
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        if shutil.which("openssl") is None:
-            pytest.skip("neither the cryptography package nor openssl to make a CA")
-        args = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=cdl-test-ca"
-        keyout = ["-keyout", str(tmp_path / "ca.key"), "-out", str(cert)]
-        subprocess.run(["openssl", *args.split(), *keyout], check=True, capture_output=True)
-        return cert
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdl test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    return cert
+    return ensure_ca(tmp_path)[0]
 
 
 class _Channels:
