@@ -387,14 +387,18 @@ class PostgresComponent(Component):
         # a stack made before it had a password gets one too: the role's password, then the rules
         single = [str(bin_dir / "postgres"), "--single", "-D", str(self.data)]
         single += ["-c", "password_encryption=scram-sha-256"]
-        done = subprocess.run(
-            self._as_server_user([*single, "postgres"]),
-            input=f"ALTER ROLE cdl PASSWORD '{password}';\n",
-            capture_output=True,
-            text=True,
-            cwd="/",
-            check=False,
-        )
+        try:
+            done = subprocess.run(
+                self._as_server_user([*single, "postgres"]),
+                input=f"ALTER ROLE cdl PASSWORD '{password}';\n",
+                capture_output=True,
+                text=True,
+                cwd="/",
+                check=False,
+                timeout=self.settings.start_timeout_s,  # a server that never answers fails the start
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise ConfigError("setting PostgreSQL's password timed out", seconds=self.settings.start_timeout_s) from exc
         if done.returncode != 0 or "ERROR" in done.stdout + done.stderr:
             raise ConfigError("setting PostgreSQL's password failed", output=(done.stdout + done.stderr)[-2000:])
         hba = "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n"
