@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdl.settings import cdl_home, default_state_dir
@@ -25,6 +26,10 @@ class StackSettings(BaseSettings):
     """Address every component binds to (loopback only by default)."""
     kafka_port: int = 0
     """Kafka broker port; 0 picks a free one."""
+    port_range: str = Field(default="", pattern=r"^([1-9][0-9]{0,4}-[1-9][0-9]{0,4})?$")
+    """Where the free ports the stack picks come from, ``low-high`` (inclusive); empty: from 10000
+    to below the kernel's range for outgoing connections. Stacks started side by side (the test
+    workers) each get their own, so that no two pick the same port before either binds it."""
     kafka_version: str = "4.1.1"
     """Apache Kafka version whose jars set-up placed under ``home``."""
     kafka_heap: str = "512m"

@@ -24,6 +24,7 @@ from cdl.errors import CdlError
 from cdl.store import ObjectStore
 from cdl_tools.settings import StackSettings
 from cdl_tools.stack import LocalStack, service_env
+from cdl_tools.stack._procs import port_pool
 from tests.helpers import IN_CI
 
 
@@ -46,7 +47,15 @@ SHARED_STACK = "CDL_TEST_SHARED_STACK"
 def pytest_configure(config: pytest.Config) -> None:
     """With workers (``-n``), one stack for all of them: its directory goes to the workers in
     their environment, and this (the controller) stops it at the end."""
-    if os.environ.get(SHARED_STACK) or hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+    worker = getattr(config, "workerinput", None)
+    if worker is not None and not os.environ.get("CDL_STACK_PORT_RANGE"):
+        # each worker (and what it starts: the demo's stack, services) picks ports in its own
+        # slice: two picks of one port by two workers, before either bound it, failed a start
+        pool, count = port_pool(), int(worker["workercount"])
+        size = len(pool) // count
+        low = pool.start + size * int(worker["workerid"].removeprefix("gw"))
+        os.environ["CDL_STACK_PORT_RANGE"] = f"{low}-{low + size - 1}"
+    if os.environ.get(SHARED_STACK) or worker is not None or not config.getoption("numprocesses", None):
         return
     os.environ[SHARED_STACK] = tempfile.mkdtemp(prefix="cdl-test-stack-")
     config.stash[_OWNED] = Path(os.environ[SHARED_STACK])

@@ -71,7 +71,9 @@ def stack_up(
         def report(component: str, phase: str, detail: str) -> None:
             if component not in tasks:
                 tasks[component] = progress.add_task(f"{component}: {phase}", total=1)
-            colour = {"healthy": "green", "ready": "green", "failed": "red", "starting": "yellow"}.get(phase, "white")
+            colours = {"healthy": "green", "ready": "green", "failed": "red", "starting": "yellow"}
+            colours["retrying"] = "yellow"
+            colour = colours.get(phase, "white")
             done = phase in ("ready", "failed") or (phase == "healthy" and component not in ("kafka", "minio"))
             progress.update(
                 tasks[component], description=f"{component}: [{colour}]{phase}[/] {detail}", completed=1 if done else 0

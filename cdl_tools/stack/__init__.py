@@ -32,7 +32,7 @@ from cdl_tools.stack._components import (
     ensure_triton_install,
 )
 from cdl_tools.stack._probe import describe_live, read_supervisor_state
-from cdl_tools.stack._procs import ProcInfo, free_port, group_members, is_alive, spawn, stop
+from cdl_tools.stack._procs import ProcInfo, free_port, group_members, is_alive, port_taken, spawn, stop
 from cdl_tools.stack._tls import write_private
 
 __all__ = ["LocalStack", "ProgressFn", "ensure_triton_install", "service_env", "use_stack_identity"]
@@ -277,7 +277,11 @@ class LocalStack:
             tritons = [c for c in comps if isinstance(c, TritonComponent)]
             services = [c for c in comps if isinstance(c, ServiceComponent)]
             self._start(servers, running, state, progress)
+            if self.kafka_users:  # (its port may have been picked again while it started)
+                use_stack_identity({"kafka": kafka.describe(), "kafka_users": self.kafka_users})
             self._provision(state, progress)
+            for triton in tritons:  # (MinIO's port may have been picked again while it started)
+                triton.s3_endpoint = state["minio"]["endpoint"]
             self._start(tritons, running, state, progress)
             self._write_state(state)
             for comp in services:  # the services get the endpoints in their environment
@@ -291,18 +295,17 @@ class LocalStack:
     def _start(
         self, comps: Sequence[Component], running: set[str], state: dict[str, Any], progress: ProgressFn
     ) -> None:
+        log_from: dict[str, int] = {}  # where each one's log starts for this start
         for comp in comps:
             if comp.name in running:
                 progress(comp.name, "healthy", "already running")
                 continue
-            progress(comp.name, "starting", str(comp.log_path))
-            comp.prepare()
-            proc, info = spawn(comp.argv(), comp.log_path, env=comp.env(), cwd=comp.workdir)
-            self._children[comp.name] = proc
-            state["procs"][comp.name] = info.to_json()
-            self._write_state(state)
+            log_from[comp.name] = self._spawn(comp, state, progress)
         for comp in comps:
-            self._wait_healthy(comp, ProcInfo(**state["procs"][comp.name]), progress)
+            if comp.name in log_from:
+                self._until_healthy(comp, state, log_from[comp.name], progress)
+            else:
+                self._wait_healthy(comp, ProcInfo(**state["procs"][comp.name]), progress)
             desc = comp.describe()
             if isinstance(comp, TritonComponent):
                 state["triton"] = [t for t in state.get("triton", []) if t["grpc"] != desc["grpc"]] + [desc]
@@ -311,6 +314,51 @@ class LocalStack:
             else:
                 state[comp.name] = desc
             self._write_state(state)
+
+    #: how often a server is started again with fresh ports when one it was given was taken before
+    #: it bound it (``free_port`` picks a port free when asked; anything may bind it before the
+    #: server, tens of seconds later, does)
+    PORT_RETRIES = 2
+
+    def _spawn(self, comp: Component, state: dict[str, Any], progress: ProgressFn) -> int:
+        """Start ``comp``'s process and record it; returns where its log starts for this start."""
+        progress(comp.name, "starting", str(comp.log_path))
+        comp.prepare()
+        log_from = comp.log_path.stat().st_size if comp.log_path.exists() else 0
+        proc, info = spawn(comp.argv(), comp.log_path, env=comp.env(), cwd=comp.workdir)
+        self._children[comp.name] = proc
+        state["procs"][comp.name] = info.to_json()
+        self._write_state(state)
+        return log_from
+
+    def _until_healthy(self, comp: Component, state: dict[str, Any], log_from: int, progress: ProgressFn) -> None:
+        """Wait for ``comp``, just spawned, to be healthy; started again with fresh ports when it
+        exited because one it was given was taken (its log from ``log_from`` says so), at most
+        ``PORT_RETRIES`` times, and only with ports the settings leave to the stack."""
+        for retry in range(self.PORT_RETRIES + 1):
+            info = ProcInfo(**state["procs"][comp.name])
+            try:
+                self._wait_healthy(comp, info, progress)
+                return
+            except StackError:
+                repick = self._picked_ports(comp)
+                if retry == self.PORT_RETRIES or not repick or not port_taken(comp.log_path, log_from):
+                    raise
+            stop(info, self.settings.stop_timeout_s)  # (what it started may still hold the others)
+            for port in repick:
+                comp.ports[port] = free_port(self.settings.host)
+            progress(comp.name, "retrying", f"a port it was given was taken; now {comp.ports}")
+            log_from = self._spawn(comp, state, progress)
+
+    def _picked_ports(self, comp: Component) -> list[str]:
+        """The ports of ``comp`` the stack picked itself (the settings fix none of them)."""
+        s = self.settings
+        fixed = {
+            "kafka": {"broker"} if s.kafka_port else set(),
+            "minio": {"api"} if s.minio_port else set(),
+            "postgres": {"port"} if s.postgres_port else set(),
+        }.get(comp.name, set(comp.ports) if comp.name.startswith("triton-") and s.triton_base_port else set())
+        return [port for port in comp.ports if port not in fixed]
 
     def _wait_healthy(self, comp: Component, info: ProcInfo, progress: ProgressFn) -> None:
         deadline = time.monotonic() + self.settings.start_timeout_s

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcInfo", "free_port", "group_members", "is_alive", "spawn", "stop"]
+__all__ = ["ProcInfo", "free_port", "group_members", "is_alive", "port_pool", "port_taken", "spawn", "stop"]
 
 
 @dataclass(frozen=True)
@@ -36,25 +36,65 @@ def _ephemeral_ports() -> tuple[int, int]:
     return low, high
 
 
+def port_pool() -> range:
+    """Where :func:`free_port` picks: the stack's ``port_range`` when set, else 10000 to below the
+    kernel's ephemeral range (or above it, when it starts that low)."""
+    from cdl_tools.settings import StackSettings
+
+    configured = StackSettings().port_range
+    if configured:
+        first, _, last = configured.partition("-")
+        return range(int(first), int(last) + 1)
+    low, high = _ephemeral_ports()
+    return range(10000, low) if low > 11000 else range(high + 1, 65536)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free now for a server the stack starts, outside the kernel's ephemeral range: a
     port from inside it (what binding port 0 gives) can become the local end of some process's
     outgoing connection before the server binds it; it happened to a gateway's metrics port,
     held by a Kafka client's connection for as long as that lived."""
-    low, high = _ephemeral_ports()
-    pool = range(10000, low) if low > 11000 else range(high + 1, 65536)
-    for _ in range(100 if len(pool) >= 100 else 0):  # a range that small: any free port
-        port = random.choice(pool)
+    pool = port_pool()
+    for port in random.sample(pool, min(len(pool), 100)):
+        if port in _handed_out:  # free now, but handed to a server of ours that may not have bound it yet
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: any free port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded or tiny range: any free port
         s.bind((host, 0))
         found: int = s.getsockname()[1]
         return found
+
+
+#: the ports ``free_port`` handed out in this process: never handed twice (a stack picks all its
+#: ports before its first server starts; two picks of one port made the later server's bind fail)
+_handed_out: set[int] = set()
+
+#: what a server's log says when a port it was given was taken before it bound it
+_PORT_TAKEN = (
+    "already in use",  # Kafka (BindException), MinIO, PostgreSQL, Triton, Python's servers (errno 98)
+    "failed to bind",  # gRPC
+    "failed to start http service",  # Triton's three endpoints
+    "failed to start grpc service",
+    "failed to start metrics service",
+)
+
+
+def port_taken(log_path: Path, since: int = 0) -> bool:
+    """Whether the log at ``log_path``, from byte ``since``, says a port the server was given was
+    taken (another process bound it between ``free_port`` and the server's bind)."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(since)
+            text = log.read(1 << 20).decode(errors="replace").lower()
+    except OSError:
+        return False
+    return any(marker in text for marker in _PORT_TAKEN)
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -23,7 +23,7 @@ import pytest
 from cdl.errors import StackError
 from cdl_tools.settings import StackSettings
 from cdl_tools.stack import LocalStack
-from cdl_tools.stack._components import ServiceComponent
+from cdl_tools.stack._components import Component, ServiceComponent
 from cdl_tools.stack._probe import read_supervisor_state
 from cdl_tools.stack._procs import free_port, group_members, is_alive, spawn
 from cdl_tools.stack.supervise import Backoff
@@ -283,3 +283,75 @@ def test_a_free_port_is_found_when_the_ephemeral_range_is_the_whole_range(monkey
     port = free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_a_free_port_is_never_handed_out_twice_in_one_process() -> None:
+    """A stack picks all its ports before its first server binds one: two picks of one port made
+    the later server fail to bind (a Triton's HTTP port, once in a parallel CI run)."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+
+
+@dataclass
+class _Binder(Component):
+    """A toy server: binds its port (exits saying the address is in use when it cannot, as Kafka,
+    MinIO, PostgreSQL and Triton do), or exits with ``fail`` before binding anything."""
+
+    fail: str = ""
+
+    def argv(self) -> list[str]:
+        code = (
+            "import socket, sys, time\n"
+            f"if {self.fail!r}: sys.exit(print({self.fail!r}) or 3)\n"
+            "s = socket.socket()\n"
+            f"try: s.bind(('127.0.0.1', {self.ports['api']}))\n"
+            "except OSError as e: sys.exit(print('bind failed:', e, flush=True) or 1)\n"
+            "s.listen()\n"
+            "time.sleep(60)\n"
+        )
+        return [sys.executable, "-c", code]
+
+    def healthy(self) -> bool:
+        import socket
+
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.ports["api"]), timeout=1):
+            return True
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        return {"endpoint": f"127.0.0.1:{self.ports['api']}"}
+
+
+def test_a_server_whose_port_was_taken_before_it_bound_it_is_started_again_on_a_fresh_port(tmp_path: Path) -> None:
+    import socket
+
+    stack = LocalStack(StackSettings(state_dir=tmp_path, start_timeout_s=30, stop_timeout_s=2))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))  # (bound, not listening: it answers no health check)
+        taken = squatter.getsockname()[1]
+        comp = _Binder("toy", tmp_path / "toy", {"api": taken})
+        state: dict[str, Any] = {"procs": {}}
+        seen: list[tuple[str, str]] = []
+        try:
+            stack._start([comp], set(), state, lambda name, what, detail="": seen.append((what, detail)))
+            assert comp.ports["api"] != taken and state["toy"] == {"endpoint": f"127.0.0.1:{comp.ports['api']}"}
+            assert [what for what, _ in seen] == ["starting", "failed", "retrying", "starting", "healthy"]
+            assert comp.log_path.read_text().count("bind failed") == 1
+        finally:
+            stack.down()
+
+
+def test_a_server_that_exits_for_another_reason_is_not_started_again(tmp_path: Path) -> None:
+    stack = LocalStack(StackSettings(state_dir=tmp_path, start_timeout_s=30))
+    comp = _Binder("toy", tmp_path / "toy", {"api": free_port()}, fail="no such config")
+    with pytest.raises(StackError, match="exited during start"):
+        stack._start([comp], set(), {"procs": {}}, lambda *_: None)
+    assert comp.log_path.read_text().count("no such config") == 1
+
+
+def test_a_port_the_settings_fix_is_not_picked_again(tmp_path: Path) -> None:
+    """`minio_port` given: MinIO fails on it rather than moving elsewhere (clients were told it)."""
+    stack = LocalStack(StackSettings(state_dir=tmp_path, minio_port=19999, triton_base_port=20000))
+    assert stack._picked_ports(_Binder("minio", tmp_path, {"api": 19999, "console": 1})) == ["console"]
+    assert stack._picked_ports(_Binder("triton-1", tmp_path, {"grpc": 20003, "http": 20004})) == []
+    assert stack._picked_ports(_Binder("kafka", tmp_path, {"broker": 1, "controller": 2})) == ["broker", "controller"]
