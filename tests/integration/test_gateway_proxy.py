@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from tritonclient.utils import InferenceServerException
 
 from cdl.auth import ApiKeys, hash_key
 from cdl.store import ObjectStore
+from cdl_tools.stack._procs import free_port
 from services.gateway.dataplane.backends import SERVICE, TritonPool
 from services.gateway.dataplane.lane import NativeLane, install_lane
 from services.gateway.dataplane.rest import RestApi
@@ -250,12 +250,6 @@ async def main(port, target):
     await s.wait_for_termination()
 asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _proxy(port: int, target: str) -> subprocess.Popen[str]:
@@ -493,7 +487,7 @@ def test_a_server_that_appears_dies_and_comes_back_rejoins(
 ) -> None:
     """Pool: one real Triton and a port where a server (a proxy to the other Triton) appears,
     is killed -9 under load, and is started again. No request fails."""
-    port = _free_port()
+    port = free_port()
     table = RoutingTable()
     table.set(Route(model, 1))
     gw = Gateway([triton_grpcs[0], f"127.0.0.1:{port}"], table, health_interval_s=0.2, lane=data_plane == "native")
