@@ -5,7 +5,7 @@ starts; each service provisions what it uses, so it also starts against bare ser
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from cdl.events import Topics
 from cdl.kafka import ensure_topics
@@ -22,12 +22,14 @@ def provision(
     store: ObjectStore | None,
     topics: Mapping[str, int] | None = None,
     configs: Mapping[str, Mapping[str, str]] | None = None,
+    buckets: Sequence[str] = BUCKETS,
 ) -> list[str]:
-    """Create cdl's buckets in ``store`` (None: no object store) and ``topics`` (name ->
+    """Create ``buckets`` (cdl's) in ``store`` (None: no object store) and ``topics`` (name ->
     partitions; a topic of cdl's own takes its count from :attr:`Topics.PARTITIONS`) with their
-    ``configs``, where missing; returns the topics created (each logged)."""
+    ``configs``, where missing; returns the topics created (each logged). A service passes the
+    buckets it uses (``cdl.store_access.store_buckets``): its key may see no others."""
     if store is not None:
-        store.ensure_buckets(*BUCKETS)
+        store.ensure_buckets(*buckets)
     if not topics:
         return []
     partitions = {topic: Topics.PARTITIONS.get(topic, n) for topic, n in topics.items()}

@@ -56,8 +56,9 @@ KNOWN_DEFAULT_SECRETS = frozenset(
 
 
 def known_default(secret: str) -> bool:
-    """Whether ``secret`` is empty or one of :data:`KNOWN_DEFAULT_SECRETS`."""
-    return secret.strip() in KNOWN_DEFAULT_SECRETS
+    """Whether ``secret`` is empty, one of :data:`KNOWN_DEFAULT_SECRETS` or one of
+    deploy/laptop.env's (``laptop-only-…``)."""
+    return secret.strip() in KNOWN_DEFAULT_SECRETS or secret.strip().startswith("laptop-only-")
 
 
 def cdl_home() -> Path:

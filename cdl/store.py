@@ -14,7 +14,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from cdl.errors import CdlError, NotFoundError, UnavailableError
+from cdl.errors import CdlError, NotFoundError, PermissionDeniedError, UnavailableError
 from cdl.settings import ServiceSettings
 
 __all__ = ["BUCKETS", "UPLOADS_BUCKET", "BlobStore", "ObjectInfo", "ObjectStore", "parse_uri"]
@@ -112,6 +112,7 @@ class ObjectStore:
                     self._client.make_bucket(bucket)
             except S3Error as exc:
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    _refused(exc, f"s3://{bucket}")
                     raise
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
@@ -146,11 +147,14 @@ class ObjectStore:
         except S3Error as exc:  # the bucket's region is looked up once, on first use
             if exc.code == "NoSuchBucket":
                 raise NotFoundError("bucket not found", bucket=bucket) from exc
+            _refused(exc, f"s3://{bucket}/{key}")
             raise
         if resp.status != 200:
             body = resp.data.decode(errors="replace")
             if "<Code>NoSuchBucket</Code>" in body:
                 raise NotFoundError("bucket not found", bucket=bucket)
+            if "<Code>AccessDenied</Code>" in body:
+                raise PermissionDeniedError("the object store refused the write", uri=f"s3://{bucket}/{key}")
             error = CdlError if resp.status < 500 else UnavailableError
             uri = f"s3://{bucket}/{key}"
             raise error("object store refused the write", uri=uri, status=resp.status, body=body[:300])
@@ -164,6 +168,7 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
                 raise NotFoundError("object not found", uri=f"s3://{bucket}/{key}") from exc
+            _refused(exc, f"s3://{bucket}/{key}")
             raise
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
@@ -195,6 +200,7 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
                 return False
+            _refused(exc, f"s3://{bucket}/{key}")
             raise
         return True
 
@@ -207,6 +213,7 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code == "NoSuchBucket":
                 raise NotFoundError("bucket not found", bucket=bucket) from exc
+            _refused(exc, f"s3://{bucket}/{prefix}")
             raise
 
     def folders(self, bucket: str, prefix: str = "") -> builtins.list[str]:
@@ -220,7 +227,23 @@ class ObjectStore:
         except S3Error as exc:
             if exc.code == "NoSuchBucket":
                 raise NotFoundError("bucket not found", bucket=bucket) from exc
+            _refused(exc, f"s3://{bucket}/{prefix}")
             raise
 
     def delete(self, bucket: str, key: str) -> None:
-        self._client.remove_object(bucket, key)
+        try:
+            self._client.remove_object(bucket, key)
+        except S3Error as exc:
+            _refused(exc, f"s3://{bucket}/{key}")
+            raise
+
+
+def _refused(exc: S3Error, uri: str) -> None:
+    """Raise what an object store's refusal of a call means: this credential may not do it (its
+    policy, cdl.store_access); any other error is left to the caller."""
+    if exc.code == "AccessDenied":
+        raise PermissionDeniedError("the object store refused the call: this key may not", uri=uri) from exc
+    if exc.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        raise PermissionDeniedError(
+            "the object store refused this key (a wrong access or secret key)", uri=uri
+        ) from exc

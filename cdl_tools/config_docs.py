@@ -43,6 +43,7 @@ SETTINGS_CLASSES: tuple[str, ...] = (
     "services.compressor.settings.CompressorSettings",
     "services.gateway.settings.GatewaySettings",
     "services.monitor.settings.MonitorSettings",
+    "services.provision.settings.ProvisionSettings",
 )
 
 _HOME_RULE = "`$CDL_HOME`, else `$XDG_CACHE_HOME/cdl`, else `~/.cache/cdl`"

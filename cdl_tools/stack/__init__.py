@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cdl.errors import StackError, UnavailableError
+from cdl.store_access import STORE_GRANTS, store_user
 from cdl_tools.settings import StackSettings
 from cdl_tools.stack._components import (
     Component,
@@ -65,7 +66,8 @@ def use_stack_identity(state: dict[str, Any], user: str = "admin") -> None:
 def service_env(state: dict[str, Any]) -> dict[str, str]:
     """The environment that points a cdl service at the stack of ``state`` (its ``stack.json``):
     the generic connection variables every service reads (``cdl.settings.SHARED_FIELDS``), the
-    state directory, and the tuner's study storage when the stack has PostgreSQL."""
+    state directory, and the tuner's study storage when the stack has PostgreSQL; each service's
+    own object-store key (never the root's) and, on a secured broker, its own Kafka user."""
     env: dict[str, str] = {}
     if state.get("state_dir"):
         env["CDL_STATE_DIR"] = str(state["state_dir"])
@@ -73,8 +75,9 @@ def service_env(state: dict[str, Any]) -> dict[str, str]:
         env["CDL_KAFKA_BOOTSTRAP"] = str(state["kafka"]["bootstrap"])
     if "minio" in state:
         m = state["minio"]
-        env |= {"CDL_S3_ENDPOINT": m["endpoint"], "CDL_S3_ACCESS_KEY": m["access_key"]}
-        env["CDL_S3_SECRET_KEY"] = m["secret_key"]
+        env["CDL_S3_ENDPOINT"] = m["endpoint"]
+        if not state.get("minio_users"):  # (a stack from before its users: the root key for all)
+            env |= {"CDL_S3_ACCESS_KEY": m["access_key"], "CDL_S3_SECRET_KEY": m["secret_key"]}
     tritons = state.get("triton", [])
     if tritons:
         env["CDL_TRITON_GRPC"] = json.dumps([t["grpc"] for t in tritons])
@@ -82,6 +85,10 @@ def service_env(state: dict[str, Any]) -> dict[str, str]:
             env["CDL_TRITON_HTTP"] = json.dumps([t["http"] for t in tritons])
     if state.get("postgres", {}).get("url"):
         env["CDL_TUNER_STORAGE_URL"] = str(state["postgres"]["url"])
+    for name, secret in state.get("minio_users", {}).items():  # each service with its own key (cdl.store_access)
+        if name != "triton":
+            env[f"CDL_{name.upper()}_S3_ACCESS_KEY"] = store_user(name)
+            env[f"CDL_{name.upper()}_S3_SECRET_KEY"] = secret
     kafka = state.get("kafka", {})
     if kafka.get("security_protocol") == "SASL_SSL":  # each service as its own user (cdl.kafka.acls)
         env |= {"CDL_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "CDL_KAFKA_SSL_CA_FILE": kafka["ca_file"]}
@@ -151,10 +158,15 @@ class LocalStack:
         return self.state_dir / "keys" / "kafka" / f"{user}.password"
 
     def _components(
-        self, previous: dict[str, Any], keys: dict[str, str] | None = None, trusted_key: str = ""
+        self,
+        previous: dict[str, Any],
+        keys: dict[str, str] | None = None,
+        trusted_key: str = "",
+        triton_secret: str = "",
     ) -> list[Component]:
         """The stack's components; ``keys``: the stack's ``api_key``, ``admin_key`` and
-        ``ingest_key`` (each service gets the digest of its own)."""
+        ``ingest_key`` (each service gets the digest of its own); ``triton_secret``: the secret of
+        Triton's object-store user (empty: the root user's)."""
         keys = keys or {}
         s, d = self._kept(previous), self.state_dir
         admin_password = self.kafka_users.get("admin") or previous.get("kafka_users", {}).get("admin", "")
@@ -189,9 +201,9 @@ class LocalStack:
                 "http": base + 1 if base else free_port(s.host),
                 "metrics": base + 2 if base else free_port(s.host),
             }
-            comps.append(
-                TritonComponent(name, d / name, ports, settings=s, s3_endpoint=f"{s.host}:{minio_ports['api']}")
-            )
+            s3_user = (store_user("triton"), triton_secret) if triton_secret else ()
+            endpoint = f"{s.host}:{minio_ports['api']}"
+            comps.append(TritonComponent(name, d / name, ports, settings=s, s3_endpoint=endpoint, s3_user=s3_user))
         grpc_services = {"ingest", "gateway"}
         for name in s.services:
             ports = old_ports(name) or {"metrics": free_port(s.host)}
@@ -233,6 +245,9 @@ class LocalStack:
             or secrets.token_urlsafe(24)
         )
         pg_password = self.settings.postgres_password or previous.get("postgres_password") or secrets.token_urlsafe(24)
+        # an object-store key per service and Triton (cdl.store_access), each kept and reused
+        kept_users = previous.get("minio_users", {})
+        minio_users = {name: kept_users.get(name) or secrets.token_urlsafe(24) for name in STORE_GRANTS}
         # the broker's security is the stack's for its life (its storage holds the admin's credentials)
         kafka_security = previous.get("kafka_security") or self.settings.kafka_security
         self.settings = self.settings.model_copy(
@@ -255,13 +270,14 @@ class LocalStack:
             from cdl.signing import generate_signing_key
 
             trusted_key = generate_signing_key(self.signing_key_path)
-        comps = self._components(previous if running else {}, keys, trusted_key)
+        comps = self._components(previous if running else {}, keys, trusted_key, minio_users.get("triton", ""))
         self.reused = sorted(running)
         state: dict[str, Any] = {
             "state_dir": str(self.state_dir),
             **keys,
             "minio_secret_key": minio_secret,
             "postgres_password": pg_password,
+            "minio_users": minio_users,
             "kafka_security": kafka_security,
             **({"kafka_users": self.kafka_users} if self.kafka_users else {}),
             "ports": {c.name: c.ports for c in comps},
@@ -397,6 +413,7 @@ class LocalStack:
         from cdl.events import Topics
         from cdl.provision import provision
         from cdl.store import BUCKETS, ObjectStore
+        from cdl.store_access import apply_store_grants
 
         m = state["minio"]
         try:
@@ -418,8 +435,12 @@ class LocalStack:
             except UnavailableError as exc:
                 raise StackError(exc.message, **exc.context) from exc
             progress("kafka", "ready", f"SASL_SSL: {len(state['kafka_users'])} users, {acls} ACLs")
+        try:
+            users = apply_store_grants(m["endpoint"], m["access_key"], m["secret_key"], state.get("minio_users", {}))
+        except UnavailableError as exc:
+            raise StackError(exc.message, **exc.context) from exc
         progress("kafka", "ready", f"{len(Topics.PARTITIONS)} topics")
-        progress("minio", "ready", f"{len(BUCKETS)} buckets")
+        progress("minio", "ready", f"{len(BUCKETS)} buckets, {users} users")
 
     # ------------------------------------------------------------------ down
     def down(self, progress: ProgressFn = _noop, purge: bool = False) -> list[str]:

@@ -486,6 +486,8 @@ class TritonComponent(Component):
 
     settings: StackSettings = field(default_factory=StackSettings)
     s3_endpoint: str = ""
+    #: its object-store user, (access key, secret key); empty: the root user
+    s3_user: tuple[str, ...] = ()
 
     @property
     def repository(self) -> str:
@@ -524,8 +526,8 @@ class TritonComponent(Component):
         paths = [str(libs), libdir, env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = ":".join(p for p in paths if p)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-        env["AWS_ACCESS_KEY_ID"] = self.settings.minio_access_key
-        env["AWS_SECRET_ACCESS_KEY"] = self.settings.minio_secret_key
+        access, secret = self.s3_user or (self.settings.minio_access_key, self.settings.minio_secret_key)
+        env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = access, secret
         env["AWS_DEFAULT_REGION"] = "us-east-1"
         return env
 

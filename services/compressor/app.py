@@ -9,6 +9,7 @@ from cdl.registry import ModelRegistry
 from cdl.service import JobService
 from cdl.signing import Signer
 from cdl.store import ObjectStore
+from cdl.store_access import store_buckets
 from services.compressor.compressor import Compressor
 from services.compressor.settings import CompressorSettings
 
@@ -19,7 +20,7 @@ log = get_logger("cdl.compressor")
 
 def build(settings: CompressorSettings) -> JobService:
     store = ObjectStore.from_settings(settings)
-    provision(settings.kafka_bootstrap, store)
+    provision(settings.kafka_bootstrap, store, buckets=store_buckets("compressor"))
     signer = Signer.from_file(settings.signing_key_file) if settings.signing_key_file else None
     if signer is None:
         log.warning("Triton entries are not signed: a gateway with trusted keys refuses them (signing_key_file)")

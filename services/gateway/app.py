@@ -51,6 +51,7 @@ from cdl.provision import provision
 from cdl.rpc import add_health
 from cdl.signing import TrustedKeys
 from cdl.store import ObjectStore
+from cdl.store_access import store_buckets
 from cdl.v1 import admin_pb2_grpc, events_pb2
 from services.gateway.dataplane import lane as lane_module
 from services.gateway.dataplane.backends import TritonPool
@@ -348,7 +349,7 @@ class GatewayApp:
         topics = dict(Topics.PARTITIONS)
         for topic in (s.compressed_topic, s.health_topic, s.deployed_topic, s.logged_topic, s.deadletter_topic):
             topics.setdefault(topic, 1)
-        provision(s.kafka_bootstrap, self.store, topics)
+        provision(s.kafka_bootstrap, self.store, topics, buckets=store_buckets("gateway"))
 
     def _stop(self) -> None:
         self._stopping.set()

@@ -18,6 +18,7 @@ from cdl.observability import HttpEndpoint, serve_http
 from cdl.provision import provision
 from cdl.rpc import ErrorInterceptor, add_health
 from cdl.store import ObjectStore
+from cdl.store_access import store_buckets
 from cdl.v1 import ingest_pb2_grpc
 from services.ingest.grpc_api import IngestServicer
 from services.ingest.processor import STATE_KEY, IngestProcessor
@@ -70,7 +71,7 @@ class IngestApp:
             topics.setdefault(topic, 3 if topic == s.raw_topic else 1)
         topics[s.state_topic] = 1
         compacted = {s.state_topic: {"cleanup.policy": "compact", "segment.ms": "600000"}}
-        provision(s.kafka_bootstrap, self.store, topics, compacted)
+        provision(s.kafka_bootstrap, self.store, topics, compacted, buckets=store_buckets("ingest"))
 
     def _restore(self) -> None:
         """The processor's state as the last committed transaction left it.

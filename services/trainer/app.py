@@ -8,6 +8,7 @@ from cdl.provision import provision
 from cdl.registry import ModelRegistry
 from cdl.service import JobService
 from cdl.store import ObjectStore
+from cdl.store_access import store_buckets
 from cdl.v1 import events_pb2
 from services.trainer.settings import TrainerSettings
 from services.trainer.trainer import Trainer
@@ -24,7 +25,7 @@ def coalesce_key(event: Event) -> str:
 
 def build(settings: TrainerSettings) -> JobService:
     store = ObjectStore.from_settings(settings)
-    provision(settings.kafka_bootstrap, store)
+    provision(settings.kafka_bootstrap, store, buckets=store_buckets("trainer"))
     trainer = Trainer(settings, store, ModelRegistry(store), source_name("trainer"))
     return JobService(
         "trainer",

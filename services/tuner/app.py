@@ -8,6 +8,7 @@ from cdl.provision import provision
 from cdl.registry import ModelRegistry
 from cdl.service import JobService
 from cdl.store import ObjectStore
+from cdl.store_access import store_buckets
 from cdl.v1 import events_pb2
 from services.tuner.settings import TunerSettings
 from services.tuner.study import sweep_study_folders
@@ -29,7 +30,7 @@ def coalesce_key(event: Event) -> str:
 
 def build(settings: TunerSettings) -> JobService:
     store = ObjectStore.from_settings(settings)
-    provision(settings.kafka_bootstrap, store)
+    provision(settings.kafka_bootstrap, store, buckets=store_buckets("tuner"))
     sweep_study_folders()  # a tuner killed mid-study (-9) left its split on disk
     tuner = Tuner(settings, store, ModelRegistry(store), source_name("tuner"))
     return JobService(

@@ -46,6 +46,10 @@ def test_a_service_killed_9_is_restarted_by_its_supervisor_and_down_stops_everyt
         environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in kv)
         assert environ["CDL_KAFKA_BOOTSTRAP"] == state["kafka"]["bootstrap"]
         assert environ["CDL_S3_ENDPOINT"] == state["minio"]["endpoint"]
+        # its own object-store key (cdl.store_access), never the store's root
+        assert environ["CDL_COMPRESSOR_S3_ACCESS_KEY"] == "cdl-compressor"
+        assert environ["CDL_COMPRESSOR_S3_SECRET_KEY"] == state["minio_users"]["compressor"]
+        assert state["minio"]["secret_key"] not in environ.values()
         exports = run_cdl("stack", "env", state_dir=state_dir)
         assert exports.returncode == 0, exports.stderr
         assert f"export CDL_KAFKA_BOOTSTRAP={state['kafka']['bootstrap']}" in exports.stdout.splitlines()

@@ -25,6 +25,7 @@ from packaging.requirements import Requirement
 
 from cdl.settings import EX_CONFIG, SHARED_FIELDS, SHARED_SWITCHES, ServiceSettings, known_default
 from cdl.signing import generate_signing_key
+from cdl.store_access import STORE_GRANTS, store_user
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -89,8 +90,8 @@ def _settings_class(name: str) -> type[ServiceSettings]:
     return cls
 
 
-def test_the_compose_file_has_the_servers_and_the_six_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"kafka", "minio", "postgres", "triton", *SERVICES}
+def test_the_compose_file_has_the_servers_the_six_services_and_the_provisioning_job(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"kafka", "minio", "postgres", "triton", "provision", *SERVICES}
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -124,20 +125,68 @@ def test_every_variable_is_a_setting_and_every_value_parses(
         assert "ports" not in compose["services"][name]
 
 
+#: the object-store users' secrets compose asks for (cdl.store_access.STORE_GRANTS)
+STORE_SECRETS = {f"CDL_S3_{name.upper()}_SECRET" for name in STORE_GRANTS}
+
+
 def test_compose_has_no_default_secret_and_refuses_to_start_without_one(compose: dict[str, Any]) -> None:
     text = (DEPLOY / "compose.yml").read_text()
-    needing = {"CDL_S3_SECRET_KEY", "CDL_PG_PASSWORD"}
+    needing = {"CDL_S3_SECRET_KEY", "CDL_PG_PASSWORD", *STORE_SECRETS}
     for var in needing:
         assert f"${{{var}:-" not in text, f"{var} has a default"
     without = {k: v for k, v in LAPTOP.items() if k not in needing}
     users = [n for n, svc in compose["services"].items() if any(v in str(svc.get("environment")) for v in needing)]
-    assert {"minio", "postgres", "triton", *SERVICES} <= set(users)
+    assert {"minio", "postgres", "triton", "provision", *SERVICES} <= set(users)
     for name in users:
         with pytest.raises(RefusedError, match=r"docs/security\.md"):
             _env(compose["services"][name], without)
     # the laptop's secrets are published ones: only the insecure switch lets a service take them
-    assert known_default(LAPTOP["CDL_S3_SECRET_KEY"]) and known_default(LAPTOP["CDL_PG_PASSWORD"])
+    assert all(known_default(LAPTOP[var]) for var in needing)
     assert LAPTOP["CDL_INSECURE"] == "true"
+
+
+def test_only_minio_and_the_provisioning_job_hold_the_stores_root_key(compose: dict[str, Any]) -> None:
+    """Each service and Triton use their own object-store user, made by the provisioning job
+    with its policy (cdl.store_access); the job is given each user's secret."""
+    svcs = compose["services"]
+    holders = [n for n, svc in svcs.items() if "CDL_S3_SECRET_KEY" in str(svc.get("environment"))]
+    assert sorted(holders) == ["minio", "provision"]
+    job = _env(svcs["provision"])
+    for name in SERVICES:
+        env = _env(svcs[name])
+        prefix = f"CDL_{name.upper()}_"
+        assert env[prefix + "S3_ACCESS_KEY"] == store_user(name), name
+        assert env[prefix + "S3_SECRET_KEY"] == job[f"CDL_PROVISION_{name.upper()}_S3_SECRET"], name
+        assert "CDL_S3_ACCESS_KEY" not in env and "CDL_S3_SECRET_KEY" not in env, name
+    triton = _env(svcs["triton"])
+    assert triton["AWS_ACCESS_KEY_ID"] == store_user("triton")
+    assert triton["AWS_SECRET_ACCESS_KEY"] == job["CDL_PROVISION_TRITON_S3_SECRET"]
+
+
+def test_the_provisioning_job_runs_once_before_the_services_with_its_own_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from services.provision.settings import ProvisionSettings
+
+    svcs = compose["services"]
+    job = svcs["provision"]
+    assert job["entrypoint"] == ["python", "-m", "services.provision"] and job["restart"] == "on-failure"
+    assert (ROOT / "services" / "provision" / "__main__.py").exists()
+    env = _env(job)
+    shared = {f"CDL_{f.upper()}" for f in SHARED_FIELDS + SHARED_SWITCHES}
+    own = {f"CDL_PROVISION_{f.upper()}" for f in ProvisionSettings.model_fields}
+    assert sorted(k for k in env if k not in shared | own) == []
+    for k in [k for k in os.environ if k.startswith("CDL_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CDL_STATE_DIR", str(tmp_path))
+    settings = ProvisionSettings()
+    assert set(settings.user_secrets()) == set(STORE_GRANTS)
+    assert settings.insecure and settings.security_problems()  # the laptop's published secrets
+    for name in [*SERVICES, "triton"]:
+        deps = svcs[name]["depends_on"]
+        assert deps["provision"]["condition"] == "service_completed_successfully", name
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -175,6 +224,7 @@ def test_each_service_refuses_the_laptop_setup_without_the_insecure_switch_and_t
     digest = [hashlib.sha256(secrets.token_bytes(16)).hexdigest()]
     real = {
         "CDL_S3_SECRET_KEY": secrets.token_urlsafe(24),
+        **{var: secrets.token_urlsafe(24) for var in STORE_SECRETS},
         "CDL_PG_PASSWORD": secrets.token_urlsafe(24),
         "CDL_API_KEY_HASHES": json.dumps(digest),
         "CDL_ADMIN_KEY_HASHES": json.dumps(digest[::-1]),
@@ -204,12 +254,9 @@ def test_connections_point_at_the_servers_as_they_are_configured(compose: dict[s
     triton = svcs["triton"]
     assert "--model-repository=s3://minio:9000/cdl-triton" in triton["command"]
     assert "--model-control-mode=explicit" in triton["command"]  # the gateway loads and unloads
-    assert _env(triton)["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
-    assert _env(triton)["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
-    for name in SERVICES:
-        env = _env(svcs[name])
-        assert env["CDL_S3_ACCESS_KEY"] == minio["MINIO_ROOT_USER"], name
-        assert env["CDL_S3_SECRET_KEY"] == minio["MINIO_ROOT_PASSWORD"], name
+    job = _env(svcs["provision"])  # the job makes the users as the store's root
+    assert job["CDL_S3_ACCESS_KEY"] == minio["MINIO_ROOT_USER"]
+    assert job["CDL_S3_SECRET_KEY"] == minio["MINIO_ROOT_PASSWORD"]
     assert json.loads(_env(svcs["gateway"])["CDL_GATEWAY_TRITON_GRPC"]) == ["triton:8001"]
     assert _env(svcs["compressor"])["CDL_COMPRESSOR_TRITON_BACKEND"] == "onnxruntime"
     pg = _env(svcs["postgres"])
@@ -235,7 +282,8 @@ def test_each_service_waits_for_what_it_uses(compose: dict[str, Any]) -> None:
     for name in SERVICES:
         deps = needs(name)
         assert deps.get("kafka") == deps.get("minio") == "service_healthy", name
-        if name != "ingest":  # ingest creates the topics and buckets
+        assert deps.get("provision") == "service_completed_successfully", name  # topics, buckets, users
+        if name != "ingest":
             assert deps.get("ingest") == "service_healthy", name
     assert needs("tuner").get("postgres") == "service_healthy"
     assert needs("gateway").get("triton") == "service_healthy"

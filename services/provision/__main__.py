@@ -1,0 +1,3 @@
+from services.provision.app import main
+
+main()
