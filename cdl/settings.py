@@ -90,11 +90,12 @@ SHARED_FIELDS = (
     "s3_endpoint",
     "s3_access_key",
     "s3_secret_key",
+    "s3_ca_file",
     "triton_grpc",
     "triton_http",
 )
 #: switches every service also reads from the generic ``CDL_<FIELD>`` variable
-SHARED_SWITCHES = ("insecure",)
+SHARED_SWITCHES = ("insecure", "s3_secure")
 
 
 class ServiceSettings(BaseSettings):
@@ -134,6 +135,9 @@ class ServiceSettings(BaseSettings):
     """Object store secret key."""
     s3_secure: bool = False
     """Use TLS towards the object store."""
+    s3_ca_file: str = ""
+    """PEM of the CA that signed the object store's certificate (with ``s3_secure``); empty:
+    the system's CAs."""
     api_key_hashes: list[str] = []
     """SHA-256 hex digests of the API keys this service's gRPC API accepts (``authorization:
     Bearer <key>``); empty: no key needed. The local stack generates one key for all."""

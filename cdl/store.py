@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,7 +15,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from cdl.errors import CdlError, NotFoundError, PermissionDeniedError, UnavailableError
+from cdl.errors import CdlError, ConfigError, NotFoundError, PermissionDeniedError, UnavailableError
 from cdl.settings import ServiceSettings
 
 __all__ = ["BUCKETS", "UPLOADS_BUCKET", "BlobStore", "ObjectInfo", "ObjectStore", "parse_uri"]
@@ -87,11 +88,15 @@ class BlobStore(Protocol):
 class ObjectStore:
     """Bytes and JSON in buckets; errors mapped onto cdl's hierarchy."""
 
-    def __init__(self, endpoint: str, access_key: str, secret_key: str, secure: bool = False) -> None:
+    def __init__(
+        self, endpoint: str, access_key: str, secret_key: str, secure: bool = False, ca_file: str = ""
+    ) -> None:
+        """``secure``: TLS, verified against ``ca_file`` (PEM; empty: the system's CAs)."""
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5.0, read=60.0),
             maxsize=16,
             retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+            ca_certs=ca_file if secure and ca_file else None,
         )
         self._client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, http_client=http)
         self._http = http
@@ -99,7 +104,8 @@ class ObjectStore:
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> ObjectStore:
-        return cls(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_secure)
+        s = settings
+        return cls(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_secure, s.s3_ca_file)
 
     @property
     def client(self) -> Minio:
@@ -115,7 +121,7 @@ class ObjectStore:
                     _refused(exc, f"s3://{bucket}")
                     raise
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
+                raise _unreachable(exc, self.endpoint) from exc
 
     def put_bytes(
         self,
@@ -143,7 +149,7 @@ class ObjectStore:
             headers = {"Content-Type": content_type, "Content-Length": str(size)}
             resp = self._http.request("PUT", url, body=parts, headers=headers)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
+            raise _unreachable(exc, self.endpoint) from exc
         except S3Error as exc:  # the bucket's region is looked up once, on first use
             if exc.code == "NoSuchBucket":
                 raise NotFoundError("bucket not found", bucket=bucket) from exc
@@ -171,7 +177,7 @@ class ObjectStore:
             _refused(exc, f"s3://{bucket}/{key}")
             raise
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise UnavailableError("object store unreachable", endpoint=self.endpoint) from exc
+            raise _unreachable(exc, self.endpoint) from exc
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
         with self._reading(bucket, key):
@@ -236,6 +242,15 @@ class ObjectStore:
         except S3Error as exc:
             _refused(exc, f"s3://{bucket}/{key}")
             raise
+
+
+def _unreachable(exc: Exception, endpoint: str) -> CdlError:
+    """What a failed connection to the object store means: a certificate this client does not
+    trust is a configuration to fix (``s3_ca_file``), not a server to wait for."""
+    reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+    if isinstance(reason, urllib3.exceptions.SSLError | ssl.SSLError):
+        return ConfigError("the object store's TLS certificate is not trusted (s3_ca_file)", endpoint=endpoint)
+    return UnavailableError("object store unreachable", endpoint=endpoint)
 
 
 def _refused(exc: S3Error, uri: str) -> None:

@@ -114,7 +114,7 @@ def policy(grant: StoreGrant) -> dict[str, Any]:
 
 
 def apply_store_grants(
-    endpoint: str, access_key: str, secret_key: str, secrets: Mapping[str, str], secure: bool = False
+    endpoint: str, access_key: str, secret_key: str, secrets: Mapping[str, str], secure: bool = False, ca_file: str = ""
 ) -> int:
     """Make (or update) a user per entry of ``secrets`` (name -> its secret key), each with the
     policy of its :data:`STORE_GRANTS` entry, as the store's root user; idempotent. Returns how
@@ -127,7 +127,11 @@ def apply_store_grants(
     unknown = sorted(set(secrets) - set(STORE_GRANTS))
     if unknown:
         raise ConfigError("no object-store grant for these users", users=unknown)
-    admin = MinioAdmin(endpoint=endpoint, credentials=StaticProvider(access_key, secret_key), secure=secure)
+    ca_certs = ca_file if secure and ca_file else None
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5.0, read=30.0), ca_certs=ca_certs)
+    admin = MinioAdmin(
+        endpoint=endpoint, credentials=StaticProvider(access_key, secret_key), secure=secure, http_client=http
+    )
     try:
         for name, secret in sorted(secrets.items()):
             user = store_user(name)

@@ -23,7 +23,7 @@ import pytest
 from cdl.errors import CdlError
 from cdl.store import ObjectStore
 from cdl_tools.settings import StackSettings
-from cdl_tools.stack import LocalStack, service_env
+from cdl_tools.stack import LocalStack, service_env, use_stack_identity
 from cdl_tools.stack._procs import port_pool
 from tests.helpers import IN_CI
 
@@ -77,8 +77,15 @@ def stop_shared_stack(shared: Path) -> None:
     shutil.rmtree(shared, ignore_errors=True)
 
 
+#: the shared stack's broker: SASL_SSL with a user per service and ACLs, as a secured
+#: deployment runs (docs/security.md), unless this variable says ``plaintext``
+TEST_KAFKA_SECURITY = "CDL_TEST_KAFKA_SECURITY"
+
+
 def _stack_settings(state_dir: Path) -> StackSettings:
-    return StackSettings(state_dir=state_dir, triton_servers=2, services=[])
+    security = os.environ.get(TEST_KAFKA_SECURITY, "sasl_ssl")
+    assert security in ("sasl_ssl", "plaintext"), f"{TEST_KAFKA_SECURITY}={security}: sasl_ssl or plaintext"
+    return StackSettings(state_dir=state_dir, triton_servers=2, services=[], kafka_security=security)
 
 
 def start_stack(local: LocalStack) -> dict[str, Any]:
@@ -113,13 +120,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     shared = os.environ.get(SHARED_STACK)
     local = None if shared else LocalStack(_stack_settings(tmp_path_factory.mktemp("stack")))
     state = start_stack(local) if local is not None else _shared(Path(str(shared)))
-    # what the stack gives its services: the services and settings the tests start read it
-    os.environ.update(service_env(state))
+    # what the stack gives its services: the services and settings the tests start read it,
+    # but its Kafka identities (which a process that starts another stack's services would pass
+    # on): this process (the tests' producers and readers) is the stack's operator, its admin,
+    # towards this broker only; a process the tests start gets kafka_env(state)
+    os.environ.update({k: v for k, v in service_env(state).items() if k not in kafka_env(state)})
+    use_stack_identity(state)
     try:
         yield state
     finally:
         if local is not None:
             local.down(purge=True)
+
+
+def admin_env(stack: dict[str, Any], prefix: str = "CDL_") -> dict[str, str]:
+    """The variables that make a cdl process (a service: ``prefix`` ``CDL_<SERVICE>_``) the
+    stack's Kafka admin on a secured broker; nothing on a plaintext one. The tests' services and
+    workers use the tests' own topics (``test.*``), which no service's grant names; least
+    privilege itself is tested in tests/integration/secure/ and by the demo's e2e test."""
+    if not stack.get("kafka_users"):
+        return {}
+    password = Path(stack["state_dir"]) / "keys" / "kafka" / "admin.password"
+    return {prefix + "KAFKA_SASL_USERNAME": "admin", prefix + "KAFKA_SASL_PASSWORD_FILE": str(password)}
+
+
+def kafka_env(stack: dict[str, Any]) -> dict[str, str]:
+    """The variables that make a cdl process the stack's Kafka admin (nothing on a plaintext
+    broker): what a worker the tests start needs besides the endpoints."""
+    secured = {k: v for k, v in service_env(stack).items() if "_KAFKA_S" in k}
+    return {k: v for k, v in secured.items() if not k.endswith(("_SASL_USERNAME", "_SASL_PASSWORD_FILE"))} | (
+        admin_env(stack)
+    )
 
 
 def bootstrap_of(stack: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from cdl.kafka.security import secured
 from cdl_tools.settings import StackSettings
 from cdl_tools.stack import LocalStack
 from cdl_tools.stack._procs import ProcInfo, is_alive
@@ -53,8 +54,6 @@ def read_topic(
     """Read a topic from the start until ``expected`` records arrived (or time ran out), then on
     to the end of every partition as it is then (its high watermark; for ``read_committed`` its
     last stable offset): records beyond ``expected`` that were written by then are read too."""
-    from cdl.kafka.security import secured
-
     consumer = Consumer(  # as this process's identity towards the stack (a secured one's admin)
         secured(
             {
@@ -102,7 +101,7 @@ def read_topic(
 def committed_offsets(bootstrap: str, group: str, topic: str) -> int:
     """How many of ``topic``'s records consumer group ``group`` has committed past, over all
     partitions (asked of the group's coordinator; the group is not joined)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    consumer = Consumer(secured({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}))
     try:
         partitions = _partitions(consumer, topic)
         done = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
@@ -114,7 +113,7 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> int:
 def end_offsets(bootstrap: str, topic: str) -> int:
     """The sum of ``topic``'s high watermarks: how many offsets it holds (records, and the
     transaction markers of transactional producers)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-ends-{uuid.uuid4().hex}"})
+    consumer = Consumer(secured({"bootstrap.servers": bootstrap, "group.id": f"test-ends-{uuid.uuid4().hex}"}))
     try:
         partitions = _partitions(consumer, topic)
         return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions)

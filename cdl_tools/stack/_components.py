@@ -7,7 +7,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import ssl
 import sys
 import sysconfig
 import urllib.error
@@ -60,9 +62,9 @@ class Component:
         return self.workdir / f"{self.name}.log"
 
 
-def _http_ok(url: str, timeout: float = 1.0) -> bool:
+def _http_ok(url: str, timeout: float = 1.0, context: ssl.SSLContext | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return 200 <= int(resp.status) < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -266,6 +268,9 @@ class KafkaComponent(Component):
 @dataclass
 class MinioComponent(Component):
     settings: StackSettings = field(default_factory=StackSettings)
+    #: the stack's CA and server certificates (cdl_tools.stack._tls): MinIO serves TLS with a
+    #: certificate of that CA; None: plain HTTP
+    tls_dir: Path | None = None
 
     @property
     def binary(self) -> Path:
@@ -275,10 +280,24 @@ class MinioComponent(Component):
     def endpoint(self) -> str:
         return f"{self.settings.host}:{self.ports['api']}"
 
+    @property
+    def certs_dir(self) -> Path:
+        return self.workdir / "certs"
+
     def prepare(self) -> None:
         if not self.binary.exists():
             raise ConfigError("MinIO binary is missing; run scripts/setup.sh", path=str(self.binary))
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        if self.tls_dir is not None:  # MinIO reads a key and a certificate chain from --certs-dir
+            from cdl_tools.stack._tls import ensure_server_cert, write_private
+
+            pem = ensure_server_cert(self.tls_dir, "minio", sorted({self.settings.host, "localhost", "127.0.0.1"}))
+            blocks = list(re.finditer(r"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\n?", pem.read_text(), re.S))
+            key = "".join(b.group(0) for b in blocks if b.group(1).endswith("PRIVATE KEY"))
+            write_private(self.certs_dir / "private.key", key.encode())
+            (self.certs_dir / "public.crt").write_text(
+                "".join(b.group(0) for b in blocks if b.group(1) == "CERTIFICATE")
+            )
 
     def argv(self) -> list[str]:
         return [
@@ -289,6 +308,7 @@ class MinioComponent(Component):
             self.endpoint,
             "--console-address",
             f"{self.settings.host}:{self.ports['console']}",
+            *(["--certs-dir", str(self.certs_dir)] if self.tls_dir is not None else []),
             "--quiet",
             # no MD5 of every uploaded body for its ETag (a random one instead, as MinIO does
             # for encrypted objects): cdl never reads ETags as checksums, and ingest's shards
@@ -309,13 +329,17 @@ class MinioComponent(Component):
         return env
 
     def healthy(self) -> bool:
-        return _http_ok(f"http://{self.endpoint}/minio/health/live")
+        if self.tls_dir is None:
+            return _http_ok(f"http://{self.endpoint}/minio/health/live")
+        ca = ssl.create_default_context(cafile=str(self.tls_dir / "ca.pem"))
+        return _http_ok(f"https://{self.endpoint}/minio/health/live", context=ca)
 
     def describe(self) -> dict[str, Any]:
         return {
             "endpoint": self.endpoint,
             "access_key": self.settings.minio_access_key,
             "secret_key": self.settings.minio_secret_key,
+            **({"secure": True, "ca_file": str(self.tls_dir / "ca.pem")} if self.tls_dir is not None else {}),
         }
 
 

@@ -35,9 +35,7 @@ class IngestApp:
         self.settings = settings
         self.source = source_name("ingest")
         tracing.setup("ingest", settings)
-        self.store = ObjectStore(
-            settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_secure
-        )
+        self.store = ObjectStore.from_settings(settings)
         self.registry = DatasetRegistry(
             self.store, unknown_ttl_s=settings.unknown_dataset_ttl_s, max_label_bytes=settings.max_label_bytes
         )

@@ -104,7 +104,7 @@ class Monitor:
         self.settings = s = settings
         self.source = source_name("monitor")
         tracing.setup("monitor", settings)
-        self.store = ObjectStore(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, secure=s.s3_secure)
+        self.store = ObjectStore.from_settings(s)
         self.catalog = VersionCatalog(
             ModelRegistry(self.store), window=s.drift_window, alpha=s.drift_alpha, draws=s.drift_draws, seed=s.seed
         )

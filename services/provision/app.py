@@ -21,14 +21,9 @@ def run(settings: ProvisionSettings) -> int:
     """Create cdl's topics and buckets where missing, and the object-store users with their
     policies (idempotent: a rerun changes nothing, a changed secret replaces the old one)."""
     store = ObjectStore.from_settings(settings)
-    created = provision(settings.kafka_bootstrap, store, Topics.PARTITIONS)
-    users = apply_store_grants(
-        settings.s3_endpoint,
-        settings.s3_access_key,
-        settings.s3_secret_key,
-        settings.user_secrets(),
-        settings.s3_secure,
-    )
+    created = provision(settings.kafka_bootstrap, store, Topics.PARTITIONS if settings.kafka_bootstrap else None)
+    s, secrets = settings, settings.user_secrets()
+    users = apply_store_grants(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, secrets, s.s3_secure, s.s3_ca_file)
     log.info("provisioned", topics_created=len(created), store_users=users)
     return users
 

@@ -278,6 +278,8 @@ def _objective(plan: StudyPlan, split: TrainSplit) -> Callable[[optuna.Trial], A
             if plan.multi:
                 return not should_stop(curve, finished, plan.prune_min_epochs, plan.prune_margin)
             trial.report(acc, m.epoch)
+            if m.epoch >= plan.max_epochs:  # trained to the end: complete, whatever a rung would say
+                return True  # (a trial pruned there saved nothing, and its result was thrown away)
             return not trial.should_prune()
 
         fitted = fit(

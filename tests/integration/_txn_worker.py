@@ -22,8 +22,10 @@ from cdl.dedupe import SqliteProcessedStore
 from cdl.events import Event, OutRecord
 from cdl.failure import FailurePolicy
 from cdl.kafka import JobLoop, RecordContext
+from cdl.kafka.security import use
 from cdl.logging import configure_logging
 from cdl.observability import serve_http
+from cdl.settings import ServiceSettings
 from cdl.v1 import events_pb2
 
 POLICY = FailurePolicy(backoff_s=0.2, max_backoff_s=2, transaction_retry_s=10, call_grace_s=5, progress_deadline_s=60)
@@ -42,6 +44,7 @@ class PausingJobLoop(JobLoop):
 
 
 def main() -> None:
+    use(ServiceSettings().kafka_security())  # the identity its environment gives (a secured stack's)
     bootstrap, group, src, out, db, port, pause, go = sys.argv[1:9]
     configure_logging("txn-worker", "INFO")
 

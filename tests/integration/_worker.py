@@ -16,10 +16,13 @@ from pathlib import Path
 from cdl.dedupe import SqliteProcessedStore
 from cdl.events import Event, OutRecord
 from cdl.kafka import JobLoop, RecordContext
+from cdl.kafka.security import use
+from cdl.settings import ServiceSettings
 from cdl.v1 import events_pb2
 
 
 def main() -> None:
+    use(ServiceSettings().kafka_security())  # the identity its environment gives (a secured stack's)
     bootstrap, group, src, out, db, calls, mode = sys.argv[1:8]
     last = [time.monotonic()]
 

@@ -21,6 +21,7 @@ import pytest
 from cdl.kafka import ensure_topics
 from cdl_tools.stack import service_env
 from cdl_tools.stack._procs import free_port
+from tests.conftest import admin_env
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -141,8 +142,13 @@ def state_json(path: Path) -> dict[str, Any]:
 class ServiceFactory:
     """Starts instances of one service with the test's topics; stops them all at the end."""
 
-    def __init__(self, name: str, stack: dict[str, Any], tmp_path: Path, settings: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, stack: dict[str, Any], tmp_path: Path, settings: dict[str, str], as_admin: bool = True
+    ) -> None:
+        """``as_admin``: on a secured broker, the stack's admin (the tests' own topics, which no
+        grant names: tests.conftest.admin_env); False: the service's own user."""
         self.name = name
+        self.as_admin = as_admin
         self.stack = stack
         self.tmp_path = tmp_path
         self.settings = settings
@@ -156,6 +162,8 @@ class ServiceFactory:
         # most tests start a service without API keys or a signing key (the local stack's
         # services, the e2e tests' and test_security's run secure): allowed, with a warning each
         env.setdefault("CDL_INSECURE", "true")
+        if self.as_admin:
+            env.update(admin_env(self.stack, prefix))
         env.update({prefix + k.upper(): v for k, v in {**self.settings, **overrides}.items()})
         svc = ServiceProcess(self.name, env, self.tmp_path / f"{self.name}-{len(self.started)}.log")
         self.started.append(svc)

@@ -16,6 +16,7 @@ from confluent_kafka import Producer as KProducer
 from cdl.datasets import DATASETS_BUCKET, DatasetSpec, Task, load_version
 from cdl.events import InBatch, decode
 from cdl.kafka import read_latest
+from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from services.ingest.compaction import CompactionPolicy, sweep
 from services.ingest.processor import STATE_KEY, IngestProcessor
@@ -39,7 +40,13 @@ class _Versions:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self._consumer = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}", "isolation.level": "read_committed"}
+            secured(
+                {
+                    "bootstrap.servers": bootstrap,
+                    "group.id": f"t-{uuid.uuid4().hex}",
+                    "isolation.level": "read_committed",
+                }
+            )
         )
         self._consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         self.latest = 0
@@ -63,7 +70,7 @@ def test_a_trickle_of_versions_keeps_the_snapshot_small_and_compaction_keeps_eve
     svc = ingest_factory(flush_interval_s="0.2").start()
     name = f"trickle-{uuid.uuid4().hex[:6]}"
     _register(svc, name, min_new_records=6)
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0}))
     versions = _Versions(kafka_bootstrap, ingest_topics["updated"])
     sent: Content = {}
     seen: dict[int, Content] = {}
@@ -171,7 +178,7 @@ def test_pending_shards_of_a_distant_count_policy_keep_the_snapshot_under_its_ca
     svc = ingest_factory(flush_interval_s="0.2", state_max_bytes=str(cap), compact_min_shards="0").start()
     name = f"distant-{uuid.uuid4().hex[:6]}"
     _register(svc, name, min_new_records=1_000_000)
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0}))
     sent: Content = {}
     sizes: list[int] = []
     n = 0

@@ -20,6 +20,7 @@ from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
 from cdl.events import decode
+from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 from cdl_tools.demo import digits_spec
@@ -74,7 +75,7 @@ def test_the_example_family_trains_compresses_serves_and_rolls_out_as_a_canary(
     name = f"resnet-{uuid.uuid4().hex[:6]}"
     with svc.channel() as ch:
         register_digits(ch, name, min_new_records=700, family="resnet18")
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap}))
 
     def wave(lo: int, hi: int) -> None:
         for i in range(lo, hi):

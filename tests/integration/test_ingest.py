@@ -17,6 +17,7 @@ from confluent_kafka import Producer as KProducer
 from cdl.datasets import DATASETS_BUCKET, decode_shard, holdout_member, load_version
 from cdl.events import decode
 from cdl.kafka import ensure_topics
+from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.helpers import metric_value, read_topic, run_cdl, wait_committed
@@ -87,7 +88,7 @@ def test_json_and_protobuf_records_end_in_a_version(
     name = f"mixed-{uuid.uuid4().hex[:6]}"
     resp = _register(svc, name, min_new_records=10)
     assert resp.created and resp.dataset.latest_version == 0
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap}))
     labels = ["a", "b", "c", "a", "a", "b", "c", "c", "c", "b"]
     for i, label in enumerate(labels[:6]):  # JSON, as kcat would send it (no headers at all)
         producer.produce(ingest_topics["raw"], _json(name, f"r{i}", [i, 1.5, -2, 0.25], label))
@@ -133,7 +134,7 @@ def test_each_malformed_kind_is_dead_lettered_with_its_reason(
         "text_too_short": json.dumps({"dataset": txt, "id": "t1", "text": "hi", "label": "a"}).encode(),
         "duplicate_id": _json(tab, "g0", [9, 9, 9, 9], "b"),
     }
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap, "partitioner": "murmur2_random"})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap, "partitioner": "murmur2_random"}))
     stream = [good[0], good[1], bad["malformed"], bad["unknown_dataset"], good[2], bad["bad_shape"]]
     stream += [bad["bad_dtype"], bad["non_finite"], good[3], bad["unknown_label"], bad["text_too_short"], good[4]]
     stream += [
@@ -170,7 +171,7 @@ def test_policy_fires_on_count_and_on_time(
     by_count, by_time = f"count-{uuid.uuid4().hex[:6]}", f"time-{uuid.uuid4().hex[:6]}"
     _register(svc, by_count, min_new_records=20)
     _register(svc, by_time, min_new_records=0, max_interval_s=3.0)
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap}))
     for i in range(15):
         producer.produce(ingest_topics["raw"], _json(by_count, f"c{i}", [i, 0, 0, 0], "a"))
     for i in range(3):
@@ -258,7 +259,7 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(
     name = f"kill-{uuid.uuid4().hex[:6]}"
     _register(svc, name, min_new_records=2500)
     total, bad_every = 20000, 97
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 20})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap, "linger.ms": 20}))
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(total, 4)).round(3).tolist()
     expected_bad = 0
@@ -316,7 +317,7 @@ def test_late_labels_from_data_feedback(
     svc = ingest_factory().start()
     name = f"late-{uuid.uuid4().hex[:6]}"
     _register(svc, name, min_new_records=4)
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap}))
     raw, feedback = ingest_topics["raw"], ingest_topics["feedback"]
     for i in range(3):
         producer.produce(raw, _json(name, f"l{i}", [i, 0, 0, 0], "a"))

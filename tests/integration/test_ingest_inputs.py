@@ -14,6 +14,7 @@ from confluent_kafka import Producer as KProducer
 
 from cdl.datasets import load_version
 from cdl.events import decode
+from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.helpers import read_committed, wait_for
@@ -45,7 +46,7 @@ def test_binary_and_claim_checked_tensors_are_versioned_as_uint8_and_bad_claims_
     def doc(rid: str, **fields: str) -> bytes:
         return json.dumps({"dataset": name, "id": rid, "label": "a", **fields}).encode()
 
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap}))
     raw = ingest_topics["raw"]
     producer.produce(raw, doc("claim", features_uri=f"s3://cdl-uploads/{prefix}/claim.bin"))
     producer.produce(raw, doc("b64", features_b64=base64.b64encode(images["b64"].tobytes()).decode()))

@@ -14,6 +14,7 @@ import numpy as np
 from confluent_kafka import Producer as KProducer
 
 from cdl.datasets import load_version
+from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from cdl.v1 import ingest_pb2
 from tests.helpers import read_topic
@@ -48,7 +49,7 @@ def test_oversized_records_in_a_large_batch_are_dead_lettered_in_bounded_memory(
         "label_too_long": _json(tab, "l1", [1, 2, 3, 4], "x" * 5000),
     }
     producer = KProducer(
-        {"bootstrap.servers": kafka_bootstrap, "compression.type": "lz4", "message.max.bytes": 16 << 20}
+        secured({"bootstrap.servers": kafka_bootstrap, "compression.type": "lz4", "message.max.bytes": 16 << 20})
     )
     # one partition, so that the hostile records sit among thousands of good ones in one batch
     order = list(bad.values())
@@ -105,7 +106,7 @@ def test_one_long_text_among_many_short_ones_keeps_every_text_shard_small(
     _register(svc, name, task=ingest_pb2.TASK_TEXT_CLASSIFICATION, min_new_records=n)
     before = _memory_kib(svc.proc.pid)
     long = "w" * 65_536
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap, "compression.type": "lz4"})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap, "compression.type": "lz4"}))
     for i in range(n):
         text = long if i == n // 2 else f"short text {i}"
         value = json.dumps({"dataset": name, "id": f"t{i}", "text": text, "label": "abc"[i % 3]}).encode()

@@ -22,6 +22,7 @@ from cdl.datasets import DatasetSpec, Task, load_version
 from cdl.events import InBatch, decode
 from cdl.failure import FailurePolicy
 from cdl.kafka import TransactionalLoop, read_latest
+from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from services.ingest.processor import STATE_KEY, IngestProcessor
 from services.ingest.registry import DatasetRegistry
@@ -61,7 +62,7 @@ def test_processor_failure_mid_batch_is_recovered_in_place_exactly_once(
         )
     )
     total, bad_every = 3000, 50
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 10})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap, "linger.ms": 10}))
     good_ids = []
     for i in range(total):
         if i % bad_every == 0:

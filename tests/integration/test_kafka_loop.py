@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka import Producer as RawProducer
@@ -24,7 +25,9 @@ from cdl.errors import InvalidInputError, UnavailableError
 from cdl.events import Event, InBatch, OutRecord, decode, encode
 from cdl.failure import FailurePolicy
 from cdl.kafka import JobLoop, Producer, RecordContext, TransactionalLoop, consumer_conf, read_latest
+from cdl.kafka.security import secured
 from cdl.v1 import events_pb2
+from tests.conftest import kafka_env
 from tests.helpers import read_committed, read_topic
 
 HERE = Path(__file__).parent
@@ -115,7 +118,7 @@ def test_job_loop_dead_letters_undecodable_retries_and_permanent_failures(kafka_
 
 
 def test_crash_mid_event_redelivers_and_duplicate_ids_are_handled_once(
-    kafka_bootstrap: str, topic_factory, tmp_path: Path
+    stack: dict[str, Any], kafka_bootstrap: str, topic_factory, tmp_path: Path
 ) -> None:
     src, out = topic_factory("src"), topic_factory("out")
     group = f"g-{uuid.uuid4().hex}"
@@ -124,7 +127,7 @@ def test_crash_mid_event_redelivers_and_duplicate_ids_are_handled_once(
     producer.flush()
 
     def run_worker(crash: bool) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent))
+        env = dict(os.environ, PYTHONPATH=str(HERE.parent.parent), **kafka_env(stack))
         args = [kafka_bootstrap, group, src, out, str(tmp_path / "processed.sqlite"), str(tmp_path / "calls.log")]
         return subprocess.run(
             [sys.executable, str(HERE / "_worker.py"), *args, "crash" if crash else "ok"],
@@ -167,7 +170,9 @@ def test_job_loop_fenced_mid_job_starts_a_new_session_and_publishes_once(kafka_b
         calls.append(event.id)
         if calls == ["e1"]:  # the first try of the first job: fence the loop's producer
             intruder = RawProducer(
-                {"bootstrap.servers": kafka_bootstrap, "transactional.id": loop_box[0]._pconf["transactional.id"]}
+                secured(
+                    {"bootstrap.servers": kafka_bootstrap, "transactional.id": loop_box[0]._pconf["transactional.id"]}
+                )
             )
             intruder.init_transactions(30)
         version = event.payload.version  # type: ignore[attr-defined]
@@ -226,7 +231,7 @@ def test_transactional_loop_recovers_in_place_after_the_processor_raises(kafka_b
     the processor from the committed snapshot and reconsumes from the committed offsets."""
     src, out = topic_factory("tl-in", partitions=2), topic_factory("tl-out")
     state = topic_factory("tl-state")
-    raw = RawProducer({"bootstrap.servers": kafka_bootstrap})
+    raw = RawProducer(secured({"bootstrap.servers": kafka_bootstrap}))
     for i in range(600):
         raw.produce(src, f"r{i}".encode(), partition=i % 2)
     raw.flush(30)
@@ -271,7 +276,7 @@ def test_transactional_loop_survives_being_fenced(kafka_bootstrap: str, topic_fa
         batch_size=40,
         policy=FAST,
     )
-    raw = RawProducer({"bootstrap.servers": kafka_bootstrap})
+    raw = RawProducer(secured({"bootstrap.servers": kafka_bootstrap}))
 
     def feed() -> None:
         for i in range(400):
@@ -280,7 +285,9 @@ def test_transactional_loop_survives_being_fenced(kafka_bootstrap: str, topic_fa
                 raw.flush(30)
                 while not loop.transactions:
                     time.sleep(0.05)
-                intruder = RawProducer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"tx-{group}"})
+                intruder = RawProducer(
+                    secured({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"tx-{group}"})
+                )
                 intruder.init_transactions(30)
         raw.flush(30)
 

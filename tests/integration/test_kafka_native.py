@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from cdl.events import InBatch, OutRecord
 from cdl.kafka import TransactionalLoop, consumer_conf
+from cdl.kafka.security import secured
 from cdl.kafka_native import NativeConsumer, available
 from tests.helpers import read_topic
 
@@ -27,7 +28,7 @@ def _native() -> None:
 
 
 def _produce(bootstrap: str, a: str, b: str) -> int:
-    p = RawProducer({"bootstrap.servers": bootstrap})
+    p = RawProducer(secured({"bootstrap.servers": bootstrap}))
     sent = 0
     for i in range(300):
         p.produce(a, f"value-{i}".encode(), partition=i % 2)
@@ -113,7 +114,7 @@ def test_transactional_loop_commits_the_same_way_with_either_consumer(
     kafka_bootstrap: str, topic_factory, columnar: bool
 ) -> None:
     src, out = topic_factory("loop-in", partitions=2), topic_factory("loop-out")
-    p = RawProducer({"bootstrap.servers": kafka_bootstrap})
+    p = RawProducer(secured({"bootstrap.servers": kafka_bootstrap}))
     for i in range(500):
         p.produce(src, f"r{i}".encode(), partition=i % 2)
     p.flush(30)
@@ -156,7 +157,7 @@ def test_a_pattern_subscription_labels_each_record_with_its_own_topic(kafka_boot
     tag = uuid.uuid4().hex[:8]
     a, b = topic_factory(f"rx{tag}", partitions=2), topic_factory(f"rx{tag}")
     other = topic_factory("rx-other")  # not matched
-    p = RawProducer({"bootstrap.servers": kafka_bootstrap})
+    p = RawProducer(secured({"bootstrap.servers": kafka_bootstrap}))
     for i in range(120):
         p.produce(a, f"{a}/{i}".encode(), partition=i % 2)
         if i % 2:
@@ -191,7 +192,7 @@ def _errors(code: str) -> float:
 
 def test_consume_errors_are_counted_and_the_stream_goes_on(kafka_bootstrap: str, topic_factory) -> None:
     present, missing = topic_factory("errs"), f"test.missing.{uuid.uuid4().hex[:10]}"
-    p = RawProducer({"bootstrap.servers": kafka_bootstrap})
+    p = RawProducer(secured({"bootstrap.servers": kafka_bootstrap}))
     for i in range(20):
         p.produce(present, f"r{i}".encode())
     p.flush(30)

@@ -17,6 +17,7 @@ from sklearn.metrics import r2_score
 from tritonclient.utils import InferenceServerException
 
 from cdl.events import decode
+from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.helpers import committed_payloads, read_topic, wait_for
@@ -59,7 +60,7 @@ def test_a_regression_is_trained_gated_served_and_monitored_on_its_metric(
     )
     with svc.channel() as ch:
         ingest_pb2_grpc.IngestServiceStub(ch).RegisterDataset(ingest_pb2.RegisterDatasetRequest(spec=spec), timeout=10)
-    producer = KProducer({"bootstrap.servers": kafka_bootstrap})
+    producer = KProducer(secured({"bootstrap.servers": kafka_bootstrap}))
     x, y = DIABETES.data.astype(np.float32), DIABETES.target.astype(np.float32)
     for i in range(len(x)):  # the target as a JSON number (and one that is not a number)
         doc = {"dataset": name, "id": f"r{i}", "features": x[i].tolist(), "label": float(y[i])}

@@ -16,6 +16,7 @@ import pytest
 from cdl.errors import PermissionDeniedError
 from cdl.store import BUCKETS, ObjectStore
 from cdl.store_access import STORE_GRANTS, store_user
+from tests.conftest import kafka_env
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -117,6 +118,7 @@ def _job(stack: dict[str, Any], tmp_path: Path, **extra: str) -> subprocess.Comp
         "CDL_STATE_DIR": str(tmp_path),
         "PYTHONPATH": str(ROOT),
         **{f"CDL_PROVISION_{n.upper()}_S3_SECRET": s for n, s in stack["minio_users"].items()},
+        **kafka_env(stack),
         **extra,
     }
     return subprocess.run(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import grpc
@@ -76,22 +77,27 @@ def test_a_service_reads_what_the_local_stack_gives_it(tmp_path: Path, monkeypat
     from services.gateway.settings import GatewaySettings
     from services.tuner.settings import TunerSettings
 
+    for var in [v for v in os.environ if v.startswith("CDL_")]:  # (a test stack's, in this process)
+        monkeypatch.delenv(var)
     state = {
         "state_dir": str(tmp_path),
         "kafka": {"bootstrap": "127.0.0.1:1111"},
         "minio": {"endpoint": "127.0.0.1:2222", "access_key": "a", "secret_key": "b"},
+        "minio_users": {"gateway": "g", "tuner": "t", "triton": "x"},
         "triton": [{"grpc": "127.0.0.1:3333", "http": "127.0.0.1:3334"}],
         "postgres": {"url": "postgresql+psycopg2://cdl@127.0.0.1:5555/cdl"},
     }
     for var, value in service_env(state).items():
         monkeypatch.setenv(var, value)
     g = GatewaySettings()
+    # each service its own object-store user (cdl.store_access), never the root key
     assert (g.kafka_bootstrap, g.s3_endpoint, g.s3_access_key, g.s3_secret_key) == (
         "127.0.0.1:1111",
         "127.0.0.1:2222",
-        "a",
-        "b",
+        "cdl-gateway",
+        "g",
     )
+    assert "b" not in service_env(state).values()
     assert (g.triton_grpc, g.triton_http) == (["127.0.0.1:3333"], ["127.0.0.1:3334"])
     assert service_env(state)["CDL_STATE_DIR"] == str(tmp_path)  # read when the service starts
     assert TunerSettings().storage() == "postgresql+psycopg2://cdl@127.0.0.1:5555/cdl"

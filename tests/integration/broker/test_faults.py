@@ -21,6 +21,7 @@ from sklearn.datasets import load_digits
 
 from cdl.datasets import load_version
 from cdl.events import decode
+from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from tests.helpers import Rec, read_committed, register_digits, restart_broker
@@ -59,7 +60,7 @@ def test_broker_and_ingest_faults_lose_nothing_and_duplicate_nothing(
 
     # a plain client, as kcat would be: it waits out the broker's absence (idempotent, long timeout)
     producer = KProducer(
-        {"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "message.timeout.ms": 300000}
+        secured({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "message.timeout.ms": 300000})
     )
     failed: list[str] = []
 

@@ -32,6 +32,7 @@ from sklearn.datasets import load_digits
 from cdl.datasets import load_version
 from cdl.events import decode
 from cdl.kafka import Producer, ensure_topics
+from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from cdl_tools.stack._components import broker_answers
@@ -73,7 +74,7 @@ def test_ingest_stuck_in_a_transaction_on_a_paused_broker_is_restarted_and_loses
     with svc.channel() as ch:
         register_digits(ch, name, min_new_records=1000, max_interval_s=3.0)
     producer = KProducer(
-        {"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "message.timeout.ms": 600000}
+        secured({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "message.timeout.ms": 600000})
     )
     good = bad = 0
 

@@ -117,7 +117,7 @@ def test_the_services_run_the_loop_as_their_own_users(
     its group as its own user."""
 
     def start(name: str, **settings: str) -> Any:
-        return ServiceFactory(name, stack, tmp_path, settings)()
+        return ServiceFactory(name, stack, tmp_path, settings, as_admin=False)()
 
     ingest = start("ingest", grpc_port=str(free_port()), flush_interval_s="0.5")
     ingest.grpc = f"127.0.0.1:{ingest.env['CDL_INGEST_GRPC_PORT']}"
