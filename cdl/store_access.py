@@ -83,7 +83,10 @@ def store_user(name: str) -> str:
 
 def store_buckets(name: str) -> tuple[str, ...]:
     """The buckets user ``name`` reads or writes: those it checks exist at start (provisioning)."""
-    grant = STORE_GRANTS[name]
+    return _buckets(STORE_GRANTS[name])
+
+
+def _buckets(grant: StoreGrant) -> tuple[str, ...]:
     return tuple(sorted({t.split("/", 1)[0] for t in (*grant.reads, *grant.writes)}))
 
 
@@ -93,7 +96,7 @@ def _objects(target: str) -> str:
 
 def policy(grant: StoreGrant) -> dict[str, Any]:
     """The IAM policy document of ``grant``."""
-    buckets = sorted({t.split("/", 1)[0] for t in (*grant.reads, *grant.writes)})
+    buckets = _buckets(grant)
     statements: list[dict[str, Any]] = [
         {
             "Effect": "Allow",
@@ -124,6 +127,8 @@ def apply_store_grants(
     from minio.error import MinioAdminException
     from minio.minioadmin import MinioAdmin
 
+    from cdl.store import _unreachable
+
     unknown = sorted(set(secrets) - set(STORE_GRANTS))
     if unknown:
         raise ConfigError("no object-store grant for these users", users=unknown)
@@ -142,6 +147,6 @@ def apply_store_grants(
         raise UnavailableError(
             "the object store refused a user or policy", endpoint=endpoint, error=str(exc)[:300]
         ) from exc
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise UnavailableError("object store unreachable", endpoint=endpoint) from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:  # (an untrusted certificate: a ConfigError)
+        raise _unreachable(exc, endpoint) from exc
     return len(secrets)
