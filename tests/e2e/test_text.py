@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +21,25 @@ from cdl.datasets import holdout_member
 from cdl.events import decode
 from cdl_tools.textdata import PACKAGES, doc_paragraphs
 from tests.helpers import IN_CI, read_topic, run_cdl
+
+
+def _monitor_diagnosis(state_dir: Path, health: list[Any]) -> str:
+    """What the monitor counted and logged, for a failure's message (its stack is purged after)."""
+    state = json.loads((state_dir / "stack.json").read_text())
+    monitor = state["services"]["monitor"]
+    try:
+        text = urllib.request.urlopen(f"http://{monitor['metrics']}/metrics", timeout=5).read().decode()
+        counted = [
+            line
+            for line in text.splitlines()
+            if line.startswith(("cdl_monitor_feedback_total", "cdl_monitor_events_total"))
+        ]
+    except OSError as e:
+        counted = [f"metrics unreadable: {e}"]
+    log = state_dir / "monitor" / "monitor.log"
+    tail = log.read_text(errors="replace").splitlines()[-40:] if log.is_file() else ["(no log)"]
+    windows = [(h.version, h.requests, h.feedback) for h in health]
+    return "\n".join([f"health windows (version, requests, feedback): {windows}", *counted, *tail])
 
 
 def test_texts_become_a_served_text_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,7 +137,7 @@ def test_texts_become_a_served_text_model(tmp_path: Path, monkeypatch: pytest.Mo
             ]
             mine = [h for h in health if h.model == "docs" and h.version == 1]  # type: ignore[attr-defined]
             feedback = sum(h.feedback for h in mine)  # type: ignore[attr-defined]
-        assert feedback == 20
+        assert feedback == 20, _monitor_diagnosis(state_dir, mine)
         assert sum(h.requests for h in mine) >= 20 + len(results)  # type: ignore[attr-defined]
     finally:
         down = run_cdl("stack", "down", "--purge", state_dir=state_dir)

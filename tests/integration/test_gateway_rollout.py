@@ -31,7 +31,7 @@ from cdl.signing import Signer, public_key_text
 from cdl.store import ObjectStore
 from cdl.triton import TRITON_BUCKET
 from cdl.v1 import admin_pb2, admin_pb2_grpc, events_pb2
-from tests.helpers import read_topic, wait_for
+from tests.helpers import read_committed, read_topic, wait_for
 from tests.models import affine_onnx, failing_onnx, write_affine, write_onnx, write_slow_affine
 
 N_IN, N_OUT = 4, 3
@@ -53,7 +53,7 @@ def _announce(bootstrap: str, topic: str, model: str, version: int) -> None:
 
 
 def _deployed(bootstrap: str, topic: str, model: str) -> list[Any]:
-    recs = read_topic(bootstrap, topic, expected=10**6, timeout_s=1)
+    recs = read_committed(bootstrap, topic, expected=10**6, timeout_s=1)
     out = [decode(r.key, r.value, list(r.headers.items())).payload for r in recs]
     return [d for d in out if d.model == model]
 

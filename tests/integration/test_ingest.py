@@ -20,7 +20,7 @@ from cdl.kafka import ensure_topics
 from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import metric_value, read_topic, run_cdl, wait_committed
+from tests.helpers import metric_value, read_committed, read_topic, run_cdl, wait_committed
 
 LABELS = ["a", "b", "c"]
 
@@ -48,7 +48,8 @@ def _json(dataset: str, rid: str, features: Any, label: Any) -> bytes:
 
 
 def _updates(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list[events_pb2.DataUpdated]:
-    recs = read_topic(bootstrap, topic, expected, timeout_s)
+    """What a consumer of ``data.updated`` sees: an aborted transaction's events left out."""
+    recs = read_committed(bootstrap, topic, expected, timeout_s)
     return [decode(r.key, r.value, list(r.headers.items())).payload for r in recs]  # type: ignore[misc]
 
 
@@ -148,7 +149,7 @@ def test_each_malformed_kind_is_dead_lettered_with_its_reason(
     producer.produce(ingest_topics["raw"], bad["duplicate_id"], key=b"k")
     producer.flush()
 
-    dead = read_topic(kafka_bootstrap, ingest_topics["deadletter"], expected=len(bad))
+    dead = read_committed(kafka_bootstrap, ingest_topics["deadletter"], expected=len(bad))
     reasons = {d.headers["cdl-error"].decode(): d for d in dead}
     assert set(reasons) == set(bad), sorted(reasons)
     for kind, value in bad.items():
@@ -287,7 +288,7 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(
         return int(ds["versioned"]["records"]) + sum(s["records"] for s in ds["pending"]) if ds else 0
 
     while time.monotonic() < deadline:
-        snapshots = read_topic(kafka_bootstrap, ingest_topics["state"], expected=10**6, timeout_s=2)
+        snapshots = read_committed(kafka_bootstrap, ingest_topics["state"], expected=10**6, timeout_s=2)
         final = json.loads(snapshots[-1].value)["datasets"][name] if snapshots else {}
         if committed_records(final) == good:
             break
@@ -301,7 +302,7 @@ def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing(
     manifests = [_check_manifest(object_store, name, v) for v in numbers]
     totals = [m["total_records"] for m in manifests]
     assert totals == sorted(totals) and totals == [v.total_records for v in versions]
-    dead = read_topic(kafka_bootstrap, ingest_topics["deadletter"], expected=expected_bad, timeout_s=30)
+    dead = read_committed(kafka_bootstrap, ingest_topics["deadletter"], expected=expected_bad, timeout_s=30)
     dead_offsets = [(d.headers["cdl-origin-partition"], d.headers["cdl-origin-offset"]) for d in dead]
     assert len(dead_offsets) == len(set(dead_offsets)) == expected_bad  # each bad record dead-lettered once
     assert (
@@ -338,7 +339,7 @@ def test_late_labels_from_data_feedback(
     assert (first.total_records, dict(first.label_histogram)) == (4, {"a": 3, "b": 1})
     data = load_version(object_store, name, 1)
     assert "u0" in set(data.ids) and "u1" not in set(data.ids)
-    dead = read_topic(kafka_bootstrap, ingest_topics["deadletter"], expected=3)
+    dead = read_committed(kafka_bootstrap, ingest_topics["deadletter"], expected=3)
     assert sorted(d.headers["cdl-error"].decode() for d in dead) == [
         "already_labelled",
         "unknown_label",

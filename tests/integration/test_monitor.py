@@ -69,7 +69,7 @@ def _label(producer: Producer, topic: str, rid: str, label: str) -> None:
 
 
 def _events(bootstrap: str, topic: str) -> list[Any]:
-    recs = read_topic(bootstrap, topic, expected=10**6, timeout_s=1.5)
+    recs = read_committed(bootstrap, topic, expected=10**6, timeout_s=1.5)
     return [decode(r.key, r.value, list(r.headers.items())).payload for r in recs]
 
 
@@ -153,7 +153,7 @@ def test_labels_joined_to_logged_requests_give_each_version_its_accuracy_and_bec
     assert _metric(mon, "cdl_monitor_feedback_total", outcome="joined") == 60
     # ingest handled the whole labels topic (written by a plain producer: its end is its records)
     wait_committed(kafka_bootstrap, ingest_topics["group"], feedback, end_offsets(kafka_bootstrap, feedback))
-    dead = read_topic(kafka_bootstrap, ingest_topics["deadletter"], expected=10**6, timeout_s=1.5)
+    dead = read_committed(kafka_bootstrap, ingest_topics["deadletter"], expected=10**6, timeout_s=1.5)
     assert [dict(r.headers).get("cdl-error") for r in dead] == [b"unknown_dataset"]  # only the record's label
 
 

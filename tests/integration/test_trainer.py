@@ -22,7 +22,7 @@ from cdl.registry import ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from tests.datasets import DatasetWriter, digits_spec
-from tests.helpers import read_topic, run_cdl, wait_committed
+from tests.helpers import read_committed, run_cdl, wait_committed
 
 DIGITS = load_digits()
 X = DIGITS.data.reshape(-1, 1, 8, 8).astype(np.float32)
@@ -30,7 +30,7 @@ Y = [str(int(t)) for t in DIGITS.target]
 
 
 def _trained(bootstrap: str, topic: str, expected: int, timeout_s: float = 120) -> list[events_pb2.ModelTrained]:
-    recs = read_topic(bootstrap, topic, expected, timeout_s)
+    recs = read_committed(bootstrap, topic, expected, timeout_s)
     return [decode(r.key, r.value, list(r.headers.items())).payload for r in recs]  # type: ignore[misc]
 
 
@@ -214,5 +214,5 @@ def test_a_first_version_fine_tunes_from_an_uploaded_checkpoint_with_frozen_laye
     start = ModelRegistry(object_store).document(name, 1, "lineage")["start"]
     assert start["loaded"] is True and start["source"] == "user.pt" and len(start["sha256"]) == 64
     assert start["frozen_parameters"] == ["features.0.weight", "features.0.bias"]
-    dead = read_topic(kafka_bootstrap, trainer_topics["deadletter"], expected=1, timeout_s=60)
+    dead = read_committed(kafka_bootstrap, trainer_topics["deadletter"], expected=1, timeout_s=60)
     assert len(dead) == 1 and b"does not fit the model" in dead[0].headers["cdl-reason"]
