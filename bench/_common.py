@@ -24,7 +24,10 @@ def private_stack(triton_servers: int = 1) -> Iterator[dict[str, Any]]:
     from cdl_tools.stack import LocalStack, service_env
 
     with tempfile.TemporaryDirectory(prefix="cdl-bench-") as tmp:
-        stack = LocalStack(StackSettings(state_dir=Path(tmp), triton_servers=triton_servers, services=[]))
+        stack = LocalStack(
+            # plaintext: the figures compare with earlier runs; bench/secure measures what SASL_SSL costs
+            StackSettings(state_dir=Path(tmp), triton_servers=triton_servers, services=[], kafka_security="plaintext")
+        )
         try:
             state = stack.up()
             os.environ.update(service_env(state))  # what the stack gives its services

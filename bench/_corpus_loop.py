@@ -142,7 +142,9 @@ class CorpusLoop:
         from cdl_tools.settings import StackSettings
         from cdl_tools.stack import LocalStack
 
-        self.stack = LocalStack(StackSettings(state_dir=self.state_dir))
+        self.stack = LocalStack(  # plaintext: comparable with earlier runs (bench/secure measures SASL_SSL)
+            StackSettings(state_dir=self.state_dir, kafka_security="plaintext")
+        )
         try:
             with self.console.status("starting the stack") as status:
                 self.state = self.stack.up(lambda c, p, d: status.update(f"starting the stack: {c} {p} {d}"))
@@ -190,7 +192,9 @@ class CorpusLoop:
         """Send ``count`` records to data.raw; the time Kafka acknowledged the last of them."""
         from confluent_kafka import Producer
 
-        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 20, "log_level": 0})
+        from cdl.kafka.security import secured
+
+        producer = Producer(secured({"bootstrap.servers": self.bootstrap, "linger.ms": 20, "log_level": 0}))
         acked, failed = [0], [0]
         last = [0.0]
 

@@ -128,7 +128,11 @@ class Alerts:
     def __init__(self, bootstrap: str, topic: str) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        self._c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}", "log_level": 0})
+        from cdl.kafka.security import secured
+
+        self._c = Consumer(
+            secured({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}", "log_level": 0})
+        )
         self._c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         self.seen: list[Any] = []
 

@@ -190,8 +190,11 @@ def _deployed(bootstrap: str, topic: str, since: int = 0) -> list[tuple[float, A
     from confluent_kafka import Consumer, TopicPartition
 
     from cdl.events import decode
+    from cdl.kafka.security import secured
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    c = Consumer(
+        secured({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}", "enable.auto.commit": False})
+    )
     c.assign([TopicPartition(topic, 0, since)])
     out = []
     quiet = 0

@@ -69,7 +69,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack on the way out
     print(f"machine: {machine()}; {DURATION_S:.0f} s at {RATE:.0f} records/s, warm-up {WARMUP_S:.0f} s")
     with tempfile.TemporaryDirectory(prefix="cdl-soak-") as tmp:
-        stack = LocalStack(StackSettings(state_dir=Path(tmp), triton_servers=1, services=SERVICES))
+        settings = StackSettings(  # plaintext: comparable with earlier runs (bench/secure measures SASL_SSL)
+            state_dir=Path(tmp), triton_servers=1, services=SERVICES, kafka_security="plaintext"
+        )
+        stack = LocalStack(settings)
         try:
             state: dict[str, Any] = stack.up()
             bootstrap = state["kafka"]["bootstrap"]

@@ -34,10 +34,11 @@ class StackSettings(BaseSettings):
     """Apache Kafka version whose jars set-up placed under ``home``."""
     kafka_heap: str = "512m"
     """Maximum JVM heap of the broker."""
-    kafka_security: Literal["plaintext", "sasl_ssl"] = "plaintext"
-    """How clients reach the broker: ``plaintext`` on loopback, or ``sasl_ssl``: TLS (the stack's
-    own CA), a SCRAM-SHA-512 user per service and ACLs that let each write only the topics it
-    owns (cdl.kafka.acls; docs/security.md). Kept for the stack's life: a restart keeps it."""
+    kafka_security: Literal["plaintext", "sasl_ssl"] = "sasl_ssl"
+    """How clients reach the broker: ``sasl_ssl`` (the default): TLS (the stack's own CA), a
+    SCRAM-SHA-512 user per service and ACLs that let each write only the topics it owns
+    (cdl.kafka.acls; docs/security.md); or ``plaintext`` on loopback, no identity, for a laptop
+    that asks for it. Kept for the stack's life: a restart keeps it."""
     minio_port: int = 0
     """MinIO S3 API port; 0 picks a free one."""
     minio_access_key: str = "cdl-admin"

@@ -178,6 +178,8 @@ class LocalStack:
             "broker": self._port(s.kafka_port),
             "controller": free_port(s.host),
         }
+        if s.kafka_security == "sasl_ssl" and "mtls" not in kafka_ports and "kafka" not in previous.get("procs", {}):
+            kafka_ports["mtls"] = free_port(s.host)  # the mTLS listener (a broker still running from before has none)
         minio_ports = old_ports("minio") or {"api": self._port(s.minio_port), "console": free_port(s.host)}
         comps: list[Component] = [
             KafkaComponent(

@@ -92,7 +92,8 @@ def broker_answers(bootstrap: str) -> bool:
 @dataclass
 class KafkaComponent(Component):
     """The broker (KRaft, one node). With ``settings.kafka_security == "sasl_ssl"`` its client
-    listener is SASL_SSL (SCRAM-SHA-512; the certificate from the stack's CA, ``tls_dir``), the
+    listener is SASL_SSL (SCRAM-SHA-512; the certificate from the stack's CA, ``tls_dir``), a
+    second one (port ``mtls``) SSL with a client certificate required (mTLS), the
     controller's SASL_PLAINTEXT (PLAIN; KRaft's controller takes no SCRAM) on loopback, and
     the StandardAuthorizer denies what no ACL allows; ``admin`` (``admin_password``), bootstrapped
     when the storage is formatted, is the one super user."""
@@ -130,12 +131,20 @@ class KafkaComponent(Component):
             f'username="admin" password="{pw}" user_admin="{pw}";'
         )
         keystore = self.tls_dir / "kafka.pem"
+        # the mTLS listener: a client certificate of the stack's CA is required, and its subject
+        # CN=<user> is the principal User:<user> (the ACLs of the SCRAM user of that name)
+        mtls = self.ports.get("mtls")
+        listeners, advertised = f"SASL_SSL://{h}:{broker}", f"SASL_SSL://{h}:{broker}"
+        if mtls:
+            listeners, advertised = f"{listeners},SSL://{h}:{mtls}", f"{advertised},SSL://{h}:{mtls}"
         return [
-            f"listeners=SASL_SSL://{h}:{broker},CONTROLLER://{h}:{ctl}",
-            f"advertised.listeners=SASL_SSL://{h}:{broker}",
+            f"listeners={listeners},CONTROLLER://{h}:{ctl}",
+            f"advertised.listeners={advertised}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=SASL_SSL",
-            "listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,SASL_SSL:SASL_SSL",
+            "listener.security.protocol.map=CONTROLLER:SASL_PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL",
+            "listener.name.ssl.ssl.client.auth=required",
+            "ssl.principal.mapping.rules=RULE:^CN=([a-zA-Z0-9._-]+)$/$1/,DEFAULT",
             "sasl.enabled.mechanisms=SCRAM-SHA-512",
             "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
             f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}",
@@ -259,6 +268,8 @@ class KafkaComponent(Component):
         desc: dict[str, Any] = {"bootstrap": self.bootstrap, "version": self.settings.kafka_version}
         if self.secure:
             desc |= {"security_protocol": "SASL_SSL", "ca_file": str(self.tls_dir / "ca.pem")}
+            if self.ports.get("mtls"):  # (clients with a certificate of the stack's CA: ensure_client_cert)
+                desc["mtls_bootstrap"] = f"{self.settings.host}:{self.ports['mtls']}"
         return desc
 
 

@@ -1,6 +1,7 @@
 """The local stack's own certificate authority and server certificates (PEM), made once per
 stack under ``<state_dir>/keys/tls`` and kept: a SASL_SSL broker's certificate, signed by a CA
-whose certificate the clients trust (``CDL_KAFKA_SSL_CA_FILE``). Private keys are 0600."""
+whose certificate the clients trust (``CDL_KAFKA_SSL_CA_FILE``), and client certificates for
+the broker's mTLS listener. Private keys are 0600."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-__all__ = ["ensure_ca", "ensure_server_cert", "write_private"]
+__all__ = ["ensure_ca", "ensure_client_cert", "ensure_server_cert", "write_private"]
 
 _DAYS = 3650
 
@@ -63,13 +64,27 @@ def ensure_server_cert(folder: Path, name: str, hosts: list[str]) -> Path:
     """``<name>.pem`` in ``folder``: a PKCS#8 private key followed by its certificate (for
     ``hosts``, names or IP addresses) and the CA's, as Kafka's PEM keystore reads it. Made when
     missing or when it does not cover ``hosts``."""
+    return _issue(folder, folder / f"{name}.pem", name, hosts)
+
+
+def ensure_client_cert(folder: Path, user: str) -> Path:
+    """``clients/<user>.pem`` under ``folder``: a private key, a client certificate whose
+    subject is ``CN=<user>`` and the CA's, signed by the stack's CA (the one PEM is both
+    librdkafka's ``ssl.certificate.location`` and ``ssl.key.location``). A broker's mTLS
+    listener maps that subject to the principal ``User:<user>``: the ACLs of the SCRAM user of
+    the same name apply. Made when missing."""
+    return _issue(folder, folder / "clients" / f"{user}.pem", user, [])
+
+
+def _issue(folder: Path, path: Path, name: str, hosts: list[str]) -> Path:
+    """``path``: a key and a certificate for ``CN=name`` (and ``hosts``, when given, as its
+    subject alternative names) signed by the CA in ``folder``, then the CA's certificate."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     ca_cert_path, ca_key_path = ensure_ca(folder)
-    path = folder / f"{name}.pem"
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:
@@ -77,6 +92,8 @@ def ensure_server_cert(folder: Path, name: str, hosts: list[str]) -> Path:
         except ValueError:
             sans.append(x509.DNSName(host))
     if path.exists():
+        if not sans:
+            return path
         current = x509.load_pem_x509_certificates(path.read_bytes())[0]
         have = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         if all(s in have for s in sans):
@@ -86,7 +103,7 @@ def ensure_server_cert(folder: Path, name: str, hosts: list[str]) -> Path:
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
@@ -94,13 +111,14 @@ def ensure_server_cert(folder: Path, name: str, hosts: list[str]) -> Path:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=_DAYS))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
     )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    else:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).sign(ca_key, hashes.SHA256())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     pem += cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
     write_private(path, pem)

@@ -22,6 +22,7 @@ import pytest
 from cdl.datasets import holdout_member
 from cdl.events import decode
 from cdl.v1 import events_pb2
+from cdl_tools.stack import use_stack_identity
 from tests.corpora import (
     BBC_LABELS,
     FMNIST_LABELS,
@@ -54,6 +55,7 @@ def corpus_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
         try:
             assert up.returncode == 0, up.stdout + up.stderr
             state = json.loads((state_dir / "stack.json").read_text())
+            use_stack_identity(state)  # this process: the stack's admin towards its broker
             yield {**state, "state_dir": state_dir}
         finally:
             down = run_cdl("stack", "down", "--purge", state_dir=state_dir)

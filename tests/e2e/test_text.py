@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from cdl.datasets import holdout_member
 from cdl.events import decode
+from cdl_tools.stack import use_stack_identity
 from cdl_tools.textdata import PACKAGES, doc_paragraphs
 from tests.helpers import IN_CI, read_topic, run_cdl
 
@@ -53,6 +54,7 @@ def test_texts_become_a_served_text_model(tmp_path: Path, monkeypatch: pytest.Mo
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads((state_dir / "stack.json").read_text())
+        use_stack_identity(state)  # this process: the stack's admin towards its broker
         reg = run_cdl(
             "dataset", "register", "docs", "--task", "text", "--labels", ",".join(PACKAGES),
             "--min-new-records", str(len(pairs)), state_dir=state_dir,
