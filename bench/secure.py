@@ -150,11 +150,11 @@ def gateway_part() -> tuple[float, float, float]:
     from cdl.kafka import Producer
     from cdl.signing import Signer, TrustedKeys, generate_signing_key, verify_entry
     from cdl.store import ObjectStore
+    from cdl.tls import ensure_server_cert
     from cdl.triton import TRITON_BUCKET
     from cdl.v1 import events_pb2
     from cdl_tools.stack import service_env
     from cdl_tools.stack._procs import spawn, stop
-    from cdl_tools.stack._tls import ensure_server_cert
     from tests.models import write_affine
 
     with _stack("plaintext", triton_servers=1) as state:

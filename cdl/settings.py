@@ -55,6 +55,10 @@ KNOWN_DEFAULT_SECRETS = frozenset(
 )
 
 
+#: the hosts of a broker this machine alone reaches
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def known_default(secret: str) -> bool:
     """Whether ``secret`` is empty, one of :data:`KNOWN_DEFAULT_SECRETS` or one of
     deploy/laptop.env's (``laptop-only-…``)."""
@@ -194,6 +198,11 @@ class ServiceSettings(BaseSettings):
         sasl = self.kafka_security_protocol.upper().startswith("SASL_")
         if sasl and not self.kafka_sasl_password_file and known_default(self.kafka_sasl_password):
             problems.append("the Kafka password is empty or a published default (kafka_sasl_password)")
+        protocol = (self.kafka_security_protocol or "PLAINTEXT").upper()
+        hosts = {b.strip().rsplit(":", 1)[0].strip("[]") for b in self.kafka_bootstrap.split(",") if b.strip()}
+        if protocol == "PLAINTEXT" and hosts - _LOOPBACK:
+            # an open bus beyond this machine: whoever reaches it may write the control plane's topics
+            problems.append("Kafka is reached in PLAINTEXT with no identity beyond loopback (kafka_security_protocol)")
         return problems
 
     def key_digests(self) -> tuple[list[str], list[str]]:

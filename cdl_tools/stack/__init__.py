@@ -22,6 +22,7 @@ from typing import Any
 
 from cdl.errors import StackError, UnavailableError
 from cdl.store_access import STORE_GRANTS, store_user
+from cdl.tls import write_private
 from cdl_tools.settings import StackSettings
 from cdl_tools.stack._components import (
     Component,
@@ -34,7 +35,6 @@ from cdl_tools.stack._components import (
 )
 from cdl_tools.stack._probe import describe_live, read_supervisor_state
 from cdl_tools.stack._procs import ProcInfo, free_port, group_members, is_alive, port_taken, spawn, stop
-from cdl_tools.stack._tls import write_private
 
 __all__ = ["LocalStack", "ProgressFn", "ensure_triton_install", "service_env", "use_stack_identity"]
 
@@ -150,7 +150,7 @@ class LocalStack:
 
     @property
     def tls_dir(self) -> Path:
-        """The stack's CA and server certificates (``cdl_tools.stack._tls``)."""
+        """The stack's CA and server certificates (``cdl.tls``)."""
         return self.state_dir / "keys" / "tls"
 
     def kafka_password_file(self, user: str) -> Path:

@@ -191,7 +191,7 @@ class KafkaComponent(Component):
             raise ConfigError("java is not on PATH; Kafka needs Java 17+")
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.secure:
-            from cdl_tools.stack._tls import ensure_server_cert
+            from cdl.tls import ensure_server_cert
 
             ensure_server_cert(self.tls_dir, "kafka", sorted({self.settings.host, "localhost", "127.0.0.1"}))
         props = self.workdir / "server.properties"
@@ -279,7 +279,7 @@ class KafkaComponent(Component):
 @dataclass
 class MinioComponent(Component):
     settings: StackSettings = field(default_factory=StackSettings)
-    #: the stack's CA and server certificates (cdl_tools.stack._tls): MinIO serves TLS with a
+    #: the stack's CA and server certificates (cdl.tls): MinIO serves TLS with a
     #: certificate of that CA; None: plain HTTP
     tls_dir: Path | None = None
 
@@ -300,7 +300,7 @@ class MinioComponent(Component):
             raise ConfigError("MinIO binary is missing; run scripts/setup.sh", path=str(self.binary))
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         if self.tls_dir is not None:  # MinIO reads a key and a certificate chain from --certs-dir
-            from cdl_tools.stack._tls import ensure_server_cert, write_private
+            from cdl.tls import ensure_server_cert, write_private
 
             pem = ensure_server_cert(self.tls_dir, "minio", sorted({self.settings.host, "localhost", "127.0.0.1"}))
             blocks = list(re.finditer(r"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\n?", pem.read_text(), re.S))

@@ -2,35 +2,68 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 from cdl.errors import CdlError, RetryableError
 from cdl.events import Topics
+from cdl.kafka.acls import apply_grants, set_passwords
+from cdl.kafka.security import secured
 from cdl.logging import configure_logging, get_logger
 from cdl.provision import provision
 from cdl.store import ObjectStore
 from cdl.store_access import apply_store_grants
 from services.provision.settings import ProvisionSettings
 
-__all__ = ["main", "run"]
+__all__ = ["main", "provision_kafka_users", "run"]
 
 log = get_logger("cdl.provision")
 
 
 def run(settings: ProvisionSettings) -> int:
-    """Create cdl's topics and buckets where missing, and the object-store users with their
-    policies (idempotent: a rerun changes nothing, a changed secret replaces the old one)."""
+    """Create cdl's topics and buckets where missing, the Kafka users with their ACLs (on a
+    secured broker, as its admin) and the object-store users with their policies (idempotent:
+    a rerun changes nothing, a changed secret or password replaces the old one)."""
+    s = settings
+    kafka_users, acls = provision_kafka_users(settings)
     store = ObjectStore.from_settings(settings)
     created = provision(settings.kafka_bootstrap, store, Topics.PARTITIONS if settings.kafka_bootstrap else None)
-    s, secrets = settings, settings.user_secrets()
+    secrets = settings.user_secrets()
     users = apply_store_grants(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, secrets, s.s3_secure, s.s3_ca_file)
-    log.info("provisioned", topics_created=len(created), store_users=users)
+    log.info("provisioned", topics_created=len(created), kafka_users=kafka_users, acls=acls, store_users=users)
     return users
 
 
-def main() -> None:
+def provision_kafka_users(settings: ProvisionSettings) -> tuple[int, int]:
+    """On a secured broker, as its admin: each Kafka user's SCRAM password and the ACLs of
+    cdl.kafka.acls (idempotent); returns (users, ACL bindings), (0, 0) with no password given."""
+    passwords = settings.kafka_passwords()
+    if not passwords or not settings.kafka_bootstrap:
+        return 0, 0
+    admin = secured({"bootstrap.servers": settings.kafka_bootstrap})
+    set_passwords(admin, passwords)
+    return len(passwords), apply_grants(admin)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``provision`` (the default): topics, buckets, users; ``provision broker``: compose's
+    broker set-up before the broker starts (services.provision.broker)."""
     configure_logging("provision")
     settings = ProvisionSettings()
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["broker"]:
+        from services.provision.broker import write_broker_setup
+
+        try:
+            written = write_broker_setup(settings)
+        except (CdlError, OSError) as exc:
+            log.error("the broker set-up failed", error=str(exc))
+            raise SystemExit(1) from exc
+        log.info("broker set up", files=[str(p) for p in written])
+        return
+    if args:
+        log.error("unknown command: provision takes no argument, or 'broker'", given=args)
+        raise SystemExit(2)
     settings.secure_process("provision")
     deadline = time.monotonic() + 120
     while True:

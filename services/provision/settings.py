@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
+from cdl.kafka.acls import GRANTS
 from cdl.settings import ServiceSettings, known_default
 from cdl.store_access import STORE_GRANTS
 
@@ -14,7 +15,16 @@ class ProvisionSettings(ServiceSettings):
     """The provisioning job: creates cdl's topics and buckets, and a user per service and Triton
     in the object store with its policy (cdl.store_access), as the store's root user (the
     shared ``s3_access_key`` and ``s3_secret_key``). Each ``<user>_s3_secret`` is the secret of
-    that user, ``cdl-<user>``, which the service is given as its own ``s3_secret_key``."""
+    that user, ``cdl-<user>``, which the service is given as its own ``s3_secret_key``.
+
+    On a secured broker the job is its admin (the shared ``kafka_sasl_*`` fields: ``admin``,
+    PLAIN), and each ``<user>_kafka_password`` is the SCRAM-SHA-512 password it sets for that
+    Kafka user (cdl.kafka.acls: the services and ``producer``), with the user's ACLs.
+
+    ``python -m services.provision broker`` is compose's broker set-up, before the broker
+    starts: the CA (``broker_ca_dir``, kept from run to run), the broker's certificate and the
+    SASL login lines with the admin's password (``broker_config_dir``, read by the broker only),
+    and the CA's certificate for the clients (``broker_trust_dir``)."""
 
     model_config = SettingsConfigDict(env_prefix="CDL_PROVISION_", extra="ignore", use_attribute_docstrings=True)
 
@@ -33,17 +43,55 @@ class ProvisionSettings(ServiceSettings):
     triton_s3_secret: str = ""
     """Secret key of Triton's object-store user ``cdl-triton``."""
 
+    ingest_kafka_password: str = ""
+    """SCRAM password of the Kafka user ``ingest``."""
+    trainer_kafka_password: str = ""
+    """SCRAM password of the Kafka user ``trainer``."""
+    tuner_kafka_password: str = ""
+    """SCRAM password of the Kafka user ``tuner``."""
+    compressor_kafka_password: str = ""
+    """SCRAM password of the Kafka user ``compressor``."""
+    gateway_kafka_password: str = ""
+    """SCRAM password of the Kafka user ``gateway``."""
+    monitor_kafka_password: str = ""
+    """SCRAM password of the Kafka user ``monitor``."""
+    producer_kafka_password: str = ""
+    """SCRAM password of the Kafka user ``producer`` (the applications that write ``data.raw``
+    and ``data.feedback``)."""
+
+    broker_ca_dir: str = "/var/lib/cdl-ca"
+    """The broker set-up's CA (its private key: no other container mounts it)."""
+    broker_config_dir: str = "/mnt/kafka-config"
+    """Where the broker set-up writes the broker's key and certificate (``kafka.pem``), the CA's
+    certificate and ``server.properties`` with its SASL login lines (the broker's
+    ``/mnt/shared/config``)."""
+    broker_trust_dir: str = "/etc/cdl/kafka"
+    """Where the broker set-up writes the CA's certificate (``ca.pem``) that the clients trust."""
+    broker_hosts: list[str] = ["kafka", "localhost"]
+    """The names the broker's certificate is valid for (its advertised host among them)."""
+    broker_uid: int = 1000
+    """The broker's user: the files only it reads are its own (0600)."""
+
     def user_secrets(self) -> dict[str, str]:
         """User (a :data:`cdl.store_access.STORE_GRANTS` name) -> its secret, for those given."""
         given = {name: str(getattr(self, f"{name}_s3_secret")) for name in STORE_GRANTS}
         return {name: secret for name, secret in given.items() if secret}
 
+    def kafka_passwords(self) -> dict[str, str]:
+        """Kafka user (a :data:`cdl.kafka.acls.GRANTS` name) -> its password, for those given."""
+        given = {name: str(getattr(self, f"{name}_kafka_password")) for name in GRANTS}
+        return {name: password for name, password in given.items() if password}
+
     def security_problems(self) -> list[str]:
         problems = super().security_problems()
-        missing = sorted(set(STORE_GRANTS) - set(self.user_secrets()))
-        if missing:
-            problems.append(f"no object-store secret for {', '.join(missing)}: they would share the root key")
-        published = sorted(n for n, s in self.user_secrets().items() if known_default(s))
-        if published:
-            problems.append(f"the object-store secret of {', '.join(published)} is a published default")
+        checks = [("object-store secret", set(STORE_GRANTS), self.user_secrets(), "they would share the root key")]
+        if self.kafka_security_protocol.upper().startswith("SASL_"):
+            checks.append(("Kafka password", set(GRANTS), self.kafka_passwords(), "they could not connect"))
+        for what, names, given, consequence in checks:
+            missing = sorted(names - set(given))
+            if missing:
+                problems.append(f"no {what} for {', '.join(missing)}: {consequence}")
+            published = sorted(n for n, v in given.items() if known_default(v))
+            if published:
+                problems.append(f"the {what} of {', '.join(published)} is a published default")
         return problems

@@ -26,8 +26,8 @@ def _closed_port() -> str:
 
 
 def _self_signed_ca(tmp_path: Path) -> Path:
-    """A CA certificate (PEM): the local stack's own CA maker (cdl_tools.stack._tls)."""
-    from cdl_tools.stack._tls import ensure_ca
+    """A CA certificate (PEM): the local stack's own CA maker (cdl.tls)."""
+    from cdl.tls import ensure_ca
 
     return ensure_ca(tmp_path)[0]
 

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from cdl.kafka.acls import GRANTS
 from cdl.settings import EX_CONFIG, SHARED_FIELDS, SHARED_SWITCHES, ServiceSettings, known_default
 from cdl.signing import generate_signing_key
 from cdl.store_access import STORE_GRANTS, store_user
@@ -91,7 +92,7 @@ def _settings_class(name: str) -> type[ServiceSettings]:
 
 
 def test_the_compose_file_has_the_servers_the_six_services_and_the_provisioning_job(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"kafka", "minio", "postgres", "triton", "provision", *SERVICES}
+    assert set(compose["services"]) == {"kafka", "minio", "postgres", "triton", "provision", "broker-setup", *SERVICES}
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -127,16 +128,18 @@ def test_every_variable_is_a_setting_and_every_value_parses(
 
 #: the object-store users' secrets compose asks for (cdl.store_access.STORE_GRANTS)
 STORE_SECRETS = {f"CDL_S3_{name.upper()}_SECRET" for name in STORE_GRANTS}
+#: the Kafka users' passwords compose asks for (cdl.kafka.acls.GRANTS), and the admin's
+KAFKA_SECRETS = {f"CDL_KAFKA_{name.upper()}_PASSWORD" for name in GRANTS} | {"CDL_KAFKA_ADMIN_PASSWORD"}
 
 
 def test_compose_has_no_default_secret_and_refuses_to_start_without_one(compose: dict[str, Any]) -> None:
     text = (DEPLOY / "compose.yml").read_text()
-    needing = {"CDL_S3_SECRET_KEY", "CDL_PG_PASSWORD", *STORE_SECRETS}
+    needing = {"CDL_S3_SECRET_KEY", "CDL_PG_PASSWORD", *STORE_SECRETS, *KAFKA_SECRETS}
     for var in needing:
         assert f"${{{var}:-" not in text, f"{var} has a default"
     without = {k: v for k, v in LAPTOP.items() if k not in needing}
     users = [n for n, svc in compose["services"].items() if any(v in str(svc.get("environment")) for v in needing)]
-    assert {"minio", "postgres", "triton", "provision", *SERVICES} <= set(users)
+    assert {"minio", "postgres", "triton", "provision", "broker-setup", *SERVICES} <= set(users)
     for name in users:
         with pytest.raises(RefusedError, match=r"docs/security\.md"):
             _env(compose["services"][name], without)
@@ -183,6 +186,8 @@ def test_the_provisioning_job_runs_once_before_the_services_with_its_own_setting
     monkeypatch.setenv("CDL_STATE_DIR", str(tmp_path))
     settings = ProvisionSettings()
     assert set(settings.user_secrets()) == set(STORE_GRANTS)
+    assert set(settings.kafka_passwords()) == set(GRANTS)
+    assert settings.kafka_security().sasl and settings.kafka_sasl_username == "admin"
     assert settings.insecure and settings.security_problems()  # the laptop's published secrets
     for name in [*SERVICES, "triton"]:
         deps = svcs[name]["depends_on"]
@@ -230,10 +235,44 @@ def test_each_service_refuses_the_laptop_setup_without_the_insecure_switch_and_t
         "CDL_ADMIN_KEY_HASHES": json.dumps(digest[::-1]),
         "CDL_INGEST_KEY_HASHES": json.dumps(digest),
         "CDL_MODEL_TRUSTED_KEYS": json.dumps([generate_signing_key(tmp_path / "signing.pem")]),
+        **{var: secrets.token_urlsafe(24) for var in KAFKA_SECRETS},
     }
     secure = configured(real)
     assert not secure.insecure and secure.security_problems() == []
     secure.refuse_insecure(name)
+
+
+def test_each_service_is_its_own_kafka_user_over_sasl_ssl_and_only_the_jobs_hold_the_admins_password(
+    compose: dict[str, Any],
+) -> None:
+    svcs = compose["services"]
+    job = _env(svcs["provision"])
+    for name in SERVICES:
+        env = _env(svcs[name])
+        prefix = f"CDL_{name.upper()}_"
+        assert (
+            env["CDL_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL" and env["CDL_KAFKA_SSL_CA_FILE"] == "/etc/cdl/kafka/ca.pem"
+        )
+        assert env[prefix + "KAFKA_SASL_USERNAME"] == name
+        assert env[prefix + "KAFKA_SASL_PASSWORD"] == job[f"CDL_PROVISION_{name.upper()}_KAFKA_PASSWORD"]
+        assert "kafka-trust:/etc/cdl/kafka:ro" in svcs[name]["volumes"], name
+        assert not any("kafka-ca" in v or "kafka-config" in v for v in svcs[name]["volumes"]), name
+    holders = sorted(n for n, svc in svcs.items() if "CDL_KAFKA_ADMIN_PASSWORD" in str(svc.get("environment")))
+    assert holders == ["broker-setup", "provision"]
+    setup = _env(svcs["broker-setup"])
+    assert setup["CDL_PROVISION_KAFKA_SASL_PASSWORD"] == job["CDL_PROVISION_KAFKA_SASL_PASSWORD"]
+    assert svcs["broker-setup"]["entrypoint"] == ["python", "-m", "services.provision", "broker"]
+    assert svcs["kafka"]["depends_on"]["broker-setup"]["condition"] == "service_completed_successfully"
+
+
+def test_the_brokers_variables_survive_its_image(compose: dict[str, Any]) -> None:
+    """The apache/kafka image turns KAFKA_* variables into properties but drops a value holding
+    '=' (every SASL login line: they come from broker-setup's file), and wants JKS files when an
+    advertised listener's name holds 'SSL://' or 'SASL_'; the listener is named CLIENT."""
+    kafka = _env(compose["services"]["kafka"])
+    assert [k for k, v in kafka.items() if "=" in v] == []
+    assert "SSL://" not in kafka["KAFKA_ADVERTISED_LISTENERS"] and "SASL_" not in kafka["KAFKA_ADVERTISED_LISTENERS"]
+    assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false" and kafka["KAFKA_SUPER_USERS"] == "User:admin"
 
 
 def test_the_compressor_signs_with_a_secret_only_it_mounts_and_the_gateway_trusts_keys(compose: dict[str, Any]) -> None:
@@ -248,7 +287,8 @@ def test_the_compressor_signs_with_a_secret_only_it_mounts_and_the_gateway_trust
 def test_connections_point_at_the_servers_as_they_are_configured(compose: dict[str, Any]) -> None:
     svcs = compose["services"]
     kafka = _env(svcs["kafka"])
-    assert "PLAINTEXT://kafka:9092" in kafka["KAFKA_ADVERTISED_LISTENERS"]
+    assert kafka["KAFKA_ADVERTISED_LISTENERS"] == "CLIENT://kafka:9092"
+    assert "CLIENT:SASL_SSL" in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
     assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # ingest creates every topic, partitioned
     minio = _env(svcs["minio"])
     triton = svcs["triton"]

@@ -20,7 +20,7 @@ def test_plaintext_is_the_default_and_adds_no_identity() -> None:
 
 
 def test_sasl_ssl_maps_to_librdkafka_and_a_tls_context(tmp_path: Path) -> None:
-    from cdl_tools.stack._tls import ensure_ca
+    from cdl.tls import ensure_ca
 
     ca, _ = ensure_ca(tmp_path)
     sec = KafkaSecurity("SASL_SSL", username="trainer", password="pw", ca_file=str(ca))

@@ -16,9 +16,9 @@ from sklearn.datasets import load_digits
 
 from cdl.events import Topics
 from cdl.kafka.security import KafkaSecurity
+from cdl.tls import ensure_ca, ensure_client_cert
 from cdl.v1 import events_pb2, ingest_pb2_grpc
 from cdl_tools.stack._procs import free_port
-from cdl_tools.stack._tls import ensure_ca, ensure_client_cert
 from tests.helpers import register_digits, wait_for
 from tests.integration.conftest import ServiceFactory
 from tests.integration.secure.test_kafka_acls import _metadata, _payloads, _produce

@@ -1,7 +1,8 @@
-"""The local stack's own certificate authority and server certificates (PEM), made once per
-stack under ``<state_dir>/keys/tls`` and kept: a SASL_SSL broker's certificate, signed by a CA
-whose certificate the clients trust (``CDL_KAFKA_SSL_CA_FILE``), and client certificates for
-the broker's mTLS listener. Private keys are 0600."""
+"""Certificates of a private CA (PEM): the CA, made once in a folder and kept; server
+certificates for a broker or an object store (Kafka's PEM keystore layout: key, certificate,
+the CA's); client certificates for mTLS (subject ``CN=<user>``). Used by the local stack (under
+``<state_dir>/keys/tls``) and by compose's broker set-up job (services/provision). Private keys
+are 0600."""
 
 from __future__ import annotations
 
@@ -60,11 +61,12 @@ def ensure_ca(folder: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def ensure_server_cert(folder: Path, name: str, hosts: list[str]) -> Path:
-    """``<name>.pem`` in ``folder``: a PKCS#8 private key followed by its certificate (for
-    ``hosts``, names or IP addresses) and the CA's, as Kafka's PEM keystore reads it. Made when
-    missing or when it does not cover ``hosts``."""
-    return _issue(folder, folder / f"{name}.pem", name, hosts)
+def ensure_server_cert(folder: Path, name: str, hosts: list[str], into: Path | None = None) -> Path:
+    """``<name>.pem`` in ``folder`` (or in ``into``: the CA's key stays where it is): a PKCS#8
+    private key followed by its certificate (for ``hosts``, names or IP addresses) and the
+    CA's, as Kafka's PEM keystore reads it. Made when missing or when it does not cover
+    ``hosts``."""
+    return _issue(folder, (into or folder) / f"{name}.pem", name, hosts)
 
 
 def ensure_client_cert(folder: Path, user: str) -> Path:

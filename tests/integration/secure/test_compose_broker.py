@@ -1,0 +1,183 @@
+"""compose's broker, for real: deploy/compose.yml's Kafka configuration run on the Kafka jars
+this machine has (there is no Docker engine here). The broker-setup job writes its files, the
+broker's properties are what the apache/kafka image makes of them and of the compose file's
+KAFKA_* variables (its rules: a single '_' is a '.', '__' a '_', '___' a '-'; a value holding
+'=' dropped), the provisioning job sets the users and ACLs as the admin; then the services'
+users connect with compose's CA over SASL_SSL, each writing only what it owns."""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from confluent_kafka import KafkaError, KafkaException
+
+from cdl.events import Topics
+from cdl.kafka.acls import GRANTS
+from cdl.kafka.security import KafkaSecurity, use
+from cdl_tools.settings import StackSettings
+from cdl_tools.stack._components import KafkaComponent
+from cdl_tools.stack._procs import free_port
+from services.provision.app import provision_kafka_users
+from services.provision.broker import write_broker_setup
+from services.provision.settings import ProvisionSettings
+from tests.integration.secure.test_kafka_acls import _metadata, _produce
+from tests.unit.test_deploy import DEPLOY, KAFKA_SECRETS, LAPTOP, _env
+
+_SINGLE = re.compile(r"[^_]_[^_]")
+
+
+def image_key(var: str) -> str:
+    """A KAFKA_* variable's property as the apache/kafka image names it (its ConvertKey)."""
+    key = _SINGLE.sub(lambda m: m.group(0).replace("_", "."), var[len("KAFKA_") :])
+    return key.replace("___", "-").replace("__", "_").lower()
+
+
+def test_the_images_naming_rules() -> None:
+    assert image_key("KAFKA_LISTENER_SECURITY_PROTOCOL_MAP") == "listener.security.protocol.map"
+    assert image_key("KAFKA_LISTENER_NAME_CONTROLLER_SASL_ENABLED_MECHANISMS") == (
+        "listener.name.controller.sasl.enabled.mechanisms"
+    )
+    assert image_key("KAFKA_FOO__BAR___BAZ") == "foo_bar-baz"
+
+
+@pytest.fixture(scope="module")
+def compose_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("compose-broker")
+    compose = yaml.safe_load((DEPLOY / "compose.yml").read_text())
+    environ = {var: secrets.token_urlsafe(18) for var in KAFKA_SECRETS}  # an operator's real passwords
+    config, trust, data = root / "config", root / "trust", root / "data"
+
+    # broker-setup, with compose's settings (its folders here, and this machine's name)
+    setup_env = _env(compose["services"]["broker-setup"], environ)
+    setup = ProvisionSettings(
+        kafka_sasl_password=setup_env["CDL_PROVISION_KAFKA_SASL_PASSWORD"],
+        broker_ca_dir=str(root / "ca"),
+        broker_config_dir=str(config),
+        broker_trust_dir=str(trust),
+        broker_hosts=["localhost"],
+    )
+    written = write_broker_setup(setup)
+    assert {p.name for p in written} == {"kafka.pem", "server.properties", "client.properties", "ca.pem"}
+    assert oct((config / "server.properties").stat().st_mode & 0o777) == "0o600"
+    assert not (trust / "kafka.pem").exists() and not (config / "ca-key.pem").exists()
+
+    # the broker: the setup's file, then the image's rendering of compose's variables
+    port, controller = free_port(), free_port()
+    kafka_env = _env(compose["services"]["kafka"], environ)
+    props = (config / "server.properties").read_text().splitlines()
+    here = {  # compose's paths and ports, this machine's
+        "/mnt/shared/config": str(config),
+        "/var/lib/kafka/data": str(data),
+        "kafka:9092": f"localhost:{port}",
+        ":9092": f":{port}",
+        "localhost:9093": f"localhost:{controller}",
+    }
+    for var, value in sorted(kafka_env.items()):
+        assert "=" not in value, var  # (the image would drop it)
+        local = value
+        for theirs, ours in here.items():
+            local = local.replace(theirs, ours)
+        props.append(f"{image_key(var)}={local}")
+    properties = root / "broker.properties"
+    properties.write_text("\n".join(props) + "\n")
+    kafka = KafkaComponent("kafka", root / "run", {"broker": port, "controller": controller}, settings=StackSettings())
+    kafka.workdir.mkdir(parents=True)
+    (kafka.workdir / "log4j2.properties").write_text(
+        "status = warn\nappender.console.type = Console\nappender.console.name = STDOUT\n"
+        "appender.console.layout.type = PatternLayout\nappender.console.layout.pattern = [%d] %p %m (%c)%n\n"
+        "rootLogger.level = WARN\nrootLogger.appenderRef.stdout.ref = STDOUT\n"
+    )
+    cluster = base64.urlsafe_b64encode(uuid.UUID(int=7).bytes).decode().rstrip("=")
+    fmt = subprocess.run(
+        [*kafka._java("kafka.tools.StorageTool"), "format", "-t", cluster, "-c", str(properties)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+    log = (root / "kafka.log").open("wb")
+    proc = subprocess.Popen([*kafka._java("kafka.Kafka"), str(properties)], stdout=log, stderr=subprocess.STDOUT)
+    bootstrap = f"localhost:{port}"
+    admin = KafkaSecurity(
+        "SASL_SSL",
+        mechanism="PLAIN",
+        username="admin",
+        password=environ["CDL_KAFKA_ADMIN_PASSWORD"],
+        ca_file=str(trust / "ca.pem"),
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (root / "kafka.log").read_text()[-3000:]
+            try:
+                _metadata({"bootstrap.servers": bootstrap, **admin.librdkafka(), "log_level": 0})
+                break
+            except KafkaException:
+                assert time.monotonic() < deadline, (root / "kafka.log").read_text()[-3000:]
+                time.sleep(1)
+        yield {"bootstrap": bootstrap, "environ": environ, "compose": compose, "admin": admin, "trust": trust}
+    finally:
+        proc.kill()
+        proc.wait(30)
+        log.close()
+
+
+def _user(broker: dict[str, Any], user: str, password: str | None = None) -> dict[str, Any]:
+    pw = password if password is not None else broker["environ"][f"CDL_KAFKA_{user.upper()}_PASSWORD"]
+    security = KafkaSecurity("SASL_SSL", username=user, password=pw, ca_file=str(broker["trust"] / "ca.pem"))
+    return {"bootstrap.servers": broker["bootstrap"], **security.librdkafka(), "log_level": 0}
+
+
+@pytest.mark.timeout(300)
+def test_composes_broker_runs_sasl_ssl_with_a_user_per_service_and_their_acls(compose_broker: dict[str, Any]) -> None:
+    broker = compose_broker
+    # the provisioning job as compose configures it: the admin over PLAIN, each user's password
+    job_env = _env(broker["compose"]["services"]["provision"], {**LAPTOP, **broker["environ"]})
+    job = ProvisionSettings(
+        kafka_bootstrap=broker["bootstrap"],
+        **{f"{u}_kafka_password": job_env[f"CDL_PROVISION_{u.upper()}_KAFKA_PASSWORD"] for u in GRANTS},
+    )
+    assert job_env["CDL_PROVISION_KAFKA_SASL_MECHANISM"] == "PLAIN"
+    use(broker["admin"], broker["bootstrap"])
+    try:
+        users, acls = provision_kafka_users(job)
+        assert users == len(GRANTS) and acls > 0
+        assert provision_kafka_users(job) == (users, acls)  # a rerun (compose restarts a failed job)
+        admin_conf = {"bootstrap.servers": broker["bootstrap"], **broker["admin"].librdkafka()}
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        client = AdminClient(admin_conf)  # (kept until its answers came)
+        futures = client.create_topics(
+            [NewTopic(t, 1, 1) for t in (Topics.MODEL_TRAINED, Topics.MODEL_COMPRESSED, Topics.DATA_RAW)]
+        )
+        for fut in futures.values():
+            fut.result(30)
+    finally:
+        use(KafkaSecurity(), broker["bootstrap"])
+
+    with pytest.raises(KafkaException):  # no credentials
+        _metadata({"bootstrap.servers": broker["bootstrap"], "log_level": 0})
+    with pytest.raises(KafkaException):  # a wrong password
+        _metadata(_user(broker, "trainer", password="not-it"))
+    for user, owned, forbidden in (
+        ("trainer", Topics.MODEL_TRAINED, Topics.MODEL_COMPRESSED),
+        ("compressor", Topics.MODEL_COMPRESSED, Topics.DATA_RAW),
+        ("producer", Topics.DATA_RAW, Topics.MODEL_COMPRESSED),
+    ):
+        conf = _user(broker, user)
+        assert _produce(conf, owned) is None, user
+        refused = _produce(conf, forbidden)
+        assert refused is not None and refused.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, (user, refused)
+    # the broker's health check logs in as the admin with broker-setup's client.properties
+    client = (Path(str(broker["trust"])).parent / "config" / "client.properties").read_text()
+    assert "security.protocol=SASL_SSL" in client and broker["environ"]["CDL_KAFKA_ADMIN_PASSWORD"] in client
