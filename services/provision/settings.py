@@ -19,7 +19,9 @@ class ProvisionSettings(ServiceSettings):
 
     On a secured broker the job is its admin (the shared ``kafka_sasl_*`` fields: ``admin``,
     PLAIN), and each ``<user>_kafka_password`` is the SCRAM-SHA-512 password it sets for that
-    Kafka user (cdl.kafka.acls: the services and ``producer``), with the user's ACLs.
+    Kafka user (cdl.kafka.acls: the services and ``producer``), with the user's ACLs; with none
+    given it makes no Kafka user (the local stack makes its own), with some but not all it
+    refuses (a security problem).
 
     ``python -m services.provision broker`` is compose's broker set-up, before the broker
     starts: the CA (``broker_ca_dir``, kept from run to run), the broker's certificate and the
@@ -85,7 +87,7 @@ class ProvisionSettings(ServiceSettings):
     def security_problems(self) -> list[str]:
         problems = super().security_problems()
         checks = [("object-store secret", set(STORE_GRANTS), self.user_secrets(), "they would share the root key")]
-        if self.kafka_security_protocol.upper().startswith("SASL_"):
+        if self.kafka_passwords():  # (with none, the broker's users are someone else's to make)
             checks.append(("Kafka password", set(GRANTS), self.kafka_passwords(), "they could not connect"))
         for what, names, given, consequence in checks:
             missing = sorted(names - set(given))

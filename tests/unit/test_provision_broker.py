@@ -40,3 +40,12 @@ def test_the_files_their_modes_and_a_rerun_that_keeps_the_ca(tmp_path: Path) -> 
 def test_a_password_a_login_line_cannot_hold_is_refused(password: str) -> None:
     with pytest.raises(ConfigError):
         broker_login_lines(password)
+
+
+def test_kafka_passwords_are_all_or_none(tmp_path: Path) -> None:
+    none = _settings(tmp_path)
+    assert none.kafka_passwords() == {} and not [p for p in none.security_problems() if "Kafka password" in p]
+    some = ProvisionSettings(trainer_kafka_password="a-real-one-7f3", ingest_kafka_password="laptop-only-x")
+    problems = " ".join(some.security_problems())
+    assert "no Kafka password for compressor, gateway, monitor, producer, tuner" in problems
+    assert "the Kafka password of ingest is a published default" in problems

@@ -14,8 +14,9 @@ from cdl_tools.settings import StackSettings
 from cdl_tools.stack import LocalStack
 from tests.conftest import bootstrap_of, start_stack, store_of
 
-#: what this folder's stack runs: the servers its tests use (no Triton, no PostgreSQL)
-BROKER_STACK: dict[str, Any] = {"triton_servers": 0, "postgres": False, "services": []}
+#: what this folder's stack runs: the servers its tests use (no Triton, no PostgreSQL), its broker
+#: plaintext (a broker stopped and restarted under the loops; the secured bus is tested elsewhere)
+BROKER_STACK: dict[str, Any] = {"triton_servers": 0, "postgres": False, "services": [], "kafka_security": "plaintext"}
 
 
 @pytest.fixture(scope="package")
