@@ -137,10 +137,9 @@ class CorpusLoop:
 
     # ------------------------------------------------------------------ stack
     def __enter__(self) -> CorpusLoop:
-        from cdl.store import ObjectStore
         from cdl_tools.report import LoopEvents
         from cdl_tools.settings import StackSettings
-        from cdl_tools.stack import LocalStack
+        from cdl_tools.stack import LocalStack, stack_store
 
         self.stack = LocalStack(  # plaintext: comparable with earlier runs (bench/secure measures SASL_SSL)
             StackSettings(state_dir=self.state_dir, kafka_security="plaintext")
@@ -154,8 +153,7 @@ class CorpusLoop:
             raise
         started = ", ".join(sorted(self.state.get("services", {})))
         self.console.print(f"stack up in {self.state_dir} (services: {started})")
-        m = self.state["minio"]
-        self.store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        self.store = stack_store(self.state)
         self.events = LoopEvents(self.bootstrap, self.model)
         return self
 

@@ -28,6 +28,7 @@ from cdl.datasets import DatasetSpec, Task
 from cdl.events import decode
 from cdl.registry import ModelRegistry
 from cdl.store import ObjectStore
+from cdl_tools.stack import stack_store
 from services.compressor.compressor import Compressor
 from services.compressor.settings import CompressorSettings
 from services.trainer.settings import TrainerSettings
@@ -69,8 +70,7 @@ def table(title: str, doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def main() -> None:
     print(f"machine: {machine()}; ONNX Runtime CPU, 1 intra-op thread; latency in ms")
     with private_stack() as state:
-        m = state["minio"]
-        store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        store = stack_store(state)
         bootstrap = state["kafka"]["bootstrap"]
         cnn_doc = run_one(store, bootstrap, Task.IMAGE, (1, 8, 8))
         cnn = table("digits CNN", cnn_doc)

@@ -151,7 +151,7 @@ def main() -> None:
 
     from cdl.kafka import ensure_topics
     from cdl.ml.drift import reference_sample, to_npy
-    from cdl.store import ObjectStore
+    from cdl_tools.stack import stack_store
     from cdl_tools.stack._procs import free_port
 
     print(f"machine: {machine()}")
@@ -163,8 +163,7 @@ def main() -> None:
     train, held = order[:cut], order[cut:]  # the training split (the reference) and unseen images
     with private_stack(triton_servers=0) as state:
         boot = state["kafka"]["bootstrap"]
-        m = state["minio"]
-        store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        store = stack_store(state)
         uid = uuid.uuid4().hex[:6]
         topics = {k: f"bench.{k}.{uid}" for k in ("logged", "feedback", "health", "drift", "raw", "scratch")}
         ensure_topics(boot, {t: 3 if k in ("logged", "raw", "scratch") else 1 for k, t in topics.items()})

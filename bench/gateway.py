@@ -215,8 +215,8 @@ def main() -> None:
     from cdl.auth import hash_key
     from cdl.events import Event
     from cdl.kafka import Producer
-    from cdl.store import ObjectStore
     from cdl.v1 import events_pb2
+    from cdl_tools.stack import stack_store
     from cdl_tools.stack._procs import free_port, group_members, spawn, stop
     from tests.models import failing_onnx, write_affine, write_onnx
 
@@ -224,8 +224,7 @@ def main() -> None:
     print(f"machine: {machine()}; {ROUNDS} rounds; {RATE:.0f} req/s for {SECONDS:.0f} s; concurrency {CONCURRENCY}")
     with private_stack(triton_servers=1) as state:
         bootstrap = state["kafka"]["bootstrap"]
-        m = state["minio"]
-        store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        store = stack_store(state)
         triton = state["triton"][0]["grpc"]
         tr_pid = int(state["procs"]["triton-0"]["pid"])
         tmp = Path(state["state_dir"])

@@ -28,7 +28,7 @@ from cdl.datasets import DatasetSpec, Task, load_version
 from cdl.events import decode
 from cdl.ml.train import evaluate
 from cdl.registry import ModelRegistry
-from cdl.store import ObjectStore
+from cdl_tools.stack import stack_store
 from services.compressor.compressor import Compressor
 from services.compressor.settings import CompressorSettings
 from services.trainer.settings import TrainerSettings
@@ -43,8 +43,7 @@ def main() -> None:
     digits = load_digits()
     x = digits.data.reshape(-1, 1, 8, 8).astype(np.float32)
     with private_stack() as state:
-        m = state["minio"]
-        store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        store = stack_store(state)
         name = f"bench-plugin-{uuid.uuid4().hex[:4]}"
         labels = tuple(str(i) for i in range(10))
         spec = DatasetSpec(

@@ -154,18 +154,16 @@ def gateway_part() -> tuple[float, float, float]:
     from cdl.events import Event
     from cdl.kafka import Producer
     from cdl.signing import Signer, TrustedKeys, generate_signing_key, verify_entry
-    from cdl.store import ObjectStore
     from cdl.tls import ensure_server_cert
     from cdl.triton import TRITON_BUCKET
     from cdl.v1 import events_pb2
-    from cdl_tools.stack import service_env
+    from cdl_tools.stack import service_env, stack_store
     from cdl_tools.stack._procs import spawn, stop
     from tests.models import write_affine
 
     with _stack("plaintext", triton_servers=1) as state:
         tmp = Path(state["state_dir"])
-        m = state["minio"]
-        store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        store = stack_store(state)
         key_file = tmp / "bench-signing.pem"
         trusted = generate_signing_key(key_file)
         signer = Signer.from_file(key_file)

@@ -295,10 +295,9 @@ class Demo:
         return str(self.state["kafka"]["bootstrap"])
 
     def store(self) -> Any:
-        from cdl.store import ObjectStore
+        from cdl_tools.stack import stack_store
 
-        m = self.state["minio"]
-        return ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        return stack_store(self.state)
 
     def quiet(self) -> None:
         """Stop the clients and the feed (before the stack: no client outlives the broker)."""

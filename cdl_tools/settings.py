@@ -41,6 +41,13 @@ class StackSettings(BaseSettings):
     that asks for it. Kept for the stack's life: a restart keeps it."""
     minio_port: int = 0
     """MinIO S3 API port; 0 picks a free one."""
+    minio_tls: bool = True
+    """MinIO serves TLS with a certificate of the stack's CA, and every client trusts that CA
+    (services through ``CDL_S3_SECURE`` and ``CDL_S3_CA_FILE``). Triton's S3 client trusts only
+    the system's CA bundle, so each Triton runs in a mount namespace of its own where the
+    stack's CA is added to it (``unshare``; the machine's bundle is untouched); where no such
+    namespace may be made (a user without user namespaces), the stack serves plain HTTP on
+    loopback and says so. Kept for the stack's life."""
     minio_access_key: str = "cdl-admin"
     """MinIO root user."""
     minio_secret_key: str = ""

@@ -23,7 +23,7 @@ import pytest
 from cdl.errors import CdlError
 from cdl.store import ObjectStore
 from cdl_tools.settings import StackSettings
-from cdl_tools.stack import LocalStack, service_env, use_stack_identity
+from cdl_tools.stack import LocalStack, service_env, stack_store, use_stack_identity
 from cdl_tools.stack._procs import port_pool
 from tests.helpers import IN_CI
 
@@ -160,8 +160,7 @@ def bootstrap_of(stack: dict[str, Any]) -> str:
 
 def store_of(stack: dict[str, Any]) -> ObjectStore:
     """The object store (MinIO) of ``stack``."""
-    m = stack["minio"]
-    return ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+    return stack_store(stack)
 
 
 # the session stack's; a folder with a stack of its own registers the same under its scope

@@ -273,7 +273,6 @@ def kafka_reader(bootstrap: str, open_reader: Callable[[str], _T]) -> _T:
 
 def object_store(state: dict[str, Any]) -> ObjectStore:
     """The stack's object store (``state`` names its ``minio``)."""
-    from cdl.store import ObjectStore
+    from cdl_tools.stack import stack_store
 
-    m = state["minio"]
-    return ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+    return stack_store(state)

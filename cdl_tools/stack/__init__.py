@@ -18,7 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdl.errors import StackError, UnavailableError
 from cdl.store_access import STORE_GRANTS, store_user
@@ -36,7 +36,10 @@ from cdl_tools.stack._components import (
 from cdl_tools.stack._probe import describe_live, read_supervisor_state
 from cdl_tools.stack._procs import ProcInfo, free_port, group_members, is_alive, port_taken, spawn, stop
 
-__all__ = ["LocalStack", "ProgressFn", "ensure_triton_install", "service_env", "use_stack_identity"]
+if TYPE_CHECKING:
+    from cdl.store import ObjectStore
+
+__all__ = ["LocalStack", "ProgressFn", "ensure_triton_install", "service_env", "stack_store", "use_stack_identity"]
 
 #: called as progress(component, phase, detail); phase in starting/healthy/ready/failed/stopped
 ProgressFn = Callable[[str, str, str], None]
@@ -63,6 +66,16 @@ def use_stack_identity(state: dict[str, Any], user: str = "admin") -> None:
     use(KafkaSecurity("SASL_SSL", username=user, password=password, ca_file=kafka["ca_file"]), kafka["bootstrap"])
 
 
+def stack_store(state: dict[str, Any], access_key: str = "", secret_key: str = "") -> ObjectStore:
+    """A client of the object store of the stack of ``state``: over TLS trusting the stack's CA
+    when MinIO serves it; as the root user unless ``access_key`` and ``secret_key`` are given."""
+    from cdl.store import ObjectStore
+
+    m = state["minio"]
+    key, secret = (access_key, secret_key) if access_key else (m["access_key"], m["secret_key"])
+    return ObjectStore(m["endpoint"], key, secret, bool(m.get("secure")), m.get("ca_file", ""))
+
+
 def service_env(state: dict[str, Any]) -> dict[str, str]:
     """The environment that points a cdl service at the stack of ``state`` (its ``stack.json``):
     the generic connection variables every service reads (``cdl.settings.SHARED_FIELDS``), the
@@ -76,6 +89,8 @@ def service_env(state: dict[str, Any]) -> dict[str, str]:
     if "minio" in state:
         m = state["minio"]
         env["CDL_S3_ENDPOINT"] = m["endpoint"]
+        if m.get("secure"):  # TLS with the stack's CA
+            env |= {"CDL_S3_SECURE": "true", "CDL_S3_CA_FILE": m["ca_file"]}
         if not state.get("minio_users"):  # (a stack from before its users: the root key for all)
             env |= {"CDL_S3_ACCESS_KEY": m["access_key"], "CDL_S3_SECRET_KEY": m["secret_key"]}
     tritons = state.get("triton", [])
@@ -107,6 +122,8 @@ class LocalStack:
         self.settings = settings or StackSettings()
         self.state_dir = Path(self.settings.state_dir)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        #: how a Triton trusts a TLS MinIO (``_triton_trust``), once worked out
+        self._trust: tuple[tuple[tuple[Path, Path], tuple[str, ...]], ...] | None = None
         #: the passwords of the stack's Kafka users when its broker is secured (``up``)
         self.kafka_users: dict[str, str] = {}
         #: components the last ``up()`` found already running (and left alone)
@@ -146,7 +163,22 @@ class LocalStack:
                 update[kept] = state[kept]
         if state.get("kafka_security"):
             update["kafka_security"] = state["kafka_security"]
+        if "minio_tls" in state:
+            update["minio_tls"] = bool(state["minio_tls"])
         return self.settings.model_copy(update=update) if update else self.settings
+
+    def _triton_trust(self) -> tuple[tuple[Path, Path], tuple[str, ...]] | None:
+        """How a Triton trusts a MinIO that serves TLS with the stack's CA: (the system's CA
+        bundle it reads, the copy with the stack's CA added) and the prefix that runs it in a
+        mount namespace of its own; None where this machine allows no such namespace."""
+        if self._trust is None:
+            from cdl.tls import ensure_ca
+            from cdl_tools.stack._components import private_mount_prefix, trusting_bundle
+
+            prefix = private_mount_prefix()
+            bundle = trusting_bundle(ensure_ca(self.tls_dir)[0], self.tls_dir / "triton-ca-bundle.pem")
+            self._trust = ((bundle, tuple(prefix)),) if prefix is not None and bundle is not None else ()
+        return self._trust[0] if self._trust else None
 
     @property
     def tls_dir(self) -> Path:
@@ -190,7 +222,9 @@ class LocalStack:
                 admin_password=admin_password,
                 tls_dir=self.tls_dir,
             ),
-            MinioComponent("minio", d / "minio", minio_ports, settings=s),
+            MinioComponent(
+                "minio", d / "minio", minio_ports, settings=s, tls_dir=self.tls_dir if s.minio_tls else None
+            ),
         ]
         if s.postgres:
             pg_ports = old_ports("postgres") or {"port": self._port(s.postgres_port)}
@@ -205,7 +239,19 @@ class LocalStack:
             }
             s3_user = (store_user("triton"), triton_secret) if triton_secret else ()
             endpoint = f"{s.host}:{minio_ports['api']}"
-            comps.append(TritonComponent(name, d / name, ports, settings=s, s3_endpoint=endpoint, s3_user=s3_user))
+            trust = self._triton_trust() if s.minio_tls else None
+            comps.append(
+                TritonComponent(
+                    name,
+                    d / name,
+                    ports,
+                    settings=s,
+                    s3_endpoint=endpoint,
+                    s3_user=s3_user,
+                    ca_bundle=trust[0] if trust else None,
+                    mount_prefix=trust[1] if trust else (),
+                )
+            )
         grpc_services = {"ingest", "gateway"}
         for name in s.services:
             ports = old_ports(name) or {"metrics": free_port(s.host)}
@@ -252,11 +298,17 @@ class LocalStack:
         minio_users = {name: kept_users.get(name) or secrets.token_urlsafe(24) for name in STORE_GRANTS}
         # the broker's security is the stack's for its life (its storage holds the admin's credentials)
         kafka_security = previous.get("kafka_security") or self.settings.kafka_security
+        # MinIO's TLS too; Triton must be able to trust the stack's CA, or MinIO stays plain
+        minio_tls = bool(previous["minio_tls"]) if "minio_tls" in previous else self.settings.minio_tls
+        if minio_tls and self.settings.triton_servers and self._triton_trust() is None:
+            minio_tls = False
+            progress("minio", "starting", "plain HTTP on loopback: Triton cannot be given the stack's CA here")
         self.settings = self.settings.model_copy(
             update={
                 "minio_secret_key": minio_secret,
                 "postgres_password": pg_password,
                 "kafka_security": kafka_security,
+                "minio_tls": minio_tls,
             }
         )
         self.kafka_users = {}
@@ -281,6 +333,7 @@ class LocalStack:
             "postgres_password": pg_password,
             "minio_users": minio_users,
             "kafka_security": kafka_security,
+            "minio_tls": minio_tls,
             **({"kafka_users": self.kafka_users} if self.kafka_users else {}),
             "ports": {c.name: c.ports for c in comps},
             "procs": {n: p for n, p in previous.get("procs", {}).items() if n in running},
@@ -414,14 +467,14 @@ class LocalStack:
     def _provision(self, state: dict[str, Any], progress: ProgressFn) -> None:
         from cdl.events import Topics
         from cdl.provision import provision
-        from cdl.store import BUCKETS, ObjectStore
+        from cdl.store import BUCKETS
         from cdl.store_access import apply_store_grants
 
         m = state["minio"]
         try:
             provision(
                 state["kafka"]["bootstrap"],
-                ObjectStore(m["endpoint"], m["access_key"], m["secret_key"]),
+                stack_store(state),
                 Topics.PARTITIONS,
             )
         except UnavailableError as exc:
@@ -438,7 +491,14 @@ class LocalStack:
                 raise StackError(exc.message, **exc.context) from exc
             progress("kafka", "ready", f"SASL_SSL: {len(state['kafka_users'])} users, {acls} ACLs")
         try:
-            users = apply_store_grants(m["endpoint"], m["access_key"], m["secret_key"], state.get("minio_users", {}))
+            users = apply_store_grants(
+                m["endpoint"],
+                m["access_key"],
+                m["secret_key"],
+                state.get("minio_users", {}),
+                bool(m.get("secure")),
+                m.get("ca_file", ""),
+            )
         except UnavailableError as exc:
             raise StackError(exc.message, **exc.context) from exc
         progress("kafka", "ready", f"{len(Topics.PARTITIONS)} topics")

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import ssl
+import subprocess
 import sys
 import sysconfig
 import urllib.error
@@ -515,24 +516,71 @@ def ensure_triton_install(home: Path) -> Path:
     return dest
 
 
+#: where Triton's S3 client (the AWS SDK's curl) looks for the system's CA bundle, in its order
+SYSTEM_CA_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+)
+
+
+def private_mount_prefix() -> list[str] | None:
+    """The command prefix that runs a process in a mount namespace of its own, where a bind
+    mount is allowed (``unshare -m`` as root, ``unshare -rm`` in a user namespace otherwise),
+    or None where neither is."""
+    if shutil.which("unshare") is None:
+        return None
+    for prefix in (["unshare", "-m", "--"], ["unshare", "-r", "-m", "--"]):
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+def trusting_bundle(ca_file: Path, out: Path) -> tuple[Path, Path] | None:
+    """(the system's CA bundle Triton reads, a copy of it with ``ca_file`` added, at ``out``),
+    or None when the machine has none of the known bundles."""
+    system = next((Path(p) for p in SYSTEM_CA_BUNDLES if Path(p).is_file()), None)
+    if system is None:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(system.read_text() + "\n" + ca_file.read_text())
+    return system, out
+
+
 @dataclass
 class TritonComponent(Component):
-    """A Triton server reading its model repository straight from MinIO (``s3://``)."""
+    """A Triton server reading its model repository straight from MinIO (``s3://``). With
+    ``ca_bundle`` (MinIO over TLS with the stack's CA): the system's bundle Triton reads and
+    the copy with the stack's CA added, bind-mounted over it in Triton's own mount namespace
+    (``mount_prefix``, :func:`private_mount_prefix`)."""
 
     settings: StackSettings = field(default_factory=StackSettings)
     s3_endpoint: str = ""
     #: its object-store user, (access key, secret key); empty: the root user
     s3_user: tuple[str, ...] = ()
+    ca_bundle: tuple[Path, Path] | None = None
+    mount_prefix: tuple[str, ...] = ()
 
     @property
     def repository(self) -> str:
-        return f"s3://{self.s3_endpoint}/cdl-triton"
+        scheme = "https://" if self.ca_bundle else ""
+        return f"s3://{scheme}{self.s3_endpoint}/cdl-triton"
 
     def prepare(self) -> None:
         ensure_triton_install(self.settings.home)
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     def argv(self) -> list[str]:
+        if self.ca_bundle is None:
+            return self._server_argv()
+        system, bundle = self.ca_bundle
+        bind = 'mount --bind "$0" "$1" && shift && exec "$@"'
+        return [*self.mount_prefix, "sh", "-c", bind, str(bundle), str(system), *self._server_argv()]
+
+    def _server_argv(self) -> list[str]:
         install = triton_install_dir(self.settings.home)
         h = self.settings.host
         return [

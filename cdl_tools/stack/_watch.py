@@ -9,7 +9,8 @@ from typing import Any
 
 from cdl.events import Topics
 from cdl.kafka.security import secured
-from cdl.store import BUCKETS, ObjectStore
+from cdl.store import BUCKETS
+from cdl_tools.stack import stack_store
 
 __all__ = ["HealthReader", "Snapshot", "StackObserver"]
 
@@ -46,8 +47,7 @@ class StackObserver:
                 }
             )
         )
-        m = state["minio"]
-        self._store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+        self._store = stack_store(state)
 
     def topic_counts(self) -> dict[str, int]:
         from confluent_kafka import TopicPartition

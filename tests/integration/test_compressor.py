@@ -17,6 +17,7 @@ from cdl.kafka import Producer
 from cdl.registry import MODELS_BUCKET, ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
+from cdl_tools.stack import stack_store
 from services.compressor.compressor import Compressor
 from services.compressor.settings import CompressorSettings
 from services.compressor.variants import Served, run
@@ -29,8 +30,7 @@ from tests.helpers import read_topic
 @pytest.fixture(scope="module")
 def trained(stack: dict[str, Any]) -> tuple[str, events_pb2.ModelTrained, Event]:
     """A digits CNN trained (in-process, by the trainer's code) on a fresh dataset."""
-    m = stack["minio"]
-    store = ObjectStore(m["endpoint"], m["access_key"], m["secret_key"])
+    store = stack_store(stack)
     name = f"cdigits-{uuid.uuid4().hex[:6]}"
     digits = load_digits()
     x = digits.data.reshape(-1, 1, 8, 8).astype(np.float32)

@@ -16,13 +16,14 @@ import pytest
 from cdl.errors import PermissionDeniedError
 from cdl.store import BUCKETS, ObjectStore
 from cdl.store_access import STORE_GRANTS, store_user
+from cdl_tools.stack import stack_store
 from tests.conftest import kafka_env
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def _as(stack: dict[str, Any], name: str) -> ObjectStore:
-    return ObjectStore(stack["minio"]["endpoint"], store_user(name), stack["minio_users"][name])
+    return stack_store(stack, store_user(name), stack["minio_users"][name])
 
 
 def test_the_stack_made_a_user_per_service_and_triton(stack: dict[str, Any]) -> None:
@@ -101,7 +102,7 @@ def test_each_service_sees_the_buckets_it_provisions(stack: dict[str, Any]) -> N
 
 
 def test_a_wrong_secret_is_refused(stack: dict[str, Any]) -> None:
-    store = ObjectStore(stack["minio"]["endpoint"], store_user("trainer"), "not-its-secret")
+    store = stack_store(stack, store_user("trainer"), "not-its-secret")
     with pytest.raises(PermissionDeniedError, match="wrong access or secret key"):
         store.get_bytes("cdl-models", "anything")
 
@@ -115,6 +116,11 @@ def _job(stack: dict[str, Any], tmp_path: Path, **extra: str) -> subprocess.Comp
         "CDL_S3_ENDPOINT": stack["minio"]["endpoint"],
         "CDL_S3_ACCESS_KEY": stack["minio"]["access_key"],
         "CDL_S3_SECRET_KEY": stack["minio"]["secret_key"],
+        **(
+            {"CDL_S3_SECURE": "true", "CDL_S3_CA_FILE": stack["minio"]["ca_file"]}
+            if stack["minio"].get("secure")
+            else {}
+        ),
         "CDL_STATE_DIR": str(tmp_path),
         "PYTHONPATH": str(ROOT),
         **{f"CDL_PROVISION_{n.upper()}_S3_SECRET": s for n, s in stack["minio_users"].items()},
