@@ -25,8 +25,15 @@ def private_stack(triton_servers: int = 1) -> Iterator[dict[str, Any]]:
 
     with tempfile.TemporaryDirectory(prefix="cdl-bench-") as tmp:
         stack = LocalStack(
-            # plaintext: the figures compare with earlier runs; bench/secure measures what SASL_SSL costs
-            StackSettings(state_dir=Path(tmp), triton_servers=triton_servers, services=[], kafka_security="plaintext")
+            # plaintext Kafka and MinIO: the figures compare with earlier runs; bench/secure measures
+            # what SASL_SSL and TLS cost
+            StackSettings(
+                state_dir=Path(tmp),
+                triton_servers=triton_servers,
+                services=[],
+                kafka_security="plaintext",
+                minio_tls=False,
+            )
         )
         try:
             state = stack.up()

@@ -142,7 +142,7 @@ class CorpusLoop:
         from cdl_tools.stack import LocalStack, stack_store
 
         self.stack = LocalStack(  # plaintext: comparable with earlier runs (bench/secure measures SASL_SSL)
-            StackSettings(state_dir=self.state_dir, kafka_security="plaintext")
+            StackSettings(state_dir=self.state_dir, kafka_security="plaintext", minio_tls=False)
         )
         try:
             with self.console.status("starting the stack") as status:

@@ -1,7 +1,8 @@
 """bench/secure: what security costs (issue 29), each figure against its plaintext twin in the same run.
 
-1. **Ingest over SASL_SSL.** Two private stacks side by side, one plaintext and one
-   ``kafka_security=sasl_ssl`` (TLS with the stack's CA, SCRAM-SHA-512, ACLs), an ingest
+1. **Ingest over SASL_SSL.** Two private stacks side by side, one plaintext (Kafka and MinIO)
+   and one secured as ``cdl stack up`` is by default (``kafka_security=sasl_ssl``: TLS with the
+   stack's CA, SCRAM-SHA-512, ACLs; MinIO over TLS with that CA, its shards written so), an ingest
    service on each (on the secured one as its own Kafka user). Rounds alternate between them
    (``CDL_BENCH_SECURE_ROUNDS``, 5, after ``CDL_BENCH_SECURE_WARMUP``, 2, warm-up rounds each:
    the brokers' JIT compiles the TLS and SCRAM paths over the first rounds, and one warm-up
@@ -64,6 +65,7 @@ def _stack(kafka_security: str, triton_servers: int = 0) -> Iterator[dict[str, A
             postgres=False,
             services=[],
             kafka_security=kafka_security,
+            minio_tls=kafka_security == "sasl_ssl",  # the secured stack's object store over TLS too
         )
         stack = LocalStack(settings)
         try:

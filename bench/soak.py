@@ -70,7 +70,7 @@ def main() -> None:
     print(f"machine: {machine()}; {DURATION_S:.0f} s at {RATE:.0f} records/s, warm-up {WARMUP_S:.0f} s")
     with tempfile.TemporaryDirectory(prefix="cdl-soak-") as tmp:
         settings = StackSettings(  # plaintext: comparable with earlier runs (bench/secure measures SASL_SSL)
-            state_dir=Path(tmp), triton_servers=1, services=SERVICES, kafka_security="plaintext"
+            state_dir=Path(tmp), triton_servers=1, services=SERVICES, kafka_security="plaintext", minio_tls=False
         )
         stack = LocalStack(settings)
         try:

@@ -74,3 +74,25 @@ def test_the_provisioning_job_makes_the_users_over_tls(
     gateway.put_json("cdl-models", "tls/rollout.json", {"stage": "stable"})
     with pytest.raises(PermissionDeniedError):
         gateway.put_bytes("cdl-models", "tls/1/model.safetensors", b"forged")
+
+
+def test_the_shared_stacks_minio_serves_tls_and_its_tritons_read_their_repository_through_it(
+    stack: dict[str, Any],
+) -> None:
+    """The tests' stack runs as ``cdl stack up`` does by default: MinIO over TLS with the
+    stack's CA, and each Triton reading ``s3://https://…`` in its own mount namespace, where the
+    stack's CA is added to the system bundle it reads."""
+    import json
+    import urllib.request
+
+    m = stack["minio"]
+    assert stack["minio_tls"] and m["secure"] and Path(m["ca_file"]).is_file()
+    with pytest.raises(ConfigError, match="not trusted"):  # the system's CAs alone do not trust it
+        ObjectStore(m["endpoint"], m["access_key"], m["secret_key"], secure=True).get_bytes("cdl-models", "x")
+    with open("/etc/ssl/certs/ca-certificates.crt") as system:  # the machine's bundle is untouched
+        assert Path(m["ca_file"]).read_text().strip() not in system.read()
+    for triton in stack["triton"]:
+        assert triton["repository"].startswith("s3://https://")
+        index = urllib.request.Request(f"http://{triton['http']}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(index, timeout=30) as answer:  # listed over TLS from MinIO
+            assert isinstance(json.loads(answer.read()), list)
