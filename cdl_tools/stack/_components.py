@@ -7,7 +7,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import ssl
 import subprocess
@@ -301,15 +300,9 @@ class MinioComponent(Component):
             raise ConfigError("MinIO binary is missing; run scripts/setup.sh", path=str(self.binary))
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         if self.tls_dir is not None:  # MinIO reads a key and a certificate chain from --certs-dir
-            from cdl.tls import ensure_server_cert, write_private
+            from cdl.tls import ensure_minio_certs
 
-            pem = ensure_server_cert(self.tls_dir, "minio", sorted({self.settings.host, "localhost", "127.0.0.1"}))
-            blocks = list(re.finditer(r"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\n?", pem.read_text(), re.S))
-            key = "".join(b.group(0) for b in blocks if b.group(1).endswith("PRIVATE KEY"))
-            write_private(self.certs_dir / "private.key", key.encode())
-            (self.certs_dir / "public.crt").write_text(
-                "".join(b.group(0) for b in blocks if b.group(1) == "CERTIFICATE")
-            )
+            ensure_minio_certs(self.tls_dir, sorted({self.settings.host, "localhost", "127.0.0.1"}), self.certs_dir)
 
     def argv(self) -> list[str]:
         return [

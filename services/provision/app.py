@@ -46,23 +46,23 @@ def provision_kafka_users(settings: ProvisionSettings) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``provision`` (the default): topics, buckets, users; ``provision broker``: compose's
-    broker set-up before the broker starts (services.provision.broker)."""
+    """``provision`` (the default): topics, buckets, users; ``provision tls``: compose's TLS
+    set-up before the broker and MinIO start (services.provision.tls_setup)."""
     configure_logging("provision")
     settings = ProvisionSettings()
     args = sys.argv[1:] if argv is None else argv
-    if args == ["broker"]:
-        from services.provision.broker import write_broker_setup
+    if args == ["tls"]:
+        from services.provision.tls_setup import write_tls_setup
 
         try:
-            written = write_broker_setup(settings)
+            written = write_tls_setup(settings)
         except (CdlError, OSError) as exc:
-            log.error("the broker set-up failed", error=str(exc))
+            log.error("the TLS set-up failed", error=str(exc))
             raise SystemExit(1) from exc
-        log.info("broker set up", files=[str(p) for p in written])
+        log.info("TLS set up", files=[str(p) for p in written])
         return
     if args:
-        log.error("unknown command: provision takes no argument, or 'broker'", given=args)
+        log.error("unknown command: provision takes no argument, or 'tls'", given=args)
         raise SystemExit(2)
     settings.secure_process("provision")
     deadline = time.monotonic() + 120

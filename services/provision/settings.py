@@ -23,10 +23,11 @@ class ProvisionSettings(ServiceSettings):
     given it makes no Kafka user (the local stack makes its own), with some but not all it
     refuses (a security problem).
 
-    ``python -m services.provision broker`` is compose's broker set-up, before the broker
-    starts: the CA (``broker_ca_dir``, kept from run to run), the broker's certificate and the
-    SASL login lines with the admin's password (``broker_config_dir``, read by the broker only),
-    and the CA's certificate for the clients (``broker_trust_dir``)."""
+    ``python -m services.provision tls`` is compose's TLS set-up, before the broker and MinIO
+    start: the CA (``tls_ca_dir``, kept from run to run), the broker's certificate and the SASL
+    login lines with the admin's password (``broker_config_dir``, read by the broker only),
+    MinIO's key and certificate (``minio_certs_dir``), and for the clients the CA's certificate
+    and a copy of the system's CA bundle with it added, for Triton (``tls_trust_dir``)."""
 
     model_config = SettingsConfigDict(env_prefix="CDL_PROVISION_", extra="ignore", use_attribute_docstrings=True)
 
@@ -61,16 +62,23 @@ class ProvisionSettings(ServiceSettings):
     """SCRAM password of the Kafka user ``producer`` (the applications that write ``data.raw``
     and ``data.feedback``)."""
 
-    broker_ca_dir: str = "/var/lib/cdl-ca"
+    tls_ca_dir: str = "/var/lib/cdl-ca"
     """The broker set-up's CA (its private key: no other container mounts it)."""
     broker_config_dir: str = "/mnt/kafka-config"
     """Where the broker set-up writes the broker's key and certificate (``kafka.pem``), the CA's
     certificate and ``server.properties`` with its SASL login lines (the broker's
     ``/mnt/shared/config``)."""
-    broker_trust_dir: str = "/etc/cdl/kafka"
+    tls_trust_dir: str = "/etc/cdl/tls"
     """Where the broker set-up writes the CA's certificate (``ca.pem``) that the clients trust."""
     broker_hosts: list[str] = ["kafka", "localhost"]
     """The names the broker's certificate is valid for (its advertised host among them)."""
+    minio_certs_dir: str = "/mnt/minio-certs"
+    """Where the TLS set-up writes MinIO's ``private.key`` and ``public.crt`` (its ``--certs-dir``)."""
+    minio_hosts: list[str] = ["minio", "localhost"]
+    """The names MinIO's certificate is valid for."""
+    system_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    """The system's CA bundle the TLS set-up adds the CA to (``bundle.pem`` in ``tls_trust_dir``,
+    which Triton mounts over its own: its S3 client trusts only the system's bundle)."""
     broker_uid: int = 1000
     """The broker's user: the files only it reads are its own (0600)."""
 

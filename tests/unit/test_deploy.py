@@ -92,7 +92,7 @@ def _settings_class(name: str) -> type[ServiceSettings]:
 
 
 def test_the_compose_file_has_the_servers_the_six_services_and_the_provisioning_job(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"kafka", "minio", "postgres", "triton", "provision", "broker-setup", *SERVICES}
+    assert set(compose["services"]) == {"kafka", "minio", "postgres", "triton", "provision", "tls-setup", *SERVICES}
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -139,7 +139,7 @@ def test_compose_has_no_default_secret_and_refuses_to_start_without_one(compose:
         assert f"${{{var}:-" not in text, f"{var} has a default"
     without = {k: v for k, v in LAPTOP.items() if k not in needing}
     users = [n for n, svc in compose["services"].items() if any(v in str(svc.get("environment")) for v in needing)]
-    assert {"minio", "postgres", "triton", "provision", "broker-setup", *SERVICES} <= set(users)
+    assert {"minio", "postgres", "triton", "provision", "tls-setup", *SERVICES} <= set(users)
     for name in users:
         with pytest.raises(RefusedError, match=r"docs/security\.md"):
             _env(compose["services"][name], without)
@@ -251,23 +251,40 @@ def test_each_service_is_its_own_kafka_user_over_sasl_ssl_and_only_the_jobs_hold
         env = _env(svcs[name])
         prefix = f"CDL_{name.upper()}_"
         assert (
-            env["CDL_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL" and env["CDL_KAFKA_SSL_CA_FILE"] == "/etc/cdl/kafka/ca.pem"
+            env["CDL_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL" and env["CDL_KAFKA_SSL_CA_FILE"] == "/etc/cdl/tls/ca.pem"
         )
         assert env[prefix + "KAFKA_SASL_USERNAME"] == name
         assert env[prefix + "KAFKA_SASL_PASSWORD"] == job[f"CDL_PROVISION_{name.upper()}_KAFKA_PASSWORD"]
-        assert "kafka-trust:/etc/cdl/kafka:ro" in svcs[name]["volumes"], name
+        assert "trust:/etc/cdl/tls:ro" in svcs[name]["volumes"], name
         assert not any("kafka-ca" in v or "kafka-config" in v for v in svcs[name]["volumes"]), name
     holders = sorted(n for n, svc in svcs.items() if "CDL_KAFKA_ADMIN_PASSWORD" in str(svc.get("environment")))
-    assert holders == ["broker-setup", "provision"]
-    setup = _env(svcs["broker-setup"])
+    assert holders == ["provision", "tls-setup"]
+    setup = _env(svcs["tls-setup"])
     assert setup["CDL_PROVISION_KAFKA_SASL_PASSWORD"] == job["CDL_PROVISION_KAFKA_SASL_PASSWORD"]
-    assert svcs["broker-setup"]["entrypoint"] == ["python", "-m", "services.provision", "broker"]
-    assert svcs["kafka"]["depends_on"]["broker-setup"]["condition"] == "service_completed_successfully"
+    assert svcs["tls-setup"]["entrypoint"] == ["python", "-m", "services.provision", "tls"]
+    assert svcs["kafka"]["depends_on"]["tls-setup"]["condition"] == "service_completed_successfully"
+
+
+def test_minio_serves_tls_that_every_client_and_triton_trust(compose: dict[str, Any]) -> None:
+    """tls-setup writes MinIO's key and certificate (its --certs-dir) and what the clients
+    trust; the services verify MinIO against the CA, Triton through its system bundle, which
+    tls-setup's copy with the CA added replaces before the server starts."""
+    svcs = compose["services"]
+    minio = svcs["minio"]
+    assert minio["command"][-2:] == ["--certs-dir", "/certs"] and "minio-certs:/certs:ro" in minio["volumes"]
+    assert minio["depends_on"]["tls-setup"]["condition"] == "service_completed_successfully"
+    assert "minio-certs:/mnt/minio-certs" in svcs["tls-setup"]["volumes"]
+    for name in [*SERVICES, "provision"]:
+        env = _env(svcs[name])
+        assert env["CDL_S3_SECURE"] == "true" and env["CDL_S3_CA_FILE"] == "/etc/cdl/tls/ca.pem", name
+    triton = svcs["triton"]
+    assert "trust:/etc/cdl/tls:ro" in triton["volumes"]
+    assert "cp /etc/cdl/tls/bundle.pem /etc/ssl/certs/ca-certificates.crt" in triton["entrypoint"][2]
 
 
 def test_the_brokers_variables_survive_its_image(compose: dict[str, Any]) -> None:
     """The apache/kafka image turns KAFKA_* variables into properties but drops a value holding
-    '=' (every SASL login line: they come from broker-setup's file), and wants JKS files when an
+    '=' (every SASL login line: they come from tls-setup's file), and wants JKS files when an
     advertised listener's name holds 'SSL://' or 'SASL_'; the listener is named CLIENT."""
     kafka = _env(compose["services"]["kafka"])
     assert [k for k, v in kafka.items() if "=" in v] == []
@@ -292,7 +309,7 @@ def test_connections_point_at_the_servers_as_they_are_configured(compose: dict[s
     assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # ingest creates every topic, partitioned
     minio = _env(svcs["minio"])
     triton = svcs["triton"]
-    assert "--model-repository=s3://minio:9000/cdl-triton" in triton["command"]
+    assert "--model-repository=s3://https://minio:9000/cdl-triton" in triton["command"]
     assert "--model-control-mode=explicit" in triton["command"]  # the gateway loads and unloads
     job = _env(svcs["provision"])  # the job makes the users as the store's root
     assert job["CDL_S3_ACCESS_KEY"] == minio["MINIO_ROOT_USER"]

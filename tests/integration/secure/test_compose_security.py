@@ -1,9 +1,11 @@
-"""compose's broker, for real: deploy/compose.yml's Kafka configuration run on the Kafka jars
-this machine has (there is no Docker engine here). The broker-setup job writes its files, the
-broker's properties are what the apache/kafka image makes of them and of the compose file's
-KAFKA_* variables (its rules: a single '_' is a '.', '__' a '_', '___' a '-'; a value holding
-'=' dropped), the provisioning job sets the users and ACLs as the admin; then the services'
-users connect with compose's CA over SASL_SSL, each writing only what it owns."""
+"""compose's security, for real: deploy/compose.yml's Kafka and MinIO configurations run on the
+servers this machine has (there is no Docker engine here). The tls-setup job writes its files;
+the broker's properties are what the apache/kafka image makes of them and of the compose
+file's KAFKA_* variables (its rules: a single '_' is a '.', '__' a '_', '___' a '-'; a value
+holding '=' dropped); the provisioning job sets the users and ACLs as the admin; then the
+services' users connect with compose's CA over SASL_SSL, each writing only what it owns. MinIO
+serves TLS from tls-setup's certificate, and a Triton reads its repository over https with
+tls-setup's bundle."""
 
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from cdl_tools.settings import StackSettings
 from cdl_tools.stack._components import KafkaComponent
 from cdl_tools.stack._procs import free_port
 from services.provision.app import provision_kafka_users
-from services.provision.broker import write_broker_setup
 from services.provision.settings import ProvisionSettings
+from services.provision.tls_setup import write_tls_setup
 from tests.integration.secure.test_kafka_acls import _metadata, _produce
 from tests.unit.test_deploy import DEPLOY, KAFKA_SECRETS, LAPTOP, _env
 
@@ -57,17 +59,21 @@ def compose_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     environ = {var: secrets.token_urlsafe(18) for var in KAFKA_SECRETS}  # an operator's real passwords
     config, trust, data = root / "config", root / "trust", root / "data"
 
-    # broker-setup, with compose's settings (its folders here, and this machine's name)
-    setup_env = _env(compose["services"]["broker-setup"], environ)
+    # tls-setup, with compose's settings (its folders here, and this machine's name)
+    setup_env = _env(compose["services"]["tls-setup"], environ)
     setup = ProvisionSettings(
         kafka_sasl_password=setup_env["CDL_PROVISION_KAFKA_SASL_PASSWORD"],
-        broker_ca_dir=str(root / "ca"),
+        tls_ca_dir=str(root / "ca"),
         broker_config_dir=str(config),
-        broker_trust_dir=str(trust),
+        tls_trust_dir=str(trust),
+        minio_certs_dir=str(root / "minio-certs"),
         broker_hosts=["localhost"],
     )
-    written = write_broker_setup(setup)
-    assert {p.name for p in written} == {"kafka.pem", "server.properties", "client.properties", "ca.pem"}
+    written = write_tls_setup(setup)
+    assert {p.name for p in written} == {
+        *("kafka.pem", "server.properties", "client.properties", "ca.pem"),
+        *("private.key", "public.crt", "bundle.pem"),
+    }
     assert oct((config / "server.properties").stat().st_mode & 0o777) == "0o600"
     assert not (trust / "kafka.pem").exists() and not (config / "ca-key.pem").exists()
 
@@ -125,7 +131,14 @@ def compose_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
             except KafkaException:
                 assert time.monotonic() < deadline, (root / "kafka.log").read_text()[-3000:]
                 time.sleep(1)
-        yield {"bootstrap": bootstrap, "environ": environ, "compose": compose, "admin": admin, "trust": trust}
+        yield {
+            "bootstrap": bootstrap,
+            "environ": environ,
+            "compose": compose,
+            "admin": admin,
+            "trust": trust,
+            "root": root,
+        }
     finally:
         proc.kill()
         proc.wait(30)
@@ -178,6 +191,83 @@ def test_composes_broker_runs_sasl_ssl_with_a_user_per_service_and_their_acls(co
         assert _produce(conf, owned) is None, user
         refused = _produce(conf, forbidden)
         assert refused is not None and refused.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, (user, refused)
-    # the broker's health check logs in as the admin with broker-setup's client.properties
+    # the broker's health check logs in as the admin with tls-setup's client.properties
     client = (Path(str(broker["trust"])).parent / "config" / "client.properties").read_text()
     assert "security.protocol=SASL_SSL" in client and broker["environ"]["CDL_KAFKA_ADMIN_PASSWORD"] in client
+
+
+@pytest.mark.timeout(300)
+def test_composes_minio_serves_tls_that_the_services_and_triton_trust(compose_broker: dict[str, Any]) -> None:
+    """MinIO as compose runs it (``--certs-dir`` holding tls-setup's key and certificate), a
+    client as compose configures the services (``CDL_S3_SECURE``, ``CDL_S3_CA_FILE``: the CA
+    from the trust volume), and a Triton reading ``s3://https://…`` with tls-setup's bundle in
+    place of its system one (compose copies it there in Triton's container; here it is
+    bind-mounted in Triton's own mount namespace)."""
+    import json
+    import os
+    import urllib.request
+
+    from cdl.errors import ConfigError
+    from cdl.store import ObjectStore
+    from cdl_tools.stack._components import TritonComponent, private_mount_prefix
+    from cdl_tools.stack._procs import spawn, stop
+
+    root, trust, compose = compose_broker["root"], compose_broker["trust"], compose_broker["compose"]
+    command = compose["services"]["minio"]["command"]
+    certs = command[command.index("--certs-dir") + 1]
+    assert certs == "/certs" and "minio-certs:/certs:ro" in compose["services"]["minio"]["volumes"]
+    settings = StackSettings()
+    port, console = free_port(), free_port()
+    secret = secrets.token_urlsafe(18)
+    env = dict(os.environ, MINIO_ROOT_USER="cdl-admin", MINIO_ROOT_PASSWORD=secret)
+    argv = [str(settings.home / "bin" / "minio"), "server", str(root / "minio-data"), "--address", f"127.0.0.1:{port}"]
+    argv += ["--console-address", f"127.0.0.1:{console}", "--certs-dir", str(root / "minio-certs"), "--quiet"]
+    _, minio = spawn(argv, root / "minio.log", env=env)
+    tinfo = None
+    try:
+        services_env = _env(compose["services"]["trainer"], {**LAPTOP, **compose_broker["environ"]})
+        assert services_env["CDL_S3_SECURE"] == "true"
+        store = ObjectStore(f"localhost:{port}", "cdl-admin", secret, secure=True, ca_file=str(trust / "ca.pem"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                store.ensure_buckets()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, (root / "minio.log").read_text()[-2000:]
+                time.sleep(0.5)
+        store.put_bytes("cdl-triton", "m/config.pbtxt", b'name: "m"\nbackend: "python"\n')
+        with pytest.raises(ConfigError, match="not trusted"):  # the system's CAs alone do not trust it
+            ObjectStore(f"localhost:{port}", "cdl-admin", secret, secure=True).get_bytes("cdl-triton", "m/config.pbtxt")
+
+        prefix = private_mount_prefix()
+        assert prefix is not None, "no mount namespace for Triton on this machine"
+        system = Path(compose["services"]["triton"]["entrypoint"][2].split()[2])
+        ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+        triton = TritonComponent(
+            "triton-compose",
+            root / "triton",
+            ports,
+            settings=settings,
+            s3_endpoint=f"localhost:{port}",
+            s3_user=("cdl-admin", secret),
+            ca_bundle=(system, trust / "bundle.pem"),
+            mount_prefix=tuple(prefix),
+        )
+        triton.prepare()
+        _, tinfo = spawn(triton.argv(), triton.log_path, env=triton.env(), cwd=triton.workdir)
+        deadline = time.monotonic() + 120
+        index = urllib.request.Request(f"http://127.0.0.1:{ports['http']}/v2/repository/index", data=b"{}")
+        while True:
+            try:
+                with urllib.request.urlopen(index, timeout=5) as answer:
+                    listed = json.loads(answer.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, triton.log_path.read_text()[-2000:]
+                time.sleep(1)
+        assert [m["name"] for m in listed] == ["m"]  # read over TLS from MinIO
+    finally:
+        if tinfo is not None:
+            stop(tinfo, 10)
+        stop(minio, 10)

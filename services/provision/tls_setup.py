@@ -1,7 +1,8 @@
-"""compose's broker set-up (``python -m services.provision broker``), run once before the
-broker starts: what a SASL_SSL broker needs that its image's environment variables cannot carry.
+"""compose's TLS set-up (``python -m services.provision tls``), run once before the broker
+and MinIO start: what a SASL_SSL broker needs that its image's environment variables cannot
+carry, MinIO's certificate, and what the clients trust.
 
-- the CA (``broker_ca_dir``; kept, so a rerun issues nothing new) and the broker's key and
+- the CA (``tls_ca_dir``; kept, so a rerun issues nothing new) and the broker's key and
   certificate for ``broker_hosts`` (``kafka.pem``, Kafka's PEM keystore layout);
 - ``server.properties`` with the SASL login lines: the admin's PLAIN password (the admin is the
   one super user; the provisioning job then sets each service's SCRAM password as it) and the
@@ -9,7 +10,10 @@ broker starts: what a SASL_SSL broker needs that its image's environment variabl
   ``KAFKA_*`` variables, but drops every value that holds a ``=``, which each login line does;
   it starts from this file (its ``/mnt/shared/config``) and appends the variables;
 - ``client.properties``, the broker's own health check as the admin;
-- the CA's certificate (``ca.pem``) in ``broker_trust_dir``, which every client mounts.
+- MinIO's ``private.key`` and ``public.crt`` for ``minio_hosts`` (``minio_certs_dir``);
+- in ``tls_trust_dir``, which every client mounts: the CA's certificate (``ca.pem``), and
+  ``bundle.pem``, the system's CA bundle with the CA added, which Triton mounts over its own
+  (its S3 client trusts only the system's bundle).
 
 The files only the broker reads are 0600 and the broker's (``broker_uid``)."""
 
@@ -20,10 +24,10 @@ import shutil
 from pathlib import Path
 
 from cdl.errors import ConfigError
-from cdl.tls import ensure_ca, ensure_server_cert, write_private
+from cdl.tls import ensure_ca, ensure_minio_certs, ensure_server_cert, write_private
 from services.provision.settings import ProvisionSettings
 
-__all__ = ["broker_login_lines", "write_broker_setup"]
+__all__ = ["broker_login_lines", "write_tls_setup"]
 
 _PLAIN = "org.apache.kafka.common.security.plain.PlainLoginModule required"
 _SCRAM = "org.apache.kafka.common.security.scram.ScramLoginModule required"
@@ -44,12 +48,12 @@ def broker_login_lines(admin_password: str, listener: str = "client") -> list[st
     ]
 
 
-def write_broker_setup(settings: ProvisionSettings) -> list[Path]:
-    """Write (or keep) the broker's files; returns those written."""
+def write_tls_setup(settings: ProvisionSettings) -> list[Path]:
+    """Write (or keep) the broker's and MinIO's files and the clients' trust; returns those written."""
     ca_dir, config, trust = (
-        Path(settings.broker_ca_dir),
+        Path(settings.tls_ca_dir),
         Path(settings.broker_config_dir),
-        Path(settings.broker_trust_dir),
+        Path(settings.tls_trust_dir),
     )
     ca_cert, _ = ensure_ca(ca_dir)
     lines = broker_login_lines(settings.kafka_sasl_password)
@@ -79,4 +83,11 @@ def write_broker_setup(settings: ProvisionSettings) -> list[Path]:
     if os.geteuid() == 0:  # (the job runs as root in compose: the broker's files become the broker's)
         for path in [config, *written[:3], config / "ca.pem"]:
             os.chown(path, settings.broker_uid, settings.broker_uid)
-    return written
+    written += ensure_minio_certs(ca_dir, list(settings.minio_hosts), Path(settings.minio_certs_dir))
+    system = Path(settings.system_ca_bundle)
+    if not system.is_file():
+        raise ConfigError("no system CA bundle to add the CA to (system_ca_bundle)", path=str(system))
+    bundle = trust / "bundle.pem"
+    bundle.write_text(system.read_text() + "\n" + ca_cert.read_text())
+    bundle.chmod(0o644)
+    return [*written, bundle]
