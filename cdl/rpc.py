@@ -17,6 +17,7 @@ response stream is being produced, after some messages have been sent.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
@@ -25,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cdl.errors import CdlError
 from cdl.logging import get_logger
 
-__all__ = ["ErrorInterceptor", "add_health", "status_code"]
+__all__ = ["ErrorInterceptor", "add_health", "add_port", "status_code"]
 
 log = get_logger(__name__)
 
@@ -135,6 +136,15 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         return _rewrap(handler_call_details.method, handler)
+
+
+def add_port(server: grpc.Server | grpc.aio.Server, address: str, cert_file: str = "", key_file: str = "") -> int:
+    """Bind ``server`` to ``address``: TLS with the PEM ``cert_file`` (its chain) and
+    ``key_file`` when given, plaintext otherwise; returns the port bound."""
+    if not cert_file:
+        return server.add_insecure_port(address)
+    creds = grpc.ssl_server_credentials([(Path(key_file).read_bytes(), Path(cert_file).read_bytes())])
+    return server.add_secure_port(address, creds)
 
 
 def add_health(server: grpc.Server | grpc.aio.Server, services: Iterable[str]) -> health.HealthServicer:

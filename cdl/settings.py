@@ -32,6 +32,7 @@ __all__ = [
     "cdl_home",
     "default_state_dir",
     "known_default",
+    "plaintext_endpoint",
 ]
 
 #: the exit code of a service that refuses its configuration (sysexits' EX_CONFIG)
@@ -57,6 +58,14 @@ KNOWN_DEFAULT_SECRETS = frozenset(
 
 #: the hosts of a broker this machine alone reaches
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def plaintext_endpoint(host: str, tls_cert_file: str, what: str) -> list[str]:
+    """The security problem of serving ``what`` on ``host`` without TLS beyond loopback (an API
+    key sent to it can be read on the network), or none."""
+    if tls_cert_file or host in _LOOPBACK:
+        return []
+    return [f"{what} is served in plaintext beyond loopback: keys and data can be read on the network (tls_cert_file)"]
 
 
 def known_default(secret: str) -> bool:

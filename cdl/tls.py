@@ -11,7 +11,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-__all__ = ["ensure_ca", "ensure_client_cert", "ensure_minio_certs", "ensure_server_cert", "write_private"]
+__all__ = ["ensure_ca", "ensure_client_cert", "ensure_key_and_chain", "ensure_server_cert", "write_private"]
 
 _DAYS = 3650
 
@@ -69,12 +69,13 @@ def ensure_server_cert(folder: Path, name: str, hosts: list[str], into: Path | N
     return _issue(folder, (into or folder) / f"{name}.pem", name, hosts)
 
 
-def ensure_minio_certs(folder: Path, hosts: list[str], certs_dir: Path) -> tuple[Path, Path]:
-    """MinIO's ``private.key`` and ``public.crt`` (its ``--certs-dir`` layout) in ``certs_dir``:
-    a key and a certificate for ``hosts`` from the CA in ``folder``, then the CA's certificate."""
+def ensure_key_and_chain(folder: Path, name: str, hosts: list[str], certs_dir: Path) -> tuple[Path, Path]:
+    """``private.key`` (0600) and ``public.crt`` in ``certs_dir`` (MinIO's ``--certs-dir``
+    layout, and a gRPC server's key and chain): a key and a certificate for ``hosts`` from the
+    CA in ``folder``, then the CA's certificate."""
     import re
 
-    pem = ensure_server_cert(folder, "minio", hosts)
+    pem = ensure_server_cert(folder, name, hosts)
     blocks = list(re.finditer(r"-----BEGIN ([A-Z ]+)-----.*?-----END \1-----\n?", pem.read_text(), re.S))
     key = "".join(b.group(0) for b in blocks if b.group(1).endswith("PRIVATE KEY"))
     write_private(certs_dir / "private.key", key.encode())

@@ -300,9 +300,10 @@ class MinioComponent(Component):
             raise ConfigError("MinIO binary is missing; run scripts/setup.sh", path=str(self.binary))
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         if self.tls_dir is not None:  # MinIO reads a key and a certificate chain from --certs-dir
-            from cdl.tls import ensure_minio_certs
+            from cdl.tls import ensure_key_and_chain
 
-            ensure_minio_certs(self.tls_dir, sorted({self.settings.host, "localhost", "127.0.0.1"}), self.certs_dir)
+            hosts = sorted({self.settings.host, "localhost", "127.0.0.1"})
+            ensure_key_and_chain(self.tls_dir, "minio", hosts, self.certs_dir)
 
     def argv(self) -> list[str]:
         return [

@@ -48,7 +48,7 @@ from cdl.kafka import JobLoop, Producer, RecordContext
 from cdl.logging import configure_logging, get_logger
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.provision import provision
-from cdl.rpc import add_health
+from cdl.rpc import add_health, add_port
 from cdl.signing import TrustedKeys
 from cdl.store import ObjectStore
 from cdl.store_access import store_buckets
@@ -420,13 +420,8 @@ class GatewayApp:
                     await self.rest.stop()
                 raise
             self.http_port = self.lane.http_port if self.rest is not None else -1
-        elif s.tls_cert_file:
-            creds = grpc.ssl_server_credentials(
-                [(Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())]
-            )
-            self.port = server.add_secure_port(address, creds)
         else:
-            self.port = server.add_insecure_port(address)
+            self.port = add_port(server, address, s.tls_cert_file, s.tls_key_file)
         if self.lane is None:
             await server.start()
         self.server = server

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic_settings import SettingsConfigDict
 
 from cdl.events import Topics
-from cdl.settings import ServiceSettings
+from cdl.settings import ServiceSettings, plaintext_endpoint
 
 __all__ = ["GatewaySettings", "RolloutMode"]
 
@@ -138,4 +138,4 @@ class GatewaySettings(ServiceSettings):
                 problems.append("ModelAdmin is open: anyone may roll back or promote (admin_key_hashes)")
         if not self.trusted_keys:
             problems.append("models are loaded unchecked: no key is trusted to sign them (trusted_keys)")
-        return problems
+        return problems + plaintext_endpoint(self.grpc_host, self.tls_cert_file, "inference and ModelAdmin")

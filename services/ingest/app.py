@@ -10,13 +10,14 @@ import grpc
 
 from cdl import tracing
 from cdl.auth import ApiKeys, AuthInterceptor, KeysFile
+from cdl.errors import ConfigError
 from cdl.events import Topics, source_name
 from cdl.kafka import Producer, TransactionalLoop, read_latest
 from cdl.logging import configure_logging, get_logger
 from cdl.memory import keep_freed_memory, settle_gc
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.provision import provision
-from cdl.rpc import ErrorInterceptor, add_health
+from cdl.rpc import ErrorInterceptor, add_health, add_port
 from cdl.store import ObjectStore
 from cdl.store_access import store_buckets
 from cdl.v1 import ingest_pb2_grpc
@@ -32,6 +33,8 @@ log = get_logger(__name__)
 
 class IngestApp:
     def __init__(self, settings: IngestSettings) -> None:
+        if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+            raise ConfigError("TLS needs both CDL_INGEST_TLS_CERT_FILE and CDL_INGEST_TLS_KEY_FILE")
         self.settings = settings
         self.source = source_name("ingest")
         tracing.setup("ingest", settings)
@@ -91,7 +94,8 @@ class IngestApp:
             IngestServicer(self.registry, self.producer, self.source, self.settings.raw_topic), server
         )
         add_health(server, ["cdl.v1.IngestService"])
-        self.grpc_port = server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        s = self.settings
+        self.grpc_port = add_port(server, f"{s.grpc_host}:{s.grpc_port}", s.tls_cert_file, s.tls_key_file)
         server.start()
         self.server = server
         if self.settings.api_keys_file:  # rotated by rewriting it, without a restart

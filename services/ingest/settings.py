@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic_settings import SettingsConfigDict
 
 from cdl.events import Topics
-from cdl.settings import ServiceSettings
+from cdl.settings import ServiceSettings, plaintext_endpoint
 from services.ingest.claims import DEFAULT_BUCKETS, DEFAULT_MAX_BYTES
 
 __all__ = ["IngestSettings"]
@@ -20,6 +20,10 @@ class IngestSettings(ServiceSettings):
     """Address the gRPC server binds to."""
     grpc_port: int = 0
     """IngestService port; 0 picks a free one."""
+    tls_cert_file: str = ""
+    """PEM certificate chain for TLS on the gRPC port; empty: plaintext."""
+    tls_key_file: str = ""
+    """PEM private key for TLS."""
     group_id: str = "cdl-ingest"
     """Consumer group over data.raw."""
     instance: str = "0"
@@ -103,4 +107,4 @@ class IngestSettings(ServiceSettings):
         problems = super().security_problems()
         if not self.key_digests()[0]:
             problems.append("the IngestService API is open: no API key is needed (api_key_hashes)")
-        return problems
+        return problems + plaintext_endpoint(self.grpc_host, self.tls_cert_file, "the IngestService API")

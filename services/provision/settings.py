@@ -26,7 +26,8 @@ class ProvisionSettings(ServiceSettings):
     ``python -m services.provision tls`` is compose's TLS set-up, before the broker and MinIO
     start: the CA (``tls_ca_dir``, kept from run to run), the broker's certificate and the SASL
     login lines with the admin's password (``broker_config_dir``, read by the broker only),
-    MinIO's key and certificate (``minio_certs_dir``), and for the clients the CA's certificate
+    MinIO's, the gateway's and ingest's keys and certificates (``minio_certs_dir``,
+    ``gateway_tls_dir``, ``ingest_tls_dir``), and for the clients the CA's certificate
     and a copy of the system's CA bundle with it added, for Triton (``tls_trust_dir``)."""
 
     model_config = SettingsConfigDict(env_prefix="CDL_PROVISION_", extra="ignore", use_attribute_docstrings=True)
@@ -76,6 +77,17 @@ class ProvisionSettings(ServiceSettings):
     """Where the TLS set-up writes MinIO's ``private.key`` and ``public.crt`` (its ``--certs-dir``)."""
     minio_hosts: list[str] = ["minio", "localhost"]
     """The names MinIO's certificate is valid for."""
+    gateway_tls_dir: str = "/mnt/gateway-tls"
+    """Where the TLS set-up writes the gateway's ``private.key`` and ``public.crt`` (its gRPC and
+    REST endpoints' TLS)."""
+    gateway_hosts: list[str] = ["gateway", "localhost"]
+    """The names the gateway's certificate is valid for (add those its clients use)."""
+    ingest_tls_dir: str = "/mnt/ingest-tls"
+    """Where the TLS set-up writes ingest's ``private.key`` and ``public.crt`` (its gRPC TLS)."""
+    ingest_hosts: list[str] = ["ingest", "localhost"]
+    """The names ingest's certificate is valid for (add those its clients use)."""
+    service_uid: int = 65534
+    """The services' user (their images' ``nobody``): the gateway's and ingest's keys are theirs."""
     system_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
     """The system's CA bundle the TLS set-up adds the CA to (``bundle.pem`` in ``tls_trust_dir``,
     which Triton mounts over its own: its S3 client trusts only the system's bundle)."""

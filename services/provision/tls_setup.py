@@ -10,7 +10,9 @@ carry, MinIO's certificate, and what the clients trust.
   ``KAFKA_*`` variables, but drops every value that holds a ``=``, which each login line does;
   it starts from this file (its ``/mnt/shared/config``) and appends the variables;
 - ``client.properties``, the broker's own health check as the admin;
-- MinIO's ``private.key`` and ``public.crt`` for ``minio_hosts`` (``minio_certs_dir``);
+- MinIO's ``private.key`` and ``public.crt`` for ``minio_hosts`` (``minio_certs_dir``), and
+  the same for the gateway's and ingest's gRPC endpoints (``gateway_tls_dir``,
+  ``ingest_tls_dir``: the service's user's, 0600);
 - in ``tls_trust_dir``, which every client mounts: the CA's certificate (``ca.pem``), and
   ``bundle.pem``, the system's CA bundle with the CA added, which Triton mounts over its own
   (its S3 client trusts only the system's bundle).
@@ -24,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from cdl.errors import ConfigError
-from cdl.tls import ensure_ca, ensure_minio_certs, ensure_server_cert, write_private
+from cdl.tls import ensure_ca, ensure_key_and_chain, ensure_server_cert, write_private
 from services.provision.settings import ProvisionSettings
 
 __all__ = ["broker_login_lines", "write_tls_setup"]
@@ -83,7 +85,16 @@ def write_tls_setup(settings: ProvisionSettings) -> list[Path]:
     if os.geteuid() == 0:  # (the job runs as root in compose: the broker's files become the broker's)
         for path in [config, *written[:3], config / "ca.pem"]:
             os.chown(path, settings.broker_uid, settings.broker_uid)
-    written += ensure_minio_certs(ca_dir, list(settings.minio_hosts), Path(settings.minio_certs_dir))
+    written += ensure_key_and_chain(ca_dir, "minio", list(settings.minio_hosts), Path(settings.minio_certs_dir))
+    for name, hosts, out in (
+        ("gateway", settings.gateway_hosts, Path(settings.gateway_tls_dir)),
+        ("ingest", settings.ingest_hosts, Path(settings.ingest_tls_dir)),
+    ):  # the gRPC (and REST) endpoints' TLS, each readable by its service only
+        pair = ensure_key_and_chain(ca_dir, name, list(hosts), out)
+        if os.geteuid() == 0:
+            for path in (out, *pair):
+                os.chown(path, settings.service_uid, settings.service_uid)
+        written += pair
     system = Path(settings.system_ca_bundle)
     if not system.is_file():
         raise ConfigError("no system CA bundle to add the CA to (system_ca_bundle)", path=str(system))

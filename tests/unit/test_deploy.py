@@ -282,6 +282,24 @@ def test_minio_serves_tls_that_every_client_and_triton_trust(compose: dict[str, 
     assert "cp /etc/cdl/tls/bundle.pem /etc/ssl/certs/ca-certificates.crt" in triton["entrypoint"][2]
 
 
+@pytest.mark.parametrize("name", ["gateway", "ingest"])
+def test_the_published_endpoints_serve_tls_with_a_key_only_their_service_mounts(
+    name: str, compose: dict[str, Any]
+) -> None:
+    svcs = compose["services"]
+    env = _env(svcs[name])
+    prefix = f"CDL_{name.upper()}_"
+    assert env[prefix + "GRPC_HOST"] == "0.0.0.0"
+    assert env[prefix + "TLS_CERT_FILE"] == "/etc/cdl/server/public.crt"
+    assert env[prefix + "TLS_KEY_FILE"] == "/etc/cdl/server/private.key"
+    volume = f"{name}-tls:/etc/cdl/server:ro"
+    holders = sorted(
+        n for n, svc in svcs.items() if any(str(v).startswith(f"{name}-tls:") for v in svc.get("volumes", []))
+    )
+    assert holders == sorted(["tls-setup", name])  # the key: its service's and the job that writes it
+    assert volume in svcs[name]["volumes"]
+
+
 def test_the_brokers_variables_survive_its_image(compose: dict[str, Any]) -> None:
     """The apache/kafka image turns KAFKA_* variables into properties but drops a value holding
     '=' (every SASL login line: they come from tls-setup's file), and wants JKS files when an

@@ -21,6 +21,8 @@ def _settings(root: Path, password: str = "a-real-one-7f3") -> ProvisionSettings
         broker_config_dir=str(root / "config"),
         tls_trust_dir=str(root / "trust"),
         minio_certs_dir=str(root / "minio-certs"),
+        gateway_tls_dir=str(root / "gateway-tls"),
+        ingest_tls_dir=str(root / "ingest-tls"),
         system_ca_bundle=str(system),
     )
 

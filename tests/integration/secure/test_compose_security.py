@@ -67,6 +67,8 @@ def compose_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         broker_config_dir=str(config),
         tls_trust_dir=str(trust),
         minio_certs_dir=str(root / "minio-certs"),
+        gateway_tls_dir=str(root / "gateway-tls"),
+        ingest_tls_dir=str(root / "ingest-tls"),
         broker_hosts=["localhost"],
     )
     written = write_tls_setup(setup)
@@ -271,3 +273,39 @@ def test_composes_minio_serves_tls_that_the_services_and_triton_trust(compose_br
         if tinfo is not None:
             stop(tinfo, 10)
         stop(minio, 10)
+
+
+@pytest.mark.timeout(300)
+def test_ingest_serves_tls_with_tls_setups_certificate_and_refuses_plaintext(
+    compose_broker: dict[str, Any], stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """ingest as compose configures it (every address, TLS from tls-setup's key and certificate
+    in its own volume): a client trusting the CA registers a dataset; a plaintext client and a
+    client that trusts only the system's CAs get nothing."""
+    import grpc
+
+    from tests.helpers import register_digits
+    from tests.integration.conftest import ServiceFactory
+
+    compose, root, trust = compose_broker["compose"], compose_broker["root"], compose_broker["trust"]
+    env = _env(compose["services"]["ingest"], {**LAPTOP, **compose_broker["environ"]})
+    here = {"/etc/cdl/server": str(root / "ingest-tls")}
+    cert, key = (env[f"CDL_INGEST_TLS_{k}_FILE"] for k in ("CERT", "KEY"))
+    for theirs, ours in here.items():
+        cert, key = cert.replace(theirs, ours), key.replace(theirs, ours)
+    port = free_port()
+    ingest = ServiceFactory("ingest", stack, tmp_path, {})(
+        grpc_host="0.0.0.0", grpc_port=str(port), tls_cert_file=cert, tls_key_file=key
+    )
+    ingest.start()
+    try:
+        ca = (trust / "ca.pem").read_bytes()
+        with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=ca)) as channel:
+            register_digits(channel, f"tls-{uuid.uuid4().hex[:6]}", min_new_records=100)
+        with grpc.insecure_channel(f"localhost:{port}") as plain, pytest.raises(grpc.RpcError):
+            register_digits(plain, f"tls-{uuid.uuid4().hex[:6]}", min_new_records=100)
+        untrusted = grpc.ssl_channel_credentials()  # the system's CAs only
+        with grpc.secure_channel(f"localhost:{port}", untrusted) as channel, pytest.raises(grpc.RpcError):
+            register_digits(channel, f"tls-{uuid.uuid4().hex[:6]}", min_new_records=100)
+    finally:
+        ingest.stop()
