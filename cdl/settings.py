@@ -56,8 +56,13 @@ KNOWN_DEFAULT_SECRETS = frozenset(
 )
 
 
-#: the hosts of a broker this machine alone reaches
+#: the hosts of a server this machine alone reaches
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _hosts(addresses: str) -> set[str]:
+    """The hosts of ``addresses`` (``host:port``, comma-separated)."""
+    return {a.strip().rsplit(":", 1)[0].strip("[]") for a in addresses.split(",") if a.strip()}
 
 
 def plaintext_endpoint(host: str, tls_cert_file: str, what: str) -> list[str]:
@@ -208,10 +213,12 @@ class ServiceSettings(BaseSettings):
         if sasl and not self.kafka_sasl_password_file and known_default(self.kafka_sasl_password):
             problems.append("the Kafka password is empty or a published default (kafka_sasl_password)")
         protocol = (self.kafka_security_protocol or "PLAINTEXT").upper()
-        hosts = {b.strip().rsplit(":", 1)[0].strip("[]") for b in self.kafka_bootstrap.split(",") if b.strip()}
-        if protocol == "PLAINTEXT" and hosts - _LOOPBACK:
-            # an open bus beyond this machine: whoever reaches it may write the control plane's topics
-            problems.append("Kafka is reached in PLAINTEXT with no identity beyond loopback (kafka_security_protocol)")
+        if protocol in ("PLAINTEXT", "SASL_PLAINTEXT") and _hosts(self.kafka_bootstrap) - _LOOPBACK:
+            # beyond this machine: an open bus (whoever reaches it may write the control plane's
+            # topics), or a password and every record in clear
+            problems.append(f"Kafka is reached in {protocol} beyond loopback (kafka_security_protocol)")
+        if self.s3_endpoint and not self.s3_secure and _hosts(self.s3_endpoint) - _LOOPBACK:
+            problems.append("the object store is reached in plain HTTP beyond loopback (s3_secure)")
         return problems
 
     def key_digests(self) -> tuple[list[str], list[str]]:

@@ -132,7 +132,7 @@ def _issue(folder: Path, path: Path, name: str, hosts: list[str]) -> Path:
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH]  # (never a client's identity on an mTLS listener)
     else:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     cert = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).sign(ca_key, hashes.SHA256())

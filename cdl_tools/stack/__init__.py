@@ -66,6 +66,23 @@ def use_stack_identity(state: dict[str, Any], user: str = "admin") -> None:
     use(KafkaSecurity("SASL_SSL", username=user, password=password, ca_file=kafka["ca_file"]), kafka["bootstrap"])
 
 
+def _kept_security(state: dict[str, Any]) -> dict[str, Any]:
+    """What the stack of ``state`` keeps for its life of its servers' security: its broker's
+    (its storage holds the admin's credentials, or none) and its MinIO's TLS. A stack made before
+    these were settings has a plaintext broker and says in its description whether MinIO is
+    secure; a new stack (no state) keeps nothing yet."""
+    kept: dict[str, Any] = {}
+    if state.get("kafka_security"):
+        kept["kafka_security"] = state["kafka_security"]
+    elif "kafka" in state:
+        kept["kafka_security"] = "plaintext"
+    if "minio_tls" in state:
+        kept["minio_tls"] = bool(state["minio_tls"])
+    elif "minio" in state:
+        kept["minio_tls"] = bool(state["minio"].get("secure"))
+    return kept
+
+
 def stack_store(state: dict[str, Any], access_key: str = "", secret_key: str = "") -> ObjectStore:
     """A client of the object store of the stack of ``state``: over TLS trusting the stack's CA
     when MinIO serves it; as the root user unless ``access_key`` and ``secret_key`` are given."""
@@ -161,11 +178,7 @@ class LocalStack:
         for kept in ("minio_secret_key", "postgres_password"):
             if not getattr(self.settings, kept) and state.get(kept):
                 update[kept] = state[kept]
-        if state.get("kafka_security"):
-            update["kafka_security"] = state["kafka_security"]
-        if "minio_tls" in state:
-            update["minio_tls"] = bool(state["minio_tls"])
-        return self.settings.model_copy(update=update) if update else self.settings
+        return self.settings.model_copy(update=update | _kept_security(state))
 
     def _triton_trust(self) -> tuple[tuple[Path, Path], tuple[str, ...]] | None:
         """How a Triton trusts a MinIO that serves TLS with the stack's CA: (the system's CA
@@ -210,7 +223,12 @@ class LocalStack:
             "broker": self._port(s.kafka_port),
             "controller": free_port(s.host),
         }
-        if s.kafka_security == "sasl_ssl" and "mtls" not in kafka_ports and "kafka" not in previous.get("procs", {}):
+        broker = previous.get("procs", {}).get("kafka")
+        if (
+            s.kafka_security == "sasl_ssl"
+            and "mtls" not in kafka_ports
+            and not (broker and is_alive(ProcInfo(**broker)))
+        ):
             kafka_ports["mtls"] = free_port(s.host)  # the mTLS listener (a broker still running from before has none)
         minio_ports = old_ports("minio") or {"api": self._port(s.minio_port), "console": free_port(s.host)}
         comps: list[Component] = [
@@ -297,10 +315,12 @@ class LocalStack:
         kept_users = previous.get("minio_users", {})
         minio_users = {name: kept_users.get(name) or secrets.token_urlsafe(24) for name in STORE_GRANTS}
         # the broker's security is the stack's for its life (its storage holds the admin's credentials)
-        kafka_security = previous.get("kafka_security") or self.settings.kafka_security
-        # MinIO's TLS too; Triton must be able to trust the stack's CA, or MinIO stays plain
-        minio_tls = bool(previous["minio_tls"]) if "minio_tls" in previous else self.settings.minio_tls
-        if minio_tls and self.settings.triton_servers and self._triton_trust() is None:
+        kept = _kept_security(previous)
+        kafka_security = kept.get("kafka_security", self.settings.kafka_security)
+        # MinIO's TLS too; Triton must be able to trust the stack's CA, or a new MinIO stays plain
+        minio_tls = kept.get("minio_tls", self.settings.minio_tls)
+        needs_trust = self.settings.triton_servers and "minio" not in running
+        if minio_tls and needs_trust and self._triton_trust() is None:
             minio_tls = False
             progress("minio", "starting", "plain HTTP on loopback: Triton cannot be given the stack's CA here")
         self.settings = self.settings.model_copy(

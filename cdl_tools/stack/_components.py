@@ -526,8 +526,12 @@ def private_mount_prefix() -> list[str] | None:
     or None where neither is."""
     if shutil.which("unshare") is None:
         return None
-    for prefix in (["unshare", "-m", "--"], ["unshare", "-r", "-m", "--"]):
-        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False)
+    private = "--propagation=private"  # (the default of util-linux >= 2.27; said, for older ones)
+    for prefix in (["unshare", "-m", private, "--"], ["unshare", "-r", "-m", private, "--"]):
+        try:
+            probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
         if probe.returncode == 0:
             return prefix
     return None
@@ -540,7 +544,11 @@ def trusting_bundle(ca_file: Path, out: Path) -> tuple[Path, Path] | None:
     if system is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(system.read_text() + "\n" + ca_file.read_text())
+    bundle = system.read_text() + "\n" + ca_file.read_text()
+    if not out.is_file() or out.read_text() != bundle:  # (a running Triton has it mounted: rewritten only when changed)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(bundle)
+        tmp.replace(out)
     return system, out
 
 

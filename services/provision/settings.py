@@ -64,13 +64,16 @@ class ProvisionSettings(ServiceSettings):
     and ``data.feedback``)."""
 
     tls_ca_dir: str = "/var/lib/cdl-ca"
-    """The broker set-up's CA (its private key: no other container mounts it)."""
+    """The TLS set-up's CA (its private key: no other container mounts it)."""
     broker_config_dir: str = "/mnt/kafka-config"
-    """Where the broker set-up writes the broker's key and certificate (``kafka.pem``), the CA's
+    """Where the TLS set-up writes the broker's key and certificate (``kafka.pem``), the CA's
     certificate and ``server.properties`` with its SASL login lines (the broker's
     ``/mnt/shared/config``)."""
+    broker_mount_dir: str = "/mnt/shared/config"
+    """Where the broker sees ``broker_config_dir`` (the apache/kafka image's file input): the
+    paths in the files it reads are written as it sees them."""
     tls_trust_dir: str = "/etc/cdl/tls"
-    """Where the broker set-up writes the CA's certificate (``ca.pem``) that the clients trust."""
+    """Where the TLS set-up writes the CA's certificate (``ca.pem``) that the clients trust."""
     broker_hosts: list[str] = ["kafka", "localhost"]
     """The names the broker's certificate is valid for (its advertised host among them)."""
     minio_certs_dir: str = "/mnt/minio-certs"

@@ -33,15 +33,18 @@ __all__ = ["broker_login_lines", "write_tls_setup"]
 
 _PLAIN = "org.apache.kafka.common.security.plain.PlainLoginModule required"
 _SCRAM = "org.apache.kafka.common.security.scram.ScramLoginModule required"
-#: what a password may not hold inside a JAAS line's quotes
-_UNQUOTABLE = set('"\\;\n\r')
+#: what a password may not hold inside a JAAS line's quotes (and Kafka reads its properties
+#: as ISO-8859-1: only printable ASCII is the same on both sides)
+_UNQUOTABLE = set('"\\;')
 
 
 def broker_login_lines(admin_password: str, listener: str = "client") -> list[str]:
     """The broker's SASL login lines (server.properties): the client listener takes SCRAM-SHA-512
     (the services) and PLAIN (the admin, also the broker's own inter-broker and controller user)."""
-    if not admin_password or _UNQUOTABLE & set(admin_password):
-        raise ConfigError("the Kafka admin's password is empty or holds a quote, backslash, ';' or newline")
+    if not admin_password or _UNQUOTABLE & set(admin_password) or not all(" " < c <= "~" for c in admin_password):
+        raise ConfigError(
+            "the Kafka admin's password must be printable ASCII without spaces, quotes, backslashes or ';'"
+        )
     plain = f'{_PLAIN} username="admin" password="{admin_password}" user_admin="{admin_password}";'
     return [
         f"listener.name.{listener}.plain.sasl.jaas.config={plain}",
@@ -71,7 +74,7 @@ def write_tls_setup(settings: ProvisionSettings) -> list[Path]:
                 "sasl.mechanism=PLAIN",
                 f"sasl.jaas.config={plain}",
                 "ssl.truststore.type=PEM",
-                f"ssl.truststore.location={config / 'ca.pem'}",
+                f"ssl.truststore.location={settings.broker_mount_dir}/ca.pem",  # (where the broker sees it)
                 "",
             ]
         ).encode(),

@@ -17,7 +17,7 @@ from cdl.store_access import STORE_GRANTS, store_user
 from cdl_tools.settings import StackSettings
 from cdl_tools.stack._components import MinioComponent
 from cdl_tools.stack._procs import free_port, spawn, stop
-from tests.helpers import wait_for
+from tests.helpers import IN_CI, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +85,16 @@ def test_the_shared_stacks_minio_serves_tls_and_its_tritons_read_their_repositor
     import json
     import urllib.request
 
+    from cdl_tools.stack._components import SYSTEM_CA_BUNDLES, private_mount_prefix
+
+    if private_mount_prefix() is None and not IN_CI:  # (the stack fell back to plain HTTP, and said so)
+        pytest.skip("this machine allows no mount namespace for Triton: the stack's MinIO is plain")
     m = stack["minio"]
     assert stack["minio_tls"] and m["secure"] and Path(m["ca_file"]).is_file()
     with pytest.raises(ConfigError, match="not trusted"):  # the system's CAs alone do not trust it
         ObjectStore(m["endpoint"], m["access_key"], m["secret_key"], secure=True).get_bytes("cdl-models", "x")
-    with open("/etc/ssl/certs/ca-certificates.crt") as system:  # the machine's bundle is untouched
-        assert Path(m["ca_file"]).read_text().strip() not in system.read()
+    system = next(Path(p) for p in SYSTEM_CA_BUNDLES if Path(p).is_file())
+    assert Path(m["ca_file"]).read_text().strip() not in system.read_text()  # the machine's bundle is untouched
     for triton in stack["triton"]:
         assert triton["repository"].startswith("s3://https://")
         index = urllib.request.Request(f"http://{triton['http']}/v2/repository/index", data=b"{}", method="POST")

@@ -280,6 +280,7 @@ def test_minio_serves_tls_that_every_client_and_triton_trust(compose: dict[str, 
     triton = svcs["triton"]
     assert "trust:/etc/cdl/tls:ro" in triton["volumes"]
     assert "cp /etc/cdl/tls/bundle.pem /etc/ssl/certs/ca-certificates.crt" in triton["entrypoint"][2]
+    assert 'exec /opt/nvidia/nvidia_entrypoint.sh "$$@"' in triton["entrypoint"][2]  # (compose: $$ is $)
 
 
 @pytest.mark.parametrize("name", ["gateway", "ingest"])
@@ -304,8 +305,16 @@ def test_the_brokers_variables_survive_its_image(compose: dict[str, Any]) -> Non
     """The apache/kafka image turns KAFKA_* variables into properties but drops a value holding
     '=' (every SASL login line: they come from tls-setup's file), and wants JKS files when an
     advertised listener's name holds 'SSL://' or 'SASL_'; the listener is named CLIENT."""
+    from services.provision.settings import ProvisionSettings
+
     kafka = _env(compose["services"]["kafka"])
     assert [k for k, v in kafka.items() if "=" in v] == []
+    # tls-setup writes the paths as the broker sees its files (its health check's included)
+    [mount] = [v.split(":")[1] for v in compose["services"]["kafka"]["volumes"] if v.startswith("kafka-config:")]
+    assert ProvisionSettings.model_fields["broker_mount_dir"].default == mount == "/mnt/shared/config"
+    assert kafka["KAFKA_SSL_KEYSTORE_LOCATION"].startswith(mount + "/")
+    assert kafka["KAFKA_SSL_TRUSTSTORE_LOCATION"].startswith(mount + "/")
+    assert f"--command-config {mount}/client.properties" in compose["services"]["kafka"]["healthcheck"]["test"][1]
     assert "SSL://" not in kafka["KAFKA_ADVERTISED_LISTENERS"] and "SASL_" not in kafka["KAFKA_ADVERTISED_LISTENERS"]
     assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false" and kafka["KAFKA_SUPER_USERS"] == "User:admin"
 

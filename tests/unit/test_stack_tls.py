@@ -56,3 +56,13 @@ def test_where_triton_cannot_trust_the_ca_minio_stays_plain_and_kept_so(
     assert comps["triton-0"].ca_bundle is None  # type: ignore[attr-defined]
     kept = LocalStack(StackSettings(state_dir=tmp_path, triton_servers=0))
     assert {c.name: c for c in kept._components({"minio_tls": True})}["minio"].tls_dir == kept.tls_dir  # type: ignore[attr-defined]
+
+
+def test_a_stack_made_before_these_settings_keeps_a_plaintext_broker_and_its_minios_scheme() -> None:
+    from cdl_tools.stack import _kept_security
+
+    assert _kept_security({}) == {}  # a new stack: the settings' defaults
+    before = {"kafka": {"bootstrap": "127.0.0.1:1"}, "minio": {"endpoint": "127.0.0.1:2"}}
+    assert _kept_security(before) == {"kafka_security": "plaintext", "minio_tls": False}
+    secured = {"kafka": {}, "kafka_security": "sasl_ssl", "minio": {"secure": True, "ca_file": "x"}}
+    assert _kept_security(secured) == {"kafka_security": "sasl_ssl", "minio_tls": True}

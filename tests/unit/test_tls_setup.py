@@ -40,6 +40,8 @@ def test_the_files_their_modes_and_a_rerun_that_keeps_the_ca(tmp_path: Path) -> 
     assert (certs / "private.key").stat().st_mode & 0o777 == 0o600
     assert "PRIVATE KEY" not in (certs / "public.crt").read_text()
     assert (tmp_path / "ca" / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+    client = (config / "client.properties").read_text()
+    assert "ssl.truststore.location=/mnt/shared/config/ca.pem" in client  # as the broker sees it
     lines = (config / "server.properties").read_text()
     assert 'password="a-real-one-7f3"' in lines and "scram-sha-512.sasl.jaas.config" in lines
     ca = (trust / "ca.pem").read_bytes()
@@ -47,7 +49,9 @@ def test_the_files_their_modes_and_a_rerun_that_keeps_the_ca(tmp_path: Path) -> 
     assert (trust / "ca.pem").read_bytes() == ca
 
 
-@pytest.mark.parametrize("password", ["", 'with"quote', "back\\slash", "semi;colon", "new\nline"])
+@pytest.mark.parametrize(
+    "password", ["", 'with"quote', "back\\slash", "semi;colon", "new\nline", "with space", "non-ascii-é"]
+)
 def test_a_password_a_login_line_cannot_hold_is_refused(password: str) -> None:
     with pytest.raises(ConfigError):
         broker_login_lines(password)
