@@ -129,14 +129,20 @@ def test_the_example_family_trains_compresses_serves_and_rolls_out_as_a_canary(
         wave(800, 1600)  # version 2: warm-started from v1, compressed, rolled out as a canary
         deployed = gateway_topics["deployed"]
 
+        seen: list[Any] = []
+
         def promoted() -> bool:
             recs = read_topic(kafka_bootstrap, deployed, expected=10**6, timeout_s=1)
-            states = [decode(r.key, r.value, list(r.headers.items())).payload for r in recs]
+            seen[:] = [decode(r.key, r.value, list(r.headers.items())).payload for r in recs]
             return any(
-                d.model == name and d.version == 2 and d.state == events_pb2.ROLLOUT_STATE_PROMOTED for d in states
+                d.model == name and d.version == 2 and d.state == events_pb2.ROLLOUT_STATE_PROMOTED for d in seen
             )
 
-        wait_for(promoted, 420, "v2 promoted")
+        try:
+            wait_for(promoted, 420, "v2 promoted")
+        except AssertionError as exc:  # what the rollout did, and why
+            steps = [(d.version, d.state, d.traffic_fraction, d.reason) for d in seen if d.model == name]
+            raise AssertionError(f"{exc}; {name}'s model.deployed: {steps}; failures: {failures[:5]}") from None
     finally:
         stop.set()
         thread.join(30)

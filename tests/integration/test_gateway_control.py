@@ -216,7 +216,7 @@ def test_rollouts_driven_through_real_triton(
 
     write_affine(object_store, name, 2, W2, B2)
     events = carry_out(manager, control, states, manager.begin(name, 2))
-    assert [(e.state, e.traffic) for e in events] == [(S.LOADED, 0.0), (S.CANARY, 0.5)]
+    assert [(e.state, e.traffic) for e in events] == [(S.LOADED, 0.0), (S.CANARY, 0.5)], [e.reason for e in events]
     assert control.loaded_versions(name) == {ep: (1, 2) for ep in triton_grpcs}
     assert states.load(name) == manager.to_json(name)
     for _ in range(2):

@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 from services.gateway.dataplane.rest import RestApi
 from services.gateway.dataplane.server import REFUSED
 from services.gateway.routing import Route, RoutingTable
-from tests.helpers import IN_CI
+from tests.helpers import IN_CI, wait_for
 from tests.integration import test_gateway_proxy as proxy
 from tests.integration.test_gateway_proxy import HEADERS, KEY, MD, Gateway, _raw
 
@@ -56,8 +56,15 @@ def test_statistics_are_the_served_versions_summed_over_the_servers(
     x = np.ones((1, 4), dtype=np.float32)
     inp = tgrpc.InferInput("input", [1, 4], "FP32")
     inp.set_data_from_numpy(x)
+    before = sum(_count(_stats(c, model), v) for c in direct for v in ("1", "2"))
     for i in range(12):  # spread over both servers by the pool
         gw.infer(model, [inp], model_version="2" if i % 3 == 0 else "", headers=HEADERS)
+    # Triton counts a request once it has released it, which may be just after its answer
+    wait_for(
+        lambda: sum(_count(_stats(c, model), v) for c in direct for v in ("1", "2")) >= before + 12,
+        10,
+        "Triton's statistics counting the 12 requests",
+    )
     mine = _stats(gw, model, headers=HEADERS)
     theirs = [_stats(c, model) for c in direct]
     assert set(mine) == {"1", "2"}  # the route's versions, in version order
