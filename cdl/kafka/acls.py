@@ -34,7 +34,7 @@ from typing import Any
 from cdl.errors import UnavailableError
 from cdl.events import Topics
 
-__all__ = ["GRANTS", "Grant", "apply_grants", "bindings", "set_passwords"]
+__all__ = ["GRANTS", "Grant", "apply_grants", "bindings", "provision_users", "set_passwords"]
 
 
 @dataclass(frozen=True)
@@ -165,3 +165,14 @@ def apply_grants(admin_conf: Mapping[str, Any], grants: Mapping[str, Grant] = GR
         except Exception as exc:
             raise UnavailableError("creating a Kafka ACL failed", acl=str(binding), error=str(exc)) from exc
     return len(wanted)
+
+
+def provision_users(bootstrap: str, passwords: Mapping[str, str]) -> int:
+    """As this process's identity towards ``bootstrap`` (its admin): the SCRAM passwords of
+    ``passwords``' users and the ACLs of :data:`GRANTS`; returns how many bindings were asked
+    for. What the local stack and compose's provisioning job both do."""
+    from cdl.kafka.security import secured
+
+    admin = secured({"bootstrap.servers": bootstrap})
+    set_passwords(admin, passwords)
+    return apply_grants(admin)

@@ -500,13 +500,11 @@ class LocalStack:
         except UnavailableError as exc:
             raise StackError(exc.message, **exc.context) from exc
         if state.get("kafka_users"):
-            from cdl.kafka.acls import apply_grants, set_passwords
-            from cdl.kafka.security import secured
+            from cdl.kafka.acls import provision_users
 
-            admin = secured({"bootstrap.servers": state["kafka"]["bootstrap"]})
+            passwords = {u: p for u, p in state["kafka_users"].items() if u != "admin"}
             try:
-                set_passwords(admin, {u: p for u, p in state["kafka_users"].items() if u != "admin"})
-                acls = apply_grants(admin)
+                acls = provision_users(state["kafka"]["bootstrap"], passwords)
             except UnavailableError as exc:
                 raise StackError(exc.message, **exc.context) from exc
             progress("kafka", "ready", f"SASL_SSL: {len(state['kafka_users'])} users, {acls} ACLs")

@@ -7,8 +7,7 @@ import time
 
 from cdl.errors import CdlError, RetryableError
 from cdl.events import Topics
-from cdl.kafka.acls import apply_grants, set_passwords
-from cdl.kafka.security import secured
+from cdl.kafka.acls import provision_users
 from cdl.logging import configure_logging, get_logger
 from cdl.provision import provision
 from cdl.store import ObjectStore
@@ -25,10 +24,11 @@ def run(settings: ProvisionSettings) -> int:
     secured broker, as its admin) and the object-store users with their policies (idempotent:
     a rerun changes nothing, a changed secret or password replaces the old one)."""
     s = settings
-    kafka_users, acls = provision_kafka_users(settings)
-    store = ObjectStore.from_settings(settings)
-    created = provision(settings.kafka_bootstrap, store, Topics.PARTITIONS if settings.kafka_bootstrap else None)
-    secrets = settings.user_secrets()
+    kafka_users, acls = provision_kafka_users(s)
+    created = provision(
+        s.kafka_bootstrap, ObjectStore.from_settings(s), Topics.PARTITIONS if s.kafka_bootstrap else None
+    )
+    secrets = s.user_secrets()
     users = apply_store_grants(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, secrets, s.s3_secure, s.s3_ca_file)
     log.info("provisioned", topics_created=len(created), kafka_users=kafka_users, acls=acls, store_users=users)
     return users
@@ -40,9 +40,7 @@ def provision_kafka_users(settings: ProvisionSettings) -> tuple[int, int]:
     passwords = settings.kafka_passwords()
     if not passwords or not settings.kafka_bootstrap:
         return 0, 0
-    admin = secured({"bootstrap.servers": settings.kafka_bootstrap})
-    set_passwords(admin, passwords)
-    return len(passwords), apply_grants(admin)
+    return len(passwords), provision_users(settings.kafka_bootstrap, passwords)
 
 
 def main(argv: list[str] | None = None) -> None:
