@@ -176,3 +176,12 @@ async def closed_loop(
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return done / (time.perf_counter() - t0)
+
+
+def assign_all(consumer: Any, topic: str, offset: int, timeout_s: float = 10.0) -> None:
+    """Assign ``consumer`` every partition of ``topic`` from ``offset`` (cdl's topics have several)."""
+    from confluent_kafka import TopicPartition
+
+    meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    partitions = sorted(meta.partitions) if meta is not None and meta.error is None else [0]
+    consumer.assign([TopicPartition(topic, p, offset) for p in partitions])

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from rich.progress import Progress
 
-from bench._common import machine, private_stack, result
+from bench._common import assign_all, machine, private_stack, result
 
 UNSHIFTED = int(os.environ.get("CDL_BENCH_DRIFT_REQUESTS", "20000"))
 BEFORE_SHIFT = 1250
@@ -126,14 +126,14 @@ def _wait_processed(port: int, topic: str, n: int, timeout_s: float = 600) -> No
 
 class Alerts:
     def __init__(self, bootstrap: str, topic: str) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, Consumer
 
         from cdl.kafka.security import secured
 
         self._c = Consumer(
             secured({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}", "log_level": 0})
         )
-        self._c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        assign_all(self._c, topic, OFFSET_BEGINNING)
         self.seen: list[Any] = []
 
     def poll(self) -> list[Any]:

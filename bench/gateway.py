@@ -71,7 +71,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import closed_loop, fixed_rate, machine, private_stack, result, rss_mib
+from bench._common import assign_all, closed_loop, fixed_rate, machine, private_stack, result, rss_mib
 from bench._native_floor import NativeFloor
 
 ROUNDS = int(os.environ.get("CDL_BENCH_GATEWAY_ROUNDS", "3"))
@@ -187,7 +187,7 @@ def _wait_http(url: str, timeout_s: float = 60) -> None:
 
 
 def _deployed(bootstrap: str, topic: str, since: int = 0) -> list[tuple[float, Any]]:
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer
 
     from cdl.events import decode
     from cdl.kafka.security import secured
@@ -195,7 +195,7 @@ def _deployed(bootstrap: str, topic: str, since: int = 0) -> list[tuple[float, A
     c = Consumer(
         secured({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex}", "enable.auto.commit": False})
     )
-    c.assign([TopicPartition(topic, 0, since)])
+    assign_all(c, topic, since)
     out = []
     quiet = 0
     while quiet < 2:

@@ -67,20 +67,28 @@ class Topics:
     INFERENCE_LOGGED = "inference.logged"
     MODEL_HEALTH = "model.health"
 
-    #: partitions per topic created by the local stack
+    #: partitions per topic (provisioning creates them, and adds partitions to a topic that has
+    #: fewer). Partitions are the unit of parallelism: a group's instances share its topics'
+    #: partitions, so a topic's count is the ceiling of its consumers' replicas (docs/scaling.md).
+    #: Each is keyed so that what must stay in order, or in one writer's hands, stays on one
+    #: partition: data.raw and data.updated by dataset, the model topics by model; feedback by
+    #: request id like inference.logged. Topics a group reads together have equal counts, so the
+    #: range assignor gives one member the same partitions of each (co-partitioning): the trainer's
+    #: data.updated and tuning.completed, the gateway's model.compressed and model.health, the
+    #: monitor's inference.logged and data.feedback.
     PARTITIONS: Mapping[str, int] = {
         DATA_RAW: 3,
         DATA_DEADLETTER: 1,
-        DATA_UPDATED: 1,
-        DATA_FEEDBACK: 1,
-        TUNING_COMPLETED: 1,
-        TUNING_REQUESTED: 1,
-        DRIFT_DETECTED: 1,
-        MODEL_TRAINED: 1,
-        MODEL_COMPRESSED: 1,
-        MODEL_DEPLOYED: 1,
+        DATA_UPDATED: 3,
+        DATA_FEEDBACK: 3,
+        TUNING_COMPLETED: 3,
+        TUNING_REQUESTED: 3,
+        DRIFT_DETECTED: 3,
+        MODEL_TRAINED: 3,
+        MODEL_COMPRESSED: 3,
+        MODEL_DEPLOYED: 3,
         INFERENCE_LOGGED: 3,
-        MODEL_HEALTH: 1,
+        MODEL_HEALTH: 3,
     }
 
 

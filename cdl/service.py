@@ -16,7 +16,7 @@ from cdl.kafka import JobLoop
 from cdl.logging import get_logger
 from cdl.memory import keep_freed_memory, release_memory, settle_gc
 from cdl.observability import HttpEndpoint, serve_http
-from cdl.settings import ServiceSettings
+from cdl.settings import ServiceSettings, transactional_id
 
 __all__ = ["JobService", "keep_freed_memory", "release_memory", "settle_gc"]
 
@@ -47,7 +47,7 @@ class JobService:
             bootstrap=settings.kafka_bootstrap,
             group_id=group_id,
             topics=topics,
-            transactional_id=f"{group_id}-{instance}",
+            transactional_id=transactional_id(group_id, instance),
             job=lambda event, ctx: self._job(job, event),
             key=key,
             deadletter_topic=deadletter_topic,

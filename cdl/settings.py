@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ __all__ = [
     "default_state_dir",
     "known_default",
     "plaintext_endpoint",
+    "transactional_id",
 ]
 
 #: the exit code of a service that refuses its configuration (sysexits' EX_CONFIG)
@@ -77,6 +79,17 @@ def known_default(secret: str) -> bool:
     """Whether ``secret`` is empty, one of :data:`KNOWN_DEFAULT_SECRETS` or one of
     deploy/laptop.env's (``laptop-only-…``)."""
     return secret.strip() in KNOWN_DEFAULT_SECRETS or secret.strip().startswith("laptop-only-")
+
+
+def transactional_id(group_id: str, instance: str) -> str:
+    """A loop's Kafka transactional id: ``<group_id>-<instance>``, where an empty ``instance`` is
+    this host's name (in Kubernetes the pod's: a StatefulSet's stable ``<name>-<ordinal>``).
+
+    Every live instance of a group needs its own: two with one id fence each other. A stable
+    one (the same after a restart) lets the restarted process abort its predecessor's open
+    transaction at once instead of after ``transaction.timeout.ms``.
+    """
+    return f"{group_id}-{instance or socket.gethostname()}"
 
 
 def cdl_home() -> Path:

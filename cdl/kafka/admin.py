@@ -1,4 +1,5 @@
-"""Topic administration: creating the topics that are missing, counting a topic's partitions."""
+"""Topic administration: creating the topics that are missing (and partitions a topic lacks),
+counting a topic's partitions."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from confluent_kafka import KafkaException
 
 from cdl.errors import NotFoundError, UnavailableError
 from cdl.kafka.security import secured
+from cdl.logging import get_logger
 
 __all__ = ["ensure_topics", "topic_partitions"]
+
+log = get_logger(__name__)
 
 
 def ensure_topics(
@@ -18,13 +22,19 @@ def ensure_topics(
     """Create the topics of ``partitions`` that do not exist yet (replication 1); returns those created.
 
     ``configs`` gives topic settings such as ``cleanup.policy``. A topic that
-    appears concurrently counts as existing; any other failure raises.
+    appears concurrently counts as existing; any other failure raises. An
+    existing topic with fewer partitions than wanted gets the missing ones (a
+    deployment made before the count rose; Kafka never removes partitions):
+    keys hash anew over the larger count, so a key's later records may go to
+    another partition than its earlier ones. A client not allowed to alter the
+    topic (a service's own user; the provisioning job, as the admin, is) leaves
+    it as it is, with a warning.
     """
     from confluent_kafka.admin import AdminClient
-    from confluent_kafka.cimpl import NewTopic
+    from confluent_kafka.cimpl import NewPartitions, NewTopic
 
     admin = AdminClient(secured({"bootstrap.servers": bootstrap}))
-    existing = set(admin.list_topics(timeout=10).topics)
+    existing = admin.list_topics(timeout=10).topics
     wanted = [
         NewTopic(t, num_partitions=n, replication_factor=1, config=dict((configs or {}).get(t, {})))
         for t, n in partitions.items()
@@ -38,6 +48,21 @@ def ensure_topics(
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise UnavailableError("creating topic failed", topic=topic, error=str(exc)) from exc
+    grow = [
+        NewPartitions(t, n)
+        for t, n in partitions.items()
+        if t in existing and existing[t].error is None and 0 < len(existing[t].partitions) < n
+    ]
+    for topic, fut in admin.create_partitions(grow, operation_timeout=30).items() if grow else []:
+        try:
+            fut.result(timeout=30)
+            log.info("partitions added", topic=topic, partitions=partitions[topic])
+        except KafkaException as exc:
+            text = str(exc)
+            if "AUTHORIZATION" in text:
+                log.warning("cannot add partitions (not allowed)", topic=topic, error=text)
+            elif "INVALID_PARTITIONS" not in text:  # (another client grew it meanwhile)
+                raise UnavailableError("adding partitions failed", topic=topic, error=text) from exc
     return created
 
 

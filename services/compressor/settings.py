@@ -19,8 +19,10 @@ class CompressorSettings(ServiceSettings):
 
     group_id: str = "cdl-compressor"
     """Consumer group over model.trained."""
-    instance: str = "0"
-    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    instance: str = ""
+    """Instance name, unique among the group's live instances; the transactional id is
+    ``<group_id>-<instance>``. Empty: the host's name (a pod's name; keep it stable across
+    restarts, as a StatefulSet's is)."""
     trained_topic: str = Topics.MODEL_TRAINED
     """Topic with the trainer's verdicts."""
     compressed_topic: str = Topics.MODEL_COMPRESSED

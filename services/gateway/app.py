@@ -49,6 +49,7 @@ from cdl.logging import configure_logging, get_logger
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.provision import provision
 from cdl.rpc import add_health, add_port
+from cdl.settings import transactional_id
 from cdl.signing import TrustedKeys
 from cdl.store import ObjectStore
 from cdl.store_access import store_buckets
@@ -153,7 +154,7 @@ class GatewayApp:
             bootstrap=settings.kafka_bootstrap,
             group_id=settings.group_id,
             topics=[settings.compressed_topic, settings.health_topic],
-            transactional_id=f"{settings.group_id}-{settings.instance}",
+            transactional_id=transactional_id(settings.group_id, settings.instance),
             job=self._on_event,
             key=lambda e: e.id,
             deadletter_topic=settings.deadletter_topic,

@@ -37,8 +37,10 @@ class GatewaySettings(ServiceSettings):
     gateway never compiles it: with none installed, ``auto`` serves in Python (a warning)."""
     group_id: str = "cdl-gateway"
     """Consumer group over model.compressed."""
-    instance: str = "0"
-    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    instance: str = ""
+    """Instance name, unique among the group's live instances; the transactional id is
+    ``<group_id>-<instance>``. Empty: the host's name (a pod's name; keep it stable across
+    restarts, as a StatefulSet's is)."""
     compressed_topic: str = Topics.MODEL_COMPRESSED
     """Topic new model versions arrive on."""
     health_topic: str = Topics.MODEL_HEALTH

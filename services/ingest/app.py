@@ -18,6 +18,7 @@ from cdl.memory import keep_freed_memory, settle_gc
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.provision import provision
 from cdl.rpc import ErrorInterceptor, add_health, add_port
+from cdl.settings import transactional_id
 from cdl.store import ObjectStore
 from cdl.store_access import store_buckets
 from cdl.v1 import ingest_pb2_grpc
@@ -52,7 +53,7 @@ class IngestApp:
             bootstrap=settings.kafka_bootstrap,
             group_id=settings.group_id,
             topics=[settings.raw_topic, settings.feedback_topic, settings.drift_topic],
-            transactional_id=f"{settings.group_id}-{settings.instance}",
+            transactional_id=transactional_id(settings.group_id, settings.instance),
             processor=self.processor,
             on_restore=self._restore,
             flush_interval_s=settings.flush_interval_s,

@@ -26,8 +26,10 @@ class IngestSettings(ServiceSettings):
     """PEM private key for TLS."""
     group_id: str = "cdl-ingest"
     """Consumer group over data.raw."""
-    instance: str = "0"
-    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    instance: str = ""
+    """Instance name, unique among the group's live instances; the transactional id is
+    ``<group_id>-<instance>``. Empty: the host's name (a pod's name; keep it stable across
+    restarts, as a StatefulSet's is)."""
     raw_topic: str = Topics.DATA_RAW
     """Topic records arrive on."""
     feedback_topic: str = Topics.DATA_FEEDBACK

@@ -164,7 +164,7 @@ class Monitor:
     # ------------------------------------------------------------------ set-up
     def _ensure_topics(self) -> int:
         s = self.settings
-        want = {s.logged_topic: 3, s.feedback_topic: 1, s.health_topic: 1, s.drift_topic: 1, s.raw_topic: 3}
+        want = {s.logged_topic: 3, s.feedback_topic: 3, s.health_topic: 3, s.drift_topic: 3, s.raw_topic: 3}
         provision(s.kafka_bootstrap, None, want)
         return topic_partitions(s.kafka_bootstrap, s.logged_topic)
 

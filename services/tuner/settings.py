@@ -22,8 +22,10 @@ class TunerSettings(ServiceSettings):
 
     group_id: str = "cdl-tuner"
     """Consumer group over the trigger topics."""
-    instance: str = "0"
-    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    instance: str = ""
+    """Instance name, unique among the group's live instances; the transactional id is
+    ``<group_id>-<instance>``. Empty: the host's name (a pod's name; keep it stable across
+    restarts, as a StatefulSet's is)."""
     updated_topic: str = Topics.DATA_UPDATED
     """Dataset versions (first version, every K versions)."""
     trained_topic: str = Topics.MODEL_TRAINED
