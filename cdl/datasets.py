@@ -68,6 +68,7 @@ __all__ = [
     "load_version",
     "manifest_key",
     "newest_shards",
+    "offset_ranges",
     "read_manifest",
     "shard_parts",
     "unit_hash",
@@ -425,20 +426,26 @@ class DatasetVersion:
 
     def offset_ranges(self) -> list[dict[str, Any]]:
         """Per raw-topic partition, the offsets of the records loaded (the lineage of a model)."""
-        if not self.windowed:
-            return list(self.manifest["offset_ranges"])
-        topic = self.manifest["offset_ranges"][0]["topic"] if self.manifest["offset_ranges"] else ""
-        ranges: dict[int, list[int]] = {}
-        for e in self.shards:
-            lo_hi = ranges.setdefault(int(e["partition"]), [int(e["first_offset"]), int(e["last_offset"])])
-            lo_hi[0], lo_hi[1] = min(lo_hi[0], int(e["first_offset"])), max(lo_hi[1], int(e["last_offset"]))
-        return [{"topic": topic, "partition": p, "first": lo, "last": hi} for p, (lo, hi) in sorted(ranges.items())]
+        return offset_ranges(self.manifest, self.shards)
 
     def subset(self, holdout: bool) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         mask = self.split == (1 if holdout else 0)
         data = self.x if self.x is not None else self.text
         assert data is not None
         return data[mask], self.labels[mask]
+
+
+def offset_ranges(manifest: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per raw-topic partition, the offsets of the records of the manifest's shards ``entries``:
+    the manifest's own ranges when they are all of its shards (the lineage of a model)."""
+    if len(entries) >= len(manifest["shards"]):
+        return list(manifest["offset_ranges"])
+    topic = manifest["offset_ranges"][0]["topic"] if manifest["offset_ranges"] else ""
+    ranges: dict[int, list[int]] = {}
+    for e in entries:
+        lo_hi = ranges.setdefault(int(e["partition"]), [int(e["first_offset"]), int(e["last_offset"])])
+        lo_hi[0], lo_hi[1] = min(lo_hi[0], int(e["first_offset"])), max(lo_hi[1], int(e["last_offset"]))
+    return [{"topic": topic, "partition": p, "first": lo, "last": hi} for p, (lo, hi) in sorted(ranges.items())]
 
 
 def latest_version(store: BlobStore, dataset: str) -> int | None:

@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "DecodeError",
+    "DistributedTrainingError",
     "InvalidInputError",
     "NotFoundError",
     "PermanentError",
@@ -86,6 +87,12 @@ class RetryableError(CdlError):
 
 class UnavailableError(RetryableError):
     """A dependency (broker, object store, model server) cannot be reached."""
+
+
+class DistributedTrainingError(RetryableError):
+    """A data-parallel training (torch.distributed, cdl.ml.distributed) failed: a process of it
+    exited with an error nobody raised on purpose, or the run passed its deadline and was
+    stopped. It may succeed when tried again (a port taken at rendezvous, a process killed)."""
 
 
 class PermanentError(CdlError):

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +37,10 @@ from cdl.ml import objective
 from cdl.ml.family import family_of, get_family
 from cdl.ml.models import ModelConfig, build_model
 from cdl.ml.preprocess import Preprocessor
-from cdl.ml.train import EpochCallback, TrainConfig, TrainResult, pick_device, predict, train
+from cdl.ml.train import EpochCallback, TrainConfig, TrainResult, pick_device, predict, train, train_batches
+
+if TYPE_CHECKING:
+    from cdl.ml.streaming import ShardStream
 
 __all__ = [
     "Assessed",
@@ -174,6 +177,9 @@ def fit(
     warm_start: Callable[[ModelConfig, nn.Module], object] | None = None,
     module: nn.Module | None = None,
     preprocessor: Preprocessor | None = None,
+    stream: ShardStream | None = None,
+    processes: int = 1,
+    timeout_s: float = 0.0,
 ) -> Fitted:
     """Train a model of ``spec``'s family on ``split`` (its training and validation parts).
 
@@ -183,6 +189,11 @@ def fit(
     ``module``: a given model to train further (the compressor's pruned model, which no config
     describes) instead of one built from the hyperparameters; ``preprocessor``: the one its
     weights were trained with (a fine-tune), instead of one fitted on ``split``.
+
+    ``stream``: the training records streamed from the version's shards (a version larger than
+    memory, :mod:`cdl.ml.streaming`); ``split.x_train`` is then a sample the preprocessing is
+    fitted on. ``processes`` > 1: one training on that many processes (DDP through torchrun,
+    :mod:`cdl.ml.distributed`), stopped and failed past ``timeout_s`` (0: no deadline).
     """
     family = family_of(spec)
     if spec.task not in get_family(family).tasks:
@@ -193,14 +204,16 @@ def fit(
     pre = preprocessor or fit_preprocessor(family, spec.task, split.x_train, hp)
     if regression and preprocessor is None:
         pre = pre.with_target(split.y_train)
-    xt, xv = pre.transform(split.x_train), pre.transform(split.x_val)
-    yt, yv = (pre.scale(split.y_train), pre.scale(split.y_val)) if regression else (split.y_train, split.y_val)
     if module is None:
         module = build_seeded(config, seed)
+    set_idf = getattr(module, "set_idf", None) if preprocessor is None else None
+    # streamed, the sample is only transformed where a text model fits its idf table on it
+    xt = pre.transform(split.x_train) if stream is None or set_idf is not None else None
+    xv = pre.transform(split.x_val)
+    yt, yv = (pre.scale(split.y_train), pre.scale(split.y_val)) if regression else (split.y_train, split.y_val)
     if warm_start is not None:
         warm_start(config, module)
-    set_idf = getattr(module, "set_idf", None)
-    if set_idf is not None and preprocessor is None:  # TF-IDF pooling: fitted on this training part
+    if set_idf is not None:  # TF-IDF pooling: fitted on this training part
         set_idf(xt)
     epochs = epochs_to_run(hp, max_epochs)
     cfg = TrainConfig(
@@ -214,7 +227,28 @@ def fit(
         regression=regression,
         time_budget_s=time_budget_s,
     )
-    result = train(module, xt, yt, xv, yv, cfg, callback)
+    if processes > 1:
+        from cdl.ml.distributed import train_distributed
+
+        result = train_distributed(
+            module,
+            cfg,
+            xt if stream is None else None,
+            yt if stream is None else None,
+            xv,
+            yv,
+            processes=processes,
+            callback=callback,
+            stream=stream,
+            preprocessor=pre,
+            timeout_s=timeout_s,
+        )
+    elif stream is not None:
+        batches = stream.batches(pre, cfg.batch_size, pick_device(device))
+        result = train_batches(module, batches, xv, yv, cfg, callback)
+    else:
+        assert xt is not None
+        result = train(module, xt, yt, xv, yv, cfg, callback)
     return Fitted(module=module, config=config, preprocessor=pre, result=result, hyperparameters=hp)
 
 

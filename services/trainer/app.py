@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from cdl.events import Event, source_name
 from cdl.logging import configure_logging
 from cdl.provision import provision
@@ -26,7 +28,8 @@ def coalesce_key(event: Event) -> str:
 def build(settings: TrainerSettings) -> JobService:
     store = ObjectStore.from_settings(settings)
     provision(settings.kafka_bootstrap, store, buckets=store_buckets("trainer"))
-    trainer = Trainer(settings, store, ModelRegistry(store), source_name("trainer"))
+    open_store = functools.partial(ObjectStore.from_settings, settings)  # a distributed training's processes
+    trainer = Trainer(settings, store, ModelRegistry(store), source_name("trainer"), open_store)
     return JobService(
         "trainer",
         settings,

@@ -55,6 +55,19 @@ class TrainerSettings(ServiceSettings):
     """A training stops before an epoch that would end past this many seconds (at least one
     epoch runs; 0: no limit). A large version serves within minutes instead of after every
     epoch its hyperparameters ask for; the next versions warm-start from it and train on."""
+    processes: int = 1
+    """Processes one training runs on. Above 1: data-parallel (DistributedDataParallel) through
+    torchrun on this machine — gloo on CPU, NCCL with one GPU per process on CUDA; the batch size
+    stays the batch over all processes, so the model is the one a single process trains, to
+    rounding (docs/trainer.md, distributed training)."""
+    distributed_timeout_s: float = 1800.0
+    """Deadline of a distributed training, start-up included: past it its processes are stopped
+    and the training fails (retried as any transient failure); 0: none."""
+    memory_cap_mb: int = 2048
+    """A version (its window) whose shards total more than this many MiB is streamed from the
+    object store instead of loaded: a sample of its newest shards (a quarter of the cap) fits the
+    preprocessing and gives the validation part and the gate's holdout, and the training records
+    stream through a shuffle pool of whole shards (half the cap). 0: always load whole."""
     patience: int = 6
     """Early stopping: epochs without a better validation loss before stopping (0: never stop early)."""
     code_version: str = ""

@@ -5,20 +5,22 @@ from __future__ import annotations
 import math
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from cdl.datasets import DATASETS_BUCKET, load_version, manifest_key
-from cdl.errors import ConflictError, InvalidInputError
+from cdl.datasets import DATASETS_BUCKET, manifest_key
+from cdl.errors import ConfigError, ConflictError, InvalidInputError
 from cdl.events import Event, OutRecord
 from cdl.logging import get_logger
-from cdl.ml.core import assess, epochs_to_run, fit, hyperparameters, split_version
+from cdl.ml.core import assess, epochs_to_run, fit, hyperparameters
 from cdl.ml.drift import reference_sample, to_npy
 from cdl.ml.family import family_of, provenance
 from cdl.ml.models import ModelConfig
 from cdl.ml.objective import chance, metric_name
+from cdl.ml.streaming import prepare_version
 from cdl.ml.train import EpochMetrics, pick_device
 from cdl.registry import MODELS_BUCKET, LoadedModel, ModelRegistry, score_of
 from cdl.store import BlobStore
@@ -50,9 +52,19 @@ def code_version() -> str:
 
 
 class Trainer:
-    def __init__(self, settings: TrainerSettings, store: BlobStore, registry: ModelRegistry, source: str) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        store: BlobStore,
+        registry: ModelRegistry,
+        source: str,
+        open_store: Callable[[], BlobStore] | None = None,
+    ) -> None:
+        """``open_store``: makes a client of ``store`` in another process (it pickles): what the
+        processes of a distributed training stream a version's shards with."""
         self.settings = settings
         self.store = store
+        self.open_store = open_store
         self.registry = registry
         self.source = source
         self.code_version = settings.code_version or code_version()
@@ -159,12 +171,21 @@ class Trainer:
 
     def train_version(self, model: str, version: int, update: events_pb2.DataUpdated) -> None:
         start = time.perf_counter()
-        data = load_version(self.store, update.dataset, update.version, self.settings.window_records)
-        spec = data.spec
+        s = self.settings
+        data = prepare_version(
+            self.store,
+            update.dataset,
+            update.version,
+            window_records=s.window_records,
+            val_fraction=s.val_fraction,
+            seed=s.seed,
+            memory_cap_bytes=s.memory_cap_mb << 20,
+            stream_store=self._stream_store(),
+        )
+        spec, split = data.spec, data.split
         tuned = self.registry.hyperparameters(model)
         hparams = hyperparameters(family_of(spec), tuned[0] if tuned else None)
         hp_source = tuned[1] if tuned else "defaults"
-        split = split_version(data, self.settings.val_fraction, self.settings.seed)
         if len(split.x_train) < 1 or len(split.x_hold) < 1:
             raise InvalidInputError("dataset version too small to train and evaluate", dataset=spec.name)
         warm: list[LoadedModel] = []
@@ -181,7 +202,7 @@ class Trainer:
                 frozen.extend(_freeze(module, origin[1]["freeze"]))
 
         epochs = epochs_to_run(hparams, self.settings.max_epochs)
-        progress = self._progress(model, version, epochs, len(split.x_train))
+        progress = self._progress(model, version, epochs, data.train_records)
         with TRAIN_SECONDS.time():
             fitted = fit(
                 spec,
@@ -194,6 +215,9 @@ class Trainer:
                 time_budget_s=self.settings.time_budget_s,
                 warm_start=warm_start,
                 callback=progress,
+                stream=data.stream,
+                processes=s.processes,
+                timeout_s=s.distributed_timeout_s,
             )
         EPOCH.labels(model).set(0)
         module, pre, config, result = fitted.module, fitted.preprocessor, fitted.config, fitted.result
@@ -221,8 +245,11 @@ class Trainer:
             "manifest_uri": update.manifest_uri,
             "schema_hash": spec.schema_hash,
             "offset_ranges": data.offset_ranges(),
-            "records": len(data.ids),
+            "records": data.records,
             "windowed": data.windowed,
+            # streamed from the shards (larger than memory_cap_mb), on how many processes
+            "streamed": data.stream is not None,
+            "processes": s.processes,
             "parent_version": parent,
             "warm_start": parent is not None,
             "hyperparameters": hparams,
@@ -265,7 +292,7 @@ class Trainer:
             "holdout_loss": hold.loss,
             "val_score": result.history[result.best_epoch - 1].val_score if result.best_epoch else math.nan,
             "epochs": float(len(result.history)),
-            "train_samples": float(len(split.x_train)),
+            "train_samples": float(data.train_records),
             "val_samples": float(len(split.x_val)),
             "holdout_samples": float(len(x_hold)),
             "samples_per_s": result.samples_per_s,
@@ -312,6 +339,15 @@ class Trainer:
             device=result.device,
             seconds=round(duration, 2),
         )
+
+    def _stream_store(self) -> Callable[[], BlobStore] | None:
+        """How a streamed version's shards are read: through ``store`` in this process; the
+        processes of a distributed training each open their own client (``open_store``)."""
+        if self.settings.processes <= 1:
+            return None
+        if self.open_store is None:
+            raise ConfigError("a distributed training streams through open_store, and none was given")
+        return self.open_store
 
     def _reference(self, x_train: Any) -> bytes | None:
         """The drift reference of a version: a seeded sample of its training inputs' feature rows."""
