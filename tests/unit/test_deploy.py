@@ -8,9 +8,7 @@ point is a module that exists, and the gateway and monitor images carry no torch
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 import re
 import secrets
 import shutil
@@ -24,20 +22,11 @@ import yaml
 from packaging.requirements import Requirement
 
 from cdl.kafka.acls import GRANTS
-from cdl.settings import EX_CONFIG, SHARED_FIELDS, SHARED_SWITCHES, ServiceSettings, known_default
+from cdl.settings import EX_CONFIG, ServiceSettings, known_default
 from cdl.signing import generate_signing_key
 from cdl.store_access import STORE_GRANTS, store_user
+from tests.deployment import DEPLOY, ROOT, SERVICES, SHARED_VARIABLES, configure, settings_class, unread_variables
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-DEPLOY = ROOT / "deploy"
-SERVICES = {
-    "ingest": "IngestSettings",
-    "trainer": "TrainerSettings",
-    "tuner": "TunerSettings",
-    "compressor": "CompressorSettings",
-    "gateway": "GatewaySettings",
-    "monitor": "MonitorSettings",
-}
 SLIM = ("gateway", "monitor")
 HEAVY = {"torch", "onnx", "onnxruntime", "optuna", "scikit-learn", "nvidia-pytriton", "safetensors"}
 #: imported when installed (this venv has them for development), never required: grpc tries
@@ -86,11 +75,6 @@ def _env(svc: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str
     return {k: _render(str(v), given) for k, v in svc.get("environment", {}).items()}
 
 
-def _settings_class(name: str) -> type[ServiceSettings]:
-    cls: type[ServiceSettings] = getattr(importlib.import_module(f"services.{name}.settings"), SERVICES[name])
-    return cls
-
-
 def test_the_compose_file_has_the_servers_the_six_services_and_the_provisioning_job(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {"kafka", "minio", "postgres", "triton", "provision", "tls-setup", *SERVICES}
 
@@ -100,13 +84,10 @@ def test_every_variable_is_a_setting_and_every_value_parses(
     name: str, compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     env = _env(compose["services"][name])
-    cls = _settings_class(name)
-    prefix = f"CDL_{name.upper()}_"
-    shared = {f"CDL_{f.upper()}" for f in SHARED_FIELDS + SHARED_SWITCHES}
-    own = {prefix + f.upper() for f in cls.model_fields}
-    unknown = sorted(k for k in env if k not in shared | own)
+    cls = settings_class(name)
+    unknown = unread_variables(env, cls, f"CDL_{name.upper()}_")
     assert unknown == [], f"{name}: variables no setting reads: {unknown}"
-    for k in shared - set(env):  # only what compose says (not a test stack's endpoints)
+    for k in SHARED_VARIABLES - set(env):  # only what compose says (not a test stack's endpoints)
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -176,14 +157,8 @@ def test_the_provisioning_job_runs_once_before_the_services_with_its_own_setting
     assert job["entrypoint"] == ["python", "-m", "services.provision"] and job["restart"] == "on-failure"
     assert (ROOT / "services" / "provision" / "__main__.py").exists()
     env = _env(job)
-    shared = {f"CDL_{f.upper()}" for f in SHARED_FIELDS + SHARED_SWITCHES}
-    own = {f"CDL_PROVISION_{f.upper()}" for f in ProvisionSettings.model_fields}
-    assert sorted(k for k in env if k not in shared | own) == []
-    for k in [k for k in os.environ if k.startswith("CDL_")]:
-        monkeypatch.delenv(k)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("CDL_STATE_DIR", str(tmp_path))
+    assert unread_variables(env, ProvisionSettings, "CDL_PROVISION_") == []
+    configure(monkeypatch, env, tmp_path)
     settings = ProvisionSettings()
     assert set(settings.user_secrets()) == set(STORE_GRANTS)
     assert set(settings.kafka_passwords()) == set(GRANTS)
@@ -203,12 +178,8 @@ def test_each_service_refuses_the_laptop_setup_without_the_insecure_switch_and_t
     with real secrets, keys and a trusted signing key, nothing is insecure."""
 
     def configured(environ: dict[str, str]) -> ServiceSettings:
-        for k in [k for k in os.environ if k.startswith("CDL_")]:
-            monkeypatch.delenv(k)
-        for k, v in _env(compose["services"][name], environ).items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.setenv("CDL_STATE_DIR", str(tmp_path))
-        return _settings_class(name)()
+        configure(monkeypatch, _env(compose["services"][name], environ), tmp_path)
+        return settings_class(name)()
 
     laptop = configured(LAPTOP)
     assert laptop.insecure and laptop.security_problems()
