@@ -330,7 +330,7 @@ def test_the_provisioning_job_is_configured_as_compose_configures_it(
 
     job = _objects(rendered, "Job")[f"{PREFIX}-provision"]
     annotations = job["metadata"]["annotations"]
-    assert annotations["helm.sh/hook"] == "post-install,pre-upgrade"
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"  # before the services, as in compose
     spec = job["spec"]["template"]["spec"]
     [container] = spec["containers"]
     assert (
@@ -386,21 +386,25 @@ def test_gpus_by_default_one_for_triton_none_for_the_trainer(
 
 
 def test_triton_scales_on_cpu_by_an_hpa_and_on_queue_time_by_choice(
-    defaults: list[dict[str, Any]], rendered: list[dict[str, Any]]
+    helm: str, defaults: list[dict[str, Any]], rendered: list[dict[str, Any]]
 ) -> None:
+    """Off by default (the gateway drives a fixed list of Triton servers: values.yaml says why);
+    when on, an autoscaling/v2 HPA of the Deployment on CPU, and on queue time where asked."""
+    assert _objects(defaults, "HorizontalPodAutoscaler") == {}
+    assert _objects(defaults, "Deployment")[f"{PREFIX}-triton"]["spec"]["replicas"] == 1
+
     def metrics(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         [hpa] = _objects(docs, "HorizontalPodAutoscaler").values()
         assert hpa["apiVersion"] == "autoscaling/v2"
-        assert hpa["spec"]["scaleTargetRef"] == {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "name": f"{PREFIX}-triton",
-        }
+        target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{PREFIX}-triton"}
+        assert hpa["spec"]["scaleTargetRef"] == target
         assert "replicas" not in _objects(docs, "Deployment")[f"{PREFIX}-triton"]["spec"]  # the HPA's
         return hpa["spec"]["metrics"]  # type: ignore[no-any-return]
 
-    [cpu] = metrics(defaults)
+    cpu_only = _template(helm, "-f", str(CI_VALUES), "--set", "triton.autoscaling.queueTime.enabled=false")
+    [cpu] = metrics(cpu_only)
     assert cpu["type"] == "Resource" and cpu["resource"]["name"] == "cpu"
+    assert cpu["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
     queue = [m for m in metrics(rendered) if m["type"] == "Pods"]
     assert [m["pods"]["metric"]["name"] for m in queue] == ["nv_inference_queue_duration_us"]
 
