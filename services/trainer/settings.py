@@ -63,7 +63,7 @@ class TrainerSettings(ServiceSettings):
     distributed_timeout_s: float = 1800.0
     """Deadline of a distributed training, start-up included: past it its processes are stopped
     and the training fails (retried as any transient failure); 0: none."""
-    memory_cap_mb: int = 2048
+    memory_cap_mb: float = 2048.0
     """A version (its window) whose shards total more than this many MiB is streamed from the
     object store instead of loaded: a sample of its newest shards (a quarter of the cap) fits the
     preprocessing and gives the validation part and the gate's holdout, and the training records

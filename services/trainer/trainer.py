@@ -179,9 +179,11 @@ class Trainer:
             window_records=s.window_records,
             val_fraction=s.val_fraction,
             seed=s.seed,
-            memory_cap_bytes=s.memory_cap_mb << 20,
-            stream_store=self._stream_store(),
+            memory_cap_bytes=int(s.memory_cap_mb * 2**20),
+            stream_store=self.open_store if s.processes > 1 else None,
         )
+        if data.stream is not None and s.processes > 1 and self.open_store is None:
+            raise ConfigError("a distributed training streams through open_store, and none was given")
         spec, split = data.spec, data.split
         tuned = self.registry.hyperparameters(model)
         hparams = hyperparameters(family_of(spec), tuned[0] if tuned else None)
@@ -339,15 +341,6 @@ class Trainer:
             device=result.device,
             seconds=round(duration, 2),
         )
-
-    def _stream_store(self) -> Callable[[], BlobStore] | None:
-        """How a streamed version's shards are read: through ``store`` in this process; the
-        processes of a distributed training each open their own client (``open_store``)."""
-        if self.settings.processes <= 1:
-            return None
-        if self.open_store is None:
-            raise ConfigError("a distributed training streams through open_store, and none was given")
-        return self.open_store
 
     def _reference(self, x_train: Any) -> bytes | None:
         """The drift reference of a version: a seeded sample of its training inputs' feature rows."""
