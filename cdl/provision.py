@@ -25,15 +25,16 @@ def provision(
     buckets: Sequence[str] = BUCKETS,
 ) -> list[str]:
     """Create ``buckets`` (cdl's) in ``store`` (None: no object store) and ``topics`` (name ->
-    partitions; a topic of cdl's own takes its count from :attr:`Topics.PARTITIONS`) with their
-    ``configs``, where missing; returns the topics created (each logged). A service passes the
+    partitions; a topic of cdl's own takes its count from :attr:`Topics.PARTITIONS`, and gets
+    the partitions it lacks when it has fewer) with their ``configs``, where missing; returns the
+    topics created (each logged). A service passes the
     buckets it uses (``cdl.store_access.store_buckets``): its key may see no others."""
     if store is not None:
         store.ensure_buckets(*buckets)
     if not topics:
         return []
     partitions = {topic: Topics.PARTITIONS.get(topic, n) for topic, n in topics.items()}
-    created = ensure_topics(bootstrap, partitions, configs)
+    created = ensure_topics(bootstrap, partitions, configs, grow=set(Topics.PARTITIONS) & set(partitions))
     for topic in created:
         log.info("topic created", topic=topic)
     return created

@@ -6,6 +6,7 @@ monitor (the inputs of a logged request, for drift tests and training records).
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ def first_input(request: bytes) -> InputTensor:
         values = np.asarray(getattr(spec.contents, _TYPED[spec.datatype]), dtype=dtype)
     else:
         raise DecodeError("input has no contents", datatype=spec.datatype)
-    expected = int(np.prod(shape)) if shape else 1
+    expected = math.prod(shape) if shape else 1
     if values.size != expected:
         raise DecodeError("input contents do not match its shape", shape=list(shape), elements=int(values.size))
     return InputTensor(spec.name, spec.datatype, shape, values.reshape(shape or (1,)))

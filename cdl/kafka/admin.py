@@ -3,7 +3,7 @@ counting a topic's partitions."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from confluent_kafka import KafkaException
 
@@ -17,14 +17,18 @@ log = get_logger(__name__)
 
 
 def ensure_topics(
-    bootstrap: str, partitions: Mapping[str, int], configs: Mapping[str, Mapping[str, str]] | None = None
+    bootstrap: str,
+    partitions: Mapping[str, int],
+    configs: Mapping[str, Mapping[str, str]] | None = None,
+    grow: Collection[str] = (),
 ) -> list[str]:
     """Create the topics of ``partitions`` that do not exist yet (replication 1); returns those created.
 
     ``configs`` gives topic settings such as ``cleanup.policy``. A topic that
     appears concurrently counts as existing; any other failure raises. An
-    existing topic with fewer partitions than wanted gets the missing ones (a
-    deployment made before the count rose; Kafka never removes partitions):
+    existing topic of ``grow`` with fewer partitions than wanted gets the missing
+    ones (cdl's own topics, in a deployment made before their count rose; Kafka
+    never removes partitions; a topic of the user's keeps the count it was made with):
     keys hash anew over the larger count, so a key's later records may go to
     another partition than its earlier ones. A client not allowed to alter the
     topic (a service's own user; the provisioning job, as the admin, is) leaves
@@ -48,12 +52,12 @@ def ensure_topics(
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise UnavailableError("creating topic failed", topic=topic, error=str(exc)) from exc
-    grow = [
+    growing = [
         NewPartitions(t, n)
         for t, n in partitions.items()
-        if t in existing and existing[t].error is None and 0 < len(existing[t].partitions) < n
+        if t in grow and t in existing and existing[t].error is None and 0 < len(existing[t].partitions) < n
     ]
-    for topic, fut in admin.create_partitions(grow, operation_timeout=30).items() if grow else []:
+    for topic, fut in admin.create_partitions(growing, operation_timeout=30).items() if growing else []:
         try:
             fut.result(timeout=30)
             log.info("partitions added", topic=topic, partitions=partitions[topic])

@@ -156,6 +156,11 @@ class Monitor:
         self._served_order: deque[tuple[float, str]] = deque()
         self._pending_order: deque[tuple[float, str]] = deque()
         self._offsets: dict[tuple[str, int], int] = {}
+        # the counters of inference.logged's outcomes (a label look-up per event costs)
+        self._logged_ok = EVENTS.labels(s.logged_topic, "ok")
+        self._logged_failed = EVENTS.labels(s.logged_topic, "failed")
+        self._logged_ignored = EVENTS.labels(s.logged_topic, "ignored")
+        self._logged_undecodable = EVENTS.labels(s.logged_topic, "undecodable")
         self._done_at_last_look = -1
         self._ready = threading.Event()
         self.http: HttpEndpoint | None = None
@@ -172,8 +177,10 @@ class Monitor:
         s = self.settings
 
         async def on_logged(stream: Any) -> None:
-            async for event in stream.events():
-                await self._guarded(self._on_logged, event, s.logged_topic)
+            # in batches: the per-event cost (asyncio hand-offs, metric look-ups, drift rows) is
+            # what limits the monitor at a gateway's full rate; each event is still acknowledged
+            async for events in stream.take_events(s.batch_max, within=s.batch_within_s):
+                await self._on_logged_batch(events)
 
         async def on_feedback(stream: Any) -> None:
             async for event in stream.events():
@@ -235,56 +242,106 @@ class Monitor:
             log.exception("monitor event failed: skipped", topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
     # ------------------------------------------------------------------ inference.logged
-    async def _on_logged(self, fevent: Any) -> None:
-        topic = self.settings.logged_topic
+    def _decode_logged(self, fevent: Any) -> events_pb2.InferenceLogged | None:
+        """One logged request, or None (counted) when it is not one the monitor can use."""
+        msg = fevent.message
+        self._offsets[(msg.topic, msg.partition)] = msg.offset
         key = fevent.key.encode() if isinstance(fevent.key, str) else fevent.key
         try:
-            event = decode(key, fevent.value, _headers(fevent.message))
+            event = decode(key, fevent.value, _headers(msg))
         except DecodeError as exc:
-            EVENTS.labels(topic, "undecodable").inc()
+            self._logged_undecodable.inc()
             log.warning("inference log record skipped", error=str(exc))
-            return
+            return None
         rec = event.payload
         if not isinstance(rec, events_pb2.InferenceLogged) or not rec.model:
-            EVENTS.labels(topic, "ignored").inc()
-            return
-        info = await self._info(rec.model, int(rec.version))
-        # nothing below awaits until the state is changed: the handlers never see a half-done event
+            self._logged_ignored.inc()
+            return None
+        return rec
+
+    async def _on_logged_batch(self, fevents: list[Any]) -> None:
+        """A batch of logged requests: each one's health count and join as one at a time would,
+        its version's drift rows together. A record that fails is logged, counted and skipped
+        (a hostile record must not stop the agent, nor cost the others in its batch)."""
+        topic = self.settings.logged_topic
+        recs: list[events_pb2.InferenceLogged] = []
+        for fevent in fevents:
+            try:
+                rec = self._decode_logged(fevent)
+            except Exception:
+                self._logged_failed.inc()
+                log.exception("monitor event failed: skipped", topic=topic)
+                continue
+            if rec is not None:
+                recs.append(rec)
+        infos: dict[tuple[str, int], VersionInfo] = {}
+        for rec in recs:
+            mv = (rec.model, int(rec.version))
+            if mv not in infos:
+                try:
+                    infos[mv] = await self._info(*mv)
+                except Exception:
+                    self._logged_failed.inc()
+                    log.exception("model version unreadable: its requests skipped", model=mv[0], version=mv[1])
+        # nothing below awaits until the state is changed: the handlers never see a half-done batch
         now = time.time()
-        window = self._window(rec.model, int(rec.version), now)
-        ok = rec.status in ("", "OK")
-        window.served(ok, rec.latency_ms)
-        self._dirty.add(window.key)
-        EVENTS.labels(topic, "ok").inc()
-        if not ok:
-            return  # an error is health, not a join (a retried request is logged again, answered) or drift
-        served = Served.from_log(rec, now)
         outputs: list[tuple[Any, str, bytes]] = []
-        alerts: list[WindowTest] = []
-        waiting = self.pending.get(rec.request_id) if rec.request_id else None
-        if rec.request_id:
-            if waiting is not None:
-                record = self._join(rec.request_id, served, PendingLabel.from_bytes(waiting), window, info)
-                if record is not None:
-                    outputs.append(record)
-            else:
-                self.served[rec.request_id] = served.to_bytes()
-                self._served_order.append((now, rec.request_id))
-        tested = self._drift_rows(info, served.inputs)
-        for result in tested:
-            window.drift(result.statistic, result.threshold)
-            DRIFT_TESTS.labels(rec.model, str(result.over).lower()).inc()
-            if result.alert:
-                alerts.append(result)
+        joined: list[str] = []
+        drift_inputs: dict[tuple[str, int], list[bytes]] = {}
+        windows: dict[tuple[str, int], HealthWindow] = {}
+        ok_count = 0
+        for rec in recs:
+            mv = (rec.model, int(rec.version))
+            info = infos.get(mv)
+            if info is None:
+                continue
+            try:
+                window = windows.get(mv) or windows.setdefault(mv, self._window(mv[0], mv[1], now))
+                ok = rec.status in ("", "OK")
+                window.served(ok, rec.latency_ms)
+                ok_count += 1
+                if not ok:
+                    continue  # an error is health, not a join (a retried request is logged again) or drift
+                served = Served.from_log(rec, now)
+                if rec.request_id:
+                    waiting = self.pending.get(rec.request_id)
+                    if waiting is not None:
+                        record = self._join(rec.request_id, served, PendingLabel.from_bytes(waiting), window, info)
+                        if record is not None:
+                            outputs.append(record)
+                        joined.append(rec.request_id)
+                    else:
+                        self.served[rec.request_id] = served.to_bytes()
+                        self._served_order.append((now, rec.request_id))
+                if served.inputs and info.test is not None:
+                    drift_inputs.setdefault(mv, []).append(served.inputs)
+            except Exception:
+                self._logged_failed.inc()
+                log.exception("monitor event failed: skipped", topic=topic, request_id=rec.request_id)
+        for window in windows.values():
+            self._dirty.add(window.key)
+        self._logged_ok.inc(ok_count)
+        alerts: list[tuple[VersionInfo, WindowTest]] = []
+        tested: list[VersionInfo] = []
+        for mv, inputs in drift_inputs.items():
+            info = infos[mv]
+            results = self._drift_rows(info, inputs)
+            for result in results:
+                windows[mv].drift(result.statistic, result.threshold)
+                DRIFT_TESTS.labels(info.model, str(result.over).lower()).inc()
+                if result.alert:
+                    alerts.append((info, result))
+            if results:
+                tested.append(info)
         # outputs first, then the state that says they were sent: a crash in between repeats an
         # output (at least once), it never loses one
         for out_topic, out_key, value in outputs:
             await self._send_raw(out_topic, out_key, value)
-        if waiting is not None:
-            self.pending.pop(rec.request_id, None)
-        for result in alerts:
+        for request_id in joined:
+            self.pending.pop(request_id, None)
+        for info, result in alerts:
             await self._alert(info, result, now)
-        if tested:  # the streak moved (after its alert went out)
+        for info in tested:  # the streak moved (after its alert went out)
             self._save_tracker(info)
 
     async def _info(self, model: str, version: int) -> VersionInfo:
@@ -314,15 +371,33 @@ class Monitor:
                 self._trackers.pop(next(iter(self._trackers)))
         return tracker
 
-    def _drift_rows(self, info: VersionInfo, inputs: bytes) -> list[WindowTest]:
+    def _drift_rows(self, info: VersionInfo, requests: list[bytes]) -> list[WindowTest]:
+        """The served requests' input rows into the version's drift tracker (in order); the tests
+        of the windows they completed."""
         tracker = self._tracker(info)
         if tracker is None:
             return []
-        values = inputs_rows(inputs)
-        if values is None:
-            return []
-        rows = featurize(values if isinstance(values, list) else np.asarray(values))
-        return tracker.add(rows)
+        numeric: list[np.ndarray[Any, Any]] = []
+        texts: list[bytes] = []
+        for request in requests:
+            values = inputs_rows(request)
+            if values is None:
+                continue
+            if isinstance(values, list):
+                texts.extend(values)
+            else:
+                numeric.append(np.asarray(values).reshape(len(values), -1))
+        results: list[WindowTest] = []
+        if numeric:
+            widths = {a.shape[1] for a in numeric}
+            if len(widths) == 1:
+                results += tracker.add(featurize(np.concatenate(numeric)))
+            else:  # requests of several shapes: each as it is (the tracker skips the wrong width)
+                for a in numeric:
+                    results += tracker.add(featurize(a))
+        if texts:
+            results += tracker.add(featurize(texts))
+        return results
 
     def _save_tracker(self, info: VersionInfo) -> None:
         tracker = self._trackers.get((info.model, info.version))

@@ -51,5 +51,11 @@ class MonitorSettings(ServiceSettings):
     session_timeout_s: float = 10.0
     """Kafka consumer-group session: how soon a monitor that died (kill -9) hands its partitions to
     the one that replaces it (faust's default is a minute)."""
+    batch_max: int = 1000
+    """Most logged requests handled as one batch (their health counts, table writes and drift
+    rows together): the per-event cost is what limits a monitor at a gateway's full rate."""
+    batch_within_s: float = 0.05
+    """How long a batch waits for more requests before it is handled (a trickle is handled at
+    once; at a high rate batches fill up)."""
     seed: int = 0
     """Seed of the calibration (a restarted monitor computes the same thresholds)."""

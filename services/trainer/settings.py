@@ -17,8 +17,10 @@ class TrainerSettings(ServiceSettings):
 
     group_id: str = "cdl-trainer"
     """Consumer group over data.updated and tuning.completed."""
-    instance: str = "0"
-    """Instance name; the transactional id is ``<group_id>-<instance>``."""
+    instance: str = ""
+    """Instance name, unique among the group's live instances; the transactional id is
+    ``<group_id>-<instance>``. Empty: the host's name (a pod's name; keep it stable across
+    restarts, as a StatefulSet's is)."""
     updated_topic: str = Topics.DATA_UPDATED
     """Topic announcing dataset versions."""
     tuning_topic: str = Topics.TUNING_COMPLETED
