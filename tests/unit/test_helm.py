@@ -491,7 +491,8 @@ def test_each_scaler_reads_its_services_group_and_topic_up_to_the_partition_coun
     assert meta["topic"] in {f.default for n, f in fields.items() if n.endswith("_topic")}
     partitions = Topics.PARTITIONS[meta["topic"]]  # the chart's values follow cdl/events.py
     assert spec["minReplicaCount"] >= 1
-    assert spec["maxReplicaCount"] == max(partitions, spec["minReplicaCount"])
+    cap = {"ingest": 1, "monitor": 1}.get(name)  # not replica-safe yet (docs/scaling.md)
+    assert spec["maxReplicaCount"] == (cap or max(partitions, spec["minReplicaCount"]))
     assert int(meta["lagThreshold"]) > partitions  # above the transactions' permanent lag
     assert meta["bootstrapServers"] == _resolved_env(_container(_workloads(rendered)[name]), "p")["CDL_KAFKA_BOOTSTRAP"]
     assert (meta["sasl"], meta["tls"], meta["offsetResetPolicy"]) == ("scram_sha512", "enable", "earliest")
@@ -504,15 +505,24 @@ def test_each_scaler_reads_its_services_group_and_topic_up_to_the_partition_coun
     }
 
 
-def test_the_consumers_scale_to_at_least_two_and_the_gateway_runs_two(
+#: services that run one instance until they are replica-safe (docs/scaling.md)
+SINGLE = {"ingest", "monitor", "gateway"}
+
+
+def test_the_job_services_scale_to_at_least_two_and_the_others_run_one(
     rendered: list[dict[str, Any]], helm: str
 ) -> None:
-    assert {s["spec"]["minReplicaCount"] for s in _objects(rendered, "ScaledObject").values()} == {2}
+    minimum = {
+        n.removeprefix(f"{PREFIX}-"): s["spec"]["minReplicaCount"]
+        for n, s in _objects(rendered, "ScaledObject").items()
+    }
+    assert minimum == {n: 1 if n in SINGLE else 2 for n in minimum}
     assert _workloads(rendered)["gateway"]["kind"] == "Deployment"
-    assert _workloads(rendered)["gateway"]["spec"]["replicas"] == 2
+    assert _workloads(rendered)["gateway"]["spec"]["replicas"] == 1
     without = _template(helm, "-f", str(CI_VALUES), "--set", "keda.enabled=false")
     assert not [d for d in without if d["apiVersion"].startswith("keda.sh/")]
-    assert {n: w["spec"]["replicas"] for n, w in _workloads(without).items()} == dict.fromkeys(SERVICES, 2)
+    replicas = {n: w["spec"]["replicas"] for n, w in _workloads(without).items()}
+    assert replicas == {n: 1 if n in SINGLE else 2 for n in SERVICES}
 
 
 def test_the_chart_holds_no_secret(rendered: list[dict[str, Any]]) -> None:

@@ -1,0 +1,300 @@
+"""bench/scale: what a second instance buys on this machine, and whether the monitor keeps up.
+
+One private stack (Kafka, MinIO, one Triton). Parts, each skippable with
+``CDL_BENCH_SCALE_PARTS`` (a comma list of ``gateway,monitor,ddp``; all by default):
+
+1. **gateway**: the gateway's saturated rate, batch-1 Open Inference Protocol requests in a
+   closed loop at concurrency 16 for ``CDL_BENCH_SCALE_SECONDS`` (10 s) through
+   ``python -m services.gateway`` with every request logged (as bench/gateway.py does): the
+   baseline of the monitor's goal.
+2. **monitor**: ``CDL_BENCH_SCALE_EVENTS`` (40,000) ``inference.logged`` records as the gateway
+   writes them (one digits image each, 3 partitions) are produced first; then 1, and then 2,
+   monitor processes (one Faust app, one group) read them from the start: events/s from the
+   first event to the last one counted (``cdl_monitor_events_total``) and the processes' CPU
+   seconds per 1,000 events.
+3. **ingest** (not yet: ingest's state spans partitions, so one instance owns data.raw;
+   docs/scaling.md).
+4. **ddp**: ``bench/scale_ddp.py`` (samples/s of a two-process torchrun training against one).
+
+On 2 cores two processes share the cores the one had: their rate can be at most about twice
+the one's when a single process used one core, less where Kafka and MinIO need the rest. So
+CPU per record is printed beside every rate.
+
+``RESULT monitor_vs_gateway_rate value=<events/s the monitor sustains (its best process
+count)> baseline=<the gateway's saturated req/s> goal=>=1.0``, and, for the record,
+``RESULT monitor_2_vs_1`` and the DDP lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from bench._common import closed_loop, machine, private_stack, result
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = {p.strip() for p in os.environ.get("CDL_BENCH_SCALE_PARTS", "gateway,monitor,ddp").split(",")}
+SECONDS = float(os.environ.get("CDL_BENCH_SCALE_SECONDS", "10"))
+EVENTS = int(os.environ.get("CDL_BENCH_SCALE_EVENTS", "40000"))
+CONCURRENCY = 16
+
+
+def _metric(port: int, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def _ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"not ready: {log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes used so far (their threads included)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _start(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out, stderr=out)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
+# ---------------------------------------------------------------------------------- gateway
+def gateway_rate(state: dict[str, Any], console: Console) -> float:
+    """The gateway's saturated req/s (closed loop, concurrency 16), every request logged."""
+    from bench.gateway import KEY, MODEL, N_IN, N_OUT, _deployed, _request, _wait_http
+    from cdl.auth import hash_key
+    from cdl.events import Event
+    from cdl.kafka import Producer, ensure_topics
+    from cdl.v1 import events_pb2
+    from cdl_tools.stack import stack_store
+    from cdl_tools.stack._procs import free_port
+    from tests.models import write_affine
+
+    bootstrap, store, tmp = state["kafka"]["bootstrap"], stack_store(state), Path(state["state_dir"])
+    uid = uuid.uuid4().hex[:6]
+    topics = {k: f"bench.gw.{k}.{uid}" for k in ("compressed", "deployed", "logged", "deadletter", "health")}
+    ensure_topics(bootstrap, {t: 3 if k in ("logged",) else 1 for k, t in topics.items()})
+    port, metrics = free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_STATE_DIR=str(tmp), CDL_INSECURE="true")
+    env |= {f"CDL_GATEWAY_{k.upper()}_TOPIC": v for k, v in topics.items()}
+    env |= {
+        "CDL_GATEWAY_GROUP_ID": f"bench-gw-{uid}",
+        "CDL_GATEWAY_GRPC_PORT": str(port),
+        "CDL_GATEWAY_HTTP_PORT": str(free_port()),
+        "CDL_GATEWAY_METRICS_PORT": str(metrics),
+        "CDL_GATEWAY_API_KEY_HASHES": json.dumps([hash_key(KEY)]),
+        "CDL_GATEWAY_CANARY_STEPS": "[1.0]",
+        "CDL_GATEWAY_MIN_SAMPLES": "1",
+        "CDL_GATEWAY_STEP_MIN_S": "0.2",
+        "CDL_GATEWAY_WARMUP_REQUESTS": "2",
+    }
+    proc = _start("services.gateway", env, tmp / "gateway.log")
+    try:
+        _wait_http(f"http://127.0.0.1:{metrics}/healthz")
+        w = np.random.default_rng(1).normal(size=(N_IN, N_OUT)).astype(np.float32)
+        write_affine(store, MODEL, 1, w, np.zeros(N_OUT, dtype=np.float32))
+        producer = Producer(bootstrap)
+        msg = events_pb2.ModelCompressed(model=MODEL, version=1, ok=True, chosen_variant="fp32")
+        producer.send(topics["compressed"], Event(msg, source="/cdl/bench", key=MODEL))
+        producer.flush()
+        deadline = time.monotonic() + 120
+        while not any(
+            d.version == 1 and d.state == events_pb2.ROLLOUT_STATE_PROMOTED
+            for _, d in _deployed(bootstrap, topics["deployed"])
+        ):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"v1 never promoted: {(tmp / 'gateway.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        metadata = (("authorization", f"Bearer {KEY}"),)
+        rates = []
+        for _ in range(2):  # the first round warms the lane and Triton; the better one counts
+            rates.append(asyncio.run(closed_loop(f"127.0.0.1:{port}", _request(), metadata, SECONDS, CONCURRENCY)))
+        console.print(f"gateway: saturated {', '.join(f'{r:,.0f}' for r in rates)} req/s (concurrency {CONCURRENCY})")
+        return max(rates)
+    finally:
+        _stop([proc])
+
+
+# ---------------------------------------------------------------------------------- monitor
+def _logged_records(n: int, model: str) -> list[tuple[bytes, bytes, list[Any]]]:
+    """``n`` InferenceLogged records as the gateway writes them: one digits image each."""
+    from sklearn.datasets import load_digits
+
+    from cdl.events import Event, encode
+    from cdl.v1 import events_pb2
+    from cdl.v1 import open_inference_pb2 as pb
+
+    digits = load_digits()
+    x = digits.data.astype(np.float32)
+    rng = np.random.default_rng(0)
+    out = []
+    for i in rng.choice(len(x), n):
+        rid = uuid.uuid4().hex
+        req = pb.ModelInferRequest(model_name=model, id=rid)
+        inp = req.inputs.add()
+        inp.name, inp.datatype = "input", "FP32"
+        inp.shape.extend([1, 64])
+        req.raw_input_contents.append(np.asarray(x[i], "<f4").tobytes())
+        rec = events_pb2.InferenceLogged(
+            request_id=rid,
+            model=model,
+            version=1,
+            inputs_sample=req.SerializeToString(),
+            predicted_labels=[str(int(digits.target[i]))],
+            latency_ms=1.0,
+            status="OK",
+        )
+        key, value, headers = encode(Event(rec, source="/cdl/bench/scale", key=rid))
+        out.append((key or b"", value, list(headers)))
+    return out
+
+
+def monitor_rates(state: dict[str, Any], console: Console, counts: tuple[int, ...] = (1, 2)) -> dict[int, float]:
+    """Events/s of ``n`` monitor processes over one pre-filled inference.logged, for each n."""
+    from cdl.kafka import Producer, ensure_topics
+    from cdl.ml.drift import reference_sample, to_npy
+    from cdl_tools.stack import stack_store
+    from cdl_tools.stack._procs import free_port
+
+    bootstrap, store, tmp = state["kafka"]["bootstrap"], stack_store(state), Path(state["state_dir"])
+    uid = uuid.uuid4().hex[:6]
+    model = f"scale{uid}"
+    topics = {k: f"bench.mon.{k}.{uid}" for k in ("logged", "feedback", "health", "drift", "raw")}
+    ensure_topics(bootstrap, dict.fromkeys(topics.values(), 3))
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data.astype(np.float32)
+    lineage = {"dataset": "digits", "labels": [str(i) for i in range(10)], "task": "image_classification"}
+    store.put_json("cdl-models", f"{model}/1/lineage.json", lineage)
+    store.put_bytes("cdl-models", f"{model}/1/reference.npy", to_npy(reference_sample(x, 2000, seed=0)))
+    records = _logged_records(EVENTS, model)
+    producer = Producer(bootstrap)
+    t0 = time.perf_counter()
+    for key, value, headers in records:
+        producer.send_raw(topics["logged"], value, key, headers)
+    producer.flush()
+    console.print(f"monitor: {EVENTS:,} records produced in {time.perf_counter() - t0:.1f} s")
+    rates: dict[int, float] = {}
+    for n in counts:
+        group = f"bench-monitor-{uid}-{n}"
+        procs, ports = [], []
+        for i in range(n):
+            port = free_port()
+            env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_STATE_DIR=str(tmp / f"mon-{n}-{i}"))
+            env |= {f"CDL_MONITOR_{k.upper()}_TOPIC": t for k, t in topics.items()}
+            env |= {
+                "CDL_MONITOR_GROUP_ID": group,
+                "CDL_MONITOR_METRICS_PORT": str(port),
+                "CDL_MONITOR_TRAINING_RECORDS": "false",
+                "CDL_INSECURE": "true",
+            }
+            procs.append(_start("services.monitor", env, tmp / f"monitor-{n}-{i}.log"))
+            ports.append(port)
+        try:
+            for p, port, i in zip(procs, ports, range(n), strict=True):
+                _ready(port, p, tmp / f"monitor-{n}-{i}.log")
+
+            def done(ports: list[int] = ports) -> float:
+                return sum(_metric(port, "cdl_monitor_events_total", topic=topics["logged"]) for port in ports)
+
+            with Progress(transient=True, console=console) as progress:
+                task = progress.add_task(f"{n} monitor process(es)", total=EVENTS)
+                first: float | None = None
+                cpu0 = 0.0
+                deadline = time.monotonic() + 900
+                while (count := done()) < EVENTS:
+                    if first is None and count > 0:
+                        first, first_count, cpu0 = time.perf_counter(), count, _cpu_s([p.pid for p in procs])
+                    progress.update(task, completed=count)
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{n} monitors processed {count} of {EVENTS}")
+                    time.sleep(0.25)  # (a scrape costs the monitor too)
+                assert first is not None
+                seconds = time.perf_counter() - first
+                cpu = _cpu_s([p.pid for p in procs]) - cpu0
+            rate = (EVENTS - first_count) / seconds
+            rates[n] = rate
+            console.print(
+                f"monitor x{n}: {rate:,.0f} events/s, {cpu / (EVENTS - first_count) * 1000:.3f} CPU s per 1,000 events"
+            )
+        finally:
+            _stop(procs)
+    return rates
+
+
+def main() -> None:
+    console = Console()
+    console.print(f"machine: {machine()}; parts {sorted(PARTS)}")
+    lines: list[str] = []
+    with private_stack(triton_servers=1 if "gateway" in PARTS else 0) as state:
+        gateway = gateway_rate(state, console) if "gateway" in PARTS else 0.0
+        if "monitor" in PARTS:
+            rates = monitor_rates(state, console)
+            if 2 in rates and 1 in rates:
+                lines.append(result("monitor_2_vs_1", rates[2], rates[1], op=">=", goal=0.0, unit="events/s"))
+            if gateway:
+                best = max(rates.values())
+                lines.append(result("monitor_vs_gateway_rate", best, gateway, op=">=", goal=1.0, unit="events/s"))
+    if "ddp" in PARTS:  # after the stack is down: the cores are the training's
+        from bench.scale_ddp import run as ddp
+
+        lines += ddp(console)
+    for line in lines:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
