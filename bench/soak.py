@@ -43,11 +43,11 @@ MARKERS = {
 
 
 def _snapshot_bytes(bootstrap: str) -> int:
-    from cdl.kafka import read_latest
-    from services.ingest.processor import STATE_KEY
+    from cdl.kafka.state import read_state
+    from services.ingest.partitions import LEGACY_STATE_KEY
 
-    snap = read_latest(bootstrap, "cdl.ingest.state", STATE_KEY)
-    return len(snap or b"")
+    # one snapshot per dataset (ingest-state/<dataset>); the old single one if it is still there
+    return sum(len(v) for v in read_state(bootstrap, "cdl.ingest.state", LEGACY_STATE_KEY).values())
 
 
 def _versions(state_dir: Path) -> str:

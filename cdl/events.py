@@ -185,6 +185,8 @@ class OutRecord:
     value: bytes | None
     key: bytes | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
+    #: the partition to produce to; None: the producer's partitioner picks it by the key
+    partition: int | None = None
 
     @classmethod
     def of(cls, topic: str, event: Event) -> OutRecord:

@@ -58,6 +58,13 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
     ``transaction_retry_s``) does the same in place: ``on_restore`` must put
     the processor back to the last committed state.
 
+    Several instances in one group share the topics' partitions. ``on_assigned``
+    is told every assignment (``(topic, partition)`` pairs, the whole of it), after
+    the rebalance and before any record of it is handed over, outside librdkafka's
+    callback (so a long restore is watched against ``restore_deadline_s``);
+    ``on_released`` is called when partitions are revoked, right after what was
+    consumed from them was committed (ingest takes over and drops state there).
+
     Records arrive by column from :class:`~cdl.kafka_native.NativeConsumer`
     where it is available (``columnar``), else from confluent-kafka's consumer.
     """
@@ -71,6 +78,8 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
         transactional_id: str,
         processor: BatchProcessor,
         on_restore: Callable[[], None] | None = None,
+        on_assigned: Callable[[list[tuple[str, int]]], None] | None = None,
+        on_released: Callable[[], None] | None = None,
         flush_interval_s: float = 1.0,
         batch_size: int = 1000,
         consumer_config: dict[str, Any] | None = None,
@@ -104,6 +113,10 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self._last_positions: dict[tuple[str, int], int] = {}
+        self._on_assigned_cb = on_assigned
+        self._on_released_cb = on_released
+        #: the assignment the group gave and ``on_assigned`` has not been told yet
+        self._new_assignment: list[tuple[str, int]] | None = None
 
     def _serve(self, until: Callable[[], bool] | None) -> None:
         last_flush = time.monotonic()
@@ -111,6 +124,7 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
             # a short wait: consume() holds a partial batch until the timeout
             with self._step("consume", 0.05, self._rebalance_s):
                 n, batches = self._consumer.consume_batches(self._batch_size, 0.05)
+            self._tell_assignment()
             for batch in batches:
                 batch.caught_up = n < self._batch_size
                 self._processor.on_batch(batch)
@@ -121,9 +135,24 @@ class TransactionalLoop(_TransactionalBase[_BatchConsumer | NativeConsumer]):
 
     def _reset_session(self) -> None:
         self._last_positions = {}
+        self._new_assignment = None
+
+    def _on_assigned(self, partitions: list[TopicPartition]) -> None:
+        if self._on_assigned_cb is not None:
+            self._new_assignment = [(str(tp.topic), int(tp.partition)) for tp in partitions]
+
+    def _tell_assignment(self) -> None:
+        """Hand a new assignment to ``on_assigned`` (before any record of it is handed over)."""
+        if self._new_assignment is None or self._on_assigned_cb is None:
+            return
+        partitions, self._new_assignment = self._new_assignment, None
+        with self._step("assigned", self._policy.restore_deadline_s):
+            self._on_assigned_cb(partitions)
 
     def _on_revoked(self, partitions: list[TopicPartition]) -> None:
         self.commit()  # what was consumed from them, while they are still ours
+        if self._on_released_cb is not None:
+            self._on_released_cb()
 
     def commit(self) -> None:
         """Flush the processor and commit its records with the consumed offsets."""

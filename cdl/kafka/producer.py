@@ -23,11 +23,23 @@ def _produce(
     key: bytes | None,
     headers: Sequence[tuple[str, bytes]] | None,
     on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+    partition: int | None = None,
 ) -> None:
-    """Produce, serving delivery callbacks while librdkafka's queue is full."""
+    """Produce (to ``partition``, or where the partitioner puts ``key``), serving delivery
+    callbacks while librdkafka's queue is full."""
     while True:
         try:
-            producer.produce(topic, value=value, key=key, headers=list(headers or []), on_delivery=on_delivery)
+            if partition is None:
+                producer.produce(topic, value=value, key=key, headers=list(headers or []), on_delivery=on_delivery)
+            else:
+                producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list(headers or []),
+                    on_delivery=on_delivery,
+                    partition=partition,
+                )
             return
         except BufferError:
             producer.poll(0.05)

@@ -282,6 +282,10 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
     def _assigned_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.assigned.set()
         log.info("partitions assigned", partitions=[f"{tp.topic}[{tp.partition}]" for tp in partitions])
+        self._on_assigned(partitions)
+
+    def _on_assigned(self, partitions: list[TopicPartition]) -> None:
+        """The group gave this member ``partitions`` (overridden by the loops)."""
 
     def _revoked_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.assigned.clear()
@@ -362,7 +366,7 @@ class _TransactionalBase(_Stoppable, Generic[_C]):
                 # a full queue waits for deliveries, which the transaction's retry time bounds
                 with self._step("produce", self._policy.transaction_retry_s):
                     for rec in records:
-                        _produce(self._producer, rec.topic, rec.value, rec.key, rec.headers)
+                        _produce(self._producer, rec.topic, rec.value, rec.key, rec.headers, partition=rec.partition)
                 if offsets:
                     metadata = self._consumer.consumer_group_metadata()
                     send = functools.partial(self._producer.send_offsets_to_transaction, list(offsets), metadata)

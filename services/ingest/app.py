@@ -12,7 +12,8 @@ from cdl import tracing
 from cdl.auth import ApiKeys, AuthInterceptor, KeysFile
 from cdl.errors import ConfigError
 from cdl.events import Topics, source_name
-from cdl.kafka import Producer, TransactionalLoop, read_latest
+from cdl.kafka import Producer, TransactionalLoop, topic_partitions
+from cdl.kafka.state import read_state
 from cdl.logging import configure_logging, get_logger
 from cdl.memory import keep_freed_memory, settle_gc
 from cdl.observability import HttpEndpoint, serve_http
@@ -23,7 +24,8 @@ from cdl.store import ObjectStore
 from cdl.store_access import store_buckets
 from cdl.v1 import ingest_pb2_grpc
 from services.ingest.grpc_api import IngestServicer
-from services.ingest.processor import STATE_KEY, IngestProcessor
+from services.ingest.partitions import DATASET_KEY_PREFIX, LEGACY_STATE_KEY
+from services.ingest.processor import IngestProcessor
 from services.ingest.registry import DatasetRegistry
 from services.ingest.settings import IngestSettings
 
@@ -56,6 +58,8 @@ class IngestApp:
             transactional_id=transactional_id(settings.group_id, settings.instance),
             processor=self.processor,
             on_restore=self._restore,
+            on_assigned=self._assigned,
+            on_released=self.processor.release,
             flush_interval_s=settings.flush_interval_s,
             batch_size=settings.batch_size,
             consumer_config={"fetch.min.bytes": settings.fetch_min_bytes, "fetch.wait.max.ms": settings.fetch_wait_ms},
@@ -76,13 +80,26 @@ class IngestApp:
         provision(s.kafka_bootstrap, self.store, topics, compacted, buckets=store_buckets("ingest"))
 
     def _restore(self) -> None:
-        """The processor's state as the last committed transaction left it.
+        """Nothing held until the group assigns partitions (:meth:`_assigned`).
 
         The loop calls this at the start of every session, after fencing any
-        older instance (so that transaction is settled): at start-up and after
+        older instance with this one's transactional id: at start-up and after
         a failure it recovers from in place.
         """
-        self.processor.restore(read_latest(self.settings.kafka_bootstrap, self.settings.state_topic, STATE_KEY))
+        self.processor.start_partitioned()
+
+    def _assigned(self, partitions: list[tuple[str, int]]) -> None:
+        """The group's assignment: the processor owns the datasets of the data.raw partitions it
+        holds, and reads the committed snapshots of those it gained (docs/ingest.md, "Replicas")."""
+        s = self.settings
+        owned = [p for topic, p in partitions if topic == s.raw_topic]
+        count = topic_partitions(s.kafka_bootstrap, s.raw_topic)
+
+        def read() -> dict[bytes, bytes]:
+            values = read_state(s.kafka_bootstrap, s.state_topic)
+            return {k: v for k, v in values.items() if k == LEGACY_STATE_KEY or k.startswith(DATASET_KEY_PREFIX)}
+
+        self.processor.assign(count, owned, read)
 
     def start(self) -> None:
         """Start gRPC and the metrics endpoint (the stream, which recovers its state first, runs in ``run``)."""

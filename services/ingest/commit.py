@@ -83,6 +83,11 @@ class Versions:
         if spec.min_new_records > 0 and committed + self.pending[spec.name] >= spec.min_new_records:
             self.due = True
 
+    def forget(self, dataset: str) -> None:
+        """Count nothing of ``dataset`` any more (another instance owns it now)."""
+        self.pending.pop(dataset, None)
+        self.first_seen.pop(dataset, None)
+
     def sealed(self, dataset: str, n: int) -> None:
         """A buffer of ``n`` records of ``dataset`` became a shard: now counted in the state."""
         self.pending[dataset] = self.pending.get(dataset, 0) - n

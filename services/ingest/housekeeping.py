@@ -91,6 +91,17 @@ class Housekeeping:
                 self.merge_now(m, state)
         self._unmergeable.update(unmergeable)
 
+    def settle(self, state: IngestState) -> None:
+        """Wait for the job in flight and take what it merged (before datasets change owner: no
+        job of this instance then works on a dataset another instance writes)."""
+        if self.job is not None:
+            wait([self.job])
+            self.take(state)
+
+    def forget(self, dataset: str) -> None:
+        """Drop the merges of ``dataset`` waiting for its next version (another instance owns it now)."""
+        self._merges.pop(dataset, None)
+
     def merged_for(self, name: str) -> list[Merged]:
         """The merged versioned shards of ``name`` waiting for its next version (handed over:
         they take their inputs' place in that version)."""
@@ -117,9 +128,7 @@ class Housekeeping:
         this thread, and put the merged shards in ``state`` at once (each written in full
         first). The job in flight is waited for first, so its sweep cannot race a merged
         shard this writes or finds already there."""
-        if self.job is not None:
-            wait([self.job])
-            self.take(state)
+        self.settle(state)
         policy = replace(self._policy, min_shards=2)
         for name, ds in sorted(state.datasets.items()):
             for where in ("pending", "unlabelled"):

@@ -88,6 +88,15 @@ class LateLabels:
         self.waiting_in.clear()
         self.refs.clear()
 
+    def forget(self, dataset: str) -> None:
+        """Nothing of ``dataset`` waits here any more (another instance owns it now)."""
+        self.waiting.pop(dataset, None)
+        prefix = f"{dataset}/"
+        for key in [k for k in self.refs if k.startswith(prefix)]:
+            del self.refs[key]
+        for key in [k for k in self.waiting_in if k.startswith(prefix)]:
+            del self.waiting_in[key]
+
     def recover(self, name: str, shard: Shard, cols: dict[str, npt.NDArray[Any]], seen: fastscan.IdSet) -> None:
         """The records of the committed unlabelled ``shard`` (its columns ``cols``) that no
         labelled shard took (their ids not in ``seen``, which takes them) wait again."""

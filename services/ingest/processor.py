@@ -1,9 +1,17 @@
 """The ingest stream's domain logic: validate, dead-letter, shard, version.
 
-Transport-free: the Kafka loop hands each ``data.raw`` record to
-:meth:`IngestProcessor.on_record` and, every flush, publishes what
-:meth:`IngestProcessor.flush` returns (dead letters, ``data.updated`` events and
-the state snapshot) in one transaction with the input offsets.
+Transport-free: the Kafka loop hands batches of ``data.raw`` records to
+:meth:`IngestProcessor.on_batch` and, every flush, publishes what
+:meth:`IngestProcessor.flush` returns (dead letters, records handed on to their
+dataset's owner, ``data.updated`` events and the state snapshots) in one
+transaction with the input offsets.
+
+Two modes. The service runs *partitioned* (:meth:`IngestProcessor.start_partitioned`,
+then :meth:`IngestProcessor.assign` at every assignment): it owns the datasets whose home
+partition of ``data.raw`` it holds, hands records of the others on, and writes one snapshot
+per dataset (:mod:`~services.ingest.partitions`). A processor driven by
+:meth:`IngestProcessor.restore` / :meth:`IngestProcessor.recover` alone owns every dataset
+and writes one snapshot of all of them under :data:`STATE_KEY` (tests, tools).
 
 The processor orchestrates; each concern has its module beside it:
 :mod:`~services.ingest.buffers` (buffers and sealing, the shard writes),
@@ -20,6 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -28,9 +37,9 @@ import numpy.typing as npt
 from prometheus_client import Counter as PromCounter
 
 from cdl.datasets import DATASETS_BUCKET, DatasetSpec, decode_shard
-from cdl.errors import DecodeError
-from cdl.events import InBatch, InRecord, OutRecord, Topics, decode
-from cdl.feedback import is_served_record_id
+from cdl.errors import DecodeError, InvalidInputError
+from cdl.events import Headers, InBatch, InRecord, OutRecord, Topics, decode
+from cdl.feedback import is_served_record_id, parse_feedback
 from cdl.logging import get_logger
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
@@ -42,22 +51,42 @@ from services.ingest.compaction import CompactionPolicy
 from services.ingest.deadletters import DeadLetters
 from services.ingest.housekeeping import Housekeeping
 from services.ingest.late_labels import LateLabels, Rejected
+from services.ingest.partitions import (
+    LEGACY_STATE_KEY,
+    ROUTE_DRIFT,
+    ROUTE_FEEDBACK,
+    ROUTE_HEADER,
+    Routing,
+    dataset_docs,
+    dataset_of_key,
+    dataset_state_key,
+    route_of,
+)
 from services.ingest.records import Limits, Reason, RecordError, clean, content_type_of, is_protobuf, parse
 from services.ingest.registry import DatasetRegistry
 from services.ingest.settings import IngestSettings
 from services.ingest.trimming import Trimmer
-from services.ingest.versioning import IngestState
+from services.ingest.versioning import DatasetState, IngestState
 
 __all__ = ["STATE_KEY", "IngestProcessor", "StateTooLargeError"]
 
 log = get_logger(__name__)
 
-STATE_KEY = b"ingest-state"
+#: the key of the snapshot of every dataset (a processor that owns them all; the first releases)
+STATE_KEY = LEGACY_STATE_KEY
 
 RECORDS = PromCounter("cdl_ingest_records_total", "Records seen by ingest", ["dataset", "outcome"])
 DRIFT_ALERTS = PromCounter(
     "cdl_ingest_drift_alerts_total", "drift.detected alerts that make a dataset cut its next version early", ["dataset"]
 )
+HANDED_ON = PromCounter(
+    "cdl_ingest_handed_on_total",
+    "Records of datasets another instance owns, produced again to their home partition of data.raw "
+    "(kind: record, feedback, drift)",
+    ["kind"],
+)
+#: handed-on records waiting for the flush that makes it flush at once
+_HAND_ON_FLUSH_COUNT = 10_000
 
 
 class IngestProcessor:
@@ -92,12 +121,18 @@ class IngestProcessor:
         self._registry = registry
         self._store = store
         self._state_topic = state_topic
+        self._raw_topic = raw_topic
         self._feedback_topic = feedback_topic
         self._drift_topic = drift_topic
         self._limits = limits or Limits()
         self._claims = claims or Claims(store, DEFAULT_BUCKETS, DEFAULT_MAX_BYTES)
         #: a snapshot over this is brought back under it by merging shards, or the flush fails
         self._state_max_bytes = state_max_bytes
+        self._flush_bytes = deadletter_flush_bytes
+        #: partitioned (the service): owns the datasets of the data.raw partitions it holds
+        #: (``_routing``; None: none yet) and writes a snapshot per dataset; else owns them all
+        self._partitioned = False
+        self._routing: Routing | None = None
         self._dead = DeadLetters(
             topic=deadletter_topic,
             origin_topic=raw_topic,
@@ -143,6 +178,11 @@ class IngestProcessor:
         self._versions.reset()
         self._trimmer = Trimmer()
         self._housekeeping.reset()
+        #: records of datasets another instance owns, produced again to their home partition
+        self._handed_on: list[OutRecord] = []
+        self._handed_on_bytes = 0
+        #: per dataset, its snapshot as last written or read (partitioned): unchanged ones are not written
+        self._written: dict[str, bytes] = {}
 
     def _state_changed(self) -> None:
         """The state changed (a shard sealed, shards merged): the next flush writes its snapshot."""
@@ -193,16 +233,12 @@ class IngestProcessor:
         of the unlabelled shards that no labelled shard took wait for their labels.
         """
         doc = json.loads(snapshot) if snapshot else None
+        self._partitioned, self._routing = False, None
         self.state = IngestState.from_json(doc, self._read_manifest) if doc else IngestState()
         self._seen.clear()
         self._labels.clear()
         for name, ds in self.state.datasets.items():
-            for shard in ds.shards:
-                cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
-                self._seen[name].add_all(cols["id"].tolist())
-            for shard in ds.unlabelled:
-                cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
-                self._labels.recover(name, shard, cols, self._seen[name])
+            self._load(name, ds)
         log.info(
             "ingest state recovered",
             datasets={
@@ -210,6 +246,17 @@ class IngestProcessor:
                 for n, d in self.state.datasets.items()
             },
         )
+
+    def _load(self, name: str, ds: DatasetState) -> None:
+        """Rebuild what ``ds`` (the committed state of ``name``) implies in memory: every
+        committed shard's ids in the seen-id set, the records of its unlabelled shards that no
+        labelled shard took waiting for their labels."""
+        for shard in ds.shards:
+            cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
+            self._seen[name].add_all(cols["id"].tolist())
+        for shard in ds.unlabelled:
+            cols = decode_shard(self._store.get_bytes(DATASETS_BUCKET, shard.key))
+            self._labels.recover(name, shard, cols, self._seen[name])
 
     def _read_manifest(self, key: str) -> dict[str, Any]:
         doc: dict[str, Any] = self._store.get_json(DATASETS_BUCKET, key)
@@ -226,14 +273,127 @@ class IngestProcessor:
         counters and merged shards not yet in a version are dropped. Afterwards
         the processor behaves exactly as a new one given ``recover(snapshot)``.
         """
+        self._drop_background()
+        self._reset()
+        self.recover(snapshot)
+
+    def _drop_background(self) -> None:
+        """Wait for the batch in the scan thread, the shard writes and the housekeeping job; their
+        outcomes, failures included, are dropped with them."""
         pending: list[Future[Any]] = list(self._shards.writes)
         if self._inflight is not None and self._inflight[2] is not None:
             pending.append(self._inflight[2])
         if self._housekeeping.job is not None:
             pending.append(self._housekeeping.job)
-        wait(pending)  # their outcomes, failures included, are dropped with them
+        wait(pending)
+
+    # ---------------------------------------------------------------- ownership
+    def start_partitioned(self) -> None:
+        """Drop everything not committed (as :meth:`restore` does) and own no dataset until
+        :meth:`assign` says which partitions this instance holds: the service's loop calls this
+        at the start of every session."""
+        self._drop_background()
         self._reset()
-        self.recover(snapshot)
+        self.state = IngestState()
+        self._seen.clear()
+        self._labels.clear()
+        self._partitioned, self._routing = True, None
+
+    def release(self) -> None:
+        """Partitions are being revoked, and what was consumed from them is committed: the
+        housekeeping job in flight is waited for (none of this instance's jobs then works on a
+        dataset another instance will write)."""
+        self._housekeeping.settle(self.state)
+
+    def assign(self, partitions: int, owned: Collection[int], read_state: Callable[[], Mapping[bytes, bytes]]) -> None:
+        """This instance holds the partitions ``owned`` of ``data.raw`` (of ``partitions``): it
+        owns the datasets whose home partition is one of them.
+
+        Datasets it held and no longer owns are dropped from memory (their state was committed
+        when their partitions were revoked). The datasets of partitions it gained are read from
+        their committed snapshots (``read_state()``: the state topic's newest values by key; read
+        only when something was gained) and recovered as at start-up. A dataset without a
+        snapshot of its own is taken from the snapshot of every dataset of the first releases and
+        written under its own key at the next flush (the migration).
+        """
+        if not self._partitioned:
+            raise RuntimeError("assign() is for a partitioned processor (start_partitioned)")
+        self._finish_inflight()
+        new, old = Routing(partitions, frozenset(owned)), self._routing
+        if new == old:
+            return
+        held = set(self.state.datasets) | set(self._seen) | set(self._labels.waiting) | set(self._versions.pending)
+        held |= {name for name, _ in self._shards.labelled} | {name for name, _ in self._shards.unlabelled}
+        lost = sorted(n for n in held if not new.owns(n))
+        if lost:
+            buffered = [k for k, b in (*self._shards.labelled.items(), *self._shards.unlabelled.items()) if b.count]
+            if any(name in lost for name, _ in buffered):
+                raise RuntimeError("records not committed are held for datasets this instance no longer owns")
+            self._housekeeping.settle(self.state)
+            for name in lost:
+                self._forget(name)
+        gained = set(new.owned) if old is None or old.partitions != partitions else set(new.owned - old.owned)
+        self._routing = new
+        adopted: list[str] = []
+        if gained:
+            values = read_state()
+            own_keys = {n for n in map(dataset_of_key, values) if n is not None}
+            for name, doc in sorted(dataset_docs(values).items()):
+                if new.home(name) not in gained or name in self.state.datasets:
+                    continue
+                ds = IngestState.from_json(doc, self._read_manifest).datasets.get(name)
+                if ds is None:
+                    continue
+                self.state.datasets[name] = ds
+                self._load(name, ds)
+                if name in own_keys:  # else from the old snapshot: written under its own key next flush
+                    self._written[name] = self._dataset_bytes(name, ds)
+                adopted.append(name)
+        log.info(
+            "ingest partitions assigned",
+            partitions=sorted(new.owned),
+            of=partitions,
+            adopted={n: self.state.datasets[n].version for n in adopted},
+            dropped=lost,
+        )
+
+    def _forget(self, name: str) -> None:
+        """Drop everything of dataset ``name`` from memory (another instance owns it now)."""
+        self.state.datasets.pop(name, None)
+        self._seen.pop(name, None)
+        self._labels.forget(name)
+        self._versions.forget(name)
+        self._housekeeping.forget(name)
+        self._written.pop(name, None)
+        for buffers in (self._shards.labelled, self._shards.unlabelled):
+            for key in [k for k in buffers if k[0] == name]:
+                del buffers[key]
+
+    def _owns(self, dataset: str) -> bool:
+        """Whether this processor owns ``dataset`` (all of them unless partitioned)."""
+        if not self._partitioned:
+            return True
+        if self._routing is None:
+            raise RuntimeError("records arrived before the processor was told its partitions")
+        return self._routing.owns(dataset)
+
+    def _hand_on(self, incoming: InRecord, dataset: str, route: str | None = None) -> None:
+        """Produce ``incoming`` again to ``dataset``'s home partition of ``data.raw``, keyed by the
+        dataset (in the flush's transaction, with the offset it was consumed at); ``route`` says
+        what a record that is not an ordinary one is (a late label, a drift alert)."""
+        assert self._routing is not None  # (_owns said no: partitioned, with a routing)
+        _, _, _, value, headers = incoming
+        kept = tuple(
+            (str(k), v if isinstance(v, bytes) else str(v).encode())
+            for k, v in headers or ()
+            if v is not None and k != ROUTE_HEADER
+        )
+        if route is not None:
+            kept += ((ROUTE_HEADER, route.encode()),)
+        home = self._routing.home(dataset)
+        self._handed_on.append(OutRecord(self._raw_topic, value, dataset.encode(), kept, home))
+        self._handed_on_bytes += len(value or b"")
+        HANDED_ON.labels(route or "record").inc()
 
     # ---------------------------------------------------------------- records
     def on_batch(self, batch: InBatch) -> None:
@@ -267,10 +427,12 @@ class IngestProcessor:
         else:  # JSON records (a value, no protobuf content-type) may be scanned; the rest go the careful way
             nulls = batch.null_values
             json_rows = ~big
-            if not batch.plain:
+            if not batch.plain:  # (a record handed on with a cdl-route header is a label or an alert)
                 json_rows &= np.fromiter(
                     (
-                        not (nulls is not None and nulls[i]) and not is_protobuf(content_type_of(batch.header(i)))
+                        not (nulls is not None and nulls[i])
+                        and not is_protobuf(content_type_of(batch.header(i)))
+                        and route_of(batch.header(i)) is None
                         for i in range(n)
                     ),
                     dtype=bool,
@@ -296,7 +458,11 @@ class IngestProcessor:
         if scanning is not None:
             accepted, undecided = scanning.result()
             for spec, rows, sc in accepted:
-                self._keep_fast(spec, batch, rows, sc)
+                if self._owns(spec.name):
+                    self._keep_fast(spec, batch, rows, sc)
+                else:  # another instance's dataset
+                    for i in rows.tolist():
+                        self._hand_on(batch.row(int(i)), spec.name)
             slow = slow + undecided
         for i in sorted(slow):
             self._one(batch.row(i))
@@ -346,6 +512,13 @@ class IngestProcessor:
     def _one(self, incoming: InRecord) -> None:
         """The careful path: one record, with the precise reason when it is rejected."""
         partition, offset, _, value, headers = incoming
+        route = route_of(headers) if headers else None
+        if route == ROUTE_FEEDBACK:  # a late label another instance handed on
+            self._feedback(incoming, self._raw_topic)
+            return
+        if route == ROUTE_DRIFT:  # a drift alert another instance handed on
+            self._drift(incoming, self._raw_topic)
+            return
         content_type = content_type_of(headers)
         dataset = "?"  # the metrics' label: only registered names, whatever records say
         try:
@@ -355,6 +528,9 @@ class IngestProcessor:
             if spec is None:
                 raise RecordError(Reason.UNKNOWN_DATASET, "dataset is not registered", dataset=raw.dataset[:200])
             dataset = spec.name
+            if not self._owns(dataset):  # another instance's: it decides about the record
+                self._hand_on(incoming, dataset)
+                return
             limits = self._limits.for_spec(spec)
             limits.check_size(value)
             if raw.features_uri and raw.features is None:  # a claim check: the tensor is in the store
@@ -386,7 +562,7 @@ class IngestProcessor:
         err = RecordError(Reason.DUPLICATE_ID, "record id already ingested", dataset=dataset, id=rid)
         self._reject(incoming, err, dataset)
 
-    def _drift(self, incoming: InRecord) -> None:
+    def _drift(self, incoming: InRecord, origin: str | None = None) -> None:
         """A ``drift.detected`` alert: its dataset cuts a version as soon as it has new records.
 
         The alert is part of the state (the snapshot of this transaction), so it survives a
@@ -397,7 +573,7 @@ class IngestProcessor:
             event = decode(key, value, headers)
         except DecodeError as exc:
             malformed = RecordError(Reason.MALFORMED, f"not a drift.detected event: {exc}")
-            self._reject(incoming, malformed, "?", origin=self._drift_topic)
+            self._reject(incoming, malformed, "?", origin=origin or self._drift_topic)
             return
         alert = event.payload
         if not isinstance(alert, events_pb2.DriftDetected):
@@ -407,18 +583,27 @@ class IngestProcessor:
         if spec is None:
             log.info("drift alert for a dataset that is not registered", dataset=alert.dataset[:200], model=alert.model)
             return
+        if not self._owns(spec.name):  # its owner applies it
+            self._hand_on(incoming, spec.name, ROUTE_DRIFT)
+            return
         ds = self.state.dataset(spec.name, self._versions.first_seen.get(spec.name))
         ds.drift_alert = f"{alert.model} v{alert.version}: {alert.test} {alert.statistic:.4g} > {alert.threshold:.4g}"
         self._sealed = True  # the state changed: the flush writes its snapshot
         DRIFT_ALERTS.labels(alert.dataset).inc()
         log.info("drift alert: the next version comes early", dataset=alert.dataset, alert=ds.drift_alert)
 
-    def _feedback(self, incoming: InRecord) -> None:
-        """A late label: the waiting record becomes a labelled record at its original offset."""
+    def _feedback(self, incoming: InRecord, origin: str | None = None) -> None:
+        """A late label: the waiting record becomes a labelled record at its original offset.
+        A label of a dataset another instance owns is handed on to it."""
         _, _, _, value, headers = incoming
+        if self._partitioned:
+            owner_of = self._labelled_dataset(value, headers)
+            if owner_of is not None and not self._owns(owner_of):
+                self._hand_on(incoming, owner_of, ROUTE_FEEDBACK)
+                return
         got = self._labels.take(value, headers, self._registry, self._limits, self._seen)
         if isinstance(got, Rejected):
-            self._reject(incoming, got.error, got.dataset, origin=self._feedback_topic)
+            self._reject(incoming, got.error, got.dataset, origin=origin or self._feedback_topic)
             return
         if got is None:
             return
@@ -426,6 +611,20 @@ class IngestProcessor:
         self._shards.buffer_for(dataset, got.partition, got.record.text, self.state).add(got.record, got.offset)
         self._versions.note(got.spec, 1, self.state)
         RECORDS.labels(dataset, "labelled_later").inc()
+
+    def _labelled_dataset(self, value: bytes | None, headers: Headers | None) -> str | None:
+        """The registered dataset a ``data.feedback`` record labels a record of; None for any
+        other (a label of a served request, one that cannot be read: those are decided here)."""
+        if value is None or len(value) > self._limits.record_bytes:
+            return None
+        try:
+            fb = parse_feedback(value, content_type_of(headers))
+        except InvalidInputError:
+            return None
+        if not fb.record_id or not fb.dataset:
+            return None
+        spec = self._registry.lookup(fb.dataset)
+        return spec.name if spec is not None else None
 
     def _reject(self, incoming: InRecord, exc: RecordError, dataset: str, origin: str | None = None) -> None:
         """Dead-letter a record (see :class:`services.ingest.deadletters.DeadLetters`)."""
@@ -442,6 +641,8 @@ class IngestProcessor:
         if self._inflight is not None and (self._inflight[2] is None or self._inflight[2].done()):
             self._finish_inflight()
         if self._versions.due or self._dead.full():
+            return True
+        if len(self._handed_on) >= _HAND_ON_FLUSH_COUNT or self._handed_on_bytes >= self._flush_bytes:
             return True
         return self._versions.time_due(self.state)
 
@@ -460,6 +661,8 @@ class IngestProcessor:
         keep = committed if committed is not None and self._housekeeping.sweep_due() else None
         now = time.time() if now is None else now
         out = self._dead.take()
+        out.extend(self._handed_on)
+        self._handed_on, self._handed_on_bytes = [], 0
         self._shards.write_all(self.state)
         changed = bool(out) or self._sealed
         self._sealed = False
@@ -469,10 +672,30 @@ class IngestProcessor:
         versions = self._versions.commit_due(self.state, now, self._housekeeping.merged_for)
         out.extend(versions)
         changed |= bool(versions)
-        if changed:
+        if self._partitioned:
+            out.extend(self._dataset_snapshots())
+        elif changed:
             out.append(OutRecord(self._state_topic, self._snapshot(), STATE_KEY))
         self._housekeeping.start(self.state, None if keep is None else keep | self.state.referenced())
         self._trimmer.maybe_trim()
+        return out
+
+    def _dataset_bytes(self, name: str, ds: DatasetState) -> bytes:
+        return json.dumps(IngestState(datasets={name: ds}).to_json()).encode()
+
+    def _dataset_snapshots(self) -> list[OutRecord]:
+        """A snapshot of every dataset whose state changed since it was last written (partitioned),
+        each within ``state_max_bytes`` (see :func:`services.ingest.commit.snapshot`)."""
+        out: list[OutRecord] = []
+        for name, ds in sorted(self.state.datasets.items()):
+            data = self._dataset_bytes(name, ds)
+            if data == self._written.get(name):
+                continue
+            if len(data) > self._state_max_bytes:
+                merge_now = lambda: self._housekeeping.merge_unversioned_now(self.state)  # noqa: E731
+                data = snapshot(IngestState(datasets={name: ds}), self._state_max_bytes, merge_now)
+            self._written[name] = data
+            out.append(OutRecord(self._state_topic, data, dataset_state_key(name)))
         return out
 
     def _snapshot(self) -> bytes:

@@ -19,7 +19,8 @@ from cdl.kafka import read_latest
 from cdl.kafka.security import secured
 from cdl.store import ObjectStore
 from services.ingest.compaction import CompactionPolicy, sweep
-from services.ingest.processor import STATE_KEY, IngestProcessor
+from services.ingest.partitions import dataset_state_key
+from services.ingest.processor import IngestProcessor
 from services.ingest.registry import DatasetRegistry
 from tests.integration.test_ingest import LABELS, _json, _register
 
@@ -86,7 +87,7 @@ def test_a_trickle_of_versions_keeps_the_snapshot_small_and_compaction_keeps_eve
         seen[v] = _content(object_store, name, v)  # as it was published, before any later merge
     versions.close()
 
-    snapshot = read_latest(kafka_bootstrap, ingest_topics["state"], STATE_KEY)
+    snapshot = read_latest(kafka_bootstrap, ingest_topics["state"], dataset_state_key(name))
     assert snapshot is not None
     assert len(snapshot) < 2000, len(snapshot)  # listing every shard, it was ~30 kB here and grew on
 
@@ -191,7 +192,7 @@ def test_pending_shards_of_a_distant_count_policy_keep_the_snapshot_under_its_ca
         producer.flush()
         deadline = time.monotonic() + 30
         while True:  # until a snapshot holds every record sent (one flush or more later)
-            snapshot = read_latest(kafka_bootstrap, ingest_topics["state"], STATE_KEY)
+            snapshot = read_latest(kafka_bootstrap, ingest_topics["state"], dataset_state_key(name))
             doc = json.loads(snapshot) if snapshot else {"datasets": {}}
             pending = doc["datasets"].get(name, {}).get("pending", [])
             if sum(s["records"] for s in pending) == n:
