@@ -491,7 +491,7 @@ def test_each_scaler_reads_its_services_group_and_topic_up_to_the_partition_coun
     assert meta["topic"] in {f.default for n, f in fields.items() if n.endswith("_topic")}
     partitions = Topics.PARTITIONS[meta["topic"]]  # the chart's values follow cdl/events.py
     assert spec["minReplicaCount"] >= 1
-    cap = {"ingest": 1, "monitor": 1}.get(name)  # not replica-safe yet (docs/scaling.md)
+    cap = {"monitor": 1}.get(name)  # not replica-safe yet (docs/scaling.md)
     assert spec["maxReplicaCount"] == (cap or max(partitions, spec["minReplicaCount"]))
     assert int(meta["lagThreshold"]) > partitions  # above the transactions' permanent lag
     assert meta["bootstrapServers"] == _resolved_env(_container(_workloads(rendered)[name]), "p")["CDL_KAFKA_BOOTSTRAP"]
@@ -506,7 +506,7 @@ def test_each_scaler_reads_its_services_group_and_topic_up_to_the_partition_coun
 
 
 #: services that run one instance until they are replica-safe (docs/scaling.md)
-SINGLE = {"ingest", "monitor", "gateway"}
+SINGLE = {"monitor", "gateway"}
 
 
 def test_the_job_services_scale_to_at_least_two_and_the_others_run_one(
