@@ -8,10 +8,10 @@ One private stack (Kafka, MinIO, one Triton). Parts, each skippable with
    ``python -m services.gateway`` with every request logged (as bench/gateway.py does): the
    baseline of the monitor's goal.
 2. **monitor**: ``CDL_BENCH_SCALE_EVENTS`` (40,000) ``inference.logged`` records as the gateway
-   writes them (one digits image each, 3 partitions) are produced first; then 1, and then 2,
-   monitor processes (one Faust app, one group) read them from the start: events/s from the
-   first event to the last one counted (``cdl_monitor_events_total``) and the processes' CPU
-   seconds per 1,000 events.
+   writes them (one digits image each, 3 partitions) are produced first; then 1, and then 2
+   (``CDL_BENCH_SCALE_MONITORS``), monitor processes (one Faust app, one group) read them from
+   the start: events/s from the first event to the last one counted
+   (``cdl_monitor_events_total``) and the processes' CPU seconds per 1,000 events.
 3. **ingest** (not yet: ingest's state spans partitions, so one instance owns data.raw;
    docs/scaling.md).
 4. **ddp**: ``bench/scale_ddp.py`` (samples/s of a two-process torchrun training against one).
@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTS = {p.strip() for p in os.environ.get("CDL_BENCH_SCALE_PARTS", "gateway,monitor,ddp").split(",")}
 SECONDS = float(os.environ.get("CDL_BENCH_SCALE_SECONDS", "10"))
 EVENTS = int(os.environ.get("CDL_BENCH_SCALE_EVENTS", "40000"))
+MONITORS = tuple(int(n) for n in os.environ.get("CDL_BENCH_SCALE_MONITORS", "1,2").split(","))
 CONCURRENCY = 16
 
 
@@ -282,7 +283,7 @@ def main() -> None:
     with private_stack(triton_servers=1 if "gateway" in PARTS else 0) as state:
         gateway = gateway_rate(state, console) if "gateway" in PARTS else 0.0
         if "monitor" in PARTS:
-            rates = monitor_rates(state, console)
+            rates = monitor_rates(state, console, MONITORS)
             if 2 in rates and 1 in rates:
                 lines.append(result("monitor_2_vs_1", rates[2], rates[1], op=">=", goal=0.0, unit="events/s"))
             if gateway:
