@@ -15,6 +15,7 @@ __all__ = [
     "CdlError",
     "ConfigError",
     "ConflictError",
+    "DeadlineExceededError",
     "DecodeError",
     "DistributedTrainingError",
     "InvalidInputError",
@@ -87,6 +88,13 @@ class RetryableError(CdlError):
 
 class UnavailableError(RetryableError):
     """A dependency (broker, object store, model server) cannot be reached."""
+
+
+class DeadlineExceededError(RetryableError):
+    """Work handed to another process was not answered in time; whether it was done is unknown
+    (or, where the receiver drops it after the deadline, it was not)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class DistributedTrainingError(RetryableError):

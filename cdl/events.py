@@ -66,6 +66,8 @@ class Topics:
     MODEL_DEPLOYED = "model.deployed"
     INFERENCE_LOGGED = "inference.logged"
     MODEL_HEALTH = "model.health"
+    GATEWAY_COMMANDS = "gateway.commands"
+    """ModelAdmin calls handed to the gateway instance that owns the model, and their results."""
 
     #: partitions per topic (provisioning creates them, and adds partitions to a topic that has
     #: fewer). Partitions are the unit of parallelism: a group's instances share its topics'
@@ -74,8 +76,9 @@ class Topics:
     #: partition: data.raw and data.updated by dataset, the model topics by model; feedback by
     #: request id like inference.logged. Topics a group reads together have equal counts, so the
     #: range assignor gives one member the same partitions of each (co-partitioning): the trainer's
-    #: data.updated and tuning.completed, the gateway's model.compressed and model.health, the
-    #: monitor's inference.logged and data.feedback.
+    #: data.updated and tuning.completed, the gateway's model.compressed and gateway.commands (a
+    #: model's admin calls reach the instance that writes its rollout), the monitor's
+    #: inference.logged and data.feedback.
     PARTITIONS: Mapping[str, int] = {
         DATA_RAW: 3,
         DATA_DEADLETTER: 1,
@@ -89,6 +92,7 @@ class Topics:
         MODEL_DEPLOYED: 3,
         INFERENCE_LOGGED: 3,
         MODEL_HEALTH: 3,
+        GATEWAY_COMMANDS: 3,
     }
 
 
@@ -105,6 +109,8 @@ EVENT_TYPES: dict[str, type[Message]] = {
     "dev.cdl.model.deployed.v1": events_pb2.ModelDeployed,
     "dev.cdl.inference.logged.v1": events_pb2.InferenceLogged,
     "dev.cdl.model.health.v1": events_pb2.ModelHealth,
+    "dev.cdl.gateway.command.v1": events_pb2.GatewayCommand,
+    "dev.cdl.gateway.command.result.v1": events_pb2.GatewayCommandResult,
 }
 _TYPE_OF: dict[str, str] = {cls.DESCRIPTOR.full_name: t for t, cls in EVENT_TYPES.items()}
 

@@ -11,8 +11,10 @@ those it consumes (docs/security.md has the table):
 - **trainer** owns ``model.trained``; reads ``data.updated`` and ``tuning.completed``;
 - **tuner** owns ``tuning.completed``; reads its four triggers;
 - **compressor** owns ``model.compressed``; reads ``model.trained``;
-- **gateway** owns ``model.deployed`` and ``inference.logged``; reads ``model.compressed`` and
-  ``model.health``;
+- **gateway** owns ``model.deployed``, ``inference.logged`` and ``gateway.commands`` (ModelAdmin
+  calls handed from one instance to the model's owner, and their results); reads
+  ``model.compressed``, ``model.health``, ``model.deployed`` (an instance follows the rollouts
+  other instances drive) and ``gateway.commands``;
 - **monitor** owns ``model.health``, ``drift.detected`` and what it adds to ``data.raw`` (the
   served requests it labels); reads ``inference.logged`` and ``data.feedback``; its Faust
   topics are its own (a prefix);
@@ -79,8 +81,8 @@ GRANTS: Mapping[str, Grant] = {
         prefixes=("cdl-compressor",),
     ),
     "gateway": Grant(
-        reads=(Topics.MODEL_COMPRESSED, Topics.MODEL_HEALTH),
-        writes=(Topics.MODEL_DEPLOYED, Topics.INFERENCE_LOGGED, _DEAD),
+        reads=(Topics.MODEL_COMPRESSED, Topics.MODEL_HEALTH, Topics.MODEL_DEPLOYED, Topics.GATEWAY_COMMANDS),
+        writes=(Topics.MODEL_DEPLOYED, Topics.INFERENCE_LOGGED, Topics.GATEWAY_COMMANDS, _DEAD),
         prefixes=("cdl-gateway",),
     ),
     "monitor": Grant(

@@ -58,6 +58,12 @@ class JobLoop(_TransactionalBase[_Consumer]):
     again by the next one, so a job may run twice: jobs are idempotent on
     their natural keys (a dataset version claims one model version), and the
     processed-id store skips events whose outputs were committed.
+
+    ``on_assigned`` and ``on_revoked`` are told of the partitions (topic, partition) the group
+    gives and takes (revoked or lost, even in a failed session), in the loop's thread, before it
+    consumes from them or after it stopped: a service whose instances split work by partition
+    (the gateway's single writer per model) follows them. One that raises ends the session (a
+    new one joins again).
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class JobLoop(_TransactionalBase[_Consumer]):
         deadletter_topic: str = Topics.DATA_DEADLETTER,
         policy: FailurePolicy | None = None,
         processed: ProcessedStore | None = None,
+        on_assigned: Callable[[list[tuple[str, int]]], None] | None = None,
+        on_revoked: Callable[[list[tuple[str, int]]], None] | None = None,
     ) -> None:
         conf = consumer_conf(bootstrap, group_id)
         super().__init__(
@@ -89,6 +97,8 @@ class JobLoop(_TransactionalBase[_Consumer]):
         self._pending: dict[str, _Pending] = {}
         #: dead letters waiting for the next commit, with the partition they came from
         self._dead: list[tuple[tuple[str, int], OutRecord]] = []
+        self._on_assigned_hook = on_assigned
+        self._on_revoked_hook = on_revoked
         self.busy = threading.Event()
         self.jobs_done = 0
         self.coalesced = 0
@@ -119,9 +129,18 @@ class JobLoop(_TransactionalBase[_Consumer]):
         self._dead = [(tp, rec) for tp, rec in self._dead if tp not in gone]
 
     def _assigned_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        super()._assigned_cb(consumer, partitions)
         if self.busy.is_set():  # assigned while a job runs: keep them paused until it ends
             self._consumer.pause(partitions)
+        if self._on_assigned_hook is not None:  # before the loop says it is assigned (readiness)
+            self._on_assigned_hook([(tp.topic, tp.partition) for tp in partitions])
+        super()._assigned_cb(consumer, partitions)
+
+    def _revoked_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        try:
+            super()._revoked_cb(consumer, partitions)
+        finally:  # revoked or lost: they are not this instance's any more, whatever the session's state
+            if self._on_revoked_hook is not None:
+                self._on_revoked_hook([(tp.topic, tp.partition) for tp in partitions])
 
     def _take(self, msg: Message) -> None:
         err = msg.error()

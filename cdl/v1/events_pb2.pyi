@@ -882,3 +882,95 @@ class InferenceLogged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InferenceLogged: _TypeAlias = InferenceLogged  # noqa: Y015
+
+@_typing.final
+class GatewayCommand(_message.Message):
+    """A ModelAdmin call that changes a rollout (Promote, Rollback, Approve, SetTraffic), handed by the
+    gateway instance that received it to the instance that owns the model: the member of the
+    gateway's group holding the model's partition of gateway.commands (keyed by model,
+    co-partitioned with model.compressed), which is the model's single rollout writer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    model: _builtins.str
+    method: _builtins.str
+    """the ModelAdmin method: "Promote", "Rollback", "Approve" or "SetTraffic" """
+    request: _builtins.bytes
+    """the call's request message (cdl.v1.<method>Request), serialized"""
+    actor: _builtins.str
+    """the caller's admin key id (cdl.auth.key_id), published as model.deployed's actor"""
+    reply_to: _builtins.str
+    """the asking instance: the only reader of the result"""
+    group: _builtins.str
+    """the asking instance's consumer group: only that group's owner applies it"""
+    expires_unix_ms: _builtins.int
+    """when the asker stops waiting (Unix ms); an owner that reads it later drops it unapplied"""
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        method: _builtins.str = ...,
+        request: _builtins.bytes = ...,
+        actor: _builtins.str = ...,
+        reply_to: _builtins.str = ...,
+        group: _builtins.str = ...,
+        expires_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "command_id", b"command_id", "expires_unix_ms", b"expires_unix_ms", "group", b"group", "method", b"method", "model", b"model", "reply_to", b"reply_to", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayCommand: _TypeAlias = GatewayCommand  # noqa: Y015
+
+@_typing.final
+class GatewayCommandResult(_message.Message):
+    """The owner's answer to a GatewayCommand: on the same topic, in the transaction that commits the
+    command's offset.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    model: _builtins.str
+    reply_to: _builtins.str
+    code: _builtins.int
+    """the gRPC status code (0: OK) and its details"""
+    details: _builtins.str
+    response: _builtins.bytes
+    """the call's response message (cdl.v1.<method>Response), serialized, when code is 0"""
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        reply_to: _builtins.str = ...,
+        code: _builtins.int = ...,
+        details: _builtins.str = ...,
+        response: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "command_id", b"command_id", "details", b"details", "model", b"model", "reply_to", b"reply_to", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayCommandResult: _TypeAlias = GatewayCommandResult  # noqa: Y015

@@ -14,15 +14,27 @@ Three kinds of work, each on its own thread of control:
   ``rollout.json`` before the candidate may take traffic).
 
 A timer on the event loop calls ``RolloutManager.tick`` every 100 ms (step up,
-promote, roll back). At start the manager resumes from every model's
-``rollout.json``: stable versions serve, an interrupted candidate is loaded
-and warmed again and goes back to its phase and step.
+promote, roll back).
+
+Several instances (docs/gateway.md, "Replicas"): the loop's group is
+``group_id`` over ``model.compressed`` and ``gateway.commands``; the member
+holding a model's partition is its rollout's single writer
+(:class:`~services.gateway.rollout.replicas.Ownership`): on an assignment it
+resumes those models from their ``rollout.json`` (``RolloutManager.restore``),
+on a revocation it stops driving them (``release``). Every instance also reads,
+with a consumer of its own (no group, from the topics' ends at start, taken
+before the documents are read), ``model.deployed`` -- on each transition of a
+model another instance drives it reads that model's ``rollout.json`` and routes
+as it says (``RolloutManager.follow``) --, ``model.health`` (each owner takes
+its models' windows) and the results of the admin calls it handed to owners.
+At start every model is followed from its document until the group assigns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import shutil
 import signal
@@ -30,11 +42,15 @@ import ssl
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import grpc
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import TopicPartition
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -42,9 +58,9 @@ from prometheus_client.registry import Collector
 from cdl import tracing
 from cdl.auth import ApiKeys, KeyBudget, KeysFile
 from cdl.dedupe import SqliteProcessedStore
-from cdl.errors import CdlError, UntrustedModelError
-from cdl.events import Event, OutRecord, Topics, new_traceparent, source_name
-from cdl.kafka import JobLoop, Producer, RecordContext
+from cdl.errors import CdlError, DecodeError, UntrustedModelError
+from cdl.events import Event, OutRecord, Topics, decode, new_traceparent, source_name
+from cdl.kafka import JobLoop, Producer, RecordContext, consumer_conf, topic_partitions
 from cdl.logging import configure_logging, get_logger
 from cdl.observability import HttpEndpoint, serve_http
 from cdl.provision import provision
@@ -63,6 +79,7 @@ from services.gateway.inference_log import LOG_DROPPED, InferenceLog, flush_unac
 from services.gateway.rollout.admin import ModelAdminService
 from services.gateway.rollout.control import TritonControl
 from services.gateway.rollout.machine import Action, RolloutManager, RolloutPolicy, RolloutState, Transition
+from services.gateway.rollout.replicas import Ownership, Replies
 from services.gateway.rollout.state import RolloutStore
 from services.gateway.routing import RoutingTable
 from services.gateway.settings import GatewaySettings
@@ -77,6 +94,9 @@ TICK_S = 0.1
 IDLE_TICK_S = 1.0
 #: how often the servers' loaded versions are compared with what the manager wants
 RECONCILE_S = 5.0
+#: followed models with a rollout under way are read again every follow_refresh_s, all of them
+#: every this many times that
+FOLLOW_ALL_EVERY = 12
 
 
 class _RolloutCollector(Collector):
@@ -150,22 +170,39 @@ class GatewayApp:
             health_interval_s=settings.health_interval_s,
             on_ready=self._server_ready,
         )
+        #: the models whose rollouts this instance writes (its partitions of the group's topics)
+        self.ownership = Ownership()
+        #: this process among the group's instances: the results of the admin calls it hands over
+        #: are addressed to it
+        self.replica_id = f"{settings.instance or os.uname().nodename}-{uuid.uuid4().hex[:8]}"
+        self.replies: Replies[events_pb2.GatewayCommandResult] = Replies()
         self.loop = JobLoop(
             bootstrap=settings.kafka_bootstrap,
             group_id=settings.group_id,
-            topics=[settings.compressed_topic, settings.health_topic],
+            topics=[settings.compressed_topic, settings.commands_topic],
             transactional_id=transactional_id(settings.group_id, settings.instance),
             job=self._on_event,
             key=lambda e: e.id,
             deadletter_topic=settings.deadletter_topic,
             processed=SqliteProcessedStore(Path(settings.state_dir) / "gateway" / f"{settings.group_id}.sqlite"),
             policy=settings.failure_policy(),
+            on_assigned=self._assigned,
+            on_revoked=self._revoked,
+        )
+        self.admin = ModelAdminService(
+            self.manager,
+            self.execute,
+            self.keys,
+            forward=self._hand_over,
+            forward_timeout_s=settings.admin_forward_timeout_s,
         )
         self._work: queue.Queue[Transition | None] = queue.Queue()
         #: the traceparent of each version's rollout (its model.compressed span), newest 1,000
         self._traces: dict[tuple[str, int], str] = {}
         self._worker = threading.Thread(target=self._run_worker, name="cdl-gateway-rollouts", daemon=True)
         self._kafka = threading.Thread(target=self._run_loop, name="cdl-gateway-events", daemon=True)
+        self._follow_stop = threading.Event()
+        self._follower: threading.Thread | None = None
         self.server: grpc.aio.Server | None = None
         self.lane: NativeLane | None = None
         self._socket_dir = ""
@@ -211,7 +248,12 @@ class GatewayApp:
         if t.state is not None:
             if t.state is RolloutState.PROMOTED:
                 self.rollouts.set_serving(t.model, t.version)  # what the trainer warm-starts from
-            self._publish(t)
+            self._publish(t)  # decided (and saved) while this instance drove the model
+        if not self.manager.owns(t.model):
+            # handed to another instance since: its writer makes Triton hold what it wants now
+            if t.action is not Action.NONE:
+                log.info("rollout step left to the model's new writer", model=t.model, action=t.action.value)
+            return []
         # transitions reach this worker from two threads (the event loop's tick, the Kafka job):
         # one computed earlier may arrive after a later one, so a version the manager wants *now*
         # is never dropped, and a SYNC loads what the manager wants when it is carried out
@@ -255,13 +297,29 @@ class GatewayApp:
 
     async def _server_ready(self, endpoint: str) -> bool:
         """A Triton server turned ready (at start, or back after a restart, when in explicit
-        mode it holds nothing): it takes requests once it holds what every model serves."""
-        models = {st.model: self.manager.wanted_versions(st.model) for st in self.manager.models()}
+        mode it holds nothing): it takes requests once it holds what every model serves.
+
+        Every instance does it for every model (idempotent: a version held already is not loaded
+        again). The models this instance drives get exactly what it wants; the others, what
+        their writers' documents want, added to what the server holds (a follower never
+        unloads: its writer's view may be newer than its own)."""
 
         def load_all() -> None:
-            for model, versions in models.items():
+            owned = set(self.manager.owned())
+            on_server = self.control.held(endpoint)
+            for st in self.manager.models():
+                model = st.model
+                versions = self.manager.wanted_versions(model)
                 if not versions:
                     continue
+                held = set(on_server.get(model, ()))
+                if model in owned:
+                    if held == set(versions):
+                        continue
+                elif held >= set(versions):
+                    continue
+                else:
+                    versions = tuple(sorted(held | set(versions)))
                 try:
                     self.control.load(model, versions, servers=[endpoint])
                 except UntrustedModelError as exc:  # never loaded; the server joins for the other models
@@ -272,18 +330,147 @@ class GatewayApp:
         except CdlError as exc:
             log.warning("a Triton server is not ready for the gateway's models yet", server=endpoint, error=str(exc))
             return False
+        models = len(self.manager.models())
         if models:
-            log.info("Triton server joins with every serving version loaded", server=endpoint, models=len(models))
+            log.info("Triton server joins with every serving version loaded", server=endpoint, models=models)
         return True
+
+    # ------------------------------------------------------------------ replicas
+    def _assigned(self, partitions: list[tuple[str, int]]) -> None:
+        """The group gave this instance partitions (in the loop's thread, before it consumes):
+        it becomes the writer of their models, resumed from their documents."""
+        s = self.settings
+        mine = [p for topic, p in partitions if topic == s.compressed_topic]
+        count = topic_partitions(s.kafka_bootstrap, s.compressed_topic)
+        commands = topic_partitions(s.kafka_bootstrap, s.commands_topic)
+        if commands != count:  # admin calls would reach another instance than the model's writer
+            log.error(
+                "the commands topic must have the partitions of model.compressed",
+                commands_topic=s.commands_topic,
+                partitions=commands,
+                compressed_partitions=count,
+            )
+        self.ownership.assign(mine, count)
+        taken = self.rollouts.load_all(self.ownership.owns)
+        self.execute(self.manager.restore(taken))
+        log.info("rollouts written here", partitions=sorted(self.ownership.partitions), models=sorted(taken))
+
+    def _revoked(self, partitions: list[tuple[str, int]]) -> None:
+        """Partitions went to another instance (or were lost): their models' rollouts are driven
+        there from now on; this one saves what it has not saved yet and follows them."""
+        gone = [p for topic, p in partitions if topic == self.settings.compressed_topic]
+        self.ownership.revoke(gone)
+        self.manager.release([m for m in self.manager.owned() if not self.ownership.owns(m)])
+
+    def _hand_over(
+        self, model: str, method: str, request: bytes, actor: str, timeout_s: float
+    ) -> Future[events_pb2.GatewayCommandResult]:
+        """Send a ModelAdmin change to the instance that owns ``model`` (gateway.commands, keyed by
+        model: the partition its group member holds); the future is its result."""
+        command_id = uuid.uuid4().hex
+        fut = self.replies.expect(command_id)
+        fut.add_done_callback(lambda f: self.replies.forget(command_id) if f.cancelled() else None)
+        command = events_pb2.GatewayCommand(
+            command_id=command_id,
+            model=model,
+            method=method,
+            request=request,
+            actor=actor,
+            reply_to=self.replica_id,
+            group=self.settings.group_id,
+            expires_unix_ms=int((time.time() + timeout_s) * 1000),
+        )
+        event = Event(
+            command, source=self.source, key=model, traceparent=tracing.current_traceparent() or new_traceparent()
+        )
+        self.producer.send(self.settings.commands_topic, event)
+        self.producer.poll(0)
+        log.info("admin call handed to the model's writer", model=model, method=method, command=command_id)
+        return fut
+
+    def _follow_offsets(self) -> list[TopicPartition]:
+        """Where this instance's own reading of model.deployed, model.health and the commands'
+        results starts: each partition's end now (taken before the documents are read, so no
+        transition after them is missed)."""
+        s = self.settings
+        consumer = KafkaConsumer(consumer_conf(s.kafka_bootstrap, f"{s.group_id}-follower"))
+        try:
+            out: list[TopicPartition] = []
+            for topic in dict.fromkeys((s.deployed_topic, s.health_topic, s.commands_topic)):
+                meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+                if meta is None or meta.error is not None:
+                    raise CdlError("topic not found", topic=topic)
+                for p in sorted(meta.partitions):
+                    _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                    out.append(TopicPartition(topic, p, high))
+            return out
+        finally:
+            consumer.close()
+
+    def _follow(self, model: str) -> None:
+        """Route ``model`` as its writer's document says now (unless this instance writes it)."""
+        if self.manager.owns(model):
+            return
+        try:
+            doc = self.rollouts.load(model)
+        except CdlError as exc:
+            log.warning("rollout state of a followed model not read", model=model, error=str(exc))
+            return
+        if self.manager.follow(model, doc):
+            route = self.table.get(model)
+            log.info("following", model=model, route=str(route) if route else None)
+
+    def _run_follower(self, start: list[TopicPartition]) -> None:
+        s = self.settings
+        consumer = KafkaConsumer(consumer_conf(s.kafka_bootstrap, f"{s.group_id}-follower"))
+        try:
+            consumer.assign(start)
+            refreshed = all_refreshed = time.monotonic()
+            while not self._follow_stop.is_set():
+                changed: set[str] = set()
+                # (librdkafka's consume(n, t) waits the whole t unless n came: wait for one only)
+                msgs = consumer.consume(1, 0.2)
+                if msgs:
+                    msgs += consumer.consume(199, 0)
+                for msg in msgs:
+                    if msg.error() is not None:
+                        log.warning("reading rollouts", error=str(msg.error()))
+                        continue
+                    ctx = RecordContext.of(msg)
+                    try:
+                        payload = decode(ctx.key, ctx.value, ctx.headers).payload
+                    except DecodeError:
+                        continue
+                    if isinstance(payload, events_pb2.ModelDeployed):
+                        changed.add(payload.model)
+                    elif isinstance(payload, events_pb2.ModelHealth):
+                        # the monitor's window: the score on feedback (accuracy, or R²) feeds the
+                        # candidate's rollback rule, at the model's writer
+                        self.manager.observe_health(payload.model, payload.version, payload.score, payload.feedback)
+                    elif isinstance(payload, events_pb2.GatewayCommandResult) and payload.reply_to == self.replica_id:
+                        self.replies.resolve(payload.command_id, payload)
+                now = time.monotonic()
+                if now - refreshed >= s.follow_refresh_s:  # the safety net under the notifications
+                    refreshed = now
+                    everything = now - all_refreshed >= FOLLOW_ALL_EVERY * s.follow_refresh_s
+                    if everything:
+                        all_refreshed = now
+                    changed.update(self.manager.followed(under_way_only=not everything))
+                for model in sorted(changed):
+                    self._follow(model)
+        except Exception:
+            log.exception("following the other instances' rollouts stopped")
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            consumer.close()
 
     def _on_event(self, event: Event, ctx: RecordContext) -> list[OutRecord]:
         msg = event.payload
-        if isinstance(msg, events_pb2.ModelHealth):
-            # the monitor's window: the score on feedback (accuracy, or R²) feeds the candidate's rollback rule
-            self.manager.observe_health(msg.model, msg.version, msg.score, msg.feedback)
-            return []
+        if isinstance(msg, events_pb2.GatewayCommand):
+            return self._on_command(event, msg)
         if not isinstance(msg, events_pb2.ModelCompressed):
-            log.info("event ignored", type=event.type)
+            if not isinstance(msg, events_pb2.GatewayCommandResult):  # (read by the asker's own consumer)
+                log.info("event ignored", type=event.type)
             return []
         if not msg.ok:
             log.info("compression failed upstream; nothing to roll out", model=msg.model, version=msg.version)
@@ -297,25 +484,34 @@ class GatewayApp:
         self.execute(self.manager.begin(msg.model, msg.version))
         return []
 
+    def _on_command(self, event: Event, command: events_pb2.GatewayCommand) -> list[OutRecord]:
+        """An admin call another instance handed to this one (the model's writer): applied, and its
+        result committed with the command's offset."""
+        if command.group != self.settings.group_id:  # another deployment's gateways share the topic
+            return []
+        result = self.admin.apply(command)
+        return [OutRecord.of(self.settings.commands_topic, event.caused(result, self.source, key=command.model))]
+
     def _run_loop(self) -> None:
         try:
             self.loop.run()
         except Exception:
-            log.exception("event loop over model.compressed and model.health stopped")
+            log.exception("event loop over model.compressed and gateway.commands stopped")
             signal.raise_signal(signal.SIGTERM)
 
     def _reconcile(self) -> None:
         """Make every server hold what the manager wants where it does not (a server that
-        dropped a version, a load that half failed): only the servers that differ are loaded."""
-        for st in self.manager.models():
-            wanted = self.manager.wanted_versions(st.model)
+        dropped a version, a load that half failed): only the servers that differ are loaded.
+        Only for the models this instance drives: the others' writers reconcile them."""
+        for model in self.manager.owned():
+            wanted = self.manager.wanted_versions(model)
             if not wanted:
                 continue
-            held = self.control.loaded_versions(st.model)
+            held = self.control.loaded_versions(model)
             stale = [ep for ep, versions in held.items() if tuple(sorted(versions)) != wanted]
-            if stale:
-                log.warning("Triton servers out of step; loading them again", model=st.model, servers=stale)
-                self.control.load(st.model, wanted, servers=stale)
+            if stale and self.manager.owns(model):
+                log.warning("Triton servers out of step; loading them again", model=model, servers=stale)
+                self.control.load(model, wanted, servers=stale)
 
     async def _ticks(self) -> None:
         reconciled = time.monotonic()
@@ -338,6 +534,8 @@ class GatewayApp:
     def _health(self) -> tuple[bool, dict[str, Any]]:
         ready = self._ready.is_set() and self.pool.ready_count() > 0
         details: dict[str, Any] = {"triton_ready": self.pool.ready_count(), "models": len(self.table.all())}
+        details["writes"] = len(self.manager.owned())  # the models whose rollouts this instance drives
+        details["partitions"] = sorted(self.ownership.partitions)
         details["data_plane"] = "python" if self.lane is None else "native"
         if self.lane is not None:
             ready = ready and self.lane.alive()
@@ -348,7 +546,14 @@ class GatewayApp:
     def _provision(self) -> None:
         s = self.settings
         topics = dict(Topics.PARTITIONS)
-        for topic in (s.compressed_topic, s.health_topic, s.deployed_topic, s.logged_topic, s.deadletter_topic):
+        for topic in (
+            s.compressed_topic,
+            s.health_topic,
+            s.deployed_topic,
+            s.logged_topic,
+            s.commands_topic,
+            s.deadletter_topic,
+        ):
             topics.setdefault(topic, 1)
         provision(s.kafka_bootstrap, self.store, topics, buckets=store_buckets("gateway"))
 
@@ -361,8 +566,16 @@ class GatewayApp:
         self._aio_loop = asyncio.get_running_loop()
         self._provision()
         self._worker.start()
+        # every model is followed from its document until the group makes this instance the writer
+        # of some (their rollouts then resume from the same documents: _assigned)
+        start = await asyncio.to_thread(self._follow_offsets)
         docs = await asyncio.to_thread(self.rollouts.load_all)
-        self.execute(await asyncio.to_thread(self.manager.restore, docs))
+        for model, doc in sorted(docs.items()):
+            self.manager.follow(model, doc)
+        self._follower = threading.Thread(
+            target=self._run_follower, args=(start,), name="cdl-gateway-follower", daemon=True
+        )
+        self._follower.start()
         await self.pool.start()
         lane_binary = lane_module.lane_binary(s.data_plane, s.lane_path)
         options: list[tuple[str, Any]] = [
@@ -384,8 +597,7 @@ class GatewayApp:
             budget=KeyBudget(s.key_rate, s.key_burst),
         )
         server.add_generic_rpc_handlers((service.handler(),))
-        admin = ModelAdminService(self.manager, self.execute, self.keys)
-        admin_pb2_grpc.add_ModelAdminServicer_to_server(admin, server)
+        admin_pb2_grpc.add_ModelAdminServicer_to_server(self.admin, server)
         add_health(server, ["inference.GRPCInferenceService", "cdl.v1.ModelAdmin"])
         address = f"{s.grpc_host}:{s.grpc_port}"
         if lane_binary is not None:
@@ -466,6 +678,9 @@ class GatewayApp:
             await service.drain()
             self.loop.stop()
             self._kafka.join(30)
+            self._follow_stop.set()
+            if self._follower is not None:
+                self._follower.join(10)
             await ticks
             self._work.put(None)
             self._worker.join(30)

@@ -36,7 +36,8 @@ class GatewaySettings(ServiceSettings):
     (scripts/setup.sh installs it there, the gateway's image in ``/usr/local/bin``). The
     gateway never compiles it: with none installed, ``auto`` serves in Python (a warning)."""
     group_id: str = "cdl-gateway"
-    """Consumer group over model.compressed."""
+    """Consumer group over model.compressed and gateway.commands: the member holding a model's
+    partition is its rollout's single writer; the others follow it (docs/gateway.md, "Replicas")."""
     instance: str = ""
     """Instance name, unique among the group's live instances; the transactional id is
     ``<group_id>-<instance>``. Empty: the host's name (a pod's name; keep it stable across
@@ -46,11 +47,16 @@ class GatewaySettings(ServiceSettings):
     health_topic: str = Topics.MODEL_HEALTH
     """The monitor's health windows: accuracy on feedback of the stable and candidate versions
     (a candidate worse than the stable by ``max_accuracy_drop`` over ``min_feedback`` labelled
-    answers is rolled back)."""
+    answers is rolled back). Every instance reads all of it (a consumer of its own, from the end
+    at start): the monitor's partitioner is not librdkafka's, so a model's windows may be on any
+    partition; its writer applies them."""
     deployed_topic: str = Topics.MODEL_DEPLOYED
     """Topic rollout transitions are published to."""
     logged_topic: str = Topics.INFERENCE_LOGGED
     """Topic served requests are logged to."""
+    commands_topic: str = Topics.GATEWAY_COMMANDS
+    """Topic a ModelAdmin change made on an instance that does not own the model travels on to the
+    owner, and its result back (keyed by model, with model.compressed's partition count)."""
     deadletter_topic: str = Topics.DATA_DEADLETTER
     """Topic undecodable or failed rollout events go to."""
 
@@ -126,6 +132,17 @@ class GatewaySettings(ServiceSettings):
     """Feedback count per version needed before accuracy decides."""
     warmup_requests: int = 5
     """Requests shaped like the model's inputs sent to a loaded version before it takes traffic."""
+    drain_s: float = 1.0
+    """How long a version that lost its traffic (an old stable, a rolled back candidate) stays loaded,
+    so requests already on their way to it finish, on every gateway instance: the others learn of
+    the change from model.deployed within a few hundred milliseconds."""
+    admin_forward_timeout_s: float = 10.0
+    """How long a ModelAdmin change made on an instance that does not own the model waits for the
+    owner's answer (or the call's deadline, if shorter); then DEADLINE_EXCEEDED, and an owner that
+    reads the call later drops it."""
+    follow_refresh_s: float = 5.0
+    """How often an instance reads again the rollout documents of the models others drive (the
+    safety net under model.deployed: a notification lost with a writer that died)."""
     health_interval_s: float = 1.0
     """How often each Triton server's readiness is checked."""
     load_timeout_s: float = 120.0

@@ -237,7 +237,7 @@ def compressor_factory(stack: dict[str, Any], compressor_topics: dict[str, str],
 
 @pytest.fixture
 def gateway_topics(kafka_bootstrap: str) -> dict[str, str]:
-    return _topics(kafka_bootstrap, "gateway", ["compressed", "deployed", "logged", "deadletter"])
+    return _topics(kafka_bootstrap, "gateway", ["compressed", "deployed", "logged", "commands", "deadletter"])
 
 
 @pytest.fixture

@@ -371,7 +371,13 @@ def test_gateway_killed_mid_canary_resumes_where_it_was(
     while time.monotonic() < deadline:
         status = stub.RolloutStatus(admin_pb2.RolloutStatusRequest(model=model), timeout=10).status
         by_version = {v.version: v for v in status.versions}
-        if 2 in by_version and by_version[2].state == events_pb2.ROLLOUT_STATE_CANARY:
+        # (the restarted gateway becomes the model's writer when the group assigns it, and the
+        # canary takes its share again once v2 is loaded and warm)
+        if (
+            2 in by_version
+            and by_version[2].state == events_pb2.ROLLOUT_STATE_CANARY
+            and by_version[2].traffic_fraction
+        ):
             break
         time.sleep(0.3)
     assert status.serving_version == 1  # nothing serves that was not promoted

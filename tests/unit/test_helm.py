@@ -506,7 +506,7 @@ def test_each_scaler_reads_its_services_group_and_topic_up_to_the_partition_coun
 
 
 #: services that run one instance until they are replica-safe (docs/scaling.md)
-SINGLE = {"monitor", "gateway"}
+SINGLE = {"monitor"}
 
 
 def test_the_job_services_scale_to_at_least_two_and_the_others_run_one(
@@ -518,7 +518,7 @@ def test_the_job_services_scale_to_at_least_two_and_the_others_run_one(
     }
     assert minimum == {n: 1 if n in SINGLE else 2 for n in minimum}
     assert _workloads(rendered)["gateway"]["kind"] == "Deployment"
-    assert _workloads(rendered)["gateway"]["spec"]["replicas"] == 1
+    assert _workloads(rendered)["gateway"]["spec"]["replicas"] == 2
     without = _template(helm, "-f", str(CI_VALUES), "--set", "keda.enabled=false")
     assert not [d for d in without if d["apiVersion"].startswith("keda.sh/")]
     replicas = {n: w["spec"]["replicas"] for n, w in _workloads(without).items()}

@@ -268,6 +268,22 @@ class TritonControl:
         found = self._each(targets, lambda ep, client: self._loaded_one(ep, client, model))
         return dict(zip(targets, found, strict=True))
 
+    def held(self, server: str) -> dict[str, tuple[int, ...]]:
+        """Every model's ready versions on ``server`` (one repository index)."""
+
+        def one(ep: str, client: Any) -> dict[str, tuple[int, ...]]:
+            try:
+                index = client.get_model_repository_index(client_timeout=self._check_timeout_s)
+            except InferenceServerException as exc:
+                raise _error(exc, client, "repository index", server=ep) from exc
+            found: dict[str, set[int]] = {}
+            for m in index.models:
+                if m.state == "READY" and m.version:
+                    found.setdefault(m.name, set()).add(int(m.version))
+            return {name: tuple(sorted(versions)) for name, versions in found.items()}
+
+        return self._each((server,), one)[0]
+
     def _loaded_one(self, ep: str, client: Any, model: str) -> tuple[int, ...]:
         try:
             index = client.get_model_repository_index(client_timeout=self._check_timeout_s)

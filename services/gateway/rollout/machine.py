@@ -37,18 +37,30 @@ change is in memory; its transition comes out of the next ``tick``). Every
 other mutating method may call ``persist`` (object-store I/O): call them off
 the event loop (``asyncio.to_thread``). The manager must be the only writer of
 its table.
+
+Several gateway instances (docs/gateway.md, "Replicas"): each
+model has one writer, the instance whose consumer group holds the model's
+partition. Its manager *owns* the model and drives it as above. Every other
+instance's manager *follows* it (:meth:`RolloutManager.follow`): the model's
+state and route are those of the writer's latest ``rollout.json`` (its
+``route``: what the writer applies once the document is durable), nothing is
+decided, persisted or loaded for it, and admin calls on it raise
+:class:`NotOwnerError` (the app hands them to the owner). When partitions move,
+:meth:`~RolloutManager.release` stops driving the models that left (saving
+what is not saved yet) and :meth:`~RolloutManager.restore` resumes those that
+arrived from their documents.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, cast, get_args
 
-from cdl.errors import ConfigError, DecodeError, InvalidInputError, NotFoundError, PermanentError
+from cdl.errors import ConfigError, DecodeError, InvalidInputError, NotFoundError, PermanentError, UnavailableError
 from cdl.latency import LatencyHistogram
 from cdl.logging import get_logger
 from services.gateway.routing import Route, RoutingTable
@@ -56,6 +68,7 @@ from services.gateway.settings import GatewaySettings, RolloutMode
 
 __all__ = [
     "Action",
+    "NotOwnerError",
     "Phase",
     "RolloutManager",
     "RolloutPolicy",
@@ -64,6 +77,7 @@ __all__ = [
     "Transition",
     "VersionStatus",
     "VersionWindow",
+    "route_of",
 ]
 
 log = get_logger(__name__)
@@ -72,6 +86,11 @@ FORMAT = 1
 """Version of the document :meth:`RolloutManager.to_json` writes."""
 
 Persist = Callable[[str, dict[str, Any]], None]
+
+
+class NotOwnerError(UnavailableError):
+    """The model's rollout is driven by another gateway instance (its partition's owner): a change
+    must be made there (the app hands admin calls to it, docs/gateway.md)."""
 
 
 class RolloutState(StrEnum):
@@ -197,6 +216,7 @@ class RolloutPolicy:
             min_agreement=settings.min_agreement,
             max_accuracy_drop=settings.max_accuracy_drop,
             min_feedback=settings.min_feedback,
+            drain_s=settings.drain_s,
         )
 
     def mode_of(self, model: str) -> RolloutMode:
@@ -334,6 +354,13 @@ class _Model:
     retiring: dict[int, float] = field(default_factory=dict)  # version -> when it may be unloaded
     generation: int = 0
     dirty: bool = False
+    owned: bool = True
+    """This instance drives the rollout (it is the model's writer); False: another one does."""
+    held: bool = False
+    """Not owned, but the state is still the one this instance drove (released, not followed since):
+    given back unchanged, it resumes without a reload."""
+    doc_route: Route | None = None
+    """A followed model's route, as its writer's document says."""
 
     def window(self, version: int) -> VersionWindow:
         w = self.windows.get(version)
@@ -349,6 +376,8 @@ class _Model:
         return tuple(sorted(versions))
 
     def route(self, policy: RolloutPolicy) -> Route | None:
+        if not self.owned and not self.held:
+            return self.doc_route
         if not self.stable:
             return None
         if self.phase is Phase.CANARY:
@@ -360,8 +389,9 @@ class _Model:
             return Route(self.name, self.stable, self.candidate)
         return Route(self.name, self.stable)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, policy: RolloutPolicy) -> dict[str, Any]:
         phase, step, share = self.resume if self.resume else (self.phase, self.step, self.share)
+        route = self.route(policy)
         return {
             "format": FORMAT,
             "model": self.name,
@@ -380,6 +410,11 @@ class _Model:
             "last": None
             if self.last is None
             else {"version": self.last[0], "state": self.last[1].value, "reason": self.last[2]},
+            # what the writer routes once this document is saved: the instances that follow it
+            # route the same (route_of)
+            "route": None
+            if route is None
+            else {"stable": route.stable, "candidate": route.candidate, "canary": route.canary, "shadow": route.shadow},
         }
 
     @classmethod
@@ -414,6 +449,31 @@ class _Model:
         m.step = min(max(m.step, 0), len(policy.canary_steps) - 1)
         m.highest = max(m.highest, m.stable, m.candidate)
         return m
+
+
+def route_of(doc: Mapping[str, Any], policy: RolloutPolicy) -> Route | None:
+    """The route a rollout document says its writer applies: its ``route``, or for a document
+    written before it had one, the route its phase, step and share give under ``policy``."""
+    if "route" not in doc:
+        m = _Model.from_json(doc, policy)
+        m.owned = True
+        return m.route(policy)
+    r = doc["route"]
+    if r is None:
+        return None
+    try:
+        route = Route(
+            str(doc["model"]),
+            int(r["stable"]),
+            int(r.get("candidate", 0)),
+            canary=float(r.get("canary", 0.0)),
+            shadow=float(r.get("shadow", 0.0)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DecodeError("bad route in rollout state document", error=str(exc)) from exc
+    if route.stable <= 0 or route.candidate < 0 or not (0.0 <= route.canary <= 1.0 and 0.0 <= route.shadow <= 1.0):
+        raise DecodeError("inconsistent route in rollout state document", route=str(route))
+    return route
 
 
 def _is_reduction(old: Route | None, new: Route | None) -> bool:
@@ -460,7 +520,7 @@ class RolloutManager:
             if w is None:
                 return
             w.record(ok, latency_s)
-            if not ok and version == m.candidate and m.phase in _TRAFFIC_PHASES:
+            if not ok and version == m.candidate and m.phase in _TRAFFIC_PHASES and m.owned:
                 self._candidate_error(m)
 
     def shadowed(self, model: str, version: int, ok: bool, latency_s: float, agrees: bool | None) -> None:
@@ -471,7 +531,7 @@ class RolloutManager:
             w = m.window(version)
             w.record(ok, latency_s)
             w.compare(agrees)
-            if not ok:
+            if not ok and m.owned:
                 self._candidate_error(m)
 
     def _candidate_error(self, m: _Model) -> None:
@@ -514,7 +574,28 @@ class RolloutManager:
     def to_json(self, model: str) -> dict[str, Any]:
         """The durable state of ``model``'s rollout (``rollout.json``)."""
         with self._lock:
-            return self._get(model).to_json()
+            return self._get(model).to_json(self.policy)
+
+    def owns(self, model: str) -> bool:
+        """Whether this instance drives ``model``'s rollout (False for a model it does not know)."""
+        with self._lock:
+            m = self._models.get(model)
+            return m is not None and m.owned
+
+    def owned(self) -> list[str]:
+        """The models this instance drives."""
+        with self._lock:
+            return sorted(name for name, m in self._models.items() if m.owned)
+
+    def followed(self, under_way_only: bool = False) -> list[str]:
+        """The models another instance drives, which this one routes as their documents say
+        (``under_way_only``: those with a rollout under way)."""
+        with self._lock:
+            return sorted(
+                name
+                for name, m in self._models.items()
+                if not m.owned and not (under_way_only and m.phase is Phase.IDLE and not m.retiring)
+            )
 
     # ------------------------------------------------------------------ rollout events
 
@@ -530,6 +611,9 @@ class RolloutManager:
             m = self._models.get(model)
             if m is None:
                 m = self._models[model] = _Model(model, self.policy.mode_of(model))
+            if not m.owned:  # its event reached this instance: Kafka made it the model's writer
+                log.warning("a followed model's new version arrived here: driving it", model=model, version=version)
+                m.owned, m.held, m.doc_route = True, False, None
             if version <= m.highest:
                 log.info("rollout ignored: not a newer version", model=model, version=version, highest=m.highest)
                 return []
@@ -549,8 +633,8 @@ class RolloutManager:
         """The app's answer to :attr:`Action.LOAD`: ``version`` loaded on every server (or not, and why)."""
         with self._lock:
             m = self._models.get(model)
-            if m is None or m.candidate != version or m.phase is not Phase.LOADING:
-                return []  # stale: superseded or rolled back meanwhile
+            if m is None or not m.owned or m.candidate != version or m.phase is not Phase.LOADING:
+                return []  # stale: superseded, rolled back or handed to another instance meanwhile
             if not ok:
                 out = self._fail(m, reason or "load failed")
             else:
@@ -567,7 +651,7 @@ class RolloutManager:
         now = self._clock()
         with self._lock:
             m = self._models.get(model)
-            if m is None or m.candidate != version or m.phase is not Phase.WARMING:
+            if m is None or not m.owned or m.candidate != version or m.phase is not Phase.WARMING:
                 return []
             if not ok:
                 out = self._fail(m, reason or "warm-up failed")
@@ -590,7 +674,7 @@ class RolloutManager:
         ticks, in a thread, only then)."""
         with self._lock:
             return bool(self._pending) or any(
-                m.phase is not Phase.IDLE or m.retiring or m.dirty for m in self._models.values()
+                m.owned and (m.phase is not Phase.IDLE or m.retiring or m.dirty) for m in self._models.values()
             )
 
     def tick(self) -> list[Transition]:
@@ -599,6 +683,8 @@ class RolloutManager:
         with self._lock:
             out, self._pending = self._pending, []
             for m in self._models.values():
+                if not m.owned:
+                    continue
                 if m.phase in _TRAFFIC_PHASES:
                     out += self._evaluate(m, now)
                 if m.retiring:
@@ -631,7 +717,7 @@ class RolloutManager:
         """Make the candidate ``version`` stable now (it must be loaded and warm)."""
         now = self._clock()
         with self._lock:
-            m = self._get(model)
+            m = self._get_owned(model)
             if version == m.stable and not m.candidate:
                 return []
             m = self._candidate_of(model, version)
@@ -646,7 +732,7 @@ class RolloutManager:
         """Abandon the candidate in progress (traffic 0 at once); the stable version keeps serving."""
         now = self._clock()
         with self._lock:
-            m = self._get(model)
+            m = self._get_owned(model)
             if not m.candidate:
                 raise PermanentError("no rollout in progress", model=model, stable=m.stable)
             out = self._rollback(m, reason or "rolled back by operator", now)
@@ -660,7 +746,7 @@ class RolloutManager:
             raise InvalidInputError("traffic share must be within [0, 1]", model=model, share=share)
         now = self._clock()
         with self._lock:
-            m = self._get(model)
+            m = self._get_owned(model)
             if not m.candidate or m.phase not in _TRAFFIC_PHASES:
                 raise PermanentError("no loaded candidate to send traffic to", model=model, phase=m.phase)
             out = self._enter(m, Phase.CANARY, now, m.step, share, reason=f"traffic set to {share:.0%} by operator")
@@ -671,16 +757,32 @@ class RolloutManager:
     # ------------------------------------------------------------------ restart
 
     def restore(self, docs: Mapping[str, Mapping[str, Any]]) -> list[Transition]:
-        """Resume from ``rollout.json`` documents (``state.RolloutStore.load_all``).
+        """Resume from ``rollout.json`` documents (``state.RolloutStore.load_all``): at start, or
+        for the models whose partitions this instance was just given (it becomes their writer).
 
         The stable versions serve at once. A candidate that was loading, warming or
         taking traffic is loaded and warmed again (LOAD, then WARM) and then goes back
         to the phase and step it was at; nothing serves that was not promoted. Bad
-        documents are logged and skipped.
+        documents are logged and skipped. A model this instance already drives is left
+        as it is; one it released (:meth:`release`) whose document is still the one it
+        saved, with no load or warm-up under way, resumes where it was, without a reload
+        (a rebalance that gave its partition back).
         """
         out: list[Transition] = []
         with self._lock:
             for name, doc in sorted(docs.items()):
+                cur = self._models.get(name)
+                if cur is not None and cur.owned:
+                    continue
+                if (
+                    cur is not None
+                    and cur.held
+                    and cur.phase not in (Phase.LOADING, Phase.WARMING)
+                    and dict(doc) == cur.to_json(self.policy)
+                ):
+                    cur.owned, cur.held = True, False
+                    log.info("rollout resumed where this instance left it", model=name, phase=cur.phase.value)
+                    continue
                 try:
                     m = _Model.from_json(doc, self.policy)
                 except DecodeError as exc:
@@ -699,6 +801,60 @@ class RolloutManager:
                 self._apply(m)
         return out
 
+    # ------------------------------------------------------------------ replicas
+
+    def follow(self, model: str, doc: Mapping[str, Any] | None) -> bool:
+        """Route ``model`` as its writer's document ``doc`` says (another instance drives it).
+
+        Ignored for a model this instance drives, and for no document or a bad one (logged);
+        returns whether the model's state was taken from ``doc``. Its windows (this instance's
+        requests) are kept; nothing is decided, saved or loaded for it here.
+        """
+        if doc is None:
+            return False
+        try:
+            m = _Model.from_json(doc, self.policy)
+            if m.name != model:
+                raise DecodeError("rollout state document of another model", model=model, document=m.name)
+            route = route_of(doc, self.policy)
+        except DecodeError as exc:
+            log.error("rollout state not followed", model=model, error=str(exc))
+            return False
+        with self._lock:
+            cur = self._models.get(model)
+            if cur is not None and (cur.owned or (cur.held and dict(doc) == cur.to_json(self.policy))):
+                return False  # driven here, or released and not changed since (it may come back)
+            m.owned, m.held, m.doc_route = False, False, route
+            if cur is not None:
+                m.windows = cur.windows
+            for v in m.wanted():
+                m.window(v)
+            self._models[model] = m
+            self._apply(m)
+        return True
+
+    def release(self, models: Collection[str]) -> list[str]:
+        """Stop driving ``models`` (their partitions went to another instance); returns those released.
+
+        What is not saved yet is saved first (the next writer restores from the document),
+        and no save is under way when this returns. They keep their route until they are
+        followed (:meth:`follow`) or given back (:meth:`restore`); transitions already handed
+        out for them should make Triton do nothing more (:meth:`owns` says so).
+        """
+        with self._sync_lock:
+            self._sync_held()
+            with self._lock:
+                out = []
+                for name in sorted(models):
+                    m = self._models.get(name)
+                    if m is None or not m.owned:
+                        continue
+                    m.owned, m.held, m.dirty = False, True, False
+                    out.append(name)
+        if out:
+            log.info("rollouts handed to another instance", models=out)
+        return out
+
     # ------------------------------------------------------------------ internals (lock held)
 
     def _get(self, model: str) -> _Model:
@@ -707,8 +863,14 @@ class RolloutManager:
             raise NotFoundError("no such model", model=model)
         return m
 
-    def _candidate_of(self, model: str, version: int) -> _Model:
+    def _get_owned(self, model: str) -> _Model:
         m = self._get(model)
+        if not m.owned:
+            raise NotOwnerError("another gateway instance drives this model's rollout", model=model)
+        return m
+
+    def _candidate_of(self, model: str, version: int) -> _Model:
+        m = self._get_owned(model)
         if not m.candidate or m.candidate != version:
             raise NotFoundError(
                 "not the candidate being rolled out", model=model, version=version, candidate=m.candidate
@@ -918,21 +1080,27 @@ class RolloutManager:
     def _sync(self) -> None:
         """Persist changed models, then let the traffic they gained take effect."""
         with self._sync_lock:
+            self._sync_held()
+
+    def _sync_held(self) -> None:
+        """:meth:`_sync`, with ``_sync_lock`` held."""
+        with self._lock:
+            names = [name for name, m in self._models.items() if m.dirty and m.owned]
+        for name in names:
             with self._lock:
-                names = [name for name, m in self._models.items() if m.dirty]
-            for name in names:
-                with self._lock:
-                    m = self._models[name]
-                    doc, generation = m.to_json(), m.generation
-                    m.dirty = False
-                if self._persist is not None:
-                    try:
-                        self._persist(name, doc)
-                    except Exception as exc:  # noqa: BLE001 - any failure: retry at the next tick
-                        log.warning("rollout state not saved; traffic increase deferred", model=name, error=str(exc))
-                        with self._lock:
-                            m.dirty = True
-                        continue
-                with self._lock:
-                    if m.generation == generation:
-                        self._apply(m)
+                m = self._models[name]
+                if not m.owned:
+                    continue
+                doc, generation = m.to_json(self.policy), m.generation
+                m.dirty = False
+            if self._persist is not None:
+                try:
+                    self._persist(name, doc)
+                except Exception as exc:  # noqa: BLE001 - any failure: retry at the next tick
+                    log.warning("rollout state not saved; traffic increase deferred", model=name, error=str(exc))
+                    with self._lock:
+                        m.dirty = True
+                    continue
+            with self._lock:
+                if m.generation == generation:
+                    self._apply(m)

@@ -15,7 +15,7 @@ module reads and writes the objects with :mod:`cdl.store` directly.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cdl.errors import NotFoundError
@@ -50,8 +50,9 @@ class RolloutStore:
             return None
         return doc if isinstance(doc, dict) else None
 
-    def load_all(self) -> dict[str, dict[str, Any]]:
-        """Every model's rollout document, by model name; unreadable ones are logged and left out."""
+    def load_all(self, which: Callable[[str], bool] | None = None) -> dict[str, dict[str, Any]]:
+        """Every model's rollout document (``which``: of the models it accepts), by model name;
+        unreadable ones are logged and left out."""
         docs: dict[str, dict[str, Any]] = {}
         try:
             objects = list(self._store.list(MODELS_BUCKET))
@@ -59,7 +60,7 @@ class RolloutStore:
             return docs
         for obj in objects:
             model, _, name = obj.key.partition("/")
-            if name != ROLLOUT_OBJECT or not model:
+            if name != ROLLOUT_OBJECT or not model or (which is not None and not which(model)):
                 continue
             try:
                 doc = self._store.get_json(MODELS_BUCKET, obj.key)
