@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import zlib
+from concurrent.futures import Future
 from typing import Any
 
+import grpc
 import pytest
 
+from cdl.auth import ApiKeys, hash_key
 from cdl.errors import DecodeError
+from cdl.v1 import admin_pb2, events_pb2
+from services.gateway.rollout.admin import ModelAdminService
 from services.gateway.rollout.machine import (
     Action,
     NotOwnerError,
@@ -267,3 +274,113 @@ def test_a_new_version_of_a_followed_model_makes_this_instance_its_writer() -> N
     b.follow()
     t = only(b.mgr.begin("m", 2))
     assert t.action is Action.LOAD and b.mgr.owns("m")
+
+
+# --------------------------------------------------------------------------- admin calls handed over
+
+
+class AbortedError(Exception):
+    pass
+
+
+class Context:
+    """What ModelAdminService reads of a grpc.aio servicer context."""
+
+    def __init__(self, remaining: float | None = None) -> None:
+        self.remaining = remaining
+        self.status: tuple[grpc.StatusCode, str] | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", "Bearer admin"),)
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.status = (code, details)
+        raise AbortedError(details)
+
+
+def admin_pair() -> tuple[ModelAdminService, ModelAdminService, list[events_pb2.GatewayCommand]]:
+    """The writer's and the follower's ModelAdmin; the follower hands changes over through
+    ``sent`` (answered by the test, as the writer's loop and the follower's consumer would)."""
+    a, b, _, _ = pair()
+    roll(a.mgr, 1)
+    roll(a.mgr, 2)
+    b.follow()
+    keys = ApiKeys([], [hash_key("admin")])
+    writer = ModelAdminService(a.mgr, lambda ts: None, keys)
+    sent: list[events_pb2.GatewayCommand] = []
+    waiting: dict[str, Future[events_pb2.GatewayCommandResult]] = {}
+
+    def forward(model: str, method: str, request: bytes, actor: str, timeout_s: float) -> Future[Any]:
+        command = events_pb2.GatewayCommand(
+            command_id=str(len(sent)),
+            model=model,
+            method=method,
+            request=request,
+            actor=actor,
+            reply_to="b",
+            group="g",
+            expires_unix_ms=int((time.time() + timeout_s) * 1000),
+        )
+        sent.append(command)
+        fut: Future[events_pb2.GatewayCommandResult] = Future()
+        waiting[command.command_id] = fut
+        if model != "silent":  # the writer answers
+            fut.set_result(writer.apply(command))
+        return fut
+
+    follower = ModelAdminService(b.mgr, lambda ts: None, keys, forward=forward, forward_timeout_s=0.3)
+    return writer, follower, sent
+
+
+def test_a_change_on_the_follower_is_applied_by_the_writer_and_answered_with_its_result() -> None:
+    _, follower, sent = admin_pair()
+    ctx = Context()
+    answer = asyncio.run(follower.Rollback(admin_pb2.RollbackRequest(model="m", reason="why"), ctx))  # type: ignore[arg-type]
+    assert ctx.status is None and [c.method for c in sent] == ["Rollback"]
+    assert sent[0].actor == f"key:{hash_key('admin')[:12]}"
+    states = {v.version: v.state for v in answer.status.versions}
+    assert answer.status.serving_version == 1 and states[2] == events_pb2.ROLLOUT_STATE_ROLLED_BACK
+    # the writer's refusal comes back with its code
+    ctx = Context()
+    with pytest.raises(AbortedError):
+        asyncio.run(follower.Approve(admin_pb2.ApproveRequest(model="m", version=2), ctx))  # type: ignore[arg-type]
+    assert ctx.status is not None and ctx.status[0] == grpc.StatusCode.NOT_FOUND  # no candidate any more
+    # reads are answered where they arrive
+    ctx = Context()
+    status = asyncio.run(follower.RolloutStatus(admin_pb2.RolloutStatusRequest(model="m"), ctx))  # type: ignore[arg-type]
+    assert ctx.status is None and status.status.serving_version == 1 and len(sent) == 2
+
+
+def test_an_owner_that_does_not_answer_is_deadline_exceeded_and_a_late_command_is_dropped() -> None:
+    writer, follower, sent = admin_pair()
+    ctx = Context(remaining=30.0)
+    started = time.monotonic()
+    with pytest.raises(AbortedError):
+        asyncio.run(follower.Rollback(admin_pb2.RollbackRequest(model="silent"), ctx))  # type: ignore[arg-type]
+    assert ctx.status is not None and ctx.status[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not answer in time" in ctx.status[1] and time.monotonic() - started < 5
+    late = events_pb2.GatewayCommand()
+    late.CopyFrom(sent[0])
+    late.model, late.expires_unix_ms = "m", int(time.time() * 1000) - 1
+    late.request = admin_pb2.RollbackRequest(model="m").SerializeToString()
+    result = writer.apply(late)
+    assert result.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "not applied" in result.details
+    assert (
+        writer.apply(events_pb2.GatewayCommand(model="m", method="ListModels")).code
+        == (grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    )
+    status = asyncio.run(writer.RolloutStatus(admin_pb2.RolloutStatusRequest(model="m"), Context()))  # type: ignore[arg-type]
+    assert status.status.versions[1].state == events_pb2.ROLLOUT_STATE_CANARY  # nothing applied
+
+
+def test_the_callers_deadline_bounds_the_wait() -> None:
+    _, follower, _ = admin_pair()
+    ctx = Context(remaining=0.1)
+    started = time.monotonic()
+    with pytest.raises(AbortedError):
+        asyncio.run(follower.Rollback(admin_pb2.RollbackRequest(model="silent"), ctx))  # type: ignore[arg-type]
+    assert ctx.status is not None and ctx.status[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 0.3
