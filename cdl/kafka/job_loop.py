@@ -99,6 +99,9 @@ class JobLoop(_TransactionalBase[_Consumer]):
         self._dead: list[tuple[tuple[str, int], OutRecord]] = []
         self._on_assigned_hook = on_assigned
         self._on_revoked_hook = on_revoked
+        #: (topic, partition) of the event whose job runs, and whether the group took it meanwhile
+        self._running: tuple[str, int] | None = None
+        self._running_revoked = False
         self.busy = threading.Event()
         self.jobs_done = 0
         self.coalesced = 0
@@ -125,12 +128,21 @@ class JobLoop(_TransactionalBase[_Consumer]):
     def _on_revoked(self, partitions: list[TopicPartition]) -> None:
         # what came from them is consumed again by their next owner (offsets were not committed)
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        if self._running in gone:  # so is the running job's event: its outputs must not commit
+            self._running_revoked = True
         self._pending = {k: p for k, p in self._pending.items() if (p.ctx.topic, p.ctx.partition) not in gone}
         self._dead = [(tp, rec) for tp, rec in self._dead if tp not in gone]
 
     def _assigned_cb(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        if self.busy.is_set():  # assigned while a job runs: keep them paused until it ends
-            self._consumer.pause(partitions)
+        # librdkafka keeps a partition's pause state across a rebalance: one paused for a job that
+        # ended while the group rebalanced (between the revoke and this assignment, when there was
+        # no assignment to resume) would stay paused for good. So each assigned partition's state
+        # is set here, once assigned: paused while a job runs (until it ends), else consuming.
+        consumer.assign(partitions)
+        if self.busy.is_set():
+            consumer.pause(partitions)
+        elif partitions:
+            consumer.resume(partitions)
         if self._on_assigned_hook is not None:  # before the loop says it is assigned (readiness)
             self._on_assigned_hook([(tp.topic, tp.partition) for tp in partitions])
         super()._assigned_cb(consumer, partitions)
@@ -182,6 +194,7 @@ class JobLoop(_TransactionalBase[_Consumer]):
     def _run_one(self) -> None:
         key = min(self._pending, key=lambda k: (self._pending[k].ctx.partition, self._pending[k].ctx.offset))
         item = self._pending[key]
+        self._running, self._running_revoked = (item.ctx.topic, item.ctx.partition), False
         outputs: list[OutRecord] = []
         attempt = 0
         while True:
@@ -206,8 +219,17 @@ class JobLoop(_TransactionalBase[_Consumer]):
                 log.error("job failed", key=key, attempt=attempt, reason=str(reason), error=str(exc))
                 outputs = [self._dead_letter(item.ctx, f"{reason}: {exc}", type(exc).__name__)]
                 break
+        self._running = None
         if self._pending.get(key) is item:
             del self._pending[key]
+        if self._running_revoked:
+            # the group gave the event's partition to another member while the job ran (a
+            # rebalance: a member joined or died): that member consumes the event again from the
+            # committed offset, so these outputs would be a second copy. They are dropped (the
+            # job's own effects are idempotent on their natural keys).
+            EVENTS.labels(item.ctx.topic, self.group_id, "revoked").inc()
+            log.warning("partition revoked while its job ran; its next owner handles the event", key=key)
+            return
         self._commit(outputs)
         self._processed.mark(self.group_id, _processed_key(item.event))
         self.jobs_done += 1

@@ -286,7 +286,7 @@ class Monitor:
         # nothing below awaits until the state is changed: the handlers never see a half-done batch
         now = time.time()
         outputs: list[tuple[Any, str, bytes]] = []
-        joined: list[str] = []
+        joined: dict[str, None] = {}  # (in order)
         drift_inputs: dict[tuple[str, int], list[bytes]] = {}
         windows: dict[tuple[str, int], HealthWindow] = {}
         ok_count = 0
@@ -304,12 +304,14 @@ class Monitor:
                     continue  # an error is health, not a join (a retried request is logged again) or drift
                 served = Served.from_log(rec, now)
                 if rec.request_id:
-                    waiting = self.pending.get(rec.request_id)
+                    # a label joined earlier in this batch is gone for the rest of it (its entry is
+                    # popped once the batch's outputs were sent): a request logged twice joins once
+                    waiting = None if rec.request_id in joined else self.pending.get(rec.request_id)
                     if waiting is not None:
                         record = self._join(rec.request_id, served, PendingLabel.from_bytes(waiting), window, info)
                         if record is not None:
                             outputs.append(record)
-                        joined.append(rec.request_id)
+                        joined[rec.request_id] = None
                     else:
                         self.served[rec.request_id] = served.to_bytes()
                         self._served_order.append((now, rec.request_id))
@@ -320,7 +322,6 @@ class Monitor:
                 log.exception("monitor event failed: skipped", topic=topic, request_id=rec.request_id)
         for window in windows.values():
             self._dirty.add(window.key)
-        self._logged_ok.inc(ok_count)
         alerts: list[tuple[VersionInfo, WindowTest]] = []
         tested: list[VersionInfo] = []
         for mv, inputs in drift_inputs.items():
@@ -333,6 +334,7 @@ class Monitor:
                     alerts.append((info, result))
             if results:
                 tested.append(info)
+        self._logged_ok.inc(ok_count)  # (after the drift tests: a reader of both sees them done)
         # outputs first, then the state that says they were sent: a crash in between repeats an
         # output (at least once), it never loses one
         for out_topic, out_key, value in outputs:

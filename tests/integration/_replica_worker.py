@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cdl.events import Event, OutRecord
 from cdl.kafka.security import use
+from cdl.logging import configure_logging
 from cdl.service import JobService
 from cdl.settings import ServiceSettings
 from cdl.v1 import events_pb2
@@ -24,6 +25,7 @@ from cdl.v1 import events_pb2
 def main() -> None:
     bootstrap, group, src, out, instance, calls, job_s, port, state_dir = sys.argv[1:10]
     settings = ServiceSettings(kafka_bootstrap=bootstrap, metrics_port=int(port), state_dir=Path(state_dir))
+    configure_logging(f"replica-{instance}", "INFO")
     use(settings.kafka_security())  # the identity its environment gives (a secured stack's)
 
     def job(event: Event) -> list[OutRecord]:

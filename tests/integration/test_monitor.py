@@ -157,6 +157,34 @@ def test_labels_joined_to_logged_requests_give_each_version_its_accuracy_and_bec
     assert [dict(r.headers).get("cdl-error") for r in dead] == [b"unknown_dataset"]  # only the record's label
 
 
+def test_a_request_logged_twice_in_one_batch_joins_its_label_once(
+    monitor_factory: Any, monitor_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
+) -> None:
+    """The monitor takes the log in batches: a request logged twice (a retry) whose label came
+    first joins that label once, whichever of the two sees it, as one at a time would."""
+    model = f"twice_{uuid.uuid4().hex[:8]}"
+    _version(object_store, model, 1, "ds-twice")
+    p = Producer(kafka_bootstrap)
+    row = np.ones(4, np.float32)
+    for n in range(20):  # 20 requests, each logged twice in a row, their labels sent before them
+        _label(p, monitor_topics["feedback"], f"t{n}", "a")
+    p.flush()
+    for n in range(20):
+        for _ in range(2):
+            _log(p, monitor_topics["logged"], model, 1, f"t{n}", row, 0)
+    p.flush()
+    mon = monitor_factory(training_records="false").start()  # reads both topics from the start
+    logged = monitor_topics["logged"]
+    wait_for(lambda: _metric(mon, "cdl_monitor_events_total", topic=logged, outcome="ok") == 40, 60, "the log")
+
+    def labelled() -> float | None:
+        ws = [h for h in _events(kafka_bootstrap, monitor_topics["health"]) if h.model == model]
+        return sum(w.feedback for w in ws) if sum(w.requests for w in ws) == 40 else None
+
+    assert wait_for(labelled, 60, "the health windows of all 40 logged requests") == 20
+    assert _metric(mon, "cdl_monitor_feedback_total", outcome="joined") == 20
+
+
 def test_shifted_inputs_raise_drift_detected_and_unshifted_ones_do_not(
     monitor_factory: Any, monitor_topics: dict[str, str], kafka_bootstrap: str, object_store: ObjectStore
 ) -> None:
