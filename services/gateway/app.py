@@ -503,15 +503,20 @@ class GatewayApp:
         """Make every server hold what the manager wants where it does not (a server that
         dropped a version, a load that half failed): only the servers that differ are loaded.
         Only for the models this instance drives: the others' writers reconcile them."""
-        for model in self.manager.owned():
+        # a server out of the pool is left alone: it is loaded before it joins again (_server_ready)
+        ready = [s.endpoint for s in self.pool.servers() if s.ready]
+        for model in self.manager.owned() if ready else ():
             wanted = self.manager.wanted_versions(model)
             if not wanted:
                 continue
-            held = self.control.loaded_versions(model)
-            stale = [ep for ep, versions in held.items() if tuple(sorted(versions)) != wanted]
-            if stale and self.manager.owns(model):
-                log.warning("Triton servers out of step; loading them again", model=model, servers=stale)
-                self.control.load(model, wanted, servers=stale)
+            try:
+                held = self.control.loaded_versions(model, servers=ready)
+                stale = [ep for ep, versions in held.items() if tuple(sorted(versions)) != wanted]
+                if stale and self.manager.owns(model):
+                    log.warning("Triton servers out of step; loading them again", model=model, servers=stale)
+                    self.control.load(model, wanted, servers=stale)
+            except CdlError as exc:  # (a server that went away meanwhile: the pool takes it out)
+                log.warning("reconciling Triton servers failed", model=model, error=str(exc))
 
     async def _ticks(self) -> None:
         reconciled = time.monotonic()
