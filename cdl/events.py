@@ -108,6 +108,7 @@ EVENT_TYPES: dict[str, type[Message]] = {
     "dev.cdl.model.compressed.v1": events_pb2.ModelCompressed,
     "dev.cdl.model.deployed.v1": events_pb2.ModelDeployed,
     "dev.cdl.inference.logged.v1": events_pb2.InferenceLogged,
+    "dev.cdl.inference.logged.batch.v1": events_pb2.InferenceLoggedBatch,
     "dev.cdl.model.health.v1": events_pb2.ModelHealth,
     "dev.cdl.gateway.command.v1": events_pb2.GatewayCommand,
     "dev.cdl.gateway.command.result.v1": events_pb2.GatewayCommandResult,

@@ -884,6 +884,31 @@ class InferenceLogged(_message.Message):
 Global___InferenceLogged: _TypeAlias = InferenceLogged  # noqa: Y015
 
 @_typing.final
+class InferenceLoggedBatch(_message.Message):
+    """Published by the gateway: the requests of one model version logged in one round, together (the
+    gateway's log_batch; keyed by model). One Kafka record for many requests: what a consumer pays
+    per record (the monitor's) is paid once for the batch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___InferenceLogged]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___InferenceLogged] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferenceLoggedBatch: _TypeAlias = InferenceLoggedBatch  # noqa: Y015
+
+@_typing.final
 class GatewayCommand(_message.Message):
     """A ModelAdmin call that changes a rollout (Promote, Rollback, Approve, SetTraffic), handed by the
     gateway instance that received it to the instance that owns the model: the member of the

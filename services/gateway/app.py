@@ -158,6 +158,7 @@ class GatewayApp:
             queue_size=settings.log_queue,
             source=self.source,
             interval_s=settings.log_linger_ms / 1000,
+            records_per_batch=settings.log_batch,
         )
         infer_keys, admin_keys = settings.key_digests()
         self.keys = ApiKeys(infer_keys, admin_keys)

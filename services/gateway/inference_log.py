@@ -281,6 +281,7 @@ def build_record(item: _Item, inputs_max_bytes: int) -> events_pb2.InferenceLogg
 #: random bytes per record: a UUID (16) and a trace context (16 + 8)
 _ENTROPY = 40
 _LOG_TYPE = next(t for t, cls in EVENT_TYPES.items() if cls is events_pb2.InferenceLogged).encode()
+_BATCH_TYPE = next(t for t, cls in EVENT_TYPES.items() if cls is events_pb2.InferenceLoggedBatch).encode()
 
 
 class _LogHeaders:
@@ -288,10 +289,10 @@ class _LogHeaders:
     same names and values; ``ce_time`` is when the answer was sent), built without an
     :class:`~cdl.events.Event` per record: the log thread's costliest step after the record."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, ce_type: bytes = _LOG_TYPE) -> None:
         self._const = [
             ("ce_specversion", SPECVERSION.encode()),
-            ("ce_type", _LOG_TYPE),
+            ("ce_type", ce_type),
             ("ce_source", source.encode()),
             ("content-type", CONTENT_PROTOBUF.encode()),
         ]
@@ -322,38 +323,60 @@ def _ids(entropy: str, at: int) -> tuple[str, str]:
 
 class RecordWriter:
     """Builds the records of a round and hands them to ``producer``, in the caller's thread
-    (:class:`InferenceLog`'s), counting what was sent and dropped."""
+    (:class:`InferenceLog`'s), counting what was sent and dropped.
 
-    def __init__(self, producer: LogProducer, topic: str, source: str, inputs_max_bytes: int) -> None:
+    With ``records_per_batch`` > 1 a round's requests of one model version go out together, up
+    to that many in one ``InferenceLoggedBatch`` keyed by model (in the order they were
+    answered); with 1, each as an ``InferenceLogged`` keyed by its request id."""
+
+    def __init__(
+        self, producer: LogProducer, topic: str, source: str, inputs_max_bytes: int, records_per_batch: int = 1
+    ) -> None:
         self._producer = producer
         self._topic = topic
         self._inputs_max = inputs_max_bytes
+        self._per_batch = max(1, records_per_batch)
         self._headers = _LogHeaders(source)
+        self._batch_headers = _LogHeaders(source, _BATCH_TYPE)
         self._dropped = LOG_DROPPED.labels(reason="kafka")
         self._unreadable = LOG_DROPPED.labels(reason="unreadable")
         self.sent = 0
-        """Records handed to the producer so far."""
+        """Requests handed to the producer so far."""
         self.failed = 0
-        """Records not sent or not acknowledged so far."""
+        """Requests not sent or not acknowledged so far."""
 
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.failed += 1
             self._dropped.inc()
 
+    def _batch_delivered(self, n: int) -> Callable[[Any, Any], None]:
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                self.failed += n
+                self._dropped.inc(n)
+
+        return delivered
+
+    def _build(self, item: _Item) -> events_pb2.InferenceLogged | None:
+        try:
+            return build_record(item, self._inputs_max)
+        except InvalidInputError as exc:  # what Triton took over REST and the codec does not read
+            self._unreadable.inc()
+            log.warning("REST request not logged: its body is not read back", model=item[0], error=str(exc)[:200])
+            return None
+
     def write(self, items: list[_Item]) -> None:
-        producer, topic, inputs_max, headers_of = self._producer, self._topic, self._inputs_max, self._headers
+        if self._per_batch > 1:
+            self._write_batches(items)
+            return
+        producer, topic, headers_of = self._producer, self._topic, self._headers
         sent = failed = 0
         entropy = os.urandom(_ENTROPY * len(items)).hex()  # one system call for the round's ids
         for i, item in enumerate(items):
             try:
-                try:
-                    rec = build_record(item, inputs_max)
-                except InvalidInputError as exc:  # what Triton took over REST and the codec does not read
-                    self._unreadable.inc()
-                    log.warning(
-                        "REST request not logged: its body is not read back", model=item[0], error=str(exc)[:200]
-                    )
+                rec = self._build(item)
+                if rec is None:
                     continue
                 event_id, trace = _ids(entropy, i * 2 * _ENTROPY)
                 headers = headers_of(event_id, trace, item[7])
@@ -362,13 +385,49 @@ class RecordWriter:
             except Exception:  # a log record must never stop the log
                 failed += 1
                 log.exception("inference log record not sent", model=item[0])
+        self._count(sent, failed)
+
+    def _write_batches(self, items: list[_Item]) -> None:
+        """The round's requests by model version, ``records_per_batch`` at most in a record."""
+        groups: dict[tuple[str, str], list[events_pb2.InferenceLogged]] = {}
+        failed = 0
+        for item in items:
+            try:
+                rec = self._build(item)
+                if rec is not None:
+                    groups.setdefault((rec.model, str(rec.version)), []).append(rec)
+            except Exception:  # a log record must never stop the log
+                failed += 1
+                log.exception("inference log record not built", model=item[0])
+        chunks = [
+            (model, recs[i : i + self._per_batch])
+            for (model, _), recs in groups.items()
+            for i in range(0, len(recs), self._per_batch)
+        ]
+        entropy = os.urandom(_ENTROPY * max(1, len(chunks))).hex()
+        sent = 0
+        now = time.time()
+        for i, (model, recs) in enumerate(chunks):
+            try:
+                batch = events_pb2.InferenceLoggedBatch(records=recs)
+                event_id, trace = _ids(entropy, i * 2 * _ENTROPY)
+                headers = self._batch_headers(event_id, trace, now)
+                value = batch.SerializeToString()
+                self._producer.send_raw(self._topic, value, model.encode(), headers, self._batch_delivered(len(recs)))
+                sent += len(recs)
+            except Exception:  # a log record must never stop the log
+                failed += len(recs)
+                log.exception("inference log batch not sent", model=model, requests=len(recs))
+        self._count(sent, failed)
+
+    def _count(self, sent: int, failed: int) -> None:
         self.sent += sent
         self.failed += failed
         if sent:
             LOG_SENT.inc(sent)
         if failed:
             self._dropped.inc(failed)
-        producer.poll(0)
+        self._producer.poll(0)
 
     def idle(self) -> None:
         """A round with nothing to write: serve delivery reports."""
@@ -393,6 +452,7 @@ class InferenceLog:
         source: str | None = None,
         batch: int = 512,
         interval_s: float = 0.05,
+        records_per_batch: int = 1,
     ) -> None:
         """``interval_s``: the thread hands what was offered to the writer every so often (and
         at once while it is behind by a ``batch``); records reach Kafka that much later."""
@@ -404,7 +464,9 @@ class InferenceLog:
         self._queue: deque[_Item] = deque()
         self._writer: RecordWriter | None = None
         if producer is not None:
-            self._writer = RecordWriter(producer, topic, source or source_name("gateway"), inputs_max_bytes)
+            self._writer = RecordWriter(
+                producer, topic, source or source_name("gateway"), inputs_max_bytes, records_per_batch
+            )
         self._dropped_full = LOG_DROPPED.labels(reason="full")
         self._dropped_kafka = LOG_DROPPED.labels(reason="kafka")
         self._closed = threading.Event()

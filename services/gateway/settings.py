@@ -94,6 +94,11 @@ class GatewaySettings(ServiceSettings):
     """Inputs up to this size travel in the log record; larger ones as a SHA-256 digest."""
     log_queue: int = 10000
     """Log records waiting for Kafka at most; past that they are dropped and counted."""
+    log_batch: int = 256
+    """Requests of one model version logged in one Kafka record (``InferenceLoggedBatch``, keyed
+    by model) at most; 1: a record per request (``InferenceLogged``, keyed by request id). What
+    the log's readers pay per record (the monitor's Faust consumer: most of its cost) is paid once
+    for the batch."""
     log_linger_ms: int = 200
     """How long the log gathers records before it builds and produces them in one round: fewer,
     larger rounds cost the log's thread (a round's fixed cost is a cold start of its code) and

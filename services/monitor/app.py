@@ -242,8 +242,9 @@ class Monitor:
             log.exception("monitor event failed: skipped", topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
     # ------------------------------------------------------------------ inference.logged
-    def _decode_logged(self, fevent: Any) -> events_pb2.InferenceLogged | None:
-        """One logged request, or None (counted) when it is not one the monitor can use."""
+    def _decode_logged(self, fevent: Any) -> list[events_pb2.InferenceLogged]:
+        """The logged requests of one record (one, or the gateway's batch of a model version's),
+        none (counted) when it is not one the monitor can use."""
         msg = fevent.message
         self._offsets[(msg.topic, msg.partition)] = msg.offset
         key = fevent.key.encode() if isinstance(fevent.key, str) else fevent.key
@@ -252,12 +253,17 @@ class Monitor:
         except DecodeError as exc:
             self._logged_undecodable.inc()
             log.warning("inference log record skipped", error=str(exc))
-            return None
-        rec = event.payload
-        if not isinstance(rec, events_pb2.InferenceLogged) or not rec.model:
-            self._logged_ignored.inc()
-            return None
-        return rec
+            return []
+        payload = event.payload
+        if isinstance(payload, events_pb2.InferenceLoggedBatch):
+            recs = [r for r in payload.records if r.model]
+        elif isinstance(payload, events_pb2.InferenceLogged) and payload.model:
+            return [payload]
+        else:
+            recs = []
+        if (missing := len(getattr(payload, "records", [None])) - len(recs)) > 0:
+            self._logged_ignored.inc(missing)
+        return recs
 
     async def _on_logged_batch(self, fevents: list[Any]) -> None:
         """A batch of logged requests: each one's health count and join as one at a time would,
@@ -267,13 +273,10 @@ class Monitor:
         recs: list[events_pb2.InferenceLogged] = []
         for fevent in fevents:
             try:
-                rec = self._decode_logged(fevent)
+                recs += self._decode_logged(fevent)
             except Exception:
                 self._logged_failed.inc()
                 log.exception("monitor event failed: skipped", topic=topic)
-                continue
-            if rec is not None:
-                recs.append(rec)
         infos: dict[tuple[str, int], VersionInfo] = {}
         for rec in recs:
             mv = (rec.model, int(rec.version))

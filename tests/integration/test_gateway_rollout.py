@@ -450,10 +450,14 @@ def test_tls_gateway_serves_tls_clients_only_and_logs_status_and_scores(
     deadline = time.monotonic() + 30
     while True:
         records = read_topic(kafka_bootstrap, gateway_topics["logged"], 1, timeout_s=5)
-        logged: list[events_pb2.InferenceLogged] = [
-            decode(r.key, r.value, list(r.headers.items())).payload  # type: ignore[misc]
-            for r in records
-        ]
+        payloads = [decode(r.key, r.value, list(r.headers.items())).payload for r in records]
+        # the gateway logs a round's requests of a model version together (log_batch), keyed by model
+        assert all(isinstance(p, events_pb2.InferenceLoggedBatch) for p in payloads)
+        assert all(
+            r.key == p.records[0].model.encode() and len({x.model for x in p.records}) == 1  # type: ignore[attr-defined]
+            for r, p in zip(records, payloads, strict=True)
+        )
+        logged: list[events_pb2.InferenceLogged] = [rec for p in payloads for rec in p.records]  # type: ignore[attr-defined]
         ok = [rec for rec in logged if rec.model == model and rec.status == "OK"]
         if ok and any(rec.request_id == rest_id for rec in ok):
             break

@@ -221,6 +221,39 @@ def test_records_reach_the_producer_as_events() -> None:
     assert [decode(k, v, h).payload.request_id for _, v, k, h in producer.sent] == [f"r{i}" for i in range(20)]  # type: ignore[attr-defined]
 
 
+def test_a_round_s_requests_go_out_in_batches_of_a_model_version_keyed_by_model() -> None:
+    """With ``records_per_batch`` (the gateway's ``log_batch``), a round's requests of one model
+    version travel together, that many at most in a record, in the order they were answered."""
+    producer = RecordingProducer()
+    logger = InferenceLog(producer, "inference.logged", source="/cdl/gateway/test", records_per_batch=8, batch=100)
+    x = np.ones((1, 4), dtype="<f4")
+    y = np.array([[0.0, 5.0, 0.0]], dtype="<f4")
+    offered = [("a", 1)] * 12 + [("b", 3)] * 5 + [("a", 2)] * 3
+    for i, (model, version) in enumerate(offered):
+        logger.offer(model, version, f"r{i}", _request(x, f"r{i}"), _response(y, request_id=f"r{i}"), 0.001, "OK")
+    _wait(lambda: sum(len(decode(k, v, h).payload.records) for _, v, k, h in producer.sent) == 20)  # type: ignore[attr-defined]
+    logger.close()
+    events = [decode(k, v, h) for _, v, k, h in producer.sent]
+    assert {e.type for e in events} == {"dev.cdl.inference.logged.batch.v1"}
+    batches = [
+        (k, [(r.model, r.version, r.request_id) for r in e.payload.records])
+        for (_, _, k, _), e in zip(producer.sent, events, strict=True)
+    ]  # type: ignore[attr-defined]
+    assert all(len(recs) <= 8 and {m for m, _, _ in recs} == {k.decode()} for k, recs in batches)
+    assert all(len({v for _, v, _ in recs}) == 1 for _, recs in batches)  # one version a batch
+    by_version: dict[tuple[str, int], list[str]] = {}
+    for _, recs in batches:
+        for m, v, rid in recs:
+            by_version.setdefault((m, v), []).append(rid)
+    assert by_version == {
+        ("a", 1): [f"r{i}" for i in range(12)],
+        ("b", 3): [f"r{i}" for i in range(12, 17)],
+        ("a", 2): [f"r{i}" for i in range(17, 20)],
+    }
+    assert all(list(e.payload.records[0].predicted_labels) == ["1"] for e in events)  # type: ignore[attr-defined]
+    assert len({e.id for e in events}) == len(events)
+
+
 def test_sampling_is_even() -> None:
     producer = RecordingProducer()
     logger = InferenceLog(producer, "t", sample=0.25)
