@@ -1,7 +1,7 @@
 """bench/scale: what a second instance buys on this machine, and whether the monitor keeps up.
 
 One private stack (Kafka, MinIO, one Triton). Parts, each skippable with
-``CDL_BENCH_SCALE_PARTS`` (a comma list of ``gateway,monitor,ddp``; all by default):
+``CDL_BENCH_SCALE_PARTS`` (a comma list of ``gateway,monitor,ingest,ddp``; all by default):
 
 1. **gateway**: the gateway's saturated rate, batch-1 Open Inference Protocol requests in a
    closed loop at concurrency 16 for ``CDL_BENCH_SCALE_SECONDS`` (10 s) through
@@ -14,8 +14,8 @@ One private stack (Kafka, MinIO, one Triton). Parts, each skippable with
    (``cdl_monitor_events_total``) and the processes' CPU seconds per 1,000 requests. Once with a
    record per request (the log before ``log_batch``), then as the gateway logs by default
    (``InferenceLoggedBatch`` records of up to 256 requests of a model version).
-3. **ingest** (not yet: ingest's state spans partitions, so one instance owns data.raw;
-   docs/scaling.md).
+3. **ingest**: ``bench/scale_ingest.py`` (records/s and CPU per 1,000 records of 1 vs 2 ingest
+   instances, each owning the datasets of its ``data.raw`` partitions).
 4. **ddp**: ``bench/scale_ddp.py`` (samples/s of a two-process torchrun training against one).
 
 On 2 cores two processes share the cores the one had: their rate can be at most about twice
@@ -50,7 +50,7 @@ from rich.progress import Progress
 from bench._common import closed_loop, machine, private_stack, result
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = {p.strip() for p in os.environ.get("CDL_BENCH_SCALE_PARTS", "gateway,monitor,ddp").split(",")}
+PARTS = {p.strip() for p in os.environ.get("CDL_BENCH_SCALE_PARTS", "gateway,monitor,ingest,ddp").split(",")}
 SECONDS = float(os.environ.get("CDL_BENCH_SCALE_SECONDS", "10"))
 EVENTS = int(os.environ.get("CDL_BENCH_SCALE_EVENTS", "40000"))
 MONITORS = tuple(int(n) for n in os.environ.get("CDL_BENCH_SCALE_MONITORS", "1,2").split(","))
@@ -303,6 +303,10 @@ def main() -> None:
             if gateway:
                 best = max(rates.values())
                 lines.append(result("monitor_vs_gateway_rate", best, gateway, op=">=", goal=1.0, unit="req/s"))
+        if "ingest" in PARTS:
+            from bench.scale_ingest import run as ingest
+
+            lines += ingest(state, console)
     if "ddp" in PARTS:  # after the stack is down: the cores are the training's
         from bench.scale_ddp import run as ddp
 
