@@ -7,13 +7,14 @@ One private stack (Kafka, MinIO, one Triton). Parts, each skippable with
    closed loop at concurrency 16 for ``CDL_BENCH_SCALE_SECONDS`` (10 s) through
    ``python -m services.gateway`` with every request logged (as bench/gateway.py does): the
    baseline of the monitor's goal.
-2. **monitor**: ``CDL_BENCH_SCALE_EVENTS`` (40,000) logged requests (one digits image each), written
-   by the gateway's own log writer in rounds of 600 (what it gathers in 200 ms at about 3,000
-   req/s; 3 partitions), are read from the start by 1, and then 2 (``CDL_BENCH_SCALE_MONITORS``),
-   monitor processes (one Faust app, one group): requests/s from the first one counted to the last
-   (``cdl_monitor_events_total``) and the processes' CPU seconds per 1,000 requests. Once with a
-   record per request (the log before ``log_batch``), then as the gateway logs by default
-   (``InferenceLoggedBatch`` records of up to 256 requests of a model version).
+2. **monitor**: ``CDL_BENCH_SCALE_EVENTS`` (300,000) answered requests of three models (one per
+   partition; one digits image each) are written to their log by the gateway's own log writer in
+   rounds of 600 (what it gathers in 200 ms at about 3,000 req/s); then 1, and then 2
+   (``CDL_BENCH_SCALE_MONITORS``), monitor processes (one Faust app, one group) read it:
+   requests/s from when every process is ready to the last request counted
+   (``cdl_monitor_events_total``) and the processes' CPU seconds per 1,000 requests. First, 40,000
+   requests with a record each (the log before ``log_batch``), then as the gateway logs by
+   default (``InferenceLoggedBatch`` records of up to 256 requests of a model version).
 3. **ingest**: ``bench/scale_ingest.py`` (records/s and CPU per 1,000 records of 1 vs 2 ingest
    instances, each owning the datasets of its ``data.raw`` partitions).
 4. **ddp**: ``bench/scale_ddp.py`` (samples/s of a two-process torchrun training against one).
@@ -52,7 +53,9 @@ from bench._common import closed_loop, machine, private_stack, result
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = {p.strip() for p in os.environ.get("CDL_BENCH_SCALE_PARTS", "gateway,monitor,ingest,ddp").split(",")}
 SECONDS = float(os.environ.get("CDL_BENCH_SCALE_SECONDS", "10"))
-EVENTS = int(os.environ.get("CDL_BENCH_SCALE_EVENTS", "40000"))
+EVENTS = int(os.environ.get("CDL_BENCH_SCALE_EVENTS", "300000"))
+#: requests logged a record each (the log before log_batch: slower, so fewer)
+SINGLE_EVENTS = 40_000
 MONITORS = tuple(int(n) for n in os.environ.get("CDL_BENCH_SCALE_MONITORS", "1,2").split(","))
 CONCURRENCY = 16
 #: requests the gateway's log writes in one round (log_linger_ms 200 ms at about 3,000 req/s)
@@ -176,25 +179,19 @@ def gateway_rate(state: dict[str, Any], console: Console) -> float:
 
 
 # ---------------------------------------------------------------------------------- monitor
-def _produce_log(bootstrap: str, topic: str, n: int, model: str, per_batch: int) -> None:
-    """``n`` logged requests (one digits image each, answered right) written by the gateway's own
-    log writer (``services.gateway.inference_log.RecordWriter``) in rounds of ``ROUND`` requests
-    (what the gateway gathers in a ``log_linger_ms`` of 200 ms at about 3,000 req/s): with
-    ``per_batch`` 1 a record per request, else ``InferenceLoggedBatch`` records of that many."""
+def _log_items(n: int, models: list[str]) -> list[Any]:
+    """``n`` answered requests, as the gateway offers them to its log (one digits image each,
+    answered right), spread over ``models`` in turn."""
     from sklearn.datasets import load_digits
 
-    from cdl.kafka import Producer
     from cdl.v1 import open_inference_pb2 as pb
-    from services.gateway.inference_log import RecordWriter
 
     digits = load_digits()
     x = digits.data.astype(np.float32)
     rng = np.random.default_rng(0)
-    producer = Producer(bootstrap)
-    writer = RecordWriter(producer, topic, "/cdl/bench/scale", 4096, per_batch)
     items: list[Any] = []
-    for i in rng.choice(len(x), n):
-        rid = uuid.uuid4().hex
+    for k, i in enumerate(rng.choice(len(x), n)):
+        model, rid = models[k % len(models)], uuid.uuid4().hex
         req = pb.ModelInferRequest(model_name=model, id=rid)
         inp = req.inputs.add()
         inp.name, inp.datatype = "input", "FP32"
@@ -206,18 +203,43 @@ def _produce_log(bootstrap: str, topic: str, n: int, model: str, per_batch: int)
         resp.outputs.add(name="logits", datatype="FP32", shape=[1, 10])
         resp.raw_output_contents.append(logits.tobytes())
         items.append((model, 1, rid, req.SerializeToString(), resp.SerializeToString(), 0.001, "OK", time.time()))
-        if len(items) == ROUND:
-            writer.write(items)
-            items = []
-    if items:
-        writer.write(items)
+    return items
+
+
+def _write_log(bootstrap: str, topic: str, items: list[Any], per_batch: int) -> None:
+    """The requests written by the gateway's own log writer
+    (``services.gateway.inference_log.RecordWriter``) in rounds of ``ROUND`` (what the gateway
+    gathers in a ``log_linger_ms`` of 200 ms at about 3,000 req/s): with ``per_batch`` 1 a record
+    per request, else ``InferenceLoggedBatch`` records of that many at most."""
+    from cdl.kafka import Producer
+    from services.gateway.inference_log import RecordWriter
+
+    producer = Producer(bootstrap)
+    writer = RecordWriter(producer, topic, "/cdl/bench/scale", 4096, per_batch)
+    for i in range(0, len(items), ROUND):
+        writer.write(items[i : i + ROUND])
     producer.flush()
+
+
+def _models(prefix: str, partitions: int) -> list[str]:
+    """A model name for each partition of a topic (librdkafka's partitioner on the name as key:
+    the gateway keys a batch by model), so that the log's batches spread over them all."""
+    from services.ingest.partitions import home_partition
+
+    names: dict[int, str] = {}
+    i = 0
+    while len(names) < partitions:
+        name = f"{prefix}{i}"
+        names.setdefault(home_partition(name, partitions), name)
+        i += 1
+    return [names[p] for p in range(partitions)]
 
 
 def monitor_rates(
     state: dict[str, Any], console: Console, counts: tuple[int, ...] = (1, 2), per_batch: int = 256
 ) -> dict[int, float]:
-    """Requests/s of ``n`` monitor processes over one pre-filled inference.logged, for each n."""
+    """Requests/s of ``n`` monitor processes (started first, ready, then the log written), for
+    each n; three models, one per partition of inference.logged."""
     from cdl.kafka import ensure_topics
     from cdl.ml.drift import reference_sample, to_npy
     from cdl_tools.stack import stack_store
@@ -225,26 +247,30 @@ def monitor_rates(
 
     bootstrap, store, tmp = state["kafka"]["bootstrap"], stack_store(state), Path(state["state_dir"])
     uid = uuid.uuid4().hex[:6]
-    model = f"scale{uid}"
-    topics = {k: f"bench.mon.{k}.{uid}" for k in ("logged", "feedback", "health", "drift", "raw")}
-    ensure_topics(bootstrap, dict.fromkeys(topics.values(), 3))
     from sklearn.datasets import load_digits
 
     x = load_digits().data.astype(np.float32)
+    models = _models(f"scale{uid}m", 3)
     lineage = {"dataset": "digits", "labels": [str(i) for i in range(10)], "task": "image_classification"}
-    store.put_json("cdl-models", f"{model}/1/lineage.json", lineage)
-    store.put_bytes("cdl-models", f"{model}/1/reference.npy", to_npy(reference_sample(x, 2000, seed=0)))
-    t0 = time.perf_counter()
-    _produce_log(bootstrap, topics["logged"], EVENTS, model, per_batch)
+    reference = to_npy(reference_sample(x, 2000, seed=0))
+    for model in models:
+        store.put_json("cdl-models", f"{model}/1/lineage.json", lineage)
+        store.put_bytes("cdl-models", f"{model}/1/reference.npy", reference)
+    events = EVENTS if per_batch > 1 else SINGLE_EVENTS
+    items = _log_items(events, models)
     form = "a record per request" if per_batch == 1 else f"batches of up to {per_batch} requests"
-    console.print(f"monitor: {EVENTS:,} requests logged ({form}) in {time.perf_counter() - t0:.1f} s")
     rates: dict[int, float] = {}
     for n in counts:
+        topics = {k: f"bench.mon.{k}.{uid}.{n}" for k in ("logged", "feedback", "health", "drift", "raw")}
+        ensure_topics(bootstrap, dict.fromkeys(topics.values(), 3))
+        t0 = time.perf_counter()
+        _write_log(bootstrap, topics["logged"], items, per_batch)
+        console.print(f"monitor: {events:,} requests logged ({form}) in {time.perf_counter() - t0:.1f} s")
         group = f"bench-monitor-{uid}-{n}"
         procs, ports = [], []
         for i in range(n):
             port = free_port()
-            env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_STATE_DIR=str(tmp / f"mon-{n}-{i}"))
+            env = dict(os.environ, PYTHONPATH=str(ROOT), CDL_STATE_DIR=str(tmp / f"mon-{uid}-{n}-{i}"))
             env |= {f"CDL_MONITOR_{k.upper()}_TOPIC": t for k, t in topics.items()}
             env |= {
                 "CDL_MONITOR_GROUP_ID": group,
@@ -252,35 +278,34 @@ def monitor_rates(
                 "CDL_MONITOR_TRAINING_RECORDS": "false",
                 "CDL_INSECURE": "true",
             }
-            procs.append(_start("services.monitor", env, tmp / f"monitor-{n}-{i}.log"))
+            procs.append(_start("services.monitor", env, tmp / f"monitor-{uid}-{n}-{i}.log"))
             ports.append(port)
         try:
             for p, port, i in zip(procs, ports, range(n), strict=True):
-                _ready(port, p, tmp / f"monitor-{n}-{i}.log")
+                _ready(port, p, tmp / f"monitor-{uid}-{n}-{i}.log")
 
-            def done(ports: list[int] = ports) -> float:
-                return sum(_metric(port, "cdl_monitor_events_total", topic=topics["logged"]) for port in ports)
+            def done(ports: list[int] = ports, logged: str = topics["logged"]) -> float:
+                return sum(_metric(port, "cdl_monitor_events_total", topic=logged) for port in ports)
 
+            # the clock runs from when every process is ready (what was done before by the first
+            # ones does not count) to the last request counted
+            start, count0, cpu0 = time.perf_counter(), done(), _cpu_s([p.pid for p in procs])
             with Progress(transient=True, console=console) as progress:
-                task = progress.add_task(f"{n} monitor process(es)", total=EVENTS)
-                first: float | None = None
-                cpu0 = 0.0
+                task = progress.add_task(f"{n} monitor process(es)", total=events)
                 deadline = time.monotonic() + 900
-                while (count := done()) < EVENTS:
-                    if first is None and count > 0:
-                        first, first_count, cpu0 = time.perf_counter(), count, _cpu_s([p.pid for p in procs])
+                while (count := done()) < events:
                     progress.update(task, completed=count)
                     if time.monotonic() > deadline:
-                        raise SystemExit(f"{n} monitors processed {count} of {EVENTS}")
-                    time.sleep(0.25)  # (a scrape costs the monitor too)
-                assert first is not None
-                seconds = time.perf_counter() - first
+                        raise SystemExit(f"{n} monitors processed {count} of {events}")
+                    time.sleep(0.1)
+                seconds = time.perf_counter() - start
                 cpu = _cpu_s([p.pid for p in procs]) - cpu0
-            rate = (EVENTS - first_count) / seconds
+            if events - count0 < events / 2:
+                raise SystemExit(f"{n} monitors had done {count0:.0f} of {events} before all were ready")
+            rate = (events - count0) / seconds
             rates[n] = rate
             console.print(
-                f"monitor x{n} ({form}): {rate:,.0f} requests/s, "
-                f"{cpu / (EVENTS - first_count) * 1000:.3f} CPU s per 1,000"
+                f"monitor x{n} ({form}): {rate:,.0f} requests/s, {cpu / (events - count0) * 1000:.3f} CPU s per 1,000"
             )
         finally:
             _stop(procs)
