@@ -102,6 +102,7 @@ class JobLoop(_TransactionalBase[_Consumer]):
         #: (topic, partition) of the event whose job runs, and whether the group took it meanwhile
         self._running: tuple[str, int] | None = None
         self._running_revoked = False
+        self._reassign_pending = False  # the running job's partition was revoked; no assignment since
         self.busy = threading.Event()
         self.jobs_done = 0
         self.coalesced = 0
@@ -128,8 +129,9 @@ class JobLoop(_TransactionalBase[_Consumer]):
     def _on_revoked(self, partitions: list[TopicPartition]) -> None:
         # what came from them is consumed again by their next owner (offsets were not committed)
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        if self._running in gone:  # so is the running job's event: its outputs must not commit
+        if self._running in gone:  # so is the running job's event: its outputs must not commit...
             self._running_revoked = True
+            self._reassign_pending = True
         self._pending = {k: p for k, p in self._pending.items() if (p.ctx.topic, p.ctx.partition) not in gone}
         self._dead = [(tp, rec) for tp, rec in self._dead if tp not in gone]
 
@@ -139,6 +141,15 @@ class JobLoop(_TransactionalBase[_Consumer]):
         # no assignment to resume) would stay paused for good. So each assigned partition's state
         # is set here, once assigned: paused while a job runs (until it ends), else consuming.
         consumer.assign(partitions)
+        if self._reassign_pending:
+            # ...unless the assignment that follows the revoke gives it back: an eager rebalance
+            # takes every partition and hands them out again, and in between no other member held
+            # it. Its offset goes back to the committed one, below the event: the commit never
+            # passes it, and the event, consumed again, is skipped as processed (a job that took
+            # minutes is not thrown away whenever a member joins or leaves)
+            self._reassign_pending = False
+            if self._running is not None and any((tp.topic, tp.partition) == self._running for tp in partitions):
+                self._running_revoked = False
         if self.busy.is_set():
             consumer.pause(partitions)
         elif partitions:
@@ -195,6 +206,7 @@ class JobLoop(_TransactionalBase[_Consumer]):
         key = min(self._pending, key=lambda k: (self._pending[k].ctx.partition, self._pending[k].ctx.offset))
         item = self._pending[key]
         self._running, self._running_revoked = (item.ctx.topic, item.ctx.partition), False
+        self._reassign_pending = False
         outputs: list[OutRecord] = []
         attempt = 0
         while True:

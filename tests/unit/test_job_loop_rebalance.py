@@ -71,3 +71,19 @@ def test_a_job_whose_partition_is_revoked_while_it_runs_is_marked_so_its_outputs
     assert not loop._running_revoked  # another partition went: the job's outputs commit
     loop._on_revoked([TopicPartition("t", 1), TopicPartition("t", 2)])
     assert loop._running_revoked
+
+
+def test_a_running_job_s_partition_given_back_by_the_same_rebalance_keeps_its_outputs() -> None:
+    """An eager rebalance revokes every partition and hands them out again: one that comes back to
+    the member whose job runs on it was nobody else's meanwhile, so the job's outputs commit (a long
+    training is not thrown away whenever a member joins); one that comes back only at a later
+    rebalance may have been another member's in between, and stays dropped."""
+    loop = _loop()
+    loop._running = ("t", 1)
+    loop._on_revoked([TopicPartition("t", 0), TopicPartition("t", 1)])
+    loop._assigned_cb(RecordingConsumer(), [TopicPartition("t", 1)])
+    assert not loop._running_revoked
+    loop._on_revoked([TopicPartition("t", 1)])
+    loop._assigned_cb(RecordingConsumer(), [TopicPartition("t", 0)])  # it went to another member
+    loop._assigned_cb(RecordingConsumer(), [TopicPartition("t", 0), TopicPartition("t", 1)])  # and back
+    assert loop._running_revoked
