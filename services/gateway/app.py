@@ -512,12 +512,17 @@ class GatewayApp:
                 continue
             try:
                 held = self.control.loaded_versions(model, servers=ready)
-                stale = [ep for ep, versions in held.items() if tuple(sorted(versions)) != wanted]
-                if stale and self.manager.owns(model):
-                    log.warning("Triton servers out of step; loading them again", model=model, servers=stale)
-                    self.control.load(model, wanted, servers=stale)
             except CdlError as exc:  # (a server that went away meanwhile: the pool takes it out)
                 log.warning("reconciling Triton servers failed", model=model, error=str(exc))
+                continue
+            stale = [ep for ep, versions in held.items() if tuple(sorted(versions)) != wanted]
+            if stale and self.manager.owns(model):
+                # the loading is the rollout worker's, in turn with the rollout's own steps: loaded
+                # from here, what was wanted a moment ago could unload a candidate the worker has
+                # just loaded (a SYNC loads what the manager wants when it is carried out)
+                log.warning("Triton servers out of step; loading them again", model=model, servers=stale)
+                reason = "servers out of step"
+                self.execute([Transition(model, max(wanted), None, 0.0, reason, action=Action.SYNC, load=wanted)])
 
     async def _ticks(self) -> None:
         reconciled = time.monotonic()

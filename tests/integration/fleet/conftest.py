@@ -14,14 +14,10 @@ from cdl_tools.settings import StackSettings
 from cdl_tools.stack import LocalStack
 from tests.conftest import bootstrap_of, start_stack, store_of
 
-#: two Tritons (a fleet), a plaintext broker and MinIO (the secured ones are tested elsewhere)
-FLEET_STACK: dict[str, Any] = {
-    "triton_servers": 2,
-    "postgres": False,
-    "services": [],
-    "kafka_security": "plaintext",
-    "minio_tls": False,
-}
+#: two Tritons (a fleet) and a plaintext broker (the secured one is tested elsewhere); MinIO over
+#: TLS as the shared stack's (a service the tests start gets this stack's CA: the shared stack's
+#: settings in the test process's environment must not reach it, as a plain-HTTP MinIO's would)
+FLEET_STACK: dict[str, Any] = {"triton_servers": 2, "postgres": False, "services": [], "kafka_security": "plaintext"}
 
 
 @pytest.fixture(scope="package")
