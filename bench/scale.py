@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bench._common import closed_loop, machine, private_stack, result
+from tests.helpers import metric_value
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = {p.strip() for p in os.environ.get("CDL_BENCH_SCALE_PARTS", "gateway,monitor,ingest,ddp").split(",")}
@@ -62,19 +63,6 @@ CONCURRENCY = 16
 ROUND = 600
 #: the gateway's default log_batch (services/gateway/settings.py)
 LOG_BATCH = 256
-
-
-def _metric(port: int, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def _ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> None:
@@ -285,7 +273,10 @@ def monitor_rates(
                 _ready(port, p, tmp / f"monitor-{uid}-{n}-{i}.log")
 
             def done(ports: list[int] = ports, logged: str = topics["logged"]) -> float:
-                return sum(_metric(port, "cdl_monitor_events_total", topic=logged) for port in ports)
+                return sum(
+                    metric_value(f"http://127.0.0.1:{port}/metrics", "cdl_monitor_events_total", topic=logged)
+                    for port in ports
+                )
 
             # the clock runs from when every process is ready (what was done before by the first
             # ones does not count) to the last request counted
