@@ -60,6 +60,8 @@ PHASES = ("stream", "traffic", "drift", "bad")
 MARKER = ".cdl-demo"
 #: how an outcome that did not come starts (the command then exits 1)
 MISSED = "missed:"
+#: inverted labelled records sent per second in the drift phase (what the version cut at the alert learns from)
+TRICKLE = 60
 #: a compressor fault the demo asks for (services/compressor/faults.py)
 FAULT_SUFFIX = ".failing"
 
@@ -522,12 +524,12 @@ class Demo:
 
         def done(view: LoopView) -> str:
             nonlocal trickle_at, sent
-            # labelled inverted records trickle in (30/s): what the early version learns from
+            # labelled inverted records trickle in (TRICKLE per second): what the early version learns from
             if time.monotonic() >= trickle_at and sent < len(self.data):
-                for j in range(sent, min(sent + 30, len(self.data))):
+                for j in range(sent, min(sent + TRICKLE, len(self.data))):
                     self._producer.produce(Topics.DATA_RAW, self.data.record(self.waves + 1, j, shifted=True))
                 self._producer.poll(0)
-                sent += 30
+                sent += TRICKLE
                 trickle_at = time.monotonic() + 1.0
             if len(view.alerts) <= alerts:
                 return ""

@@ -641,9 +641,10 @@ def test_malformed_requests_get_a_proper_status(gateway: Gateway, model: str) ->
     assert first == second == third
     codes = {c: first.count(c) for c in set(first)}
     print("FUZZ", len(requests), codes, f"{grown:.1f} MiB")
-    # the gateway still serves, its health checks still see both servers
+    # the gateway still serves, its health checks still see both servers (a check that timed out
+    # under the load of the other tests takes a server out only until its next check answers)
     assert all(send(good) == grpc.StatusCode.OK for _ in range(20))
-    assert gateway.pool.ready_count() == 2
+    wait_for(lambda: gateway.pool.ready_count() == 2, 30, "both Triton servers ready again")
     assert codes[grpc.StatusCode.OK] > 50 and codes[grpc.StatusCode.INVALID_ARGUMENT] > 1000, codes
     assert grown < 8, f"RSS grew by {grown:.1f} MiB over {2 * len(requests)} requests"
     # malformed requests never count against a version
