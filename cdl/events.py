@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ __all__ = [
     "decode",
     "encode",
     "header_dict",
+    "key_partition",
     "new_traceparent",
     "source_name",
 ]
@@ -49,6 +51,15 @@ CONTENT_JSON = "application/json"
 SPECVERSION = "1.0"
 
 Headers = Sequence[tuple[str, bytes | str | None]]
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """The partition a record keyed ``key`` goes to among ``partitions``: librdkafka's default
+    partitioner (``consistent_random``: CRC-32 of the key modulo the count), as every producer of
+    cdl's and any librdkafka-based one places it. (The Java client's default hashes with murmur2.)"""
+    if partitions <= 0:
+        raise ValueError("a topic has at least one partition")
+    return zlib.crc32(key.encode()) % partitions
 
 
 class Topics:

@@ -19,8 +19,8 @@ record is dropped and counted in ``cdl_gateway_log_dropped_total{reason}``
 The records are built and produced by a :class:`RecordWriter` in the log's
 thread.
 
-A record (``cdl.v1.InferenceLogged``, keyed by request id, so the monitor's
-join with ``data.feedback`` by request id is a key join):
+A record (``cdl.v1.InferenceLogged``, keyed by model, as a batch is: the monitor
+member holding the model's partition keeps its health windows and drift state):
 
 - ``request_id``: the client's ``id``, or the one the gateway generated (and
   Triton echoed in the response);
@@ -327,7 +327,7 @@ class RecordWriter:
 
     With ``records_per_batch`` > 1 a round's requests of one model version go out together, up
     to that many in one ``InferenceLoggedBatch`` keyed by model (in the order they were
-    answered); with 1, each as an ``InferenceLogged`` keyed by its request id."""
+    answered); with 1, each as an ``InferenceLogged`` keyed by model too."""
 
     def __init__(
         self, producer: LogProducer, topic: str, source: str, inputs_max_bytes: int, records_per_batch: int = 1
@@ -380,7 +380,7 @@ class RecordWriter:
                     continue
                 event_id, trace = _ids(entropy, i * 2 * _ENTROPY)
                 headers = headers_of(event_id, trace, item[7])
-                producer.send_raw(topic, rec.SerializeToString(), item[2].encode(), headers, self._delivered)
+                producer.send_raw(topic, rec.SerializeToString(), item[0].encode(), headers, self._delivered)
                 sent += 1
             except Exception:  # a log record must never stop the log
                 failed += 1

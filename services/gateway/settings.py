@@ -96,7 +96,7 @@ class GatewaySettings(ServiceSettings):
     """Log records waiting for Kafka at most; past that they are dropped and counted."""
     log_batch: int = 256
     """Requests of one model version logged in one Kafka record (``InferenceLoggedBatch``, keyed
-    by model) at most; 1: a record per request (``InferenceLogged``, keyed by request id). What
+    by model) at most; 1: a record per request (``InferenceLogged``, keyed by model too). What
     the log's readers pay per record (the monitor's Faust consumer: most of its cost) is paid once
     for the batch."""
     log_linger_ms: int = 200

@@ -27,12 +27,11 @@ split on the way in: a dataset without a snapshot of its own is taken from it
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cdl.events import Headers
+from cdl.events import Headers, key_partition
 
 __all__ = [
     "DATASET_KEY_PREFIX",
@@ -65,9 +64,7 @@ def home_partition(dataset: str, partitions: int) -> int:
     librdkafka's default partitioner (``consistent_random``: CRC-32 of the key modulo the count),
     as the gRPC API's and any librdkafka-based producer's. (The Java client's default hashes with
     murmur2: such a producer's records are handed on once each.)"""
-    if partitions <= 0:
-        raise ValueError("a topic has at least one partition")
-    return zlib.crc32(dataset.encode()) % partitions
+    return key_partition(dataset, partitions)
 
 
 @dataclass(frozen=True)

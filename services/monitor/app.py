@@ -16,11 +16,22 @@ Agents and tables (docs/monitor.md):
 - timers: closed windows → ``model.health``; expired joins dropped and counted;
   consumer lag per input partition into Prometheus.
 
+Replicas (docs/monitor.md, "Replicas"): the members of the group split the
+partitions (the inputs, the route topic ``<group_id>-route`` and the tables'
+changelogs have the same count: faust assigns partition i of each to one member).
+A model's health windows and drift state are kept by the member holding the
+model's partition (librdkafka's partitioner on the model, as the gateway keys its
+log); a request's join by the member holding the request id's partition. What a
+member reads for another (a log record of another's model, a served request or a
+label whose id another joins, a join's outcome for another's model) goes to it on
+the route topic, at that partition; with one member nothing is routed.
+
 Tables live in memory and are backed by compacted changelog topics
 (``<group_id>-<table>-changelog``): a restarted monitor (kill -9 included) reads
-them back before it processes anything. Tables use Kafka's partitioner for their
-changelog (``use_partitioner``): the two input topics have different partition
-counts and both agents write the same tables. Processing is at-least-once:
+them back before it processes anything. An entry is written to the changelog
+partition of its model or request id (not the event's: timers write too), so the
+member that takes a partition over reads back that partition's windows, joins
+and drift state whole. Processing is at-least-once:
 outputs are acknowledged before the table entries that say they were sent are
 changed; a join redone after a crash sends its training record again under the
 same id, which ingest keeps once (the repeat is dead-lettered as
@@ -48,8 +59,8 @@ from prometheus_client import Counter, Gauge
 
 from cdl import tracing
 from cdl.datasets import Task
-from cdl.errors import DecodeError, InvalidInputError
-from cdl.events import Event, Headers, decode, encode, header_dict, new_traceparent, source_name
+from cdl.errors import ConfigError, DecodeError, InvalidInputError
+from cdl.events import Event, Headers, decode, encode, header_dict, key_partition, new_traceparent, source_name
 from cdl.feedback import parse_feedback
 from cdl.kafka import security as kafka_security
 from cdl.kafka import topic_partitions
@@ -62,8 +73,19 @@ from cdl.registry import ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from services.monitor.drift import DriftTracker, WindowTest
-from services.monitor.health import HealthWindow, window_key, window_start
-from services.monitor.join import PendingLabel, Served, inputs_rows, training_record
+from services.monitor.health import HealthWindow, window_key, window_model, window_start
+from services.monitor.join import (
+    Outcome,
+    PendingLabel,
+    Served,
+    inputs_rows,
+    parse_route,
+    route_labels,
+    route_logged,
+    route_outcomes,
+    route_served,
+    training_record,
+)
 from services.monitor.settings import MonitorSettings
 from services.monitor.versions import VersionCatalog, VersionInfo
 
@@ -85,9 +107,43 @@ ALERTS = Counter("cdl_monitor_drift_alerts_total", "drift.detected published", [
 RECORDS = Counter("cdl_monitor_training_records_total", "Labelled served requests sent to data.raw", ["dataset"])
 LAG = Gauge("cdl_monitor_lag", "Records behind the end of each input partition", ["topic", "partition"])
 OPEN = Gauge("cdl_monitor_open_entries", "Entries of the monitor's tables", ["table"])
+ROUTED = Counter("cdl_monitor_routed_total", "Records sent to another member on the route topic, by kind", ["kind"])
+HELD = Gauge("cdl_monitor_partitions_held", "Partitions this member holds (of its inputs, route topic and tables)")
 
 #: model versions whose drift trackers are kept in memory (the oldest go first)
 _MAX_VERSIONS = 64
+
+
+class _Table(faust.Table[str, bytes]):
+    """A faust table whose changelog partition is a function of the key (``partition_of``: the
+    partition of the model or request id the entry belongs to), not the partition of the event
+    being handled: timers write entries too, and a member writes entries of every partition it
+    holds. After each recovery the entries of partitions this member no longer holds are dropped
+    from memory (faust drops only those it read from the changelog) and ``on_recovered`` is told
+    the partitions it holds."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        partition_of: Callable[[str], int],
+        on_recovered: Callable[[set[int]], None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._partition_of = partition_of
+        self._on_recovered = on_recovered
+
+    def partition_for_key(self, key: Any) -> int:
+        return self._partition_of(str(key))
+
+    async def on_recovery_completed(self, active_tps: set[Any], standby_tps: set[Any]) -> None:
+        await super().on_recovery_completed(active_tps, standby_tps)
+        held = {tp.partition for tp in active_tps}
+        data = self.data.data  # the memory store's dict
+        for key in [k for k in data if self._partition_of(str(k)) not in held]:
+            del data[key]
+        self._on_recovered(held)
 
 
 def _headers(message: Any) -> Headers:
@@ -108,6 +164,7 @@ class Monitor:
         self.catalog = VersionCatalog(
             ModelRegistry(self.store), window=s.drift_window, alpha=s.drift_alpha, draws=s.drift_draws, seed=s.seed
         )
+        self.route_topic = f"{s.group_id}-route"
         self.partitions = self._ensure_topics()
         datadir = Path(s.state_dir) / "monitor" / "faust"
         datadir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +185,9 @@ class Monitor:
             broker_session_timeout=s.session_timeout_s,
             broker_heartbeat_interval=min(3.0, s.session_timeout_s / 4),
             stream_wait_empty=False,
+            # no standby copies of the tables: a member keeps only the partitions it holds (one that
+            # takes a partition over reads its changelog, compacted, from the start)
+            table_standby_replicas=0,
         )
         raw = {"key_type": str, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
         self.logged = self.app.topic(s.logged_topic, **raw)  # type: ignore[arg-type]
@@ -135,18 +195,44 @@ class Monitor:
         self.out_health = self.app.topic(s.health_topic, **raw)  # type: ignore[arg-type]
         self.out_drift = self.app.topic(s.drift_topic, **raw)  # type: ignore[arg-type]
         self.out_raw = self.app.topic(s.raw_topic, **raw)  # type: ignore[arg-type]
+        self.route = self.app.topic(self.route_topic, **raw)  # type: ignore[arg-type]
+        #: the partitions this member holds (set when a rebalance's recovery completed, emptied
+        #: when partitions are revoked): what it keeps; the rest is routed to the others
+        self._held: set[int] = set()
 
-        def table(name: str) -> Any:
+        def table(name: str, key_of: Callable[[str], str], recovered: Callable[[], None]) -> Any:
+            def on_recovered(held: set[int]) -> None:
+                self._held = held
+                HELD.set(len(held))
+                recovered()
+
             # faust takes a table's serializers from key_type/value_type (not from a schema): bytes
-            # values are raw both ways, so what recovery reads back is what was written
-            return self.app.Table(
-                name, partitions=self.partitions, use_partitioner=True, key_type=str, value_type=bytes
+            # values are raw both ways, so what recovery reads back is what was written. (The
+            # names are not the one-process monitor's: those tables' changelogs were partitioned
+            # by Kafka's partitioner, not by model or request id.)
+            return self.app.tables.add(
+                _Table(
+                    self.app,
+                    name=name,
+                    partitions=self.partitions,
+                    key_type=str,
+                    value_type=bytes,
+                    beacon=self.app.tables.beacon,
+                    partition_of=lambda key: self._part(key_of(key)),
+                    on_recovered=on_recovered,
+                )
             )
 
-        self.served = table("served")
-        self.pending = table("pending")
-        self.health = table("health")
-        self.drift = table("drift")
+        def request_id(key: str) -> str:
+            return key
+
+        def drift_model(key: str) -> str:
+            return key.rsplit("/", 1)[0]
+
+        self.served = table("served-by-request", request_id, self._served_recovered)
+        self.pending = table("pending-by-request", request_id, self._pending_recovered)
+        self.health = table("health-by-model", window_model, self._health_recovered)
+        self.drift = table("drift-by-model", drift_model, self._drift_recovered)
         self._trackers: dict[tuple[str, int], DriftTracker] = {}
         #: the open health windows: the one copy the handlers change (the table is written from
         #: it every ``flush_s``, and read back into it after a recovery)
@@ -171,7 +257,22 @@ class Monitor:
         s = self.settings
         want = {s.logged_topic: 3, s.feedback_topic: 3, s.health_topic: 3, s.drift_topic: 3, s.raw_topic: 3}
         provision(s.kafka_bootstrap, None, want)
-        return topic_partitions(s.kafka_bootstrap, s.logged_topic)
+        n = topic_partitions(s.kafka_bootstrap, s.logged_topic)
+        # the route topic has the log's partitions (faust assigns partition i of both to one member)
+        provision(s.kafka_bootstrap, None, {self.route_topic: n}, {self.route_topic: {"retention.ms": "86400000"}})
+        route = topic_partitions(s.kafka_bootstrap, self.route_topic)
+        if route != n:
+            raise ConfigError(
+                "the monitor's route topic must have as many partitions as the inference log",
+                topic=self.route_topic,
+                partitions=route,
+                log_partitions=n,
+            )
+        return n
+
+    def _part(self, key: str) -> int:
+        """The partition ``key`` (a model, a request id) belongs to."""
+        return key_partition(key, self.partitions)
 
     def _wire(self) -> None:
         s = self.settings
@@ -186,13 +287,17 @@ class Monitor:
             async for event in stream.events():
                 await self._guarded(self._on_feedback, event, s.feedback_topic)
 
+        async def on_route(stream: Any) -> None:
+            async for event in stream.events():
+                await self._guarded(self._on_route, event, self.route_topic)
+
         async def close_windows() -> None:
-            if self._ready.is_set():
+            if self._settled():
                 self._flush_windows()
                 await self._close_windows(time.time())
 
         async def expire() -> None:
-            if self._ready.is_set():
+            if self._settled():
                 self._expire(time.time())
 
         async def lag() -> None:
@@ -205,7 +310,6 @@ class Monitor:
             # the changelog writes of a busy table outgrow faust's default of 100 buffered messages
             self.app.producer.buffer.max_messages = 10_000
             await self.app.tables.wait_until_recovery_completed()
-            self._recovered()
             self._ready.set()
             log.info("monitor ready", partitions=self.partitions, window_s=s.window_s, served=len(self._served_order))
 
@@ -213,6 +317,7 @@ class Monitor:
         agent: Any = self.app.agent
         agent(self.logged, name="logged")(on_logged)
         agent(self.feedback, name="feedback")(on_feedback)
+        agent(self.route, name="route")(on_route)
         timer: Any = self.app.timer
         timer(max(0.1, min(0.5, s.window_s / 5)))(close_windows)
         timer(max(1.0, min(30.0, s.join_ttl_s / 10)))(expire)
@@ -220,15 +325,48 @@ class Monitor:
         timer(1.0)(alive)
         task: Any = self.app.task
         task(started)
+        revoked: Any = self.app.on_partitions_revoked
+        revoked.connect(self._on_revoked)
 
-    def _recovered(self) -> None:
-        """After the changelogs were read back: the open windows and the expiry order."""
-        # a deleted key's tombstone may come back as a None value: it is no entry
+    def _settled(self) -> bool:
+        """Ready and not in a rebalance (the timers wait: the windows are rebuilt after it)."""
+        return self._ready.is_set() and not self.app.rebalancing
+
+    async def _on_revoked(self, sender: Any, revoked: set[Any], **_: Any) -> None:
+        """Before a rebalance hands partitions on: the open windows are written to their table and
+        the producer flushed, so that a member taking a partition over reads back its windows as
+        they are (faust has waited for the agents' events in hand)."""
+        try:
+            self._held = set()
+            HELD.set(0)
+            self._flush_windows()
+            await self.app.producer.flush()
+        except Exception:
+            log.exception("writing the open windows before a rebalance failed")
+
+    # (after a rebalance's recovery, each table's entries are those of the partitions held)
+    def _health_recovered(self) -> None:
+        # a deleted key's tombstone may come back as a None value: it is no entry. The table holds
+        # what the windows of the partitions held so far were at the revocation, and what the
+        # changelog had of those taken over
         self._windows = {k: HealthWindow.from_json(_loads(v)) for k, v in self.health.items() if v}
-        served = [(Served.from_bytes(v).time, k) for k, v in self.served.items() if v]
-        pending = [(PendingLabel.from_bytes(v).time, k) for k, v in self.pending.items() if v]
-        self._served_order = deque(sorted(served) + list(self._served_order))
-        self._pending_order = deque(sorted(pending) + list(self._pending_order))
+        self._dirty &= set(self._windows)
+
+    def _served_recovered(self) -> None:
+        self._served_order = deque(sorted((_entry_time(v) or 0.0, k) for k, v in self.served.items() if v))
+
+    def _pending_recovered(self) -> None:
+        self._pending_order = deque(sorted((_entry_time(v) or 0.0, k) for k, v in self.pending.items() if v))
+
+    def _drift_recovered(self) -> None:
+        for key in [k for k in self._trackers if self._part(k[0]) not in self._held]:
+            del self._trackers[key]
+
+    async def _route_to(self, partition: int, kind: str, value: bytes) -> None:
+        """One record for the member holding ``partition`` (acknowledged before this returns)."""
+        fut = await self.route.send(key=None, value=value, partition=partition)
+        await fut
+        ROUTED.labels(kind).inc()
 
     async def _guarded(self, handler: Callable[[Any], Awaitable[None]], event: Any, topic: str) -> None:
         """One event through its handler; whatever it raises is logged and counted, and the stream
@@ -266,9 +404,8 @@ class Monitor:
         return recs
 
     async def _on_logged_batch(self, fevents: list[Any]) -> None:
-        """A batch of logged requests: each one's health count and join as one at a time would,
-        its version's drift rows together. A record that fails is logged, counted and skipped
-        (a hostile record must not stop the agent, nor cost the others in its batch)."""
+        """A batch of log records. A record that fails is logged, counted and skipped (a hostile
+        record must not stop the agent, nor cost the others in its batch)."""
         topic = self.settings.logged_topic
         recs: list[events_pb2.InferenceLogged] = []
         for fevent in fevents:
@@ -277,6 +414,20 @@ class Monitor:
             except Exception:
                 self._logged_failed.inc()
                 log.exception("monitor event failed: skipped", topic=topic)
+        await self._on_logged(recs)
+
+    async def _on_logged(self, logged: list[events_pb2.InferenceLogged]) -> None:
+        """Logged requests: those of models another member keeps go to it; of the others, each
+        one's health count and join as one at a time would, its version's drift rows together."""
+        topic = self.settings.logged_topic
+        recs: list[events_pb2.InferenceLogged] = []
+        away: dict[int, list[events_pb2.InferenceLogged]] = {}
+        for rec in logged:
+            p = self._part(rec.model)
+            if p in self._held:
+                recs.append(rec)
+            else:
+                away.setdefault(p, []).append(rec)
         infos: dict[tuple[str, int], VersionInfo] = {}
         for rec in recs:
             mv = (rec.model, int(rec.version))
@@ -289,6 +440,7 @@ class Monitor:
         # nothing below awaits until the state is changed: the handlers never see a half-done batch
         now = time.time()
         outputs: list[tuple[Any, str, bytes]] = []
+        served_away: dict[int, list[tuple[str, Served]]] = {}
         joined: dict[str, None] = {}  # (in order)
         drift_inputs: dict[tuple[str, int], list[bytes]] = {}
         windows: dict[tuple[str, int], HealthWindow] = {}
@@ -306,12 +458,16 @@ class Monitor:
                 if not ok:
                     continue  # an error is health, not a join (a retried request is logged again) or drift
                 served = Served.from_log(rec, now)
-                if rec.request_id:
+                if rec.request_id and (p := self._part(rec.request_id)) not in self._held:
+                    served_away.setdefault(p, []).append((rec.request_id, served))  # another joins it
+                elif rec.request_id:
                     # a label joined earlier in this batch is gone for the rest of it (its entry is
                     # popped once the batch's outputs were sent): a request logged twice joins once
                     waiting = None if rec.request_id in joined else self.pending.get(rec.request_id)
                     if waiting is not None:
-                        record = self._join(rec.request_id, served, PendingLabel.from_bytes(waiting), window, info)
+                        outcome, record = self._join(rec.request_id, served, PendingLabel.from_bytes(waiting), info)
+                        if outcome is not None:
+                            outcome.count(window)  # (the model is this member's)
                         if record is not None:
                             outputs.append(record)
                         joined[rec.request_id] = None
@@ -342,6 +498,10 @@ class Monitor:
         # output (at least once), it never loses one
         for out_topic, out_key, value in outputs:
             await self._send_raw(out_topic, out_key, value)
+        for p, away_recs in away.items():
+            await self._route_to(p, "logged", route_logged(away_recs))
+        for p, entries in served_away.items():
+            await self._route_to(p, "served", route_served(entries))
         for request_id in joined:
             self.pending.pop(request_id, None)
         for info, result in alerts:
@@ -450,27 +610,117 @@ class Monitor:
             FEEDBACK.labels("skipped").inc()  # a record's label: ingest's
             return
         EVENTS.labels(topic, "ok").inc()
-        doc = self.served.get(fb.request_id)
+        await self._on_labels([(fb.request_id, PendingLabel(fb.label, fb.dataset, time.time()))])
+
+    async def _on_labels(self, labels: list[tuple[str, PendingLabel]]) -> None:
+        """Labels for served requests: those whose ids another member joins go to it; the others
+        are joined to their request, or wait for it."""
+        away: dict[int, list[tuple[str, PendingLabel]]] = {}
+        for request_id, label in labels:
+            if (p := self._part(request_id)) not in self._held:
+                away.setdefault(p, []).append((request_id, label))
+                continue
+            doc = self.served.get(request_id)
+            if doc is None:
+                now = time.time()
+                self.pending[request_id] = PendingLabel(label.label, label.dataset, now).to_bytes()
+                self._pending_order.append((now, request_id))
+                FEEDBACK.labels("waiting").inc()
+                continue
+            served = Served.from_bytes(doc)
+            info = await self._info(served.model, served.version)
+            outcome, record = self._join(request_id, served, label, info)
+            outcomes = self._count([outcome] if outcome is not None else [], time.time())
+            if record is not None:
+                await self._send_raw(*record)
+            await self._route_outcomes(outcomes)
+            self.served.pop(request_id, None)  # after its record was acknowledged
+        for p, entries in away.items():
+            await self._route_to(p, "labels", route_labels(entries))
+
+    async def _on_served(self, entries: list[tuple[str, Served]]) -> None:
+        """Served requests whose ids this member joins (another keeps their models): each joined
+        to its waiting label, or kept until its label comes."""
+        infos: dict[tuple[str, int], VersionInfo] = {}
+        for _, served in entries:
+            mv = (served.model, served.version)
+            if mv not in infos:
+                infos[mv] = await self._info(*mv)
+        # nothing below awaits until the state is changed
         now = time.time()
-        label = PendingLabel(fb.label, fb.dataset, now)
-        if doc is None:
-            self.pending[fb.request_id] = label.to_bytes()
-            self._pending_order.append((now, fb.request_id))
-            FEEDBACK.labels("waiting").inc()
+        away: dict[int, list[tuple[str, Served]]] = {}
+        outcomes: list[Outcome] = []
+        outputs: list[tuple[Any, str, bytes]] = []
+        joined: dict[str, None] = {}
+        for request_id, served in entries:
+            if (p := self._part(request_id)) not in self._held:  # (a rebalance since it was sent)
+                away.setdefault(p, []).append((request_id, served))
+                continue
+            waiting = None if request_id in joined else self.pending.get(request_id)
+            if waiting is None:
+                self.served[request_id] = Served(
+                    served.model, served.version, served.predicted, now, served.inputs, served.value
+                ).to_bytes()
+                self._served_order.append((now, request_id))
+                continue
+            outcome, record = self._join(
+                request_id, served, PendingLabel.from_bytes(waiting), infos[served.model, served.version]
+            )
+            if outcome is not None:
+                outcomes.append(outcome)
+            if record is not None:
+                outputs.append(record)
+            joined[request_id] = None
+        away_outcomes = self._count(outcomes, now)
+        for out_topic, out_key, value in outputs:
+            await self._send_raw(out_topic, out_key, value)
+        await self._route_outcomes(away_outcomes)
+        for p, away_entries in away.items():
+            await self._route_to(p, "served", route_served(away_entries))
+        for request_id in joined:
+            self.pending.pop(request_id, None)
+
+    def _count(self, outcomes: list[Outcome], now: float) -> dict[int, list[Outcome]]:
+        """Joined labels into the health windows of the models this member keeps; the others', by
+        the partition of their model (for :meth:`_route_outcomes`)."""
+        away: dict[int, list[Outcome]] = {}
+        for outcome in outcomes:
+            if (p := self._part(outcome.model)) in self._held:
+                window = self._window(outcome.model, outcome.version, now)
+                outcome.count(window)
+                self._dirty.add(window.key)
+            else:
+                away.setdefault(p, []).append(outcome)
+        return away
+
+    async def _route_outcomes(self, away: dict[int, list[Outcome]]) -> None:
+        for p, outcomes in away.items():
+            await self._route_to(p, "outcomes", route_outcomes(outcomes))
+
+    async def _on_route(self, fevent: Any) -> None:
+        """A record another member routed here (or this one, before a rebalance)."""
+        try:
+            routed = parse_route(fevent.value)
+        except DecodeError as exc:
+            EVENTS.labels(self.route_topic, "undecodable").inc()
+            log.warning("route record skipped", error=str(exc))
             return
-        served = Served.from_bytes(doc)
-        info = await self._info(served.model, served.version)
-        now = time.time()
-        window = self._window(served.model, served.version, now)
-        record = self._join(fb.request_id, served, label, window, info)
-        if record is not None:
-            await self._send_raw(*record)
-        self.served.pop(fb.request_id, None)  # after its record was acknowledged
+        EVENTS.labels(self.route_topic, "ok").inc()
+        if routed.logged:
+            await self._on_logged(routed.logged)
+        if routed.served:
+            await self._on_served(routed.served)
+        if routed.labels:
+            await self._on_labels(routed.labels)
+        if routed.outcomes:
+            await self._route_outcomes(self._count(routed.outcomes, time.time()))
 
     def _join(
-        self, request_id: str, served: Served, label: PendingLabel, window: HealthWindow, info: VersionInfo
-    ) -> tuple[Any, str, bytes] | None:
-        """Count a label against what was served; the training record to send, if any."""
+        self, request_id: str, served: Served, label: PendingLabel, info: VersionInfo
+    ) -> tuple[Outcome | None, tuple[Any, str, bytes] | None]:
+        """What a label says of what was served (None when it cannot be scored), and the training
+        record to send, if any."""
+        outcome: Outcome | None = None
         if info.task == Task.REGRESSION.value:
             try:
                 target = float(label.label)
@@ -479,20 +729,19 @@ class Monitor:
             if math.isnan(target) or math.isnan(served.value):  # ingest dead-letters a bad label
                 FEEDBACK.labels("unscorable").inc()
             else:
-                window.labelled_value(served.value, target)
+                outcome = Outcome(served.model, served.version, None, served.value, target)
         else:
-            window.labelled(served.correct(label.label, list(info.labels)))
-        self._dirty.add(window.key)
+            outcome = Outcome(served.model, served.version, served.correct(label.label, list(info.labels)))
         FEEDBACK.labels("joined").inc()
         JOINS.labels(served.model).inc()
         if not self.settings.training_records:
-            return None
+            return outcome, None
         dataset = info.dataset or label.dataset
         record = training_record(served, request_id, label.label, dataset)
         if record is None:
-            return None
+            return outcome, None
         RECORDS.labels(dataset).inc()
-        return self.out_raw, request_id, record
+        return outcome, (self.out_raw, request_id, record)
 
     # ------------------------------------------------------------------ timers
     def _flush_windows(self) -> None:
@@ -550,7 +799,7 @@ class Monitor:
             del self._offsets[gone]
         behind = 0
         for tp in assignment:
-            if tp.topic not in (self.settings.logged_topic, self.settings.feedback_topic):
+            if tp.topic not in (self.settings.logged_topic, self.settings.feedback_topic, self.route_topic):
                 continue
             high = consumer.highwater(tp)
             done = self._offsets.get((tp.topic, tp.partition))
@@ -580,7 +829,11 @@ class Monitor:
 
     # ------------------------------------------------------------------ running
     def _health(self) -> tuple[bool, dict[str, Any]]:
-        return self._ready.is_set(), {"partitions": self.partitions, "trackers": len(self._trackers)}
+        return self._ready.is_set(), {
+            "partitions": self.partitions,
+            "held": sorted(self._held),
+            "trackers": len(self._trackers),
+        }
 
     def run(self) -> None:
         # the one liveness rule (cdl.liveness): faust's event loop and its consumer each report progress

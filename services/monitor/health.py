@@ -19,7 +19,7 @@ from cdl.latency import LatencyHistogram
 from cdl.ml.objective import metric_name, r2
 from cdl.v1 import events_pb2
 
-__all__ = ["HealthWindow", "window_key", "window_start"]
+__all__ = ["HealthWindow", "window_key", "window_model", "window_start"]
 
 _SEP = "\x1f"
 
@@ -31,6 +31,11 @@ def window_start(t: float, window_s: float) -> float:
 
 def window_key(model: str, version: int, start: float) -> str:
     return f"{model}{_SEP}{version}{_SEP}{int(start * 1000)}"
+
+
+def window_model(key: str) -> str:
+    """The model of a :func:`window_key`."""
+    return key.split(_SEP, 1)[0]
 
 
 @dataclass

@@ -23,8 +23,26 @@ from cdl.errors import DecodeError
 from cdl.feedback import served_record_id
 from cdl.tensors import first_input
 from cdl.v1 import events_pb2
+from services.monitor.health import HealthWindow
 
-__all__ = ["PendingLabel", "Served", "inputs_rows", "record_id", "training_record"]
+__all__ = [
+    "ROUTE_LABELS",
+    "ROUTE_LOGGED",
+    "ROUTE_OUTCOMES",
+    "ROUTE_SERVED",
+    "Outcome",
+    "PendingLabel",
+    "Routed",
+    "Served",
+    "inputs_rows",
+    "parse_route",
+    "record_id",
+    "route_labels",
+    "route_logged",
+    "route_outcomes",
+    "route_served",
+    "training_record",
+]
 
 record_id = served_record_id
 
@@ -47,21 +65,25 @@ class Served:
         value = float(rec.scores[0]) if rec.scores else math.nan
         return cls(rec.model, int(rec.version), pred, now, bytes(rec.inputs_sample), value)
 
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "m": self.model,
+            "v": self.version,
+            "p": self.predicted,
+            "t": self.time,
+            "x": base64.b64encode(self.inputs).decode() if self.inputs else "",
+            "s": None if math.isnan(self.value) else self.value,
+        }
+
     def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {
-                "m": self.model,
-                "v": self.version,
-                "p": self.predicted,
-                "t": self.time,
-                "x": base64.b64encode(self.inputs).decode() if self.inputs else "",
-                "s": None if math.isnan(self.value) else self.value,
-            }
-        )
+        return orjson.dumps(self.to_doc())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Served:
-        doc = orjson.loads(data)
+        return cls.from_doc(orjson.loads(data))
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Served:
         x = doc.get("x") or ""
         value = doc.get("s")
         return cls(
@@ -94,13 +116,111 @@ class PendingLabel:
     dataset: str
     time: float
 
+    def to_doc(self) -> dict[str, Any]:
+        return {"l": self.label, "d": self.dataset, "t": self.time}
+
     def to_bytes(self) -> bytes:
-        return orjson.dumps({"l": self.label, "d": self.dataset, "t": self.time})
+        return orjson.dumps(self.to_doc())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PendingLabel:
-        doc = orjson.loads(data)
+        return cls.from_doc(orjson.loads(data))
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> PendingLabel:
         return cls(str(doc["l"]), str(doc["d"]), float(doc["t"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a joined label says of its request's answer: right or wrong (a classification), or the
+    answer and its target (a regression). It counts in the health window of the request's model
+    version, which the member holding the model's partition keeps."""
+
+    model: str
+    version: int
+    correct: bool | None = None
+    predicted: float = math.nan
+    target: float = math.nan
+
+    def count(self, window: HealthWindow) -> None:
+        if self.correct is not None:
+            window.labelled(self.correct)
+        else:
+            window.labelled_value(self.predicted, self.target)
+
+    def to_doc(self) -> list[Any]:
+        if self.correct is not None:
+            return [self.model, self.version, self.correct]
+        return [self.model, self.version, None, self.predicted, self.target]
+
+    @classmethod
+    def from_doc(cls, doc: list[Any]) -> Outcome:
+        if doc[2] is not None:
+            return cls(str(doc[0]), int(doc[1]), bool(doc[2]))
+        return cls(str(doc[0]), int(doc[1]), None, float(doc[3]), float(doc[4]))
+
+
+# --------------------------------------------------------------------------- routing
+# With several monitors, a model's windows and drift state are kept by the member holding the
+# model's partition, a request's join by the member holding the request id's partition
+# (docs/monitor.md, "Replicas"). What one member reads for another goes to it on the monitor's
+# route topic, at that partition: one record per kind and partition, in one of these forms.
+
+ROUTE_LOGGED = "logged"
+"""Logged requests of models another member keeps (``InferenceLogged`` each)."""
+ROUTE_SERVED = "served"
+"""Served requests (request id, :class:`Served`) whose ids another member joins."""
+ROUTE_LABELS = "labels"
+"""Labels (request id, :class:`PendingLabel`) whose request ids another member joins."""
+ROUTE_OUTCOMES = "outcomes"
+"""Joined labels' :class:`Outcome` for models another member keeps."""
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """One route record: what it carries (one list per kind; the others empty)."""
+
+    logged: list[events_pb2.InferenceLogged]
+    served: list[tuple[str, Served]]
+    labels: list[tuple[str, PendingLabel]]
+    outcomes: list[Outcome]
+
+
+def route_logged(recs: list[events_pb2.InferenceLogged]) -> bytes:
+    return orjson.dumps({"k": ROUTE_LOGGED, "e": [base64.b64encode(r.SerializeToString()).decode() for r in recs]})
+
+
+def route_served(entries: list[tuple[str, Served]]) -> bytes:
+    return orjson.dumps({"k": ROUTE_SERVED, "e": [[rid, served.to_doc()] for rid, served in entries]})
+
+
+def route_labels(entries: list[tuple[str, PendingLabel]]) -> bytes:
+    return orjson.dumps({"k": ROUTE_LABELS, "e": [[rid, label.to_doc()] for rid, label in entries]})
+
+
+def route_outcomes(outcomes: list[Outcome]) -> bytes:
+    return orjson.dumps({"k": ROUTE_OUTCOMES, "e": [o.to_doc() for o in outcomes]})
+
+
+def parse_route(value: bytes | None) -> Routed:
+    """A route record's contents; :class:`DecodeError` when it is not one (only monitors write
+    the topic: a record that is not one is a bug, logged and skipped by the caller)."""
+    try:
+        doc = orjson.loads(value or b"")
+        kind, entries = doc["k"], doc["e"]
+        if kind == ROUTE_LOGGED:
+            recs = [events_pb2.InferenceLogged.FromString(base64.b64decode(e)) for e in entries]
+            return Routed(recs, [], [], [])
+        if kind == ROUTE_SERVED:
+            return Routed([], [(str(rid), Served.from_doc(d)) for rid, d in entries], [], [])
+        if kind == ROUTE_LABELS:
+            return Routed([], [], [(str(rid), PendingLabel.from_doc(d)) for rid, d in entries], [])
+        if kind == ROUTE_OUTCOMES:
+            return Routed([], [], [], [Outcome.from_doc(d) for d in entries])
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise DecodeError(f"not a monitor route record: {exc}") from exc
+    raise DecodeError(f"not a monitor route record: kind {kind!r}")
 
 
 def training_record(served: Served, request_id: str, label: str, dataset: str) -> bytes | None:

@@ -19,7 +19,7 @@ class MonitorSettings(ServiceSettings):
     group_id: str = "cdl-monitor"
     """The Faust app id: its consumer group and the prefix of its changelog topics."""
     logged_topic: str = Topics.INFERENCE_LOGGED
-    """The gateway's inference log (keyed by request id)."""
+    """The gateway's inference log (keyed by model)."""
     feedback_topic: str = Topics.DATA_FEEDBACK
     """Late labels; those with a ``request_id`` are joined to logged requests."""
     health_topic: str = Topics.MODEL_HEALTH

@@ -16,10 +16,11 @@ to the owner as a command on ``gateway.commands`` and its result comes back on t
 from __future__ import annotations
 
 import threading
-import zlib
 from collections.abc import Collection, Iterable
 from concurrent.futures import Future
 from typing import Generic, TypeVar
+
+from cdl.events import key_partition
 
 __all__ = ["Ownership", "Replies", "partition_of"]
 
@@ -29,9 +30,7 @@ T = TypeVar("T")
 def partition_of(model: str, partitions: int) -> int:
     """The partition a record keyed ``model`` goes to among ``partitions`` (librdkafka's default,
     ``consistent_random``: CRC32 of the key modulo the count)."""
-    if partitions <= 0:
-        raise ValueError("a topic has at least one partition")
-    return zlib.crc32(model.encode()) % partitions
+    return key_partition(model, partitions)
 
 
 class Ownership:
