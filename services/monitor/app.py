@@ -36,8 +36,10 @@ outputs are acknowledged before the table entries that say they were sent are
 changed; a join redone after a crash sends its training record again under the
 same id, which ingest keeps once (the repeat is dead-lettered as
 ``duplicate_id``). Open health windows are kept in memory and written to their
-table every half second; every handler changes them without awaiting, so
-concurrent agents never lose each other's counts.
+table after each handled event or batch (before its offset can be committed:
+faust flushes the producer first, so a killed monitor loses no count); every
+handler changes them without awaiting, so concurrent agents never lose each
+other's counts.
 """
 
 from __future__ import annotations
@@ -282,6 +284,7 @@ class Monitor:
             # what limits the monitor at a gateway's full rate; each event is still acknowledged
             async for events in stream.take_events(s.batch_max, within=s.batch_within_s):
                 await self._on_logged_batch(events)
+                self._flush_windows()  # (before the batch's offsets can be committed)
 
         async def on_feedback(stream: Any) -> None:
             async for event in stream.events():
@@ -346,6 +349,7 @@ class Monitor:
 
     # (after a rebalance's recovery, each table's entries are those of the partitions held)
     def _health_recovered(self) -> None:
+        log.info("partitions held", held=sorted(self._held))
         # a deleted key's tombstone may come back as a None value: it is no entry. The table holds
         # what the windows of the partitions held so far were at the revocation, and what the
         # changelog had of those taken over
@@ -375,6 +379,9 @@ class Monitor:
         self._offsets[(msg.topic, msg.partition)] = msg.offset
         try:
             await handler(event)
+            # the windows it changed go to their table now: faust flushes the producer before it
+            # commits an offset, so a count is never behind a committed offset (kill -9 loses none)
+            self._flush_windows()
         except Exception:
             EVENTS.labels(topic, "failed").inc()
             log.exception("monitor event failed: skipped", topic=msg.topic, partition=msg.partition, offset=msg.offset)
