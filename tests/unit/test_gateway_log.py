@@ -208,7 +208,7 @@ def test_records_reach_the_producer_as_events() -> None:
     _wait(lambda: len(producer.sent) == 20)
     logger.close()
     topic, value, key, headers = producer.sent[0]
-    assert topic == "inference.logged" and key == b"r0"
+    assert topic == "inference.logged" and key == b"affine"  # keyed by model, as a batch is
     event = decode(key, value, headers)
     assert event.type == "dev.cdl.inference.logged.v1" and event.source == "/cdl/gateway/test"
     assert isinstance(event.payload, events_pb2.InferenceLogged)
@@ -302,4 +302,4 @@ def test_a_bad_record_does_not_stop_the_log() -> None:
     logger.offer("m", 1, "good", b"", b"", 0.0, "OK")
     _wait(lambda: len(producer.sent) == 2)
     logger.close()
-    assert [s[2] for s in producer.sent] == [b"bad", b"good"]
+    assert [decode(s[2], s[1], s[3]).payload.request_id for s in producer.sent] == ["bad", "good"]  # type: ignore[attr-defined]
