@@ -11,7 +11,7 @@ from cdl.errors import NotFoundError, UnavailableError
 from cdl.kafka.security import secured
 from cdl.logging import get_logger
 
-__all__ = ["committed_offsets", "ensure_topics", "start_uncommitted", "topic_partitions"]
+__all__ = ["ensure_topics", "topic_partitions"]
 
 log = get_logger(__name__)
 
@@ -79,45 +79,3 @@ def topic_partitions(bootstrap: str, topic: str, timeout_s: float = 10.0) -> int
     if found is None or found.error is not None or not found.partitions:
         raise NotFoundError("topic not found", topic=topic)
     return len(found.partitions)
-
-
-def committed_offsets(
-    bootstrap: str, group: str, partitions: Collection[tuple[str, int]], timeout_s: float = 10.0
-) -> dict[tuple[str, int], int | None]:
-    """The offsets ``group`` committed for ``partitions`` ((topic, partition) pairs); None where it
-    committed none."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-    from confluent_kafka.admin import AdminClient
-
-    if not partitions:
-        return {}
-    admin = AdminClient(secured({"bootstrap.servers": bootstrap}))
-    request = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in partitions])
-    try:
-        found = admin.list_consumer_group_offsets([request])[group].result(timeout_s)
-    except KafkaException as exc:
-        raise UnavailableError("reading a group's committed offsets failed", group=group, error=str(exc)) from exc
-    return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in found.topic_partitions}
-
-
-def start_uncommitted(bootstrap: str, group: str, partitions: Collection[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Commit offset 0 for ``group`` on those of ``partitions`` it never committed (a record no longer
-    kept is then read from the log's start), so that a member taking such a partition over from one
-    that died before its first commit reads it from the start. Kafka allows it only while the group
-    has no member: on a group that has one, nothing is done (its first member did it). Returns the
-    partitions it set."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-    from confluent_kafka.admin import AdminClient
-
-    committed = committed_offsets(bootstrap, group, partitions)
-    fresh = [tp for tp in partitions if committed.get(tp) is None]
-    if not fresh:
-        return []
-    admin = AdminClient(secured({"bootstrap.servers": bootstrap}))
-    request = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p, 0) for t, p in fresh])
-    try:
-        admin.alter_consumer_group_offsets([request])[group].result(10.0)
-    except KafkaException as exc:
-        log.info("start offsets not set: the group has members", group=group, error=str(exc))
-        return []
-    return fresh

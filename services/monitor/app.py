@@ -61,12 +61,11 @@ from prometheus_client import Counter, Gauge
 
 from cdl import tracing
 from cdl.datasets import Task
-from cdl.errors import CdlError, ConfigError, DecodeError, InvalidInputError
+from cdl.errors import ConfigError, DecodeError, InvalidInputError, NotFoundError
 from cdl.events import Event, Headers, decode, encode, header_dict, key_partition, new_traceparent, source_name
 from cdl.feedback import parse_feedback
 from cdl.kafka import security as kafka_security
 from cdl.kafka import topic_partitions
-from cdl.kafka.admin import committed_offsets, start_uncommitted
 from cdl.liveness import WATCHDOG
 from cdl.logging import configure_logging, get_logger
 from cdl.ml.drift import featurize
@@ -111,11 +110,6 @@ RECORDS = Counter("cdl_monitor_training_records_total", "Labelled served request
 LAG = Gauge("cdl_monitor_lag", "Records behind the end of each input partition", ["topic", "partition"])
 OPEN = Gauge("cdl_monitor_open_entries", "Entries of the monitor's tables", ["table"])
 ROUTED = Counter("cdl_monitor_routed_total", "Records sent to another member on the route topic, by kind", ["kind"])
-SKIPPED = Counter(
-    "cdl_monitor_skipped_total",
-    "Offsets the consumer went past without delivering them (beyond one transaction marker)",
-    ["topic"],
-)
 HELD = Gauge("cdl_monitor_partitions_held", "Partitions this member holds (of its inputs, route topic and tables)")
 
 #: model versions whose drift trackers are kept in memory (the oldest go first)
@@ -136,13 +130,11 @@ class _Table(faust.Table[str, bytes]):
         *,
         partition_of: Callable[[str], int],
         on_recovered: Callable[[set[int]], None],
-        then: Callable[[], Awaitable[None]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._partition_of = partition_of
         self._on_recovered = on_recovered
-        self._then = then
 
     def partition_for_key(self, key: Any) -> int:
         return self._partition_of(str(key))
@@ -154,8 +146,6 @@ class _Table(faust.Table[str, bytes]):
         for key in [k for k in data if self._partition_of(str(k)) not in held]:
             del data[key]
         self._on_recovered(held)
-        if self._then is not None:  # (before faust resumes the streams)
-            await self._then()
 
 
 def _headers(message: Any) -> Headers:
@@ -212,12 +202,7 @@ class Monitor:
         #: when partitions are revoked): what it keeps; the rest is routed to the others
         self._held: set[int] = set()
 
-        def table(
-            name: str,
-            key_of: Callable[[str], str],
-            recovered: Callable[[], None],
-            then: Callable[[], Awaitable[None]] | None = None,
-        ) -> Any:
+        def table(name: str, key_of: Callable[[str], str], recovered: Callable[[], None]) -> Any:
             def on_recovered(held: set[int]) -> None:
                 self._held = held
                 HELD.set(len(held))
@@ -237,7 +222,6 @@ class Monitor:
                     beacon=self.app.tables.beacon,
                     partition_of=lambda key: self._part(key_of(key)),
                     on_recovered=on_recovered,
-                    then=then,
                 )
             )
 
@@ -249,7 +233,7 @@ class Monitor:
 
         self.served = table("served-by-request", request_id, self._served_recovered)
         self.pending = table("pending-by-request", request_id, self._pending_recovered)
-        self.health = table("health-by-model", window_model, self._health_recovered, self._rewind)
+        self.health = table("health-by-model", window_model, self._health_recovered)
         self.drift = table("drift-by-model", drift_model, self._drift_recovered)
         self._trackers: dict[tuple[str, int], DriftTracker] = {}
         #: the open health windows: the one copy the handlers change (the table is written from
@@ -260,9 +244,6 @@ class Monitor:
         self._served_order: deque[tuple[float, str]] = deque()
         self._pending_order: deque[tuple[float, str]] = deque()
         self._offsets: dict[tuple[str, int], int] = {}
-        #: per input partition, the offset of the next record (from the committed offset after each
-        #: rebalance): a record further on is a gap, counted (:meth:`_note_gap`)
-        self._next: dict[tuple[str, int], int] = {}
         # the counters of inference.logged's outcomes (a label look-up per event costs)
         self._logged_ok = EVENTS.labels(s.logged_topic, "ok")
         self._logged_failed = EVENTS.labels(s.logged_topic, "failed")
@@ -281,7 +262,15 @@ class Monitor:
         n = topic_partitions(s.kafka_bootstrap, s.logged_topic)
         # the route topic has the log's partitions (faust assigns partition i of both to one member)
         provision(s.kafka_bootstrap, None, {self.route_topic: n}, {self.route_topic: {"retention.ms": "86400000"}})
-        route = topic_partitions(s.kafka_bootstrap, self.route_topic)
+        deadline = time.monotonic() + 30.0
+        while True:  # a topic just made may not be in the metadata yet
+            try:
+                route = topic_partitions(s.kafka_bootstrap, self.route_topic)
+                break
+            except NotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         if route != n:
             raise ConfigError(
                 "the monitor's route topic must have as many partitions as the inference log",
@@ -289,20 +278,6 @@ class Monitor:
                 partitions=route,
                 log_partitions=n,
             )
-        # every partition the group reads starts with a committed offset: a member that took over a
-        # partition its dead owner never committed was seen reading it from its end (faust on
-        # aiokafka), which lost what that owner had not handled
-        inputs = {s.logged_topic: n, s.feedback_topic: topic_partitions(s.kafka_bootstrap, s.feedback_topic)}
-        inputs[self.route_topic] = n
-        try:
-            started = start_uncommitted(
-                s.kafka_bootstrap, s.group_id, [(t, p) for t, count in inputs.items() for p in range(count)]
-            )
-        except CdlError as exc:  # (a member then reads a partition as faust would: no worse than before)
-            log.warning("the group's start offsets were not set", error=str(exc))
-            started = []
-        if started:
-            log.info("the group's offsets start at the start", partitions=len(started))
         return n
 
     def _part(self, key: str) -> int:
@@ -365,9 +340,8 @@ class Monitor:
         revoked.connect(self._on_revoked)
 
     def _settled(self) -> bool:
-        """Ready and holding partitions: not between a revocation and the end of the next recovery
-        (the timers wait: the windows are rebuilt after it)."""
-        return self._ready.is_set() and bool(self._held)
+        """Ready and not in a rebalance (the timers wait: the windows are rebuilt after it)."""
+        return self._ready.is_set() and not self.app.rebalancing
 
     async def _on_revoked(self, sender: Any, revoked: set[Any], **_: Any) -> None:
         """Before a rebalance hands partitions on: the open windows are written to their table and
@@ -383,55 +357,12 @@ class Monitor:
 
     # (after a rebalance's recovery, each table's entries are those of the partitions held)
     def _health_recovered(self) -> None:
-        log.info(
-            "partitions held",
-            held=sorted(self._held),
-            feedback=sorted(
-                tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.settings.feedback_topic
-            ),
-        )
-
-    async def _rewind(self) -> None:
-        """Every input and route partition held is read again from the group's committed offset.
-        faust drops the records it had fetched when a rebalance comes and leaves the rewinding to
-        aiokafka's seek to the committed offsets, which skips an offset of 0: records of a partition
-        whose owner died before it committed past 0 were lost (seen under replicas, kill -9)."""
-        s = self.settings
-        tps = [
-            tp
-            for tp in self.app.consumer.assignment()
-            if tp.topic in (s.logged_topic, s.feedback_topic, self.route_topic)
-        ]
-        try:
-            committed = await asyncio.get_running_loop().run_in_executor(
-                None, committed_offsets, s.kafka_bootstrap, s.group_id, [(tp.topic, tp.partition) for tp in tps]
-            )
-            starts = {tp: committed.get((tp.topic, tp.partition)) or 0 for tp in tps}
-            consumer: Any = self.app.consumer
-            await consumer.seek_wait(starts)
-        except Exception:
-            log.exception("seeking to the committed offsets failed")
-            starts = {}
-        self._next = {(tp.topic, tp.partition): offset for tp, offset in starts.items()}
-
-    def _note_gap(self, message: Any) -> None:
-        """Count and log a record that is not the next of its partition by more than a
-        transaction's marker (one offset): faust was seen, under replicas with a member killed,
-        going on past records it dropped at a rebalance (a partition taken over read from 0 to 6,
-        then from 92); those records are not handled (docs/monitor.md, "Replicas")."""
-        key = (message.topic, message.partition)
-        offset = int(message.offset)
-        expected = self._next.get(key)
-        if expected is not None and offset > expected + 1:
-            SKIPPED.labels(message.topic).inc(offset - expected)
-            log.warning(
-                "the consumer went past records it did not deliver",
-                topic=message.topic,
-                partition=message.partition,
-                expected=expected,
-                got=offset,
-            )
-        self._next[key] = max(offset + 1, expected or 0)
+        log.info("partitions held", held=sorted(self._held))
+        # a deleted key's tombstone may come back as a None value: it is no entry. The table holds
+        # what the windows of the partitions held so far were at the revocation, and what the
+        # changelog had of those taken over
+        self._windows = {k: HealthWindow.from_json(_loads(v)) for k, v in self.health.items() if v}
+        self._dirty &= set(self._windows)
 
     def _served_recovered(self) -> None:
         self._served_order = deque(sorted((_entry_time(v) or 0.0, k) for k, v in self.served.items() if v))
@@ -454,7 +385,6 @@ class Monitor:
         goes on (a hostile record must not stop the agent)."""
         msg = event.message
         self._offsets[(msg.topic, msg.partition)] = msg.offset
-        self._note_gap(msg)
         try:
             await handler(event)
             # the windows it changed go to their table now: faust flushes the producer before it
@@ -494,7 +424,6 @@ class Monitor:
         topic = self.settings.logged_topic
         recs: list[events_pb2.InferenceLogged] = []
         for fevent in fevents:
-            self._note_gap(fevent.message)
             try:
                 recs += self._decode_logged(fevent)
             except Exception:
