@@ -3,6 +3,7 @@ counting a topic's partitions."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Mapping
 
 from confluent_kafka import KafkaException
@@ -52,6 +53,13 @@ def ensure_topics(
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise UnavailableError("creating topic failed", topic=topic, error=str(exc)) from exc
+    # a topic just made may not be in the metadata yet: a caller reading its partitions next would
+    # find none (the monitor failed `cdl stack up` so once)
+    deadline = time.monotonic() + 30.0
+    while created and (missing := [t for t in created if t not in admin.list_topics(timeout=10).topics]):
+        if time.monotonic() > deadline:
+            raise UnavailableError("topics created but not in the metadata", topics=",".join(missing))
+        time.sleep(0.2)
     growing = [
         NewPartitions(t, n)
         for t, n in partitions.items()

@@ -51,6 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from prometheus_client import Counter, Gauge
 
 from cdl import tracing
 from cdl.datasets import Task
-from cdl.errors import ConfigError, DecodeError, InvalidInputError, NotFoundError
+from cdl.errors import ConfigError, DecodeError, InvalidInputError
 from cdl.events import Event, Headers, decode, encode, header_dict, key_partition, new_traceparent, source_name
 from cdl.feedback import parse_feedback
 from cdl.kafka import security as kafka_security
@@ -262,15 +263,7 @@ class Monitor:
         n = topic_partitions(s.kafka_bootstrap, s.logged_topic)
         # the route topic has the log's partitions (faust assigns partition i of both to one member)
         provision(s.kafka_bootstrap, None, {self.route_topic: n}, {self.route_topic: {"retention.ms": "86400000"}})
-        deadline = time.monotonic() + 30.0
-        while True:  # a topic just made may not be in the metadata yet
-            try:
-                route = topic_partitions(s.kafka_bootstrap, self.route_topic)
-                break
-            except NotFoundError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        route = topic_partitions(s.kafka_bootstrap, self.route_topic)
         if route != n:
             raise ConfigError(
                 "the monitor's route topic must have as many partitions as the inference log",
@@ -673,9 +666,7 @@ class Monitor:
                 continue
             waiting = None if request_id in joined else self.pending.get(request_id)
             if waiting is None:
-                self.served[request_id] = Served(
-                    served.model, served.version, served.predicted, now, served.inputs, served.value
-                ).to_bytes()
+                self.served[request_id] = replace(served, time=now).to_bytes()
                 self._served_order.append((now, request_id))
                 continue
             outcome, record = self._join(

@@ -16,8 +16,20 @@ from cdl.tensors import first_input, split_bytes
 from cdl.v1 import events_pb2
 from cdl.v1 import open_inference_pb2 as pb
 from services.monitor.drift import DriftTracker
-from services.monitor.health import HealthWindow, window_key, window_start
-from services.monitor.join import PendingLabel, Served, inputs_rows, record_id, training_record
+from services.monitor.health import HealthWindow, window_key, window_model, window_start
+from services.monitor.join import (
+    Outcome,
+    PendingLabel,
+    Served,
+    inputs_rows,
+    parse_route,
+    record_id,
+    route_labels,
+    route_logged,
+    route_outcomes,
+    route_served,
+    training_record,
+)
 
 
 def _request(rows: np.ndarray, request_id: str = "r") -> bytes:
@@ -206,3 +218,29 @@ def test_feedback_parses_for_records_and_for_requests() -> None:
             parse_feedback(bad, "")
     with pytest.raises(InvalidInputError):
         parse_feedback(None, "")
+
+
+def test_route_records_carry_each_kind_whole() -> None:
+    """What one monitor routes to another (docs/monitor.md, "Replicas") comes back as it was sent."""
+    rec = events_pb2.InferenceLogged(request_id="r1", model="m", version=2, predicted_labels=["1"], latency_ms=3.0)
+    assert parse_route(route_logged([rec])).logged == [rec]
+    served = Served("m", 2, "1", 10.5, b"\x00\x01raw", 0.25)
+    assert parse_route(route_served([("r1", served)])).served == [("r1", served)]
+    label = PendingLabel("b", "ds", 11.0)
+    routed = parse_route(route_labels([("r2", label)]))
+    assert routed.labels == [("r2", label)] and not routed.served and not routed.logged and not routed.outcomes
+    outcomes = [Outcome("m", 2, True), Outcome("m", 2, False), Outcome("r", 1, None, 1.5, 2.0)]
+    assert parse_route(route_outcomes(outcomes)).outcomes == outcomes
+    for bad in (b"", b"{}", b'{"k": "nope", "e": []}', b'{"k": "served", "e": [["r", {}]]}'):
+        with pytest.raises(DecodeError):
+            parse_route(bad)
+
+
+def test_an_outcome_counts_in_its_window_as_a_direct_label_would() -> None:
+    routed, direct = HealthWindow("m", 1, 0.0), HealthWindow("m", 1, 0.0)
+    for outcome in (Outcome("m", 1, True), Outcome("m", 1, False), Outcome("m", 1, True)):
+        outcome.count(routed)
+    for correct in (True, False, True):
+        direct.labelled(correct)
+    assert routed.to_json() == direct.to_json()
+    assert window_model(window_key("m/x", 1, 20.0)) == "m/x"
