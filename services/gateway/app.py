@@ -169,6 +169,7 @@ class GatewayApp:
             settings.triton_grpc,
             settings.max_message_bytes,
             health_interval_s=settings.health_interval_s,
+            health_misses=settings.health_misses,
             on_ready=self._server_ready,
         )
         #: the models whose rollouts this instance writes (its partitions of the group's topics)
@@ -257,11 +258,13 @@ class GatewayApp:
             return []
         # transitions reach this worker from two threads (the event loop's tick, the Kafka job):
         # one computed earlier may arrive after a later one, so a version the manager wants *now*
-        # is never dropped, and a SYNC loads what the manager wants when it is carried out
-        wanted = self.manager.wanted_versions(t.model)
+        # is never dropped, and a SYNC loads what the manager wants when it is carried out (read
+        # with the model held: a server joining loads it too, _server_ready)
         if t.action is Action.LOAD:
             try:
-                self.control.load(t.model, tuple(sorted({*t.load, *wanted})), fallback=t.fallback)
+                with self.control.holding(t.model):
+                    wanted = self.manager.wanted_versions(t.model)
+                    self.control.load(t.model, tuple(sorted({*t.load, *wanted})), fallback=t.fallback)
             except CdlError as exc:
                 return self.manager.loaded(t.model, t.version, False, str(exc))
             return self.manager.loaded(t.model, t.version, True)
@@ -272,10 +275,12 @@ class GatewayApp:
                 return self.manager.warmed(t.model, t.version, False, f"warm-up failed: {exc}")
             return self.manager.warmed(t.model, t.version, True)
         if t.action is Action.SYNC:
-            try:
-                self.control.load(t.model, wanted)
-            except CdlError as exc:
-                log.warning("dropping versions from Triton failed", model=t.model, versions=wanted, error=str(exc))
+            with self.control.holding(t.model):
+                wanted = self.manager.wanted_versions(t.model)
+                try:
+                    self.control.load(t.model, wanted)
+                except CdlError as exc:
+                    log.warning("dropping versions from Triton failed", model=t.model, versions=wanted, error=str(exc))
         return []
 
     def _publish(self, t: Transition) -> None:
@@ -305,26 +310,32 @@ class GatewayApp:
         their writers' documents want, added to what the server holds (a follower never
         unloads: its writer's view may be newer than its own)."""
 
-        def load_all() -> None:
-            owned = set(self.manager.owned())
-            on_server = self.control.held(endpoint)
-            for st in self.manager.models():
-                model = st.model
+        def load_one(model: str, on_server: tuple[int, ...]) -> None:
+            # what the model wants and what the server holds are read with the model held, so a
+            # rollout step loading a candidate meanwhile is never undone with what was wanted before
+            with self.control.holding(model):
                 versions = self.manager.wanted_versions(model)
                 if not versions:
-                    continue
-                held = set(on_server.get(model, ()))
-                if model in owned:
+                    return
+                if set(on_server) != set(versions):  # (the index read before: a hint, checked now)
+                    on_server = self.control.loaded_versions(model, servers=[endpoint])[endpoint]
+                held = set(on_server)
+                if self.manager.owns(model):
                     if held == set(versions):
-                        continue
+                        return
                 elif held >= set(versions):
-                    continue
+                    return
                 else:
                     versions = tuple(sorted(held | set(versions)))
+                self.control.load(model, versions, servers=[endpoint])
+
+        def load_all() -> None:
+            on_server = self.control.held(endpoint)
+            for st in self.manager.models():
                 try:
-                    self.control.load(model, versions, servers=[endpoint])
+                    load_one(st.model, on_server.get(st.model, ()))
                 except UntrustedModelError as exc:  # never loaded; the server joins for the other models
-                    log.error("versions fail their signature check and are not loaded", model=model, error=str(exc))
+                    log.error("versions fail their signature check and are not loaded", model=st.model, error=str(exc))
 
         try:
             await asyncio.to_thread(load_all)

@@ -150,6 +150,9 @@ class GatewaySettings(ServiceSettings):
     safety net under model.deployed: a notification lost with a writer that died)."""
     health_interval_s: float = 1.0
     """How often each Triton server's readiness is checked."""
+    health_misses: int = 3
+    """Readiness checks in a row a Triton server may answer too late (a busy machine) before it
+    leaves the pool; one that refuses the call or answers "not ready" leaves at once."""
     load_timeout_s: float = 120.0
     """Longest time a Triton load of a version may take."""
 

@@ -542,8 +542,10 @@ def test_a_server_that_appears_dies_and_comes_back_rejoins(
         gw.close()
     assert failures == []
     assert done[0] > 200
-    # each time a server turned ready, the hook ran before it took requests
-    assert gw.joined == [triton_grpcs[0], f"127.0.0.1:{port}", f"127.0.0.1:{port}"]
+    # each time a server turned ready, the hook ran before it took requests: the second server
+    # twice (the first one may have joined again too, if a loaded machine made it miss checks)
+    assert gw.joined[0] == triton_grpcs[0]
+    assert [e for e in gw.joined if e != triton_grpcs[0]] == [f"127.0.0.1:{port}", f"127.0.0.1:{port}"]
 
 
 # --------------------------------------------------------------------------- malformed requests

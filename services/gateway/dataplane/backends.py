@@ -14,8 +14,10 @@ readiness flag:
   (the gateway adds NOT_FOUND for models it knows: a server that lacks one
   has lost it, e.g. restarted in explicit model-control mode);
 - a background task asks every server ``ServerReady`` each
-  ``health_interval_s``: a server that stops answering leaves the choice, and
-  one that answers again rejoins it -- after the ``on_ready`` hook (the app's:
+  ``health_interval_s``: a server that refuses the call or answers "not
+  ready" leaves the choice at once; one that is only slow to answer (its
+  deadline passed: a busy machine, not a dead server) leaves after
+  ``health_misses`` such checks in a row; one that answers again rejoins it -- after the ``on_ready`` hook (the app's:
   load the models it should hold) returned True, where one is given. Channels
   reconnect with a short backoff (at most ``max_reconnect_backoff_s``), so a
   restarted server rejoins within about a second and a health interval plus
@@ -109,6 +111,8 @@ class _Server:
     failures: int = 0
     checking: bool = False
     joining: bool = False
+    #: readiness checks in a row whose deadline passed
+    slow: int = 0
 
     def method(self, name: str) -> Any:
         """The cached bytes-in, bytes-out multicallable of ``name`` (``/package.Service/Method``)."""
@@ -130,6 +134,7 @@ class TritonPool:
         health_timeout_s: float = 1.0,
         max_reconnect_backoff_s: float = 1.0,
         on_ready: ReadyHook | None = None,
+        health_misses: int = 3,
     ) -> None:
         """``on_ready(endpoint)``: awaited when a server turns ready (also the first time); it takes
         requests once that returned True (False or an exception: tried again at the next check)."""
@@ -139,6 +144,7 @@ class TritonPool:
         self._options = channel_options(max_message_bytes, max_reconnect_backoff_s)
         self._interval = health_interval_s
         self._health_timeout = min(health_timeout_s, max(health_interval_s, 0.1))
+        self._misses = max(1, health_misses)
         self._on_ready = on_ready
         self._servers: list[_Server] = []
         self._rr = itertools.count()
@@ -305,8 +311,14 @@ class TritonPool:
         try:
             raw = await server.method(_SERVER_READY)(b"", timeout=self._health_timeout)
             ready = pb.ServerReadyResponse.FromString(raw).ready
-        except grpc.aio.AioRpcError:
+            server.slow = 0
+        except grpc.aio.AioRpcError as exc:
             ready = False
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and server.ready:
+                server.slow += 1
+                if server.slow < self._misses:  # slow, not gone (yet): it keeps its place
+                    log.info("Triton readiness check timed out", server=server.endpoint, in_a_row=server.slow)
+                    return
         except Exception:  # a health check must never end the health task
             log.exception("Triton readiness check failed", server=server.endpoint)
             ready = False
@@ -316,6 +328,7 @@ class TritonPool:
             return
         if not ready:
             log.info("Triton server not ready", server=server.endpoint)
+            server.slow = 0
             self._set_ready(server, False)
         elif self._on_ready is None:
             log.info("Triton server ready", server=server.endpoint)

@@ -28,7 +28,11 @@ checked ready before the error is raised.
 
 Synchronous (``tritonclient.grpc``): the app calls it from a worker thread,
 off the event loop. Every call is made on all servers in parallel; calls for
-one model are serialised (a per-model lock). Errors: :class:`UnavailableError`
+one model are serialised (a per-model lock, reentrant). A caller that decides
+*which* versions to load from state another thread changes holds
+:meth:`TritonControl.holding` around the decision and the load, so that a
+decision taken a moment ago never undoes a newer one (a server rejoining
+while a candidate loads must not unload it). Errors: :class:`UnavailableError`
 when a server cannot be reached (retry later), :class:`NotFoundError` for a
 missing repository entry, :class:`PermanentError` with Triton's message for a
 version that fails to load or to answer.
@@ -38,8 +42,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
@@ -132,7 +137,7 @@ class TritonControl:
         self._check_timeout_s = min(timeout_s, 10.0)
         self._clients = {ep: tgrpc.InferenceServerClient(ep) for ep in self.endpoints}
         self._pool = ThreadPoolExecutor(max_workers=len(self.endpoints), thread_name_prefix="triton-control")
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, threading.RLock] = {}
         self._locks_lock = threading.Lock()
 
     def close(self) -> None:
@@ -312,11 +317,17 @@ class TritonControl:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _lock(self, model: str) -> threading.Lock:
+    @contextmanager
+    def holding(self, model: str) -> Iterator[None]:
+        """No other thread loads or unloads ``model`` while this is held (reentrant)."""
+        with self._lock(model):
+            yield
+
+    def _lock(self, model: str) -> threading.RLock:
         with self._locks_lock:
             lock = self._locks.get(model)
             if lock is None:
-                lock = self._locks[model] = threading.Lock()
+                lock = self._locks[model] = threading.RLock()
             return lock
 
     def _each(self, servers: tuple[str, ...], fn: Callable[[str, Any], T]) -> list[T]:
