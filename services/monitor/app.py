@@ -75,6 +75,7 @@ from cdl.provision import provision
 from cdl.registry import ModelRegistry
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
+from services.monitor import offsets
 from services.monitor.drift import DriftTracker, WindowTest
 from services.monitor.health import HealthWindow, window_key, window_model, window_start
 from services.monitor.join import (
@@ -169,6 +170,7 @@ class Monitor:
         )
         self.route_topic = f"{s.group_id}-route"
         self.partitions = self._ensure_topics()
+        offsets.install()  # a rebalance re-reads from the committed offsets, 0 and none included
         datadir = Path(s.state_dir) / "monitor" / "faust"
         datadir.mkdir(parents=True, exist_ok=True)
         self.app = faust.App(
@@ -192,6 +194,7 @@ class Monitor:
             # takes a partition over reads its changelog, compacted, from the start)
             table_standby_replicas=0,
         )
+        offsets.keep_fetched_on_resume(self.app.flow_control)
         raw = {"key_type": str, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
         self.logged = self.app.topic(s.logged_topic, **raw)  # type: ignore[arg-type]
         self.feedback = self.app.topic(s.feedback_topic, **raw)  # type: ignore[arg-type]
