@@ -262,21 +262,30 @@ def gateway_factory(stack: dict[str, Any], gateway_topics: dict[str, str], tmp_p
     factory.stop_all()
 
 
-@pytest.fixture
-def monitor_topics(kafka_bootstrap: str) -> dict[str, str]:
-    """Fresh topics for one monitor: the log (3 partitions, as the gateway's), labels, outputs."""
+def new_monitor_topics(bootstrap: str) -> dict[str, str]:
+    """Fresh topics for one monitor group: the log (3 partitions, as the gateway's), labels (1),
+    outputs, and the group's id."""
     uid = uuid.uuid4().hex[:8]
     topics = {kind: f"test.{kind}.{uid}" for kind in ("logged", "feedback", "health", "drift", "raw")}
-    ensure_topics(kafka_bootstrap, {t: 3 if kind in ("logged", "raw") else 1 for kind, t in topics.items()})
+    ensure_topics(bootstrap, {t: 3 if kind in ("logged", "raw") else 1 for kind, t in topics.items()})
     topics["group"] = f"cdl-monitor-{uid}"
     return topics
 
 
+def monitor_service_factory(stack: dict[str, Any], topics: dict[str, str], tmp: Path) -> ServiceFactory:
+    """Monitor processes of the group ``topics`` names, with short windows and a short join time."""
+    settings = {f"{k}_topic": v for k, v in topics.items() if k != "group"}
+    settings |= {"group_id": topics["group"], "window_s": "1", "grace_s": "0.5", "drift_draws": "300"}
+    return ServiceFactory("monitor", stack, tmp, settings)
+
+
+@pytest.fixture
+def monitor_topics(kafka_bootstrap: str) -> dict[str, str]:
+    return new_monitor_topics(kafka_bootstrap)
+
+
 @pytest.fixture
 def monitor_factory(stack: dict[str, Any], monitor_topics: dict[str, str], tmp_path: Path) -> Iterator[Any]:
-    """Monitor processes with the test's topics, short windows and a short join time."""
-    settings = {f"{k}_topic": v for k, v in monitor_topics.items() if k != "group"}
-    settings |= {"group_id": monitor_topics["group"], "window_s": "1", "grace_s": "0.5", "drift_draws": "300"}
-    factory = ServiceFactory("monitor", stack, tmp_path, settings)
+    factory = monitor_service_factory(stack, monitor_topics, tmp_path)
     yield factory
     factory.stop_all()

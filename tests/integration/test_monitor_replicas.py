@@ -21,11 +21,10 @@ import pytest
 from cdl.datasets import DATASETS_BUCKET, load_version
 from cdl.events import Event, key_partition
 from cdl.kafka import Producer
-from cdl.kafka.admin import ensure_topics
 from cdl.store import ObjectStore
 from cdl.v1 import events_pb2
 from tests.helpers import read_committed, wait_for
-from tests.integration.conftest import ServiceFactory
+from tests.integration.conftest import monitor_service_factory, new_monitor_topics
 from tests.integration.test_monitor import DIGITS, LABELS, _events, _label, _metric, _register, _request, _version
 
 pytestmark = pytest.mark.timeout(600)
@@ -50,21 +49,6 @@ def _spread(prefix: str, uid: str, n: int, partitions: int = 3) -> list[str]:
             per[p] += 1
         i += 1
     return names
-
-
-def _topics(bootstrap: str) -> dict[str, str]:
-    """A run's own topics (as the monitor_topics fixture makes them) and group."""
-    uid = uuid.uuid4().hex[:8]
-    topics = {kind: f"test.{kind}.{uid}" for kind in ("logged", "feedback", "health", "drift", "raw")}
-    ensure_topics(bootstrap, {t: 3 if kind in ("logged", "raw") else 1 for kind, t in topics.items()})
-    topics["group"] = f"cdl-monitor-{uid}"
-    return topics
-
-
-def _factory(stack: dict[str, Any], topics: dict[str, str], tmp: Path) -> ServiceFactory:
-    settings = {f"{k}_topic": v for k, v in topics.items() if k != "group"}
-    settings |= {"group_id": topics["group"], "window_s": "1", "grace_s": "0.5", "drift_draws": "300"}
-    return ServiceFactory("monitor", stack, tmp, settings)
 
 
 def _log_batch(producer: Producer, topic: str, model: str, recs: list[events_pb2.InferenceLogged]) -> None:
@@ -129,12 +113,12 @@ def _run(
 ) -> tuple[dict[str, tuple[int, int, int, int]], list[str], list[dict[str, float]]]:
     """One run of the workload against ``instances`` monitors in one group, on fresh topics: the
     per-model totals (models named by their index), the drifted models and each member's counters."""
-    topics = _topics(bootstrap)
+    topics = new_monitor_topics(bootstrap)
     uid = topics["group"].rsplit("-", 1)[1]
     models = _spread("rep", uid, MODELS)
     for model in models:
         _version(store, model, 1, f"ds-{model}", reference=DIGITS.data)
-    factory = _factory(stack, topics, tmp / f"run{instances}")
+    factory = monitor_service_factory(stack, topics, tmp / f"run{instances}")
     (tmp / f"run{instances}").mkdir()
     try:
         mons = [factory() for _ in range(instances)]
