@@ -272,7 +272,15 @@ def monitor_rates(
             for p, port, i in zip(procs, ports, range(n), strict=True):
                 _ready(port, p, tmp / f"monitor-{uid}-{n}-{i}.log")
 
-            def done(ports: list[int] = ports, logged: str = topics["logged"]) -> float:
+            def done(
+                ports: list[int] = ports,
+                logged: str = topics["logged"],
+                procs: list[subprocess.Popen[bytes]] = procs,
+                logs: tuple[Path, ...] = tuple(tmp / f"monitor-{uid}-{n}-{i}.log" for i in range(n)),
+            ) -> float:
+                for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
+                    if p.poll() is not None:  # (its metrics are gone: say why)
+                        raise SystemExit(f"monitor {i} exited ({p.returncode}): {log.read_text()[-3000:]}")
                 return sum(
                     metric_value(f"http://127.0.0.1:{port}/metrics", "cdl_monitor_events_total", topic=logged)
                     for port in ports

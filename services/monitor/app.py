@@ -370,11 +370,12 @@ class Monitor:
         for key in [k for k in self._trackers if self._part(k[0]) not in self._held]:
             del self._trackers[key]
 
-    async def _route_to(self, partition: int, kind: str, value: bytes) -> None:
-        """One record for the member holding ``partition`` (acknowledged before this returns)."""
-        fut = await self.route.send(key=None, value=value, partition=partition)
-        await fut
-        ROUTED.labels(kind).inc()
+    async def _route_to(self, partition: int, kind: str, values: list[bytes]) -> None:
+        """Records for the member holding ``partition`` (each acknowledged before this returns)."""
+        futures = [await self.route.send(key=None, value=value, partition=partition) for value in values]
+        for fut in futures:
+            await fut
+        ROUTED.labels(kind).inc(len(values))
 
     async def _guarded(self, handler: Callable[[Any], Awaitable[None]], event: Any, topic: str) -> None:
         """One event through its handler; whatever it raises is logged and counted, and the stream

@@ -165,7 +165,8 @@ class Outcome:
 # With several monitors, a model's windows and drift state are kept by the member holding the
 # model's partition, a request's join by the member holding the request id's partition
 # (docs/monitor.md, "Replicas"). What one member reads for another goes to it on the monitor's
-# route topic, at that partition: one record per kind and partition, in one of these forms.
+# route topic, at that partition: per kind and partition, records of at most ROUTE_MAX_BYTES,
+# in one of these forms.
 
 ROUTE_LOGGED = "logged"
 """Logged requests of models another member keeps (``InferenceLogged`` each)."""
@@ -187,20 +188,46 @@ class Routed:
     outcomes: list[Outcome]
 
 
-def route_logged(recs: list[events_pb2.InferenceLogged]) -> bytes:
-    return orjson.dumps({"k": ROUTE_LOGGED, "e": [base64.b64encode(r.SerializeToString()).decode() for r in recs]})
+#: the most bytes of one route record (a batch's worth is split over several): well under the
+#: broker's default message.max.bytes (1 MiB)
+ROUTE_MAX_BYTES = 512 * 1024
 
 
-def route_served(entries: list[tuple[str, Served]]) -> bytes:
-    return orjson.dumps({"k": ROUTE_SERVED, "e": [[rid, served.to_doc()] for rid, served in entries]})
+def _route_records(kind: str, entries: list[bytes], max_bytes: int) -> list[bytes]:
+    """``entries`` (each already JSON) as route records of ``kind`` of at most ``max_bytes`` each
+    (an entry larger than that alone in its record); none for no entries."""
+    head, tail = b'{"k":' + orjson.dumps(kind) + b',"e":[', b"]}"
+    records: list[bytes] = []
+    part: list[bytes] = []
+    size = len(head) + len(tail)
+    for entry in entries:
+        if part and size + len(entry) + 1 > max_bytes:
+            records.append(head + b",".join(part) + tail)
+            part, size = [], len(head) + len(tail)
+        part.append(entry)
+        size += len(entry) + 1
+    if part:
+        records.append(head + b",".join(part) + tail)
+    return records
 
 
-def route_labels(entries: list[tuple[str, PendingLabel]]) -> bytes:
-    return orjson.dumps({"k": ROUTE_LABELS, "e": [[rid, label.to_doc()] for rid, label in entries]})
+def route_logged(recs: list[events_pb2.InferenceLogged], max_bytes: int = ROUTE_MAX_BYTES) -> list[bytes]:
+    entries = [orjson.dumps(base64.b64encode(r.SerializeToString()).decode()) for r in recs]
+    return _route_records(ROUTE_LOGGED, entries, max_bytes)
 
 
-def route_outcomes(outcomes: list[Outcome]) -> bytes:
-    return orjson.dumps({"k": ROUTE_OUTCOMES, "e": [o.to_doc() for o in outcomes]})
+def route_served(entries: list[tuple[str, Served]], max_bytes: int = ROUTE_MAX_BYTES) -> list[bytes]:
+    encoded = [orjson.dumps([rid, served.to_doc()]) for rid, served in entries]
+    return _route_records(ROUTE_SERVED, encoded, max_bytes)
+
+
+def route_labels(entries: list[tuple[str, PendingLabel]], max_bytes: int = ROUTE_MAX_BYTES) -> list[bytes]:
+    encoded = [orjson.dumps([rid, label.to_doc()]) for rid, label in entries]
+    return _route_records(ROUTE_LABELS, encoded, max_bytes)
+
+
+def route_outcomes(outcomes: list[Outcome], max_bytes: int = ROUTE_MAX_BYTES) -> list[bytes]:
+    return _route_records(ROUTE_OUTCOMES, [orjson.dumps(o.to_doc()) for o in outcomes], max_bytes)
 
 
 def parse_route(value: bytes | None) -> Routed:

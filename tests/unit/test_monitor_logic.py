@@ -223,17 +223,34 @@ def test_feedback_parses_for_records_and_for_requests() -> None:
 def test_route_records_carry_each_kind_whole() -> None:
     """What one monitor routes to another (docs/monitor.md, "Replicas") comes back as it was sent."""
     rec = events_pb2.InferenceLogged(request_id="r1", model="m", version=2, predicted_labels=["1"], latency_ms=3.0)
-    assert parse_route(route_logged([rec])).logged == [rec]
+    [one] = route_logged([rec])
+    assert parse_route(one).logged == [rec]
     served = Served("m", 2, "1", 10.5, b"\x00\x01raw", 0.25)
-    assert parse_route(route_served([("r1", served)])).served == [("r1", served)]
+    [one] = route_served([("r1", served)])
+    assert parse_route(one).served == [("r1", served)]
     label = PendingLabel("b", "ds", 11.0)
-    routed = parse_route(route_labels([("r2", label)]))
+    [one] = route_labels([("r2", label)])
+    routed = parse_route(one)
     assert routed.labels == [("r2", label)] and not routed.served and not routed.logged and not routed.outcomes
     outcomes = [Outcome("m", 2, True), Outcome("m", 2, False), Outcome("r", 1, None, 1.5, 2.0)]
-    assert parse_route(route_outcomes(outcomes)).outcomes == outcomes
+    [one] = route_outcomes(outcomes)
+    assert parse_route(one).outcomes == outcomes
+    assert route_served([]) == []
     for bad in (b"", b"{}", b'{"k": "nope", "e": []}', b'{"k": "served", "e": [["r", {}]]}'):
         with pytest.raises(DecodeError):
             parse_route(bad)
+
+
+def test_a_large_batch_is_routed_in_records_under_the_size_limit() -> None:
+    """A batch's served requests (inputs and all) would outgrow a Kafka record: they are split
+    over records of at most the limit, in order, none lost."""
+    entries = [(f"r{i}", Served("m", 1, str(i % 10), 1.0, bytes(range(256)) * 4, float(i))) for i in range(3000)]
+    records = route_served(entries, max_bytes=64 * 1024)
+    assert len(records) > 1 and all(len(r) <= 64 * 1024 for r in records)
+    assert [e for r in records for e in parse_route(r).served] == entries
+    assert len(route_served(entries)) < len(records)  # (the default limit: 512 KiB)
+    [big] = route_logged([events_pb2.InferenceLogged(request_id="x", inputs_sample=bytes(2000))], max_bytes=100)
+    assert parse_route(big).logged[0].request_id == "x"  # an entry over the limit goes alone
 
 
 def test_an_outcome_counts_in_its_window_as_a_direct_label_would() -> None:
