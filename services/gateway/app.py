@@ -310,16 +310,16 @@ class GatewayApp:
         their writers' documents want, added to what the server holds (a follower never
         unloads: its writer's view may be newer than its own)."""
 
-        def load_one(model: str, on_server: tuple[int, ...]) -> None:
+        def load_one(model: str, hint: tuple[int, ...]) -> None:
             # what the model wants and what the server holds are read with the model held, so a
             # rollout step loading a candidate meanwhile is never undone with what was wanted before
             with self.control.holding(model):
                 versions = self.manager.wanted_versions(model)
                 if not versions:
                     return
-                if set(on_server) != set(versions):  # (the index read before: a hint, checked now)
-                    on_server = self.control.loaded_versions(model, servers=[endpoint])[endpoint]
-                held = set(on_server)
+                held = set(hint)  # (the index read before the lock: checked now unless it already matches)
+                if held != set(versions):
+                    held = set(self.control.loaded_versions(model, servers=[endpoint])[endpoint])
                 if self.manager.owns(model):
                     if held == set(versions):
                         return

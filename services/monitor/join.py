@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -212,12 +212,29 @@ def _route_records(kind: str, entries: list[bytes], max_bytes: int) -> list[byte
 
 
 def route_logged(recs: list[events_pb2.InferenceLogged], max_bytes: int = ROUTE_MAX_BYTES) -> list[bytes]:
-    entries = [orjson.dumps(base64.b64encode(r.SerializeToString()).decode()) for r in recs]
+    """Log records for another member; one too large for a route record goes without its inputs
+    (its health count and join are kept; its drift rows and training record are not)."""
+    entries = []
+    for rec in recs:
+        entry = orjson.dumps(base64.b64encode(rec.SerializeToString()).decode())
+        if len(entry) > max_bytes and rec.inputs_sample:
+            bare = events_pb2.InferenceLogged()
+            bare.CopyFrom(rec)
+            bare.ClearField("inputs_sample")
+            entry = orjson.dumps(base64.b64encode(bare.SerializeToString()).decode())
+        entries.append(entry)
     return _route_records(ROUTE_LOGGED, entries, max_bytes)
 
 
 def route_served(entries: list[tuple[str, Served]], max_bytes: int = ROUTE_MAX_BYTES) -> list[bytes]:
-    encoded = [orjson.dumps([rid, served.to_doc()]) for rid, served in entries]
+    """Served requests for another member; one too large for a route record goes without its
+    inputs (its join counts; it makes no training record)."""
+    encoded = []
+    for rid, served in entries:
+        entry = orjson.dumps([rid, served.to_doc()])
+        if len(entry) > max_bytes and served.inputs:
+            entry = orjson.dumps([rid, replace(served, inputs=b"").to_doc()])
+        encoded.append(entry)
     return _route_records(ROUTE_SERVED, encoded, max_bytes)
 
 

@@ -12,8 +12,8 @@ partition read offset 0, then 3 (1 and 2 fetched, dropped at the rebalance, neve
 so joins were lost. (faust-streaming 0.15.3, aiokafka 0.14.0.)
 
 :func:`install` replaces the driver's ``seek_to_committed`` with one that seeks to the committed
-offset whatever it is, and a stream partition with none to where the reset policy says
-(``consumer_auto_offset_reset``: the beginning for ``earliest``). Changelog partitions are left
+offset whatever it is, and (with ``consumer_auto_offset_reset`` ``earliest``, the monitor's) a
+stream partition with none to its beginning. Changelog partitions are left
 as aiokafka leaves them: table recovery positions those itself. What it returns is what
 aiokafka's returns (the committed offsets, None where there is none), so faust's read offsets
 are set as before.
@@ -21,22 +21,34 @@ are set as before.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from cdl.logging import get_logger
+
 __all__ = ["install", "keep_fetched_on_resume", "seek_to_committed"]
+
+log = get_logger(__name__)
+
+
+#: how long the look-up of where partitions with no commit begin may take (it runs inside
+#: faust's recovery, whose own limit is longer)
+LOOKUP_TIMEOUT_S = 10.0
 
 
 async def seek_to_committed(
     consumer: Any, is_changelog: Callable[[Any], bool], earliest: bool
 ) -> Mapping[Any, int | None]:
     """Seek each assigned partition of ``consumer`` (an ``aiokafka.AIOKafkaConsumer``) to its
-    committed offset (0 included); a stream partition without one to its beginning
-    (``earliest``) or end; changelog partitions (``is_changelog``) only when they have one.
-    Returns the committed offsets."""
+    committed offset (0 included); with ``earliest``, a stream partition without one to its
+    beginning; changelog partitions (``is_changelog``) only when they have one. Returns the
+    committed offsets. Where the beginnings cannot be looked up (a partition without a leader,
+    within :data:`LOOKUP_TIMEOUT_S`), those partitions stay where they are, as aiokafka leaves
+    them, and it is logged: the rebalance goes on."""
     committed: dict[Any, int | None] = {}
     unset = []
     for tp in consumer.assignment():
@@ -44,13 +56,19 @@ async def seek_to_committed(
         committed[tp] = offset
         if offset is not None and offset >= 0:
             consumer.seek(tp, offset)
-        elif not is_changelog(tp):
+        elif earliest and not is_changelog(tp):  # (latest: where the fetcher is, as aiokafka does)
             unset.append(tp)
     if unset:
         # (a request of its own: aiokafka's seek_to_beginning waits on the fetcher, which does
         # not reset a partition faust has paused, as it has them all in a rebalance)
-        ends = await (consumer.beginning_offsets(unset) if earliest else consumer.end_offsets(unset))
-        for tp, offset in ends.items():
+        try:
+            begins = await asyncio.wait_for(consumer.beginning_offsets(unset), LOOKUP_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any failure: the partitions stay as aiokafka left them
+            log.warning(
+                "partitions with no commit not sought to their beginning", partitions=len(unset), error=repr(exc)
+            )
+            return committed
+        for tp, offset in begins.items():
             consumer.seek(tp, offset)
     return committed
 

@@ -59,25 +59,26 @@ def test_a_slow_server_keeps_its_place_until_it_misses_several_checks_in_a_row()
         srv = _ReadyServer()
         endpoint = await srv.start()
         changes: list[bool] = []
-        pool = TritonPool([endpoint], health_interval_s=0.1, health_misses=3)
+        # checks every 0.5 s, each with a 0.5 s deadline; slow answers take 1.5 s
+        pool = TritonPool([endpoint], health_interval_s=0.5, health_misses=3)
         pool.subscribe(lambda: changes.append(pool.servers()[0].ready))
         try:
             await pool.start()
             assert pool.servers()[0].ready and changes == [True]
-            # slow for two checks (0.1 s deadline), then quick again: never out of the pool
-            srv.delay = 0.3
+            # slow for two checks, then quick again: never out of the pool
+            srv.delay = 1.5
             calls = srv.calls
-            assert await _until(lambda: srv.calls >= calls + 2, 5)
+            assert await _until(lambda: srv.calls >= calls + 2, 10)
             srv.delay = 0.0
             calls = srv.calls
-            assert await _until(lambda: srv.calls >= calls + 3, 5)
+            assert await _until(lambda: srv.calls >= calls + 3, 10)
             assert changes == [True], "a server two checks late left the pool"
             # slow for good: out after the third check in a row
-            srv.delay = 0.3
-            assert await _until(lambda: not pool.servers()[0].ready, 5)
+            srv.delay = 1.5
+            assert await _until(lambda: not pool.servers()[0].ready, 15)
             assert changes == [True, False]
             srv.delay = 0.0
-            assert await _until(lambda: pool.servers()[0].ready, 5)
+            assert await _until(lambda: pool.servers()[0].ready, 10)
             assert changes == [True, False, True]
         finally:
             await pool.close()

@@ -249,8 +249,15 @@ def test_a_large_batch_is_routed_in_records_under_the_size_limit() -> None:
     assert len(records) > 1 and all(len(r) <= 64 * 1024 for r in records)
     assert [e for r in records for e in parse_route(r).served] == entries
     assert len(route_served(entries)) < len(records)  # (the default limit: 512 KiB)
-    [big] = route_logged([events_pb2.InferenceLogged(request_id="x", inputs_sample=bytes(2000))], max_bytes=100)
-    assert parse_route(big).logged[0].request_id == "x"  # an entry over the limit goes alone
+    # an entry over the limit goes without its inputs (its count and join kept), in a record of its own
+    big = events_pb2.InferenceLogged(request_id="x", model="m", inputs_sample=bytes(2000), predicted_labels=["3"])
+    [one] = route_logged([big], max_bytes=200)
+    assert len(one) <= 200
+    [routed] = parse_route(one).logged
+    assert routed.request_id == "x" and routed.predicted_labels == ["3"] and not routed.inputs_sample
+    [one] = route_served([("y", Served("m", 1, "2", 1.0, bytes(4000), 0.5))], max_bytes=300)
+    [(rid, served)] = parse_route(one).served
+    assert rid == "y" and served == Served("m", 1, "2", 1.0, b"", 0.5)
 
 
 def test_an_outcome_counts_in_its_window_as_a_direct_label_would() -> None:

@@ -59,9 +59,21 @@ def test_every_stream_partition_is_sought_to_its_committed_offset_zero_and_none_
     # aiokafka's own skips 0 and None: the fetcher stayed past what faust dropped
     assert consumer.seeks == {log0: 17, log1: 0, log2: 0, route: 5}  # a changelog is recovery's
 
+    # latest: a partition with no commit stays where the fetcher is (as aiokafka leaves it)
     consumer = _Consumer(committed, beginning={log2: 0, route: 5}, end={log2: 40, route: 9})
     asyncio.run(seek_to_committed(consumer, is_changelog, earliest=False))
-    assert consumer.seeks == {log0: 17, log1: 0, log2: 40, route: 9}
+    assert consumer.seeks == {log0: 17, log1: 0}
+
+
+def test_a_failed_look_up_of_the_beginnings_leaves_those_partitions_and_the_rebalance_goes_on() -> None:
+    class _NoLeader(_Consumer):
+        async def beginning_offsets(self, tps: list[TP]) -> dict[TP, int]:
+            raise TimeoutError("no leader for partition")
+
+    log0, log1 = TP("log", 0), TP("log", 1)
+    consumer = _NoLeader({log0: 3, log1: None}, beginning={}, end={})
+    got = asyncio.run(seek_to_committed(consumer, lambda tp: False, earliest=True))
+    assert got == {log0: 3, log1: None} and consumer.seeks == {log0: 3}
 
 
 def test_the_queues_are_cleared_on_a_resume_after_a_suspension_only() -> None:
