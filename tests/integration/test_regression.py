@@ -39,7 +39,9 @@ def test_a_regression_is_trained_gated_served_and_monitored_on_its_metric(
     monitor_topics: dict[str, str],
 ) -> None:
     svc = ingest_factory().start()
-    trainer_factory(updated_topic=ingest_topics["updated"], max_epochs="60").start()
+    # patience 15: a small-data MLP's validation R² is noisy, and the default 6 stopped one CI run
+    # at epoch 7 with a holdout R² of 0.24
+    trainer_factory(updated_topic=ingest_topics["updated"], max_epochs="60", patience="15").start()
     compressor_factory(trained_topic=trainer_topics["trained"], latency_runs="20").start()
     gw = gateway_factory(
         compressed_topic=compressor_topics["compressed"],
