@@ -217,11 +217,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+#: what a process that died in native code (gloo, an abort) writes: kept from anywhere in the log
+_NATIVE_FAILURE = ("terminate called", "what():", "Exception", "Error:", "Aborted", "Signal ")
+
+
 def _tail(path: Path, chars: int = 2000) -> str:
+    """The log's last ``chars``, after the lines from before them that say why a process died
+    in native code (no Python error of its own: only torchrun's report would be left)."""
     try:
-        return path.read_text(errors="replace")[-chars:]
+        text = path.read_text(errors="replace")
     except OSError:
         return ""
+    head, tail = text[:-chars], text[-chars:]
+    why = [line for line in head.splitlines() if any(m in line for m in _NATIVE_FAILURE)][-10:]
+    return "\n".join([*why, "...", tail]) if why else tail
 
 
 def _failure(folder: Path, rc: int) -> errors.CdlError:

@@ -180,6 +180,11 @@ def test_a_failed_process_is_raised_as_cdls_own_error_else_as_a_distributed_one(
     (tmp_path / "torchrun.log").write_text("killed")
     err = distributed._failure(tmp_path, -9)
     assert isinstance(err, DistributedTrainingError) and err.context["log"] == "killed"
+    # a rank that aborted in native code: its reason is kept from before the log's tail
+    native = "terminate called after throwing an instance of 'gloo::IoException'"
+    (tmp_path / "torchrun.log").write_text("\n".join(["step"] * 50 + [native] + ["torchrun report"] * 400))
+    log = distributed._failure(tmp_path, 1).context["log"]
+    assert isinstance(log, str) and log.startswith(native) and log.endswith("torchrun report")
 
 
 def test_gloo_on_cpu_and_nccl_on_cuda_one_setting_away() -> None:
