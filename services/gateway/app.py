@@ -130,7 +130,7 @@ class GatewayApp:
         tracing.setup("gateway", settings)
         self.store = ObjectStore.from_settings(settings)
         self.table = RoutingTable()
-        self.rollouts = RolloutStore(self.store)
+        self.rollouts = RolloutStore(self.store, settings.group_id)  # (another group's documents: not read)
         self.manager = RolloutManager(
             self.table, RolloutPolicy.from_settings(settings), time.monotonic, persist=self._persist
         )

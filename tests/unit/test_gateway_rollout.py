@@ -617,3 +617,20 @@ def test_serving_json_shape_and_bucket_match_the_registry() -> None:
     from services.gateway.rollout import state
 
     assert state.MODELS_BUCKET == REGISTRY_BUCKET
+
+
+def test_rollout_documents_are_read_only_by_the_group_that_wrote_them() -> None:
+    """Two gateway deployments on one object store (the tests' gateways share one, and the Triton
+    servers) never resume, follow or load each other's rollouts."""
+    from services.gateway.rollout.state import RolloutStore
+    from tests.fakes import MemoryStore
+
+    store = MemoryStore()
+    ours, theirs, old = RolloutStore(store, "g1"), RolloutStore(store, "g2"), RolloutStore(store)
+    doc = {"model": "m", "stable": 1}
+    ours.save("m", doc)
+    assert ours.load("m") == doc and ours.load_all() == {"m": doc}  # (the group's name not handed on)
+    assert theirs.load("m") is None and theirs.load_all() == {}
+    old.save("n", {"model": "n", "stable": 2})  # written before documents named their group
+    assert ours.load("n") == {"model": "n", "stable": 2} and set(theirs.load_all()) == {"n"}
+    assert old.load("m") == doc  # a store without a group reads every document

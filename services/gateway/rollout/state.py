@@ -32,23 +32,47 @@ ROLLOUT_OBJECT = "rollout.json"
 SERVING_OBJECT = "serving.json"
 
 
-class RolloutStore:
-    """``rollout.json`` and ``serving.json`` of every model."""
+#: the key of a rollout document that names the gateway group that wrote it
+GROUP_KEY = "gateway_group"
 
-    def __init__(self, store: BlobStore) -> None:
+
+class RolloutStore:
+    """``rollout.json`` and ``serving.json`` of every model.
+
+    With ``group`` (the gateway's consumer group), a document is written with the group's name
+    and only documents of that group (or of none: written before documents named theirs) are
+    read: two gateway deployments sharing an object store (or the tests' gateways, which share
+    one and the Triton servers) never resume or follow, and so never load on Triton, each
+    other's rollouts. The name is not part of what the manager is handed.
+    """
+
+    def __init__(self, store: BlobStore, group: str = "") -> None:
         self._store = store
+        self._group = group
 
     def save(self, model: str, doc: Mapping[str, Any]) -> None:
         """Write ``model``'s rollout document (the manager's ``persist`` callback)."""
-        self._store.put_json(MODELS_BUCKET, f"{model}/{ROLLOUT_OBJECT}", dict(doc))
+        out = dict(doc)
+        if self._group:
+            out[GROUP_KEY] = self._group
+        self._store.put_json(MODELS_BUCKET, f"{model}/{ROLLOUT_OBJECT}", out)
+
+    def _ours(self, doc: Any) -> dict[str, Any] | None:
+        """``doc`` without the group's name when it is a document of this group, else None."""
+        if not isinstance(doc, dict):
+            return None
+        group = doc.pop(GROUP_KEY, None)
+        if self._group and group is not None and group != self._group:
+            return None
+        return doc
 
     def load(self, model: str) -> dict[str, Any] | None:
-        """``model``'s rollout document, or None when there is none."""
+        """``model``'s rollout document, or None when there is none (or another group's)."""
         try:
             doc = self._store.get_json(MODELS_BUCKET, f"{model}/{ROLLOUT_OBJECT}")
         except NotFoundError:
             return None
-        return doc if isinstance(doc, dict) else None
+        return self._ours(doc)
 
     def load_all(self, which: Callable[[str], bool] | None = None) -> dict[str, dict[str, Any]]:
         """Every model's rollout document (``which``: of the models it accepts), by model name;
@@ -69,10 +93,10 @@ class RolloutStore:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 log.error("rollout state unreadable", uri=obj.uri, error=str(exc))
                 continue
-            if isinstance(doc, dict):
-                docs[model] = doc
-            else:
+            if not isinstance(doc, dict):
                 log.error("rollout state is not a JSON object", uri=obj.uri)
+            elif (ours := self._ours(doc)) is not None:
+                docs[model] = ours
         return docs
 
     def set_serving(self, model: str, version: int) -> None:
